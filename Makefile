@@ -1,0 +1,32 @@
+# seqpar: make install | make demo | make test | make bench
+# The venv lives in .venv/ at the repo root. torch==2.13.0 is installed first so that the CPU wheel
+# satisfies every later requirement (an unpinned torch would pull a multi-GB CUDA build).
+PY      ?= $(shell command -v python3.11 || command -v python3)
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.seqpar-installed
+TORCH   ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+# Triton kernels are tested on CPU through the Triton interpreter.
+test: install
+	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS) tests
+
+demo: install
+	TRITON_INTERPRET=1 $(BIN)/python -m seqpar.demo
+
+bench: install
+	@for b in benchmarks/[a-z]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info

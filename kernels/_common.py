@@ -1,0 +1,134 @@
+"""Input validation and backend selection shared by every seqpar kernel.
+
+Every public op validates here, before any kernel launch, and raises ``ValueError`` whose
+message names the argument and the fix. Tensors are ``[batch, seq, heads, dim]``; varlen is
+``batch == 1`` plus ``cu_seqlens`` (int32, ``[num_docs + 1]``, starts at 0, strictly increasing,
+ends at ``seq``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BACKENDS = ("auto", "triton", "torch")
+
+
+def interpret_enabled() -> bool:
+    """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``).
+
+    Triton reads the variable when a ``@triton.jit`` function is defined (at import), so it must
+    be set before ``seqpar.kernels`` is imported.
+    """
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - triton is a hard dependency, but be kind
+        return False
+    return True
+
+
+def select_backend(backend: Optional[str], *tensors: torch.Tensor) -> str:
+    """Resolve ``backend`` ("auto" | "triton" | "torch") for tensors on one device.
+
+    auto: Triton on CUDA, or on CPU when the Triton interpreter is enabled; the torch
+    implementation otherwise (CPU without the interpreter).
+    """
+    backend = "auto" if backend is None else backend
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    dev = tensors[0].device
+    if backend == "torch":
+        return "torch"
+    can_triton = triton_available() and (dev.type == "cuda" or (dev.type == "cpu" and interpret_enabled()))
+    if backend == "triton":
+        if not can_triton:
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors or TRITON_INTERPRET=1 for CPU tensors "
+                f"(got device {dev}); use backend='torch' or 'auto'"
+            )
+        return "triton"
+    return "triton" if can_triton else "torch"
+
+
+def check_tensor(name: str, t, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+
+
+def check_qkv(q, k, v, *, same_dv: bool = True) -> tuple[int, int, int, int, int, int]:
+    """Validate ``q [b, sq, h, d]``, ``k [b, sk, hk, d]``, ``v [b, sk, hk, dv]``.
+
+    Returns ``(batch, seq_q, seq_k, heads, kv_heads, head_dim)``. ``same_dv`` requires
+    ``dv == d`` (softmax kernels); linear attention allows ``dv != d``.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, 4)
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    b, sq, h, d = q.shape
+    bk, sk, hk, dk = k.shape
+    bv, sv, hv, dv = v.shape
+    if bk != b or bv != b:
+        raise ValueError(f"batch mismatch: q {b}, k {bk}, v {bv}")
+    if sv != sk:
+        raise ValueError(f"k and v must have the same seq length, got {sk} and {sv}")
+    if hv != hk:
+        raise ValueError(f"k and v must have the same number of heads, got {hk} and {hv}")
+    if dk != d:
+        raise ValueError(f"q and k head dims differ: {d} vs {dk}")
+    if same_dv and dv != d:
+        raise ValueError(f"v head dim {dv} must equal q/k head dim {d} for this op")
+    if hk < 1 or h % hk != 0:
+        raise ValueError(
+            f"num_kv_heads ({hk}, k.shape[2]) must divide num_heads ({h}, q.shape[2]) for GQA"
+        )
+    if b < 1 or sq < 1 or sk < 1:
+        raise ValueError(f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    return b, sq, sk, h, hk, d
+
+
+def check_cu_seqlens(cu_seqlens, batch: int, seq: int, *, name: str = "cu_seqlens") -> Optional[torch.Tensor]:
+    """Validate varlen boundaries: int32 ``[num_docs + 1]``, 0 first, strictly increasing,
+    last == ``seq``, and ``batch == 1``. Returns it (on its device) or None.
+
+    This reads ``cu_seqlens`` on the host once (a sync on GPU), as flash-attn's varlen API
+    does with ``max_seqlen``; callers that cannot afford it should validate once upstream.
+    """
+    if cu_seqlens is None:
+        return None
+    check_tensor(name, cu_seqlens, 1)
+    if cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"{name} must be int32, got {cu_seqlens.dtype}; use .to(torch.int32)")
+    if batch != 1:
+        raise ValueError(f"varlen ({name} given) needs batch == 1 (documents packed along seq), got batch {batch}")
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"{name} needs at least 2 entries [0, ..., seq], got {cu_seqlens.numel()}")
+    c = cu_seqlens.detach().to("cpu", torch.int64)
+    if int(c[0]) != 0:
+        raise ValueError(f"{name}[0] must be 0, got {int(c[0])}")
+    if int(c[-1]) != seq:
+        raise ValueError(f"{name}[-1] must equal the sequence length {seq}, got {int(c[-1])}")
+    if bool((c[1:] <= c[:-1]).any()):
+        raise ValueError(f"{name} must be strictly increasing (no empty documents), got {c.tolist()}")
+    return cu_seqlens
+
+
+def default_sm_scale(sm_scale: Optional[float], head_dim: int) -> float:
+    if sm_scale is None:
+        return head_dim ** -0.5
+    if not isinstance(sm_scale, (int, float)) or not sm_scale > 0:
+        raise ValueError(f"sm_scale must be a positive float, got {sm_scale!r}")
+    return float(sm_scale)
