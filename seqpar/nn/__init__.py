@@ -1,0 +1,4 @@
+"""seqpar.nn: nn.Modules (projections, routers, norms) built on seqpar.kernels and seqpar.cp.
+
+No collectives here: CP groups are passed in, communication happens in seqpar.cp.
+"""
