@@ -1,0 +1,155 @@
+"""Triton backward launchers for Lightning attention (no autograd here).
+
+With ``S`` the state before a chunk and ``dS`` the gradient of the state at the chunk's end
+(everything later in the document, seeded by the gradient flowing into ``final_state``):
+
+* ``_dstate_kernel``: the reverse recursion ``dS_prev = λ^L dS + (λ^{i+1} q_i)ᵀ do_i``, stored
+  per chunk; what remains after the first chunk is ``d initial_state``.
+* ``_dqkv_kernel`` (parallel over chunks), with ``A = Q Kᵀ``, ``dA = dO Vᵀ``, ``D[i,j] = λ^{i-j}``::
+
+      dq = (dA ⊙ D) K   + λ^{i+1}   dO Sᵀ          (forward-direction states)
+      dk = (dA ⊙ D)ᵀ Q  + λ^{L-1-j} V dSᵀ          (reverse-direction states)
+      dv = (A ⊙ D)ᵀ dO  + λ^{L-1-j} K dS
+
+With GQA, dk/dv are produced per query head in fp32 and summed over the group by the caller.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._plan import ChunkPlan
+from .triton_fwd import _mm, chunk_states, dot_fp32, pad_dim
+
+
+@triton.jit
+def _dstate_kernel(q_ptr, do_ptr, slope_ptr, dht_ptr, dhbuf_ptr, dh0_ptr, cu_ptr, choff_ptr,
+                   H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                   C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                   HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DOT_FP32: tl.constexpr):
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    doc, head = i_nh // H, i_nh % H
+    bos = tl.load(cu_ptr + doc)
+    eos = tl.load(cu_ptr + doc + 1)
+    first = tl.load(choff_ptr + doc)
+    nt = tl.cdiv(eos - bos, C)
+    slope = tl.load(slope_ptr + head).to(tl.float32)
+    DT = q_ptr.dtype.element_ty
+
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_c = tl.arange(0, C)
+    m_kv = (o_k[:, None] < DK) & (o_v[None, :] < DV)
+    s_off = o_k[:, None] * DV + o_v[None, :]
+    if HAS_DHT:
+        b_ds = tl.load(dht_ptr + (doc * H + head) * DK * DV + s_off, mask=m_kv, other=0.0).to(tl.float32)
+    else:
+        b_ds = tl.zeros([BK, BV], dtype=tl.float32)
+    for cc in range(nt):
+        c = nt - 1 - cc
+        tl.store(dhbuf_ptr + ((first + c) * H + head) * DK * DV + s_off, b_ds, mask=m_kv)
+        start = bos + c * C
+        rows = start + o_c
+        m_r = rows < eos
+        b_q = tl.load(q_ptr + (rows[:, None] * H + head) * DK + o_k[None, :],
+                      mask=m_r[:, None] & (o_k[None, :] < DK), other=0.0)
+        b_do = tl.load(do_ptr + (rows[:, None] * H + head) * DV + o_v[None, :],
+                       mask=m_r[:, None] & (o_v[None, :] < DV), other=0.0)
+        L = tl.minimum(eos - start, C)
+        q_decay = tl.exp(-slope * (o_c + 1).to(tl.float32))
+        b_qd = b_q.to(tl.float32) * q_decay[:, None]
+        b_ds = b_ds * tl.exp(-slope * L.to(tl.float32)) + _mm(tl.trans(b_qd), b_do, DT, DOT_FP32)
+    if STORE_DH0:
+        tl.store(dh0_ptr + (doc * H + head) * DK * DV + s_off, b_ds, mask=m_kv)
+
+
+@triton.jit
+def _dqkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, slope_ptr, hbuf_ptr, dhbuf_ptr,
+                 dq_ptr, dk_ptr, dv_ptr, cu_ptr, chidx_ptr,
+                 H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                 C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_FP32: tl.constexpr):
+    i_t, head = tl.program_id(0), tl.program_id(1)
+    kvh = head // (H // HKV)
+    doc = tl.load(chidx_ptr + i_t * 2)
+    c = tl.load(chidx_ptr + i_t * 2 + 1)
+    bos = tl.load(cu_ptr + doc)
+    eos = tl.load(cu_ptr + doc + 1)
+    start = bos + c * C
+    L = tl.minimum(eos - start, C)
+    slope = tl.load(slope_ptr + head).to(tl.float32)
+    DT = q_ptr.dtype.element_ty
+
+    o_c = tl.arange(0, C)
+    rows = start + o_c
+    m_r = rows < eos
+    o_k = tl.arange(0, BK)  # the whole head dim (padded): A = Q Kᵀ needs every k column
+    m_k = o_k < DK
+    b_q = tl.load(q_ptr + (rows[:, None] * H + head) * DK + o_k[None, :],
+                  mask=m_r[:, None] & m_k[None, :], other=0.0)
+    b_k = tl.load(k_ptr + (rows[:, None] * HKV + kvh) * DK + o_k[None, :],
+                  mask=m_r[:, None] & m_k[None, :], other=0.0)
+    dist = o_c[:, None] - o_c[None, :]
+    b_d = tl.where(dist >= 0, tl.exp(-slope * tl.maximum(dist, 0).to(tl.float32)), 0.0)
+    b_ad = _mm(b_q, tl.trans(b_k), DT, DOT_FP32) * b_d
+    k_decay = tl.where(m_r, tl.exp(-slope * tl.maximum(L - 1 - o_c, 0).to(tl.float32)), 0.0)
+    q_decay = tl.exp(-slope * (o_c + 1).to(tl.float32))
+
+    b_da = tl.zeros([C, C], dtype=tl.float32)
+    b_dq = tl.zeros([C, BK], dtype=tl.float32)
+    b_dk = tl.zeros([C, BK], dtype=tl.float32)
+    s_base = (i_t * H + head) * DK * DV
+    for vv in range(0, DV, BV):
+        o_v = vv + tl.arange(0, BV)
+        m_v = o_v < DV
+        m_rv = m_r[:, None] & m_v[None, :]
+        b_v = tl.load(v_ptr + (rows[:, None] * HKV + kvh) * DV + o_v[None, :], mask=m_rv, other=0.0)
+        b_do = tl.load(do_ptr + (rows[:, None] * H + head) * DV + o_v[None, :], mask=m_rv, other=0.0)
+        m_kv = m_k[:, None] & m_v[None, :]
+        b_h = tl.load(hbuf_ptr + s_base + o_k[:, None] * DV + o_v[None, :], mask=m_kv, other=0.0)
+        b_dh = tl.load(dhbuf_ptr + s_base + o_k[:, None] * DV + o_v[None, :], mask=m_kv, other=0.0)
+        b_da += _mm(b_do, tl.trans(b_v), DT, DOT_FP32)
+        b_dq += _mm(b_do, tl.trans(b_h), DT, DOT_FP32)
+        b_dk += _mm(b_v, tl.trans(b_dh), DT, DOT_FP32)
+        b_dv = _mm(tl.trans(b_ad), b_do, DT, DOT_FP32) + _mm(b_k, b_dh, DT, DOT_FP32) * k_decay[:, None]
+        tl.store(dv_ptr + (rows[:, None] * H + head) * DV + o_v[None, :], b_dv, mask=m_rv)
+    b_dad = b_da * b_d
+    b_dq = _mm(b_dad, b_k, DT, DOT_FP32) + b_dq * q_decay[:, None]
+    b_dk = _mm(tl.trans(b_dad), b_q, DT, DOT_FP32) + b_dk * k_decay[:, None]
+    m_rk = m_r[:, None] & m_k[None, :]
+    tl.store(dq_ptr + (rows[:, None] * H + head) * DK + o_k[None, :], b_dq.to(dq_ptr.dtype.element_ty), mask=m_rk)
+    tl.store(dk_ptr + (rows[:, None] * H + head) * DK + o_k[None, :], b_dk, mask=m_rk)
+
+
+def lightning_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor,
+                  h0: Optional[torch.Tensor], do: torch.Tensor, dht: Optional[torch.Tensor],
+                  plan: ChunkPlan, need_dh0: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Flat inputs as :func:`lightning_fwd`, ``do [T, h, dv]``, ``dht`` fp32 ``[docs, h, dk, dv]``
+    or None. Returns (dq, dk, dv in the input dtype, d initial_state fp32 or None)."""
+    T, h, dk = q.shape
+    hkv, dv = k.shape[1], v.shape[-1]
+    fp32 = dot_fp32(q.dtype)
+    hbuf, _ = chunk_states(k, v, slope, h0, plan, h, store_final=False)  # recompute, not stored
+    dhbuf = torch.empty_like(hbuf)
+    dh0 = torch.empty(plan.num_docs, h, dk, dv, dtype=torch.float32, device=q.device) if need_dh0 else None
+    bk, bv = min(64, pad_dim(dk)), min(64, pad_dim(dv))
+    grid = (triton.cdiv(dk, bk), triton.cdiv(dv, bv), plan.num_docs * h)
+    _dstate_kernel[grid](q, do, slope, dht if dht is not None else dhbuf, dhbuf,
+                         dh0 if dh0 is not None else dhbuf, plan.cu, plan.chunk_offsets,
+                         H=h, DK=dk, DV=dv, C=plan.chunk_size, BK=bk, BV=bv,
+                         HAS_DHT=dht is not None, STORE_DH0=need_dh0, DOT_FP32=fp32)
+    dq = torch.empty_like(q)
+    dk_h = torch.empty(T, h, dk, dtype=torch.float32, device=q.device)
+    dv_h = torch.empty(T, h, dv, dtype=torch.float32, device=q.device)
+    _dqkv_kernel[(plan.num_chunks, h)](q, k, v, do, slope, hbuf, dhbuf, dq, dk_h, dv_h, plan.cu,
+                                       plan.chunk_indices, H=h, HKV=hkv, DK=dk, DV=dv,
+                                       C=plan.chunk_size, BK=pad_dim(dk), BV=min(64, pad_dim(dv)),
+                                       DOT_FP32=fp32)
+    g = h // hkv
+    dk_out = dk_h.view(T, hkv, g, dk).sum(2).to(k.dtype)
+    dv_out = dv_h.view(T, hkv, g, dv).sum(2).to(v.dtype)
+    return dq, dk_out, dv_out, dh0
