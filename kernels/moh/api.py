@@ -1,0 +1,88 @@
+"""Public entry of MoH attention: validation, defaults, backend choice, docstring."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from .._common import check_qkv, check_tensor, default_sm_scale, select_backend
+from .torch_impl import moh_attention_torch
+
+
+def _check_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a Python int (an absolute token position), got {value!r}")
+    return value
+
+
+def moh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, *,
+                  causal: bool = True, sm_scale: Optional[float] = None, return_lse: bool = False,
+                  q_offset: Optional[int] = None, k_offset: int = 0,
+                  backend: str = "auto") -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Mixture-of-Head attention that computes only the (token, head) pairs with a nonzero gate.
+
+    ``o[b, t, h] = gates[b, t, h] * softmax(q[b, t, h] . K_h^T * sm_scale) V_h`` where K_h, V_h
+    belong to the kv head of query head h (GQA, never expanded in memory). A pair with gate 0 is
+    neither computed in forward nor read in backward; its output is 0. Every key and value of every
+    token is used: an active query attends to all the keys it can see. Example, 6 tokens, 4 heads,
+    one shared head (h0, always on) and top-2 of 3 routed heads (x = computed, . = skipped)::
+
+        token  h0 h1 h2 h3
+          0     x  x  .  x
+          1     x  .  x  x
+          2     x  x  x  .
+          3     x  .  x  x
+          4     x  x  .  x
+          5     x  x  x  .       -> 18 of 24 pairs computed (75 %)
+
+    Args:
+        q: ``[batch, seq_q, heads, dim]``.
+        k, v: ``[batch, seq_k, kv_heads, dim]``; ``kv_heads`` divides ``heads``.
+        gates: ``[batch, seq_q, heads]``, >= 0, dtype of ``q`` or float32 (router output).
+        causal: query i (at position ``q_offset + i``) sees key j (at ``k_offset + j``) iff
+            ``q_offset + i >= k_offset + j``.
+        sm_scale: softmax scale, default ``dim ** -0.5``.
+        return_lse: also return the fp32 log-sum-exp ``[batch, heads, seq_q]`` of the UNGATED
+            scores (natural log; -inf for pairs with gate 0 and for rows that see no key).
+            Gradients flow through it, so context-parallel merges can use it.
+        q_offset, k_offset: absolute positions of the first query / key (context parallelism).
+            Default ``q_offset = k_offset + seq_k - seq_q`` (bottom-right aligned; with
+            ``seq_q == seq_k`` the plain causal mask). A row that sees no key gets o = 0.
+        backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else torch), "triton", "torch".
+
+    Returns:
+        ``o`` ``[batch, seq_q, heads, dim]`` in the dtype of q, or ``(o, lse)``.
+        Gradients reach q, k, v and gates (``dgates = rowsum(do * attention_output)``).
+
+    Use :func:`seqpar.kernels.moh.count_computed_pairs` to count the computed pairs.
+    """
+    b, sq, sk, h, hkv, d = check_qkv(q, k, v)
+    check_tensor("gates", gates, 3)
+    if tuple(gates.shape) != (b, sq, h):
+        raise ValueError(f"gates must have shape [batch, seq_q, heads] = {(b, sq, h)}, got {tuple(gates.shape)}")
+    if gates.dtype not in (q.dtype, torch.float32):
+        raise ValueError(f"gates dtype {gates.dtype} must be q's dtype {q.dtype} or torch.float32; "
+                         f"cast it with gates.to(q.dtype)")
+    if gates.device != q.device:
+        raise ValueError(f"gates is on {gates.device} but q is on {q.device}; move it with gates.to(q.device)")
+    if not bool((gates.detach() >= 0).all()):
+        raise ValueError("gates must be >= 0 and not NaN (a gate of 0 skips the pair); "
+                         "e.g. use softmax/top-k weights or gates.clamp_min(0)")
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a bool, got {causal!r}")
+    if not isinstance(return_lse, bool):
+        raise ValueError(f"return_lse must be a bool, got {return_lse!r}")
+    scale = default_sm_scale(sm_scale, d)
+    k_offset = _check_int("k_offset", k_offset)
+    q_offset = k_offset + sk - sq if q_offset is None else _check_int("q_offset", q_offset)
+    if select_backend(backend, q, k, v) == "triton":
+        from .function import MoHAttentionFunction  # imports triton only when used
+
+        # the kernels index the head dim with unit stride; other strides are passed through
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        o, lse = MoHAttentionFunction.apply(q, k, v, gates, causal, scale, q_offset, k_offset)
+    else:
+        o, lse = moh_attention_torch(q, k, v, gates, causal=causal, sm_scale=scale, q_offset=q_offset,
+                                     k_offset=k_offset)
+    return (o, lse) if return_lse else o

@@ -1,0 +1,38 @@
+"""Per-head lists of active query rows, built once per call from the gates, on the device.
+
+No host loop over heads and no host sync: a stable sort per (batch, head) moves the active rows to
+the front in ascending order. The kernels launch one program per possible row tile and the
+programs past a head's active count exit at once, so the grid size does not need the counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ActiveRows:
+    """Compacted row lists for gates ``[b, sq, h]``; ``bh = batch * h + head`` indexes the rows.
+
+    rows   int32 ``[b*h, sq]``: active query rows of head bh first, ascending, then the rest.
+    counts int32 ``[b*h]``: number of active rows of head bh.
+    prefix int32 ``[b*h, sq + 1]``: prefix[bh, r] = active rows of head bh below row r; the
+           backward kv programs use it to start at the first row tile that can see their keys.
+    """
+
+    rows: torch.Tensor
+    counts: torch.Tensor
+    prefix: torch.Tensor
+
+
+def build_active_rows(gates: torch.Tensor) -> ActiveRows:
+    b, sq, h = gates.shape
+    active = (gates > 0).permute(0, 2, 1).reshape(b * h, sq)
+    # stable sort on "inactive" keeps the active rows first and in ascending row order
+    rows = torch.sort((~active).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
+    prefix = torch.zeros(b * h, sq + 1, dtype=torch.int32, device=gates.device)
+    prefix[:, 1:] = active.cumsum(dim=-1, dtype=torch.int32)
+    counts = prefix[:, -1].contiguous()
+    return ActiveRows(rows.contiguous(), counts, prefix)
