@@ -1,0 +1,54 @@
+"""Public entry of dense flash attention. It shares the S2 kernel family: a dense (causal or
+full) tile plan walked by the same Triton / torch launchers."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from seqpar.kernels.s2.api import prepare
+from seqpar.kernels.s2.function import S2AttentionFunction
+
+
+# 64x64 tiles keep the fp32 accumulators of head dim 128 in registers on current GPUs; on CPU
+# (interpreter / torch fallback) bigger tiles simply mean fewer Python-level iterations.
+DEFAULT_BLOCK_SIZE = 64
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+                    sm_scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                    return_lse: bool = False, q_offset: Optional[int] = None, k_offset: int = 0,
+                    backend: str = "auto", _block_size: Optional[int] = None):
+    """Dense softmax attention (flash-style, fp32 accumulation).
+
+    Args:
+        q: ``[batch, seq_q, heads, dim]``; k, v: ``[batch, seq_k, kv_heads, dim]`` with kv_heads
+            dividing heads (GQA without expanding k/v). fp32 / fp16 / bf16, one device.
+        causal: query at position ``q_offset + i`` sees keys at ``k_offset + j <= q_offset + i``.
+            Default ``q_offset = k_offset + seq_k - seq_q`` (bottom-right aligned)::
+
+                seq_q=2, seq_k=4:   q0  x x x .
+                                    q1  x x x x
+
+        sm_scale: default ``dim ** -0.5``.
+        cu_seqlens: int32 ``[docs + 1]`` with batch 1: attention never crosses documents
+            (non-causal = full attention within each document). Not combinable with offsets.
+        return_lse: also return ``lse`` fp32 ``[batch, heads, seq_q]`` (natural log), differentiable.
+        q_offset, k_offset: absolute positions for context parallelism (any ints).
+        backend: "auto" | "triton" | "torch".
+
+    Returns:
+        ``o`` like q, or ``(o, lse)``. Rows that see no key get ``o = 0``, ``lse = -inf`` and zero
+        gradients.
+    """
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a bool, got {causal!r}")
+    bs = DEFAULT_BLOCK_SIZE if _block_size is None else _block_size
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 16 or bs & (bs - 1):
+        raise ValueError(f"_block_size must be a power of two >= 16, got {bs!r}")
+    plan, sm_scale, backend = prepare(q, k, v, layout=None, causal=causal, sm_scale=sm_scale,
+                                      cu_seqlens=cu_seqlens, q_offset=q_offset, k_offset=k_offset,
+                                      backend=backend, block_size=bs)
+    o, lse = S2AttentionFunction.apply(q, k, v, plan, sm_scale, backend)
+    return (o, lse) if return_lse else o

@@ -1,0 +1,129 @@
+"""Public entry of S2 attention: validation, defaults, docstring. Also the shared validation
+used by :func:`seqpar.kernels.flash_attention` (same interface, dense layout)."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from seqpar.kernels._common import check_cu_seqlens, check_qkv, default_sm_scale, select_backend
+from seqpar.kernels.s2.function import S2AttentionFunction
+from seqpar.kernels.s2.layout import S2Layout
+from seqpar.kernels.s2.plan import TilePlan, build_plan
+
+
+def _check_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    return value
+
+
+def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: Optional[S2Layout], causal: bool,
+            sm_scale: Optional[float], cu_seqlens: Optional[torch.Tensor], q_offset: Optional[int],
+            k_offset: int, backend: str, block_size: int) -> tuple[TilePlan, float, str]:
+    """Validate everything (before any launch) and return (plan, sm_scale, backend)."""
+    b, sq, sk, h, hkv, d = check_qkv(q, k, v)
+    backend = select_backend(backend, q, k, v)
+    sm_scale = default_sm_scale(sm_scale, d)
+    k_offset = _check_int("k_offset", k_offset)
+    if q_offset is not None:
+        _check_int("q_offset", q_offset)
+    cu = None
+    if cu_seqlens is not None:
+        if q_offset is not None or k_offset != 0:
+            raise ValueError("q_offset/k_offset cannot be combined with cu_seqlens; pass one or the other")
+        if sq != sk:
+            raise ValueError(f"varlen (cu_seqlens) needs q and k of equal length, got {sq} and {sk}")
+        check_cu_seqlens(cu_seqlens, b, sq)
+        if cu_seqlens.device != q.device:
+            raise ValueError(f"cu_seqlens must be on q's device {q.device}, got {cu_seqlens.device}")
+        cu = tuple(int(x) for x in cu_seqlens.tolist())
+        q_offset = 0
+    elif q_offset is None:
+        q_offset = k_offset + sk - sq  # bottom-right aligned (flash-attn >= 2.1)
+    if layout is not None:
+        if q_offset < 0 or k_offset < 0 or q_offset % block_size or k_offset % block_size:
+            raise ValueError(
+                f"S2 needs q_offset and k_offset >= 0 and multiples of layout.block_size={block_size} "
+                f"(blocks are absolute), got q_offset={q_offset}, k_offset={k_offset}"
+            )
+        layout.kv_block_mask(hkv, torch.zeros(1), torch.zeros(1))  # checks num_dense_heads vs kv heads
+    plan = build_plan(layout, causal, hkv, sq, sk, q_offset, k_offset, cu, block_size)
+    return plan, sm_scale, backend
+
+
+def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: S2Layout, *,
+                 sm_scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                 return_lse: bool = False, q_offset: Optional[int] = None, k_offset: int = 0,
+                 causal: bool = True, backend: str = "auto"):
+    """S2 (sparse-sharded) causal block-sparse attention.
+
+    Args:
+        q: ``[batch, seq_q, heads, dim]``; k, v: ``[batch, seq_k, kv_heads, dim]`` with kv_heads
+            dividing heads (GQA; k/v are never expanded). fp32 / fp16 / bf16, one device.
+        layout: :class:`S2Layout`. Block ``(i, j)`` of kv head ``g`` is computed iff ``j <= i`` and
+            (``i - j < local_blocks`` or ``(j + g*step + head_sliding_offset) % vert_stride == 0``),
+            ``step = max(1, vert_stride // kv_heads)``; then token-level causality. E.g.
+            vert_stride=4, local_blocks=2, 4 kv heads, 8 blocks (x = computed)::
+
+                kv head 0          kv head 1
+                x                  x
+                x x                x x
+                x x x              . x x
+                x . x x            . . x x
+                x . . x x          . . . x x
+                x . . . x x        . . . x x x
+                x . . . x x x      . . . x . x x
+                x . . . x . x x    . . . x . . x x
+
+        sm_scale: score scale, default ``dim ** -0.5``.
+        cu_seqlens: int32 ``[docs + 1]`` with batch 1: attention stays inside each document and
+            the layout restarts at each document start (documents need not be block-aligned).
+        return_lse: also return ``lse`` fp32 ``[batch, heads, seq_q]`` (natural log); gradients
+            flow through it.
+        q_offset, k_offset: absolute positions of q row 0 and k row 0 (for context parallelism);
+            both multiples of ``block_size`` and >= 0. Default ``q_offset = k_offset + seq_k - seq_q``.
+            The block of a token is ``position // block_size``. Not combinable with cu_seqlens.
+        causal: must be True: S2 is causal by construction (ValueError otherwise).
+        backend: "auto" | "triton" | "torch" (block-sparse torch fallback, O(seq * block) memory).
+
+    Returns:
+        ``o`` like q, or ``(o, lse)``. A query that sees no key (possible with offsets) gets
+        ``o = 0``, ``lse = -inf`` and zero gradients.
+    """
+    if not isinstance(layout, S2Layout):
+        raise ValueError(f"layout must be an S2Layout, got {type(layout).__name__}")
+    if causal is not True:
+        raise ValueError("causal must be True: S2 attention is causal only; use flash_attention(causal=False)")
+    plan, sm_scale, backend = prepare(q, k, v, layout=layout, causal=True, sm_scale=sm_scale,
+                                      cu_seqlens=cu_seqlens, q_offset=q_offset, k_offset=k_offset,
+                                      backend=backend, block_size=layout.block_size)
+    o, lse = S2AttentionFunction.apply(q, k, v, plan, sm_scale, backend)
+    return (o, lse) if return_lse else o
+
+
+def s2_stats(layout: S2Layout, seq_len: int, num_heads: int, num_kv_heads: int,
+             cu_seqlens: Optional[Union[torch.Tensor, Sequence[int]]] = None) -> dict:
+    """Blocks S2 computes for one sequence (or packed batch), summed over the q heads.
+
+    Returns ``{"computed_blocks", "causal_blocks", "density"}`` where causal_blocks counts the
+    tile pairs dense causal attention at the same block size would compute.
+    """
+    if not isinstance(layout, S2Layout):
+        raise ValueError(f"layout must be an S2Layout, got {type(layout).__name__}")
+    _check_int("seq_len", seq_len)
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if _check_int("num_kv_heads", num_kv_heads) < 1 or _check_int("num_heads", num_heads) % num_kv_heads:
+        raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
+    cu = None
+    if cu_seqlens is not None:
+        t = cu_seqlens if isinstance(cu_seqlens, torch.Tensor) else torch.tensor(list(cu_seqlens), dtype=torch.int32)
+        check_cu_seqlens(t, 1, seq_len)
+        cu = tuple(int(x) for x in t.tolist())
+    layout.kv_block_mask(num_kv_heads, torch.zeros(1), torch.zeros(1))
+    bs = layout.block_size
+    sparse = build_plan(layout, True, num_kv_heads, seq_len, seq_len, 0, 0, cu, bs).nnz(num_heads)
+    dense = build_plan(None, True, num_kv_heads, seq_len, seq_len, 0, 0, cu, bs).nnz(num_heads)
+    return {"computed_blocks": sparse, "causal_blocks": dense, "density": sparse / dense}

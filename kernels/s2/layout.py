@@ -1,0 +1,128 @@
+"""S2 block layout: which (q block, kv block) pairs each head computes (DESIGN.md §2).
+
+Semantics follow DKernel's ``get_sparse_attn_mask`` as written in DESIGN.md: for kv head ``g``,
+block ``(i, j)`` is visible iff ``j <= i`` and (``i - j < local_blocks`` or
+``(j + g * step + head_sliding_offset) % vert_stride == 0``), with
+``step = max(1, vert_stride // num_kv_heads)``. The last ``num_dense_heads`` kv heads see every
+causal block; ``homo_head=True`` gives every kv head the pattern of ``g = 0``.
+
+Choices where DESIGN.md is ambiguous (documented here on purpose):
+
+* ``step`` divides by the number of **kv heads**. Patterns are per kv head (the q heads of a GQA
+  group share their kv head's row pattern, so k/v blocks are read once per group), hence the
+  rotation is spread over the kv heads; with MHA (the case DKernel's ``n_heads`` describes) both
+  readings coincide. Consequence: the union of the kv heads' patterns covers every causal block
+  when ``num_kv_heads >= vert_stride``.
+* The stride test uses ``j + g*step + offset`` exactly as in DESIGN.md (and its picture: kv head 0
+  reads column 0, kv head 1 reads column 3); DKernel's code adds 1 more, which only renames heads.
+* Block indices are absolute: block of a token = position // block_size. ``block_mask`` aligns
+  the q blocks bottom-right (q block ``i`` is absolute block ``num_kv_blocks - num_q_blocks + i``),
+  matching the default ``q_offset`` of :func:`seqpar.kernels.s2_attention`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class S2Layout:
+    """Per-head strided block-sparse causal layout (hashable: it keys the index-list cache).
+
+    Fields: ``block_size`` (tokens per block, power of two >= 16; also the Triton tile),
+    ``local_blocks`` (diagonal band width in blocks, >= 1), ``vert_stride`` (every
+    ``vert_stride``-th kv block column is read, >= 1), ``homo_head`` (all heads share kv head 0's
+    pattern), ``num_dense_heads`` (the last kv heads that read every causal block),
+    ``head_sliding_offset`` (extra rotation of the stride, >= 0).
+    """
+
+    block_size: int = 64
+    local_blocks: int = 4
+    vert_stride: int = 4
+    homo_head: bool = False
+    num_dense_heads: int = 0
+    head_sliding_offset: int = 0
+
+    def __post_init__(self) -> None:
+        def _int(name: str) -> int:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"S2Layout.{name} must be an int, got {v!r}")
+            return v
+
+        bs = _int("block_size")
+        if bs < 16 or bs & (bs - 1):
+            raise ValueError(f"S2Layout.block_size must be a power of two >= 16 (Triton tile), got {bs}")
+        if _int("local_blocks") < 1:
+            raise ValueError(f"S2Layout.local_blocks must be >= 1 (the diagonal block), got {self.local_blocks}")
+        if _int("vert_stride") < 1:
+            raise ValueError(f"S2Layout.vert_stride must be >= 1, got {self.vert_stride}")
+        if _int("num_dense_heads") < 0:
+            raise ValueError(f"S2Layout.num_dense_heads must be >= 0, got {self.num_dense_heads}")
+        if _int("head_sliding_offset") < 0:
+            raise ValueError(f"S2Layout.head_sliding_offset must be >= 0, got {self.head_sliding_offset}")
+        if not isinstance(self.homo_head, bool):
+            raise ValueError(f"S2Layout.homo_head must be a bool, got {self.homo_head!r}")
+
+    def head_step(self, num_kv_heads: int) -> int:
+        """Stride rotation between consecutive kv heads (0 with ``homo_head``)."""
+        return 0 if self.homo_head else max(1, self.vert_stride // num_kv_heads)
+
+    def kv_block_mask(self, num_kv_heads: int, q_blocks: torch.Tensor, k_blocks: torch.Tensor) -> torch.Tensor:
+        """bool ``[num_kv_heads, len(q_blocks), len(k_blocks)]`` for absolute block indices."""
+        if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1:
+            raise ValueError(f"num_kv_heads must be a positive int, got {num_kv_heads!r}")
+        if self.num_dense_heads > num_kv_heads:
+            raise ValueError(
+                f"S2Layout.num_dense_heads ({self.num_dense_heads}) exceeds num_kv_heads ({num_kv_heads}); "
+                f"lower num_dense_heads"
+            )
+        qi = q_blocks.to(torch.int64)[None, :, None]
+        kj = k_blocks.to(torch.int64)[None, None, :]
+        g = torch.arange(num_kv_heads, dtype=torch.int64)[:, None, None]
+        causal = kj <= qi
+        local = (qi - kj) < self.local_blocks
+        strided = (kj + g * self.head_step(num_kv_heads) + self.head_sliding_offset) % self.vert_stride == 0
+        mask = causal & (local | strided)
+        if self.num_dense_heads:
+            dense = g >= num_kv_heads - self.num_dense_heads
+            mask = torch.where(dense, causal, mask)
+        return mask
+
+    def block_mask(self, num_heads: int, num_kv_heads: int, num_q_blocks: int, num_kv_blocks: int) -> torch.Tensor:
+        """bool ``[num_heads, num_q_blocks, num_kv_blocks]``; q heads of a GQA group share a row pattern.
+
+        q blocks are bottom-right aligned: q block ``i`` is absolute block
+        ``num_kv_blocks - num_q_blocks + i`` (so equal counts give the usual causal layout).
+        """
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+            raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+        if not isinstance(num_kv_heads, int) or num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads}) for GQA")
+        if num_q_blocks < 1 or num_kv_blocks < num_q_blocks:
+            raise ValueError(
+                f"need 1 <= num_q_blocks <= num_kv_blocks, got num_q_blocks={num_q_blocks}, "
+                f"num_kv_blocks={num_kv_blocks}"
+            )
+        q = torch.arange(num_kv_blocks - num_q_blocks, num_kv_blocks)
+        m = self.kv_block_mask(num_kv_heads, q, torch.arange(num_kv_blocks))
+        return m.repeat_interleave(num_heads // num_kv_heads, dim=0)
+
+    def picture(self, num_kv_heads: int, num_blocks: int, heads: Optional[Sequence[int]] = None) -> str:
+        """ASCII block picture of the given kv heads side by side (x = computed, . = skipped)."""
+        heads = list(range(min(num_kv_heads, 4))) if heads is None else list(heads)
+        m = self.block_mask(num_kv_heads, num_kv_heads, num_blocks, num_blocks)
+        w = len(str(num_blocks - 1))
+        header = "q\\k " + " ".join(str(j).rjust(w) for j in range(num_blocks))
+        width = len(header)
+        cols = []
+        for g in heads:
+            lines = [f"kv head {g}".ljust(width), header]
+            for i in range(num_blocks):
+                cells = ["x" if m[g, i, j] else ("." if j <= i else " ") for j in range(num_blocks)]
+                lines.append((str(i).ljust(4) + " ".join(c.rjust(w) for c in cells)).rstrip().ljust(width))
+            cols.append(lines)
+        return "\n".join("   ".join(parts).rstrip() for parts in zip(*cols))

@@ -1,0 +1,204 @@
+"""Triton backward launchers for S2 / dense attention (recomputing, flash-attn 2 style).
+
+With ``o = sum_j p_j v_j``, ``lse = log sum_j exp(s_j)`` and upstream ``do``, ``dlse``:
+
+    dL/ds_j = p_j * (do . v_j) - p_j * (do . o) + dlse * p_j = p_j * (dp_j - delta_j)
+    delta   = rowsum(do * o) - dlse
+
+so the gradient through ``lse`` only shifts the per-row ``delta``. dq walks the CSR lists (one
+program per q tile and q head); dk/dv walk the CSC lists (one program per kv tile and kv head,
+summing over the q heads of its GQA group), so no atomics are needed. Rows that saw no key
+(lse = -inf) are treated as lse = +inf: p = 0 and every gradient they feed is 0.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from seqpar.kernels.s2.plan import TilePlan
+from seqpar.kernels.s2.triton_fwd import LOG2E, kernel_options
+
+
+@triton.jit
+def _s2_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, CNT,
+    q_start_ptr, q_end_ptr, kv_start_ptr, kv_end_ptr, row_ptr, col_idx,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_dob, stride_dos, stride_doh, stride_dod,
+    stride_dqb, stride_dqs, stride_dqh, stride_dqd,
+    stride_lb, stride_lh,
+    num_q_tiles, group, head_dim, q_shift, k_shift, scale_log2, sm_scale,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, COUNT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    g = h // group
+    q_lo = tl.load(q_start_ptr + t)
+    q_hi = tl.load(q_end_ptr + t)
+    offs_m = q_lo + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < q_hi
+    d_ok = offs_d < head_dim
+    md_ok = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                mask=md_ok, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
+                 mask=md_ok, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_m, mask=m_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + b * stride_lb + h * stride_lh + offs_m, mask=m_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    k_base = K + b * stride_kb + g * stride_kh
+    v_base = V + b * stride_vb + g * stride_vh
+    lo = tl.load(row_ptr + g * (num_q_tiles + 1) + t)
+    hi = tl.load(row_ptr + g * (num_q_tiles + 1) + t + 1)
+    for idx in range(lo, hi):
+        u = tl.load(col_idx + idx)
+        k_lo = tl.load(kv_start_ptr + u)
+        k_hi = tl.load(kv_end_ptr + u)
+        offs_n = k_lo + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < k_hi
+        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        vt = tl.load(v_base + offs_n[None, :] * stride_vs + offs_d[:, None] * stride_vd,
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            vt = vt.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        ok = n_ok[None, :]
+        if CAUSAL:
+            ok = ok & ((offs_m[:, None] + q_shift) >= (offs_n[None, :] + k_shift))
+        p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, vt, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        if COUNT:
+            tl.atomic_add(CNT, 1)
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=md_ok)
+
+
+@triton.jit
+def _s2_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CNT,
+    q_start_ptr, q_end_ptr, kv_start_ptr, kv_end_ptr, col_ptr, row_idx,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_dob, stride_dos, stride_doh, stride_dod,
+    stride_dkb, stride_dks, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvs, stride_dvh, stride_dvd,
+    stride_lb, stride_lh,
+    num_kv_tiles, group, head_dim, q_shift, k_shift, scale_log2, sm_scale,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, COUNT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    u = tl.program_id(0)
+    g = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    k_lo = tl.load(kv_start_ptr + u)
+    k_hi = tl.load(kv_end_ptr + u)
+    offs_n = k_lo + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < k_hi
+    d_ok = offs_d < head_dim
+    nd_ok = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b * stride_kb + g * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                mask=nd_ok, other=0.0)
+    v = tl.load(V + b * stride_vb + g * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                mask=nd_ok, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    lo = tl.load(col_ptr + g * (num_kv_tiles + 1) + u)
+    hi = tl.load(col_ptr + g * (num_kv_tiles + 1) + u + 1)
+    for hq in range(group):
+        h = g * group + hq
+        for idx in range(lo, hi):
+            t = tl.load(row_idx + idx)
+            q_lo = tl.load(q_start_ptr + t)
+            q_hi = tl.load(q_end_ptr + t)
+            offs_m = q_lo + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < q_hi
+            md_ok = m_ok[:, None] & d_ok[None, :]
+            q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                        mask=md_ok, other=0.0)
+            do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos
+                         + offs_d[None, :] * stride_dod, mask=md_ok, other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_m, mask=m_ok, other=0.0)
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            delta = tl.load(DELTA + b * stride_lb + h * stride_lh + offs_m, mask=m_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            ok = m_ok[:, None] & n_ok[None, :]
+            if CAUSAL:
+                ok = ok & ((offs_m[:, None] + q_shift) >= (offs_n[None, :] + k_shift))
+            p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            if COUNT:
+                tl.atomic_add(CNT, 1)
+    dk = dk * sm_scale
+    tl.store(DK + b * stride_dkb + g * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=nd_ok)
+    tl.store(DV + b * stride_dvb + g * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=nd_ok)
+
+
+def s2_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+           do: torch.Tensor, dlse: Optional[torch.Tensor], plan: TilePlan, sm_scale: float,
+           counters: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, ...]:
+    """dq, dk, dv (input dtypes) for upstream ``do`` [b, sq, h, d] and ``dlse`` [b, h, sq] or None.
+
+    ``counters`` (debug): two int32 [1] tensors that the dq and dk/dv kernels bump once per
+    computed (q head, q tile, kv tile) block.
+    """
+    b, sq, h, d = q.shape
+    hkv = k.shape[2]
+    plan = plan.to(q.device)
+    delta = (do.float() * o.float()).sum(-1).transpose(1, 2)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    delta = delta.contiguous()
+    lse = lse.contiguous()
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    opts = kernel_options(q, plan.block_size)
+    common = dict(CAUSAL=plan.causal, **opts)
+    cnt_dq, cnt_kv = counters if counters is not None else (lse, lse)
+    _s2_bwd_dq_kernel[(plan.num_q_tiles, h, b)](
+        q, k, v, do, lse, delta, dq, cnt_dq,
+        plan.q_start, plan.q_end, plan.kv_start, plan.kv_end, plan.row_ptr, plan.col_idx,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), lse.stride(0), lse.stride(1),
+        plan.num_q_tiles, h // hkv, d, plan.q_shift, plan.k_shift, sm_scale * LOG2E, sm_scale,
+        COUNT=counters is not None, **common,
+    )
+    _s2_bwd_dkdv_kernel[(plan.num_kv_tiles, hkv, b)](
+        q, k, v, do, lse, delta, dk, dv, cnt_kv,
+        plan.q_start, plan.q_end, plan.kv_start, plan.kv_end, plan.col_ptr, plan.row_idx,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        lse.stride(0), lse.stride(1),
+        plan.num_kv_tiles, h // hkv, d, plan.q_shift, plan.k_shift, sm_scale * LOG2E, sm_scale,
+        COUNT=counters is not None, **common,
+    )
+    return dq, dk, dv

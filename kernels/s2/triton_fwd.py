@@ -1,0 +1,121 @@
+"""Triton forward launcher for S2 / dense attention: online softmax over the plan's CSR lists.
+
+One program per (q tile, q head, batch); it reads kv head ``h // group`` (GQA without expanding
+k/v) and loops only over the kv tiles listed for (kv head, q tile). Scores use exp2 with
+``log2(e)`` folded into the scale; accumulation and lse are fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from seqpar.kernels._common import interpret_enabled
+from seqpar.kernels.s2.plan import TilePlan
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _s2_fwd_kernel(
+    Q, K, V, O, LSE, CNT,
+    q_start_ptr, q_end_ptr, kv_start_ptr, kv_end_ptr, row_ptr, col_idx,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_ob, stride_os, stride_oh, stride_od,
+    stride_lb, stride_lh,
+    num_q_tiles, group, head_dim, q_shift, k_shift, scale_log2,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, COUNT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    g = h // group
+    q_lo = tl.load(q_start_ptr + t)
+    q_hi = tl.load(q_end_ptr + t)
+    offs_m = q_lo + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < q_hi
+    d_ok = offs_d < head_dim
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:  # the interpreter's tl.dot mishandles bf16
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    k_base = K + b * stride_kb + g * stride_kh
+    v_base = V + b * stride_vb + g * stride_vh
+    lo = tl.load(row_ptr + g * (num_q_tiles + 1) + t)
+    hi = tl.load(row_ptr + g * (num_q_tiles + 1) + t + 1)
+    for idx in range(lo, hi):
+        u = tl.load(col_idx + idx)
+        k_lo = tl.load(kv_start_ptr + u)
+        k_hi = tl.load(kv_end_ptr + u)
+        offs_n = k_lo + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < k_hi
+        kt = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=PRECISION) * scale_log2
+        ok = n_ok[None, :]
+        if CAUSAL:
+            ok = ok & ((offs_m[:, None] + q_shift) >= (offs_n[None, :] + k_shift))
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # rows with nothing visible yet keep m = -inf; shift by 0 so exp2 gives 0, not NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+        if COUNT:
+            tl.atomic_add(CNT, 1)
+    seen = l_i > 0.0
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+             o.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + b * stride_lb + h * stride_lh + offs_m, lse, mask=m_ok)
+
+
+def kernel_options(q: torch.Tensor, block_size: int) -> dict:
+    """Compile-time options shared by the forward and backward launchers."""
+    interp = interpret_enabled() and q.device.type == "cpu"
+    return dict(
+        UPCAST=interp and q.dtype == torch.bfloat16,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_size, BLOCK_N=block_size, BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])),
+        num_warps=4 if block_size <= 64 else 8,
+    )
+
+
+def s2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: TilePlan, sm_scale: float,
+           counter: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """o [b, sq, h, d] (q's dtype) and lse [b, h, sq] fp32. ``counter`` (int32 [1], debug): the
+    kernel adds 1 per computed (q head, q tile, kv tile) block."""
+    b, sq, h, d = q.shape
+    hkv = k.shape[2]
+    plan = plan.to(q.device)
+    o = torch.empty_like(q)
+    lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
+    grid = (plan.num_q_tiles, h, b)
+    _s2_fwd_kernel[grid](
+        q, k, v, o, lse, counter if counter is not None else lse,
+        plan.q_start, plan.q_end, plan.kv_start, plan.kv_end, plan.row_ptr, plan.col_idx,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), lse.stride(0), lse.stride(1),
+        plan.num_q_tiles, h // hkv, d, plan.q_shift, plan.k_shift, sm_scale * LOG2E,
+        CAUSAL=plan.causal, COUNT=counter is not None, **kernel_options(q, plan.block_size),
+    )
+    return o, lse
+
