@@ -2,3 +2,7 @@
 
 No collectives here: CP groups are passed in, communication happens in seqpar.cp.
 """
+
+from seqpar.nn.moh import MoHAttention, MoHRouter, MoHRouting
+
+__all__ = ["MoHAttention", "MoHRouter", "MoHRouting"]
