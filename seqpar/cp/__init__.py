@@ -2,3 +2,26 @@
 
 ``comm.py`` is the only attention-path module that calls torch.distributed.
 """
+
+from seqpar.cp.comm import Comm, CommLedger, CommRecord, comm_ledger
+from seqpar.cp.merge import decayed_state_prefix, merge_partials, merge_two
+from seqpar.cp.partition import (
+    VarlenPadding,
+    causal_work,
+    chunk_ids,
+    imbalance,
+    pad_varlen,
+    shard,
+    shard_varlen,
+    token_index,
+    unpad_varlen,
+    unshard,
+    unshard_varlen,
+    varlen_token_index,
+)
+
+__all__ = [
+    "Comm", "CommLedger", "CommRecord", "VarlenPadding", "causal_work", "chunk_ids", "comm_ledger",
+    "decayed_state_prefix", "imbalance", "merge_partials", "merge_two", "pad_varlen", "shard",
+    "shard_varlen", "token_index", "unpad_varlen", "unshard", "unshard_varlen", "varlen_token_index",
+]

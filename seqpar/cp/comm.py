@@ -1,0 +1,194 @@
+"""Collectives for context parallelism, and the exact byte/call ledger.
+
+This is the only attention-path module that calls ``torch.distributed`` (DESIGN.md §1). Every
+strategy talks to its group through one :class:`Comm`, so every byte that crosses a link is
+recorded by :func:`comm_ledger` when one is active.
+
+Layout convention (gloo's and NCCL's ``*_tensor`` collectives): a gathered or scattered tensor is
+the concatenation of the per-rank pieces along dim 0, ``[world * n, ...]``, rank-major.
+
+Ledger byte convention: ``bytes`` is what *this rank receives from other ranks* for the call, the
+algorithmic volume that the closed-form costs in ``scheme_cost`` count:
+
+=================  ==========================================================
+all_gather         ``(world - 1) * local.nbytes``
+reduce_scatter     ``(world - 1) * output.nbytes`` (the other ranks' pieces)
+all_to_all         ``(world - 1) / world * input.nbytes``
+send_recv          ``recv.nbytes`` for every tensor received point-to-point
+=================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Comm", "CommLedger", "CommRecord", "Pending", "comm_ledger", "group_rank_world"]
+
+
+@dataclass(frozen=True)
+class CommRecord:
+    """One collective call as seen by this rank."""
+
+    op: str
+    bytes: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass(eq=False)  # identity semantics: nested ledgers are removed by identity
+class CommLedger:
+    """Records of every collective issued through :class:`Comm` while the ledger is active."""
+
+    records: list[CommRecord] = field(default_factory=list)
+
+    def total_bytes(self, op: Optional[str] = None) -> int:
+        return sum(r.bytes for r in self.records if op is None or r.op == op)
+
+    def calls(self, op: Optional[str] = None) -> int:
+        return sum(1 for r in self.records if op is None or r.op == op)
+
+    def bytes_by_op(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.records:
+            out[r.op] = out.get(r.op, 0) + r.bytes
+        return out
+
+    def calls_by_op(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.records:
+            out[r.op] = out.get(r.op, 0) + 1
+        return out
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        """``{op: {"bytes": total, "calls": n}}``."""
+        b, c = self.bytes_by_op(), self.calls_by_op()
+        return {op: {"bytes": b[op], "calls": c[op]} for op in b}
+
+
+# A stack so that nested ledgers (e.g. one per layer inside one per step) all see the calls.
+_ACTIVE: list[CommLedger] = []
+
+
+@contextlib.contextmanager
+def comm_ledger() -> Iterator[CommLedger]:
+    """Record every collective issued through :class:`Comm` inside the ``with`` block.
+
+    >>> with comm_ledger() as ledger:
+    ...     out = cp.attention(q, k, v, kind="softmax", scheme="ring", group=g)
+    >>> ledger.summary()   # {"send_recv": {"bytes": ..., "calls": ...}}
+    """
+    ledger = CommLedger()
+    _ACTIVE.append(ledger)
+    try:
+        yield ledger
+    finally:
+        _ACTIVE.remove(ledger)
+
+
+def _record(op: str, nbytes: int, t: torch.Tensor) -> None:
+    if _ACTIVE:
+        rec = CommRecord(op, int(nbytes), tuple(t.shape), t.dtype)
+        for ledger in _ACTIVE:
+            ledger.records.append(rec)
+
+
+def group_rank_world(group) -> tuple[int, int]:
+    """``(rank, world)`` of this process in ``group`` (``None`` = the default group)."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(
+            "group needs an initialized torch.distributed process group; call "
+            "torch.distributed.init_process_group first, or pass (rank, world) explicitly"
+        )
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+class Pending:
+    """An in-flight collective: ``wait()`` blocks until done and returns the result tensor."""
+
+    def __init__(self, result: torch.Tensor, works: Sequence) -> None:
+        self._result = result
+        self._works = [w for w in works if w is not None]
+
+    def wait(self) -> torch.Tensor:
+        for w in self._works:
+            w.wait()
+        self._works = []
+        return self._result
+
+
+class Comm:
+    """Collectives over one process group with rank-major ``[world * n, ...]`` layouts.
+
+    Inputs are made contiguous; outputs are new tensors. Every method that takes ``async_op``
+    returns a :class:`Pending` when it is True (the transfer overlaps with later compute), else the
+    tensor. No autograd: the strategies' ``autograd.Function`` pair each forward collective with
+    its adjoint explicitly.
+    """
+
+    def __init__(self, group=None) -> None:
+        self.group = group
+        self.rank, self.world = group_rank_world(group)
+        # Global ranks of the group members, needed for point-to-point peers.
+        if group is None:
+            self._global = list(range(self.world))
+        else:
+            self._global = [dist.get_global_rank(group, r) for r in range(self.world)]
+
+    # -- collectives ---------------------------------------------------------------------------
+    def all_gather(self, x: torch.Tensor, *, async_op: bool = False):
+        """``x [n, ...]`` on every rank -> ``[world * n, ...]`` (rank r's piece at ``r*n``)."""
+        x = x.contiguous()
+        out = x.new_empty((self.world * x.shape[0], *x.shape[1:]))
+        fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        work = fn(out, x, group=self.group, async_op=async_op)
+        _record("all_gather", (self.world - 1) * x.numel() * x.element_size(), x)
+        return Pending(out, [work]) if async_op else out
+
+    def reduce_scatter(self, x: torch.Tensor, *, async_op: bool = False):
+        """``x [world * n, ...]`` on every rank -> the sum over ranks of piece ``rank``, ``[n, ...]``."""
+        x = x.contiguous()
+        if x.shape[0] % self.world:
+            raise ValueError(f"reduce_scatter needs dim 0 ({x.shape[0]}) divisible by world ({self.world})")
+        out = x.new_empty((x.shape[0] // self.world, *x.shape[1:]))
+        fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        work = fn(out, x, group=self.group, async_op=async_op)
+        _record("reduce_scatter", (self.world - 1) * out.numel() * out.element_size(), x)
+        return Pending(out, [work]) if async_op else out
+
+    def all_to_all(self, x: torch.Tensor, *, async_op: bool = False):
+        """``x [world * n, ...]``: piece ``j`` goes to rank j; result piece ``j`` came from rank j."""
+        x = x.contiguous()
+        if x.shape[0] % self.world:
+            raise ValueError(f"all_to_all needs dim 0 ({x.shape[0]}) divisible by world ({self.world})")
+        out = torch.empty_like(x)
+        work = dist.all_to_all_single(out, x, group=self.group, async_op=async_op)
+        _record("all_to_all", (self.world - 1) * (x.numel() // self.world) * x.element_size(), x)
+        return Pending(out, [work]) if async_op else out
+
+    def send_recv(self, send: Sequence[torch.Tensor], dst: int, src: int,
+                  recv_like: Optional[Sequence[torch.Tensor]] = None) -> Pending:
+        """Post sends of ``send`` to group rank ``dst`` and receives from ``src`` in one batch.
+
+        Returns a :class:`Pending` whose ``wait()`` gives the list of received tensors (shaped
+        like ``recv_like``, default like ``send``). Always asynchronous: the ring posts the next
+        transfer before computing on the current block.
+        """
+        send = [t.contiguous() for t in send]
+        like = send if recv_like is None else list(recv_like)
+        recv = [torch.empty_like(t) for t in like]
+        ops = [dist.P2POp(dist.isend, t, self._global[dst], self.group) for t in send]
+        ops += [dist.P2POp(dist.irecv, t, self._global[src], self.group) for t in recv]
+        works = dist.batch_isend_irecv(ops) if ops else []
+        for t in recv:
+            _record("send_recv", t.numel() * t.element_size(), t)
+        return Pending(recv, works)  # type: ignore[arg-type]
+
+    def ring_pass(self, send: Sequence[torch.Tensor], *, reverse: bool = False) -> Pending:
+        """Send to the next rank and receive from the previous one (``reverse`` flips both)."""
+        nxt, prv = (self.rank + 1) % self.world, (self.rank - 1) % self.world
+        return self.send_recv(send, prv if reverse else nxt, nxt if reverse else prv)
