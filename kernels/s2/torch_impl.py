@@ -62,9 +62,6 @@ def s2_bwd_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Ten
     b, sq, h, d = q.shape
     hkv = k.shape[2]
     group = h // hkv
-    delta = (do.float() * o.float()).sum(-1).transpose(1, 2)
-    if dlse is not None:
-        delta = delta - dlse.float()
     # rows that saw nothing have lse = -inf: use +inf so their p (and every gradient) is 0
     lse_safe = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
@@ -78,9 +75,13 @@ def s2_bwd_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Ten
                 continue
             p = torch.exp(s - lse_safe[:, heads, rows, None])
             dot = do[:, rows, heads].float()
+            # delta = rowsum(do * o) - dlse, per tile in fp64 (dp - delta cancels for peaked rows)
+            delta = (dot.double() * o[:, rows, heads].double()).sum(-1).transpose(1, 2)
+            if dlse is not None:
+                delta = delta - dlse[:, heads, rows].double()
             dv[:, :, g].index_add_(1, kidx, torch.einsum("bhmn,bmhd->bnd", p, dot))
             dp = torch.einsum("bmhd,bnd->bhmn", dot, v[:, kidx, g].float())
-            ds = p * (dp - delta[:, heads, rows, None]) * sm_scale
+            ds = p * (dp - delta[..., None].float()) * sm_scale
             dq[:, rows, heads] += torch.einsum("bhmn,bnd->bmhd", ds, k[:, kidx, g].float())
             dk[:, :, g].index_add_(1, kidx, torch.einsum("bhmn,bmhd->bnd", ds, q[:, rows, heads].float()))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

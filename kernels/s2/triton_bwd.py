@@ -24,6 +24,34 @@ from seqpar.kernels.s2.triton_fwd import LOG2E, kernel_options
 
 
 @triton.jit
+def _s2_bwd_preprocess_kernel(
+    O, DO, DLSE, DELTA, seq_q, head_dim,
+    stride_ob, stride_os, stride_oh, stride_od,
+    stride_dob, stride_dos, stride_doh, stride_dod,
+    stride_lb, stride_lh, stride_ls,
+    stride_dlb, stride_dlh, stride_dls,
+    HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # delta = rowsum(do * o) - dlse. The row sum runs in fp64 in registers: dp - delta cancels
+    # almost exactly for peaked rows, and fp32 rounding here would dominate the dq error.
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < seq_q
+    md_ok = m_ok[:, None] & (offs_d < head_dim)[None, :]
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+                mask=md_ok, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
+                 mask=md_ok, other=0.0)
+    delta = tl.sum(o.to(tl.float64) * do.to(tl.float64), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + b * stride_dlb + h * stride_dlh + offs_m * stride_dls, mask=m_ok, other=0.0).to(tl.float64)
+    tl.store(DELTA + b * stride_lb + h * stride_lh + offs_m * stride_ls, delta.to(tl.float32), mask=m_ok)
+
+
+@triton.jit
 def _s2_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CNT,
     q_start_ptr, q_end_ptr, kv_start_ptr, kv_end_ptr, row_ptr, col_idx,
@@ -175,11 +203,14 @@ def s2_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, l
     b, sq, h, d = q.shape
     hkv = k.shape[2]
     plan = plan.to(q.device)
-    delta = (do.float() * o.float()).sum(-1).transpose(1, 2)
-    if dlse is not None:
-        delta = delta - dlse.float()
-    delta = delta.contiguous()
     lse = lse.contiguous()
+    delta = torch.empty_like(lse)
+    _s2_bwd_preprocess_kernel[(triton.cdiv(sq, 64), h, b)](
+        o, do, dlse if dlse is not None else lse, delta, sq, d,
+        *o.stride(), *do.stride(), lse.stride(0), lse.stride(1), lse.stride(2),
+        *(dlse.stride() if dlse is not None else lse.stride()),
+        HAS_DLSE=dlse is not None, BLOCK_M=64, BLOCK_D=max(16, triton.next_power_of_2(d)),
+    )
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)

@@ -1,0 +1,179 @@
+"""S2Layout: hand-drawn pictures (DESIGN.md §2), coverage, GQA sharing, plans, stats, validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seqpar.kernels import S2Layout
+from seqpar.kernels.s2 import s2_stats
+from seqpar.kernels.s2.plan import build_plan
+
+
+def _parse(rows: str) -> torch.Tensor:
+    """Rows of 'x'/'.' cells (upper triangle omitted) -> bool [n, n]."""
+    lines = [ln.split() for ln in rows.strip().splitlines()]
+    n = len(lines)
+    m = torch.zeros(n, n, dtype=torch.bool)
+    for i, cells in enumerate(lines):
+        assert len(cells) == i + 1
+        m[i, : i + 1] = torch.tensor([c == "x" for c in cells])
+    return m
+
+
+# DESIGN.md §2: 8 blocks, vert_stride=4, local_blocks=2, 4 heads (step = 1)
+DESIGN_HEAD0 = """
+x
+x x
+x x x
+x . x x
+x . . x x
+x . . . x x
+x . . . x x x
+x . . . x . x x
+"""
+DESIGN_HEAD1 = """
+x
+x x
+. x x
+. . x x
+. . . x x
+. . . x x x
+. . . x . x x
+. . . x . . x x
+"""
+# same layout, kv heads 2 and 3: columns with (j + g) % 4 == 0
+DESIGN_HEAD2 = """
+x
+x x
+. x x
+. . x x
+. . x x x
+. . x . x x
+. . x . . x x
+. . x . . . x x
+"""
+DESIGN_HEAD3 = """
+x
+x x
+. x x
+. x x x
+. x . x x
+. x . . x x
+. x . . . x x
+. x . . . x x x
+"""
+
+
+def test_design_picture_heads():
+    lay = S2Layout(block_size=16, local_blocks=2, vert_stride=4)
+    m = lay.block_mask(4, 4, 8, 8)
+    for g, pic in enumerate((DESIGN_HEAD0, DESIGN_HEAD1, DESIGN_HEAD2, DESIGN_HEAD3)):
+        assert torch.equal(m[g], _parse(pic)), f"kv head {g}"
+
+
+def test_picture_text_matches_design_drawing():
+    text = S2Layout(block_size=16, local_blocks=2, vert_stride=4).picture(4, 8, heads=[0, 1])
+    lines = text.splitlines()
+    assert lines[0].split() == ["kv", "head", "0", "kv", "head", "1"]
+    assert lines[1].split() == ["q\\k", *map(str, range(8)), "q\\k", *map(str, range(8))]
+    assert lines[5].split() == "3 x . x x 3 . . x x".split()
+    assert lines[9].split() == "7 x . . . x . x x 7 . . . x . . x x".split()
+
+
+def test_homo_head_dense_heads_and_sliding_offset():
+    homo = S2Layout(block_size=16, local_blocks=2, vert_stride=4, homo_head=True).block_mask(4, 4, 8, 8)
+    assert all(torch.equal(homo[g], _parse(DESIGN_HEAD0)) for g in range(4))
+    dense = S2Layout(block_size=16, local_blocks=2, vert_stride=4, num_dense_heads=2).block_mask(4, 4, 8, 8)
+    causal = torch.ones(8, 8, dtype=torch.bool).tril()
+    assert torch.equal(dense[0], _parse(DESIGN_HEAD0)) and torch.equal(dense[1], _parse(DESIGN_HEAD1))
+    assert torch.equal(dense[2], causal) and torch.equal(dense[3], causal)
+    shifted = S2Layout(block_size=16, local_blocks=2, vert_stride=4, head_sliding_offset=1).block_mask(4, 4, 8, 8)
+    assert torch.equal(shifted[0], _parse(DESIGN_HEAD1)) and torch.equal(shifted[3], _parse(DESIGN_HEAD0))
+
+
+def test_gqa_groups_share_kv_head_pattern():
+    lay = S2Layout(block_size=16, local_blocks=1, vert_stride=4)
+    m = lay.block_mask(8, 2, 12, 12)  # step = 4 // 2 = 2: kv head 1 reads columns j % 4 == 2
+    per_kv = lay.kv_block_mask(2, torch.arange(12), torch.arange(12))
+    for h in range(8):
+        assert torch.equal(m[h], per_kv[h // 4])
+    assert m[4, 11, 2] and not m[4, 11, 3] and not m[4, 11, 1]
+
+
+def test_bottom_right_alignment():
+    lay = S2Layout(block_size=16, local_blocks=2, vert_stride=3)
+    full = lay.block_mask(3, 3, 10, 10)
+    assert torch.equal(lay.block_mask(3, 3, 4, 10), full[:, 6:])
+
+
+@pytest.mark.parametrize("vert_stride", range(1, 9))
+def test_union_covers_causal_when_heads_ge_stride(vert_stride):
+    lay = S2Layout(block_size=16, local_blocks=1, vert_stride=vert_stride)
+    for heads in (vert_stride, vert_stride + 3):
+        m = lay.block_mask(heads, heads, 20, 20)
+        assert torch.equal(m.any(0), torch.ones(20, 20, dtype=torch.bool).tril())
+        # each head alone is sparse once the stride is > 1 and the sequence long enough
+        if vert_stride > 1:
+            assert (m.sum((1, 2)) < 210).all()
+
+
+def test_union_does_not_cover_with_fewer_heads():
+    m = S2Layout(block_size=16, local_blocks=1, vert_stride=4).block_mask(2, 2, 12, 12)
+    assert not torch.equal(m.any(0), torch.ones(12, 12, dtype=torch.bool).tril())
+
+
+def test_plan_csr_csc_match_block_mask():
+    lay = S2Layout(block_size=16, local_blocks=2, vert_stride=3)
+    plan = build_plan(lay, True, 2, 150, 150, 0, 0, None, 16)
+    m = lay.kv_block_mask(2, torch.arange(10), torch.arange(10))
+    for g in range(2):
+        for t in range(10):
+            cols = plan.col_idx[plan.row_ptr[g, t]:plan.row_ptr[g, t + 1]].tolist()
+            assert cols == m[g, t].nonzero().flatten().tolist()
+            rows = plan.row_idx[plan.col_ptr[g, t]:plan.col_ptr[g, t + 1]].tolist()
+            assert rows == m[g, :, t].nonzero().flatten().tolist()
+    assert plan.nnz(6) == 3 * int(m.sum())
+    assert build_plan(lay, True, 2, 150, 150, 0, 0, None, 16) is plan  # cached
+
+
+def test_plan_varlen_restarts_layout_per_document():
+    lay = S2Layout(block_size=16, local_blocks=1, vert_stride=2)
+    cu = (0, 40, 57, 130)
+    plan = build_plan(lay, True, 1, 130, 130, 0, 0, cu, 16)
+    assert plan.q_start.tolist() == [0, 16, 32, 40, 56, 57, 73, 89, 105, 121]
+    per_doc = [lay.kv_block_mask(1, torch.arange(n), torch.arange(n))[0] for n in (3, 2, 5)]
+    assert plan.nnz(1) == sum(int(m.sum()) for m in per_doc)
+    # no tile pair crosses documents
+    for t in range(plan.num_q_tiles):
+        for u in plan.col_idx[plan.row_ptr[0, t]:plan.row_ptr[0, t + 1]].tolist():
+            assert plan.q_end[t] == plan.kv_end[u]
+
+
+def test_s2_stats():
+    lay = S2Layout(block_size=16, local_blocks=2, vert_stride=4)
+    st = s2_stats(lay, 128, 8, 4)
+    m = lay.block_mask(8, 4, 8, 8)
+    assert st["computed_blocks"] == int(m.sum())
+    assert st["causal_blocks"] == 8 * 36
+    assert st["density"] == pytest.approx(int(m.sum()) / (8 * 36))
+    st_v = s2_stats(lay, 130, 8, 4, cu_seqlens=[0, 40, 57, 130])
+    assert st_v["causal_blocks"] == 8 * (6 + 3 + 15)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(block_size=48), "block_size"), (dict(block_size=8), "block_size"),
+    (dict(local_blocks=0), "local_blocks"), (dict(vert_stride=0), "vert_stride"),
+    (dict(num_dense_heads=-1), "num_dense_heads"), (dict(head_sliding_offset=-2), "head_sliding_offset"),
+    (dict(homo_head=1), "homo_head"),
+])
+def test_layout_validation_names_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        S2Layout(**kwargs)
+
+
+def test_dense_heads_must_fit_kv_heads():
+    with pytest.raises(ValueError, match="num_dense_heads"):
+        S2Layout(num_dense_heads=3).block_mask(4, 2, 4, 4)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        S2Layout().block_mask(6, 4, 4, 4)
