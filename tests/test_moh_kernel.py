@@ -169,3 +169,13 @@ def test_bad_input(mutate, match):
     mutate(args)
     with pytest.raises(ValueError, match=match):
         moh_attention(**args)
+
+
+def test_torch_fallback_row_chunks(monkeypatch):
+    """The fallback chunks gathered rows by token blocks; causal chunks stop at the block end."""
+    from seqpar.kernels.moh import torch_impl
+
+    monkeypatch.setattr(torch_impl, "TOKEN_BLOCK", 8)
+    q, k, v, gates = make_inputs(2, 45, 45, 4, 2, 16, torch.bfloat16)
+    check_against_reference("torch", q, k, v, gates)
+    check_against_reference("torch", q[:, 20:], k, v, gates[:, 20:], q_offset=20)

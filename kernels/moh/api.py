@@ -84,5 +84,5 @@ def moh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torc
         o, lse = MoHAttentionFunction.apply(q, k, v, gates, causal, scale, q_offset, k_offset)
     else:
         o, lse = moh_attention_torch(q, k, v, gates, causal=causal, sm_scale=scale, q_offset=q_offset,
-                                     k_offset=k_offset)
+                                     k_offset=k_offset, need_lse=return_lse)
     return (o, lse) if return_lse else o
