@@ -27,7 +27,8 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["Comm", "CommLedger", "CommRecord", "Pending", "comm_ledger", "group_rank_world"]
+__all__ = ["Comm", "CommLedger", "CommRecord", "Pending", "all_gather_autograd", "comm_ledger", "group_rank_world",
+           "heads_to_seq", "seq_to_heads"]
 
 
 @dataclass(frozen=True)
@@ -192,3 +193,71 @@ class Comm:
         """Send to the next rank and receive from the previous one (``reverse`` flips both)."""
         nxt, prv = (self.rank + 1) % self.world, (self.rank - 1) % self.world
         return self.send_recv(send, prv if reverse else nxt, nxt if reverse else prv)
+
+
+# ---- differentiable collectives (each forward paired with its adjoint) ---------------------------
+class _AllGatherSeq(torch.autograd.Function):
+    """Forward: all-gather along ``dim`` (rank-major). Backward: reduce-scatter of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: Comm, dim: int) -> torch.Tensor:
+        ctx.comm, ctx.dim = comm, dim
+        return comm.all_gather(x.movedim(dim, 0)).movedim(0, dim)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return ctx.comm.reduce_scatter(g.movedim(ctx.dim, 0)).movedim(0, ctx.dim), None, None
+
+
+def all_gather_autograd(x: torch.Tensor, comm: Comm, dim: int = 0) -> torch.Tensor:
+    """All-gather ``x`` along ``dim`` (rank-major); gradients are reduce-scattered back."""
+    return _AllGatherSeq.apply(x, comm, dim % x.dim())
+
+
+def _seq_to_heads(x: torch.Tensor, comm: Comm) -> torch.Tensor:
+    # [b, s_loc, H, d] -> [b, P * s_loc, H / P, d]: head group j goes to rank j, sequences
+    # arrive rank-major.
+    b, s, h, d = x.shape
+    p = comm.world
+    y = comm.all_to_all(x.reshape(b, s, p, h // p, d).permute(2, 0, 1, 3, 4))  # [P, b, s, H/P, d]
+    return y.permute(1, 0, 2, 3, 4).reshape(b, p * s, h // p, d)
+
+
+def _heads_to_seq(x: torch.Tensor, comm: Comm) -> torch.Tensor:
+    # inverse of _seq_to_heads: [b, P * s_loc, H / P, d] -> [b, s_loc, H, d]
+    b, n, hl, d = x.shape
+    p = comm.world
+    y = comm.all_to_all(x.reshape(b, p, n // p, hl, d).transpose(0, 1))  # [P(head group), b, s, H/P, d]
+    return y.permute(1, 2, 0, 3, 4).reshape(b, n // p, p * hl, d)
+
+
+class _SeqToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: Comm) -> torch.Tensor:
+        ctx.comm = comm
+        return _seq_to_heads(x, comm)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return _heads_to_seq(g, ctx.comm), None
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: Comm) -> torch.Tensor:
+        ctx.comm = comm
+        return _heads_to_seq(x, comm)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return _seq_to_heads(g, ctx.comm), None
+
+
+def seq_to_heads(x: torch.Tensor, comm: Comm) -> torch.Tensor:
+    """Ulysses all-to-all ``[b, s/P, H, d] -> [b, s, H/P, d]`` (rank-major sequence), differentiable."""
+    return _SeqToHeads.apply(x, comm)
+
+
+def heads_to_seq(x: torch.Tensor, comm: Comm) -> torch.Tensor:
+    """Inverse all-to-all ``[b, s, H/P, d] -> [b, s/P, H, d]``, differentiable."""
+    return _HeadsToSeq.apply(x, comm)

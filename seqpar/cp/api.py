@@ -1,0 +1,188 @@
+"""``cp.attention``: one entry for every attention kind under every CP scheme, and the closed-form
+communication cost of each pair (``cp.scheme_cost``) that the ledger matches exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from seqpar.cp.allgather import allgather_attention
+from seqpar.cp.comm import Comm
+from seqpar.cp.lasp2 import lasp2_attention
+from seqpar.cp.local import softmax_family_op
+from seqpar.cp.partition import BALANCES, chunk_ids, resolve_group
+from seqpar.cp.ulysses import ulysses_attention
+
+KINDS = ("softmax", "s2", "lightning", "moh")
+SCHEMES = ("allgather", "ring", "ulysses", "usp")
+# Pairs implemented and tested; everything else raises before any communication.
+SUPPORTED = {
+    ("softmax", "allgather"), ("softmax", "ulysses"),
+    ("s2", "allgather"),
+    ("lightning", "allgather"), ("lightning", "ulysses"),
+    ("moh", "allgather"), ("moh", "ulysses"),
+}
+_KWARGS = {
+    "softmax": {"sm_scale", "causal", "backend"},
+    "s2": {"layout", "sm_scale", "backend"},
+    "lightning": {"slope", "initial_state", "output_final_state", "backend"},
+    "moh": {"gates", "sm_scale", "causal", "backend"},
+}
+
+
+def _pairs() -> str:
+    return ", ".join(f"{k}x{s}" for k, s in sorted(SUPPORTED))
+
+
+def _validate(q, k, v, kind: str, scheme: str, balance: str, world: int, kw: dict[str, Any]) -> None:
+    from seqpar.kernels._common import check_qkv
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if (kind, scheme) not in SUPPORTED:
+        raise ValueError(f"kind={kind!r} with scheme={scheme!r} is not supported; supported pairs: {_pairs()}")
+    if balance not in BALANCES:
+        raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
+    extra = set(kw) - _KWARGS[kind]
+    if extra:
+        raise ValueError(f"unexpected keyword(s) {sorted(extra)} for kind={kind!r}; accepted: {sorted(_KWARGS[kind])}")
+    b, s, _, h, hkv, d = check_qkv(q, k, v, same_dv=kind != "lightning")
+    per_rank = len(chunk_ids(0, world, balance))
+    if s % per_rank:
+        raise ValueError(f"local sequence length {s} must be divisible by {per_rank} (chunks per rank for "
+                         f"balance={balance!r}); the global length must be divisible by {per_rank * world}")
+    c = s // per_rank
+    if kind == "s2":
+        layout = kw.get("layout")
+        if layout is None:
+            raise ValueError("kind='s2' needs layout=S2Layout(...)")
+        if c % layout.block_size:
+            raise ValueError(f"s2 under CP needs each chunk ({c} tokens) to be a multiple of layout.block_size="
+                             f"{layout.block_size} so blocks stay absolute; make the global length a multiple "
+                             f"of {per_rank * world * layout.block_size}")
+    if kind == "lightning":
+        slope = kw.get("slope")
+        if not isinstance(slope, torch.Tensor) or tuple(slope.shape) != (h,):
+            raise ValueError(f"kind='lightning' needs slope as a tensor of shape [heads] = [{h}]")
+    if kind == "moh":
+        gates = kw.get("gates")
+        if not isinstance(gates, torch.Tensor) or tuple(gates.shape) != (b, s, h):
+            raise ValueError(f"kind='moh' needs gates [batch, local seq, heads] = {[b, s, h]}, "
+                             f"got {None if gates is None else tuple(gates.shape)}")
+    if scheme == "ulysses":
+        if h % world:
+            raise ValueError(f"ulysses needs num_heads ({h}) divisible by the CP world size ({world})")
+        if hkv % world and world % hkv:
+            raise ValueError(f"ulysses needs num_kv_heads ({hkv}) divisible by world ({world}) or world divisible "
+                             f"by num_kv_heads (kv heads are then replicated)")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, scheme: str = "allgather",
+              group=None, balance: str = "zigzag", **kind_kwargs: Any):
+    """Context-parallel attention on this rank's shards; equals the single-device op on the full input.
+
+    Args:
+        q: ``[batch, seq/P, heads, dim]``, k, v: ``[batch, seq/P, kv_heads, dim]`` — this rank's shards
+            as produced by ``cp.shard(x, group, dim=1, balance=balance)``.
+        kind: "softmax" | "s2" | "lightning" | "moh".
+        scheme: "allgather" (for lightning: LASP-2) | "ulysses" (| "ring" | "usp": see SUPPORTED).
+        group: the CP process group (None = default group).
+        balance: "zigzag" (rank r holds chunks r and 2P-1-r of 2P) or "contiguous".
+        kind_kwargs: softmax: ``sm_scale, causal, backend``; s2: ``layout, sm_scale, backend``;
+            lightning: ``slope, initial_state, output_final_state, backend``; moh: ``gates`` (this
+            rank's ``[batch, seq/P, heads]``), ``sm_scale, causal, backend``.
+
+    Returns:
+        The local output shard ``[batch, seq/P, heads, dv]``; for lightning ``(o, final_state | None)``
+        like ``lightning_attention``. ``initial_state`` and ``final_state`` are replicated on every
+        rank: the gradient each rank gets for ``initial_state`` is its share (sum over the group,
+        as for any replicated input), and a loss on ``final_state`` is counted once per rank.
+
+    Every argument is validated (ValueError naming the supported pairs or the numbers) before any
+    communication, identically on every rank.
+    """
+    _, world = resolve_group(group)
+    _validate(q, k, v, kind, scheme, balance, world, kind_kwargs)
+    comm = Comm(group)
+    if kind == "lightning":
+        if scheme == "allgather":
+            return lasp2_attention(q, k, v, kind_kwargs["slope"], comm, balance=balance,
+                                   initial_state=kind_kwargs.get("initial_state"),
+                                   output_final_state=bool(kind_kwargs.get("output_final_state", False)),
+                                   backend=kind_kwargs.get("backend", "auto"))
+        return ulysses_attention(q, k, v, comm, kind=kind, balance=balance, kw=kind_kwargs)
+    if scheme == "allgather":
+        op = softmax_family_op(kind, kind_kwargs)
+        return allgather_attention(q, k, v, comm, balance=balance, op=op,
+                                   causal=kind == "s2" or kind_kwargs.get("causal", True),
+                                   gates=kind_kwargs.get("gates"))
+    return ulysses_attention(q, k, v, comm, kind=kind, balance=balance, kw=kind_kwargs)
+
+
+def _elt(dtype: Any) -> int:
+    if isinstance(dtype, torch.dtype):
+        return torch.empty((), dtype=dtype).element_size()
+    if isinstance(dtype, int) and dtype > 0:
+        return dtype
+    raise ValueError(f"dtype must be a torch.dtype or a byte count, got {dtype!r}")
+
+
+def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int, kv_heads: int, head_dim: int,
+                v_head_dim: Optional[int] = None, batch: int = 1, dtype: Any = torch.bfloat16,
+                balance: str = "zigzag", gates_dtype: Any = None,
+                output_final_state: bool = False) -> dict[str, dict[str, dict[str, int]]]:
+    """Closed-form bytes received per rank and calls per layer: ``{"fwd"|"bwd": {op: {"bytes", "calls"}}}``.
+
+    ``seq_len`` is the global length N; ``dtype`` the activation dtype (or bytes per element).
+    allgather (softmax/s2/moh): ``(P-1)/P · N · b · H_kv · (d + dv) · e`` all-gather, the same as a
+    reduce-scatter in backward. LASP-2: ``(P-1) · c · b · H · dk · dv · 4`` with ``c`` chunks per rank
+    (2 zigzag, 1 contiguous), independent of N. Ulysses: one all-to-all per tensor, each
+    ``(P-1)/P · (N/P) · b · heads_x · dim_x · e`` (q, k, v, o; MoH adds its gates; kv heads count
+    ``max(H_kv, P)`` after replication).
+    """
+    if (kind, scheme) not in SUPPORTED:
+        raise ValueError(f"kind={kind!r} with scheme={scheme!r} is not supported; supported pairs: {_pairs()}")
+    p, n, e = world, seq_len, _elt(dtype)
+    dv = head_dim if v_head_dim is None else v_head_dim
+    cpr = len(chunk_ids(0, p, balance))
+    if n % (cpr * p):
+        raise ValueError(f"seq_len {n} must be divisible by {cpr * p} for balance={balance!r} at world={world}")
+    fwd: dict[str, dict[str, int]] = {}
+    bwd: dict[str, dict[str, int]] = {}
+
+    def add(side: dict, op: str, nbytes: int) -> None:
+        rec = side.setdefault(op, {"bytes": 0, "calls": 0})
+        rec["bytes"] += nbytes
+        rec["calls"] += 1
+
+    if scheme == "allgather" and kind == "lightning":
+        vol = (p - 1) * cpr * batch * heads * head_dim * dv * 4
+        add(fwd, "all_gather", vol)
+        add(bwd, "reduce_scatter", vol)
+    elif scheme == "allgather":
+        vol = (p - 1) * (n // p) * batch * kv_heads * (head_dim + dv) * e
+        add(fwd, "all_gather", vol)
+        add(bwd, "reduce_scatter", vol)
+    elif scheme == "ulysses":
+        hk = max(kv_heads, p)
+
+        def a2a(hx: int, dx: int, eb: int = e) -> int:
+            return (p - 1) * (n // p) * batch * (hx // p) * dx * eb
+
+        tensors = [a2a(heads, head_dim), a2a(hk, head_dim), a2a(hk, dv)]
+        if kind == "moh":
+            tensors.append(a2a(heads, 1, _elt(dtype if gates_dtype is None else gates_dtype)))
+        for vol in tensors:
+            add(fwd, "all_to_all", vol)
+            add(bwd, "all_to_all", vol)
+        add(fwd, "all_to_all", a2a(heads, dv))
+        add(bwd, "all_to_all", a2a(heads, dv))
+        if kind == "lightning" and output_final_state:
+            vol = (p - 1) * (heads // p) * batch * head_dim * dv * 4
+            add(fwd, "all_gather", vol)
+            add(bwd, "reduce_scatter", vol)
+    return {"fwd": fwd, "bwd": bwd}

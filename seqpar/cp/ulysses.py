@@ -1,0 +1,66 @@
+"""DeepSpeed-Ulysses context parallelism: all-to-all from sequence shards to head shards and back.
+
+Forward: one all-to-all each for q, k, v (and MoH gates), the local op on the *full* sequence with
+``H / P`` heads (global head indices ``rank·H/P ...``: Lightning slopes and MoH gates follow the
+heads), one all-to-all of the output back. Backward is the adjoint (the same all-to-alls in
+reverse). GQA: when ``P > H_kv`` the kv heads are replicated ``P / H_kv`` times before the exchange
+so every rank holds the kv head its query heads read (gradients of replicas are summed).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from seqpar.cp.comm import Comm, all_gather_autograd, heads_to_seq, seq_to_heads
+from seqpar.cp.partition import token_index
+
+
+def _orders(comm: Comm, n: int, balance: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # rank-major arrival order -> sequence order (and back)
+    gidx = torch.cat([token_index(r, comm.world, n, balance) for r in range(comm.world)]).to(device)
+    return torch.argsort(gidx), gidx
+
+
+def _to_heads(x: torch.Tensor, comm: Comm, to_seq: Optional[torch.Tensor]) -> torch.Tensor:
+    y = seq_to_heads(x, comm)
+    return y if to_seq is None else y.index_select(1, to_seq)
+
+
+def _to_seq(y: torch.Tensor, comm: Comm, to_rank: Optional[torch.Tensor]) -> torch.Tensor:
+    return heads_to_seq(y if to_rank is None else y.index_select(1, to_rank), comm)
+
+
+def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: Comm, *, kind: str,
+                      balance: str, kw: dict[str, Any]):
+    """Local shards in, local shard out. Returns ``o`` (lightning: ``(o, final_state | None)``)."""
+    from seqpar import kernels
+
+    p, h, hkv = comm.world, q.shape[2], k.shape[2]
+    if hkv < p:  # replicate kv heads so that each rank owns one whole kv head
+        k, v = k.repeat_interleave(p // hkv, dim=2), v.repeat_interleave(p // hkv, dim=2)
+    n = q.shape[1] * p
+    to_seq, to_rank = _orders(comm, n, balance, q.device) if balance == "zigzag" else (None, None)
+    qh, kh, vh = (_to_heads(t, comm, to_seq) for t in (q, k, v))
+    heads = slice(comm.rank * (h // p), (comm.rank + 1) * (h // p))
+    backend = kw.get("backend", "auto")
+    if kind == "softmax":
+        o = kernels.flash_attention(qh, kh, vh, causal=kw.get("causal", True), sm_scale=kw.get("sm_scale"),
+                                    backend=backend)
+    elif kind == "moh":
+        g = _to_heads(kw["gates"].unsqueeze(-1), comm, to_seq).squeeze(-1)
+        o = kernels.moh_attention(qh, kh, vh, g, causal=kw.get("causal", True), sm_scale=kw.get("sm_scale"),
+                                  backend=backend)
+    elif kind == "lightning":
+        init = kw.get("initial_state")
+        o, final = kernels.lightning_attention(
+            qh, kh, vh, kw["slope"][heads], initial_state=None if init is None else init[:, heads],
+            output_final_state=bool(kw.get("output_final_state", False)), backend=backend)
+        out = _to_seq(o, comm, to_rank)
+        if final is not None:
+            final = all_gather_autograd(final.transpose(0, 1), comm, dim=0).transpose(0, 1)  # heads in order
+        return out, final
+    else:
+        raise ValueError(f"ulysses does not support kind {kind!r}")
+    return _to_seq(o, comm, to_rank)

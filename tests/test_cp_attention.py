@@ -1,0 +1,182 @@
+"""cp.attention on spawned gloo ranks == the single-rank op on the full input (outputs and grads of
+q, k, v, gates, initial state), and the ledger == cp.scheme_cost exactly, forward and backward."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from cp_harness import run_ranks
+from seqpar import cp
+from seqpar.kernels import S2Layout, flash_attention, lightning_attention, moh_attention, s2_attention
+from seqpar.kernels.lightning.reference import lightning_reference
+from seqpar.kernels.moh.reference import moh_attention_ref
+from seqpar.kernels.s2.reference import attention_reference
+from tolerance import GRAD_FACTOR, assert_rel_close
+
+LAYOUT = S2Layout(block_size=16, local_blocks=2, vert_stride=2)
+
+
+def _case(name: str, kind: str, scheme: str, balance: str, world: int, *, b: int, n: int, h: int, hkv: int,
+          d: int, dv: int | None = None, dtype=torch.float32, backend: str = "torch", seed: int = 0,
+          **extra: Any) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    dv = d if dv is None else dv
+    scale = 0.5 if kind == "lightning" else 1.0  # keep linear-attention sums O(1)
+    t = {
+        "q": torch.randn(b, n, h, d, generator=g) * scale,
+        "k": torch.randn(b, n, hkv, d, generator=g) * scale,
+        "v": torch.randn(b, n, hkv, dv, generator=g),
+        "go": torch.randn(b, n, h, dv, generator=g),
+    }
+    kw: dict[str, Any] = {"backend": backend}
+    if kind == "lightning":
+        kw["slope"] = torch.linspace(0.02, 0.7, h)
+        if extra.get("with_state"):
+            t["initial_state"] = torch.randn(b, h, d, dv, generator=g) * 0.3
+            t["gf"] = torch.randn(b, h, d, dv, generator=g)
+            kw["output_final_state"] = True
+    if kind == "moh":
+        t["gates"] = torch.rand(b, n, h, generator=g) * (torch.rand(b, n, h, generator=g) > 0.4)
+    if kind == "s2":
+        kw["layout"] = LAYOUT
+    return {"name": name, "kind": kind, "scheme": scheme, "balance": balance, "dtype": dtype,
+            "tensors": t, "kw": kw}
+
+
+def _cases(world: int) -> list[dict]:
+    p = world
+    return [
+        _case("softmax-ag-zz-gqa-odd", "softmax", "allgather", "zigzag", p, b=2, n=2 * p * 3, h=3, hkv=1, d=16, seed=1),
+        _case("softmax-ag-contig", "softmax", "allgather", "contiguous", p, b=1, n=p * 5, h=4, hkv=2, d=32, seed=2),
+        _case("softmax-ag-zz-triton", "softmax", "allgather", "zigzag", p, b=1, n=2 * p * 3, h=2, hkv=1, d=16,
+              backend="triton", seed=3),
+        _case("softmax-ag-bf16", "softmax", "allgather", "zigzag", p, b=1, n=2 * p * 5, h=2, hkv=2, d=16,
+              dtype=torch.bfloat16, seed=4),
+        _case("softmax-uly-zz-gqa", "softmax", "ulysses", "zigzag", p, b=2, n=2 * p * 3, h=8, hkv=2, d=16, seed=5),
+        _case("softmax-uly-contig", "softmax", "ulysses", "contiguous", p, b=1, n=p * 7, h=4, hkv=4, d=16, seed=6),
+        _case("s2-ag-zz", "s2", "allgather", "zigzag", p, b=1, n=2 * p * 16, h=4, hkv=2, d=16, seed=7),
+        _case("s2-ag-contig", "s2", "allgather", "contiguous", p, b=1, n=p * 32, h=2, hkv=2, d=32, seed=8),
+        _case("moh-ag-zz", "moh", "allgather", "zigzag", p, b=2, n=2 * p * 3, h=4, hkv=2, d=16, seed=9),
+        _case("moh-uly-zz", "moh", "ulysses", "zigzag", p, b=1, n=2 * p * 3, h=4, hkv=1, d=16, seed=10),
+        _case("lightning-lasp2-zz", "lightning", "allgather", "zigzag", p, b=2, n=2 * p * 5, h=3, hkv=1, d=16,
+              dv=32, with_state=True, seed=11),
+        _case("lightning-lasp2-contig", "lightning", "allgather", "contiguous", p, b=1, n=p * 6, h=2, hkv=2, d=16,
+              seed=12),
+        _case("lightning-uly-zz", "lightning", "ulysses", "zigzag", p, b=1, n=2 * p * 3, h=4, hkv=2, d=16,
+              with_state=True, seed=13),
+    ]
+
+
+SHARDED = ("q", "k", "v", "go", "gates")
+GRADS = ("q", "k", "v", "gates", "initial_state")
+
+
+def _cp_job(rank: int, world: int, cases: list[dict]) -> dict:
+    out = {}
+    for c in cases:
+        t, bal = c["tensors"], c["balance"]
+        loc = {name: cp.shard(x.to(c["dtype"]) if name in ("q", "k", "v") else x, None, dim=1, balance=bal)
+               for name, x in t.items() if name in SHARDED}
+        leaves = {n: loc[n].requires_grad_() for n in ("q", "k", "v")}
+        kw = dict(c["kw"])
+        if "gates" in loc:
+            leaves["gates"] = kw["gates"] = loc["gates"].requires_grad_()
+        if "initial_state" in t:
+            leaves["initial_state"] = kw["initial_state"] = t["initial_state"].clone().requires_grad_()
+        with cp.comm_ledger() as fwd:
+            res = cp.attention(leaves["q"], leaves["k"], leaves["v"], kind=c["kind"], scheme=c["scheme"],
+                               group=None, balance=bal, **kw)
+        o, final = res if c["kind"] == "lightning" else (res, None)
+        loss = (o.double() * loc["go"].double()).sum()
+        if final is not None:  # replicated output: count it once over the group
+            loss = loss + (final.double() * t["gf"].double()).sum() / world
+        with cp.comm_ledger() as bwd:
+            loss.backward()
+        out[c["name"]] = {"o": o, "final": final, "fwd": fwd.summary(), "bwd": bwd.summary(),
+                          "grads": {n: x.grad for n, x in leaves.items()}}
+    return out
+
+
+def _single(c: dict, dtype: torch.dtype, truth: bool):
+    """The op on the full input: fp64 reference (truth) or the single-rank kernel in ``dtype``."""
+    t, kw = c["tensors"], c["kw"]
+    leaves = {n: t[n].to(dtype).clone().requires_grad_() for n in ("q", "k", "v")}
+    if "gates" in t:
+        leaves["gates"] = t["gates"].to(dtype if truth else torch.float32).clone().requires_grad_()
+    if "initial_state" in t:
+        leaves["initial_state"] = t["initial_state"].to(torch.float64 if truth else torch.float32).clone().requires_grad_()
+    q, k, v = leaves["q"], leaves["k"], leaves["v"]
+    final = None
+    if c["kind"] == "softmax":
+        o = attention_reference(q, k, v)[0] if truth else flash_attention(q, k, v, backend=kw["backend"])
+    elif c["kind"] == "s2":
+        o = (attention_reference(q, k, v, layout=kw["layout"])[0] if truth
+             else s2_attention(q, k, v, kw["layout"], backend=kw["backend"]))
+    elif c["kind"] == "moh":
+        o = (moh_attention_ref(q, k, v, leaves["gates"])[0] if truth
+             else moh_attention(q, k, v, leaves["gates"], backend=kw["backend"]))
+    else:
+        init = leaves.get("initial_state")
+        if truth:
+            o, final = lightning_reference(q, k, v, kw["slope"].double(), initial_state=init)
+        else:
+            o, final = lightning_attention(q, k, v, kw["slope"], initial_state=init,
+                                           output_final_state=True, backend=kw["backend"])
+        if "gf" not in t:
+            final = None
+    loss = (o.double() * t["go"].double()).sum()
+    if final is not None:
+        loss = loss + (final.double() * t["gf"].double()).sum()
+    loss.backward()
+    return o, final, {n: x.grad for n, x in leaves.items()}
+
+
+def _assemble(parts: list[torch.Tensor], world: int, balance: str) -> torch.Tensor:
+    n = sum(p.shape[1] for p in parts)
+    full = torch.empty((parts[0].shape[0], n, *parts[0].shape[2:]), dtype=parts[0].dtype)
+    for r, p in enumerate(parts):
+        full[:, cp.token_index(r, world, n, balance)] = p
+    return full
+
+
+def _check_case(c: dict, per_rank: list[dict], world: int) -> None:
+    name, bal = c["name"], c["balance"]
+    o64, f64, g64 = _single(c, torch.float64, truth=True)
+    olp, flp, glp = _single(c, c["dtype"], truth=False)
+    o = _assemble([r["o"] for r in per_rank], world, bal)
+    assert_rel_close(f"{name} out", o, olp, o64)
+    if f64 is not None:
+        for r in per_rank:  # every rank holds the same final state
+            assert_rel_close(f"{name} final_state", r["final"], flp, f64)
+    for gname in g64:
+        if gname == "initial_state":
+            ours = sum(r["grads"][gname] for r in per_rank)  # replicated input: shares sum up
+        else:
+            ours = _assemble([r["grads"][gname] for r in per_rank], world, bal)
+        assert_rel_close(f"{name} d{gname}", ours, glp[gname], g64[gname], factor=GRAD_FACTOR)
+    # ledger == closed form, forward and backward
+    t = c["tensors"]
+    b, n, h, d = t["q"].shape
+    cost = cp.scheme_cost(c["kind"], c["scheme"], world=world, seq_len=n, batch=b, heads=h,
+                          kv_heads=t["k"].shape[2], head_dim=d, v_head_dim=t["v"].shape[-1], dtype=c["dtype"],
+                          balance=bal, gates_dtype=torch.float32,
+                          output_final_state=bool(c["kw"].get("output_final_state")))
+    for r in per_rank:
+        assert r["fwd"] == cost["fwd"], f"{name}: forward ledger {r['fwd']} != scheme_cost {cost['fwd']}"
+        assert r["bwd"] == cost["bwd"], f"{name}: backward ledger {r['bwd']} != scheme_cost {cost['bwd']}"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_cp_attention_matches_single_rank(world):
+    cases = _cases(world)
+    results = run_ranks(_cp_job, world, cases, timeout=300)
+    failures = []
+    for c in cases:
+        try:
+            _check_case(c, [r[c["name"]] for r in results], world)
+        except AssertionError as e:  # report every failing case, not only the first
+            failures.append(str(e))
+    assert not failures, "\n".join(failures)
