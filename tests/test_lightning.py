@@ -194,3 +194,23 @@ def test_slope_gets_no_gradient():
     o, _ = lightning_attention(qq, k, v, slope, backend="torch")
     o.sum().backward()
     assert slope.grad is None and qq.grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_only_through_final_state(backend):
+    """A CP rank may use only the state it passes on: o unused, loss on final_state alone
+    (q does not reach the state, so it gets no or a zero gradient)."""
+    q, k, v, slope, s0, _, dst = make_inputs(1, 80, 2, 1, 16, 24, torch.float32)
+    ours = [t.clone().requires_grad_() for t in (q, k, v, s0)]
+    _, fin = lightning_attention(*ours[:3], slope, initial_state=ours[3], output_final_state=True, backend=backend)
+    (fin * dst).sum().backward()
+    ref = [t.double().requires_grad_() for t in (q, k, v, s0)]
+    _, fin64 = lightning_reference(*ref[:3], slope.double(), ref[3])
+    (fin64 * dst.double()).sum().backward()
+    low = [t.clone().requires_grad_() for t in (q, k, v, s0)]
+    _, fin32 = lightning_reference(*low[:3], slope, low[3])
+    (fin32 * dst).sum().backward()
+    assert_rel_close("final_state", fin, fin32, fin64)
+    assert ours[0].grad is None or not ours[0].grad.any()
+    for name, a, b_, c in zip(["dk", "dv", "d_initial_state"], ours[1:], low[1:], ref[1:]):
+        assert_rel_close(name, a.grad, b_.grad, c.grad, factor=GRAD_FACTOR)

@@ -46,14 +46,14 @@ def _dstate_kernel(q_ptr, do_ptr, slope_ptr, dht_ptr, dhbuf_ptr, dh0_ptr, cu_ptr
     m_kv = (o_k[:, None] < DK) & (o_v[None, :] < DV)
     s_off = o_k[:, None] * DV + o_v[None, :]
     if HAS_DHT:
-        b_ds = tl.load(dht_ptr + (doc * H + head) * DK * DV + s_off, mask=m_kv, other=0.0).to(tl.float32)
+        b_ds = tl.load(dht_ptr + (doc.to(tl.int64) * H + head) * DK * DV + s_off, mask=m_kv, other=0.0).to(tl.float32)
     else:
         b_ds = tl.zeros([BK, BV], dtype=tl.float32)
     for cc in range(nt):
         c = nt - 1 - cc
-        tl.store(dhbuf_ptr + ((first + c) * H + head) * DK * DV + s_off, b_ds, mask=m_kv)
+        tl.store(dhbuf_ptr + ((first + c).to(tl.int64) * H + head) * DK * DV + s_off, b_ds, mask=m_kv)
         start = bos + c * C
-        rows = start + o_c
+        rows = (start + o_c).to(tl.int64)  # 64-bit offsets: T * H * D can pass 2^31
         m_r = rows < eos
         b_q = tl.load(q_ptr + (rows[:, None] * H + head) * DK + o_k[None, :],
                       mask=m_r[:, None] & (o_k[None, :] < DK), other=0.0)
@@ -64,7 +64,7 @@ def _dstate_kernel(q_ptr, do_ptr, slope_ptr, dht_ptr, dhbuf_ptr, dh0_ptr, cu_ptr
         b_qd = b_q.to(tl.float32) * q_decay[:, None]
         b_ds = b_ds * tl.exp(-slope * L.to(tl.float32)) + _mm(tl.trans(b_qd), b_do, DT, DOT_FP32)
     if STORE_DH0:
-        tl.store(dh0_ptr + (doc * H + head) * DK * DV + s_off, b_ds, mask=m_kv)
+        tl.store(dh0_ptr + (doc.to(tl.int64) * H + head) * DK * DV + s_off, b_ds, mask=m_kv)
 
 
 @triton.jit
@@ -84,7 +84,7 @@ def _dqkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, slope_ptr, hbuf_ptr, dhbuf_ptr,
     DT = q_ptr.dtype.element_ty
 
     o_c = tl.arange(0, C)
-    rows = start + o_c
+    rows = (start + o_c).to(tl.int64)  # 64-bit offsets: T * H * D can pass 2^31
     m_r = rows < eos
     o_k = tl.arange(0, BK)  # the whole head dim (padded): A = Q Kᵀ needs every k column
     m_k = o_k < DK
@@ -101,7 +101,7 @@ def _dqkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, slope_ptr, hbuf_ptr, dhbuf_ptr,
     b_da = tl.zeros([C, C], dtype=tl.float32)
     b_dq = tl.zeros([C, BK], dtype=tl.float32)
     b_dk = tl.zeros([C, BK], dtype=tl.float32)
-    s_base = (i_t * H + head) * DK * DV
+    s_base = (i_t.to(tl.int64) * H + head) * DK * DV
     for vv in range(0, DV, BV):
         o_v = vv + tl.arange(0, BV)
         m_v = o_v < DV

@@ -63,13 +63,13 @@ def _state_kernel(k_ptr, v_ptr, slope_ptr, h0_ptr, hbuf_ptr, ht_ptr, cu_ptr, cho
     m_kv = (o_k[:, None] < DK) & (o_v[None, :] < DV)
     s_off = o_k[:, None] * DV + o_v[None, :]
     if HAS_H0:
-        b_s = tl.load(h0_ptr + (doc * H + head) * DK * DV + s_off, mask=m_kv, other=0.0).to(tl.float32)
+        b_s = tl.load(h0_ptr + (doc.to(tl.int64) * H + head) * DK * DV + s_off, mask=m_kv, other=0.0).to(tl.float32)
     else:
         b_s = tl.zeros([BK, BV], dtype=tl.float32)
     for c in range(nt):
-        tl.store(hbuf_ptr + ((first + c) * H + head) * DK * DV + s_off, b_s, mask=m_kv)
+        tl.store(hbuf_ptr + ((first + c).to(tl.int64) * H + head) * DK * DV + s_off, b_s, mask=m_kv)
         start = bos + c * C
-        rows = start + o_c
+        rows = (start + o_c).to(tl.int64)  # 64-bit offsets: T * H * D can pass 2^31
         m_r = rows < eos
         b_k = tl.load(k_ptr + (rows[:, None] * HKV + kvh) * DK + o_k[None, :],
                       mask=m_r[:, None] & (o_k[None, :] < DK), other=0.0)
@@ -80,7 +80,7 @@ def _state_kernel(k_ptr, v_ptr, slope_ptr, h0_ptr, hbuf_ptr, ht_ptr, cu_ptr, cho
         b_kd = b_k.to(tl.float32) * k_decay[:, None]
         b_s = b_s * tl.exp(-slope * L.to(tl.float32)) + _mm(tl.trans(b_kd), b_v, DT, DOT_FP32)
     if STORE_HT:
-        tl.store(ht_ptr + (doc * H + head) * DK * DV + s_off, b_s, mask=m_kv)
+        tl.store(ht_ptr + (doc.to(tl.int64) * H + head) * DK * DV + s_off, b_s, mask=m_kv)
 
 
 @triton.jit
@@ -98,7 +98,7 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, hbuf_ptr, o_ptr, cu_ptr, chid
     DT = q_ptr.dtype.element_ty
 
     o_c = tl.arange(0, C)
-    rows = start + o_c
+    rows = (start + o_c).to(tl.int64)  # 64-bit offsets: T * H * D can pass 2^31
     m_r = rows < eos
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
@@ -111,7 +111,7 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, hbuf_ptr, o_ptr, cu_ptr, chid
                       mask=m_r[:, None] & m_k[None, :], other=0.0)
         b_k = tl.load(k_ptr + (rows[:, None] * HKV + kvh) * DK + o_k[None, :],
                       mask=m_r[:, None] & m_k[None, :], other=0.0)
-        b_h = tl.load(hbuf_ptr + (i_t * H + head) * DK * DV + o_k[:, None] * DV + o_v[None, :],
+        b_h = tl.load(hbuf_ptr + (i_t.to(tl.int64) * H + head) * DK * DV + o_k[:, None] * DV + o_v[None, :],
                       mask=m_k[:, None] & m_v[None, :], other=0.0)
         b_a += _mm(b_q, tl.trans(b_k), DT, DOT_FP32)
         b_inter += _mm(b_q, b_h, DT, DOT_FP32)
