@@ -13,16 +13,17 @@ from seqpar.cp.comm import Comm
 from seqpar.cp.lasp2 import lasp2_attention
 from seqpar.cp.local import softmax_family_op
 from seqpar.cp.partition import BALANCES, chunk_ids, resolve_group
+from seqpar.cp.ring import ring_attention
 from seqpar.cp.ulysses import ulysses_attention
 
 KINDS = ("softmax", "s2", "lightning", "moh")
 SCHEMES = ("allgather", "ring", "ulysses", "usp")
 # Pairs implemented and tested; everything else raises before any communication.
 SUPPORTED = {
-    ("softmax", "allgather"), ("softmax", "ulysses"),
-    ("s2", "allgather"),
+    ("softmax", "allgather"), ("softmax", "ulysses"), ("softmax", "ring"),
+    ("s2", "allgather"), ("s2", "ring"),
     ("lightning", "allgather"), ("lightning", "ulysses"),
-    ("moh", "allgather"), ("moh", "ulysses"),
+    ("moh", "allgather"), ("moh", "ulysses"), ("moh", "ring"),
 }
 _KWARGS = {
     "softmax": {"sm_scale", "causal", "backend"},
@@ -89,7 +90,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, s
         q: ``[batch, seq/P, heads, dim]``, k, v: ``[batch, seq/P, kv_heads, dim]`` — this rank's shards
             as produced by ``cp.shard(x, group, dim=1, balance=balance)``.
         kind: "softmax" | "s2" | "lightning" | "moh".
-        scheme: "allgather" (for lightning: LASP-2) | "ulysses" (| "ring" | "usp": see SUPPORTED).
+        scheme: "allgather" (for lightning: LASP-2) | "ring" | "ulysses" (see SUPPORTED; "usp" and
+            lightning "ring" are not implemented and raise).
         group: the CP process group (None = default group).
         balance: "zigzag" (rank r holds chunks r and 2P-1-r of 2P) or "contiguous".
         kind_kwargs: softmax: ``sm_scale, causal, backend``; s2: ``layout, sm_scale, backend``;
@@ -115,11 +117,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, s
                                    output_final_state=bool(kind_kwargs.get("output_final_state", False)),
                                    backend=kind_kwargs.get("backend", "auto"))
         return ulysses_attention(q, k, v, comm, kind=kind, balance=balance, kw=kind_kwargs)
-    if scheme == "allgather":
-        op = softmax_family_op(kind, kind_kwargs)
-        return allgather_attention(q, k, v, comm, balance=balance, op=op,
-                                   causal=kind == "s2" or kind_kwargs.get("causal", True),
-                                   gates=kind_kwargs.get("gates"))
+    if scheme in ("allgather", "ring"):
+        strategy = allgather_attention if scheme == "allgather" else ring_attention
+        return strategy(q, k, v, comm, balance=balance, op=softmax_family_op(kind, kind_kwargs),
+                        causal=kind == "s2" or kind_kwargs.get("causal", True), gates=kind_kwargs.get("gates"))
     return ulysses_attention(q, k, v, comm, kind=kind, balance=balance, kw=kind_kwargs)
 
 
@@ -139,7 +140,8 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
 
     ``seq_len`` is the global length N; ``dtype`` the activation dtype (or bytes per element).
     allgather (softmax/s2/moh): ``(P-1)/P · N · b · H_kv · (d + dv) · e`` all-gather, the same as a
-    reduce-scatter in backward. LASP-2: ``(P-1) · c · b · H · dk · dv · 4`` with ``c`` chunks per rank
+    reduce-scatter in backward. ring: ``P-1`` passes of the local K/V (``N/P · b · H_kv · (d+dv) · e``
+    each) forward; backward the same plus ``P`` passes of the fp32 dK/dV buffer. LASP-2: ``(P-1) · c · b · H · dk · dv · 4`` with ``c`` chunks per rank
     (2 zigzag, 1 contiguous), independent of N. Ulysses: one all-to-all per tensor, each
     ``(P-1)/P · (N/P) · b · heads_x · dim_x · e`` (q, k, v, o; MoH adds its gates; kv heads count
     ``max(H_kv, P)`` after replication).
@@ -167,6 +169,13 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
         vol = (p - 1) * (n // p) * batch * kv_heads * (head_dim + dv) * e
         add(fwd, "all_gather", vol)
         add(bwd, "reduce_scatter", vol)
+    elif scheme == "ring":
+        kv_local = (n // p) * batch * kv_heads * (head_dim + dv)
+        for _ in range(p - 1):
+            add(fwd, "send_recv", kv_local * e)
+            add(bwd, "send_recv", kv_local * e)
+        for _ in range(p):
+            add(bwd, "send_recv", kv_local * 4)  # fp32 dK/dV buffer, last hop returns it home
     elif scheme == "ulysses":
         hk = max(kv_heads, p)
 
