@@ -1,0 +1,83 @@
+"""cp.attention validation (errors before any communication, on every rank, no hang) and the
+closed forms of cp.scheme_cost against DESIGN §4."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cp_harness import run_ranks
+from seqpar import cp
+from seqpar.kernels import S2Layout
+
+
+def _bad_calls(group) -> list[tuple[str, dict]]:
+    q, k, v = torch.randn(1, 8, 4, 16), torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16)
+    return [
+        (r"kind='lightning' with scheme='usp' is not supported; supported pairs: .*lightningxallgather",
+         dict(q=q, k=k, v=v, kind="lightning", scheme="usp", slope=torch.ones(4))),
+        (r"kind must be one of", dict(q=q, k=k, v=v, kind="mamba", scheme="ring")),
+        (r"scheme must be one of", dict(q=q, k=k, v=v, kind="softmax", scheme="tree")),
+        (r"local sequence length 7 must be divisible by 2 .*divisible by 4",
+         dict(q=q[:, :7], k=k[:, :7], v=v[:, :7], kind="softmax", scheme="allgather")),
+        (r"ulysses needs num_heads \(3\) divisible by the CP world size \(2\)",
+         dict(q=q[:, :, :3], k=k[:, :, :1], v=v[:, :, :1], kind="softmax", scheme="ulysses")),
+        (r"s2 under CP needs each chunk \(4 tokens\) to be a multiple of layout.block_size=16",
+         dict(q=q, k=k, v=v, kind="s2", scheme="allgather", layout=S2Layout(block_size=16))),
+        (r"kind='moh' needs gates \[batch, local seq, heads\]", dict(q=q, k=k, v=v, kind="moh", scheme="ring")),
+        (r"unexpected keyword\(s\) \['slope'\] for kind='softmax'",
+         dict(q=q, k=k, v=v, kind="softmax", scheme="ring", slope=torch.ones(4))),
+        (r"kind='lightning' needs slope as a tensor of shape \[heads\] = \[4\]",
+         dict(q=q, k=k, v=v, kind="lightning", scheme="allgather", slope=torch.ones(3))),
+        (r"balance must be one of", dict(q=q, k=k, v=v, kind="softmax", balance="striped")),
+        (r"num_kv_heads \(3, k.shape\[2\]\) must divide num_heads",
+         dict(q=q, k=torch.randn(1, 8, 3, 16), v=torch.randn(1, 8, 3, 16), kind="softmax")),
+    ]
+
+
+def _errors_job(rank: int, world: int) -> bool:
+    for pattern, kw in _bad_calls(None):
+        q, k, v = kw.pop("q"), kw.pop("k"), kw.pop("v")
+        with pytest.raises(ValueError, match=pattern):
+            cp.attention(q, k, v, group=None, **kw)
+    # nothing was left half-sent: a real call still completes on every rank
+    q = torch.randn(1, 4, 2, 16)
+    o = cp.attention(q, q[:, :, :1], q[:, :, :1], kind="softmax", scheme="ring", backend="torch")
+    return bool(torch.isfinite(o).all())
+
+
+def test_bad_input_raises_on_every_rank_without_hanging():
+    assert run_ranks(_errors_job, 2, timeout=120) == [True, True]
+
+
+def test_validation_happens_before_any_process_group_is_needed():
+    # an explicit (rank, world) tuple has no process group: reaching communication would fail
+    # differently, so these ValueErrors prove validation runs first
+    for pattern, kw in _bad_calls((0, 2)):
+        q, k, v = kw.pop("q"), kw.pop("k"), kw.pop("v")
+        with pytest.raises(ValueError, match=pattern):
+            cp.attention(q, k, v, group=(0, 2), **kw)
+
+
+def test_scheme_cost_closed_forms():
+    P, N, H, Hkv, d = 8, 1 << 17, 32, 8, 128
+    kw = dict(world=P, heads=H, kv_heads=Hkv, head_dim=d, dtype=torch.bfloat16)
+    ag = cp.scheme_cost("softmax", "allgather", seq_len=N, **kw)
+    assert ag["fwd"] == {"all_gather": {"bytes": (P - 1) * N // P * 2 * Hkv * d * 2, "calls": 1}}
+    assert ag["bwd"] == {"reduce_scatter": {"bytes": (P - 1) * N // P * 2 * Hkv * d * 2, "calls": 1}}
+    # LASP-2: independent of N, (P-1) H dk dv 4 per chunk held (2 under zigzag)
+    l1 = cp.scheme_cost("lightning", "allgather", seq_len=N, **kw)
+    l2 = cp.scheme_cost("lightning", "allgather", seq_len=2 * N, **kw)
+    assert l1 == l2 and l1["fwd"]["all_gather"]["bytes"] == (P - 1) * H * d * d * 4 * 2
+    assert cp.scheme_cost("lightning", "allgather", seq_len=N, balance="contiguous",
+                          **kw)["fwd"]["all_gather"]["bytes"] == (P - 1) * H * d * d * 4
+    # Ulysses: (P-1)/P (N/P) d (2 H_q + 2 H_kv) b per a2a pair (in + out, out has H_q heads)
+    u = cp.scheme_cost("softmax", "ulysses", seq_len=N, **kw)
+    assert u["fwd"]["all_to_all"] == {"bytes": (P - 1) * N // P // P * d * (2 * H + 2 * Hkv) * 2, "calls": 4}
+    # ring moves as many K/V bytes forward as the all-gather, in P-1 calls
+    r = cp.scheme_cost("softmax", "ring", seq_len=N, **kw)
+    assert r["fwd"]["send_recv"] == {"bytes": ag["fwd"]["all_gather"]["bytes"], "calls": P - 1}
+    with pytest.raises(ValueError, match="not supported"):
+        cp.scheme_cost("lightning", "ring", seq_len=N, **kw)
+    with pytest.raises(ValueError, match="must be divisible by 16"):
+        cp.scheme_cost("softmax", "ring", seq_len=100, **kw)
