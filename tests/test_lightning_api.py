@@ -74,6 +74,8 @@ def test_decode_step_bad_input():
         lightning_decode_step(q, k, v, -slope, state)
     with pytest.raises(ValueError, match="num_kv_heads"):
         lightning_decode_step(q, torch.randn(2, 3, 8), torch.randn(2, 3, 8), slope, state)
+    with pytest.raises(ValueError, match="share one of"):
+        lightning_decode_step(q.half(), k, v, slope, state)
 
 
 # ---------------------------------------------------------------- stability

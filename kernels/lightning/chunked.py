@@ -24,8 +24,8 @@ def _chunked_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: tor
     b, n, h, dk = q.shape
     hkv, dv = k.shape[2], v.shape[-1]
     g = h // hkv
-    q = q.view(b, n, hkv, g, dk)
-    s = state.view(b, hkv, g, dk, dv)
+    q = q.reshape(b, n, hkv, g, dk)
+    s = state.reshape(b, hkv, g, dk, dv)
     sl = slope.view(hkv, g)
     outs = []
     for c0 in range(0, n, chunk_size):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .._common import SUPPORTED_DTYPES
+
 
 def lightning_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor,
                           state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,6 +27,8 @@ def lightning_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slo
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"{name} must be a 3-D tensor [batch, heads, dim] (one token, no seq dim), "
                              f"got {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"q, k, v must share one of {SUPPORTED_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
     b, h, dk = q.shape
     if k.shape[0] != b or v.shape[0] != b or k.shape[1] != v.shape[1] or k.shape[2] != dk:
         raise ValueError(f"k [b, hkv, dk] / v [b, hkv, dv] do not match q [b, h, dk]: "
@@ -37,6 +41,6 @@ def lightning_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slo
     g = h // hkv
     lam = torch.exp(-slope.to(torch.float32)).view(1, hkv, g, 1, 1)
     kv = (k.float()[:, :, :, None] * v.float()[:, :, None, :])[:, :, None]  # [b, hkv, 1, dk, dv]
-    new_state = (lam * state.view(b, hkv, g, dk, dv) + kv).view(b, h, dk, dv)
+    new_state = (lam * state.reshape(b, hkv, g, dk, dv) + kv).view(b, h, dk, dv)
     o = torch.einsum("bhd,bhde->bhe", q.float(), new_state)
     return o.to(q.dtype), new_state
