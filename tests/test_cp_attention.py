@@ -32,11 +32,16 @@ def _case(name: str, kind: str, scheme: str, balance: str, world: int, *, b: int
         "go": torch.randn(b, n, h, dv, generator=g),
     }
     kw: dict[str, Any] = {"backend": backend}
+    nstate = b
+    if "doc_lens" in extra:  # varlen: global cu_seqlens, THD shards
+        assert b == 1 and sum(extra["doc_lens"]) == n
+        kw["cu_seqlens"] = torch.tensor([0, *torch.tensor(extra["doc_lens"]).cumsum(0).tolist()], dtype=torch.int32)
+        nstate = len(extra["doc_lens"])
     if kind == "lightning":
         kw["slope"] = torch.linspace(0.02, 0.7, h)
         if extra.get("with_state"):
-            t["initial_state"] = torch.randn(b, h, d, dv, generator=g) * 0.3
-            t["gf"] = torch.randn(b, h, d, dv, generator=g)
+            t["initial_state"] = torch.randn(nstate, h, d, dv, generator=g) * 0.3
+            t["gf"] = torch.randn(nstate, h, d, dv, generator=g)
             kw["output_final_state"] = True
     if kind == "moh":
         t["gates"] = torch.rand(b, n, h, generator=g) * (torch.rand(b, n, h, generator=g) > 0.4)
@@ -71,6 +76,14 @@ def _cases(world: int) -> list[dict]:
               dv=32, with_state=True, seed=11),
         _case("lightning-lasp2-contig", "lightning", "allgather", "contiguous", p, b=1, n=p * 6, h=2, hkv=2, d=16,
               seed=12),
+        _case("softmax-ag-varlen", "softmax", "allgather", "zigzag", p, b=1, n=2 * p * 6, h=3, hkv=1, d=16,
+              doc_lens=[2 * p * 2, 2 * p, 2 * p * 3], seed=19),
+        _case("softmax-uly-varlen", "softmax", "ulysses", "zigzag", p, b=1, n=2 * p * 5, h=4, hkv=2, d=16,
+              doc_lens=[2 * p * 3, 2 * p * 2], seed=20),
+        _case("lightning-lasp2-varlen", "lightning", "allgather", "zigzag", p, b=1, n=2 * p * 6, h=2, hkv=1, d=16,
+              doc_lens=[2 * p, 2 * p * 4, 2 * p], with_state=True, seed=21),
+        _case("lightning-uly-varlen", "lightning", "ulysses", "zigzag", p, b=1, n=2 * p * 4, h=4, hkv=4, d=16,
+              doc_lens=[2 * p * 3, 2 * p], with_state=True, seed=22),
         _case("lightning-uly-zz", "lightning", "ulysses", "zigzag", p, b=1, n=2 * p * 3, h=4, hkv=2, d=16,
               with_state=True, seed=13),
     ]
@@ -83,9 +96,11 @@ GRADS = ("q", "k", "v", "gates", "initial_state")
 def _cp_job(rank: int, world: int, cases: list[dict]) -> dict:
     out = {}
     for c in cases:
-        t, bal = c["tensors"], c["balance"]
-        loc = {name: cp.shard(x.to(c["dtype"]) if name in ("q", "k", "v") else x, None, dim=1, balance=bal)
-               for name, x in t.items() if name in SHARDED}
+        t, bal, cu = c["tensors"], c["balance"], c["kw"].get("cu_seqlens")
+
+        def split(x):
+            return cp.shard(x, None, dim=1, balance=bal) if cu is None else cp.shard_varlen(x, cu, None)[0]
+        loc = {name: split(x.to(c["dtype"]) if name in ("q", "k", "v") else x) for name, x in t.items() if name in SHARDED}
         leaves = {n: loc[n].requires_grad_() for n in ("q", "k", "v")}
         kw = dict(c["kw"])
         if "gates" in loc:
@@ -115,9 +130,11 @@ def _single(c: dict, dtype: torch.dtype, truth: bool):
     if "initial_state" in t:
         leaves["initial_state"] = t["initial_state"].to(torch.float64 if truth else torch.float32).clone().requires_grad_()
     q, k, v = leaves["q"], leaves["k"], leaves["v"]
+    cu = kw.get("cu_seqlens")
     final = None
     if c["kind"] == "softmax":
-        o = attention_reference(q, k, v)[0] if truth else flash_attention(q, k, v, backend=kw["backend"])
+        o = (attention_reference(q, k, v, cu_seqlens=cu)[0] if truth
+             else flash_attention(q, k, v, cu_seqlens=cu, backend=kw["backend"]))
     elif c["kind"] == "s2":
         o = (attention_reference(q, k, v, layout=kw["layout"])[0] if truth
              else s2_attention(q, k, v, kw["layout"], backend=kw["backend"]))
@@ -127,9 +144,9 @@ def _single(c: dict, dtype: torch.dtype, truth: bool):
     else:
         init = leaves.get("initial_state")
         if truth:
-            o, final = lightning_reference(q, k, v, kw["slope"].double(), initial_state=init)
+            o, final = lightning_reference(q, k, v, kw["slope"].double(), initial_state=init, cu_seqlens=cu)
         else:
-            o, final = lightning_attention(q, k, v, kw["slope"], initial_state=init,
+            o, final = lightning_attention(q, k, v, kw["slope"], initial_state=init, cu_seqlens=cu,
                                            output_final_state=True, backend=kw["backend"])
         if "gf" not in t:
             final = None
@@ -140,19 +157,20 @@ def _single(c: dict, dtype: torch.dtype, truth: bool):
     return o, final, {n: x.grad for n, x in leaves.items()}
 
 
-def _assemble(parts: list[torch.Tensor], world: int, balance: str) -> torch.Tensor:
+def _assemble(parts: list[torch.Tensor], world: int, balance: str, cu=None) -> torch.Tensor:
     n = sum(p.shape[1] for p in parts)
     full = torch.empty((parts[0].shape[0], n, *parts[0].shape[2:]), dtype=parts[0].dtype)
     for r, p in enumerate(parts):
-        full[:, cp.token_index(r, world, n, balance)] = p
+        idx = cp.token_index(r, world, n, balance) if cu is None else cp.varlen_token_index(cu, r, world)[0]
+        full[:, idx] = p
     return full
 
 
 def _check_case(c: dict, per_rank: list[dict], world: int) -> None:
-    name, bal = c["name"], c["balance"]
+    name, bal, cu = c["name"], c["balance"], c["kw"].get("cu_seqlens")
     o64, f64, g64 = _single(c, torch.float64, truth=True)
     olp, flp, glp = _single(c, c["dtype"], truth=False)
-    o = _assemble([r["o"] for r in per_rank], world, bal)
+    o = _assemble([r["o"] for r in per_rank], world, bal, cu)
     assert_rel_close(f"{name} out", o, olp, o64)
     if f64 is not None:
         for r in per_rank:  # every rank holds the same final state
@@ -161,7 +179,7 @@ def _check_case(c: dict, per_rank: list[dict], world: int) -> None:
         if gname == "initial_state":
             ours = sum(r["grads"][gname] for r in per_rank)  # replicated input: shares sum up
         else:
-            ours = _assemble([r["grads"][gname] for r in per_rank], world, bal)
+            ours = _assemble([r["grads"][gname] for r in per_rank], world, bal, cu)
         assert_rel_close(f"{name} d{gname}", ours, glp[gname], g64[gname], factor=GRAD_FACTOR)
     # ledger == closed form, forward and backward
     t = c["tensors"]
@@ -169,7 +187,8 @@ def _check_case(c: dict, per_rank: list[dict], world: int) -> None:
     cost = cp.scheme_cost(c["kind"], c["scheme"], world=world, seq_len=n, batch=b, heads=h,
                           kv_heads=t["k"].shape[2], head_dim=d, v_head_dim=t["v"].shape[-1], dtype=c["dtype"],
                           balance=bal, gates_dtype=torch.float32,
-                          output_final_state=bool(c["kw"].get("output_final_state")))
+                          output_final_state=bool(c["kw"].get("output_final_state")),
+                          num_docs=None if cu is None else cu.numel() - 1)
     for r in per_rank:
         assert r["fwd"] == cost["fwd"], f"{name}: forward ledger {r['fwd']} != scheme_cost {cost['fwd']}"
         assert r["bwd"] == cost["bwd"], f"{name}: backward ledger {r['bwd']} != scheme_cost {cost['bwd']}"

@@ -12,7 +12,7 @@ from seqpar.cp.allgather import allgather_attention
 from seqpar.cp.comm import Comm
 from seqpar.cp.lasp2 import lasp2_attention
 from seqpar.cp.local import softmax_family_op
-from seqpar.cp.partition import BALANCES, chunk_ids, resolve_group
+from seqpar.cp.partition import BALANCES, chunk_ids, resolve_group, varlen_token_index
 from seqpar.cp.ring import ring_attention
 from seqpar.cp.ulysses import ulysses_attention
 
@@ -26,9 +26,9 @@ SUPPORTED = {
     ("moh", "allgather"), ("moh", "ulysses"), ("moh", "ring"),
 }
 _KWARGS = {
-    "softmax": {"sm_scale", "causal", "backend"},
+    "softmax": {"sm_scale", "causal", "backend", "cu_seqlens"},
     "s2": {"layout", "sm_scale", "backend"},
-    "lightning": {"slope", "initial_state", "output_final_state", "backend"},
+    "lightning": {"slope", "initial_state", "output_final_state", "backend", "cu_seqlens"},
     "moh": {"gates", "sm_scale", "causal", "backend"},
 }
 
@@ -38,7 +38,7 @@ def _pairs() -> str:
 
 
 def _validate(q, k, v, kind: str, scheme: str, balance: str, world: int, kw: dict[str, Any]) -> None:
-    from seqpar.kernels._common import check_qkv
+    from seqpar.kernels._common import check_cu_seqlens, check_qkv
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -74,6 +74,18 @@ def _validate(q, k, v, kind: str, scheme: str, balance: str, world: int, kw: dic
         if not isinstance(gates, torch.Tensor) or tuple(gates.shape) != (b, s, h):
             raise ValueError(f"kind='moh' needs gates [batch, local seq, heads] = {[b, s, h]}, "
                              f"got {None if gates is None else tuple(gates.shape)}")
+    cu = kw.get("cu_seqlens")
+    if cu is not None:
+        if scheme not in ("allgather", "ulysses"):
+            raise ValueError(f"varlen (cu_seqlens) under CP is supported with scheme 'allgather' or 'ulysses', "
+                             f"got {scheme!r}")
+        if balance != "zigzag":
+            raise ValueError("varlen under CP uses per-document zigzag (Megatron THD, cp.shard_varlen); "
+                             "pass balance='zigzag'")
+        if not isinstance(cu, torch.Tensor):
+            raise ValueError("cu_seqlens must be the global int32 tensor [num_docs + 1]")
+        check_cu_seqlens(cu, b, s * world, name="cu_seqlens (global, over all ranks)")
+        varlen_token_index(cu, 0, world)  # raises if a document is not a multiple of 2 * world
     if scheme == "ulysses":
         if h % world:
             raise ValueError(f"ulysses needs num_heads ({h}) divisible by the CP world size ({world})")
@@ -94,9 +106,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, s
             lightning "ring" are not implemented and raise).
         group: the CP process group (None = default group).
         balance: "zigzag" (rank r holds chunks r and 2P-1-r of 2P) or "contiguous".
-        kind_kwargs: softmax: ``sm_scale, causal, backend``; s2: ``layout, sm_scale, backend``;
-            lightning: ``slope, initial_state, output_final_state, backend``; moh: ``gates`` (this
-            rank's ``[batch, seq/P, heads]``), ``sm_scale, causal, backend``.
+        kind_kwargs: softmax: ``sm_scale, causal, backend, cu_seqlens``; s2: ``layout, sm_scale,
+            backend``; lightning: ``slope, initial_state, output_final_state, backend, cu_seqlens``;
+            moh: ``gates`` (this rank's ``[batch, seq/P, heads]``), ``sm_scale, causal, backend``.
+            ``cu_seqlens`` is the *global* int32 ``[num_docs + 1]`` (batch 1; every document a
+            multiple of 2P, see ``cp.pad_varlen``); shards come from ``cp.shard_varlen`` (THD
+            per-document zigzag); schemes allgather and ulysses.
 
     Returns:
         The local output shard ``[batch, seq/P, heads, dv]``; for lightning ``(o, final_state | None)``
@@ -115,12 +130,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, s
             return lasp2_attention(q, k, v, kind_kwargs["slope"], comm, balance=balance,
                                    initial_state=kind_kwargs.get("initial_state"),
                                    output_final_state=bool(kind_kwargs.get("output_final_state", False)),
-                                   backend=kind_kwargs.get("backend", "auto"))
+                                   cu_seqlens=kind_kwargs.get("cu_seqlens"), backend=kind_kwargs.get("backend", "auto"))
         return ulysses_attention(q, k, v, comm, kind=kind, balance=balance, kw=kind_kwargs)
-    if scheme in ("allgather", "ring"):
-        strategy = allgather_attention if scheme == "allgather" else ring_attention
-        return strategy(q, k, v, comm, balance=balance, op=softmax_family_op(kind, kind_kwargs),
-                        causal=kind == "s2" or kind_kwargs.get("causal", True), gates=kind_kwargs.get("gates"))
+    causal = kind == "s2" or kind_kwargs.get("causal", True)
+    if scheme == "allgather":
+        return allgather_attention(q, k, v, comm, balance=balance, op=softmax_family_op(kind, kind_kwargs),
+                                   causal=causal, gates=kind_kwargs.get("gates"),
+                                   cu_seqlens=kind_kwargs.get("cu_seqlens"))
+    if scheme == "ring":
+        return ring_attention(q, k, v, comm, balance=balance, op=softmax_family_op(kind, kind_kwargs),
+                              causal=causal, gates=kind_kwargs.get("gates"))
     return ulysses_attention(q, k, v, comm, kind=kind, balance=balance, kw=kind_kwargs)
 
 
@@ -135,7 +154,7 @@ def _elt(dtype: Any) -> int:
 def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int, kv_heads: int, head_dim: int,
                 v_head_dim: Optional[int] = None, batch: int = 1, dtype: Any = torch.bfloat16,
                 balance: str = "zigzag", gates_dtype: Any = None,
-                output_final_state: bool = False) -> dict[str, dict[str, dict[str, int]]]:
+                output_final_state: bool = False, num_docs: Optional[int] = None) -> dict[str, dict[str, dict[str, int]]]:
     """Closed-form bytes received per rank and calls per layer: ``{"fwd"|"bwd": {op: {"bytes", "calls"}}}``.
 
     ``seq_len`` is the global length N; ``dtype`` the activation dtype (or bytes per element).
@@ -144,7 +163,8 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
     each) forward; backward the same plus ``P`` passes of the fp32 dK/dV buffer. LASP-2: ``(P-1) · c · b · H · dk · dv · 4`` with ``c`` chunks per rank
     (2 zigzag, 1 contiguous), independent of N. Ulysses: one all-to-all per tensor, each
     ``(P-1)/P · (N/P) · b · heads_x · dim_x · e`` (q, k, v, o; MoH adds its gates; kv heads count
-    ``max(H_kv, P)`` after replication).
+    ``max(H_kv, P)`` after replication). Varlen: pass ``batch=1`` and ``num_docs``; states (LASP-2,
+    Ulysses final state) are per document.
     """
     if (kind, scheme) not in SUPPORTED:
         raise ValueError(f"kind={kind!r} with scheme={scheme!r} is not supported; supported pairs: {_pairs()}")
@@ -161,8 +181,9 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
         rec["bytes"] += nbytes
         rec["calls"] += 1
 
+    nstate = batch if num_docs is None else num_docs  # state count per chunk: batch rows or documents
     if scheme == "allgather" and kind == "lightning":
-        vol = (p - 1) * cpr * batch * heads * head_dim * dv * 4
+        vol = (p - 1) * cpr * nstate * heads * head_dim * dv * 4
         add(fwd, "all_gather", vol)
         add(bwd, "reduce_scatter", vol)
     elif scheme == "allgather":
@@ -191,7 +212,7 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
         add(fwd, "all_to_all", a2a(heads, dv))
         add(bwd, "all_to_all", a2a(heads, dv))
         if kind == "lightning" and output_final_state:
-            vol = (p - 1) * (heads // p) * batch * head_dim * dv * 4
+            vol = (p - 1) * (heads // p) * nstate * head_dim * dv * 4
             add(fwd, "all_gather", vol)
             add(bwd, "reduce_scatter", vol)
     return {"fwd": fwd, "bwd": bwd}

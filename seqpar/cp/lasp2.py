@@ -20,15 +20,30 @@ from seqpar.cp.merge import decayed_state_prefix
 from seqpar.cp.partition import chunk_ids, num_chunks
 
 
+def _correction(q: torch.Tensor, prefix: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+    """``λ^{t+1} q_t · prefix`` for t = 0..len-1 of one piece: q ``[b, c, H, dk]``, prefix ``[b, H, dk, dv]``."""
+    c = q.shape[1]
+    steps = torch.arange(1, c + 1, device=q.device, dtype=torch.float32)
+    decay = torch.exp(-slope.float().to(q.device)[None, :] * steps[:, None])  # [c, H], log space
+    return torch.einsum("bthk,bhkv->bthv", q.float(), prefix) * decay[None, :, :, None]
+
+
 def lasp2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor, comm: Comm, *,
                     balance: str, initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False,
+                    cu_seqlens: Optional[torch.Tensor] = None,
                     backend: str = "auto") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Local shards ``q [b, s_loc, H, dk]``, ``k [b, s_loc, H_kv, dk]``, ``v [b, s_loc, H_kv, dv]``."""
+    """Local shards ``q [b, s_loc, H, dk]``, ``k [b, s_loc, H_kv, dk]``, ``v [b, s_loc, H_kv, dv]``.
+
+    With ``cu_seqlens`` (global; THD per-document zigzag shards, batch 1) every document has its
+    own 2P chunks, prefixes and final state (``initial_state`` / final ``[num_docs, H, dk, dv]``).
+    """
+    slope = slope.detach()  # the kernel treats slopes as constants; keep the prefix consistent
+    if cu_seqlens is not None:
+        return _lasp2_varlen(q, k, v, slope, comm, initial_state, output_final_state, cu_seqlens, backend)
     from seqpar.kernels import lightning_attention
 
     ids = chunk_ids(comm.rank, comm.world, balance)
     c = q.shape[1] // len(ids)
-    slope = slope.detach()  # the kernel treats slopes as constants; keep the prefix consistent
     intra, states = [], []
     for j in range(len(ids)):
         s = slice(j * c, (j + 1) * c)
@@ -39,11 +54,34 @@ def lasp2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: to
     order = [cid for r in range(comm.world) for cid in chunk_ids(r, comm.world, balance)]
     by_chunk = gathered.index_select(0, torch.argsort(torch.tensor(order)).to(gathered.device))
     prefix, final = decayed_state_prefix(by_chunk, [c] * num_chunks(comm.world, balance), slope, initial_state)
-    lam_log = -slope.float().to(q.device)  # log λ per head
-    decay = torch.exp(lam_log[None, :] * torch.arange(1, c + 1, device=q.device, dtype=torch.float32)[:, None])  # [c, H]
-    outs = []
-    for j, cid in enumerate(ids):
-        qs = q[:, j * c:(j + 1) * c].float()
-        corr = torch.einsum("bthk,bhkv->bthv", qs, prefix[cid]) * decay[None, :, :, None]
-        outs.append((intra[j].float() + corr).to(q.dtype))
+    outs = [(intra[j].float() + _correction(q[:, j * c:(j + 1) * c], prefix[cid], slope)).to(q.dtype)
+            for j, cid in enumerate(ids)]
     return torch.cat(outs, dim=1), (final if output_final_state else None)
+
+
+def _lasp2_varlen(q, k, v, slope, comm: Comm, initial_state, output_final_state: bool, cu_seqlens: torch.Tensor,
+                  backend: str):
+    from seqpar.kernels import lightning_attention
+
+    p, rank = comm.world, comm.rank
+    bounds = cu_seqlens.detach().cpu().tolist()
+    piece_len = [(e - s) // (2 * p) for s, e in zip(bounds[:-1], bounds[1:])]
+    docs = len(piece_len)
+    # every local piece (two per document) is its own segment for the intra pass
+    local_cu = torch.tensor([0] + torch.tensor([c for c in piece_len for _ in range(2)]).cumsum(0).tolist(),
+                            dtype=torch.int32, device=q.device)
+    intra, states = lightning_attention(q, k, v, slope, output_final_state=True, cu_seqlens=local_cu,
+                                        backend=backend)  # states [2 * docs, H, dk, dv]
+    gathered = all_gather_autograd(states, comm, dim=0)  # [P * 2 * docs, ...]: rank, doc, (r, 2P-1-r)
+    outs, finals = [], []
+    for i, c in enumerate(piece_len):
+        idx = [(cid if cid < p else 2 * p - 1 - cid) * 2 * docs + 2 * i + (0 if cid < p else 1)
+               for cid in range(2 * p)]
+        by_chunk = gathered.index_select(0, torch.tensor(idx, device=gathered.device)).unsqueeze(1)
+        init = None if initial_state is None else initial_state[i:i + 1]
+        prefix, final = decayed_state_prefix(by_chunk, [c] * (2 * p), slope, init)
+        finals.append(final[0])
+        for j, cid in enumerate(chunk_ids(rank, p, "zigzag")):
+            lo = int(local_cu[2 * i + j])
+            outs.append((intra[:, lo:lo + c].float() + _correction(q[:, lo:lo + c], prefix[cid], slope)).to(q.dtype))
+    return torch.cat(outs, dim=1), (torch.stack(finals) if output_final_state else None)

@@ -3,8 +3,10 @@
 Forward: one all-to-all each for q, k, v (and MoH gates), the local op on the *full* sequence with
 ``H / P`` heads (global head indices ``rank·H/P ...``: Lightning slopes and MoH gates follow the
 heads), one all-to-all of the output back. Backward is the adjoint (the same all-to-alls in
-reverse). GQA: when ``P > H_kv`` the kv heads are replicated ``P / H_kv`` times before the exchange
-so every rank holds the kv head its query heads read (gradients of replicas are summed).
+reverse). Varlen: with the global ``cu_seqlens`` (THD shards) the full packed sequence is restored
+in order and the local op runs with ``cu_seqlens``. GQA: when ``P > H_kv`` the kv heads are
+replicated ``P / H_kv`` times before the exchange so every rank holds the kv head its query heads
+read (gradients of replicas are summed).
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ from typing import Any, Optional
 
 import torch
 
+from seqpar.cp.allgather import arrival_index
 from seqpar.cp.comm import Comm, all_gather_autograd, heads_to_seq, seq_to_heads
-from seqpar.cp.partition import token_index
 
 
-def _orders(comm: Comm, n: int, balance: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _orders(comm: Comm, n: int, balance: str, cu_seqlens: Optional[torch.Tensor],
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     # rank-major arrival order -> sequence order (and back)
-    gidx = torch.cat([token_index(r, comm.world, n, balance) for r in range(comm.world)]).to(device)
+    gidx = arrival_index(comm, n, balance, cu_seqlens).to(device)
     return torch.argsort(gidx), gidx
 
 
@@ -41,13 +44,15 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: C
     if hkv < p:  # replicate kv heads so that each rank owns one whole kv head
         k, v = k.repeat_interleave(p // hkv, dim=2), v.repeat_interleave(p // hkv, dim=2)
     n = q.shape[1] * p
-    to_seq, to_rank = _orders(comm, n, balance, q.device) if balance == "zigzag" else (None, None)
+    cu = kw.get("cu_seqlens")  # global; shards are THD per-document zigzag
+    reorder = balance == "zigzag" or cu is not None
+    to_seq, to_rank = _orders(comm, n, balance, cu, q.device) if reorder else (None, None)
     qh, kh, vh = (_to_heads(t, comm, to_seq) for t in (q, k, v))
     heads = slice(comm.rank * (h // p), (comm.rank + 1) * (h // p))
     backend = kw.get("backend", "auto")
     if kind == "softmax":
         o = kernels.flash_attention(qh, kh, vh, causal=kw.get("causal", True), sm_scale=kw.get("sm_scale"),
-                                    backend=backend)
+                                    cu_seqlens=cu, backend=backend)
     elif kind == "moh":
         g = _to_heads(kw["gates"].unsqueeze(-1), comm, to_seq).squeeze(-1)
         o = kernels.moh_attention(qh, kh, vh, g, causal=kw.get("causal", True), sm_scale=kw.get("sm_scale"),
@@ -56,7 +61,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: C
         init = kw.get("initial_state")
         o, final = kernels.lightning_attention(
             qh, kh, vh, kw["slope"][heads], initial_state=None if init is None else init[:, heads],
-            output_final_state=bool(kw.get("output_final_state", False)), backend=backend)
+            output_final_state=bool(kw.get("output_final_state", False)), cu_seqlens=cu, backend=backend)
         out = _to_seq(o, comm, to_rank)
         if final is not None:
             final = all_gather_autograd(final.transpose(0, 1), comm, dim=0).transpose(0, 1)  # heads in order
