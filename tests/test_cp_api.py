@@ -81,3 +81,17 @@ def test_scheme_cost_closed_forms():
         cp.scheme_cost("lightning", "ring", seq_len=N, **kw)
     with pytest.raises(ValueError, match="must be divisible by 16"):
         cp.scheme_cost("softmax", "ring", seq_len=100, **kw)
+
+
+def test_recommend_picks_least_bytes_and_respects_head_limits():
+    kw = dict(heads=32, kv_heads=8, head_dim=128, seq_len=1 << 17)
+    scheme, times = cp.recommend("lightning", world=8, **kw)
+    assert scheme == "allgather" and times["allgather"] < times["ulysses"]  # LASP-2: N-independent
+    scheme, times = cp.recommend("softmax", world=8, **kw)
+    assert scheme == "ulysses" and set(times) == {"allgather", "ulysses", "ring"}
+    scheme, times = cp.recommend("softmax", world=64, **kw)  # 32 heads cannot split over 64 ranks
+    assert scheme == "allgather" and "ulysses" not in times
+    assert times["allgather"] == pytest.approx(
+        2 * (63 * (1 << 17) // 64) * 8 * 256 * 2 / 50e9)
+    with pytest.raises(ValueError, match="link_gbytes_per_s"):
+        cp.recommend("softmax", world=8, link_gbytes_per_s=0, **kw)

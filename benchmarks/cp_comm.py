@@ -1,0 +1,117 @@
+"""Communication per layer of every kind x scheme: bytes each rank receives (fwd + bwd) and the
+time they take on NVLink (450 GB/s) and InfiniBand (50 GB/s), from ``cp.scheme_cost``.
+
+The closed forms are first cross-checked against the comm ledger on 2 spawned gloo ranks at small
+shapes (the run fails if any differs), then evaluated at user-scale shapes (7B-like: 32 heads,
+8 kv heads, head dim 128, bf16; 128K-1M tokens; P = 8, 32, 64).
+
+    python benchmarks/cp_comm.py [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _util import device_name, print_table, write_json  # noqa: E402
+
+from seqpar import cp  # noqa: E402
+from seqpar.kernels import S2Layout  # noqa: E402
+
+LINKS = {"nvlink_450GBs": 450e9, "ib_50GBs": 50e9}
+SMALL = dict(b=1, h=4, hkv=2, d=16)
+
+
+def _small_inputs(kind: str, world: int, rank: int):
+    g = torch.Generator().manual_seed(0)
+    n = 2 * world * 16
+    q = torch.randn(SMALL["b"], n, SMALL["h"], SMALL["d"], generator=g)
+    k = torch.randn(SMALL["b"], n, SMALL["hkv"], SMALL["d"], generator=g)
+    v = torch.randn(SMALL["b"], n, SMALL["hkv"], SMALL["d"], generator=g)
+    kw = {"backend": "torch"}
+    if kind == "lightning":
+        kw["slope"] = torch.linspace(0.1, 0.5, SMALL["h"])
+    if kind == "s2":
+        kw["layout"] = S2Layout(block_size=16, local_blocks=1, vert_stride=2)
+    if kind == "moh":
+        kw["gates"] = cp.shard(torch.rand(SMALL["b"], n, SMALL["h"], generator=g), (rank, world)).requires_grad_()
+    loc = [cp.shard(t, (rank, world)).requires_grad_() for t in (q, k, v)]
+    return n, loc, kw
+
+
+def _ledger_worker(rank: int, world: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rdv", rank=rank, world_size=world)
+    out = {}
+    for kind, scheme in sorted(cp.SUPPORTED):
+        n, (q, k, v), kw = _small_inputs(kind, world, rank)
+        with cp.comm_ledger() as fwd:
+            o = cp.attention(q, k, v, kind=kind, scheme=scheme, **kw)
+        o = o[0] if kind == "lightning" else o
+        with cp.comm_ledger() as bwd:
+            o.float().sum().backward()
+        out[(kind, scheme)] = {"fwd": fwd.summary(), "bwd": bwd.summary(), "n": n}
+    if rank == 0:
+        torch.save(out, f"{tmp}/ledger.pt")
+    dist.destroy_process_group()
+
+
+def ledger_check(world: int = 2) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_ledger_worker, args=(world, tmp), nprocs=world)
+        got = torch.load(f"{tmp}/ledger.pt", weights_only=False)
+    rows = []
+    for (kind, scheme), rec in got.items():
+        cost = cp.scheme_cost(kind, scheme, world=world, seq_len=rec["n"], batch=SMALL["b"], heads=SMALL["h"],
+                              kv_heads=SMALL["hkv"], head_dim=SMALL["d"], dtype=torch.float32,
+                              gates_dtype=torch.float32)
+        ok = cost["fwd"] == rec["fwd"] and cost["bwd"] == rec["bwd"]
+        rows.append({"kind": kind, "scheme": scheme, "P": world, "N": rec["n"],
+                     "ledger_fwd_B": sum(r["bytes"] for r in rec["fwd"].values()),
+                     "ledger_bwd_B": sum(r["bytes"] for r in rec["bwd"].values()),
+                     "== scheme_cost": "yes" if ok else "NO"})
+    return rows
+
+
+def scale_table() -> list[dict]:
+    rows = []
+    shape = dict(heads=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16)
+    for world in (8, 32, 64):
+        for n in (1 << 17, 1 << 20):
+            for kind, scheme in sorted(cp.SUPPORTED):
+                if scheme == "ulysses" and shape["heads"] % world:
+                    continue
+                c = cp.scheme_cost(kind, scheme, world=world, seq_len=n, **shape)
+                fwd = sum(r["bytes"] for r in c["fwd"].values())
+                bwd = sum(r["bytes"] for r in c["bwd"].values())
+                calls = sum(r["calls"] for side in c.values() for r in side.values())
+                row = {"kind": kind, "scheme": "lasp2" if (kind, scheme) == ("lightning", "allgather") else scheme,
+                       "P": world, "N": f"{n >> 10}K", "fwd_MB": fwd / 1e6, "bwd_MB": bwd / 1e6, "calls": calls}
+                for name, bw in LINKS.items():
+                    row[f"ms_{name}"] = (fwd + bwd) / bw * 1e3
+                rows.append(row)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    check = ledger_check()
+    print_table(check, f"ledger vs scheme_cost, 2 gloo ranks on {device_name('cpu')}")
+    if any(r["== scheme_cost"] != "yes" for r in check):
+        raise SystemExit("ledger differs from cp.scheme_cost")
+    table = scale_table()
+    print_table(table, "bytes received per rank per layer (32 heads, 8 kv heads, d 128, bf16, batch 1)")
+    write_json(args.json, {"ledger_check": check, "scale": table})
+
+
+if __name__ == "__main__":
+    main()
