@@ -14,11 +14,14 @@ import torch
 from seqpar.kernels.s2.reference import attention_reference
 from tests.tolerance import GRAD_FACTOR, OUT_FACTOR, assert_rel_close
 
+# Triton runs compiled on a CUDA host and through the interpreter on CPU (conftest sets it)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-def make_qkv(b: int, sq: int, sk: int, h: int, hkv: int, d: int, dtype: torch.dtype):
-    q = torch.randn(b, sq, h, d, dtype=dtype)
-    k = torch.randn(b, sk, hkv, d, dtype=dtype)
-    v = torch.randn(b, sk, hkv, d, dtype=dtype)
+
+def make_qkv(b: int, sq: int, sk: int, h: int, hkv: int, d: int, dtype: torch.dtype, device=DEVICE):
+    q = torch.randn(b, sq, h, d, dtype=dtype, device=device)
+    k = torch.randn(b, sk, hkv, d, dtype=dtype, device=device)
+    v = torch.randn(b, sk, hkv, d, dtype=dtype, device=device)
     return q, k, v
 
 
@@ -34,9 +37,10 @@ def _run(fn: Callable, q, k, v, do, dlse):
 
 def check_attention(fn: Callable, q, k, v, *, lse_grad: bool = True, **ref_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """``fn(q, k, v) -> (o, lse)``; ``ref_kwargs`` go to ``attention_reference``. Returns ours (o, lse)."""
-    do = torch.randn(q.shape, dtype=torch.float64)
-    dlse = torch.randn(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float64) if lse_grad else \
-        torch.zeros(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float64)
+    do = torch.randn(q.shape, dtype=torch.float64, device=q.device)
+    lse_shape = (q.shape[0], q.shape[2], q.shape[1])
+    dlse = torch.randn(lse_shape, dtype=torch.float64, device=q.device) if lse_grad else \
+        torch.zeros(lse_shape, dtype=torch.float64, device=q.device)
     ours = _run(fn, q, k, v, do.to(q.dtype), dlse.float())
     ref = lambda a, b, c: attention_reference(a, b, c, **ref_kwargs)  # noqa: E731
     lowp = _run(ref, q, k, v, do.to(q.dtype), dlse.float())

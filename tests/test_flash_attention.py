@@ -11,7 +11,7 @@ from seqpar.kernels import S2Layout, flash_attention, s2_attention
 from seqpar.kernels.s2.plan import build_plan
 from seqpar.kernels.s2.triton_bwd import s2_bwd
 from seqpar.kernels.s2.triton_fwd import s2_fwd
-from tests.s2_check import check_attention, make_qkv
+from tests.s2_check import DEVICE, check_attention, make_qkv
 
 BACKENDS = ("triton", "torch")
 
@@ -39,7 +39,7 @@ def test_gqa_kv_heads(backend, kv_heads):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal", [True, False])
 def test_varlen_three_uneven_documents(backend, causal):
-    cu = torch.tensor([0, 37, 50, 141], dtype=torch.int32)
+    cu = torch.tensor([0, 37, 50, 141], dtype=torch.int32, device=DEVICE)
     q, k, v = make_qkv(1, 141, 141, 4, 2, 32, torch.float32)
     check_attention(_flash(backend, causal=causal, cu_seqlens=cu), q, k, v, causal=causal, cu_seqlens=cu)
 
@@ -94,7 +94,7 @@ def test_block_counter_dense(causal):
     plan = build_plan(None, causal, 1, 100, 100, 0, 0, None, 32)
     expected = 2 * (10 if causal else 16)  # 4 tiles: 4*5/2 causal pairs or 4*4, per q head
     assert plan.nnz(2) == expected
-    fwd, c1, c2 = (torch.zeros(1, dtype=torch.int32) for _ in range(3))
+    fwd, c1, c2 = (torch.zeros(1, dtype=torch.int32, device=DEVICE) for _ in range(3))
     o, lse = s2_fwd(q, k, v, plan, 0.25, counter=fwd)
     s2_bwd(q, k, v, o, lse, torch.randn_like(o), torch.randn_like(lse), plan, 0.25, counters=(c1, c2))
     assert int(fwd) == int(c1) == int(c2) == expected
@@ -110,13 +110,13 @@ def test_block_counter_dense(causal):
     (dict(backend="cuda"), "backend"),
 ])
 def test_bad_input_raises_value_error(kwargs, match):
-    q, k, v = make_qkv(1, 64, 64, 4, 2, 16, torch.float32)
+    q, k, v = make_qkv(1, 64, 64, 4, 2, 16, torch.float32, device="cpu")  # validation only
     with pytest.raises(ValueError, match=match):
         flash_attention(q, k, v, **kwargs)
 
 
 def test_bad_shapes_raise_value_error():
-    q, k, v = make_qkv(1, 64, 64, 4, 2, 16, torch.float32)
+    q, k, v = make_qkv(1, 64, 64, 4, 2, 16, torch.float32, device="cpu")  # validation only
     with pytest.raises(ValueError, match="num_kv_heads"):
         flash_attention(q, torch.randn(1, 64, 3, 16), torch.randn(1, 64, 3, 16))
     with pytest.raises(ValueError, match="dtype"):

@@ -12,7 +12,7 @@ from seqpar.kernels.s2 import s2_stats
 from seqpar.kernels.s2.plan import build_plan
 from seqpar.kernels.s2.triton_bwd import s2_bwd
 from seqpar.kernels.s2.triton_fwd import s2_fwd
-from tests.s2_check import check_attention, make_qkv
+from tests.s2_check import DEVICE, check_attention, make_qkv
 
 BACKENDS = ("triton", "torch")
 LAY = S2Layout(block_size=16, local_blocks=2, vert_stride=3)
@@ -57,7 +57,7 @@ def test_layout_variants(backend, layout):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_varlen_three_uneven_documents(backend):
-    cu = torch.tensor([0, 37, 50, 141], dtype=torch.int32)
+    cu = torch.tensor([0, 37, 50, 141], dtype=torch.int32, device=DEVICE)
     q, k, v = make_qkv(1, 141, 141, 4, 2, 32, torch.float32)
     check_attention(_s2(LAY, backend, cu_seqlens=cu), q, k, v, layout=LAY, cu_seqlens=cu)
 
@@ -117,9 +117,9 @@ def test_block_counter_equals_layout_nonzeros(cu):
     if cu is None:
         assert expected == b * int(lay.block_mask(4, 2, 9, 9).sum())
     assert expected < b * s2_stats(lay, 141, 4, 2, cu_seqlens=cu)["causal_blocks"]  # really sparse
-    fwd = torch.zeros(1, dtype=torch.int32)
+    fwd = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     o, lse = s2_fwd(q, k, v, plan, 0.25, counter=fwd)
-    dq_c, kv_c = torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    dq_c, kv_c = torch.zeros(1, dtype=torch.int32, device=DEVICE), torch.zeros(1, dtype=torch.int32, device=DEVICE)
     s2_bwd(q, k, v, o, lse, torch.randn_like(o), None, plan, 0.25, counters=(dq_c, kv_c))
     assert int(fwd) == int(dq_c) == int(kv_c) == expected
 
@@ -132,7 +132,7 @@ def test_auto_backend_and_plain_output():
 
 
 def _bad(**over):
-    q, k, v = make_qkv(1, 64, 64, 4, 2, 16, torch.float32)
+    q, k, v = make_qkv(1, 64, 64, 4, 2, 16, torch.float32, device="cpu")  # validation only
     args = dict(q=q, k=k, v=v, layout=LAY)
     args.update(over)
     return args

@@ -48,7 +48,7 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: Option
                 f"S2 needs q_offset and k_offset >= 0 and multiples of layout.block_size={block_size} "
                 f"(blocks are absolute), got q_offset={q_offset}, k_offset={k_offset}"
             )
-        layout.kv_block_mask(hkv, torch.zeros(1), torch.zeros(1))  # checks num_dense_heads vs kv heads
+        layout.validate_heads(hkv)
     plan = build_plan(layout, causal, hkv, sq, sk, q_offset, k_offset, cu, block_size)
     return plan, sm_scale, backend
 
@@ -122,7 +122,7 @@ def s2_stats(layout: S2Layout, seq_len: int, num_heads: int, num_kv_heads: int,
         t = cu_seqlens if isinstance(cu_seqlens, torch.Tensor) else torch.tensor(list(cu_seqlens), dtype=torch.int32)
         check_cu_seqlens(t, 1, seq_len)
         cu = tuple(int(x) for x in t.tolist())
-    layout.kv_block_mask(num_kv_heads, torch.zeros(1), torch.zeros(1))
+    layout.validate_heads(num_kv_heads)
     bs = layout.block_size
     sparse = build_plan(layout, True, num_kv_heads, seq_len, seq_len, 0, 0, cu, bs).nnz(num_heads)
     dense = build_plan(None, True, num_kv_heads, seq_len, seq_len, 0, 0, cu, bs).nnz(num_heads)

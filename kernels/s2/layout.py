@@ -71,8 +71,8 @@ class S2Layout:
         """Stride rotation between consecutive kv heads (0 with ``homo_head``)."""
         return 0 if self.homo_head else max(1, self.vert_stride // num_kv_heads)
 
-    def kv_block_mask(self, num_kv_heads: int, q_blocks: torch.Tensor, k_blocks: torch.Tensor) -> torch.Tensor:
-        """bool ``[num_kv_heads, len(q_blocks), len(k_blocks)]`` for absolute block indices."""
+    def validate_heads(self, num_kv_heads: int) -> None:
+        """ValueError unless the layout fits ``num_kv_heads`` (dense heads are kv heads)."""
         if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1:
             raise ValueError(f"num_kv_heads must be a positive int, got {num_kv_heads!r}")
         if self.num_dense_heads > num_kv_heads:
@@ -80,6 +80,10 @@ class S2Layout:
                 f"S2Layout.num_dense_heads ({self.num_dense_heads}) exceeds num_kv_heads ({num_kv_heads}); "
                 f"lower num_dense_heads"
             )
+
+    def kv_block_mask(self, num_kv_heads: int, q_blocks: torch.Tensor, k_blocks: torch.Tensor) -> torch.Tensor:
+        """bool ``[num_kv_heads, len(q_blocks), len(k_blocks)]`` for absolute block indices."""
+        self.validate_heads(num_kv_heads)
         qi = q_blocks.to(torch.int64)[None, :, None]
         kj = k_blocks.to(torch.int64)[None, None, :]
         g = torch.arange(num_kv_heads, dtype=torch.int64)[:, None, None]

@@ -65,7 +65,7 @@ def _s2_bwd_dq_kernel(
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, COUNT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    t = tl.program_id(0)
+    t = num_q_tiles - 1 - tl.program_id(0)  # heaviest (last) q tiles first
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     g = h // group

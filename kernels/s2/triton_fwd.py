@@ -32,7 +32,8 @@ def _s2_fwd_kernel(
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, COUNT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    t = tl.program_id(0)
+    # last q tiles read the most kv tiles under causality: launch them first (shorter tail)
+    t = num_q_tiles - 1 - tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     g = h // group
