@@ -192,7 +192,7 @@ def moh_bwd(do: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.Tens
     dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    block_m, block_n, block_d = block_sizes(d)
+    block_m, block_n, block_d = block_sizes(d, q.dtype)
     counter = active_counter()
     cnt = torch.zeros(1, dtype=torch.int32, device=q.device)
     common = dict(CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,

@@ -15,12 +15,15 @@ from .._common import interpret_enabled
 from .counter import active_counter
 from .rows import ActiveRows
 
-def block_sizes(head_dim: int) -> tuple[int, int, int]:
+def block_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D): tl.dot needs tiles >= 16; arange sizes are powers of two."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if interpret_enabled():
         return 32, 32, block_d  # the interpreter pays per program and per loop step: few, big tiles
-    return (64, 64, block_d) if block_d <= 128 else (32, 32, block_d)
+    # shared memory: 64x64 tiles of 16-bit data take <= 75 KB at d = 128; fp32 tiles or d > 128
+    # use 32x32 (<= 100 KB), within sm_80 / sm_90 limits
+    small = block_d > 128 or dtype == torch.float32
+    return (32, 32, block_d) if small else (64, 64, block_d)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -118,7 +121,7 @@ def moh_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tens
     sk, hkv = k.shape[1], k.shape[2]
     o = torch.zeros_like(q, memory_format=torch.contiguous_format)
     lse = torch.full((b, h, sq), float("-inf"), device=q.device, dtype=torch.float32)
-    block_m, block_n, block_d = block_sizes(d)
+    block_m, block_n, block_d = block_sizes(d, q.dtype)
     counter = active_counter()
     cnt = torch.zeros(1, dtype=torch.int32, device=q.device)
     grid = (triton.cdiv(sq, block_m), b * h)
