@@ -107,6 +107,31 @@ def test_offsets_chunk_equals_rows_of_full(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_default_alignment_is_bottom_right(backend):
+    """seq_q < seq_k without offsets: the queries are the last seq_q positions of the keys."""
+    q, k, v, gates = make_inputs(1, 19, 50, 4, 2, 16, torch.float32)
+    full_q = torch.cat([torch.randn(1, 31, 4, 16), q], dim=1)
+    full_g = torch.cat([torch.rand(1, 31, 4), gates], dim=1)
+    o_full = moh_attention(full_q, k, v, full_g, backend=backend)
+    torch.testing.assert_close(moh_attention(q, k, v, gates, backend=backend), o_full[:, 31:], rtol=1e-5, atol=1e-6)
+    check_against_reference(backend, q, k, v, gates)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inactive_pairs_are_never_read(backend):
+    """NaN in q and in the upstream gradient at gate-0 pairs cannot reach any output or gradient."""
+    q, k, v, gates = make_inputs(2, 40, 40, 4, 2, 16, torch.bfloat16)
+    off = (gates == 0).unsqueeze(-1)
+    q = q.masked_fill(off, float("nan")).requires_grad_()
+    k, v, gates = (t.requires_grad_() for t in (k, v, gates))
+    o, lse = moh_attention(q, k, v, gates, return_lse=True, backend=backend)
+    assert torch.isfinite(o).all() and torch.all(o.masked_select(off) == 0)
+    torch.autograd.backward([o], [torch.randn_like(o).masked_fill(off, float("nan"))])
+    assert all(torch.isfinite(t.grad).all() for t in (k, v, gates))
+    assert torch.isfinite(q.grad.masked_select(~off)).all() and torch.all(q.grad.masked_select(off) == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_rows_that_see_no_key(backend):
     """Queries placed before every key: o = 0, lse = -inf, finite zero gradients for those rows."""
     q, k, v, gates = make_inputs(1, 24, 24, 2, 2, 16, torch.float32, active=1.0)
