@@ -46,7 +46,7 @@ def moh_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates
     block_starts = torch.arange(0, sq + TOKEN_BLOCK, TOKEN_BLOCK, device=q.device)
     # empty slices that tie every input into the graph, so that with no active pair at all the
     # outputs still require grad and every input receives a zero (not a missing) gradient
-    tie = q.reshape(-1, d)[:0].float() * gates.reshape(-1)[:0, None] + k.reshape(-1, d)[:0] + v.reshape(-1, d)[:0]
+    tie = q[:0, 0, 0].float() * gates[:0, 0, :1].float() + k[:0, 0, 0] + v[:0, 0, 0]  # [0, d] views, no copies
     o_rows, lse_rows = [tie.to(q.dtype)], [tie.float().sum(-1)]
     no_idx = torch.zeros(0, dtype=torch.long, device=q.device)
     o_idx, lse_idx = [no_idx], [no_idx]
