@@ -1,0 +1,1 @@
+"""seqpar.data: local tokenizer training (sentencepiece), packed datasets, synthetic tasks (MQAR)."""
