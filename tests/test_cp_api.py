@@ -95,3 +95,22 @@ def test_recommend_picks_least_bytes_and_respects_head_limits():
         2 * (63 * (1 << 17) // 64) * 8 * 256 * 2 / 50e9)
     with pytest.raises(ValueError, match="link_gbytes_per_s"):
         cp.recommend("softmax", world=8, link_gbytes_per_s=0, **kw)
+
+
+@pytest.mark.parametrize("vert_stride", [4, 8])
+def test_s2_exchange_bytes_about_one_over_vert_stride(vert_stride):
+    P, N, Hkv, d = 8, 1 << 17, 8, 128
+    layout = S2Layout(block_size=64, local_blocks=4, vert_stride=vert_stride)
+    kw = dict(world=P, seq_len=N, heads=32, kv_heads=Hkv, head_dim=d)
+    s2 = cp.scheme_cost("s2", "allgather", layout=layout, **kw)["fwd"]["all_gather"]
+    full = cp.scheme_cost("softmax", "allgather", **kw)["fwd"]["all_gather"]["bytes"]
+    window = (P - 1) * 2 * (layout.local_blocks - 1) * 64 * Hkv * 2 * d * 2  # 2 zigzag chunks, bf16
+    assert s2["calls"] == 2
+    assert s2["bytes"] <= 1.2 / vert_stride * full + window
+    assert s2["bytes"] - window == full // vert_stride  # exactly one column residue per sparse head
+    # a dense head reads every column: its share is a full all-gather of that head
+    dense = S2Layout(block_size=64, local_blocks=4, vert_stride=vert_stride, num_dense_heads=1)
+    s2d = cp.scheme_cost("s2", "allgather", layout=dense, **kw)["fwd"]["all_gather"]["bytes"]
+    assert s2d - window == full // vert_stride + (full // Hkv) * (vert_stride - 1) // vert_stride
+    with pytest.raises(ValueError, match="needs layout="):
+        cp.scheme_cost("s2", "allgather", **kw)

@@ -46,7 +46,7 @@ def _case(name: str, kind: str, scheme: str, balance: str, world: int, *, b: int
     if kind == "moh":
         t["gates"] = torch.rand(b, n, h, generator=g) * (torch.rand(b, n, h, generator=g) > 0.4)
     if kind == "s2":
-        kw["layout"] = LAYOUT
+        kw["layout"] = extra.get("layout", LAYOUT)
     return {"name": name, "kind": kind, "scheme": scheme, "balance": balance, "dtype": dtype,
             "tensors": t, "kw": kw}
 
@@ -64,6 +64,11 @@ def _cases(world: int) -> list[dict]:
         _case("softmax-uly-contig", "softmax", "ulysses", "contiguous", p, b=1, n=p * 7, h=4, hkv=4, d=16, seed=6),
         _case("s2-ag-zz", "s2", "allgather", "zigzag", p, b=1, n=2 * p * 16, h=4, hkv=2, d=16, seed=7),
         _case("s2-ag-contig", "s2", "allgather", "contiguous", p, b=1, n=p * 32, h=2, hkv=2, d=32, seed=8),
+        _case("s2-exchange-zz", "s2", "allgather", "zigzag", p, b=1, n=2 * p * 64, h=4, hkv=2, d=16, seed=23,
+              layout=S2Layout(block_size=16, local_blocks=2, vert_stride=4)),
+        _case("s2-exchange-dense-head", "s2", "allgather", "zigzag", p, b=1, n=2 * p * 32, h=3, hkv=3, d=16,
+              seed=24, layout=S2Layout(block_size=16, local_blocks=3, vert_stride=2, num_dense_heads=1,
+                                       head_sliding_offset=1)),
         _case("moh-ag-zz", "moh", "allgather", "zigzag", p, b=2, n=2 * p * 3, h=4, hkv=2, d=16, seed=9),
         _case("moh-uly-zz", "moh", "ulysses", "zigzag", p, b=1, n=2 * p * 3, h=4, hkv=1, d=16, seed=10),
         _case("softmax-ring-zz-gqa", "softmax", "ring", "zigzag", p, b=2, n=2 * p * 3, h=3, hkv=1, d=16, seed=14),
@@ -188,7 +193,7 @@ def _check_case(c: dict, per_rank: list[dict], world: int) -> None:
                           kv_heads=t["k"].shape[2], head_dim=d, v_head_dim=t["v"].shape[-1], dtype=c["dtype"],
                           balance=bal, gates_dtype=torch.float32,
                           output_final_state=bool(c["kw"].get("output_final_state")),
-                          num_docs=None if cu is None else cu.numel() - 1)
+                          num_docs=None if cu is None else cu.numel() - 1, layout=c["kw"].get("layout"))
     for r in per_rank:
         assert r["fwd"] == cost["fwd"], f"{name}: forward ledger {r['fwd']} != scheme_cost {cost['fwd']}"
         assert r["bwd"] == cost["bwd"], f"{name}: backward ledger {r['bwd']} != scheme_cost {cost['bwd']}"

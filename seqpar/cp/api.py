@@ -14,6 +14,7 @@ from seqpar.cp.lasp2 import lasp2_attention
 from seqpar.cp.local import softmax_family_op
 from seqpar.cp.partition import BALANCES, chunk_ids, resolve_group, varlen_token_index
 from seqpar.cp.ring import ring_attention
+from seqpar.cp.s2_exchange import exchange_applies, exchange_elements, s2_exchange_attention
 from seqpar.cp.ulysses import ulysses_attention
 
 KINDS = ("softmax", "s2", "lightning", "moh")
@@ -133,6 +134,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, s
                                    cu_seqlens=kind_kwargs.get("cu_seqlens"), backend=kind_kwargs.get("backend", "auto"))
         return ulysses_attention(q, k, v, comm, kind=kind, balance=balance, kw=kind_kwargs)
     causal = kind == "s2" or kind_kwargs.get("causal", True)
+    chunk_len = q.shape[1] // len(chunk_ids(0, world, balance))
+    if scheme == "allgather" and kind == "s2" and exchange_applies(kind_kwargs["layout"], chunk_len):
+        return s2_exchange_attention(q, k, v, comm, balance=balance, op=softmax_family_op(kind, kind_kwargs),
+                                     layout=kind_kwargs["layout"])
     if scheme == "allgather":
         return allgather_attention(q, k, v, comm, balance=balance, op=softmax_family_op(kind, kind_kwargs),
                                    causal=causal, gates=kind_kwargs.get("gates"),
@@ -154,12 +159,14 @@ def _elt(dtype: Any) -> int:
 def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int, kv_heads: int, head_dim: int,
                 v_head_dim: Optional[int] = None, batch: int = 1, dtype: Any = torch.bfloat16,
                 balance: str = "zigzag", gates_dtype: Any = None,
-                output_final_state: bool = False, num_docs: Optional[int] = None) -> dict[str, dict[str, dict[str, int]]]:
+                output_final_state: bool = False, num_docs: Optional[int] = None,
+                layout: Any = None) -> dict[str, dict[str, dict[str, int]]]:
     """Closed-form bytes received per rank and calls per layer: ``{"fwd"|"bwd": {op: {"bytes", "calls"}}}``.
 
     ``seq_len`` is the global length N; ``dtype`` the activation dtype (or bytes per element).
     allgather (softmax/s2/moh): ``(P-1)/P · N · b · H_kv · (d + dv) · e`` all-gather, the same as a
-    reduce-scatter in backward. ring: ``P-1`` passes of the local K/V (``N/P · b · H_kv · (d+dv) · e``
+    reduce-scatter in backward; s2 uses the stride-aware exchange when it applies (``layout``
+    required): per kv head only its column blocks plus the boundary windows. ring: ``P-1`` passes of the local K/V (``N/P · b · H_kv · (d+dv) · e``
     each) forward; backward the same plus ``P`` passes of the fp32 dK/dV buffer. LASP-2: ``(P-1) · c · b · H · dk · dv · 4`` with ``c`` chunks per rank
     (2 zigzag, 1 contiguous), independent of N. Ulysses: one all-to-all per tensor, each
     ``(P-1)/P · (N/P) · b · heads_x · dim_x · e`` (q, k, v, o; MoH adds its gates; kv heads count
@@ -186,6 +193,15 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
         vol = (p - 1) * cpr * nstate * heads * head_dim * dv * 4
         add(fwd, "all_gather", vol)
         add(bwd, "reduce_scatter", vol)
+    elif scheme == "allgather" and kind == "s2" and layout is None:
+        raise ValueError("scheme_cost for kind='s2' needs layout= (the stride-aware exchange depends on it)")
+    elif scheme == "allgather" and kind == "s2" and exchange_applies(layout, n // (p * cpr)):
+        cols, window = exchange_elements(layout, world=p, seq_len=n, batch=batch, kv_heads=kv_heads,
+                                         width=head_dim + dv, balance=balance)
+        for vol in (cols, window):
+            if vol:
+                add(fwd, "all_gather", (p - 1) * vol * e)
+                add(bwd, "reduce_scatter", (p - 1) * vol * e)
     elif scheme == "allgather":
         vol = (p - 1) * (n // p) * batch * kv_heads * (head_dim + dv) * e
         add(fwd, "all_gather", vol)
