@@ -27,11 +27,13 @@ from seqpar.kernels import S2Layout  # noqa: E402
 
 LINKS = {"nvlink_450GBs": 450e9, "ib_50GBs": 50e9}
 SMALL = dict(b=1, h=4, hkv=2, d=16)
+SMALL_LAYOUT = S2Layout(block_size=16, local_blocks=2, vert_stride=2)  # chunks of 2 blocks: exchange applies
+BIG_LAYOUT = S2Layout(block_size=64, local_blocks=4, vert_stride=8)
 
 
 def _small_inputs(kind: str, world: int, rank: int):
     g = torch.Generator().manual_seed(0)
-    n = 2 * world * 16
+    n = 2 * world * 32
     q = torch.randn(SMALL["b"], n, SMALL["h"], SMALL["d"], generator=g)
     k = torch.randn(SMALL["b"], n, SMALL["hkv"], SMALL["d"], generator=g)
     v = torch.randn(SMALL["b"], n, SMALL["hkv"], SMALL["d"], generator=g)
@@ -39,7 +41,7 @@ def _small_inputs(kind: str, world: int, rank: int):
     if kind == "lightning":
         kw["slope"] = torch.linspace(0.1, 0.5, SMALL["h"])
     if kind == "s2":
-        kw["layout"] = S2Layout(block_size=16, local_blocks=1, vert_stride=2)
+        kw["layout"] = SMALL_LAYOUT
     if kind == "moh":
         kw["gates"] = cp.shard(torch.rand(SMALL["b"], n, SMALL["h"], generator=g), (rank, world)).requires_grad_()
     loc = [cp.shard(t, (rank, world)).requires_grad_() for t in (q, k, v)]
@@ -71,7 +73,7 @@ def ledger_check(world: int = 2) -> list[dict]:
     for (kind, scheme), rec in got.items():
         cost = cp.scheme_cost(kind, scheme, world=world, seq_len=rec["n"], batch=SMALL["b"], heads=SMALL["h"],
                               kv_heads=SMALL["hkv"], head_dim=SMALL["d"], dtype=torch.float32,
-                              gates_dtype=torch.float32)
+                              gates_dtype=torch.float32, layout=SMALL_LAYOUT if kind == "s2" else None)
         ok = cost["fwd"] == rec["fwd"] and cost["bwd"] == rec["bwd"]
         rows.append({"kind": kind, "scheme": scheme, "P": world, "N": rec["n"],
                      "ledger_fwd_B": sum(r["bytes"] for r in rec["fwd"].values()),
@@ -88,11 +90,13 @@ def scale_table() -> list[dict]:
             for kind, scheme in sorted(cp.SUPPORTED):
                 if scheme == "ulysses" and shape["heads"] % world:
                     continue
-                c = cp.scheme_cost(kind, scheme, world=world, seq_len=n, **shape)
+                c = cp.scheme_cost(kind, scheme, world=world, seq_len=n, layout=BIG_LAYOUT if kind == "s2" else None,
+                                   **shape)
                 fwd = sum(r["bytes"] for r in c["fwd"].values())
                 bwd = sum(r["bytes"] for r in c["bwd"].values())
                 calls = sum(r["calls"] for side in c.values() for r in side.values())
-                row = {"kind": kind, "scheme": "lasp2" if (kind, scheme) == ("lightning", "allgather") else scheme,
+                label = {("lightning", "allgather"): "lasp2", ("s2", "allgather"): "s2_exchange"}.get((kind, scheme), scheme)
+                row = {"kind": kind, "scheme": label,
                        "P": world, "N": f"{n >> 10}K", "fwd_MB": fwd / 1e6, "bwd_MB": bwd / 1e6, "calls": calls}
                 for name, bw in LINKS.items():
                     row[f"ms_{name}"] = (fwd + bwd) / bw * 1e3
@@ -109,7 +113,8 @@ def main() -> None:
     if any(r["== scheme_cost"] != "yes" for r in check):
         raise SystemExit("ledger differs from cp.scheme_cost")
     table = scale_table()
-    print_table(table, "bytes received per rank per layer (32 heads, 8 kv heads, d 128, bf16, batch 1)")
+    print_table(table, "bytes received per rank per layer (32 heads, 8 kv heads, d 128, bf16, batch 1; "
+                       "s2: block 64, local 4, vert_stride 8)")
     write_json(args.json, {"ledger_check": check, "scale": table})
 
 

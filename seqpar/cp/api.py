@@ -236,11 +236,12 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
 
 def recommend(kind: str, *, world: int, seq_len: int, heads: int, kv_heads: int, head_dim: int,
               v_head_dim: Optional[int] = None, batch: int = 1, dtype: Any = torch.bfloat16,
-              link_gbytes_per_s: float = 50.0, balance: str = "zigzag") -> tuple[str, dict[str, float]]:
+              link_gbytes_per_s: float = 50.0, balance: str = "zigzag",
+              layout: Any = None) -> tuple[str, dict[str, float]]:
     """Pick the scheme with the least communication time per layer (fwd + bwd) for ``kind``.
 
     Returns ``(scheme, {scheme: seconds})`` over the supported schemes whose constraints hold
-    (Ulysses needs ``heads % world == 0``). Time is bytes / ``link_gbytes_per_s`` (GB/s, 1e9 bytes);
+    (Ulysses needs ``heads % world == 0``); s2 needs ``layout``. Time is bytes / ``link_gbytes_per_s`` (GB/s, 1e9 bytes);
     compute overlap is not modelled, so ring and all-gather tie on bytes and all-gather (fewer,
     larger calls) wins the tie.
     """
@@ -253,7 +254,8 @@ def recommend(kind: str, *, world: int, seq_len: int, heads: int, kv_heads: int,
         if scheme == "ulysses" and kv_heads % world and world % kv_heads:
             continue
         cost = scheme_cost(kind, scheme, world=world, seq_len=seq_len, heads=heads, kv_heads=kv_heads,
-                           head_dim=head_dim, v_head_dim=v_head_dim, batch=batch, dtype=dtype, balance=balance)
+                           head_dim=head_dim, v_head_dim=v_head_dim, batch=batch, dtype=dtype, balance=balance,
+                           layout=layout)
         total = sum(r["bytes"] for side in cost.values() for r in side.values())
         times[scheme] = total / (link_gbytes_per_s * 1e9)
     if not times:
