@@ -82,7 +82,7 @@ def main() -> None:
         torch.set_num_threads(1)  # the CPU is shared: one thread gives steadier medians
         cases.append(("moh torch", lambda *x: moh_attention(*x, backend="torch"), (1, 1024, 4, 2, 64), torch.float32))
         cases.append(("dense+mask (SDPA)", dense_masked, (1, 1024, 4, 2, 64), torch.float32))
-        reps = 5
+        reps = 7
     rows = []
     for name, fn, shape, dtype in cases:
         rows += run_case(name, fn, shape, dtype, device, args.fwd_only, reps)
