@@ -168,3 +168,29 @@ def test_default_offset_must_be_block_aligned():
     q, k, v = make_qkv(1, 20, 64, 2, 2, 16, torch.float32)  # default q_offset = 44
     with pytest.raises(ValueError, match="q_offset"):
         s2_attention(q, k, v, LAY)
+
+
+def test_torch_fallback_memory_is_seq_times_block():
+    """No allocation of the torch path (forward + backward) comes near a dense [seq, seq] matrix."""
+    from torch.profiler import ProfilerActivity, profile
+
+    seq, bs = 2048, 64
+    q, k, v = (x.cpu().requires_grad_(True) for x in make_qkv(1, seq, seq, 1, 1, 16, torch.float32))
+    lay = S2Layout(block_size=bs, local_blocks=2, vert_stride=8)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        o, lse = s2_attention(q, k, v, lay, return_lse=True, backend="torch")
+        (o.sum() + lse.sum()).backward()
+    peak_op = max(e.cpu_memory_usage for e in prof.events())
+    assert 0 < peak_op <= 8 * seq * bs * 4, f"largest allocation {peak_op} B is not O(seq * block)"
+    assert peak_op < seq * seq * 4 // 4
+
+
+def test_backward_without_lse_output():
+    """return_lse=False: the lse gradient arrives as None and only o drives the backward."""
+    q, k, v = make_qkv(1, 70, 70, 4, 2, 32, torch.float32)
+    for backend in BACKENDS:
+        def fn(a, b, c):
+            lse = s2_attention(a.detach(), b.detach(), c.detach(), LAY, return_lse=True, backend=backend)[1]
+            return s2_attention(a, b, c, LAY, backend=backend), lse
+
+        check_attention(fn, q, k, v, lse_grad=False, layout=LAY)

@@ -24,6 +24,7 @@ class S2AttentionFunction(torch.autograd.Function):
 
             o, lse = s2_fwd_torch(q, k, v, plan, sm_scale)
         ctx.save_for_backward(q, k, v, o, lse)
+        ctx.set_materialize_grads(False)  # an unused lse arrives as None, not a zeros tensor
         ctx.plan, ctx.sm_scale, ctx.backend = plan, sm_scale, backend
         return o, lse
 

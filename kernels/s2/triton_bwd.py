@@ -37,7 +37,7 @@ def _s2_bwd_preprocess_kernel(
     t = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = t.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < seq_q
     md_ok = m_ok[:, None] & (offs_d < head_dim)[None, :]
@@ -71,7 +71,7 @@ def _s2_bwd_dq_kernel(
     g = h // group
     q_lo = tl.load(q_start_ptr + t)
     q_hi = tl.load(q_end_ptr + t)
-    offs_m = q_lo + tl.arange(0, BLOCK_M)
+    offs_m = q_lo.to(tl.int64) + tl.arange(0, BLOCK_M)  # 64-bit row offsets: packed varlen can be long
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < q_hi
     d_ok = offs_d < head_dim
@@ -95,7 +95,7 @@ def _s2_bwd_dq_kernel(
         u = tl.load(col_idx + idx)
         k_lo = tl.load(kv_start_ptr + u)
         k_hi = tl.load(kv_end_ptr + u)
-        offs_n = k_lo + tl.arange(0, BLOCK_N)
+        offs_n = k_lo.to(tl.int64) + tl.arange(0, BLOCK_N)
         n_ok = offs_n < k_hi
         k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
@@ -139,7 +139,7 @@ def _s2_bwd_dkdv_kernel(
     b = tl.program_id(2).to(tl.int64)
     k_lo = tl.load(kv_start_ptr + u)
     k_hi = tl.load(kv_end_ptr + u)
-    offs_n = k_lo + tl.arange(0, BLOCK_N)
+    offs_n = k_lo.to(tl.int64) + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < k_hi
     d_ok = offs_d < head_dim
@@ -161,7 +161,7 @@ def _s2_bwd_dkdv_kernel(
             t = tl.load(row_idx + idx)
             q_lo = tl.load(q_start_ptr + t)
             q_hi = tl.load(q_end_ptr + t)
-            offs_m = q_lo + tl.arange(0, BLOCK_M)
+            offs_m = q_lo.to(tl.int64) + tl.arange(0, BLOCK_M)
             m_ok = offs_m < q_hi
             md_ok = m_ok[:, None] & d_ok[None, :]
             q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,

@@ -39,7 +39,7 @@ def _s2_fwd_kernel(
     g = h // group
     q_lo = tl.load(q_start_ptr + t)
     q_hi = tl.load(q_end_ptr + t)
-    offs_m = q_lo + tl.arange(0, BLOCK_M)
+    offs_m = q_lo.to(tl.int64) + tl.arange(0, BLOCK_M)  # 64-bit row offsets: packed varlen can be long
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < q_hi
     d_ok = offs_d < head_dim
@@ -58,7 +58,7 @@ def _s2_fwd_kernel(
         u = tl.load(col_idx + idx)
         k_lo = tl.load(kv_start_ptr + u)
         k_hi = tl.load(kv_end_ptr + u)
-        offs_n = k_lo + tl.arange(0, BLOCK_N)
+        offs_n = k_lo.to(tl.int64) + tl.arange(0, BLOCK_N)
         n_ok = offs_n < k_hi
         kt = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
