@@ -5,7 +5,7 @@ With ``S`` the state before a chunk and ``dS`` the gradient of the state at the 
 
 * ``_dstate_kernel``: the reverse recursion ``dS_prev = λ^L dS + (λ^{i+1} q_i)ᵀ do_i``, stored
   per chunk; what remains after the first chunk is ``d initial_state``.
-* ``_dqkv_kernel`` (parallel over chunks), with ``A = Q Kᵀ``, ``dA = dO Vᵀ``, ``D[i,j] = λ^{i-j}``::
+* ``_dv_kernel`` / ``_dqk_kernel`` (parallel over chunks and dv / dk tiles), with ``A = Q Kᵀ``, ``dA = dO Vᵀ``, ``D[i,j] = λ^{i-j}``::
 
       dq = (dA ⊙ D) K   + λ^{i+1}   dO Sᵀ          (forward-direction states)
       dk = (dA ⊙ D)ᵀ Q  + λ^{L-1-j} V dSᵀ          (reverse-direction states)
@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._plan import ChunkPlan
-from .triton_fwd import _mm, chunk_states, dot_fp32, pad_dim
+from .triton_fwd import NUM_STAGES, NUM_WARPS, _mm, chunk_states, dot_fp32, pad_dim
 
 
 @triton.jit
@@ -68,11 +68,11 @@ def _dstate_kernel(q_ptr, do_ptr, slope_ptr, dht_ptr, dhbuf_ptr, dh0_ptr, cu_ptr
 
 
 @triton.jit
-def _dqkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, slope_ptr, hbuf_ptr, dhbuf_ptr,
-                 dq_ptr, dk_ptr, dv_ptr, cu_ptr, chidx_ptr,
-                 H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                 C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_FP32: tl.constexpr):
-    i_t, head = tl.program_id(0), tl.program_id(1)
+def _dv_kernel(q_ptr, k_ptr, do_ptr, slope_ptr, dhbuf_ptr, dv_ptr, cu_ptr, chidx_ptr,
+               H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_FP32: tl.constexpr):
+    # dv = (A ⊙ D)ᵀ dO + λ^{L-1-j} K dS for one dv tile of one chunk (per query head)
+    i_v, i_t, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kvh = head // (H // HKV)
     doc = tl.load(chidx_ptr + i_t * 2)
     c = tl.load(chidx_ptr + i_t * 2 + 1)
@@ -86,22 +86,57 @@ def _dqkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, slope_ptr, hbuf_ptr, dhbuf_ptr,
     o_c = tl.arange(0, C)
     rows = (start + o_c).to(tl.int64)  # 64-bit offsets: T * H * D can pass 2^31
     m_r = rows < eos
-    o_k = tl.arange(0, BK)  # the whole head dim (padded): A = Q Kᵀ needs every k column
-    m_k = o_k < DK
-    b_q = tl.load(q_ptr + (rows[:, None] * H + head) * DK + o_k[None, :],
-                  mask=m_r[:, None] & m_k[None, :], other=0.0)
-    b_k = tl.load(k_ptr + (rows[:, None] * HKV + kvh) * DK + o_k[None, :],
-                  mask=m_r[:, None] & m_k[None, :], other=0.0)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < DV
+    s_base = (i_t.to(tl.int64) * H + head) * DK * DV
+    b_a = tl.zeros([C, C], dtype=tl.float32)
+    b_kdh = tl.zeros([C, BV], dtype=tl.float32)
+    for kk in range(0, DK, BK):
+        o_k = kk + tl.arange(0, BK)
+        m_k = o_k < DK
+        b_q = tl.load(q_ptr + (rows[:, None] * H + head) * DK + o_k[None, :],
+                      mask=m_r[:, None] & m_k[None, :], other=0.0)
+        b_k = tl.load(k_ptr + (rows[:, None] * HKV + kvh) * DK + o_k[None, :],
+                      mask=m_r[:, None] & m_k[None, :], other=0.0)
+        b_dh = tl.load(dhbuf_ptr + s_base + o_k[:, None] * DV + o_v[None, :],
+                       mask=m_k[:, None] & m_v[None, :], other=0.0)
+        b_a += _mm(b_q, tl.trans(b_k), DT, DOT_FP32)
+        b_kdh += _mm(b_k, b_dh, DT, DOT_FP32)
     dist = o_c[:, None] - o_c[None, :]
-    b_d = tl.where(dist >= 0, tl.exp(-slope * tl.maximum(dist, 0).to(tl.float32)), 0.0)
-    b_ad = _mm(b_q, tl.trans(b_k), DT, DOT_FP32) * b_d
+    b_a = tl.where(dist >= 0, b_a * tl.exp(-slope * tl.maximum(dist, 0).to(tl.float32)), 0.0)
     k_decay = tl.where(m_r, tl.exp(-slope * tl.maximum(L - 1 - o_c, 0).to(tl.float32)), 0.0)
-    q_decay = tl.exp(-slope * (o_c + 1).to(tl.float32))
+    m_rv = m_r[:, None] & m_v[None, :]
+    b_do = tl.load(do_ptr + (rows[:, None] * H + head) * DV + o_v[None, :], mask=m_rv, other=0.0)
+    b_dv = _mm(tl.trans(b_a), b_do, DT, DOT_FP32) + b_kdh * k_decay[:, None]
+    tl.store(dv_ptr + (rows[:, None] * H + head) * DV + o_v[None, :], b_dv, mask=m_rv)
 
+
+@triton.jit
+def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, slope_ptr, hbuf_ptr, dhbuf_ptr, dq_ptr, dk_ptr,
+                cu_ptr, chidx_ptr,
+                H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_FP32: tl.constexpr):
+    # dq = (dA ⊙ D) K + λ^{i+1} dO Sᵀ and dk = (dA ⊙ D)ᵀ Q + λ^{L-1-j} V dSᵀ for one dk tile
+    i_k, i_t, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    kvh = head // (H // HKV)
+    doc = tl.load(chidx_ptr + i_t * 2)
+    c = tl.load(chidx_ptr + i_t * 2 + 1)
+    bos = tl.load(cu_ptr + doc)
+    eos = tl.load(cu_ptr + doc + 1)
+    start = bos + c * C
+    L = tl.minimum(eos - start, C)
+    slope = tl.load(slope_ptr + head).to(tl.float32)
+    DT = q_ptr.dtype.element_ty
+
+    o_c = tl.arange(0, C)
+    rows = (start + o_c).to(tl.int64)
+    m_r = rows < eos
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < DK
+    s_base = (i_t.to(tl.int64) * H + head) * DK * DV
     b_da = tl.zeros([C, C], dtype=tl.float32)
     b_dq = tl.zeros([C, BK], dtype=tl.float32)
     b_dk = tl.zeros([C, BK], dtype=tl.float32)
-    s_base = (i_t.to(tl.int64) * H + head) * DK * DV
     for vv in range(0, DV, BV):
         o_v = vv + tl.arange(0, BV)
         m_v = o_v < DV
@@ -114,12 +149,15 @@ def _dqkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, slope_ptr, hbuf_ptr, dhbuf_ptr,
         b_da += _mm(b_do, tl.trans(b_v), DT, DOT_FP32)
         b_dq += _mm(b_do, tl.trans(b_h), DT, DOT_FP32)
         b_dk += _mm(b_v, tl.trans(b_dh), DT, DOT_FP32)
-        b_dv = _mm(tl.trans(b_ad), b_do, DT, DOT_FP32) + _mm(b_k, b_dh, DT, DOT_FP32) * k_decay[:, None]
-        tl.store(dv_ptr + (rows[:, None] * H + head) * DV + o_v[None, :], b_dv, mask=m_rv)
-    b_dad = b_da * b_d
-    b_dq = _mm(b_dad, b_k, DT, DOT_FP32) + b_dq * q_decay[:, None]
-    b_dk = _mm(tl.trans(b_dad), b_q, DT, DOT_FP32) + b_dk * k_decay[:, None]
+    dist = o_c[:, None] - o_c[None, :]
+    b_da = tl.where(dist >= 0, b_da * tl.exp(-slope * tl.maximum(dist, 0).to(tl.float32)), 0.0)
+    k_decay = tl.where(m_r, tl.exp(-slope * tl.maximum(L - 1 - o_c, 0).to(tl.float32)), 0.0)
+    q_decay = tl.exp(-slope * (o_c + 1).to(tl.float32))
     m_rk = m_r[:, None] & m_k[None, :]
+    b_q = tl.load(q_ptr + (rows[:, None] * H + head) * DK + o_k[None, :], mask=m_rk, other=0.0)
+    b_k = tl.load(k_ptr + (rows[:, None] * HKV + kvh) * DK + o_k[None, :], mask=m_rk, other=0.0)
+    b_dq = _mm(b_da, b_k, DT, DOT_FP32) + b_dq * q_decay[:, None]
+    b_dk = _mm(tl.trans(b_da), b_q, DT, DOT_FP32) + b_dk * k_decay[:, None]
     tl.store(dq_ptr + (rows[:, None] * H + head) * DK + o_k[None, :], b_dq.to(dq_ptr.dtype.element_ty), mask=m_rk)
     tl.store(dk_ptr + (rows[:, None] * H + head) * DK + o_k[None, :], b_dk, mask=m_rk)
 
@@ -145,10 +183,12 @@ def lightning_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torc
     dq = torch.empty_like(q)
     dk_h = torch.empty(T, h, dk, dtype=torch.float32, device=q.device)
     dv_h = torch.empty(T, h, dv, dtype=torch.float32, device=q.device)
-    _dqkv_kernel[(plan.num_chunks, h)](q, k, v, do, slope, hbuf, dhbuf, dq, dk_h, dv_h, plan.cu,
-                                       plan.chunk_indices, H=h, HKV=hkv, DK=dk, DV=dv,
-                                       C=plan.chunk_size, BK=pad_dim(dk), BV=min(64, pad_dim(dv)),
-                                       DOT_FP32=fp32)
+    meta = dict(H=h, HKV=hkv, DK=dk, DV=dv, C=plan.chunk_size, BK=bk, BV=bv, DOT_FP32=fp32,
+                num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    _dv_kernel[(triton.cdiv(dv, bv), plan.num_chunks, h)](q, k, do, slope, dhbuf, dv_h, plan.cu,
+                                                          plan.chunk_indices, **meta)
+    _dqk_kernel[(triton.cdiv(dk, bk), plan.num_chunks, h)](q, k, v, do, slope, hbuf, dhbuf, dq, dk_h,
+                                                           plan.cu, plan.chunk_indices, **meta)
     g = h // hkv
     dk_out = dk_h.view(T, hkv, g, dk).sum(2).to(k.dtype)
     dv_out = dv_h.view(T, hkv, g, dv).sum(2).to(v.dtype)
