@@ -1,0 +1,330 @@
+"""seqpar attention inside megatron-core 0.16.
+
+Core-attention classes (the ``SelfAttentionSubmodules.core_attention`` slot) for softmax, S2 and
+MoH-on-qkv, and two whole self-attention modules: ``LightningSelfAttention`` (TransNormerLLM /
+MiniMax-01 form) and ``MoHSelfAttention`` (router on the hidden states, load-balance loss through
+megatron-core's ``MoEAuxLossAutoScaler``).
+
+Contract of the core slot (megatron-core 0.16 ``DotProductAttention``): inputs ``[s, b, h, d]``
+after RoPE (``[t, h, d]`` for packed THD), GQA not expanded, output ``[s, b, h*d]`` (``[t, h*d]``).
+Under CP each rank holds Megatron's zigzag split (``get_batch_on_this_cp_rank``: chunks r and
+2P-1-r of 2P), which is ``seqpar.cp``'s ``balance="zigzag"``. The CP group comes from
+``pg_collection.cp`` (or parallel_state), the scheme from ``config.cp_schemes[kind]``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.utils import divide
+
+from seqpar import cp
+from seqpar.kernels import S2Layout, flash_attention, lightning_attention, lightning_slopes, moh_attention, s2_attention
+from seqpar.nn import MoHRouter
+
+
+def _groups(pg_collection: Optional[ProcessGroupCollection]) -> ProcessGroupCollection:
+    if pg_collection is None:
+        pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
+    return pg_collection
+
+
+def _size(group: Any) -> int:
+    return 1 if group is None else group.size()
+
+
+def _to_bshd(x: torch.Tensor) -> torch.Tensor:
+    # [s, b, h, d] -> [b, s, h, d]; THD [t, h, d] -> [1, t, h, d]
+    return x.unsqueeze(0) if x.dim() == 3 else x.transpose(0, 1)
+
+
+def _from_bshd(o: torch.Tensor, thd: bool) -> torch.Tensor:
+    b, s, h, d = o.shape
+    if thd:
+        return o.reshape(s, h * d)
+    return o.transpose(0, 1).reshape(s, b, h * d)
+
+
+def _cu_seqlens(packed_seq_params: Optional[PackedSeqParams]) -> Optional[torch.Tensor]:
+    if packed_seq_params is None:
+        return None
+    if packed_seq_params.qkv_format != "thd":
+        raise ValueError(f"packed_seq_params.qkv_format must be 'thd', got {packed_seq_params.qkv_format!r}")
+    cu = packed_seq_params.cu_seqlens_q_padded
+    if cu is None:
+        cu = packed_seq_params.cu_seqlens_q
+    return cu.to(torch.int32)
+
+
+class _SeqparCoreAttention(MegatronModule):
+    """Shared constructor of the core-attention classes (megatron-core core_attention contract)."""
+
+    kind = ""
+
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
+                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
+                 cp_comm_type: Optional[str] = None, pg_collection: Optional[ProcessGroupCollection] = None,
+                 **kwargs: Any) -> None:
+        super().__init__(config=config)
+        if attention_type != "self":
+            raise ValueError(f"{type(self).__name__} supports attention_type='self' only, got {attention_type!r}")
+        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
+            raise ValueError(f"{type(self).__name__} is causal; build the layer with attn_mask_type=causal")
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise ValueError("seqpar attention kernels have no attention dropout; set attention_dropout=0.0")
+        self.layer_number = max(1, layer_number)
+        self.pg_collection = _groups(pg_collection)
+        tp = _size(self.pg_collection.tp)
+        self.tp_rank = 0 if self.pg_collection.tp is None else self.pg_collection.tp.rank()
+        self.heads = divide(config.num_attention_heads, tp)
+        self.kv_heads = divide(config.num_query_groups, tp)
+        head_dim = config.kv_channels
+        self.softmax_scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
+        self.cp_group = self.pg_collection.cp
+        self.scheme = config.cp_schemes[self.kind] if hasattr(config, "cp_schemes") else "allgather"
+        self.backend = getattr(config, "seqpar_backend", "auto")
+
+    @property
+    def cp_size(self) -> int:
+        return _size(self.cp_group)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: Optional[torch.Tensor], attn_mask_type: Optional[AttnMaskType] = None,
+                attention_bias: Optional[torch.Tensor] = None,
+                packed_seq_params: Optional[PackedSeqParams] = None) -> torch.Tensor:
+        if attention_bias is not None:
+            raise ValueError(f"{type(self).__name__} does not take attention_bias")
+        thd = query.dim() == 3
+        q, k, v = _to_bshd(query), _to_bshd(key), _to_bshd(value)
+        o = self._attend(q, k, v, _cu_seqlens(packed_seq_params))
+        return _from_bshd(o, thd)
+
+    def _cp(self, q, k, v, **kw) -> torch.Tensor:
+        return cp.attention(q, k, v, kind=self.kind, scheme=self.scheme, group=self.cp_group,
+                            balance="zigzag", backend=self.backend, **kw)
+
+    def _attend(self, q, k, v, cu_seqlens):
+        raise NotImplementedError
+
+
+class SoftmaxCoreAttention(_SeqparCoreAttention):
+    """Causal softmax attention: ``flash_attention`` on one rank, ``cp.attention(kind="softmax")``
+    under CP. Packed THD passes ``cu_seqlens`` through."""
+
+    kind = "softmax"
+
+    def _attend(self, q, k, v, cu_seqlens):
+        if self.cp_size == 1:
+            return flash_attention(q, k, v, causal=True, sm_scale=self.softmax_scale, cu_seqlens=cu_seqlens,
+                                   backend=self.backend)
+        kw = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+        return self._cp(q, k, v, sm_scale=self.softmax_scale, **kw)
+
+
+class S2CoreAttention(_SeqparCoreAttention):
+    """S2 (sparse-sharded) attention with the layout from ``config.s2_*``. Under TP the head stride
+    continues across ranks (``head_sliding_offset``) so the model is the same at any TP size."""
+
+    kind = "s2"
+
+    def __init__(self, config, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        step = max(1, config.s2_vert_stride // config.num_attention_heads)
+        self.layout = S2Layout(block_size=config.s2_block_size, local_blocks=config.s2_local_blocks,
+                               vert_stride=config.s2_vert_stride,
+                               head_sliding_offset=self.tp_rank * self.kv_heads * step)
+
+    def _attend(self, q, k, v, cu_seqlens):
+        if self.cp_size == 1:
+            return s2_attention(q, k, v, self.layout, sm_scale=self.softmax_scale, cu_seqlens=cu_seqlens,
+                                backend=self.backend)
+        if cu_seqlens is not None:
+            raise ValueError("S2 under CP does not take packed sequences (cu_seqlens); use CP=1 or unpacked data")
+        return self._cp(q, k, v, layout=self.layout, sm_scale=self.softmax_scale)
+
+
+def moh_balance_loss(probs: torch.Tensor, topk_index: torch.Tensor, group: Any) -> torch.Tensor:
+    """MoH load-balance loss ``R^2 * mean_i(P_i F_i)`` over the tokens of the whole CP group.
+
+    Each rank's autograd sees only its own tokens' contribution (the remote sums enter as
+    constants), so summing parameter grads over CP gives exactly the single-rank gradient.
+    """
+    num = probs.shape[-1]
+    p_sum = probs.reshape(-1, num).sum(dim=0)
+    f_cnt = F.one_hot(topk_index, num).sum(dim=-2).reshape(-1, num).to(probs.dtype).sum(dim=0)
+    tokens = torch.tensor([float(probs.numel() // num)], dtype=probs.dtype, device=probs.device)
+    if _size(group) > 1:
+        stats = torch.cat([p_sum.detach(), f_cnt, tokens])
+        dist.all_reduce(stats, group=group)
+        p_sum = p_sum + (stats[:num] - p_sum.detach())
+        f_cnt, tokens = stats[num:2 * num], stats[2 * num:]
+    return num ** 2 * (p_sum / tokens * f_cnt / tokens).mean()
+
+
+class MoHCoreAttention(_SeqparCoreAttention):
+    """MoH attention in the core slot. Gates come from ``set_gates`` (``MoHSelfAttention`` routes on
+    the hidden states) or, when none are set, from a router on this partition's queries
+    (``[.., heads*dim]``); in that case the load-balance loss is attached to the output with
+    ``MoEAuxLossAutoScaler`` and kept in ``self.last_aux_loss``."""
+
+    kind = "moh"
+
+    def __init__(self, config, *args: Any, router_on_query: bool = True, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        self.aux_loss_coef = config.moh_aux_loss_coef
+        self._gates: Optional[torch.Tensor] = None
+        self.last_aux_loss: Optional[torch.Tensor] = None
+        self.router = None
+        if router_on_query:
+            if _size(self.pg_collection.tp) > 1:
+                raise ValueError("MoH with the query router needs tensor_model_parallel_size=1")
+            self.router = MoHRouter(self.heads * config.kv_channels, self.heads, config.moh_num_shared_heads,
+                                    config.moh_top_k)
+
+    def set_gates(self, gates: torch.Tensor) -> None:
+        """Gates ``[batch, seq, heads]`` for the next forward (consumed once)."""
+        self._gates = gates
+
+    def _attend(self, q, k, v, cu_seqlens):
+        if cu_seqlens is not None:
+            raise ValueError("MoH attention does not take packed sequences (cu_seqlens)")
+        aux = None
+        if self._gates is not None:
+            gates, self._gates = self._gates, None
+        elif self.router is not None:
+            routing = self.router(q.reshape(*q.shape[:2], -1))
+            gates = routing.gates
+            aux = self.aux_loss_coef * moh_balance_loss(routing.routed_probs, routing.topk_index, self.cp_group)
+            self.last_aux_loss = aux.detach()
+        else:
+            raise ValueError("MoHCoreAttention built with router_on_query=False needs set_gates() before forward")
+        gates = gates.to(torch.float32)
+        if self.cp_size == 1:
+            o = moh_attention(q, k, v, gates, causal=True, sm_scale=self.softmax_scale, backend=self.backend)
+        else:
+            o = self._cp(q, k, v, gates=gates, sm_scale=self.softmax_scale)
+        return o if aux is None else MoEAuxLossAutoScaler.apply(o, aux)
+
+
+class MoHHiddenCoreAttention(MoHCoreAttention):
+    """MoH core attention whose gates are set by ``MoHSelfAttention`` (no query router)."""
+
+    def __init__(self, config, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, router_on_query=False, **kwargs)
+
+
+class MoHSelfAttention(SelfAttention):
+    """Megatron ``SelfAttention`` whose heads are routed per token by a router on the hidden states
+    (MoH). The load-balance loss (over the tokens of the whole CP group) reaches the training loss
+    through ``MoEAuxLossAutoScaler``, as megatron-core MoE's aux loss does; its value is kept in
+    ``self.last_aux_loss``. Needs ``tensor_model_parallel_size == 1`` (the router picks among all
+    heads)."""
+
+    def __init__(self, config, submodules: SelfAttentionSubmodules, layer_number: int,
+                 attn_mask_type: AttnMaskType = AttnMaskType.causal, cp_comm_type: Optional[str] = None,
+                 pg_collection: Optional[ProcessGroupCollection] = None) -> None:
+        super().__init__(config, submodules, layer_number, attn_mask_type=attn_mask_type,
+                         cp_comm_type=cp_comm_type, pg_collection=pg_collection)
+        if not isinstance(self.core_attention, MoHCoreAttention):
+            raise ValueError("MoHSelfAttention needs core_attention=MoHHiddenCoreAttention")
+        if self.world_size > 1:
+            raise ValueError("MoH layers need tensor_model_parallel_size=1 (the router picks among all heads)")
+        self.router = MoHRouter(config.hidden_size, config.num_attention_heads, config.moh_num_shared_heads,
+                                config.moh_top_k)
+        self.aux_loss_coef = config.moh_aux_loss_coef
+        self.last_aux_loss: Optional[torch.Tensor] = None
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
+        packed = kwargs.get("packed_seq_params")
+        if packed is not None:
+            raise ValueError("MoH layers do not take packed sequences (packed_seq_params)")
+        routing = self.router(hidden_states.transpose(0, 1))  # [b, s, heads]
+        aux = self.aux_loss_coef * moh_balance_loss(routing.routed_probs, routing.topk_index,
+                                                    self.core_attention.cp_group)
+        self.last_aux_loss = aux.detach()
+        self.core_attention.set_gates(routing.gates)
+        out, bias = super().forward(hidden_states, *args, **kwargs)
+        return MoEAuxLossAutoScaler.apply(out, aux), bias
+
+
+@dataclass
+class LightningSubmodules:
+    """Builders of ``LightningSelfAttention``: a column-parallel q/k/v/gate projection and a
+    row-parallel output projection (megatron's tensor_parallel layers)."""
+
+    linear_qkvg: Any
+    linear_proj: Any
+
+
+class LightningSelfAttention(MegatronModule):
+    """Lightning attention layer in the TransNormerLLM / MiniMax-01 form (no RoPE):
+
+    ``q, k, v = SiLU(x W_q), SiLU(x W_k), SiLU(x W_v)``; ``o = lightning(q, k, v, slopes_layer)``;
+    ``o = RMSNorm_head(o) * sigmoid(x W_g)``; ``out = o W_o``. Slopes come from
+    ``lightning_slopes(heads, layer_idx, num_layers)`` (MiniMax per-layer scaling; the rank's heads
+    under TP). The RMSNorm is per head so the layer is the same at any TP size. Under CP the scheme
+    is ``config.cp_schemes["lightning"]`` (allgather = LASP-2); packed THD passes ``cu_seqlens``.
+    """
+
+    def __init__(self, config, submodules: LightningSubmodules, layer_number: int,
+                 attn_mask_type: AttnMaskType = AttnMaskType.causal, cp_comm_type: Optional[str] = None,
+                 pg_collection: Optional[ProcessGroupCollection] = None) -> None:
+        super().__init__(config=config)
+        self.pg_collection = _groups(pg_collection)
+        tp = _size(self.pg_collection.tp)
+        tp_rank = 0 if self.pg_collection.tp is None else self.pg_collection.tp.rank()
+        self.layer_number = layer_number
+        self.head_dim = config.kv_channels
+        self.heads = divide(config.num_attention_heads, tp)
+        self.kv_heads = divide(config.num_query_groups, tp)
+        self.cp_group = self.pg_collection.cp
+        self.scheme = config.cp_schemes["lightning"] if hasattr(config, "cp_schemes") else "allgather"
+        self.backend = getattr(config, "seqpar_backend", "auto")
+        width = self.head_dim * (2 * config.num_attention_heads + 2 * config.num_query_groups)
+        self.linear_qkvg = submodules.linear_qkvg(
+            config.hidden_size, width, config=config, init_method=config.init_method, gather_output=False,
+            bias=config.add_bias_linear, skip_bias_add=False, is_expert=False, tp_group=self.pg_collection.tp)
+        self.linear_proj = submodules.linear_proj(
+            config.num_attention_heads * self.head_dim, config.hidden_size, config=config,
+            init_method=config.output_layer_init_method, bias=config.add_bias_linear, input_is_parallel=True,
+            skip_bias_add=True, is_expert=False, tp_group=self.pg_collection.tp)
+        self.norm_weight = torch.nn.Parameter(torch.ones(self.head_dim, dtype=config.params_dtype))
+        slopes = lightning_slopes(config.num_attention_heads, layer_number - 1, max(2, config.num_layers))
+        self.register_buffer("slopes", slopes[tp_rank * self.heads:(tp_rank + 1) * self.heads].clone(),
+                             persistent=False)
+        self.eps = config.layernorm_epsilon
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                *args: Any, packed_seq_params: Optional[PackedSeqParams] = None, **kwargs: Any):
+        s, b, _ = hidden_states.shape
+        mixed, _ = self.linear_qkvg(hidden_states)
+        d, h, g = self.head_dim, self.heads, self.kv_heads
+        q, k, v, gate = torch.split(mixed, [h * d, g * d, g * d, h * d], dim=-1)
+        cu = _cu_seqlens(packed_seq_params)
+        q = F.silu(q).view(s, b, h, d).transpose(0, 1)
+        k = F.silu(k).view(s, b, g, d).transpose(0, 1)
+        v = F.silu(v).view(s, b, g, d).transpose(0, 1)
+        slope = self.slopes.to(q.device)
+        kw = {} if cu is None else {"cu_seqlens": cu}
+        if _size(self.cp_group) == 1:
+            o, _ = lightning_attention(q, k, v, slope, backend=self.backend, **kw)
+        else:
+            o, _ = cp.attention(q, k, v, kind="lightning", scheme=self.scheme, group=self.cp_group,
+                                balance="zigzag", slope=slope, backend=self.backend, **kw)
+        of = o.float()
+        of = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_weight.float()
+        o = of.to(hidden_states.dtype).transpose(0, 1).reshape(s, b, h * d)
+        o = o * torch.sigmoid(gate)
+        return self.linear_proj(o)

@@ -1,0 +1,48 @@
+"""Process groups for a megatron-core run: torch.distributed + ``parallel_state`` (TP x CP x DP)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from seqpar.megatron.cpu_compat import enable_cpu_compat, model_parallel_seed
+
+
+def init_parallel(tp: int = 1, cp: int = 1, *, seed: int = 1234, init_method: str | None = None,
+                  rank: int | None = None, world_size: int | None = None) -> None:
+    """Start torch.distributed (gloo on CPU, nccl on CUDA) if needed, then megatron's TP/CP/DP groups,
+    then seed the RNG tracker. On a CPU-only machine this also calls ``enable_cpu_compat()``.
+
+    ``init_method``/``rank``/``world_size`` default to torchrun's environment (``env://``).
+    """
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+        world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+        if init_method is None and "MASTER_ADDR" not in os.environ:
+            raise ValueError("no rendezvous: launch with torchrun or pass init_method='file:///tmp/...'")
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method or "env://",
+                                rank=rank, world_size=world_size)
+    world = dist.get_world_size()
+    if world % (tp * cp):
+        raise ValueError(f"world size {world} is not divisible by tensor_parallel x context_parallel = {tp * cp}")
+    if not cuda:
+        enable_cpu_compat()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
+    if cuda:
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+        model_parallel_cuda_manual_seed(seed)
+    else:
+        model_parallel_seed(seed)
+
+
+def destroy_parallel() -> None:
+    """Tear down megatron's groups and the default process group."""
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
