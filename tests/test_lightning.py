@@ -232,3 +232,15 @@ def test_non_contiguous_inputs(backend):
     b_, fb = lightning_attention(q, k, v, slope, initial_state=s0, output_final_state=True, backend=backend)
     torch.testing.assert_close(a, b_)
     torch.testing.assert_close(fa, fb)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [
+    (1, 130, 2, 1, 80, 72, None),                 # dk, dv > 64: several dk/dv tiles, last one masked
+    (1, 192, 2, 2, 8, 130, [0, 64, 128, 192]),    # tiny dk (padded to 16), 3 dv tiles, docs == chunks
+])
+def test_multi_tile_head_dims(backend, shape):
+    b, n, h, hkv, dk, dv, cu = shape
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    q, k, v, slope, s0, do, dst = make_inputs(b, n, h, hkv, dk, dv, torch.float32, docs=None if cu is None else len(cu) - 1)
+    compare(backend, q, k, v, slope, s0, do, dst, torch.float32, cu=cu_t)
