@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from seqpar.kernels.s2.plan import TilePlan
-from seqpar.kernels.s2.triton_fwd import LOG2E, kernel_options
+from seqpar.kernels.s2.triton_fwd import LOG2E, kernel_options, mask_tile
 
 
 @triton.jit
@@ -105,10 +105,8 @@ def _s2_bwd_dq_kernel(
             k = k.to(tl.float32)
             vt = vt.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        ok = n_ok[None, :]
-        if CAUSAL:
-            ok = ok & ((offs_m[:, None] + q_shift) >= (offs_n[None, :] + k_shift))
-        p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
+        p = tl.math.exp2(s - lse2[:, None])
+        p = mask_tile(p, 0.0, offs_m, offs_n, q_lo, k_lo, k_hi, q_shift, k_shift, CAUSAL, BLOCK_N)
         dp = tl.dot(do, vt, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -175,10 +173,9 @@ def _s2_bwd_dkdv_kernel(
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
             delta = tl.load(DELTA + b * stride_lb + h * stride_lh + offs_m, mask=m_ok, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-            ok = m_ok[:, None] & n_ok[None, :]
-            if CAUSAL:
-                ok = ok & ((offs_m[:, None] + q_shift) >= (offs_n[None, :] + k_shift))
-            p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
+            p = tl.math.exp2(s - lse2[:, None])
+            # q rows past q_hi loaded q = do = lse = delta = 0, so they add exactly 0 to dk and dv
+            p = mask_tile(p, 0.0, offs_m, offs_n, q_lo, k_lo, k_hi, q_shift, k_shift, CAUSAL, BLOCK_N)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])

@@ -20,6 +20,22 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def mask_tile(x, fill, offs_m, offs_n, q_lo, k_lo, k_hi, q_shift, k_shift,
+              CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Set invisible (q, k) entries of a score/prob tile to ``fill``. Only the kv tail tile and,
+    when causal, tiles that cross the diagonal need it; interior tiles skip the compares."""
+    needs = k_lo + BLOCK_N > k_hi
+    if CAUSAL:
+        needs = needs | (k_lo + k_shift + (BLOCK_N - 1) > q_lo + q_shift)
+    if needs:
+        ok = offs_n[None, :] < k_hi
+        if CAUSAL:
+            ok = ok & ((offs_m[:, None] + q_shift) >= (offs_n[None, :] + k_shift))
+        x = tl.where(ok, x, fill)
+    return x
+
+
+@triton.jit
 def _s2_fwd_kernel(
     Q, K, V, O, LSE, CNT,
     q_start_ptr, q_end_ptr, kv_start_ptr, kv_end_ptr, row_ptr, col_idx,
@@ -68,10 +84,7 @@ def _s2_fwd_kernel(
             kt = kt.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, kt, input_precision=PRECISION) * scale_log2
-        ok = n_ok[None, :]
-        if CAUSAL:
-            ok = ok & ((offs_m[:, None] + q_shift) >= (offs_n[None, :] + k_shift))
-        s = tl.where(ok, s, float("-inf"))
+        s = mask_tile(s, float("-inf"), offs_m, offs_n, q_lo, k_lo, k_hi, q_shift, k_shift, CAUSAL, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # rows with nothing visible yet keep m = -inf; shift by 0 so exp2 gives 0, not NaN
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
