@@ -1,7 +1,7 @@
 """Communication per layer of every kind x scheme: bytes each rank receives (fwd + bwd) and the
 time they take on NVLink (450 GB/s) and InfiniBand (50 GB/s), from ``cp.scheme_cost``.
 
-The closed forms are first cross-checked against the comm ledger on 2 spawned gloo ranks at small
+The closed forms are first cross-checked against the comm ledger on 4 spawned gloo ranks at small
 shapes (the run fails if any differs), then evaluated at user-scale shapes (7B-like: 32 heads,
 8 kv heads, head dim 128, bf16; 128K-1M tokens; P = 8, 32, 64).
 
@@ -31,7 +31,7 @@ SMALL_LAYOUT = S2Layout(block_size=16, local_blocks=2, vert_stride=2)  # chunks 
 BIG_LAYOUT = S2Layout(block_size=64, local_blocks=4, vert_stride=8)
 
 
-def _small_inputs(kind: str, world: int, rank: int):
+def _small_inputs(kind: str, scheme: str, world: int, rank: int):
     g = torch.Generator().manual_seed(0)
     n = 2 * world * 32
     q = torch.randn(SMALL["b"], n, SMALL["h"], SMALL["d"], generator=g)
@@ -42,6 +42,8 @@ def _small_inputs(kind: str, world: int, rank: int):
         kw["slope"] = torch.linspace(0.1, 0.5, SMALL["h"])
     if kind == "s2":
         kw["layout"] = SMALL_LAYOUT
+    if scheme == "usp":
+        kw["ulysses_degree"] = 2
     if kind == "moh":
         kw["gates"] = cp.shard(torch.rand(SMALL["b"], n, SMALL["h"], generator=g), (rank, world)).requires_grad_()
     loc = [cp.shard(t, (rank, world)).requires_grad_() for t in (q, k, v)]
@@ -53,7 +55,7 @@ def _ledger_worker(rank: int, world: int, tmp: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rdv", rank=rank, world_size=world)
     out = {}
     for kind, scheme in sorted(cp.SUPPORTED):
-        n, (q, k, v), kw = _small_inputs(kind, world, rank)
+        n, (q, k, v), kw = _small_inputs(kind, scheme, world, rank)
         with cp.comm_ledger() as fwd:
             o = cp.attention(q, k, v, kind=kind, scheme=scheme, **kw)
         o = o[0] if kind == "lightning" else o
@@ -65,7 +67,7 @@ def _ledger_worker(rank: int, world: int, tmp: str) -> None:
     dist.destroy_process_group()
 
 
-def ledger_check(world: int = 2) -> list[dict]:
+def ledger_check(world: int = 4) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_ledger_worker, args=(world, tmp), nprocs=world)
         got = torch.load(f"{tmp}/ledger.pt", weights_only=False)
@@ -73,7 +75,8 @@ def ledger_check(world: int = 2) -> list[dict]:
     for (kind, scheme), rec in got.items():
         cost = cp.scheme_cost(kind, scheme, world=world, seq_len=rec["n"], batch=SMALL["b"], heads=SMALL["h"],
                               kv_heads=SMALL["hkv"], head_dim=SMALL["d"], dtype=torch.float32,
-                              gates_dtype=torch.float32, layout=SMALL_LAYOUT if kind == "s2" else None)
+                              gates_dtype=torch.float32, layout=SMALL_LAYOUT if kind == "s2" else None,
+                              ulysses_degree=2 if scheme == "usp" else None)
         ok = cost["fwd"] == rec["fwd"] and cost["bwd"] == rec["bwd"]
         rows.append({"kind": kind, "scheme": scheme, "P": world, "N": rec["n"],
                      "ledger_fwd_B": sum(r["bytes"] for r in rec["fwd"].values()),
@@ -91,11 +94,12 @@ def scale_table() -> list[dict]:
                 if scheme == "ulysses" and shape["heads"] % world:
                     continue
                 c = cp.scheme_cost(kind, scheme, world=world, seq_len=n, layout=BIG_LAYOUT if kind == "s2" else None,
-                                   **shape)
+                                   ulysses_degree=8 if scheme == "usp" else None, **shape)
                 fwd = sum(r["bytes"] for r in c["fwd"].values())
                 bwd = sum(r["bytes"] for r in c["bwd"].values())
                 calls = sum(r["calls"] for side in c.values() for r in side.values())
-                label = {("lightning", "allgather"): "lasp2", ("s2", "allgather"): "s2_exchange"}.get((kind, scheme), scheme)
+                label = {("lightning", "allgather"): "lasp2", ("s2", "allgather"): "s2_exchange",
+                         ("softmax", "usp"): "usp(u=8)", ("moh", "usp"): "usp(u=8)"}.get((kind, scheme), scheme)
                 row = {"kind": kind, "scheme": label,
                        "P": world, "N": f"{n >> 10}K", "fwd_MB": fwd / 1e6, "bwd_MB": bwd / 1e6, "calls": calls}
                 for name, bw in LINKS.items():
@@ -109,12 +113,12 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     check = ledger_check()
-    print_table(check, f"ledger vs scheme_cost, 2 gloo ranks on {device_name('cpu')}")
+    print_table(check, f"ledger vs scheme_cost, 4 gloo ranks (usp: 2 x 2) on {device_name('cpu')}")
     if any(r["== scheme_cost"] != "yes" for r in check):
         raise SystemExit("ledger differs from cp.scheme_cost")
     table = scale_table()
     print_table(table, "bytes received per rank per layer (32 heads, 8 kv heads, d 128, bf16, batch 1; "
-                       "s2: block 64, local 4, vert_stride 8)")
+                       "s2: block 64, local 4, vert_stride 8; usp: ulysses 8 x ring P/8)")
     write_json(args.json, {"ledger_check": check, "scale": table})
 
 

@@ -47,6 +47,8 @@ def _case(name: str, kind: str, scheme: str, balance: str, world: int, *, b: int
         t["gates"] = torch.rand(b, n, h, generator=g) * (torch.rand(b, n, h, generator=g) > 0.4)
     if kind == "s2":
         kw["layout"] = extra.get("layout", LAYOUT)
+    if "ulysses_degree" in extra:
+        kw["ulysses_degree"] = extra["ulysses_degree"]
     return {"name": name, "kind": kind, "scheme": scheme, "balance": balance, "dtype": dtype,
             "tensors": t, "kw": kw}
 
@@ -77,6 +79,12 @@ def _cases(world: int) -> list[dict]:
               dtype=torch.bfloat16, seed=16),
         _case("s2-ring-zz", "s2", "ring", "zigzag", p, b=1, n=2 * p * 16, h=4, hkv=2, d=16, seed=17),
         _case("moh-ring-zz", "moh", "ring", "zigzag", p, b=1, n=2 * p * 3, h=4, hkv=2, d=16, seed=18),
+        _case("softmax-usp-zz-gqa", "softmax", "usp", "zigzag", p, b=1, n=2 * p * 3, h=4, hkv=1, d=16, seed=27,
+              ulysses_degree=2),
+        _case("softmax-usp-contig", "softmax", "usp", "contiguous", p, b=2, n=p * 5, h=2, hkv=2, d=16, seed=28,
+              ulysses_degree=2),
+        _case("moh-usp-zz", "moh", "usp", "zigzag", p, b=1, n=2 * p * 3, h=4, hkv=2, d=16, seed=29,
+              ulysses_degree=2),
         _case("lightning-lasp2-zz", "lightning", "allgather", "zigzag", p, b=2, n=2 * p * 5, h=3, hkv=1, d=16,
               dv=32, with_state=True, seed=11),
         _case("lightning-lasp2-bf16-triton", "lightning", "allgather", "zigzag", p, b=1, n=2 * p * 16, h=2, hkv=1,
@@ -197,7 +205,8 @@ def _check_case(c: dict, per_rank: list[dict], world: int) -> None:
                           kv_heads=t["k"].shape[2], head_dim=d, v_head_dim=t["v"].shape[-1], dtype=c["dtype"],
                           balance=bal, gates_dtype=torch.float32,
                           output_final_state=bool(c["kw"].get("output_final_state")),
-                          num_docs=None if cu is None else cu.numel() - 1, layout=c["kw"].get("layout"))
+                          num_docs=None if cu is None else cu.numel() - 1, layout=c["kw"].get("layout"),
+                          ulysses_degree=c["kw"].get("ulysses_degree"))
     for r in per_rank:
         assert r["fwd"] == cost["fwd"], f"{name}: forward ledger {r['fwd']} != scheme_cost {cost['fwd']}"
         assert r["bwd"] == cost["bwd"], f"{name}: backward ledger {r['bwd']} != scheme_cost {cost['bwd']}"

@@ -16,6 +16,7 @@ from seqpar.cp.partition import BALANCES, chunk_ids, resolve_group, varlen_token
 from seqpar.cp.ring import ring_attention
 from seqpar.cp.s2_exchange import exchange_applies, exchange_elements, s2_exchange_attention
 from seqpar.cp.ulysses import ulysses_attention
+from seqpar.cp.usp import usp_attention
 
 KINDS = ("softmax", "s2", "lightning", "moh")
 SCHEMES = ("allgather", "ring", "ulysses", "usp")
@@ -25,12 +26,13 @@ SUPPORTED = {
     ("s2", "allgather"), ("s2", "ring"),
     ("lightning", "allgather"), ("lightning", "ulysses"),
     ("moh", "allgather"), ("moh", "ulysses"), ("moh", "ring"),
+    ("softmax", "usp"), ("moh", "usp"),
 }
 _KWARGS = {
-    "softmax": {"sm_scale", "causal", "backend", "cu_seqlens"},
+    "softmax": {"sm_scale", "causal", "backend", "cu_seqlens", "ulysses_degree"},
     "s2": {"layout", "sm_scale", "backend"},
     "lightning": {"slope", "initial_state", "output_final_state", "backend", "cu_seqlens"},
-    "moh": {"gates", "sm_scale", "causal", "backend"},
+    "moh": {"gates", "sm_scale", "causal", "backend", "ulysses_degree"},
 }
 
 
@@ -87,6 +89,17 @@ def _validate(q, k, v, kind: str, scheme: str, balance: str, world: int, kw: dic
             raise ValueError("cu_seqlens must be the global int32 tensor [num_docs + 1]")
         check_cu_seqlens(cu, b, s * world, name="cu_seqlens (global, over all ranks)")
         varlen_token_index(cu, 0, world)  # raises if a document is not a multiple of 2 * world
+    if "ulysses_degree" in kw and scheme != "usp":
+        raise ValueError(f"ulysses_degree is a scheme='usp' option, got scheme={scheme!r}")
+    if scheme == "usp":
+        ud = kw.get("ulysses_degree")
+        if isinstance(ud, bool) or not isinstance(ud, int) or ud < 1 or world % ud:
+            raise ValueError(f"scheme='usp' needs ulysses_degree, a positive divisor of the CP world size "
+                             f"{world}, got {ud!r}")
+        if h % ud:
+            raise ValueError(f"usp needs num_heads ({h}) divisible by ulysses_degree ({ud})")
+        if hkv % ud and ud % hkv:
+            raise ValueError(f"usp needs num_kv_heads ({hkv}) divisible by ulysses_degree ({ud}) or the reverse")
     if scheme == "ulysses":
         if h % world:
             raise ValueError(f"ulysses needs num_heads ({h}) divisible by the CP world size ({world})")
@@ -103,13 +116,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, s
         q: ``[batch, seq/P, heads, dim]``, k, v: ``[batch, seq/P, kv_heads, dim]`` — this rank's shards
             as produced by ``cp.shard(x, group, dim=1, balance=balance)``.
         kind: "softmax" | "s2" | "lightning" | "moh".
-        scheme: "allgather" (for lightning: LASP-2) | "ring" | "ulysses" (see SUPPORTED; "usp" and
-            lightning "ring" are not implemented and raise).
+        scheme: "allgather" (for lightning: LASP-2) | "ring" | "ulysses" | "usp" (see SUPPORTED;
+            e.g. lightning "ring" and s2 "ulysses" are not implemented and raise).
         group: the CP process group (None = default group).
         balance: "zigzag" (rank r holds chunks r and 2P-1-r of 2P) or "contiguous".
         kind_kwargs: softmax: ``sm_scale, causal, backend, cu_seqlens``; s2: ``layout, sm_scale,
             backend``; lightning: ``slope, initial_state, output_final_state, backend, cu_seqlens``;
-            moh: ``gates`` (this rank's ``[batch, seq/P, heads]``), ``sm_scale, causal, backend``.
+            moh: ``gates`` (this rank's ``[batch, seq/P, heads]``), ``sm_scale, causal, backend``;
+            softmax/moh with scheme="usp": ``ulysses_degree`` (divides P; ring over P/degree groups).
             ``cu_seqlens`` is the *global* int32 ``[num_docs + 1]`` (batch 1; every document a
             multiple of 2P, see ``cp.pad_varlen``); shards come from ``cp.shard_varlen`` (THD
             per-document zigzag); schemes allgather and ulysses.
@@ -142,6 +156,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, s
         return allgather_attention(q, k, v, comm, balance=balance, op=softmax_family_op(kind, kind_kwargs),
                                    causal=causal, gates=kind_kwargs.get("gates"),
                                    cu_seqlens=kind_kwargs.get("cu_seqlens"))
+    if scheme == "usp":
+        return usp_attention(q, k, v, comm, balance=balance, op=softmax_family_op(kind, kind_kwargs), causal=causal,
+                             ulysses_degree=kind_kwargs["ulysses_degree"], gates=kind_kwargs.get("gates"))
     if scheme == "ring":
         return ring_attention(q, k, v, comm, balance=balance, op=softmax_family_op(kind, kind_kwargs),
                               causal=causal, gates=kind_kwargs.get("gates"))
@@ -160,7 +177,7 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
                 v_head_dim: Optional[int] = None, batch: int = 1, dtype: Any = torch.bfloat16,
                 balance: str = "zigzag", gates_dtype: Any = None,
                 output_final_state: bool = False, num_docs: Optional[int] = None,
-                layout: Any = None) -> dict[str, dict[str, dict[str, int]]]:
+                layout: Any = None, ulysses_degree: Optional[int] = None) -> dict[str, dict[str, dict[str, int]]]:
     """Closed-form bytes received per rank and calls per layer: ``{"fwd"|"bwd": {op: {"bytes", "calls"}}}``.
 
     ``seq_len`` is the global length N; ``dtype`` the activation dtype (or bytes per element).
@@ -211,8 +228,29 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
         for _ in range(p - 1):
             add(fwd, "send_recv", kv_local * e)
             add(bwd, "send_recv", kv_local * e)
-        for _ in range(p):
+        for _ in range(p if p > 1 else 0):
             add(bwd, "send_recv", kv_local * 4)  # fp32 dK/dV buffer, last hop returns it home
+    elif scheme == "usp":
+        u = ulysses_degree
+        if not isinstance(u, int) or u < 1 or p % u:
+            raise ValueError(f"scheme_cost for usp needs ulysses_degree dividing world={p}, got {u!r}")
+        hk, ring = max(kv_heads, u), p // u
+
+        def a2a_u(hx: int, dx: int, eb: int = e) -> int:
+            return (u - 1) * (n // p) * batch * (hx // u) * dx * eb
+
+        tensors = [a2a_u(heads, head_dim), a2a_u(hk, head_dim), a2a_u(hk, dv)]
+        if kind == "moh":
+            tensors.append(a2a_u(heads, 1, _elt(dtype if gates_dtype is None else gates_dtype)))
+        for vol in tensors + [a2a_u(heads, dv)]:
+            add(fwd, "all_to_all", vol)
+            add(bwd, "all_to_all", vol)
+        kv_local = (n // p) * batch * hk * (head_dim + dv)  # u members' tokens, hk / u heads
+        for _ in range(ring - 1):
+            add(fwd, "send_recv", kv_local * e)
+            add(bwd, "send_recv", kv_local * e)
+        for _ in range(ring if ring > 1 else 0):
+            add(bwd, "send_recv", kv_local * 4)
     elif scheme == "ulysses":
         hk = max(kv_heads, p)
 

@@ -108,6 +108,9 @@ def group_rank_world(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+_SUBGROUPS: dict[tuple, tuple[list, list]] = {}
+
+
 class Pending:
     """An in-flight collective: ``wait()`` blocks until done and returns the result tensor."""
 
@@ -139,6 +142,25 @@ class Comm:
             self._global = list(range(self.world))
         else:
             self._global = [dist.get_global_rank(group, r) for r in range(self.world)]
+
+    def split_2d(self, ulysses_degree: int) -> tuple["Comm", "Comm"]:
+        """Sub-communicators for USP: Ulysses groups of ``ulysses_degree`` consecutive group ranks
+        and ring groups of the ranks with the same position in their Ulysses group.
+
+        ``torch.distributed.new_group`` is collective over the default group, so every rank of it
+        must call this with the same degree; groups are created once per (group, degree) and cached.
+        """
+        u = ulysses_degree
+        if not isinstance(u, int) or u < 1 or self.world % u:
+            raise ValueError(f"ulysses_degree must divide the CP world size {self.world}, got {u!r}")
+        key = (tuple(self._global), u)
+        if key not in _SUBGROUPS:
+            ranks = self._global
+            uly = [dist.new_group(ranks[i * u:(i + 1) * u]) for i in range(self.world // u)]
+            ring = [dist.new_group(ranks[j::u]) for j in range(u)]
+            _SUBGROUPS[key] = (uly, ring)
+        uly, ring = _SUBGROUPS[key]
+        return Comm(uly[self.rank // u]), Comm(ring[self.rank % u])
 
     # -- collectives ---------------------------------------------------------------------------
     def all_gather(self, x: torch.Tensor, *, async_op: bool = False):

@@ -16,7 +16,7 @@ dK/dV passes.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -26,23 +26,26 @@ from seqpar.cp.merge import merge_two
 from seqpar.cp.partition import chunk_ids
 
 
-def _pairs(comm: Comm, src: int, balance: str, causal: bool):
+Chunks = Callable[[int], Sequence[int]]
+
+
+def _pairs(comm: Comm, src: int, chunks: Chunks, causal: bool):
     """(local q chunk j, q chunk id, held kv chunk jj, kv chunk id) pairs that are not fully masked."""
-    for j, qc in enumerate(chunk_ids(comm.rank, comm.world, balance)):
-        for jj, kc in enumerate(chunk_ids(src, comm.world, balance)):
+    for j, qc in enumerate(chunks(comm.rank)):
+        for jj, kc in enumerate(chunks(src)):
             if not causal or kc <= qc:
                 yield j, qc, jj, kc
 
 
-def ring_forward(q, k, v, gates, comm: Comm, balance: str, op: LocalOp, causal: bool):
-    n_loc = len(chunk_ids(comm.rank, comm.world, balance))
+def ring_forward(q, k, v, gates, comm: Comm, chunks: Chunks, op: LocalOp, causal: bool):
+    n_loc = len(chunks(comm.rank))
     c, d = q.shape[1] // n_loc, k.shape[-1]
     outs: list[Optional[torch.Tensor]] = [None] * n_loc
     lses: list[Optional[torch.Tensor]] = [None] * n_loc
     kv, src = torch.cat([k, v], dim=-1), comm.rank
     for step in range(comm.world):
         pending = comm.ring_pass([kv]) if step < comm.world - 1 else None
-        for j, qc, jj, kc in _pairs(comm, src, balance, causal):
+        for j, qc, jj, kc in _pairs(comm, src, chunks, causal):
             blk = kv[:, jj * c:(jj + 1) * c]
             o_b, l_b = op(q[:, j * c:(j + 1) * c], blk[..., :d], blk[..., d:], qc * c, kc * c,
                           None if gates is None else gates[:, j * c:(j + 1) * c])
@@ -52,8 +55,8 @@ def ring_forward(q, k, v, gates, comm: Comm, balance: str, op: LocalOp, causal: 
     return torch.cat(outs, dim=1), torch.cat(lses, dim=2)  # type: ignore[arg-type]
 
 
-def ring_backward(dout, q, k, v, gates, out, lse, comm: Comm, balance: str, op: LocalOp, causal: bool):
-    n_loc = len(chunk_ids(comm.rank, comm.world, balance))
+def ring_backward(dout, q, k, v, gates, out, lse, comm: Comm, chunks: Chunks, op: LocalOp, causal: bool):
+    n_loc = len(chunks(comm.rank))
     c, d = q.shape[1] // n_loc, k.shape[-1]
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dg = None if gates is None else torch.zeros(gates.shape, dtype=torch.float32, device=q.device)
@@ -62,7 +65,7 @@ def ring_backward(dout, q, k, v, gates, out, lse, comm: Comm, balance: str, op: 
     dout = dout.float()
     for step in range(comm.world):
         pending = comm.ring_pass([kv]) if step < comm.world - 1 else None
-        for j, qc, jj, kc in _pairs(comm, src, balance, causal):
+        for j, qc, jj, kc in _pairs(comm, src, chunks, causal):
             qs, ks = slice(j * c, (j + 1) * c), slice(jj * c, (jj + 1) * c)
             with torch.enable_grad():
                 qj = q[:, qs].detach().requires_grad_()
@@ -85,7 +88,8 @@ def ring_backward(dout, q, k, v, gates, out, lse, comm: Comm, balance: str, op: 
             if dg is not None:
                 dg[:, qs] += grads[3].float()
         # the buffer follows its block; after the last step this hop returns it to its owner
-        dkv = comm.ring_pass([dkv]).wait()[0]
+        if comm.world > 1:
+            dkv = comm.ring_pass([dkv]).wait()[0]
         if pending is not None:
             kv, src = pending.wait()[0], (src - 1) % comm.world
     dk, dv = dkv[..., :d], dkv[..., d:]
@@ -94,20 +98,30 @@ def ring_backward(dout, q, k, v, gates, out, lse, comm: Comm, balance: str, op: 
 
 class RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, gates, comm, balance, op, causal):
-        out, lse = ring_forward(q, k, v, gates, comm, balance, op, causal)
+    def forward(ctx, q, k, v, gates, comm, chunks, op, causal):
+        out, lse = ring_forward(q, k, v, gates, comm, chunks, op, causal)
         ctx.save_for_backward(q, k, v, gates, out, lse)
-        ctx.comm, ctx.balance, ctx.op, ctx.causal = comm, balance, op, causal
+        ctx.comm, ctx.chunks, ctx.op, ctx.causal = comm, chunks, op, causal
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, gates, out, lse = ctx.saved_tensors
-        dq, dk, dv, dg = ring_backward(dout, q, k, v, gates, out, lse, ctx.comm, ctx.balance, ctx.op, ctx.causal)
+        dq, dk, dv, dg = ring_backward(dout, q, k, v, gates, out, lse, ctx.comm, ctx.chunks, ctx.op, ctx.causal)
         return dq, dk, dv, dg, None, None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: Comm, *, balance: str, op: LocalOp,
-                   causal: bool = True, gates: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Local shards ``q [b, s_loc, H, d]``, ``k/v [b, s_loc, H_kv, d]`` (gates ``[b, s_loc, H]``) -> local output."""
-    return RingAttention.apply(q, k, v, gates, comm, balance, op, causal)
+                   causal: bool = True, gates: Optional[torch.Tensor] = None,
+                   chunks: Optional[Chunks] = None) -> torch.Tensor:
+    """Local shards ``q [b, s_loc, H, d]``, ``k/v [b, s_loc, H_kv, d]`` (gates ``[b, s_loc, H]``) -> local output.
+
+    ``chunks(ring_rank)`` lists the global chunk ids a ring member holds, in local order (default:
+    the partition of ``balance``; USP passes the union over its Ulysses group).
+    """
+    if chunks is None:
+        world = comm.world
+
+        def chunks(r: int) -> Sequence[int]:
+            return chunk_ids(r, world, balance)
+    return RingAttention.apply(q, k, v, gates, comm, chunks, op, causal)
