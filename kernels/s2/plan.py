@@ -43,7 +43,8 @@ class TilePlan:
     col_ptr: torch.Tensor  # [Hkv, Tk + 1], absolute offsets into row_idx
     row_idx: torch.Tensor  # q tile ids
     nnz_per_kv_head: tuple[int, ...]
-    _device_cache: dict = field(default_factory=dict, repr=False)
+    _device_cache: dict = field(default_factory=dict, repr=False)  # device -> moved plan
+    _key_index_cache: dict = field(default_factory=dict, repr=False)  # (g, t) -> key rows (torch path)
 
     @property
     def num_q_tiles(self) -> int:
@@ -74,7 +75,7 @@ class TilePlan:
 
     def key_index(self, g: int, t: int) -> torch.Tensor:
         """int64 key rows that (kv head g, q tile t) reads: the listed tiles concatenated."""
-        cache = self._device_cache.setdefault("key_index", {})
+        cache = self._key_index_cache
         if (g, t) not in cache:
             lo, hi = int(self.row_ptr[g, t]), int(self.row_ptr[g, t + 1])
             bs = self.block_size
