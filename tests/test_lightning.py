@@ -17,6 +17,16 @@ from seqpar.kernels.lightning.reference import lightning_reference
 from tests.tolerance import GRAD_FACTOR, OUT_FACTOR, assert_rel_close, max_err
 
 BACKENDS = ["torch", "triton"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _on_device():
+    # On a CUDA machine the Triton path runs for real; on CPU it is interpreted (tests/conftest.py).
+    with torch.device(DEVICE):
+        yield
+
+
 # tiny to 1, plus exactly 0 (no decay)
 SLOPES = [0.0, 1e-3, 0.25, 1.0]
 

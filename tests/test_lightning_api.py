@@ -10,6 +10,16 @@ import torch
 from seqpar.kernels import lightning_attention, lightning_decode_step, lightning_slopes
 
 BACKENDS = ["torch", "triton"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _on_device():
+    # On a CUDA machine the Triton path runs for real; on CPU it is interpreted (tests/conftest.py).
+    with torch.device(DEVICE):
+        yield
+
+
 
 
 # ---------------------------------------------------------------- slopes
