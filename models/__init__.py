@@ -1,7 +1,6 @@
-"""seqpar.models: model presets and layer patterns (installed from the top-level ``models/``).
+"""seqpar.models: model presets (tiny / 125m / 1b / 7b-like) with hybrid layer patterns such as
+``"LLLA"``, built as megatron-core ``GPTModel`` through ``seqpar.megatron.layer_specs``."""
 
-Presets (tiny / 125m / 1b / 7b-like, hybrid patterns such as ``"LLLA"``) arrive with the
-Megatron-core integration; this package is importable now so the install layout is fixed.
-"""
+from seqpar.models.presets import SIZES, VARIANTS, ModelPreset, build_gpt, preset, preset_names, transformer_config
 
-__all__: list[str] = []
+__all__ = ["SIZES", "VARIANTS", "ModelPreset", "build_gpt", "preset", "preset_names", "transformer_config"]

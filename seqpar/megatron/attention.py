@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
@@ -300,7 +301,9 @@ class LightningSelfAttention(MegatronModule):
             config.num_attention_heads * self.head_dim, config.hidden_size, config=config,
             init_method=config.output_layer_init_method, bias=config.add_bias_linear, input_is_parallel=True,
             skip_bias_add=True, is_expert=False, tp_group=self.pg_collection.tp)
-        self.norm_weight = torch.nn.Parameter(torch.ones(self.head_dim, dtype=config.params_dtype))
+        # per-head RMSNorm with a weight per output channel, split over TP like the heads
+        self.norm_weight = torch.nn.Parameter(torch.ones(self.heads * self.head_dim, dtype=config.params_dtype))
+        set_tensor_model_parallel_attributes(self.norm_weight, True, 0, 1)
         slopes = lightning_slopes(config.num_attention_heads, layer_number - 1, max(2, config.num_layers))
         self.register_buffer("slopes", slopes[tp_rank * self.heads:(tp_rank + 1) * self.heads].clone(),
                              persistent=False)
@@ -324,7 +327,7 @@ class LightningSelfAttention(MegatronModule):
             o, _ = cp.attention(q, k, v, kind="lightning", scheme=self.scheme, group=self.cp_group,
                                 balance="zigzag", slope=slope, backend=self.backend, **kw)
         of = o.float()
-        of = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_weight.float()
+        of = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_weight.float().view(h, d)
         o = of.to(hidden_states.dtype).transpose(0, 1).reshape(s, b, h * d)
         o = o * torch.sigmoid(gate)
         return self.linear_proj(o)
