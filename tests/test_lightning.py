@@ -254,3 +254,25 @@ def test_multi_tile_head_dims(backend, shape):
     cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
     q, k, v, slope, s0, do, dst = make_inputs(b, n, h, hkv, dk, dv, torch.float32, docs=None if cu is None else len(cu) - 1)
     compare(backend, q, k, v, slope, s0, do, dst, torch.float32, cu=cu_t)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_state_beyond_fp16_range(backend):
+    """The fp32 state may exceed fp16's 65504 while every input and output fits in fp16: no
+    product may round the state to fp16 (it would become inf)."""
+    n, dk, dv = 200, 16, 16
+    q = torch.full((1, n, 1, dk), 1e-3, dtype=torch.float16)
+    k = torch.full((1, n, 1, dk), 20.0, dtype=torch.float16)
+    v = torch.full((1, n, 1, dv), 20.0, dtype=torch.float16)
+    slope = torch.zeros(1)
+    xs = [t.clone().requires_grad_() for t in (q, k, v)]
+    o, fin = lightning_attention(*xs, slope, output_final_state=True, backend=backend)
+    (o.float().sum() * 1e-4 + fin.sum() * 1e-3).backward()  # scaled so the true grads fit fp16
+    assert fin.max().item() > 65504
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    o64, fin64 = lightning_reference(*ref, slope.double())
+    (o64.sum() * 1e-4 + fin64.sum() * 1e-3).backward()
+    torch.testing.assert_close(o.double(), o64, rtol=2e-3, atol=0)
+    torch.testing.assert_close(fin.double(), fin64, rtol=1e-5, atol=0)
+    for name, x, r in zip("qkv", xs, ref):
+        torch.testing.assert_close(x.grad.double(), r.grad, rtol=5e-3, atol=1e-4, msg=lambda m: f"d{name}: {m}")

@@ -2,7 +2,7 @@
 
 The CPU interpreter does not run Triton's compiler, so it cannot see compile errors, register
 spills or shared-memory overflows of the real GPU build. Here each kernel is compiled ahead of
-time for sm_90 with the launch configuration the launchers use (bf16, head dim 128), in a
+time for sm_90 with the launch configuration the launchers use (bf16/fp16, head dim 128), in a
 subprocess because the test session runs with TRITON_INTERPRET=1, and its cubin resources are
 checked: it builds, spills nothing, and fits Hopper's 227 KiB of shared memory per block.
 """
@@ -18,6 +18,7 @@ import pytest
 
 
 def _compile_all(dtype: str, head_dim: int) -> list[dict]:
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -26,8 +27,10 @@ def _compile_all(dtype: str, head_dim: int) -> list[dict]:
     from seqpar.kernels.lightning import triton_fwd as F
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    blk = min(64, F.pad_dim(head_dim))
-    base = dict(H=16, DK=head_dim, DV=head_dim, C=64, BK=blk, BV=blk, DOT_FP32=dtype == "fp32")
+    tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    blk = F.tile(head_dim, tdtype)
+    mode, smode = F.dot_modes(tdtype)
+    base = dict(H=16, DK=head_dim, DV=head_dim, C=64, BK=blk, BV=blk, MODE=mode)
     t, f32, i32 = "*" + dtype, "*fp32", "*i32"
     sequential = dict(num_warps=4, num_stages=3)  # the launchers' Triton defaults
     parallel = dict(num_warps=F.NUM_WARPS, num_stages=F.NUM_STAGES)
@@ -35,13 +38,13 @@ def _compile_all(dtype: str, head_dim: int) -> list[dict]:
         (F._state_kernel, dict(k_ptr=t, v_ptr=t, slope_ptr=f32, h0_ptr=f32, hbuf_ptr=f32, ht_ptr=f32,
                                cu_ptr=i32, choff_ptr=i32), dict(base, HKV=16, HAS_H0=True, STORE_HT=True), sequential),
         (F._output_kernel, dict(q_ptr=t, k_ptr=t, v_ptr=t, slope_ptr=f32, hbuf_ptr=f32, o_ptr=t, cu_ptr=i32,
-                                chidx_ptr=i32), dict(base, HKV=16), parallel),
+                                chidx_ptr=i32), dict(base, HKV=16, SMODE=smode), parallel),
         (B._dstate_kernel, dict(q_ptr=t, do_ptr=t, slope_ptr=f32, dht_ptr=f32, dhbuf_ptr=f32, dh0_ptr=f32,
                                 cu_ptr=i32, choff_ptr=i32), dict(base, HAS_DHT=True, STORE_DH0=True), sequential),
         (B._dv_kernel, dict(q_ptr=t, k_ptr=t, do_ptr=t, slope_ptr=f32, dhbuf_ptr=f32, dv_ptr=f32, cu_ptr=i32,
-                            chidx_ptr=i32), dict(base, HKV=16), parallel),
+                            chidx_ptr=i32), dict(base, HKV=16, SMODE=smode), parallel),
         (B._dqk_kernel, dict(q_ptr=t, k_ptr=t, v_ptr=t, do_ptr=t, slope_ptr=f32, hbuf_ptr=f32, dhbuf_ptr=f32,
-                             dq_ptr=t, dk_ptr=f32, cu_ptr=i32, chidx_ptr=i32), dict(base, HKV=16), parallel),
+                             dq_ptr=t, dk_ptr=f32, cu_ptr=i32, chidx_ptr=i32), dict(base, HKV=16, SMODE=smode), parallel),
     ]
     out = []
     for fn, ptrs, consts, opts in kernels:
@@ -65,10 +68,11 @@ def _has_nvidia_backend() -> bool:
 
 
 @pytest.mark.skipif(not _has_nvidia_backend(), reason="triton wheel without the NVIDIA backend (ptxas)")
-def test_kernels_compile_for_sm90_without_spills(tmp_path):
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_kernels_compile_for_sm90_without_spills(tmp_path, dtype):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(LIGHTNING_AOT_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(tmp_path / "cache"))
-    proc = subprocess.run([sys.executable, __file__, "bf16", "128"], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, __file__, dtype, "128"], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])

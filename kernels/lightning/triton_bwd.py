@@ -23,14 +23,14 @@ import triton
 import triton.language as tl
 
 from ._plan import ChunkPlan
-from .triton_fwd import NUM_STAGES, NUM_WARPS, _mm, chunk_states, dot_fp32, pad_dim
+from .triton_fwd import NUM_STAGES, NUM_WARPS, _mm, chunk_states, dot_modes, tile
 
 
 @triton.jit
 def _dstate_kernel(q_ptr, do_ptr, slope_ptr, dht_ptr, dhbuf_ptr, dh0_ptr, cu_ptr, choff_ptr,
                    H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DOT_FP32: tl.constexpr):
+                   HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, MODE: tl.constexpr):
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     doc, head = i_nh // H, i_nh % H
     bos = tl.load(cu_ptr + doc)
@@ -62,7 +62,7 @@ def _dstate_kernel(q_ptr, do_ptr, slope_ptr, dht_ptr, dhbuf_ptr, dh0_ptr, cu_ptr
         L = tl.minimum(eos - start, C)
         q_decay = tl.exp(-slope * (o_c + 1).to(tl.float32))
         b_qd = b_q.to(tl.float32) * q_decay[:, None]
-        b_ds = b_ds * tl.exp(-slope * L.to(tl.float32)) + _mm(tl.trans(b_qd), b_do, DT, DOT_FP32)
+        b_ds = b_ds * tl.exp(-slope * L.to(tl.float32)) + _mm(tl.trans(b_qd), b_do, DT, MODE)
     if STORE_DH0:
         tl.store(dh0_ptr + (doc.to(tl.int64) * H + head) * DK * DV + s_off, b_ds, mask=m_kv)
 
@@ -70,7 +70,7 @@ def _dstate_kernel(q_ptr, do_ptr, slope_ptr, dht_ptr, dhbuf_ptr, dh0_ptr, cu_ptr
 @triton.jit
 def _dv_kernel(q_ptr, k_ptr, do_ptr, slope_ptr, dhbuf_ptr, dv_ptr, cu_ptr, chidx_ptr,
                H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_FP32: tl.constexpr):
+               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MODE: tl.constexpr, SMODE: tl.constexpr):
     # dv = (A ⊙ D)ᵀ dO + λ^{L-1-j} K dS for one dv tile of one chunk (per query head)
     i_v, i_t, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kvh = head // (H // HKV)
@@ -100,14 +100,14 @@ def _dv_kernel(q_ptr, k_ptr, do_ptr, slope_ptr, dhbuf_ptr, dv_ptr, cu_ptr, chidx
                       mask=m_r[:, None] & m_k[None, :], other=0.0)
         b_dh = tl.load(dhbuf_ptr + s_base + o_k[:, None] * DV + o_v[None, :],
                        mask=m_k[:, None] & m_v[None, :], other=0.0)
-        b_a += _mm(b_q, tl.trans(b_k), DT, DOT_FP32)
-        b_kdh += _mm(b_k, b_dh, DT, DOT_FP32)
+        b_a += _mm(b_q, tl.trans(b_k), DT, MODE)
+        b_kdh += _mm(b_k, b_dh, DT, SMODE)
     dist = o_c[:, None] - o_c[None, :]
     b_a = tl.where(dist >= 0, b_a * tl.exp(-slope * tl.maximum(dist, 0).to(tl.float32)), 0.0)
     k_decay = tl.where(m_r, tl.exp(-slope * tl.maximum(L - 1 - o_c, 0).to(tl.float32)), 0.0)
     m_rv = m_r[:, None] & m_v[None, :]
     b_do = tl.load(do_ptr + (rows[:, None] * H + head) * DV + o_v[None, :], mask=m_rv, other=0.0)
-    b_dv = _mm(tl.trans(b_a), b_do, DT, DOT_FP32) + b_kdh * k_decay[:, None]
+    b_dv = _mm(tl.trans(b_a), b_do, DT, MODE) + b_kdh * k_decay[:, None]
     tl.store(dv_ptr + (rows[:, None] * H + head) * DV + o_v[None, :], b_dv, mask=m_rv)
 
 
@@ -115,7 +115,7 @@ def _dv_kernel(q_ptr, k_ptr, do_ptr, slope_ptr, dhbuf_ptr, dv_ptr, cu_ptr, chidx
 def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, slope_ptr, hbuf_ptr, dhbuf_ptr, dq_ptr, dk_ptr,
                 cu_ptr, chidx_ptr,
                 H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_FP32: tl.constexpr):
+                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MODE: tl.constexpr, SMODE: tl.constexpr):
     # dq = (dA ⊙ D) K + λ^{i+1} dO Sᵀ and dk = (dA ⊙ D)ᵀ Q + λ^{L-1-j} V dSᵀ for one dk tile
     i_k, i_t, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kvh = head // (H // HKV)
@@ -146,9 +146,9 @@ def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, slope_ptr, hbuf_ptr, dhbuf_ptr, dq_
         m_kv = m_k[:, None] & m_v[None, :]
         b_h = tl.load(hbuf_ptr + s_base + o_k[:, None] * DV + o_v[None, :], mask=m_kv, other=0.0)
         b_dh = tl.load(dhbuf_ptr + s_base + o_k[:, None] * DV + o_v[None, :], mask=m_kv, other=0.0)
-        b_da += _mm(b_do, tl.trans(b_v), DT, DOT_FP32)
-        b_dq += _mm(b_do, tl.trans(b_h), DT, DOT_FP32)
-        b_dk += _mm(b_v, tl.trans(b_dh), DT, DOT_FP32)
+        b_da += _mm(b_do, tl.trans(b_v), DT, MODE)
+        b_dq += _mm(b_do, tl.trans(b_h), DT, SMODE)
+        b_dk += _mm(b_v, tl.trans(b_dh), DT, SMODE)
     dist = o_c[:, None] - o_c[None, :]
     b_da = tl.where(dist >= 0, b_da * tl.exp(-slope * tl.maximum(dist, 0).to(tl.float32)), 0.0)
     k_decay = tl.where(m_r, tl.exp(-slope * tl.maximum(L - 1 - o_c, 0).to(tl.float32)), 0.0)
@@ -156,8 +156,8 @@ def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, slope_ptr, hbuf_ptr, dhbuf_ptr, dq_
     m_rk = m_r[:, None] & m_k[None, :]
     b_q = tl.load(q_ptr + (rows[:, None] * H + head) * DK + o_k[None, :], mask=m_rk, other=0.0)
     b_k = tl.load(k_ptr + (rows[:, None] * HKV + kvh) * DK + o_k[None, :], mask=m_rk, other=0.0)
-    b_dq = _mm(b_da, b_k, DT, DOT_FP32) + b_dq * q_decay[:, None]
-    b_dk = _mm(tl.trans(b_da), b_q, DT, DOT_FP32) + b_dk * k_decay[:, None]
+    b_dq = _mm(b_da, b_k, DT, MODE) + b_dq * q_decay[:, None]
+    b_dk = _mm(tl.trans(b_da), b_q, DT, MODE) + b_dk * k_decay[:, None]
     tl.store(dq_ptr + (rows[:, None] * H + head) * DK + o_k[None, :], b_dq.to(dq_ptr.dtype.element_ty), mask=m_rk)
     tl.store(dk_ptr + (rows[:, None] * H + head) * DK + o_k[None, :], b_dk, mask=m_rk)
 
@@ -170,20 +170,20 @@ def lightning_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torc
     or None. Returns (dq, dk, dv in the input dtype, d initial_state fp32 or None)."""
     T, h, dk = q.shape
     hkv, dv = k.shape[1], v.shape[-1]
-    fp32 = dot_fp32(q.dtype)
+    mode, smode = dot_modes(q.dtype)
     hbuf, _ = chunk_states(k, v, slope, h0, plan, h, store_final=False)  # recompute, not stored
     dhbuf = torch.empty_like(hbuf)
     dh0 = torch.empty(plan.num_docs, h, dk, dv, dtype=torch.float32, device=q.device) if need_dh0 else None
-    bk, bv = min(64, pad_dim(dk)), min(64, pad_dim(dv))
+    bk, bv = tile(dk, q.dtype), tile(dv, q.dtype)
     grid = (triton.cdiv(dk, bk), triton.cdiv(dv, bv), plan.num_docs * h)
     _dstate_kernel[grid](q, do, slope, dht if dht is not None else dhbuf, dhbuf,
                          dh0 if dh0 is not None else dhbuf, plan.cu, plan.chunk_offsets,
                          H=h, DK=dk, DV=dv, C=plan.chunk_size, BK=bk, BV=bv,
-                         HAS_DHT=dht is not None, STORE_DH0=need_dh0, DOT_FP32=fp32)
+                         HAS_DHT=dht is not None, STORE_DH0=need_dh0, MODE=mode)
     dq = torch.empty_like(q)
     dk_h = torch.empty(T, h, dk, dtype=torch.float32, device=q.device)
     dv_h = torch.empty(T, h, dv, dtype=torch.float32, device=q.device)
-    meta = dict(H=h, HKV=hkv, DK=dk, DV=dv, C=plan.chunk_size, BK=bk, BV=bv, DOT_FP32=fp32,
+    meta = dict(H=h, HKV=hkv, DK=dk, DV=dv, C=plan.chunk_size, BK=bk, BV=bv, MODE=mode, SMODE=smode,
                 num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     _dv_kernel[(triton.cdiv(dv, bv), plan.num_chunks, h)](q, k, do, slope, dhbuf, dv_h, plan.cu,
                                                           plan.chunk_indices, **meta)

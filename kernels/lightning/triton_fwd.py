@@ -31,29 +31,38 @@ NUM_STAGES = 2
 
 
 @triton.jit
-def _mm(a, b, DT: tl.constexpr, DOT_FP32: tl.constexpr):
-    # fp32 operands for fp32 inputs (exact "ieee" products) and for bf16 under the interpreter,
-    # whose bf16 tl.dot is wrong; otherwise the input dtype with fp32 accumulation.
-    if DOT_FP32:
+def _mm(a, b, DT: tl.constexpr, MODE: tl.constexpr):
+    # MODE 0: operands in the input dtype DT, fp32 accumulation (the fast path);
+    # 1: fp32 operands, exact products (fp32 inputs; bf16 under the interpreter, whose bf16
+    #    tl.dot is wrong); 2: fp32 operands in tf32 (fp16 inputs x fp32 states, which may
+    #    exceed fp16's range of 65504).
+    if MODE == 1:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif MODE == 2:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
     else:
         out = tl.dot(a.to(DT), b.to(DT))
     return out
 
 
-def dot_fp32(dtype: torch.dtype) -> bool:
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpret_enabled())
+def dot_modes(dtype: torch.dtype) -> tuple[int, int]:
+    """(MODE for products of inputs, SMODE for products with an fp32 state or state gradient)."""
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and interpret_enabled()):
+        return 1, 1
+    return 0, (2 if dtype == torch.float16 else 0)
 
 
-def pad_dim(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+def tile(d: int, dtype: torch.dtype) -> int:
+    """Head-dim tile: the dim padded to a power of two >= 16 (tl.dot's minimum), at most 64, or
+    32 for fp16, whose fp32 state operands (mode 2) would otherwise spill registers on sm_90."""
+    return min(32 if dot_modes(dtype)[1] == 2 else 64, max(16, triton.next_power_of_2(d)))
 
 
 @triton.jit
 def _state_kernel(k_ptr, v_ptr, slope_ptr, h0_ptr, hbuf_ptr, ht_ptr, cu_ptr, choff_ptr,
                   H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                   C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, DOT_FP32: tl.constexpr):
+                  HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, MODE: tl.constexpr):
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     doc, head = i_nh // H, i_nh % H
     kvh = head // (H // HKV)
@@ -85,7 +94,7 @@ def _state_kernel(k_ptr, v_ptr, slope_ptr, h0_ptr, hbuf_ptr, ht_ptr, cu_ptr, cho
         L = tl.minimum(eos - start, C)
         k_decay = tl.where(m_r, tl.exp(-slope * tl.maximum(L - 1 - o_c, 0).to(tl.float32)), 0.0)
         b_kd = b_k.to(tl.float32) * k_decay[:, None]
-        b_s = b_s * tl.exp(-slope * L.to(tl.float32)) + _mm(tl.trans(b_kd), b_v, DT, DOT_FP32)
+        b_s = b_s * tl.exp(-slope * L.to(tl.float32)) + _mm(tl.trans(b_kd), b_v, DT, MODE)
     if STORE_HT:
         tl.store(ht_ptr + (doc.to(tl.int64) * H + head) * DK * DV + s_off, b_s, mask=m_kv)
 
@@ -93,7 +102,8 @@ def _state_kernel(k_ptr, v_ptr, slope_ptr, h0_ptr, hbuf_ptr, ht_ptr, cu_ptr, cho
 @triton.jit
 def _output_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, hbuf_ptr, o_ptr, cu_ptr, chidx_ptr,
                    H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                   C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_FP32: tl.constexpr):
+                   C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                   MODE: tl.constexpr, SMODE: tl.constexpr):
     i_v, i_t, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kvh = head // (H // HKV)
     doc = tl.load(chidx_ptr + i_t * 2)
@@ -120,14 +130,14 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, hbuf_ptr, o_ptr, cu_ptr, chid
                       mask=m_r[:, None] & m_k[None, :], other=0.0)
         b_h = tl.load(hbuf_ptr + (i_t.to(tl.int64) * H + head) * DK * DV + o_k[:, None] * DV + o_v[None, :],
                       mask=m_k[:, None] & m_v[None, :], other=0.0)
-        b_a += _mm(b_q, tl.trans(b_k), DT, DOT_FP32)
-        b_inter += _mm(b_q, b_h, DT, DOT_FP32)
+        b_a += _mm(b_q, tl.trans(b_k), DT, MODE)
+        b_inter += _mm(b_q, b_h, DT, SMODE)
     dist = o_c[:, None] - o_c[None, :]
     b_a = tl.where(dist >= 0, b_a * tl.exp(-slope * tl.maximum(dist, 0).to(tl.float32)), 0.0)
     b_v = tl.load(v_ptr + (rows[:, None] * HKV + kvh) * DV + o_v[None, :],
                   mask=m_r[:, None] & m_v[None, :], other=0.0)
     q_decay = tl.exp(-slope * (o_c + 1).to(tl.float32))
-    b_o = _mm(b_a, b_v, DT, DOT_FP32) + b_inter * q_decay[:, None]
+    b_o = _mm(b_a, b_v, DT, MODE) + b_inter * q_decay[:, None]
     tl.store(o_ptr + (rows[:, None] * H + head) * DV + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
              mask=m_r[:, None] & m_v[None, :])
 
@@ -141,12 +151,12 @@ def chunk_states(k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor, h0: Opti
     dv = v.shape[-1]
     hbuf = torch.empty(plan.num_chunks, num_heads, dk, dv, dtype=torch.float32, device=k.device)
     ht = torch.empty(plan.num_docs, num_heads, dk, dv, dtype=torch.float32, device=k.device) if store_final else None
-    bk, bv = min(64, pad_dim(dk)), min(64, pad_dim(dv))
+    bk, bv = tile(dk, k.dtype), tile(dv, k.dtype)
     grid = (triton.cdiv(dk, bk), triton.cdiv(dv, bv), plan.num_docs * num_heads)
     _state_kernel[grid](k, v, slope, h0 if h0 is not None else hbuf, hbuf, ht if ht is not None else hbuf,
                         plan.cu, plan.chunk_offsets, H=num_heads, HKV=hkv, DK=dk, DV=dv,
                         C=plan.chunk_size, BK=bk, BV=bv, HAS_H0=h0 is not None, STORE_HT=store_final,
-                        DOT_FP32=dot_fp32(k.dtype))
+                        MODE=dot_modes(k.dtype)[0])
     return hbuf, ht
 
 
@@ -158,9 +168,10 @@ def lightning_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torc
     dv = v.shape[-1]
     hbuf, ht = chunk_states(k, v, slope, h0, plan, h)
     o = torch.empty(T, h, dv, dtype=q.dtype, device=q.device)
-    bk, bv = min(64, pad_dim(dk)), min(64, pad_dim(dv))
+    bk, bv = tile(dk, q.dtype), tile(dv, q.dtype)
     grid = (triton.cdiv(dv, bv), plan.num_chunks, h)
+    mode, smode = dot_modes(q.dtype)
     _output_kernel[grid](q, k, v, slope, hbuf, o, plan.cu, plan.chunk_indices, H=h, HKV=k.shape[1],
-                         DK=dk, DV=dv, C=plan.chunk_size, BK=bk, BV=bv, DOT_FP32=dot_fp32(q.dtype),
+                         DK=dk, DV=dv, C=plan.chunk_size, BK=bk, BV=bv, MODE=mode, SMODE=smode,
                          num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return o, ht
