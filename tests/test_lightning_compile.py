@@ -32,18 +32,19 @@ def _compile_all(dtype: str, head_dim: int) -> list[dict]:
     mode, smode = F.dot_modes(tdtype)
     base = dict(H=16, DK=head_dim, DV=head_dim, C=64, BK=blk, BV=blk, MODE=mode)
     t, f32, i32 = "*" + dtype, "*fp32", "*i32"
+    snap = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[F.snapshot_dtype(tdtype)]
     sequential = dict(num_warps=4, num_stages=3)  # the launchers' Triton defaults
     parallel = dict(num_warps=F.NUM_WARPS, num_stages=F.NUM_STAGES)
     kernels = [
-        (F._state_kernel, dict(k_ptr=t, v_ptr=t, slope_ptr=f32, h0_ptr=f32, hbuf_ptr=f32, ht_ptr=f32,
+        (F._state_kernel, dict(k_ptr=t, v_ptr=t, slope_ptr=f32, h0_ptr=f32, hbuf_ptr=snap, ht_ptr=f32,
                                cu_ptr=i32, choff_ptr=i32), dict(base, HKV=16, HAS_H0=True, STORE_HT=True), sequential),
-        (F._output_kernel, dict(q_ptr=t, k_ptr=t, v_ptr=t, slope_ptr=f32, hbuf_ptr=f32, o_ptr=t, cu_ptr=i32,
+        (F._output_kernel, dict(q_ptr=t, k_ptr=t, v_ptr=t, slope_ptr=f32, hbuf_ptr=snap, o_ptr=t, cu_ptr=i32,
                                 chidx_ptr=i32), dict(base, HKV=16, SMODE=smode), parallel),
-        (B._dstate_kernel, dict(q_ptr=t, do_ptr=t, slope_ptr=f32, dht_ptr=f32, dhbuf_ptr=f32, dh0_ptr=f32,
+        (B._dstate_kernel, dict(q_ptr=t, do_ptr=t, slope_ptr=f32, dht_ptr=f32, dhbuf_ptr=snap, dh0_ptr=f32,
                                 cu_ptr=i32, choff_ptr=i32), dict(base, HAS_DHT=True, STORE_DH0=True), sequential),
-        (B._dv_kernel, dict(q_ptr=t, k_ptr=t, do_ptr=t, slope_ptr=f32, dhbuf_ptr=f32, dv_ptr=f32, cu_ptr=i32,
+        (B._dv_kernel, dict(q_ptr=t, k_ptr=t, do_ptr=t, slope_ptr=f32, dhbuf_ptr=snap, dv_ptr=f32, cu_ptr=i32,
                             chidx_ptr=i32), dict(base, HKV=16, SMODE=smode), parallel),
-        (B._dqk_kernel, dict(q_ptr=t, k_ptr=t, v_ptr=t, do_ptr=t, slope_ptr=f32, hbuf_ptr=f32, dhbuf_ptr=f32,
+        (B._dqk_kernel, dict(q_ptr=t, k_ptr=t, v_ptr=t, do_ptr=t, slope_ptr=f32, hbuf_ptr=snap, dhbuf_ptr=snap,
                              dq_ptr=t, dk_ptr=f32, cu_ptr=i32, chidx_ptr=i32), dict(base, HKV=16, SMODE=smode), parallel),
     ]
     out = []

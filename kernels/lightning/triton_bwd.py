@@ -51,7 +51,8 @@ def _dstate_kernel(q_ptr, do_ptr, slope_ptr, dht_ptr, dhbuf_ptr, dh0_ptr, cu_ptr
         b_ds = tl.zeros([BK, BV], dtype=tl.float32)
     for cc in range(nt):
         c = nt - 1 - cc
-        tl.store(dhbuf_ptr + ((first + c).to(tl.int64) * H + head) * DK * DV + s_off, b_ds, mask=m_kv)
+        tl.store(dhbuf_ptr + ((first + c).to(tl.int64) * H + head) * DK * DV + s_off,
+                 b_ds.to(dhbuf_ptr.dtype.element_ty), mask=m_kv)
         start = bos + c * C
         rows = (start + o_c).to(tl.int64)  # 64-bit offsets: T * H * D can pass 2^31
         m_r = rows < eos

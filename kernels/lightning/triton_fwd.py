@@ -52,6 +52,13 @@ def dot_modes(dtype: torch.dtype) -> tuple[int, int]:
     return 0, (2 if dtype == torch.float16 else 0)
 
 
+def snapshot_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the per-chunk state snapshots: the input dtype when the products that read them
+    round them to it anyway (mode 0, bf16 on GPU: half the memory, same result), else fp32. The
+    running state and final_state are always fp32."""
+    return dtype if dot_modes(dtype)[1] == 0 else torch.float32
+
+
 def tile(d: int, dtype: torch.dtype) -> int:
     """Head-dim tile: the dim padded to a power of two >= 16 (tl.dot's minimum), at most 64, or
     32 for fp16, whose fp32 state operands (mode 2) would otherwise spill registers on sm_90."""
@@ -83,7 +90,8 @@ def _state_kernel(k_ptr, v_ptr, slope_ptr, h0_ptr, hbuf_ptr, ht_ptr, cu_ptr, cho
     else:
         b_s = tl.zeros([BK, BV], dtype=tl.float32)
     for c in range(nt):
-        tl.store(hbuf_ptr + ((first + c).to(tl.int64) * H + head) * DK * DV + s_off, b_s, mask=m_kv)
+        tl.store(hbuf_ptr + ((first + c).to(tl.int64) * H + head) * DK * DV + s_off,
+                 b_s.to(hbuf_ptr.dtype.element_ty), mask=m_kv)
         start = bos + c * C
         rows = (start + o_c).to(tl.int64)  # 64-bit offsets: T * H * D can pass 2^31
         m_r = rows < eos
@@ -145,11 +153,11 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, hbuf_ptr, o_ptr, cu_ptr, chid
 def chunk_states(k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor, h0: Optional[torch.Tensor],
                  plan: ChunkPlan, num_heads: int, store_final: bool = True
                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """k/v flat ``[T, hkv, d]``. Returns (states before each chunk fp32 ``[chunks, h, dk, dv]``,
+    """k/v flat ``[T, hkv, d]``. Returns (states before each chunk ``[chunks, h, dk, dv]``,
     final states fp32 ``[docs, h, dk, dv]`` or None)."""
     _, hkv, dk = k.shape
     dv = v.shape[-1]
-    hbuf = torch.empty(plan.num_chunks, num_heads, dk, dv, dtype=torch.float32, device=k.device)
+    hbuf = torch.empty(plan.num_chunks, num_heads, dk, dv, dtype=snapshot_dtype(k.dtype), device=k.device)
     ht = torch.empty(plan.num_docs, num_heads, dk, dv, dtype=torch.float32, device=k.device) if store_final else None
     bk, bv = tile(dk, k.dtype), tile(dv, k.dtype)
     grid = (triton.cdiv(dk, bk), triton.cdiv(dv, bv), plan.num_docs * num_heads)
