@@ -1,0 +1,79 @@
+"""Datasets addressed by (step, rank): a batch depends only on the step and the seed, so a resumed
+run reads exactly the batches an uninterrupted one would.
+
+``PackedTextDataset``: a token stream (documents joined by EOS) cut into ``seq_len + 1`` windows,
+visited in a seeded permutation. ``MQARDataset``: Zoology's multi-query associative recall.
+Both return ``tokens, labels, loss_mask`` as ``[batch, seq_len]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class PackedTextDataset:
+    """Packed language-modelling windows over a 1-D token tensor."""
+
+    def __init__(self, ids: torch.Tensor, seq_len: int, seed: int = 0) -> None:
+        if ids.dim() != 1:
+            raise ValueError("ids must be a 1-D token tensor")
+        self.seq_len = seq_len
+        self.num_windows = (ids.numel() - 1) // seq_len
+        if self.num_windows < 1:
+            raise ValueError(f"the corpus has {ids.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
+                             f"lower data.seq_len or add text")
+        self.ids = ids
+        self.seed = seed
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_windows, generator=g)
+
+    def batch(self, step: int, global_batch: int, rank: int = 0, ranks: int = 1):
+        """Rows ``[rank::ranks]`` of the global batch of ``step``."""
+        rows = []
+        for i in range(rank, global_batch, ranks):
+            n = step * global_batch + i
+            w = int(self._order(n // self.num_windows)[n % self.num_windows])
+            rows.append(self.ids[w * self.seq_len:(w + 1) * self.seq_len + 1])
+        x = torch.stack(rows)
+        return x[:, :-1].contiguous(), x[:, 1:].contiguous(), torch.ones(x.shape[0], self.seq_len)
+
+
+class MQARDataset:
+    """Multi-query associative recall (Zoology): ``k1 v1 k2 v2 ... | q a q a ...`` where each query
+    key ``q`` was bound to ``a`` earlier; the loss counts only the answer predictions.
+
+    Keys come from ``[4, vocab/2)``, values from ``[vocab/2, vocab)``; ``num_pairs`` pairs, then
+    ``num_queries`` (query, answer) pairs, then padding (token 0, masked).
+    """
+
+    def __init__(self, vocab_size: int, seq_len: int, num_pairs: int = 8, num_queries: int = 8, seed: int = 0):
+        if 2 * (num_pairs + num_queries) > seq_len:
+            raise ValueError(f"MQAR needs seq_len >= 2 * (num_pairs + num_queries) = "
+                             f"{2 * (num_pairs + num_queries)}, got {seq_len}")
+        if vocab_size // 2 - 4 < num_pairs:
+            raise ValueError(f"vocab_size {vocab_size} too small for {num_pairs} distinct keys")
+        self.vocab_size, self.seq_len = vocab_size, seq_len
+        self.num_pairs, self.num_queries, self.seed = num_pairs, num_queries, seed
+
+    def batch(self, step: int, global_batch: int, rank: int = 0, ranks: int = 1):
+        half = self.vocab_size // 2
+        toks, masks = [], []
+        for i in range(rank, global_batch, ranks):
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + step * global_batch + i)
+            keys = torch.randperm(half - 4, generator=g)[: self.num_pairs] + 4
+            vals = torch.randint(half, self.vocab_size, (self.num_pairs,), generator=g)
+            pick = torch.randint(0, self.num_pairs, (self.num_queries,), generator=g)
+            seq = torch.zeros(self.seq_len + 1, dtype=torch.long)
+            mask = torch.zeros(self.seq_len)
+            kv = torch.stack([keys, vals], dim=1).reshape(-1)
+            qa = torch.stack([keys[pick], vals[pick]], dim=1).reshape(-1)
+            seq[: kv.numel()] = kv
+            start = kv.numel()
+            seq[start:start + qa.numel()] = qa
+            mask[start:start + qa.numel():2] = 1.0  # predict the answer after each query key
+            toks.append(seq)
+            masks.append(mask)
+        x = torch.stack(toks)
+        return x[:, :-1].contiguous(), x[:, 1:].contiguous(), torch.stack(masks)

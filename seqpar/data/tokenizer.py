@@ -1,0 +1,70 @@
+"""A sentencepiece tokenizer trained on first use from local text (the Python standard library's
+sources by default; no downloads) and cached under ``cache_dir``."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import sysconfig
+import tempfile
+from typing import Optional
+
+DEFAULT_CACHE = pathlib.Path(os.environ.get("SEQPAR_CACHE", pathlib.Path.home() / ".cache" / "seqpar"))
+
+
+def stdlib_corpus(max_bytes: int = 2_000_000) -> str:
+    """Text of the standard library's top-level ``*.py`` files in sorted order, up to ``max_bytes``."""
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    parts, total = [], 0
+    for path in sorted(root.glob("*.py")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        parts.append(text)
+        total += len(text)
+        if total >= max_bytes:
+            break
+    if not parts:
+        raise ValueError(f"no Python sources found under {root}; pass text_files to train the tokenizer")
+    return "\n".join(parts)[:max_bytes]
+
+
+def load_text(text_files: Optional[list[str]], max_bytes: int) -> str:
+    """Concatenated ``text_files`` (or the stdlib corpus when None), at most ``max_bytes`` characters."""
+    if not text_files:
+        return stdlib_corpus(max_bytes)
+    parts = []
+    for f in text_files:
+        p = pathlib.Path(f)
+        if not p.is_file():
+            raise ValueError(f"data.text_files entry {f!r} is not a file")
+        parts.append(p.read_text(encoding="utf-8", errors="replace"))
+    return "\n".join(parts)[:max_bytes]
+
+
+def get_tokenizer(vocab_size: int, text: str, cache_dir: Optional[pathlib.Path] = None):
+    """A ``SentencePieceProcessor`` (BPE, ``vocab_size`` pieces, byte fallback) trained on ``text``.
+
+    Cached as ``<cache_dir>/spm_<vocab>_<hash of text>.model``; written to a temp name and renamed so
+    concurrent ranks never read a half-written model.
+    """
+    import sentencepiece as spm
+
+    cache = pathlib.Path(cache_dir or DEFAULT_CACHE)
+    cache.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+    model = cache / f"spm_{vocab_size}_{digest}.model"
+    if not model.exists():
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            corpus = pathlib.Path(tmp) / "corpus.txt"
+            corpus.write_text(text, encoding="utf-8")
+            prefix = pathlib.Path(tmp) / "spm"
+            spm.SentencePieceTrainer.train(
+                input=str(corpus), model_prefix=str(prefix), vocab_size=vocab_size, model_type="bpe",
+                byte_fallback=True, character_coverage=1.0, input_sentence_size=200_000,
+                shuffle_input_sentence=False, num_threads=1, max_sentence_length=8192,
+                pad_id=0, unk_id=1, bos_id=2, eos_id=3, minloglevel=2)
+            os.replace(f"{prefix}.model", model)
+    return spm.SentencePieceProcessor(model_file=str(model))

@@ -1,0 +1,74 @@
+"""``python -m seqpar.train RECIPE.yaml [--set a.b=v ...] [--dry-run] [--resume]`` (also ``seqpar-train``).
+
+Launch multi-process runs with torchrun (see launchers/torchrun.sh); a single process runs with a
+world of 1. Every recipe error names its field and is raised before any process group starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from typing import Optional
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="seqpar-train", description=__doc__.splitlines()[0])
+    ap.add_argument("recipe", help="YAML recipe (see recipes/)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="override a recipe field (value parsed as YAML); repeatable")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="validate, start the process groups and build the model and data, then exit")
+    ap.add_argument("--resume", action="store_true", help="continue from <train.out_dir>/checkpoints/latest")
+    return ap.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    from seqpar.train.config import load_recipe
+
+    try:
+        cfg = load_recipe(args.recipe, args.overrides)
+        cfg.check_world(int(os.environ.get("WORLD_SIZE", 1)))
+    except (ValueError, OSError) as e:
+        print(f"seqpar-train: invalid recipe {args.recipe}: {e}", file=sys.stderr)
+        return 2
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if "MASTER_ADDR" in os.environ:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        else:  # single process without torchrun
+            rdv = tempfile.mktemp(prefix="seqpar_rdv_")
+            dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=0, world_size=1)
+    from seqpar.train.loop import build_data, build_model, train
+
+    try:
+        if args.dry_run:
+            from megatron.core import parallel_state
+
+            from seqpar.megatron import init_parallel
+
+            init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.context_parallel, seed=cfg.train.seed)
+            data, vocab = build_data(cfg)
+            model = build_model(cfg, vocab)
+            if dist.get_rank() == 0:
+                n = sum(p.numel() for p in model.parameters())
+                print(json.dumps({"dry_run": "ok", "world": dist.get_world_size(), "params_per_rank": n,
+                                  "pattern": cfg.model.layer_pattern, "vocab": vocab}))
+            parallel_state.destroy_model_parallel()
+        else:
+            train(cfg, resume=args.resume)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""The training loop: AdamW + warmup/cosine, grad clipping, token-weighted loss over DP x CP, MoH
+aux loss, tensorboard scalars, a tqdm bar on rank 0, atomic checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import time
+from dataclasses import replace
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import random as tp_random
+
+from seqpar.models import build_gpt, preset, transformer_config
+from seqpar.megatron import init_parallel
+from seqpar.train import checkpoint
+from seqpar.train.config import RunConfig
+from seqpar.train.step import forward_backward, local_batch
+
+
+def lr_at(step: int, cfg: RunConfig) -> float:
+    """Linear warmup to optim.lr, then cosine to optim.min_lr at train.steps (step is 0-based)."""
+    o, total = cfg.optim, cfg.train.steps
+    if o.warmup_steps and step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    frac = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+def clip_grads(model: torch.nn.Module, max_norm: float) -> float:
+    """Global grad norm over the whole model (TP shards counted once) and in-place clipping."""
+    sq = torch.zeros((), dtype=torch.float64)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    for p in model.parameters():
+        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0):
+            sq += p.grad.detach().double().pow(2).sum()
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(sq, group=parallel_state.get_tensor_model_parallel_group())
+    norm = float(sq.sqrt())
+    if max_norm > 0 and norm > max_norm:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(max_norm / (norm + 1e-6))
+    return norm
+
+
+def build_data(cfg: RunConfig):
+    """Dataset and vocabulary size (the tokenizer is trained once by rank 0, then loaded by all)."""
+    from seqpar.data import MQARDataset, PackedTextDataset, get_tokenizer, load_text
+
+    d = cfg.data
+    if d.dataset == "mqar":
+        return MQARDataset(d.vocab_size, d.seq_len, d.mqar_pairs, d.mqar_queries, seed=cfg.train.seed), d.vocab_size
+    text = load_text(d.text_files, d.max_bytes)
+    cache = d.cache_dir or None
+    if dist.get_rank() == 0:
+        get_tokenizer(d.vocab_size, text, cache)
+    dist.barrier()
+    sp = get_tokenizer(d.vocab_size, text, cache)
+    ids = torch.tensor(sp.encode(text.replace("\n\n\n", "\n\n")), dtype=torch.long)
+    return PackedTextDataset(ids, d.seq_len, seed=cfg.train.seed), sp.vocab_size()
+
+
+def build_model(cfg: RunConfig, vocab_size: int):
+    p = preset(cfg.model.preset)
+    if cfg.model.pattern:
+        p = replace(p, pattern=cfg.model.pattern)
+    m = cfg.model
+    dtype = torch.bfloat16 if m.dtype == "bf16" else torch.float32
+    tcfg = transformer_config(
+        p, tensor_model_parallel_size=cfg.parallel.tensor_parallel,
+        context_parallel_size=cfg.parallel.context_parallel, cp_schemes=cfg.parallel.cp_schemes,
+        seqpar_backend=cfg.parallel.backend, s2_block_size=m.s2_block_size, s2_local_blocks=m.s2_local_blocks,
+        s2_vert_stride=m.s2_vert_stride, moh_num_shared_heads=m.moh_num_shared_heads, moh_top_k=m.moh_top_k,
+        moh_aux_loss_coef=m.moh_aux_loss_coef, params_dtype=dtype, bf16=dtype == torch.bfloat16)
+    model = build_gpt(p, tcfg, vocab_size=vocab_size, max_sequence_length=cfg.data.seq_len)
+    return model.to(dtype)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"cpu": torch.get_rng_state(), "tracker": tp_random.get_cuda_rng_tracker().get_states(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["cpu"])
+    tp_random.get_cuda_rng_tracker().set_states(s["tracker"])
+    if s.get("cuda") is not None:
+        torch.cuda.set_rng_state(s["cuda"])
+
+
+def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = None) -> list[float]:
+    """Run the recipe; returns the per-step losses of this run (identical on every rank).
+
+    ``resume`` continues from ``<out_dir>/checkpoints/latest``. ``stop_after`` ends (with a
+    checkpoint) after that many steps of this run, e.g. to test resume.
+    """
+    world = dist.get_world_size() if dist.is_initialized() else None
+    if world is not None:
+        cfg.check_world(world)
+    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.context_parallel, seed=cfg.train.seed)
+    dp = parallel_state.get_data_parallel_world_size()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    rank0 = dist.get_rank() == 0
+    data, vocab = build_data(cfg)
+    model = build_model(cfg, vocab)
+    o = cfg.optim
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+    out = pathlib.Path(cfg.train.out_dir)
+    ckpt_dir = out / "checkpoints"
+    start = 0
+    if resume:
+        path = checkpoint.latest(ckpt_dir)
+        if path is None:
+            raise ValueError(f"--resume: no checkpoint under {ckpt_dir}")
+        state = checkpoint.load(path)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        _set_rng_state(state["rng"])
+        start = state["step"]
+    end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
+    writer = bar = None
+    if rank0:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(out / "tb"), purge_step=start)
+        if cfg.train.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True)
+    losses = []
+    model.train()
+    for step in range(start, end):
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        tokens, labels, mask = data.batch(step, cfg.data.global_batch, dp_rank, dp)
+        res = forward_backward(model, local_batch(tokens, labels, mask))
+        gnorm = clip_grads(model, o.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(res.loss)
+        dt = time.perf_counter() - t0
+        if rank0 and (step + 1) % cfg.train.log_every == 0:
+            for k, v in {"loss": res.loss, "lr": lr, "grad_norm": gnorm, "aux_loss": res.aux_loss,
+                         "tokens_per_s": res.tokens / dt}.items():
+                writer.add_scalar(f"train/{k}", v, step + 1)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{res.loss:.3f}", aux=f"{res.aux_loss:.3g}", lr=f"{lr:.2e}")
+        last = step + 1 == end
+        if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
+            checkpoint.save(ckpt_dir, step + 1, {"model": model.state_dict(), "optim": opt.state_dict(),
+                                                 "rng": _rng_state(), "step": step + 1,
+                                                 "config": cfg.to_dict()})
+    if bar is not None:
+        bar.close()
+    if writer is not None:
+        writer.close()
+        print(f"[seqpar.train] steps {start}->{end}, last loss {losses[-1] if losses else float('nan'):.4f}\n"
+              f"  checkpoint:  {checkpoint.latest(ckpt_dir)}\n"
+              f"  tensorboard: tensorboard --logdir {out / 'tb'}", flush=True)
+    parallel_state.destroy_model_parallel()
+    return losses
