@@ -7,6 +7,7 @@ Every input is handled as varlen: a dense batch ``[b, n, ...]`` is the flat sequ
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -26,12 +27,20 @@ class ChunkPlan:
 def make_plan(batch: int, seq: int, cu_seqlens: Optional[torch.Tensor], chunk_size: int,
               device: torch.device) -> ChunkPlan:
     if cu_seqlens is None:
-        lengths = [seq] * batch
-        cu = torch.arange(batch + 1, dtype=torch.int32, device=device) * seq
-    else:
-        offs = cu_seqlens.tolist()
-        lengths = [offs[i + 1] - offs[i] for i in range(len(offs) - 1)]
-        cu = cu_seqlens.to(device=device, dtype=torch.int32)
+        return _dense_plan(batch, seq, chunk_size, torch.device(device))
+    offs = cu_seqlens.tolist()
+    lengths = [offs[i + 1] - offs[i] for i in range(len(offs) - 1)]
+    return _build(lengths, cu_seqlens.to(device=device, dtype=torch.int32), chunk_size, device)
+
+
+@functools.lru_cache(maxsize=32)
+def _dense_plan(batch: int, seq: int, chunk_size: int, device: torch.device) -> ChunkPlan:
+    # every layer of a model calls with the same shape: build (and copy to the GPU) once
+    cu = torch.arange(batch + 1, dtype=torch.int32, device=device) * seq
+    return _build([seq] * batch, cu, chunk_size, device)
+
+
+def _build(lengths: list[int], cu: torch.Tensor, chunk_size: int, device: torch.device) -> ChunkPlan:
     counts = [-(-n // chunk_size) for n in lengths]
     starts = [0]
     for c in counts:

@@ -24,7 +24,7 @@ def _check_slope(slope, num_heads: int, device: torch.device) -> None:
         raise ValueError(f"slope must be a floating-point tensor, got {slope.dtype}; use .float()")
     if slope.device != device:
         raise ValueError(f"slope is on {slope.device} but q is on {device}; move it with .to(q.device)")
-    if not bool(torch.isfinite(slope).all()) or bool((slope < 0).any()):
+    if not bool((torch.isfinite(slope) & (slope >= 0)).all()):  # one host sync
         raise ValueError(f"slope must be finite and >= 0 (decay exp(-slope) <= 1), got {slope.tolist()}")
 
 
@@ -78,6 +78,11 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
 
     Returns:
         ``(o [batch, seq, heads, dv] in q's dtype, final_state or None)``.
+
+    Notes:
+        The Triton path keeps one state snapshot per 64-token chunk (``seq/64 x heads x dk x dv``,
+        bf16 for bf16 inputs, fp32 otherwise) and recomputes it in backward instead of saving
+        it. Validation reads ``slope`` (and ``cu_seqlens``) on the host: one sync per call.
     """
     b, n, _, h, hkv, dk = check_qkv(q, k, v, same_dv=False)
     dv = v.shape[-1]
