@@ -101,6 +101,8 @@ def _cases(world: int) -> list[dict]:
               doc_lens=[2 * p, 2 * p * 4, 2 * p], with_state=True, seed=21),
         _case("lightning-uly-varlen", "lightning", "ulysses", "zigzag", p, b=1, n=2 * p * 4, h=4, hkv=4, d=16,
               doc_lens=[2 * p * 3, 2 * p], with_state=True, seed=22),
+        _case("lightning-lasp2-contig-2x", "lightning", "allgather", "contiguous", p, b=1, n=p * 12, h=2, hkv=2,
+              d=16, seed=30),
         _case("lightning-uly-zz", "lightning", "ulysses", "zigzag", p, b=1, n=2 * p * 3, h=4, hkv=2, d=16,
               with_state=True, seed=13),
     ]
@@ -223,3 +225,7 @@ def test_cp_attention_matches_single_rank(world):
         except AssertionError as e:  # report every failing case, not only the first
             failures.append(str(e))
     assert not failures, "\n".join(failures)
+    # LASP-2 moves the same bytes when the sequence doubles
+    for r in results:
+        assert r["lightning-lasp2-contig"]["fwd"] == r["lightning-lasp2-contig-2x"]["fwd"]
+        assert r["lightning-lasp2-contig"]["bwd"] == r["lightning-lasp2-contig-2x"]["bwd"]
