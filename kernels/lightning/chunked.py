@@ -18,30 +18,52 @@ from typing import Optional
 import torch
 
 
+def _blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sl: torch.Tensor, s: torch.Tensor,
+            L: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Consecutive chunks of exactly ``L`` tokens, all at once except the state scan.
+
+    q [b, m*L, hkv, g, dk], k/v [b, m*L, hkv, *], sl [hkv, g], s [b, hkv, g, dk, dv] (the state
+    before the first chunk). Returns (o [b, m*L, hkv, g, dv], state after the last chunk).
+    """
+    b, n, hkv, g, dk = q.shape
+    dv, m = v.shape[-1], n // L
+    qc = q.reshape(b, m, L, hkv, g, dk)
+    kc = k.reshape(b, m, L, hkv, dk)
+    vc = v.reshape(b, m, L, hkv, dv)
+    pos = torch.arange(L, device=q.device, dtype=sl.dtype)
+    dist = pos[:, None] - pos[None, :]
+    # [hkv, g, L, L]; clamp so the masked (negative) distances never reach exp
+    decay = torch.exp(-sl[..., None, None] * dist.clamp(min=0)) * (dist >= 0)
+    q_decay = torch.exp(-sl[..., None] * (pos + 1))            # [hkv, g, L]: λ^{i+1}
+    k_decay = torch.exp(-sl[..., None] * (L - 1 - pos))        # λ^{L-1-j}
+    scores = torch.einsum("bmlhgd,bmshd->bmhgls", qc, kc) * decay
+    o = torch.einsum("bmhgls,bmshe->bmlhge", scores, vc)
+    chunk_kv = torch.einsum("bmshd,hgs,bmshe->bmhgde", kc, k_decay, vc)
+    lam_l = torch.exp(-sl * L)[None, ..., None, None]
+    before = []
+    for c in range(m):  # the only sequential part: one multiply-add per chunk
+        before.append(s)
+        s = lam_l * s + chunk_kv[:, c]
+    o = o + torch.einsum("bmlhgd,hgl,bmhgde->bmlhge", qc, q_decay, torch.stack(before, dim=1))
+    return o.reshape(b, n, hkv, g, dv), s
+
+
 def _chunked_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor,
                    state: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """q [b, n, h, dk], k/v [b, n, hkv, *], state [b, h, dk, dv] (compute dtype)."""
     b, n, h, dk = q.shape
     hkv, dv = k.shape[2], v.shape[-1]
     g = h // hkv
-    q = q.reshape(b, n, hkv, g, dk)
+    q5 = q.reshape(b, n, hkv, g, dk)
     s = state.reshape(b, hkv, g, dk, dv)
     sl = slope.view(hkv, g)
+    full = n - n % chunk_size
     outs = []
-    for c0 in range(0, n, chunk_size):
-        L = min(chunk_size, n - c0)
-        qc, kc, vc = q[:, c0:c0 + L], k[:, c0:c0 + L], v[:, c0:c0 + L]
-        pos = torch.arange(L, device=q.device, dtype=slope.dtype)
-        dist = pos[:, None] - pos[None, :]
-        causal = dist >= 0
-        # [hkv, g, L, L]; clamp so the masked (negative) distances never reach exp
-        decay = torch.exp(-sl[..., None, None] * dist.clamp(min=0)) * causal
-        scores = torch.einsum("blhgd,bshd->bhgls", qc, kc) * decay
-        o = torch.einsum("bhgls,bshe->blhge", scores, vc)
-        q_decay = torch.exp(-sl[..., None] * (pos + 1))            # [hkv, g, L]: λ^{i+1}
-        o = o + torch.einsum("blhgd,hgl,bhgde->blhge", qc, q_decay, s)
-        k_decay = torch.exp(-sl[..., None] * (L - 1 - pos))        # λ^{L-1-j}
-        s = torch.exp(-sl * L)[None, ..., None, None] * s + torch.einsum("bshd,hgs,bshe->bhgde", kc, k_decay, vc)
+    if full:
+        o, s = _blocks(q5[:, :full], k[:, :full], v[:, :full], sl, s, chunk_size)
+        outs.append(o)
+    if full < n:  # the shorter last chunk
+        o, s = _blocks(q5[:, full:], k[:, full:], v[:, full:], sl, s, n - full)
         outs.append(o)
     return torch.cat(outs, dim=1).reshape(b, n, h, dv), s.reshape(b, h, dk, dv)
 
