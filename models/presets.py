@@ -56,13 +56,14 @@ def preset_names() -> list[str]:
 
 
 def transformer_config(p: ModelPreset, **overrides: Any) -> SeqparTransformerConfig:
-    """A ``SeqparTransformerConfig`` for ``p`` (RMSNorm, RoPE-ready, no biases, no dropout);
+    """A ``SeqparTransformerConfig`` for ``p`` (RMSNorm, SwiGLU, no biases, no dropout);
     ``overrides`` are TransformerConfig/SeqparTransformerConfig fields."""
     check_pattern(p.pattern, "model.pattern")
     kw: dict[str, Any] = dict(
         num_layers=p.num_layers, hidden_size=p.hidden_size, num_attention_heads=p.num_attention_heads,
         num_query_groups=p.num_query_groups, ffn_hidden_size=p.ffn_hidden_size, normalization="RMSNorm",
         add_bias_linear=False, attention_dropout=0.0, hidden_dropout=0.0,
+        gated_linear_unit=True, activation_func=torch.nn.functional.silu,  # SwiGLU MLP (Llama-style)
         use_cpu_initialization=not torch.cuda.is_available())
     kw.update(overrides)
     return SeqparTransformerConfig(**kw)

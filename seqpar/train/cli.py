@@ -25,6 +25,36 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def dry_run(cfg) -> None:
+    """Start the process groups, build this rank's model on the meta device (any size, no memory)
+    and the data pipeline (text is read but the tokenizer is not trained), print a summary."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from seqpar.megatron import init_parallel
+    from seqpar.train.loop import build_model
+
+    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.context_parallel, seed=cfg.train.seed)
+    try:
+        if cfg.data.dataset == "mqar":
+            from seqpar.data import MQARDataset
+            d = cfg.data
+            MQARDataset(d.vocab_size, d.seq_len, d.mqar_pairs, d.mqar_queries).batch(0, d.global_batch)
+        else:
+            from seqpar.data import load_text
+            load_text(cfg.data.text_files, min(cfg.data.max_bytes, 100_000))
+        with torch.device("meta"):
+            model = build_model(cfg, cfg.data.vocab_size)
+        if dist.get_rank() == 0:
+            n = sum(p.numel() for p in model.parameters())
+            print(json.dumps({"dry_run": "ok", "world": dist.get_world_size(), "params_per_rank": n,
+                              "pattern": cfg.model.layer_pattern,
+                              "dp": parallel_state.get_data_parallel_world_size()}), flush=True)
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     from seqpar.train.config import load_recipe
@@ -47,22 +77,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:  # single process without torchrun
             rdv = tempfile.mktemp(prefix="seqpar_rdv_")
             dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=0, world_size=1)
-    from seqpar.train.loop import build_data, build_model, train
+    from seqpar.train.loop import train
 
     try:
         if args.dry_run:
-            from megatron.core import parallel_state
-
-            from seqpar.megatron import init_parallel
-
-            init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.context_parallel, seed=cfg.train.seed)
-            data, vocab = build_data(cfg)
-            model = build_model(cfg, vocab)
-            if dist.get_rank() == 0:
-                n = sum(p.numel() for p in model.parameters())
-                print(json.dumps({"dry_run": "ok", "world": dist.get_world_size(), "params_per_rank": n,
-                                  "pattern": cfg.model.layer_pattern, "vocab": vocab}))
-            parallel_state.destroy_model_parallel()
+            dry_run(cfg)
         else:
             train(cfg, resume=args.resume)
     finally:
