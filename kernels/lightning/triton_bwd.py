@@ -5,13 +5,15 @@ With ``S`` the state before a chunk and ``dS`` the gradient of the state at the 
 
 * ``_dstate_kernel``: the reverse recursion ``dS_prev = λ^L dS + (λ^{i+1} q_i)ᵀ do_i``, stored
   per chunk; what remains after the first chunk is ``d initial_state``.
-* ``_dv_kernel`` / ``_dqk_kernel`` (parallel over chunks and dv / dk tiles), with ``A = Q Kᵀ``, ``dA = dO Vᵀ``, ``D[i,j] = λ^{i-j}``::
+* ``_dv_kernel`` / ``_dqk_kernel`` (parallel over chunks and dv / dk tiles), with ``A = Q Kᵀ``,
+  ``dA = dO Vᵀ``, ``D[i,j] = λ^{i-j}``::
 
       dq = (dA ⊙ D) K   + λ^{i+1}   dO Sᵀ          (forward-direction states)
       dk = (dA ⊙ D)ᵀ Q  + λ^{L-1-j} V dSᵀ          (reverse-direction states)
       dv = (A ⊙ D)ᵀ dO  + λ^{L-1-j} K dS
 
-With GQA, dk/dv are produced per query head in fp32 and summed over the group by the caller.
+With GQA, dk/dv are produced per query head in fp32 and summed over the group afterwards. The
+forward's per-chunk states are recomputed here rather than kept from the forward pass.
 """
 
 from __future__ import annotations
