@@ -1,6 +1,30 @@
 """seqpar.cp: context parallelism for every attention kind (DESIGN.md §1-2).
 
 ``comm.py`` is the only attention-path module that calls torch.distributed.
+
+``cp.attention(q, k, v, kind=..., scheme=..., group=..., balance=...)`` on this rank's shards
+(``cp.shard`` / ``cp.shard_varlen``) equals the single-device op on the full input, outputs and
+gradients. Bytes each rank *receives* per layer (N global tokens, P ranks, e bytes/element,
+batch b; ``cp.scheme_cost`` returns them exactly and ``cp.comm_ledger`` measures them):
+
+- allgather, softmax/moh: ``(P-1)/P·N·b·H_kv·(d+dv)·e``, 1 all-gather; backward the same as
+  1 reduce-scatter.
+- allgather, s2 (stride-aware exchange): ``≈ 1/vert_stride`` of the above plus the boundary
+  windows, 2 all-gathers (backward 2 reduce-scatters).
+- ring, softmax/s2/moh: the same K/V bytes in P-1 send/recv; backward P-1 K/V hops plus P hops
+  of the fp32 dK/dV buffer.
+- ulysses, softmax/moh/lightning: 4 all-to-alls (q, k, v, o; +1 for MoH gates), together
+  ``(P-1)/P·(N/P)·b·(H + H_kv')·(d+dv)·e`` with ``H_kv' = max(H_kv, P)``; backward the same.
+- usp (``ulysses_degree=U``), softmax/moh: Ulysses over U ranks, then ring over P/U groups.
+- allgather = LASP-2, lightning: ``(P-1)·c·b·H·dk·dv·4`` (c = 2 chunks per rank under zigzag,
+  1 contiguous), independent of N; 1 all-gather, backward 1 reduce-scatter.
+
+Limits: ulysses needs H % P == 0 and H_kv % P == 0 or P % H_kv == 0 (kv heads replicated);
+zigzag needs N % 2P == 0 (contiguous N % P); s2 needs chunks of whole blocks, and the exchange
+needs chunks of a multiple of vert_stride blocks (else plain all-gather); varlen (global
+``cu_seqlens``, every document a multiple of 2P, see ``cp.pad_varlen``) with allgather/ulysses
+for softmax and lightning. Not implemented (ValueError): lightning × ring (LASP-1) and × usp,
+s2 × ulysses/usp.
 """
 
 from seqpar.cp.api import KINDS, SCHEMES, SUPPORTED, attention, recommend, scheme_cost

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -112,13 +112,14 @@ _SUBGROUPS: dict[tuple, tuple[list, list]] = {}
 
 
 class Pending:
-    """An in-flight collective: ``wait()`` blocks until done and returns the result tensor."""
+    """An in-flight collective: ``wait()`` blocks until done and returns the result (a tensor, or
+    the list of received tensors for :meth:`Comm.send_recv`)."""
 
-    def __init__(self, result: torch.Tensor, works: Sequence) -> None:
+    def __init__(self, result: Any, works: Sequence) -> None:
         self._result = result
         self._works = [w for w in works if w is not None]
 
-    def wait(self) -> torch.Tensor:
+    def wait(self) -> Any:
         for w in self._works:
             w.wait()
         self._works = []
@@ -130,8 +131,8 @@ class Comm:
 
     Inputs are made contiguous; outputs are new tensors. Every method that takes ``async_op``
     returns a :class:`Pending` when it is True (the transfer overlaps with later compute), else the
-    tensor. No autograd: the strategies' ``autograd.Function`` pair each forward collective with
-    its adjoint explicitly.
+    tensor. These methods carry no autograd; the differentiable wrappers at the end of this module
+    (and the ring's ``autograd.Function``) pair each forward collective with its adjoint.
     """
 
     def __init__(self, group=None) -> None:
@@ -193,23 +194,21 @@ class Comm:
         _record("all_to_all", (self.world - 1) * (x.numel() // self.world) * x.element_size(), x)
         return Pending(out, [work]) if async_op else out
 
-    def send_recv(self, send: Sequence[torch.Tensor], dst: int, src: int,
-                  recv_like: Optional[Sequence[torch.Tensor]] = None) -> Pending:
-        """Post sends of ``send`` to group rank ``dst`` and receives from ``src`` in one batch.
+    def send_recv(self, send: Sequence[torch.Tensor], dst: int, src: int) -> Pending:
+        """Post sends of ``send`` to group rank ``dst`` and receives of same-shaped tensors from
+        ``src`` in one batch.
 
-        Returns a :class:`Pending` whose ``wait()`` gives the list of received tensors (shaped
-        like ``recv_like``, default like ``send``). Always asynchronous: the ring posts the next
-        transfer before computing on the current block.
+        Returns a :class:`Pending` whose ``wait()`` gives the list of received tensors. Always
+        asynchronous: the ring posts the next transfer before computing on the current block.
         """
         send = [t.contiguous() for t in send]
-        like = send if recv_like is None else list(recv_like)
-        recv = [torch.empty_like(t) for t in like]
+        recv = [torch.empty_like(t) for t in send]
         ops = [dist.P2POp(dist.isend, t, self._global[dst], self.group) for t in send]
         ops += [dist.P2POp(dist.irecv, t, self._global[src], self.group) for t in recv]
         works = dist.batch_isend_irecv(ops) if ops else []
         for t in recv:
             _record("send_recv", t.numel() * t.element_size(), t)
-        return Pending(recv, works)  # type: ignore[arg-type]
+        return Pending(recv, works)
 
     def ring_pass(self, send: Sequence[torch.Tensor], *, reverse: bool = False) -> Pending:
         """Send to the next rank and receive from the previous one (``reverse`` flips both)."""
