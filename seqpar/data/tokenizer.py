@@ -45,7 +45,8 @@ def load_text(text_files: Optional[list[str]], max_bytes: int) -> str:
 
 
 def get_tokenizer(vocab_size: int, text: str, cache_dir: Optional[pathlib.Path] = None):
-    """A ``SentencePieceProcessor`` (BPE, ``vocab_size`` pieces, byte fallback) trained on ``text``.
+    """A ``SentencePieceProcessor`` (BPE, ``vocab_size`` pieces, byte fallback, no
+    normalisation: decode(encode(text)) == text, indentation and newlines included) trained on ``text``.
 
     Cached as ``<cache_dir>/spm_<vocab>_<hash of text>.model``; written to a temp name and renamed so
     concurrent ranks never read a half-written model.
@@ -63,7 +64,8 @@ def get_tokenizer(vocab_size: int, text: str, cache_dir: Optional[pathlib.Path] 
             prefix = pathlib.Path(tmp) / "spm"
             spm.SentencePieceTrainer.train(
                 input=str(corpus), model_prefix=str(prefix), vocab_size=vocab_size, model_type="bpe",
-                byte_fallback=True, character_coverage=1.0, input_sentence_size=200_000,
+                byte_fallback=True, character_coverage=0.9995, normalization_rule_name="identity",
+                remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, input_sentence_size=200_000,
                 shuffle_input_sentence=False, num_threads=1, max_sentence_length=8192,
                 pad_id=0, unk_id=1, bos_id=2, eos_id=3, minloglevel=2)
             os.replace(f"{prefix}.model", model)

@@ -114,6 +114,9 @@ class DataConfig:
         _need(self.seq_len >= 2, "data.seq_len must be >= 2")
         _need(self.global_batch >= 1, "data.global_batch must be >= 1")
         _need(self.vocab_size >= 64, "data.vocab_size must be >= 64")
+        # the tokenizer's byte fallback alone takes 256 pieces
+        _need(self.dataset != "text" or self.vocab_size >= 512,
+              f"data.vocab_size must be >= 512 for the text dataset, got {self.vocab_size}")
 
 
 @dataclass

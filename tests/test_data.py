@@ -1,0 +1,64 @@
+"""seqpar.data: tokenizer trained once on local text and cached; packed windows addressed by step
+(DP ranks partition the global batch); MQAR answers are the values bound earlier."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seqpar.data import MQARDataset, PackedTextDataset, get_tokenizer, load_text, stdlib_corpus
+
+
+def test_tokenizer_trained_once_and_cached(tmp_path):
+    text = stdlib_corpus(200_000)
+    assert len(text) == 200_000
+    sp = get_tokenizer(512, text, tmp_path)
+    models = list(tmp_path.glob("spm_512_*.model"))
+    assert len(models) == 1 and sp.vocab_size() == 512
+    mtime = models[0].stat().st_mtime_ns
+    sp2 = get_tokenizer(512, text, tmp_path)
+    assert models[0].stat().st_mtime_ns == mtime  # loaded, not retrained
+    sample = "def f(x):\n    return x + 1  # ünïcode"
+    assert sp2.decode(sp2.encode(sample)) == sample  # byte fallback: lossless
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # no temp folder left
+
+
+def test_load_text_from_files(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("hello world\n" * 10)
+    assert load_text([str(f)], 30) == ("hello world\n" * 10)[:30]
+    with pytest.raises(ValueError, match="text_files"):
+        load_text([str(tmp_path / "missing.txt")], 10)
+
+
+def test_packed_windows_by_step_and_rank():
+    ids = torch.arange(1000)
+    ds = PackedTextDataset(ids, seq_len=15, seed=1)
+    tok, lab, mask = ds.batch(step=3, global_batch=4)
+    assert tok.shape == (4, 15) and torch.equal(lab[:, :-1], tok[:, 1:]) and torch.equal(lab[:, -1], tok[:, -1] + 1)
+    assert mask.sum() == 60
+    assert all(int(t[0]) % 15 == 0 for t in tok)  # whole windows
+    r0, r1 = ds.batch(3, 4, rank=0, ranks=2)[0], ds.batch(3, 4, rank=1, ranks=2)[0]
+    assert torch.equal(torch.stack([r0[0], r1[0], r0[1], r1[1]]), tok)
+    assert torch.equal(ds.batch(3, 4)[0], tok)  # deterministic
+    assert not torch.equal(ds.batch(4, 4)[0], tok)
+    # one epoch visits every window once
+    seen = torch.cat([ds.batch(s, 6)[0][:, 0] for s in range(ds.num_windows // 6)])
+    assert len(set(seen.tolist())) == len(seen)
+    with pytest.raises(ValueError, match="seq_len"):
+        PackedTextDataset(torch.arange(10), seq_len=10)
+
+
+def test_mqar_answers_are_bound_values():
+    ds = MQARDataset(vocab_size=64, seq_len=40, num_pairs=6, num_queries=5, seed=2)
+    tok, lab, mask = ds.batch(0, 3)
+    assert tok.shape == lab.shape == mask.shape == (3, 40)
+    assert mask.sum() == 15
+    for t, l, m in zip(tok, lab, mask):
+        bound = {int(t[2 * i]): int(t[2 * i + 1]) for i in range(6)}
+        assert len(bound) == 6 and all(4 <= k < 32 <= v < 64 for k, v in bound.items())
+        for pos in torch.nonzero(m).flatten().tolist():
+            assert int(l[pos]) == bound[int(t[pos])]
+    assert torch.equal(ds.batch(0, 3)[0], tok)
+    with pytest.raises(ValueError, match="seq_len"):
+        MQARDataset(64, 10, num_pairs=6, num_queries=5)
