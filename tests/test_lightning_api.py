@@ -137,6 +137,7 @@ def _ok():
     (lambda a: {**a, "k": torch.randn(1, 8, 3, 16), "v": torch.randn(1, 8, 3, 8)}, "num_kv_heads"),
     (lambda a: {**a, "k": torch.randn(1, 8, 2, 12)}, "head dims"),
     (lambda a: {**a, "v": torch.randn(1, 7, 2, 8)}, "same seq length"),
+    (lambda a: {**a, "k": torch.randn(1, 9, 2, 16), "v": torch.randn(1, 9, 2, 8)}, "q and k/v must have the same seq"),
     (lambda a: {**a, "slope": torch.ones(2)}, r"slope must have shape \[num_heads\]"),
     (lambda a: {**a, "slope": -torch.ones(4)}, "slope must be finite and >= 0"),
     (lambda a: {**a, "slope": torch.ones(4, dtype=torch.int64)}, "slope must be a floating-point"),

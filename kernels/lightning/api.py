@@ -84,7 +84,9 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
         bf16 for bf16 inputs, fp32 otherwise) and recomputes it in backward instead of saving
         it. Validation reads ``slope`` (and ``cu_seqlens``) on the host: one sync per call.
     """
-    b, n, _, h, hkv, dk = check_qkv(q, k, v, same_dv=False)
+    b, n, nk, h, hkv, dk = check_qkv(q, k, v, same_dv=False)
+    if nk != n:
+        raise ValueError(f"q and k/v must have the same seq length for linear attention, got {n} and {nk}")
     dv = v.shape[-1]
     _check_slope(slope, h, q.device)
     cu_seqlens = check_cu_seqlens(cu_seqlens, b, n)
