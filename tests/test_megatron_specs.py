@@ -1,0 +1,142 @@
+"""seqpar.megatron pieces on one process: layer_specs tiling and pipeline offsets, the core-attention
+contract ([s, b, h, d] in with GQA unexpanded, [s, b, h*d] out; THD [t, h, d] with cu_seqlens) against
+the fp64 reference, and the CPU shim being explicit and reversible."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tolerance import assert_rel_close
+
+from seqpar.kernels import S2Layout
+from seqpar.kernels.s2.reference import attention_reference
+
+
+def _config(**kw):
+    from seqpar.megatron import SeqparTransformerConfig
+
+    base = dict(num_layers=4, hidden_size=48, num_attention_heads=6, num_query_groups=2, ffn_hidden_size=64,
+                kv_channels=8, attention_dropout=0.0, hidden_dropout=0.0, seqpar_backend="torch",
+                s2_block_size=16, s2_local_blocks=1, s2_vert_stride=2, use_cpu_initialization=True)
+    base.update(kw)
+    return SeqparTransformerConfig(**base)
+
+
+def _core(cls, config):
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.enums import AttnMaskType
+
+    pg = ProcessGroupCollection(tp=None, cp=None)
+    return cls(config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self", pg_collection=pg)
+
+
+def test_layer_specs_tile_pattern_with_offsets():
+    from seqpar.megatron import layer_pattern, layer_specs
+    from seqpar.megatron.attention import LightningSelfAttention, MoHSelfAttention, S2CoreAttention, SoftmaxCoreAttention
+
+    assert layer_pattern("LLLA", 10) == "LLLALLLALL"
+    block = layer_specs("ASLH", 6, offset=2, count=3)
+    assert len(block.layer_specs) == 3
+    attn = [s.submodules.self_attention for s in block.layer_specs]
+    assert attn[0].module is LightningSelfAttention          # layer 2 = L
+    assert attn[1].module is MoHSelfAttention                 # layer 3 = H
+    assert attn[2].submodules.core_attention is SoftmaxCoreAttention  # layer 4 = A
+    assert layer_specs("S", 1).layer_specs[0].submodules.self_attention.submodules.core_attention is S2CoreAttention
+    with pytest.raises(ValueError, match="unknown kind letter"):
+        layer_specs("AXL", 4)
+    with pytest.raises(ValueError, match="offset"):
+        layer_specs("A", 4, offset=3, count=2)
+
+
+def _qkv(s, b, dtype):
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(s, b, 6, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(s, b, 2, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(s, b, 2, 8, generator=g, dtype=torch.float64)
+    return q, k, v
+
+
+def _bshd(x):
+    return x.transpose(0, 1)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "s2"])
+def test_core_attention_contract_matches_fp64_reference(kind):
+    from seqpar.megatron import S2CoreAttention, SoftmaxCoreAttention
+
+    cfg = _config()
+    core = _core(SoftmaxCoreAttention if kind == "softmax" else S2CoreAttention, cfg)
+    layout = S2Layout(block_size=16, local_blocks=1, vert_stride=2) if kind == "s2" else None
+    s, b = 48, 2
+    q, k, v = _qkv(s, b, torch.float64)
+    ours = core(q.float(), k.float(), v.float(), None)
+    assert ours.shape == (s, b, 6 * 8)
+    ref = {dt: attention_reference(*(_bshd(t.to(dt)) for t in (q, k, v)), layout=layout)[0] for dt in (torch.float32, torch.float64)}
+    flat = {dt: r.transpose(0, 1).reshape(s, b, -1) for dt, r in ref.items()}
+    assert_rel_close(kind, ours, flat[torch.float32], flat[torch.float64])
+
+
+def test_packed_thd_passes_cu_seqlens():
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from seqpar.megatron import SoftmaxCoreAttention
+
+    core = _core(SoftmaxCoreAttention, _config())
+    q, k, v = (t[:, 0] for t in _qkv(37, 1, torch.float64))   # THD: [t, h, d]
+    cu = torch.tensor([0, 11, 37], dtype=torch.int32)
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=26, max_seqlen_kv=26)
+    ours = core(q.float(), k.float(), v.float(), None, packed_seq_params=psp)
+    assert ours.shape == (37, 48)
+    ref = {dt: attention_reference(*(t.to(dt)[None] for t in (q, k, v)), cu_seqlens=cu)[0][0].reshape(37, -1)
+           for dt in (torch.float32, torch.float64)}
+    assert_rel_close("thd", ours, ref[torch.float32], ref[torch.float64])
+    # documents are independent: the second one alone gives the same rows
+    alone = core(q[11:].float(), k[11:].float(), v[11:].float(), None)
+    torch.testing.assert_close(ours[11:], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_core_attention_rejects_dropout_and_bias():
+    from seqpar.megatron import SoftmaxCoreAttention
+
+    with pytest.raises(ValueError, match="attention_dropout"):
+        _core(SoftmaxCoreAttention, _config(attention_dropout=0.1))
+    core = _core(SoftmaxCoreAttention, _config())
+    q, k, v = (t.float() for t in _qkv(8, 1, torch.float64))
+    with pytest.raises(ValueError, match="attention_bias"):
+        core(q, k, v, None, attention_bias=torch.zeros(1))
+
+
+def test_config_fields_validated():
+    with pytest.raises(ValueError, match=r"cp_schemes\['s2'\]"):
+        _config(cp_schemes={"s2": "ulysses"})
+    with pytest.raises(ValueError, match="seqpar_backend"):
+        _config(seqpar_backend="cuda")
+
+
+def test_cpu_compat_is_explicit_and_reversible():
+    import seqpar.megatron  # noqa: F401  importing changes nothing
+    from megatron.core.tensor_parallel import random as tp_random
+
+    from seqpar.megatron import disable_cpu_compat, enable_cpu_compat
+    from seqpar.megatron.cpu_compat import CpuRNGStatesTracker
+
+    orig = torch.cuda.current_device
+    tracker = tp_random._CUDA_RNG_STATE_TRACKER
+    assert not isinstance(tracker, CpuRNGStatesTracker)
+    enable_cpu_compat()
+    try:
+        assert torch.cuda.current_device() == "cpu"
+        t = tp_random.get_cuda_rng_tracker()
+        assert isinstance(t, CpuRNGStatesTracker)
+        t.add("x", 5)
+        before = torch.get_rng_state()
+        with t.fork("x"):
+            a = torch.rand(3)
+        assert torch.equal(torch.get_rng_state(), before)  # forking leaves the default stream alone
+        torch.manual_seed(5)
+        assert torch.equal(a, torch.rand(3))
+    finally:
+        disable_cpu_compat()
+    assert torch.cuda.current_device is orig
+    assert tp_random._CUDA_RNG_STATE_TRACKER is tracker
