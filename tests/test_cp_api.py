@@ -17,6 +17,8 @@ def _bad_calls(group) -> list[tuple[str, dict]]:
         (r"kind='lightning' with scheme='usp' is not supported; supported pairs: .*lightningxallgather",
          dict(q=q, k=k, v=v, kind="lightning", scheme="usp", slope=torch.ones(4))),
         (r"kind must be one of", dict(q=q, k=k, v=v, kind="mamba", scheme="ring")),
+        (r"scheme='ring' \(LASP-1\) supports no initial_state.*use scheme='allgather' \(LASP-2\)",
+         dict(q=q, k=k, v=v, kind="lightning", scheme="ring", slope=torch.ones(4), output_final_state=True)),
         (r"scheme must be one of", dict(q=q, k=k, v=v, kind="softmax", scheme="tree")),
         (r"local sequence length 7 must be divisible by 2 .*divisible by 4",
          dict(q=q[:, :7], k=k[:, :7], v=v[:, :7], kind="softmax", scheme="allgather")),
@@ -78,7 +80,15 @@ def test_scheme_cost_closed_forms():
     r = cp.scheme_cost("softmax", "ring", seq_len=N, **kw)
     assert r["fwd"]["send_recv"] == {"bytes": ag["fwd"]["all_gather"]["bytes"], "calls": P - 1}
     with pytest.raises(ValueError, match="not supported"):
-        cp.scheme_cost("lightning", "ring", seq_len=N, **kw)
+        cp.scheme_cost("s2", "ulysses", seq_len=N, **kw)
+    # LASP-1 (lightning ring): one fp32 state per hop; zigzag chain 0..2P-1 visits ranks 0..P-1, P-1..0
+    state = H * d * d * 4
+    z = [cp.scheme_cost("lightning", "ring", seq_len=N, rank=r, **kw) for r in range(P)]
+    assert z[0]["fwd"] == {"send_recv": {"bytes": state, "calls": 1}}  # chunk 2P-1 waits for rank 1
+    assert z[P - 1]["fwd"] == {"send_recv": {"bytes": state, "calls": 1}}  # chunk P is local after P-1
+    assert all(zr["fwd"]["send_recv"]["calls"] == 2 for zr in z[1:P - 1])
+    c0 = cp.scheme_cost("lightning", "ring", seq_len=N, rank=0, balance="contiguous", **kw)
+    assert c0["fwd"] == {} and c0["bwd"] == {"send_recv": {"bytes": state, "calls": 1}}
     with pytest.raises(ValueError, match="must be divisible by 16"):
         cp.scheme_cost("softmax", "ring", seq_len=100, **kw)
 

@@ -103,6 +103,9 @@ def _cases(world: int) -> list[dict]:
               doc_lens=[2 * p * 3, 2 * p], with_state=True, seed=22),
         _case("lightning-lasp2-contig-2x", "lightning", "allgather", "contiguous", p, b=1, n=p * 12, h=2, hkv=2,
               d=16, seed=30),
+        _case("lightning-lasp1-zz-gqa", "lightning", "ring", "zigzag", p, b=2, n=2 * p * 5, h=3, hkv=1, d=16, dv=32,
+              seed=31),
+        _case("lightning-lasp1-contig", "lightning", "ring", "contiguous", p, b=1, n=p * 6, h=2, hkv=2, d=16, seed=32),
         _case("lightning-uly-zz", "lightning", "ulysses", "zigzag", p, b=1, n=2 * p * 3, h=4, hkv=2, d=16,
               with_state=True, seed=13),
     ]
@@ -203,13 +206,13 @@ def _check_case(c: dict, per_rank: list[dict], world: int) -> None:
     # ledger == closed form, forward and backward
     t = c["tensors"]
     b, n, h, d = t["q"].shape
-    cost = cp.scheme_cost(c["kind"], c["scheme"], world=world, seq_len=n, batch=b, heads=h,
-                          kv_heads=t["k"].shape[2], head_dim=d, v_head_dim=t["v"].shape[-1], dtype=c["dtype"],
-                          balance=bal, gates_dtype=torch.float32,
-                          output_final_state=bool(c["kw"].get("output_final_state")),
-                          num_docs=None if cu is None else cu.numel() - 1, layout=c["kw"].get("layout"),
-                          ulysses_degree=c["kw"].get("ulysses_degree"))
-    for r in per_rank:
+    cost_kw = dict(world=world, seq_len=n, batch=b, heads=h, kv_heads=t["k"].shape[2], head_dim=d,
+                   v_head_dim=t["v"].shape[-1], dtype=c["dtype"], balance=bal, gates_dtype=torch.float32,
+                   output_final_state=bool(c["kw"].get("output_final_state")),
+                   num_docs=None if cu is None else cu.numel() - 1, layout=c["kw"].get("layout"),
+                   ulysses_degree=c["kw"].get("ulysses_degree"))
+    for rank, r in enumerate(per_rank):
+        cost = cp.scheme_cost(c["kind"], c["scheme"], rank=rank, **cost_kw)
         assert r["fwd"] == cost["fwd"], f"{name}: forward ledger {r['fwd']} != scheme_cost {cost['fwd']}"
         assert r["bwd"] == cost["bwd"], f"{name}: backward ledger {r['bwd']} != scheme_cost {cost['bwd']}"
 

@@ -16,6 +16,8 @@ batch b; ``cp.scheme_cost`` returns them exactly and ``cp.comm_ledger`` measures
 - ulysses, softmax/moh/lightning: 4 all-to-alls (q, k, v, o; +1 for MoH gates), together
   ``(P-1)/P·(N/P)·b·(H + H_kv')·(d+dv)·e`` with ``H_kv' = max(H_kv, P)``; backward the same.
 - usp (``ulysses_degree=U``), softmax/moh: Ulysses over U ranks, then ring over P/U groups.
+- ring = LASP-1, lightning: one fp32 state ``b·H·dk·dv·4`` per hop along a sequential chain
+  (for comparison; ``cp.recommend`` never picks it).
 - allgather = LASP-2, lightning: ``(P-1)·c·b·H·dk·dv·4`` (c = 2 chunks per rank under zigzag,
   1 contiguous), independent of N; 1 all-gather, backward 1 reduce-scatter.
 
@@ -23,8 +25,8 @@ Limits: ulysses needs H % P == 0 and H_kv % P == 0 or P % H_kv == 0 (kv heads re
 zigzag needs N % 2P == 0 (contiguous N % P); s2 needs chunks of whole blocks, and the exchange
 needs chunks of a multiple of vert_stride blocks (else plain all-gather); varlen (global
 ``cu_seqlens``, every document a multiple of 2P, see ``cp.pad_varlen``) with allgather/ulysses
-for softmax and lightning. Not implemented (ValueError): lightning × ring (LASP-1) and × usp,
-s2 × ulysses/usp.
+for softmax and lightning. Not implemented (ValueError): lightning × usp, s2 × ulysses/usp;
+LASP-1 takes no initial/final state or varlen.
 """
 
 from seqpar.cp.api import KINDS, SCHEMES, SUPPORTED, attention, recommend, scheme_cost

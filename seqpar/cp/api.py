@@ -10,6 +10,7 @@ import torch
 
 from seqpar.cp.allgather import allgather_attention
 from seqpar.cp.comm import Comm
+from seqpar.cp.lasp1 import hops_received, lasp1_attention
 from seqpar.cp.lasp2 import lasp2_attention
 from seqpar.cp.local import softmax_family_op
 from seqpar.cp.partition import BALANCES, chunk_ids, resolve_group, varlen_token_index
@@ -24,7 +25,7 @@ SCHEMES = ("allgather", "ring", "ulysses", "usp")
 SUPPORTED = {
     ("softmax", "allgather"), ("softmax", "ulysses"), ("softmax", "ring"),
     ("s2", "allgather"), ("s2", "ring"),
-    ("lightning", "allgather"), ("lightning", "ulysses"),
+    ("lightning", "allgather"), ("lightning", "ulysses"), ("lightning", "ring"),
     ("moh", "allgather"), ("moh", "ulysses"), ("moh", "ring"),
     ("softmax", "usp"), ("moh", "usp"),
 }
@@ -68,6 +69,10 @@ def _validate(q, k, v, kind: str, scheme: str, balance: str, world: int, kw: dic
             raise ValueError(f"s2 under CP needs each chunk ({c} tokens) to be a multiple of layout.block_size="
                              f"{layout.block_size} so blocks stay absolute; make the global length a multiple "
                              f"of {per_rank * world * layout.block_size}")
+    if (kind, scheme) == ("lightning", "ring") and (kw.get("initial_state") is not None
+                                                    or kw.get("output_final_state") or kw.get("cu_seqlens") is not None):
+        raise ValueError("lightning with scheme='ring' (LASP-1) supports no initial_state, output_final_state or "
+                         "cu_seqlens; use scheme='allgather' (LASP-2)")
     if kind == "lightning":
         slope = kw.get("slope")
         if not isinstance(slope, torch.Tensor) or tuple(slope.shape) != (h,):
@@ -117,7 +122,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, s
             as produced by ``cp.shard(x, group, dim=1, balance=balance)``.
         kind: "softmax" | "s2" | "lightning" | "moh".
         scheme: "allgather" (for lightning: LASP-2) | "ring" | "ulysses" | "usp" (see SUPPORTED;
-            e.g. lightning "ring" and s2 "ulysses" are not implemented and raise).
+            lightning "ring" is LASP-1 state passing; e.g. s2 "ulysses" is not implemented and raises).
         group: the CP process group (None = default group).
         balance: "zigzag" (rank r holds chunks r and 2P-1-r of 2P) or "contiguous".
         kind_kwargs: softmax: ``sm_scale, causal, backend, cu_seqlens``; s2: ``layout, sm_scale,
@@ -146,6 +151,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, s
                                    initial_state=kind_kwargs.get("initial_state"),
                                    output_final_state=bool(kind_kwargs.get("output_final_state", False)),
                                    cu_seqlens=kind_kwargs.get("cu_seqlens"), backend=kind_kwargs.get("backend", "auto"))
+        if scheme == "ring":
+            return lasp1_attention(q, k, v, kind_kwargs["slope"], comm, balance=balance,
+                                   backend=kind_kwargs.get("backend", "auto")), None
         return ulysses_attention(q, k, v, comm, kind=kind, balance=balance, kw=kind_kwargs)
     causal = kind == "s2" or kind_kwargs.get("causal", True)
     chunk_len = q.shape[1] // len(chunk_ids(0, world, balance))
@@ -177,13 +185,15 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
                 v_head_dim: Optional[int] = None, batch: int = 1, dtype: Any = torch.bfloat16,
                 balance: str = "zigzag", gates_dtype: Any = None,
                 output_final_state: bool = False, num_docs: Optional[int] = None,
-                layout: Any = None, ulysses_degree: Optional[int] = None) -> dict[str, dict[str, dict[str, int]]]:
+                layout: Any = None, ulysses_degree: Optional[int] = None, rank: Optional[int] = None) -> dict[str, dict[str, dict[str, int]]]:
     """Closed-form bytes received per rank and calls per layer: ``{"fwd"|"bwd": {op: {"bytes", "calls"}}}``.
 
     ``seq_len`` is the global length N; ``dtype`` the activation dtype (or bytes per element).
     allgather (softmax/s2/moh): ``(P-1)/P · N · b · H_kv · (d + dv) · e`` all-gather, the same as a
     reduce-scatter in backward; s2 uses the stride-aware exchange when it applies (``layout``
-    required): per kv head only its column blocks plus the boundary windows. ring: ``P-1`` passes of the local K/V (``N/P · b · H_kv · (d+dv) · e``
+    required): per kv head only its column blocks plus the boundary windows. lightning ring
+    (LASP-1): one fp32 state ``b·H·dk·dv·4`` per hop from another rank; hops differ per rank, so
+    pass ``rank`` (default: the busiest rank). ring: ``P-1`` passes of the local K/V (``N/P · b · H_kv · (d+dv) · e``
     each) forward; backward the same plus ``P`` passes of the fp32 dK/dV buffer. LASP-2: ``(P-1) · c · b · H · dk · dv · 4`` with ``c`` chunks per rank
     (2 zigzag, 1 contiguous), independent of N. Ulysses: one all-to-all per tensor, each
     ``(P-1)/P · (N/P) · b · heads_x · dim_x · e`` (q, k, v, o; MoH adds its gates; kv heads count
@@ -223,6 +233,14 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
         vol = (p - 1) * (n // p) * batch * kv_heads * (head_dim + dv) * e
         add(fwd, "all_gather", vol)
         add(bwd, "reduce_scatter", vol)
+    elif scheme == "ring" and kind == "lightning":
+        # LASP-1 hops differ per rank: cost of ``rank`` (default: the rank receiving the most)
+        hops = [hops_received(p, balance, r) for r in range(p)] if rank is None else [hops_received(p, balance, rank)]
+        state = nstate * heads * head_dim * dv * 4
+        for _ in range(max(f for f, _ in hops)):
+            add(fwd, "send_recv", state)
+        for _ in range(max(back for _, back in hops)):
+            add(bwd, "send_recv", state)
     elif scheme == "ring":
         kv_local = (n // p) * batch * kv_heads * (head_dim + dv)
         for _ in range(p - 1):
@@ -281,13 +299,15 @@ def recommend(kind: str, *, world: int, seq_len: int, heads: int, kv_heads: int,
     Returns ``(scheme, {scheme: seconds})`` over the supported schemes whose constraints hold
     (Ulysses needs ``heads % world == 0``); s2 needs ``layout``. Time is bytes / ``link_gbytes_per_s`` (GB/s, 1e9 bytes);
     compute overlap is not modelled, so ring and all-gather tie on bytes and all-gather (fewer,
-    larger calls) wins the tie.
+    larger calls) wins the tie. Lightning's ring (LASP-1) is left out: its chain is sequential.
     """
     if not link_gbytes_per_s > 0:
         raise ValueError(f"link_gbytes_per_s must be > 0, got {link_gbytes_per_s!r}")
     times: dict[str, float] = {}
     for scheme in ("allgather", "ulysses", "ring"):
         if (kind, scheme) not in SUPPORTED or (scheme == "ulysses" and heads % world):
+            continue
+        if (kind, scheme) == ("lightning", "ring"):  # LASP-1: few bytes but a P-long sequential chain
             continue
         if scheme == "ulysses" and kv_heads % world and world % kv_heads:
             continue

@@ -210,6 +210,18 @@ class Comm:
             _record("send_recv", t.numel() * t.element_size(), t)
         return Pending(recv, works)
 
+    def send(self, x: torch.Tensor, dst: int) -> Pending:
+        """Post a send of ``x`` to group rank ``dst``; ``wait()`` before reusing ``x``."""
+        x = x.contiguous()
+        return Pending(x, [dist.isend(x, self._global[dst], self.group)])
+
+    def recv(self, like: torch.Tensor, src: int) -> torch.Tensor:
+        """Receive a tensor shaped like ``like`` from group rank ``src`` (blocking)."""
+        out = torch.empty_like(like)
+        dist.recv(out, self._global[src], self.group)
+        _record("send_recv", out.numel() * out.element_size(), out)
+        return out
+
     def ring_pass(self, send: Sequence[torch.Tensor], *, reverse: bool = False) -> Pending:
         """Send to the next rank and receive from the previous one (``reverse`` flips both)."""
         nxt, prv = (self.rank + 1) % self.world, (self.rank - 1) % self.world
