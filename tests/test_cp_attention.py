@@ -47,6 +47,8 @@ def _case(name: str, kind: str, scheme: str, balance: str, world: int, *, b: int
         t["gates"] = torch.rand(b, n, h, generator=g) * (torch.rand(b, n, h, generator=g) > 0.4)
     if kind == "s2":
         kw["layout"] = extra.get("layout", LAYOUT)
+    if "causal" in extra:
+        kw["causal"] = extra["causal"]
     if "ulysses_degree" in extra:
         kw["ulysses_degree"] = extra["ulysses_degree"]
     return {"name": name, "kind": kind, "scheme": scheme, "balance": balance, "dtype": dtype,
@@ -64,6 +66,12 @@ def _cases(world: int) -> list[dict]:
               dtype=torch.bfloat16, seed=4),
         _case("softmax-uly-zz-gqa", "softmax", "ulysses", "zigzag", p, b=2, n=2 * p * 3, h=8, hkv=2, d=16, seed=5),
         _case("softmax-uly-contig", "softmax", "ulysses", "contiguous", p, b=1, n=p * 7, h=4, hkv=4, d=16, seed=6),
+        _case("softmax-ag-noncausal", "softmax", "allgather", "zigzag", p, b=1, n=2 * p * 3, h=2, hkv=1, d=16,
+              causal=False, seed=33),
+        _case("softmax-ring-noncausal", "softmax", "ring", "zigzag", p, b=1, n=2 * p * 3, h=2, hkv=2, d=16,
+              causal=False, seed=34),
+        _case("softmax-uly-noncausal", "softmax", "ulysses", "contiguous", p, b=1, n=p * 3, h=4, hkv=4, d=16,
+              causal=False, seed=35),
         _case("s2-ag-zz", "s2", "allgather", "zigzag", p, b=1, n=2 * p * 16, h=4, hkv=2, d=16, seed=7),
         _case("s2-ag-contig", "s2", "allgather", "contiguous", p, b=1, n=p * 32, h=2, hkv=2, d=32, seed=8),
         _case("s2-exchange-zz", "s2", "allgather", "zigzag", p, b=1, n=2 * p * 64, h=4, hkv=2, d=16, seed=23,
@@ -155,8 +163,9 @@ def _single(c: dict, dtype: torch.dtype, truth: bool):
     cu = kw.get("cu_seqlens")
     final = None
     if c["kind"] == "softmax":
-        o = (attention_reference(q, k, v, cu_seqlens=cu)[0] if truth
-             else flash_attention(q, k, v, cu_seqlens=cu, backend=kw["backend"]))
+        causal = kw.get("causal", True)
+        o = (attention_reference(q, k, v, causal=causal, cu_seqlens=cu)[0] if truth
+             else flash_attention(q, k, v, causal=causal, cu_seqlens=cu, backend=kw["backend"]))
     elif c["kind"] == "s2":
         o = (attention_reference(q, k, v, layout=kw["layout"])[0] if truth
              else s2_attention(q, k, v, kw["layout"], backend=kw["backend"]))
