@@ -140,3 +140,21 @@ def test_cpu_compat_is_explicit_and_reversible():
         disable_cpu_compat()
     assert torch.cuda.current_device is orig
     assert tp_random._CUDA_RNG_STATE_TRACKER is tracker
+
+
+def test_moh_core_attention_query_router_aux_loss_reaches_router():
+    from seqpar.megatron import MoHCoreAttention
+    from seqpar.kernels.moh.reference import moh_attention_ref
+
+    core = _core(MoHCoreAttention, _config(moh_num_shared_heads=2, moh_top_k=2))
+    q, k, v = (t.float().requires_grad_() for t in _qkv(24, 2, torch.float64))
+    out = core(q, k, v, None)
+    assert out.shape == (24, 2, 48)
+    routing = core.router(_bshd(q).reshape(2, 24, -1))
+    assert ((routing.gates > 0).sum(-1) == 4).all()  # 2 shared + top-2 routed of 6 heads
+    ref = moh_attention_ref(*(_bshd(t.detach()).double() for t in (q, k, v)), routing.gates.detach().double())[0]
+    torch.testing.assert_close(out.double(), ref.transpose(0, 1).reshape(24, 2, -1), rtol=1e-4, atol=1e-5)
+    assert core.last_aux_loss > 0
+    # the balance loss reaches the router even with a zero main-loss gradient (MoEAuxLossAutoScaler)
+    out.mul(0).sum().backward()
+    assert core.router.w_routed.weight.grad.abs().sum() > 0

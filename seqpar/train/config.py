@@ -32,7 +32,7 @@ class ModelConfig:
     pattern: Optional[str] = None
     """Override the preset's layer pattern: letters A (softmax), S (s2), L (lightning), H (moh)."""
     dtype: str = "fp32"
-    """Parameter/activation dtype: "fp32" or "bf16"."""
+    """Parameter/compute dtype: "fp32", or "bf16" (bf16 model, fp32 master weights in the optimizer)."""
     s2_block_size: int = 16
     """S2 block size (tokens)."""
     s2_local_blocks: int = 2

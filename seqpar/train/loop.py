@@ -80,6 +80,39 @@ def build_model(cfg: RunConfig, vocab_size: int):
     return model.to(dtype)
 
 
+class MasterParams:
+    """fp32 master copies of low-precision parameters (Megatron's Float16Optimizer scheme): the
+    optimizer steps the fp32 copies, the model gets them rounded back. Identity for fp32 models."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model_params = [p for p in model.parameters() if p.requires_grad]
+        self.lowp = any(p.dtype != torch.float32 for p in self.model_params)
+        self.params = ([torch.nn.Parameter(p.detach().float().clone()) for p in self.model_params]
+                       if self.lowp else self.model_params)
+
+    def grads_to_master(self) -> None:
+        if self.lowp:
+            for m, p in zip(self.params, self.model_params):
+                m.grad = None if p.grad is None else p.grad.float()
+                p.grad = None
+
+    def master_to_model(self) -> None:
+        if self.lowp:
+            with torch.no_grad():
+                for m, p in zip(self.params, self.model_params):
+                    p.copy_(m)
+
+    def state_dict(self) -> list[torch.Tensor]:
+        return [m.detach().clone() for m in self.params] if self.lowp else []
+
+    def load_state_dict(self, state: list[torch.Tensor]) -> None:
+        if self.lowp:
+            with torch.no_grad():
+                for m, s in zip(self.params, state):
+                    m.copy_(s)
+            self.master_to_model()
+
+
 def _rng_state() -> dict[str, Any]:
     return {"cpu": torch.get_rng_state(), "tracker": tp_random.get_cuda_rng_tracker().get_states(),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
@@ -108,7 +141,8 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = N
     data, vocab = build_data(cfg)
     model = build_model(cfg, vocab)
     o = cfg.optim
-    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+    master = MasterParams(model)
+    opt = torch.optim.AdamW(master.params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
     out = pathlib.Path(cfg.train.out_dir)
     ckpt_dir = out / "checkpoints"
     start = 0
@@ -119,6 +153,7 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = N
         state = checkpoint.load(path)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optim"])
+        master.load_state_dict(state["master"])
         _set_rng_state(state["rng"])
         start = state["step"]
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
@@ -139,8 +174,11 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = N
         tokens, labels, mask = data.batch(step, cfg.data.global_batch, dp_rank, dp)
         res = forward_backward(model, local_batch(tokens, labels, mask))
         gnorm = clip_grads(model, o.grad_clip)
+        master.grads_to_master()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
+        master.master_to_model()
         losses.append(res.loss)
         dt = time.perf_counter() - t0
         if rank0 and (step + 1) % cfg.train.log_every == 0:
@@ -153,7 +191,8 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = N
         last = step + 1 == end
         if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
             checkpoint.save(ckpt_dir, step + 1, {"model": model.state_dict(), "optim": opt.state_dict(),
-                                                 "rng": _rng_state(), "step": step + 1,
+                                                 "master": master.state_dict(), "rng": _rng_state(),
+                                                 "step": step + 1,
                                                  "config": cfg.to_dict()})
     if bar is not None:
         bar.close()
