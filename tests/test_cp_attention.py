@@ -12,6 +12,7 @@ from cp_harness import run_ranks
 from seqpar import cp
 from seqpar.kernels import S2Layout, flash_attention, lightning_attention, moh_attention, s2_attention
 from seqpar.kernels.lightning.reference import lightning_reference
+from seqpar.kernels.moh import count_computed_pairs
 from seqpar.kernels.moh.reference import moh_attention_ref
 from seqpar.kernels.s2.reference import attention_reference
 from tolerance import GRAD_FACTOR, assert_rel_close
@@ -137,7 +138,7 @@ def _cp_job(rank: int, world: int, cases: list[dict]) -> dict:
             leaves["gates"] = kw["gates"] = loc["gates"].requires_grad_()
         if "initial_state" in t:
             leaves["initial_state"] = kw["initial_state"] = t["initial_state"].clone().requires_grad_()
-        with cp.comm_ledger() as fwd:
+        with cp.comm_ledger() as fwd, count_computed_pairs() as pairs_fwd:
             res = cp.attention(leaves["q"], leaves["k"], leaves["v"], kind=c["kind"], scheme=c["scheme"],
                                group=None, balance=bal, **kw)
         o, final = res if c["kind"] == "lightning" else (res, None)
@@ -147,7 +148,8 @@ def _cp_job(rank: int, world: int, cases: list[dict]) -> dict:
         with cp.comm_ledger() as bwd:
             loss.backward()
         out[c["name"]] = {"o": o, "final": final, "fwd": fwd.summary(), "bwd": bwd.summary(),
-                          "grads": {n: x.grad for n, x in leaves.items()}}
+                          "grads": {n: x.grad for n, x in leaves.items()},
+                          "pairs": pairs_fwd.forward}
     return out
 
 
@@ -212,6 +214,16 @@ def _check_case(c: dict, per_rank: list[dict], world: int) -> None:
         else:
             ours = _assemble([r["grads"][gname] for r in per_rank], world, bal, cu)
         assert_rel_close(f"{name} d{gname}", ours, glp[gname], g64[gname], factor=GRAD_FACTOR)
+    if c["kind"] == "moh":  # compute skipping survives CP: only active (token, head) rows are computed
+        active = c["tensors"]["gates"] > 0
+        fwd_pairs = sum(r["pairs"] for r in per_rank)  # the torch fallback counts forward rows
+        if c["scheme"] in ("allgather", "ulysses"):
+            assert fwd_pairs == int(active.sum()), f"{name}: forward pairs {fwd_pairs} != active {int(active.sum())}"
+        else:  # ring / usp: each q chunk meets every kv chunk at or before it (chunk id + 1 blocks)
+            n_chunks = cp.partition.num_chunks(world, bal)
+            per_chunk = active.reshape(active.shape[0], n_chunks, -1, active.shape[-1]).sum(dim=(0, 2, 3))
+            expect = int(sum(int(a) * (i + 1) for i, a in enumerate(per_chunk)))
+            assert fwd_pairs == expect, f"{name}: forward pairs {fwd_pairs} != {expect}"
     # ledger == closed form, forward and backward
     t = c["tensors"]
     b, n, h, d = t["q"].shape
