@@ -108,7 +108,7 @@ def group_rank_world(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-_SUBGROUPS: dict[tuple, tuple[list, list]] = {}
+_SUBGROUPS: dict[tuple, tuple[object, object]] = {}
 
 
 class Pending:
@@ -148,20 +148,22 @@ class Comm:
         """Sub-communicators for USP: Ulysses groups of ``ulysses_degree`` consecutive group ranks
         and ring groups of the ranks with the same position in their Ulysses group.
 
-        ``torch.distributed.new_group`` is collective over the default group, so every rank of it
-        must call this with the same degree; groups are created once per (group, degree) and cached.
+        Each rank creates only the two groups it belongs to, with ``use_local_synchronization``, so
+        only the members synchronise (a CP group inside a larger data-parallel world works). Groups
+        are created once per (group, degree) and cached.
         """
         u = ulysses_degree
         if not isinstance(u, int) or u < 1 or self.world % u:
             raise ValueError(f"ulysses_degree must divide the CP world size {self.world}, got {u!r}")
         key = (tuple(self._global), u)
         if key not in _SUBGROUPS:
-            ranks = self._global
-            uly = [dist.new_group(ranks[i * u:(i + 1) * u]) for i in range(self.world // u)]
-            ring = [dist.new_group(ranks[j::u]) for j in range(u)]
+            ranks, i, j = self._global, self.rank // u, self.rank % u
+            # Ulysses group first, then ring group: the same order on every member keeps creation matched.
+            uly = dist.new_group(ranks[i * u:(i + 1) * u], use_local_synchronization=True)
+            ring = dist.new_group(ranks[j::u], use_local_synchronization=True)
             _SUBGROUPS[key] = (uly, ring)
         uly, ring = _SUBGROUPS[key]
-        return Comm(uly[self.rank // u]), Comm(ring[self.rank % u])
+        return Comm(uly), Comm(ring)
 
     # -- collectives ---------------------------------------------------------------------------
     def all_gather(self, x: torch.Tensor, *, async_op: bool = False):
