@@ -7,14 +7,12 @@ available, so a GPU run is never affected. Call it once per process before build
 What it changes (and why):
 
 - ``torch.cuda.current_device`` returns ``"cpu"``: megatron allocates buffers with
-  ``device=torch.cuda.current_device()`` (RoPE inverse frequencies, GPTModel's MTP/embedding
-  buffers); on CPU-only torch that call raises.
+  ``device=torch.cuda.current_device()`` and moves RoPE's ``inv_freq`` there on the first forward;
+  on CPU-only torch that call raises.
 - The tensor-parallel RNG tracker becomes ``CpuRNGStatesTracker`` (forks the CPU generator):
   Megatron's tracker saves/restores ``torch.cuda`` RNG states around dropout and initialisation.
 - ``get_pos_emb_on_this_cp_rank`` (RoPE zigzag slicing under CP) stays on the embedding's device:
   the original builds a pinned index and moves it with ``.cuda()``.
-- ``RotaryEmbedding.get_emb`` keeps ``inv_freq`` where it is (the original moves it to CUDA on the
-  first forward).
 
 ``disable_cpu_compat()`` restores the originals (tests use it to stay hermetic).
 """
@@ -22,7 +20,7 @@ What it changes (and why):
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -92,19 +90,6 @@ def _patch(key: str, owner: Any, attr: str, new: Any) -> None:
     setattr(owner, attr, new)
 
 
-def _rotary_get_emb(orig: Callable) -> Callable:
-    def get_emb(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:
-        freqs = self.get_freqs_non_repeated(max_seq_len, offset)
-        if not self.rotary_interleaved:
-            emb = torch.cat((freqs, freqs), dim=-1)
-        else:
-            emb = torch.stack((freqs.view(-1, 1), freqs.view(-1, 1)), dim=-1).view(freqs.shape[0], -1)
-        return emb[:, None, None, :]
-
-    get_emb.__doc__ = orig.__doc__
-    return get_emb
-
-
 def enable_cpu_compat() -> None:
     """Make megatron-core 0.16 run on CPU (gloo). Raises RuntimeError if CUDA is available."""
     if torch.cuda.is_available():
@@ -115,9 +100,6 @@ def enable_cpu_compat() -> None:
     _patch("current_device", torch.cuda, "current_device", lambda: "cpu")
     _patch("rope_cp", rope_utils, "get_pos_emb_on_this_cp_rank", _cpu_pos_emb_on_this_cp_rank)
     _patch("rope_cp2", rotary_pos_embedding, "get_pos_emb_on_this_cp_rank", _cpu_pos_emb_on_this_cp_rank)
-    if "rope_emb" not in _SAVED:
-        _patch("rope_emb", rotary_pos_embedding.RotaryEmbedding, "get_emb",
-               _rotary_get_emb(rotary_pos_embedding.RotaryEmbedding.get_emb))
     _patch("rng", tp_random, "_CUDA_RNG_STATE_TRACKER", CpuRNGStatesTracker())
     _patch("rng_init", tp_random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True)
 

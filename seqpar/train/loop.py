@@ -60,7 +60,7 @@ def build_data(cfg: RunConfig):
         get_tokenizer(d.vocab_size, text, cache)
     dist.barrier()
     sp = get_tokenizer(d.vocab_size, text, cache)
-    ids = torch.tensor(sp.encode(text.replace("\n\n\n", "\n\n")), dtype=torch.long)
+    ids = torch.tensor(sp.encode(text), dtype=torch.long)
     return PackedTextDataset(ids, d.seq_len, seed=cfg.train.seed), sp.vocab_size()
 
 
