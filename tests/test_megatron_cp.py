@@ -50,9 +50,10 @@ def _full_grads(model, tp: int) -> dict[str, torch.Tensor]:
         if tp > 1 and getattr(p, "tensor_model_parallel", False):
             parts = [torch.empty_like(g) for _ in range(tp)]
             torch.distributed.all_gather(parts, g.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
-            if name.endswith("linear_qkvg.weight"):
-                secs = [torch.split(part, _qkvg_sections(model, name), dim=0) for part in parts]
-                g = torch.cat([torch.cat([secs[r][i] for r in range(tp)]) for i in range(4)])
+            if _sections(model, name):
+                n = len(_sections(model, name))
+                secs = [torch.split(part, _sections(model, name), dim=0) for part in parts]
+                g = torch.cat([torch.cat([secs[r][i] for r in range(tp)]) for i in range(n)])
             else:
                 g = torch.cat(parts, dim=p.partition_dim)
         out[name] = g
@@ -60,24 +61,30 @@ def _full_grads(model, tp: int) -> dict[str, torch.Tensor]:
 
 
 def _load_shards(model, full: dict[str, torch.Tensor], tp: int, rank: int) -> None:
-    # the TP=1 model's weights, split the way megatron's TP layers hold them (Lightning's fused
-    # q|k|v|gate projection is split per section)
+    # the TP=1 model's weights, split the way megatron's TP layers hold them (fused projections:
+    # Lightning's q|k|v|gate and SwiGLU's gate|up are split per section)
     with torch.no_grad():
         for name, p in model.named_parameters():
             w = full[name]
             if getattr(p, "tensor_model_parallel", False):
-                if name.endswith("linear_qkvg.weight"):
-                    secs = torch.split(w, [s * tp for s in _qkvg_sections(model, name)], dim=0)
+                if _sections(model, name):
+                    secs = torch.split(w, [s * tp for s in _sections(model, name)], dim=0)
                     w = torch.cat([sec.chunk(tp, dim=0)[rank] for sec in secs], dim=0)
                 else:
                     w = w.chunk(tp, dim=p.partition_dim)[rank]
             p.copy_(w)
 
 
-def _qkvg_sections(model, name: str) -> list[int]:
-    mod = model.get_submodule(name.rsplit(".", 2)[0])
-    d = mod.head_dim
-    return [mod.heads * d, mod.kv_heads * d, mod.kv_heads * d, mod.heads * d]
+def _sections(model, name: str) -> list[int]:
+    # fused projections whose TP shard is [section_0 / tp, section_1 / tp, ...] (local sizes)
+    if name.endswith("linear_qkvg.weight"):
+        mod = model.get_submodule(name.rsplit(".", 2)[0])
+        d = mod.head_dim
+        return [mod.heads * d, mod.kv_heads * d, mod.kv_heads * d, mod.heads * d]
+    if name.endswith("linear_fc1.weight"):  # SwiGLU: [gate; up]
+        half = model.get_parameter(name).shape[0] // 2
+        return [half, half]
+    return []
 
 
 def _run(rank: int, world: int, pattern: str, schemes: dict, runs: tuple):
