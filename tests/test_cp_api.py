@@ -52,6 +52,35 @@ def test_bad_input_raises_on_every_rank_without_hanging():
     assert run_ranks(_errors_job, 2, timeout=120) == [True, True]
 
 
+def _one_rank_bad_job(rank: int, world: int) -> list[str]:
+    # data-dependent errors on the last rank only: every rank must raise (none waits in a collective)
+    q, k, v = torch.randn(1, 8, 4, 16), torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16)
+    gates = torch.rand(1, 8, 4)
+    slope = torch.linspace(0.1, 0.5, 4)
+    if rank == world - 1:
+        gates[0, 3, 1] = -0.5
+        slope[2] = float("nan")
+    msgs = []
+    for scheme in ("allgather", "ulysses", "ring"):
+        with pytest.raises(ValueError, match=r"gates must be >= 0") as e:
+            cp.attention(q, k, v, kind="moh", scheme=scheme, gates=gates, backend="torch")
+        msgs.append(str(e.value))
+    with pytest.raises(ValueError, match=r"slope must be finite and >= 0") as e:
+        cp.attention(q, k, v, kind="lightning", scheme="allgather", slope=slope, backend="torch")
+    msgs.append(str(e.value))
+    o = cp.attention(q, k, v, kind="moh", scheme="allgather", gates=gates.clamp_min(0), backend="torch")
+    assert torch.isfinite(o).all()
+    return msgs
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_data_dependent_error_on_one_rank_raises_on_every_rank(world):
+    results = run_ranks(_one_rank_bad_job, world, timeout=60)
+    for rank, msgs in enumerate(results):
+        for m in msgs:  # peers name the failing rank; the failing rank raises its own message
+            assert (f"(raised on CP rank {world - 1})" in m) == (rank != world - 1), m
+
+
 def test_validation_happens_before_any_process_group_is_needed():
     # an explicit (rank, world) tuple has no process group: reaching communication would fail
     # differently, so these ValueErrors prove validation runs first

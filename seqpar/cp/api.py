@@ -74,14 +74,20 @@ def _validate(q, k, v, kind: str, scheme: str, balance: str, world: int, kw: dic
         raise ValueError("lightning with scheme='ring' (LASP-1) supports no initial_state, output_final_state or "
                          "cu_seqlens; use scheme='allgather' (LASP-2)")
     if kind == "lightning":
+        from seqpar.kernels.lightning.api import _check_slope
+
         slope = kw.get("slope")
         if not isinstance(slope, torch.Tensor) or tuple(slope.shape) != (h,):
             raise ValueError(f"kind='lightning' needs slope as a tensor of shape [heads] = [{h}]")
+        _check_slope(slope, h, q.device)  # values too: a bad slope on one rank must fail every rank
     if kind == "moh":
         gates = kw.get("gates")
         if not isinstance(gates, torch.Tensor) or tuple(gates.shape) != (b, s, h):
             raise ValueError(f"kind='moh' needs gates [batch, local seq, heads] = {[b, s, h]}, "
                              f"got {None if gates is None else tuple(gates.shape)}")
+        if not bool((gates.detach() >= 0).all()):  # same rule as moh_attention, checked before any exchange
+            raise ValueError("gates must be >= 0 and not NaN (a gate of 0 skips the pair); "
+                             "e.g. use softmax/top-k weights or gates.clamp_min(0)")
     cu = kw.get("cu_seqlens")
     if cu is not None:
         if scheme not in ("allgather", "ulysses"):
@@ -140,11 +146,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, s
         as for any replicated input), and a loss on ``final_state`` is counted once per rank.
 
     Every argument is validated (ValueError naming the supported pairs or the numbers) before any
-    communication, identically on every rank.
+    data communication. Data-dependent checks (MoH gates >= 0, Lightning slopes) may fail on one
+    rank only, so the ranks agree first (``Comm.agree``: one int32 all-reduce, not in the ledger)
+    and every rank raises the failing rank's ValueError; nobody is left waiting in a collective.
     """
     _, world = resolve_group(group)
-    _validate(q, k, v, kind, scheme, balance, world, kind_kwargs)
+    try:
+        _validate(q, k, v, kind, scheme, balance, world, kind_kwargs)
+        error = None
+    except ValueError as e:
+        if isinstance(group, tuple):  # no process group to agree over (validation-only use)
+            raise
+        error = e
     comm = Comm(group)
+    # Data-dependent checks (gates, slopes) can fail on one rank only: agree before any data moves.
+    failed = comm.agree(None if error is None else str(error))
+    if failed is not None:
+        src, msg = failed
+        raise ValueError(msg if src == comm.rank else f"{msg} (raised on CP rank {src})") from error
     if kind == "lightning":
         if scheme == "allgather":
             return lasp2_attention(q, k, v, kind_kwargs["slope"], comm, balance=balance,

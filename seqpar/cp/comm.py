@@ -16,6 +16,11 @@ reduce_scatter     ``(world - 1) * output.nbytes`` (the other ranks' pieces)
 all_to_all         ``(world - 1) / world * input.nbytes``
 send_recv          ``recv.nbytes`` for every tensor received point-to-point
 =================  ==========================================================
+
+Not recorded, by design: :meth:`Comm.agree`, the validation handshake ``cp.attention`` runs
+before any data moves (one int32 all-reduce, plus one object broadcast only when some rank's
+input is bad). It carries no attention data, so the ledger and ``scheme_cost`` describe the
+attention's traffic alone; count one extra latency-bound call per layer when modelling time.
 """
 
 from __future__ import annotations
@@ -164,6 +169,28 @@ class Comm:
             _SUBGROUPS[key] = (uly, ring)
         uly, ring = _SUBGROUPS[key]
         return Comm(uly), Comm(ring)
+
+    def agree(self, error: Optional[str]) -> Optional[tuple[int, str]]:
+        """Validation handshake (not in the ledger): every rank passes its local error message or
+        None; returns ``(rank, message)`` of the lowest failing rank on *every* rank, or None.
+
+        One int32 all-reduce (MIN of ``rank if failed else world``); the failing rank's message is
+        broadcast only when there is one, so a bad input on one rank cannot leave its peers
+        waiting in a data collective.
+        """
+        if self.world == 1:
+            return None if error is None else (0, error)
+        device = torch.device("cpu")
+        if dist.get_backend(self.group) == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        flag = torch.tensor([self.world if error is None else self.rank], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        src = int(flag.item())
+        if src == self.world:
+            return None
+        msg = [error]
+        dist.broadcast_object_list(msg, src=self._global[src], group=self.group, device=device)
+        return src, str(msg[0])
 
     # -- collectives ---------------------------------------------------------------------------
     def all_gather(self, x: torch.Tensor, *, async_op: bool = False):
