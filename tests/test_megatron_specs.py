@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cp_harness import run_ranks
 from tolerance import assert_rel_close
 
 from seqpar.kernels import S2Layout
@@ -158,3 +159,35 @@ def test_moh_core_attention_query_router_aux_loss_reaches_router():
     # the balance loss reaches the router even with a zero main-loss gradient (MoEAuxLossAutoScaler)
     out.mul(0).sum().backward()
     assert core.router.w_routed.weight.grad.abs().sum() > 0
+
+
+def _packed_gpt(rank: int, world: int):
+    from dataclasses import replace
+
+    from megatron.core import parallel_state
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from seqpar.megatron import disable_cpu_compat, init_parallel
+    from seqpar.models import build_gpt, preset, transformer_config
+
+    init_parallel(1, 1)
+    p = replace(preset("tiny"), pattern="ASL")
+    model = build_gpt(p, transformer_config(p, seqpar_backend="torch", s2_block_size=16), vocab_size=96,
+                      max_sequence_length=64)
+    ids = torch.randint(0, 96, (1, 48), generator=torch.Generator().manual_seed(0))
+    cu = torch.tensor([0, 20, 48], dtype=torch.int32)
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=28, max_seqlen_kv=28)
+    pos = torch.cat([torch.arange(20), torch.arange(28)])[None]
+    packed = model(ids, pos, None, labels=ids, packed_seq_params=psp)
+    docs = [model(ids[:, a:b], torch.arange(b - a)[None], None, labels=ids[:, a:b]) for a, b in ((0, 20), (20, 48))]
+    parallel_state.destroy_model_parallel()
+    disable_cpu_compat()
+    return packed.detach(), torch.cat(docs, dim=1).detach()
+
+
+def test_gpt_packed_thd_equals_documents_alone():
+    # packed_seq_params (THD) reach every kind's kernel as cu_seqlens: RoPE, softmax, S2 and
+    # lightning restart at each document boundary
+    packed, docs = run_ranks(_packed_gpt, 1)[0]
+    assert packed.shape == (1, 48)
+    torch.testing.assert_close(packed, docs, rtol=1e-5, atol=1e-5)

@@ -164,6 +164,7 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = N
         if cfg.train.progress:
             from tqdm import tqdm
             bar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     losses = []
     model.train()
     for step in range(start, end):
@@ -171,7 +172,7 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = N
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        tokens, labels, mask = data.batch(step, cfg.data.global_batch, dp_rank, dp)
+        tokens, labels, mask = (t.to(device) for t in data.batch(step, cfg.data.global_batch, dp_rank, dp))
         res = forward_backward(model, local_batch(tokens, labels, mask))
         gnorm = clip_grads(model, o.grad_clip)
         master.grads_to_master()
