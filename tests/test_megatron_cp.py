@@ -140,7 +140,8 @@ def _compare(results, pairs):
 @pytest.mark.parametrize("schemes", [
     {"softmax": "allgather", "s2": "allgather", "lightning": "allgather", "moh": "allgather"},
     {"softmax": "ring", "s2": "ring", "lightning": "ulysses", "moh": "ulysses"},
-], ids=["allgather", "ring-ulysses"])
+    {"softmax": "ulysses", "s2": "ulysses", "lightning": "ring", "moh": "ring"},
+], ids=["allgather", "ring-ulysses", "ulysses-ring"])
 def test_hybrid_cp2_and_dp2_match_single_rank(schemes):
     runs = ("ref", "cp2", "ref_noaux", "dp2")
     results = run_ranks(_run, 2, "ASLH", schemes, runs, timeout=300)

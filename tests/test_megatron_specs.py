@@ -110,7 +110,7 @@ def test_core_attention_rejects_dropout_and_bias():
 
 def test_config_fields_validated():
     with pytest.raises(ValueError, match=r"cp_schemes\['s2'\]"):
-        _config(cp_schemes={"s2": "ulysses"})
+        _config(cp_schemes={"s2": "teleport"})
     with pytest.raises(ValueError, match="seqpar_backend"):
         _config(seqpar_backend="cuda")
 

@@ -27,7 +27,14 @@ def test_torchrun_two_ranks_demo_recipe(tmp_path):
     assert "tensorboard --logdir" in first.stdout
     run = tmp_path / "run"
     assert (run / "checkpoints" / "latest").read_text() == "step_0000006"
-    assert list((run / "tb").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run / "tb"))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/aux_loss"} <= tags
+    assert {f"attention_fwd_ms/{k}" for k in ("softmax", "s2", "lightning", "moh")} <= tags
+    assert len(ea.Scalars("train/loss")) == 6
     again = _run(["--set", "train.steps=8", "--resume"], tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "steps 6->8" in again.stdout

@@ -157,6 +157,8 @@ class TrainConfig:
     """Tensorboard/progress update interval (steps)."""
     progress: bool = True
     """tqdm progress bar on rank 0."""
+    time_attention: bool = False
+    """Log forward time per attention kind to tensorboard (attention_fwd_ms/<kind>); synchronises on CUDA."""
 
     def __post_init__(self) -> None:
         _need(self.steps >= 1, "train.steps must be >= 1")

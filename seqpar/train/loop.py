@@ -113,6 +113,42 @@ class MasterParams:
             self.master_to_model()
 
 
+class AttentionTimer:
+    """Forward wall time per attention kind (hooks on the seqpar attention modules; on CUDA each
+    measurement synchronises, so it is off unless train.time_attention is set)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        from seqpar.megatron.attention import (LightningSelfAttention, MoHCoreAttention, S2CoreAttention,
+                                               SoftmaxCoreAttention)
+
+        kinds = {SoftmaxCoreAttention: "softmax", S2CoreAttention: "s2", MoHCoreAttention: "moh",
+                 LightningSelfAttention: "lightning"}
+        self.totals: dict[str, float] = {}
+        self._start: dict[int, float] = {}
+        for mod in model.modules():
+            kind = next((k for cls, k in kinds.items() if isinstance(mod, cls)), None)
+            if kind is not None:
+                mod.register_forward_pre_hook(self._pre)
+                mod.register_forward_hook(lambda m, i, o, kind=kind: self._post(m, kind))
+
+    @staticmethod
+    def _sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def _pre(self, mod: torch.nn.Module, inputs: Any) -> None:
+        self._sync()
+        self._start[id(mod)] = time.perf_counter()
+
+    def _post(self, mod: torch.nn.Module, kind: str) -> None:
+        self._sync()
+        self.totals[kind] = self.totals.get(kind, 0.0) + time.perf_counter() - self._start.pop(id(mod))
+
+    def pop(self) -> dict[str, float]:
+        out, self.totals = self.totals, {}
+        return out
+
+
 def _rng_state() -> dict[str, Any]:
     return {"cpu": torch.get_rng_state(), "tracker": tp_random.get_cuda_rng_tracker().get_states(),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
@@ -165,6 +201,7 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = N
             from tqdm import tqdm
             bar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    timer = AttentionTimer(model) if cfg.train.time_attention else None
     losses = []
     model.train()
     for step in range(start, end):
@@ -186,6 +223,8 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = N
             for k, v in {"loss": res.loss, "lr": lr, "grad_norm": gnorm, "aux_loss": res.aux_loss,
                          "tokens_per_s": res.tokens / dt}.items():
                 writer.add_scalar(f"train/{k}", v, step + 1)
+            for kind, sec in (timer.pop() if timer else {}).items():
+                writer.add_scalar(f"attention_fwd_ms/{kind}", 1e3 * sec, step + 1)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{res.loss:.3f}", aux=f"{res.aux_loss:.3g}", lr=f"{lr:.2e}")
