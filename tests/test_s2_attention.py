@@ -76,6 +76,40 @@ def test_offsets_match_reference_and_full_sequence(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout, h, hkv, lo, hi", [
+    (S2Layout(block_size=16, local_blocks=1, vert_stride=4), 6, 3, 1, 3),
+    (S2Layout(block_size=16, local_blocks=2, vert_stride=8, num_dense_heads=1, head_sliding_offset=1), 4, 4, 2, 4),
+    (S2Layout(block_size=16, local_blocks=1, vert_stride=4, num_dense_heads=1), 4, 2, 0, 1),
+], ids=["gqa-middle", "dense-last-offset", "dense-not-in-slice"])
+def test_kv_head_slice_equals_same_heads_of_full_call(backend, layout, h, hkv, lo, hi):
+    # Ulysses CP hands a rank kv heads lo..hi-1: patterns (step, dense heads) follow global indices
+    q, k, v = make_qkv(1, 112, 112, h, hkv, 16, torch.float32)
+    grp = h // hkv
+    qs, ks, vs = q[:, :, lo * grp:hi * grp], k[:, :, lo:hi], v[:, :, lo:hi]
+    kw = dict(kv_head_offset=lo, total_kv_heads=hkv)
+    o_s, lse_s = check_attention(_s2(layout, backend, **kw), qs, ks, vs, layout=layout, **kw)
+    o_f, lse_f = s2_attention(q, k, v, layout, return_lse=True, backend=backend)
+    torch.testing.assert_close(o_s, o_f[:, :, lo * grp:hi * grp], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse_s, lse_f[:, lo * grp:hi * grp], rtol=1e-5, atol=1e-6)
+    # the slice's plan is the full plan's rows, and differs from an un-offset call on the slice
+    full = build_plan(layout, True, hkv, 112, 112, 0, 0, None, 16)
+    part = build_plan(layout, True, hi - lo, 112, 112, 0, 0, None, 16, lo, hkv)
+    assert part.nnz_per_kv_head == full.nnz_per_kv_head[lo:hi]
+    assert build_plan(layout, True, hi - lo, 112, 112, 0, 0, None, 16).nnz_per_kv_head != part.nnz_per_kv_head
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(kv_head_offset=-1), "kv_head_offset"),
+    (dict(kv_head_offset=1, total_kv_heads=2), "total_kv_heads"),
+    (dict(total_kv_heads=True), "total_kv_heads"),
+])
+def test_bad_kv_head_slice(kw, match):
+    q, k, v = make_qkv(1, 32, 32, 2, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match=match):
+        s2_attention(q, k, v, LAY, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_rows_without_keys(backend):
     # queries 0..31 against keys 16..63: the first q tile sees nothing -> o = 0, lse = -inf,
     # gradients finite (checked inside check_attention together with everything else)

@@ -21,7 +21,8 @@ def _check_int(name: str, value) -> int:
 
 def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: Optional[S2Layout], causal: bool,
             sm_scale: Optional[float], cu_seqlens: Optional[torch.Tensor], q_offset: Optional[int],
-            k_offset: int, backend: str, block_size: int) -> tuple[TilePlan, float, str]:
+            k_offset: int, backend: str, block_size: int, kv_head_offset: int = 0,
+            total_kv_heads: Optional[int] = None) -> tuple[TilePlan, float, str]:
     """Validate everything (before any launch) and return (plan, sm_scale, backend)."""
     b, sq, sk, h, hkv, d = check_qkv(q, k, v)
     backend = select_backend(backend, q, k, v)
@@ -48,15 +49,16 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: Option
                 f"S2 needs q_offset and k_offset >= 0 and multiples of layout.block_size={block_size} "
                 f"(blocks are absolute), got q_offset={q_offset}, k_offset={k_offset}"
             )
-        layout.validate_heads(hkv)
-    plan = build_plan(layout, causal, hkv, sq, sk, q_offset, k_offset, cu, block_size)
+        total_kv_heads = layout.validate_head_slice(hkv, kv_head_offset, total_kv_heads)
+    plan = build_plan(layout, causal, hkv, sq, sk, q_offset, k_offset, cu, block_size, kv_head_offset, total_kv_heads)
     return plan, sm_scale, backend
 
 
 def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: S2Layout, *,
                  sm_scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None,
                  return_lse: bool = False, q_offset: Optional[int] = None, k_offset: int = 0,
-                 causal: bool = True, backend: str = "auto"):
+                 causal: bool = True, kv_head_offset: int = 0, total_kv_heads: Optional[int] = None,
+                 backend: str = "auto"):
     """S2 (sparse-sharded) causal block-sparse attention.
 
     Args:
@@ -86,6 +88,11 @@ def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: S2La
             both multiples of ``block_size`` and >= 0. Default ``q_offset = k_offset + seq_k - seq_q``.
             The block of a token is ``position // block_size``. Not combinable with cu_seqlens.
         causal: must be True: S2 is causal by construction (ValueError otherwise).
+        kv_head_offset, total_kv_heads: for a slice of the heads (head-sharded context
+            parallelism): local kv head ``g`` is global kv head ``kv_head_offset + g`` of
+            ``total_kv_heads`` (default: local kv heads + offset), so ``step`` uses the global
+            count and the dense heads are the last ``num_dense_heads`` *global* kv heads. The
+            result equals the same heads of the full call.
         backend: "auto" | "triton" | "torch" (block-sparse torch fallback, O(seq * block) memory).
 
     Returns:
@@ -98,7 +105,8 @@ def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: S2La
         raise ValueError("causal must be True: S2 attention is causal only; use flash_attention(causal=False)")
     plan, sm_scale, backend = prepare(q, k, v, layout=layout, causal=True, sm_scale=sm_scale,
                                       cu_seqlens=cu_seqlens, q_offset=q_offset, k_offset=k_offset,
-                                      backend=backend, block_size=layout.block_size)
+                                      backend=backend, block_size=layout.block_size,
+                                      kv_head_offset=kv_head_offset, total_kv_heads=total_kv_heads)
     o, lse = S2AttentionFunction.apply(q, k, v, plan, sm_scale, backend)
     return (o, lse) if return_lse else o
 

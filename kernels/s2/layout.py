@@ -81,18 +81,37 @@ class S2Layout:
                 f"lower num_dense_heads"
             )
 
-    def kv_block_mask(self, num_kv_heads: int, q_blocks: torch.Tensor, k_blocks: torch.Tensor) -> torch.Tensor:
-        """bool ``[num_kv_heads, len(q_blocks), len(k_blocks)]`` for absolute block indices."""
+    def validate_head_slice(self, num_kv_heads: int, kv_head_offset: int, total_kv_heads: Optional[int]) -> int:
+        """Check a slice of kv heads (local head ``g`` is global ``kv_head_offset + g``); return the
+        global kv head count. Used when heads are sharded (Ulysses CP): the rotation step and the
+        dense heads follow the *global* kv heads."""
+        if isinstance(kv_head_offset, bool) or not isinstance(kv_head_offset, int) or kv_head_offset < 0:
+            raise ValueError(f"kv_head_offset must be an int >= 0, got {kv_head_offset!r}")
+        total = num_kv_heads + kv_head_offset if total_kv_heads is None else total_kv_heads
+        if isinstance(total, bool) or not isinstance(total, int) or total < kv_head_offset + num_kv_heads:
+            raise ValueError(f"total_kv_heads ({total_kv_heads!r}) must be an int >= kv_head_offset + local kv heads "
+                             f"= {kv_head_offset} + {num_kv_heads}")
         self.validate_heads(num_kv_heads)
+        self.validate_heads(total)
+        return total
+
+    def kv_block_mask(self, num_kv_heads: int, q_blocks: torch.Tensor, k_blocks: torch.Tensor, *,
+                      kv_head_offset: int = 0, total_kv_heads: Optional[int] = None) -> torch.Tensor:
+        """bool ``[num_kv_heads, len(q_blocks), len(k_blocks)]`` for absolute block indices.
+
+        Row ``g`` is global kv head ``kv_head_offset + g`` of ``total_kv_heads`` (default: all of
+        them, offset 0), so a head slice gets exactly its rows of the full mask.
+        """
+        total = self.validate_head_slice(num_kv_heads, kv_head_offset, total_kv_heads)
         qi = q_blocks.to(torch.int64)[None, :, None]
         kj = k_blocks.to(torch.int64)[None, None, :]
-        g = torch.arange(num_kv_heads, dtype=torch.int64)[:, None, None]
+        g = kv_head_offset + torch.arange(num_kv_heads, dtype=torch.int64)[:, None, None]
         causal = kj <= qi
         local = (qi - kj) < self.local_blocks
-        strided = (kj + g * self.head_step(num_kv_heads) + self.head_sliding_offset) % self.vert_stride == 0
+        strided = (kj + g * self.head_step(total) + self.head_sliding_offset) % self.vert_stride == 0
         mask = causal & (local | strided)
         if self.num_dense_heads:
-            dense = g >= num_kv_heads - self.num_dense_heads
+            dense = g >= total - self.num_dense_heads
             mask = torch.where(dense, causal, mask)
         return mask
 

@@ -110,8 +110,12 @@ def _csr(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @lru_cache(maxsize=128)
 def build_plan(layout: Optional[S2Layout], causal: bool, num_kv_heads: int, seq_q: int, seq_k: int,
-               q_offset: int, k_offset: int, cu_seqlens: Optional[tuple[int, ...]], block_size: int) -> TilePlan:
+               q_offset: int, k_offset: int, cu_seqlens: Optional[tuple[int, ...]], block_size: int,
+               kv_head_offset: int = 0, total_kv_heads: Optional[int] = None) -> TilePlan:
     """Build (and cache) the plan. ``layout=None`` is dense (causal or not) at ``block_size``.
+
+    ``kv_head_offset`` / ``total_kv_heads``: the plan's kv heads are global kv heads
+    ``kv_head_offset ..`` of ``total_kv_heads`` (S2 patterns follow the global index).
 
     With ``cu_seqlens`` (``seq_q == seq_k``, offsets 0) tiles restart at each document start and
     block indices are relative to it; otherwise tile ``t`` of q is absolute block
@@ -141,7 +145,8 @@ def build_plan(layout: Optional[S2Layout], causal: bool, num_kv_heads: int, seq_
 
     if layout is not None:
         # blocks relative to each document start (varlen) or absolute blocks decide the pattern
-        mask = layout.kv_block_mask(num_kv_heads, qb, kb) & same_doc[None]
+        mask = layout.kv_block_mask(num_kv_heads, qb, kb, kv_head_offset=kv_head_offset,
+                                    total_kv_heads=total_kv_heads) & same_doc[None]
     else:
         # dense: a tile pair is listed when at least one of its (q, k) pairs can be visible
         visible = (kpos_first[None, :] <= qpos_last[:, None]) if causal else torch.ones(len(qs), len(ks), dtype=torch.bool)

@@ -10,6 +10,7 @@ for the truth, in the working dtype for the flash-attn tolerance rule).
     lse = log sum_j exp(s)               (-inf when no key is visible)
     o   = sum_j exp(s - lse) v_j         (0 when no key is visible)
 
+Heads: kv head g of a head slice is global kv head ``kv_head_offset + g`` of ``total_kv_heads``.
 Positions: q_pos(i) = q_offset + i, k_pos(j) = k_offset + j; with ``cu_seqlens`` positions and
 blocks restart at each document start.
 """
@@ -24,7 +25,8 @@ from seqpar.kernels.s2.layout import S2Layout
 
 
 def token_mask(num_heads: int, num_kv_heads: int, seq_q: int, seq_k: int, *, layout: Optional[S2Layout],
-               causal: bool, q_offset: int, k_offset: int, cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
+               causal: bool, q_offset: int, k_offset: int, cu_seqlens: Optional[torch.Tensor],
+               kv_head_offset: int = 0, total_kv_heads: Optional[int] = None) -> torch.Tensor:
     """bool [num_heads, seq_q, seq_k]: which keys each query sees."""
     if cu_seqlens is not None:
         cu = cu_seqlens.to("cpu", torch.int64)
@@ -44,7 +46,8 @@ def token_mask(num_heads: int, num_kv_heads: int, seq_q: int, seq_k: int, *, lay
         bs = layout.block_size
         qb, kb = qpos // bs, kpos // bs
         nb = int(max(qb.max(), kb.max())) + 1
-        blocks = layout.kv_block_mask(num_kv_heads, torch.arange(nb), torch.arange(nb))
+        blocks = layout.kv_block_mask(num_kv_heads, torch.arange(nb), torch.arange(nb), kv_head_offset=kv_head_offset,
+                                      total_kv_heads=total_kv_heads)
         blocks = blocks.repeat_interleave(num_heads // num_kv_heads, dim=0)
         mask = mask & blocks[:, qb][:, :, kb]
     return mask
@@ -52,7 +55,8 @@ def token_mask(num_heads: int, num_kv_heads: int, seq_q: int, seq_k: int, *, lay
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: Optional[S2Layout] = None,
                         causal: bool = True, sm_scale: Optional[float] = None, q_offset: Optional[int] = None,
-                        k_offset: int = 0, cu_seqlens: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        k_offset: int = 0, cu_seqlens: Optional[torch.Tensor] = None, kv_head_offset: int = 0,
+                        total_kv_heads: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense masked softmax attention in q's dtype. q [b, sq, h, d], k/v [b, sk, hkv, d].
 
     Returns ``o`` [b, sq, h, d] and ``lse`` [b, h, sq] (float32, or float64 for fp64 inputs).
@@ -66,7 +70,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, la
     if q_offset is None:
         q_offset = k_offset + sk - sq
     mask = token_mask(h, hkv, sq, sk, layout=layout, causal=causal or layout is not None, q_offset=q_offset,
-                      k_offset=k_offset, cu_seqlens=cu_seqlens).to(q.device)
+                      k_offset=k_offset, cu_seqlens=cu_seqlens, kv_head_offset=kv_head_offset,
+                      total_kv_heads=total_kv_heads).to(q.device)
     group = h // hkv
     kk = k.repeat_interleave(group, dim=2)
     vv = v.repeat_interleave(group, dim=2)
