@@ -99,8 +99,9 @@ def scale_table() -> list[dict]:
                 bwd = sum(r["bytes"] for r in c["bwd"].values())
                 calls = sum(r["calls"] for side in c.values() for r in side.values())
                 label = {("lightning", "allgather"): "lasp2", ("s2", "allgather"): "s2_exchange",
-                         ("lightning", "ring"): "lasp1",
-                         ("softmax", "usp"): "usp(u=8)", ("moh", "usp"): "usp(u=8)"}.get((kind, scheme), scheme)
+                         ("lightning", "ring"): "lasp1", ("lightning", "usp"): "usp(u=8, lasp2)",
+                         ("softmax", "usp"): "usp(u=8)", ("s2", "usp"): "usp(u=8)",
+                         ("moh", "usp"): "usp(u=8)"}.get((kind, scheme), scheme)
                 row = {"kind": kind, "scheme": label,
                        "P": world, "N": f"{n >> 10}K", "fwd_MB": fwd / 1e6, "bwd_MB": bwd / 1e6, "calls": calls}
                 for name, bw in LINKS.items():

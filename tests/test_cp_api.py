@@ -14,8 +14,11 @@ from seqpar.kernels import S2Layout
 def _bad_calls(group) -> list[tuple[str, dict]]:
     q, k, v = torch.randn(1, 8, 4, 16), torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16)
     return [
-        (r"kind='lightning' with scheme='usp' is not supported; supported pairs: .*lightningxallgather",
-         dict(q=q, k=k, v=v, kind="lightning", scheme="usp", slope=torch.ones(4))),
+        (r"varlen \(cu_seqlens\) under CP is supported with scheme 'allgather' or 'ulysses', got 'usp'",
+         dict(q=q, k=k, v=v, kind="lightning", scheme="usp", slope=torch.ones(4), ulysses_degree=2,
+              cu_seqlens=torch.tensor([0, 16], dtype=torch.int32))),
+        (r"scheme='usp' needs ulysses_degree, a positive divisor of the CP world size 2, got 3",
+         dict(q=q, k=k, v=v, kind="lightning", scheme="usp", slope=torch.ones(4), ulysses_degree=3)),
         (r"kind must be one of", dict(q=q, k=k, v=v, kind="mamba", scheme="ring")),
         (r"scheme='ring' \(LASP-1\) supports no initial_state.*use scheme='allgather' \(LASP-2\)",
          dict(q=q, k=k, v=v, kind="lightning", scheme="ring", slope=torch.ones(4), output_final_state=True)),
@@ -109,7 +112,14 @@ def test_scheme_cost_closed_forms():
     r = cp.scheme_cost("softmax", "ring", seq_len=N, **kw)
     assert r["fwd"]["send_recv"] == {"bytes": ag["fwd"]["all_gather"]["bytes"], "calls": P - 1}
     with pytest.raises(ValueError, match="not supported"):
-        cp.scheme_cost("s2", "ulysses", seq_len=N, **kw)
+        cp.scheme_cost("s2", "tree", seq_len=N, **kw)
+    # s2 under ulysses moves what softmax does (the pattern only changes compute)
+    assert cp.scheme_cost("s2", "ulysses", seq_len=N, **kw) == u
+    # lightning x usp (U=2): 4 all-to-alls over U, LASP-2 over the P/U ring: U*2 chunk states of H/U heads
+    lu = cp.scheme_cost("lightning", "usp", seq_len=N, ulysses_degree=2, **kw)
+    assert lu["fwd"]["all_to_all"]["calls"] == 4
+    assert lu["fwd"]["all_gather"] == {"bytes": (P // 2 - 1) * 2 * 2 * (H // 2) * d * d * 4, "calls": 1}
+    assert lu["bwd"]["reduce_scatter"] == lu["fwd"]["all_gather"]
     # LASP-1 (lightning ring): one fp32 state per hop; zigzag chain 0..2P-1 visits ranks 0..P-1, P-1..0
     state = H * d * d * 4
     z = [cp.scheme_cost("lightning", "ring", seq_len=N, rank=r, **kw) for r in range(P)]

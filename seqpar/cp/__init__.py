@@ -13,20 +13,45 @@ batch b; ``cp.scheme_cost`` returns them exactly and ``cp.comm_ledger`` measures
   windows, 2 all-gathers (backward 2 reduce-scatters).
 - ring, softmax/s2/moh: the same K/V bytes in P-1 send/recv; backward P-1 K/V hops plus P hops
   of the fp32 dK/dV buffer.
-- ulysses, softmax/moh/lightning: 4 all-to-alls (q, k, v, o; +1 for MoH gates), together
+- ulysses, softmax/s2/moh/lightning: 4 all-to-alls (q, k, v, o; +1 for MoH gates), together
   ``(P-1)/P·(N/P)·b·(H + H_kv')·(d+dv)·e`` with ``H_kv' = max(H_kv, P)``; backward the same.
-- usp (``ulysses_degree=U``), softmax/moh: Ulysses over U ranks, then ring over P/U groups.
+  S2 patterns, MoH gates and Lightning slopes follow each head's *global* index
+  (``s2_attention(kv_head_offset=, total_kv_heads=)``; replicated kv heads map to their source).
+- usp (``ulysses_degree=U``), softmax/s2/moh: Ulysses over U ranks (all-to-alls as above with
+  U for P), then ring over the P/U groups (``(P/U-1)`` K/V passes of ``N/P·b·H_kv'·(d+dv)·e``,
+  ``H_kv' = max(H_kv, U)``; backward adds P/U fp32 dK/dV hops).
+- usp, lightning: the Ulysses all-to-alls over U, then LASP-2 over the P/U ring:
+  ``(P/U-1)·U·c·b·(H/U)·dk·dv·4`` (1 all-gather; backward 1 reduce-scatter), independent of N;
+  ``output_final_state`` adds an all-gather of ``(U-1)·(H/U)·b·dk·dv·4`` over the heads.
 - ring = LASP-1, lightning: one fp32 state ``b·H·dk·dv·4`` per hop along a sequential chain
   (for comparison; ``cp.recommend`` never picks it).
 - allgather = LASP-2, lightning: ``(P-1)·c·b·H·dk·dv·4`` (c = 2 chunks per rank under zigzag,
   1 contiguous), independent of N; 1 all-gather, backward 1 reduce-scatter.
 
-Limits: ulysses needs H % P == 0 and H_kv % P == 0 or P % H_kv == 0 (kv heads replicated);
-zigzag needs N % 2P == 0 (contiguous N % P); s2 needs chunks of whole blocks, and the exchange
-needs chunks of a multiple of vert_stride blocks (else plain all-gather); varlen (global
+Validation: ``cp.attention`` checks every argument locally (including data: MoH gates >= 0,
+Lightning slopes finite and >= 0), then the ranks agree with one int32 all-reduce
+(``Comm.agree``) before any data moves, and every rank raises the failing rank's ValueError. The
+handshake is *not* recorded in the ledger nor counted by ``scheme_cost`` (it carries no attention
+data; one latency-bound call per layer).
+
+Supported kind x scheme (all 16 pairs, each tested at P = 2 and 4):
+
+=========  =========  ======  =======  ================
+kind       allgather  ring    ulysses  usp
+=========  =========  ======  =======  ================
+softmax    yes        yes     yes      yes
+s2         exchange   yes     yes      yes
+lightning  LASP-2     LASP-1  yes      Ulysses x LASP-2
+moh        yes        yes     yes      yes
+=========  =========  ======  =======  ================
+
+Limits: ulysses needs H % P == 0 and H_kv % P == 0 or P % H_kv == 0 (kv heads replicated); usp
+the same with U; zigzag needs N % 2P == 0 (contiguous N % P); s2 under allgather/ring/usp needs
+chunks of whole blocks (ulysses runs on the whole sequence and does not), and the exchange needs
+chunks of a multiple of vert_stride blocks (else plain all-gather); varlen (global
 ``cu_seqlens``, every document a multiple of 2P, see ``cp.pad_varlen``) with allgather/ulysses
-for softmax and lightning. Not implemented (ValueError): lightning × usp, s2 × ulysses/usp;
-LASP-1 takes no initial/final state or varlen.
+for softmax and lightning. LASP-1 (lightning ring) takes no initial/final state or varlen
+(ValueError); usp takes no varlen.
 """
 
 from seqpar.cp.api import KINDS, SCHEMES, SUPPORTED, attention, recommend, scheme_cost

@@ -16,23 +16,23 @@ from seqpar.cp.local import softmax_family_op
 from seqpar.cp.partition import BALANCES, chunk_ids, resolve_group, varlen_token_index
 from seqpar.cp.ring import ring_attention
 from seqpar.cp.s2_exchange import exchange_applies, exchange_elements, s2_exchange_attention
-from seqpar.cp.ulysses import ulysses_attention
-from seqpar.cp.usp import usp_attention
+from seqpar.cp.ulysses import kv_head_offset, ulysses_attention
+from seqpar.cp.usp import usp_attention, usp_lightning_attention
 
 KINDS = ("softmax", "s2", "lightning", "moh")
 SCHEMES = ("allgather", "ring", "ulysses", "usp")
 # Pairs implemented and tested; everything else raises before any communication.
 SUPPORTED = {
     ("softmax", "allgather"), ("softmax", "ulysses"), ("softmax", "ring"),
-    ("s2", "allgather"), ("s2", "ring"),
-    ("lightning", "allgather"), ("lightning", "ulysses"), ("lightning", "ring"),
+    ("s2", "allgather"), ("s2", "ring"), ("s2", "ulysses"), ("s2", "usp"),
+    ("lightning", "allgather"), ("lightning", "ulysses"), ("lightning", "ring"), ("lightning", "usp"),
     ("moh", "allgather"), ("moh", "ulysses"), ("moh", "ring"),
     ("softmax", "usp"), ("moh", "usp"),
 }
 _KWARGS = {
     "softmax": {"sm_scale", "causal", "backend", "cu_seqlens", "ulysses_degree"},
-    "s2": {"layout", "sm_scale", "backend"},
-    "lightning": {"slope", "initial_state", "output_final_state", "backend", "cu_seqlens"},
+    "s2": {"layout", "sm_scale", "backend", "ulysses_degree"},
+    "lightning": {"slope", "initial_state", "output_final_state", "backend", "cu_seqlens", "ulysses_degree"},
     "moh": {"gates", "sm_scale", "causal", "backend", "ulysses_degree"},
 }
 
@@ -42,6 +42,7 @@ def _pairs() -> str:
 
 
 def _validate(q, k, v, kind: str, scheme: str, balance: str, world: int, kw: dict[str, Any]) -> None:
+    from seqpar.kernels import S2Layout
     from seqpar.kernels._common import check_cu_seqlens, check_qkv
 
     if kind not in KINDS:
@@ -65,7 +66,10 @@ def _validate(q, k, v, kind: str, scheme: str, balance: str, world: int, kw: dic
         layout = kw.get("layout")
         if layout is None:
             raise ValueError("kind='s2' needs layout=S2Layout(...)")
-        if c % layout.block_size:
+        if not isinstance(layout, S2Layout):
+            raise ValueError(f"layout must be an S2Layout, got {type(layout).__name__}")
+        layout.validate_heads(hkv)
+        if scheme != "ulysses" and c % layout.block_size:  # ulysses runs on the whole sequence
             raise ValueError(f"s2 under CP needs each chunk ({c} tokens) to be a multiple of layout.block_size="
                              f"{layout.block_size} so blocks stay absolute; make the global length a multiple "
                              f"of {per_rank * world * layout.block_size}")
@@ -127,14 +131,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, s
         q: ``[batch, seq/P, heads, dim]``, k, v: ``[batch, seq/P, kv_heads, dim]`` — this rank's shards
             as produced by ``cp.shard(x, group, dim=1, balance=balance)``.
         kind: "softmax" | "s2" | "lightning" | "moh".
-        scheme: "allgather" (for lightning: LASP-2) | "ring" | "ulysses" | "usp" (see SUPPORTED;
-            lightning "ring" is LASP-1 state passing; e.g. s2 "ulysses" is not implemented and raises).
+        scheme: "allgather" (for lightning: LASP-2) | "ring" | "ulysses" | "usp" (see SUPPORTED: every
+            pair; lightning "ring" is LASP-1 state passing, lightning "usp" is Ulysses x LASP-2).
         group: the CP process group (None = default group).
         balance: "zigzag" (rank r holds chunks r and 2P-1-r of 2P) or "contiguous".
         kind_kwargs: softmax: ``sm_scale, causal, backend, cu_seqlens``; s2: ``layout, sm_scale,
             backend``; lightning: ``slope, initial_state, output_final_state, backend, cu_seqlens``;
             moh: ``gates`` (this rank's ``[batch, seq/P, heads]``), ``sm_scale, causal, backend``;
-            softmax/moh with scheme="usp": ``ulysses_degree`` (divides P; ring over P/degree groups).
+            any kind with scheme="usp": ``ulysses_degree`` (divides P; ring over P/degree groups).
             ``cu_seqlens`` is the *global* int32 ``[num_docs + 1]`` (batch 1; every document a
             multiple of 2P, see ``cp.pad_varlen``); shards come from ``cp.shard_varlen`` (THD
             per-document zigzag); schemes allgather and ulysses.
@@ -170,6 +174,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, s
                                    initial_state=kind_kwargs.get("initial_state"),
                                    output_final_state=bool(kind_kwargs.get("output_final_state", False)),
                                    cu_seqlens=kind_kwargs.get("cu_seqlens"), backend=kind_kwargs.get("backend", "auto"))
+        if scheme == "usp":
+            return usp_lightning_attention(q, k, v, kind_kwargs["slope"], comm, balance=balance,
+                                           ulysses_degree=kind_kwargs["ulysses_degree"],
+                                           initial_state=kind_kwargs.get("initial_state"),
+                                           output_final_state=bool(kind_kwargs.get("output_final_state", False)),
+                                           backend=kind_kwargs.get("backend", "auto"))
         if scheme == "ring":
             return lasp1_attention(q, k, v, kind_kwargs["slope"], comm, balance=balance,
                                    backend=kind_kwargs.get("backend", "auto")), None
@@ -184,7 +194,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, s
                                    causal=causal, gates=kind_kwargs.get("gates"),
                                    cu_seqlens=kind_kwargs.get("cu_seqlens"))
     if scheme == "usp":
-        return usp_attention(q, k, v, comm, balance=balance, op=softmax_family_op(kind, kind_kwargs), causal=causal,
+        ud, hkv = kind_kwargs["ulysses_degree"], k.shape[2]
+        # member index in the Ulysses group (Comm.split_2d): rank % ulysses_degree
+        op = softmax_family_op(kind, kind_kwargs, kv_head_offset(comm.rank % ud, ud, hkv), hkv)
+        return usp_attention(q, k, v, comm, balance=balance, op=op, causal=causal,
                              ulysses_degree=kind_kwargs["ulysses_degree"], gates=kind_kwargs.get("gates"))
     if scheme == "ring":
         return ring_attention(q, k, v, comm, balance=balance, op=softmax_family_op(kind, kind_kwargs),
@@ -216,7 +229,8 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
     each) forward; backward the same plus ``P`` passes of the fp32 dK/dV buffer. LASP-2: ``(P-1) · c · b · H · dk · dv · 4`` with ``c`` chunks per rank
     (2 zigzag, 1 contiguous), independent of N. Ulysses: one all-to-all per tensor, each
     ``(P-1)/P · (N/P) · b · heads_x · dim_x · e`` (q, k, v, o; MoH adds its gates; kv heads count
-    ``max(H_kv, P)`` after replication). Varlen: pass ``batch=1`` and ``num_docs``; states (LASP-2,
+    ``max(H_kv, P)`` after replication). usp (``ulysses_degree`` U): the Ulysses all-to-alls over
+    U, then the ring (softmax/s2/moh) or LASP-2 (lightning) over the P/U ring group. Varlen: pass ``batch=1`` and ``num_docs``; states (LASP-2,
     Ulysses final state) are per document.
     """
     if (kind, scheme) not in SUPPORTED:
@@ -282,6 +296,15 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
         for vol in tensors + [a2a_u(heads, dv)]:
             add(fwd, "all_to_all", vol)
             add(bwd, "all_to_all", vol)
+        if kind == "lightning":  # LASP-2 over the ring group: u * cpr chunk states per ring rank, H/u heads
+            vol = (ring - 1) * u * cpr * nstate * (heads // u) * head_dim * dv * 4
+            add(fwd, "all_gather", vol)
+            add(bwd, "reduce_scatter", vol)
+            if output_final_state:  # final state gathered over the Ulysses group's heads
+                vol = (u - 1) * (heads // u) * nstate * head_dim * dv * 4
+                add(fwd, "all_gather", vol)
+                add(bwd, "reduce_scatter", vol)
+            return {"fwd": fwd, "bwd": bwd}
         kv_local = (n // p) * batch * hk * (head_dim + dv)  # u members' tokens, hk / u heads
         for _ in range(ring - 1):
             add(fwd, "send_recv", kv_local * e)

@@ -11,13 +11,13 @@ gradients. Bytes per layer are ``(P-1) · chunks_per_rank · b · H · dk · dv 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from seqpar.cp.comm import Comm, all_gather_autograd
 from seqpar.cp.merge import decayed_state_prefix
-from seqpar.cp.partition import chunk_ids, num_chunks
+from seqpar.cp.partition import chunk_ids
 
 
 def _correction(q: torch.Tensor, prefix: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
@@ -30,9 +30,13 @@ def _correction(q: torch.Tensor, prefix: torch.Tensor, slope: torch.Tensor) -> t
 
 def lasp2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor, comm: Comm, *,
                     balance: str, initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False,
-                    cu_seqlens: Optional[torch.Tensor] = None,
-                    backend: str = "auto") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                    cu_seqlens: Optional[torch.Tensor] = None, backend: str = "auto",
+                    chunks: Optional[Callable[[int], Sequence[int]]] = None
+                    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Local shards ``q [b, s_loc, H, dk]``, ``k [b, s_loc, H_kv, dk]``, ``v [b, s_loc, H_kv, dv]``.
+
+    ``chunks(r)``: the global chunk ids group rank ``r`` holds, in local order (default: its
+    ``balance`` chunks; USP passes the union of a Ulysses group's chunks). All chunks are equal.
 
     With ``cu_seqlens`` (global; THD per-document zigzag shards, batch 1) every document has its
     own 2P chunks, prefixes and final state (``initial_state`` / final ``[num_docs, H, dk, dv]``).
@@ -42,7 +46,10 @@ def lasp2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: to
         return _lasp2_varlen(q, k, v, slope, comm, initial_state, output_final_state, cu_seqlens, backend)
     from seqpar.kernels import lightning_attention
 
-    ids = chunk_ids(comm.rank, comm.world, balance)
+    if chunks is None:
+        def chunks(r: int) -> Sequence[int]:
+            return chunk_ids(r, comm.world, balance)
+    ids = chunks(comm.rank)
     c = q.shape[1] // len(ids)
     intra, states = [], []
     for j in range(len(ids)):
@@ -51,9 +58,9 @@ def lasp2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: to
         intra.append(o)
         states.append(m)
     gathered = all_gather_autograd(torch.stack(states), comm, dim=0)  # [P * len(ids), b, H, dk, dv]
-    order = [cid for r in range(comm.world) for cid in chunk_ids(r, comm.world, balance)]
+    order = [cid for r in range(comm.world) for cid in chunks(r)]
     by_chunk = gathered.index_select(0, torch.argsort(torch.tensor(order)).to(gathered.device))
-    prefix, final = decayed_state_prefix(by_chunk, [c] * num_chunks(comm.world, balance), slope, initial_state)
+    prefix, final = decayed_state_prefix(by_chunk, [c] * len(order), slope, initial_state)
     outs = [(intra[j].float() + _correction(q[:, j * c:(j + 1) * c], prefix[cid], slope)).to(q.dtype)
             for j, cid in enumerate(ids)]
     return torch.cat(outs, dim=1), (final if output_final_state else None)

@@ -6,7 +6,8 @@ heads), one all-to-all of the output back. Backward is the adjoint (the same all
 reverse). Varlen: with the global ``cu_seqlens`` (THD shards) the full packed sequence is restored
 in order and the local op runs with ``cu_seqlens``. GQA: when ``P > H_kv`` the kv heads are
 replicated ``P / H_kv`` times before the exchange so every rank holds the kv head its query heads
-read (gradients of replicas are summed).
+read (gradients of replicas are summed). S2 patterns follow the *global* kv head index
+(:func:`kv_head_offset`), so a rank's heads compute exactly their blocks of the full layout.
 """
 
 from __future__ import annotations
@@ -17,6 +18,13 @@ import torch
 
 from seqpar.cp.allgather import arrival_index
 from seqpar.cp.comm import Comm, all_gather_autograd, heads_to_seq, seq_to_heads
+
+
+def kv_head_offset(member: int, degree: int, num_kv_heads: int) -> int:
+    """Global index of the first kv head that Ulysses member ``member`` of ``degree`` holds after
+    the all-to-all (kv heads replicated ``degree / num_kv_heads`` times when fewer than ``degree``)."""
+    hk = max(num_kv_heads, degree)
+    return member * (hk // degree) // (hk // num_kv_heads)
 
 
 def _orders(comm: Comm, n: int, balance: str, cu_seqlens: Optional[torch.Tensor],
@@ -53,6 +61,9 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: C
     if kind == "softmax":
         o = kernels.flash_attention(qh, kh, vh, causal=kw.get("causal", True), sm_scale=kw.get("sm_scale"),
                                     cu_seqlens=cu, backend=backend)
+    elif kind == "s2":
+        o = kernels.s2_attention(qh, kh, vh, kw["layout"], sm_scale=kw.get("sm_scale"), backend=backend,
+                                 kv_head_offset=kv_head_offset(comm.rank, p, hkv), total_kv_heads=hkv)
     elif kind == "moh":
         g = _to_heads(kw["gates"].unsqueeze(-1), comm, to_seq).squeeze(-1)
         o = kernels.moh_attention(qh, kh, vh, g, causal=kw.get("causal", True), sm_scale=kw.get("sm_scale"),

@@ -6,6 +6,10 @@ ranks with the same ``u``. The all-to-all turns the ``U`` members' sequence shar
 shards (``H/U`` heads, the union of their chunks); the ring then runs over the ``P/U`` Ulysses
 groups with those chunk sets (zigzag balance is preserved: each set is a union of zigzag pairs);
 the output all-to-all goes back. Backward is the adjoint of each stage.
+
+Lightning: the ring dimension is LASP-2 over the ring group (one all-gather of chunk states,
+decay-aware prefixes over the chunk sets), with the slopes (and initial state) of the member's
+global heads; the final state is all-gathered over the heads of the Ulysses group.
 """
 
 from __future__ import annotations
@@ -14,10 +18,24 @@ from typing import Optional, Sequence
 
 import torch
 
-from seqpar.cp.comm import Comm, heads_to_seq, seq_to_heads
+from seqpar.cp.comm import Comm, all_gather_autograd, heads_to_seq, seq_to_heads
+from seqpar.cp.lasp2 import lasp2_attention
 from seqpar.cp.local import LocalOp
 from seqpar.cp.partition import chunk_ids
 from seqpar.cp.ring import ring_attention
+
+
+def _chunk_sets(u: int, p: int, balance: str):
+    def chunks(i: int) -> Sequence[int]:  # Ulysses group i = ring rank i: its members' chunks, arrival order
+        return [cid for m in range(u) for cid in chunk_ids(i * u + m, p, balance)]
+    return chunks
+
+
+def _replicate_kv(k: torch.Tensor, v: torch.Tensor, u: int) -> tuple[torch.Tensor, torch.Tensor]:
+    hkv = k.shape[2]
+    if hkv < u:  # replicate kv heads so every Ulysses member owns a whole kv head
+        return k.repeat_interleave(u // hkv, dim=2), v.repeat_interleave(u // hkv, dim=2)
+    return k, v
 
 
 def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: Comm, *, balance: str, op: LocalOp,
@@ -25,14 +43,29 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: Comm,
     """Local shards in (``[b, s_loc, H, d]``), local output out."""
     u, p = ulysses_degree, comm.world
     uc, rc = comm.split_2d(u)
-    hkv = k.shape[2]
-    if hkv < u:  # replicate kv heads so every Ulysses member owns a whole kv head
-        k, v = k.repeat_interleave(u // hkv, dim=2), v.repeat_interleave(u // hkv, dim=2)
+    k, v = _replicate_kv(k, v, u)
     qh, kh, vh = (seq_to_heads(t, uc) for t in (q, k, v))
     gh = None if gates is None else seq_to_heads(gates.unsqueeze(-1), uc).squeeze(-1)
-
-    def chunks(i: int) -> Sequence[int]:
-        return [cid for m in range(u) for cid in chunk_ids(i * u + m, p, balance)]
-
-    o = ring_attention(qh, kh, vh, rc, balance=balance, op=op, causal=causal, gates=gh, chunks=chunks)
+    o = ring_attention(qh, kh, vh, rc, balance=balance, op=op, causal=causal, gates=gh,
+                       chunks=_chunk_sets(u, p, balance))
     return heads_to_seq(o, uc)
+
+
+def usp_lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor, comm: Comm, *,
+                            balance: str, ulysses_degree: int, initial_state: Optional[torch.Tensor] = None,
+                            output_final_state: bool = False,
+                            backend: str = "auto") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Lightning under USP: Ulysses all-to-all, LASP-2 over the ring group, all-to-all back."""
+    u, p = ulysses_degree, comm.world
+    uc, rc = comm.split_2d(u)
+    k, v = _replicate_kv(k, v, u)
+    qh, kh, vh = (seq_to_heads(t, uc) for t in (q, k, v))
+    hl = q.shape[2] // u
+    heads = slice(uc.rank * hl, (uc.rank + 1) * hl)  # this member's global heads
+    o, final = lasp2_attention(qh, kh, vh, slope[heads], rc, balance=balance,
+                               initial_state=None if initial_state is None else initial_state[:, heads],
+                               output_final_state=output_final_state, backend=backend,
+                               chunks=_chunk_sets(u, p, balance))
+    if final is not None:
+        final = all_gather_autograd(final.transpose(0, 1), uc, dim=0).transpose(0, 1)  # heads in order
+    return heads_to_seq(o, uc), final
