@@ -19,12 +19,15 @@ SEQ, BATCH, VOCAB = 64, 2, 96
 
 
 def _build(pattern: str, tp: int, cp: int, schemes: dict, aux_coef: float, seed: int = 7):
+    schemes = dict(schemes)
+    degree = schemes.pop("usp_ulysses_degree", 1)
     from seqpar.megatron import init_parallel
     from seqpar.models import build_gpt, preset, transformer_config
 
     init_parallel(tp, cp, seed=seed)
     p = replace(preset("tiny"), pattern=pattern)
     cfg = transformer_config(p, tensor_model_parallel_size=tp, context_parallel_size=cp, cp_schemes=schemes,
+                             usp_ulysses_degree=degree if cp > 1 else 1,
                              seqpar_backend="torch", s2_block_size=16, s2_local_blocks=1, s2_vert_stride=2,
                              moh_aux_loss_coef=aux_coef,                              params_dtype=torch.float32)
     torch.manual_seed(seed)
@@ -141,7 +144,8 @@ def _compare(results, pairs):
     {"softmax": "allgather", "s2": "allgather", "lightning": "allgather", "moh": "allgather"},
     {"softmax": "ring", "s2": "ring", "lightning": "ulysses", "moh": "ulysses"},
     {"softmax": "ulysses", "s2": "ulysses", "lightning": "ring", "moh": "ring"},
-], ids=["allgather", "ring-ulysses", "ulysses-ring"])
+    {"softmax": "usp", "s2": "usp", "lightning": "usp", "moh": "usp", "usp_ulysses_degree": 2},
+], ids=["allgather", "ring-ulysses", "ulysses-ring", "usp"])
 def test_hybrid_cp2_and_dp2_match_single_rank(schemes):
     runs = ("ref", "cp2", "ref_noaux", "dp2")
     results = run_ranks(_run, 2, "ASLH", schemes, runs, timeout=300)

@@ -113,6 +113,8 @@ class _SeqparCoreAttention(MegatronModule):
         return _from_bshd(o, thd)
 
     def _cp(self, q, k, v, **kw) -> torch.Tensor:
+        if self.scheme == "usp":
+            kw["ulysses_degree"] = self.config.usp_ulysses_degree
         return cp.attention(q, k, v, kind=self.kind, scheme=self.scheme, group=self.cp_group,
                             balance="zigzag", backend=self.backend, **kw)
 
@@ -321,7 +323,10 @@ class LightningSelfAttention(MegatronModule):
         v = F.silu(v).view(s, b, g, d).transpose(0, 1)
         slope = self.slopes.to(q.device)
         kw = {} if cu is None else {"cu_seqlens": cu}
+        if self.scheme == "usp":
+            kw["ulysses_degree"] = self.config.usp_ulysses_degree
         if _size(self.cp_group) == 1:
+            kw.pop("ulysses_degree", None)
             o, _ = lightning_attention(q, k, v, slope, backend=self.backend, **kw)
         else:
             o, _ = cp.attention(q, k, v, kind="lightning", scheme=self.scheme, group=self.cp_group,

@@ -19,6 +19,8 @@ class SeqparTransformerConfig(TransformerConfig):
     cp_schemes: dict = field(default_factory=lambda: dict(DEFAULT_SCHEMES))
     """CP scheme per attention kind ("softmax"/"s2"/"lightning"/"moh" -> "allgather"/"ring"/"ulysses");
     used when context_parallel_size > 1."""
+    usp_ulysses_degree: int = 1
+    """Ulysses degree of the "usp" scheme (divides the CP size; ring over CP / degree groups)."""
     seqpar_backend: str = "auto"
     """Kernel backend for every seqpar op: "auto" | "triton" | "torch"."""
     s2_block_size: int = 16
@@ -44,6 +46,10 @@ class SeqparTransformerConfig(TransformerConfig):
             if (kind, scheme) not in SUPPORTED:
                 ok = sorted(s for k, s in SUPPORTED if k == kind)
                 raise ValueError(f"cp_schemes[{kind!r}]={scheme!r} is not supported; use one of {ok}")
+        if "usp" in self.cp_schemes.values():
+            if self.usp_ulysses_degree < 1 or self.context_parallel_size % self.usp_ulysses_degree:
+                raise ValueError(f"usp_ulysses_degree={self.usp_ulysses_degree} must divide context_parallel_size="
+                                 f"{self.context_parallel_size}")
         if self.seqpar_backend not in ("auto", "triton", "torch"):
             raise ValueError(f"seqpar_backend must be 'auto', 'triton' or 'torch', got {self.seqpar_backend!r}")
         for name in ("s2_block_size", "s2_local_blocks", "s2_vert_stride", "moh_top_k"):

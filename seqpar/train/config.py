@@ -71,6 +71,8 @@ class ParallelConfig:
     """CP size (Megatron's zigzag split of every sequence over 2 x CP chunks)."""
     cp_schemes: dict = field(default_factory=lambda: dict(DEFAULT_SCHEMES))
     """CP scheme per kind: softmax/s2/lightning/moh -> allgather | ring | ulysses (see seqpar.cp.SUPPORTED)."""
+    usp_ulysses_degree: int = 1
+    """Ulysses degree for kinds under the "usp" scheme (divides context_parallel and the heads)."""
     backend: str = "auto"
     """Kernel backend: "auto" (Triton on CUDA, torch on CPU), "triton" or "torch"."""
 
@@ -186,6 +188,11 @@ class RunConfig:
               f"parallel.tensor_parallel={tp} must divide the heads of model.preset={self.model.preset!r} "
               f"({p.num_attention_heads} heads, {p.num_query_groups} kv heads)")
         kinds = {KIND_OF_LETTER[c] for c in self.model.layer_pattern}
+        ud = self.parallel.usp_ulysses_degree
+        if "usp" in {self.parallel.cp_schemes[k] for k in kinds}:
+            _need(ud >= 1 and cp % ud == 0 and p.num_attention_heads % ud == 0,
+                  f"parallel.usp_ulysses_degree={ud} must divide parallel.context_parallel={cp} and the "
+                  f"{p.num_attention_heads} heads")
         for kind in kinds:
             if cp > 1 and self.parallel.cp_schemes[kind] == "ulysses":
                 _need(p.num_attention_heads % cp == 0,

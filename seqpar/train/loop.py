@@ -73,6 +73,7 @@ def build_model(cfg: RunConfig, vocab_size: int):
     tcfg = transformer_config(
         p, tensor_model_parallel_size=cfg.parallel.tensor_parallel,
         context_parallel_size=cfg.parallel.context_parallel, cp_schemes=cfg.parallel.cp_schemes,
+        usp_ulysses_degree=cfg.parallel.usp_ulysses_degree,
         seqpar_backend=cfg.parallel.backend, s2_block_size=m.s2_block_size, s2_local_blocks=m.s2_local_blocks,
         s2_vert_stride=m.s2_vert_stride, moh_num_shared_heads=m.moh_num_shared_heads, moh_top_k=m.moh_top_k,
         moh_aux_loss_coef=m.moh_aux_loss_coef, params_dtype=dtype, bf16=dtype == torch.bfloat16)
