@@ -70,7 +70,7 @@ class ParallelConfig:
     context_parallel: int = 1
     """CP size (Megatron's zigzag split of every sequence over 2 x CP chunks)."""
     cp_schemes: dict = field(default_factory=lambda: dict(DEFAULT_SCHEMES))
-    """CP scheme per kind: softmax/s2/lightning/moh -> allgather | ring | ulysses (see seqpar.cp.SUPPORTED)."""
+    """CP scheme per kind: softmax/s2/lightning/moh -> allgather | ring | ulysses | usp (seqpar.cp.SUPPORTED)."""
     usp_ulysses_degree: int = 1
     """Ulysses degree for kinds under the "usp" scheme (divides context_parallel and the heads)."""
     backend: str = "auto"
