@@ -124,7 +124,7 @@ def _cases(world: int) -> list[dict]:
         _case("lightning-lasp2-contig-2x", "lightning", "allgather", "contiguous", p, b=1, n=p * 12, h=2, hkv=2,
               d=16, seed=30),
         _case("lightning-lasp1-zz-gqa", "lightning", "ring", "zigzag", p, b=2, n=2 * p * 5, h=3, hkv=1, d=16, dv=32,
-              seed=31),
+              with_state=True, seed=31),
         _case("lightning-lasp1-contig", "lightning", "ring", "contiguous", p, b=1, n=p * 6, h=2, hkv=2, d=16, seed=32),
         _case("lightning-uly-zz", "lightning", "ulysses", "zigzag", p, b=1, n=2 * p * 3, h=4, hkv=2, d=16,
               with_state=True, seed=13),

@@ -24,7 +24,8 @@ batch b; ``cp.scheme_cost`` returns them exactly and ``cp.comm_ledger`` measures
   ``(P/U-1)·U·c·b·(H/U)·dk·dv·4`` (1 all-gather; backward 1 reduce-scatter), independent of N;
   ``output_final_state`` adds an all-gather of ``(U-1)·(H/U)·b·dk·dv·4`` over the heads.
 - ring = LASP-1, lightning: one fp32 state ``b·H·dk·dv·4`` per hop along a sequential chain
-  (for comparison; ``cp.recommend`` never picks it).
+  (for comparison; ``cp.recommend`` never picks it); ``output_final_state`` adds one all-gather
+  of ``(P-1)·b·H·dk·dv·4`` (backward: reduce-scatter).
 - allgather = LASP-2, lightning: ``(P-1)·c·b·H·dk·dv·4`` (c = 2 chunks per rank under zigzag,
   1 contiguous), independent of N; 1 all-gather, backward 1 reduce-scatter.
 
@@ -50,7 +51,7 @@ the same with U; zigzag needs N % 2P == 0 (contiguous N % P); s2 under allgather
 chunks of whole blocks (ulysses runs on the whole sequence and does not), and the exchange needs
 chunks of a multiple of vert_stride blocks (else plain all-gather); varlen (global
 ``cu_seqlens``, every document a multiple of 2P, see ``cp.pad_varlen``) with allgather/ulysses
-for softmax and lightning. LASP-1 (lightning ring) takes no initial/final state or varlen
+for softmax and lightning. LASP-1 (lightning ring) takes initial/final states but no varlen
 (ValueError); usp takes no varlen.
 """
 

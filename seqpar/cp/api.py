@@ -73,10 +73,9 @@ def _validate(q, k, v, kind: str, scheme: str, balance: str, world: int, kw: dic
             raise ValueError(f"s2 under CP needs each chunk ({c} tokens) to be a multiple of layout.block_size="
                              f"{layout.block_size} so blocks stay absolute; make the global length a multiple "
                              f"of {per_rank * world * layout.block_size}")
-    if (kind, scheme) == ("lightning", "ring") and (kw.get("initial_state") is not None
-                                                    or kw.get("output_final_state") or kw.get("cu_seqlens") is not None):
-        raise ValueError("lightning with scheme='ring' (LASP-1) supports no initial_state, output_final_state or "
-                         "cu_seqlens; use scheme='allgather' (LASP-2)")
+    if (kind, scheme) == ("lightning", "ring") and kw.get("cu_seqlens") is not None:
+        raise ValueError("lightning with scheme='ring' (LASP-1) supports no cu_seqlens (varlen); "
+                         "use scheme='allgather' (LASP-2) or 'ulysses'")
     if kind == "lightning":
         from seqpar.kernels.lightning.api import _check_slope
 
@@ -104,6 +103,11 @@ def _validate(q, k, v, kind: str, scheme: str, balance: str, world: int, kw: dic
             raise ValueError("cu_seqlens must be the global int32 tensor [num_docs + 1]")
         check_cu_seqlens(cu, b, s * world, name="cu_seqlens (global, over all ranks)")
         varlen_token_index(cu, 0, world)  # raises if a document is not a multiple of 2 * world
+    init = kw.get("initial_state")
+    if kind == "lightning" and init is not None:  # replicated, but only some ranks read it: check here
+        from seqpar.kernels.lightning.api import _check_state
+
+        _check_state("initial_state", init, b if cu is None else cu.numel() - 1, h, q.shape[-1], v.shape[-1], q.device)
     if "ulysses_degree" in kw and scheme != "usp":
         raise ValueError(f"ulysses_degree is a scheme='usp' option, got scheme={scheme!r}")
     if scheme == "usp":
@@ -182,7 +186,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, s
                                            backend=kind_kwargs.get("backend", "auto"))
         if scheme == "ring":
             return lasp1_attention(q, k, v, kind_kwargs["slope"], comm, balance=balance,
-                                   backend=kind_kwargs.get("backend", "auto")), None
+                                   initial_state=kind_kwargs.get("initial_state"),
+                                   output_final_state=bool(kind_kwargs.get("output_final_state", False)),
+                                   backend=kind_kwargs.get("backend", "auto"))
         return ulysses_attention(q, k, v, comm, kind=kind, balance=balance, kw=kind_kwargs)
     causal = kind == "s2" or kind_kwargs.get("causal", True)
     chunk_len = q.shape[1] // len(chunk_ids(0, world, balance))
@@ -225,7 +231,8 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
     reduce-scatter in backward; s2 uses the stride-aware exchange when it applies (``layout``
     required): per kv head only its column blocks plus the boundary windows. lightning ring
     (LASP-1): one fp32 state ``b·H·dk·dv·4`` per hop from another rank; hops differ per rank, so
-    pass ``rank`` (default: the busiest rank). ring: ``P-1`` passes of the local K/V (``N/P · b · H_kv · (d+dv) · e``
+    pass ``rank`` (default: the busiest rank); ``output_final_state`` adds one all-gather of
+    ``(P-1)`` states. ring: ``P-1`` passes of the local K/V (``N/P · b · H_kv · (d+dv) · e``
     each) forward; backward the same plus ``P`` passes of the fp32 dK/dV buffer. LASP-2: ``(P-1) · c · b · H · dk · dv · 4`` with ``c`` chunks per rank
     (2 zigzag, 1 contiguous), independent of N. Ulysses: one all-to-all per tensor, each
     ``(P-1)/P · (N/P) · b · heads_x · dim_x · e`` (q, k, v, o; MoH adds its gates; kv heads count
@@ -274,6 +281,9 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
             add(fwd, "send_recv", state)
         for _ in range(max(back for _, back in hops)):
             add(bwd, "send_recv", state)
+        if output_final_state:  # the last chunk's owner replicates the final state: one all-gather
+            add(fwd, "all_gather", (p - 1) * state)
+            add(bwd, "reduce_scatter", (p - 1) * state)
     elif scheme == "ring":
         kv_local = (n // p) * batch * kv_heads * (head_dim + dv)
         for _ in range(p - 1):

@@ -6,15 +6,20 @@ chunk ``i-1``, runs the per-rank kernel from it, and sends its final state to th
 Backward runs the same chain in reverse with the state gradients (recomputing each chunk).
 The chain is sequential: total latency grows with P, unlike LASP-2 (``scheme="allgather"``), which
 needs one all-gather and is the default. Bytes per hop ``b · H · dk · dv · 4``.
+
+``initial_state`` enters chunk 0 (its owner gets the gradient; the other ranks' share is 0). The
+final state lives on the owner of the last chunk; ``output_final_state`` replicates it with one
+all-gather of the fp32 state (non-owners contribute zeros, so the adjoint reduce-scatter hands
+the owner the sum of every rank's final-state gradient).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from seqpar.cp.comm import Comm, Pending
+from seqpar.cp.comm import Comm, Pending, all_gather_autograd
 from seqpar.cp.partition import chunk_ids, num_chunks
 
 
@@ -43,16 +48,17 @@ def _run_chunk(q, k, v, slope, state, backend):
 
 class Lasp1Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, slope, comm: Comm, balance: str, backend: str):
+    def forward(ctx, q, k, v, slope, initial_state, comm: Comm, balance: str, backend: str):
         ids: Sequence[int] = chunk_ids(comm.rank, comm.world, balance)  # ascending chunk ids
         own = owners(comm.world, balance)
         c, (b, _, h, dk), dv = q.shape[1] // len(ids), q.shape, v.shape[-1]
         zero = torch.zeros(b, h, dk, dv, dtype=torch.float32, device=q.device)
         outs, states_in, sends = [], [], []
         local = None  # state handed over between this rank's consecutive chunks
+        final = zero  # the state after the last chunk, on its owner
         for j, cid in enumerate(ids):
             if cid == 0:
-                s_in = zero
+                s_in = zero if initial_state is None else initial_state
             elif own[cid - 1] == comm.rank:
                 s_in = local
             else:
@@ -61,7 +67,9 @@ class Lasp1Attention(torch.autograd.Function):
             o, s_out = _run_chunk(q[:, s], k[:, s], v[:, s], slope, s_in, backend)
             outs.append(o)
             states_in.append(s_in)
-            if cid + 1 < len(own):
+            if cid + 1 == len(own):
+                final = s_out
+            else:
                 if own[cid + 1] == comm.rank:
                     local = s_out
                 else:
@@ -70,10 +78,11 @@ class Lasp1Attention(torch.autograd.Function):
             p.wait()
         ctx.save_for_backward(q, k, v, slope, *states_in)
         ctx.comm, ctx.balance, ctx.backend = comm, balance, backend
-        return torch.cat(outs, dim=1)
+        ctx.has_init = initial_state is not None
+        return torch.cat(outs, dim=1), final
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, dfinal):
         q, k, v, slope, *states_in = ctx.saved_tensors
         comm: Comm = ctx.comm
         ids = chunk_ids(comm.rank, comm.world, ctx.balance)
@@ -82,10 +91,11 @@ class Lasp1Attention(torch.autograd.Function):
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         sends: list[Pending] = []
         local = None  # state gradient handed back between this rank's consecutive chunks
+        d_init = torch.zeros_like(states_in[0]) if ctx.has_init else None  # only chunk 0's owner adds to it
         for j in reversed(range(len(ids))):
             cid = ids[j]
             if cid + 1 == len(own):
-                g_out = torch.zeros_like(states_in[j])
+                g_out = dfinal
             elif own[cid + 1] == comm.rank:
                 g_out = local
             else:
@@ -97,17 +107,24 @@ class Lasp1Attention(torch.autograd.Function):
                 o, s_out = _run_chunk(qj, kj, vj, slope, s_in, ctx.backend)
                 gq, gk, gv, gs = torch.autograd.grad((o, s_out), (qj, kj, vj, s_in), (dout[:, s], g_out))
             dq[:, s], dk[:, s], dv[:, s] = gq, gk, gv
-            if cid > 0:
+            if cid == 0 and d_init is not None:
+                d_init = gs
+            elif cid > 0:
                 if own[cid - 1] == comm.rank:
                     local = gs
                 else:
                     sends.append(comm.send(gs, own[cid - 1]))
         for p in sends:
             p.wait()
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, d_init, None, None, None
 
 
 def lasp1_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor, comm: Comm, *,
-                    balance: str, backend: str = "auto") -> torch.Tensor:
-    """Local shards ``q [b, s_loc, H, dk]``, ``k/v [b, s_loc, H_kv, dk|dv]`` -> local output ``[b, s_loc, H, dv]``."""
-    return Lasp1Attention.apply(q, k, v, slope.detach(), comm, balance, backend)
+                    balance: str, initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False,
+                    backend: str = "auto") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Local shards ``q [b, s_loc, H, dk]``, ``k/v [b, s_loc, H_kv, dk|dv]`` -> (local output
+    ``[b, s_loc, H, dv]``, final state ``[b, H, dk, dv]`` replicated, or None)."""
+    o, final = Lasp1Attention.apply(q, k, v, slope.detach(), initial_state, comm, balance, backend)
+    if not output_final_state:
+        return o, None
+    return o, all_gather_autograd(final[None], comm, dim=0).sum(0)
