@@ -81,6 +81,17 @@ def _shard_job(rank: int, world: int, full: dict) -> dict:
     loc, cu_loc = cp.shard_varlen(x, cu, None)
     assert torch.equal(cu_loc, cu // world)
     assert torch.equal(cp.unshard_varlen(loc, cu, None), x)
+    # autograd: a loss on the full (replicated) tensor gives this rank its shard of the gradient
+    w = torch.linspace(-1, 1, x.numel()).reshape(x.shape)
+    leaf = loc.clone().requires_grad_()
+    (cp.unshard_varlen(leaf, cu, None) * w).sum().backward()
+    assert torch.equal(leaf.grad, cp.shard_varlen(w, cu, None)[0])
+    for balance in ("zigzag", "contiguous"):
+        xb, dim = full["seq_first"]
+        w = torch.randn(xb.shape, generator=torch.Generator().manual_seed(7))
+        leaf = cp.shard(xb, None, dim=dim, balance=balance).requires_grad_()
+        ((cp.unshard(leaf, None, dim=dim, balance=balance) ** 2) * w).sum().backward()
+        assert torch.allclose(leaf.grad, cp.shard(2 * xb * w, None, dim=dim, balance=balance)), balance
     return out
 
 

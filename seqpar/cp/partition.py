@@ -100,26 +100,44 @@ def shard(x: torch.Tensor, group: GroupLike, dim: int = 1, balance: str = "zigza
 
 
 def unshard(x_local: torch.Tensor, group=None, dim: int = 1, balance: str = "zigzag") -> torch.Tensor:
-    """Inverse of :func:`shard`: all-gather every rank's part and restore sequence order."""
+    """Inverse of :func:`shard`: all-gather every rank's part and restore sequence order.
+
+    Differentiable: every rank gets the full tensor as its own copy, so the gradient of
+    ``x_local`` is this rank's :func:`shard` of the incoming gradient (no communication in
+    backward); a loss computed identically on every rank gives each rank its single-device grads.
+    """
     if isinstance(group, tuple):
         raise ValueError("unshard needs a process group (it all-gathers); got a (rank, world) tuple")
     _check_balance(balance)
     comm = Comm(group)
-    world = comm.world
     dim = dim % x_local.dim()
-    per_rank = len(chunk_ids(0, world, balance))
+    per_rank = len(chunk_ids(0, comm.world, balance))
     if x_local.shape[dim] % per_rank:
         raise ValueError(f"x_local.shape[{dim}] = {x_local.shape[dim]} must be divisible by {per_rank} "
                          f"(chunks per rank for balance={balance!r})")
-    c = x_local.shape[dim] // per_rank
-    gathered = comm.all_gather(x_local.movedim(dim, 0))  # [world * local, ...]
-    chunks: dict[int, torch.Tensor] = {}
-    for r in range(world):
-        for j, cid in enumerate(chunk_ids(r, world, balance)):
-            start = r * per_rank * c + j * c
-            chunks[cid] = gathered[start:start + c]
-    ordered = [chunks[i] for i in range(num_chunks(world, balance))]
-    return torch.cat(ordered, 0).movedim(0, dim).contiguous()
+    return _Unshard.apply(x_local, comm, dim, balance)
+
+
+class _Unshard(torch.autograd.Function):
+    """Forward: all-gather + sequence order. Backward: this rank's shard of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x_local: torch.Tensor, comm: Comm, dim: int, balance: str) -> torch.Tensor:
+        ctx.rank_world, ctx.dim, ctx.balance = (comm.rank, comm.world), dim, balance
+        per_rank = len(chunk_ids(0, comm.world, balance))
+        c = x_local.shape[dim] // per_rank
+        gathered = comm.all_gather(x_local.movedim(dim, 0))  # [world * local, ...]
+        chunks: dict[int, torch.Tensor] = {}
+        for r in range(comm.world):
+            for j, cid in enumerate(chunk_ids(r, comm.world, balance)):
+                start = r * per_rank * c + j * c
+                chunks[cid] = gathered[start:start + c]
+        ordered = [chunks[i] for i in range(num_chunks(comm.world, balance))]
+        return torch.cat(ordered, 0).movedim(0, dim).contiguous()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return shard(g, ctx.rank_world, dim=ctx.dim, balance=ctx.balance), None, None, None
 
 
 # ---- varlen (THD) -------------------------------------------------------------------------------
@@ -165,16 +183,26 @@ def shard_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, group: GroupLike,
 
 
 def unshard_varlen(x_local: torch.Tensor, cu_seqlens: torch.Tensor, group=None, dim: int = 1) -> torch.Tensor:
-    """Inverse of :func:`shard_varlen` (``cu_seqlens`` is the *global* one)."""
+    """Inverse of :func:`shard_varlen` (``cu_seqlens`` is the *global* one). Differentiable like
+    :func:`unshard`: the gradient is this rank's :func:`shard_varlen` of the incoming gradient."""
     if isinstance(group, tuple):
         raise ValueError("unshard_varlen needs a process group (it all-gathers); got a (rank, world) tuple")
-    comm = Comm(group)
-    dim = dim % x_local.dim()
-    gathered = comm.all_gather(x_local.movedim(dim, 0))
-    idx = torch.cat([varlen_token_index(cu_seqlens, r, comm.world)[0] for r in range(comm.world)])
-    out = torch.empty_like(gathered)
-    out[idx.to(out.device)] = gathered
-    return out.movedim(0, dim).contiguous()
+    return _UnshardVarlen.apply(x_local, cu_seqlens, Comm(group), dim % x_local.dim())
+
+
+class _UnshardVarlen(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_local: torch.Tensor, cu_seqlens: torch.Tensor, comm: Comm, dim: int) -> torch.Tensor:
+        ctx.rank_world, ctx.dim, ctx.cu = (comm.rank, comm.world), dim, cu_seqlens
+        gathered = comm.all_gather(x_local.movedim(dim, 0))
+        idx = torch.cat([varlen_token_index(cu_seqlens, r, comm.world)[0] for r in range(comm.world)])
+        out = torch.empty_like(gathered)
+        out[idx.to(out.device)] = gathered
+        return out.movedim(0, dim).contiguous()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return shard_varlen(g, ctx.cu, ctx.rank_world, dim=ctx.dim)[0], None, None, None
 
 
 @dataclass(frozen=True)
