@@ -137,25 +137,39 @@ class SoftmaxCoreAttention(_SeqparCoreAttention):
 
 
 class S2CoreAttention(_SeqparCoreAttention):
-    """S2 (sparse-sharded) attention with the layout from ``config.s2_*``. Under TP the head stride
-    continues across ranks (``head_sliding_offset``) so the model is the same at any TP size."""
+    """S2 (sparse-sharded) attention with the layout from ``config.s2_*``. Under TP each rank computes
+    exactly its kv heads of the full model's pattern (``kv_head_offset`` / ``total_kv_heads``), so the
+    model is the same at any TP size."""
 
     kind = "s2"
 
     def __init__(self, config, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
-        step = max(1, config.s2_vert_stride // config.num_attention_heads)
         self.layout = S2Layout(block_size=config.s2_block_size, local_blocks=config.s2_local_blocks,
-                               vert_stride=config.s2_vert_stride,
-                               head_sliding_offset=self.tp_rank * self.kv_heads * step)
+                               vert_stride=config.s2_vert_stride)
+        self.kv_head_offset = self.tp_rank * self.kv_heads
+        self.total_kv_heads = config.num_query_groups
+        self.cp_layout = self.layout
+        if self.tp_rank or self.kv_heads != self.total_kv_heads:
+            # seqpar.cp has no kv-head offset for s2: shift the stride instead, exact while the
+            # stride step of the rank's heads equals the model's
+            step_model = max(1, config.s2_vert_stride // config.num_attention_heads)
+            step_rank = max(1, config.s2_vert_stride // self.heads)
+            self.cp_layout = None if step_model != step_rank else S2Layout(
+                block_size=config.s2_block_size, local_blocks=config.s2_local_blocks,
+                vert_stride=config.s2_vert_stride, head_sliding_offset=self.kv_head_offset * step_model)
 
     def _attend(self, q, k, v, cu_seqlens):
         if self.cp_size == 1:
             return s2_attention(q, k, v, self.layout, sm_scale=self.softmax_scale, cu_seqlens=cu_seqlens,
+                                kv_head_offset=self.kv_head_offset, total_kv_heads=self.total_kv_heads,
                                 backend=self.backend)
         if cu_seqlens is not None:
             raise ValueError("S2 under CP does not take packed sequences (cu_seqlens); use CP=1 or unpacked data")
-        return self._cp(q, k, v, layout=self.layout, sm_scale=self.softmax_scale)
+        if self.cp_layout is None:
+            raise ValueError("S2 under CP with this TP split changes the head stride; use s2_vert_stride <= "
+                             "num_attention_heads / tensor_model_parallel_size or tensor_model_parallel_size=1")
+        return self._cp(q, k, v, layout=self.cp_layout, sm_scale=self.softmax_scale)
 
 
 def moh_balance_loss(probs: torch.Tensor, topk_index: torch.Tensor, group: Any) -> torch.Tensor:
