@@ -1,4 +1,4 @@
-# seqpar: make install | make demo | make test | make bench
+# seqpar: make install | make demo | make test | make bench | make demo-kernels
 # The venv lives in .venv/ at the repo root. torch==2.13.0 is installed first so that the CPU wheel
 # satisfies every later requirement (an unpinned torch would pull a multi-GB CUDA build).
 PY      ?= $(shell command -v python3.11 || command -v python3)
@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.seqpar-installed
 TORCH   ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo demo-kernels bench clean
 
 install: $(STAMP)
 
@@ -22,7 +22,12 @@ $(STAMP): pyproject.toml constraints.txt
 test: install
 	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS) tests
 
+# Trains the tiny hybrid (A softmax, S S2, L lightning, H MoH layers) with CP=2 on 2 CPU ranks.
 demo: install
+	NPROC=2 PYTHON=$(BIN)/python launchers/torchrun.sh recipes/tiny_hybrid_cp2.yaml
+
+# S2 layout picture and kernels vs the fp64 reference (Triton interpreter on CPU).
+demo-kernels: install
 	TRITON_INTERPRET=1 $(BIN)/python -m seqpar.demo
 
 bench: install
