@@ -41,5 +41,5 @@ def test_resume_continues_with_identical_losses(tmp_path, dtype):
     ck = tmp_path / "b" / "checkpoints"
     assert (ck / "latest").read_text() == "step_0000008"
     assert sorted(p.name for p in ck.iterdir()) == ["latest", "step_0000003", "step_0000005", "step_0000008"]
-    assert (ck / "step_0000008" / "tp0.pt").is_file()
+    assert (ck / "step_0000008" / "metadata.json").is_file()  # a dist_checkpointing folder
     assert list((tmp_path / "b" / "tb").glob("events.out.tfevents.*"))

@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
@@ -28,6 +29,7 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 from megatron.core.utils import divide
 
 from seqpar import cp
@@ -276,6 +278,29 @@ class MoHSelfAttention(SelfAttention):
         return MoEAuxLossAutoScaler.apply(out, aux), bias
 
 
+def _split_rows_factory(sh: ShardedTensor, sizes: list[int], names: tuple[str, ...],
+                        prepend_axis_num: int) -> ShardedTensorFactory:
+    """A TP-sharded (dim 0) tensor whose local rows are ``len(sizes)`` stacked parts, saved as one
+    TP-sharded global tensor per part (``<key>.<name>``) and concatenated back on load."""
+    axis = prepend_axis_num
+    tp_rank = sh.global_offset[axis] // sh.local_shape[0]
+    tp_size = sh.axis_fragmentations[axis]
+    offsets = [(i, sh.global_offset[i], sh.axis_fragmentations[i]) for i in range(axis)]  # e.g. stacked layers
+
+    @torch.no_grad()
+    def build(key: str, t: torch.Tensor, replica_id: Any, flattened_range: Optional[slice]) -> list[ShardedTensor]:
+        if flattened_range is not None:
+            raise ValueError("flattened (distributed-optimizer) shards of linear_qkvg are not supported")
+        return [ShardedTensor.from_rank_offsets(f"{key}.{n}", part, *offsets, (axis, tp_rank, tp_size),
+                                               replica_id=replica_id, prepend_axis_num=prepend_axis_num)
+                for n, part in zip(names, torch.split(t, sizes, dim=0))]
+
+    def merge(parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(parts, dim=0)
+
+    return ShardedTensorFactory(sh.key, sh.data, build, merge, sh.replica_id)
+
+
 @dataclass
 class LightningSubmodules:
     """Builders of ``LightningSelfAttention``: a column-parallel q/k/v/gate projection and a
@@ -324,6 +349,29 @@ class LightningSelfAttention(MegatronModule):
         self.register_buffer("slopes", slopes[tp_rank * self.heads:(tp_rank + 1) * self.heads].clone(),
                              persistent=False)
         self.eps = config.layernorm_epsilon
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: Optional[dict] = None) -> dict:
+        """Checkpoint entries that load at any TP size:
+
+        - ``norm_weight`` is split over TP along dim 0 like the heads (Megatron's default would mark
+          a module's own parameter replicated);
+        - each rank's ``linear_qkvg`` rows are ``[q_r | k_r | v_r | gate_r]``, so rank chunks of
+          the stacked tensor are not a TP-invariant layout; it is written as four global tensors
+          (``<key>.q/.k/.v/.gate``), each TP-sharded (as Megatron does for SwiGLU's fc1).
+        """
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        sd.update(make_sharded_tensors_for_checkpoint(
+            {"norm_weight": self.norm_weight}, prefix, {"norm_weight": 0}, sharded_offsets,
+            tp_group=self.pg_collection.tp, dp_cp_group=metadata["dp_cp_group"]))
+        d = self.head_dim
+        sizes = [self.heads * d, self.kv_heads * d, self.kv_heads * d, self.heads * d]
+        for name in ("weight", "bias"):
+            key = f"{prefix}linear_qkvg.{name}"
+            if key in sd:
+                sd[key] = _split_rows_factory(sd[key], sizes, ("q", "k", "v", "gate"), len(sharded_offsets))
+        return sd
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 *args: Any, packed_seq_params: Optional[PackedSeqParams] = None, **kwargs: Any):

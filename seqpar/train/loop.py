@@ -103,16 +103,6 @@ class MasterParams:
                 for m, p in zip(self.params, self.model_params):
                     p.copy_(m)
 
-    def state_dict(self) -> list[torch.Tensor]:
-        return [m.detach().clone() for m in self.params] if self.lowp else []
-
-    def load_state_dict(self, state: list[torch.Tensor]) -> None:
-        if self.lowp:
-            with torch.no_grad():
-                for m, s in zip(self.params, state):
-                    m.copy_(s)
-            self.master_to_model()
-
 
 class AttentionTimer:
     """Forward wall time per attention kind (hooks on the seqpar attention modules; on CUDA each
@@ -187,11 +177,12 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = N
         path = checkpoint.latest(ckpt_dir)
         if path is None:
             raise ValueError(f"--resume: no checkpoint under {ckpt_dir}")
-        state = checkpoint.load(path)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
-        master.load_state_dict(state["master"])
-        _set_rng_state(state["rng"])
+        state = checkpoint.load(path, model, opt, master)
+        if state["rng"] is not None:
+            _set_rng_state(state["rng"])
+        elif rank0:
+            print(f"[seqpar.train] {path} was written with parallel layout {state['layout']}; "
+                  f"RNG states not restored (they are per rank)", flush=True)
         start = state["step"]
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
     writer = bar = None
@@ -231,10 +222,7 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = N
             bar.set_postfix(loss=f"{res.loss:.3f}", aux=f"{res.aux_loss:.3g}", lr=f"{lr:.2e}")
         last = step + 1 == end
         if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
-            checkpoint.save(ckpt_dir, step + 1, {"model": model.state_dict(), "optim": opt.state_dict(),
-                                                 "master": master.state_dict(), "rng": _rng_state(),
-                                                 "step": step + 1,
-                                                 "config": cfg.to_dict()})
+            checkpoint.save(ckpt_dir, step + 1, model, opt, master, rng=_rng_state(), config=cfg.to_dict())
     if bar is not None:
         bar.close()
     if writer is not None:
