@@ -91,10 +91,10 @@ def _sharded_state(model: torch.nn.Module, opt: torch.optim.Optimizer, master: M
 
 
 def _write_buckets(transforms: list, rank: int, buckets: list, results_queue: Any) -> None:
-    """megatron-core's torch_dist writer (``write_preloaded_data_multiproc``) forks one process per
-    bucket and needs psutil (not a megatron-core dependency); with one bucket per rank
-    (thread_count=1) there is no parallelism to lose, so this writes the buckets in this process,
-    in the same files and format, and reports the results the same way."""
+    """Replaces megatron-core 0.16's ``write_preloaded_data_multiproc``, which forks one writer per
+    bucket (impossible in daemonic processes, e.g. multiprocessing test ranks) and needs psutil (not
+    a megatron-core dependency). Writes the rank's buckets (at most ``thread_count`` = 2 files) one
+    after the other in this process, same files and format, and reports the results the same way."""
     results: dict[int, list] | Exception = {}
     try:
         for i, (file_name, storage_key, (bytes_data, tensor_data)) in enumerate(buckets):
@@ -117,8 +117,15 @@ def save(ckpt_dir: str | pathlib.Path, step: int, model: torch.nn.Module, opt: t
          master: Master, *, rng: Any, config: dict[str, Any]) -> pathlib.Path:
     """Write step ``step`` (model, AdamW state, master weights, RNG states, config) to
     ``<ckpt_dir>/step_N`` atomically. Collective: every rank calls it."""
-    if any(not opt.state[p] for p in master.params):
-        raise ValueError("checkpoint.save needs the optimizer state; call it after the first optimizer step")
+    names = {id(p): n for n, p in model.named_parameters()}
+    missing = [names.get(id(mp), str(i)) for i, (mp, p) in enumerate(zip(master.model_params, master.params))
+               if not opt.state[p]]
+    if missing:
+        raise ValueError(f"checkpoint.save: no AdamW state for {missing[:4]}{'...' if len(missing) > 4 else ''}; "
+                         f"save after an optimizer step in which every trainable parameter got a gradient")
+    steps = {float(opt.state[p]["step"]) for p in master.params}
+    if len(steps) != 1:
+        raise ValueError(f"AdamW step counters differ across parameters ({sorted(steps)}); cannot checkpoint")
     root = pathlib.Path(ckpt_dir)
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp_step_{step:07d}"
@@ -127,14 +134,12 @@ def save(ckpt_dir: str | pathlib.Path, step: int, model: torch.nn.Module, opt: t
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
-    steps = {float(opt.state[p]["step"]) for p in master.params}
-    if len(steps) != 1:
-        raise ValueError(f"AdamW step counters differ across parameters ({sorted(steps)}); cannot checkpoint")
     sd = _sharded_state(model, opt, master, loading=False)
     sd.update(rng=_rng_object(rng), adam_step=steps.pop(), step=step, layout=_layout(), config=config)
     if filesystem_async._results_queue is None:
         # the writer's result queue is a process-wide lazy singleton (a multiprocessing Manager queue,
-        # for forked writers); our writer runs in this process, so a plain queue is enough
+        # for forked writers); every save in this process goes through _write_buckets, in-process,
+        # so a plain queue is enough and no Manager process is started
         filesystem_async._results_queue = queue.Queue()
     request = dist_checkpointing.save(sd, str(tmp), sharded_strategy=("torch_dist", 1), async_sharded_save=True)
     if request.async_fn is not None:  # None: nothing to write on this rank
