@@ -13,6 +13,10 @@ What it changes (and why):
   Megatron's tracker saves/restores ``torch.cuda`` RNG states around dropout and initialisation.
 - ``get_pos_emb_on_this_cp_rank`` (RoPE zigzag slicing under CP) stays on the embedding's device:
   the original builds a pinned index and moves it with ``.cuda()``.
+- Checkpoint writer: :func:`cpu_checkpoint_request` drops the host-staging step of a
+  ``dist_checkpointing`` save request (a non-blocking device-to-host copy followed by
+  ``torch.cuda.synchronize()``, which CPU-only torch cannot run; on CPU the tensors are already on
+  the host). ``seqpar.train.checkpoint`` applies it only when CUDA is absent.
 
 ``disable_cpu_compat()`` restores the originals (tests use it to stay hermetic).
 """
@@ -102,6 +106,14 @@ def enable_cpu_compat() -> None:
     _patch("rope_cp2", rotary_pos_embedding, "get_pos_emb_on_this_cp_rank", _cpu_pos_emb_on_this_cp_rank)
     _patch("rng", tp_random, "_CUDA_RNG_STATE_TRACKER", CpuRNGStatesTracker())
     _patch("rng_init", tp_random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True)
+
+
+def cpu_checkpoint_request(request: Any) -> Any:
+    """A megatron-core ``AsyncRequest`` from ``dist_checkpointing.save(..., async_sharded_save=True)``
+    without its host-staging step (see the module docstring). CPU-only: raises with CUDA present."""
+    if torch.cuda.is_available():
+        raise RuntimeError("cpu_checkpoint_request() is for CPU-only runs; keep the staging step on GPU")
+    return request._replace(preload_fn=None)
 
 
 def cpu_compat_enabled() -> bool:

@@ -34,9 +34,11 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies import filesystem_async
-from torch.distributed.checkpoint.filesystem import SerializationFormat, _write_item
 from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
                                                          make_sharded_optimizer_tensor)
+from torch.distributed.checkpoint.filesystem import SerializationFormat, _write_item
+
+from seqpar.megatron.cpu_compat import cpu_checkpoint_request
 
 _ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -145,9 +147,7 @@ def save(ckpt_dir: str | pathlib.Path, step: int, model: torch.nn.Module, opt: t
     if request.async_fn is not None:  # None: nothing to write on this rank
         request = request._replace(async_fn=partial(_write_buckets, request.async_fn.args[0]))
     if not torch.cuda.is_available():
-        # megatron-core 0.16 stages tensors to the host with a non-blocking copy + torch.cuda.synchronize(),
-        # which CPU-only torch cannot run; without CUDA the tensors are on the host already
-        request = request._replace(preload_fn=None)
+        request = cpu_checkpoint_request(request)  # the staging step needs CUDA (cpu_compat docstring)
     request.execute_sync()  # write, barrier, then rank 0 writes the global metadata
     dist.barrier()
     if dist.get_rank() == 0:
