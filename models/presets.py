@@ -64,7 +64,8 @@ def transformer_config(p: ModelPreset, **overrides: Any) -> SeqparTransformerCon
         num_query_groups=p.num_query_groups, ffn_hidden_size=p.ffn_hidden_size, normalization="RMSNorm",
         add_bias_linear=False, attention_dropout=0.0, hidden_dropout=0.0,
         gated_linear_unit=True, activation_func=torch.nn.functional.silu,  # SwiGLU MLP (Llama-style)
-        use_cpu_initialization=not torch.cuda.is_available())
+        use_cpu_initialization=not torch.cuda.is_available(),
+        cuda_graph_scope=[])  # = whole layer; megatron-core 0.16's default "full" warns that it is deprecated
     kw.update(overrides)
     return SeqparTransformerConfig(**kw)
 

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from seqpar.kernels.s2.reference import attention_reference
-from tests.tolerance import GRAD_FACTOR, OUT_FACTOR, assert_rel_close
+from tolerance import GRAD_FACTOR, OUT_FACTOR, assert_rel_close
 
 # Triton runs compiled on a CUDA host and through the interpreter on CPU (conftest sets it)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -11,7 +11,7 @@ from seqpar.kernels import S2Layout, flash_attention, s2_attention
 from seqpar.kernels.s2.plan import build_plan
 from seqpar.kernels.s2.triton_bwd import s2_bwd
 from seqpar.kernels.s2.triton_fwd import s2_fwd
-from tests.s2_check import DEVICE, check_attention, make_qkv
+from s2_check import DEVICE, check_attention, make_qkv
 
 BACKENDS = ("triton", "torch")
 

@@ -14,7 +14,7 @@ from seqpar.kernels import lightning_attention
 from seqpar.kernels.lightning.chunked import lightning_chunked
 from seqpar.kernels.lightning.function import LightningFunction
 from seqpar.kernels.lightning.reference import lightning_reference
-from tests.tolerance import GRAD_FACTOR, OUT_FACTOR, assert_rel_close, max_err
+from tolerance import GRAD_FACTOR, OUT_FACTOR, assert_rel_close, max_err
 
 BACKENDS = ["torch", "triton"]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

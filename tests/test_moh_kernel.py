@@ -7,7 +7,7 @@ import torch
 
 from seqpar.kernels import moh_attention
 from seqpar.kernels.moh import count_computed_pairs, moh_attention_ref
-from tests.tolerance import GRAD_FACTOR, assert_rel_close
+from tolerance import GRAD_FACTOR, assert_rel_close
 
 BACKENDS = ["triton", "torch"]
 

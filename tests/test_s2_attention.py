@@ -12,7 +12,7 @@ from seqpar.kernels.s2 import s2_stats
 from seqpar.kernels.s2.plan import build_plan
 from seqpar.kernels.s2.triton_bwd import s2_bwd
 from seqpar.kernels.s2.triton_fwd import s2_fwd
-from tests.s2_check import DEVICE, check_attention, make_qkv
+from s2_check import DEVICE, check_attention, make_qkv
 
 BACKENDS = ("triton", "torch")
 LAY = S2Layout(block_size=16, local_blocks=2, vert_stride=3)

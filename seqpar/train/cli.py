@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from typing import Optional
 
 
@@ -57,6 +58,10 @@ def dry_run(cfg) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    # megatron-core warns at several import sites that Apex / Transformer Engine are absent; both are
+    # optional fused-kernel providers with torch fallbacks, so the trainer's console keeps quiet about it
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* (is|are) not installed",
+                            category=UserWarning)
     from seqpar.train.config import load_recipe
 
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import pathlib
+import sys
 import time
 from dataclasses import replace
 from typing import Any, Optional
@@ -152,6 +153,12 @@ def _set_rng_state(s: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(s["cuda"])
 
 
+def _tensorboard_cmd() -> str:
+    """``tensorboard`` next to this interpreter (the venv's) when it is there, else the bare name."""
+    exe = pathlib.Path(sys.executable).parent / "tensorboard"
+    return str(exe) if exe.exists() else "tensorboard"
+
+
 def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = None) -> list[float]:
     """Run the recipe; returns the per-step losses of this run (identical on every rank).
 
@@ -227,8 +234,11 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = N
         bar.close()
     if writer is not None:
         writer.close()
-        print(f"[seqpar.train] steps {start}->{end}, last loss {losses[-1] if losses else float('nan'):.4f}\n"
+        w = max(1, min(10, len(losses) // 4))  # mean of the first / last few steps: the trend, not noise
+        trend = (f"loss {sum(losses[:w]) / w:.4f} (first {w} steps) -> {sum(losses[-w:]) / w:.4f} (last {w})"
+                 if losses else "no steps run")
+        print(f"[seqpar.train] steps {start}->{end}, {trend}\n"
               f"  checkpoint:  {checkpoint.latest(ckpt_dir)}\n"
-              f"  tensorboard: tensorboard --logdir {out / 'tb'}", flush=True)
+              f"  tensorboard: {_tensorboard_cmd()} --logdir {out / 'tb'}", flush=True)
     parallel_state.destroy_model_parallel()
     return losses
