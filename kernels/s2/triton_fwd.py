@@ -106,11 +106,16 @@ def _s2_fwd_kernel(
 def kernel_options(q: torch.Tensor, block_size: int) -> dict:
     """Compile-time options shared by the forward and backward launchers."""
     interp = interpret_enabled() and q.device.type == "cpu"
+    block_d = max(16, triton.next_power_of_2(q.shape[-1]))
+    # Software-pipelining stages keep that many K/V tiles in shared memory: at 3 stages, tiles over
+    # 16 KB (fp32, or 128 x 128 half) exceed sm_80's 163 KB (tests/test_s2_compile.py checks it).
+    tile_bytes = block_size * block_d * q.element_size()
     return dict(
         UPCAST=interp and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_size, BLOCK_N=block_size, BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])),
+        BLOCK_M=block_size, BLOCK_N=block_size, BLOCK_D=block_d,
         num_warps=4 if block_size <= 64 else 8,
+        num_stages=3 if tile_bytes <= 16 * 1024 else 2,
     )
 
 
