@@ -126,6 +126,13 @@ def check_cu_seqlens(cu_seqlens, batch: int, seq: int, *, name: str = "cu_seqlen
     return cu_seqlens
 
 
+def check_int(name: str, value) -> int:
+    """``value`` as a Python int (bools rejected); ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a Python int, got {value!r}")
+    return value
+
+
 def default_sm_scale(sm_scale: Optional[float], head_dim: int) -> float:
     if sm_scale is None:
         return head_dim ** -0.5

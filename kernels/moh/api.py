@@ -6,14 +6,8 @@ from typing import Optional, Union
 
 import torch
 
-from .._common import check_qkv, check_tensor, default_sm_scale, select_backend
+from .._common import check_int, check_qkv, check_tensor, default_sm_scale, select_backend
 from .torch_impl import moh_attention_torch
-
-
-def _check_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be a Python int (an absolute token position), got {value!r}")
-    return value
 
 
 def moh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, *,
@@ -74,8 +68,8 @@ def moh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torc
     if not isinstance(return_lse, bool):
         raise ValueError(f"return_lse must be a bool, got {return_lse!r}")
     scale = default_sm_scale(sm_scale, d)
-    k_offset = _check_int("k_offset", k_offset)
-    q_offset = k_offset + sk - sq if q_offset is None else _check_int("q_offset", q_offset)
+    k_offset = check_int("k_offset", k_offset)
+    q_offset = k_offset + sk - sq if q_offset is None else check_int("q_offset", q_offset)
     if select_backend(backend, q, k, v) == "triton":
         from .function import MoHAttentionFunction  # imports triton only when used
 

@@ -7,16 +7,10 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from seqpar.kernels._common import check_cu_seqlens, check_qkv, default_sm_scale, select_backend
+from seqpar.kernels._common import check_cu_seqlens, check_int, check_qkv, default_sm_scale, select_backend
 from seqpar.kernels.s2.function import S2AttentionFunction
 from seqpar.kernels.s2.layout import S2Layout
 from seqpar.kernels.s2.plan import TilePlan, build_plan
-
-
-def _check_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    return value
 
 
 def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: Optional[S2Layout], causal: bool,
@@ -27,9 +21,9 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: Option
     b, sq, sk, h, hkv, d = check_qkv(q, k, v)
     backend = select_backend(backend, q, k, v)
     sm_scale = default_sm_scale(sm_scale, d)
-    k_offset = _check_int("k_offset", k_offset)
+    k_offset = check_int("k_offset", k_offset)
     if q_offset is not None:
-        _check_int("q_offset", q_offset)
+        check_int("q_offset", q_offset)
     cu = None
     if cu_seqlens is not None:
         if q_offset is not None or k_offset != 0:
@@ -120,10 +114,10 @@ def s2_stats(layout: S2Layout, seq_len: int, num_heads: int, num_kv_heads: int,
     """
     if not isinstance(layout, S2Layout):
         raise ValueError(f"layout must be an S2Layout, got {type(layout).__name__}")
-    _check_int("seq_len", seq_len)
+    check_int("seq_len", seq_len)
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    if _check_int("num_kv_heads", num_kv_heads) < 1 or _check_int("num_heads", num_heads) % num_kv_heads:
+    if check_int("num_kv_heads", num_kv_heads) < 1 or check_int("num_heads", num_heads) % num_kv_heads:
         raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
     cu = None
     if cu_seqlens is not None:
