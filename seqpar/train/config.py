@@ -161,11 +161,44 @@ class TrainConfig:
     """tqdm progress bar on rank 0."""
     time_attention: bool = False
     """Log forward time per attention kind to tensorboard (attention_fwd_ms/<kind>); synchronises on CUDA."""
+    # --- h13-deepspeed: engine switch (issue 13) ---
+    engine: str = "megatron"
+    """Training engine: "megatron" (megatron-core DDP / optimizer) or "deepspeed" (the DeepSpeed engine, ZeRO
+    0-3; see the deepspeed section)."""
+    # --- end h13-deepspeed ---
 
     def __post_init__(self) -> None:
+        _need(self.engine in ("megatron", "deepspeed"),
+              f"train.engine must be 'megatron' or 'deepspeed', got {self.engine!r}")
         _need(self.steps >= 1, "train.steps must be >= 1")
         _need(self.save_every >= 0, "train.save_every must be >= 0")
         _need(self.log_every >= 1, "train.log_every must be >= 1")
+
+
+# --- h13-deepspeed: deepspeed section (issue 13) ---
+@dataclass
+class DeepSpeedSection:
+    zero_stage: int = 2
+    """ZeRO stage: 0 (plain data parallel), 1 (optimizer states sharded), 2 (+ gradients), 3 (+ parameters)."""
+    offload_optimizer: str = "none"
+    """ZeRO optimizer-state offload: "none" or "cpu" (stages 1-3)."""
+    micro_batch: int = 0
+    """Sequences per DP rank per micro-step (0 = data.global_batch / DP, i.e. no gradient accumulation);
+    gradient accumulation steps = data.global_batch / (micro_batch x DP)."""
+    config: str = ""
+    """Path of a user ds_config JSON merged into the one built from the recipe (a key set in both with a
+    different value is an error naming both)."""
+
+    def __post_init__(self) -> None:
+        _need(self.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
+        _need(self.offload_optimizer in ("none", "cpu"),
+              f"deepspeed.offload_optimizer must be 'none' or 'cpu', got {self.offload_optimizer!r}")
+        _need(self.offload_optimizer == "none" or self.zero_stage >= 1,
+              "deepspeed.offload_optimizer='cpu' needs deepspeed.zero_stage >= 1")
+        _need(self.micro_batch >= 0, "deepspeed.micro_batch must be >= 0 (0 = data.global_batch / DP)")
+        _need(not self.config or pathlib.Path(self.config).is_file(),
+              f"deepspeed.config={self.config!r} is not a file; give the path of a ds_config JSON or leave it empty")
+# --- end h13-deepspeed ---
 
 
 @dataclass
@@ -180,6 +213,8 @@ class RunConfig:
     """Optimizer and schedule."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Steps, seed, outputs."""
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)  # h13-deepspeed
+    """DeepSpeed engine settings (used when train.engine is "deepspeed")."""
 
     def __post_init__(self) -> None:
         p = preset(self.model.preset)
@@ -221,6 +256,10 @@ class RunConfig:
         dp = world_size // mp
         _need(self.data.global_batch % dp == 0,
               f"data.global_batch={self.data.global_batch} must be a multiple of the DP size {dp}")
+        mb = self.deepspeed.micro_batch  # h13-deepspeed
+        _need(self.train.engine != "deepspeed" or not mb or self.data.global_batch % (mb * dp) == 0,
+              f"data.global_batch={self.data.global_batch} must be a multiple of deepspeed.micro_batch x DP = "
+              f"{mb} x {dp}")
         return dp
 
     def to_dict(self) -> dict[str, Any]:
@@ -228,7 +267,7 @@ class RunConfig:
 
 
 _SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig, "optim": OptimConfig,
-             "train": TrainConfig}
+             "train": TrainConfig, "deepspeed": DeepSpeedSection}
 
 
 def _set(tree: dict, dotted: str, value: Any) -> None:

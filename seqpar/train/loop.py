@@ -165,6 +165,9 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = N
     ``resume`` continues from ``<out_dir>/checkpoints/latest``. ``stop_after`` ends (with a
     checkpoint) after that many steps of this run, e.g. to test resume.
     """
+    if cfg.train.engine == "deepspeed":  # h13-deepspeed: engine switch
+        from seqpar.deepspeed import train as train_deepspeed
+        return train_deepspeed(cfg, resume=resume, stop_after=stop_after)
     world = dist.get_world_size() if dist.is_initialized() else None
     if world is not None:
         cfg.check_world(world)

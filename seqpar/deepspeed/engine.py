@@ -1,0 +1,240 @@
+"""The DeepSpeed engine for the seqpar GPTModel: ``deepspeed.initialize`` on the model that
+``seqpar.train`` builds, megatron-core's process groups handed over as ``mpu``, and the training loop
+of ``train.engine: deepspeed``.
+
+Process groups (TP x CP x DP from megatron-core's ``parallel_state``) as DeepSpeed sees them through
+:class:`MegatronMPU`:
+
+- DeepSpeed's *data-parallel* group is our DP group: the batch arithmetic
+  (``train_batch_size = micro x accumulation x DP``) and the DP rank of the data loader.
+- The *model-parallel* group is TP (x PP): gradient norms sum the TP shards once, as Megatron does.
+- CP is DeepSpeed's *sequence-parallel* group (the slot DeepSpeed-Ulysses uses), so ZeRO's
+  partition-and-reduce group is DeepSpeed's *sequence-data-parallel* group = our DP x CP. That is
+  exactly the group in which Megatron reduces (and its distributed optimizer shards) gradients:
+  every CP rank holds the same parameters and a gradient from its own share of the tokens, so the
+  full gradient is the sum over DP x CP. ZeRO never shards or reduces over TP.
+
+DeepSpeed sums the CP replicas and divides by the DP size; :func:`forward_backward` passes
+``DP x (sum of per-token losses on this rank) / (valid tokens of the global batch)`` with
+``scale_wrt_gas=False``, so the reduced gradient is exactly the gradient of the token-weighted mean
+over the whole global batch (all micro-batches, DP and CP ranks) — the Megatron engine's loss.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import time
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+
+class MegatronMPU:
+    """megatron-core's ``parallel_state`` in the ``mpu`` interface ``deepspeed.initialize(mpu=)``
+    reads (Megatron-DeepSpeed's contract, with CP in the sequence-parallel slots; see the module
+    docstring). It has no ``initialize_sequence_parallel`` attribute, which DeepSpeed would take for
+    its own Ulysses-only mpu."""
+
+    # data parallel: ours (without CP)
+    get_data_parallel_group = staticmethod(lambda: ps.get_data_parallel_group())
+    get_data_parallel_world_size = staticmethod(lambda: ps.get_data_parallel_world_size())
+    get_data_parallel_rank = staticmethod(lambda: ps.get_data_parallel_rank())
+
+    @staticmethod
+    def get_data_parallel_group_ranks() -> list[int]:
+        return dist.get_process_group_ranks(ps.get_data_parallel_group())
+
+    # model parallel: TP x PP (CP ranks replicate the parameters, so they are not model parallel)
+    get_model_parallel_group = staticmethod(lambda: ps.get_model_parallel_group())
+    get_model_parallel_world_size = staticmethod(lambda: dist.get_world_size(ps.get_model_parallel_group()))
+    get_model_parallel_rank = staticmethod(lambda: dist.get_rank(ps.get_model_parallel_group()))
+    get_tensor_model_parallel_group = staticmethod(lambda: ps.get_tensor_model_parallel_group())
+    get_tensor_model_parallel_world_size = staticmethod(lambda: ps.get_tensor_model_parallel_world_size())
+    get_tensor_model_parallel_rank = staticmethod(lambda: ps.get_tensor_model_parallel_rank())
+    get_tensor_model_parallel_src_rank = staticmethod(lambda: ps.get_tensor_model_parallel_src_rank())
+    get_pipeline_model_parallel_world_size = staticmethod(lambda: ps.get_pipeline_model_parallel_world_size())
+    get_pipeline_model_parallel_rank = staticmethod(lambda: ps.get_pipeline_model_parallel_rank())
+
+    # sequence parallel = our CP; sequence-data parallel = DP x CP (ZeRO's group)
+    get_sequence_parallel_group = staticmethod(lambda: ps.get_context_parallel_group())
+    get_sequence_parallel_world_size = staticmethod(lambda: ps.get_context_parallel_world_size())
+    get_sequence_parallel_rank = staticmethod(lambda: ps.get_context_parallel_rank())
+    get_sequence_data_parallel_group = staticmethod(lambda: ps.get_data_parallel_group(with_context_parallel=True))
+    get_sequence_data_parallel_world_size = staticmethod(
+        lambda: ps.get_data_parallel_world_size(with_context_parallel=True))
+    get_sequence_data_parallel_rank = staticmethod(lambda: ps.get_data_parallel_rank(with_context_parallel=True))
+
+
+def _require_cpu_env() -> None:
+    """On a CPU-only host DeepSpeed must use its CPU accelerator (DS_ACCELERATOR=cpu), chosen when
+    deepspeed is first imported; say so before it picks another and fails obscurely."""
+    if not torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cpu") != "cpu":
+        raise RuntimeError(f"DS_ACCELERATOR={os.environ['DS_ACCELERATOR']!r} on a host without CUDA; "
+                           f"set DS_ACCELERATOR=cpu (launchers/deepspeed.sh does)")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def initialize(cfg: Any, model: torch.nn.Module, ds_config: dict[str, Any]):
+    """``deepspeed.initialize`` on ``model`` with ``ds_config``, our groups as ``mpu`` and the
+    recipe's LR schedule (``lr_at``) as the client scheduler. Returns the engine."""
+    _require_cpu_env()
+    import deepspeed
+
+    from seqpar.train.loop import lr_at
+
+    base = cfg.optim.lr
+
+    def scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        # DeepSpeed steps it once per optimizer step, so at optimizer step k the rate is lr_at(k)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / base)
+
+    if "LOCAL_RANK" not in os.environ:
+        # DeepSpeed asserts on it; launchers (deepspeed, torchrun) set it. A process group started
+        # without one (a file:// rendezvous, tests) is single-host: the local rank is the global rank.
+        os.environ["LOCAL_RANK"] = str(dist.get_rank())
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
+                                                                           if p.requires_grad],
+                                           config=ds_config, mpu=MegatronMPU(), lr_scheduler=scheduler)
+    return engine
+
+
+def forward_backward(engine: Any, micro_batches: list[dict[str, torch.Tensor]]):
+    """Forward, backward and ``engine.step()`` for one optimizer step made of ``micro_batches``
+    (this rank's, already CP-split; as many as the engine's gradient accumulation steps). Returns
+    the step's :class:`seqpar.train.step.StepResult` (identical on every rank)."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from seqpar.train.step import StepResult, moh_aux_losses
+
+    if len(micro_batches) != engine.gradient_accumulation_steps():
+        raise ValueError(f"{len(micro_batches)} micro-batches for {engine.gradient_accumulation_steps()} "
+                         f"gradient accumulation steps")
+    dpcp = ps.get_data_parallel_group(with_context_parallel=True)
+    dp = ps.get_data_parallel_world_size()
+    counts = torch.stack([torch.stack([b["loss_mask"].float().sum() for b in micro_batches]).sum(),
+                          torch.zeros(())])
+    dist.all_reduce(counts, group=dpcp)
+    total = counts[0].clamp(min=1.0)
+    # the aux loss's gradient does not pass through the main loss: DeepSpeed divides by DP, so scale
+    # 1 / micro-batches gives Megatron's mean over micro-batches and DP replicas
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / len(micro_batches)))
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    aux_sum = torch.zeros(())
+    for batch in micro_batches:
+        tokens, labels, mask = batch["tokens"], batch["labels"], batch["loss_mask"].float()
+        position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        per_token = engine(tokens, position_ids, None, labels=labels)  # [b, s_local]
+        local = (per_token.float() * mask).sum()
+        engine.backward(local * (dp / total), scale_wrt_gas=False)
+        engine.step()  # DeepSpeed steps the optimizer (and the LR) at the accumulation boundary only
+        loss_sum += local.detach().double().cpu()
+        aux = moh_aux_losses(engine.module)
+        if aux:
+            aux_sum += torch.stack([a.detach().float().cpu() for a in aux]).sum()
+    vals = torch.stack([loss_sum.float(), aux_sum / len(micro_batches)]).to(counts.device)
+    dist.all_reduce(vals[:1], group=dpcp)
+    if dp > 1:  # aux losses are replicated over CP, one per DP replica
+        aux_t = vals[1:].clone()
+        dist.all_reduce(aux_t, group=ps.get_data_parallel_group())
+        vals[1:] = aux_t / dp
+    return StepResult(loss=float(vals[0] / total), aux_loss=float(vals[1]), tokens=int(counts[0]))
+
+
+def _split(batch: tuple[torch.Tensor, ...], micro: int) -> list[dict[str, torch.Tensor]]:
+    from seqpar.train.step import local_batch
+
+    tokens, labels, mask = batch
+    return [local_batch(tokens[i:i + micro], labels[i:i + micro], mask[i:i + micro])
+            for i in range(0, tokens.shape[0], micro)]
+
+
+def train(cfg: Any, *, resume: bool = False, stop_after: Optional[int] = None) -> list[float]:
+    """``train.engine: deepspeed``: the recipe on the DeepSpeed engine. Same contract as
+    ``seqpar.train.loop.train`` (returns this run's per-step losses, identical on every rank;
+    ``resume`` continues from ``<out_dir>/checkpoints/latest``; ``stop_after`` ends, with a
+    checkpoint, after that many steps of this run)."""
+    from seqpar.deepspeed import checkpoint
+    from seqpar.deepspeed.config import batch_shape, build_ds_config
+    from seqpar.megatron import init_parallel
+    from seqpar.train.loop import (AttentionTimer, _rng_state, _set_rng_state, _tensorboard_cmd, build_data,
+                                   build_model, lr_at)
+
+    world = dist.get_world_size() if dist.is_initialized() else None
+    if world is not None:
+        cfg.check_world(world)
+    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.context_parallel, seed=cfg.train.seed)
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    ds_config = build_ds_config(cfg, dp)
+    micro, _ = batch_shape(cfg, dp)
+    rank0 = dist.get_rank() == 0
+    data, vocab = build_data(cfg)
+    model = build_model(cfg, vocab)
+    engine = initialize(cfg, model, ds_config)
+    out = pathlib.Path(cfg.train.out_dir)
+    ckpt_dir = out / "checkpoints"
+    start = 0
+    if resume:
+        path = checkpoint.latest(ckpt_dir)
+        if path is None:
+            raise ValueError(f"--resume: no checkpoint under {ckpt_dir}")
+        state = checkpoint.load(engine, path)
+        if state["rng"] is not None:
+            _set_rng_state(state["rng"])
+        elif rank0:
+            print(f"[seqpar.deepspeed] {path} was written with parallel layout {state['layout']}; "
+                  f"RNG states not restored (they are per rank)", flush=True)
+        start = state["step"]
+    end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
+    writer = bar = None
+    if rank0:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(out / "tb"), purge_step=start)
+        if cfg.train.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=cfg.train.steps, initial=start, desc="train[deepspeed]", dynamic_ncols=True)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    timer = AttentionTimer(model) if cfg.train.time_attention else None
+    losses = []
+    engine.train()
+    for step in range(start, end):
+        t0 = time.perf_counter()
+        lr = engine.get_lr()[0]
+        if abs(lr - lr_at(step, cfg)) > 1e-12 * max(1.0, lr):  # the schedule is a function of the step
+            raise RuntimeError(f"DeepSpeed's LR {lr} at step {step} is not the recipe's {lr_at(step, cfg)}")
+        batch = tuple(t.to(device) for t in data.batch(step, cfg.data.global_batch, dp_rank, dp))
+        res = forward_backward(engine, _split(batch, micro))
+        gnorm = engine.get_global_grad_norm()
+        losses.append(res.loss)
+        dt = time.perf_counter() - t0
+        if rank0 and (step + 1) % cfg.train.log_every == 0:
+            scalars = {"loss": res.loss, "lr": lr, "aux_loss": res.aux_loss, "tokens_per_s": res.tokens / dt}
+            if gnorm is not None:
+                scalars["grad_norm"] = float(gnorm)
+            for k, v in scalars.items():
+                writer.add_scalar(f"train/{k}", v, step + 1)
+            for kind, sec in (timer.pop() if timer else {}).items():
+                writer.add_scalar(f"attention_fwd_ms/{kind}", 1e3 * sec, step + 1)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{res.loss:.3f}", aux=f"{res.aux_loss:.3g}", lr=f"{lr:.2e}")
+        last = step + 1 == end
+        if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
+            checkpoint.save(engine, ckpt_dir, step + 1, rng=_rng_state(), config=cfg.to_dict())
+    if bar is not None:
+        bar.close()
+    if writer is not None:
+        writer.close()
+        w = max(1, min(10, len(losses) // 4))
+        trend = (f"loss {sum(losses[:w]) / w:.4f} (first {w} steps) -> {sum(losses[-w:]) / w:.4f} (last {w})"
+                 if losses else "no steps run")
+        print(f"[seqpar.deepspeed] ZeRO-{cfg.deepspeed.zero_stage}, steps {start}->{end}, {trend}\n"
+              f"  checkpoint:  {checkpoint.latest(ckpt_dir)}\n"
+              f"  tensorboard: {_tensorboard_cmd()} --logdir {out / 'tb'}", flush=True)
+    engine.destroy()
+    ps.destroy_model_parallel()
+    return losses
