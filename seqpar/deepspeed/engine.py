@@ -100,6 +100,17 @@ def initialize(cfg: Any, model: torch.nn.Module, ds_config: dict[str, Any]):
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                            if p.requires_grad],
                                            config=ds_config, mpu=MegatronMPU(), lr_scheduler=scheduler)
+    if ds_config["zero_optimization"]["stage"] == 3:
+        from seqpar.nn import MoHRouter
+
+        # ZeRO-3 re-gathers a module's parameters for backward through hooks on the module's tensor
+        # outputs; the MoH router returns a MoHRouting dataclass, which those hooks do not see. Its
+        # parameters are registered with the module that calls it (whose output is a tensor).
+        for mod in engine.module.modules():
+            for child in mod.children():
+                if isinstance(child, MoHRouter):
+                    for p in child.parameters():
+                        deepspeed.zero.register_external_parameter(mod, p)
     return engine
 
 
