@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import pathlib
 from typing import Any
 
@@ -59,6 +60,19 @@ RECIPE_KEYS = {
     "optimizer.params.torch_adam": "torch AdamW (seqpar.deepspeed.config)",
     "steps_per_print": "train.log_every (tensorboard)",
 }
+
+
+def require_cpu_accelerator() -> None:
+    """On a host without CUDA, DeepSpeed must use its CPU accelerator (``DS_ACCELERATOR=cpu``), which it
+    picks when deepspeed is first imported: set it if unset, refuse another value with the fix."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    acc = os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if acc != "cpu":
+        raise ConfigError(f"DS_ACCELERATOR={acc!r} on a host without CUDA; set DS_ACCELERATOR=cpu "
+                          f"(launchers/deepspeed.sh does)")
 
 
 def batch_shape(cfg: Any, dp: int) -> tuple[int, int]:
@@ -130,6 +144,7 @@ def load_user_config(path: str) -> dict[str, Any]:
 def validate_ds_config(ds_config: dict[str, Any], dp: int, src: str) -> None:
     """Run DeepSpeed's own config parser on ``ds_config`` (no process group needed) and re-raise its
     complaint as a ConfigError naming ``src``. Batch sizes are checked for a DP size of ``dp``."""
+    require_cpu_accelerator()
     from deepspeed.runtime.config import DeepSpeedConfig
 
     view = copy.deepcopy(ds_config)
@@ -144,10 +159,27 @@ def validate_ds_config(ds_config: dict[str, Any], dp: int, src: str) -> None:
                           f"{type(e).__name__}: {msg[:800]}") from None
 
 
+def check_supported(cfg: Any) -> None:
+    """Combinations the DeepSpeed engine refuses (each with the reason and the fix).
+
+    ZeRO-3 with MoH layers whose load-balance loss is on (``model.moh_aux_loss_coef > 0``) under CP:
+    with DeepSpeed 0.19.8 the reduced gradient of the router (and of everything upstream of it)
+    misses the other CP ranks' load-balance contribution (the local gradients are right; measured
+    against the Megatron engine, tests/test_deepspeed_engine.py), so training would silently differ.
+    """
+    ds, cp = cfg.deepspeed, cfg.parallel.context_parallel
+    if ds.zero_stage == 3 and cp > 1 and "H" in cfg.model.layer_pattern and cfg.model.moh_aux_loss_coef > 0:
+        raise ConfigError(f"deepspeed.zero_stage=3 with MoH (H) layers, model.moh_aux_loss_coef="
+                          f"{cfg.model.moh_aux_loss_coef} and parallel.context_parallel={cp} is not supported "
+                          f"(ZeRO-3 drops the other CP ranks' load-balance gradient); use deepspeed.zero_stage<=2, "
+                          f"model.moh_aux_loss_coef=0 or parallel.context_parallel=1")
+
+
 def build_ds_config(cfg: Any, dp: int) -> dict[str, Any]:
     """The ds_config for a recipe at data-parallel size ``dp``: :func:`recipe_ds_config` with the user's
     ``deepspeed.config`` JSON merged in (new keys are added; a key both set to different values is a
     ConfigError naming the user's key and the recipe field), validated by DeepSpeed's parser."""
+    check_supported(cfg)
     built = recipe_ds_config(cfg, dp)
     src = "the recipe"
     if cfg.deepspeed.config:

@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from seqpar.deepspeed.config import require_cpu_accelerator
+
 
 class MegatronMPU:
     """megatron-core's ``parallel_state`` in the ``mpu`` interface ``deepspeed.initialize(mpu=)``
@@ -68,20 +70,10 @@ class MegatronMPU:
     get_sequence_data_parallel_rank = staticmethod(lambda: ps.get_data_parallel_rank(with_context_parallel=True))
 
 
-def _require_cpu_env() -> None:
-    """On a CPU-only host DeepSpeed must use its CPU accelerator (DS_ACCELERATOR=cpu), chosen when
-    deepspeed is first imported; say so before it picks another and fails obscurely."""
-    if not torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cpu") != "cpu":
-        raise RuntimeError(f"DS_ACCELERATOR={os.environ['DS_ACCELERATOR']!r} on a host without CUDA; "
-                           f"set DS_ACCELERATOR=cpu (launchers/deepspeed.sh does)")
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
 def initialize(cfg: Any, model: torch.nn.Module, ds_config: dict[str, Any]):
     """``deepspeed.initialize`` on ``model`` with ``ds_config``, our groups as ``mpu`` and the
     recipe's LR schedule (``lr_at``) as the client scheduler. Returns the engine."""
-    _require_cpu_env()
+    require_cpu_accelerator()
     import deepspeed
 
     from seqpar.train.loop import lr_at

@@ -23,6 +23,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--dry-run", action="store_true",
                     help="validate, start the process groups and build the model and data, then exit")
     ap.add_argument("--resume", action="store_true", help="continue from <train.out_dir>/checkpoints/latest")
+    # h13-deepspeed: the deepspeed launcher passes --local_rank=N (unless --no_local_rank); LOCAL_RANK is in the env too
+    ap.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                    help="set by the deepspeed launcher (same as the LOCAL_RANK environment variable)")
     return ap.parse_args(argv)
 
 
@@ -67,9 +70,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = load_recipe(args.recipe, args.overrides)
         cfg.check_world(int(os.environ.get("WORLD_SIZE", 1)))
+        if cfg.train.engine == "deepspeed":  # h13-deepspeed: the ds_config is checked before any process group
+            from seqpar.deepspeed import build_ds_config
+            build_ds_config(cfg, cfg.check_world(int(os.environ.get("WORLD_SIZE", 1))))
     except (ValueError, OSError) as e:
         print(f"seqpar-train: invalid recipe {args.recipe}: {e}", file=sys.stderr)
         return 2
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     import torch.distributed as dist
 
     if not dist.is_initialized():
