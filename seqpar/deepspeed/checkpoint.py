@@ -86,8 +86,14 @@ def save(engine: Any, ckpt_dir: str | pathlib.Path, step: int, *, rng: Any, conf
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
     layout = _layout()
-    engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False,
-                           client_state={"seqpar": {"step": step, "layout": layout, "config": config}})
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+    # universal_checkpoint_info: what ds_to_universal needs to re-partition it later (no TP merge
+    # patterns: TP shards are not re-split by this path)
+    client = {"seqpar": {"step": step, "layout": layout, "config": config},
+              UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False, client_state=client)
     (tmp / "rng").mkdir(parents=True, exist_ok=True)
     torch.save(rng, tmp / "rng" / f"rank_{rank:05d}.pt")
     dist.barrier()
@@ -131,13 +137,23 @@ def _universal(path: pathlib.Path) -> pathlib.Path:
     out = path.with_name(path.name + ".universal")
     if dist.get_rank() == 0 and not (out / "zero").is_dir():
         tmp = path.with_name(f".tmp_{path.name}.universal")
+        src = path.with_name(f".tmp_{path.name}.source")
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(src, ignore_errors=True)
+        shutil.copytree(path, src)
+        # megatron-core modules put `_extra_state` entries (None, not tensors) in state_dict(); the
+        # converter saves every module entry as a tensor, so the copy it reads has only tensors
+        for f in src.glob("mp_rank_*_model_states.pt"):
+            state = torch.load(f, map_location="cpu", weights_only=False)  # verified by the manifest
+            state["module"] = {k: v for k, v in state["module"].items() if torch.is_tensor(v)}
+            torch.save(state, f)
         # a subprocess: the converter forks worker pools, which a daemonic rank process may not
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
                "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1",
                "--no_strict"]
-        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR":
-                                                                       os.environ.get("DS_ACCELERATOR", "cpu")})
+        res = subprocess.run(cmd, capture_output=True, text=True,
+                             env={**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")})
+        shutil.rmtree(src, ignore_errors=True)
         if res.returncode != 0:
             raise RuntimeError(f"ds_to_universal failed on {path}:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
         shutil.rmtree(out, ignore_errors=True)
@@ -161,7 +177,9 @@ def load(engine: Any, path: pathlib.Path) -> dict[str, Any]:
         uni = _universal(path)
         engine._config.load_universal_checkpoint = True  # DeepSpeed's checkpoint.load_universal switch
         try:
-            loaded, client = engine.load_checkpoint(str(uni.parent), tag=uni.name, load_module_strict=True)
+            # not strict: the converted module state has no `_extra_state` entries (see _universal); every
+            # parameter is then set from the universal fp32 files
+            loaded, client = engine.load_checkpoint(str(uni.parent), tag=uni.name, load_module_strict=False)
         finally:
             engine._config.load_universal_checkpoint = False
     if loaded is None:
