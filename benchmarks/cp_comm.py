@@ -110,6 +110,24 @@ def scale_table() -> list[dict]:
     return rows
 
 
+def exchange_memory_table() -> list[dict]:
+    """Peak extra K/V buffer bytes of the S2 exchange (send + received rows + one buffer ending at the
+    rank's last chunk) vs the plain all-gather (gathered + reordered full-length copies), bf16."""
+    from seqpar.cp.s2_exchange import exchange_buffer_elements
+
+    rows = []
+    for world in (8, 32):
+        for n in (1 << 17, 1 << 20):
+            for rank in (0, world - 1):
+                m = exchange_buffer_elements(BIG_LAYOUT, world=world, balance="zigzag", chunk_len=n // (2 * world),
+                                             kv_heads=8, width=256, rank=rank)
+                rows.append({"P": world, "N": f"{n >> 10}K", "rank": rank, "send_MB": m["send"] * 2 / 1e6,
+                             "recv_MB": m["recv"] * 2 / 1e6, "buffer_MB": m["buffer"] * 2 / 1e6,
+                             "peak_MB": m["total"] * 2 / 1e6, "allgather_peak_MB": m["allgather"] * 2 / 1e6,
+                             "ratio": m["total"] / m["allgather"]})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
@@ -121,7 +139,10 @@ def main() -> None:
     table = scale_table()
     print_table(table, "bytes received per rank per layer (32 heads, 8 kv heads, d 128, bf16, batch 1; "
                        "s2: block 64, local 4, vert_stride 8; usp: ulysses 8 x ring P/8)")
-    write_json(args.json, {"ledger_check": check, "scale": table})
+    mem = exchange_memory_table()
+    print_table(mem, "S2 exchange peak K/V buffer bytes per rank vs plain all-gather (8 kv heads, d 128, bf16, "
+                     "block 64, local 4, vert_stride 8)")
+    write_json(args.json, {"ledger_check": check, "scale": table, "s2_exchange_memory": mem})
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ from seqpar.cp.lasp2 import lasp2_attention
 from seqpar.cp.local import softmax_family_op
 from seqpar.cp.partition import BALANCES, chunk_ids, resolve_group, varlen_token_index
 from seqpar.cp.ring import ring_attention
-from seqpar.cp.s2_exchange import exchange_applies, exchange_elements, s2_exchange_attention
-from seqpar.cp.ulysses import kv_head_offset, ulysses_attention
+from seqpar.cp.s2_exchange import exchange_applies, exchange_blocks, s2_exchange_attention
+from seqpar.cp.ulysses import kv_head_offset as uly_kv_offset, ulysses_attention
 from seqpar.cp.usp import usp_attention, usp_lightning_attention
 
 KINDS = ("softmax", "s2", "lightning", "moh")
@@ -31,7 +31,7 @@ SUPPORTED = {
 }
 _KWARGS = {
     "softmax": {"sm_scale", "causal", "backend", "cu_seqlens", "ulysses_degree"},
-    "s2": {"layout", "sm_scale", "backend", "ulysses_degree"},
+    "s2": {"layout", "sm_scale", "backend", "ulysses_degree", "kv_head_offset", "total_kv_heads"},
     "lightning": {"slope", "initial_state", "output_final_state", "backend", "cu_seqlens", "ulysses_degree"},
     "moh": {"gates", "sm_scale", "causal", "backend", "ulysses_degree"},
 }
@@ -68,7 +68,8 @@ def _validate(q, k, v, kind: str, scheme: str, balance: str, world: int, kw: dic
             raise ValueError("kind='s2' needs layout=S2Layout(...)")
         if not isinstance(layout, S2Layout):
             raise ValueError(f"layout must be an S2Layout, got {type(layout).__name__}")
-        layout.validate_heads(hkv)
+        # local kv heads are global kv heads kv_head_offset.. of total_kv_heads (tensor parallelism)
+        layout.validate_head_slice(hkv, kw.get("kv_head_offset", 0), kw.get("total_kv_heads"))
         if scheme != "ulysses" and c % layout.block_size:  # ulysses runs on the whole sequence
             raise ValueError(f"s2 under CP needs each chunk ({c} tokens) to be a multiple of layout.block_size="
                              f"{layout.block_size} so blocks stay absolute; make the global length a multiple "
@@ -192,21 +193,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, s
         return ulysses_attention(q, k, v, comm, kind=kind, balance=balance, kw=kind_kwargs)
     causal = kind == "s2" or kind_kwargs.get("causal", True)
     chunk_len = q.shape[1] // len(chunk_ids(0, world, balance))
+    # S2 under tensor parallelism: the local kv heads are global heads head_off.. of total
+    head_off, hkv = int(kind_kwargs.get("kv_head_offset", 0)), k.shape[2]
+    total = kind_kwargs.get("total_kv_heads") or head_off + hkv
     if scheme == "allgather" and kind == "s2" and exchange_applies(kind_kwargs["layout"], chunk_len):
-        return s2_exchange_attention(q, k, v, comm, balance=balance, op=softmax_family_op(kind, kind_kwargs),
-                                     layout=kind_kwargs["layout"])
+        return s2_exchange_attention(q, k, v, comm, balance=balance,
+                                     op=softmax_family_op(kind, kind_kwargs, head_off, total),
+                                     layout=kind_kwargs["layout"], kv_head_offset=head_off, total_kv_heads=total)
     if scheme == "allgather":
-        return allgather_attention(q, k, v, comm, balance=balance, op=softmax_family_op(kind, kind_kwargs),
+        return allgather_attention(q, k, v, comm, balance=balance, op=softmax_family_op(kind, kind_kwargs, head_off, total),
                                    causal=causal, gates=kind_kwargs.get("gates"),
                                    cu_seqlens=kind_kwargs.get("cu_seqlens"))
     if scheme == "usp":
-        ud, hkv = kind_kwargs["ulysses_degree"], k.shape[2]
+        ud = kind_kwargs["ulysses_degree"]
         # member index in the Ulysses group (Comm.split_2d): rank % ulysses_degree
-        op = softmax_family_op(kind, kind_kwargs, kv_head_offset(comm.rank % ud, ud, hkv), hkv)
+        op = softmax_family_op(kind, kind_kwargs, head_off + uly_kv_offset(comm.rank % ud, ud, hkv), total)
         return usp_attention(q, k, v, comm, balance=balance, op=op, causal=causal,
                              ulysses_degree=kind_kwargs["ulysses_degree"], gates=kind_kwargs.get("gates"))
     if scheme == "ring":
-        return ring_attention(q, k, v, comm, balance=balance, op=softmax_family_op(kind, kind_kwargs),
+        return ring_attention(q, k, v, comm, balance=balance, op=softmax_family_op(kind, kind_kwargs, head_off, total),
                               causal=causal, gates=kind_kwargs.get("gates"))
     return ulysses_attention(q, k, v, comm, kind=kind, balance=balance, kw=kind_kwargs)
 
@@ -223,13 +228,18 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
                 v_head_dim: Optional[int] = None, batch: int = 1, dtype: Any = torch.bfloat16,
                 balance: str = "zigzag", gates_dtype: Any = None,
                 output_final_state: bool = False, num_docs: Optional[int] = None,
-                layout: Any = None, ulysses_degree: Optional[int] = None, rank: Optional[int] = None) -> dict[str, dict[str, dict[str, int]]]:
+                layout: Any = None, ulysses_degree: Optional[int] = None, rank: Optional[int] = None,
+                kv_head_offset: int = 0, total_kv_heads: Optional[int] = None) -> dict[str, dict[str, dict[str, int]]]:
     """Closed-form bytes received per rank and calls per layer: ``{"fwd"|"bwd": {op: {"bytes", "calls"}}}``.
 
     ``seq_len`` is the global length N; ``dtype`` the activation dtype (or bytes per element).
     allgather (softmax/s2/moh): ``(P-1)/P · N · b · H_kv · (d + dv) · e`` all-gather, the same as a
-    reduce-scatter in backward; s2 uses the stride-aware exchange when it applies (``layout``
-    required): per kv head only its column blocks plus the boundary windows. lightning ring
+    reduce-scatter in backward; s2 uses the stride-aware exchange (``layout`` required; under TP
+    also ``kv_head_offset`` / ``total_kv_heads``): one variable-size all-to-all of exactly the
+    (kv head, block) pairs the rank's queries read from other ranks (fwd), and of the pairs the
+    others read from it (bwd), ``block_size · b · (d+dv) · e`` bytes each, counted from the
+    layout (:func:`seqpar.cp.s2_exchange.exchange_blocks`); it differs per rank (default: the
+    busiest). lightning ring
     (LASP-1): one fp32 state ``b·H·dk·dv·4`` per hop from another rank; hops differ per rank, so
     pass ``rank`` (default: the busiest rank); ``output_final_state`` adds one all-gather of
     ``(P-1)`` states. ring: ``P-1`` passes of the local K/V (``N/P · b · H_kv · (d+dv) · e``
@@ -263,12 +273,13 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
     elif scheme == "allgather" and kind == "s2" and layout is None:
         raise ValueError("scheme_cost for kind='s2' needs layout= (the stride-aware exchange depends on it)")
     elif scheme == "allgather" and kind == "s2" and exchange_applies(layout, n // (p * cpr)):
-        cols, window = exchange_elements(layout, world=p, seq_len=n, batch=batch, kv_heads=kv_heads,
-                                         width=head_dim + dv, balance=balance)
-        for vol in (cols, window):
-            if vol:
-                add(fwd, "all_gather", (p - 1) * vol * e)
-                add(bwd, "reduce_scatter", (p - 1) * vol * e)
+        # one variable-size all-to-all of exactly the blocks each rank's queries read: per-rank bytes
+        counts = exchange_blocks(layout, p, balance, n // (p * cpr), kv_heads, kv_head_offset, total_kv_heads)
+        row = batch * layout.block_size * (head_dim + dv) * e
+        per_rank = [(sum(counts[r]) * row, sum(counts[q][r] for q in range(p)) * row) for r in range(p)]
+        f, bk = per_rank[rank] if rank is not None else max(per_rank, key=sum)
+        add(fwd, "all_to_all", f)
+        add(bwd, "all_to_all", bk)
     elif scheme == "allgather":
         vol = (p - 1) * (n // p) * batch * kv_heads * (head_dim + dv) * e
         add(fwd, "all_gather", vol)

@@ -62,8 +62,10 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: C
         o = kernels.flash_attention(qh, kh, vh, causal=kw.get("causal", True), sm_scale=kw.get("sm_scale"),
                                     cu_seqlens=cu, backend=backend)
     elif kind == "s2":
+        off = int(kw.get("kv_head_offset", 0))  # tensor parallelism: local kv heads start at global `off`
         o = kernels.s2_attention(qh, kh, vh, kw["layout"], sm_scale=kw.get("sm_scale"), backend=backend,
-                                 kv_head_offset=kv_head_offset(comm.rank, p, hkv), total_kv_heads=hkv)
+                                 kv_head_offset=off + kv_head_offset(comm.rank, p, hkv),
+                                 total_kv_heads=kw.get("total_kv_heads") or off + hkv)
     elif kind == "moh":
         g = _to_heads(kw["gates"].unsqueeze(-1), comm, to_seq).squeeze(-1)
         o = kernels.moh_attention(qh, kh, vh, g, causal=kw.get("causal", True), sm_scale=kw.get("sm_scale"),
