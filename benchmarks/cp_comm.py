@@ -61,7 +61,15 @@ def _ledger_worker(rank: int, world: int, tmp: str) -> None:
         o = o[0] if kind == "lightning" else o
         with cp.comm_ledger() as bwd:
             o.float().sum().backward()
-        out[(kind, scheme)] = {"fwd": fwd.summary(), "bwd": bwd.summary(), "n": n}
+        # steady state (signature agreed, index plans cached): host syncs of one layer, fwd + bwd
+        _, (q, k, v), kw = _small_inputs(kind, scheme, world, rank)
+        with cp.count_host_syncs() as syncs:
+            with cp.step_checks():
+                o = cp.attention(q, k, v, kind=kind, scheme=scheme, **kw)
+                (o[0] if kind == "lightning" else o).float().sum().backward()
+                per_layer = syncs.total
+            per_step = syncs.total
+        out[(kind, scheme)] = {"fwd": fwd.summary(), "bwd": bwd.summary(), "n": n, "syncs": (per_layer, per_step)}
     if rank == 0:
         torch.save(out, f"{tmp}/ledger.pt")
     dist.destroy_process_group()
@@ -81,7 +89,8 @@ def ledger_check(world: int = 4) -> list[dict]:
         rows.append({"kind": kind, "scheme": scheme, "P": world, "N": rec["n"],
                      "ledger_fwd_B": sum(r["bytes"] for r in rec["fwd"].values()),
                      "ledger_bwd_B": sum(r["bytes"] for r in rec["bwd"].values()),
-                     "== scheme_cost": "yes" if ok else "NO"})
+                     "== scheme_cost": "yes" if ok else "NO", "host_syncs_layer": rec["syncs"][0],
+                     "host_syncs_step": rec["syncs"][1]})
     return rows
 
 
@@ -133,9 +142,12 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     check = ledger_check()
-    print_table(check, f"ledger of rank 0 vs scheme_cost, 4 gloo ranks (usp: 2 x 2) on {device_name('cpu')}")
+    print_table(check, f"ledger of rank 0 vs scheme_cost, 4 gloo ranks (usp: 2 x 2) on {device_name('cpu')}; "
+                       "host syncs of one steady-state layer (fwd + bwd) and of its step (cp.step_checks)")
     if any(r["== scheme_cost"] != "yes" for r in check):
         raise SystemExit("ledger differs from cp.scheme_cost")
+    if any(r["host_syncs_layer"] != 0 for r in check):
+        raise SystemExit("a CP attention layer made host syncs in steady state (cp.step_checks)")
     table = scale_table()
     print_table(table, "bytes received per rank per layer (32 heads, 8 kv heads, d 128, bf16, batch 1; "
                        "s2: block 64, local 4, vert_stride 8; usp: ulysses 8 x ring P/8)")

@@ -6,7 +6,7 @@ from typing import Optional, Union
 
 import torch
 
-from .._common import check_int, check_qkv, check_tensor, default_sm_scale, select_backend
+from .._common import check_data, check_int, check_qkv, check_tensor, default_sm_scale, select_backend
 from .torch_impl import moh_attention_torch
 
 
@@ -60,9 +60,8 @@ def moh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torc
                          f"cast it with gates.to(q.dtype)")
     if gates.device != q.device:
         raise ValueError(f"gates is on {gates.device} but q is on {q.device}; move it with gates.to(q.device)")
-    if not bool((gates.detach() >= 0).all()):
-        raise ValueError("gates must be >= 0 and not NaN (a gate of 0 skips the pair); "
-                         "e.g. use softmax/top-k weights or gates.clamp_min(0)")
+    check_data(~(gates.detach() >= 0), "gates must be >= 0 and not NaN (a gate of 0 skips the pair); "
+                                       "e.g. use softmax/top-k weights or gates.clamp_min(0)")
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be a bool, got {causal!r}")
     if not isinstance(return_lse, bool):

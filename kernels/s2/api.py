@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from seqpar.kernels._common import check_cu_seqlens, check_int, check_qkv, default_sm_scale, select_backend
+from seqpar.kernels._common import check_cu_seqlens, check_int, check_qkv, default_sm_scale, host_ints, select_backend
 from seqpar.kernels.s2.function import S2AttentionFunction
 from seqpar.kernels.s2.layout import S2Layout
 from seqpar.kernels.s2.plan import TilePlan, build_plan
@@ -33,7 +33,7 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: Option
         check_cu_seqlens(cu_seqlens, b, sq)
         if cu_seqlens.device != q.device:
             raise ValueError(f"cu_seqlens must be on q's device {q.device}, got {cu_seqlens.device}")
-        cu = tuple(int(x) for x in cu_seqlens.tolist())
+        cu = host_ints(cu_seqlens)  # cached per tensor: no sync per layer
         q_offset = 0
     elif q_offset is None:
         q_offset = k_offset + sk - sq  # bottom-right aligned (flash-attn >= 2.1)

@@ -13,11 +13,12 @@ from seqpar.cp.comm import Comm
 from seqpar.cp.lasp1 import hops_received, lasp1_attention
 from seqpar.cp.lasp2 import lasp2_attention
 from seqpar.cp.local import softmax_family_op
-from seqpar.cp.partition import BALANCES, chunk_ids, resolve_group, varlen_token_index
+from seqpar.cp.partition import BALANCES, check_varlen, chunk_ids, resolve_group
 from seqpar.cp.ring import ring_attention
 from seqpar.cp.s2_exchange import exchange_applies, exchange_blocks, s2_exchange_attention
 from seqpar.cp.ulysses import kv_head_offset as uly_kv_offset, ulysses_attention
 from seqpar.cp.usp import usp_attention, usp_lightning_attention
+from seqpar.cp.validation import mark_agreed, needs_agreement, signature
 
 KINDS = ("softmax", "s2", "lightning", "moh")
 SCHEMES = ("allgather", "ring", "ulysses", "usp")
@@ -32,7 +33,8 @@ SUPPORTED = {
 _KWARGS = {
     "softmax": {"sm_scale", "causal", "backend", "cu_seqlens", "ulysses_degree"},
     "s2": {"layout", "sm_scale", "backend", "ulysses_degree", "kv_head_offset", "total_kv_heads"},
-    "lightning": {"slope", "initial_state", "output_final_state", "backend", "cu_seqlens", "ulysses_degree"},
+    "lightning": {"slope", "initial_state", "output_final_state", "backend", "cu_seqlens", "cu_seqlens_unpadded",
+                  "ulysses_degree"},
     "moh": {"gates", "sm_scale", "causal", "backend", "ulysses_degree"},
 }
 
@@ -43,7 +45,7 @@ def _pairs() -> str:
 
 def _validate(q, k, v, kind: str, scheme: str, balance: str, world: int, kw: dict[str, Any]) -> None:
     from seqpar.kernels import S2Layout
-    from seqpar.kernels._common import check_cu_seqlens, check_qkv
+    from seqpar.kernels._common import check_cu_seqlens, check_data, check_qkv
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -89,9 +91,9 @@ def _validate(q, k, v, kind: str, scheme: str, balance: str, world: int, kw: dic
         if not isinstance(gates, torch.Tensor) or tuple(gates.shape) != (b, s, h):
             raise ValueError(f"kind='moh' needs gates [batch, local seq, heads] = {[b, s, h]}, "
                              f"got {None if gates is None else tuple(gates.shape)}")
-        if not bool((gates.detach() >= 0).all()):  # same rule as moh_attention, checked before any exchange
-            raise ValueError("gates must be >= 0 and not NaN (a gate of 0 skips the pair); "
-                             "e.g. use softmax/top-k weights or gates.clamp_min(0)")
+        # same rule as moh_attention, before any exchange (deferred to the step's end in step_checks)
+        check_data(~(gates.detach() >= 0), "gates must be >= 0 and not NaN (a gate of 0 skips the pair); "
+                                           "e.g. use softmax/top-k weights or gates.clamp_min(0)")
     cu = kw.get("cu_seqlens")
     if cu is not None:
         if scheme not in ("allgather", "ulysses"):
@@ -103,7 +105,13 @@ def _validate(q, k, v, kind: str, scheme: str, balance: str, world: int, kw: dic
         if not isinstance(cu, torch.Tensor):
             raise ValueError("cu_seqlens must be the global int32 tensor [num_docs + 1]")
         check_cu_seqlens(cu, b, s * world, name="cu_seqlens (global, over all ranks)")
-        varlen_token_index(cu, 0, world)  # raises if a document is not a multiple of 2 * world
+        check_varlen(cu, world)  # raises if a document is not a multiple of 2 * world
+    if kw.get("cu_seqlens_unpadded") is not None:
+        from seqpar.kernels.lightning.api import padded_segments
+
+        if cu is None:
+            raise ValueError("cu_seqlens_unpadded (real document boundaries) needs cu_seqlens (the padded ones)")
+        padded_segments(cu, kw["cu_seqlens_unpadded"])  # same documents, real <= padded
     init = kw.get("initial_state")
     if kind == "lightning" and init is not None:  # replicated, but only some ranks read it: check here
         from seqpar.kernels.lightning.api import _check_state
@@ -169,16 +177,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, s
         error = e
     comm = Comm(group)
     # Data-dependent checks (gates, slopes) can fail on one rank only: agree before any data moves.
-    failed = comm.agree(None if error is None else str(error))
-    if failed is not None:
-        src, msg = failed
-        raise ValueError(msg if src == comm.rank else f"{msg} (raised on CP rank {src})") from error
+    # Inside cp.step_checks data checks are deferred to the step's end and a call signature is
+    # agreed once (validation is a function of it): no host sync here in steady state.
+    sig = None if error is not None else signature(kind, scheme, balance, world, q, k, v, kind_kwargs)
+    if sig is None or needs_agreement(group, sig):
+        failed = comm.agree(None if error is None else str(error))
+        if failed is not None:
+            src, msg = failed
+            raise ValueError(msg if src == comm.rank else f"{msg} (raised on CP rank {src})") from error
+        mark_agreed(group, sig)
     if kind == "lightning":
         if scheme == "allgather":
             return lasp2_attention(q, k, v, kind_kwargs["slope"], comm, balance=balance,
                                    initial_state=kind_kwargs.get("initial_state"),
                                    output_final_state=bool(kind_kwargs.get("output_final_state", False)),
-                                   cu_seqlens=kind_kwargs.get("cu_seqlens"), backend=kind_kwargs.get("backend", "auto"))
+                                   cu_seqlens=kind_kwargs.get("cu_seqlens"), backend=kind_kwargs.get("backend", "auto"),
+                                   cu_seqlens_unpadded=kind_kwargs.get("cu_seqlens_unpadded"))
         if scheme == "usp":
             return usp_lightning_attention(q, k, v, kind_kwargs["slope"], comm, balance=balance,
                                            ulysses_degree=kind_kwargs["ulysses_degree"],
