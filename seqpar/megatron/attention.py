@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -147,8 +146,10 @@ class S2CoreAttention(_SeqparCoreAttention):
 
     def __init__(self, config, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
+        # resolved with the model's query heads (DKernel's step), so every TP rank and CP scheme
+        # reads the same pattern whatever heads it holds
         self.layout = S2Layout(block_size=config.s2_block_size, local_blocks=config.s2_local_blocks,
-                               vert_stride=config.s2_vert_stride)
+                               vert_stride=config.s2_vert_stride).with_heads(config.num_attention_heads)
         self.kv_head_offset = self.tp_rank * self.kv_heads
         self.total_kv_heads = config.num_query_groups
         self.cp_layout = self.layout
@@ -175,34 +176,47 @@ class S2CoreAttention(_SeqparCoreAttention):
 
 
 def moh_balance_loss(probs: torch.Tensor, topk_index: torch.Tensor, group: Any) -> torch.Tensor:
-    """MoH load-balance loss ``R^2 * mean_i(P_i F_i)`` over the tokens of the whole CP group.
+    """MoH load-balance loss ``R^2 * mean_i(P_i F_i)`` over the tokens of the whole CP group
+    (``probs [b, s, R]`` routed probabilities, ``topk_index [b, s, k]``; docs/moh.md).
 
-    Each rank's autograd sees only its own tokens' contribution (the remote sums enter as
-    constants), so summing parameter grads over CP gives exactly the single-rank gradient.
+    The per-head sums travel in one all-reduce through :class:`seqpar.cp.Comm` (recorded in the
+    comm ledger as ``all_reduce``, ``2 (P-1)/P * (2R+1) * 4`` bytes for fp32 routers). Each rank's
+    autograd sees only its own tokens' contribution (the remote sums enter as constants), so
+    summing parameter grads over CP gives exactly the single-rank gradient.
     """
     num = probs.shape[-1]
     p_sum = probs.reshape(-1, num).sum(dim=0)
     f_cnt = F.one_hot(topk_index, num).sum(dim=-2).reshape(-1, num).to(probs.dtype).sum(dim=0)
-    tokens = torch.tensor([float(probs.numel() // num)], dtype=probs.dtype, device=probs.device)
+    # a device-side fill: no host-to-device copy on the hot path
+    tokens = torch.full((1,), probs.numel() // num, dtype=probs.dtype, device=probs.device)
     if _size(group) > 1:
-        stats = torch.cat([p_sum.detach(), f_cnt, tokens])
-        dist.all_reduce(stats, group=group)
+        stats = cp.Comm(group).all_reduce(torch.cat([p_sum.detach(), f_cnt, tokens]))
         p_sum = p_sum + (stats[:num] - p_sum.detach())
         f_cnt, tokens = stats[num:2 * num], stats[2 * num:]
     return num ** 2 * (p_sum / tokens * f_cnt / tokens).mean()
 
 
+def _moh_layers(num_moh_layers: Any) -> int:
+    if isinstance(num_moh_layers, bool) or not isinstance(num_moh_layers, int) or num_moh_layers < 1:
+        raise ValueError(f"num_moh_layers must be a positive int (MoH layers of the whole model), "
+                         f"got {num_moh_layers!r}")
+    return num_moh_layers
+
+
 class MoHCoreAttention(_SeqparCoreAttention):
     """MoH attention in the core slot. Gates come from ``set_gates`` (``MoHSelfAttention`` routes on
     the hidden states) or, when none are set, from a router on this partition's queries
-    (``[.., heads*dim]``); in that case the load-balance loss is attached to the output with
-    ``MoEAuxLossAutoScaler`` and kept in ``self.last_aux_loss``."""
+    (``[.., heads*dim]``); in that case the load-balance loss
+    ``moh_aux_loss_coef * L_b / num_moh_layers`` is attached to the output with
+    ``MoEAuxLossAutoScaler`` and kept in ``self.last_aux_loss`` (``num_moh_layers``: the model's
+    MoH layers, so the model's total is the coefficient times the layer average, docs/moh.md)."""
 
     kind = "moh"
 
-    def __init__(self, config, *args: Any, router_on_query: bool = True, **kwargs: Any) -> None:
+    def __init__(self, config, *args: Any, router_on_query: bool = True, num_moh_layers: int = 1,
+                 **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
-        self.aux_loss_coef = config.moh_aux_loss_coef
+        self.aux_loss_coef = config.moh_aux_loss_coef / _moh_layers(num_moh_layers)
         self._gates: Optional[torch.Tensor] = None
         self.last_aux_loss: Optional[torch.Tensor] = None
         self.router = None
@@ -249,11 +263,16 @@ class MoHSelfAttention(SelfAttention):
     (MoH). The load-balance loss (over the tokens of the whole CP group) reaches the training loss
     through ``MoEAuxLossAutoScaler``, as megatron-core MoE's aux loss does; its value is kept in
     ``self.last_aux_loss``. Needs ``tensor_model_parallel_size == 1`` (the router picks among all
-    heads)."""
+    heads).
+
+    Each layer adds ``moh_aux_loss_coef * L_b / num_moh_layers``: over the model that is the
+    coefficient times the *average* of ``L_b`` over its MoH layers, as MoH's own training does, so
+    the paper's ``beta = 0.01`` means the same here at any depth (``layer_specs`` passes
+    ``num_moh_layers``, the count of ``H`` layers in the whole model, every pipeline stage)."""
 
     def __init__(self, config, submodules: SelfAttentionSubmodules, layer_number: int,
                  attn_mask_type: AttnMaskType = AttnMaskType.causal, cp_comm_type: Optional[str] = None,
-                 pg_collection: Optional[ProcessGroupCollection] = None) -> None:
+                 pg_collection: Optional[ProcessGroupCollection] = None, num_moh_layers: int = 1) -> None:
         super().__init__(config, submodules, layer_number, attn_mask_type=attn_mask_type,
                          cp_comm_type=cp_comm_type, pg_collection=pg_collection)
         if not isinstance(self.core_attention, MoHCoreAttention):
@@ -262,7 +281,7 @@ class MoHSelfAttention(SelfAttention):
             raise ValueError("MoH layers need tensor_model_parallel_size=1 (the router picks among all heads)")
         self.router = MoHRouter(config.hidden_size, config.num_attention_heads, config.moh_num_shared_heads,
                                 config.moh_top_k)
-        self.aux_loss_coef = config.moh_aux_loss_coef
+        self.aux_loss_coef = config.moh_aux_loss_coef / _moh_layers(num_moh_layers)
         self.last_aux_loss: Optional[torch.Tensor] = None
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
@@ -345,7 +364,7 @@ class LightningSelfAttention(MegatronModule):
         # per-head RMSNorm with a weight per output channel, split over TP like the heads
         self.norm_weight = torch.nn.Parameter(torch.ones(self.heads * self.head_dim, dtype=config.params_dtype))
         set_tensor_model_parallel_attributes(self.norm_weight, True, 0, 1)
-        slopes = lightning_slopes(config.num_attention_heads, layer_number - 1, max(2, config.num_layers))
+        slopes = lightning_slopes(config.num_attention_heads, layer_number - 1, config.num_layers)
         self.register_buffer("slopes", slopes[tp_rank * self.heads:(tp_rank + 1) * self.heads].clone(),
                              persistent=False)
         self.eps = config.layernorm_epsilon
