@@ -32,6 +32,7 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, mak
 from megatron.core.utils import divide
 
 from seqpar import cp
+from seqpar.megatron.layout_check import cp_scheme_for_layer, s2_cp_offset_exact
 from seqpar.kernels import S2Layout, flash_attention, lightning_attention, lightning_slopes, moh_attention, s2_attention
 from seqpar.nn import MoHRouter
 
@@ -58,6 +59,25 @@ def _from_bshd(o: torch.Tensor, thd: bool) -> torch.Tensor:
     return o.transpose(0, 1).reshape(s, b, h * d)
 
 
+def _causal_only(layer: str, attn_mask_type: Optional[AttnMaskType]) -> None:
+    # seqpar's kernels are causal by construction and have no key-padding input: padding_causal
+    # (or any other mask type) is refused rather than run as plain causal
+    if attn_mask_type is not None and attn_mask_type != AttnMaskType.causal:
+        raise ValueError(
+            f"{layer}: attn_mask_type={attn_mask_type.name} is not supported; seqpar attention is causal with no "
+            f"padding mask. Build the layer with attn_mask_type=causal and either pack documents "
+            f"(packed_seq_params, THD cu_seqlens) or right-pad and drop the pad tokens with the loss mask")
+
+
+def _no_attention_mask(layer: str, attention_mask: Optional[torch.Tensor]) -> None:
+    if attention_mask is not None:
+        raise ValueError(
+            f"{layer}: got an attention_mask {tuple(attention_mask.shape)}, which seqpar attention would not read "
+            f"(the causal mask is applied inside the kernels; there is no key-padding mask). Pass "
+            f"attention_mask=None (megatron-core: no attention mask in the data loader); for padded batches pack "
+            f"documents with packed_seq_params or mask the pad tokens in the loss")
+
+
 def _cu_seqlens(packed_seq_params: Optional[PackedSeqParams]) -> Optional[torch.Tensor]:
     if packed_seq_params is None:
         return None
@@ -67,6 +87,13 @@ def _cu_seqlens(packed_seq_params: Optional[PackedSeqParams]) -> Optional[torch.
     if cu is None:
         cu = packed_seq_params.cu_seqlens_q
     return cu.to(torch.int32)
+
+
+def _scheme(kind: str, config: Any, cp_comm_type: Optional[str]) -> str:
+    schemes = getattr(config, "cp_schemes", None) or {kind: "allgather"}
+    return cp_scheme_for_layer(kind, schemes, cp_comm_type, usp_ulysses_degree=getattr(config, "usp_ulysses_degree", 1),
+                               hierarchical_context_parallel_sizes=getattr(config, "hierarchical_context_parallel_sizes",
+                                                                           None))
 
 
 class _SeqparCoreAttention(MegatronModule):
@@ -81,8 +108,7 @@ class _SeqparCoreAttention(MegatronModule):
         super().__init__(config=config)
         if attention_type != "self":
             raise ValueError(f"{type(self).__name__} supports attention_type='self' only, got {attention_type!r}")
-        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
-            raise ValueError(f"{type(self).__name__} is causal; build the layer with attn_mask_type=causal")
+        _causal_only(type(self).__name__, attn_mask_type)
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
             raise ValueError("seqpar attention kernels have no attention dropout; set attention_dropout=0.0")
@@ -95,7 +121,7 @@ class _SeqparCoreAttention(MegatronModule):
         head_dim = config.kv_channels
         self.softmax_scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
         self.cp_group = self.pg_collection.cp
-        self.scheme = config.cp_schemes[self.kind] if hasattr(config, "cp_schemes") else "allgather"
+        self.scheme = _scheme(self.kind, config, cp_comm_type)
         self.backend = getattr(config, "seqpar_backend", "auto")
 
     @property
@@ -108,6 +134,8 @@ class _SeqparCoreAttention(MegatronModule):
                 packed_seq_params: Optional[PackedSeqParams] = None) -> torch.Tensor:
         if attention_bias is not None:
             raise ValueError(f"{type(self).__name__} does not take attention_bias")
+        _causal_only(type(self).__name__, attn_mask_type)
+        _no_attention_mask(type(self).__name__, attention_mask)
         thd = query.dim() == 3
         q, k, v = _to_bshd(query), _to_bshd(key), _to_bshd(value)
         o = self._attend(q, k, v, _cu_seqlens(packed_seq_params))
@@ -157,8 +185,8 @@ class S2CoreAttention(_SeqparCoreAttention):
             # seqpar.cp has no kv-head offset for s2: shift the stride instead, exact while the
             # stride step of the rank's heads equals the model's
             step_model = max(1, config.s2_vert_stride // config.num_attention_heads)
-            step_rank = max(1, config.s2_vert_stride // self.heads)
-            self.cp_layout = None if step_model != step_rank else S2Layout(
+            exact = s2_cp_offset_exact(config.s2_vert_stride, config.num_attention_heads, _size(self.pg_collection.tp))
+            self.cp_layout = None if not exact else S2Layout(
                 block_size=config.s2_block_size, local_blocks=config.s2_local_blocks,
                 vert_stride=config.s2_vert_stride, head_sliding_offset=self.kv_head_offset * step_model)
 
@@ -288,6 +316,8 @@ class MoHSelfAttention(SelfAttention):
         packed = kwargs.get("packed_seq_params")
         if packed is not None:
             raise ValueError("MoH layers do not take packed sequences (packed_seq_params)")
+        # checked before the router's collective so that every rank fails the same way
+        _no_attention_mask(type(self).__name__, args[0] if args else kwargs.get("attention_mask"))
         routing = self.router(hidden_states.transpose(0, 1))  # [b, s, heads]
         aux = self.aux_loss_coef * moh_balance_loss(routing.routed_probs, routing.topk_index,
                                                     self.core_attention.cp_group)
@@ -343,6 +373,7 @@ class LightningSelfAttention(MegatronModule):
                  attn_mask_type: AttnMaskType = AttnMaskType.causal, cp_comm_type: Optional[str] = None,
                  pg_collection: Optional[ProcessGroupCollection] = None) -> None:
         super().__init__(config=config)
+        _causal_only(type(self).__name__, attn_mask_type)
         self.pg_collection = _groups(pg_collection)
         tp = _size(self.pg_collection.tp)
         tp_rank = 0 if self.pg_collection.tp is None else self.pg_collection.tp.rank()
@@ -351,7 +382,7 @@ class LightningSelfAttention(MegatronModule):
         self.heads = divide(config.num_attention_heads, tp)
         self.kv_heads = divide(config.num_query_groups, tp)
         self.cp_group = self.pg_collection.cp
-        self.scheme = config.cp_schemes["lightning"] if hasattr(config, "cp_schemes") else "allgather"
+        self.scheme = _scheme("lightning", config, cp_comm_type)
         self.backend = getattr(config, "seqpar_backend", "auto")
         width = self.head_dim * (2 * config.num_attention_heads + 2 * config.num_query_groups)
         self.linear_qkvg = submodules.linear_qkvg(
@@ -394,6 +425,7 @@ class LightningSelfAttention(MegatronModule):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 *args: Any, packed_seq_params: Optional[PackedSeqParams] = None, **kwargs: Any):
+        _no_attention_mask(type(self).__name__, attention_mask)
         s, b, _ = hidden_states.shape
         mixed, _ = self.linear_qkvg(hidden_states)
         d, h, g = self.head_dim, self.heads, self.kv_heads
