@@ -26,7 +26,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def dry_run(cfg) -> None:
+def dry_run(cfg) -> dict:
     """Start the process groups, build this rank's model on the meta device (any size, no memory)
     and the data pipeline (text is read but the tokenizer is not trained), print a summary."""
     import torch
@@ -47,11 +47,15 @@ def dry_run(cfg) -> None:
             load_text(cfg.data.text_files, min(cfg.data.max_bytes, 100_000))
         with torch.device("meta"):
             model = build_model(cfg, cfg.data.vocab_size)
+        n = sum(p.numel() for p in model.parameters())
+        tc = model.config
+        info = {"dry_run": "ok", "world": dist.get_world_size(), "params_per_rank": n,
+                "pattern": cfg.model.layer_pattern, "layers": tc.num_layers, "hidden": tc.hidden_size,
+                "heads": tc.num_attention_heads, "kv_heads": tc.num_query_groups,
+                "dp": parallel_state.get_data_parallel_world_size()}
         if dist.get_rank() == 0:
-            n = sum(p.numel() for p in model.parameters())
-            print(json.dumps({"dry_run": "ok", "world": dist.get_world_size(), "params_per_rank": n,
-                              "pattern": cfg.model.layer_pattern,
-                              "dp": parallel_state.get_data_parallel_world_size()}), flush=True)
+            print(json.dumps(info), flush=True)
+        return info
     finally:
         parallel_state.destroy_model_parallel()
 
@@ -68,7 +72,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = load_recipe(args.recipe, args.overrides)
         cfg.check_world(int(os.environ.get("WORLD_SIZE", 1)))
     except (ValueError, OSError) as e:
-        print(f"seqpar-train: invalid recipe {args.recipe}: {e}", file=sys.stderr)
+        # every rank stops here (exit 2, no process group, no traceback); rank 0 says why, once
+        if os.environ.get("RANK", "0") == "0":
+            lines = str(e).splitlines() or [repr(e)]
+            print(f"seqpar-train: invalid recipe {args.recipe}:", file=sys.stderr)
+            for line in lines:
+                print(f"  {line}", file=sys.stderr)
         return 2
     import torch.distributed as dist
 
