@@ -125,9 +125,10 @@ def block_dim(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def launch_configs(kind: str, block_size: int, head_dim: int, dtype: torch.dtype
+def launch_configs(kind: str, block_size: int, head_dim: int, dtype: torch.dtype, op: str = "s2"
                    ) -> tuple[LaunchConfig, tuple[LaunchConfig, ...]]:
-    """(default, autotune space) for kernel ``kind`` in {"fwd", "dq", "dkdv"}.
+    """(default, autotune space) for kernel ``kind`` in {"fwd", "dq", "dkdv"} of ``op`` ("s2",
+    which includes flash, or "moh": same tiles, MoH's gathered rows cost a few more registers).
 
     Chosen from sm_90 compile metadata (benchmarks/kernel_resources.py): at 64 x 128 half tiles
     4 warps hold the fwd / dq accumulators in ~250 registers and dk/dv spills, so 8 warps; 3
@@ -141,6 +142,8 @@ def launch_configs(kind: str, block_size: int, head_dim: int, dtype: torch.dtype
         spaces = {"fwd": (cfg(8, 2), cfg(4, 2), cfg(4, 3), cfg(8, 3)),
                   "dq": (cfg(8, 2), cfg(4, 2), cfg(8, 3)),
                   "dkdv": (cfg(8, 2), cfg(8, 3))}
+        if op == "moh":
+            spaces["dq"] = (cfg(8, 2), cfg(8, 3))  # 4 warps: 255 registers and 20 B of spills
         space = spaces[kind]
         return space[0], space
     return cfg(8, 2), (cfg(8, 2),)
