@@ -196,7 +196,7 @@ def case_s2(h, hkv, d, dtype, causal=True, layout=True):
 
     q, k, v = _qkv(h, hkv, d, dtype)
     if layout:
-        lay = S2Layout(block_size=64, local_blocks=4, vert_stride=4)
+        lay = S2Layout(block_size=64, local_blocks=4, vert_stride=4).with_heads(h)
         plan = build_plan(lay, True, hkv, SEQ, SEQ, 0, 0, None, lay.block_size)
     else:
         from seqpar.kernels.flash.api import DEFAULT_BLOCK_SIZE
