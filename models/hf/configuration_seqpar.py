@@ -20,10 +20,10 @@ class SeqparConfig(PreTrainedConfig):
     Fields beyond the usual Llama ones:
 
     - ``layer_pattern``: one letter per layer over ``A S L H`` (length ``num_hidden_layers``).
-    - ``s2_block_size`` / ``s2_local_blocks`` / ``s2_vert_stride``: the S2 layout. Block (i, j) is read by
-      kv head g iff ``j <= i`` and (``i - j < local_blocks`` or
-      ``(j + g * max(1, vert_stride // num_key_value_heads)) % vert_stride == 0``), blocks of
-      ``s2_block_size`` absolute positions; then token-level causality.
+    - ``s2_block_size`` / ``s2_local_blocks`` / ``s2_vert_stride`` / ``s2_head_step``: the S2 layout.
+      Block (i, j) is read by kv head g iff ``j <= i`` and (``i - j < local_blocks`` or
+      ``(j + g * head_step) % vert_stride == 0``), blocks of ``s2_block_size`` absolute positions;
+      then token-level causality. The exporter writes the training layout's resolved step.
     - ``moh_num_shared_heads`` / ``moh_top_k``: MoH heads always on / routed heads per token.
     - ``lightning_slopes``: per layer, the decay slope of each query head (``None`` for other kinds);
       the decay is ``exp(-slope)`` per token.
@@ -56,6 +56,7 @@ class SeqparConfig(PreTrainedConfig):
     s2_block_size: int = 16
     s2_local_blocks: int = 2
     s2_vert_stride: int = 4
+    s2_head_step: int = 1
     moh_num_shared_heads: int = 1
     moh_top_k: int = 1
     lightning_slopes: list | None = None

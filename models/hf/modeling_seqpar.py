@@ -298,7 +298,7 @@ class S2Visibility:
         self.block_size = config.s2_block_size
         self.local = config.s2_local_blocks
         self.stride = config.s2_vert_stride
-        self.step = max(1, config.s2_vert_stride // config.num_key_value_heads)
+        self.step = config.s2_head_step
 
     def strided(self, g: int, kb: torch.Tensor) -> torch.Tensor:
         return (kb + g * self.step) % self.stride == 0
@@ -310,6 +310,18 @@ class S2Visibility:
     def __call__(self, g: int, kb: torch.Tensor, min_qb: int) -> torch.Tensor:
         """Keep rule of the block cache: ``kb`` is still read by a query in a block >= ``min_qb``."""
         return (kb > min_qb - self.local) | self.strided(g, kb)
+
+
+def _seqpar_layout(config: SeqparConfig):
+    """``seqpar.kernels.S2Layout`` with the exported layout's explicit head step."""
+    kw = dict(block_size=config.s2_block_size, local_blocks=config.s2_local_blocks, vert_stride=config.s2_vert_stride)
+    layout = _seqpar_kernels.S2Layout(**kw)
+    if "head_sliding_step" in getattr(_seqpar_kernels.S2Layout, "__dataclass_fields__", {}):
+        return _seqpar_kernels.S2Layout(head_sliding_step=config.s2_head_step, **kw)
+    if layout.head_step(config.num_key_value_heads) != config.s2_head_step:
+        raise ValueError(f"this seqpar.kernels S2Layout cannot express s2_head_step={config.s2_head_step}; "
+                         f"use kernel_backend='torch'")
+    return layout
 
 
 class SeqparAttention(nn.Module):
@@ -366,9 +378,7 @@ class SeqparAttention(nn.Module):
         if self.kind == "A":
             return kn.flash_attention(q, k, v, causal=True, sm_scale=self.scale)
         if self.kind == "S":
-            layout = kn.S2Layout(block_size=self.config.s2_block_size, local_blocks=self.config.s2_local_blocks,
-                                 vert_stride=self.config.s2_vert_stride)
-            return kn.s2_attention(q, k, v, layout, sm_scale=self.scale)
+            return kn.s2_attention(q, k, v, _seqpar_layout(self.config), sm_scale=self.scale)
         return kn.moh_attention(q, k, v, gates.float(), causal=True, sm_scale=self.scale)
 
     def _store(self, cache, k, v, position_ids, new_valid):

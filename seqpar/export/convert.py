@@ -52,6 +52,17 @@ class ModelSpec:
     moh_top_k: int = 1
 
     @property
+    def s2_head_step(self) -> int:
+        """Stride rotation between consecutive kv heads of the training model's S2 layout."""
+        from seqpar.kernels import S2Layout
+
+        layout = S2Layout(block_size=self.s2_block_size, local_blocks=self.s2_local_blocks,
+                          vert_stride=self.s2_vert_stride)
+        if hasattr(layout, "with_heads"):  # layouts resolved against the model's query heads
+            return layout.with_heads(self.num_heads).head_step(self.num_heads)
+        return layout.head_step(self.num_kv_heads)
+
+    @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
@@ -119,7 +130,7 @@ def hf_config(spec: ModelSpec, *, bos_token_id: Optional[int], eos_token_id: Opt
 
         cfg = SeqparConfig(layer_pattern=spec.pattern, rope_theta=ROPE_THETA, s2_block_size=spec.s2_block_size,
                            s2_local_blocks=spec.s2_local_blocks, s2_vert_stride=spec.s2_vert_stride,
-                           moh_num_shared_heads=spec.moh_num_shared_heads, moh_top_k=spec.moh_top_k,
+                           s2_head_step=spec.s2_head_step, moh_num_shared_heads=spec.moh_num_shared_heads, moh_top_k=spec.moh_top_k,
                            lightning_slopes=lightning_slopes_per_layer(spec), lightning_norm_eps=spec.rms_norm_eps,
                            **common)
         cfg.architectures = ["SeqparForCausalLM"]
