@@ -19,15 +19,15 @@ from cp_harness import run_ranks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SEQ = 96  # 6 S2 blocks of 16: local window (2) and stride (4) columns both matter
-BASE = ["model.preset=tiny", "data.dataset=text", "data.seq_len=96", "data.global_batch=2", "data.vocab_size=512",
+BASE = ["model.preset=tiny", "data.dataset=text", "data.global_batch=2", "data.vocab_size=512",
         "data.max_bytes=60000", "train.steps=1", "optim.warmup_steps=1", "train.progress=false",
         "train.time_attention=false", "parallel.backend=torch", "train.save_every=0"]
 
 
-def _cfg(out: str, cache: str, variant: str, pattern: str | None, tp: int, cp: int):
+def _cfg(out: str, cache: str, variant: str, pattern: str | None, tp: int, cp: int, seq: int):
     from seqpar.train.config import load_recipe
 
-    ovr = BASE + [f"train.out_dir={out}", f"data.cache_dir={cache}", f"model.preset=tiny-{variant}",
+    ovr = BASE + [f"data.seq_len={seq}", f"train.out_dir={out}", f"data.cache_dir={cache}", f"model.preset=tiny-{variant}",
                   f"parallel.tensor_parallel={tp}", f"parallel.context_parallel={cp}"]
     if pattern:
         ovr.append(f"model.pattern={pattern}")
@@ -70,15 +70,15 @@ def _train_variants(rank: int, world: int, root: str, runs: list, tokens: torch.
 
     out = {}
     for name, variant, pattern, tp, cp in runs:
-        cfg = _cfg(f"{root}/{name}", f"{root}/spm", variant, pattern, tp, cp)
+        cfg = _cfg(f"{root}/{name}", f"{root}/spm", variant, pattern, tp, cp, tokens.shape[1])
         train(cfg)
         out[name] = _logits(cfg, tokens)
     disable_cpu_compat()
     return out
 
 
-def _tokens() -> torch.Tensor:
-    return torch.randint(4, 512, (2, SEQ), generator=torch.Generator().manual_seed(7))
+def _tokens(seq: int = SEQ) -> torch.Tensor:
+    return torch.randint(4, 512, (2, seq), generator=torch.Generator().manual_seed(7))
 
 
 VARIANTS = [("dense", "dense", None), ("s2", "s2", None), ("lightning", "lightning", None), ("moh", "moh", None),
@@ -150,7 +150,7 @@ def test_checkpoint_carries_tokenizer_and_hf_tokenizer_matches(trained, tmp_path
 def test_tp2_cp2_checkpoint_exports_exactly(tmp_path):
     from seqpar.export.hf import export
 
-    tokens = _tokens()
+    tokens = _tokens(128)  # S2 under CP=2: a multiple of 2 x CP x block = 64
     runs = [("tp2cp2", "hybrid", "ASL", 2, 2)]  # MoH needs TP=1
     res = run_ranks(_train_variants, 4, str(tmp_path), runs, tokens, timeout=600)
     ref = res[0]["tp2cp2"]
