@@ -115,6 +115,7 @@ def _model_card(ck: TrainingCheckpoint, spec: ModelSpec, custom: bool, out_name:
         f"hidden {spec.hidden_size}, heads {spec.num_heads} / kv heads {spec.num_kv_heads}, vocab {spec.vocab_size}",
         f"- training step: {ck.step}; tokens seen: {tokens:,} (step x global batch x sequence length)",
         f"- final training loss: {'not recorded' if loss is None else f'{loss:.4f}'}",
+        f"- tokenizer: {'the run' + chr(39) + 's sentencepiece model (LlamaTokenizer)' if ck.tokenizer_model else 'none (token ids only)'}",
         f"- saved at parallel layout: {json.dumps(ck.layout)}", "",
         "## Use", "", "```python", load, "```", "",
         "## Recipe (resolved)", "", "```json", json.dumps(ck.config, indent=2, sort_keys=True), "```", ""])
@@ -130,7 +131,8 @@ def _readable(folder: pathlib.Path) -> None:
 
 
 def export(checkpoint: str | pathlib.Path, out_dir: str | pathlib.Path, *, force: bool = False,
-           dtype: Optional[str] = None, max_shard_size: str | int = "5GB") -> pathlib.Path:
+           dtype: Optional[str] = None, max_shard_size: str | int = "5GB",
+           allow_no_tokenizer: bool = False) -> pathlib.Path:
     """Write the Hugging Face folder for ``checkpoint`` to ``out_dir`` (see the module docstring).
 
     Args:
@@ -138,6 +140,8 @@ def export(checkpoint: str | pathlib.Path, out_dir: str | pathlib.Path, *, force
         out_dir: destination; must not exist unless ``force``.
         dtype: "fp32" | "bf16" | "fp16"; default: the training dtype.
         max_shard_size: safetensors shard limit (``save_pretrained``'s argument).
+        allow_no_tokenizer: export a text-data checkpoint that carries no ``tokenizer.model``
+            (e.g. imported from a HF folder without one) without a tokenizer instead of failing.
 
     Raises:
         ExportError: bad checkpoint or output (see the module docstring); nothing is written then.
@@ -152,10 +156,10 @@ def export(checkpoint: str | pathlib.Path, out_dir: str | pathlib.Path, *, force
     if ck.tokenizer_model is not None:
         vocab = _sp(ck.tokenizer_model).vocab_size()
         ids = _ids(_sp(ck.tokenizer_model))
-    elif data.get("dataset", "text") == "text":
-        raise ExportError(f"{ck.path} has no {TOKENIZER_FILE}: the run's tokenizer was not saved with it "
-                          f"(checkpoints from before tokenizers were saved); re-save it with seqpar.train")
-    else:  # synthetic data (MQAR): token ids are the vocabulary, no tokenizer to ship
+    elif data.get("dataset", "text") == "text" and not allow_no_tokenizer:
+        raise ExportError(f"{ck.path} has no {TOKENIZER_FILE}: the run's tokenizer was not saved with it; re-save "
+                          f"the checkpoint with seqpar.train, or pass --no-tokenizer to export the model alone")
+    else:  # synthetic data (MQAR) or --no-tokenizer: token ids are the vocabulary, no tokenizer to ship
         vocab = int(data.get("vocab_size", ck.tensors["embedding.word_embeddings.weight"].shape[0]))
         ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     spec = spec_from_recipe(ck.config, vocab)
@@ -208,10 +212,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     ap.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="weights dtype (default: training dtype)")
     ap.add_argument("--max-shard-size", default="5GB", help="safetensors shard size limit (e.g. 2GB, 500MB)")
+    ap.add_argument("--no-tokenizer", action="store_true",
+                    help="export a checkpoint that carries no tokenizer.model without a tokenizer")
     args = ap.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out_dir, force=args.force, dtype=args.dtype,
-                     max_shard_size=args.max_shard_size)
+                     max_shard_size=args.max_shard_size, allow_no_tokenizer=args.no_tokenizer)
     except ExportError as e:
         print(f"seqpar.export.hf: error: {e}", file=sys.stderr)
         return 2
