@@ -68,9 +68,7 @@ def build_data(cfg: RunConfig):
 
 
 def build_model(cfg: RunConfig, vocab_size: int):
-    p = preset(cfg.model.preset)
-    if cfg.model.pattern:
-        p = replace(p, pattern=cfg.model.pattern)
+    p = cfg.model.shape  # the preset with the recipe's shape overrides and pattern
     m = cfg.model
     dtype = torch.bfloat16 if m.dtype == "bf16" else torch.float32
     tcfg = transformer_config(
