@@ -134,9 +134,9 @@ def test_import_errors(llama, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     cfg = json.loads((llama / "config.json").read_text())
-    (bad / "config.json").write_text(json.dumps({**cfg, "hidden_size": 96, "head_dim": 24, "intermediate_size": 100}))
+    (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "mistral"}))
     (bad / "model.safetensors").write_bytes((llama / "model.safetensors").read_bytes())
-    with pytest.raises(ExportError, match="size preset"):
+    with pytest.raises(ExportError, match="Llama-architecture"):
         import_hf(bad, tmp_path / "x")
     (bad / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-6}))
     with pytest.raises(ExportError, match="rms_norm_eps"):

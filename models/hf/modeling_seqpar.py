@@ -273,21 +273,26 @@ def rotary(x: torch.Tensor, position_ids: torch.Tensor, theta: float) -> torch.T
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+                     scale: float, chunk: int = 512) -> torch.Tensor:
     """Softmax attention in fp32. q ``[b, sq, h, d]``, k/v ``[b, sk, hkv, d]`` (GQA, not expanded),
-    ``visible`` bool broadcastable to ``[b, hkv, 1, sq, sk]``. A query that sees no key gets 0."""
+    ``visible`` bool broadcastable to ``[b, hkv, 1, sq, sk]``. A query that sees no key gets 0.
+    Queries go ``chunk`` rows at a time: extra memory O(chunk * sk), not O(sq * sk)."""
     b, sq, h, d = q.shape
     hkv = k.shape[2]
     qg = q.float().view(b, sq, hkv, h // hkv, d).permute(0, 2, 3, 1, 4)  # [b, hkv, group, sq, d]
     kf = k.float().permute(0, 2, 1, 3)[:, :, None]  # [b, hkv, 1, sk, d]
     vf = v.float().permute(0, 2, 1, 3)[:, :, None]
-    s = (qg @ kf.transpose(-1, -2)) * scale
-    s = s.masked_fill(~visible, float("-inf"))
-    m = s.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(s - m)
-    den = e.sum(-1, keepdim=True)
-    o = (e / torch.where(den > 0, den, torch.ones_like(den))) @ vf  # [b, hkv, group, sq, d]
+    outs = []
+    for r in range(0, sq, chunk):
+        vis = visible[..., r:r + chunk, :] if visible.shape[-2] != 1 else visible
+        s = (qg[..., r:r + chunk, :] @ kf.transpose(-1, -2)) * scale
+        s = s.masked_fill(~vis, float("-inf"))
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        e = torch.exp(s - m)
+        den = e.sum(-1, keepdim=True)
+        outs.append((e / torch.where(den > 0, den, torch.ones_like(den))) @ vf)  # [b, hkv, group, c, d]
+    o = torch.cat(outs, dim=-2) if outs else qg.new_zeros(b, hkv, h // hkv, 0, d)
     return o.permute(0, 3, 1, 2, 4).reshape(b, sq, h, d).to(q.dtype)
 
 

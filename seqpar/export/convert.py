@@ -86,8 +86,9 @@ def spec_from_recipe(config: dict, vocab_size: int) -> ModelSpec:
         p = preset(model["preset"])
     except ValueError as e:
         raise ExportError(f"recipe model.preset={model['preset']!r}: {e}") from e
-    if model.get("pattern"):
-        p = replace(p, pattern=model["pattern"])
+    shape = {"num_layers": "num_layers", "hidden_size": "hidden_size", "num_attention_heads": "num_attention_heads",
+             "num_kv_heads": "num_query_groups", "ffn_hidden_size": "ffn_hidden_size", "pattern": "pattern"}
+    p = replace(p, **{dst: model[src] for src, dst in shape.items() if model.get(src) is not None})
     try:
         pattern = layer_pattern(p.pattern, p.num_layers)
     except ValueError as e:

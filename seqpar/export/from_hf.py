@@ -6,8 +6,9 @@ fresh optimizer) and ``recipe.yaml`` (``train.out_dir`` = OUT_RUN), so continued
 
     python -m seqpar.train OUT_RUN/recipe.yaml --resume --set train.steps=1000
 
-The HF model must have the shape of a seqpar size preset (``seqpar.models.SIZES``: layers, hidden,
-heads, kv heads, MLP width), RMSNorm eps 1e-5, default RoPE with theta 10000, SiLU MLP, no biases.
+Any Llama shape (a size preset when one matches, else ``model.num_layers`` / ``hidden_size`` /
+``num_attention_heads`` / ``num_kv_heads`` / ``ffn_hidden_size`` in the recipe); it must use RMSNorm
+eps 1e-5, default RoPE with theta 10000, a SiLU MLP and no biases (else the function would change).
 
 **Converting layers** (``--pattern``, letters tiled over the layers, default all ``A``): ``S``
 layers keep the softmax layer's q/k/v/o weights and attend only to the S2 layout's blocks
@@ -73,18 +74,20 @@ def _check_llama(cfg: dict) -> None:
                               f"without changing its function")
 
 
-def _preset_size(cfg: dict) -> str:
+def _shape(cfg: dict) -> dict:
+    """The recipe's model section for this HF shape: a size preset when one matches, else the
+    tiny preset with every shape field overridden."""
     from seqpar.models import SIZES
 
-    shape = (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"],
-             cfg.get("num_key_value_heads") or cfg["num_attention_heads"], cfg["intermediate_size"])
+    shape = {"num_layers": cfg["num_hidden_layers"], "hidden_size": cfg["hidden_size"],
+             "num_attention_heads": cfg["num_attention_heads"],
+             "num_kv_heads": cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+             "ffn_hidden_size": cfg["intermediate_size"]}
     for name, p in SIZES.items():
-        if (p.num_layers, p.hidden_size, p.num_attention_heads, p.num_query_groups, p.ffn_hidden_size) == shape:
-            return name
-    sizes = {n: (p.num_layers, p.hidden_size, p.num_attention_heads, p.num_query_groups, p.ffn_hidden_size)
-             for n, p in SIZES.items()}
-    raise ExportError(f"HF model shape (layers, hidden, heads, kv heads, ffn) = {shape} matches no seqpar size "
-                      f"preset {sizes}")
+        if (p.num_layers, p.hidden_size, p.num_attention_heads, p.num_query_groups, p.ffn_hidden_size) == \
+                tuple(shape.values()):
+            return {"preset": f"{name}-dense"}
+    return {"preset": "tiny-dense", **shape}
 
 
 def convert_layers(hf: dict[str, torch.Tensor], pattern: str, spec: ModelSpec) -> dict[str, torch.Tensor]:
@@ -187,11 +190,10 @@ def import_hf(hf_dir: str | pathlib.Path, out_run: str | pathlib.Path, *, patter
                           f"(Lightning); {bad} cannot be added to a pretrained model")
     cfg_hf, hf = _read_hf(hf_dir)
     _check_llama(cfg_hf)
-    size = _preset_size(cfg_hf)
     vocab = int(cfg_hf["vocab_size"])
     if "lm_head.weight" not in hf:  # tied embeddings: seqpar keeps an untied output layer, same values
         hf["lm_head.weight"] = hf["model.embed_tokens.weight"].clone()
-    tree: dict = {"model": {"preset": f"{size}-dense", "pattern": pattern,
+    tree: dict = {"model": {**_shape(cfg_hf), "pattern": pattern,
                             "dtype": "bf16" if cfg_hf.get("dtype", cfg_hf.get("torch_dtype")) == "bfloat16" else "fp32"},
                   "data": {"vocab_size": vocab}, "parallel": {"context_parallel": 1},
                   "train": {"out_dir": str(out), "steps": 1}}
