@@ -62,7 +62,9 @@ def build_data(cfg: RunConfig):
     dist.barrier()
     sp = get_tokenizer(d.vocab_size, text, cache)
     docs = load_documents(d.text_files, d.max_bytes)  # each document followed by EOS
-    return PackedTextDataset.from_documents(sp, docs, d.seq_len, seed=cfg.train.seed), sp.vocab_size()
+    ds = PackedTextDataset.from_documents(sp, docs, d.seq_len, seed=cfg.train.seed)
+    ds.tokenizer_model = sp.serialized_model_proto()  # saved in every checkpoint (export needs it)
+    return ds, sp.vocab_size()
 
 
 def build_model(cfg: RunConfig, vocab_size: int):
@@ -227,7 +229,8 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = N
             bar.set_postfix(loss=f"{res.loss:.3f}", aux=f"{res.aux_loss:.3g}", lr=f"{lr:.2e}")
         last = step + 1 == end
         if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
-            checkpoint.save(ckpt_dir, step + 1, model, opt, master, rng=_rng_state(), config=cfg.to_dict())
+            checkpoint.save(ckpt_dir, step + 1, model, opt, master, rng=_rng_state(), config=cfg.to_dict(),
+                            tokenizer_model=getattr(data, "tokenizer_model", None))
     if bar is not None:
         bar.close()
     if writer is not None:
