@@ -70,8 +70,10 @@ def _validate(q, k, v, kind: str, scheme: str, balance: str, world: int, kw: dic
             raise ValueError("kind='s2' needs layout=S2Layout(...)")
         if not isinstance(layout, S2Layout):
             raise ValueError(f"layout must be an S2Layout, got {type(layout).__name__}")
-        # local kv heads are global kv heads kv_head_offset.. of total_kv_heads (tensor parallelism)
-        layout.validate_head_slice(hkv, kw.get("kv_head_offset", 0), kw.get("total_kv_heads"))
+        # local kv heads are global kv heads kv_head_offset.. of total_kv_heads (tensor parallelism);
+        # the rotation step comes from the model's query heads (S2Layout, docs/s2.md)
+        total_kv = layout.validate_head_slice(hkv, kw.get("kv_head_offset", 0), kw.get("total_kv_heads"))
+        kw["layout"] = layout.with_heads(total_kv * (h // hkv))
         if scheme != "ulysses" and c % layout.block_size:  # ulysses runs on the whole sequence
             raise ValueError(f"s2 under CP needs each chunk ({c} tokens) to be a multiple of layout.block_size="
                              f"{layout.block_size} so blocks stay absolute; make the global length a multiple "
@@ -288,6 +290,7 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
         raise ValueError("scheme_cost for kind='s2' needs layout= (the stride-aware exchange depends on it)")
     elif scheme == "allgather" and kind == "s2" and exchange_applies(layout, n // (p * cpr)):
         # one variable-size all-to-all of exactly the blocks each rank's queries read: per-rank bytes
+        layout = layout.with_heads((total_kv_heads or kv_head_offset + kv_heads) * (heads // kv_heads))
         counts = exchange_blocks(layout, p, balance, n // (p * cpr), kv_heads, kv_head_offset, total_kv_heads)
         row = batch * layout.block_size * (head_dim + dv) * e
         per_rank = [(sum(counts[r]) * row, sum(counts[q][r] for q in range(p)) * row) for r in range(p)]
