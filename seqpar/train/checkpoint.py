@@ -298,7 +298,7 @@ def load(path: pathlib.Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
                   + "\n".join(f"  {c}" for c in changes), file=sys.stderr, flush=True)
     common = integrity.load_common(path)
     if config is not None and common["step"] >= config["train"]["steps"]:
-        raise ValueError(f"--resume: {path} is step {common['step']}, already the end of the run "
+        raise ResumeError(f"--resume: {path} is step {common['step']}, already the end of the run "
                          f"(train.steps={config['train']['steps']}); nothing to train. To train longer, raise "
                          f"train.steps (e.g. --set train.steps={2 * common['step']}): the LR schedule is then "
                          f"recomputed for the new length")
@@ -325,7 +325,11 @@ def load(path: pathlib.Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
 # resume: which checkpoint, with which recipe
 
 
-class ConfigMismatchError(ValueError):
+class ResumeError(ValueError):
+    """--resume / out_dir misuse: nothing to resume, a finished run, an existing run without --resume."""
+
+
+class ConfigMismatchError(ResumeError):
     """Resuming with a recipe whose model differs from the checkpoint's."""
 
 
@@ -387,7 +391,7 @@ def resumable(ckpt_dir: str | pathlib.Path, on_corrupt: str = "stop") -> pathlib
     root = pathlib.Path(ckpt_dir)
     head = latest(root)
     if head is None:
-        raise ValueError(f"--resume: no checkpoint under {root} (no 'latest' file)")
+        raise ResumeError(f"--resume: no checkpoint under {root} (no 'latest' file); run without --resume first")
     older = [p for p in checkpoints(root) if _step_of(p) < _step_of(head)][::-1]
     problems = []
     for cand in [head, *older]:
@@ -457,4 +461,4 @@ def prepare_out_dir(out_dir: str | pathlib.Path, *, resume: bool, overwrite: boo
     if _rank_world()[1] > 1:
         dist.broadcast_object_list(box, src=0)
     if box[0]:
-        raise ValueError(box[0])
+        raise ResumeError(box[0])

@@ -16,7 +16,8 @@ identical on every rank, so every rank takes the same decision and no collective
   non-finite, and the first parameter whose gradient did.
 - A forward that raises (e.g. a MoH router whose gates became NaN) is reported the same way when
   the weights or the recorded outputs are non-finite: ``guard(step)`` turns it into
-  ``NonFiniteError`` naming the step instead of the kernel's input check.
+  ``NonFiniteError`` naming the step instead of the kernel's input check. The MoH routers' gates
+  are recorded always (one isfinite per MoH layer), so this needs no debug mode.
 
 Loop contract (two calls): ``with monitor.guard(step): <forward + backward>``, then
 ``monitor.check(step, loss, grad_norm)`` before the optimizer update; False = skip this update.
@@ -81,9 +82,13 @@ class HealthMonitor:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self._records: list[tuple[str, str, torch.Tensor]] = []
         self._handles = []
-        if debug:
-            for m in self.models:
-                for name, mod in m.named_modules():
+        for m in self.models:
+            for name, mod in m.named_modules():
+                if type(mod).__name__ == "MoHRouter":
+                    # always on: a NaN gate would otherwise surface as the MoH kernel's "gates must be
+                    # >= 0" input check; one isfinite over [tokens, heads] gates per MoH layer
+                    self._handles.append(mod.register_forward_hook(self._hook(name, "moh router gates")))
+                elif debug:
                     kind = _kind_of(mod)
                     if kind is not None or name.endswith("embedding") or name == "output_layer":
                         self._handles.append(mod.register_forward_hook(self._hook(name, kind or "embedding/output")))
@@ -94,7 +99,8 @@ class HealthMonitor:
 
     def _hook(self, name: str, kind: str):
         def hook(mod: torch.nn.Module, inputs: Any, out: Any) -> None:
-            t = _first_tensor(out)
+            t = getattr(out, "gates", None)
+            t = t if isinstance(t, torch.Tensor) else _first_tensor(out)
             if t is not None and t.is_floating_point():
                 self._records.append((name, kind, torch.isfinite(t.detach()).all()))
         return hook
