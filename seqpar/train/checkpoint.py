@@ -52,10 +52,11 @@ from torch.distributed.checkpoint.filesystem import SerializationFormat, _write_
 
 from seqpar.megatron.cpu_compat import cpu_checkpoint_request
 from seqpar.train import integrity
-from seqpar.train.integrity import CorruptCheckpointError
+from seqpar.train.integrity import CorruptCheckpointError, verify  # noqa: F401  verify: for readers (export)
 
 _ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 CONFIG_FILE = "config.json"  # the resolved recipe of the run that wrote the checkpoint
+TOKENIZER_FILE = "tokenizer.model"  # the run's sentencepiece model, inside each step folder
 
 
 class Master(Protocol):
@@ -223,12 +224,13 @@ def write_sharded(sd: dict[str, Any], folder: pathlib.Path) -> None:
 
 
 def save(ckpt_dir: str | pathlib.Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
-         master: Master, *, rng: Any, config: dict[str, Any]) -> pathlib.Path:
+         master: Master, *, rng: Any, config: dict[str, Any], tokenizer_model: Optional[bytes] = None) -> pathlib.Path:
     """Write step ``step`` (model, AdamW state, master weights, RNG states, config) to
     ``<ckpt_dir>/step_N`` atomically, with ``config.json`` (``config``, the resolved recipe) and
     ``manifest.json``; then delete checkpoints beyond ``config["train"]["keep_last"]`` (0 / absent:
-    keep all). Raises NonFiniteCheckpointError (on every rank, nothing written) if the weights hold
-    NaN / inf. Collective: every rank calls it."""
+    keep all). ``tokenizer_model``: the run's serialized sentencepiece model, written as
+    ``step_N/tokenizer.model`` (export reads it). Raises NonFiniteCheckpointError (on every rank,
+    nothing written) if the weights hold NaN / inf. Collective: every rank calls it."""
     _check_finite(step, model)
     names = {id(p): n for n, p in model.named_parameters()}
     missing = [names.get(id(mp), str(i)) for i, (mp, p) in enumerate(zip(master.model_params, master.params))
@@ -251,6 +253,8 @@ def save(ckpt_dir: str | pathlib.Path, step: int, model: torch.nn.Module, opt: t
     sd.update(rng=_rng_tensors(_flat_rng(rng), loading=False), adam_step=steps.pop(), step=step, layout=_layout(),
               config=config)
     write_sharded(sd, tmp)
+    if tokenizer_model is not None and dist.get_rank() == 0:
+        (tmp / TOKENIZER_FILE).write_bytes(tokenizer_model)
     dist.barrier()
     digests = _digests_of_own_files(tmp)
     if dist.get_rank() == 0:
