@@ -22,7 +22,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                     help="override a recipe field (value parsed as YAML); repeatable")
     ap.add_argument("--dry-run", action="store_true",
                     help="validate, start the process groups and build the model and data, then exit")
-    ap.add_argument("--resume", action="store_true", help="continue from <train.out_dir>/checkpoints/latest")
+    ap.add_argument("--resume", nargs="?", const="latest", default=None, choices=["latest", "auto"],
+                    help="continue from <train.out_dir>/checkpoints/latest; 'auto' resumes only if it exists "
+                         "(also implied after a torchrun restart or a Slurm requeue)")
     return ap.parse_args(argv)
 
 
@@ -36,7 +38,8 @@ def dry_run(cfg) -> None:
     from seqpar.megatron import init_parallel
     from seqpar.train.loop import build_model
 
-    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.context_parallel, seed=cfg.train.seed)
+    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.context_parallel, seed=cfg.train.seed,
+                  timeout_s=cfg.parallel.distributed_timeout_s)
     try:
         if cfg.data.dataset == "mqar":
             from seqpar.data import MQARDataset
@@ -72,23 +75,30 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     import torch.distributed as dist
 
+    from seqpar.train import signals
+
+    signals.install(cfg)  # SIGTERM/SIGUSR1/SIGINT -> checkpoint at the next step; exit with the torchrun agent
     if not dist.is_initialized():
         if "MASTER_ADDR" in os.environ:
             import torch
 
             if torch.cuda.is_available():
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                    timeout=signals.pg_timeout(cfg))
         else:  # single process without torchrun
             rdv = tempfile.mktemp(prefix="seqpar_rdv_")
             dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=0, world_size=1)
     from seqpar.train.loop import train
 
     try:
-        if args.dry_run:
-            dry_run(cfg)
-        else:
-            train(cfg, resume=args.resume)
+        with signals.guard():  # a failed / timed-out collective -> one message naming the dead rank or host
+            signals.start_heartbeat()
+            if args.dry_run:
+                dry_run(cfg)
+            else:
+                ckpt_dir = os.path.join(cfg.train.out_dir, "checkpoints")
+                train(cfg, resume=signals.resume_mode(args.resume, ckpt_dir))
     finally:
         dist.destroy_process_group()
     return 0

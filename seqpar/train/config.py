@@ -75,6 +75,11 @@ class ParallelConfig:
     """Ulysses degree for kinds under the "usp" scheme (divides context_parallel and the heads)."""
     backend: str = "auto"
     """Kernel backend: "auto" (Triton on CUDA, torch on CPU), "triton" or "torch"."""
+    # --- h15-multinode (issue 15/16): process-group timeout; port to the pydantic schema ---
+    distributed_timeout_s: float = 300.0
+    """Timeout (seconds) of every process group: a collective that waits longer on a dead or hung rank
+    raises on the surviving ranks, which then exit non-zero naming the failed rank / host."""
+    # --- end h15-multinode ---
 
     def __post_init__(self) -> None:
         _need(self.tensor_parallel >= 1, "parallel.tensor_parallel must be >= 1")
@@ -88,6 +93,8 @@ class ParallelConfig:
             _need((kind, scheme) in SUPPORTED, f"parallel.cp_schemes.{kind}={scheme!r} is not a supported scheme "
                                                f"for {kind}; use one of {ok}")
         _need(self.backend in ("auto", "triton", "torch"), "parallel.backend must be 'auto', 'triton' or 'torch'")
+        _need(isinstance(self.distributed_timeout_s, (int, float)) and self.distributed_timeout_s > 0,  # h15
+              f"parallel.distributed_timeout_s must be a number of seconds > 0, got {self.distributed_timeout_s!r}")
 
 
 @dataclass
