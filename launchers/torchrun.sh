@@ -27,7 +27,12 @@ route_iface() {
   local ip
   ip=$(getent ahostsv4 "$1" 2>/dev/null | awk 'NR == 1 {print $1}')
   [ -n "$ip" ] || { echo "launchers/torchrun.sh: cannot resolve rendezvous host '$1'" >&2; return 1; }
-  ip -o route get "$ip" 2>/dev/null | sed -n 's/.* dev \([^ ]*\).*/\1/p' | head -n 1
+  if ip -o route get "$ip" 2>/dev/null | grep -q '^local '; then
+    # the rendezvous host is this host: the interface that carries the address (lo only for 127.x)
+    ip -o -4 addr show to "$ip" | awk 'NR == 1 {print $2}'
+  else
+    ip -o route get "$ip" 2>/dev/null | sed -n 's/.* dev \([^ ]*\).*/\1/p' | head -n 1
+  fi
 }
 
 if [ -n "${RDZV_ENDPOINT:-}" ]; then
