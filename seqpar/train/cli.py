@@ -79,13 +79,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     signals.install(cfg)  # SIGTERM/SIGUSR1/SIGINT -> checkpoint at the next step; exit with the torchrun agent
     if not dist.is_initialized():
-        if "MASTER_ADDR" in os.environ:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                    timeout=signals.pg_timeout(cfg))
+        if "MASTER_ADDR" in os.environ:  # torchrun: recipe's timeout, a fresh store prefix per restart
+            signals.init_default_group(cfg)
         else:  # single process without torchrun
             rdv = tempfile.mktemp(prefix="seqpar_rdv_")
             dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=0, world_size=1)

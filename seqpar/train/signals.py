@@ -72,6 +72,7 @@ class _State:
         self.timeout_s = 300.0
         self.stopped: Optional[tuple[int, str]] = None  # (step, checkpoint) once the loop stopped on a signal
         self.monitor: Optional[_Heartbeat] = None
+        self.armed = False  # set by the first stop_requested(): before it there is no step to save
 
 
 _state: Optional[_State] = None
@@ -83,6 +84,11 @@ def _handler(signum: int, frame: Any) -> None:
     if st.parent is not None and os.getppid() != st.parent:
         _agent_died()
     now = time.monotonic()
+    if not st.armed:  # still starting up (or resuming): nothing new to save, stop now
+        name = signal.Signals(signum).name
+        _log(f"{name} before the first step: nothing to save (the latest checkpoint is unchanged); exiting "
+             f"with code {EXIT_INTERRUPTED}")
+        raise SystemExit(EXIT_INTERRUPTED)
     if st.signum is None:
         st.signum, st.first_at = signum, now
         _log(f"{signal.Signals(signum).name} received: a checkpoint is written at the next step boundary, "
@@ -137,6 +143,32 @@ def pg_timeout(cfg: Any) -> datetime.timedelta:
     return datetime.timedelta(seconds=float(cfg.parallel.distributed_timeout_s))
 
 
+def init_default_group(cfg: Any) -> None:
+    """The default process group from torchrun's environment, with the recipe's timeout (nccl on CUDA,
+    else gloo).
+
+    Under torchrun every restart attempt rendezvouses in a fresh ``PrefixStore`` of the agent's store:
+    the store outlives the attempt, and gloo would otherwise read the dead attempt's addresses and fail
+    with "Connection refused" after ``torchrun --max-restarts`` restarted the workers.
+    """
+    import torch
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    backend, timeout = ("nccl" if cuda else "gloo"), pg_timeout(cfg)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=timeout)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"seqpar/attempt_{attempt}", store),
+                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                                timeout=timeout)
+    else:
+        dist.init_process_group(backend, timeout=timeout)
+
+
 def stop_requested() -> bool:
     """True on every rank iff any rank received a stop signal (one MAX all-reduce of an int over the
     world; call it at the same point of every step on every rank). False when ``install()`` was not
@@ -145,6 +177,8 @@ def stop_requested() -> bool:
         return False
     import torch
     import torch.distributed as dist
+
+    _state.armed = True
 
     flag = int(_state.signum is not None)
     if dist.is_initialized() and dist.get_world_size() > 1:
