@@ -6,7 +6,8 @@
 #   multi node, c10d rendezvous (what launchers/slurm.sbatch uses; no node ranks):
 #                 NNODES=2 RDZV_ENDPOINT=host0:29500 RDZV_ID=job42 [RDZV_IS_HOST=1 on host0] launchers/torchrun.sh RECIPE
 # Multi node: GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME default to the interface that routes to the
-# rendezvous host (`ip route get`), printed; SOCKET_IFNAME=eth1 (or either variable) overrides.
+# rendezvous host (`ip route get`), printed; SOCKET_IFNAME=eth1 (or either variable) overrides; the
+# node advertises its address on that interface (torchrun --local-addr; LOCAL_ADDR overrides).
 # SIGTERM / SIGINT / SIGUSR1 to torchrun reach the workers, which checkpoint at the next step and exit 75.
 # See launchers/README.md for every variable. PYTHON defaults to .venv/bin/python when present.
 set -euo pipefail
@@ -63,6 +64,10 @@ if [ -n "$RDZV_HOST" ]; then
   export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$IFACE}
   export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$IFACE}
   echo "+ GLOO_SOCKET_IFNAME=$GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME=$NCCL_SOCKET_IFNAME ($SRC; override with SOCKET_IFNAME=...)"
+  # this node's address on that interface: what the other nodes' workers connect to (torchrun would
+  # advertise the FQDN, which often resolves to 127.0.0.1 / another network)
+  LOCAL_ADDR=${LOCAL_ADDR:-$(ip -o -4 addr show dev "${GLOO_SOCKET_IFNAME%%,*}" 2>/dev/null | awk 'NR == 1 {sub(/\/.*/, "", $4); print $4}')}
+  [ -n "$LOCAL_ADDR" ] && RDZV+=(--local-addr "$LOCAL_ADDR")
 fi
 
 CMD=("$PYTHON" -m torch.distributed.run "${RDZV[@]}" --nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS"

@@ -153,3 +153,115 @@ class TwoHosts:
             self.kill_host(host)
         for ns in self.ns:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+SLURM_CONF = """\
+# test-owned cluster: two nodes, one per network namespace; controller on node n1's namespace
+ClusterName=seqpar-test
+SlurmctldHost={hostname}({ctl_addr})
+SlurmctldPort=6817
+SlurmdPort=6818
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/none
+CredType=cred/none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MpiDefault=none
+SchedulerType=sched/builtin
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SlurmdParameters=config_overrides
+ReturnToService=2
+MinJobAge=600
+KillWait=30
+InactiveLimit=0
+SlurmdTimeout=120
+SlurmctldTimeout=120
+StateSaveLocation={d}/state
+SlurmdSpoolDir={d}/spool/%n
+SlurmctldPidFile={d}/slurmctld.pid
+SlurmdPidFile={d}/slurmd-%n.pid
+SlurmctldLogFile={d}/slurmctld.log
+SlurmdLogFile={d}/slurmd-%n.log
+SlurmctldDebug=info
+SlurmdDebug=info
+NodeName=n1 NodeAddr={a0} CPUs=2 RealMemory=2000 State=UNKNOWN
+NodeName=n2 NodeAddr={a1} CPUs=2 RealMemory=2000 State=UNKNOWN
+PartitionName=test Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+"""
+
+
+class SlurmCluster:
+    """slurmctld + one slurmd per namespace (``slurmd -N n1`` in host 0, ``-N n2`` in host 1), with a
+    slurm.conf in ``d``; started and stopped by pid. Slurm commands run inside host 0's namespace."""
+
+    def __init__(self, hosts: TwoHosts, d: pathlib.Path) -> None:
+        self.hosts, self.d = hosts, d
+        self.conf = d / "slurm.conf"
+        self.daemons: list[subprocess.Popen] = []
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ, SLURM_CONF=str(self.conf), **extra)
+        for k in list(env):
+            if k.startswith("SLURM_") and k != "SLURM_CONF":
+                env.pop(k)  # never inherit an outer allocation
+        return env
+
+    def up(self) -> "SlurmCluster":
+        import socket
+
+        (self.d / "state").mkdir(parents=True, exist_ok=True)
+        for n in ("n1", "n2"):
+            (self.d / "spool" / n).mkdir(parents=True, exist_ok=True)
+        # slurmd initialises a cgroup plugin even with proctrack/linuxproc + task/none; name it explicitly
+        # (autodetection fails on hosts where /sys/fs/cgroup is a tmpfs of v1 controllers)
+        (self.d / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\nCgroupMountpoint=/sys/fs/cgroup\n")
+        self.conf.write_text(SLURM_CONF.format(hostname=socket.gethostname(), ctl_addr=TwoHosts.ADDRS[0],
+                                               d=self.d, a0=TwoHosts.ADDRS[0], a1=TwoHosts.ADDRS[1]))
+        env = self.env()
+        self.daemons.append(spawn(self.hosts.cmd(0, ["slurmctld", "-D", "-i", "-f", str(self.conf)]),
+                                  self.d / "slurmctld.out", env, self.hosts.procs))
+        for host, name in ((0, "n1"), (1, "n2")):
+            self.daemons.append(spawn(self.hosts.cmd(host, ["slurmd", "-D", "-N", name, "-f", str(self.conf)]),
+                                      self.d / f"slurmd-{name}.out", env, self.hosts.procs))
+        wait_for(self._nodes_idle, 60, "both slurmd to register idle", self.daemons[0])
+        return self
+
+    def run(self, *argv: str, check: bool = True, timeout: float = 30, **extra: str) -> subprocess.CompletedProcess:
+        r = subprocess.run(self.hosts.cmd(0, list(argv)), env=self.env(**extra), cwd=ROOT, capture_output=True,
+                           text=True, timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError(f"{' '.join(argv)} -> {r.returncode}\n{r.stdout}\n{r.stderr}\n{self.logs()}")
+        return r
+
+    def _nodes_idle(self) -> bool:
+        r = self.run("sinfo", "-h", "-N", "-o", "%N %t", check=False, timeout=10)
+        states = dict(line.split() for line in r.stdout.splitlines() if line.strip())
+        return states.get("n1") == "idle" and states.get("n2") == "idle"
+
+    def job(self, job_id: str) -> dict[str, str]:
+        out = self.run("scontrol", "show", "job", "-o", job_id).stdout
+        return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+    def logs(self) -> str:
+        parts = []
+        for f in sorted(self.d.glob("*.log")):
+            parts.append(f"== {f.name}\n" + f.read_text()[-2000:])
+        return "\n".join(parts)
+
+    def down(self) -> None:
+        for p in self.daemons:
+            if p.poll() is None:
+                try:
+                    os.kill(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for p in self.daemons:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                kill_group(p)
