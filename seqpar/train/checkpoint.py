@@ -41,6 +41,7 @@ from torch.distributed.checkpoint.filesystem import SerializationFormat, _write_
 from seqpar.megatron.cpu_compat import cpu_checkpoint_request
 
 _ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+TOKENIZER_FILE = "tokenizer.model"  # the run's sentencepiece model, inside each step folder
 
 
 class Master(Protocol):
@@ -116,9 +117,10 @@ def _rng_object(rng: Any) -> ShardedObject:
 
 
 def save(ckpt_dir: str | pathlib.Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
-         master: Master, *, rng: Any, config: dict[str, Any]) -> pathlib.Path:
+         master: Master, *, rng: Any, config: dict[str, Any], tokenizer_model: Optional[bytes] = None) -> pathlib.Path:
     """Write step ``step`` (model, AdamW state, master weights, RNG states, config) to
-    ``<ckpt_dir>/step_N`` atomically. Collective: every rank calls it."""
+    ``<ckpt_dir>/step_N`` atomically. Collective: every rank calls it. ``tokenizer_model``: the
+    run's serialized sentencepiece model, written as ``step_N/tokenizer.model`` (export reads it)."""
     names = {id(p): n for n, p in model.named_parameters()}
     missing = [names.get(id(mp), str(i)) for i, (mp, p) in enumerate(zip(master.model_params, master.params))
                if not opt.state[p]]
@@ -149,6 +151,8 @@ def save(ckpt_dir: str | pathlib.Path, step: int, model: torch.nn.Module, opt: t
     if not torch.cuda.is_available():
         request = cpu_checkpoint_request(request)  # the staging step needs CUDA (cpu_compat docstring)
     request.execute_sync()  # write, barrier, then rank 0 writes the global metadata
+    if tokenizer_model is not None and dist.get_rank() == 0:
+        (tmp / TOKENIZER_FILE).write_bytes(tokenizer_model)
     dist.barrier()
     if dist.get_rank() == 0:
         shutil.rmtree(final, ignore_errors=True)

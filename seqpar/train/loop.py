@@ -50,7 +50,7 @@ def clip_grads(model: torch.nn.Module, max_norm: float) -> float:
 
 def build_data(cfg: RunConfig):
     """Dataset and vocabulary size (the tokenizer is trained once by rank 0, then loaded by all)."""
-    from seqpar.data import MQARDataset, PackedTextDataset, get_tokenizer, load_text
+    from seqpar.data import MQARDataset, PackedTextDataset, get_tokenizer, load_documents, load_text
 
     d = cfg.data
     if d.dataset == "mqar":
@@ -61,14 +61,14 @@ def build_data(cfg: RunConfig):
         get_tokenizer(d.vocab_size, text, cache)
     dist.barrier()
     sp = get_tokenizer(d.vocab_size, text, cache)
-    ids = torch.tensor(sp.encode(text), dtype=torch.long)
-    return PackedTextDataset(ids, d.seq_len, seed=cfg.train.seed), sp.vocab_size()
+    docs = load_documents(d.text_files, d.max_bytes)  # each document followed by EOS
+    ds = PackedTextDataset.from_documents(sp, docs, d.seq_len, seed=cfg.train.seed)
+    ds.tokenizer_model = sp.serialized_model_proto()  # saved in every checkpoint (export needs it)
+    return ds, sp.vocab_size()
 
 
 def build_model(cfg: RunConfig, vocab_size: int):
-    p = preset(cfg.model.preset)
-    if cfg.model.pattern:
-        p = replace(p, pattern=cfg.model.pattern)
+    p = cfg.model.shape  # the preset with the recipe's shape overrides and pattern
     m = cfg.model
     dtype = torch.bfloat16 if m.dtype == "bf16" else torch.float32
     tcfg = transformer_config(
@@ -231,7 +231,8 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = N
         stop = signals.stop_requested()  # a SIGTERM/SIGUSR1/SIGINT on any rank: save now, then exit (all ranks)
         last = step + 1 == end or stop
         if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
-            saved = checkpoint.save(ckpt_dir, step + 1, model, opt, master, rng=_rng_state(), config=cfg.to_dict())
+            saved = checkpoint.save(ckpt_dir, step + 1, model, opt, master, rng=_rng_state(), config=cfg.to_dict(),
+                                    tokenizer_model=getattr(data, "tokenizer_model", None))
         if stop:
             signals.stopped(step + 1, saved)
             break
