@@ -117,3 +117,46 @@ def test_one_off_calls_still_check_data_eagerly():
     with pytest.raises(ValueError, match="gates must be >= 0"):
         cp.attention(q, q[:, :, :1], q[:, :, :1], kind="moh", scheme="ring", group=(0, 1),
                      gates=-torch.ones(1, 4, 2))
+
+
+def _model_job(rank: int, world: int) -> dict:
+    from dataclasses import replace
+
+    from megatron.core import parallel_state
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    from seqpar.megatron import disable_cpu_compat, init_parallel
+    from seqpar.models import build_gpt, preset, transformer_config
+
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 64, (1, 64), generator=g)
+    out = {}
+    try:
+        for layers in (4, 8):
+            init_parallel(1, world, seed=3)
+            p = replace(preset("tiny"), pattern="ASLH", num_layers=layers)
+            cfg = transformer_config(p, context_parallel_size=world, seqpar_backend="torch", s2_block_size=16,
+                                     s2_local_blocks=1, s2_vert_stride=2, params_dtype=torch.float32,
+                                     cp_schemes={"softmax": "ring", "s2": "allgather", "lightning": "allgather",
+                                                 "moh": "ulysses"})
+            model = build_gpt(p, cfg, vocab_size=64, max_sequence_length=64)
+            batch = get_batch_on_this_cp_rank({"tokens": tokens, "labels": torch.roll(tokens, -1, 1)})
+            pos = torch.arange(batch["tokens"].shape[1])[None]
+            counts = []
+            for _ in range(2):  # the second step is steady state
+                with cp.count_host_syncs(also=("megatron", "nn")) as n:
+                    with cp.step_checks():
+                        model(batch["tokens"], pos, None, labels=batch["labels"]).float().sum().backward()
+                counts.append((n.total, list(n.sites)))
+            out[layers] = counts[1]
+            parallel_state.destroy_model_parallel()
+    finally:
+        disable_cpu_compat()
+    return out
+
+
+def test_megatron_model_steady_state_syncs_do_not_grow_with_layers():
+    # a GPT of all four kinds at CP=2: a steady-state step of 8 layers makes no more host reads in
+    # seqpar code (cp, kernels' entries, megatron layers, nn) than one of 4 layers, and only the step's one
+    for per_rank in run_ranks(_model_job, 2, timeout=600):
+        assert per_rank[4][0] == per_rank[8][0] == 1, (per_rank[4][1], per_rank[8][1])
