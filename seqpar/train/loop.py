@@ -50,7 +50,7 @@ def clip_grads(model: torch.nn.Module, max_norm: float) -> float:
 
 def build_data(cfg: RunConfig):
     """Dataset and vocabulary size (the tokenizer is trained once by rank 0, then loaded by all)."""
-    from seqpar.data import MQARDataset, PackedTextDataset, get_tokenizer, load_text
+    from seqpar.data import MQARDataset, PackedTextDataset, get_tokenizer, load_documents, load_text
 
     d = cfg.data
     if d.dataset == "mqar":
@@ -61,8 +61,8 @@ def build_data(cfg: RunConfig):
         get_tokenizer(d.vocab_size, text, cache)
     dist.barrier()
     sp = get_tokenizer(d.vocab_size, text, cache)
-    ids = torch.tensor(sp.encode(text), dtype=torch.long)
-    ds = PackedTextDataset(ids, d.seq_len, seed=cfg.train.seed)
+    docs = load_documents(d.text_files, d.max_bytes)  # each document followed by EOS
+    ds = PackedTextDataset.from_documents(sp, docs, d.seq_len, seed=cfg.train.seed)
     ds.tokenizer_model = sp.serialized_model_proto()  # saved in every checkpoint (export needs it)
     return ds, sp.vocab_size()
 
