@@ -25,7 +25,7 @@ import torch
 from seqpar.errors import ConfigError
 
 from seqpar.train.checkpoint import TOKENIZER_FILE  # noqa: E402  one place for the name
-_OPTIONAL_KEYS = ("optimizer.", "rng_state")
+_OPTIONAL_KEYS = ("optimizer.", "rng_state", "rng.")  # rng.*: per-rank RNG states as uint8 tensors (h16)
 
 
 class ExportError(ConfigError):
