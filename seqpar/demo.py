@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from seqpar.kernels import S2Layout, flash_attention, s2_attention
+from seqpar.kernels import S2Layout, s2_attention
 from seqpar.kernels._common import select_backend
+from seqpar.kernels.flash.api import _flash_attention
 from seqpar.kernels.s2 import s2_stats
 from seqpar.kernels.s2.plan import build_plan
 from seqpar.kernels.s2.reference import attention_reference
@@ -37,7 +38,7 @@ def _counted_blocks(q, k, v, layout, backend: str) -> tuple[int, int]:
     bs = layout.block_size
     counts = []
     for lay in (layout, None):
-        plan = build_plan(lay, True, hkv, s, s, 0, 0, None, bs)
+        plan = build_plan(None if lay is None else lay.with_heads(h), True, hkv, s, s, 0, 0, None, bs)
         if backend != "triton":
             counts.append(b * plan.nnz(h))
             continue
@@ -57,7 +58,7 @@ def main() -> int:
     print(f"S2 layout: {layout}")
     print(f"{seq // layout.block_size} blocks of {layout.block_size} tokens, {h} q heads / {hkv} kv heads "
           f"(x = computed, . = skipped causal block)\n")
-    print(layout.picture(hkv, seq // layout.block_size))
+    print(layout.picture(hkv, seq // layout.block_size, num_heads=h))
     st = s2_stats(layout, seq, h, hkv)
     print(f"\ndensity {st['density']:.3f}: {st['computed_blocks']} of {st['causal_blocks']} causal blocks "
           f"(summed over q heads)")
@@ -68,7 +69,7 @@ def main() -> int:
     backend = select_backend("auto", q)
     print(f"\nbackend: {backend} on {device}")
     o_s2 = s2_attention(q, k, v, layout)
-    o_fl = flash_attention(q, k, v, causal=True, _block_size=16)
+    o_fl = _flash_attention(q, k, v, causal=True, block_size=16)
     s2_count, dense_count = _counted_blocks(q, k, v, layout, backend)
     print(f"computed blocks: s2 {s2_count}, flash {dense_count} "
           f"({'counted by the Triton kernel' if backend == 'triton' else 'from the tile plan'})")

@@ -6,7 +6,7 @@
 ds_config key                          recipe field
 =====================================  ========================================================
 ``train_batch_size``                   ``data.global_batch``
-``train_micro_batch_size_per_gpu``     ``deepspeed.micro_batch`` (0: ``global_batch / DP``)
+``train_micro_batch_size_per_gpu``     ``data.micro_batch`` (0: ``global_batch / DP``)
 ``gradient_accumulation_steps``        ``global_batch / (micro_batch x DP)``
 ``gradient_clipping``                  ``optim.grad_clip`` (0 = off, as in DeepSpeed)
 ``bf16.enabled`` / ``fp16.enabled``    ``model.dtype`` (fp16 is not a seqpar dtype)
@@ -44,8 +44,8 @@ _QUIET_STEPS = 2**31 - 1
 # ds_config key (dotted) -> the recipe field it comes from, for the error of a conflicting user JSON
 RECIPE_KEYS = {
     "train_batch_size": "data.global_batch",
-    "train_micro_batch_size_per_gpu": "deepspeed.micro_batch",
-    "gradient_accumulation_steps": "data.global_batch / (deepspeed.micro_batch x DP)",
+    "train_micro_batch_size_per_gpu": "data.micro_batch",
+    "gradient_accumulation_steps": "data.global_batch / (data.micro_batch x DP)",
     "gradient_clipping": "optim.grad_clip",
     "bf16.enabled": "model.dtype",
     "fp16.enabled": "model.dtype",
@@ -78,9 +78,9 @@ def require_cpu_accelerator() -> None:
 def batch_shape(cfg: Any, dp: int) -> tuple[int, int]:
     """``(micro_batch, gradient_accumulation_steps)`` per DP rank for ``data.global_batch``."""
     per_rank = cfg.data.global_batch // dp
-    micro = cfg.deepspeed.micro_batch or per_rank
+    micro = cfg.data.micro_batch or per_rank
     if per_rank % micro:
-        raise ConfigError(f"data.global_batch={cfg.data.global_batch} must be a multiple of deepspeed.micro_batch x DP "
+        raise ConfigError(f"data.global_batch={cfg.data.global_batch} must be a multiple of data.micro_batch x DP "
                           f"= {micro} x {dp}")
     return micro, per_rank // micro
 

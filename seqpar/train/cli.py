@@ -1,4 +1,4 @@
-"""``python -m seqpar.train RECIPE.yaml [--set a.b=v ...] [--dry-run] [--resume]`` (also ``seqpar-train``).
+"""python -m seqpar.train RECIPE.yaml [--set a.b=v ...] [--check | --dry-run] [--resume]  (also seqpar-train)
 
 Launch multi-process runs with torchrun (see launchers/torchrun.sh); a single process runs with a
 world of 1. Every recipe error names its field and is raised before any process group starts.
@@ -14,22 +14,61 @@ import tempfile
 import warnings
 from typing import Optional
 
+_DESCRIPTION = """Train a seqpar recipe (YAML, see recipes/README.md for every field).
+
+  python -m seqpar.train RECIPE.yaml                      one process (world of 1)
+  torchrun --nproc-per-node N -m seqpar.train RECIPE.yaml  N ranks (or launchers/torchrun.sh)
+  python -m seqpar.train RECIPE.yaml --check              validate only (exit 0, or 2 with one line per bad field)
+  python -m seqpar.train RECIPE.yaml --dry-run            build the model and data for the recipe's layout
+                                                          on a fake process group of TP x CP ranks (no torchrun)
+  ... --resume                                            continue from <train.out_dir>/checkpoints/latest
+  ... --resume auto                                       the same if a checkpoint exists, else start fresh
+"""
+
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="seqpar-train", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="seqpar-train", description=_DESCRIPTION,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("recipe", help="YAML recipe (see recipes/)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                     help="override a recipe field (value parsed as YAML); repeatable")
+    ap.add_argument("--check", action="store_true",
+                    help="validate the recipe for its layout (under torchrun: for the launched world; else --world "
+                         "or TP x CP ranks), print the resolved recipe as JSON, start nothing")
     ap.add_argument("--dry-run", action="store_true",
-                    help="validate, start the process groups and build the model and data, then exit")
-    ap.add_argument("--resume", action="store_true", help="continue from <train.out_dir>/checkpoints/latest")
+                    help="validate, start the process groups (without torchrun: a fake group of --world ranks) "
+                         "and build the model on the meta device and the data, then exit")
+    ap.add_argument("--world", type=int, default=None, metavar="N",
+                    help="--dry-run without torchrun: the world size to validate and build for "
+                         "(default: tensor_parallel x context_parallel)")
+    ap.add_argument("--resume", nargs="?", const="latest", default=None, choices=["latest", "auto"],
+                    help="continue from <train.out_dir>/checkpoints/latest; '--resume auto' resumes only if it "
+                         "exists, else starts fresh (implied after a torchrun restart or a Slurm requeue)")
     # h13-deepspeed: the deepspeed launcher passes --local_rank=N (unless --no_local_rank); LOCAL_RANK is in the env too
     ap.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                     help="set by the deepspeed launcher (same as the LOCAL_RANK environment variable)")
     return ap.parse_args(argv)
 
 
-def dry_run(cfg) -> None:
+def _exit_codes() -> list[tuple[tuple[type, ...], int]]:
+    from seqpar.train.checkpoint import NonFiniteCheckpointError, ResumeError
+    from seqpar.train.health import NonFiniteError
+    from seqpar.train.integrity import CorruptCheckpointError, UnsafeCheckpointError
+
+    return [((NonFiniteError, NonFiniteCheckpointError), 3), ((CorruptCheckpointError, UnsafeCheckpointError), 4),
+            ((ResumeError,), 2)]
+
+
+def _fake_world(world: int) -> None:
+    """A single-process world of ``world`` fake ranks (this process is rank 0): collectives are
+    no-ops, so megatron's groups and the model of rank 0 can be built for any layout."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+
+
+def dry_run(cfg) -> dict:
     """Start the process groups, build this rank's model on the meta device (any size, no memory)
     and the data pipeline (text is read but the tokenizer is not trained), print a summary."""
     import torch
@@ -39,7 +78,23 @@ def dry_run(cfg) -> None:
     from seqpar.megatron import init_parallel
     from seqpar.train.loop import build_model
 
-    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.context_parallel, seed=cfg.train.seed)
+    if dist.get_backend() == "fake":
+        # gloo side groups cannot be made from a fake store; nothing in a dry run uses them
+        from seqpar.megatron.cpu_compat import enable_cpu_compat, model_parallel_seed
+
+        if not torch.cuda.is_available():
+            enable_cpu_compat()
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=cfg.parallel.tensor_parallel,
+                                                 context_parallel_size=cfg.parallel.context_parallel,
+                                                 create_gloo_process_groups=False)
+        if torch.cuda.is_available():
+            from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+            model_parallel_cuda_manual_seed(cfg.train.seed)
+        else:
+            model_parallel_seed(cfg.train.seed)
+    else:
+        init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.context_parallel, seed=cfg.train.seed,
+                      timeout_s=cfg.parallel.distributed_timeout_s)
     try:
         if cfg.data.dataset == "mqar":
             from seqpar.data import MQARDataset
@@ -50,11 +105,15 @@ def dry_run(cfg) -> None:
             load_text(cfg.data.text_files, min(cfg.data.max_bytes, 100_000))
         with torch.device("meta"):
             model = build_model(cfg, cfg.data.vocab_size)
+        n = sum(p.numel() for p in model.parameters())
+        tc = model.config
+        info = {"dry_run": "ok", "world": dist.get_world_size(), "params_per_rank": n,
+                "pattern": cfg.model.layer_pattern, "layers": tc.num_layers, "hidden": tc.hidden_size,
+                "heads": tc.num_attention_heads, "kv_heads": tc.num_query_groups,
+                "dp": parallel_state.get_data_parallel_world_size()}
         if dist.get_rank() == 0:
-            n = sum(p.numel() for p in model.parameters())
-            print(json.dumps({"dry_run": "ok", "world": dist.get_world_size(), "params_per_rank": n,
-                              "pattern": cfg.model.layer_pattern,
-                              "dp": parallel_state.get_data_parallel_world_size()}), flush=True)
+            print(json.dumps(info), flush=True)
+        return info
     finally:
         parallel_state.destroy_model_parallel()
 
@@ -67,36 +126,67 @@ def main(argv: Optional[list[str]] = None) -> int:
                             category=UserWarning)
     from seqpar.train.config import load_recipe
 
+    launched = "WORLD_SIZE" in os.environ
     try:
         cfg = load_recipe(args.recipe, args.overrides)
-        cfg.check_world(int(os.environ.get("WORLD_SIZE", 1)))
+        mp = cfg.parallel.tensor_parallel * cfg.parallel.context_parallel
+        no_launch = args.dry_run or args.check
+        if args.world is not None and (launched or not no_launch):
+            raise ValueError("--world is for --check / --dry-run without torchrun (torchrun sets the world size)")
+        if args.world is not None and args.world < 1:
+            raise ValueError(f"--world={args.world} must be >= 1")
+        world = int(os.environ["WORLD_SIZE"]) if launched else (args.world or mp) if no_launch else 1
+        if world == 1 and mp > 1:
+            raise ValueError(f"parallel.tensor_parallel x parallel.context_parallel = {mp} needs {mp} processes: "
+                             f"launch with torchrun --nproc-per-node {mp} (or launchers/torchrun.sh), or check the "
+                             f"recipe with --check / --dry-run")
+        dp = cfg.check_world(world)
         if cfg.train.engine == "deepspeed":  # h13-deepspeed: the ds_config is checked before any process group
             from seqpar.deepspeed import build_ds_config
-            build_ds_config(cfg, cfg.check_world(int(os.environ.get("WORLD_SIZE", 1))))
+            build_ds_config(cfg, dp)
     except (ValueError, OSError) as e:
-        print(f"seqpar-train: invalid recipe {args.recipe}: {e}", file=sys.stderr)
+        # every rank stops here (exit 2, no process group, no traceback); rank 0 says why, once
+        if os.environ.get("RANK", "0") == "0":
+            lines = str(e).splitlines() or [repr(e)]
+            print(f"seqpar-train: invalid recipe {args.recipe}:", file=sys.stderr)
+            for line in lines:
+                print(f"  {line}", file=sys.stderr)
         return 2
+    if args.check:
+        if os.environ.get("RANK", "0") == "0":
+            print(json.dumps(cfg.to_dict()), flush=True)
+        return 0
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        if "MASTER_ADDR" in os.environ:
-            import torch
+    from seqpar.train import signals
 
-            if torch.cuda.is_available():
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    signals.install(cfg)  # SIGTERM/SIGUSR1/SIGINT -> checkpoint at the next step; exit with the torchrun agent
+    if not dist.is_initialized():
+        if args.dry_run and not launched:
+            _fake_world(world)
+        elif "MASTER_ADDR" in os.environ:  # torchrun: the recipe's timeout, a fresh store prefix per restart
+            signals.init_default_group(cfg)
         else:  # single process without torchrun
             rdv = tempfile.mktemp(prefix="seqpar_rdv_")
             dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=0, world_size=1)
     from seqpar.train.loop import train
 
+    exit_codes = _exit_codes()
+    run_errors = tuple(c for classes, _ in exit_codes for c in classes)
     try:
-        if args.dry_run:
-            dry_run(cfg)
-        else:
-            train(cfg, resume=args.resume)
+        with signals.guard():  # a failed / timed-out collective -> one message naming the dead rank or host
+            signals.start_heartbeat()
+            if args.dry_run:
+                dry_run(cfg)
+            else:
+                train(cfg, resume=signals.resume_mode(args.resume, os.path.join(cfg.train.out_dir, "checkpoints")))
+    except run_errors as e:  # raised on every rank alike: one message (rank 0), no traceback wall
+        code = next(c for classes, c in exit_codes if isinstance(e, classes))
+        if dist.get_rank() == 0:
+            print(f"seqpar-train: {e}", file=sys.stderr, flush=True)
+        return code
     finally:
         dist.destroy_process_group()
     return 0

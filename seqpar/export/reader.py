@@ -1,0 +1,135 @@
+"""Read a seqpar training checkpoint for export: one process, no process group, no optimizer state.
+
+A checkpoint (``seqpar.train.checkpoint``) is a megatron-core ``dist_checkpointing`` folder in the
+``torch_dist`` format: every model parameter is stored as its *global* tensor cut into the shards the
+ranks wrote, whatever the TP / CP / DP layout was. ``torch.distributed.checkpoint`` can assemble
+full tensors in a single process (``no_dist=True``), so export never builds the megatron model and
+never needs the layout it was trained at.
+
+Before anything is read the folder is checked against its ``manifest.json`` (size and SHA-256 of
+every file, ``seqpar.train.integrity.verify``). Nothing executes code from disk: tensors and the
+common state load with ``weights_only=True`` and DCP's ``.metadata`` pickle goes through
+``seqpar.train.integrity``'s restricted unpickler.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from seqpar.errors import ConfigError
+
+from seqpar.train.checkpoint import CONFIG_FILE, TOKENIZER_FILE  # noqa: E402  one place for the names
+_OPTIONAL_KEYS = ("optimizer.", "rng_state", "rng.")  # rng.*: per-rank RNG states as uint8 tensors (h16)
+
+
+class ExportError(ConfigError):
+    """Bad input to export / import: names the file or field and the fix."""
+
+
+@dataclass
+class TrainingCheckpoint:
+    """What export needs from one ``step_N`` folder."""
+
+    path: pathlib.Path
+    step: int
+    config: dict
+    layout: dict
+    tensors: dict[str, torch.Tensor]
+    tokenizer_model: Optional[bytes] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_step_dir(path: str | pathlib.Path) -> pathlib.Path:
+    """``step_N`` folder for a step folder, a ``latest`` pointer file, a checkpoints folder (with
+    ``latest``) or a run folder (``<run>/checkpoints/latest``)."""
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise ExportError(f"checkpoint {p} does not exist; pass a step_N folder, checkpoints/latest or the run folder")
+    if p.is_file():
+        if p.name != "latest":
+            raise ExportError(f"{p} is a file; pass a step_N folder, checkpoints/latest or the run folder")
+        target = p.parent / p.read_text().strip()
+        if not target.is_dir():
+            raise ExportError(f"{p} points at {target.name}, which does not exist under {p.parent}")
+        return resolve_step_dir(target)
+    if (p / "metadata.json").is_file():
+        return p
+    for ptr in (p / "latest", p / "checkpoints" / "latest"):
+        if ptr.is_file():
+            return resolve_step_dir(ptr)
+    raise ExportError(f"{p} is not a seqpar checkpoint: no metadata.json, no latest, no checkpoints/latest; "
+                      f"pass a step_N folder, checkpoints/latest or the run folder")
+
+
+def _verified_metadata(step_dir: pathlib.Path):
+    """Check the folder against its manifest (size + SHA-256 of every file), then read the DCP
+    index through the restricted unpickler (``seqpar.train.integrity``)."""
+    from seqpar.train import integrity
+
+    try:
+        integrity.verify(step_dir)
+        return integrity.read_dcp_metadata(step_dir / ".metadata")
+    except (integrity.CorruptCheckpointError, integrity.UnsafeCheckpointError) as e:
+        raise ExportError(f"{e}; export refuses a damaged or incomplete checkpoint (copy the whole step folder)") from e
+
+
+def _read_recipe(step_dir: pathlib.Path, common: dict) -> dict:
+    for name in (CONFIG_FILE,):
+        f = step_dir / name
+        if f.is_file():
+            try:
+                return json.loads(f.read_text())
+            except json.JSONDecodeError as e:
+                raise ExportError(f"{f} is not valid JSON ({e}); the checkpoint's recipe is damaged") from e
+    cfg = common.get("config")
+    if not isinstance(cfg, dict) or "model" not in cfg:
+        raise ExportError(f"{step_dir} carries no recipe (no {CONFIG_FILE} and no config in common.pt); export needs "
+                          f"the model section the run was trained with — re-save the checkpoint with seqpar.train")
+    return cfg
+
+
+def read_checkpoint(path: str | pathlib.Path, *, with_tensors: bool = True) -> TrainingCheckpoint:
+    """Load the model tensors (full, global shapes) and the metadata of a training checkpoint.
+
+    Args:
+        path: step folder, ``checkpoints/latest``, a checkpoints folder or the run folder.
+        with_tensors: False reads only config / step / layout / tokenizer (cheap).
+
+    Raises:
+        ExportError: not a checkpoint, missing recipe, missing or truncated shard, bad checksum.
+    """
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from seqpar.train import integrity
+
+    step_dir = resolve_step_dir(path)
+    md = _verified_metadata(step_dir)
+    try:
+        common = integrity.load_common(step_dir)
+    except Exception as e:  # noqa: BLE001 - a damaged file: say which
+        raise ExportError(f"{step_dir}/common.pt cannot be read ({e}); the checkpoint is damaged") from e
+    config = _read_recipe(step_dir, common)
+    tok = step_dir / TOKENIZER_FILE
+    ck = TrainingCheckpoint(path=step_dir, step=int(common.get("step", 0)), config=config,
+                            layout=dict(common.get("layout", {})),
+                            tensors={}, tokenizer_model=tok.read_bytes() if tok.is_file() else None)
+    if not with_tensors:
+        return ck
+    sd = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in md.state_dict_metadata.items()
+          if isinstance(m, TensorStorageMetadata) and not k.startswith(_OPTIONAL_KEYS)}
+    try:
+        dcp_load(sd, storage_reader=integrity.SafeFileSystemReader(step_dir), no_dist=True)
+    except Exception as e:  # noqa: BLE001 - DCP wraps per-item failures; name the folder
+        raise ExportError(f"reading the tensors of {step_dir} failed ({type(e).__name__}: {e}); "
+                          f"the checkpoint is damaged") from e
+    ck.tensors = sd
+    return ck
+
+
+__all__ = ["ExportError", "TOKENIZER_FILE", "TrainingCheckpoint", "read_checkpoint", "resolve_step_dir"]
