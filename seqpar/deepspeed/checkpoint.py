@@ -73,9 +73,11 @@ def _files(folder: pathlib.Path) -> dict[str, dict[str, Any]]:
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
 
 
-def save(engine: Any, ckpt_dir: str | pathlib.Path, step: int, *, rng: Any, config: dict[str, Any]) -> pathlib.Path:
-    """Write step ``step`` through ``engine.save_checkpoint`` into ``<ckpt_dir>/step_N`` atomically.
-    Collective: every rank calls it."""
+def save(engine: Any, ckpt_dir: str | pathlib.Path, step: int, *, rng: Any, config: dict[str, Any],
+         keep_last: int = 0) -> pathlib.Path:
+    """Write step ``step`` through ``engine.save_checkpoint`` into ``<ckpt_dir>/step_N`` atomically, then
+    delete all but the newest ``keep_last`` checkpoints (0 = keep all; train.keep_last) with their
+    converted ``.universal`` copies. Collective: every rank calls it."""
     root = pathlib.Path(ckpt_dir)
     tag = f"step_{step:07d}"
     tmp_tag = f".tmp_{tag}"
@@ -104,6 +106,12 @@ def save(engine: Any, ckpt_dir: str | pathlib.Path, step: int, *, rng: Any, conf
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _write_atomic(root / "latest", tag)
+        if keep_last > 0:
+            from seqpar.train.checkpoint import checkpoints
+
+            for old in [p for p in checkpoints(root)[:-keep_last] if p != final]:
+                shutil.rmtree(old.with_name(old.name + ".universal"), ignore_errors=True)
+                shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
 

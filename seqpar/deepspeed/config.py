@@ -162,12 +162,18 @@ def validate_ds_config(ds_config: dict[str, Any], dp: int, src: str) -> None:
 def check_supported(cfg: Any) -> None:
     """Combinations the DeepSpeed engine refuses (each with the reason and the fix).
 
+    ``train.skip_nonfinite_steps > 0``: the update cannot be vetoed after the fact.
+
     ZeRO-3 with MoH layers whose load-balance loss is on (``model.moh_aux_loss_coef > 0``) under CP:
     with DeepSpeed 0.19.8 the reduced gradient of the router (and of everything upstream of it)
     misses the other CP ranks' load-balance contribution (the local gradients are right; measured
     against the Megatron engine, tests/test_deepspeed_engine.py), so training would silently differ.
     """
     ds, cp = cfg.deepspeed, cfg.parallel.context_parallel
+    if cfg.train.skip_nonfinite_steps:
+        raise ConfigError(f"train.skip_nonfinite_steps={cfg.train.skip_nonfinite_steps} is not supported with "
+                          f"train.engine='deepspeed' (DeepSpeed applies the update inside engine.step(), before the "
+                          f"loss is known to be finite); set it to 0 (stop at the first non-finite step)")
     if ds.zero_stage == 3 and cp > 1 and "H" in cfg.model.layer_pattern and cfg.model.moh_aux_loss_coef > 0:
         raise ConfigError(f"deepspeed.zero_stage=3 with MoH (H) layers, model.moh_aux_loss_coef="
                           f"{cfg.model.moh_aux_loss_coef} and parallel.context_parallel={cp} is not supported "

@@ -164,13 +164,16 @@ def train(cfg: Any, *, resume: bool = False, stop_after: Optional[int] = None) -
     from seqpar.deepspeed import checkpoint
     from seqpar.deepspeed.config import batch_shape, build_ds_config
     from seqpar.megatron import init_parallel
+    from seqpar.train import health, signals
+    from seqpar.train.checkpoint import prepare_out_dir
     from seqpar.train.loop import (AttentionTimer, _rng_state, _set_rng_state, _tensorboard_cmd, build_data,
                                    build_model, lr_at)
 
     world = dist.get_world_size() if dist.is_initialized() else None
     if world is not None:
         cfg.check_world(world)
-    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.context_parallel, seed=cfg.train.seed)
+    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.context_parallel, seed=cfg.train.seed,
+                  timeout_s=cfg.parallel.distributed_timeout_s)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     ds_config = build_ds_config(cfg, dp)
     micro, _ = batch_shape(cfg, dp)
@@ -181,6 +184,7 @@ def train(cfg: Any, *, resume: bool = False, stop_after: Optional[int] = None) -
     out = pathlib.Path(cfg.train.out_dir)
     ckpt_dir = out / "checkpoints"
     start = 0
+    prepare_out_dir(out, resume=resume, overwrite=cfg.train.overwrite)  # no silent mixing of two runs
     if resume:
         path = checkpoint.latest(ckpt_dir)
         if path is None:
@@ -196,12 +200,16 @@ def train(cfg: Any, *, resume: bool = False, stop_after: Optional[int] = None) -
     writer = bar = None
     if rank0:
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(out / "tb"), purge_step=start)
+        # scalars of step s are logged at s + 1, so the checkpoint's own last point (start) is kept
+        writer = SummaryWriter(str(out / "tb"), purge_step=start + 1)
         if cfg.train.progress:
             from tqdm import tqdm
             bar = tqdm(total=cfg.train.steps, initial=start, desc="train[deepspeed]", dynamic_ncols=True)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     timer = AttentionTimer(model) if cfg.train.time_attention else None
+    # non-finite loss / grad norm: stop naming the first bad layer (train.skip_nonfinite_steps > 0 is refused
+    # for this engine by seqpar.deepspeed.config.check_supported: DeepSpeed has stepped before we know)
+    monitor = health.HealthMonitor.from_config(cfg, model)
     losses = []
     engine.train()
     for step in range(start, end):
@@ -210,8 +218,10 @@ def train(cfg: Any, *, resume: bool = False, stop_after: Optional[int] = None) -
         if abs(lr - lr_at(step, cfg)) > 1e-12 * max(1.0, lr):  # the schedule is a function of the step
             raise RuntimeError(f"DeepSpeed's LR {lr} at step {step} is not the recipe's {lr_at(step, cfg)}")
         batch = tuple(t.to(device) for t in data.batch(step, cfg.data.global_batch, dp_rank, dp))
-        res = forward_backward(engine, _split(batch, micro))
+        with monitor.guard(step):
+            res = forward_backward(engine, _split(batch, micro))
         gnorm = engine.get_global_grad_norm()
+        monitor.check(step, res.loss, 0.0 if gnorm is None else float(gnorm))
         losses.append(res.loss)
         dt = time.perf_counter() - t0
         if rank0 and (step + 1) % cfg.train.log_every == 0:
@@ -225,9 +235,14 @@ def train(cfg: Any, *, resume: bool = False, stop_after: Optional[int] = None) -
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{res.loss:.3f}", aux=f"{res.aux_loss:.3g}", lr=f"{lr:.2e}")
-        last = step + 1 == end
+        stop = signals.stop_requested()  # a SIGTERM/SIGUSR1/SIGINT on any rank: save now, then exit (all ranks)
+        last = step + 1 == end or stop
         if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
-            checkpoint.save(engine, ckpt_dir, step + 1, rng=_rng_state(), config=cfg.to_dict())
+            saved = checkpoint.save(engine, ckpt_dir, step + 1, rng=_rng_state(), config=cfg.to_dict(),
+                                    keep_last=cfg.train.keep_last)
+        if stop:
+            signals.stopped(step + 1, saved)
+            break
     if bar is not None:
         bar.close()
     if writer is not None:
@@ -238,6 +253,8 @@ def train(cfg: Any, *, resume: bool = False, stop_after: Optional[int] = None) -
         print(f"[seqpar.deepspeed] ZeRO-{cfg.deepspeed.zero_stage}, steps {start}->{end}, {trend}\n"
               f"  checkpoint:  {checkpoint.latest(ckpt_dir)}\n"
               f"  tensorboard: {_tensorboard_cmd()} --logdir {out / 'tb'}", flush=True)
+    monitor.close()
     engine.destroy()
     ps.destroy_model_parallel()
+    signals.raise_if_stopped()  # SystemExit(signals.EXIT_INTERRUPTED) after a signal stopped the loop
     return losses
