@@ -151,11 +151,16 @@ def validate_ds_config(ds_config: dict[str, Any], dp: int, src: str) -> None:
     # without a process group DeepSpeedConfig assumes a world of 1: check the batch arithmetic per DP rank
     if isinstance(view.get("train_batch_size"), int) and view["train_batch_size"] % dp == 0:
         view["train_batch_size"] //= dp
+    class _PerRank:  # the batch arithmetic above is per DP rank, with or without a process group
+        @staticmethod
+        def get_data_parallel_world_size() -> int:
+            return 1
+
     try:
-        DeepSpeedConfig(view)
+        DeepSpeedConfig(view, mpu=_PerRank())
     except Exception as e:  # DeepSpeed raises pydantic ValidationErrors, AssertionErrors, ValueErrors
         msg = " ".join(str(e).split())
-        raise ConfigError(f"DeepSpeed rejects the ds_config built from the recipe and {src}: "
+        raise ConfigError(f"DeepSpeed rejects the ds_config built from {src}: "
                           f"{type(e).__name__}: {msg[:800]}") from None
 
 
@@ -163,22 +168,11 @@ def check_supported(cfg: Any) -> None:
     """Combinations the DeepSpeed engine refuses (each with the reason and the fix).
 
     ``train.skip_nonfinite_steps > 0``: the update cannot be vetoed after the fact.
-
-    ZeRO-3 with MoH layers whose load-balance loss is on (``model.moh_aux_loss_coef > 0``) under CP:
-    with DeepSpeed 0.19.8 the reduced gradient of the router (and of everything upstream of it)
-    misses the other CP ranks' load-balance contribution (the local gradients are right; measured
-    against the Megatron engine, tests/test_deepspeed_engine.py), so training would silently differ.
     """
-    ds, cp = cfg.deepspeed, cfg.parallel.context_parallel
     if cfg.train.skip_nonfinite_steps:
         raise ConfigError(f"train.skip_nonfinite_steps={cfg.train.skip_nonfinite_steps} is not supported with "
                           f"train.engine='deepspeed' (DeepSpeed applies the update inside engine.step(), before the "
                           f"loss is known to be finite); set it to 0 (stop at the first non-finite step)")
-    if ds.zero_stage == 3 and cp > 1 and "H" in cfg.model.layer_pattern and cfg.model.moh_aux_loss_coef > 0:
-        raise ConfigError(f"deepspeed.zero_stage=3 with MoH (H) layers, model.moh_aux_loss_coef="
-                          f"{cfg.model.moh_aux_loss_coef} and parallel.context_parallel={cp} is not supported "
-                          f"(ZeRO-3 drops the other CP ranks' load-balance gradient); use deepspeed.zero_stage<=2, "
-                          f"model.moh_aux_loss_coef=0 or parallel.context_parallel=1")
 
 
 def build_ds_config(cfg: Any, dp: int) -> dict[str, Any]:
@@ -189,7 +183,8 @@ def build_ds_config(cfg: Any, dp: int) -> dict[str, Any]:
     built = recipe_ds_config(cfg, dp)
     src = "the recipe"
     if cfg.deepspeed.config:
-        src = f"deepspeed.config={cfg.deepspeed.config!r}"
-        built = _merge(built, load_user_config(cfg.deepspeed.config), src)
+        user = f"deepspeed.config={cfg.deepspeed.config!r}"
+        built = _merge(built, load_user_config(cfg.deepspeed.config), user)
+        src = f"the recipe and {user}"
     validate_ds_config(built, dp, src)
     return built

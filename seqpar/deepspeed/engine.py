@@ -89,9 +89,17 @@ def initialize(cfg: Any, model: torch.nn.Module, ds_config: dict[str, Any]):
         # without one (a file:// rendezvous, tests) is single-host: the local rank is the global rank.
         os.environ["LOCAL_RANK"] = str(dist.get_rank())
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    mpu = MegatronMPU()
+    if ds_config["zero_optimization"]["stage"] == 3:
+        # Partition the parameters over DP x CP (the group the ZeRO-3 optimizer reduce-scatters over)
+        # before initialize: left to itself, initialize would partition them over
+        # mpu.get_data_parallel_group() (DP only) while the optimizer shards over the
+        # sequence-data-parallel group, and the two disagree whenever CP > 1.
+        deepspeed.zero.Init(module=model, data_parallel_group=MegatronMPU.get_sequence_data_parallel_group(),
+                            config_dict_or_path=ds_config, mpu=mpu)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                            if p.requires_grad],
-                                           config=ds_config, mpu=MegatronMPU(), lr_scheduler=scheduler)
+                                           config=ds_config, mpu=mpu, lr_scheduler=scheduler)
     if ds_config["zero_optimization"]["stage"] == 3:
         from seqpar.nn import MoHRouter
 
