@@ -30,7 +30,7 @@ def _norm_weight_entries(cfg) -> list[tuple]:
     from seqpar.train.loop import build_model
 
     init_parallel(cfg.parallel.tensor_parallel, 1, seed=cfg.train.seed)
-    model = build_model(cfg, cfg.data.vocab_size)
+    model = build_model(cfg, cfg.data.vocab_size)[0]
     sd = model.sharded_state_dict(metadata={"non_homogeneous_layers": True})
     out = [(k, v.local_shape, v.global_shape, v.global_offset) for k, v in sd.items() if k.endswith("norm_weight")]
     parallel_state.destroy_model_parallel()

@@ -1,4 +1,4 @@
-"""Process groups for a megatron-core run: torch.distributed + ``parallel_state`` (TP x CP x DP)."""
+"""Process groups for a megatron-core run: torch.distributed + ``parallel_state`` (TP x CP x DP x PP)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ from megatron.core import parallel_state
 from seqpar.megatron.cpu_compat import enable_cpu_compat, model_parallel_seed
 
 
-def init_parallel(tp: int = 1, cp: int = 1, *, seed: int = 1234, init_method: str | None = None,
-                  rank: int | None = None, world_size: int | None = None) -> None:
-    """Start torch.distributed (gloo on CPU, nccl on CUDA) if needed, then megatron's TP/CP/DP groups,
+def init_parallel(tp: int = 1, cp: int = 1, pp: int = 1, *, vp: int | None = None, seed: int = 1234,
+                  init_method: str | None = None, rank: int | None = None, world_size: int | None = None) -> None:
+    """Start torch.distributed (gloo on CPU, nccl on CUDA) if needed, then megatron's TP/CP/DP/PP groups
+    (megatron's rank order tp-cp-ep-dp-pp: a DP x CP group spans the replicas of one TP x PP shard),
     then seed the RNG tracker. On a CPU-only machine this also calls ``enable_cpu_compat()``.
 
+    ``vp`` is the number of virtual pipeline stages per rank (interleaved schedule), None for one.
     ``init_method``/``rank``/``world_size`` default to torchrun's environment (``env://``).
     """
     cuda = torch.cuda.is_available()
@@ -29,11 +31,14 @@ def init_parallel(tp: int = 1, cp: int = 1, *, seed: int = 1234, init_method: st
         dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method or "env://",
                                 rank=rank, world_size=world_size)
     world = dist.get_world_size()
-    if world % (tp * cp):
-        raise ValueError(f"world size {world} is not divisible by tensor_parallel x context_parallel = {tp * cp}")
+    if world % (tp * cp * pp):
+        raise ValueError(f"world size {world} is not divisible by tensor_parallel x context_parallel x "
+                         f"pipeline_parallel = {tp * cp * pp}")
     if not cuda:
         enable_cpu_compat()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp,
+                                             pipeline_model_parallel_size=pp,
+                                             virtual_pipeline_model_parallel_size=vp)
     if cuda:
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
         model_parallel_cuda_manual_seed(seed)

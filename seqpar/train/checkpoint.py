@@ -5,15 +5,18 @@ Layout of one checkpoint: ``<dir>/step_N/`` is a ``dist_checkpointing`` folder h
 - ``model``: ``model.sharded_state_dict()`` with per-layer keys — every TP-sharded parameter as a ShardedTensor of its
   global tensor, so a checkpoint loads at another tensor-parallel size (replicated parameters are
   written once, by their main replica);
-- ``optimizer``: AdamW's ``exp_avg`` / ``exp_avg_sq`` and, for low-precision models, the fp32 master
-  weights, each a ShardedTensor mirroring its parameter's sharding (Megatron's
-  ``optimizer.state.<name>.<param key>`` keys); AdamW's step counter, shared by all parameters, as a
-  common value;
+- ``optimizer``: the megatron-core optimizer's own ``sharded_state_dict``: Adam's ``exp_avg`` /
+  ``exp_avg_sq`` and the fp32 main weights, each a ShardedTensor of its parameter's global tensor
+  (``optimizer.state.<name>.<param key>``). The distributed optimizer writes its DP x CP shards in
+  megatron's ``fully_reshardable`` format (gathered into the parameter's shape), so a checkpoint
+  loads at another DP, TP or PP size; param groups (Adam's step) are a common value;
 - ``rng``: one ShardedObject per global rank (CPU generator, the TP RNG tracker, CUDA generator);
 - common values (rank 0): ``step``, the parallel layout and the run's config.
 
-The LR schedule and the data position are functions of ``step`` (``lr_at``, ``dataset.batch(step)``),
-so ``step`` restores them exactly.
+The LR schedule and the data position are functions of ``step`` (``OptimizerParamScheduler`` advanced
+``step`` times, ``dataset.batch(step)``), so ``step`` restores them exactly. A checkpoint written with
+the distributed optimizer loads only with it (and vice versa): the two store the fp32 main weights
+under different keys (``optimizer.state.param`` / ``optimizer.state.fp32_param``).
 
 Atomicity: every rank writes into ``<dir>/.tmp_step_N``; after a barrier rank 0 renames it to
 ``step_N`` and rewrites ``latest`` by tmp + rename. A crash leaves the previous checkpoint intact and
@@ -27,35 +30,21 @@ import pathlib
 import queue
 import shutil
 from functools import partial
-from typing import Any, Optional, Protocol
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies import filesystem_async
-from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
-                                                         make_sharded_optimizer_tensor)
 from torch.distributed.checkpoint.filesystem import SerializationFormat, _write_item
 
 from seqpar.megatron.cpu_compat import cpu_checkpoint_request
 
-_ADAM_KEYS = ("exp_avg", "exp_avg_sq")
-
-
-class Master(Protocol):
-    """What checkpointing needs of ``seqpar.train.loop.MasterParams``."""
-
-    model_params: list[torch.nn.Parameter]
-    params: list[torch.nn.Parameter]
-    lowp: bool
-
-    def master_to_model(self) -> None: ...
-
-
 def _layout() -> dict[str, int]:
     return {"tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
             "context_parallel": parallel_state.get_context_parallel_world_size(),
+            "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
             "data_parallel": parallel_state.get_data_parallel_world_size(),
             "world": dist.get_world_size()}
 
@@ -66,30 +55,67 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _sharded_state(model: torch.nn.Module, opt: torch.optim.Optimizer, master: Master,
-                   loading: bool) -> dict[str, Any]:
-    """Model and optimizer as a sharded state dict. ``loading`` fills it with fresh (zero) buffers of
-    the right local shapes for ``dist_checkpointing.load`` instead of the optimizer's live state."""
+def _metadata() -> dict[str, Any]:
     # per-layer keys: hybrid patterns put different modules at each layer, which Megatron's stacked
-    # (homogeneous) layout cannot describe
-    model_sd = model.sharded_state_dict(metadata={"non_homogeneous_layers": True})
-    id_map = get_param_id_to_sharded_param_map(model_sd, master.model_params)
-    names = {id(p): n for n, p in model.named_parameters()}
-    optim: dict[str, Any] = {}
-    for i, (param, fp32) in enumerate(zip(master.model_params, master.params)):
-        if i not in id_map:
-            raise ValueError(f"parameter {names.get(id(param), i)!r} has no entry in model.sharded_state_dict(); "
-                             f"its module must implement sharded_state_dict for it")
-        state = {} if loading else opt.state[fp32]
-        entry = {}
-        for k in _ADAM_KEYS:
-            buf = torch.zeros_like(fp32.data) if loading else state[k]
-            entry[k] = make_sharded_optimizer_tensor(id_map[i], buf, f"optimizer.state.{k}")
-        if master.lowp:
-            buf = torch.zeros_like(fp32.data) if loading else fp32.data
-            entry["fp32_param"] = make_sharded_optimizer_tensor(id_map[i], buf, "optimizer.state.fp32_param")
-        optim[str(i)] = entry
-    return {"model": model_sd, "optimizer": optim}
+    # (homogeneous) layout cannot describe; the distributed optimizer in the reshardable format
+    # (gathered over DP with gloo on CPU, NCCL on GPU)
+    return {"non_homogeneous_layers": True, "distrib_optim_sharding_type": "fully_reshardable",
+            "distrib_optim_fully_reshardable_mem_efficient": not torch.cuda.is_available()}
+
+
+def _optimizer_kind(opt: Any) -> str:
+    return type(opt).__name__
+
+
+def _model_state(model: Sequence[torch.nn.Module]) -> dict[str, Any]:
+    if len(model) != 1:
+        raise ValueError("checkpoints of virtual pipeline stages (several model chunks) are not supported")
+    chunk = getattr(model[0], "module", model[0])  # DDP wraps the megatron module
+    return chunk.sharded_state_dict(metadata=_metadata())
+
+
+@torch.no_grad()
+def _ensure_optimizer_state(opt: Any) -> None:
+    """Give a fresh megatron optimizer its Adam state (zeros, step 1) so that its sharded state dict
+    has the buffers ``dist_checkpointing.load`` fills in place. torch's AdamW creates its state in the
+    first step (megatron's own dummy-step initialisation exists for its FSDP path only); the step
+    runs with lr = weight decay = 0 and zero gradients, so no weight changes."""
+    for sub in getattr(opt, "chained_optimizers", [opt]):
+        inner = sub.optimizer
+        params = [p for g in inner.param_groups for p in g["params"]]
+        if all(inner.state.get(p) for p in params):
+            continue
+        saved = [(g["lr"], g["weight_decay"]) for g in inner.param_groups]
+        for g in inner.param_groups:
+            g["lr"], g["weight_decay"] = 0.0, 0.0
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        inner.step()
+        for p in params:
+            p.grad = None
+        for g, (lr, wd) in zip(inner.param_groups, saved):
+            g["lr"], g["weight_decay"] = lr, wd
+
+
+def _unshare_adamw_steps(opt: Any) -> None:
+    """One ``step`` tensor per parameter. megatron-core restores torch AdamW's step counter as a single
+    tensor shared by every parameter's state, and AdamW increments each parameter's counter in
+    place, so a shared one would advance by the number of parameters per step."""
+    for sub in getattr(opt, "chained_optimizers", [opt]):
+        for state in sub.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+
+def _sharded_state(model: Sequence[torch.nn.Module], opt: Any, loading: bool) -> dict[str, Any]:
+    """Model and optimizer as a sharded state dict; ``loading`` asks the optimizer for buffers to load into."""
+    model_sd = _model_state(model)
+    optim_sd = opt.sharded_state_dict(model_sd, is_loading=loading, metadata=_metadata())
+    if optim_sd.get("param_state", {}) is None:
+        # the memory-efficient reshardable format gathers the shards on DP rank 0 only; elsewhere there
+        # is nothing to write (a None would be a common value that differs across ranks)
+        del optim_sd["param_state"]
+    return {"model": model_sd, "optimizer": optim_sd}
 
 
 def _write_buckets(transforms: list, rank: int, buckets: list, results_queue: Any) -> None:
@@ -115,19 +141,10 @@ def _rng_object(rng: Any) -> ShardedObject:
     return ShardedObject("rng_state", rng, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
 
 
-def save(ckpt_dir: str | pathlib.Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
-         master: Master, *, rng: Any, config: dict[str, Any]) -> pathlib.Path:
-    """Write step ``step`` (model, AdamW state, master weights, RNG states, config) to
-    ``<ckpt_dir>/step_N`` atomically. Collective: every rank calls it."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    missing = [names.get(id(mp), str(i)) for i, (mp, p) in enumerate(zip(master.model_params, master.params))
-               if not opt.state[p]]
-    if missing:
-        raise ValueError(f"checkpoint.save: no AdamW state for {missing[:4]}{'...' if len(missing) > 4 else ''}; "
-                         f"save after an optimizer step in which every trainable parameter got a gradient")
-    steps = {float(opt.state[p]["step"]) for p in master.params}
-    if len(steps) != 1:
-        raise ValueError(f"AdamW step counters differ across parameters ({sorted(steps)}); cannot checkpoint")
+def save(ckpt_dir: str | pathlib.Path, step: int, model: Sequence[torch.nn.Module], opt: Any, *, rng: Any,
+         config: dict[str, Any]) -> pathlib.Path:
+    """Write step ``step`` (model chunks, the megatron optimizer's state incl. fp32 main weights, RNG
+    states, config) to ``<ckpt_dir>/step_N`` atomically. Collective: every rank calls it."""
     root = pathlib.Path(ckpt_dir)
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp_step_{step:07d}"
@@ -136,8 +153,8 @@ def save(ckpt_dir: str | pathlib.Path, step: int, model: torch.nn.Module, opt: t
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
-    sd = _sharded_state(model, opt, master, loading=False)
-    sd.update(rng=_rng_object(rng), adam_step=steps.pop(), step=step, layout=_layout(), config=config)
+    sd = _sharded_state(model, opt, loading=False)
+    sd.update(rng=_rng_object(rng), step=step, layout=_layout(), config=config, optimizer_kind=_optimizer_kind(opt))
     if filesystem_async._results_queue is None:
         # the writer's result queue is a process-wide lazy singleton (a multiprocessing Manager queue,
         # for forked writers); every save in this process goes through _write_buckets, in-process,
@@ -167,29 +184,28 @@ def latest(ckpt_dir: str | pathlib.Path) -> Optional[pathlib.Path]:
     return root / ptr.read_text().strip()
 
 
-def load(path: pathlib.Path, model: torch.nn.Module, opt: torch.optim.Optimizer, master: Master) -> dict[str, Any]:
-    """Load a checkpoint folder into ``model``, ``opt`` and ``master`` at this run's parallel layout
-    (the tensor-parallel size may differ from the one it was written with). Returns ``step``,
+def load(path: pathlib.Path, model: Sequence[torch.nn.Module], opt: Any) -> dict[str, Any]:
+    """Load a checkpoint folder into the model chunks and the megatron optimizer at this run's parallel
+    layout (TP, PP and DP x CP may differ from the ones it was written with). Returns ``step``,
     ``config``, ``layout`` and ``rng`` — this rank's RNG states, or None when the checkpoint was
     written with another parallel layout (per-rank generator states do not map across layouts)."""
     if not (path / "metadata.json").is_file():
         raise ValueError(f"{path} is not a dist_checkpointing checkpoint (no metadata.json); "
                          f"pass a step_N folder written by seqpar.train")
     common = dist_checkpointing.load_common_state_dict(str(path))
-    sd = _sharded_state(model, opt, master, loading=True)
+    kind = common.get("optimizer_kind")
+    if kind != _optimizer_kind(opt):
+        raise ValueError(f"{path} holds the state of a {kind} but this run builds a {_optimizer_kind(opt)}; "
+                         f"set optim.distributed to the value the checkpoint was written with "
+                         f"({'true' if kind == 'DistributedOptimizer' else 'false'})")
+    _ensure_optimizer_state(opt)
+    sd = _sharded_state(model, opt, loading=True)
     same_layout = common["layout"] == _layout()
     if same_layout:
         sd["rng"] = _rng_object(None)
     loaded = dist_checkpointing.load(sd, str(path))
-    model.load_state_dict(loaded["model"])
-    adam_step = torch.tensor(common["adam_step"], dtype=torch.float32)
-    state = {i: {"step": adam_step.clone(), **{k: loaded["optimizer"][str(i)][k] for k in _ADAM_KEYS}}
-             for i in range(len(master.params))}
-    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
-    if master.lowp:
-        with torch.no_grad():
-            for i, p in enumerate(master.params):
-                p.copy_(loaded["optimizer"][str(i)]["fp32_param"])
-        master.master_to_model()
+    getattr(model[0], "module", model[0]).load_state_dict(loaded["model"])
+    opt.load_state_dict(loaded["optimizer"])
+    _unshare_adamw_steps(opt)
     return {"step": common["step"], "config": common["config"], "layout": common["layout"],
             "rng": loaded["rng"] if same_layout else None}

@@ -21,39 +21,21 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                     help="override a recipe field (value parsed as YAML); repeatable")
     ap.add_argument("--dry-run", action="store_true",
-                    help="validate, start the process groups and build the model and data, then exit")
+                    help="validate the recipe and its parallel layout and report per-rank parameter, gradient "
+                         "and optimizer-state bytes (one meta-device model per distinct shard, in this process; "
+                         "no process group is started), then exit")
+    ap.add_argument("--world-size", type=int, default=None, metavar="N",
+                    help="--dry-run: the world to validate (default: $WORLD_SIZE, else TP x CP x PP, i.e. DP=1)")
     ap.add_argument("--resume", action="store_true", help="continue from <train.out_dir>/checkpoints/latest")
     return ap.parse_args(argv)
 
 
-def dry_run(cfg) -> None:
-    """Start the process groups, build this rank's model on the meta device (any size, no memory)
-    and the data pipeline (text is read but the tokenizer is not trained), print a summary."""
-    import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state
+def dry_run(cfg, world_size: int) -> None:
+    """Validate ``cfg`` at ``world_size`` and print its per-rank memory (``seqpar.train.memory``):
+    every distinct (pipeline stage, TP rank) shard is built on the meta device in this one process."""
+    from seqpar.train.memory import format_report, report
 
-    from seqpar.megatron import init_parallel
-    from seqpar.train.loop import build_model
-
-    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.context_parallel, seed=cfg.train.seed)
-    try:
-        if cfg.data.dataset == "mqar":
-            from seqpar.data import MQARDataset
-            d = cfg.data
-            MQARDataset(d.vocab_size, d.seq_len, d.mqar_pairs, d.mqar_queries).batch(0, d.global_batch)
-        else:
-            from seqpar.data import load_text
-            load_text(cfg.data.text_files, min(cfg.data.max_bytes, 100_000))
-        with torch.device("meta"):
-            model = build_model(cfg, cfg.data.vocab_size)
-        if dist.get_rank() == 0:
-            n = sum(p.numel() for p in model.parameters())
-            print(json.dumps({"dry_run": "ok", "world": dist.get_world_size(), "params_per_rank": n,
-                              "pattern": cfg.model.layer_pattern,
-                              "dp": parallel_state.get_data_parallel_world_size()}), flush=True)
-    finally:
-        parallel_state.destroy_model_parallel()
+    print(format_report(report(cfg, world_size, cfg.data.vocab_size)), flush=True)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -66,7 +48,13 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     try:
         cfg = load_recipe(args.recipe, args.overrides)
-        cfg.check_world(int(os.environ.get("WORLD_SIZE", 1)))
+        par = cfg.parallel
+        world = args.world_size or int(os.environ.get("WORLD_SIZE", 0)) or (
+            par.tensor_parallel * par.context_parallel * par.pipeline_parallel if args.dry_run else 1)
+        cfg.check_world(world)
+        if args.dry_run:
+            dry_run(cfg, world)
+            return 0
     except (ValueError, OSError) as e:
         print(f"seqpar-train: invalid recipe {args.recipe}: {e}", file=sys.stderr)
         return 2
@@ -85,10 +73,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from seqpar.train.loop import train
 
     try:
-        if args.dry_run:
-            dry_run(cfg)
-        else:
-            train(cfg, resume=args.resume)
+        train(cfg, resume=args.resume)
     finally:
         dist.destroy_process_group()
     return 0

@@ -20,6 +20,12 @@ from seqpar.megatron.specs import check_pattern
 from seqpar.models import SIZES, VARIANTS, preset
 
 
+RECOMPUTE = ("none", "selective", "full")
+SELECTIVE_RECOMPUTE_LETTERS = "AS"
+"""Kinds whose core attention is a pure function of (q, k, v), so megatron's selective recompute can
+rerun it: softmax and S2 (Lightning is a whole self-attention module; MoH's gates are set per forward)."""
+
+
 def _need(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
@@ -45,6 +51,12 @@ class ModelConfig:
     """MoH routed heads per token."""
     moh_aux_loss_coef: float = 0.01
     """MoH load-balance loss coefficient."""
+    # --- h12-engine fields (to be ported into the pydantic schema) ---
+    recompute: str = "none"
+    """Activation recompute: "none"; "selective" (megatron's core-attention recompute: the attention
+    kernel of A and S layers runs again in backward); "full" (every layer's forward runs again in
+    backward, megatron recompute_method="uniform", one layer per checkpoint)."""
+    # --- end h12-engine fields ---
 
     def __post_init__(self) -> None:
         size, _, variant = self.preset.partition("-")
@@ -57,6 +69,7 @@ class ModelConfig:
         for name in ("s2_block_size", "s2_local_blocks", "s2_vert_stride", "moh_top_k"):
             _need(getattr(self, name) >= 1, f"model.{name} must be >= 1")
         _need(self.moh_aux_loss_coef >= 0, "model.moh_aux_loss_coef must be >= 0")
+        _need(self.recompute in RECOMPUTE, f"model.recompute={self.recompute!r} is unknown; use one of {RECOMPUTE}")
 
     @property
     def layer_pattern(self) -> str:
@@ -75,10 +88,19 @@ class ParallelConfig:
     """Ulysses degree for kinds under the "usp" scheme (divides context_parallel and the heads)."""
     backend: str = "auto"
     """Kernel backend: "auto" (Triton on CUDA, torch on CPU), "triton" or "torch"."""
+    # --- h12-engine fields (to be ported into the pydantic schema) ---
+    pipeline_parallel: int = 1
+    """PP size: the layers are split evenly over this many stages (divides the layer count);
+    DP = world / (TP x CP x PP)."""
+    overlap_grad_reduce: bool = True
+    """megatron-core DDP: start each gradient bucket's DP x CP all-reduce (reduce-scatter with
+    optim.distributed) during backward, as soon as the bucket's gradients are ready."""
+    # --- end h12-engine fields ---
 
     def __post_init__(self) -> None:
         _need(self.tensor_parallel >= 1, "parallel.tensor_parallel must be >= 1")
         _need(self.context_parallel >= 1, "parallel.context_parallel must be >= 1")
+        _need(self.pipeline_parallel >= 1, "parallel.pipeline_parallel must be >= 1")
         unknown = set(self.cp_schemes) - set(DEFAULT_SCHEMES)
         _need(not unknown, f"parallel.cp_schemes has unknown kind(s) {sorted(unknown)}; kinds: "
                            f"{sorted(DEFAULT_SCHEMES)}")
@@ -110,11 +132,17 @@ class DataConfig:
     """MQAR key-value pairs per sequence."""
     mqar_queries: int = 8
     """MQAR queries per sequence."""
+    # --- h12-engine fields (to be ported into the pydantic schema) ---
+    micro_batch: int = 0
+    """Sequences per micro-batch on one DP rank (0 = the whole DP share, one micro-batch); the step
+    runs global_batch / (DP x micro_batch) micro-batches through megatron's pipeline schedule."""
+    # --- end h12-engine fields ---
 
     def __post_init__(self) -> None:
         _need(self.dataset in ("text", "mqar"), f"data.dataset must be 'text' or 'mqar', got {self.dataset!r}")
         _need(self.seq_len >= 2, "data.seq_len must be >= 2")
         _need(self.global_batch >= 1, "data.global_batch must be >= 1")
+        _need(self.micro_batch >= 0, "data.micro_batch must be >= 0 (0 = one micro-batch per step)")
         _need(self.vocab_size >= 64, "data.vocab_size must be >= 64")
         # the tokenizer's byte fallback alone takes 256 pieces
         _need(self.dataset != "text" or self.vocab_size >= 512,
@@ -137,12 +165,18 @@ class OptimConfig:
     """Linear warmup steps."""
     grad_clip: float = 1.0
     """Global gradient-norm clip (0 = off)."""
+    # --- h12-engine fields (to be ported into the pydantic schema) ---
+    distributed: Optional[bool] = None
+    """megatron-core distributed optimizer (fp32 main weights and Adam moments sharded over DP x CP);
+    null = on when DP x CP > 1."""
+    # --- end h12-engine fields ---
 
     def __post_init__(self) -> None:
         _need(self.lr > 0, "optim.lr must be > 0")
         _need(0 <= self.min_lr <= self.lr, "optim.min_lr must be in [0, optim.lr]")
         _need(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
         _need(self.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 turns clipping off)")
+        _need(self.distributed in (None, True, False), "optim.distributed must be true, false or null (auto)")
 
 
 @dataclass
@@ -209,18 +243,35 @@ class RunConfig:
             _need(tp == 1, "parallel.tensor_parallel must be 1 when the pattern has MoH (H) layers")
             _need(self.model.moh_num_shared_heads + self.model.moh_top_k <= p.num_attention_heads,
                   "model.moh_num_shared_heads + model.moh_top_k must be <= the number of heads")
+        # --- h12-engine checks ---
+        pp = self.parallel.pipeline_parallel
+        _need(p.num_layers % pp == 0,
+              f"parallel.pipeline_parallel={pp} must divide the {p.num_layers} layers of model.preset="
+              f"{self.model.preset!r}; use a divisor of {p.num_layers}")
+        if self.model.recompute == "selective":
+            bad = sorted(set(self.model.layer_pattern) - set(SELECTIVE_RECOMPUTE_LETTERS))
+            _need(not bad, f"model.recompute='selective' recomputes the core attention of A/S layers only, but "
+                           f"the pattern {self.model.layer_pattern!r} has {bad} layers; use model.recompute='full'")
+        # --- end h12-engine checks ---
         if self.data.dataset == "mqar":
             _need(self.data.seq_len >= 2 * (self.data.mqar_pairs + self.data.mqar_queries),
                   "data.seq_len must be >= 2 x (data.mqar_pairs + data.mqar_queries)")
 
     def check_world(self, world_size: int) -> int:
         """Validate against the launcher's world; returns the DP size."""
-        mp = self.parallel.tensor_parallel * self.parallel.context_parallel
+        par = self.parallel
+        mp = par.tensor_parallel * par.context_parallel * par.pipeline_parallel
         _need(world_size % mp == 0, f"the world size {world_size} is not divisible by parallel.tensor_parallel x "
-                                    f"parallel.context_parallel = {mp}; change them or the number of processes")
+                                    f"parallel.context_parallel x parallel.pipeline_parallel = {mp}; change them "
+                                    f"or the number of processes")
         dp = world_size // mp
         _need(self.data.global_batch % dp == 0,
               f"data.global_batch={self.data.global_batch} must be a multiple of the DP size {dp}")
+        share = self.data.global_batch // dp
+        mb = self.data.micro_batch
+        _need(mb == 0 or share % mb == 0,
+              f"data.micro_batch={mb} must divide the sequences per DP rank, data.global_batch / DP = "
+              f"{self.data.global_batch} / {dp} = {share}; use a divisor of {share}")
         return dp
 
     def to_dict(self) -> dict[str, Any]:
