@@ -14,9 +14,9 @@ import pytest
 from cp_harness import run_ranks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-BASE = ["data.dataset=mqar", "data.seq_len=32", "data.global_batch=4", "data.vocab_size=64", "data.mqar_pairs=4",
+BASE = ["data.dataset=mqar", "data.seq_len=64", "data.global_batch=4", "data.vocab_size=64", "data.mqar_pairs=4",
         "data.mqar_queries=4", "optim.warmup_steps=1", "optim.lr=1e-2", "train.progress=false",
-        "parallel.backend=torch", "parallel.context_parallel=1", "model.s2_block_size=8", "model.s2_local_blocks=1",
+        "parallel.backend=torch", "parallel.context_parallel=1", "model.s2_block_size=16", "model.s2_local_blocks=1",
         "model.s2_vert_stride=2"]
 STEPS = 3
 

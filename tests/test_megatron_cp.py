@@ -167,6 +167,9 @@ def test_hybrid_cp2_and_dp2_match_single_rank(schemes):
 
 def test_tp2_matches_single_rank():
     # vert_stride 4 over 4 heads: the stride step of a rank's 2 heads (2) differs from the model's
-    # (1), so S2 must place the rank's kv heads in the global pattern
+    # (1), so S2 must place the rank's kv heads in the global pattern; MoH (H) routes over all 4
+    # heads on both ranks (the routing and the balance loss of TP=1), each rank computes its 2
     runs = ("ref", "tp2")
-    _compare(run_ranks(_run, 2, "ASL", {"s2_vert_stride": 4}, runs, timeout=300), [("tp2", "ref")])
+    results = run_ranks(_run, 2, "ASLH", {"s2_vert_stride": 4}, runs, timeout=300)
+    assert results[0]["ref"][1] > 0  # the MoH aux loss is present
+    _compare(results, [("tp2", "ref")])

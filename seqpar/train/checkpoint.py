@@ -64,7 +64,10 @@ def _metadata() -> dict[str, Any]:
 
 
 def _optimizer_kind(opt: Any) -> str:
-    return type(opt).__name__
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    subs = getattr(opt, "chained_optimizers", [opt])
+    return "distributed" if any(isinstance(o, DistributedOptimizer) for o in subs) else "replicated"
 
 
 def _model_state(model: Sequence[torch.nn.Module]) -> dict[str, Any]:
@@ -195,9 +198,9 @@ def load(path: pathlib.Path, model: Sequence[torch.nn.Module], opt: Any) -> dict
     common = dist_checkpointing.load_common_state_dict(str(path))
     kind = common.get("optimizer_kind")
     if kind != _optimizer_kind(opt):
-        raise ValueError(f"{path} holds the state of a {kind} but this run builds a {_optimizer_kind(opt)}; "
-                         f"set optim.distributed to the value the checkpoint was written with "
-                         f"({'true' if kind == 'DistributedOptimizer' else 'false'})")
+        raise ValueError(f"{path} holds the state of a {kind} optimizer but this run builds a "
+                         f"{_optimizer_kind(opt)} one; set optim.distributed to the value the checkpoint was "
+                         f"written with ({'true' if kind == 'distributed' else 'false'})")
     _ensure_optimizer_state(opt)
     sd = _sharded_state(model, opt, loading=True)
     same_layout = common["layout"] == _layout()

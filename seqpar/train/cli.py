@@ -30,12 +30,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def dry_run(cfg, world_size: int) -> None:
-    """Validate ``cfg`` at ``world_size`` and print its per-rank memory (``seqpar.train.memory``):
-    every distinct (pipeline stage, TP rank) shard is built on the meta device in this one process."""
+def dry_run(cfg, world_size: Optional[int] = None) -> dict:
+    """Validate ``cfg`` at ``world_size`` (default TP x CP x PP) and print its per-rank memory
+    (``seqpar.train.memory``): every distinct (pipeline stage, TP rank) shard is built on the meta
+    device in this one process, which must not have a process group yet. Returns the report."""
     from seqpar.train.memory import format_report, report
 
-    print(format_report(report(cfg, world_size, cfg.data.vocab_size)), flush=True)
+    par = cfg.parallel
+    world_size = world_size or par.tensor_parallel * par.context_parallel * par.pipeline_parallel
+    rep = report(cfg, world_size, cfg.data.vocab_size)
+    print(format_report(rep), flush=True)
+    return rep
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -240,7 +240,6 @@ class RunConfig:
                   f"data.seq_len={self.data.seq_len} must be a multiple of 2 x CP x model.s2_block_size = {unit} "
                   f"(S2 blocks stay whole under CP)")
         if "moh" in kinds:
-            _need(tp == 1, "parallel.tensor_parallel must be 1 when the pattern has MoH (H) layers")
             _need(self.model.moh_num_shared_heads + self.model.moh_top_k <= p.num_attention_heads,
                   "model.moh_num_shared_heads + model.moh_top_k must be <= the number of heads")
         # --- h12-engine checks ---
