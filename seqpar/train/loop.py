@@ -123,12 +123,24 @@ def _reinit_output_layer(model: torch.nn.Module, seed: int) -> None:
                                       skip_set_tensor_parallel_attributes=True)
 
 
+def _check_groups(cfg: RunConfig) -> None:
+    """The process groups must be the recipe's layout (a model built for another one is silently wrong)."""
+    par = cfg.parallel
+    want = (par.tensor_parallel, par.context_parallel, par.pipeline_parallel)
+    have = (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_context_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size())
+    if want != have:
+        raise ValueError(f"the process groups have TP x CP x PP = {have} but the recipe asks for {want}; "
+                         f"call init_parallel with parallel.tensor_parallel / context_parallel / pipeline_parallel")
+
+
 def build_model(cfg: RunConfig, vocab_size: int) -> list[torch.nn.Module]:
     """This rank's pipeline stage of the recipe's ``GPTModel`` as a list of model chunks (one; the
     megatron-core modules, not yet DDP-wrapped), with the recipe's dtype. Initialisation is
     layout-independent: with the same seed every TP x PP split holds the slices of the same model."""
     from megatron.core.models.gpt import GPTModel
 
+    _check_groups(cfg)
     tcfg = model_config(cfg)
     p = _preset(cfg)
     spec = layer_specs_for_stage(p.pattern, tcfg)
