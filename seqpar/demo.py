@@ -37,7 +37,7 @@ def _counted_blocks(q, k, v, layout, backend: str) -> tuple[int, int]:
     bs = layout.block_size
     counts = []
     for lay in (layout, None):
-        plan = build_plan(lay, True, hkv, s, s, 0, 0, None, bs)
+        plan = build_plan(None if lay is None else lay.with_heads(h), True, hkv, s, s, 0, 0, None, bs)
         if backend != "triton":
             counts.append(b * plan.nnz(h))
             continue
@@ -57,7 +57,7 @@ def main() -> int:
     print(f"S2 layout: {layout}")
     print(f"{seq // layout.block_size} blocks of {layout.block_size} tokens, {h} q heads / {hkv} kv heads "
           f"(x = computed, . = skipped causal block)\n")
-    print(layout.picture(hkv, seq // layout.block_size))
+    print(layout.picture(hkv, seq // layout.block_size, num_heads=h))
     st = s2_stats(layout, seq, h, hkv)
     print(f"\ndensity {st['density']:.3f}: {st['computed_blocks']} of {st['causal_blocks']} causal blocks "
           f"(summed over q heads)")

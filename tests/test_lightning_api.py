@@ -42,11 +42,14 @@ def test_slopes_per_layer_scaling():
     torch.testing.assert_close(lightning_slopes(4, 0, 5), base * (1 + 1e-5))
     torch.testing.assert_close(lightning_slopes(4, 2, 5), base * (1 - 2 / 4 + 1e-5))
     torch.testing.assert_close(lightning_slopes(4, 4, 5), base * 1e-5)
+    # one layer: layer 0's factor at every depth (the limit of 0 / (num_layers - 1)), was a ValueError
+    torch.testing.assert_close(lightning_slopes(4, 0, 1), base * (1 + 1e-5))
+    assert torch.equal(lightning_slopes(4, 0, 1), lightning_slopes(4, 0, 7))
 
 
 @pytest.mark.parametrize("args, match", [
     ((0,), "num_heads"), ((2.5,), "num_heads"), ((4, 1, None), "together"),
-    ((4, 5, 5), "layer_idx"), ((4, -1, 5), "layer_idx"), ((4, 0, 1), "num_layers"),
+    ((4, 5, 5), "layer_idx"), ((4, -1, 5), "layer_idx"), ((4, 0, 0), "num_layers"), ((4, 1, 1), "layer_idx"),
 ])
 def test_slopes_bad_args(args, match):
     with pytest.raises(ValueError, match=match):

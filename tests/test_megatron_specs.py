@@ -191,3 +191,141 @@ def test_gpt_packed_thd_equals_documents_alone():
     packed, docs = run_ranks(_packed_gpt, 1)[0]
     assert packed.shape == (1, 48)
     torch.testing.assert_close(packed, docs, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------ masks and cp_comm_type (issue 10 item 4)
+def _core_kw(cls, config, **kw):
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.enums import AttnMaskType
+
+    kw.setdefault("attn_mask_type", AttnMaskType.causal)
+    return cls(config, layer_number=1, attention_type="self",
+               pg_collection=ProcessGroupCollection(tp=None, cp=None), **kw)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "s2", "moh"])
+def test_core_attention_refuses_padding_masks(kind):
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from seqpar.megatron import MoHCoreAttention, S2CoreAttention, SoftmaxCoreAttention
+
+    cls = {"softmax": SoftmaxCoreAttention, "s2": S2CoreAttention, "moh": MoHCoreAttention}[kind]
+    # padding_causal used to be accepted and its attention_mask never read
+    with pytest.raises(ValueError, match="padding_causal is not supported"):
+        _core_kw(cls, _config(), attn_mask_type=AttnMaskType.padding_causal)
+    core = _core_kw(cls, _config())
+    q, k, v = (t.float() for t in _qkv(16, 2, torch.float64))
+    pad = torch.zeros(2, 1, 1, 16, dtype=torch.bool)
+    pad[0, ..., 12:] = True
+    with pytest.raises(ValueError, match=r"attention_mask \(2, 1, 1, 16\)"):
+        core(q, k, v, pad)
+    with pytest.raises(ValueError, match="padding_causal"):
+        core(q, k, v, None, attn_mask_type=AttnMaskType.padding_causal)
+    assert core(q, k, v, None).shape == (16, 2, 48)
+
+
+def test_cp_comm_type_is_mapped_to_the_scheme_or_refused():
+    from seqpar.megatron import SoftmaxCoreAttention
+    from seqpar.megatron.layout_check import MEGATRON_CP_COMM
+
+    for name, scheme in MEGATRON_CP_COMM.items():
+        extra = {"context_parallel_size": 2, "usp_ulysses_degree": 2} if scheme == "usp" else {}
+        core = _core_kw(SoftmaxCoreAttention, _config(cp_schemes={"softmax": scheme}, **extra), cp_comm_type=name)
+        assert core.scheme == scheme
+    assert _core_kw(SoftmaxCoreAttention, _config(), cp_comm_type=None).scheme == "allgather"
+    # used to be dropped: the layer ran cp_schemes' allgather while megatron asked for a2a
+    with pytest.raises(ValueError, match=r"cp_comm_type='a2a' .*'ulysses'.*cp_schemes\['softmax'\]='allgather'"):
+        _core_kw(SoftmaxCoreAttention, _config(), cp_comm_type="a2a")
+    with pytest.raises(ValueError, match="cp_comm_type='ring' is not one of megatron-core's"):
+        _core_kw(SoftmaxCoreAttention, _config(), cp_comm_type="ring")
+
+
+def _mask_layers(rank: int, world: int):
+    from dataclasses import replace
+
+    from megatron.core import parallel_state
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from seqpar.megatron import LightningSelfAttention, LightningSubmodules, disable_cpu_compat, init_parallel
+    from seqpar.models import build_gpt, preset, transformer_config
+
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    init_parallel(1, 1)
+    errors = {}
+    try:
+        cfg = _config()
+        sub = LightningSubmodules(linear_qkvg=ColumnParallelLinear, linear_proj=RowParallelLinear)
+        for key, kw in (("ctor", dict(attn_mask_type=AttnMaskType.padding_causal)), ("comm", dict(cp_comm_type="p2p"))):
+            try:
+                LightningSelfAttention(cfg, sub, 1, **kw)
+            except ValueError as e:
+                errors[key] = str(e)
+        layer = LightningSelfAttention(cfg, sub, 1)
+        x = torch.randn(16, 2, 48)
+        try:
+            layer(x, torch.zeros(2, 1, 1, 16, dtype=torch.bool))
+        except ValueError as e:
+            errors["lightning_fwd"] = str(e)
+        assert layer(x, None)[0].shape == (16, 2, 48)
+        for pattern in ("A", "S", "L", "H"):
+            p = replace(preset("tiny"), pattern=pattern)
+            model = build_gpt(p, transformer_config(p, seqpar_backend="torch"), vocab_size=64, max_sequence_length=32)
+            ids = torch.randint(0, 64, (2, 32))
+            mask = torch.ones(2, 1, 32, 32, dtype=torch.bool).triu(1)  # megatron's causal mask (True = masked)
+            try:
+                model(ids, torch.arange(32)[None].expand(2, -1), mask, labels=ids)
+            except ValueError as e:
+                errors[f"gpt_{pattern}"] = str(e)
+    finally:
+        parallel_state.destroy_model_parallel()
+        disable_cpu_compat()
+    return errors
+
+
+def test_lightning_and_gpt_refuse_masks_they_would_not_read():
+    errors = run_ranks(_mask_layers, 1)[0]
+    assert "padding_causal is not supported" in errors["ctor"]
+    assert "cp_comm_type='p2p'" in errors["comm"] and "cp_schemes['lightning']='allgather'" in errors["comm"]
+    assert "LightningSelfAttention: got an attention_mask (2, 1, 1, 16)" in errors["lightning_fwd"]
+    for pattern in "ASLH":   # through megatron-core's GPTModel / TransformerBlock
+        assert "attention_mask (2, 1, 32, 32)" in errors[f"gpt_{pattern}"], pattern
+
+
+# ------------------------------------------------ layout checks before any process group (item 13)
+_TINY = dict(num_layers=4, num_attention_heads=4, num_query_groups=2)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(pattern="A", tensor_parallel=4), r"parallel.tensor_parallel=4 must divide the 4 query heads and the 2 kv"),
+    (dict(pattern="A", pipeline_parallel=3), r"parallel.pipeline_parallel=3 must divide the 4 layers"),
+    (dict(pattern="A", context_parallel=2, seq_len=66), r"data.seq_len=66 must be a multiple of 2 x "),
+    (dict(pattern="AS", context_parallel=2, seq_len=96, s2_block_size=32), r"= 128 \(S2 blocks stay whole"),
+    (dict(pattern="L", context_parallel=8, cp_schemes={"lightning": "ulysses"}), r"cp_schemes.lightning='ulysses'"),
+    (dict(pattern="A", context_parallel=4, cp_schemes={"softmax": "usp"}, usp_ulysses_degree=3), r"must divide"),
+    # the S2 TP x CP refusal used to fire only at the first forward, after the process groups started
+    (dict(pattern="S", tensor_parallel=2, context_parallel=2, s2_vert_stride=4), r"S2 under parallel.tensor_parallel"),
+    (dict(pattern="AX"), r"model.pattern='AX'"),
+])
+def test_check_layout_refuses_bad_layouts_naming_the_field(kw, match):
+    from seqpar.megatron import check_layout
+
+    import torch.distributed as dist
+    assert not dist.is_initialized()   # a pure function: no process group needed
+    with pytest.raises(ValueError, match=match):
+        check_layout(**{**_TINY, **kw})
+
+
+def test_check_layout_accepts_runnable_layouts_and_lists_every_problem():
+    from seqpar.megatron import check_layout
+    from seqpar.megatron.layout_check import MEGATRON_NAMES
+
+    check_layout(pattern="ASLH", context_parallel=2, seq_len=64, **_TINY)
+    check_layout(pattern="ASL", tensor_parallel=2, context_parallel=2, seq_len=64, s2_vert_stride=2, **_TINY)
+    check_layout(pattern="AL", context_parallel=4, cp_schemes={"softmax": "ulysses", "lightning": "usp"},
+                 usp_ulysses_degree=2, seq_len=64, **_TINY)   # 2 kv heads, CP 4: kv heads replicated
+    with pytest.raises(ValueError) as e:
+        check_layout(pattern="SH", tensor_parallel=2, pipeline_parallel=3, **_TINY)
+    assert len(str(e.value).splitlines()) == 2   # both problems, one line each
+    with pytest.raises(ValueError, match="tensor_model_parallel_size=4"):
+        check_layout(pattern="A", tensor_parallel=4, names=MEGATRON_NAMES, **_TINY)

@@ -134,6 +134,7 @@ def test_active_ratio():
     (dict(router_dtype=torch.bfloat16, top_k=1), "router_dtype"),
     (dict(backend="cuda", top_k=1), "backend must be one of"),
     (dict(causal="yes", top_k=1), "causal must be a bool"),
+    (dict(num_layers=0, top_k=1), "num_layers"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -145,3 +146,102 @@ def test_bad_hidden_size_and_input():
         MoHAttention(30, 4, top_k=1)
     with pytest.raises(ValueError, match=r"x must be hidden states \[batch, seq, hidden\]"):
         MoHAttention(32, 4, top_k=1, backend="torch")(torch.randn(5, 32))
+
+
+def test_module_aux_loss_is_this_layers_share_of_the_layer_average():
+    # issue 10 item 12: summed over a model's MoH layers the aux loss is coef x the layer average
+    x = torch.randn(2, 9, 24)
+    one = MoHAttention(24, 6, num_shared_heads=2, top_k=2, aux_loss_coef=0.01, backend="torch")
+    three = MoHAttention(24, 6, num_shared_heads=2, top_k=2, aux_loss_coef=0.01, num_layers=3, backend="torch")
+    three.load_state_dict(one.state_dict())
+    _, a1 = one(x)
+    _, a3 = three(x)
+    torch.testing.assert_close(a3, a1 / 3)
+    torch.testing.assert_close(a1, 0.01 * one.last_routing.balance_loss)
+
+
+# ------------------------------------------------------- megatron MoH layers (issue 10 items 9, 12)
+def _balance_inputs(rank: int, tokens: int, routed: int = 5, top_k: int = 2):
+    g = torch.Generator().manual_seed(10 + rank)
+    probs = torch.softmax(torch.randn(1, tokens, routed, generator=g, dtype=torch.float64), -1)
+    return probs, probs.topk(top_k, dim=-1).indices
+
+
+def _balance_ranks(rank: int, world: int):
+    import torch.distributed as dist
+
+    from seqpar import cp
+    from seqpar.megatron import moh_balance_loss
+
+    sizes = [7, 4, 9, 5][:world]   # uneven token counts per rank
+    parts = [_balance_inputs(r, n) for r, n in enumerate(sizes)]
+    probs, topk = parts[rank]
+    probs = probs.clone().requires_grad_()
+    with cp.comm_ledger() as ledger:
+        loss = moh_balance_loss(probs, topk, dist.group.WORLD)
+    loss.backward()
+    full = torch.cat([p for p, _ in parts], dim=1).requires_grad_()
+    ref = moh_balance_loss(full, torch.cat([t for _, t in parts], dim=1), None)
+    ref.backward()
+    start = sum(sizes[:rank])
+    return (loss.detach(), ref.detach(), probs.grad, full.grad[:, start:start + sizes[rank]],
+            ledger.summary())
+
+
+def test_balance_loss_reduces_through_comm_and_ledger():
+    from cp_harness import run_ranks
+
+    world = 2
+
+    for loss, ref, grad, ref_grad, summary in run_ranks(_balance_ranks, world):
+        torch.testing.assert_close(loss, ref)          # the loss over every CP rank's tokens
+        torch.testing.assert_close(grad, ref_grad)     # this rank's share of the single-rank gradient
+        # one counted all-reduce of [p_sum (5) | f_cnt (5) | tokens (1)] fp64: 2 (P-1)/P x 88 bytes
+        assert summary == {"all_reduce": {"bytes": 2 * (world - 1) * 11 * 8 // world, "calls": 1}}
+
+
+def _moh_models(rank: int, world: int, patterns: tuple, coef: float):
+    from dataclasses import replace
+
+    from megatron.core import parallel_state
+
+    from seqpar.megatron import MoHSelfAttention, disable_cpu_compat, init_parallel
+    from seqpar.models import build_gpt, preset, transformer_config
+
+    out = []
+    for pattern in patterns:
+        init_parallel(1, 1)
+        p = replace(preset("tiny"), pattern=pattern)
+        model = build_gpt(p, transformer_config(p, seqpar_backend="torch", moh_aux_loss_coef=coef), vocab_size=64,
+                          max_sequence_length=32)
+        layers = [m for m in model.modules() if isinstance(m, MoHSelfAttention)]
+        balance = []
+        for m in layers:
+            m.router.register_forward_hook(lambda mod, inp, o: balance.append(o.balance_loss.detach()))
+        ids = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(0))
+        model(ids, torch.arange(32)[None].expand(2, -1), None, labels=ids)
+        out.append((len(layers), torch.stack([m.last_aux_loss for m in layers]), torch.stack(balance)))
+        parallel_state.destroy_model_parallel()
+    disable_cpu_compat()
+    return out
+
+
+def test_megatron_moh_aux_loss_is_coef_times_layer_average():
+    from cp_harness import run_ranks
+
+    cases = {"AH": 2, "H": 4, "AAAH": 1}   # tiny preset: 4 layers
+    results = run_ranks(_moh_models, 1, tuple(cases), 0.01)[0]
+    for (pattern, n_moh), (n, aux, balance) in zip(cases.items(), results):
+        assert n == n_moh, pattern
+        # what the step sums over layers is coef x mean over layers of L_b (was coef x sum)
+        torch.testing.assert_close(aux.sum(), 0.01 * balance.mean(), msg=pattern)
+        torch.testing.assert_close(aux, 0.01 * balance / n_moh, msg=pattern)
+
+
+def test_layer_specs_pass_the_models_moh_layer_count_to_every_stage():
+    from seqpar.megatron import layer_specs
+
+    for offset, count in ((0, 6), (2, 3), (5, 1)):
+        block = layer_specs("AHH", 6, offset=offset, count=count)
+        params = [s.submodules.self_attention.params for s in block.layer_specs]
+        assert all(p.get("num_moh_layers") == 4 for p, c in zip(params, "AHHAHH"[offset:offset + count]) if c == "H")

@@ -92,6 +92,7 @@ def test_kv_head_slice_equals_same_heads_of_full_call(backend, layout, h, hkv, l
     torch.testing.assert_close(o_s, o_f[:, :, lo * grp:hi * grp], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lse_s, lse_f[:, lo * grp:hi * grp], rtol=1e-5, atol=1e-6)
     # the slice's plan is the full plan's rows, and differs from an un-offset call on the slice
+    layout = layout.with_heads(h)  # build_plan takes the resolved layout (step from the q heads)
     full = build_plan(layout, True, hkv, 112, 112, 0, 0, None, 16)
     part = build_plan(layout, True, hi - lo, 112, 112, 0, 0, None, 16, lo, hkv)
     assert part.nnz_per_kv_head == full.nnz_per_kv_head[lo:hi]
@@ -146,7 +147,7 @@ def test_block_counter_equals_layout_nonzeros(cu):
     b = 2 if cu is None else 1
     q, k, v = make_qkv(b, 141, 141, 4, 2, 16, torch.float32)
     lay = S2Layout(block_size=16, local_blocks=1, vert_stride=4)
-    plan = build_plan(lay, True, 2, 141, 141, 0, 0, cu, 16)
+    plan = build_plan(lay.with_heads(4), True, 2, 141, 141, 0, 0, cu, 16)
     expected = b * s2_stats(lay, 141, 4, 2, cu_seqlens=cu)["computed_blocks"]
     if cu is None:
         assert expected == b * int(lay.block_mask(4, 2, 9, 9).sum())

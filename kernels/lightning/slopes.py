@@ -24,7 +24,9 @@ def lightning_slopes(num_heads: int, layer_idx: Optional[int] = None,
     ALiBi geometric slopes ``2^(-8(h+1)/H)`` (ALiBi's interleaving rule when ``H`` is not a power
     of two). With ``layer_idx`` and ``num_layers`` both given they are scaled as in MiniMax-01 by
     ``1 - layer_idx / (num_layers - 1) + 1e-5``: strong decay in the first layer, almost none in
-    the last.
+    the last. A one-layer model (``num_layers=1``, ``layer_idx=0``) takes the formula's limit:
+    layer 0 has ``layer_idx / (num_layers - 1) = 0`` at every depth, so its factor is
+    ``1 + 1e-5`` (the first layer's decay), not the 0/0 of the literal formula.
     """
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
@@ -33,9 +35,9 @@ def lightning_slopes(num_heads: int, layer_idx: Optional[int] = None,
     slopes = torch.tensor(_alibi_slopes(num_heads), dtype=torch.float32)
     if layer_idx is None:
         return slopes
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 2:
-        raise ValueError(f"num_layers must be an int >= 2 for the per-layer scaling, got {num_layers!r}; "
-                         "omit layer_idx/num_layers for a single layer")
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"num_layers must be a positive int for the per-layer scaling, got {num_layers!r}")
     if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < num_layers:
         raise ValueError(f"layer_idx must be an int in [0, num_layers={num_layers}), got {layer_idx!r}")
-    return slopes * (1.0 - layer_idx / (num_layers - 1) + 1e-5)
+    depth = 0.0 if num_layers == 1 else layer_idx / (num_layers - 1)  # one layer: the limit, see above
+    return slopes * (1.0 - depth + 1e-5)

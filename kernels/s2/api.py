@@ -44,6 +44,8 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: Option
                 f"(blocks are absolute), got q_offset={q_offset}, k_offset={k_offset}"
             )
         total_kv_heads = layout.validate_head_slice(hkv, kv_head_offset, total_kv_heads)
+        # the rotation step follows the model's query heads (the GQA group size is slice-invariant)
+        layout = layout.with_heads(h // hkv * total_kv_heads)
     plan = build_plan(layout, causal, hkv, sq, sk, q_offset, k_offset, cu, block_size, kv_head_offset, total_kv_heads)
     return plan, sm_scale, backend
 
@@ -60,8 +62,9 @@ def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: S2La
             dividing heads (GQA; k/v are never expanded). fp32 / fp16 / bf16, one device.
         layout: :class:`S2Layout`. Block ``(i, j)`` of kv head ``g`` is computed iff ``j <= i`` and
             (``i - j < local_blocks`` or ``(j + g*step + head_sliding_offset) % vert_stride == 0``),
-            ``step = max(1, vert_stride // kv_heads)``; then token-level causality. E.g.
-            vert_stride=4, local_blocks=2, 4 kv heads, 8 blocks (x = computed)::
+            ``step = layout.head_sliding_step`` or DKernel's ``max(1, vert_stride // heads)``
+            (query heads of the model: ``heads // kv_heads * total_kv_heads``); then token-level
+            causality. E.g. vert_stride=4, local_blocks=2, 4 heads, 8 blocks (x = computed)::
 
                 kv head 0          kv head 1
                 x                  x
@@ -85,7 +88,7 @@ def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: S2La
         kv_head_offset, total_kv_heads: for a slice of the heads (head-sharded context
             parallelism): local kv head ``g`` is global kv head ``kv_head_offset + g`` of
             ``total_kv_heads`` (default: local kv heads + offset), so ``step`` uses the global
-            count and the dense heads are the last ``num_dense_heads`` *global* kv heads. The
+            head count and the dense heads are the last ``num_dense_heads`` *global* kv heads. The
             result equals the same heads of the full call.
         backend: "auto" | "triton" | "torch" (block-sparse torch fallback, O(seq * block) memory).
 
@@ -125,6 +128,7 @@ def s2_stats(layout: S2Layout, seq_len: int, num_heads: int, num_kv_heads: int,
         check_cu_seqlens(t, 1, seq_len)
         cu = tuple(int(x) for x in t.tolist())
     layout.validate_heads(num_kv_heads)
+    layout = layout.with_heads(num_heads)
     bs = layout.block_size
     sparse = build_plan(layout, True, num_kv_heads, seq_len, seq_len, 0, 0, cu, bs).nnz(num_heads)
     dense = build_plan(None, True, num_kv_heads, seq_len, seq_len, 0, 0, cu, bs).nnz(num_heads)

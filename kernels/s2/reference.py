@@ -46,8 +46,9 @@ def token_mask(num_heads: int, num_kv_heads: int, seq_q: int, seq_k: int, *, lay
         bs = layout.block_size
         qb, kb = qpos // bs, kpos // bs
         nb = int(max(qb.max(), kb.max())) + 1
+        total = layout.validate_head_slice(num_kv_heads, kv_head_offset, total_kv_heads)
         blocks = layout.kv_block_mask(num_kv_heads, torch.arange(nb), torch.arange(nb), kv_head_offset=kv_head_offset,
-                                      total_kv_heads=total_kv_heads)
+                                      total_kv_heads=total, num_heads=num_heads // num_kv_heads * total)
         blocks = blocks.repeat_interleave(num_heads // num_kv_heads, dim=0)
         mask = mask & blocks[:, qb][:, :, kb]
     return mask

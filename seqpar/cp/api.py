@@ -69,6 +69,7 @@ def _validate(q, k, v, kind: str, scheme: str, balance: str, world: int, kw: dic
         if not isinstance(layout, S2Layout):
             raise ValueError(f"layout must be an S2Layout, got {type(layout).__name__}")
         layout.validate_heads(hkv)
+        kw["layout"] = layout.with_heads(h)  # step from the q heads given here (S2Layout, docs/s2.md)
         if scheme != "ulysses" and c % layout.block_size:  # ulysses runs on the whole sequence
             raise ValueError(f"s2 under CP needs each chunk ({c} tokens) to be a multiple of layout.block_size="
                              f"{layout.block_size} so blocks stay absolute; make the global length a multiple "
@@ -263,6 +264,7 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
     elif scheme == "allgather" and kind == "s2" and layout is None:
         raise ValueError("scheme_cost for kind='s2' needs layout= (the stride-aware exchange depends on it)")
     elif scheme == "allgather" and kind == "s2" and exchange_applies(layout, n // (p * cpr)):
+        layout = layout.with_heads(heads)
         cols, window = exchange_elements(layout, world=p, seq_len=n, batch=batch, kv_heads=kv_heads,
                                          width=head_dim + dv, balance=balance)
         for vol in (cols, window):

@@ -13,6 +13,7 @@ algorithmic volume that the closed-form costs in ``scheme_cost`` count:
 =================  ==========================================================
 all_gather         ``(world - 1) * local.nbytes``
 reduce_scatter     ``(world - 1) * output.nbytes`` (the other ranks' pieces)
+all_reduce         ``2 (world - 1) / world * nbytes`` (reduce-scatter + all-gather volume)
 all_to_all         ``(world - 1) / world * input.nbytes``
 send_recv          ``recv.nbytes`` for every tensor received point-to-point
 =================  ==========================================================
@@ -211,6 +212,14 @@ class Comm:
         fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
         work = fn(out, x, group=self.group, async_op=async_op)
         _record("reduce_scatter", (self.world - 1) * out.numel() * out.element_size(), x)
+        return Pending(out, [work]) if async_op else out
+
+    def all_reduce(self, x: torch.Tensor, *, async_op: bool = False):
+        """Sum of ``x`` over the group (a new tensor; ``x`` is not modified). Ledger bytes
+        ``2 (world-1)/world * x.nbytes`` (a reduce-scatter plus an all-gather of ``x / world``)."""
+        out = x.contiguous().clone()
+        work = dist.all_reduce(out, group=self.group, async_op=async_op)
+        _record("all_reduce", 2 * (self.world - 1) * out.numel() * out.element_size() // self.world, out)
         return Pending(out, [work]) if async_op else out
 
     def all_to_all(self, x: torch.Tensor, *, async_op: bool = False):

@@ -16,11 +16,12 @@ from seqpar.megatron.attention import (
 )
 from seqpar.megatron.config import KIND_OF_LETTER, SeqparTransformerConfig
 from seqpar.megatron.cpu_compat import disable_cpu_compat, enable_cpu_compat
+from seqpar.megatron.layout_check import check_layout, cp_scheme_for_layer
 from seqpar.megatron.parallel import destroy_parallel, init_parallel
 from seqpar.megatron.specs import check_pattern, layer_pattern, layer_specs, layer_specs_for_stage
 
 __all__ = [
-    "KIND_OF_LETTER", "LightningSelfAttention", "LightningSubmodules", "MoHCoreAttention", "MoHHiddenCoreAttention",
+    "KIND_OF_LETTER", "LightningSelfAttention", "check_layout", "cp_scheme_for_layer", "LightningSubmodules", "MoHCoreAttention", "MoHHiddenCoreAttention",
     "MoHSelfAttention", "S2CoreAttention", "SeqparTransformerConfig", "SoftmaxCoreAttention", "check_pattern",
     "destroy_parallel", "disable_cpu_compat", "enable_cpu_compat", "init_parallel", "layer_pattern", "layer_specs",
     "layer_specs_for_stage", "moh_balance_loss",

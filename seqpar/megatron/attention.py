@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -34,6 +33,7 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, mak
 from megatron.core.utils import divide
 
 from seqpar import cp
+from seqpar.megatron.layout_check import cp_scheme_for_layer, s2_cp_offset_exact
 from seqpar.kernels import S2Layout, flash_attention, lightning_attention, lightning_slopes, moh_attention, s2_attention
 from seqpar.nn import MoHRouter
 
@@ -60,6 +60,25 @@ def _from_bshd(o: torch.Tensor, thd: bool) -> torch.Tensor:
     return o.transpose(0, 1).reshape(s, b, h * d)
 
 
+def _causal_only(layer: str, attn_mask_type: Optional[AttnMaskType]) -> None:
+    # seqpar's kernels are causal by construction and have no key-padding input: padding_causal
+    # (or any other mask type) is refused rather than run as plain causal
+    if attn_mask_type is not None and attn_mask_type != AttnMaskType.causal:
+        raise ValueError(
+            f"{layer}: attn_mask_type={attn_mask_type.name} is not supported; seqpar attention is causal with no "
+            f"padding mask. Build the layer with attn_mask_type=causal and either pack documents "
+            f"(packed_seq_params, THD cu_seqlens) or right-pad and drop the pad tokens with the loss mask")
+
+
+def _no_attention_mask(layer: str, attention_mask: Optional[torch.Tensor]) -> None:
+    if attention_mask is not None:
+        raise ValueError(
+            f"{layer}: got an attention_mask {tuple(attention_mask.shape)}, which seqpar attention would not read "
+            f"(the causal mask is applied inside the kernels; there is no key-padding mask). Pass "
+            f"attention_mask=None (megatron-core: no attention mask in the data loader); for padded batches pack "
+            f"documents with packed_seq_params or mask the pad tokens in the loss")
+
+
 def _cu_seqlens(packed_seq_params: Optional[PackedSeqParams]) -> Optional[torch.Tensor]:
     if packed_seq_params is None:
         return None
@@ -69,6 +88,13 @@ def _cu_seqlens(packed_seq_params: Optional[PackedSeqParams]) -> Optional[torch.
     if cu is None:
         cu = packed_seq_params.cu_seqlens_q
     return cu.to(torch.int32)
+
+
+def _scheme(kind: str, config: Any, cp_comm_type: Optional[str]) -> str:
+    schemes = getattr(config, "cp_schemes", None) or {kind: "allgather"}
+    return cp_scheme_for_layer(kind, schemes, cp_comm_type, usp_ulysses_degree=getattr(config, "usp_ulysses_degree", 1),
+                               hierarchical_context_parallel_sizes=getattr(config, "hierarchical_context_parallel_sizes",
+                                                                           None))
 
 
 class _SeqparCoreAttention(MegatronModule):
@@ -83,8 +109,7 @@ class _SeqparCoreAttention(MegatronModule):
         super().__init__(config=config)
         if attention_type != "self":
             raise ValueError(f"{type(self).__name__} supports attention_type='self' only, got {attention_type!r}")
-        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
-            raise ValueError(f"{type(self).__name__} is causal; build the layer with attn_mask_type=causal")
+        _causal_only(type(self).__name__, attn_mask_type)
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
             raise ValueError("seqpar attention kernels have no attention dropout; set attention_dropout=0.0")
@@ -97,7 +122,7 @@ class _SeqparCoreAttention(MegatronModule):
         head_dim = config.kv_channels
         self.softmax_scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
         self.cp_group = self.pg_collection.cp
-        self.scheme = config.cp_schemes[self.kind] if hasattr(config, "cp_schemes") else "allgather"
+        self.scheme = _scheme(self.kind, config, cp_comm_type)
         self.backend = getattr(config, "seqpar_backend", "auto")
 
     @property
@@ -110,6 +135,8 @@ class _SeqparCoreAttention(MegatronModule):
                 packed_seq_params: Optional[PackedSeqParams] = None) -> torch.Tensor:
         if attention_bias is not None:
             raise ValueError(f"{type(self).__name__} does not take attention_bias")
+        _causal_only(type(self).__name__, attn_mask_type)
+        _no_attention_mask(type(self).__name__, attention_mask)
         thd = query.dim() == 3
         q, k, v = _to_bshd(query), _to_bshd(key), _to_bshd(value)
         o = self._attend(q, k, v, _cu_seqlens(packed_seq_params))
@@ -148,8 +175,10 @@ class S2CoreAttention(_SeqparCoreAttention):
 
     def __init__(self, config, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
+        # resolved with the model's query heads (DKernel's step), so every TP rank and CP scheme
+        # reads the same pattern whatever heads it holds
         self.layout = S2Layout(block_size=config.s2_block_size, local_blocks=config.s2_local_blocks,
-                               vert_stride=config.s2_vert_stride)
+                               vert_stride=config.s2_vert_stride).with_heads(config.num_attention_heads)
         self.kv_head_offset = self.tp_rank * self.kv_heads
         self.total_kv_heads = config.num_query_groups
         self.cp_layout = self.layout
@@ -157,8 +186,8 @@ class S2CoreAttention(_SeqparCoreAttention):
             # seqpar.cp has no kv-head offset for s2: shift the stride instead, exact while the
             # stride step of the rank's heads equals the model's
             step_model = max(1, config.s2_vert_stride // config.num_attention_heads)
-            step_rank = max(1, config.s2_vert_stride // self.heads)
-            self.cp_layout = None if step_model != step_rank else S2Layout(
+            exact = s2_cp_offset_exact(config.s2_vert_stride, config.num_attention_heads, _size(self.pg_collection.tp))
+            self.cp_layout = None if not exact else S2Layout(
                 block_size=config.s2_block_size, local_blocks=config.s2_local_blocks,
                 vert_stride=config.s2_vert_stride, head_sliding_offset=self.kv_head_offset * step_model)
 
@@ -176,34 +205,47 @@ class S2CoreAttention(_SeqparCoreAttention):
 
 
 def moh_balance_loss(probs: torch.Tensor, topk_index: torch.Tensor, group: Any) -> torch.Tensor:
-    """MoH load-balance loss ``R^2 * mean_i(P_i F_i)`` over the tokens of the whole CP group.
+    """MoH load-balance loss ``R^2 * mean_i(P_i F_i)`` over the tokens of the whole CP group
+    (``probs [b, s, R]`` routed probabilities, ``topk_index [b, s, k]``; docs/moh.md).
 
-    Each rank's autograd sees only its own tokens' contribution (the remote sums enter as
-    constants), so summing parameter grads over CP gives exactly the single-rank gradient.
+    The per-head sums travel in one all-reduce through :class:`seqpar.cp.Comm` (recorded in the
+    comm ledger as ``all_reduce``, ``2 (P-1)/P * (2R+1) * 4`` bytes for fp32 routers). Each rank's
+    autograd sees only its own tokens' contribution (the remote sums enter as constants), so
+    summing parameter grads over CP gives exactly the single-rank gradient.
     """
     num = probs.shape[-1]
     p_sum = probs.reshape(-1, num).sum(dim=0)
     f_cnt = F.one_hot(topk_index, num).sum(dim=-2).reshape(-1, num).to(probs.dtype).sum(dim=0)
-    tokens = torch.tensor([float(probs.numel() // num)], dtype=probs.dtype, device=probs.device)
+    # a device-side fill: no host-to-device copy on the hot path
+    tokens = torch.full((1,), probs.numel() // num, dtype=probs.dtype, device=probs.device)
     if _size(group) > 1:
-        stats = torch.cat([p_sum.detach(), f_cnt, tokens])
-        dist.all_reduce(stats, group=group)
+        stats = cp.Comm(group).all_reduce(torch.cat([p_sum.detach(), f_cnt, tokens]))
         p_sum = p_sum + (stats[:num] - p_sum.detach())
         f_cnt, tokens = stats[num:2 * num], stats[2 * num:]
     return num ** 2 * (p_sum / tokens * f_cnt / tokens).mean()
 
 
+def _moh_layers(num_moh_layers: Any) -> int:
+    if isinstance(num_moh_layers, bool) or not isinstance(num_moh_layers, int) or num_moh_layers < 1:
+        raise ValueError(f"num_moh_layers must be a positive int (MoH layers of the whole model), "
+                         f"got {num_moh_layers!r}")
+    return num_moh_layers
+
+
 class MoHCoreAttention(_SeqparCoreAttention):
     """MoH attention in the core slot. Gates come from ``set_gates`` (``MoHSelfAttention`` routes on
     the hidden states) or, when none are set, from a router on this partition's queries
-    (``[.., heads*dim]``); in that case the load-balance loss is attached to the output with
-    ``MoEAuxLossAutoScaler`` and kept in ``self.last_aux_loss``."""
+    (``[.., heads*dim]``); in that case the load-balance loss
+    ``moh_aux_loss_coef * L_b / num_moh_layers`` is attached to the output with
+    ``MoEAuxLossAutoScaler`` and kept in ``self.last_aux_loss`` (``num_moh_layers``: the model's
+    MoH layers, so the model's total is the coefficient times the layer average, docs/moh.md)."""
 
     kind = "moh"
 
-    def __init__(self, config, *args: Any, router_on_query: bool = True, **kwargs: Any) -> None:
+    def __init__(self, config, *args: Any, router_on_query: bool = True, num_moh_layers: int = 1,
+                 **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
-        self.aux_loss_coef = config.moh_aux_loss_coef
+        self.aux_loss_coef = config.moh_aux_loss_coef / _moh_layers(num_moh_layers)
         self._gates: Optional[torch.Tensor] = None
         self.last_aux_loss: Optional[torch.Tensor] = None
         self.router = None
@@ -252,24 +294,31 @@ class MoHSelfAttention(SelfAttention):
     ``self.last_aux_loss``. Under TP the router (replicated, on the replicated hidden states) picks
     among all heads exactly as at TP=1; each rank takes its heads' gates with megatron's
     ``scatter_to_tensor_model_parallel_region`` (backward all-gathers the gate gradient, so every
-    rank's router copy gets the full, identical gradient)."""
+    rank's router copy gets the full, identical gradient).
+
+    Each layer adds ``moh_aux_loss_coef * L_b / num_moh_layers``: over the model that is the
+    coefficient times the *average* of ``L_b`` over its MoH layers, as MoH's own training does, so
+    the paper's ``beta = 0.01`` means the same here at any depth (``layer_specs`` passes
+    ``num_moh_layers``, the count of ``H`` layers in the whole model, every pipeline stage)."""
 
     def __init__(self, config, submodules: SelfAttentionSubmodules, layer_number: int,
                  attn_mask_type: AttnMaskType = AttnMaskType.causal, cp_comm_type: Optional[str] = None,
-                 pg_collection: Optional[ProcessGroupCollection] = None) -> None:
+                 pg_collection: Optional[ProcessGroupCollection] = None, num_moh_layers: int = 1) -> None:
         super().__init__(config, submodules, layer_number, attn_mask_type=attn_mask_type,
                          cp_comm_type=cp_comm_type, pg_collection=pg_collection)
         if not isinstance(self.core_attention, MoHCoreAttention):
             raise ValueError("MoHSelfAttention needs core_attention=MoHHiddenCoreAttention")
         self.router = MoHRouter(config.hidden_size, config.num_attention_heads, config.moh_num_shared_heads,
                                 config.moh_top_k)
-        self.aux_loss_coef = config.moh_aux_loss_coef
+        self.aux_loss_coef = config.moh_aux_loss_coef / _moh_layers(num_moh_layers)
         self.last_aux_loss: Optional[torch.Tensor] = None
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
         packed = kwargs.get("packed_seq_params")
         if packed is not None:
             raise ValueError("MoH layers do not take packed sequences (packed_seq_params)")
+        # checked before the router's collective so that every rank fails the same way
+        _no_attention_mask(type(self).__name__, args[0] if args else kwargs.get("attention_mask"))
         routing = self.router(hidden_states.transpose(0, 1))  # [b, s, heads]
         aux = self.aux_loss_coef * moh_balance_loss(routing.routed_probs, routing.topk_index,
                                                     self.core_attention.cp_group)
@@ -328,6 +377,7 @@ class LightningSelfAttention(MegatronModule):
                  attn_mask_type: AttnMaskType = AttnMaskType.causal, cp_comm_type: Optional[str] = None,
                  pg_collection: Optional[ProcessGroupCollection] = None) -> None:
         super().__init__(config=config)
+        _causal_only(type(self).__name__, attn_mask_type)
         self.pg_collection = _groups(pg_collection)
         tp = _size(self.pg_collection.tp)
         tp_rank = 0 if self.pg_collection.tp is None else self.pg_collection.tp.rank()
@@ -336,7 +386,7 @@ class LightningSelfAttention(MegatronModule):
         self.heads = divide(config.num_attention_heads, tp)
         self.kv_heads = divide(config.num_query_groups, tp)
         self.cp_group = self.pg_collection.cp
-        self.scheme = config.cp_schemes["lightning"] if hasattr(config, "cp_schemes") else "allgather"
+        self.scheme = _scheme("lightning", config, cp_comm_type)
         self.backend = getattr(config, "seqpar_backend", "auto")
         width = self.head_dim * (2 * config.num_attention_heads + 2 * config.num_query_groups)
         self.linear_qkvg = submodules.linear_qkvg(
@@ -349,7 +399,7 @@ class LightningSelfAttention(MegatronModule):
         # per-head RMSNorm with a weight per output channel, split over TP like the heads
         self.norm_weight = torch.nn.Parameter(torch.ones(self.heads * self.head_dim, dtype=config.params_dtype))
         set_tensor_model_parallel_attributes(self.norm_weight, True, 0, 1)
-        slopes = lightning_slopes(config.num_attention_heads, layer_number - 1, max(2, config.num_layers))
+        slopes = lightning_slopes(config.num_attention_heads, layer_number - 1, config.num_layers)
         self.register_buffer("slopes", slopes[tp_rank * self.heads:(tp_rank + 1) * self.heads].clone(),
                              persistent=False)
         self.eps = config.layernorm_epsilon
@@ -379,6 +429,7 @@ class LightningSelfAttention(MegatronModule):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 *args: Any, packed_seq_params: Optional[PackedSeqParams] = None, **kwargs: Any):
+        _no_attention_mask(type(self).__name__, attention_mask)
         s, b, _ = hidden_states.shape
         mixed, _ = self.linear_qkvg(hidden_states)
         d, h, g = self.head_dim, self.heads, self.kv_heads

@@ -45,7 +45,7 @@ def layer_pattern(pattern: str, num_layers: int) -> str:
     return (pattern * (num_layers // len(pattern) + 1))[:num_layers]
 
 
-def _layer_spec(letter: str, normalization: str) -> ModuleSpec:
+def _layer_spec(letter: str, normalization: str, num_moh_layers: int = 1) -> ModuleSpec:
     base = get_gpt_layer_local_spec(normalization=normalization)
     sub = base.submodules
     if letter == "L":
@@ -54,8 +54,10 @@ def _layer_spec(letter: str, normalization: str) -> ModuleSpec:
                                                          linear_proj=RowParallelLinear))
     else:
         core = {"A": SoftmaxCoreAttention, "S": S2CoreAttention, "H": MoHHiddenCoreAttention}[letter]
-        attn = ModuleSpec(module=MoHSelfAttention if letter == "H" else SelfAttention,
-                          params={"attn_mask_type": AttnMaskType.causal},
+        params = {"attn_mask_type": AttnMaskType.causal}
+        if letter == "H":  # the aux loss is averaged over the model's MoH layers (MoHSelfAttention)
+            params["num_moh_layers"] = num_moh_layers
+        attn = ModuleSpec(module=MoHSelfAttention if letter == "H" else SelfAttention, params=params,
                           submodules=SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear, core_attention=core,
                                                              linear_proj=RowParallelLinear,
                                                              q_layernorm=IdentityOp, k_layernorm=IdentityOp))
@@ -79,8 +81,9 @@ def layer_specs(pattern: str, num_layers: int, *, offset: int = 0, count: Option
     count = num_layers - offset if count is None else count
     if offset < 0 or count < 1 or offset + count > num_layers:
         raise ValueError(f"offset={offset}, count={count} must select layers inside [0, {num_layers})")
-    letters = layer_pattern(pattern, num_layers)[offset:offset + count]
-    specs = [_layer_spec(c, normalization) for c in letters]
+    full = layer_pattern(pattern, num_layers)
+    letters = full[offset:offset + count]
+    specs = [_layer_spec(c, normalization, full.count("H")) for c in letters]
     final_norm = get_gpt_layer_local_spec(normalization=normalization).submodules.input_layernorm
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=final_norm)
 

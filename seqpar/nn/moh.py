@@ -1,8 +1,8 @@
 """Mixture-of-Head attention module: a per-token head router plus the skipping MoH kernel.
 
 Heads are experts (MoH, arXiv 2410.11842). Heads ``0 .. num_shared_heads-1`` are shared (always on);
-each token picks its ``top_k`` routed heads among the rest. Gates, as in PAPERS.md / the official
-code, computed from the token's hidden state in ``router_dtype`` (fp32)::
+each token picks its ``top_k`` routed heads among the rest. Gates, as in the paper (docs/moh.md) and the
+official code, computed from the token's hidden state in ``router_dtype`` (fp32)::
 
     shared  g_s = softmax(W_s x) * h_s
     routed  g_r = renorm_topk(softmax(W_r x)) * k      (zero outside the top-k, kept ones sum to 1)
@@ -17,7 +17,9 @@ computed, 4 heads = 1 shared + top-2 of 3 routed (x computed, . skipped by the k
       2     x  x  x  .
 
 Load-balance loss over the E routed heads: ``L_b = E^2 * mean_i(P_i * f_i)``, P_i the mean routing
-probability of head i, f_i the fraction of tokens that selected it.
+probability of head i, f_i the fraction of tokens that selected it. A model adds
+``beta * mean over its MoH layers of L_b`` (MoH's own training averages over layers), so each
+layer contributes ``beta * L_b / num_layers``.
 """
 
 from __future__ import annotations
@@ -150,7 +152,8 @@ class MoHAttention(nn.Module):
     """Self-attention whose heads are routed per token; unselected (token, head) pairs are skipped.
 
     ``forward(x [batch, seq, hidden]) -> (out [batch, seq, hidden], aux_loss)`` with
-    ``aux_loss = aux_loss_coef * L_b`` (a scalar to add to the training loss). The last routing is
+    ``aux_loss = aux_loss_coef * L_b / num_layers`` (a scalar to add to the training loss; summed
+    over a model's ``num_layers`` MoH layers it is ``aux_loss_coef`` times their average ``L_b``). The last routing is
     kept in ``self.last_routing`` for inspection. No positional encoding is applied here.
 
     Args:
@@ -160,7 +163,8 @@ class MoHAttention(nn.Module):
         num_shared_heads: always-on heads (the first ones).
         top_k / active_ratio: routed heads per token, or the fraction of all heads a token uses
             (``top_k = round(active_ratio * num_heads) - num_shared_heads``); default 75 % active.
-        aux_loss_coef: beta of the load-balance loss (paper: 0.01).
+        aux_loss_coef: beta of the load-balance loss (paper: 0.01), applied to the layer average.
+        num_layers: MoH layers in the model (default 1): this layer's share of the average.
         router_dtype: router precision (float32 default, float64 allowed).
         causal: causal self-attention.
         backend: kernel backend, "auto" | "triton" | "torch" (see seqpar.kernels.moh_attention).
@@ -169,7 +173,7 @@ class MoHAttention(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, *, num_kv_heads: Optional[int] = None,
                  head_dim: Optional[int] = None, num_shared_heads: int = 0, top_k: Optional[int] = None,
-                 active_ratio: Optional[float] = None, aux_loss_coef: float = 0.01,
+                 active_ratio: Optional[float] = None, aux_loss_coef: float = 0.01, num_layers: int = 1,
                  router_dtype: torch.dtype = torch.float32, causal: bool = True, backend: str = "auto",
                  bias: bool = False, device=None, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
@@ -187,6 +191,7 @@ class MoHAttention(nn.Module):
         top_k = resolve_top_k(num_heads, num_shared_heads, top_k, active_ratio)
         if isinstance(aux_loss_coef, bool) or not isinstance(aux_loss_coef, (int, float)) or aux_loss_coef < 0:
             raise ValueError(f"aux_loss_coef must be a float >= 0, got {aux_loss_coef!r}")
+        _positive_int("num_layers", num_layers)
         if not isinstance(causal, bool):
             raise ValueError(f"causal must be a bool, got {causal!r}")
         if backend not in _BACKENDS:
@@ -194,6 +199,7 @@ class MoHAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.num_shared_heads, self.top_k = num_shared_heads, top_k
         self.aux_loss_coef, self.causal, self.backend = float(aux_loss_coef), causal, backend
+        self.num_layers = num_layers
         kw = dict(bias=bias, device=device, dtype=dtype)
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, **kw)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, **kw)
@@ -222,4 +228,4 @@ class MoHAttention(nn.Module):
         # fp32 gates are accepted for any q dtype; the kernel multiplies in fp32
         o = moh_attention(q, k, v, routing.gates.to(torch.float32), causal=self.causal, backend=self.backend)
         out = self.o_proj(o.reshape(b, s, self.num_heads * self.head_dim))
-        return out, self.aux_loss_coef * routing.balance_loss
+        return out, self.aux_loss_coef / self.num_layers * routing.balance_loss

@@ -1,4 +1,4 @@
-"""``python -m seqpar.train RECIPE.yaml [--set a.b=v ...] [--dry-run] [--resume]`` (also ``seqpar-train``).
+"""python -m seqpar.train RECIPE.yaml [--set a.b=v ...] [--check | --dry-run] [--resume]  (also seqpar-train)
 
 Launch multi-process runs with torchrun (see launchers/torchrun.sh); a single process runs with a
 world of 1. Every recipe error names its field and is raised before any process group starts.
@@ -14,18 +14,33 @@ import tempfile
 import warnings
 from typing import Optional
 
+_DESCRIPTION = """Train a seqpar recipe (YAML, see recipes/README.md for every field).
+
+  python -m seqpar.train RECIPE.yaml                      one process (world of 1)
+  torchrun --nproc-per-node N -m seqpar.train RECIPE.yaml  N ranks (or launchers/torchrun.sh)
+  python -m seqpar.train RECIPE.yaml --check              validate only (exit 0, or 2 with one line per bad field)
+  python -m seqpar.train RECIPE.yaml --dry-run            validate the layout, report per-rank param / grad /
+                                                          optimizer bytes of every distinct shard (no torchrun)
+  ... --resume                                            continue from <train.out_dir>/checkpoints/latest
+"""
+
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="seqpar-train", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="seqpar-train", description=_DESCRIPTION,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("recipe", help="YAML recipe (see recipes/)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                     help="override a recipe field (value parsed as YAML); repeatable")
+    ap.add_argument("--check", action="store_true",
+                    help="validate the recipe for its layout (under torchrun: for the launched world; else --world "
+                         "or TP x CP ranks), print the resolved recipe as JSON, start nothing")
     ap.add_argument("--dry-run", action="store_true",
                     help="validate the recipe and its parallel layout and report per-rank parameter, gradient "
-                         "and optimizer-state bytes (one meta-device model per distinct shard, in this process; "
-                         "no process group is started), then exit")
-    ap.add_argument("--world-size", type=int, default=None, metavar="N",
-                    help="--dry-run: the world to validate (default: $WORLD_SIZE, else TP x CP x PP, i.e. DP=1)")
+                         "and optimizer-state bytes (one meta-device model per distinct pipeline-stage x TP "
+                         "shard, built in this one process on a fake world; no process group is started)")
+    ap.add_argument("--world", type=int, default=None, metavar="N",
+                    help="--check / --dry-run without torchrun: the world size to validate and report for "
+                         "(default: tensor_parallel x context_parallel x pipeline_parallel)")
     ap.add_argument("--resume", action="store_true", help="continue from <train.out_dir>/checkpoints/latest")
     return ap.parse_args(argv)
 
@@ -33,13 +48,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def dry_run(cfg, world_size: Optional[int] = None) -> dict:
     """Validate ``cfg`` at ``world_size`` (default TP x CP x PP) and print its per-rank memory
     (``seqpar.train.memory``): every distinct (pipeline stage, TP rank) shard is built on the meta
-    device in this one process, which must not have a process group yet. Returns the report."""
+    device in this one process (as that rank of a fake world), which must not have a process group
+    yet. Prints on rank 0 (under torchrun every rank computes the same report); returns the report."""
     from seqpar.train.memory import format_report, report
 
     par = cfg.parallel
     world_size = world_size or par.tensor_parallel * par.context_parallel * par.pipeline_parallel
     rep = report(cfg, world_size, cfg.data.vocab_size)
-    print(format_report(rep), flush=True)
+    if os.environ.get("RANK", "0") == "0":
+        print(format_report(rep), flush=True)
     return rep
 
 
@@ -51,18 +68,37 @@ def main(argv: Optional[list[str]] = None) -> int:
                             category=UserWarning)
     from seqpar.train.config import load_recipe
 
+    launched = "WORLD_SIZE" in os.environ
     try:
         cfg = load_recipe(args.recipe, args.overrides)
         par = cfg.parallel
-        world = args.world_size or int(os.environ.get("WORLD_SIZE", 0)) or (
-            par.tensor_parallel * par.context_parallel * par.pipeline_parallel if args.dry_run else 1)
+        mp = par.tensor_parallel * par.context_parallel * par.pipeline_parallel
+        no_launch = args.dry_run or args.check
+        if args.world is not None and (launched or not no_launch):
+            raise ValueError("--world is for --check / --dry-run without torchrun (torchrun sets the world size)")
+        if args.world is not None and args.world < 1:
+            raise ValueError(f"--world={args.world} must be >= 1")
+        world = int(os.environ["WORLD_SIZE"]) if launched else (args.world or mp) if no_launch else 1
+        if world == 1 and mp > 1:
+            raise ValueError(f"parallel.tensor_parallel x context_parallel x pipeline_parallel = {mp} needs {mp} processes: "
+                             f"launch with torchrun --nproc-per-node {mp} (or launchers/torchrun.sh), or check the "
+                             f"recipe with --check / --dry-run")
         cfg.check_world(world)
-        if args.dry_run:
-            dry_run(cfg, world)
-            return 0
     except (ValueError, OSError) as e:
-        print(f"seqpar-train: invalid recipe {args.recipe}: {e}", file=sys.stderr)
+        # every rank stops here (exit 2, no process group, no traceback); rank 0 says why, once
+        if os.environ.get("RANK", "0") == "0":
+            lines = str(e).splitlines() or [repr(e)]
+            print(f"seqpar-train: invalid recipe {args.recipe}:", file=sys.stderr)
+            for line in lines:
+                print(f"  {line}", file=sys.stderr)
         return 2
+    if args.check:
+        if os.environ.get("RANK", "0") == "0":
+            print(json.dumps(cfg.to_dict()), flush=True)
+        return 0
+    if args.dry_run:
+        dry_run(cfg, world)
+        return 0
     import torch.distributed as dist
 
     if not dist.is_initialized():

@@ -16,7 +16,7 @@ import sys
 import time
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import torch
@@ -31,7 +31,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, get_tr
 
 from seqpar.megatron import init_parallel
 from seqpar.megatron.specs import layer_specs_for_stage
-from seqpar.models import preset, transformer_config
+from seqpar.models import transformer_config
 from seqpar.train import checkpoint
 from seqpar.train.config import RunConfig
 from seqpar.train.step import StepResult, forward_backward, micro_batches, optimizer_step, param_device
@@ -75,8 +75,7 @@ def model_config(cfg: RunConfig):
 
 
 def _preset(cfg: RunConfig):
-    p = preset(cfg.model.preset)
-    return replace(p, pattern=cfg.model.pattern) if cfg.model.pattern else p
+    return cfg.model.shape  # the preset with the recipe's shape overrides and pattern
 
 
 def _seed_of(seed: int, name: str) -> int:

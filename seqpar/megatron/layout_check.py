@@ -1,0 +1,166 @@
+"""Parallel-layout checks as pure functions: run them before any process group starts.
+
+``check_layout`` decides whether a model (heads, layer pattern, sequence length, S2 block size)
+can run at a TP x CP x PP split with the chosen CP schemes. It imports nothing distributed, so the
+recipe schema (``seqpar.train.config``) calls it while validating a recipe, on every rank, before
+``torch.distributed`` is initialised; the attention layers rely on it having passed.
+
+Errors are ``ValueError`` whose message names the field, the value and the fix. Field names are
+the recipe's by default (``parallel.tensor_parallel``, ``model.s2_block_size``, ...); pass
+``names=MEGATRON_NAMES`` for messages in megatron-core's ``TransformerConfig`` vocabulary.
+
+``cp_scheme_for_layer`` maps megatron-core's per-layer ``cp_comm_type`` to seqpar's scheme names
+(``p2p`` -> ring, ``all_gather`` -> allgather, ``a2a`` -> ulysses, ``a2a+p2p`` -> usp).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+__all__ = ["MEGATRON_CP_COMM", "MEGATRON_NAMES", "RECIPE_NAMES", "check_layout", "cp_scheme_for_layer",
+           "s2_cp_offset_exact"]
+
+KIND_OF_LETTER = {"A": "softmax", "S": "s2", "L": "lightning", "H": "moh"}
+
+#: megatron-core's ``cp_comm_type`` values and the seqpar scheme each one names
+MEGATRON_CP_COMM = {"p2p": "ring", "all_gather": "allgather", "a2a": "ulysses", "a2a+p2p": "usp"}
+
+RECIPE_NAMES = {
+    "tp": "parallel.tensor_parallel", "cp": "parallel.context_parallel", "pp": "parallel.pipeline_parallel",
+    "cp_schemes": "parallel.cp_schemes", "ud": "parallel.usp_ulysses_degree", "seq_len": "data.seq_len",
+    "s2_block_size": "model.s2_block_size", "s2_vert_stride": "model.s2_vert_stride",
+    "pattern": "model.pattern", "heads": "model.num_attention_heads", "kv_heads": "model.num_kv_heads",
+    "num_layers": "model.num_layers",
+}
+MEGATRON_NAMES = {
+    "tp": "tensor_model_parallel_size", "cp": "context_parallel_size", "pp": "pipeline_model_parallel_size",
+    "cp_schemes": "cp_schemes", "ud": "usp_ulysses_degree", "seq_len": "seq_length",
+    "s2_block_size": "s2_block_size", "s2_vert_stride": "s2_vert_stride", "pattern": "pattern",
+    "heads": "num_attention_heads", "kv_heads": "num_query_groups", "num_layers": "num_layers",
+}
+
+
+def s2_cp_offset_exact(vert_stride: int, num_heads: int, tensor_parallel: int) -> bool:
+    """True when a TP rank's S2 heads under CP read the full model's pattern with the stride shifted
+    by the rank's kv-head offset (the shift ``cp.attention`` is given): the DKernel step of the
+    model (``max(1, vert_stride // num_heads)``) equals that of the rank's ``num_heads / tp`` heads."""
+    return max(1, vert_stride // num_heads) == max(1, vert_stride // (num_heads // tensor_parallel))
+
+
+def cp_scheme_for_layer(kind: str, cp_schemes: Mapping[str, str], cp_comm_type: Optional[str], *,
+                        usp_ulysses_degree: int = 1,
+                        hierarchical_context_parallel_sizes: Optional[list] = None) -> str:
+    """The seqpar CP scheme of a ``kind`` layer. ``cp_schemes[kind]`` decides; megatron-core's
+    ``cp_comm_type`` (what ``TransformerLayer`` passes to a layer when CP > 1) is honoured by
+    meaning: ``None`` or the name of that same scheme is accepted, anything else is a
+    ``ValueError`` (one source of truth for the scheme, nothing silently ignored)."""
+    scheme = cp_schemes[kind]
+    if cp_comm_type is None:
+        return scheme
+    if cp_comm_type not in MEGATRON_CP_COMM:
+        raise ValueError(f"cp_comm_type={cp_comm_type!r} is not one of megatron-core's {sorted(MEGATRON_CP_COMM)}; "
+                         f"seqpar layers take their CP scheme from cp_schemes (leave cp_comm_type=None)")
+    mapped = MEGATRON_CP_COMM[cp_comm_type]
+    if mapped != scheme:
+        raise ValueError(f"cp_comm_type={cp_comm_type!r} (megatron-core's name for seqpar scheme {mapped!r}) "
+                         f"disagrees with cp_schemes[{kind!r}]={scheme!r}; seqpar layers read the scheme from "
+                         f"cp_schemes: set cp_schemes[{kind!r}]={mapped!r}, or leave cp_comm_type=None")
+    if mapped == "usp" and hierarchical_context_parallel_sizes:
+        hcp = list(hierarchical_context_parallel_sizes)
+        if hcp[0] != usp_ulysses_degree:
+            raise ValueError(f"cp_comm_type='a2a+p2p' with hierarchical_context_parallel_sizes={hcp}: the a2a size "
+                             f"{hcp[0]} must equal usp_ulysses_degree={usp_ulysses_degree}")
+    return mapped
+
+
+def _heads_fit(what: str, heads: int, kv_heads: int, degree: int, field: str, value: str) -> Optional[str]:
+    if heads % degree:
+        return f"{what} needs the {heads} query heads per TP rank divisible by {field}={value}"
+    if kv_heads % degree and degree % kv_heads:
+        return (f"{what} needs the {kv_heads} kv heads per TP rank divisible by {field}={value} (or the reverse, "
+                f"kv heads replicated)")
+    return None
+
+
+def check_layout(*, pattern: str, num_layers: int, num_attention_heads: int, num_query_groups: int,
+                 tensor_parallel: int = 1, context_parallel: int = 1, pipeline_parallel: int = 1,
+                 cp_schemes: Optional[Mapping[str, str]] = None, usp_ulysses_degree: int = 1,
+                 seq_len: Optional[int] = None, s2_block_size: int = 16, s2_vert_stride: int = 4,
+                 names: Mapping[str, str] = RECIPE_NAMES) -> None:
+    """Raise a ``ValueError`` (all problems, one per line) unless the layout can run.
+
+    Args:
+        pattern: layer letters over A/S/L/H, tiled over ``num_layers``.
+        num_attention_heads, num_query_groups: the model's query and kv heads.
+        tensor_parallel, context_parallel, pipeline_parallel: the split sizes.
+        cp_schemes: kind -> scheme (missing kinds: "allgather"); read only when CP > 1.
+        usp_ulysses_degree: Ulysses degree of the "usp" scheme.
+        seq_len: training sequence length (global, before the CP split); None skips its checks.
+        s2_block_size, s2_vert_stride: the S2 layout (used when the pattern has S layers).
+        names: field names for the messages (``RECIPE_NAMES`` or ``MEGATRON_NAMES``).
+
+    Checks: TP divides the query and kv heads; PP divides the layers (MoH runs at any TP: the
+    router picks among all heads on every rank); under CP the sequence splits into Megatron's 2 x CP zigzag
+    chunks (and, for S2, whole blocks per chunk), Ulysses / USP degrees divide the heads per TP
+    rank (kv heads: or the reverse), S2 under TP x CP keeps the model's pattern
+    (:func:`s2_cp_offset_exact`).
+    """
+    n = dict(RECIPE_NAMES, **names)
+    tp, cp, pp, ud = tensor_parallel, context_parallel, pipeline_parallel, usp_ulysses_degree
+    h, hkv = num_attention_heads, num_query_groups
+    bad = sorted(set(pattern) - set(KIND_OF_LETTER)) if isinstance(pattern, str) else None
+    if not pattern or bad is None or bad:
+        raise ValueError(f"{n['pattern']}={pattern!r} must be a non-empty string over A (softmax), S (s2), "
+                         f"L (lightning), H (moh)")
+    for key, v in (("tp", tp), ("cp", cp), ("pp", pp), ("ud", ud), ("heads", h), ("kv_heads", hkv),
+                   ("num_layers", num_layers)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{n[key]} must be a positive int, got {v!r}")
+    errors: list[str] = []
+    if h % hkv:
+        errors.append(f"{n['kv_heads']}={hkv} must divide {n['heads']}={h} (GQA)")
+    if h % tp or hkv % tp:
+        errors.append(f"{n['tp']}={tp} must divide the {h} query heads and the {hkv} kv heads; "
+                      f"pick a divisor of {_gcd(h, hkv)}")
+    if num_layers % pp:
+        errors.append(f"{n['pp']}={pp} must divide the {num_layers} layers")
+    letters = (pattern * (num_layers // len(pattern) + 1))[:num_layers]
+    kinds = {KIND_OF_LETTER[c] for c in letters}
+    if cp > 1 and not errors:
+        schemes = {k: "allgather" for k in KIND_OF_LETTER.values()}
+        schemes.update(cp_schemes or {})
+        h_loc, hkv_loc = h // tp, hkv // tp
+        if seq_len is not None and seq_len % (2 * cp):
+            errors.append(f"{n['seq_len']}={seq_len} must be a multiple of 2 x {n['cp']} = {2 * cp} "
+                          f"(Megatron's zigzag split)")
+        for kind in sorted(kinds):
+            scheme = schemes[kind]
+            field = f"{n['cp_schemes']}.{kind}"
+            if scheme == "ulysses":
+                msg = _heads_fit(f"{field}='ulysses'", h_loc, hkv_loc, cp, n["cp"], str(cp))
+                if msg:
+                    errors.append(msg + "; pick another scheme")
+            if scheme == "usp":
+                if cp % ud:
+                    errors.append(f"{n['ud']}={ud} must divide {n['cp']}={cp} for {field}='usp'")
+                else:
+                    msg = _heads_fit(f"{field}='usp'", h_loc, hkv_loc, ud, n["ud"], str(ud))
+                    if msg:
+                        errors.append(msg)
+        if "s2" in kinds:
+            unit = 2 * cp * s2_block_size
+            if seq_len is not None and schemes["s2"] != "ulysses" and seq_len % unit:
+                errors.append(f"{n['seq_len']}={seq_len} must be a multiple of 2 x {n['cp']} x "
+                              f"{n['s2_block_size']} = {unit} (S2 blocks stay whole under CP)")
+            if tp > 1 and not s2_cp_offset_exact(s2_vert_stride, h, tp):
+                errors.append(f"S2 under {n['tp']}={tp} x {n['cp']}={cp} with {n['s2_vert_stride']}="
+                              f"{s2_vert_stride}: the stride step of a rank's {h_loc} heads differs from the "
+                              f"model's {h}; use {n['s2_vert_stride']} <= {h_loc} or {n['tp']}=1")
+    if errors:
+        raise ValueError("\n".join(errors))
+
+
+def _gcd(a: int, b: int) -> int:
+    while b:
+        a, b = b, a % b
+    return a
