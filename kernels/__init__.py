@@ -1,7 +1,7 @@
 """seqpar.kernels: per-rank attention ops (no torch.distributed here).
 
 Tensors are ``[batch, seq, heads, dim]``; varlen is ``batch == 1`` plus int32 ``cu_seqlens``.
-Each op has four layers (DESIGN.md §3): a plain-torch ``reference.py`` that defines the math,
+Each op has four layers (docs/design.md): a plain-torch ``reference.py`` that defines the math,
 Triton launchers, an autograd Function, and the public entry exported here.
 
 Names resolve lazily so that importing one op does not import (or compile) the others.

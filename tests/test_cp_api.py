@@ -1,5 +1,5 @@
 """cp.attention validation (errors before any communication, on every rank, no hang) and the
-closed forms of cp.scheme_cost against DESIGN §4."""
+closed forms of cp.scheme_cost against docs/cp.md."""
 
 from __future__ import annotations
 

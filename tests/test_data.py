@@ -62,3 +62,45 @@ def test_mqar_answers_are_bound_values():
     assert torch.equal(ds.batch(0, 3)[0], tok)
     with pytest.raises(ValueError, match="seq_len"):
         MQARDataset(64, 10, num_pairs=6, num_queries=5)
+
+
+def test_documents_joined_by_eos(tmp_path):
+    # issue 10 item 10: the stream is documented as documents joined by EOS; none was inserted
+    from seqpar.data import encode_documents, load_documents
+
+    files = []
+    for i, text in enumerate(("alpha beta\n", "gamma\n", "delta epsilon zeta\n")):
+        files.append(tmp_path / f"{i}.txt")
+        files[-1].write_text(text)
+    docs = load_documents([str(f) for f in files], 1000)
+    assert docs == ["alpha beta\n", "gamma\n", "delta epsilon zeta\n"]
+    assert load_documents([str(f) for f in files], 14) == ["alpha beta\n", "gam"]   # max_bytes total
+    sp = get_tokenizer(512, stdlib_corpus(200_000), tmp_path / "tok")
+    ids = encode_documents(sp, docs)
+    eos = sp.eos_id()
+    ends = torch.nonzero(ids == eos).flatten().tolist()
+    assert len(ends) == 3 and ends[-1] == len(ids) - 1
+    pieces = torch.tensor_split(ids, [e + 1 for e in ends[:-1]])
+    assert [sp.decode(p[:-1].tolist()) for p in pieces] == docs   # each document, then one EOS
+    ds = PackedTextDataset.from_documents(sp, docs, seq_len=4)
+    assert torch.equal(ds.ids, ids)
+    stdlib_docs = load_documents(None, 50_000)
+    assert len(stdlib_docs) > 1 and sum(map(len, stdlib_docs)) == 50_000
+
+
+def test_build_data_stream_has_an_eos_after_every_document(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    from seqpar.train import loop
+    from seqpar.train.config import from_dict
+
+    text = stdlib_corpus(90_000)
+    for i in range(3):   # three documents, enough text for a 512-piece tokenizer
+        (tmp_path / f"d{i}.txt").write_text(text[i * 30_000:(i + 1) * 30_000])
+    cfg = from_dict({"data": {"dataset": "text", "vocab_size": 512, "seq_len": 16, "global_batch": 2,
+                              "text_files": [str(tmp_path / f"d{i}.txt") for i in range(3)],
+                              "cache_dir": str(tmp_path / "cache")}})
+    monkeypatch.setattr(dist, "get_rank", lambda *a: 0)
+    monkeypatch.setattr(dist, "barrier", lambda *a: None)
+    ds, vocab = loop.build_data(cfg)
+    assert vocab == 512 and int((ds.ids == 3).sum()) == 3 and int(ds.ids[-1]) == 3   # sentencepiece eos_id=3

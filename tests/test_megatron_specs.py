@@ -329,3 +329,42 @@ def test_check_layout_accepts_runnable_layouts_and_lists_every_problem():
     assert len(str(e.value).splitlines()) == 2   # both problems, one line each
     with pytest.raises(ValueError, match="tensor_model_parallel_size=4"):
         check_layout(pattern="A", tensor_parallel=4, names=MEGATRON_NAMES, **_TINY)
+
+
+# ------------------------------------------------ TP-invariant initialisation (item 13)
+def _step1_losses(rank: int, world: int, patterns: tuple):
+    from dataclasses import replace
+
+    from megatron.core import parallel_state
+
+    from seqpar.megatron import disable_cpu_compat, init_parallel
+    from seqpar.models import build_gpt, preset, transformer_config
+
+    ids = torch.randint(0, 96, (2, 32), generator=torch.Generator().manual_seed(5))
+    out = {}
+    try:
+        for pattern in patterns:
+            for tp in (1, 2):
+                init_parallel(tp, 1, seed=11)
+                p = replace(preset("tiny"), pattern=pattern)   # 4 heads, 2 kv heads
+                # vert_stride 4: DKernel step 1 for the model's 4 heads, 2 for a TP rank's 2 heads
+                cfg = transformer_config(p, tensor_model_parallel_size=tp, seqpar_backend="torch",
+                                         s2_block_size=16, s2_local_blocks=1, s2_vert_stride=4)
+                torch.manual_seed(11)
+                model = build_gpt(p, cfg, vocab_size=96, max_sequence_length=32)
+                with torch.no_grad():
+                    loss = model(ids, torch.arange(32)[None].expand(2, -1), None, labels=ids).mean()
+                out[(pattern, tp)] = float(loss)
+                parallel_state.destroy_model_parallel()
+    finally:
+        disable_cpu_compat()
+    return out
+
+
+def test_same_seed_tp1_and_tp2_give_the_same_step1_loss():
+    # every kind that runs under TP (MoH needs TP=1): the TP=2 model is the TP=1 model. Lightning
+    # used to differ (each rank read its contiguous chunk of [q|k|v|gate] as its own q/k/v/gate)
+    patterns = ("A", "S", "L", "ASL")
+    for res in run_ranks(_step1_losses, 2, patterns, timeout=300):
+        for pattern in patterns:
+            assert res[(pattern, 2)] == pytest.approx(res[(pattern, 1)], rel=1e-6, abs=0), pattern

@@ -1,4 +1,4 @@
-"""Install layout and the one-way import rule of DESIGN.md §1."""
+"""Install layout and the one-way import rule of docs/design.md."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # import name prefix -> source folder (pyproject's package-dir mapping)
 MAPPING = {"seqpar.kernels": ROOT / "kernels", "seqpar.models": ROOT / "models", "seqpar": ROOT / "seqpar"}
-# DESIGN §1: seqpar.kernels -> seqpar.cp -> seqpar.nn -> seqpar.megatron / deepspeed -> seqpar.models
+# docs/design.md: seqpar.kernels -> seqpar.cp -> seqpar.nn -> seqpar.megatron / deepspeed -> seqpar.models
 #            -> seqpar.train -> seqpar.export. A module may import only its own layer or lower ones.
 LAYERS = {
     "seqpar.kernels": 0, "seqpar.cp": 1, "seqpar.nn": 2, "seqpar.megatron": 3, "seqpar.deepspeed": 3,
     "seqpar.models": 4, "seqpar.train": 5, "seqpar.export": 6, "seqpar.data": 5,
 }
-# Only these may call torch.distributed (DESIGN §1: comm.py on the attention path; process-group
+# Only these may call torch.distributed (docs/design.md: comm.py on the attention path; process-group
 # set-up lives in train/, megatron/, deepspeed/).
 DIST_ALLOWED = ("seqpar.cp.comm", "seqpar.train", "seqpar.megatron", "seqpar.deepspeed")
 
@@ -98,4 +98,4 @@ def test_imports_flow_one_way(name, path):
         if own is None or not imp.startswith("seqpar."):
             continue
         other = _layer(imp)
-        assert other is None or other <= own, f"{name} (layer {own}) imports {imp} (layer {other}): DESIGN §1 order"
+        assert other is None or other <= own, f"{name} (layer {own}) imports {imp} (layer {other}): docs/design.md order"

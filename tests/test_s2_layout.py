@@ -22,7 +22,7 @@ def _parse(rows: str) -> torch.Tensor:
 
 
 # docs/s2.md: 8 blocks, vert_stride=4, local_blocks=2, 4 heads (step = 1)
-DESIGN_HEAD0 = """
+DOC_HEAD0 = """
 x
 x x
 x x x
@@ -32,7 +32,7 @@ x . . . x x
 x . . . x x x
 x . . . x . x x
 """
-DESIGN_HEAD1 = """
+DOC_HEAD1 = """
 x
 x x
 . x x
@@ -43,7 +43,7 @@ x x
 . . . x . . x x
 """
 # same layout, kv heads 2 and 3: columns with (j + g) % 4 == 0
-DESIGN_HEAD2 = """
+DOC_HEAD2 = """
 x
 x x
 . x x
@@ -53,7 +53,7 @@ x x
 . . x . . x x
 . . x . . . x x
 """
-DESIGN_HEAD3 = """
+DOC_HEAD3 = """
 x
 x x
 . x x
@@ -68,7 +68,7 @@ x x
 def test_design_picture_heads():
     lay = S2Layout(block_size=16, local_blocks=2, vert_stride=4)
     m = lay.block_mask(4, 4, 8, 8)
-    for g, pic in enumerate((DESIGN_HEAD0, DESIGN_HEAD1, DESIGN_HEAD2, DESIGN_HEAD3)):
+    for g, pic in enumerate((DOC_HEAD0, DOC_HEAD1, DOC_HEAD2, DOC_HEAD3)):
         assert torch.equal(m[g], _parse(pic)), f"kv head {g}"
 
 
@@ -83,13 +83,13 @@ def test_picture_text_matches_design_drawing():
 
 def test_homo_head_dense_heads_and_sliding_offset():
     homo = S2Layout(block_size=16, local_blocks=2, vert_stride=4, homo_head=True).block_mask(4, 4, 8, 8)
-    assert all(torch.equal(homo[g], _parse(DESIGN_HEAD0)) for g in range(4))
+    assert all(torch.equal(homo[g], _parse(DOC_HEAD0)) for g in range(4))
     dense = S2Layout(block_size=16, local_blocks=2, vert_stride=4, num_dense_heads=2).block_mask(4, 4, 8, 8)
     causal = torch.ones(8, 8, dtype=torch.bool).tril()
-    assert torch.equal(dense[0], _parse(DESIGN_HEAD0)) and torch.equal(dense[1], _parse(DESIGN_HEAD1))
+    assert torch.equal(dense[0], _parse(DOC_HEAD0)) and torch.equal(dense[1], _parse(DOC_HEAD1))
     assert torch.equal(dense[2], causal) and torch.equal(dense[3], causal)
     shifted = S2Layout(block_size=16, local_blocks=2, vert_stride=4, head_sliding_offset=1).block_mask(4, 4, 8, 8)
-    assert torch.equal(shifted[0], _parse(DESIGN_HEAD1)) and torch.equal(shifted[3], _parse(DESIGN_HEAD0))
+    assert torch.equal(shifted[0], _parse(DOC_HEAD1)) and torch.equal(shifted[3], _parse(DOC_HEAD0))
 
 
 def test_gqa_groups_share_kv_head_pattern():

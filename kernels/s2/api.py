@@ -38,11 +38,9 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: Option
     elif q_offset is None:
         q_offset = k_offset + sk - sq  # bottom-right aligned (flash-attn >= 2.1)
     if layout is not None:
-        if q_offset < 0 or k_offset < 0 or q_offset % block_size or k_offset % block_size:
-            raise ValueError(
-                f"S2 needs q_offset and k_offset >= 0 and multiples of layout.block_size={block_size} "
-                f"(blocks are absolute), got q_offset={q_offset}, k_offset={k_offset}"
-            )
+        if q_offset < 0 or k_offset < 0:
+            raise ValueError(f"S2 needs q_offset and k_offset >= 0 (blocks are absolute: block = position // "
+                             f"block_size), got q_offset={q_offset}, k_offset={k_offset}")
         total_kv_heads = layout.validate_head_slice(hkv, kv_head_offset, total_kv_heads)
         # the rotation step follows the model's query heads (the GQA group size is slice-invariant)
         layout = layout.with_heads(h // hkv * total_kv_heads)
@@ -81,9 +79,10 @@ def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: S2La
             the layout restarts at each document start (documents need not be block-aligned).
         return_lse: also return ``lse`` fp32 ``[batch, heads, seq_q]`` (natural log); gradients
             flow through it.
-        q_offset, k_offset: absolute positions of q row 0 and k row 0 (for context parallelism);
-            both multiples of ``block_size`` and >= 0. Default ``q_offset = k_offset + seq_k - seq_q``.
-            The block of a token is ``position // block_size``. Not combinable with cu_seqlens.
+        q_offset, k_offset: absolute positions of q row 0 and k row 0 (context parallelism,
+            decoding), any ints >= 0 (one-token decode at position p: ``q_offset=p``). Default
+            ``q_offset = k_offset + seq_k - seq_q``. The block of a token is ``position //
+            block_size``. Not combinable with cu_seqlens.
         causal: must be True: S2 is causal by construction (ValueError otherwise).
         kv_head_offset, total_kv_heads: for a slice of the heads (head-sharded context
             parallelism): local kv head ``g`` is global kv head ``kv_head_offset + g`` of

@@ -1,4 +1,4 @@
-"""seqpar.cp: context parallelism for every attention kind (DESIGN.md §1-2).
+"""seqpar.cp: context parallelism for every attention kind (docs/cp.md).
 
 ``comm.py`` is the only attention-path module that calls torch.distributed.
 

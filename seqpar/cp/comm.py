@@ -1,6 +1,6 @@
 """Collectives for context parallelism, and the exact byte/call ledger.
 
-This is the only attention-path module that calls ``torch.distributed`` (DESIGN.md §1). Every
+This is the only attention-path module that calls ``torch.distributed`` (docs/design.md). Every
 strategy talks to its group through one :class:`Comm`, so every byte that crosses a link is
 recorded by :func:`comm_ledger` when one is active.
 

@@ -1,4 +1,4 @@
-"""LASP-2 for Lightning linear attention with exact decay (PAPERS.md "LASP-2").
+"""LASP-2 for Lightning linear attention with exact decay (arXiv 2502.07563; docs/lightning.md).
 
 Each local chunk (two under zigzag) runs the per-rank kernel from a zero state, giving its intra
 output and its local state ``M_j``. One all-gather of the states (fp32 ``[chunks, b, H, dk, dv]``)

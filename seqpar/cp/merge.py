@@ -8,7 +8,7 @@ the attention over each set. With partials ``(o_i, lse_i)``::
 A partial whose key set was empty for a row has ``lse_i = -inf`` and contributes nothing; if every
 partial is empty the row's output is 0 and its lse is -inf (no NaN, forward or backward).
 
-Linear attention with decay (DESIGN.md §2: ``S_t = λ S_{t-1} + k_tᵀ v_t``, ``λ = exp(-slope)``):
+Linear attention with decay (docs/lightning.md: ``S_t = λ S_{t-1} + k_tᵀ v_t``, ``λ = exp(-slope)``):
 a chunk's local state ``M_j`` is the state after its last token ``e_j`` starting from zero,
 ``M_j = Σ_{s in chunk j} λ^{e_j - s} k_sᵀ v_s``. Unrolling the recurrence, the state entering
 chunk r (at position ``start_r - 1``) is::

@@ -1,5 +1,5 @@
 """USP: 2-D context parallelism, Ulysses inside groups of ``ulysses_degree`` ranks and ring across
-them (PAPERS.md, arXiv 2405.07719), built from one CP group.
+them (arXiv 2405.07719; docs/cp.md), built from one CP group.
 
 Group rank ``r = i·U + u``: Ulysses group ``i`` holds ranks ``i·U .. i·U+U-1``, ring group ``u`` the
 ranks with the same ``u``. The all-to-all turns the ``U`` members' sequence shards into head

@@ -1,18 +1,38 @@
 """Datasets addressed by (step, rank): a batch depends only on the step and the seed, so a resumed
 run reads exactly the batches an uninterrupted one would.
 
-``PackedTextDataset``: a token stream (documents joined by EOS) cut into ``seq_len + 1`` windows,
-visited in a seeded permutation. ``MQARDataset``: Zoology's multi-query associative recall.
+``PackedTextDataset``: a token stream cut into ``seq_len + 1`` windows, visited in a seeded
+permutation; ``PackedTextDataset.from_documents`` builds the stream from documents, each followed by
+the tokenizer's EOS (so a window that spans two documents sees where one ends)::
+
+    doc A tokens | EOS | doc B tokens | EOS | doc C ...   ->   windows of seq_len + 1 tokens
+ ``MQARDataset``: Zoology's multi-query associative recall.
 Both return ``tokens, labels, loss_mask`` as ``[batch, seq_len]``.
 """
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 import torch
 
 
+def encode_documents(tokenizer: Any, documents: Sequence[str]) -> torch.Tensor:
+    """int64 ``[total]``: every document's tokens followed by ``tokenizer.eos_id()`` (sentencepiece
+    API: ``encode(str) -> list[int]``, ``eos_id() -> int``)."""
+    eos = int(tokenizer.eos_id())
+    if eos < 0:
+        raise ValueError("the tokenizer has no EOS piece (eos_id() < 0); train it with an eos_id")
+    ids: list[int] = []
+    for doc in documents:
+        ids.extend(tokenizer.encode(doc))
+        ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
 class PackedTextDataset:
-    """Packed language-modelling windows over a 1-D token tensor."""
+    """Packed language-modelling windows over a 1-D token tensor (``ids`` as given; use
+    :meth:`from_documents` for documents joined by EOS)."""
 
     def __init__(self, ids: torch.Tensor, seq_len: int, seed: int = 0) -> None:
         if ids.dim() != 1:
@@ -24,6 +44,13 @@ class PackedTextDataset:
                              f"lower data.seq_len or add text")
         self.ids = ids
         self.seed = seed
+
+    @classmethod
+    def from_documents(cls, tokenizer: Any, documents: Sequence[str], seq_len: int, seed: int = 0
+                       ) -> "PackedTextDataset":
+        """Windows over ``documents`` encoded by ``tokenizer``, each followed by EOS
+        (:func:`encode_documents`)."""
+        return cls(encode_documents(tokenizer, documents), seq_len, seed)
 
     def _order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)

@@ -13,26 +13,62 @@ from typing import Optional
 DEFAULT_CACHE = pathlib.Path(os.environ.get("SEQPAR_CACHE", pathlib.Path.home() / ".cache" / "seqpar"))
 
 
-def stdlib_corpus(max_bytes: int = 2_000_000) -> str:
-    """Text of the standard library's top-level ``*.py`` files in sorted order, up to ``max_bytes``."""
-    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    parts, total = [], 0
-    for path in sorted(root.glob("*.py")):
+def _stdlib_files() -> list[pathlib.Path]:
+    return sorted(pathlib.Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+
+
+def _budget(texts, max_bytes: int) -> list[str]:
+    # documents in order until max_bytes characters (the last one cut there)
+    out, total = [], 0
+    for text in texts:
+        if total >= max_bytes:
+            break
+        out.append(text[:max_bytes - total])
+        total += len(out[-1])
+    return out
+
+
+def _read_stdlib():
+    for path in _stdlib_files():
         try:
-            text = path.read_text(encoding="utf-8")
+            yield path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             continue
+
+
+def stdlib_corpus(max_bytes: int = 2_000_000) -> str:
+    """Text of the standard library's top-level ``*.py`` files in sorted order, up to ``max_bytes``."""
+    parts, total = [], 0
+    for text in _read_stdlib():
         parts.append(text)
         total += len(text)
         if total >= max_bytes:
             break
     if not parts:
-        raise ValueError(f"no Python sources found under {root}; pass text_files to train the tokenizer")
+        raise ValueError(f"no Python sources found under {sysconfig.get_paths()['stdlib']}; pass text_files "
+                         f"to train the tokenizer")
     return "\n".join(parts)[:max_bytes]
 
 
+def load_documents(text_files: Optional[list[str]], max_bytes: int) -> list[str]:
+    """The corpus as documents: one per file of ``text_files`` (or per standard-library ``*.py``
+    file when None), in order, ``max_bytes`` characters in total (the last document cut there).
+    :class:`~seqpar.data.PackedTextDataset.from_documents` joins them with EOS."""
+    if not text_files:
+        docs = _budget(_read_stdlib(), max_bytes)
+        if not docs:
+            raise ValueError(f"no Python sources found under {sysconfig.get_paths()['stdlib']}; pass "
+                             f"data.text_files")
+        return docs
+    for f in text_files:
+        if not pathlib.Path(f).is_file():
+            raise ValueError(f"data.text_files entry {f!r} is not a file")
+    return _budget((pathlib.Path(f).read_text(encoding="utf-8", errors="replace") for f in text_files), max_bytes)
+
+
 def load_text(text_files: Optional[list[str]], max_bytes: int) -> str:
-    """Concatenated ``text_files`` (or the stdlib corpus when None), at most ``max_bytes`` characters."""
+    """Concatenated ``text_files`` (or the stdlib corpus when None), at most ``max_bytes`` characters
+    (the tokenizer's training text; the dataset reads :func:`load_documents`)."""
     if not text_files:
         return stdlib_corpus(max_bytes)
     parts = []

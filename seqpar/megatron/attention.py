@@ -389,9 +389,18 @@ class LightningSelfAttention(MegatronModule):
         self.scheme = _scheme("lightning", config, cp_comm_type)
         self.backend = getattr(config, "seqpar_backend", "auto")
         width = self.head_dim * (2 * config.num_attention_heads + 2 * config.num_query_groups)
+        # megatron's CPU initialisation draws the full [width, hidden] matrix on every rank and hands
+        # rank r its r-th contiguous row chunk; this layer reads its rows as [q_r | k_r | v_r | gate_r]
+        # (a slice of each section), so it keeps the full matrix and re-splits it per section, as
+        # megatron's stride=2 does for SwiGLU's [gate; up] (sections here have unequal sizes)
+        resplit = tp > 1 and config.use_cpu_initialization and config.perform_initialization
+        extra = {"keep_master_weight_for_test": True} if resplit else {}
         self.linear_qkvg = submodules.linear_qkvg(
             config.hidden_size, width, config=config, init_method=config.init_method, gather_output=False,
-            bias=config.add_bias_linear, skip_bias_add=False, is_expert=False, tp_group=self.pg_collection.tp)
+            bias=config.add_bias_linear, skip_bias_add=False, is_expert=False, tp_group=self.pg_collection.tp,
+            **extra)
+        if resplit:
+            self._resplit_qkvg(tp, tp_rank)
         self.linear_proj = submodules.linear_proj(
             config.num_attention_heads * self.head_dim, config.hidden_size, config=config,
             init_method=config.output_layer_init_method, bias=config.add_bias_linear, input_is_parallel=True,
@@ -403,6 +412,18 @@ class LightningSelfAttention(MegatronModule):
         self.register_buffer("slopes", slopes[tp_rank * self.heads:(tp_rank + 1) * self.heads].clone(),
                              persistent=False)
         self.eps = config.layernorm_epsilon
+
+    def _sections(self, tp: int = 1) -> list[int]:
+        """Row counts of the q, k, v, gate sections of ``linear_qkvg`` (this rank's when tp=1)."""
+        d = self.head_dim
+        return [tp * self.heads * d, tp * self.kv_heads * d, tp * self.kv_heads * d, tp * self.heads * d]
+
+    @torch.no_grad()
+    def _resplit_qkvg(self, tp: int, tp_rank: int) -> None:
+        # this rank's slice of every section of the full (TP=1) matrix: the TP=1 model at any TP size
+        master = self.linear_qkvg.__dict__.pop("master_weight")
+        parts = torch.split(master, self._sections(tp), dim=0)
+        self.linear_qkvg.weight.copy_(torch.cat([p.chunk(tp, dim=0)[tp_rank] for p in parts], dim=0))
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
                            metadata: Optional[dict] = None) -> dict:

@@ -41,6 +41,9 @@ from torch.distributed.checkpoint.filesystem import SerializationFormat, _write_
 
 from seqpar.megatron.cpu_compat import cpu_checkpoint_request
 
+TOKENIZER_FILE = "tokenizer.model"  # the run's sentencepiece model, inside each step folder
+
+
 def _layout() -> dict[str, int]:
     return {"tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
             "context_parallel": parallel_state.get_context_parallel_world_size(),
@@ -145,9 +148,11 @@ def _rng_object(rng: Any) -> ShardedObject:
 
 
 def save(ckpt_dir: str | pathlib.Path, step: int, model: Sequence[torch.nn.Module], opt: Any, *, rng: Any,
-         config: dict[str, Any]) -> pathlib.Path:
+         config: dict[str, Any], tokenizer_model: Optional[bytes] = None) -> pathlib.Path:
     """Write step ``step`` (model chunks, the megatron optimizer's state incl. fp32 main weights, RNG
-    states, config) to ``<ckpt_dir>/step_N`` atomically. Collective: every rank calls it."""
+    states, config) to ``<ckpt_dir>/step_N`` atomically. Collective: every rank calls it.
+    ``tokenizer_model``: the run's serialized sentencepiece model, written as ``step_N/tokenizer.model``
+    (export reads it)."""
     root = pathlib.Path(ckpt_dir)
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp_step_{step:07d}"
@@ -169,6 +174,8 @@ def save(ckpt_dir: str | pathlib.Path, step: int, model: Sequence[torch.nn.Modul
     if not torch.cuda.is_available():
         request = cpu_checkpoint_request(request)  # the staging step needs CUDA (cpu_compat docstring)
     request.execute_sync()  # write, barrier, then rank 0 writes the global metadata
+    if tokenizer_model is not None and dist.get_rank() == 0:
+        (tmp / TOKENIZER_FILE).write_bytes(tokenizer_model)
     dist.barrier()
     if dist.get_rank() == 0:
         shutil.rmtree(final, ignore_errors=True)

@@ -39,7 +39,7 @@ from seqpar.train.step import StepResult, forward_backward, micro_batches, optim
 
 def build_data(cfg: RunConfig):
     """Dataset and vocabulary size (the tokenizer is trained once by rank 0, then loaded by all)."""
-    from seqpar.data import MQARDataset, PackedTextDataset, get_tokenizer, load_text
+    from seqpar.data import MQARDataset, PackedTextDataset, get_tokenizer, load_documents, load_text
 
     d = cfg.data
     if d.dataset == "mqar":
@@ -50,8 +50,10 @@ def build_data(cfg: RunConfig):
         get_tokenizer(d.vocab_size, text, cache)
     dist.barrier()
     sp = get_tokenizer(d.vocab_size, text, cache)
-    ids = torch.tensor(sp.encode(text), dtype=torch.long)
-    return PackedTextDataset(ids, d.seq_len, seed=cfg.train.seed), sp.vocab_size()
+    docs = load_documents(d.text_files, d.max_bytes)  # each document followed by EOS
+    ds = PackedTextDataset.from_documents(sp, docs, d.seq_len, seed=cfg.train.seed)
+    ds.tokenizer_model = sp.serialized_model_proto()  # saved in every checkpoint (export needs it)
+    return ds, sp.vocab_size()
 
 
 def model_config(cfg: RunConfig):
@@ -398,6 +400,6 @@ def _train(cfg: RunConfig, resume: bool, stop_after: Optional[int]) -> list[floa
         logger.log(step, res, time.perf_counter() - t0, timer)
         if step + 1 == end or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
             checkpoint.save(ckpt_dir, step + 1, engine.model, engine.optimizer, rng=_rng_state(),
-                            config=cfg.to_dict())
+                            config=cfg.to_dict(), tokenizer_model=getattr(data, "tokenizer_model", None))
     logger.close(start, end, losses, ckpt_dir, out)
     return losses
