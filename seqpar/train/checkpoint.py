@@ -81,6 +81,19 @@ def _model_state(model: Sequence[torch.nn.Module]) -> dict[str, Any]:
 
 
 @torch.no_grad()
+def init_optimizer_state(opt: Any) -> None:
+    """A fresh optimizer's state, as a step-0 checkpoint holds it: zero Adam moments, step 0 (e.g. for
+    a run folder made from imported weights)."""
+    _ensure_optimizer_state(opt)
+    for sub in getattr(opt, "chained_optimizers", [opt]):
+        for state in sub.optimizer.state.values():
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in state:
+                    state[k].zero_()
+
+
+@torch.no_grad()
 def _ensure_optimizer_state(opt: Any) -> None:
     """Give a fresh megatron optimizer its Adam state (zeros, step 1) so that its sharded state dict
     has the buffers ``dist_checkpointing.load`` fills in place. torch's AdamW creates its state in the
@@ -194,9 +207,10 @@ def latest(ckpt_dir: str | pathlib.Path) -> Optional[pathlib.Path]:
     return root / ptr.read_text().strip()
 
 
-def load(path: pathlib.Path, model: Sequence[torch.nn.Module], opt: Any) -> dict[str, Any]:
-    """Load a checkpoint folder into the model chunks and the megatron optimizer at this run's parallel
-    layout (TP, PP and DP x CP may differ from the ones it was written with). Returns ``step``,
+def load(path: pathlib.Path, model: Sequence[torch.nn.Module], opt: Any = None) -> dict[str, Any]:
+    """Load a checkpoint folder into the model chunks and the megatron optimizer (``opt`` None: the
+    model only) at this run's parallel layout (TP, PP and DP x CP may differ from the ones it was
+    written with). Returns ``step``,
     ``config``, ``layout`` and ``rng`` — this rank's RNG states, or None when the checkpoint was
     written with another parallel layout (per-rank generator states do not map across layouts)."""
     if not (path / "metadata.json").is_file():
@@ -204,18 +218,29 @@ def load(path: pathlib.Path, model: Sequence[torch.nn.Module], opt: Any) -> dict
                          f"pass a step_N folder written by seqpar.train")
     common = dist_checkpointing.load_common_state_dict(str(path))
     kind = common.get("optimizer_kind")
-    if kind != _optimizer_kind(opt):
+    fresh = opt is not None and kind != _optimizer_kind(opt) and common["step"] == 0
+    if fresh:
+        # a step-0 checkpoint holds a fresh optimizer (zero moments, main weights = the model's, e.g. from
+        # seqpar-import): either optimizer kind starts from its model weights alone
+        loaded = load(path, model, None)
+        opt.reload_model_params()
+        return loaded
+    if opt is not None and kind != _optimizer_kind(opt):
         raise ValueError(f"{path} holds the state of a {kind} optimizer but this run builds a "
                          f"{_optimizer_kind(opt)} one; set optim.distributed to the value the checkpoint was "
                          f"written with ({'true' if kind == 'distributed' else 'false'})")
-    _ensure_optimizer_state(opt)
-    sd = _sharded_state(model, opt, loading=True)
+    if opt is None:
+        sd = {"model": _model_state(model)}
+    else:
+        _ensure_optimizer_state(opt)
+        sd = _sharded_state(model, opt, loading=True)
     same_layout = common["layout"] == _layout()
     if same_layout:
         sd["rng"] = _rng_object(None)
     loaded = dist_checkpointing.load(sd, str(path))
     getattr(model[0], "module", model[0]).load_state_dict(loaded["model"])
-    opt.load_state_dict(loaded["optimizer"])
-    _unshare_adamw_steps(opt)
+    if opt is not None:
+        opt.load_state_dict(loaded["optimizer"])
+        _unshare_adamw_steps(opt)
     return {"step": common["step"], "config": common["config"], "layout": common["layout"],
             "rng": loaded["rng"] if same_layout else None}
