@@ -325,7 +325,7 @@ def test_check_layout_accepts_runnable_layouts_and_lists_every_problem():
     check_layout(pattern="AL", context_parallel=4, cp_schemes={"softmax": "ulysses", "lightning": "usp"},
                  usp_ulysses_degree=2, seq_len=64, **_TINY)   # 2 kv heads, CP 4: kv heads replicated
     with pytest.raises(ValueError) as e:
-        check_layout(pattern="SH", tensor_parallel=2, pipeline_parallel=3, **_TINY)
+        check_layout(pattern="SH", tensor_parallel=3, pipeline_parallel=3, **_TINY)
     assert len(str(e.value).splitlines()) == 2   # both problems, one line each
     with pytest.raises(ValueError, match="tensor_model_parallel_size=4"):
         check_layout(pattern="A", tensor_parallel=4, names=MEGATRON_NAMES, **_TINY)

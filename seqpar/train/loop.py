@@ -93,10 +93,14 @@ def _seeded(seed: int, name: str) -> Iterator[None]:
         yield
 
 
-def _seeded_layer_class(seed: int) -> type:
-    class SeededTransformerLayer(TransformerLayer):
-        """megatron's TransformerLayer initialised from its *global* layer number: a stage of a
-        pipeline-parallel model starts with exactly the layers of the one-stage model."""
+def _seeded_layer_class(seed: int, base: type) -> type:
+    """``base`` (the spec's layer class, megatron's TransformerLayer) seeded by its global layer number."""
+    if not issubclass(base, TransformerLayer):
+        raise TypeError(f"layer spec module {base.__name__} is not a megatron TransformerLayer")
+
+    class SeededTransformerLayer(base):
+        """The layer initialised from its *global* layer number: a stage of a pipeline-parallel model
+        starts with exactly the layers of the one-stage model."""
 
         def __init__(self, config, submodules, layer_number: int = 1, *args: Any, **kwargs: Any) -> None:
             pg = kwargs.get("pg_collection")
@@ -145,9 +149,11 @@ def build_model(cfg: RunConfig, vocab_size: int) -> list[torch.nn.Module]:
     tcfg = model_config(cfg)
     p = _preset(cfg)
     spec = layer_specs_for_stage(p.pattern, tcfg)
-    layer_cls = _seeded_layer_class(cfg.train.seed)
+    seeded: dict[type, type] = {}
     for s in spec.layer_specs:
-        s.module = layer_cls
+        if s.module not in seeded:
+            seeded[s.module] = _seeded_layer_class(cfg.train.seed, s.module)
+        s.module = seeded[s.module]
     with _seeded(cfg.train.seed, "embedding"):
         model = GPTModel(tcfg, spec, vocab_size=vocab_size, max_sequence_length=cfg.data.seq_len,
                          position_embedding_type="rope", share_embeddings_and_output_weights=False,

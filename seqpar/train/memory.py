@@ -95,9 +95,11 @@ def _fake_world(world_size: int, rank: int, cfg: Any) -> Iterator[None]:
     from megatron.core import parallel_state
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from seqpar.megatron.cpu_compat import enable_cpu_compat, model_parallel_seed
+    from seqpar.megatron.cpu_compat import (cpu_compat_enabled, disable_cpu_compat, enable_cpu_compat,
+                                            model_parallel_seed)
 
     par = cfg.parallel
+    compat_before = cpu_compat_enabled()
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
         if not torch.cuda.is_available():
@@ -114,6 +116,8 @@ def _fake_world(world_size: int, rank: int, cfg: Any) -> Iterator[None]:
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
+        if not compat_before:
+            disable_cpu_compat()
 
 
 def layout_memory(cfg: Any, world_size: int, vocab_size: int) -> list[ShardMemory]:
@@ -159,9 +163,12 @@ def report(cfg: Any, world_size: int, vocab_size: int) -> dict[str, Any]:
     dp = world_size // (par.tensor_parallel * par.context_parallel * par.pipeline_parallel)
     distributed = cfg.optim.distributed if cfg.optim.distributed is not None else dp * par.context_parallel > 1
     pb, gb, ob = bytes_per_param(cfg.model.dtype == "bf16", distributed, dp * par.context_parallel)
+    shape = cfg.model.shape
     return {"dry_run": "ok", "world": world_size, "tensor_parallel": par.tensor_parallel,
             "pipeline_parallel": par.pipeline_parallel, "context_parallel": par.context_parallel,
             "data_parallel": dp, "distributed_optimizer": distributed, "pattern": cfg.model.layer_pattern,
+            "layers": shape.num_layers, "hidden": shape.hidden_size, "heads": shape.num_attention_heads,
+            "kv_heads": shape.num_query_groups,
             "bytes_per_param": {"param": pb, "grad": gb, "optimizer": ob},
             "shards": [{**asdict(s), "total_bytes": s.total_bytes} for s in shards],
             "max_rank_bytes": max(s.total_bytes for s in shards)}
