@@ -132,6 +132,10 @@ class ParallelConfig(AttentionParallelFields):
     overlap_grad_reduce: bool = True
     """megatron-core DDP: start each gradient bucket's DP x CP all-reduce (reduce-scatter with the
     distributed optimizer) during backward, as soon as the bucket's gradients are ready."""
+    distributed_timeout_s: PositiveFloat = 300.0
+    """Timeout (seconds) of every process group (torch's default group, megatron's groups, seqpar.cp's
+    subgroups): a collective that waits longer on a dead or hung rank raises on the surviving ranks,
+    which then exit non-zero naming the failed rank / host (seqpar.train.signals)."""
 
 
 class DataConfig(Strict):

@@ -32,7 +32,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, get_tr
 from seqpar.megatron import init_parallel
 from seqpar.megatron.specs import layer_specs_for_stage
 from seqpar.models import transformer_config
-from seqpar.train import checkpoint
+from seqpar.train import checkpoint, health, signals
 from seqpar.train.config import RunConfig
 from seqpar.train.step import StepResult, forward_backward, micro_batches, optimizer_step, param_device
 
@@ -241,14 +241,24 @@ def build_engine(cfg: RunConfig, vocab_size: int) -> Engine:
     return Engine(model, opt, sched, cfg.data.micro_batch)
 
 
-def train_step(engine: Engine, tokens: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> StepResult:
+def train_step(engine: Engine, tokens: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, *,
+               monitor: Optional[health.HealthMonitor] = None, step: int = 0) -> StepResult:
     """One optimizer step on this DP rank's ``[b, seq]`` share of the global batch (split into
-    micro-batches and CP shares here)."""
+    micro-batches and CP shares here). ``monitor`` (the run's NaN/inf checks): guards the forward /
+    backward of 0-based ``step`` and may veto the update after seeing the loss and the grad norm
+    (``res.updated`` False)."""
     for chunk in engine.model:
         chunk.zero_grad_buffer()
     engine.optimizer.zero_grad()
-    res = forward_backward(engine.model, micro_batches(tokens, labels, mask, engine.micro_batch))
-    res.grad_norm, res.lr = optimizer_step(engine.optimizer, engine.scheduler)
+    batches = micro_batches(tokens, labels, mask, engine.micro_batch)
+    if monitor is None:
+        res = forward_backward(engine.model, batches)
+        check = None
+    else:
+        with monitor.guard(step):
+            res = forward_backward(engine.model, batches)
+        check = lambda grad_norm: monitor.check(step, res.loss, grad_norm)  # noqa: E731
+    res.grad_norm, res.lr, res.updated = optimizer_step(engine.optimizer, engine.scheduler, check)
     return res
 
 
@@ -324,15 +334,16 @@ class _Logger:
         self.cfg, self.writer, self.bar = cfg, None, None
         if dist.get_rank() == 0:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(out / "tb"), purge_step=start)
+            # scalars of step s are logged at s + 1, so the checkpoint's own last point (start) is kept
+            self.writer = SummaryWriter(str(out / "tb"), purge_step=start + 1)
             if cfg.train.progress:
                 from tqdm import tqdm
                 self.bar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True)
 
-    def log(self, step: int, res: StepResult, dt: float, timer: Optional["AttentionTimer"]) -> None:
+    def log(self, step: int, res: StepResult, dt: float, timer: Optional["AttentionTimer"], skipped: int = 0) -> None:
         if self.writer is not None and (step + 1) % self.cfg.train.log_every == 0:
             for k, v in {"loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm, "aux_loss": res.aux_loss,
-                         "tokens_per_s": res.tokens / dt}.items():
+                         "tokens_per_s": res.tokens / dt, "skipped_steps": skipped}.items():
                 self.writer.add_scalar(f"train/{k}", v, step + 1)
             for kind, sec in (timer.pop() if timer else {}).items():
                 self.writer.add_scalar(f"attention_fwd_ms/{kind}", 1e3 * sec, step + 1)
@@ -351,15 +362,15 @@ class _Logger:
                  if losses else "no steps run")
         print(f"[seqpar.train] steps {start}->{end}, {trend}\n"
               f"  checkpoint:  {checkpoint.latest(ckpt_dir)}\n"
+              f"  export (HF): {sys.executable} -m seqpar.export.hf {out} {out / 'hf'}\n"
               f"  tensorboard: {_tensorboard_cmd()} --logdir {out / 'tb'}", flush=True)
 
 
-def _resume(engine: Engine, ckpt_dir: pathlib.Path) -> int:
-    """Load ``<ckpt_dir>/latest`` into the engine; returns its step."""
-    path = checkpoint.latest(ckpt_dir)
-    if path is None:
-        raise ValueError(f"--resume: no checkpoint under {ckpt_dir}")
-    state = checkpoint.load(path, engine.model, engine.optimizer)
+def _resume(engine: Engine, ckpt_dir: pathlib.Path, cfg: RunConfig) -> int:
+    """Load the newest intact checkpoint under ``ckpt_dir`` (manifest-verified, recipe compared) into
+    the engine; returns its step."""
+    path = checkpoint.resumable(ckpt_dir, cfg.train.on_corrupt_checkpoint)
+    state = checkpoint.load(path, engine.model, engine.optimizer, config=cfg.to_dict())
     if state["rng"] is not None:
         _set_rng_state(state["rng"])
     elif dist.get_rank() == 0:
@@ -379,11 +390,14 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = N
     if world is not None:
         cfg.check_world(world)
     par = cfg.parallel
-    init_parallel(par.tensor_parallel, par.context_parallel, par.pipeline_parallel, seed=cfg.train.seed)
+    init_parallel(par.tensor_parallel, par.context_parallel, par.pipeline_parallel, seed=cfg.train.seed,
+                  timeout_s=par.distributed_timeout_s)
     try:
-        return _train(cfg, resume, stop_after)
+        losses = _train(cfg, resume, stop_after)
     finally:
         parallel_state.destroy_model_parallel()
+    signals.raise_if_stopped()  # SystemExit(signals.EXIT_INTERRUPTED) after a signal stopped the loop
+    return losses
 
 
 def _train(cfg: RunConfig, resume: bool, stop_after: Optional[int]) -> list[float]:
@@ -391,21 +405,29 @@ def _train(cfg: RunConfig, resume: bool, stop_after: Optional[int]) -> list[floa
     engine = build_engine(cfg, vocab)
     out = pathlib.Path(cfg.train.out_dir)
     ckpt_dir = out / "checkpoints"
-    start = _resume(engine, ckpt_dir) if resume else 0
+    checkpoint.prepare_out_dir(out, resume=resume, overwrite=cfg.train.overwrite)  # h16: no silent mixing of runs
+    start = _resume(engine, ckpt_dir, cfg) if resume else 0
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
     logger = _Logger(cfg, out, start)
     device = param_device(engine.model)
     timer = AttentionTimer(engine.model[0]) if cfg.train.time_attention else None
+    monitor = health.HealthMonitor.from_config(cfg, engine.model)  # h16: NaN/inf stop or skip
     losses = []
     for chunk in engine.model:
         chunk.train()
     for step in range(start, end):
         t0 = time.perf_counter()
-        res = train_step(engine, *_batch(data, step, cfg, device))
+        res = train_step(engine, *_batch(data, step, cfg, device), monitor=monitor, step=step)
         losses.append(res.loss)
-        logger.log(step, res, time.perf_counter() - t0, timer)
-        if step + 1 == end or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
-            checkpoint.save(ckpt_dir, step + 1, engine.model, engine.optimizer, rng=_rng_state(),
-                            config=cfg.to_dict(), tokenizer_model=getattr(data, "tokenizer_model", None))
+        logger.log(step, res, time.perf_counter() - t0, timer, monitor.skipped)
+        stop = signals.stop_requested()  # a SIGTERM/SIGUSR1/SIGINT on any rank: save now, then exit (all ranks)
+        last = step + 1 == end or stop
+        saved = None
+        if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
+            saved = checkpoint.save(ckpt_dir, step + 1, engine.model, engine.optimizer, rng=_rng_state(),
+                                    config=cfg.to_dict(), tokenizer_model=getattr(data, "tokenizer_model", None))
+        if stop:
+            signals.stopped(step + 1, saved)
+            break
     logger.close(start, end, losses, ckpt_dir, out)
     return losses

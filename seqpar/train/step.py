@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.utils import get_batch_on_this_cp_rank
 
+from seqpar import cp
 from seqpar.megatron.attention import MoHCoreAttention, MoHSelfAttention
 
 
@@ -42,6 +43,8 @@ class StepResult:
     """L2 norm of the full gradient before clipping (megatron's get_grad_norm_fp32), 0 without a step."""
     lr: float = 0.0
     """Learning rate of this step."""
+    updated: bool = True
+    """False when the update was skipped (non-finite loss / grad norm within train.skip_nonfinite_steps)."""
 
 
 def local_batch(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -130,9 +133,11 @@ def forward_backward(model: torch.nn.Module | list[torch.nn.Module], batches: li
     stats = {"loss_sum": torch.zeros((), device=device), "aux_sum": torch.zeros((), device=device)}
     first = batches[0]["tokens"]
     fwd_bwd = get_forward_backward_func()
-    fwd_bwd(forward_step_func=partial(_forward_step, stats), data_iterator=iter(batches), model=chunks,
-            num_microbatches=len(batches), seq_length=first.shape[1] * parallel_state.get_context_parallel_world_size(),
-            micro_batch_size=first.shape[0], forward_only=forward_only)
+    with cp.step_checks():  # seqpar attention: data checks once per step, no host sync per layer
+        fwd_bwd(forward_step_func=partial(_forward_step, stats), data_iterator=iter(batches), model=chunks,
+                num_microbatches=len(batches),
+                seq_length=first.shape[1] * parallel_state.get_context_parallel_world_size(),
+                micro_batch_size=first.shape[0], forward_only=forward_only)
     if config.finalize_model_grads_func is None and not forward_only:
         # a bare module (no DDP): divide by the global token count as finalize_model_grads would
         for chunk in chunks:
@@ -156,14 +161,30 @@ def _reduce_stats(stats: dict[str, torch.Tensor], total: torch.Tensor, num_micro
     return StepResult(loss=vals[0] / max(vals[2], 1.0), aux_loss=vals[1], tokens=int(vals[2]))
 
 
-def optimizer_step(optimizer: Any, scheduler: Optional[Any]) -> tuple[float, float]:
-    """Advance the LR schedule, then megatron's optimizer step (grad norm over the whole model, one
-    all-reduce per group; clipping; fp32 main-weight update; copy back to the model). Returns
-    (grad norm before clipping, learning rate used)."""
+def optimizer_step(optimizer: Any, scheduler: Optional[Any],
+                   check: Optional[Callable[[float], bool]] = None) -> tuple[float, float, bool]:
+    """Advance the LR schedule, then megatron's optimizer step, in the order of its own ``step()``:
+    ``prepare_grads`` (DDP's reduced fp32 grads to the main params), ``get_grad_norm`` (megatron's
+    ``get_grad_norm_fp32``: fp32, on the parameters' device, one all-reduce per group, all PP stages),
+    ``clip_grad_by_total_norm_fp32`` (each sub-optimizer's ``clip_grad``), ``step_with_ready_grads``
+    (main-weight update, copy back to the model). ``check(grad_norm)`` returning False skips the
+    update (the health monitor's non-finite veto). Returns (grad norm before clipping, learning rate,
+    updated)."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
     if scheduler is not None:
         scheduler.step(1)
-    ok, grad_norm, _ = optimizer.step()
-    if not ok:
-        raise RuntimeError("megatron optimizer skipped the step (gradient overflow)")
-    lr = optimizer.param_groups[0]["lr"]
-    return float(grad_norm or 0.0), float(lr)
+    lr = float(optimizer.param_groups[0]["lr"])
+    if optimizer.prepare_grads():
+        raise RuntimeError("megatron optimizer found inf/nan in the gradients (loss scaling overflow)")
+    grad_norm = float(optimizer.get_grad_norm())
+    if check is not None and not check(grad_norm):
+        return grad_norm, lr, False
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = sub.get_parameters()
+        if params and sub.config.clip_grad > 0.0:
+            clip_grad_by_total_norm_fp32(params, max_norm=sub.config.clip_grad, total_norm=grad_norm,
+                                         use_decoupled_grad=sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    if not optimizer.step_with_ready_grads():
+        raise RuntimeError("megatron optimizer did not apply the update")
+    return grad_norm, lr, True
