@@ -411,7 +411,8 @@ def _train(cfg: RunConfig, resume: bool, stop_after: Optional[int]) -> list[floa
     logger = _Logger(cfg, out, start)
     device = param_device(engine.model)
     timer = AttentionTimer(engine.model[0]) if cfg.train.time_attention else None
-    monitor = health.HealthMonitor.from_config(cfg, engine.model)  # h16: NaN/inf stop or skip
+    # h16: NaN/inf stop or skip; on the bare chunks so that names are the model's (not DDP's "module.")
+    monitor = health.HealthMonitor.from_config(cfg, [getattr(c, "module", c) for c in engine.model])
     losses = []
     for chunk in engine.model:
         chunk.train()
