@@ -9,6 +9,7 @@
 # rendezvous host (`ip route get`), printed; SOCKET_IFNAME=eth1 (or either variable) overrides; the
 # node advertises its address on that interface (torchrun --local-addr; LOCAL_ADDR overrides).
 # SIGTERM / SIGINT / SIGUSR1 to torchrun reach the workers, which checkpoint at the next step and exit 75.
+# The recipe is validated first (`--check`, for NNODES x NPROC ranks; CHECK=0 skips it).
 # See launchers/README.md for every variable. PYTHON defaults to .venv/bin/python when present.
 set -euo pipefail
 if [ $# -lt 1 ]; then
@@ -70,6 +71,10 @@ if [ -n "$RDZV_HOST" ]; then
   [ -n "$LOCAL_ADDR" ] && RDZV+=(--local-addr "$LOCAL_ADDR")
 fi
 
+# a bad recipe stops here with one line per field (exit 2), before any node starts torchrun
+if [ "${CHECK:-1}" = 1 ]; then
+  "$PYTHON" -m seqpar.train "$@" --check --world "$((NNODES * NPROC))" >/dev/null || exit $?
+fi
 CMD=("$PYTHON" -m torch.distributed.run "${RDZV[@]}" --nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS"
      --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout "$SHUTDOWN_TIMEOUT"
      ${TORCHRUN_ARGS:-} -m seqpar.train "$@")

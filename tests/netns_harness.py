@@ -47,7 +47,9 @@ def require_root_and(*tools: str) -> None:
 
 
 def train_env(cache: pathlib.Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ, PYTHON=sys.executable, SEQPAR_CACHE=str(cache), OMP_NUM_THREADS="1", **extra)
+    # CHECK=0: the launcher's --check pre-flight costs a Python start per launch; tested on its own
+    env = dict(os.environ, **{"PYTHON": sys.executable, "SEQPAR_CACHE": str(cache), "OMP_NUM_THREADS": "1",
+                              "CHECK": "0", **extra})
     env.pop("TRITON_INTERPRET", None)  # CPU training runs the torch paths
     for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "SOCKET_IFNAME", "NNODES", "NODE_RANK",
               "MASTER_ADDR", "MASTER_PORT", "RDZV_ENDPOINT", "RDZV_ID", "RDZV_IS_HOST"):

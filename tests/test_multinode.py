@@ -23,6 +23,7 @@ from netns_harness import (RECIPE, ROOT, SHRINK, TwoHosts, kill_group, require_r
 TIMEOUT_S = 10  # parallel.distributed_timeout_s in these tests
 SLACK_S = 15    # torchrun's own teardown on top of it (2 loaded cores)
 STEPS = 5
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from netns_harness import RECIPE, ROOT, SHRINK, kill_group, spawn, tb_losses, tr
 from seqpar.train.signals import EXIT_INTERRUPTED, MARKER
 
 STEPS = 8
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +144,10 @@ def test_max_restarts_resumes_from_latest(cache, reference, procs, tmp_path):
     assert (out / "checkpoints" / "latest").read_text() == f"step_{STEPS:07d}"
     got = tb_losses(out)
     assert set(got) >= {STEPS} and {s: got[s] for s in got} == {s: reference[s] for s in got}
+
+
+def test_launcher_rejects_a_bad_recipe_before_torchrun(cache, tmp_path):
+    r = subprocess.run(_cmd(tmp_path / "run", "--set", "train.steps=2.5"), cwd=ROOT,
+                       env=train_env(cache, NPROC="2", CHECK="1"), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "train.steps: got 2.5" in r.stderr and "torch.distributed.run" not in r.stdout + r.stderr

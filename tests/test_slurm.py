@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import os
 import pathlib
+import subprocess
 import time
 
 import pytest
 
-from netns_harness import RECIPE, SHRINK, SlurmCluster, TwoHosts, require_root_and, tb_losses, train_env, wait_for
+from netns_harness import RECIPE, ROOT, SHRINK, SlurmCluster, TwoHosts, require_root_and, tb_losses, train_env, wait_for
 
 STEPS = 6
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +111,18 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, cache, completed, t
     assert set(range(step + 1, STEPS + 1)) <= set(got)
     assert {s: got[s] for s in got} == {s: want[s] for s in got}  # identical losses
     assert (out / "checkpoints" / "latest").read_text() == f"step_{STEPS:07d}"
+
+
+def test_dry_run_prints_the_plan(cache):
+    """No cluster needed: slurm.sh --dry-run prints the sbatch line and the per-node plan."""
+    env = {k: v for k, v in train_env(cache).items() if not k.startswith("SLURM_")}
+    r = subprocess.run(["bash", str(ROOT / "launchers" / "slurm.sh"), "--dry-run", "--nodes", "4", "--gpus-per-node", "8",
+                        "--time", "01:00:00", str(RECIPE), "--set", "train.out_dir=/tmp/seqpar-plan"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert f"+ sbatch --nodes=4 --gpus-per-node=8 --time 01:00:00 launchers/slurm.sbatch {RECIPE}" in out
+    assert "4 node(s)" in out and "x 8 process(es)" in out and "c10d at node1:29500" in out
+    assert "srun --nodes=4 --ntasks=4 --ntasks-per-node=1" in out and "NPROC=8" in out
+    assert "/tmp/seqpar-plan/logs/job_DRYRUN_0/node<i>_<host>.log" in out
+    assert "(dry run: nothing launched)" in out
