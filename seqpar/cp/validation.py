@@ -21,7 +21,9 @@ training step wraps forward + backward once):
 
 Host syncs per step in steady state (``count_host_syncs`` measures them): 1 (the exit check),
 plus 1 per distinct GPU ``cu_seqlens`` tensor (its values are read once and cached on the tensor,
-``seqpar.kernels._common.host_ints``). Per layer: 0.
+``seqpar.kernels._common.host_ints``), plus, the first time a new packed-document layout is seen,
+the host-to-device copy of its index tensors (cached per layout and shared by every layer).
+Per layer: 0.
 """
 
 from __future__ import annotations
