@@ -369,3 +369,21 @@ def test_same_seed_tp1_and_tp2_give_the_same_step1_loss():
     for res in run_ranks(_step1_losses, 2, patterns, timeout=300):
         for pattern in patterns:
             assert res[(pattern, 2)] == pytest.approx(res[(pattern, 1)], rel=1e-6, abs=0), pattern
+
+
+def test_recipe_validation_runs_the_layout_check_before_any_process_group():
+    import pathlib
+
+    import torch.distributed as dist
+
+    from seqpar.train.config import load_recipe
+
+    recipe = pathlib.Path(__file__).resolve().parents[1] / "recipes" / "tiny_hybrid_cp2.yaml"
+    with pytest.raises(ValueError, match=r"S2 under parallel.tensor_parallel=2 x parallel.context_parallel=2 with "
+                                         r"model.s2_vert_stride=4"):
+        load_recipe(recipe, ["model.pattern=AS", "parallel.tensor_parallel=2", "model.s2_vert_stride=4"])
+    with pytest.raises(ValueError, match=r"cp_schemes.lightning='ulysses' needs the 2 query heads per TP rank"):
+        load_recipe(recipe, ["model.pattern=AL", "parallel.tensor_parallel=2", "parallel.cp_schemes.lightning=ulysses",
+                             "parallel.context_parallel=4"])
+    load_recipe(recipe, ["model.pattern=AS", "parallel.tensor_parallel=2", "model.s2_vert_stride=2"])
+    assert not dist.is_initialized()

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from typing import Mapping, Optional
 
+from seqpar.megatron.config import KIND_OF_LETTER
+
 __all__ = ["MEGATRON_CP_COMM", "MEGATRON_NAMES", "RECIPE_NAMES", "check_layout", "cp_scheme_for_layer",
            "s2_cp_offset_exact"]
-
-KIND_OF_LETTER = {"A": "softmax", "S": "s2", "L": "lightning", "H": "moh"}
 
 #: megatron-core's ``cp_comm_type`` values and the seqpar scheme each one names
 MEGATRON_CP_COMM = {"p2p": "ring", "all_gather": "allgather", "a2a": "ulysses", "a2a+p2p": "usp"}
@@ -129,9 +129,12 @@ def check_layout(*, pattern: str, num_layers: int, num_attention_heads: int, num
     if "moh" in kinds and tp > 1:
         errors.append(f"{n['tp']}={tp}: MoH (H) layers need tensor parallel 1 (the router picks among all "
                       f"heads); set {n['tp']}=1 or drop H from {n['pattern']}")
+    schemes = {k: "allgather" for k in KIND_OF_LETTER.values()}
+    schemes.update(cp_schemes or {})
+    if "usp" in {schemes[k] for k in kinds} and (cp % ud or h % ud):
+        errors.append(f"{n['ud']}={ud} must divide {n['cp']}={cp} and the {h} heads (scheme 'usp' in "
+                      f"{n['cp_schemes']})")
     if cp > 1 and not errors:
-        schemes = {k: "allgather" for k in KIND_OF_LETTER.values()}
-        schemes.update(cp_schemes or {})
         h_loc, hkv_loc = h // tp, hkv // tp
         if seq_len is not None and seq_len % (2 * cp):
             errors.append(f"{n['seq_len']}={seq_len} must be a multiple of 2 x {n['cp']} = {2 * cp} "
@@ -144,12 +147,9 @@ def check_layout(*, pattern: str, num_layers: int, num_attention_heads: int, num
                 if msg:
                     errors.append(msg + "; pick another scheme")
             if scheme == "usp":
-                if cp % ud:
-                    errors.append(f"{n['ud']}={ud} must divide {n['cp']}={cp} for {field}='usp'")
-                else:
-                    msg = _heads_fit(f"{field}='usp'", h_loc, hkv_loc, ud, n["ud"], str(ud))
-                    if msg:
-                        errors.append(msg)
+                msg = _heads_fit(f"{field}='usp'", h_loc, hkv_loc, ud, n["ud"], str(ud))
+                if msg:
+                    errors.append(msg)
         if "s2" in kinds:
             unit = 2 * cp * s2_block_size
             if seq_len is not None and schemes["s2"] != "ulysses" and seq_len % unit:
