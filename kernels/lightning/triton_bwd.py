@@ -3,7 +3,8 @@
 With ``S`` the state before a chunk and ``dS`` the gradient of the state at the chunk's end
 (everything later in the document, seeded by the gradient flowing into ``final_state``):
 
-* ``_dstate_kernel``: the reverse recursion ``dS_prev = λ^L dS + (λ^{i+1} q_i)ᵀ do_i``, stored
+* the reverse state pass (``state_pass(reverse=True)``: chunk-local ``(λ^{i+1} q_i)ᵀ do_i`` in
+  parallel over chunks, then the scan ``dS_prev = λ^L dS + local`` from the last chunk), stored
   per chunk; what remains after the first chunk is ``d initial_state``.
 * ``_dv_kernel`` / ``_dqk_kernel`` (parallel over chunks and dv / dk tiles), with ``A = Q Kᵀ``,
   ``dA = dO Vᵀ``, ``D[i,j] = λ^{i-j}``::
@@ -25,49 +26,8 @@ import triton
 import triton.language as tl
 
 from ._plan import ChunkPlan
-from .triton_fwd import NUM_STAGES, NUM_WARPS, _mm, chunk_states, dot_modes, tile
-
-
-@triton.jit
-def _dstate_kernel(q_ptr, do_ptr, slope_ptr, dht_ptr, dhbuf_ptr, dh0_ptr, cu_ptr, choff_ptr,
-                   H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                   C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, MODE: tl.constexpr):
-    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    doc, head = i_nh // H, i_nh % H
-    bos = tl.load(cu_ptr + doc)
-    eos = tl.load(cu_ptr + doc + 1)
-    first = tl.load(choff_ptr + doc)
-    nt = tl.cdiv(eos - bos, C)
-    slope = tl.load(slope_ptr + head).to(tl.float32)
-    DT = q_ptr.dtype.element_ty
-
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    o_c = tl.arange(0, C)
-    m_kv = (o_k[:, None] < DK) & (o_v[None, :] < DV)
-    s_off = o_k[:, None] * DV + o_v[None, :]
-    if HAS_DHT:
-        b_ds = tl.load(dht_ptr + (doc.to(tl.int64) * H + head) * DK * DV + s_off, mask=m_kv, other=0.0).to(tl.float32)
-    else:
-        b_ds = tl.zeros([BK, BV], dtype=tl.float32)
-    for cc in range(nt):
-        c = nt - 1 - cc
-        tl.store(dhbuf_ptr + ((first + c).to(tl.int64) * H + head) * DK * DV + s_off,
-                 b_ds.to(dhbuf_ptr.dtype.element_ty), mask=m_kv)
-        start = bos + c * C
-        rows = (start + o_c).to(tl.int64)  # 64-bit offsets: T * H * D can pass 2^31
-        m_r = rows < eos
-        b_q = tl.load(q_ptr + (rows[:, None] * H + head) * DK + o_k[None, :],
-                      mask=m_r[:, None] & (o_k[None, :] < DK), other=0.0)
-        b_do = tl.load(do_ptr + (rows[:, None] * H + head) * DV + o_v[None, :],
-                       mask=m_r[:, None] & (o_v[None, :] < DV), other=0.0)
-        L = tl.minimum(eos - start, C)
-        q_decay = tl.exp(-slope * (o_c + 1).to(tl.float32))
-        b_qd = b_q.to(tl.float32) * q_decay[:, None]
-        b_ds = b_ds * tl.exp(-slope * L.to(tl.float32)) + _mm(tl.trans(b_qd), b_do, DT, MODE)
-    if STORE_DH0:
-        tl.store(dh0_ptr + (doc.to(tl.int64) * H + head) * DK * DV + s_off, b_ds, mask=m_kv)
+from .._tuning import launch
+from .triton_fwd import CHUNK_DEFAULT, CHUNK_SPACE, TUNE_KEY, _mm, chunk_states, dot_modes, state_pass, tile
 
 
 @triton.jit
@@ -175,23 +135,18 @@ def lightning_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torc
     hkv, dv = k.shape[1], v.shape[-1]
     mode, smode = dot_modes(q.dtype)
     hbuf, _ = chunk_states(k, v, slope, h0, plan, h, store_final=False)  # recompute, not stored
-    dhbuf = torch.empty_like(hbuf)
-    dh0 = torch.empty(plan.num_docs, h, dk, dv, dtype=torch.float32, device=q.device) if need_dh0 else None
+    # reverse state pass: chunk-local (λ^{i+1} q_i)ᵀ do_i in parallel, then the scan from the end
+    dhbuf, dh0 = state_pass(q, do, slope, dht, plan, h, hbuf.dtype, reverse=True, store_final=need_dh0)
     bk, bv = tile(dk, q.dtype), tile(dv, q.dtype)
-    grid = (triton.cdiv(dk, bk), triton.cdiv(dv, bv), plan.num_docs * h)
-    _dstate_kernel[grid](q, do, slope, dht if dht is not None else dhbuf, dhbuf,
-                         dh0 if dh0 is not None else dhbuf, plan.cu, plan.chunk_offsets,
-                         H=h, DK=dk, DV=dv, C=plan.chunk_size, BK=bk, BV=bv,
-                         HAS_DHT=dht is not None, STORE_DH0=need_dh0, MODE=mode)
     dq = torch.empty_like(q)
     dk_h = torch.empty(T, h, dk, dtype=torch.float32, device=q.device)
     dv_h = torch.empty(T, h, dv, dtype=torch.float32, device=q.device)
-    meta = dict(H=h, HKV=hkv, DK=dk, DV=dv, C=plan.chunk_size, BK=bk, BV=bv, MODE=mode, SMODE=smode,
-                num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-    _dv_kernel[(triton.cdiv(dv, bv), plan.num_chunks, h)](q, k, do, slope, dhbuf, dv_h, plan.cu,
-                                                          plan.chunk_indices, **meta)
-    _dqk_kernel[(triton.cdiv(dk, bk), plan.num_chunks, h)](q, k, v, do, slope, hbuf, dhbuf, dq, dk_h,
-                                                           plan.cu, plan.chunk_indices, **meta)
+    meta = dict(H=h, HKV=hkv, DK=dk, DV=dv, C=plan.chunk_size, BK=bk, BV=bv, MODE=mode, SMODE=smode)
+    tune = dict(default=CHUNK_DEFAULT, space=CHUNK_SPACE, key=TUNE_KEY, device=q.device)
+    launch(_dv_kernel, (triton.cdiv(dv, bv), plan.num_chunks, h),
+           (q, k, do, slope, dhbuf, dv_h, plan.cu, plan.chunk_indices), meta, **tune)
+    launch(_dqk_kernel, (triton.cdiv(dk, bk), plan.num_chunks, h),
+           (q, k, v, do, slope, hbuf, dhbuf, dq, dk_h, plan.cu, plan.chunk_indices), meta, **tune)
     g = h // hkv
     dk_out = dk_h.view(T, hkv, g, dk).sum(2).to(k.dtype)
     dv_out = dv_h.view(T, hkv, g, dv).sum(2).to(v.dtype)

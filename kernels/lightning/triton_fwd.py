@@ -1,10 +1,13 @@
 """Triton forward launchers for Lightning attention (Lightning-2 tiling, no autograd here).
 
-Two kernels, as in flash-linear-attention's chunked ops:
+Three kernels:
 
-* ``_state_kernel`` walks a document's chunks in order and stores the fp32 state *before* each
-  chunk (``KV ← λ^L KV + (λ^{L-1-j} k_j)ᵀ v_j``) plus the final state; parallel over
-  (dk tile, dv tile, document x head).
+* the state pass: ``_chunk_state_kernel`` computes every chunk's own contribution
+  ``Σ_j λ^{L-1-j} k_jᵀ v_j`` in parallel over (dk tile, dv tile, chunk x head), then
+  ``_state_scan_kernel`` runs ``KV ← λ^L KV + local`` over a document's chunks, parallel over
+  blocks of the state and (document x head), storing the state *before* each chunk (fp32 or the
+  snapshot dtype) and the fp32 final state (LASP-2's intra-rank form; FLA's ``chunk_fwd_h``
+  walks the chunks inside one program per (tile, head) instead, which leaves most SMs idle).
 * ``_output_kernel`` is parallel over chunks: intra-block ``((Q Kᵀ) ⊙ D) V`` plus inter-block
   ``Λ Q KV`` with ``Λ = diag(λ^{i+1})``.
 
@@ -21,13 +24,16 @@ import triton
 import triton.language as tl
 
 from .._common import interpret_enabled
+from .._tuning import cfg, launch
 from ._plan import ChunkPlan
 
 
-# Chunk-parallel kernels hold two [C, C] / [C, 64] fp32 accumulators: 8 warps keep them in
-# registers on sm_90 (4 warps spill, checked with an offline sm_90 compile), 2 stages bound smem.
-NUM_WARPS = 8
-NUM_STAGES = 2
+# Chunk-parallel kernels (output, dv, dq/dk) hold two [C, C] / [C, 64] fp32 accumulators: 8 warps
+# keep them in registers on sm_90 (4 warps spill; benchmarks/kernel_resources.py), 2 stages bound
+# shared memory. Autotuned over the space on CUDA, keyed on the dims and the GQA layout.
+CHUNK_DEFAULT = cfg(8, 2)
+CHUNK_SPACE = (cfg(8, 2), cfg(8, 3))
+TUNE_KEY = ("DK", "DV", "H", "HKV")
 
 
 @triton.jit
@@ -66,45 +72,111 @@ def tile(d: int, dtype: torch.dtype) -> int:
 
 
 @triton.jit
-def _state_kernel(k_ptr, v_ptr, slope_ptr, h0_ptr, hbuf_ptr, ht_ptr, cu_ptr, choff_ptr,
-                  H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                  C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, MODE: tl.constexpr):
-    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _chunk_state_kernel(a_ptr, b_ptr, slope_ptr, loc_ptr, cu_ptr, chidx_ptr,
+                        H: tl.constexpr, HA: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                        Q_DECAY: tl.constexpr, MODE: tl.constexpr):
+    # One chunk's own contribution to the state, parallel over (dk tile, dv tile, chunk x head):
+    #   forward  (a, b) = (k, v):  loc = Σ_j λ^{L-1-j} k_jᵀ v_j   (decay to the chunk's end)
+    #   backward (a, b) = (q, do): loc = Σ_i λ^{i+1}   q_iᵀ do_i  (decay to the chunk's start)
+    # ``a``/``b`` have HA heads (kv heads for k/v, query heads for q/do); the decay is per query head.
+    i_k, i_v, i_th = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, head = i_th // H, i_th % H
+    ah = head // (H // HA)
+    doc = tl.load(chidx_ptr + i_t * 2)
+    c = tl.load(chidx_ptr + i_t * 2 + 1)
+    bos = tl.load(cu_ptr + doc)
+    eos = tl.load(cu_ptr + doc + 1)
+    start = bos + c * C
+    L = tl.minimum(eos - start, C)
+    slope = tl.load(slope_ptr + head).to(tl.float32)
+    DT = a_ptr.dtype.element_ty
+
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_c = tl.arange(0, C)
+    rows = (start + o_c).to(tl.int64)  # 64-bit offsets: T * H * D can pass 2^31
+    m_r = rows < eos
+    b_a = tl.load(a_ptr + (rows[:, None] * HA + ah) * DK + o_k[None, :],
+                  mask=m_r[:, None] & (o_k[None, :] < DK), other=0.0)
+    b_b = tl.load(b_ptr + (rows[:, None] * HA + ah) * DV + o_v[None, :],
+                  mask=m_r[:, None] & (o_v[None, :] < DV), other=0.0)
+    if Q_DECAY:
+        w = tl.exp(-slope * (o_c + 1).to(tl.float32))
+    else:
+        w = tl.where(m_r, tl.exp(-slope * tl.maximum(L - 1 - o_c, 0).to(tl.float32)), 0.0)
+    b_aw = b_a.to(tl.float32) * w[:, None]
+    loc = _mm(tl.trans(b_aw), b_b, DT, MODE)
+    m_kv = (o_k[:, None] < DK) & (o_v[None, :] < DV)
+    tl.store(loc_ptr + (i_t.to(tl.int64) * H + head) * DK * DV + o_k[:, None] * DV + o_v[None, :], loc, mask=m_kv)
+
+
+@triton.jit
+def _state_scan_kernel(loc_ptr, slope_ptr, s0_ptr, sbuf_ptr, sfin_ptr, cu_ptr, choff_ptr,
+                       H: tl.constexpr, DKV: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr,
+                       HAS_S0: tl.constexpr, STORE_FIN: tl.constexpr, REVERSE: tl.constexpr):
+    # The only sequential part, elementwise over a BLOCK of the flattened [dk, dv] state:
+    #   forward: S_{c+1} = λ^{L_c} S_c + loc_c, storing S_c (the state before chunk c);
+    #   backward (REVERSE): dS_{c-1} = λ^{L_c} dS_c + loc_c from the last chunk, storing dS_c.
+    # Parallel over (state block, document x head), so the grid is dk*dv/BLOCK times wider than a
+    # per-head walk; each step is one fused multiply-add on BLOCK fp32 values.
+    i_b, i_nh = tl.program_id(0), tl.program_id(1)
     doc, head = i_nh // H, i_nh % H
-    kvh = head // (H // HKV)
     bos = tl.load(cu_ptr + doc)
     eos = tl.load(cu_ptr + doc + 1)
     first = tl.load(choff_ptr + doc)
     nt = tl.cdiv(eos - bos, C)
     slope = tl.load(slope_ptr + head).to(tl.float32)
-    DT = k_ptr.dtype.element_ty
-
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    o_c = tl.arange(0, C)
-    m_kv = (o_k[:, None] < DK) & (o_v[None, :] < DV)
-    s_off = o_k[:, None] * DV + o_v[None, :]
-    if HAS_H0:
-        b_s = tl.load(h0_ptr + (doc.to(tl.int64) * H + head) * DK * DV + s_off, mask=m_kv, other=0.0).to(tl.float32)
+    o = i_b * BLOCK + tl.arange(0, BLOCK)
+    m = o < DKV
+    if HAS_S0:
+        s = tl.load(s0_ptr + (doc.to(tl.int64) * H + head) * DKV + o, mask=m, other=0.0).to(tl.float32)
     else:
-        b_s = tl.zeros([BK, BV], dtype=tl.float32)
-    for c in range(nt):
-        tl.store(hbuf_ptr + ((first + c).to(tl.int64) * H + head) * DK * DV + s_off,
-                 b_s.to(hbuf_ptr.dtype.element_ty), mask=m_kv)
-        start = bos + c * C
-        rows = (start + o_c).to(tl.int64)  # 64-bit offsets: T * H * D can pass 2^31
-        m_r = rows < eos
-        b_k = tl.load(k_ptr + (rows[:, None] * HKV + kvh) * DK + o_k[None, :],
-                      mask=m_r[:, None] & (o_k[None, :] < DK), other=0.0)
-        b_v = tl.load(v_ptr + (rows[:, None] * HKV + kvh) * DV + o_v[None, :],
-                      mask=m_r[:, None] & (o_v[None, :] < DV), other=0.0)
-        L = tl.minimum(eos - start, C)
-        k_decay = tl.where(m_r, tl.exp(-slope * tl.maximum(L - 1 - o_c, 0).to(tl.float32)), 0.0)
-        b_kd = b_k.to(tl.float32) * k_decay[:, None]
-        b_s = b_s * tl.exp(-slope * L.to(tl.float32)) + _mm(tl.trans(b_kd), b_v, DT, MODE)
-    if STORE_HT:
-        tl.store(ht_ptr + (doc.to(tl.int64) * H + head) * DK * DV + s_off, b_s, mask=m_kv)
+        s = tl.zeros([BLOCK], dtype=tl.float32)
+    for cc in range(nt):
+        if REVERSE:
+            c = nt - 1 - cc
+        else:
+            c = cc
+        L = tl.minimum(eos - (bos + c * C), C)
+        off = ((first + c).to(tl.int64) * H + head) * DKV + o
+        tl.store(sbuf_ptr + off, s.to(sbuf_ptr.dtype.element_ty), mask=m)
+        s = s * tl.exp(-slope * L.to(tl.float32)) + tl.load(loc_ptr + off, mask=m, other=0.0)
+    if STORE_FIN:
+        tl.store(sfin_ptr + (doc.to(tl.int64) * H + head) * DKV + o, s, mask=m)
+
+
+SCAN_BLOCK = 256  # state elements per scan program: d=64 x 12 heads still gives 192 programs
+
+
+def state_pass(a: torch.Tensor, b: torch.Tensor, slope: torch.Tensor, s0: Optional[torch.Tensor],
+               plan: ChunkPlan, num_heads: int, out_dtype: torch.dtype, *, reverse: bool,
+               store_final: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Chunk-local states (parallel over chunks) then the scan over chunks (parallel over state
+    blocks). Forward: ``(a, b) = (k, v)``, returns (state before each chunk, final state).
+    Backward (``reverse``): ``(a, b) = (q, do)``, ``s0`` = d final_state, returns (gradient of the
+    state at each chunk's end, d initial_state)."""
+    _, ha, dk = a.shape
+    dv = b.shape[-1]
+    loc = torch.empty(plan.num_chunks, num_heads, dk, dv, dtype=torch.float32, device=a.device)
+    bk, bv = state_tile(dk), state_tile(dv)
+    launch(_chunk_state_kernel, (triton.cdiv(dk, bk), triton.cdiv(dv, bv), plan.num_chunks * num_heads),
+           (a, b, slope, loc, plan.cu, plan.chunk_indices),
+           dict(H=num_heads, HA=ha, DK=dk, DV=dv, C=plan.chunk_size, BK=bk, BV=bv, Q_DECAY=reverse,
+                MODE=dot_modes(a.dtype)[0]),
+           default=cfg(4, 2), space=(cfg(4, 2), cfg(8, 2)), key=("DK", "DV", "Q_DECAY"), device=a.device)
+    sbuf = torch.empty(plan.num_chunks, num_heads, dk, dv, dtype=out_dtype, device=a.device)
+    fin = torch.empty(plan.num_docs, num_heads, dk, dv, dtype=torch.float32, device=a.device) if store_final else None
+    _state_scan_kernel[(triton.cdiv(dk * dv, SCAN_BLOCK), plan.num_docs * num_heads)](
+        loc, slope, s0 if s0 is not None else loc, sbuf, fin if fin is not None else loc, plan.cu,
+        plan.chunk_offsets, H=num_heads, DKV=dk * dv, C=plan.chunk_size, BLOCK=SCAN_BLOCK,
+        HAS_S0=s0 is not None, STORE_FIN=store_final, REVERSE=reverse, num_warps=2, num_stages=3)
+    return sbuf, fin
+
+
+def state_tile(d: int) -> int:
+    """Head-dim tile of the chunk-local state product: 64 (wgmma's M) or the padded dim."""
+    return min(64, max(16, triton.next_power_of_2(d)))
 
 
 @triton.jit
@@ -155,17 +227,8 @@ def chunk_states(k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor, h0: Opti
                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """k/v flat ``[T, hkv, d]``. Returns (states before each chunk ``[chunks, h, dk, dv]``,
     final states fp32 ``[docs, h, dk, dv]`` or None)."""
-    _, hkv, dk = k.shape
-    dv = v.shape[-1]
-    hbuf = torch.empty(plan.num_chunks, num_heads, dk, dv, dtype=snapshot_dtype(k.dtype), device=k.device)
-    ht = torch.empty(plan.num_docs, num_heads, dk, dv, dtype=torch.float32, device=k.device) if store_final else None
-    bk, bv = tile(dk, k.dtype), tile(dv, k.dtype)
-    grid = (triton.cdiv(dk, bk), triton.cdiv(dv, bv), plan.num_docs * num_heads)
-    _state_kernel[grid](k, v, slope, h0 if h0 is not None else hbuf, hbuf, ht if ht is not None else hbuf,
-                        plan.cu, plan.chunk_offsets, H=num_heads, HKV=hkv, DK=dk, DV=dv,
-                        C=plan.chunk_size, BK=bk, BV=bv, HAS_H0=h0 is not None, STORE_HT=store_final,
-                        MODE=dot_modes(k.dtype)[0])
-    return hbuf, ht
+    return state_pass(k, v, slope, h0, plan, num_heads, snapshot_dtype(k.dtype), reverse=False,
+                      store_final=store_final)
 
 
 def lightning_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor,
@@ -179,7 +242,7 @@ def lightning_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torc
     bk, bv = tile(dk, q.dtype), tile(dv, q.dtype)
     grid = (triton.cdiv(dv, bv), plan.num_chunks, h)
     mode, smode = dot_modes(q.dtype)
-    _output_kernel[grid](q, k, v, slope, hbuf, o, plan.cu, plan.chunk_indices, H=h, HKV=k.shape[1],
-                         DK=dk, DV=dv, C=plan.chunk_size, BK=bk, BV=bv, MODE=mode, SMODE=smode,
-                         num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    launch(_output_kernel, grid, (q, k, v, slope, hbuf, o, plan.cu, plan.chunk_indices),
+           dict(H=h, HKV=k.shape[1], DK=dk, DV=dv, C=plan.chunk_size, BK=bk, BV=bv, MODE=mode, SMODE=smode),
+           default=CHUNK_DEFAULT, space=CHUNK_SPACE, key=TUNE_KEY, device=q.device)
     return o, ht

@@ -21,7 +21,52 @@ import triton.language as tl
 
 from .counter import active_counter
 from .rows import ActiveRows
-from .triton_fwd import block_sizes, dot_precision, upcast_dots
+from .._tuning import launch
+from ..s2.triton_fwd import launch_configs
+from .triton_fwd import TUNE_KEY, block_sizes, dot_precision, needs_idx64, upcast_dots
+
+
+@triton.jit
+def _moh_bwd_preprocess_kernel(
+    O, DO, G, LSE, DLSE, DG, DELTA, LSE_BWD, ROWS, COUNTS,
+    stride_ob, stride_ot, stride_oh,
+    stride_dob, stride_dot, stride_doh,
+    stride_gb, stride_gt, stride_gh,
+    stride_dgb, stride_dgt, stride_dgh,
+    stride_dlb, stride_dlh, stride_dlt,
+    SQ, H,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, IDX64: tl.constexpr,
+):
+    # Active rows only (same grid as the forward): rowdot = rowsum(do * o) = g * rowsum(do * a),
+    # dgates = rowdot / g, delta = rowdot - dlse, and the backward's lse (+inf where -inf: a row
+    # that saw no key gets p = 0). Inactive rows are never read, so nothing is written for them.
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    n_act = tl.load(COUNTS + bh)
+    if pid_m * BLOCK_M >= n_act:
+        return
+    off_b = (bh // H).to(tl.int64)
+    off_h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = offs_m < n_act
+    rows = tl.load(ROWS + bh.to(tl.int64) * SQ + offs_m, mask=rmask, other=0)
+    if IDX64:
+        rows = rows.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    md = rmask[:, None] & (offs_d < D)[None, :]
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :],
+                mask=md, other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows[:, None] * stride_dot + offs_d[None, :],
+                 mask=md, other=0.0)
+    rowdot = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    gate = tl.load(G + off_b * stride_gb + rows * stride_gt + off_h * stride_gh, mask=rmask, other=1.0)
+    tl.store(DG + off_b * stride_dgb + rows * stride_dgt + off_h * stride_dgh,
+             (rowdot / gate.to(tl.float32)).to(DG.dtype.element_ty), mask=rmask)
+    dlse = tl.load(DLSE + off_b * stride_dlb + off_h * stride_dlh + rows * stride_dlt, mask=rmask, other=0.0)
+    base = bh.to(tl.int64) * SQ
+    tl.store(DELTA + base + rows, rowdot - dlse.to(tl.float32), mask=rmask)
+    lse = tl.load(LSE + base + rows, mask=rmask, other=0.0)
+    tl.store(LSE_BWD + base + rows, tl.where(lse == float("-inf"), float("inf"), lse), mask=rmask)
 
 
 @triton.jit
@@ -33,9 +78,9 @@ def _moh_bwd_dq_kernel(
     stride_gb, stride_gt, stride_gh,
     stride_dob, stride_dot, stride_doh,
     stride_dqb, stride_dqt, stride_dqh,
-    SQ, SK, H, GROUP, D, sm_scale, q_offset, k_offset,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, COUNT: tl.constexpr, DOT_PREC: tl.constexpr,
+    SQ, SK, H, GROUP, sm_scale, q_offset, k_offset,
+    D: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, COUNT: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -47,7 +92,9 @@ def _moh_bwd_dq_kernel(
     off_kh = off_h // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = offs_m < n_act
-    rows = tl.load(ROWS + bh.to(tl.int64) * SQ + offs_m, mask=rmask, other=0).to(tl.int64)
+    rows = tl.load(ROWS + bh.to(tl.int64) * SQ + offs_m, mask=rmask, other=0)
+    if IDX64:  # 32-bit row offsets (and causal compares) unless a batch element passes 2^31
+        rows = rows.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     md = rmask[:, None] & dmask[None, :]
@@ -66,27 +113,35 @@ def _moh_bwd_dq_kernel(
     qk_scale = sm_scale * 1.4426950408889634
     if CAUSAL:
         last = tl.max(tl.where(rmask, qpos, -1))
+        first = tl.min(tl.where(rmask, qpos, last))
         hi = tl.minimum(tl.maximum(last - k_offset + 1, 0), SK)
     else:
         hi = SK
     k_base = K + off_b * stride_kb + off_kh * stride_kh
     v_base = V + off_b * stride_vb + off_kh * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    ar_n = tl.arange(0, BLOCK_N)
+    k_off = ar_n[:, None] * stride_kt + offs_d[None, :]  # 32-bit tile offsets, 64-bit scalar base
+    v_off = ar_n[:, None] * stride_vt + offs_d[None, :]
     for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_n = start_n + ar_n
         nmask = offs_n < SK
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :],
-                    mask=nmask[:, None] & dmask[None, :], other=0.0)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :],
-                    mask=nmask[:, None] & dmask[None, :], other=0.0)
+        n64 = tl.full([], start_n, tl.int64)
+        k = tl.load(k_base + n64 * stride_kt + k_off, mask=nmask[:, None] & dmask[None, :], other=0.0)
+        v = tl.load(v_base + n64 * stride_vt + v_off, mask=nmask[:, None] & dmask[None, :], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        valid = nmask[None, :]
+        p = tl.exp2(s - lse2[:, None])
+        needs = start_n + BLOCK_N > SK  # the mask only where it can matter (tail, diagonal)
         if CAUSAL:
-            valid = valid & ((offs_n + k_offset)[None, :] <= qpos[:, None])
-        p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+            needs = needs | (start_n + BLOCK_N - 1 + k_offset > first)
+        if needs:
+            valid = nmask[None, :]
+            if CAUSAL:
+                valid = valid & ((offs_n + k_offset)[None, :] <= qpos[:, None])
+            p = tl.where(valid, p, 0.0)
         dp = tl.dot(da, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - dlt[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
@@ -107,9 +162,9 @@ def _moh_bwd_dkdv_kernel(
     stride_dob, stride_dot, stride_doh,
     stride_dkb, stride_dkt, stride_dkh,
     stride_dvb, stride_dvt, stride_dvh,
-    SQ, SK, H, HKV, GROUP, D, sm_scale, q_offset, k_offset,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    SQ, SK, H, HKV, GROUP, sm_scale, q_offset, k_offset,
+    D: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bkh = tl.program_id(1)
@@ -120,14 +175,18 @@ def _moh_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     nd = nmask[:, None] & dmask[None, :]
-    k = tl.load(K + off_b * stride_kb + off_kh * stride_kh + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :],
+    n64 = pid_n.to(tl.int64) * BLOCK_N
+    ar_n = tl.arange(0, BLOCK_N)
+    k = tl.load(K + off_b * stride_kb + off_kh * stride_kh + n64 * stride_kt + ar_n[:, None] * stride_kt + offs_d[None, :],
                 mask=nd, other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_kh * stride_vh + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :],
+    v = tl.load(V + off_b * stride_vb + off_kh * stride_vh + n64 * stride_vt + ar_n[:, None] * stride_vt + offs_d[None, :],
                 mask=nd, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     kpos = offs_n + k_offset
+    kmax = pid_n * BLOCK_N + BLOCK_N - 1 + k_offset
+    tail = pid_n * BLOCK_N + BLOCK_N > SK
     qk_scale = sm_scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -144,7 +203,9 @@ def _moh_bwd_dkdv_kernel(
         for start_m in range(lo, n_act, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             rmask = offs_m < n_act
-            rows = tl.load(ROWS + bh * SQ + offs_m, mask=rmask, other=0).to(tl.int64)
+            rows = tl.load(ROWS + bh * SQ + offs_m, mask=rmask, other=0)
+            if IDX64:
+                rows = rows.to(tl.int64)
             md = rmask[:, None] & dmask[None, :]
             q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :],
                         mask=md, other=0.0)
@@ -158,19 +219,24 @@ def _moh_bwd_dkdv_kernel(
             lse2 = tl.load(LSE + bh * SQ + rows, mask=rmask, other=float("inf")) * 1.4426950408889634
             dlt = tl.load(DELTA + bh * SQ + rows, mask=rmask, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
-            valid = nmask[None, :]
+            p = tl.exp2(s - lse2[:, None])
+            needs = tail  # the mask only where it can matter (tail, diagonal)
             if CAUSAL:
-                valid = valid & (kpos[None, :] <= (rows + q_offset)[:, None])
-            p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+                needs = needs | (kmax > tl.min(tl.where(rmask, rows + q_offset, kmax)))
+            if needs:
+                valid = nmask[None, :]
+                if CAUSAL:
+                    valid = valid & (kpos[None, :] <= (rows + q_offset)[:, None])
+                p = tl.where(valid, p, 0.0)
             dv += tl.dot(tl.trans(p.to(da.dtype)), da, input_precision=DOT_PREC)
             dp = tl.dot(da, tl.trans(v), input_precision=DOT_PREC)
             ds = p * (dp - dlt[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
     dk = dk * sm_scale
-    tl.store(DK + off_b * stride_dkb + off_kh * stride_dkh + offs_n[:, None].to(tl.int64) * stride_dkt + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=nd)
-    tl.store(DV + off_b * stride_dvb + off_kh * stride_dvh + offs_n[:, None].to(tl.int64) * stride_dvt + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=nd)
+    tl.store(DK + off_b * stride_dkb + off_kh * stride_dkh + n64 * stride_dkt + ar_n[:, None] * stride_dkt
+             + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=nd)
+    tl.store(DV + off_b * stride_dvb + off_kh * stride_dvh + n64 * stride_dvt + ar_n[:, None] * stride_dvt
+             + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd)
 
 
 def moh_bwd(do: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -184,36 +250,43 @@ def moh_bwd(do: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.Tens
     b, sq, h, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     do = do if do.stride(-1) == 1 else do.contiguous()
-    active = gates > 0
-    rowdot = (do.float() * o.float()).sum(-1)  # [b, sq, h] = g * rowsum(do * a)
-    dgates = torch.where(active, rowdot / torch.where(active, gates.float(), 1.0), 0.0).to(gates.dtype)
-    delta = (rowdot.permute(0, 2, 1) - dlse.float()).contiguous()  # [b, h, sq]
-    lse_bwd = torch.where(torch.isneginf(lse), float("inf"), lse).contiguous()  # rows with no key: p = 0
+    block_m, block_n, block_d = block_sizes(d, q.dtype)
+    # dgates, delta and the backward lse of the active rows only (inactive: dgates 0, rest unread)
+    dgates = torch.zeros(b, sq, h, dtype=gates.dtype, device=gates.device)
+    delta = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)
+    lse_bwd = torch.empty_like(delta)
+    idx64 = needs_idx64(q, do, o, gates)
+    _moh_bwd_preprocess_kernel[(triton.cdiv(sq, block_m), b * h)](
+        o, do, gates, lse, dlse, dgates, delta, lse_bwd, act.rows, act.counts,
+        o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        gates.stride(0), gates.stride(1), gates.stride(2), *dgates.stride(), dlse.stride(0), dlse.stride(1), dlse.stride(2),
+        sq, h, D=d, BLOCK_M=block_m, BLOCK_D=block_d, IDX64=idx64,
+    )
     dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    block_m, block_n, block_d = block_sizes(d, q.dtype)
     counter = active_counter()
     cnt = torch.zeros(1, dtype=torch.int32, device=q.device)
-    common = dict(CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                  UPCAST=upcast_dots(q.dtype), DOT_PREC=dot_precision(q.dtype), num_warps=4)
+    common = dict(IDX64=idx64, D=d, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                  UPCAST=upcast_dots(q.dtype), DOT_PREC=dot_precision(q.dtype))
     strides = (q.stride(0), q.stride(1), q.stride(2),
                k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2),
                gates.stride(0), gates.stride(1), gates.stride(2),
                do.stride(0), do.stride(1), do.stride(2))
-    _moh_bwd_dq_kernel[(triton.cdiv(sq, block_m), b * h)](
+    default, space = launch_configs("dq", block_m, d, q.dtype, op="moh")
+    launch(_moh_bwd_dq_kernel, (triton.cdiv(sq, block_m), b * h), (
         q, k, v, gates, do, lse_bwd, delta, dq, act.rows, act.counts, cnt,
         *strides, dq.stride(0), dq.stride(1), dq.stride(2),
-        sq, sk, h, h // hkv, d, sm_scale, q_offset, k_offset,
-        COUNT=counter is not None, **common,
-    )
-    _moh_bwd_dkdv_kernel[(triton.cdiv(sk, block_n), b * hkv)](
+        sq, sk, h, h // hkv, sm_scale, q_offset, k_offset,
+    ), dict(COUNT=counter is not None, **common), default=default, space=space, key=TUNE_KEY,
+        device=q.device, tunable=counter is None)
+    default, space = launch_configs("dkdv", block_n, d, q.dtype, op="moh")
+    launch(_moh_bwd_dkdv_kernel, (triton.cdiv(sk, block_n), b * hkv), (
         q, k, v, gates, do, lse_bwd, delta, dk, dv, act.rows, act.counts, act.prefix,
         *strides, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        sq, sk, h, hkv, h // hkv, d, sm_scale, q_offset, k_offset,
-        **common,
-    )
+        sq, sk, h, hkv, h // hkv, sm_scale, q_offset, k_offset,
+    ), common, default=default, space=space, key=TUNE_KEY, device=q.device)
     if counter is not None:
         counter.backward += int(cnt.item())
     return dq, dk, dv, dgates

@@ -14,6 +14,11 @@ import triton.language as tl
 from .._common import interpret_enabled
 from .counter import active_counter
 from .rows import ActiveRows
+from .._tuning import launch
+from ..s2.triton_fwd import launch_configs
+
+# what decides the best config (dtypes are added by triton.autotune)
+TUNE_KEY = ("D", "BLOCK_M", "CAUSAL", "GROUP")
 
 def block_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D): tl.dot needs tiles >= 16; arange sizes are powers of two."""
@@ -24,6 +29,12 @@ def block_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
     # use 32x32 (<= 100 KB), within sm_80 / sm_90 limits
     small = block_d > 128 or dtype == torch.float32
     return (32, 32, block_d) if small else (64, 64, block_d)
+
+
+def needs_idx64(*tensors: torch.Tensor) -> bool:
+    """True when a row-gathered offset inside one batch element (row * stride(1) + head *
+    stride(2) + dim) can pass 2^31: the kernels then use 64-bit row offsets (more registers)."""
+    return any((t.shape[1] * t.stride(1) + t.shape[2] * t.stride(2)) >= 2 ** 31 for t in tensors)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -44,9 +55,9 @@ def _moh_fwd_kernel(
     stride_vb, stride_vt, stride_vh,
     stride_gb, stride_gt, stride_gh,
     stride_ob, stride_ot, stride_oh,
-    SQ, SK, H, GROUP, D, sm_scale, q_offset, k_offset,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, COUNT: tl.constexpr, DOT_PREC: tl.constexpr,
+    SQ, SK, H, GROUP, sm_scale, q_offset, k_offset,
+    D: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, COUNT: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -58,7 +69,9 @@ def _moh_fwd_kernel(
     off_kh = off_h // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = offs_m < n_act
-    rows = tl.load(ROWS + bh.to(tl.int64) * SQ + offs_m, mask=rmask, other=0).to(tl.int64)
+    rows = tl.load(ROWS + bh.to(tl.int64) * SQ + offs_m, mask=rmask, other=0)
+    if IDX64:  # 32-bit row offsets (and causal compares) unless a batch element passes 2^31
+        rows = rows.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :],
@@ -71,27 +84,36 @@ def _moh_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if CAUSAL:
-        last = tl.max(tl.where(rmask, qpos, -1))  # rows are ascending; any masked row is ignored
+        last = tl.max(tl.where(rmask, qpos, -1))
+        first = tl.min(tl.where(rmask, qpos, last))  # rows are ascending; any masked row is ignored
         hi = tl.minimum(tl.maximum(last - k_offset + 1, 0), SK)
     else:
         hi = SK
     k_base = K + off_b * stride_kb + off_kh * stride_kh
     v_base = V + off_b * stride_vb + off_kh * stride_vh
+    ar_n = tl.arange(0, BLOCK_N)
+    # loop-invariant 32-bit tile offsets; the 64-bit part is one scalar per step
+    k_off = ar_n[:, None] * stride_kt + offs_d[None, :]
+    v_off = ar_n[:, None] * stride_vt + offs_d[None, :]
     for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_n = start_n + ar_n
         nmask = offs_n < SK
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :],
-                    mask=nmask[:, None] & dmask[None, :], other=0.0)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :],
-                    mask=nmask[:, None] & dmask[None, :], other=0.0)
+        n64 = tl.full([], start_n, tl.int64)
+        k = tl.load(k_base + n64 * stride_kt + k_off, mask=nmask[:, None] & dmask[None, :], other=0.0)
+        v = tl.load(v_base + n64 * stride_vt + v_off, mask=nmask[:, None] & dmask[None, :], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        valid = nmask[None, :]
+        # only the kv tail tile and tiles past the tile's first row position need the mask
+        needs = start_n + BLOCK_N > SK
         if CAUSAL:
-            valid = valid & ((offs_n + k_offset)[None, :] <= qpos[:, None])
-        s = tl.where(valid, s, float("-inf"))
+            needs = needs | (start_n + BLOCK_N - 1 + k_offset > first)
+        if needs:
+            valid = nmask[None, :]
+            if CAUSAL:
+                valid = valid & ((offs_n + k_offset)[None, :] <= qpos[:, None])
+            s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
         p = tl.exp2(s - m_safe[:, None])
@@ -125,18 +147,18 @@ def moh_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tens
     counter = active_counter()
     cnt = torch.zeros(1, dtype=torch.int32, device=q.device)
     grid = (triton.cdiv(sq, block_m), b * h)
-    _moh_fwd_kernel[grid](
+    default, space = launch_configs("fwd", block_m, d, q.dtype, op="moh")
+    launch(_moh_fwd_kernel, grid, (
         q, k, v, gates, o, lse, act.rows, act.counts, cnt,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         gates.stride(0), gates.stride(1), gates.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
-        sq, sk, h, h // hkv, d, sm_scale, q_offset, k_offset,
-        CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        UPCAST=upcast_dots(q.dtype), COUNT=counter is not None, DOT_PREC=dot_precision(q.dtype),
-        num_warps=4,
-    )
+        sq, sk, h, h // hkv, sm_scale, q_offset, k_offset,
+    ), dict(IDX64=needs_idx64(q, o, gates), D=d, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            UPCAST=upcast_dots(q.dtype), COUNT=counter is not None, DOT_PREC=dot_precision(q.dtype)),
+        default=default, space=space, key=TUNE_KEY, device=q.device, tunable=counter is None)
     if counter is not None:
         counter.forward += int(cnt.item())
     return o, lse

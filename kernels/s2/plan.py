@@ -96,6 +96,16 @@ def _tiles(starts_ends: list[tuple[int, int]], bs: int) -> tuple[list[int], list
     return starts, ends, seg
 
 
+def _phased_tiles(n: int, offset: int, bs: int) -> tuple[list[int], list[int]]:
+    """Tiles of rows [0, n) whose boundaries sit on absolute block boundaries (row r is position
+    offset + r): a first partial tile when ``offset % bs``, then whole blocks. Ends: the partial
+    tile's own end, the segment end otherwise (kernels clip tiles to ``bs`` rows)."""
+    head = min(n, (bs - offset % bs) % bs)
+    starts, ends = ([0], [head]) if head else ([], [])
+    rest, _, _ = _tiles([(head, n)], bs)
+    return starts + rest, ends + [n] * len(rest)
+
+
 def _csr(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """mask bool [H, R, C] -> (ptr [H, R + 1] absolute, idx) in row-major order."""
     h, r, _ = mask.shape
@@ -118,8 +128,9 @@ def build_plan(layout: Optional[S2Layout], causal: bool, num_kv_heads: int, seq_
     ``kv_head_offset ..`` of ``total_kv_heads`` (S2 patterns follow the global index).
 
     With ``cu_seqlens`` (``seq_q == seq_k``, offsets 0) tiles restart at each document start and
-    block indices are relative to it; otherwise tile ``t`` of q is absolute block
-    ``q_offset // block_size + t`` (S2 requires block-aligned offsets).
+    block indices are relative to it; otherwise S2 tiles follow absolute blocks: with an offset that
+    is not a multiple of ``block_size`` (one-token decode at any position) the first q / kv tile is
+    the partial block up to the next boundary, so every tile lies in one absolute block.
     """
     bs = block_size
     if cu_seqlens is not None:
@@ -134,10 +145,15 @@ def build_plan(layout: Optional[S2Layout], causal: bool, num_kv_heads: int, seq_
         kpos_first = torch.tensor(ks)
         q_shift = k_shift = 0
     else:
-        qs, qe, _ = _tiles([(0, seq_q)], bs)
-        ks, ke, _ = _tiles([(0, seq_k)], bs)
-        qb = q_offset // bs + torch.arange(len(qs)) if layout is not None else None
-        kb = k_offset // bs + torch.arange(len(ks)) if layout is not None else None
+        if layout is not None:
+            qs, qe = _phased_tiles(seq_q, q_offset, bs)
+            ks, ke = _phased_tiles(seq_k, k_offset, bs)
+            qb = (torch.tensor(qs, dtype=torch.int64) + q_offset) // bs
+            kb = (torch.tensor(ks, dtype=torch.int64) + k_offset) // bs
+        else:
+            qs, qe, _ = _tiles([(0, seq_q)], bs)
+            ks, ke, _ = _tiles([(0, seq_k)], bs)
+            qb = kb = None
         same_doc = torch.ones(len(qs), len(ks), dtype=torch.bool)
         qpos_last = torch.tensor([min(s + bs, e) - 1 for s, e in zip(qs, qe)]) + q_offset
         kpos_first = torch.tensor(ks) + k_offset

@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from seqpar.kernels.s2.plan import TilePlan
-from seqpar.kernels.s2.triton_fwd import LOG2E, kernel_options, mask_tile
+from seqpar.kernels._tuning import launch
+from seqpar.kernels.s2.triton_fwd import LOG2E, TUNE_KEY, block_dim, kernel_options, launch_configs, mask_tile
 
 
 @triton.jit
@@ -61,9 +62,9 @@ def _s2_bwd_dq_kernel(
     stride_dob, stride_dos, stride_doh, stride_dod,
     stride_dqb, stride_dqs, stride_dqh, stride_dqd,
     stride_lb, stride_lh,
-    num_q_tiles, group, head_dim, q_shift, k_shift, scale_log2, sm_scale,
-    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, COUNT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    num_q_tiles, group, q_shift, k_shift, scale_log2, sm_scale,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, COUNT: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     t = num_q_tiles - 1 - tl.program_id(0)  # heaviest (last) q tiles first
     h = tl.program_id(1)
@@ -71,36 +72,41 @@ def _s2_bwd_dq_kernel(
     g = h // group
     q_lo = tl.load(q_start_ptr + t)
     q_hi = tl.load(q_end_ptr + t)
-    offs_m = q_lo.to(tl.int64) + tl.arange(0, BLOCK_M)  # 64-bit row offsets: packed varlen can be long
+    # 64-bit scalar bases, 32-bit offsets inside a tile (see the forward)
+    ar_m = tl.arange(0, BLOCK_M)
+    ar_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_m = q_lo + ar_m
     m_ok = offs_m < q_hi
-    d_ok = offs_d < head_dim
+    d_ok = offs_d < HEAD_DIM
     md_ok = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                mask=md_ok, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
-                 mask=md_ok, other=0.0)
+    row0 = q_lo.to(tl.int64)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + row0 * stride_qs
+                + ar_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=md_ok, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + row0 * stride_dos
+                 + ar_m[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=md_ok, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_m, mask=m_ok, other=0.0)
+    lse = tl.load(LSE + b * stride_lb + h * stride_lh + row0 + ar_m, mask=m_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(DELTA + b * stride_lb + h * stride_lh + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(DELTA + b * stride_lb + h * stride_lh + row0 + ar_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_base = K + b * stride_kb + g * stride_kh
     v_base = V + b * stride_vb + g * stride_vh
+    k_off = ar_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
+    vt_off = ar_n[None, :] * stride_vs + offs_d[:, None] * stride_vd
     lo = tl.load(row_ptr + g * (num_q_tiles + 1) + t)
     hi = tl.load(row_ptr + g * (num_q_tiles + 1) + t + 1)
     for idx in range(lo, hi):
         u = tl.load(col_idx + idx)
         k_lo = tl.load(kv_start_ptr + u)
         k_hi = tl.load(kv_end_ptr + u)
-        offs_n = k_lo.to(tl.int64) + tl.arange(0, BLOCK_N)
+        offs_n = k_lo + ar_n
         n_ok = offs_n < k_hi
-        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        vt = tl.load(v_base + offs_n[None, :] * stride_vs + offs_d[:, None] * stride_vd,
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        k64 = k_lo.to(tl.int64)
+        k = tl.load(k_base + k64 * stride_ks + k_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        vt = tl.load(v_base + k64 * stride_vs + vt_off, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             vt = vt.to(tl.float32)
@@ -113,8 +119,8 @@ def _s2_bwd_dq_kernel(
         if COUNT:
             tl.atomic_add(CNT, 1)
     dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
-             dq.to(DQ.dtype.element_ty), mask=md_ok)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + row0 * stride_dqs
+             + ar_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=md_ok)
 
 
 @triton.jit
@@ -128,50 +134,57 @@ def _s2_bwd_dkdv_kernel(
     stride_dkb, stride_dks, stride_dkh, stride_dkd,
     stride_dvb, stride_dvs, stride_dvh, stride_dvd,
     stride_lb, stride_lh,
-    num_kv_tiles, group, head_dim, q_shift, k_shift, scale_log2, sm_scale,
-    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, COUNT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    num_kv_tiles, group, q_shift, k_shift, scale_log2, sm_scale,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, COUNT: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     u = tl.program_id(0)
     g = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     k_lo = tl.load(kv_start_ptr + u)
     k_hi = tl.load(kv_end_ptr + u)
-    offs_n = k_lo.to(tl.int64) + tl.arange(0, BLOCK_N)
+    ar_m = tl.arange(0, BLOCK_M)
+    ar_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_n = k_lo + ar_n
     n_ok = offs_n < k_hi
-    d_ok = offs_d < head_dim
+    d_ok = offs_d < HEAD_DIM
     nd_ok = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * stride_kb + g * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                mask=nd_ok, other=0.0)
-    v = tl.load(V + b * stride_vb + g * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                mask=nd_ok, other=0.0)
+    k64 = k_lo.to(tl.int64)
+    k = tl.load(K + b * stride_kb + g * stride_kh + k64 * stride_ks
+                + ar_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=nd_ok, other=0.0)
+    v = tl.load(V + b * stride_vb + g * stride_vh + k64 * stride_vs
+                + ar_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=nd_ok, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    q_off = ar_m[:, None] * stride_qs + offs_d[None, :] * stride_qd
+    do_off = ar_m[:, None] * stride_dos + offs_d[None, :] * stride_dod
     lo = tl.load(col_ptr + g * (num_kv_tiles + 1) + u)
     hi = tl.load(col_ptr + g * (num_kv_tiles + 1) + u + 1)
     for hq in range(group):
         h = g * group + hq
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        l_base = b * stride_lb + h * stride_lh
         for idx in range(lo, hi):
             t = tl.load(row_idx + idx)
             q_lo = tl.load(q_start_ptr + t)
             q_hi = tl.load(q_end_ptr + t)
-            offs_m = q_lo.to(tl.int64) + tl.arange(0, BLOCK_M)
+            offs_m = q_lo + ar_m
             m_ok = offs_m < q_hi
             md_ok = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                        mask=md_ok, other=0.0)
-            do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos
-                         + offs_d[None, :] * stride_dod, mask=md_ok, other=0.0)
+            row0 = q_lo.to(tl.int64)
+            q = tl.load(q_base + row0 * stride_qs + q_off, mask=md_ok, other=0.0)
+            do = tl.load(do_base + row0 * stride_dos + do_off, mask=md_ok, other=0.0)
             if UPCAST:
                 q = q.to(tl.float32)
                 do = do.to(tl.float32)
-            lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_m, mask=m_ok, other=0.0)
+            lse = tl.load(LSE + l_base + row0 + ar_m, mask=m_ok, other=0.0)
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            delta = tl.load(DELTA + b * stride_lb + h * stride_lh + offs_m, mask=m_ok, other=0.0)
+            delta = tl.load(DELTA + l_base + row0 + ar_m, mask=m_ok, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
             p = tl.math.exp2(s - lse2[:, None])
             # q rows past q_hi loaded q = do = lse = delta = 0, so they add exactly 0 to dk and dv
@@ -183,10 +196,10 @@ def _s2_bwd_dkdv_kernel(
             if COUNT:
                 tl.atomic_add(CNT, 1)
     dk = dk * sm_scale
-    tl.store(DK + b * stride_dkb + g * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
-             dk.to(DK.dtype.element_ty), mask=nd_ok)
-    tl.store(DV + b * stride_dvb + g * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=nd_ok)
+    tl.store(DK + b * stride_dkb + g * stride_dkh + k64 * stride_dks
+             + ar_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=nd_ok)
+    tl.store(DV + b * stride_dvb + g * stride_dvh + k64 * stride_dvs
+             + ar_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=nd_ok)
 
 
 def s2_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
@@ -206,27 +219,26 @@ def s2_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, l
         o, do, dlse if dlse is not None else lse, delta, sq, d,
         *o.stride(), *do.stride(), lse.stride(0), lse.stride(1), lse.stride(2),
         *(dlse.stride() if dlse is not None else lse.stride()),
-        HAS_DLSE=dlse is not None, BLOCK_M=64, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        HAS_DLSE=dlse is not None, BLOCK_M=64, BLOCK_D=block_dim(d),
     )
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    opts = kernel_options(q, plan.block_size)
-    common = dict(CAUSAL=plan.causal, **opts)
+    consts = dict(CAUSAL=plan.causal, COUNT=counters is not None, **kernel_options(q, plan.block_size))
     cnt_dq, cnt_kv = counters if counters is not None else (lse, lse)
-    _s2_bwd_dq_kernel[(plan.num_q_tiles, h, b)](
+    default, space = launch_configs("dq", plan.block_size, d, q.dtype)
+    launch(_s2_bwd_dq_kernel, (plan.num_q_tiles, h, b), (
         q, k, v, do, lse, delta, dq, cnt_dq,
         plan.q_start, plan.q_end, plan.kv_start, plan.kv_end, plan.row_ptr, plan.col_idx,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), lse.stride(0), lse.stride(1),
-        plan.num_q_tiles, h // hkv, d, plan.q_shift, plan.k_shift, sm_scale * LOG2E, sm_scale,
-        COUNT=counters is not None, **common,
-    )
-    _s2_bwd_dkdv_kernel[(plan.num_kv_tiles, hkv, b)](
+        plan.num_q_tiles, h // hkv, plan.q_shift, plan.k_shift, sm_scale * LOG2E, sm_scale,
+    ), consts, default=default, space=space, key=TUNE_KEY, device=q.device, tunable=counters is None)
+    default, space = launch_configs("dkdv", plan.block_size, d, q.dtype)
+    launch(_s2_bwd_dkdv_kernel, (plan.num_kv_tiles, hkv, b), (
         q, k, v, do, lse, delta, dk, dv, cnt_kv,
         plan.q_start, plan.q_end, plan.kv_start, plan.kv_end, plan.col_ptr, plan.row_idx,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         lse.stride(0), lse.stride(1),
-        plan.num_kv_tiles, h // hkv, d, plan.q_shift, plan.k_shift, sm_scale * LOG2E, sm_scale,
-        COUNT=counters is not None, **common,
-    )
+        plan.num_kv_tiles, h // hkv, plan.q_shift, plan.k_shift, sm_scale * LOG2E, sm_scale,
+    ), consts, default=default, space=space, key=TUNE_KEY, device=q.device, tunable=counters is None)
     return dq, dk, dv

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from seqpar.kernels._common import interpret_enabled
+from seqpar.kernels._tuning import ALL_CONFIGS, LaunchConfig, cfg, launch
 from seqpar.kernels.s2.plan import TilePlan
 
 LOG2E = 1.4426950408889634
@@ -44,9 +45,9 @@ def _s2_fwd_kernel(
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ob, stride_os, stride_oh, stride_od,
     stride_lb, stride_lh,
-    num_q_tiles, group, head_dim, q_shift, k_shift, scale_log2,
-    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, COUNT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    num_q_tiles, group, q_shift, k_shift, scale_log2,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, COUNT: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # last q tiles read the most kv tiles under causality: launch them first (shorter tail)
     t = num_q_tiles - 1 - tl.program_id(0)
@@ -55,11 +56,16 @@ def _s2_fwd_kernel(
     g = h // group
     q_lo = tl.load(q_start_ptr + t)
     q_hi = tl.load(q_end_ptr + t)
-    offs_m = q_lo.to(tl.int64) + tl.arange(0, BLOCK_M)  # 64-bit row offsets: packed varlen can be long
+    # 64-bit scalar bases (packed varlen can pass 2^31 elements), 32-bit offsets inside a tile:
+    # per-element 64-bit address math would cost two registers per element
+    ar_m = tl.arange(0, BLOCK_M)
+    ar_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_m = q_lo + ar_m
     m_ok = offs_m < q_hi
-    d_ok = offs_d < head_dim
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+    d_ok = offs_d < HEAD_DIM  # folds away when BLOCK_D == HEAD_DIM
+    q_base = Q + b * stride_qb + h * stride_qh + q_lo.to(tl.int64) * stride_qs
+    q = tl.load(q_base + ar_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:  # the interpreter's tl.dot mishandles bf16
         q = q.to(tl.float32)
@@ -68,22 +74,23 @@ def _s2_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_base = K + b * stride_kb + g * stride_kh
     v_base = V + b * stride_vb + g * stride_vh
+    k_off = ar_n[:, None] * stride_ks + offs_d[None, :] * stride_kd  # loop-invariant tile offsets
+    v_off = ar_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
     lo = tl.load(row_ptr + g * (num_q_tiles + 1) + t)
     hi = tl.load(row_ptr + g * (num_q_tiles + 1) + t + 1)
     for idx in range(lo, hi):
         u = tl.load(col_idx + idx)
         k_lo = tl.load(kv_start_ptr + u)
         k_hi = tl.load(kv_end_ptr + u)
-        offs_n = k_lo.to(tl.int64) + tl.arange(0, BLOCK_N)
+        offs_n = k_lo + ar_n
         n_ok = offs_n < k_hi
-        kt = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        k64 = k_lo.to(tl.int64)
+        k = tl.load(k_base + k64 * stride_ks + k_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_base + k64 * stride_vs + v_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
-            kt = kt.to(tl.float32)
+            k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=PRECISION) * scale_log2
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         s = mask_tile(s, float("-inf"), offs_m, offs_n, q_lo, k_lo, k_hi, q_shift, k_shift, CAUSAL, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # rows with nothing visible yet keep m = -inf; shift by 0 so exp2 gives 0, not NaN
@@ -98,25 +105,48 @@ def _s2_fwd_kernel(
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+    o_base = O + b * stride_ob + h * stride_oh + q_lo.to(tl.int64) * stride_os
+    tl.store(o_base + ar_m[:, None] * stride_os + offs_d[None, :] * stride_od,
              o.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + b * stride_lb + h * stride_lh + offs_m, lse, mask=m_ok)
+    tl.store(LSE + b * stride_lb + h * stride_lh + q_lo.to(tl.int64) + ar_m, lse, mask=m_ok)
 
 
 def kernel_options(q: torch.Tensor, block_size: int) -> dict:
-    """Compile-time options shared by the forward and backward launchers."""
+    """Compile-time constants shared by the forward and backward launchers."""
     interp = interpret_enabled() and q.device.type == "cpu"
-    block_d = max(16, triton.next_power_of_2(q.shape[-1]))
-    # Software-pipelining stages keep that many K/V tiles in shared memory: at 3 stages, tiles over
-    # 16 KB (fp32, or 128 x 128 half) exceed sm_80's 163 KB (tests/test_s2_compile.py checks it).
-    tile_bytes = block_size * block_d * q.element_size()
     return dict(
         UPCAST=interp and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_size, BLOCK_N=block_size, BLOCK_D=block_d,
-        num_warps=4 if block_size <= 64 else 8,
-        num_stages=3 if tile_bytes <= 16 * 1024 else 2,
+        HEAD_DIM=q.shape[-1], BLOCK_M=block_size, BLOCK_N=block_size, BLOCK_D=block_dim(q.shape[-1]),
     )
+
+
+def block_dim(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def launch_configs(kind: str, block_size: int, head_dim: int, dtype: torch.dtype, op: str = "s2"
+                   ) -> tuple[LaunchConfig, tuple[LaunchConfig, ...]]:
+    """(default, autotune space) for kernel ``kind`` in {"fwd", "dq", "dkdv"} of ``op`` ("s2",
+    which includes flash, or "moh": same tiles, MoH's gathered rows cost a few more registers).
+
+    Chosen from sm_90 compile metadata (benchmarks/kernel_resources.py): at 64 x 128 half tiles
+    4 warps hold the fwd / dq accumulators in ~250 registers and dk/dv spills, so 8 warps; 3
+    stages of 64 x 128 dq tiles need 129 KB (1 CTA/SM), 2 stages 97 KB. Tiles over 16 KB (fp32,
+    or 128-token half tiles) keep 2 stages so that they fit sm_80's 163 KB.
+    """
+    tile_bytes = block_size * block_dim(head_dim) * torch.empty((), dtype=dtype).element_size()
+    if tile_bytes <= 8 * 1024:  # d <= 64 half tiles of 64 tokens: everything fits
+        return cfg(4, 3), ALL_CONFIGS
+    if tile_bytes <= 16 * 1024:  # 64 x 128 half (the 1b / 7b presets), or 64 x 64 fp32
+        spaces = {"fwd": (cfg(8, 2), cfg(4, 2), cfg(4, 3), cfg(8, 3)),
+                  "dq": (cfg(8, 2), cfg(4, 2), cfg(8, 3)),
+                  "dkdv": (cfg(8, 2), cfg(8, 3))}
+        if op == "moh":
+            spaces["dq"] = (cfg(8, 2), cfg(8, 3))  # 4 warps: 255 registers and 20 B of spills
+        space = spaces[kind]
+        return space[0], space
+    return cfg(8, 2), (cfg(8, 2),)
 
 
 def s2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: TilePlan, sm_scale: float,
@@ -129,12 +159,16 @@ def s2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: TilePlan, sm
     o = torch.empty_like(q)
     lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
     grid = (plan.num_q_tiles, h, b)
-    _s2_fwd_kernel[grid](
+    consts = dict(CAUSAL=plan.causal, COUNT=counter is not None, **kernel_options(q, plan.block_size))
+    default, space = launch_configs("fwd", plan.block_size, d, q.dtype)
+    launch(_s2_fwd_kernel, grid, (
         q, k, v, o, lse, counter if counter is not None else lse,
         plan.q_start, plan.q_end, plan.kv_start, plan.kv_end, plan.row_ptr, plan.col_idx,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), lse.stride(0), lse.stride(1),
-        plan.num_q_tiles, h // hkv, d, plan.q_shift, plan.k_shift, sm_scale * LOG2E,
-        CAUSAL=plan.causal, COUNT=counter is not None, **kernel_options(q, plan.block_size),
-    )
+        plan.num_q_tiles, h // hkv, plan.q_shift, plan.k_shift, sm_scale * LOG2E,
+    ), consts, default=default, space=space, key=TUNE_KEY, device=q.device, tunable=counter is None)
     return o, lse
 
+
+# what decides the best config (dtypes are added by triton.autotune)
+TUNE_KEY = ("HEAD_DIM", "BLOCK_M", "CAUSAL", "group")

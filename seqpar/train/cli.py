@@ -44,6 +44,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def _exit_codes() -> list[tuple[tuple[type, ...], int]]:
+    from seqpar.train.checkpoint import NonFiniteCheckpointError, ResumeError
+    from seqpar.train.health import NonFiniteError
+    from seqpar.train.integrity import CorruptCheckpointError, UnsafeCheckpointError
+
+    return [((NonFiniteError, NonFiniteCheckpointError), 3), ((CorruptCheckpointError, UnsafeCheckpointError), 4),
+            ((ResumeError,), 2)]
+
+
 def _fake_world(world: int) -> None:
     """A single-process world of ``world`` fake ranks (this process is rank 0): collectives are
     no-ops, so megatron's groups and the model of rank 0 can be built for any layout."""
@@ -153,11 +162,18 @@ def main(argv: Optional[list[str]] = None) -> int:
             dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=0, world_size=1)
     from seqpar.train.loop import train
 
+    exit_codes = _exit_codes()
+    run_errors = tuple(c for classes, _ in exit_codes for c in classes)
     try:
         if args.dry_run:
             dry_run(cfg)
         else:
             train(cfg, resume=args.resume)
+    except run_errors as e:  # raised on every rank alike: one message (rank 0), no traceback wall
+        code = next(c for classes, c in exit_codes if isinstance(e, classes))
+        if dist.get_rank() == 0:
+            print(f"seqpar-train: {e}", file=sys.stderr, flush=True)
+        return code
     finally:
         dist.destroy_process_group()
     return 0

@@ -17,7 +17,7 @@ from megatron.core.tensor_parallel import random as tp_random
 
 from seqpar.models import build_gpt, preset, transformer_config
 from seqpar.megatron import init_parallel
-from seqpar.train import checkpoint
+from seqpar.train import checkpoint, health
 from seqpar.train.config import RunConfig
 from seqpar.train.step import forward_backward, local_batch
 
@@ -62,7 +62,9 @@ def build_data(cfg: RunConfig):
     dist.barrier()
     sp = get_tokenizer(d.vocab_size, text, cache)
     docs = load_documents(d.text_files, d.max_bytes)  # each document followed by EOS
-    return PackedTextDataset.from_documents(sp, docs, d.seq_len, seed=cfg.train.seed), sp.vocab_size()
+    ds = PackedTextDataset.from_documents(sp, docs, d.seq_len, seed=cfg.train.seed)
+    ds.tokenizer_model = sp.serialized_model_proto()  # saved in every checkpoint (export needs it)
+    return ds, sp.vocab_size()
 
 
 def build_model(cfg: RunConfig, vocab_size: int):
@@ -178,11 +180,10 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = N
     out = pathlib.Path(cfg.train.out_dir)
     ckpt_dir = out / "checkpoints"
     start = 0
+    checkpoint.prepare_out_dir(out, resume=resume, overwrite=cfg.train.overwrite)  # h16: no silent mixing of runs
     if resume:
-        path = checkpoint.latest(ckpt_dir)
-        if path is None:
-            raise ValueError(f"--resume: no checkpoint under {ckpt_dir}")
-        state = checkpoint.load(path, model, opt, master)
+        path = checkpoint.resumable(ckpt_dir, cfg.train.on_corrupt_checkpoint)  # h16: manifest-verified
+        state = checkpoint.load(path, model, opt, master, config=cfg.to_dict())
         if state["rng"] is not None:
             _set_rng_state(state["rng"])
         elif rank0:
@@ -193,12 +194,14 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = N
     writer = bar = None
     if rank0:
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(out / "tb"), purge_step=start)
+        # scalars of step s are logged at s + 1, so the checkpoint's own last point (start) is kept
+        writer = SummaryWriter(str(out / "tb"), purge_step=start + 1)
         if cfg.train.progress:
             from tqdm import tqdm
             bar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     timer = AttentionTimer(model) if cfg.train.time_attention else None
+    monitor = health.HealthMonitor.from_config(cfg, model)  # h16: NaN/inf stop or skip (seqpar/train/health.py)
     losses = []
     model.train()
     for step in range(start, end):
@@ -207,10 +210,12 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = N
         for g in opt.param_groups:
             g["lr"] = lr
         tokens, labels, mask = (t.to(device) for t in data.batch(step, cfg.data.global_batch, dp_rank, dp))
-        res = forward_backward(model, local_batch(tokens, labels, mask))
+        with monitor.guard(step):
+            res = forward_backward(model, local_batch(tokens, labels, mask))
         gnorm = clip_grads(model, o.grad_clip)
-        master.grads_to_master()
-        opt.step()
+        if monitor.check(step, res.loss, gnorm):  # False: a non-finite step skipped (train.skip_nonfinite_steps)
+            master.grads_to_master()
+            opt.step()
         opt.zero_grad(set_to_none=True)
         model.zero_grad(set_to_none=True)
         master.master_to_model()
@@ -218,7 +223,7 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = N
         dt = time.perf_counter() - t0
         if rank0 and (step + 1) % cfg.train.log_every == 0:
             for k, v in {"loss": res.loss, "lr": lr, "grad_norm": gnorm, "aux_loss": res.aux_loss,
-                         "tokens_per_s": res.tokens / dt}.items():
+                         "tokens_per_s": res.tokens / dt, "skipped_steps": monitor.skipped}.items():
                 writer.add_scalar(f"train/{k}", v, step + 1)
             for kind, sec in (timer.pop() if timer else {}).items():
                 writer.add_scalar(f"attention_fwd_ms/{kind}", 1e3 * sec, step + 1)
@@ -227,7 +232,8 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = N
             bar.set_postfix(loss=f"{res.loss:.3f}", aux=f"{res.aux_loss:.3g}", lr=f"{lr:.2e}")
         last = step + 1 == end
         if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
-            checkpoint.save(ckpt_dir, step + 1, model, opt, master, rng=_rng_state(), config=cfg.to_dict())
+            checkpoint.save(ckpt_dir, step + 1, model, opt, master, rng=_rng_state(), config=cfg.to_dict(),
+                            tokenizer_model=getattr(data, "tokenizer_model", None))
     if bar is not None:
         bar.close()
     if writer is not None:

@@ -1,0 +1,262 @@
+"""``python -m seqpar.export.from_hf HF_DIR OUT_RUN`` (also ``seqpar-import``): a Llama-architecture
+Hugging Face model to a seqpar run folder that training continues from.
+
+OUT_RUN gets ``checkpoints/step_0000000`` (model weights; AdamW moments at zero and step 0, i.e. a
+fresh optimizer) and ``recipe.yaml`` (``train.out_dir`` = OUT_RUN), so continued pretraining is::
+
+    python -m seqpar.train OUT_RUN/recipe.yaml --resume --set train.steps=1000
+
+Any Llama shape (a size preset when one matches, else ``model.num_layers`` / ``hidden_size`` /
+``num_attention_heads`` / ``num_kv_heads`` / ``ffn_hidden_size`` in the recipe); it must use RMSNorm
+eps 1e-5, default RoPE with theta 10000, a SiLU MLP and no biases (else the function would change).
+
+**Converting layers** (``--pattern``, letters tiled over the layers, default all ``A``): ``S``
+layers keep the softmax layer's q/k/v/o weights and attend only to the S2 layout's blocks
+(``--set model.s2_block_size=...`` etc.); ``L`` layers become Lightning layers with the same
+q/k/v/o weights, the output gate projection at zero (gate 0.5 everywhere) and the per-head output
+norm at one — the linearisation recipe of papers that turn pretrained softmax models into linear
+ones (reuse the projections, add the new parts neutrally, then continue training). ``H`` (MoH) is
+not offered: a router cannot be added without changing which heads run.
+
+HF -> seqpar -> HF (``python -m seqpar.export.hf``) is bit-exact for the softmax case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+from typing import Optional
+
+import torch
+
+from seqpar.export.convert import ROPE_THETA, ModelSpec, hf_to_megatron
+from seqpar.export.reader import ExportError
+
+
+def _read_hf(hf_dir: pathlib.Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    cfg_file = hf_dir / "config.json"
+    if not cfg_file.is_file():
+        raise ExportError(f"{hf_dir} has no config.json; pass a Hugging Face model folder")
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("model_type") != "llama":
+        raise ExportError(f"{hf_dir}: model_type {cfg.get('model_type')!r} is not supported; import takes "
+                          f"Llama-architecture models (model_type 'llama')")
+    from safetensors.torch import load_file
+
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        raise ExportError(f"{hf_dir} has no *.safetensors weights (pytorch_model.bin is not read: it is a pickle)")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(str(f)))
+    return cfg, tensors
+
+
+def _check_llama(cfg: dict) -> None:
+    rope = cfg.get("rope_parameters") or {"rope_type": "default", "rope_theta": cfg.get("rope_theta", ROPE_THETA)}
+    checks = [("hidden_act", cfg.get("hidden_act", "silu") == "silu", "silu"),
+              ("attention_bias", not cfg.get("attention_bias", False), "false"),
+              ("mlp_bias", not cfg.get("mlp_bias", False), "false"),
+              ("rms_norm_eps", abs(float(cfg.get("rms_norm_eps", 1e-6)) - 1e-5) < 1e-12, "1e-05 (megatron-core's)"),
+              ("rope_parameters.rope_type", rope.get("rope_type", "default") == "default", "default"),
+              ("rope_parameters.rope_theta", float(rope.get("rope_theta", ROPE_THETA)) == ROPE_THETA, str(ROPE_THETA))]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    checks.append(("head_dim", head_dim * cfg["num_attention_heads"] == cfg["hidden_size"],
+                   "hidden_size / num_attention_heads"))
+    for name, ok, want in checks:
+        if not ok:
+            raise ExportError(f"HF config {name} must be {want} for a seqpar model; this model cannot be imported "
+                              f"without changing its function")
+
+
+def _shape(cfg: dict) -> dict:
+    """The recipe's model section for this HF shape: a size preset when one matches, else the
+    tiny preset with every shape field overridden."""
+    from seqpar.models import SIZES
+
+    shape = {"num_layers": cfg["num_hidden_layers"], "hidden_size": cfg["hidden_size"],
+             "num_attention_heads": cfg["num_attention_heads"],
+             "num_kv_heads": cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+             "ffn_hidden_size": cfg["intermediate_size"]}
+    for name, p in SIZES.items():
+        if (p.num_layers, p.hidden_size, p.num_attention_heads, p.num_query_groups, p.ffn_hidden_size) == \
+                tuple(shape.values()):
+            return {"preset": f"{name}-dense"}
+    return {"preset": "tiny-dense", **shape}
+
+
+def convert_layers(hf: dict[str, torch.Tensor], pattern: str, spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """Add the parameters that ``L`` layers have and softmax layers lack (see the module docstring)."""
+    out = dict(hf)
+    for i, c in enumerate(pattern):
+        if c == "L":
+            h = f"model.layers.{i}.self_attn."
+            out[h + "g_proj.weight"] = torch.zeros_like(hf[h + "q_proj.weight"])
+            out[h + "norm_weight"] = torch.ones(spec.num_heads * spec.head_dim, dtype=hf[h + "q_proj.weight"].dtype)
+    return out
+
+
+def _to_param_names(meg: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoint keys (megatron's sharded keys) -> GPTModel parameter names at TP=1."""
+    out: dict[str, torch.Tensor] = {}
+    qkvg: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in meg.items():
+        if k.endswith("self_attention.linear_qkv.layer_norm_weight"):
+            out[k.replace("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight")] = v
+        elif k.endswith("mlp.linear_fc1.layer_norm_weight"):
+            out[k.replace("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight")] = v
+        elif ".linear_qkvg.weight." in k:
+            base, part = k.rsplit(".", 1)
+            qkvg.setdefault(base, {})[part] = v
+        else:
+            out[k] = v
+    for base, parts in qkvg.items():
+        out[base] = torch.cat([parts["q"], parts["k"], parts["v"], parts["gate"]])
+    return out
+
+
+def _write_checkpoint(cfg, weights: dict[str, torch.Tensor], tokenizer_model: Optional[bytes],
+                      ckpt_dir: pathlib.Path) -> pathlib.Path:
+    """Build the recipe's model in a one-process gloo group, load ``weights``, save step 0."""
+    import torch.distributed as dist
+
+    from seqpar.megatron import init_parallel
+    from seqpar.train import checkpoint
+    from seqpar.train.loop import MasterParams, build_model
+
+    own_group = not dist.is_initialized()
+    rdv = tempfile.mkdtemp(prefix="seqpar_import_")
+    if own_group:
+        dist.init_process_group("gloo", init_method=f"file://{rdv}/rdv", rank=0, world_size=1)
+    try:
+        init_parallel(1, 1, seed=cfg.train.seed)
+        model = build_model(cfg, cfg.data.vocab_size)
+        params = dict(model.named_parameters())
+        if set(params) != set(weights):
+            raise ExportError(f"converted weights do not fit the seqpar model: missing "
+                              f"{sorted(set(params) - set(weights))[:4]}, extra {sorted(set(weights) - set(params))[:4]}")
+        with torch.no_grad():
+            for n, p in params.items():
+                if p.shape != weights[n].shape:
+                    raise ExportError(f"{n}: HF tensor shape {tuple(weights[n].shape)} != model {tuple(p.shape)}")
+                p.copy_(weights[n])
+        master = MasterParams(model)
+        opt = torch.optim.AdamW(master.params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                weight_decay=cfg.optim.weight_decay)
+        for p in master.params:  # a fresh optimizer, written out: zero moments at step 0
+            opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        from seqpar.train.loop import _rng_state
+
+        path = checkpoint.save(ckpt_dir, 0, model, opt, master,
+                               rng=_rng_state(), config=cfg.to_dict(), tokenizer_model=tokenizer_model)
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        return path
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+        shutil.rmtree(rdv, ignore_errors=True)
+
+
+def import_hf(hf_dir: str | pathlib.Path, out_run: str | pathlib.Path, *, pattern: str = "A",
+              overrides: Optional[list[str]] = None, force: bool = False) -> pathlib.Path:
+    """Write a seqpar run folder (checkpoint step 0 + recipe.yaml) for the HF model in ``hf_dir``.
+
+    Args:
+        hf_dir: Hugging Face folder of a ``LlamaForCausalLM`` (safetensors weights).
+        out_run: destination run folder (must not exist unless ``force``); written atomically.
+        pattern: layer kinds, tiled (A keep softmax, S convert to S2, L convert to Lightning).
+        overrides: extra recipe ``section.field=value`` settings (e.g. ``data.seq_len=256``).
+
+    Returns the step folder.
+    """
+    import yaml
+
+    from seqpar.megatron.specs import layer_pattern
+    from seqpar.train.config import from_dict
+
+    hf_dir, out = pathlib.Path(hf_dir), pathlib.Path(out_run).absolute()
+    if out.exists() and not force:
+        raise ExportError(f"output run folder {out} exists; pass --force to replace it")
+    bad = sorted(set(pattern) - {"A", "S", "L"})
+    if bad:
+        raise ExportError(f"--pattern {pattern!r}: import converts softmax layers to A (keep), S (S2) or L "
+                          f"(Lightning); {bad} cannot be added to a pretrained model")
+    cfg_hf, hf = _read_hf(hf_dir)
+    _check_llama(cfg_hf)
+    vocab = int(cfg_hf["vocab_size"])
+    if "lm_head.weight" not in hf:  # tied embeddings: seqpar keeps an untied output layer, same values
+        hf["lm_head.weight"] = hf["model.embed_tokens.weight"].clone()
+    tree: dict = {"model": {**_shape(cfg_hf), "pattern": pattern,
+                            "dtype": "bf16" if cfg_hf.get("dtype", cfg_hf.get("torch_dtype")) == "bfloat16" else "fp32"},
+                  "data": {"vocab_size": vocab}, "parallel": {"context_parallel": 1},
+                  "train": {"out_dir": str(out), "steps": 1}}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ExportError(f"--set expects section.field=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        node = tree
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(raw)
+    tree["train"]["out_dir"] = str(out)
+    try:
+        cfg = from_dict(tree)
+    except ValueError as e:
+        raise ExportError(f"recipe for the imported model: {e}") from e
+    full = layer_pattern(cfg.model.pattern or "A", cfg_hf["num_hidden_layers"])
+    spec = ModelSpec(num_layers=cfg_hf["num_hidden_layers"], hidden_size=cfg_hf["hidden_size"],
+                     num_heads=cfg_hf["num_attention_heads"],
+                     num_kv_heads=cfg_hf.get("num_key_value_heads") or cfg_hf["num_attention_heads"],
+                     ffn_hidden_size=cfg_hf["intermediate_size"], pattern=full, vocab_size=vocab,
+                     max_position_embeddings=cfg_hf.get("max_position_embeddings", 2048))
+    weights = _to_param_names(hf_to_megatron(convert_layers(hf, full, spec), spec))
+    dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
+    weights = {k: v.to(dtype) for k, v in weights.items()}
+    tok = hf_dir / "tokenizer.model"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp_import_{out.name}_", dir=out.parent))
+    try:
+        step = _write_checkpoint(cfg, weights, tok.read_bytes() if tok.is_file() else None, tmp / "checkpoints")
+        (tmp / "recipe.yaml").write_text(
+            f"# imported from {hf_dir.absolute()} by python -m seqpar.export.from_hf; continue with\n"
+            f"#   python -m seqpar.train {out / 'recipe.yaml'} --resume --set train.steps=N\n"
+            + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out / "checkpoints" / step.name
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m seqpar.export.from_hf",
+                                 description="Import a Llama-architecture Hugging Face model as a seqpar run.")
+    ap.add_argument("hf_dir", help="Hugging Face model folder (config.json + *.safetensors)")
+    ap.add_argument("out_run", help="destination seqpar run folder (checkpoints/ + recipe.yaml)")
+    ap.add_argument("--pattern", default="A", help="layer kinds, tiled: A keep softmax, S to S2, L to Lightning")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="recipe field for the imported run (repeatable)")
+    ap.add_argument("--force", action="store_true", help="replace OUT_RUN if it exists")
+    args = ap.parse_args(argv)
+    try:
+        step = import_hf(args.hf_dir, args.out_run, pattern=args.pattern, overrides=args.overrides, force=args.force)
+    except ExportError as e:
+        print(f"seqpar.export.from_hf: error: {e}", file=sys.stderr)
+        return 2
+    print(f"[seqpar.export] wrote {step}\n  continue training: python -m seqpar.train "
+          f"{step.parent.parent / 'recipe.yaml'} --resume --set train.steps=N")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

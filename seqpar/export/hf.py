@@ -1,0 +1,229 @@
+"""``python -m seqpar.export.hf CHECKPOINT OUT_DIR`` (also ``seqpar-export``): a training checkpoint
+to a Hugging Face folder.
+
+CHECKPOINT is a ``step_N`` folder, ``<run>/checkpoints/latest`` or the run folder; any TP / CP / DP
+layout it was saved at (one process, no process group, no optimizer state read). OUT_DIR gets:
+
+- ``config.json`` + ``model.safetensors`` (sharded with ``model.safetensors.index.json`` above
+  ``--max-shard-size``) + ``generation_config.json``;
+- pure-softmax models: stock ``LlamaForCausalLM`` (no custom code); otherwise
+  ``SeqparForCausalLM`` with ``configuration_seqpar.py`` / ``modeling_seqpar.py`` and ``auto_map``
+  (load with ``trust_remote_code=True``);
+- the run's sentencepiece model as a ``LlamaTokenizer`` (``tokenizer.json``,
+  ``tokenizer_config.json``, ``tokenizer.model``) with the training BOS / EOS / pad ids;
+- ``README.md``: a model card with the recipe, step, tokens seen and final loss.
+
+Everything is written to a temporary folder next to OUT_DIR and renamed at the end: an error leaves
+nothing behind. An existing OUT_DIR needs ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+from typing import Optional
+
+import torch
+
+from seqpar.export.convert import ModelSpec, hf_config, megatron_to_hf, spec_from_recipe
+from seqpar.export.reader import TOKENIZER_FILE, ExportError, TrainingCheckpoint, read_checkpoint
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _sp(model_bytes: bytes):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(model_bytes)
+    return sp
+
+
+def _ids(sp) -> dict[str, Optional[int]]:
+    def opt(i: int) -> Optional[int]:
+        return None if i < 0 else i
+
+    return {"bos_token_id": opt(sp.bos_id()), "eos_token_id": opt(sp.eos_id()), "pad_token_id": opt(sp.pad_id())}
+
+
+def write_tokenizer(model_bytes: bytes, out: pathlib.Path, vocab_size: int) -> None:
+    """The sentencepiece model as a ``LlamaTokenizer`` (fast, tokenizers backend) in ``out``, with
+    the sentencepiece BOS / EOS / pad / unk pieces and ids; no BOS/EOS added to encodings (training
+    packs plain ``sp.encode`` streams)."""
+    from transformers import LlamaTokenizer
+
+    sp = _sp(model_bytes)
+    if sp.vocab_size() != vocab_size:
+        raise ExportError(f"the checkpoint's tokenizer has {sp.vocab_size()} pieces but the model's vocabulary is "
+                          f"{vocab_size}; vocabulary mismatch (was the checkpoint's tokenizer.model replaced?)")
+    with tempfile.TemporaryDirectory() as tmp:
+        (pathlib.Path(tmp) / TOKENIZER_FILE).write_bytes(model_bytes)
+        special = {name: sp.id_to_piece(i) for name, i in
+                   (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("pad_token", sp.pad_id()),
+                    ("unk_token", sp.unk_id())) if i >= 0}
+        tok = LlamaTokenizer.from_pretrained(tmp, add_bos_token=False, add_eos_token=False, **special)
+    probe = "def f(x):\n    return x  # probe"
+    if tok.encode(probe, add_special_tokens=False) != sp.encode(probe):
+        raise ExportError("the Hugging Face tokenizer converted from the checkpoint's sentencepiece model encodes "
+                          "differently from it; refusing to write a tokenizer that does not match training")
+    for name, want in _ids(sp).items():
+        got = getattr(tok, name)
+        if want is not None and got != want:
+            raise ExportError(f"tokenizer {name} is {got}, training used {want}")
+    if len(tok) != vocab_size:
+        raise ExportError(f"the Hugging Face tokenizer has {len(tok)} tokens, the model {vocab_size}; vocabulary mismatch")
+    tok.save_pretrained(str(out))
+    (out / TOKENIZER_FILE).write_bytes(model_bytes)
+
+
+def _final_loss(ck: TrainingCheckpoint) -> Optional[float]:
+    """Last ``train/loss`` scalar at or before the checkpoint's step from the run's tensorboard log."""
+    tb = ck.path.parent.parent / "tb"
+    if not tb.is_dir():
+        return None
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        return None
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
+    acc.Reload()
+    if "train/loss" not in acc.Tags().get("scalars", []):
+        return None
+    events = [e for e in acc.Scalars("train/loss") if e.step <= ck.step]
+    return events[-1].value if events else None
+
+
+def _model_card(ck: TrainingCheckpoint, spec: ModelSpec, custom: bool, out_name: str) -> str:
+    data = ck.config.get("data", {})
+    tokens = ck.step * int(data.get("global_batch", 0)) * int(data.get("seq_len", 0))
+    loss = _final_loss(ck)
+    kinds = {"A": "softmax", "S": "S2", "L": "Lightning", "H": "MoH"}
+    load = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            f"model = AutoModelForCausalLM.from_pretrained({out_name!r}{', trust_remote_code=True' if custom else ''})\n"
+            f"tok = AutoTokenizer.from_pretrained({out_name!r})")
+    return "\n".join([
+        "---", "library_name: transformers", "tags: [seqpar, causal-lm]", "---", "",
+        f"# {out_name}", "",
+        f"Exported by `python -m seqpar.export.hf` from `{ck.path}`.", "",
+        f"- architecture: {'SeqparForCausalLM (custom code, `trust_remote_code=True`)' if custom else 'LlamaForCausalLM'}",
+        f"- layers: {spec.num_layers} ({', '.join(f'{i}:{kinds[c]}' for i, c in enumerate(spec.pattern))}), "
+        f"hidden {spec.hidden_size}, heads {spec.num_heads} / kv heads {spec.num_kv_heads}, vocab {spec.vocab_size}",
+        f"- training step: {ck.step}; tokens seen: {tokens:,} (step x global batch x sequence length)",
+        f"- final training loss: {'not recorded' if loss is None else f'{loss:.4f}'}",
+        f"- tokenizer: {'the run' + chr(39) + 's sentencepiece model (LlamaTokenizer)' if ck.tokenizer_model else 'none (token ids only)'}",
+        f"- saved at parallel layout: {json.dumps(ck.layout)}", "",
+        "## Use", "", "```python", load, "```", "",
+        "## Recipe (resolved)", "", "```json", json.dumps(ck.config, indent=2, sort_keys=True), "```", ""])
+
+
+def _readable(folder: pathlib.Path) -> None:
+    """mkdtemp makes a 0700 folder (and some writers 0600 files): give them the umask's modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
+
+
+def export(checkpoint: str | pathlib.Path, out_dir: str | pathlib.Path, *, force: bool = False,
+           dtype: Optional[str] = None, max_shard_size: str | int = "5GB",
+           allow_no_tokenizer: bool = False) -> pathlib.Path:
+    """Write the Hugging Face folder for ``checkpoint`` to ``out_dir`` (see the module docstring).
+
+    Args:
+        checkpoint: step folder, ``checkpoints/latest`` or run folder.
+        out_dir: destination; must not exist unless ``force``.
+        dtype: "fp32" | "bf16" | "fp16"; default: the training dtype.
+        max_shard_size: safetensors shard limit (``save_pretrained``'s argument).
+        allow_no_tokenizer: export a text-data checkpoint that carries no ``tokenizer.model``
+            (e.g. imported from a HF folder without one) without a tokenizer instead of failing.
+
+    Raises:
+        ExportError: bad checkpoint or output (see the module docstring); nothing is written then.
+    """
+    out = pathlib.Path(out_dir).absolute()
+    if out.exists() and not force:
+        raise ExportError(f"output folder {out} exists; pass --force to replace it")
+    if dtype is not None and dtype not in _DTYPES:
+        raise ExportError(f"--dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    ck = read_checkpoint(checkpoint)
+    data = ck.config.get("data", {})
+    if ck.tokenizer_model is not None:
+        vocab = _sp(ck.tokenizer_model).vocab_size()
+        ids = _ids(_sp(ck.tokenizer_model))
+    elif data.get("dataset", "text") == "text" and not allow_no_tokenizer:
+        raise ExportError(f"{ck.path} has no {TOKENIZER_FILE}: the run's tokenizer was not saved with it; re-save "
+                          f"the checkpoint with seqpar.train, or pass --no-tokenizer to export the model alone")
+    else:  # synthetic data (MQAR) or --no-tokenizer: token ids are the vocabulary, no tokenizer to ship
+        vocab = int(data.get("vocab_size", ck.tensors["embedding.word_embeddings.weight"].shape[0]))
+        ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    spec = spec_from_recipe(ck.config, vocab)
+    weights = megatron_to_hf(ck.tensors, spec)
+    train_dtype = _DTYPES.get(ck.config.get("model", {}).get("dtype", "fp32"), torch.float32)
+    target = _DTYPES[dtype] if dtype else train_dtype
+    weights = {k: v.to(target) for k, v in weights.items()}
+    cfg = hf_config(spec, dtype=target, **ids)
+    if spec.pure_softmax:
+        from transformers import LlamaForCausalLM as cls
+    else:
+        from seqpar.models.hf.modeling_seqpar import SeqparForCausalLM as cls
+    with torch.device("meta"):
+        model = cls(cfg)
+    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    if missing or unexpected:
+        raise ExportError(f"converted weights do not fit {cls.__name__}: missing {missing[:4]}, unexpected "
+                          f"{unexpected[:4]}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp_export_{out.name}_", dir=out.parent))
+    try:
+        model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+        if not spec.pure_softmax:
+            from seqpar.models.hf import TEMPLATE_DIR, TEMPLATE_FILES
+
+            for name in TEMPLATE_FILES:
+                shutil.copyfile(TEMPLATE_DIR / name, tmp / name)
+        if ck.tokenizer_model is not None:
+            write_tokenizer(ck.tokenizer_model, tmp, vocab)
+        (tmp / "README.md").write_text(_model_card(ck, spec, not spec.pure_softmax, out.name))
+        _readable(tmp)
+        if out.exists():
+            old = out.with_name(f".old_{out.name}_{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m seqpar.export.hf",
+                                 description="Export a seqpar training checkpoint to a Hugging Face folder.")
+    ap.add_argument("checkpoint", help="step_N folder, <run>/checkpoints/latest, or the run folder")
+    ap.add_argument("out_dir", help="destination folder (written atomically)")
+    ap.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    ap.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="weights dtype (default: training dtype)")
+    ap.add_argument("--max-shard-size", default="5GB", help="safetensors shard size limit (e.g. 2GB, 500MB)")
+    ap.add_argument("--no-tokenizer", action="store_true",
+                    help="export a checkpoint that carries no tokenizer.model without a tokenizer")
+    args = ap.parse_args(argv)
+    try:
+        out = export(args.checkpoint, args.out_dir, force=args.force, dtype=args.dtype,
+                     max_shard_size=args.max_shard_size, allow_no_tokenizer=args.no_tokenizer)
+    except ExportError as e:
+        print(f"seqpar.export.hf: error: {e}", file=sys.stderr)
+        return 2
+    print(f"[seqpar.export] wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

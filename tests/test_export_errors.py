@@ -1,0 +1,182 @@
+"""Bad input to ``python -m seqpar.export.hf``: one clear error, nothing half-written.
+
+Missing recipe, unknown preset, truncated / missing shard, an output folder that exists (needs
+``--force``), a tokenizer whose vocabulary does not match the model, a path that is no checkpoint,
+and DCP metadata that would execute code. Also: CHECKPOINT may be a step folder,
+``checkpoints/latest`` or the run folder, and the CLI / console script report errors with exit 2.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import pickle
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cp_harness import run_ranks
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _train(rank: int, world: int, out: str):
+    from seqpar.megatron import disable_cpu_compat
+    from seqpar.train.config import load_recipe
+    from seqpar.train.loop import train
+
+    ovr = ["model.preset=tiny-dense", "data.seq_len=32", "data.global_batch=2", "data.vocab_size=512",
+           "data.max_bytes=40000", "train.steps=1", "optim.warmup_steps=1", "train.progress=false",
+           "train.time_attention=false", "parallel.backend=torch", "parallel.context_parallel=1",
+           f"train.out_dir={out}", f"data.cache_dir={out}/spm"]
+    train(load_recipe(ROOT / "recipes" / "tiny_hybrid_cp2.yaml", ovr))
+    disable_cpu_compat()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> pathlib.Path:
+    out = tmp_path_factory.mktemp("export_errors") / "run"
+    run_ranks(_train, 1, str(out), timeout=300)
+    return out
+
+
+@pytest.fixture
+def ckpt(run, tmp_path) -> pathlib.Path:
+    """A private copy of the run (tests damage it)."""
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst)
+    return dst
+
+
+def _step(run: pathlib.Path) -> pathlib.Path:
+    return run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+
+
+def _assert_clean(out: pathlib.Path) -> None:
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".tmp_export_")]
+
+
+def _export(src, out, **kw):
+    from seqpar.export.hf import export
+
+    return export(src, out, **kw)
+
+
+def _rewrite_common(step: pathlib.Path, fn) -> None:
+    common = torch.load(step / "common.pt", weights_only=True)
+    fn(common)
+    torch.save(common, step / "common.pt")
+
+
+def test_accepts_step_folder_latest_and_run_folder(ckpt, tmp_path):
+    from seqpar.export.reader import resolve_step_dir
+
+    step = _step(ckpt)
+    assert resolve_step_dir(ckpt) == step
+    assert resolve_step_dir(ckpt / "checkpoints") == step
+    assert resolve_step_dir(ckpt / "checkpoints" / "latest") == step
+    assert resolve_step_dir(step) == step
+    from seqpar.export import ExportError
+
+    with pytest.raises(ExportError, match="not a seqpar checkpoint"):
+        resolve_step_dir(tmp_path)
+
+
+def test_existing_output_needs_force(ckpt, tmp_path):
+    from seqpar.export import ExportError
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(ExportError, match="--force"):
+        _export(ckpt, out)
+    assert (out / "keep.txt").exists()
+    _export(ckpt, out, force=True)
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".tmp_export_", ".old_"))]
+
+
+def test_missing_recipe(ckpt, tmp_path):
+    from seqpar.export import ExportError
+
+    _rewrite_common(_step(ckpt), lambda c: c.pop("config"))
+    with pytest.raises(ExportError, match="no recipe"):
+        _export(ckpt, tmp_path / "hf")
+    _assert_clean(tmp_path / "hf")
+
+
+def test_unknown_preset(ckpt, tmp_path):
+    from seqpar.export import ExportError
+
+    _rewrite_common(_step(ckpt), lambda c: c["config"]["model"].update(preset="huge-dense"))
+    with pytest.raises(ExportError, match="preset"):
+        _export(ckpt, tmp_path / "hf")
+    _assert_clean(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_truncated_or_missing_shard(ckpt, tmp_path, damage):
+    from seqpar.export import ExportError
+
+    shard = sorted(_step(ckpt).glob("*.distcp"), key=lambda p: p.stat().st_size)[-1]
+    if damage == "truncate":
+        with open(shard, "r+b") as f:
+            f.truncate(shard.stat().st_size // 2)
+    else:
+        shard.unlink()
+    with pytest.raises(ExportError, match="truncated" if damage == "truncate" else "missing"):
+        _export(ckpt, tmp_path / "hf")
+    _assert_clean(tmp_path / "hf")
+
+
+def test_vocabulary_mismatch(ckpt, tmp_path):
+    import sentencepiece as spm
+
+    from seqpar.export import ExportError
+
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(f"line {i} of some text, word{i % 17}" for i in range(300)))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "small"), vocab_size=100,
+                                   model_type="bpe", minloglevel=2)
+    shutil.copyfile(tmp_path / "small.model", _step(ckpt) / "tokenizer.model")
+    with pytest.raises(ExportError, match="vocabulary mismatch"):
+        _export(ckpt, tmp_path / "hf")
+    _assert_clean(tmp_path / "hf")
+
+
+def test_missing_tokenizer_for_text_run(ckpt, tmp_path):
+    from seqpar.export import ExportError
+
+    (_step(ckpt) / "tokenizer.model").unlink()
+    with pytest.raises(ExportError, match="tokenizer"):
+        _export(ckpt, tmp_path / "hf")
+    _assert_clean(tmp_path / "hf")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_metadata_that_executes_code_is_refused(ckpt, tmp_path):
+    from seqpar.export import ExportError
+
+    (_step(ckpt) / ".metadata").write_bytes(pickle.dumps(_Evil()))
+    with pytest.raises(ExportError, match="refusing"):
+        _export(ckpt, tmp_path / "hf")
+    _assert_clean(tmp_path / "hf")
+
+
+def test_cli_and_console_script(ckpt, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    ok = subprocess.run([sys.executable, "-m", "seqpar.export.hf", str(ckpt / "checkpoints" / "latest"),
+                         str(tmp_path / "hf")], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert "wrote" in ok.stdout and (tmp_path / "hf" / "model.safetensors").exists()
+    script = pathlib.Path(sys.executable).parent / "seqpar-export"
+    bad = subprocess.run([str(script), str(ckpt), str(tmp_path / "hf")], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "--force" in bad.stderr and "Traceback" not in bad.stderr
