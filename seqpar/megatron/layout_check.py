@@ -19,8 +19,7 @@ from typing import Mapping, Optional
 
 from seqpar.megatron.config import KIND_OF_LETTER
 
-__all__ = ["MEGATRON_CP_COMM", "MEGATRON_NAMES", "RECIPE_NAMES", "check_layout", "cp_scheme_for_layer",
-           "s2_cp_offset_exact"]
+__all__ = ["MEGATRON_CP_COMM", "MEGATRON_NAMES", "RECIPE_NAMES", "check_layout", "cp_scheme_for_layer"]
 
 #: megatron-core's ``cp_comm_type`` values and the seqpar scheme each one names
 MEGATRON_CP_COMM = {"p2p": "ring", "all_gather": "allgather", "a2a": "ulysses", "a2a+p2p": "usp"}
@@ -28,23 +27,16 @@ MEGATRON_CP_COMM = {"p2p": "ring", "all_gather": "allgather", "a2a": "ulysses", 
 RECIPE_NAMES = {
     "tp": "parallel.tensor_parallel", "cp": "parallel.context_parallel", "pp": "parallel.pipeline_parallel",
     "cp_schemes": "parallel.cp_schemes", "ud": "parallel.usp_ulysses_degree", "seq_len": "data.seq_len",
-    "s2_block_size": "model.s2_block_size", "s2_vert_stride": "model.s2_vert_stride",
+    "s2_block_size": "model.s2_block_size",
     "pattern": "model.pattern", "heads": "model.num_attention_heads", "kv_heads": "model.num_kv_heads",
     "num_layers": "model.num_layers",
 }
 MEGATRON_NAMES = {
     "tp": "tensor_model_parallel_size", "cp": "context_parallel_size", "pp": "pipeline_model_parallel_size",
     "cp_schemes": "cp_schemes", "ud": "usp_ulysses_degree", "seq_len": "seq_length",
-    "s2_block_size": "s2_block_size", "s2_vert_stride": "s2_vert_stride", "pattern": "pattern",
+    "s2_block_size": "s2_block_size", "pattern": "pattern",
     "heads": "num_attention_heads", "kv_heads": "num_query_groups", "num_layers": "num_layers",
 }
-
-
-def s2_cp_offset_exact(vert_stride: int, num_heads: int, tensor_parallel: int) -> bool:
-    """True when a TP rank's S2 heads under CP read the full model's pattern with the stride shifted
-    by the rank's kv-head offset (the shift ``cp.attention`` is given): the DKernel step of the
-    model (``max(1, vert_stride // num_heads)``) equals that of the rank's ``num_heads / tp`` heads."""
-    return max(1, vert_stride // num_heads) == max(1, vert_stride // (num_heads // tensor_parallel))
 
 
 def cp_scheme_for_layer(kind: str, cp_schemes: Mapping[str, str], cp_comm_type: Optional[str], *,
@@ -85,7 +77,7 @@ def _heads_fit(what: str, heads: int, kv_heads: int, degree: int, field: str, va
 def check_layout(*, pattern: str, num_layers: int, num_attention_heads: int, num_query_groups: int,
                  tensor_parallel: int = 1, context_parallel: int = 1, pipeline_parallel: int = 1,
                  cp_schemes: Optional[Mapping[str, str]] = None, usp_ulysses_degree: int = 1,
-                 seq_len: Optional[int] = None, s2_block_size: int = 16, s2_vert_stride: int = 4,
+                 seq_len: Optional[int] = None, s2_block_size: int = 16,
                  names: Mapping[str, str] = RECIPE_NAMES) -> None:
     """Raise a ``ValueError`` (all problems, one per line) unless the layout can run.
 
@@ -96,7 +88,7 @@ def check_layout(*, pattern: str, num_layers: int, num_attention_heads: int, num
         cp_schemes: kind -> scheme (missing kinds: "allgather"); read only when CP > 1.
         usp_ulysses_degree: Ulysses degree of the "usp" scheme.
         seq_len: training sequence length (global, before the CP split); None skips its checks.
-        s2_block_size, s2_vert_stride: the S2 layout (used when the pattern has S layers).
+        s2_block_size: the S2 block size (used when the pattern has S layers).
         names: field names for the messages (``RECIPE_NAMES`` or ``MEGATRON_NAMES``).
 
     Checks: TP divides the query and kv heads; PP divides the layers; MoH layers need TP = 1

@@ -231,8 +231,7 @@ class RunConfig(Strict):
                      tensor_parallel=tp, context_parallel=cp,
                      pipeline_parallel=getattr(self.parallel, "pipeline_parallel", 1),
                      cp_schemes=self.parallel.cp_schemes, usp_ulysses_degree=self.parallel.usp_ulysses_degree,
-                     seq_len=self.data.seq_len, s2_block_size=self.model.s2_block_size,
-                     s2_vert_stride=self.model.s2_vert_stride)
+                     seq_len=self.data.seq_len, s2_block_size=self.model.s2_block_size)
         if self.data.dataset == "mqar":
             _need(self.data.seq_len >= 2 * (self.data.mqar_pairs + self.data.mqar_queries),
                   f"data.seq_len={self.data.seq_len} must be >= 2 x (data.mqar_pairs + data.mqar_queries) = "
