@@ -379,8 +379,8 @@ def test_recipe_validation_runs_the_layout_check_before_any_process_group():
     from seqpar.train.config import load_recipe
 
     recipe = pathlib.Path(__file__).resolve().parents[1] / "recipes" / "tiny_hybrid_cp2.yaml"
-    with pytest.raises(ValueError, match=r"parallel.tensor_parallel=2: MoH \(H\) layers need tensor parallel 1"):
-        load_recipe(recipe, ["parallel.tensor_parallel=2"])   # tiny-hybrid = ASLH
+    with pytest.raises(ValueError, match=r"parallel.tensor_parallel=3 must divide the 4 query heads"):
+        load_recipe(recipe, ["model.pattern=AS", "parallel.tensor_parallel=3"])
     with pytest.raises(ValueError, match=r"cp_schemes.lightning='ulysses' needs the 2 query heads per TP rank"):
         load_recipe(recipe, ["model.pattern=AL", "parallel.tensor_parallel=2", "parallel.cp_schemes.lightning=ulysses",
                              "parallel.context_parallel=4"])
