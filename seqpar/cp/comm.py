@@ -134,6 +134,18 @@ class Pending:
         return self._result
 
 
+def _default_group_timeout() -> Any:
+    """The default group's timeout (the recipe's ``parallel.distributed_timeout_s``): ``new_group``
+    would otherwise fall back to torch's 30 min default. None (torch's default) if unreadable."""
+    pg = dist.distributed_c10d._get_default_group()
+    for dev in ("cuda", "cpu"):
+        try:
+            return pg._get_backend(torch.device(dev)).options._timeout
+        except Exception:  # no backend for that device
+            continue
+    return None
+
+
 class Comm:
     """Collectives over one process group with rank-major ``[world * n, ...]`` layouts.
 
@@ -167,8 +179,9 @@ class Comm:
         if key not in _SUBGROUPS:
             ranks, i, j = self._global, self.rank // u, self.rank % u
             # Ulysses group first, then ring group: the same order on every member keeps creation matched.
-            uly = dist.new_group(ranks[i * u:(i + 1) * u], use_local_synchronization=True)
-            ring = dist.new_group(ranks[j::u], use_local_synchronization=True)
+            timeout = _default_group_timeout()
+            uly = dist.new_group(ranks[i * u:(i + 1) * u], use_local_synchronization=True, timeout=timeout)
+            ring = dist.new_group(ranks[j::u], use_local_synchronization=True, timeout=timeout)
             _SUBGROUPS[key] = (uly, ring)
         uly, ring = _SUBGROUPS[key]
         return Comm(uly), Comm(ring)
