@@ -128,7 +128,7 @@ def exchange_memory_table() -> list[dict]:
     for world in (8, 32):
         for n in (1 << 17, 1 << 20):
             for rank in (0, world - 1):
-                m = exchange_buffer_elements(BIG_LAYOUT, world=world, balance="zigzag", chunk_len=n // (2 * world),
+                m = exchange_buffer_elements(BIG_LAYOUT.with_heads(32), world=world, balance="zigzag", chunk_len=n // (2 * world),
                                              kv_heads=8, width=256, rank=rank)
                 rows.append({"P": world, "N": f"{n >> 10}K", "rank": rank, "send_MB": m["send"] * 2 / 1e6,
                              "recv_MB": m["recv"] * 2 / 1e6, "buffer_MB": m["buffer"] * 2 / 1e6,

@@ -88,6 +88,11 @@ def _cases(world: int) -> list[dict]:
               dtype=torch.bfloat16, seed=16),
         _case("s2-ring-zz", "s2", "ring", "zigzag", p, b=1, n=2 * p * 16, h=4, hkv=2, d=16, seed=17),
         _case("moh-ring-zz", "moh", "ring", "zigzag", p, b=1, n=2 * p * 3, h=4, hkv=2, d=16, seed=18),
+        # the ring backward calls the Triton kernels' backward with the merged (fp32 out, lse)
+        _case("moh-ring-zz-triton", "moh", "ring", "zigzag", p, b=1, n=2 * p * 8, h=2, hkv=1, d=16,
+              backend="triton", seed=44),
+        _case("s2-ring-zz-triton", "s2", "ring", "zigzag", p, b=1, n=2 * p * 16, h=2, hkv=1, d=16,
+              backend="triton", seed=45),
         _case("softmax-usp-zz-gqa", "softmax", "usp", "zigzag", p, b=1, n=2 * p * 3, h=4, hkv=1, d=16, seed=27,
               ulysses_degree=2),
         _case("softmax-usp-contig", "softmax", "usp", "contiguous", p, b=2, n=p * 5, h=2, hkv=2, d=16, seed=28,

@@ -80,12 +80,22 @@ def _step(kind, scheme, extra, world, rank, layers: int) -> tuple[int, int, list
     return body, total - body, list(n.sites)
 
 
+def _index_builds() -> tuple[int, int, int]:
+    from seqpar.cp import partition, s2_exchange
+    from seqpar.kernels.lightning import api as lightning_api
+
+    return len(partition._DEVICE_INDEX), len(s2_exchange._PLANS), len(lightning_api._SEGMENTS)
+
+
 def _sync_job(rank: int, world: int) -> dict:
     out = {}
     for kind, scheme, extra in _cases(world):
         _step(kind, scheme, extra, world, rank, 1)  # first step: signatures agreed, index plans built
+        built = _index_builds()
         one = _step(kind, scheme, extra, world, rank, 1)
         two = _step(kind, scheme, extra, world, rank, 2)
+        # steady state builds no index tensor on the host (nothing new is copied to the device)
+        assert _index_builds() == built, (kind, scheme, extra)
         out[(kind, scheme, tuple(sorted(extra)))] = (one, two)
     # bad data inside a step raises on every rank at the step's end (rank 1's gates are negative)
     (q, k, v), kw, _ = _inputs("moh", "ring", {}, world, rank)
@@ -117,3 +127,46 @@ def test_one_off_calls_still_check_data_eagerly():
     with pytest.raises(ValueError, match="gates must be >= 0"):
         cp.attention(q, q[:, :, :1], q[:, :, :1], kind="moh", scheme="ring", group=(0, 1),
                      gates=-torch.ones(1, 4, 2))
+
+
+def _model_job(rank: int, world: int) -> dict:
+    from dataclasses import replace
+
+    from megatron.core import parallel_state
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    from seqpar.megatron import disable_cpu_compat, init_parallel
+    from seqpar.models import build_gpt, preset, transformer_config
+
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 64, (1, 64), generator=g)
+    out = {}
+    try:
+        for layers in (4, 8):
+            init_parallel(1, world, seed=3)
+            p = replace(preset("tiny"), pattern="ASLH", num_layers=layers)
+            cfg = transformer_config(p, context_parallel_size=world, seqpar_backend="torch", s2_block_size=16,
+                                     s2_local_blocks=1, s2_vert_stride=2, params_dtype=torch.float32,
+                                     cp_schemes={"softmax": "ring", "s2": "allgather", "lightning": "allgather",
+                                                 "moh": "ulysses"})
+            model = build_gpt(p, cfg, vocab_size=64, max_sequence_length=64)
+            batch = get_batch_on_this_cp_rank({"tokens": tokens, "labels": torch.roll(tokens, -1, 1)})
+            pos = torch.arange(batch["tokens"].shape[1])[None]
+            counts = []
+            for _ in range(2):  # the second step is steady state
+                with cp.count_host_syncs(also=("megatron", "nn")) as n:
+                    with cp.step_checks():
+                        model(batch["tokens"], pos, None, labels=batch["labels"]).float().sum().backward()
+                counts.append((n.total, list(n.sites)))
+            out[layers] = counts[1]
+            parallel_state.destroy_model_parallel()
+    finally:
+        disable_cpu_compat()
+    return out
+
+
+def test_megatron_model_steady_state_syncs_do_not_grow_with_layers():
+    # a GPT of all four kinds at CP=2: a steady-state step of 8 layers makes no more host reads in
+    # seqpar code (cp, kernels' entries, megatron layers, nn) than one of 4 layers, and only the step's one
+    for per_rank in run_ranks(_model_job, 2, timeout=600):
+        assert per_rank[4][0] == per_rank[8][0] == 1, (per_rank[4][1], per_rank[8][1])

@@ -99,6 +99,7 @@ def moh_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ga
         from .triton_bwd import moh_bwd
 
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        lse = lse.contiguous()  # the launcher indexes lse [b, h, sq] densely (a ring passes a slice)
         dq, dk, dv, _ = moh_bwd(do, torch.zeros_like(lse), q, k, v, gates, o, lse, build_active_rows(gates),
                                 causal=causal, sm_scale=scale, q_offset=q_offset, k_offset=k_offset)
         return dq, dk, dv

@@ -21,7 +21,9 @@ training step wraps forward + backward once):
 
 Host syncs per step in steady state (``count_host_syncs`` measures them): 1 (the exit check),
 plus 1 per distinct GPU ``cu_seqlens`` tensor (its values are read once and cached on the tensor,
-``seqpar.kernels._common.host_ints``). Per layer: 0.
+``seqpar.kernels._common.host_ints``), plus, the first time a new packed-document layout is seen,
+the host-to-device copy of its index tensors (cached per layout and shared by every layer).
+Per layer: 0.
 """
 
 from __future__ import annotations
@@ -179,23 +181,27 @@ _COUNTING = threading.local()
 
 
 @contextlib.contextmanager
-def count_host_syncs() -> Iterator[SyncCount]:
+def count_host_syncs(also: tuple[str, ...] = ()) -> Iterator[SyncCount]:
     """Count, while active, every host read of a tensor (``.item()``, ``.tolist()``, ``bool()``,
     ``int()``, ``float()``, ``.cpu()``, ``.numpy()``) and every host-to-device copy of host data
     (``torch.tensor/as_tensor(..., device=)``) issued
     *directly* from seqpar code that also runs on a GPU: ``seqpar/cp`` and the kernels' entry,
     autograd and validation layers (the torch fallback and Triton launchers are excluded; the GPU
-    suite checks those with ``torch.cuda.set_sync_debug_mode``). On a CPU machine these calls are
-    cheap, on a GPU each is a sync; the count is the same. Debug tool: it patches ``torch.Tensor``.
+    suite checks those with ``torch.cuda.set_sync_debug_mode``). ``also``: more seqpar subpackages
+    to count (e.g. ``("megatron", "nn")``). On a CPU machine these calls are cheap, on a GPU each
+    is a sync; the count is the same. Debug tool: it patches ``torch.Tensor`` while active.
     """
     import seqpar.cp as cp_pkg
     import seqpar.kernels as k_pkg
 
     cp_dir = os.path.dirname(cp_pkg.__file__)
     k_dir = os.path.dirname(k_pkg.__file__)
+    extra = tuple(os.path.join(os.path.dirname(cp_dir), name) + os.sep for name in also)
 
     def ours(filename: str) -> bool:
         if filename.startswith(cp_dir):
+            return True
+        if filename.startswith(extra):
             return True
         return filename.startswith(k_dir) and os.path.basename(filename) in ("api.py", "function.py", "_common.py")
 

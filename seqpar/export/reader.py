@@ -6,17 +6,16 @@ ranks wrote, whatever the TP / CP / DP layout was. ``torch.distributed.checkpoin
 full tensors in a single process (``no_dist=True``), so export never builds the megatron model and
 never needs the layout it was trained at.
 
-Nothing here executes code from disk: tensors load with ``torch.load(weights_only=True)`` (DCP's
-reader), the common state likewise, and DCP's ``.metadata`` pickle goes through an unpickler that
-only admits DCP's metadata classes.
+Before anything is read the folder is checked against its ``manifest.json`` (size and SHA-256 of
+every file, ``seqpar.train.integrity.verify``). Nothing executes code from disk: tensors and the
+common state load with ``weights_only=True`` and DCP's ``.metadata`` pickle goes through
+``seqpar.train.integrity``'s restricted unpickler.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import pathlib
-import pickle
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -24,8 +23,9 @@ import torch
 
 from seqpar.errors import ConfigError
 
-from seqpar.train.checkpoint import TOKENIZER_FILE  # noqa: E402  one place for the name
+from seqpar.train.checkpoint import CONFIG_FILE, TOKENIZER_FILE  # noqa: E402  one place for the names
 _OPTIONAL_KEYS = ("optimizer.", "rng_state", "rng.")  # rng.*: per-rank RNG states as uint8 tensors (h16)
+DEEPSPEED_MANIFEST = "seqpar_manifest.json"  # step folders of seqpar.deepspeed.checkpoint
 
 
 class ExportError(ConfigError):
@@ -45,23 +45,6 @@ class TrainingCheckpoint:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-_SAFE_GLOBALS = {
-    ("torch", "Size"), ("torch.serialization", "_get_layout"),
-}
-_SAFE_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
-                 "torch.distributed.checkpoint.filesystem")
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if (module, name) in _SAFE_GLOBALS or module in _SAFE_MODULES:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not a "
-                                     f"torch.distributed.checkpoint metadata type; refusing to load it")
-
-
 def resolve_step_dir(path: str | pathlib.Path) -> pathlib.Path:
     """``step_N`` folder for a step folder, a ``latest`` pointer file, a checkpoints folder (with
     ``latest``) or a run folder (``<run>/checkpoints/latest``)."""
@@ -75,7 +58,7 @@ def resolve_step_dir(path: str | pathlib.Path) -> pathlib.Path:
         if not target.is_dir():
             raise ExportError(f"{p} points at {target.name}, which does not exist under {p.parent}")
         return resolve_step_dir(target)
-    if (p / "metadata.json").is_file():
+    if (p / "metadata.json").is_file() or (p / DEEPSPEED_MANIFEST).is_file():
         return p
     for ptr in (p / "latest", p / "checkpoints" / "latest"):
         if ptr.is_file():
@@ -84,51 +67,20 @@ def resolve_step_dir(path: str | pathlib.Path) -> pathlib.Path:
                       f"pass a step_N folder, checkpoints/latest or the run folder")
 
 
-def _read_metadata(step_dir: pathlib.Path):
-    meta = step_dir / ".metadata"
-    if not meta.is_file():
-        raise ExportError(f"{step_dir} has no .metadata (torch_dist index); the checkpoint is incomplete")
+def _verified_metadata(step_dir: pathlib.Path):
+    """Check the folder against its manifest (size + SHA-256 of every file), then read the DCP
+    index through the restricted unpickler (``seqpar.train.integrity``)."""
+    from seqpar.train import integrity
+
     try:
-        return _MetadataUnpickler(io.BytesIO(meta.read_bytes())).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
-        raise ExportError(f"{meta} cannot be read ({e}); the checkpoint is truncated or not a torch_dist checkpoint") from e
-
-
-def _check_shards(step_dir: pathlib.Path, md) -> None:
-    """Every shard file the index names exists and is long enough for the bytes it must hold."""
-    need: dict[str, int] = {}
-    for info in md.storage_data.values():
-        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
-    for rel, size in sorted(need.items()):
-        f = step_dir / rel
-        if not f.is_file():
-            raise ExportError(f"checkpoint shard {f} is missing; the checkpoint is incomplete (copy the whole "
-                              f"step folder)")
-        have = f.stat().st_size
-        if have < size:
-            raise ExportError(f"checkpoint shard {f} is truncated ({have} bytes, the index needs {size}); "
-                              f"the checkpoint is incomplete")
-
-
-def _verify_manifest(step_dir: pathlib.Path) -> None:
-    """Checksums from the checkpoint's manifest, when the training side writes one."""
-    try:
-        from seqpar.train import checkpoint as ck
-    except Exception:  # noqa: BLE001 - export without the training extras: shard checks only
-        return
-    verify = getattr(ck, "verify", None)
-    if verify is None:
-        return
-    try:
-        verify(step_dir)
-    except FileNotFoundError:
-        return  # written before manifests existed
-    except ValueError as e:
-        raise ExportError(str(e)) from e
+        integrity.verify(step_dir)
+        return integrity.read_dcp_metadata(step_dir / ".metadata")
+    except (integrity.CorruptCheckpointError, integrity.UnsafeCheckpointError) as e:
+        raise ExportError(f"{e}; export refuses a damaged or incomplete checkpoint (copy the whole step folder)") from e
 
 
 def _read_recipe(step_dir: pathlib.Path, common: dict) -> dict:
-    for name in ("recipe.json", "config.json"):
+    for name in (CONFIG_FILE,):
         f = step_dir / name
         if f.is_file():
             try:
@@ -137,7 +89,7 @@ def _read_recipe(step_dir: pathlib.Path, common: dict) -> dict:
                 raise ExportError(f"{f} is not valid JSON ({e}); the checkpoint's recipe is damaged") from e
     cfg = common.get("config")
     if not isinstance(cfg, dict) or "model" not in cfg:
-        raise ExportError(f"{step_dir} carries no recipe (no recipe.json and no config in common.pt); export needs "
+        raise ExportError(f"{step_dir} carries no recipe (no {CONFIG_FILE} and no config in common.pt); export needs "
                           f"the model section the run was trained with — re-save the checkpoint with seqpar.train")
     return cfg
 
@@ -152,22 +104,20 @@ def read_checkpoint(path: str | pathlib.Path, *, with_tensors: bool = True) -> T
     Raises:
         ExportError: not a checkpoint, missing recipe, missing or truncated shard, bad checksum.
     """
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint import load as dcp_load
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    from seqpar.train import integrity
+
     step_dir = resolve_step_dir(path)
-    common_file = step_dir / "common.pt"
-    if not common_file.is_file():
-        raise ExportError(f"{step_dir} has no common.pt (step, layout, recipe); the checkpoint is incomplete")
+    if (step_dir / DEEPSPEED_MANIFEST).is_file():
+        return _read_deepspeed(step_dir, with_tensors)
+    md = _verified_metadata(step_dir)
     try:
-        common = torch.load(common_file, map_location="cpu", weights_only=True)
+        common = integrity.load_common(step_dir)
     except Exception as e:  # noqa: BLE001 - a damaged file: say which
-        raise ExportError(f"{common_file} cannot be read ({e}); the checkpoint is damaged") from e
+        raise ExportError(f"{step_dir}/common.pt cannot be read ({e}); the checkpoint is damaged") from e
     config = _read_recipe(step_dir, common)
-    md = _read_metadata(step_dir)
-    _check_shards(step_dir, md)
-    _verify_manifest(step_dir)
     tok = step_dir / TOKENIZER_FILE
     ck = TrainingCheckpoint(path=step_dir, step=int(common.get("step", 0)), config=config,
                             layout=dict(common.get("layout", {})),
@@ -177,11 +127,69 @@ def read_checkpoint(path: str | pathlib.Path, *, with_tensors: bool = True) -> T
     sd = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in md.state_dict_metadata.items()
           if isinstance(m, TensorStorageMetadata) and not k.startswith(_OPTIONAL_KEYS)}
     try:
-        dcp_load(sd, storage_reader=FileSystemReader(str(step_dir)), no_dist=True)
+        dcp_load(sd, storage_reader=integrity.SafeFileSystemReader(step_dir), no_dist=True)
     except Exception as e:  # noqa: BLE001 - DCP wraps per-item failures; name the folder
         raise ExportError(f"reading the tensors of {step_dir} failed ({type(e).__name__}: {e}); "
                           f"the checkpoint is damaged") from e
     ck.tensors = sd
+    return ck
+
+
+def to_sharded_keys(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` names of a TP=1 GPTModel -> the checkpoint's sharded keys (what
+    :func:`read_checkpoint` returns for dist_checkpointing folders): layer norms under their
+    sharded names, Lightning's ``linear_qkvg`` split into q / k / v / gate; ``_extra_state`` dropped."""
+    from seqpar.export.convert import spec_from_recipe
+
+    vocab = int(sd["embedding.word_embeddings.weight"].shape[0])
+    spec = spec_from_recipe(config, vocab)
+    d, h, g = spec.head_dim, spec.num_heads, spec.num_kv_heads
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if k.endswith("_extra_state") or not torch.is_tensor(v):
+            continue
+        if k.endswith(".input_layernorm.weight"):
+            out[k.replace(".input_layernorm.weight", ".self_attention.linear_qkv.layer_norm_weight")] = v
+        elif k.endswith(".pre_mlp_layernorm.weight"):
+            out[k.replace(".pre_mlp_layernorm.weight", ".mlp.linear_fc1.layer_norm_weight")] = v
+        elif k.endswith(".self_attention.linear_qkvg.weight"):
+            for name, part in zip(("q", "k", "v", "gate"), torch.split(v, [h * d, g * d, g * d, h * d])):
+                out[f"{k}.{name}"] = part
+        else:
+            out[k] = v
+    return out
+
+
+def _read_deepspeed(step_dir: pathlib.Path, with_tensors: bool) -> TrainingCheckpoint:
+    """A ``seqpar.deepspeed`` checkpoint: manifest-verified, consolidated to full fp32 tensors by
+    DeepSpeed's ZeRO tooling (``consolidated_fp32_state_dict``), in one process."""
+    try:
+        from seqpar.deepspeed import checkpoint as dsck
+    except ImportError as e:
+        raise ExportError(f"{step_dir} is a DeepSpeed checkpoint; install seqpar[deepspeed] to export it ({e})") from e
+    try:
+        manifest = dsck.verify(step_dir)
+    except ValueError as e:
+        raise ExportError(f"{e}; export refuses a damaged or incomplete checkpoint") from e
+    cfg_file = step_dir / CONFIG_FILE
+    if cfg_file.is_file():
+        config = json.loads(cfg_file.read_text())
+    else:  # the recipe travels in DeepSpeed's client state (a pickle; the manifest was verified above)
+        state = torch.load(step_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        config = (state.get("seqpar") or {}).get("config")
+    if not isinstance(config, dict) or "model" not in config:
+        raise ExportError(f"{step_dir} carries no recipe; export needs the model section the run was trained with")
+    tok = step_dir / TOKENIZER_FILE
+    ck = TrainingCheckpoint(path=step_dir, step=int(manifest.get("step", 0)), config=config,
+                            layout=dict(manifest.get("layout", {})), tensors={},
+                            tokenizer_model=tok.read_bytes() if tok.is_file() else None,
+                            extra={"engine": "deepspeed", "zero_stage": manifest.get("zero_stage")})
+    if with_tensors:
+        try:
+            sd = dsck.consolidated_fp32_state_dict(step_dir)
+        except ValueError as e:
+            raise ExportError(str(e)) from e
+        ck.tensors = to_sharded_keys(sd, config)
     return ck
 
 

@@ -248,6 +248,7 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = N
                  if losses else "no steps run")
         print(f"[seqpar.train] steps {start}->{end}, {trend}\n"
               f"  checkpoint:  {checkpoint.latest(ckpt_dir)}\n"
+              f"  export (HF): {sys.executable} -m seqpar.export.hf {out} {out / 'hf'}\n"
               f"  tensorboard: {_tensorboard_cmd()} --logdir {out / 'tb'}", flush=True)
     parallel_state.destroy_model_parallel()
     signals.raise_if_stopped()  # SystemExit(signals.EXIT_INTERRUPTED) after a signal stopped the loop
