@@ -19,7 +19,7 @@ DEMO = ROOT / "recipes" / "tiny_hybrid_cp2.yaml"
 
 @pytest.mark.parametrize("overrides,world,match", [
     (["parallel.pipeline_parallel=3"], None,
-     r"parallel\.pipeline_parallel=3 must divide the model's 4 layers; use a divisor of 4"),
+     r"parallel\.pipeline_parallel=3 must divide the 4 layers; use a divisor of 4"),
     (["data.micro_batch=3"], 2, r"data\.micro_batch=3 must divide the sequences per DP rank.*use a divisor of 8"),
     (["model.recompute=selective"], None,
      r"model\.recompute='selective' recomputes the core attention of A/S layers only.*use model\.recompute='full'"),
