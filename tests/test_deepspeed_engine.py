@@ -58,7 +58,7 @@ def _groups(rank: int, world: int, stage: int = 2) -> dict:
 
     cfg = load_recipe(ROOT / "recipes" / "tiny_hybrid_cp2.yaml", OVR + DS + [f"deepspeed.zero_stage={stage}"])
     init_parallel(1, 2, seed=cfg.train.seed)
-    engine = initialize(cfg, build_model(cfg, 64), build_ds_config(cfg, 2))
+    engine = initialize(cfg, build_model(cfg, 64)[0], build_ds_config(cfg, 2))
     ranks = dist.get_process_group_ranks
     res = {"dp": ranks(engine.data_parallel_group), "zero": ranks(engine.optimizer.dp_process_group),
            "ours_dp": ranks(ps.get_data_parallel_group()),

@@ -72,17 +72,33 @@ class MegatronMPU:
 
 def initialize(cfg: Any, model: torch.nn.Module, ds_config: dict[str, Any]):
     """``deepspeed.initialize`` on ``model`` with ``ds_config``, our groups as ``mpu`` and the
-    recipe's LR schedule (``lr_at``) as the client scheduler. Returns the engine."""
+    Megatron engine's LR schedule (``build_scheduler``) as the client scheduler. Returns the engine."""
     require_cpu_accelerator()
     import deepspeed
 
-    from seqpar.train.loop import lr_at
+    from seqpar.train.loop import build_scheduler
 
-    base = cfg.optim.lr
+    class Schedule:
+        """megatron's OptimizerParamScheduler (the Megatron engine's, build_scheduler) in the interface
+        DeepSpeed steps once per optimizer step; optimizer step k runs at num_steps = k + 1."""
 
-    def scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-        # DeepSpeed steps it once per optimizer step, so at optimizer step k the rate is lr_at(k)
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / base)
+        def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+            self.sched = build_scheduler(cfg, optimizer)
+            self.sched.step(1)
+
+        def step(self, *_: Any) -> None:
+            self.sched.step(1)
+
+        def get_lr(self) -> list[float]:
+            return [g["lr"] for g in self.sched.optimizer.param_groups]
+
+        get_last_lr = get_lr
+
+        def state_dict(self) -> dict:
+            return self.sched.state_dict()
+
+        def load_state_dict(self, sd: dict) -> None:
+            self.sched.load_state_dict(sd)
 
     if "LOCAL_RANK" not in os.environ:
         # DeepSpeed asserts on it; launchers (deepspeed, torchrun) set it. A process group started
@@ -97,9 +113,15 @@ def initialize(cfg: Any, model: torch.nn.Module, ds_config: dict[str, Any]):
         # sequence-data-parallel group, and the two disagree whenever CP > 1.
         deepspeed.zero.Init(module=model, data_parallel_group=MegatronMPU.get_sequence_data_parallel_group(),
                             config_dict_or_path=ds_config, mpu=mpu)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
-                                                                           if p.requires_grad],
-                                           config=ds_config, mpu=mpu, lr_scheduler=scheduler)
+    # megatron's parameter groups: biases and 1-D parameters (norms) get no weight decay (wd_mult 0 for
+    # the schedule, which sets weight_decay = wd x wd_mult each step)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    no_wd = [p for n, p in named if len(p.shape) == 1 or n.endswith(".bias")]
+    wd = [p for n, p in named if not (len(p.shape) == 1 or n.endswith(".bias"))]
+    groups = [g for g in ({"params": wd, "wd_mult": 1.0, "lr_mult": 1.0},
+                          {"params": no_wd, "wd_mult": 0.0, "lr_mult": 1.0, "weight_decay": 0.0}) if g["params"]]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config, mpu=mpu,
+                                           lr_scheduler=Schedule)
     if ds_config["zero_optimization"]["stage"] == 3:
         from seqpar.nn import MoHRouter
 
@@ -174,8 +196,7 @@ def train(cfg: Any, *, resume: bool = False, stop_after: Optional[int] = None) -
     from seqpar.megatron import init_parallel
     from seqpar.train import health, signals
     from seqpar.train.checkpoint import prepare_out_dir
-    from seqpar.train.loop import (AttentionTimer, _rng_state, _set_rng_state, _tensorboard_cmd, build_data,
-                                   build_model, lr_at)
+    from seqpar.train.loop import AttentionTimer, _rng_state, _set_rng_state, _tensorboard_cmd, build_data, build_model
 
     world = dist.get_world_size() if dist.is_initialized() else None
     if world is not None:
@@ -187,7 +208,7 @@ def train(cfg: Any, *, resume: bool = False, stop_after: Optional[int] = None) -
     micro, _ = batch_shape(cfg, dp)
     rank0 = dist.get_rank() == 0
     data, vocab = build_data(cfg)
-    model = build_model(cfg, vocab)
+    model = build_model(cfg, vocab)[0]  # one chunk: the DeepSpeed engine runs without pipeline parallelism
     engine = initialize(cfg, model, ds_config)
     out = pathlib.Path(cfg.train.out_dir)
     ckpt_dir = out / "checkpoints"
@@ -223,8 +244,6 @@ def train(cfg: Any, *, resume: bool = False, stop_after: Optional[int] = None) -
     for step in range(start, end):
         t0 = time.perf_counter()
         lr = engine.get_lr()[0]
-        if abs(lr - lr_at(step, cfg)) > 1e-12 * max(1.0, lr):  # the schedule is a function of the step
-            raise RuntimeError(f"DeepSpeed's LR {lr} at step {step} is not the recipe's {lr_at(step, cfg)}")
         batch = tuple(t.to(device) for t in data.batch(step, cfg.data.global_batch, dp_rank, dp))
         with monitor.guard(step):
             res = forward_backward(engine, _split(batch, micro))
