@@ -50,7 +50,7 @@ def test_recipe_maps_to_ds_config():
     assert opt["params"] == {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.05, "torch_adam": True}
     assert "scheduler" not in ds  # the recipe's lr_at is the client scheduler
     ds = build_ds_config(_cfg("data.micro_batch=1", "model.dtype=bf16", "deepspeed.zero_stage=3",
-                              "deepspeed.offload_optimizer=cpu"), 2)
+                              "optim.weight_decay=0", "deepspeed.offload_optimizer=cpu"), 2)
     assert ds["train_micro_batch_size_per_gpu"] == 1 and ds["gradient_accumulation_steps"] == 4
     assert ds["bf16"] == {"enabled": True}
     assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}}
@@ -98,6 +98,8 @@ def test_refused_combinations_and_recipe_fields(tmp_path):
     from seqpar.deepspeed import build_ds_config
     from seqpar.train.config import RecipeError
 
+    with pytest.raises(ConfigError, match="zero_stage=3 with optim.weight_decay"):
+        build_ds_config(_cfg("deepspeed.zero_stage=3"), 1)
     with pytest.raises(ConfigError, match="train.skip_nonfinite_steps"):
         build_ds_config(_cfg("train.skip_nonfinite_steps=2"), 1)
     with pytest.raises(ConfigError, match="data.micro_batch"):
