@@ -62,3 +62,20 @@ def _flash_attention(q, k, v, *, block_size: int, causal: bool = True, sm_scale=
                                       backend=backend, block_size=bs)
     o, lse = S2AttentionFunction.apply(q, k, v, plan, sm_scale, backend)
     return (o, lse) if return_lse else o
+
+
+def flash_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                             do: torch.Tensor, *, causal: bool = True, sm_scale: Optional[float] = None,
+                             q_offset: Optional[int] = None, k_offset: int = 0,
+                             backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv)`` of dense attention of ``q`` over the key block ``k, v`` given each
+    query row's *final* ``o`` and ``lse`` (possibly merged over more keys, as in a context-parallel
+    ring; see :func:`seqpar.kernels.s2.api.s2_attention_backward`). No autograd."""
+    from seqpar.kernels.s2.api import attention_backward
+
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a bool, got {causal!r}")
+    plan, sm_scale, backend = prepare(q, k, v, layout=None, causal=causal, sm_scale=sm_scale, cu_seqlens=None,
+                                      q_offset=q_offset, k_offset=k_offset, backend=backend,
+                                      block_size=DEFAULT_BLOCK_SIZE)
+    return attention_backward(q, k, v, o, lse, do, plan, sm_scale, backend)

@@ -9,38 +9,53 @@ Layout of one checkpoint: ``<dir>/step_N/`` is a ``dist_checkpointing`` folder h
   weights, each a ShardedTensor mirroring its parameter's sharding (Megatron's
   ``optimizer.state.<name>.<param key>`` keys); AdamW's step counter, shared by all parameters, as a
   common value;
-- ``rng``: one ShardedObject per global rank (CPU generator, the TP RNG tracker, CUDA generator);
-- common values (rank 0): ``step``, the parallel layout and the run's config.
+- ``rng.*``: the RNG states as uint8 tensors (CPU generator, each TP RNG tracker state, CUDA
+  generator), each a ShardedTensor ``[world, n]`` whose row r is global rank r's state (no pickle);
+- common values (rank 0): ``step``, the parallel layout and the run's config;
+- ``config.json``: the resolved recipe (compared with the resuming run's, ``compare_configs``);
+- ``manifest.json``: size + SHA-256 of every other file (``seqpar.train.integrity``).
 
 The LR schedule and the data position are functions of ``step`` (``lr_at``, ``dataset.batch(step)``),
 so ``step`` restores them exactly.
 
-Atomicity: every rank writes into ``<dir>/.tmp_step_N``; after a barrier rank 0 renames it to
-``step_N`` and rewrites ``latest`` by tmp + rename. A crash leaves the previous checkpoint intact and
-``latest`` pointing at it.
+Atomicity: every rank writes into ``<dir>/.tmp_step_N`` and hashes the files it wrote; after a
+barrier rank 0 writes ``config.json`` and ``manifest.json`` there, renames it to ``step_N`` and
+rewrites ``latest`` by tmp + rename, then deletes checkpoints beyond ``train.keep_last``. A crash
+leaves the previous checkpoint intact and ``latest`` pointing at it.
+
+Loading reads nothing through unrestricted pickle (``integrity.safe_load``); ``resumable`` verifies
+the manifest first and falls back to the newest intact checkpoint or stops
+(``train.on_corrupt_checkpoint``). A checkpoint of non-finite weights is never written.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import pathlib
 import queue
+import re
 import shutil
+import sys
 from functools import partial
 from typing import Any, Optional, Protocol
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
                                                          make_sharded_optimizer_tensor)
 from torch.distributed.checkpoint.filesystem import SerializationFormat, _write_item
 
 from seqpar.megatron.cpu_compat import cpu_checkpoint_request
+from seqpar.train import integrity
+from seqpar.train.integrity import CorruptCheckpointError, verify  # noqa: F401  verify: for readers (export)
 
 _ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+CONFIG_FILE = "config.json"  # the resolved recipe of the run that wrote the checkpoint
 TOKENIZER_FILE = "tokenizer.model"  # the run's sentencepiece model, inside each step folder
 
 
@@ -111,16 +126,112 @@ def _write_buckets(transforms: list, rank: int, buckets: list, results_queue: An
     results_queue.put(results)
 
 
-def _rng_object(rng: Any) -> ShardedObject:
-    # one object per global rank: CP/DP ranks of one TP rank may hold different generator states
-    return ShardedObject("rng_state", rng, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
+def _flat_rng(rng: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """``{"cpu": t, "tracker": {name: t}, "cuda": t | None}`` -> ``{"cpu": t, "tracker.<name>": t, ...}``."""
+    flat = {"cpu": rng["cpu"]}
+    flat.update({f"tracker.{k}": v for k, v in (rng.get("tracker") or {}).items()})
+    if rng.get("cuda") is not None:
+        flat["cuda"] = rng["cuda"]
+    return flat
+
+
+def _current_rng() -> dict[str, Any]:
+    from megatron.core.tensor_parallel import random as tp_random
+
+    return {"cpu": torch.get_rng_state(), "tracker": tp_random.get_cuda_rng_tracker().get_states(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def _rng_tensors(flat: dict[str, torch.Tensor], loading: bool) -> dict[str, ShardedTensor]:
+    # row r of rng.<name> [world, n] is global rank r's state: CP/DP ranks of one TP rank may hold
+    # different generator states; uint8 tensors, so no pickle is involved
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = {}
+    for name, t in flat.items():
+        t = t.detach().to("cpu", torch.uint8).reshape(1, -1)
+        buf = torch.zeros_like(t) if loading else t.clone()
+        out[name] = ShardedTensor.from_rank_offsets(f"rng.{name}", buf, (0, rank, world), replica_id=0)
+    return out
+
+
+def _unflat_rng(flat: dict[str, torch.Tensor]) -> dict[str, Any]:
+    flat = {k: v.reshape(-1).to(torch.uint8) for k, v in flat.items()}
+    return {"cpu": flat["cpu"], "tracker": {k[len("tracker."):]: v for k, v in flat.items() if k.startswith("tracker.")},
+            "cuda": flat.get("cuda")}
+
+
+class NonFiniteCheckpointError(RuntimeError):
+    """The weights to save hold NaN / inf: the save is refused (the previous checkpoint stays ``latest``)."""
+
+
+def _check_finite(step: int, model: torch.nn.Module) -> None:
+    """Collective: every rank learns whether any rank's weights are non-finite, and all raise."""
+    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p.detach()).all()), None)
+    flag = torch.tensor([0.0 if bad is None else 1.0 + dist.get_rank()])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        who = f"rank {int(flag.item()) - 1}"
+        raise NonFiniteCheckpointError(f"refusing to save step {step}: the weights are not finite ({who}"
+                                       f"{f', first: {bad}' if bad else ''}); the newest checkpoint stays the "
+                                       f"last finite one")
+
+
+def _digests_of_own_files(tmp: pathlib.Path) -> dict[str, dict[str, Any]]:
+    """Hash the .distcp files this rank wrote (DCP names them ``__<rank>_<i>.distcp``) and gather
+    every rank's digests (an object all-gather over the wire; nothing is unpickled from disk)."""
+    mine = {p.name: integrity.file_digest(p) for p in sorted(tmp.glob(f"__{dist.get_rank()}_*.distcp"))}
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return {k: v for d in every for k, v in d.items()}
+
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoints(ckpt_dir: str | pathlib.Path) -> list[pathlib.Path]:
+    """Complete checkpoint folders ``step_N`` of ``ckpt_dir``, oldest first (temp folders excluded)."""
+    root = pathlib.Path(ckpt_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def _prune(root: pathlib.Path, keep_last: int, keep: pathlib.Path) -> list[pathlib.Path]:
+    """Delete all but the newest ``keep_last`` checkpoints (never ``keep``, the one ``latest`` names)."""
+    if keep_last <= 0:
+        return []
+    old = [p for p in checkpoints(root)[:-keep_last] if p != keep]
+    for p in old:
+        shutil.rmtree(p, ignore_errors=True)
+    return old
+
+
+def write_sharded(sd: dict[str, Any], folder: pathlib.Path) -> None:
+    """``dist_checkpointing.save(sd, folder)`` (torch_dist) written in this process (``_write_buckets``).
+    Collective."""
+    if filesystem_async._results_queue is None:
+        # the writer's result queue is a process-wide lazy singleton (a multiprocessing Manager queue,
+        # for forked writers); every save in this process goes through _write_buckets, in-process,
+        # so a plain queue is enough and no Manager process is started
+        filesystem_async._results_queue = queue.Queue()
+    request = dist_checkpointing.save(sd, str(folder), sharded_strategy=("torch_dist", 1), async_sharded_save=True)
+    if request.async_fn is not None:  # None: nothing to write on this rank
+        request = request._replace(async_fn=partial(_write_buckets, request.async_fn.args[0]))
+    if not torch.cuda.is_available():
+        request = cpu_checkpoint_request(request)  # the staging step needs CUDA (cpu_compat docstring)
+    request.execute_sync()  # write, barrier, then rank 0 writes the global metadata
 
 
 def save(ckpt_dir: str | pathlib.Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
          master: Master, *, rng: Any, config: dict[str, Any], tokenizer_model: Optional[bytes] = None) -> pathlib.Path:
     """Write step ``step`` (model, AdamW state, master weights, RNG states, config) to
-    ``<ckpt_dir>/step_N`` atomically. Collective: every rank calls it. ``tokenizer_model``: the
-    run's serialized sentencepiece model, written as ``step_N/tokenizer.model`` (export reads it)."""
+    ``<ckpt_dir>/step_N`` atomically, with ``config.json`` (``config``, the resolved recipe) and
+    ``manifest.json``; then delete checkpoints beyond ``config["train"]["keep_last"]`` (0 / absent:
+    keep all). ``tokenizer_model``: the run's serialized sentencepiece model, written as
+    ``step_N/tokenizer.model`` (export reads it). Raises NonFiniteCheckpointError (on every rank,
+    nothing written) if the weights hold NaN / inf. Collective: every rank calls it."""
+    _check_finite(step, model)
     names = {id(p): n for n, p in model.named_parameters()}
     missing = [names.get(id(mp), str(i)) for i, (mp, p) in enumerate(zip(master.model_params, master.params))
                if not opt.state[p]]
@@ -139,25 +250,20 @@ def save(ckpt_dir: str | pathlib.Path, step: int, model: torch.nn.Module, opt: t
         tmp.mkdir()
     dist.barrier()
     sd = _sharded_state(model, opt, master, loading=False)
-    sd.update(rng=_rng_object(rng), adam_step=steps.pop(), step=step, layout=_layout(), config=config)
-    if filesystem_async._results_queue is None:
-        # the writer's result queue is a process-wide lazy singleton (a multiprocessing Manager queue,
-        # for forked writers); every save in this process goes through _write_buckets, in-process,
-        # so a plain queue is enough and no Manager process is started
-        filesystem_async._results_queue = queue.Queue()
-    request = dist_checkpointing.save(sd, str(tmp), sharded_strategy=("torch_dist", 1), async_sharded_save=True)
-    if request.async_fn is not None:  # None: nothing to write on this rank
-        request = request._replace(async_fn=partial(_write_buckets, request.async_fn.args[0]))
-    if not torch.cuda.is_available():
-        request = cpu_checkpoint_request(request)  # the staging step needs CUDA (cpu_compat docstring)
-    request.execute_sync()  # write, barrier, then rank 0 writes the global metadata
+    sd.update(rng=_rng_tensors(_flat_rng(rng), loading=False), adam_step=steps.pop(), step=step, layout=_layout(),
+              config=config)
+    write_sharded(sd, tmp)
     if tokenizer_model is not None and dist.get_rank() == 0:
         (tmp / TOKENIZER_FILE).write_bytes(tokenizer_model)
     dist.barrier()
+    digests = _digests_of_own_files(tmp)
     if dist.get_rank() == 0:
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True))
+        integrity.write_manifest(tmp, digests, extra={"step": step})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _write_atomic(root / "latest", final.name)
+        _prune(root, int((config.get("train") or {}).get("keep_last") or 0), final)
     dist.barrier()
     return final
 
@@ -171,20 +277,40 @@ def latest(ckpt_dir: str | pathlib.Path) -> Optional[pathlib.Path]:
     return root / ptr.read_text().strip()
 
 
-def load(path: pathlib.Path, model: torch.nn.Module, opt: torch.optim.Optimizer, master: Master) -> dict[str, Any]:
+def load(path: pathlib.Path, model: torch.nn.Module, opt: torch.optim.Optimizer, master: Master, *,
+         config: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Load a checkpoint folder into ``model``, ``opt`` and ``master`` at this run's parallel layout
     (the tensor-parallel size may differ from the one it was written with). Returns ``step``,
-    ``config``, ``layout`` and ``rng`` — this rank's RNG states, or None when the checkpoint was
-    written with another parallel layout (per-rank generator states do not map across layouts)."""
+    ``config``, ``layout``, ``changes`` and ``rng`` — this rank's RNG states, or None when the
+    checkpoint was written with another parallel layout (per-rank generator states do not map
+    across layouts).
+
+    ``config`` (this run's resolved recipe): compared with the checkpoint's ``config.json`` before
+    anything is loaded (``compare_configs``): a model change raises ConfigMismatchError listing the
+    fields, other changes are printed on rank 0 and returned as ``changes``. Nothing is unpickled
+    without restriction (``integrity.safe_load``)."""
+    path = pathlib.Path(path)
     if not (path / "metadata.json").is_file():
         raise ValueError(f"{path} is not a dist_checkpointing checkpoint (no metadata.json); "
                          f"pass a step_N folder written by seqpar.train")
-    common = dist_checkpointing.load_common_state_dict(str(path))
+    changes: list[str] = []
+    if config is not None:
+        changes = compare_configs(saved_config(path), config, where=str(path))
+        if changes and _rank_world()[0] == 0:
+            print(f"[seqpar.train] resuming {path} with a changed recipe (allowed; the LR schedule and data "
+                  f"position follow the new values from step {integrity.read_manifest(path).get('step', '?')} on):\n"
+                  + "\n".join(f"  {c}" for c in changes), file=sys.stderr, flush=True)
+    common = integrity.load_common(path)
+    if config is not None and common["step"] >= config["train"]["steps"]:
+        raise ResumeError(f"--resume: {path} is step {common['step']}, already the end of the run "
+                         f"(train.steps={config['train']['steps']}); nothing to train. To train longer, raise "
+                         f"train.steps (e.g. --set train.steps={2 * common['step']}): the LR schedule is then "
+                         f"recomputed for the new length")
     sd = _sharded_state(model, opt, master, loading=True)
     same_layout = common["layout"] == _layout()
     if same_layout:
-        sd["rng"] = _rng_object(None)
-    loaded = dist_checkpointing.load(sd, str(path))
+        sd["rng"] = _rng_tensors(_flat_rng(_current_rng()), loading=True)
+    loaded = integrity.safe_load(sd, path)
     model.load_state_dict(loaded["model"])
     adam_step = torch.tensor(common["adam_step"], dtype=torch.float32)
     state = {i: {"step": adam_step.clone(), **{k: loaded["optimizer"][str(i)][k] for k in _ADAM_KEYS}}
@@ -195,5 +321,148 @@ def load(path: pathlib.Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
             for i, p in enumerate(master.params):
                 p.copy_(loaded["optimizer"][str(i)]["fp32_param"])
         master.master_to_model()
-    return {"step": common["step"], "config": common["config"], "layout": common["layout"],
-            "rng": loaded["rng"] if same_layout else None}
+    return {"step": common["step"], "config": common["config"], "layout": common["layout"], "changes": changes,
+            "rng": _unflat_rng(loaded["rng"]) if same_layout else None}
+
+
+# ---------------------------------------------------------------------------------------------------
+# resume: which checkpoint, with which recipe
+
+
+class ResumeError(ValueError):
+    """--resume / out_dir misuse: nothing to resume, a finished run, an existing run without --resume."""
+
+
+class ConfigMismatchError(ResumeError):
+    """Resuming with a recipe whose model differs from the checkpoint's."""
+
+
+# fields whose change makes the saved weights mean something else (or not fit): an error on resume.
+# Everything else (schedule, steps, data, parallel layout, outputs) may change and is printed.
+_FIXED_SECTIONS = ("model",)
+_FIXED_FIELDS = {("data", "vocab_size")}
+_FREE_FIELDS = {("model", "moh_aux_loss_coef")}  # a loss weight, not part of the weights' meaning
+
+
+def saved_config(path: str | pathlib.Path) -> dict[str, Any]:
+    """The resolved recipe saved in a checkpoint folder (``config.json``)."""
+    f = pathlib.Path(path) / CONFIG_FILE
+    if not f.is_file():
+        raise CorruptCheckpointError(pathlib.Path(path), CONFIG_FILE, "missing (cannot check the recipe on resume)")
+    return json.loads(f.read_text())
+
+
+def _leaves(tree: Any, prefix: tuple = ()) -> dict[tuple, Any]:
+    if isinstance(tree, dict) and not (prefix and prefix[-1] == "cp_schemes"):
+        out: dict[tuple, Any] = {}
+        for k, v in tree.items():
+            out.update(_leaves(v, prefix + (k,)))
+        return out
+    return {prefix: tree}
+
+
+def compare_configs(saved: dict[str, Any], new: dict[str, Any], where: str = "the checkpoint") -> list[str]:
+    """Differences between the recipe a checkpoint was written with and the resuming one.
+
+    Raises ConfigMismatchError listing every changed model field (``model.*`` except
+    ``moh_aux_loss_coef``, and ``data.vocab_size``): the weights would be loaded into layers of
+    another kind or shape. Returns ``["optim.lr: 0.0003 -> 0.003", ...]`` for the other changes
+    (allowed). Fields unknown to one side (a newer / older seqpar) count as changes."""
+    a, b = _leaves(saved), _leaves(new)
+    fixed, free = [], []
+    for key in sorted(set(a) | set(b), key=lambda k: ".".join(map(str, k))):
+        va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if va == vb:
+            continue
+        line = f"{'.'.join(map(str, key))}: {json.dumps(va)} -> {json.dumps(vb)}"
+        is_fixed = (key[0] in _FIXED_SECTIONS or key[:2] in _FIXED_FIELDS) and key[:2] not in _FREE_FIELDS
+        (fixed if is_fixed else free).append(line)
+    if fixed:
+        raise ConfigMismatchError(f"--resume: the recipe's model differs from the one {where} was written with:\n"
+                                  + "\n".join(f"  {x}" for x in fixed)
+                                  + "\nuse the checkpoint's values, or start a new run (another train.out_dir)")
+    return free
+
+
+def resumable(ckpt_dir: str | pathlib.Path, on_corrupt: str = "stop") -> pathlib.Path:
+    """The checkpoint ``--resume`` loads: the one ``latest`` names, verified against its manifest.
+
+    If it is corrupt (a changed, truncated or missing file): ``on_corrupt="stop"`` raises
+    CorruptCheckpointError naming the file; ``"fallback"`` warns naming the corrupt checkpoint, the
+    file and the fallback, and returns the newest intact older checkpoint (or raises if none is).
+    Collective: the files are hashed in parallel (file i by rank i mod world) and every rank gets
+    the same answer."""
+    root = pathlib.Path(ckpt_dir)
+    head = latest(root)
+    if head is None:
+        raise ResumeError(f"--resume: no checkpoint under {root} (no 'latest' file); run without --resume first")
+    older = [p for p in checkpoints(root) if _step_of(p) < _step_of(head)][::-1]
+    problems = []
+    for cand in [head, *older]:
+        err = _verify_collective(cand)
+        if err is None:
+            if problems and _rank_world()[0] == 0:
+                print(f"[seqpar.train] WARNING: {problems[0]}; falling back to {cand}, the newest intact checkpoint"
+                      + (f" (also corrupt: {', '.join(str(p.folder.name) for p in problems[1:])})"
+                         if len(problems) > 1 else ""), file=sys.stderr, flush=True)
+            return cand
+        problems.append(err)
+        if on_corrupt == "stop":
+            raise CorruptCheckpointError(err.folder, err.file, err.reason + " (train.on_corrupt_checkpoint=stop; "
+                                         "set it to 'fallback' to resume from the newest intact checkpoint)")
+    raise CorruptCheckpointError(problems[0].folder, problems[0].file,
+                                 problems[0].reason + f"; no intact checkpoint to fall back to under {root}")
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _step_of(path: pathlib.Path) -> int:
+    m = _STEP_DIR.match(path.name)
+    return int(m.group(1)) if m else -1
+
+
+def _verify_collective(folder: pathlib.Path) -> Optional[CorruptCheckpointError]:
+    rank, world = _rank_world()
+    err: Optional[CorruptCheckpointError] = None
+    try:
+        files = integrity.manifest_files(folder)
+        integrity.verify(folder, only=files[rank::world])
+        if rank == 0:  # extra files: once
+            extra = sorted(set(integrity._files(folder)) - set(files))
+            if extra:
+                raise CorruptCheckpointError(folder, extra[0], "not in the manifest (added after the save)")
+    except CorruptCheckpointError as e:
+        err = e
+    if world == 1:
+        return err
+    every: list[Any] = [None] * world
+    dist.all_gather_object(every, None if err is None else (str(err.folder), err.file, err.reason))
+    first = next((e for e in every if e is not None), None)
+    return None if first is None else CorruptCheckpointError(pathlib.Path(first[0]), first[1], first[2])
+
+
+def prepare_out_dir(out_dir: str | pathlib.Path, *, resume: bool, overwrite: bool) -> None:
+    """Before a run: without ``--resume``, an out_dir holding checkpoints or tensorboard events is
+    refused (ValueError naming what is there) unless ``overwrite`` (train.overwrite), which deletes
+    them. Collective (rank 0 looks and deletes, every rank gets the answer)."""
+    out = pathlib.Path(out_dir)
+    msg = None
+    if _rank_world()[0] == 0 and not resume:
+        found = [str(p) for p in checkpoints(out / "checkpoints")]
+        found += [str(p) for p in (out / "tb").glob("events.out.tfevents.*")] if (out / "tb").is_dir() else []
+        if found and overwrite:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            shutil.rmtree(out / "tb", ignore_errors=True)
+            print(f"[seqpar.train] train.overwrite: deleted {len(found)} checkpoint / tensorboard file(s) of the "
+                  f"previous run in {out}", file=sys.stderr, flush=True)
+        elif found:
+            msg = (f"train.out_dir={str(out)!r} already holds a run ({len(found)} checkpoint / tensorboard item(s), "
+                   f"e.g. {found[-1]}): pass --resume to continue it, pick another train.out_dir, or set "
+                   f"train.overwrite=true to delete it")
+    box = [msg]
+    if _rank_world()[1] > 1:
+        dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise ResumeError(box[0])

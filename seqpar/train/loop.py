@@ -17,7 +17,7 @@ from megatron.core.tensor_parallel import random as tp_random
 
 from seqpar.models import build_gpt, preset, transformer_config
 from seqpar.megatron import init_parallel
-from seqpar.train import checkpoint
+from seqpar.train import checkpoint, health, signals
 from seqpar.train.config import RunConfig
 from seqpar.train.step import forward_backward, local_batch
 
@@ -168,7 +168,8 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = N
     world = dist.get_world_size() if dist.is_initialized() else None
     if world is not None:
         cfg.check_world(world)
-    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.context_parallel, seed=cfg.train.seed)
+    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.context_parallel, seed=cfg.train.seed,
+                  timeout_s=cfg.parallel.distributed_timeout_s)
     dp = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
     rank0 = dist.get_rank() == 0
@@ -180,11 +181,10 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = N
     out = pathlib.Path(cfg.train.out_dir)
     ckpt_dir = out / "checkpoints"
     start = 0
+    checkpoint.prepare_out_dir(out, resume=resume, overwrite=cfg.train.overwrite)  # h16: no silent mixing of runs
     if resume:
-        path = checkpoint.latest(ckpt_dir)
-        if path is None:
-            raise ValueError(f"--resume: no checkpoint under {ckpt_dir}")
-        state = checkpoint.load(path, model, opt, master)
+        path = checkpoint.resumable(ckpt_dir, cfg.train.on_corrupt_checkpoint)  # h16: manifest-verified
+        state = checkpoint.load(path, model, opt, master, config=cfg.to_dict())
         if state["rng"] is not None:
             _set_rng_state(state["rng"])
         elif rank0:
@@ -195,12 +195,14 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = N
     writer = bar = None
     if rank0:
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(out / "tb"), purge_step=start)
+        # scalars of step s are logged at s + 1, so the checkpoint's own last point (start) is kept
+        writer = SummaryWriter(str(out / "tb"), purge_step=start + 1)
         if cfg.train.progress:
             from tqdm import tqdm
             bar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     timer = AttentionTimer(model) if cfg.train.time_attention else None
+    monitor = health.HealthMonitor.from_config(cfg, model)  # h16: NaN/inf stop or skip (seqpar/train/health.py)
     losses = []
     model.train()
     for step in range(start, end):
@@ -209,10 +211,12 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = N
         for g in opt.param_groups:
             g["lr"] = lr
         tokens, labels, mask = (t.to(device) for t in data.batch(step, cfg.data.global_batch, dp_rank, dp))
-        res = forward_backward(model, local_batch(tokens, labels, mask))
+        with monitor.guard(step):
+            res = forward_backward(model, local_batch(tokens, labels, mask))
         gnorm = clip_grads(model, o.grad_clip)
-        master.grads_to_master()
-        opt.step()
+        if monitor.check(step, res.loss, gnorm):  # False: a non-finite step skipped (train.skip_nonfinite_steps)
+            master.grads_to_master()
+            opt.step()
         opt.zero_grad(set_to_none=True)
         model.zero_grad(set_to_none=True)
         master.master_to_model()
@@ -220,17 +224,21 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = N
         dt = time.perf_counter() - t0
         if rank0 and (step + 1) % cfg.train.log_every == 0:
             for k, v in {"loss": res.loss, "lr": lr, "grad_norm": gnorm, "aux_loss": res.aux_loss,
-                         "tokens_per_s": res.tokens / dt}.items():
+                         "tokens_per_s": res.tokens / dt, "skipped_steps": monitor.skipped}.items():
                 writer.add_scalar(f"train/{k}", v, step + 1)
             for kind, sec in (timer.pop() if timer else {}).items():
                 writer.add_scalar(f"attention_fwd_ms/{kind}", 1e3 * sec, step + 1)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{res.loss:.3f}", aux=f"{res.aux_loss:.3g}", lr=f"{lr:.2e}")
-        last = step + 1 == end
+        stop = signals.stop_requested()  # a SIGTERM/SIGUSR1/SIGINT on any rank: save now, then exit (all ranks)
+        last = step + 1 == end or stop
         if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
-            checkpoint.save(ckpt_dir, step + 1, model, opt, master, rng=_rng_state(), config=cfg.to_dict(),
-                            tokenizer_model=getattr(data, "tokenizer_model", None))
+            saved = checkpoint.save(ckpt_dir, step + 1, model, opt, master, rng=_rng_state(), config=cfg.to_dict(),
+                                    tokenizer_model=getattr(data, "tokenizer_model", None))
+        if stop:
+            signals.stopped(step + 1, saved)
+            break
     if bar is not None:
         bar.close()
     if writer is not None:
@@ -240,6 +248,8 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = N
                  if losses else "no steps run")
         print(f"[seqpar.train] steps {start}->{end}, {trend}\n"
               f"  checkpoint:  {checkpoint.latest(ckpt_dir)}\n"
+              f"  export (HF): {sys.executable} -m seqpar.export.hf {out} {out / 'hf'}\n"
               f"  tensorboard: {_tensorboard_cmd()} --logdir {out / 'tb'}", flush=True)
     parallel_state.destroy_model_parallel()
+    signals.raise_if_stopped()  # SystemExit(signals.EXIT_INTERRUPTED) after a signal stopped the loop
     return losses
