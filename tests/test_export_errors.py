@@ -67,9 +67,19 @@ def _export(src, out, **kw):
 
 
 def _rewrite_common(step: pathlib.Path, fn) -> None:
+    import json
+
+    from seqpar.train import integrity
+
     common = torch.load(step / "common.pt", weights_only=True)
     fn(common)
     torch.save(common, step / "common.pt")
+    # the recipe is also saved as config.json, and the manifest covers both (h16): a re-save, not corruption
+    if "config" in common:
+        (step / "config.json").write_text(json.dumps(common["config"]))
+    else:
+        (step / "config.json").unlink()
+    integrity.write_manifest(step)
 
 
 def test_accepts_step_folder_latest_and_run_folder(ckpt, tmp_path):
@@ -143,6 +153,9 @@ def test_vocabulary_mismatch(ckpt, tmp_path):
     spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "small"), vocab_size=100,
                                    model_type="bpe", minloglevel=2)
     shutil.copyfile(tmp_path / "small.model", _step(ckpt) / "tokenizer.model")
+    from seqpar.train import integrity
+
+    integrity.write_manifest(_step(ckpt))  # a consistent (re-saved) checkpoint, not a corrupt one (h16)
     with pytest.raises(ExportError, match="vocabulary mismatch"):
         _export(ckpt, tmp_path / "hf")
     _assert_clean(tmp_path / "hf")
