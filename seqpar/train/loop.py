@@ -232,6 +232,8 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = N
             bar.set_postfix(loss=f"{res.loss:.3f}", aux=f"{res.aux_loss:.3g}", lr=f"{lr:.2e}")
         last = step + 1 == end
         if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
+            if writer is not None:  # h16: the scalars up to a checkpoint are on disk before it is `latest`
+                writer.flush()
             checkpoint.save(ckpt_dir, step + 1, model, opt, master, rng=_rng_state(), config=cfg.to_dict(),
                             tokenizer_model=getattr(data, "tokenizer_model", None))
     if bar is not None:
