@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.seqpar-installed
 TORCH   ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-gpu demo demo-kernels bench clean
+.PHONY: install test test-gpu test-cluster demo demo-kernels bench clean
 
 install: $(STAMP)
 
@@ -27,6 +27,12 @@ test: install
 # Needs CUDA (compiled Triton, no interpreter); elsewhere every test skips with one reason line.
 test-gpu: install
 	OMP_NUM_THREADS=4 $(BIN)/python -m pytest -q $(PYTEST_ARGS) tests/gpu
+
+# The multi-node tests alone (also part of make test): two hosts as network namespaces, torchrun across
+# them, node / rank failure, signals and resume, real Slurm daemons. Needs root, iproute2, slurm-wlm
+# (.ci/run installs them).
+test-cluster: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS) tests/test_multinode.py tests/test_signals.py tests/test_slurm.py
 
 # Trains the tiny hybrid (A softmax, S S2, L lightning, H MoH layers) with CP=2 on 2 CPU ranks.
 demo: install

@@ -61,7 +61,15 @@ def _ledger_worker(rank: int, world: int, tmp: str) -> None:
         o = o[0] if kind == "lightning" else o
         with cp.comm_ledger() as bwd:
             o.float().sum().backward()
-        out[(kind, scheme)] = {"fwd": fwd.summary(), "bwd": bwd.summary(), "n": n}
+        # steady state (signature agreed, index plans cached): host syncs of one layer, fwd + bwd
+        _, (q, k, v), kw = _small_inputs(kind, scheme, world, rank)
+        with cp.count_host_syncs() as syncs:
+            with cp.step_checks():
+                o = cp.attention(q, k, v, kind=kind, scheme=scheme, **kw)
+                (o[0] if kind == "lightning" else o).float().sum().backward()
+                per_layer = syncs.total
+            per_step = syncs.total
+        out[(kind, scheme)] = {"fwd": fwd.summary(), "bwd": bwd.summary(), "n": n, "syncs": (per_layer, per_step)}
     if rank == 0:
         torch.save(out, f"{tmp}/ledger.pt")
     dist.destroy_process_group()
@@ -81,7 +89,8 @@ def ledger_check(world: int = 4) -> list[dict]:
         rows.append({"kind": kind, "scheme": scheme, "P": world, "N": rec["n"],
                      "ledger_fwd_B": sum(r["bytes"] for r in rec["fwd"].values()),
                      "ledger_bwd_B": sum(r["bytes"] for r in rec["bwd"].values()),
-                     "== scheme_cost": "yes" if ok else "NO"})
+                     "== scheme_cost": "yes" if ok else "NO", "host_syncs_layer": rec["syncs"][0],
+                     "host_syncs_step": rec["syncs"][1]})
     return rows
 
 
@@ -110,18 +119,42 @@ def scale_table() -> list[dict]:
     return rows
 
 
+def exchange_memory_table() -> list[dict]:
+    """Peak extra K/V buffer bytes of the S2 exchange (send + received rows + one buffer ending at the
+    rank's last chunk) vs the plain all-gather (gathered + reordered full-length copies), bf16."""
+    from seqpar.cp.s2_exchange import exchange_buffer_elements
+
+    rows = []
+    for world in (8, 32):
+        for n in (1 << 17, 1 << 20):
+            for rank in (0, world - 1):
+                m = exchange_buffer_elements(BIG_LAYOUT.with_heads(32), world=world, balance="zigzag", chunk_len=n // (2 * world),
+                                             kv_heads=8, width=256, rank=rank)
+                rows.append({"P": world, "N": f"{n >> 10}K", "rank": rank, "send_MB": m["send"] * 2 / 1e6,
+                             "recv_MB": m["recv"] * 2 / 1e6, "buffer_MB": m["buffer"] * 2 / 1e6,
+                             "peak_MB": m["total"] * 2 / 1e6, "allgather_peak_MB": m["allgather"] * 2 / 1e6,
+                             "ratio": m["total"] / m["allgather"]})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     check = ledger_check()
-    print_table(check, f"ledger of rank 0 vs scheme_cost, 4 gloo ranks (usp: 2 x 2) on {device_name('cpu')}")
+    print_table(check, f"ledger of rank 0 vs scheme_cost, 4 gloo ranks (usp: 2 x 2) on {device_name('cpu')}; "
+                       "host syncs of one steady-state layer (fwd + bwd) and of its step (cp.step_checks)")
     if any(r["== scheme_cost"] != "yes" for r in check):
         raise SystemExit("ledger differs from cp.scheme_cost")
+    if any(r["host_syncs_layer"] != 0 for r in check):
+        raise SystemExit("a CP attention layer made host syncs in steady state (cp.step_checks)")
     table = scale_table()
     print_table(table, "bytes received per rank per layer (32 heads, 8 kv heads, d 128, bf16, batch 1; "
                        "s2: block 64, local 4, vert_stride 8; usp: ulysses 8 x ring P/8)")
-    write_json(args.json, {"ledger_check": check, "scale": table})
+    mem = exchange_memory_table()
+    print_table(mem, "S2 exchange peak K/V buffer bytes per rank vs plain all-gather (8 kv heads, d 128, bf16, "
+                     "block 64, local 4, vert_stride 8)")
+    write_json(args.json, {"ledger_check": check, "scale": table, "s2_exchange_memory": mem})
 
 
 if __name__ == "__main__":

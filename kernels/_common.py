@@ -8,8 +8,9 @@ ends at ``seq``).
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Optional
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 
@@ -116,13 +117,13 @@ def check_cu_seqlens(cu_seqlens, batch: int, seq: int, *, name: str = "cu_seqlen
         raise ValueError(f"varlen ({name} given) needs batch == 1 (documents packed along seq), got batch {batch}")
     if cu_seqlens.numel() < 2:
         raise ValueError(f"{name} needs at least 2 entries [0, ..., seq], got {cu_seqlens.numel()}")
-    c = cu_seqlens.detach().to("cpu", torch.int64)
-    if int(c[0]) != 0:
-        raise ValueError(f"{name}[0] must be 0, got {int(c[0])}")
-    if int(c[-1]) != seq:
-        raise ValueError(f"{name}[-1] must equal the sequence length {seq}, got {int(c[-1])}")
-    if bool((c[1:] <= c[:-1]).any()):
-        raise ValueError(f"{name} must be strictly increasing (no empty documents), got {c.tolist()}")
+    c = host_ints(cu_seqlens)
+    if c[0] != 0:
+        raise ValueError(f"{name}[0] must be 0, got {c[0]}")
+    if c[-1] != seq:
+        raise ValueError(f"{name}[-1] must equal the sequence length {seq}, got {c[-1]}")
+    if any(b <= a for a, b in zip(c[:-1], c[1:])):
+        raise ValueError(f"{name} must be strictly increasing (no empty documents), got {list(c)}")
     return cu_seqlens
 
 
@@ -139,3 +140,58 @@ def default_sm_scale(sm_scale: Optional[float], head_dim: int) -> float:
     if not isinstance(sm_scale, (int, float)) or not sm_scale > 0:
         raise ValueError(f"sm_scale must be a positive float, got {sm_scale!r}")
     return float(sm_scale)
+
+
+# ---- host reads and data checks: once per step, not once per layer ------------------------------
+def host_ints(t: torch.Tensor) -> tuple[int, ...]:
+    """The values of a small integer tensor (e.g. ``cu_seqlens``) as Python ints.
+
+    Read once per tensor and cached on the tensor object (keyed by its version counter, so an
+    in-place change is seen): every layer of a step passes the same ``cu_seqlens`` object, so a
+    GPU tensor costs one device-to-host sync per step, not one per layer. Tensors built from host
+    values can be seeded with :func:`seed_host_ints` and cost none.
+    """
+    cached = getattr(t, "_seqpar_host_ints", None)
+    version = t._version
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    values = tuple(int(x) for x in t.detach().reshape(-1).tolist())
+    t._seqpar_host_ints = (version, values)
+    return values
+
+
+def seed_host_ints(t: torch.Tensor, values) -> torch.Tensor:
+    """Record the host values of ``t`` (built from them) so :func:`host_ints` needs no sync; returns ``t``."""
+    t._seqpar_host_ints = (t._version, tuple(int(x) for x in values))
+    return t
+
+
+# Active collectors of deferred data checks (innermost last); see deferred_data_checks.
+_DEFERRED: list[list] = []
+
+
+def check_data(bad: torch.Tensor, message: Union[str, Callable[[], str]]) -> None:
+    """A data-dependent input check: ``bad`` is a bool tensor, any True is a failure.
+
+    Raises ``ValueError(message)`` now (one host read, a sync on GPU), or, inside
+    :func:`deferred_data_checks`, only records the flag on the device: the caller checks every
+    recorded flag once (``seqpar.cp.step_checks`` does it once per training step).
+    ``message`` may be a callable (only evaluated when raising eagerly; it may read values).
+    """
+    if _DEFERRED:
+        _DEFERRED[-1].append((bad.detach().reshape(-1).any(), message if isinstance(message, str) else None))
+        return
+    if bool(bad.any()):
+        raise ValueError(message if isinstance(message, str) else message())
+
+
+@contextlib.contextmanager
+def deferred_data_checks() -> Iterator[list]:
+    """Within the block, :func:`check_data` records ``(flag, message)`` in the yielded list instead of
+    reading the flag on the host."""
+    found: list = []
+    _DEFERRED.append(found)
+    try:
+        yield found
+    finally:
+        _DEFERRED.remove(found)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from seqpar.kernels import S2Layout, flash_attention, s2_attention
+from seqpar.kernels import S2Layout, s2_attention
 from seqpar.kernels._common import select_backend
+from seqpar.kernels.flash.api import _flash_attention
 from seqpar.kernels.s2 import s2_stats
 from seqpar.kernels.s2.plan import build_plan
 from seqpar.kernels.s2.reference import attention_reference
@@ -68,7 +69,7 @@ def main() -> int:
     backend = select_backend("auto", q)
     print(f"\nbackend: {backend} on {device}")
     o_s2 = s2_attention(q, k, v, layout)
-    o_fl = flash_attention(q, k, v, causal=True, _block_size=16)
+    o_fl = _flash_attention(q, k, v, causal=True, block_size=16)
     s2_count, dense_count = _counted_blocks(q, k, v, layout, backend)
     print(f"computed blocks: s2 {s2_count}, flash {dense_count} "
           f"({'counted by the Triton kernel' if backend == 'triton' else 'from the tile plan'})")

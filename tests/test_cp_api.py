@@ -150,20 +150,59 @@ def test_recommend_picks_least_bytes_and_respects_head_limits():
         cp.recommend("softmax", world=8, link_gbytes_per_s=0, **kw)
 
 
+def _blocks_read_remotely(layout, world, n, hkv, rank, from_chunks=None):
+    """Brute force from the full block mask: (kv head, block) pairs of other ranks' chunks (or of
+    ``from_chunks``) read by ``rank``'s query blocks (zigzag)."""
+    nb = n // layout.block_size
+    cb = nb // (2 * world)
+
+    def blocks(chunks):
+        sel = torch.zeros(nb, dtype=torch.bool)
+        for cid in chunks:
+            sel[cid * cb:(cid + 1) * cb] = True
+        return sel
+    m = layout.block_mask(hkv, hkv, nb, nb)  # [hkv, nb, nb]
+    mine = blocks(cp.chunk_ids(rank, world))
+    src = ~mine if from_chunks is None else blocks(from_chunks) & ~mine
+    read = m[:, mine].any(dim=1) & src[None, :]
+    return int(read.sum())
+
+
 @pytest.mark.parametrize("vert_stride", [4, 8])
-def test_s2_exchange_bytes_about_one_over_vert_stride(vert_stride):
-    P, N, Hkv, d = 8, 1 << 17, 8, 128
-    layout = S2Layout(block_size=64, local_blocks=4, vert_stride=vert_stride)
+def test_s2_exchange_moves_exactly_the_blocks_read(vert_stride):
+    from seqpar.cp.s2_exchange import exchange_buffer_elements
+
+    P, N, Hkv, d = 8, 1 << 15, 8, 128
+    # resolved with the model's 32 query heads (the brute force below reads the same pattern)
+    layout = S2Layout(block_size=64, local_blocks=4, vert_stride=vert_stride).with_heads(32)
     kw = dict(world=P, seq_len=N, heads=32, kv_heads=Hkv, head_dim=d)
-    s2 = cp.scheme_cost("s2", "allgather", layout=layout, **kw)["fwd"]["all_gather"]
     full = cp.scheme_cost("softmax", "allgather", **kw)["fwd"]["all_gather"]["bytes"]
-    window = (P - 1) * 2 * (layout.local_blocks - 1) * 64 * Hkv * 2 * d * 2  # 2 zigzag chunks, bf16
-    assert s2["calls"] == 2
-    assert s2["bytes"] <= 1.2 / vert_stride * full + window
-    assert s2["bytes"] - window == full // vert_stride  # exactly one column residue per sparse head
-    # a dense head reads every column: its share is a full all-gather of that head
-    dense = S2Layout(block_size=64, local_blocks=4, vert_stride=vert_stride, num_dense_heads=1)
-    s2d = cp.scheme_cost("s2", "allgather", layout=dense, **kw)["fwd"]["all_gather"]["bytes"]
-    assert s2d - window == full // vert_stride + (full // Hkv) * (vert_stride - 1) // vert_stride
+    block_bytes = 64 * 2 * d * 2  # one (kv head, block) of K and V in bf16
+    per_rank = [cp.scheme_cost("s2", "allgather", layout=layout, rank=r, **kw) for r in range(P)]
+    for r, c in enumerate(per_rank):
+        assert c["fwd"]["all_to_all"]["calls"] == 1 and c["bwd"]["all_to_all"]["calls"] == 1
+        assert c["fwd"]["all_to_all"]["bytes"] == _blocks_read_remotely(layout, P, N, Hkv, r) * block_bytes
+        assert c["fwd"]["all_to_all"]["bytes"] <= 1.2 / vert_stride * full + 2 * 3 * Hkv * block_bytes
+    # what rank 0 sends (its backward receive): chunk 2P-1 is read by nobody else, only chunk 0 leaves
+    cb = N // (2 * P) // 64
+    from_chunk0 = sum(_blocks_read_remotely(layout, P, N, Hkv, q, from_chunks=[0]) for q in range(1, P))
+    assert per_rank[0]["bwd"]["all_to_all"]["bytes"] == from_chunk0 * block_bytes
+    # rank r's late chunk 2P-1-r goes only to the r ranks holding later chunks
+    assert per_rank[1]["bwd"]["all_to_all"]["bytes"] == block_bytes * sum(
+        _blocks_read_remotely(layout, P, N, Hkv, q, from_chunks=[1, 2 * P - 2]) for q in (0, *range(2, P)))
+    assert per_rank[0]["fwd"]["all_to_all"]["bytes"] > per_rank[P - 1]["fwd"]["all_to_all"]["bytes"]
+    # default (rank=None) is the busiest rank
+    assert cp.scheme_cost("s2", "allgather", layout=layout, **kw) == max(
+        per_rank, key=lambda c: c["fwd"]["all_to_all"]["bytes"] + c["bwd"]["all_to_all"]["bytes"])
+    # peak buffers: below the plain all-gather's two full-length copies on every rank
+    for r in range(P):
+        mem = exchange_buffer_elements(layout, world=P, balance="zigzag", chunk_len=N // (2 * P), kv_heads=Hkv,
+                                       width=2 * d, rank=r)
+        assert mem["buffer"] <= mem["allgather"] // 2 and mem["total"] < 0.75 * mem["allgather"], (r, mem)
+    # a dense head reads every causal block: it receives that head's whole causal prefix
+    dense = S2Layout(block_size=64, local_blocks=4, vert_stride=vert_stride, num_dense_heads=1).with_heads(32)
+    got = cp.scheme_cost("s2", "allgather", layout=dense, rank=0, **kw)["fwd"]["all_to_all"]["bytes"]
+    assert got == _blocks_read_remotely(dense, P, N, Hkv, 0) * block_bytes
+    assert got > per_rank[0]["fwd"]["all_to_all"]["bytes"]
     with pytest.raises(ValueError, match="needs layout="):
         cp.scheme_cost("s2", "allgather", **kw)

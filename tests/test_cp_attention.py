@@ -88,6 +88,11 @@ def _cases(world: int) -> list[dict]:
               dtype=torch.bfloat16, seed=16),
         _case("s2-ring-zz", "s2", "ring", "zigzag", p, b=1, n=2 * p * 16, h=4, hkv=2, d=16, seed=17),
         _case("moh-ring-zz", "moh", "ring", "zigzag", p, b=1, n=2 * p * 3, h=4, hkv=2, d=16, seed=18),
+        # the ring backward calls the Triton kernels' backward with the merged (fp32 out, lse)
+        _case("moh-ring-zz-triton", "moh", "ring", "zigzag", p, b=1, n=2 * p * 8, h=2, hkv=1, d=16,
+              backend="triton", seed=44),
+        _case("s2-ring-zz-triton", "s2", "ring", "zigzag", p, b=1, n=2 * p * 16, h=2, hkv=1, d=16,
+              backend="triton", seed=45),
         _case("softmax-usp-zz-gqa", "softmax", "usp", "zigzag", p, b=1, n=2 * p * 3, h=4, hkv=1, d=16, seed=27,
               ulysses_degree=2),
         _case("softmax-usp-contig", "softmax", "usp", "contiguous", p, b=2, n=p * 5, h=2, hkv=2, d=16, seed=28,
@@ -270,3 +275,78 @@ def test_cp_attention_matches_single_rank(world):
     for r in results:
         assert r["lightning-lasp2-contig"]["fwd"] == r["lightning-lasp2-contig-2x"]["fwd"]
         assert r["lightning-lasp2-contig"]["bwd"] == r["lightning-lasp2-contig-2x"]["bwd"]
+
+
+def _ring_backward_job(rank: int, world: int) -> dict:
+    from seqpar.cp import comm as comm_mod
+    from seqpar.cp.local import LocalOp
+
+    log: list[str] = []
+    in_backward = [False]
+    orig_call, orig_bwd = LocalOp.__call__, LocalOp.backward
+    orig_pass, orig_wait, orig_grad = comm_mod.Comm.ring_pass, comm_mod.Pending.wait, torch.autograd.grad
+
+    def call(self, *a, **kw):
+        if in_backward[0]:
+            log.append("forward")
+        return orig_call(self, *a, **kw)
+
+    def backward(self, *a, **kw):
+        log.append("block_backward")
+        return orig_bwd(self, *a, **kw)
+
+    def ring_pass(self, send, **kw):
+        pending = orig_pass(self, send, **kw)
+        pending._label = "dkv" if send[0].dtype == torch.float32 else "kv"
+        if in_backward[0]:
+            log.append(f"post_{pending._label}")
+        return pending
+
+    def wait(self):
+        if in_backward[0] and getattr(self, "_label", None):
+            log.append(f"wait_{self._label}")
+        return orig_wait(self)
+
+    def grad(*a, **kw):
+        log.append("autograd.grad")
+        return orig_grad(*a, **kw)
+
+    LocalOp.__call__, LocalOp.backward = call, backward
+    comm_mod.Comm.ring_pass, comm_mod.Pending.wait, torch.autograd.grad = ring_pass, wait, grad
+    try:
+        out = {}
+        for kind in ("softmax", "s2", "moh"):
+            g = torch.Generator().manual_seed(1)
+            n, h = 2 * world * 16, 2
+            q, k, v = (cp.shard(torch.randn(1, n, h, 16, generator=g), None).to(torch.bfloat16).requires_grad_()
+                       for _ in range(3))
+            kw: dict[str, Any] = {"backend": "torch"}
+            if kind == "s2":
+                kw["layout"] = LAYOUT
+            if kind == "moh":
+                kw["gates"] = cp.shard(torch.rand(1, n, h, generator=g), None)
+            o = cp.attention(q, k, v, kind=kind, scheme="ring", **kw)
+            log.clear()
+            in_backward[0] = True
+            o.float().sum().backward()
+            in_backward[0] = False
+            out[kind] = list(log)
+        return out
+    finally:
+        LocalOp.__call__, LocalOp.backward = orig_call, orig_bwd
+        comm_mod.Comm.ring_pass, comm_mod.Pending.wait, torch.autograd.grad = orig_pass, orig_wait, orig_grad
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_backward_uses_merged_lse_and_overlaps_the_dkv_hop(world):
+    for per_kind in run_ranks(_ring_backward_job, world, timeout=120):
+        for kind, log in per_kind.items():
+            # the kernel's backward runs per block with the merged (out, lse): no forward, no autograd
+            assert "forward" not in log and "autograd.grad" not in log, (kind, log)
+            assert log.count("block_backward") >= world
+            assert log.count("post_dkv") == world and log.count("wait_dkv") == world
+            # each dK/dV hop is posted before the next block's compute and waited for only after it
+            posts = [i for i, e in enumerate(log) if e == "post_dkv"]
+            waits = [i for i, e in enumerate(log) if e == "wait_dkv"]
+            for s in range(world - 1):
+                assert "block_backward" in log[posts[s] + 1:waits[s]], (kind, s, log)

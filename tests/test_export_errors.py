@@ -1,6 +1,6 @@
 """Bad input to ``python -m seqpar.export.hf``: one clear error, nothing half-written.
 
-Missing recipe, unknown preset, truncated / missing shard, an output folder that exists (needs
+A file that fails the checkpoint's manifest, missing recipe, unknown preset, truncated / missing shard, an output folder that exists (needs
 ``--force``), a tokenizer whose vocabulary does not match the model, a path that is no checkpoint,
 and DCP metadata that would execute code. Also: CHECKPOINT may be a step folder,
 ``checkpoints/latest`` or the run folder, and the CLI / console script report errors with exit 2.
@@ -67,19 +67,26 @@ def _export(src, out, **kw):
 
 
 def _rewrite_common(step: pathlib.Path, fn) -> None:
-    import json
-
-    from seqpar.train import integrity
-
     common = torch.load(step / "common.pt", weights_only=True)
     fn(common)
     torch.save(common, step / "common.pt")
-    # the recipe is also saved as config.json, and the manifest covers both (h16): a re-save, not corruption
-    if "config" in common:
-        (step / "config.json").write_text(json.dumps(common["config"]))
-    else:
-        (step / "config.json").unlink()
+
+
+def _reseal(step: pathlib.Path) -> None:
+    """Rewrite the manifest after an edit: a checkpoint that is intact but wrong in what it says."""
+    from seqpar.train import integrity
+
     integrity.write_manifest(step)
+
+
+def test_edited_file_fails_the_manifest(ckpt, tmp_path):
+    from seqpar.export import ExportError
+
+    cfg = _step(ckpt) / "config.json"
+    cfg.write_text(cfg.read_text().replace('"tiny-dense"', '"tiny-denze"'))  # same size, other bytes
+    with pytest.raises(ExportError, match="contents changed"):
+        _export(ckpt, tmp_path / "hf")
+    _assert_clean(tmp_path / "hf")
 
 
 def test_accepts_step_folder_latest_and_run_folder(ckpt, tmp_path):
@@ -114,6 +121,8 @@ def test_missing_recipe(ckpt, tmp_path):
     from seqpar.export import ExportError
 
     _rewrite_common(_step(ckpt), lambda c: c.pop("config"))
+    (_step(ckpt) / "config.json").unlink()
+    _reseal(_step(ckpt))
     with pytest.raises(ExportError, match="no recipe"):
         _export(ckpt, tmp_path / "hf")
     _assert_clean(tmp_path / "hf")
@@ -122,7 +131,9 @@ def test_missing_recipe(ckpt, tmp_path):
 def test_unknown_preset(ckpt, tmp_path):
     from seqpar.export import ExportError
 
-    _rewrite_common(_step(ckpt), lambda c: c["config"]["model"].update(preset="huge-dense"))
+    cfg = _step(ckpt) / "config.json"
+    cfg.write_text(cfg.read_text().replace('"tiny-dense"', '"huge-dense"'))
+    _reseal(_step(ckpt))
     with pytest.raises(ExportError, match="preset"):
         _export(ckpt, tmp_path / "hf")
     _assert_clean(tmp_path / "hf")
@@ -153,9 +164,7 @@ def test_vocabulary_mismatch(ckpt, tmp_path):
     spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "small"), vocab_size=100,
                                    model_type="bpe", minloglevel=2)
     shutil.copyfile(tmp_path / "small.model", _step(ckpt) / "tokenizer.model")
-    from seqpar.train import integrity
-
-    integrity.write_manifest(_step(ckpt))  # a consistent (re-saved) checkpoint, not a corrupt one (h16)
+    _reseal(_step(ckpt))
     with pytest.raises(ExportError, match="vocabulary mismatch"):
         _export(ckpt, tmp_path / "hf")
     _assert_clean(tmp_path / "hf")
@@ -165,7 +174,8 @@ def test_missing_tokenizer_for_text_run(ckpt, tmp_path):
     from seqpar.export import ExportError
 
     (_step(ckpt) / "tokenizer.model").unlink()
-    with pytest.raises(ExportError, match="tokenizer"):
+    _reseal(_step(ckpt))
+    with pytest.raises(ExportError, match="--no-tokenizer"):
         _export(ckpt, tmp_path / "hf")
     _assert_clean(tmp_path / "hf")
 
@@ -179,6 +189,7 @@ def test_metadata_that_executes_code_is_refused(ckpt, tmp_path):
     from seqpar.export import ExportError
 
     (_step(ckpt) / ".metadata").write_bytes(pickle.dumps(_Evil()))
+    _reseal(_step(ckpt))
     with pytest.raises(ExportError, match="refusing"):
         _export(ckpt, tmp_path / "hf")
     _assert_clean(tmp_path / "hf")

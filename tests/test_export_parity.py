@@ -117,12 +117,14 @@ def test_variant_logits_match_training(trained, name, tmp_path):
     assert diff <= 1e-4, (name, diff)
 
 
-def test_kernel_path_matches_torch_path(trained, tmp_path):
-    """config.kernel_backend="seqpar" runs seqpar.kernels (torch backend on CPU) for full passes."""
+def test_kernel_path_and_sharded_weights(trained, tmp_path):
+    """config.kernel_backend="seqpar" runs seqpar.kernels (torch backend on CPU) for full passes;
+    a small --max-shard-size writes several safetensors files plus the index, loaded as one model."""
     from seqpar.export.hf import export
 
     root, tokens, ref = trained
-    out = export(root / "hybrid" / "checkpoints" / "latest", tmp_path / "hf")
+    out = export(root / "hybrid" / "checkpoints" / "latest", tmp_path / "hf", max_shard_size="200KB")
+    assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("*.safetensors"))) > 1
     logits, _ = _hf_logits(out, tokens, kernel_backend="seqpar")
     assert (logits - ref["hybrid"]).abs().max().item() <= 1e-4
 
@@ -144,6 +146,10 @@ def test_checkpoint_carries_tokenizer_and_hf_tokenizer_matches(trained, tmp_path
     assert tok(text)["input_ids"] == sp.encode(text)  # no BOS added: training packs plain encodings
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (sp.bos_id(), sp.eos_id(), sp.pad_id())
     assert tok.decode(sp.encode(text)) == sp.decode(sp.encode(text))
+    import json
+
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (sp.bos_id(), sp.eos_id(), sp.pad_id())
     card = (out / "README.md").read_text()
     assert "tokens seen: 192" in card and "final training loss: " in card and "not recorded" not in card
 

@@ -40,10 +40,10 @@ def test_unaligned_chunk_and_keys_match_reference(backend):
 
 
 def test_unaligned_tiles_follow_absolute_blocks():
-    plan = build_plan(LAY, True, 2, 20, 40, 21, 0, None, 16)
+    plan = build_plan(LAY.with_heads(4), True, 2, 20, 40, 21, 0, None, 16)
     # q rows 0..19 are positions 21..40: tiles [21, 32) [32, 41) -> rows [0, 11) [11, 20)
     assert plan.q_start.tolist() == [0, 11] and plan.q_end.tolist() == [11, 20]
-    aligned = build_plan(LAY, True, 2, 32, 64, 32, 0, None, 16)
+    aligned = build_plan(LAY.with_heads(4), True, 2, 32, 64, 32, 0, None, 16)
     assert aligned.q_start.tolist() == [0, 16] and aligned.q_end.tolist() == [32, 32]  # unchanged
     with pytest.raises(ValueError, match="q_offset"):
         q, k, v = make_qkv(1, 4, 8, 2, 2, 16, torch.float32, device=DEVICE)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from seqpar.kernels import S2Layout, flash_attention, s2_attention
+from seqpar.kernels.flash.api import _flash_attention
 from seqpar.kernels.s2.plan import build_plan
 from seqpar.kernels.s2.triton_bwd import s2_bwd
 from seqpar.kernels.s2.triton_fwd import s2_fwd
@@ -16,9 +17,8 @@ from s2_check import DEVICE, check_attention, make_qkv
 BACKENDS = ("triton", "torch")
 
 
-def _flash(backend, **kw):
-    kw.setdefault("_block_size", 32)
-    return lambda q, k, v: flash_attention(q, k, v, return_lse=True, backend=backend, **kw)
+def _flash(backend, block_size=32, **kw):
+    return lambda q, k, v: _flash_attention(q, k, v, return_lse=True, backend=backend, block_size=block_size, **kw)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -49,7 +49,7 @@ def test_offsets(backend):
     q, k, v = make_qkv(1, 100, 100, 2, 2, 16, torch.float32)
     # fewer queries than keys: bottom-right aligned by default; equals the last rows of the full op
     o_tail, lse_tail = check_attention(_flash(backend), q[:, 60:], k, v)
-    o_full, lse_full = flash_attention(q, k, v, return_lse=True, backend=backend, _block_size=32)
+    o_full, lse_full = _flash_attention(q, k, v, return_lse=True, backend=backend, block_size=32)
     torch.testing.assert_close(o_tail, o_full[:, 60:], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lse_tail, lse_full[:, :, 60:], rtol=1e-5, atol=1e-6)
     # arbitrary (not tile-aligned) positions, as a CP ring step produces
@@ -84,7 +84,7 @@ def test_matches_s2_with_stride_one():
     q, k, v = make_qkv(1, 90, 90, 4, 2, 32, torch.float32)
     for backend in BACKENDS:
         s2 = s2_attention(q, k, v, S2Layout(block_size=32, local_blocks=1, vert_stride=1), backend=backend)
-        torch.testing.assert_close(s2, flash_attention(q, k, v, backend=backend, _block_size=32),
+        torch.testing.assert_close(s2, _flash_attention(q, k, v, backend=backend, block_size=32),
                                    rtol=1e-5, atol=1e-6)
 
 
@@ -100,9 +100,18 @@ def test_block_counter_dense(causal):
     assert int(fwd) == int(c1) == int(c2) == expected
 
 
+def test_tile_size_is_not_public():
+    """Only the default tile is checked for GPU resources (tests/test_kernel_resources.py)."""
+    import inspect
+
+    assert not any("block" in p for p in inspect.signature(flash_attention).parameters)
+    q, k, v = make_qkv(1, 64, 64, 4, 2, 16, torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="block_size"):
+        _flash_attention(q, k, v, block_size=24)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(causal=None), "causal"),
-    (dict(_block_size=24), "_block_size"),
     (dict(cu_seqlens=torch.tensor([0, 20, 64], dtype=torch.int32), q_offset=0), "cu_seqlens"),
     (dict(cu_seqlens=torch.tensor([0, 20, 64], dtype=torch.int64)), "int32"),
     (dict(cu_seqlens=torch.tensor([0, 20, 20, 64], dtype=torch.int32)), "increasing"),
@@ -146,7 +155,7 @@ def test_key_chunks_merged_through_lse_equal_full(backend, kind):
 
     def op(a, b, c, **kw):
         if kind == "flash":
-            return flash_attention(a, b, c, return_lse=True, backend=backend, _block_size=16, **kw)
+            return _flash_attention(a, b, c, return_lse=True, backend=backend, block_size=16, **kw)
         return s2_attention(a, b, c, lay, return_lse=True, backend=backend, **kw)
 
     def chunked(a, b, c):

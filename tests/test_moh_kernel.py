@@ -204,3 +204,20 @@ def test_torch_fallback_row_chunks(monkeypatch):
     q, k, v, gates = make_inputs(2, 45, 45, 4, 2, 16, torch.bfloat16)
     check_against_reference("torch", q, k, v, gates)
     check_against_reference("torch", q[:, 20:], k, v, gates[:, 20:], q_offset=20)
+
+
+def test_active_row_lists_without_a_sort():
+    """build_active_rows (prefix-count scatter) lists each head's active rows first, ascending,
+    exactly as a stable sort on 'inactive' would; counts and prefix match the gates."""
+    from seqpar.kernels.moh.rows import build_active_rows
+
+    for frac in (0.0, 0.3, 1.0):
+        gates = (torch.rand(2, 37, 5) < frac).float() * torch.rand(2, 37, 5)
+        act = build_active_rows(gates)
+        active = (gates > 0).permute(0, 2, 1).reshape(10, 37)
+        expect = torch.sort((~active).to(torch.uint8), dim=-1, stable=True).indices
+        assert torch.equal(act.counts, active.sum(-1).int())
+        for bh in range(10):
+            n = int(act.counts[bh])
+            assert torch.equal(act.rows[bh, :n].long(), expect[bh, :n])
+        assert torch.equal(act.prefix[:, 1:], active.cumsum(-1).int())

@@ -11,15 +11,16 @@ from seqpar.kernels.s2.api import prepare
 from seqpar.kernels.s2.function import S2AttentionFunction
 
 
-# 64x64 tiles keep the fp32 accumulators of head dim 128 in registers on current GPUs; on CPU
-# (interpreter / torch fallback) bigger tiles simply mean fewer Python-level iterations.
+# 64-token tiles: at head dim 128 every forward / backward kernel compiles for sm_90 without
+# spills and with >= 8 resident warps per SM (benchmarks/kernel_resources.py); 128-token tiles
+# spill kilobytes in dk/dv, so the tile is not a user knob.
 DEFAULT_BLOCK_SIZE = 64
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                     sm_scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None,
                     return_lse: bool = False, q_offset: Optional[int] = None, k_offset: int = 0,
-                    backend: str = "auto", _block_size: Optional[int] = None):
+                    backend: str = "auto"):
     """Dense softmax attention (flash-style, fp32 accumulation).
 
     Args:
@@ -42,13 +43,39 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         ``o`` like q, or ``(o, lse)``. Rows that see no key get ``o = 0``, ``lse = -inf`` and zero
         gradients.
     """
+    return _flash_attention(q, k, v, causal=causal, sm_scale=sm_scale, cu_seqlens=cu_seqlens,
+                            return_lse=return_lse, q_offset=q_offset, k_offset=k_offset, backend=backend,
+                            block_size=DEFAULT_BLOCK_SIZE)
+
+
+def _flash_attention(q, k, v, *, block_size: int, causal: bool = True, sm_scale=None, cu_seqlens=None,
+                     return_lse: bool = False, q_offset=None, k_offset: int = 0, backend: str = "auto"):
+    """:func:`flash_attention` at another tile size (tests and the CPU demo: smaller tiles mean
+    fewer interpreter steps at tiny shapes). Not public: only the default tile is GPU-checked."""
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be a bool, got {causal!r}")
-    bs = DEFAULT_BLOCK_SIZE if _block_size is None else _block_size
+    bs = block_size
     if isinstance(bs, bool) or not isinstance(bs, int) or bs < 16 or bs & (bs - 1):
-        raise ValueError(f"_block_size must be a power of two >= 16, got {bs!r}")
+        raise ValueError(f"block_size must be a power of two >= 16, got {bs!r}")
     plan, sm_scale, backend = prepare(q, k, v, layout=None, causal=causal, sm_scale=sm_scale,
                                       cu_seqlens=cu_seqlens, q_offset=q_offset, k_offset=k_offset,
                                       backend=backend, block_size=bs)
     o, lse = S2AttentionFunction.apply(q, k, v, plan, sm_scale, backend)
     return (o, lse) if return_lse else o
+
+
+def flash_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                             do: torch.Tensor, *, causal: bool = True, sm_scale: Optional[float] = None,
+                             q_offset: Optional[int] = None, k_offset: int = 0,
+                             backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv)`` of dense attention of ``q`` over the key block ``k, v`` given each
+    query row's *final* ``o`` and ``lse`` (possibly merged over more keys, as in a context-parallel
+    ring; see :func:`seqpar.kernels.s2.api.s2_attention_backward`). No autograd."""
+    from seqpar.kernels.s2.api import attention_backward
+
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a bool, got {causal!r}")
+    plan, sm_scale, backend = prepare(q, k, v, layout=None, causal=causal, sm_scale=sm_scale, cu_seqlens=None,
+                                      q_offset=q_offset, k_offset=k_offset, backend=backend,
+                                      block_size=DEFAULT_BLOCK_SIZE)
+    return attention_backward(q, k, v, o, lse, do, plan, sm_scale, backend)

@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from seqpar.kernels._common import host_ints
+
 
 @dataclass
 class ChunkPlan:
@@ -28,7 +30,7 @@ def make_plan(batch: int, seq: int, cu_seqlens: Optional[torch.Tensor], chunk_si
               device: torch.device) -> ChunkPlan:
     if cu_seqlens is None:
         return _dense_plan(batch, seq, chunk_size, torch.device(device))
-    offs = cu_seqlens.tolist()
+    offs = host_ints(cu_seqlens)  # cached per tensor: no sync per layer
     lengths = [offs[i + 1] - offs[i] for i in range(len(offs) - 1)]
     return _build(lengths, cu_seqlens.to(device=device, dtype=torch.int32), chunk_size, device)
 

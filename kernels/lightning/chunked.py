@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from seqpar.kernels._common import host_ints
+
 
 def _blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sl: torch.Tensor, s: torch.Tensor,
             L: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +87,7 @@ def lightning_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: 
               else initial_state.to(cdt))
         o, s = _chunked_dense(qf, kf, vf, sl, s0, chunk_size)
         return o.to(q.dtype), s
-    c = cu_seqlens.tolist()
+    c = host_ints(cu_seqlens)
     outs, finals = [], []
     for d in range(len(c) - 1):
         s0 = (torch.zeros(1, h, dk, dv, dtype=cdt, device=q.device) if initial_state is None

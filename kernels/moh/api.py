@@ -6,7 +6,7 @@ from typing import Optional, Union
 
 import torch
 
-from .._common import check_int, check_qkv, check_tensor, default_sm_scale, select_backend
+from .._common import check_data, check_int, check_qkv, check_tensor, default_sm_scale, select_backend
 from .torch_impl import moh_attention_torch
 
 
@@ -60,9 +60,8 @@ def moh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torc
                          f"cast it with gates.to(q.dtype)")
     if gates.device != q.device:
         raise ValueError(f"gates is on {gates.device} but q is on {q.device}; move it with gates.to(q.device)")
-    if not bool((gates.detach() >= 0).all()):
-        raise ValueError("gates must be >= 0 and not NaN (a gate of 0 skips the pair); "
-                         "e.g. use softmax/top-k weights or gates.clamp_min(0)")
+    check_data(~(gates.detach() >= 0), "gates must be >= 0 and not NaN (a gate of 0 skips the pair); "
+                                       "e.g. use softmax/top-k weights or gates.clamp_min(0)")
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be a bool, got {causal!r}")
     if not isinstance(return_lse, bool):
@@ -80,3 +79,34 @@ def moh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torc
         o, lse = moh_attention_torch(q, k, v, gates, causal=causal, sm_scale=scale, q_offset=q_offset,
                                      k_offset=k_offset, need_lse=return_lse)
     return (o, lse) if return_lse else o
+
+
+def moh_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, o: torch.Tensor,
+                           lse: torch.Tensor, do: torch.Tensor, *, causal: bool = True,
+                           sm_scale: Optional[float] = None, q_offset: Optional[int] = None, k_offset: int = 0,
+                           backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv)`` of MoH attention of ``q`` over the key block ``k, v`` given each
+    (token, head)'s *final* gated ``o`` and ungated ``lse`` (possibly merged over more keys, as in a
+    context-parallel ring). Inactive pairs (gate 0) are not read. The gate gradient depends on the
+    final output only, ``dgates = rowsum(do * o) / gates`` (0 where inactive): the caller forms it
+    once. No autograd."""
+    b, sq, sk, h, hkv, d = check_qkv(q, k, v)
+    scale = default_sm_scale(sm_scale, d)
+    k_offset = check_int("k_offset", k_offset)
+    q_offset = k_offset + sk - sq if q_offset is None else check_int("q_offset", q_offset)
+    if select_backend(backend, q, k, v) == "triton":
+        from .rows import build_active_rows
+        from .triton_bwd import moh_bwd
+
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        lse = lse.contiguous()  # the launcher indexes lse [b, h, sq] densely (a ring passes a slice)
+        dq, dk, dv, _ = moh_bwd(do, torch.zeros_like(lse), q, k, v, gates, o, lse, build_active_rows(gates),
+                                causal=causal, sm_scale=scale, q_offset=q_offset, k_offset=k_offset)
+        return dq, dk, dv
+    # torch fallback: the dense backward of the ungated attention with the gated upstream gradient
+    from seqpar.kernels.flash.api import flash_attention_backward
+
+    g = gates.float().unsqueeze(-1)
+    o_ungated = torch.where(g > 0, o.float() / torch.where(g > 0, g, torch.ones_like(g)), torch.zeros_like(g))
+    return flash_attention_backward(q, k, v, o_ungated, lse, (do.float() * g).to(q.dtype), causal=causal,
+                                    sm_scale=scale, q_offset=q_offset, k_offset=k_offset, backend="torch")

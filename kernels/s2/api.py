@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from seqpar.kernels._common import check_cu_seqlens, check_int, check_qkv, default_sm_scale, select_backend
+from seqpar.kernels._common import check_cu_seqlens, check_int, check_qkv, default_sm_scale, host_ints, select_backend
 from seqpar.kernels.s2.function import S2AttentionFunction
 from seqpar.kernels.s2.layout import S2Layout
 from seqpar.kernels.s2.plan import TilePlan, build_plan
@@ -33,7 +33,7 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: Option
         check_cu_seqlens(cu_seqlens, b, sq)
         if cu_seqlens.device != q.device:
             raise ValueError(f"cu_seqlens must be on q's device {q.device}, got {cu_seqlens.device}")
-        cu = tuple(int(x) for x in cu_seqlens.tolist())
+        cu = host_ints(cu_seqlens)  # cached per tensor: no sync per layer
         q_offset = 0
     elif q_offset is None:
         q_offset = k_offset + sk - sq  # bottom-right aligned (flash-attn >= 2.1)
@@ -132,3 +132,38 @@ def s2_stats(layout: S2Layout, seq_len: int, num_heads: int, num_kv_heads: int,
     sparse = build_plan(layout, True, num_kv_heads, seq_len, seq_len, 0, 0, cu, bs).nnz(num_heads)
     dense = build_plan(None, True, num_kv_heads, seq_len, seq_len, 0, 0, cu, bs).nnz(num_heads)
     return {"computed_blocks": sparse, "causal_blocks": dense, "density": sparse / dense}
+
+
+def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                       do: torch.Tensor, plan: TilePlan, sm_scale: float,
+                       backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward launcher of ``backend`` on a prepared plan (no autograd)."""
+    if backend == "triton":
+        from seqpar.kernels.s2.triton_bwd import s2_bwd
+
+        return s2_bwd(q, k, v, o, lse, do, None, plan, sm_scale)
+    from seqpar.kernels.s2.torch_impl import s2_bwd_torch
+
+    return s2_bwd_torch(q, k, v, o, lse, do, None, plan, sm_scale)
+
+
+def s2_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                          do: torch.Tensor, layout: S2Layout, *, sm_scale: Optional[float] = None,
+                          q_offset: Optional[int] = None, k_offset: int = 0, kv_head_offset: int = 0,
+                          total_kv_heads: Optional[int] = None,
+                          backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv)`` of S2 attention of ``q`` over the key block ``k, v`` given each
+    query row's *final* ``o`` ``[batch, seq_q, heads, dv]`` and ``lse`` fp32 ``[batch, heads, seq_q]``.
+
+    ``o`` / ``lse`` may be merged over more keys than ``k, v`` hold (a context-parallel ring): with
+    ``p = exp(s - lse)`` and ``delta = rowsum(do * o)`` the result is exactly this block's share
+    of the full gradient (flash-attn's ring backward), so no forward is recomputed. Arguments as in
+    :func:`s2_attention`; no autograd. A row with ``lse = -inf`` gets zero gradients.
+    """
+    if not isinstance(layout, S2Layout):
+        raise ValueError(f"layout must be an S2Layout, got {type(layout).__name__}")
+    plan, sm_scale, backend = prepare(q, k, v, layout=layout, causal=True, sm_scale=sm_scale, cu_seqlens=None,
+                                      q_offset=q_offset, k_offset=k_offset, backend=backend,
+                                      block_size=layout.block_size, kv_head_offset=kv_head_offset,
+                                      total_kv_heads=total_kv_heads)
+    return attention_backward(q, k, v, o, lse, do, plan, sm_scale, backend)

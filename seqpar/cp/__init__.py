@@ -9,10 +9,12 @@ batch b; ``cp.scheme_cost`` returns them exactly and ``cp.comm_ledger`` measures
 
 - allgather, softmax/moh: ``(P-1)/P·N·b·H_kv·(d+dv)·e``, 1 all-gather; backward the same as
   1 reduce-scatter.
-- allgather, s2 (stride-aware exchange): ``≈ 1/vert_stride`` of the above plus the boundary
-  windows, 2 all-gathers (backward 2 reduce-scatters).
+- allgather, s2 (stride-aware exchange): exactly the (kv head, block) pairs of other ranks that
+  this rank's queries read (per sparse head ``≈ 1/vert_stride`` of the causally needed blocks,
+  plus the window blocks before each chunk; per rank, rank 0 the most), 1 variable-size
+  all-to-all (backward 1, the reverse splits); TP slices via ``kv_head_offset`` / ``total_kv_heads``.
 - ring, softmax/s2/moh: the same K/V bytes in P-1 send/recv; backward P-1 K/V hops plus P hops
-  of the fp32 dK/dV buffer.
+  of the fp32 dK/dV buffer (the kernel's backward with the merged (out, lse); no recompute).
 - ulysses, softmax/s2/moh/lightning: 4 all-to-alls (q, k, v, o; +1 for MoH gates), together
   ``(P-1)/P·(N/P)·b·(H + H_kv')·(d+dv)·e`` with ``H_kv' = max(H_kv, P)``; backward the same.
   S2 patterns, MoH gates and Lightning slopes follow each head's *global* index
@@ -33,7 +35,10 @@ Validation: ``cp.attention`` checks every argument locally (including data: MoH 
 Lightning slopes finite and >= 0), then the ranks agree with one int32 all-reduce
 (``Comm.agree``) before any data moves, and every rank raises the failing rank's ValueError. The
 handshake is *not* recorded in the ledger nor counted by ``scheme_cost`` (it carries no attention
-data; one latency-bound call per layer).
+data). Inside ``cp.step_checks()`` (one training step) data checks are read once at the step's end
+and each call signature is agreed once: 0 host syncs per layer (see ``seqpar.cp.validation``).
+Padded varlen documents (``pad_varlen``): ``cu_seqlens_unpadded`` makes the Lightning final state
+the state after each document's last real token.
 
 Supported kind x scheme (all 16 pairs, each tested at P = 2 and 4):
 
@@ -48,8 +53,7 @@ moh        yes        yes     yes      yes
 
 Limits: ulysses needs H % P == 0 and H_kv % P == 0 or P % H_kv == 0 (kv heads replicated); usp
 the same with U; zigzag needs N % 2P == 0 (contiguous N % P); s2 under allgather/ring/usp needs
-chunks of whole blocks (ulysses runs on the whole sequence and does not), and the exchange needs
-chunks of a multiple of vert_stride blocks (else plain all-gather); varlen (global
+chunks of whole blocks (ulysses runs on the whole sequence and does not); varlen (global
 ``cu_seqlens``, every document a multiple of 2P, see ``cp.pad_varlen``) with allgather/ulysses
 for softmax and lightning. LASP-1 (lightning ring) takes initial/final states but no varlen
 (ValueError); usp takes no varlen.
@@ -58,6 +62,7 @@ for softmax and lightning. LASP-1 (lightning ring) takes initial/final states bu
 from seqpar.cp.api import KINDS, SCHEMES, SUPPORTED, attention, recommend, scheme_cost
 from seqpar.cp.comm import Comm, CommLedger, CommRecord, comm_ledger
 from seqpar.cp.merge import decayed_state_prefix, merge_partials, merge_two
+from seqpar.cp.validation import SyncCount, count_host_syncs, step_checks
 from seqpar.cp.partition import (
     VarlenPadding,
     causal_work,
@@ -74,7 +79,8 @@ from seqpar.cp.partition import (
 )
 
 __all__ = [
-    "KINDS", "SCHEMES", "SUPPORTED", "Comm", "CommLedger", "CommRecord", "VarlenPadding", "attention",
+    "KINDS", "SCHEMES", "SUPPORTED", "Comm", "CommLedger", "CommRecord", "SyncCount", "VarlenPadding", "attention",
+    "count_host_syncs", "step_checks",
     "causal_work", "chunk_ids", "comm_ledger", "decayed_state_prefix", "imbalance", "merge_partials",
     "merge_two", "pad_varlen", "recommend", "scheme_cost", "shard", "shard_varlen", "token_index", "unpad_varlen",
     "unshard", "unshard_varlen", "varlen_token_index",

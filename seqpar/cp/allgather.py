@@ -15,7 +15,8 @@ import torch
 
 from seqpar.cp.comm import Comm, all_gather_autograd
 from seqpar.cp.local import LocalOp
-from seqpar.cp.partition import chunk_ids, token_index, varlen_token_index
+from seqpar.cp.partition import cached_index, chunk_ids, token_index, varlen_token_index
+from seqpar.kernels._common import host_ints
 
 
 def arrival_index(comm: Comm, n: int, balance: str, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -25,13 +26,24 @@ def arrival_index(comm: Comm, n: int, balance: str, cu_seqlens: Optional[torch.T
     return torch.cat([token_index(r, comm.world, n, balance) for r in range(comm.world)])
 
 
+def sequence_orders(comm: Comm, n: int, balance: str, cu_seqlens: Optional[torch.Tensor],
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(to_seq, to_rank)`` on ``device``: rank-major arrival order -> sequence order and back
+    (built once per shape / document layout and cached)."""
+    cu = None if cu_seqlens is None else host_ints(cu_seqlens)
+
+    def build():
+        gidx = arrival_index(comm, n, balance, cu_seqlens)
+        return torch.argsort(gidx), gidx
+    return cached_index(("orders", comm.world, n, balance, cu), device, build)
+
+
 def gather_sequence(x: torch.Tensor, comm: Comm, balance: str, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """All-gather a sharded ``[b, s_loc, ...]`` tensor and restore global sequence order."""
     g = all_gather_autograd(x, comm, dim=1)
     if balance == "contiguous" and cu_seqlens is None:
         return g  # rank-major already is sequence order
-    gidx = arrival_index(comm, g.shape[1], balance, cu_seqlens)
-    return g.index_select(1, torch.argsort(gidx).to(g.device))
+    return g.index_select(1, sequence_orders(comm, g.shape[1], balance, cu_seqlens, g.device)[0])
 
 
 def _pieces(comm: Comm, q_len: int, balance: str, cu_seqlens: Optional[torch.Tensor]):
@@ -41,7 +53,7 @@ def _pieces(comm: Comm, q_len: int, balance: str, cu_seqlens: Optional[torch.Ten
         c = q_len // len(ids)
         return [(j * c, c, cid * c, 0) for j, cid in enumerate(ids)]
     out, local = [], 0
-    bounds = cu_seqlens.detach().cpu().tolist()
+    bounds = host_ints(cu_seqlens)  # cached host copy: no sync per layer
     for start, end in zip(bounds[:-1], bounds[1:]):
         c = (end - start) // (2 * comm.world)
         for cid in chunk_ids(comm.rank, comm.world, "zigzag"):
@@ -61,7 +73,7 @@ def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm:
     d = k.shape[-1]
     kv = gather_sequence(torch.cat([k, v], dim=-1), comm, balance, cu_seqlens)
     k_full, v_full = kv[..., :d], kv[..., d:]
-    bounds = None if cu_seqlens is None else cu_seqlens.detach().cpu().tolist()
+    bounds = None if cu_seqlens is None else list(host_ints(cu_seqlens))
     outs = []
     for lo, c, pos, doc_start in _pieces(comm, q.shape[1], balance, cu_seqlens):
         if causal:  # later keys are all masked

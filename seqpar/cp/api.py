@@ -13,11 +13,12 @@ from seqpar.cp.comm import Comm
 from seqpar.cp.lasp1 import hops_received, lasp1_attention
 from seqpar.cp.lasp2 import lasp2_attention
 from seqpar.cp.local import softmax_family_op
-from seqpar.cp.partition import BALANCES, chunk_ids, resolve_group, varlen_token_index
+from seqpar.cp.partition import BALANCES, check_varlen, chunk_ids, resolve_group
 from seqpar.cp.ring import ring_attention
-from seqpar.cp.s2_exchange import exchange_applies, exchange_elements, s2_exchange_attention
-from seqpar.cp.ulysses import kv_head_offset, ulysses_attention
+from seqpar.cp.s2_exchange import exchange_applies, exchange_blocks, s2_exchange_attention
+from seqpar.cp.ulysses import kv_head_offset as uly_kv_offset, ulysses_attention
 from seqpar.cp.usp import usp_attention, usp_lightning_attention
+from seqpar.cp.validation import mark_agreed, needs_agreement, signature
 
 KINDS = ("softmax", "s2", "lightning", "moh")
 SCHEMES = ("allgather", "ring", "ulysses", "usp")
@@ -31,8 +32,9 @@ SUPPORTED = {
 }
 _KWARGS = {
     "softmax": {"sm_scale", "causal", "backend", "cu_seqlens", "ulysses_degree"},
-    "s2": {"layout", "sm_scale", "backend", "ulysses_degree"},
-    "lightning": {"slope", "initial_state", "output_final_state", "backend", "cu_seqlens", "ulysses_degree"},
+    "s2": {"layout", "sm_scale", "backend", "ulysses_degree", "kv_head_offset", "total_kv_heads"},
+    "lightning": {"slope", "initial_state", "output_final_state", "backend", "cu_seqlens", "cu_seqlens_unpadded",
+                  "ulysses_degree"},
     "moh": {"gates", "sm_scale", "causal", "backend", "ulysses_degree"},
 }
 
@@ -43,7 +45,7 @@ def _pairs() -> str:
 
 def _validate(q, k, v, kind: str, scheme: str, balance: str, world: int, kw: dict[str, Any]) -> None:
     from seqpar.kernels import S2Layout
-    from seqpar.kernels._common import check_cu_seqlens, check_qkv
+    from seqpar.kernels._common import check_cu_seqlens, check_data, check_qkv
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -68,8 +70,10 @@ def _validate(q, k, v, kind: str, scheme: str, balance: str, world: int, kw: dic
             raise ValueError("kind='s2' needs layout=S2Layout(...)")
         if not isinstance(layout, S2Layout):
             raise ValueError(f"layout must be an S2Layout, got {type(layout).__name__}")
-        layout.validate_heads(hkv)
-        kw["layout"] = layout.with_heads(h)  # step from the q heads given here (S2Layout, docs/s2.md)
+        # local kv heads are global kv heads kv_head_offset.. of total_kv_heads (tensor parallelism);
+        # the rotation step comes from the model's query heads (S2Layout, docs/s2.md)
+        total_kv = layout.validate_head_slice(hkv, kw.get("kv_head_offset", 0), kw.get("total_kv_heads"))
+        kw["layout"] = layout.with_heads(total_kv * (h // hkv))
         if scheme != "ulysses" and c % layout.block_size:  # ulysses runs on the whole sequence
             raise ValueError(f"s2 under CP needs each chunk ({c} tokens) to be a multiple of layout.block_size="
                              f"{layout.block_size} so blocks stay absolute; make the global length a multiple "
@@ -89,9 +93,9 @@ def _validate(q, k, v, kind: str, scheme: str, balance: str, world: int, kw: dic
         if not isinstance(gates, torch.Tensor) or tuple(gates.shape) != (b, s, h):
             raise ValueError(f"kind='moh' needs gates [batch, local seq, heads] = {[b, s, h]}, "
                              f"got {None if gates is None else tuple(gates.shape)}")
-        if not bool((gates.detach() >= 0).all()):  # same rule as moh_attention, checked before any exchange
-            raise ValueError("gates must be >= 0 and not NaN (a gate of 0 skips the pair); "
-                             "e.g. use softmax/top-k weights or gates.clamp_min(0)")
+        # same rule as moh_attention, before any exchange (deferred to the step's end in step_checks)
+        check_data(~(gates.detach() >= 0), "gates must be >= 0 and not NaN (a gate of 0 skips the pair); "
+                                           "e.g. use softmax/top-k weights or gates.clamp_min(0)")
     cu = kw.get("cu_seqlens")
     if cu is not None:
         if scheme not in ("allgather", "ulysses"):
@@ -103,7 +107,13 @@ def _validate(q, k, v, kind: str, scheme: str, balance: str, world: int, kw: dic
         if not isinstance(cu, torch.Tensor):
             raise ValueError("cu_seqlens must be the global int32 tensor [num_docs + 1]")
         check_cu_seqlens(cu, b, s * world, name="cu_seqlens (global, over all ranks)")
-        varlen_token_index(cu, 0, world)  # raises if a document is not a multiple of 2 * world
+        check_varlen(cu, world)  # raises if a document is not a multiple of 2 * world
+    if kw.get("cu_seqlens_unpadded") is not None:
+        from seqpar.kernels.lightning.api import padded_segments
+
+        if cu is None:
+            raise ValueError("cu_seqlens_unpadded (real document boundaries) needs cu_seqlens (the padded ones)")
+        padded_segments(cu, kw["cu_seqlens_unpadded"])  # same documents, real <= padded
     init = kw.get("initial_state")
     if kind == "lightning" and init is not None:  # replicated, but only some ranks read it: check here
         from seqpar.kernels.lightning.api import _check_state
@@ -169,16 +179,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, s
         error = e
     comm = Comm(group)
     # Data-dependent checks (gates, slopes) can fail on one rank only: agree before any data moves.
-    failed = comm.agree(None if error is None else str(error))
-    if failed is not None:
-        src, msg = failed
-        raise ValueError(msg if src == comm.rank else f"{msg} (raised on CP rank {src})") from error
+    # Inside cp.step_checks data checks are deferred to the step's end and a call signature is
+    # agreed once (validation is a function of it): no host sync here in steady state.
+    sig = None if error is not None else signature(kind, scheme, balance, world, q, k, v, kind_kwargs)
+    if sig is None or needs_agreement(group, sig):
+        failed = comm.agree(None if error is None else str(error))
+        if failed is not None:
+            src, msg = failed
+            raise ValueError(msg if src == comm.rank else f"{msg} (raised on CP rank {src})") from error
+        mark_agreed(group, sig)
     if kind == "lightning":
         if scheme == "allgather":
             return lasp2_attention(q, k, v, kind_kwargs["slope"], comm, balance=balance,
                                    initial_state=kind_kwargs.get("initial_state"),
                                    output_final_state=bool(kind_kwargs.get("output_final_state", False)),
-                                   cu_seqlens=kind_kwargs.get("cu_seqlens"), backend=kind_kwargs.get("backend", "auto"))
+                                   cu_seqlens=kind_kwargs.get("cu_seqlens"), backend=kind_kwargs.get("backend", "auto"),
+                                   cu_seqlens_unpadded=kind_kwargs.get("cu_seqlens_unpadded"))
         if scheme == "usp":
             return usp_lightning_attention(q, k, v, kind_kwargs["slope"], comm, balance=balance,
                                            ulysses_degree=kind_kwargs["ulysses_degree"],
@@ -193,21 +209,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, s
         return ulysses_attention(q, k, v, comm, kind=kind, balance=balance, kw=kind_kwargs)
     causal = kind == "s2" or kind_kwargs.get("causal", True)
     chunk_len = q.shape[1] // len(chunk_ids(0, world, balance))
+    # S2 under tensor parallelism: the local kv heads are global heads head_off.. of total
+    head_off, hkv = int(kind_kwargs.get("kv_head_offset", 0)), k.shape[2]
+    total = kind_kwargs.get("total_kv_heads") or head_off + hkv
     if scheme == "allgather" and kind == "s2" and exchange_applies(kind_kwargs["layout"], chunk_len):
-        return s2_exchange_attention(q, k, v, comm, balance=balance, op=softmax_family_op(kind, kind_kwargs),
-                                     layout=kind_kwargs["layout"])
+        return s2_exchange_attention(q, k, v, comm, balance=balance,
+                                     op=softmax_family_op(kind, kind_kwargs, head_off, total),
+                                     layout=kind_kwargs["layout"], kv_head_offset=head_off, total_kv_heads=total)
     if scheme == "allgather":
-        return allgather_attention(q, k, v, comm, balance=balance, op=softmax_family_op(kind, kind_kwargs),
+        return allgather_attention(q, k, v, comm, balance=balance, op=softmax_family_op(kind, kind_kwargs, head_off, total),
                                    causal=causal, gates=kind_kwargs.get("gates"),
                                    cu_seqlens=kind_kwargs.get("cu_seqlens"))
     if scheme == "usp":
-        ud, hkv = kind_kwargs["ulysses_degree"], k.shape[2]
+        ud = kind_kwargs["ulysses_degree"]
         # member index in the Ulysses group (Comm.split_2d): rank % ulysses_degree
-        op = softmax_family_op(kind, kind_kwargs, kv_head_offset(comm.rank % ud, ud, hkv), hkv)
+        op = softmax_family_op(kind, kind_kwargs, head_off + uly_kv_offset(comm.rank % ud, ud, hkv), total)
         return usp_attention(q, k, v, comm, balance=balance, op=op, causal=causal,
                              ulysses_degree=kind_kwargs["ulysses_degree"], gates=kind_kwargs.get("gates"))
     if scheme == "ring":
-        return ring_attention(q, k, v, comm, balance=balance, op=softmax_family_op(kind, kind_kwargs),
+        return ring_attention(q, k, v, comm, balance=balance, op=softmax_family_op(kind, kind_kwargs, head_off, total),
                               causal=causal, gates=kind_kwargs.get("gates"))
     return ulysses_attention(q, k, v, comm, kind=kind, balance=balance, kw=kind_kwargs)
 
@@ -224,13 +244,18 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
                 v_head_dim: Optional[int] = None, batch: int = 1, dtype: Any = torch.bfloat16,
                 balance: str = "zigzag", gates_dtype: Any = None,
                 output_final_state: bool = False, num_docs: Optional[int] = None,
-                layout: Any = None, ulysses_degree: Optional[int] = None, rank: Optional[int] = None) -> dict[str, dict[str, dict[str, int]]]:
+                layout: Any = None, ulysses_degree: Optional[int] = None, rank: Optional[int] = None,
+                kv_head_offset: int = 0, total_kv_heads: Optional[int] = None) -> dict[str, dict[str, dict[str, int]]]:
     """Closed-form bytes received per rank and calls per layer: ``{"fwd"|"bwd": {op: {"bytes", "calls"}}}``.
 
     ``seq_len`` is the global length N; ``dtype`` the activation dtype (or bytes per element).
     allgather (softmax/s2/moh): ``(P-1)/P · N · b · H_kv · (d + dv) · e`` all-gather, the same as a
-    reduce-scatter in backward; s2 uses the stride-aware exchange when it applies (``layout``
-    required): per kv head only its column blocks plus the boundary windows. lightning ring
+    reduce-scatter in backward; s2 uses the stride-aware exchange (``layout`` required; under TP
+    also ``kv_head_offset`` / ``total_kv_heads``): one variable-size all-to-all of exactly the
+    (kv head, block) pairs the rank's queries read from other ranks (fwd), and of the pairs the
+    others read from it (bwd), ``block_size · b · (d+dv) · e`` bytes each, counted from the
+    layout (:func:`seqpar.cp.s2_exchange.exchange_blocks`); it differs per rank (default: the
+    busiest). lightning ring
     (LASP-1): one fp32 state ``b·H·dk·dv·4`` per hop from another rank; hops differ per rank, so
     pass ``rank`` (default: the busiest rank); ``output_final_state`` adds one all-gather of
     ``(P-1)`` states. ring: ``P-1`` passes of the local K/V (``N/P · b · H_kv · (d+dv) · e``
@@ -264,13 +289,14 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
     elif scheme == "allgather" and kind == "s2" and layout is None:
         raise ValueError("scheme_cost for kind='s2' needs layout= (the stride-aware exchange depends on it)")
     elif scheme == "allgather" and kind == "s2" and exchange_applies(layout, n // (p * cpr)):
-        layout = layout.with_heads(heads)
-        cols, window = exchange_elements(layout, world=p, seq_len=n, batch=batch, kv_heads=kv_heads,
-                                         width=head_dim + dv, balance=balance)
-        for vol in (cols, window):
-            if vol:
-                add(fwd, "all_gather", (p - 1) * vol * e)
-                add(bwd, "reduce_scatter", (p - 1) * vol * e)
+        # one variable-size all-to-all of exactly the blocks each rank's queries read: per-rank bytes
+        layout = layout.with_heads((total_kv_heads or kv_head_offset + kv_heads) * (heads // kv_heads))
+        counts = exchange_blocks(layout, p, balance, n // (p * cpr), kv_heads, kv_head_offset, total_kv_heads)
+        row = batch * layout.block_size * (head_dim + dv) * e
+        per_rank = [(sum(counts[r]) * row, sum(counts[q][r] for q in range(p)) * row) for r in range(p)]
+        f, bk = per_rank[rank] if rank is not None else max(per_rank, key=sum)
+        add(fwd, "all_to_all", f)
+        add(bwd, "all_to_all", bk)
     elif scheme == "allgather":
         vol = (p - 1) * (n // p) * batch * kv_heads * (head_dim + dv) * e
         add(fwd, "all_gather", vol)

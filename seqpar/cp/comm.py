@@ -14,7 +14,7 @@ algorithmic volume that the closed-form costs in ``scheme_cost`` count:
 all_gather         ``(world - 1) * local.nbytes``
 reduce_scatter     ``(world - 1) * output.nbytes`` (the other ranks' pieces)
 all_reduce         ``2 (world - 1) / world * nbytes`` (reduce-scatter + all-gather volume)
-all_to_all         ``(world - 1) / world * input.nbytes``
+all_to_all         ``(world - 1) / world * input.nbytes``; variable splits: the rows from other ranks
 send_recv          ``recv.nbytes`` for every tensor received point-to-point
 =================  ==========================================================
 
@@ -27,13 +27,15 @@ attention's traffic alone; count one extra latency-bound call per layer when mod
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Comm", "CommLedger", "CommRecord", "Pending", "all_gather_autograd", "comm_ledger", "group_rank_world",
+__all__ = ["Comm", "CommLedger", "CommRecord", "Pending", "all_gather_autograd", "all_to_all_v_autograd", "comm_ledger",
+           "group_rank_world",
            "heads_to_seq", "seq_to_heads"]
 
 
@@ -132,6 +134,18 @@ class Pending:
         return self._result
 
 
+def _default_group_timeout() -> Any:
+    """The default group's timeout (the recipe's ``parallel.distributed_timeout_s``): ``new_group``
+    would otherwise fall back to torch's 30 min default. None (torch's default) if unreadable."""
+    pg = dist.distributed_c10d._get_default_group()
+    for dev in ("cuda", "cpu"):
+        try:
+            return pg._get_backend(torch.device(dev)).options._timeout
+        except Exception:  # no backend for that device
+            continue
+    return None
+
+
 class Comm:
     """Collectives over one process group with rank-major ``[world * n, ...]`` layouts.
 
@@ -165,8 +179,9 @@ class Comm:
         if key not in _SUBGROUPS:
             ranks, i, j = self._global, self.rank // u, self.rank % u
             # Ulysses group first, then ring group: the same order on every member keeps creation matched.
-            uly = dist.new_group(ranks[i * u:(i + 1) * u], use_local_synchronization=True)
-            ring = dist.new_group(ranks[j::u], use_local_synchronization=True)
+            timeout = _default_group_timeout()
+            uly = dist.new_group(ranks[i * u:(i + 1) * u], use_local_synchronization=True, timeout=timeout)
+            ring = dist.new_group(ranks[j::u], use_local_synchronization=True, timeout=timeout)
             _SUBGROUPS[key] = (uly, ring)
         uly, ring = _SUBGROUPS[key]
         return Comm(uly), Comm(ring)
@@ -232,6 +247,21 @@ class Comm:
         _record("all_to_all", (self.world - 1) * (x.numel() // self.world) * x.element_size(), x)
         return Pending(out, [work]) if async_op else out
 
+    def all_to_all_v(self, x: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int]) -> torch.Tensor:
+        """Variable-size all-to-all along dim 0: the first ``send_splits[0]`` rows of ``x`` go to rank
+        0, the next ``send_splits[1]`` to rank 1, ...; the result holds ``recv_splits[r]`` rows from
+        each rank r, rank-major. Every rank's splits must match its peers' (``send[r→q] = recv[q←r]``)."""
+        x = x.contiguous()
+        if x.shape[0] != sum(send_splits) or len(send_splits) != self.world or len(recv_splits) != self.world:
+            raise ValueError(f"all_to_all_v: {x.shape[0]} rows with send_splits {list(send_splits)}, recv_splits "
+                             f"{list(recv_splits)} for world {self.world}")
+        out = x.new_empty((sum(recv_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x, output_split_sizes=list(recv_splits), input_split_sizes=list(send_splits),
+                               group=self.group)
+        row = math.prod(x.shape[1:]) * x.element_size()
+        _record("all_to_all", (sum(recv_splits) - recv_splits[self.rank]) * row, x)
+        return out
+
     def send_recv(self, send: Sequence[torch.Tensor], dst: int, src: int) -> Pending:
         """Post sends of ``send`` to group rank ``dst`` and receives of same-shaped tensors from
         ``src`` in one batch.
@@ -283,6 +313,26 @@ class _AllGatherSeq(torch.autograd.Function):
 def all_gather_autograd(x: torch.Tensor, comm: Comm, dim: int = 0) -> torch.Tensor:
     """All-gather ``x`` along ``dim`` (rank-major); gradients are reduce-scattered back."""
     return _AllGatherSeq.apply(x, comm, dim % x.dim())
+
+
+class _AllToAllV(torch.autograd.Function):
+    """Forward: variable-size all-to-all. Backward: the same with the splits swapped."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: Comm, send_splits: tuple, recv_splits: tuple) -> torch.Tensor:
+        ctx.comm, ctx.splits = comm, (send_splits, recv_splits)
+        return comm.all_to_all_v(x, send_splits, recv_splits)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        send_splits, recv_splits = ctx.splits
+        return ctx.comm.all_to_all_v(g, recv_splits, send_splits), None, None, None
+
+
+def all_to_all_v_autograd(x: torch.Tensor, comm: Comm, send_splits: Sequence[int],
+                          recv_splits: Sequence[int]) -> torch.Tensor:
+    """Differentiable :meth:`Comm.all_to_all_v` (dim 0); gradients return along the reverse splits."""
+    return _AllToAllV.apply(x, comm, tuple(send_splits), tuple(recv_splits))
 
 
 def _seq_to_heads(x: torch.Tensor, comm: Comm) -> torch.Tensor:

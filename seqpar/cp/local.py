@@ -1,42 +1,70 @@
 """The per-rank softmax-family op each CP strategy calls: one signature for softmax, s2 and moh.
 
-``op(q, k, v, q_offset, k_offset, gates) -> (o, lse)`` with absolute token positions, so a
-strategy only decides *which* keys a query chunk meets and where they sit in the sequence.
+``op(q, k, v, q_offset, k_offset, gates) -> (o, lse)`` with absolute token positions (autograd),
+so a strategy only decides *which* keys a query chunk meets and where they sit in the sequence;
+``op.backward(q, k, v, out, lse, dout, q_offset, k_offset, gates) -> (dq, dk, dv)`` is the kernel's
+backward for one key block given the *merged* ``(out, lse)`` of the rows (no recompute, no autograd;
+the ring uses it). MoH's gate gradient depends only on the merged output (``rowsum(dout · out) /
+gates``), so the strategy forms it once.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
-LocalOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, Optional[torch.Tensor]],
-                   tuple[torch.Tensor, torch.Tensor]]
+
+class LocalOp:
+    """``kind`` ("softmax" | "s2" | "moh") bound to its keyword arguments.
+
+    ``kv_head_offset`` / ``total_kv_heads``: the local kv heads are a slice of the global ones
+    (tensor parallelism, USP after its all-to-all); S2 patterns follow the global index.
+    """
+
+    def __init__(self, kind: str, kw: dict[str, Any], kv_head_offset: int = 0,
+                 total_kv_heads: Optional[int] = None) -> None:
+        if kind not in ("softmax", "s2", "moh"):
+            raise ValueError(f"kind {kind!r} has no softmax-family local op")
+        self.kind, self.kw = kind, kw
+        self.kv_head_offset, self.total_kv_heads = kv_head_offset, total_kv_heads
+        self.common = {"sm_scale": kw.get("sm_scale"), "backend": kw.get("backend", "auto")}
+
+    def __call__(self, q, k, v, q_off: int, k_off: int, gates: Optional[torch.Tensor]):
+        from seqpar import kernels
+
+        kw = self.kw
+        if self.kind == "softmax":
+            return kernels.flash_attention(q, k, v, causal=kw.get("causal", True), return_lse=True,
+                                           q_offset=q_off, k_offset=k_off, **self.common)
+        if self.kind == "s2":
+            return kernels.s2_attention(q, k, v, kw["layout"], return_lse=True, q_offset=q_off, k_offset=k_off,
+                                        kv_head_offset=self.kv_head_offset, total_kv_heads=self.total_kv_heads,
+                                        **self.common)
+        return kernels.moh_attention(q, k, v, gates, causal=kw.get("causal", True), return_lse=True,
+                                     q_offset=q_off, k_offset=k_off, **self.common)
+
+    def backward(self, q, k, v, out, lse, dout, q_off: int, k_off: int,
+                 gates: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        kw = self.kw
+        if self.kind == "softmax":
+            from seqpar.kernels.flash.api import flash_attention_backward
+
+            return flash_attention_backward(q, k, v, out, lse, dout, causal=kw.get("causal", True),
+                                            q_offset=q_off, k_offset=k_off, **self.common)
+        if self.kind == "s2":
+            from seqpar.kernels.s2.api import s2_attention_backward
+
+            return s2_attention_backward(q, k, v, out, lse, dout, kw["layout"], q_offset=q_off, k_offset=k_off,
+                                         kv_head_offset=self.kv_head_offset, total_kv_heads=self.total_kv_heads,
+                                         **self.common)
+        from seqpar.kernels.moh.api import moh_attention_backward
+
+        return moh_attention_backward(q, k, v, gates, out, lse, dout, causal=kw.get("causal", True),
+                                      q_offset=q_off, k_offset=k_off, **self.common)
 
 
 def softmax_family_op(kind: str, kw: dict[str, Any], kv_head_offset: int = 0,
                       total_kv_heads: Optional[int] = None) -> LocalOp:
-    """Bind ``kind`` ("softmax" | "s2" | "moh") and its keyword arguments to a local op.
-
-    ``kv_head_offset`` / ``total_kv_heads``: the local kv heads are a slice of the global ones
-    (USP after its all-to-all); S2 patterns follow the global index.
-    """
-    from seqpar import kernels
-
-    common = {"sm_scale": kw.get("sm_scale"), "backend": kw.get("backend", "auto")}
-    if kind == "softmax":
-        def op(q, k, v, q_off, k_off, gates):
-            return kernels.flash_attention(q, k, v, causal=kw.get("causal", True), return_lse=True,
-                                           q_offset=q_off, k_offset=k_off, **common)
-    elif kind == "s2":
-        def op(q, k, v, q_off, k_off, gates):
-            return kernels.s2_attention(q, k, v, kw["layout"], return_lse=True, q_offset=q_off,
-                                        k_offset=k_off, kv_head_offset=kv_head_offset,
-                                        total_kv_heads=total_kv_heads, **common)
-    elif kind == "moh":
-        def op(q, k, v, q_off, k_off, gates):
-            return kernels.moh_attention(q, k, v, gates, causal=kw.get("causal", True), return_lse=True,
-                                         q_offset=q_off, k_offset=k_off, **common)
-    else:
-        raise ValueError(f"kind {kind!r} has no softmax-family local op")
-    return op
+    """Bind ``kind`` ("softmax" | "s2" | "moh") and its keyword arguments to a :class:`LocalOp`."""
+    return LocalOp(kind, kw, kv_head_offset, total_kv_heads)

@@ -99,24 +99,41 @@ def decayed_state_prefix(states: torch.Tensor, chunk_lens: Union[Sequence[int], 
     if states.dim() != 5:
         raise ValueError(f"states must be [n_chunks, batch, heads, dk, dv], got {tuple(states.shape)}")
     n, b, h = states.shape[:3]
-    lens = torch.as_tensor(chunk_lens, dtype=torch.int64).detach().cpu()
-    if lens.dim() != 1 or lens.numel() != n or bool((lens < 0).any()):
-        raise ValueError(f"chunk_lens must hold {n} non-negative lengths, got {lens.tolist()}")
+    if isinstance(chunk_lens, torch.Tensor):
+        from seqpar.kernels._common import host_ints
+
+        chunk_lens = host_ints(chunk_lens)  # cached host copy
+    lens = tuple(int(x) for x in chunk_lens)
+    if len(lens) != n or any(x < 0 for x in lens):
+        raise ValueError(f"chunk_lens must hold {n} non-negative lengths, got {list(lens)}")
     if slope.dim() != 1 or slope.numel() != h:
         raise ValueError(f"slope must be [heads] = [{h}], got {tuple(slope.shape)}")
     dev = states.device
-    starts = torch.cat([lens.new_zeros(1), lens.cumsum(0)])  # start_r, and total at the end
-    ends = starts[1:] - 1  # e_j (start_j - 1 for an empty chunk: distance math still holds)
-    # dist[r, j] = start_r - 1 - e_j for j < r; row n is the final state (position total - 1).
-    dist = (starts[:, None] - 1 - ends[None, :]).to(dev)  # [n + 1, n]
-    valid = torch.arange(n + 1)[:, None] > torch.arange(n)[None, :]
-    s32 = slope.float().to(dev)
-    logw = -s32[:, None, None] * dist.clamp_min(0).float()  # [h, n+1, n]
-    w = torch.where(valid.to(dev), torch.exp(logw), torch.zeros((), device=dev))
+    dist, valid, starts = _prefix_geometry(lens, dev)
+    s32 = slope.float()
+    logw = -s32[:, None, None] * dist  # [h, n+1, n]
+    w = torch.where(valid, torch.exp(logw), torch.zeros((), device=dev))
     acc = torch.einsum("hrj,jbhkv->rbhkv", w, states.float())
     if initial_state is not None:
         if tuple(initial_state.shape) != tuple(states.shape[1:]):
             raise ValueError(f"initial_state must be {tuple(states.shape[1:])}, got {tuple(initial_state.shape)}")
-        w0 = torch.exp(-s32[None, :] * starts.to(dev).float()[:, None])  # [n + 1, h]
+        w0 = torch.exp(-s32[None, :] * starts[:, None])  # [n + 1, h]
         acc = acc + w0[:, None, :, None, None] * initial_state.float()[None]
     return acc[:n], acc[n]
+
+
+def _prefix_geometry(lens: tuple[int, ...], device: torch.device):
+    """Distances ``start_r - 1 - e_j`` (clamped, fp32) ``[n + 1, n]``, the ``j < r`` mask, and the
+    chunk starts (fp32 ``[n + 1]``), built once per chunk layout and kept on the device."""
+    from seqpar.cp.partition import cached_index
+
+    def build():
+        ln = torch.tensor(lens, dtype=torch.int64).reshape(-1)
+        n = ln.numel()
+        starts = torch.cat([ln.new_zeros(1), ln.cumsum(0)])  # start_r, and total at the end
+        ends = starts[1:] - 1  # e_j (start_j - 1 for an empty chunk: distance math still holds)
+        # dist[r, j] = start_r - 1 - e_j for j < r; row n is the final state (position total - 1).
+        dist = (starts[:, None] - 1 - ends[None, :]).clamp_min(0).float()
+        valid = torch.arange(n + 1)[:, None] > torch.arange(n)[None, :]
+        return dist, valid, starts.float()
+    return cached_index(("state_prefix", lens), device, build)

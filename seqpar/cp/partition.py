@@ -18,16 +18,17 @@ returns how much it added (nothing is padded silently).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 import torch
 
 from seqpar.cp.comm import Comm, group_rank_world
+from seqpar.kernels._common import host_ints, seed_host_ints
 
 __all__ = [
     "BALANCES", "VarlenPadding", "chunk_ids", "num_chunks", "token_index", "shard", "unshard",
     "varlen_token_index", "shard_varlen", "unshard_varlen", "pad_varlen", "unpad_varlen",
-    "causal_work", "imbalance", "resolve_group",
+    "cached_index", "causal_work", "check_varlen", "imbalance", "resolve_group",
 ]
 
 BALANCES = ("zigzag", "contiguous")
@@ -140,12 +141,42 @@ class _Unshard(torch.autograd.Function):
         return shard(g, ctx.rank_world, dim=ctx.dim, balance=ctx.balance), None, None, None
 
 
+# ---- index tensors, built once per shape and kept on the device ---------------------------------
+_DEVICE_INDEX: dict = {}
+
+
+def cached_index(key: tuple, device: torch.device, build) -> Any:
+    """``build()`` (host index math returning a tensor or a tuple of them) once per ``(key, device)``,
+    moved to ``device`` and cached: every layer of every step reuses it, with no host work or
+    host-to-device copy. ``key`` must hold everything the result depends on."""
+    full = (key, str(device))
+    hit = _DEVICE_INDEX.get(full)
+    if hit is None:
+        out = build()
+        hit = tuple(t.to(device) for t in out) if isinstance(out, tuple) else out.to(device)
+        if len(_DEVICE_INDEX) > 256:
+            _DEVICE_INDEX.clear()
+        _DEVICE_INDEX[full] = hit
+    return hit
+
+
 # ---- varlen (THD) -------------------------------------------------------------------------------
 def _doc_lens(cu_seqlens: torch.Tensor) -> list[int]:
-    c = cu_seqlens.detach().to("cpu", torch.int64)
-    if c.dim() != 1 or c.numel() < 2 or int(c[0]) != 0 or bool((c[1:] <= c[:-1]).any()):
-        raise ValueError(f"cu_seqlens must be [0, ..., seq] strictly increasing, got {c.tolist()}")
-    return (c[1:] - c[:-1]).tolist()
+    # host values read once per tensor (cached on it): no sync per layer
+    c = host_ints(cu_seqlens) if cu_seqlens.dim() == 1 else ()
+    if len(c) < 2 or c[0] != 0 or any(b <= a for a, b in zip(c[:-1], c[1:])):
+        raise ValueError(f"cu_seqlens must be a 1-D [0, ..., seq] strictly increasing, got {cu_seqlens.tolist()}")
+    return [b - a for a, b in zip(c[:-1], c[1:])]
+
+
+def check_varlen(cu_seqlens: torch.Tensor, world: int) -> None:
+    """ValueError unless every document length is divisible by ``2 * world`` (per-document zigzag)."""
+    bad = [(i, n) for i, n in enumerate(_doc_lens(cu_seqlens)) if n % (2 * world)]
+    if bad:
+        raise ValueError(
+            f"varlen zigzag needs every document length divisible by 2*world = {2 * world}; documents "
+            f"(index, length) {bad[:8]} are not; call seqpar.cp.pad_varlen(x, cu_seqlens, {2 * world}) first"
+        )
 
 
 def varlen_token_index(cu_seqlens: torch.Tensor, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,13 +185,8 @@ def varlen_token_index(cu_seqlens: torch.Tensor, rank: int, world: int) -> tuple
     Every document length must be divisible by ``2 * world`` (see :func:`pad_varlen`).
     """
     _check_rank(rank, world)
+    check_varlen(cu_seqlens, world)
     lens = _doc_lens(cu_seqlens)
-    bad = [(i, n) for i, n in enumerate(lens) if n % (2 * world)]
-    if bad:
-        raise ValueError(
-            f"varlen zigzag needs every document length divisible by 2*world = {2 * world}; documents "
-            f"(index, length) {bad[:8]} are not; call seqpar.cp.pad_varlen(x, cu_seqlens, {2 * world}) first"
-        )
     idx, local, start = [], [0], 0
     for n in lens:
         c = n // (2 * world)
@@ -168,7 +194,7 @@ def varlen_token_index(cu_seqlens: torch.Tensor, rank: int, world: int) -> tuple
             idx.append(torch.arange(start + cid * c, start + (cid + 1) * c))
         local.append(local[-1] + 2 * c)
         start += n
-    return torch.cat(idx), torch.tensor(local, dtype=torch.int32, device=cu_seqlens.device)
+    return torch.cat(idx), seed_host_ints(torch.tensor(local, dtype=torch.int32, device=cu_seqlens.device), local)
 
 
 def shard_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, group: GroupLike,
@@ -227,6 +253,9 @@ def pad_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, multiple: int, dim: in
 
     Padding sits after each document's real tokens, so under causal attention no real token sees a
     pad; drop pad outputs with :func:`unpad_varlen`. Returns how much was added per document.
+    Lightning keeps decaying its state through pads: pass ``original_cu_seqlens`` as
+    ``cu_seqlens_unpadded=`` (``cp.attention`` / ``lightning_attention``) to get each document's
+    final state at its last real token.
     """
     if not isinstance(multiple, int) or multiple < 1:
         raise ValueError(f"multiple must be a positive int, got {multiple!r}")

@@ -6,10 +6,12 @@ op with absolute offsets and is folded into a running fp32 ``(out, lse)`` (:func
 Under causal masking a pair whose kv chunk lies wholly after the q chunk is skipped (zigzag:
 exactly the fully masked half-blocks).
 
-Backward (recompute, like flash attention): K/V rotate again; for each pair the block output is
-recomputed and its gradient is the merge's adjoint, ``dO_b = w_b · dO`` and
-``dLSE_b = w_b · Σ_d dO ⊙ (O_b - O)`` with ``w_b = exp(lse_b - lse)``; dQ accumulates locally and an
-fp32 dK/dV buffer travels with its K/V block, one extra hop returning it to its owner.
+Backward (flash-attn's ring backward): K/V rotate again; for each pair the local kernel's backward
+runs with the *merged* ``(out, lse)`` of the query rows (``p = exp(s - lse)``, ``delta = rowsum(dO ·
+out)`` give exactly this block's share of the gradient), so no block forward is recomputed and no
+autograd graph is built. dQ accumulates locally; an fp32 dK/dV buffer travels with its K/V block:
+each step adds this rank's share to the buffer that just arrived and posts it on before the next
+block is computed (the hop overlaps that compute); one extra hop returns it to its owner.
 Bytes: forward ``(P-1)`` passes of the local K/V; backward ``(P-1)`` K/V passes plus ``P`` fp32
 dK/dV passes.
 """
@@ -59,41 +61,37 @@ def ring_backward(dout, q, k, v, gates, out, lse, comm: Comm, chunks: Chunks, op
     n_loc = len(chunks(comm.rank))
     c, d = q.shape[1] // n_loc, k.shape[-1]
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    dg = None if gates is None else torch.zeros(gates.shape, dtype=torch.float32, device=q.device)
     kv, src = torch.cat([k, v], dim=-1), comm.rank
-    dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)  # travels with its kv block
-    dout = dout.float()
+    dout = dout.to(q.dtype)
+    hop = None  # in flight: the fp32 dK/dV buffer of the block held at the previous step
     for step in range(comm.world):
         pending = comm.ring_pass([kv]) if step < comm.world - 1 else None
+        # this block's dK/dV share, from the kernel's backward with the merged (out, lse): no recompute
+        block = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
         for j, qc, jj, kc in _pairs(comm, src, chunks, causal):
             qs, ks = slice(j * c, (j + 1) * c), slice(jj * c, (jj + 1) * c)
-            with torch.enable_grad():
-                qj = q[:, qs].detach().requires_grad_()
-                kb = kv[:, ks, :, :d].detach().requires_grad_()
-                vb = kv[:, ks, :, d:].detach().requires_grad_()
-                gj = None if gates is None else gates[:, qs].detach().requires_grad_()
-                o_b, l_b = op(qj, kb, vb, qc * c, kc * c, gj)
-                lse_j = lse[:, :, qs]
-                w = torch.exp(l_b.detach() - torch.where(torch.isinf(lse_j), torch.zeros_like(lse_j), lse_j))
-                w = w.transpose(1, 2).unsqueeze(-1)  # [b, c, h, 1]
-                do_j = dout[:, qs]
-                g_o = w * do_j
-                g_l = (w * do_j * (o_b.detach().float() - out[:, qs])).sum(-1).transpose(1, 2)
-                g_o = torch.where(w > 0, g_o, torch.zeros((), device=g_o.device))
-                inputs = [qj, kb, vb] + ([] if gj is None else [gj])
-                grads = torch.autograd.grad((o_b, l_b), inputs, (g_o.to(o_b.dtype), g_l))
-            dq[:, qs] += grads[0].float()
-            dkv[:, ks, :, :d] += grads[1].float()
-            dkv[:, ks, :, d:] += grads[2].float()
-            if dg is not None:
-                dg[:, qs] += grads[3].float()
-        # the buffer follows its block; after the last step this hop returns it to its owner
-        if comm.world > 1:
-            dkv = comm.ring_pass([dkv]).wait()[0]
+            gq, gk, gv = op.backward(q[:, qs], kv[:, ks, :, :d], kv[:, ks, :, d:], out[:, qs], lse[:, :, qs],
+                                     dout[:, qs], qc * c, kc * c, None if gates is None else gates[:, qs])
+            dq[:, qs] += gq.float()
+            block[:, ks, :, :d] += gk.float()
+            block[:, ks, :, d:] += gv.float()
+        # the buffer that travels with this block arrives now (posted one step ago, overlapping the
+        # compute above); add this rank's share and post it on at once: the next block's compute
+        # overlaps the hop; after the last step the hop returns each buffer to its owner
+        if hop is not None:
+            block += hop.wait()[0]
+        hop = comm.ring_pass([block]) if comm.world > 1 else None
         if pending is not None:
             kv, src = pending.wait()[0], (src - 1) % comm.world
+    dkv = block if hop is None else hop.wait()[0]
     dk, dv = dkv[..., :d], dkv[..., d:]
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None if dg is None else dg.to(gates.dtype)
+    dg = None
+    if gates is not None:  # MoH: dgates = rowsum(dout * out) / gates from the merged output, once
+        active = gates > 0
+        rowdot = (dout.float() * out).sum(-1)
+        dg = torch.where(active, rowdot / torch.where(active, gates.float(), torch.ones_like(rowdot)), 0.0)
+        dg = dg.to(gates.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg
 
 
 class RingAttention(torch.autograd.Function):

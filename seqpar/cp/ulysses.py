@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from seqpar.cp.allgather import arrival_index
+from seqpar.cp.allgather import sequence_orders
 from seqpar.cp.comm import Comm, all_gather_autograd, heads_to_seq, seq_to_heads
 
 
@@ -25,13 +25,6 @@ def kv_head_offset(member: int, degree: int, num_kv_heads: int) -> int:
     the all-to-all (kv heads replicated ``degree / num_kv_heads`` times when fewer than ``degree``)."""
     hk = max(num_kv_heads, degree)
     return member * (hk // degree) // (hk // num_kv_heads)
-
-
-def _orders(comm: Comm, n: int, balance: str, cu_seqlens: Optional[torch.Tensor],
-            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # rank-major arrival order -> sequence order (and back)
-    gidx = arrival_index(comm, n, balance, cu_seqlens).to(device)
-    return torch.argsort(gidx), gidx
 
 
 def _to_heads(x: torch.Tensor, comm: Comm, to_seq: Optional[torch.Tensor]) -> torch.Tensor:
@@ -54,7 +47,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: C
     n = q.shape[1] * p
     cu = kw.get("cu_seqlens")  # global; shards are THD per-document zigzag
     reorder = balance == "zigzag" or cu is not None
-    to_seq, to_rank = _orders(comm, n, balance, cu, q.device) if reorder else (None, None)
+    to_seq, to_rank = sequence_orders(comm, n, balance, cu, q.device) if reorder else (None, None)
     qh, kh, vh = (_to_heads(t, comm, to_seq) for t in (q, k, v))
     heads = slice(comm.rank * (h // p), (comm.rank + 1) * (h // p))
     backend = kw.get("backend", "auto")
@@ -62,8 +55,10 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: C
         o = kernels.flash_attention(qh, kh, vh, causal=kw.get("causal", True), sm_scale=kw.get("sm_scale"),
                                     cu_seqlens=cu, backend=backend)
     elif kind == "s2":
+        off = int(kw.get("kv_head_offset", 0))  # tensor parallelism: local kv heads start at global `off`
         o = kernels.s2_attention(qh, kh, vh, kw["layout"], sm_scale=kw.get("sm_scale"), backend=backend,
-                                 kv_head_offset=kv_head_offset(comm.rank, p, hkv), total_kv_heads=hkv)
+                                 kv_head_offset=off + kv_head_offset(comm.rank, p, hkv),
+                                 total_kv_heads=kw.get("total_kv_heads") or off + hkv)
     elif kind == "moh":
         g = _to_heads(kw["gates"].unsqueeze(-1), comm, to_seq).squeeze(-1)
         o = kernels.moh_attention(qh, kh, vh, g, causal=kw.get("causal", True), sm_scale=kw.get("sm_scale"),
@@ -72,7 +67,8 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: C
         init = kw.get("initial_state")
         o, final = kernels.lightning_attention(
             qh, kh, vh, kw["slope"][heads], initial_state=None if init is None else init[:, heads],
-            output_final_state=bool(kw.get("output_final_state", False)), cu_seqlens=cu, backend=backend)
+            output_final_state=bool(kw.get("output_final_state", False)), cu_seqlens=cu, backend=backend,
+            cu_seqlens_unpadded=kw.get("cu_seqlens_unpadded"))
         out = _to_seq(o, comm, to_rank)
         if final is not None:
             final = all_gather_autograd(final.transpose(0, 1), comm, dim=0).transpose(0, 1)  # heads in order

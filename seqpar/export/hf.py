@@ -98,14 +98,15 @@ def _final_loss(ck: TrainingCheckpoint) -> Optional[float]:
     return events[-1].value if events else None
 
 
-def _model_card(ck: TrainingCheckpoint, spec: ModelSpec, custom: bool, out_name: str) -> str:
+def _model_card(ck: TrainingCheckpoint, spec: ModelSpec, custom: bool, out: pathlib.Path) -> str:
+    out_name = out.name
     data = ck.config.get("data", {})
     tokens = ck.step * int(data.get("global_batch", 0)) * int(data.get("seq_len", 0))
     loss = _final_loss(ck)
     kinds = {"A": "softmax", "S": "S2", "L": "Lightning", "H": "MoH"}
     load = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-            f"model = AutoModelForCausalLM.from_pretrained({out_name!r}{', trust_remote_code=True' if custom else ''})\n"
-            f"tok = AutoTokenizer.from_pretrained({out_name!r})")
+            f"model = AutoModelForCausalLM.from_pretrained({str(out)!r}{', trust_remote_code=True' if custom else ''})\n"
+            f"tok = AutoTokenizer.from_pretrained({str(out)!r})")
     return "\n".join([
         "---", "library_name: transformers", "tags: [seqpar, causal-lm]", "---", "",
         f"# {out_name}", "",
@@ -189,7 +190,7 @@ def export(checkpoint: str | pathlib.Path, out_dir: str | pathlib.Path, *, force
                 shutil.copyfile(TEMPLATE_DIR / name, tmp / name)
         if ck.tokenizer_model is not None:
             write_tokenizer(ck.tokenizer_model, tmp, vocab)
-        (tmp / "README.md").write_text(_model_card(ck, spec, not spec.pure_softmax, out.name))
+        (tmp / "README.md").write_text(_model_card(ck, spec, not spec.pure_softmax, out))
         _readable(tmp)
         if out.exists():
             old = out.with_name(f".old_{out.name}_{os.getpid()}")

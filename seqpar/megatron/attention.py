@@ -32,7 +32,7 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, mak
 from megatron.core.utils import divide
 
 from seqpar import cp
-from seqpar.megatron.layout_check import cp_scheme_for_layer, s2_cp_offset_exact
+from seqpar.megatron.layout_check import cp_scheme_for_layer
 from seqpar.kernels import S2Layout, flash_attention, lightning_attention, lightning_slopes, moh_attention, s2_attention
 from seqpar.nn import MoHRouter
 
@@ -180,15 +180,6 @@ class S2CoreAttention(_SeqparCoreAttention):
                                vert_stride=config.s2_vert_stride).with_heads(config.num_attention_heads)
         self.kv_head_offset = self.tp_rank * self.kv_heads
         self.total_kv_heads = config.num_query_groups
-        self.cp_layout = self.layout
-        if self.tp_rank or self.kv_heads != self.total_kv_heads:
-            # seqpar.cp has no kv-head offset for s2: shift the stride instead, exact while the
-            # stride step of the rank's heads equals the model's
-            step_model = max(1, config.s2_vert_stride // config.num_attention_heads)
-            exact = s2_cp_offset_exact(config.s2_vert_stride, config.num_attention_heads, _size(self.pg_collection.tp))
-            self.cp_layout = None if not exact else S2Layout(
-                block_size=config.s2_block_size, local_blocks=config.s2_local_blocks,
-                vert_stride=config.s2_vert_stride, head_sliding_offset=self.kv_head_offset * step_model)
 
     def _attend(self, q, k, v, cu_seqlens):
         if self.cp_size == 1:
@@ -197,10 +188,9 @@ class S2CoreAttention(_SeqparCoreAttention):
                                 backend=self.backend)
         if cu_seqlens is not None:
             raise ValueError("S2 under CP does not take packed sequences (cu_seqlens); use CP=1 or unpacked data")
-        if self.cp_layout is None:
-            raise ValueError("S2 under CP with this TP split changes the head stride; use s2_vert_stride <= "
-                             "num_attention_heads / tensor_model_parallel_size or tensor_model_parallel_size=1")
-        return self._cp(q, k, v, layout=self.cp_layout, sm_scale=self.softmax_scale)
+        # every CP scheme places this TP rank's kv heads in the global pattern
+        return self._cp(q, k, v, layout=self.layout, sm_scale=self.softmax_scale,
+                        kv_head_offset=self.kv_head_offset, total_kv_heads=self.total_kv_heads)
 
 
 def moh_balance_loss(probs: torch.Tensor, topk_index: torch.Tensor, group: Any) -> torch.Tensor:

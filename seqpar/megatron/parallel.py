@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -12,11 +13,14 @@ from seqpar.megatron.cpu_compat import enable_cpu_compat, model_parallel_seed
 
 
 def init_parallel(tp: int = 1, cp: int = 1, *, seed: int = 1234, init_method: str | None = None,
-                  rank: int | None = None, world_size: int | None = None) -> None:
+                  rank: int | None = None, world_size: int | None = None,
+                  timeout_s: float | None = None) -> None:
     """Start torch.distributed (gloo on CPU, nccl on CUDA) if needed, then megatron's TP/CP/DP groups,
     then seed the RNG tracker. On a CPU-only machine this also calls ``enable_cpu_compat()``.
 
     ``init_method``/``rank``/``world_size`` default to torchrun's environment (``env://``).
+    ``timeout_s`` (the recipe's ``parallel.distributed_timeout_s``) is the timeout of the default group
+    (when started here) and of megatron's groups; None keeps torch's / megatron's 30 min defaults.
     """
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
@@ -27,13 +31,16 @@ def init_parallel(tp: int = 1, cp: int = 1, *, seed: int = 1234, init_method: st
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method or "env://",
-                                rank=rank, world_size=world_size)
+                                rank=rank, world_size=world_size,
+                                timeout=None if timeout_s is None else timedelta(seconds=timeout_s))
     world = dist.get_world_size()
     if world % (tp * cp):
         raise ValueError(f"world size {world} is not divisible by tensor_parallel x context_parallel = {tp * cp}")
     if not cuda:
         enable_cpu_compat()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, context_parallel_size=cp,
+        **({} if timeout_s is None else {"distributed_timeout_minutes": timeout_s / 60}))
     if cuda:
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
         model_parallel_cuda_manual_seed(seed)

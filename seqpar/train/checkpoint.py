@@ -444,14 +444,23 @@ def _verify_collective(folder: pathlib.Path) -> Optional[CorruptCheckpointError]
 
 
 def prepare_out_dir(out_dir: str | pathlib.Path, *, resume: bool, overwrite: bool) -> None:
-    """Before a run: without ``--resume``, an out_dir holding checkpoints or tensorboard events is
-    refused (ValueError naming what is there) unless ``overwrite`` (train.overwrite), which deletes
-    them. Collective (rank 0 looks and deletes, every rank gets the answer)."""
+    """Before a run: without ``--resume``, an out_dir holding checkpoints is refused (ResumeError
+    naming what is there) unless ``overwrite`` (train.overwrite), which deletes them and the
+    tensorboard events; events of a run that never wrote a checkpoint are removed (printed).
+    Collective (rank 0 looks and deletes, every rank gets the answer)."""
     out = pathlib.Path(out_dir)
     msg = None
     if _rank_world()[0] == 0 and not resume:
         found = [str(p) for p in checkpoints(out / "checkpoints")]
-        found += [str(p) for p in (out / "tb").glob("events.out.tfevents.*")] if (out / "tb").is_dir() else []
+        events = [str(p) for p in (out / "tb").glob("events.out.tfevents.*")] if (out / "tb").is_dir() else []
+        if events and not found and not overwrite:
+            # a run that died before its first checkpoint (e.g. a torchrun restart): nothing to resume,
+            # and its curve would mix with this one's
+            shutil.rmtree(out / "tb", ignore_errors=True)
+            print(f"[seqpar.train] {out / 'tb'}: removed the events of a run that never wrote a checkpoint",
+                  file=sys.stderr, flush=True)
+            events = []
+        found += events
         if found and overwrite:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
             shutil.rmtree(out / "tb", ignore_errors=True)

@@ -22,6 +22,7 @@ _DESCRIPTION = """Train a seqpar recipe (YAML, see recipes/README.md for every f
   python -m seqpar.train RECIPE.yaml --dry-run            build the model and data for the recipe's layout
                                                           on a fake process group of TP x CP ranks (no torchrun)
   ... --resume                                            continue from <train.out_dir>/checkpoints/latest
+  ... --resume auto                                       the same if a checkpoint exists, else start fresh
 """
 
 
@@ -40,7 +41,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--world", type=int, default=None, metavar="N",
                     help="--dry-run without torchrun: the world size to validate and build for "
                          "(default: tensor_parallel x context_parallel)")
-    ap.add_argument("--resume", action="store_true", help="continue from <train.out_dir>/checkpoints/latest")
+    ap.add_argument("--resume", nargs="?", const="latest", default=None, choices=["latest", "auto"],
+                    help="continue from <train.out_dir>/checkpoints/latest; '--resume auto' resumes only if it "
+                         "exists, else starts fresh (implied after a torchrun restart or a Slurm requeue)")
     return ap.parse_args(argv)
 
 
@@ -87,7 +90,8 @@ def dry_run(cfg) -> dict:
         else:
             model_parallel_seed(cfg.train.seed)
     else:
-        init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.context_parallel, seed=cfg.train.seed)
+        init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.context_parallel, seed=cfg.train.seed,
+                      timeout_s=cfg.parallel.distributed_timeout_s)
     try:
         if cfg.data.dataset == "mqar":
             from seqpar.data import MQARDataset
@@ -148,15 +152,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     import torch.distributed as dist
 
+    from seqpar.train import signals
+
+    signals.install(cfg)  # SIGTERM/SIGUSR1/SIGINT -> checkpoint at the next step; exit with the torchrun agent
     if not dist.is_initialized():
         if args.dry_run and not launched:
             _fake_world(world)
-        elif "MASTER_ADDR" in os.environ:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        elif "MASTER_ADDR" in os.environ:  # torchrun: the recipe's timeout, a fresh store prefix per restart
+            signals.init_default_group(cfg)
         else:  # single process without torchrun
             rdv = tempfile.mktemp(prefix="seqpar_rdv_")
             dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=0, world_size=1)
@@ -165,15 +168,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     exit_codes = _exit_codes()
     run_errors = tuple(c for classes, _ in exit_codes for c in classes)
     try:
-        if args.dry_run:
-            dry_run(cfg)
-        else:
-            train(cfg, resume=args.resume)
-    except run_errors as e:  # raised on every rank alike: one message (rank 0), no traceback wall
-        code = next(c for classes, c in exit_codes if isinstance(e, classes))
-        if dist.get_rank() == 0:
-            print(f"seqpar-train: {e}", file=sys.stderr, flush=True)
-        return code
+        with signals.guard():  # a failed / timed-out collective -> one message naming the dead rank or host
+            signals.start_heartbeat()
+            try:
+                if args.dry_run:
+                    dry_run(cfg)
+                else:
+                    train(cfg, resume=signals.resume_mode(args.resume,
+                                                          os.path.join(cfg.train.out_dir, "checkpoints")))
+            except run_errors as e:  # raised on every rank alike: one message (rank 0), no traceback wall
+                code = next(c for classes, c in exit_codes if isinstance(e, classes))
+                if dist.get_rank() == 0:
+                    print(f"seqpar-train: {e}", file=sys.stderr, flush=True)
+                return code
     finally:
         dist.destroy_process_group()
     return 0

@@ -114,6 +114,10 @@ class ParallelConfig(AttentionParallelFields):
     """TP size; DP = world / (TP x CP)."""
     context_parallel: PositiveInt = 1
     """CP size (Megatron's zigzag split of every sequence over 2 x CP chunks)."""
+    distributed_timeout_s: PositiveFloat = 300.0
+    """Timeout (seconds) of every process group (torch's default group, megatron's groups, seqpar.cp's
+    subgroups): a collective that waits longer on a dead or hung rank raises on the surviving ranks,
+    which then exit non-zero naming the failed rank / host (seqpar.train.signals)."""
 
 
 class DataConfig(Strict):

@@ -17,7 +17,7 @@ from megatron.core.tensor_parallel import random as tp_random
 
 from seqpar.models import build_gpt, preset, transformer_config
 from seqpar.megatron import init_parallel
-from seqpar.train import checkpoint, health
+from seqpar.train import checkpoint, health, signals
 from seqpar.train.config import RunConfig
 from seqpar.train.step import forward_backward, local_batch
 
@@ -168,7 +168,8 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = N
     world = dist.get_world_size() if dist.is_initialized() else None
     if world is not None:
         cfg.check_world(world)
-    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.context_parallel, seed=cfg.train.seed)
+    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.context_parallel, seed=cfg.train.seed,
+                  timeout_s=cfg.parallel.distributed_timeout_s)
     dp = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
     rank0 = dist.get_rank() == 0
@@ -230,12 +231,16 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = N
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{res.loss:.3f}", aux=f"{res.aux_loss:.3g}", lr=f"{lr:.2e}")
-        last = step + 1 == end
+        stop = signals.stop_requested()  # a SIGTERM/SIGUSR1/SIGINT on any rank: save now, then exit (all ranks)
+        last = step + 1 == end or stop
         if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
             if writer is not None:  # h16: the scalars up to a checkpoint are on disk before it is `latest`
                 writer.flush()
-            checkpoint.save(ckpt_dir, step + 1, model, opt, master, rng=_rng_state(), config=cfg.to_dict(),
-                            tokenizer_model=getattr(data, "tokenizer_model", None))
+            saved = checkpoint.save(ckpt_dir, step + 1, model, opt, master, rng=_rng_state(), config=cfg.to_dict(),
+                                    tokenizer_model=getattr(data, "tokenizer_model", None))
+        if stop:
+            signals.stopped(step + 1, saved)
+            break
     if bar is not None:
         bar.close()
     if writer is not None:
@@ -245,6 +250,8 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = N
                  if losses else "no steps run")
         print(f"[seqpar.train] steps {start}->{end}, {trend}\n"
               f"  checkpoint:  {checkpoint.latest(ckpt_dir)}\n"
+              f"  export (HF): {sys.executable} -m seqpar.export.hf {out} {out / 'hf'}\n"
               f"  tensorboard: {_tensorboard_cmd()} --logdir {out / 'tb'}", flush=True)
     parallel_state.destroy_model_parallel()
+    signals.raise_if_stopped()  # SystemExit(signals.EXIT_INTERRUPTED) after a signal stopped the loop
     return losses

@@ -12,6 +12,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.utils import get_batch_on_this_cp_rank
 
+from seqpar import cp
 from seqpar.megatron.attention import MoHCoreAttention, MoHSelfAttention
 
 
@@ -53,14 +54,15 @@ def forward_backward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
     dp = parallel_state.get_data_parallel_world_size()
     tokens, labels, mask = batch["tokens"], batch["labels"], batch["loss_mask"].float()
     position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    per_token = model(tokens, position_ids, None, labels=labels)  # [b, s_local]
-    counts = torch.stack([mask.sum(), (per_token.detach().float() * mask).sum()])
-    dist.all_reduce(counts, group=group)
-    total = counts[0].clamp(min=1.0)
-    # aux losses are replicated over CP (computed over the CP group's tokens) and per DP replica
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / dp))
-    loss = (per_token.float() * mask).sum() / total
-    loss.backward()
+    with cp.step_checks():  # seqpar attention: data checks once per step, no host sync per layer
+        per_token = model(tokens, position_ids, None, labels=labels)  # [b, s_local]
+        counts = torch.stack([mask.sum(), (per_token.detach().float() * mask).sum()])
+        dist.all_reduce(counts, group=group)
+        total = counts[0].clamp(min=1.0)
+        # aux losses are replicated over CP (computed over the CP group's tokens) and per DP replica
+        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / dp))
+        loss = (per_token.float() * mask).sum() / total
+        loss.backward()
     allreduce_grads(model, group)
     aux = moh_aux_losses(model)
     aux_val = torch.stack(aux).sum() if aux else torch.zeros(())

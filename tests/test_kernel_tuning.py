@@ -1,0 +1,111 @@
+"""Launch-config selection (seqpar.kernels._tuning): deterministic default on CPU / with
+SEQPAR_AUTOTUNE=0 / with debug counters, triton.autotune over the pruned space on CUDA.
+
+The spaces themselves are checked against sm_90 compile metadata in test_kernel_resources.py;
+here every launcher's autotune key is checked against its kernel's argument names (a wrong name
+would make Triton tune once and never again) by running each op with autotuning forced on.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seqpar.kernels import _tuning
+from seqpar.kernels._tuning import ALL_CONFIGS, cfg, launch
+
+
+class FakeKernel:
+    """Records ``kernel[grid](*args, **kwargs)``."""
+
+    arg_names = ("X", "N", "BLOCK")
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((grid, args, kwargs))
+
+
+def test_default_on_cpu_and_when_disabled(monkeypatch):
+    k = FakeKernel()
+    space = (cfg(8, 2), cfg(4, 3))
+    launch(k, (3,), (1, 2), {"BLOCK": 16}, default=cfg(8, 2), space=space, key=("BLOCK",), device=torch.device("cpu"))
+    assert k.calls == [((3,), (1, 2), {"BLOCK": 16, "num_warps": 8, "num_stages": 2})]
+    monkeypatch.setenv("SEQPAR_AUTOTUNE", "0")
+    assert not _tuning.autotune_enabled(torch.device("cuda"))
+    monkeypatch.setenv("SEQPAR_AUTOTUNE", "1")
+    assert _tuning.autotune_enabled(torch.device("cuda")) and not _tuning.autotune_enabled(torch.device("cpu"))
+
+
+def test_autotune_wraps_the_space_keyed_by_name(monkeypatch):
+    built = []
+
+    def fake_autotune(configs, key):
+        def wrap(kernel):
+            built.append(([(c.num_warps, c.num_stages) for c in configs], key))
+            return kernel
+        return wrap
+
+    import triton
+
+    monkeypatch.setattr(triton, "autotune", fake_autotune)
+    monkeypatch.setattr(_tuning, "autotune_enabled", lambda device: True)
+    monkeypatch.setattr(_tuning, "_TUNERS", {})
+    k = FakeKernel()
+    space = (cfg(8, 2), cfg(4, 3))
+    launch(k, (1,), (0,), {"BLOCK": 16}, default=cfg(8, 2), space=space, key=("BLOCK",), device=torch.device("cpu"))
+    assert built == [([(8, 2), (4, 3)], ["BLOCK"])]
+    assert k.calls == [((1,), (0,), {"BLOCK": 16})]  # the autotuner picks warps / stages
+    # debug counters (atomics) pin the default: re-running a config would count twice
+    launch(k, (1,), (0,), {"BLOCK": 16}, default=cfg(8, 2), space=space, key=("BLOCK",), device="cpu",
+           tunable=False)
+    assert k.calls[-1][2] == {"BLOCK": 16, "num_warps": 8, "num_stages": 2}
+
+
+def test_forced_config_only_where_in_space():
+    k = FakeKernel()
+    with _tuning.forced(cfg(4, 3)):
+        launch(k, (1,), (), {}, default=cfg(8, 2), space=(cfg(8, 2), cfg(4, 3)), key=(), device="cpu")
+        launch(k, (1,), (), {}, default=cfg(8, 2), space=(cfg(8, 2),), key=(), device="cpu")
+    assert [c[2] for c in k.calls] == [{"num_warps": 4, "num_stages": 3}]
+    assert set(ALL_CONFIGS) >= {cfg(8, 2), cfg(4, 3)}
+
+
+def test_every_launcher_key_names_kernel_arguments(monkeypatch):
+    """Run S2, flash, MoH and Lightning (fwd + bwd) with autotuning 'on': each launch hands
+    its kernel, space and key to the tuner; the key must name arguments of that kernel and the
+    default must be in the space. The launch itself runs the default (interpreter)."""
+    seen = {}
+
+    def recorder(kernel, space, key):
+        names = set(kernel.arg_names)
+        assert set(key) <= names, (kernel, key)
+        seen[getattr(kernel, "__name__", None) or kernel.fn.__name__] = key
+        cfg0 = space[0]
+
+        class Run:
+            def __getitem__(self, grid):
+                return lambda *a, **kw: kernel[grid](*a, **kw, **cfg0.kwargs())
+        return Run()
+
+    monkeypatch.setattr(_tuning, "autotune_enabled", lambda device: True)
+    monkeypatch.setattr(_tuning, "_tuner", recorder)
+    from seqpar.kernels import S2Layout, flash_attention, lightning_attention, moh_attention, s2_attention
+
+    q = torch.randn(1, 40, 2, 16, requires_grad=True)
+    k = torch.randn(1, 40, 1, 16, requires_grad=True)
+    v = torch.randn(1, 40, 1, 16, requires_grad=True)
+    s2_attention(q, k, v, S2Layout(block_size=16, local_blocks=1, vert_stride=2), backend="triton").sum().backward()
+    flash_attention(q, k, v, causal=False, backend="triton").sum().backward()
+    gates = (torch.rand(1, 40, 2) > 0.5).float()
+    moh_attention(q, k, v, gates, backend="triton").sum().backward()
+    o, _ = lightning_attention(q, k, v, torch.tensor([0.1, 0.2]), backend="triton")
+    o.sum().backward()
+    assert {n.strip("_") for n in seen} >= {
+        "s2_fwd_kernel", "s2_bwd_dq_kernel", "s2_bwd_dkdv_kernel", "moh_fwd_kernel", "moh_bwd_dq_kernel",
+        "moh_bwd_dkdv_kernel", "chunk_state_kernel", "output_kernel", "dv_kernel", "dqk_kernel"}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    pytest.main([__file__])
