@@ -295,11 +295,13 @@ def load(path: pathlib.Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
                          f"pass a step_N folder written by seqpar.train")
     changes: list[str] = []
     if config is not None:
-        changes = compare_configs(saved_config(path), config, where=str(path))
+        saved = saved_config(path)
+        changes = compare_configs(saved, config, where=str(path))
         if changes and _rank_world()[0] == 0:
+            step = integrity.read_manifest(path).get("step", 0)
             print(f"[seqpar.train] resuming {path} with a changed recipe (allowed; the LR schedule and data "
-                  f"position follow the new values from step {integrity.read_manifest(path).get('step', '?')} on):\n"
-                  + "\n".join(f"  {c}" for c in changes), file=sys.stderr, flush=True)
+                  f"position follow the new values from step {step} on):\n"
+                  + "\n".join(f"  {c}" for c in changes) + _lr_jump(saved, config, step), file=sys.stderr, flush=True)
     common = integrity.load_common(path)
     if config is not None and common["step"] >= config["train"]["steps"]:
         raise ResumeError(f"--resume: {path} is step {common['step']}, already the end of the run "
@@ -342,6 +344,18 @@ class ConfigMismatchError(ResumeError):
 _FIXED_SECTIONS = ("model",)
 _FIXED_FIELDS = {("data", "vocab_size")}
 _FREE_FIELDS = {("model", "moh_aux_loss_coef")}  # a loss weight, not part of the weights' meaning
+
+
+def _lr_jump(saved: dict[str, Any], new: dict[str, Any], step: int) -> str:
+    """A line with the LR at the resume step under both recipes, when it differs."""
+    try:
+        from seqpar.train.config import from_dict
+        from seqpar.train.loop import lr_at
+
+        a, b = lr_at(step, from_dict(saved)), lr_at(step, from_dict(new))
+    except Exception:  # noqa: BLE001 - an older recipe the schema no longer reads: the field list says enough
+        return ""
+    return f"\n  -> the learning rate at step {step} changes from {a:.3g} to {b:.3g}" if a != b else ""
 
 
 def saved_config(path: str | pathlib.Path) -> dict[str, Any]:
