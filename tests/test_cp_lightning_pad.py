@@ -115,3 +115,17 @@ def test_cp_padded_final_state_is_last_real_token(world):
         assert float(r0["pad_out"]) == 0.0
         for r in results:
             torch.testing.assert_close(r[scheme]["final"], r0["final"])
+
+
+def test_bad_unpadded_boundaries_name_the_field():
+    t = _data()
+    pad = cp.pad_varlen(t["q"], t["cu"], 4)
+    q, k, v = pad.x, cp.pad_varlen(t["k"], t["cu"], 4).x, cp.pad_varlen(t["v"], t["cu"], 4).x
+    with pytest.raises(ValueError, match="cu_seqlens_unpadded needs cu_seqlens"):
+        lightning_attention(q, k, v, t["slope"], cu_seqlens_unpadded=t["cu"], backend="torch")
+    with pytest.raises(ValueError, match="document 0: 9 real tokens, padded length 4"):
+        lightning_attention(q, k, v, t["slope"], cu_seqlens=pad.cu_seqlens, backend="torch",
+                            cu_seqlens_unpadded=torch.tensor([0, 9, 10, 19], dtype=torch.int32))
+    with pytest.raises(ValueError, match="as many documents as cu_seqlens"):
+        cp.attention(q, k, v, kind="lightning", group=(0, 1), slope=t["slope"], cu_seqlens=pad.cu_seqlens,
+                     cu_seqlens_unpadded=torch.tensor([0, 19], dtype=torch.int32))

@@ -80,12 +80,22 @@ def _step(kind, scheme, extra, world, rank, layers: int) -> tuple[int, int, list
     return body, total - body, list(n.sites)
 
 
+def _index_builds() -> tuple[int, int, int]:
+    from seqpar.cp import partition, s2_exchange
+    from seqpar.kernels.lightning import api as lightning_api
+
+    return len(partition._DEVICE_INDEX), len(s2_exchange._PLANS), len(lightning_api._SEGMENTS)
+
+
 def _sync_job(rank: int, world: int) -> dict:
     out = {}
     for kind, scheme, extra in _cases(world):
         _step(kind, scheme, extra, world, rank, 1)  # first step: signatures agreed, index plans built
+        built = _index_builds()
         one = _step(kind, scheme, extra, world, rank, 1)
         two = _step(kind, scheme, extra, world, rank, 2)
+        # steady state builds no index tensor on the host (nothing new is copied to the device)
+        assert _index_builds() == built, (kind, scheme, extra)
         out[(kind, scheme, tuple(sorted(extra)))] = (one, two)
     # bad data inside a step raises on every rank at the step's end (rank 1's gates are negative)
     (q, k, v), kw, _ = _inputs("moh", "ring", {}, world, rank)

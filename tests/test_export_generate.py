@@ -111,3 +111,13 @@ def test_cache_layer_of_wrong_kind_is_an_error():
     with pytest.raises((ValueError, TypeError)):
         with torch.no_grad():
             model(ids[:, :1], past_key_values=cache, use_cache=True)
+
+
+def test_beam_search_reorders_every_cache_kind():
+    model = _model("ASLH")
+    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
+    kw = dict(max_new_tokens=20, min_new_tokens=20, num_beams=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        with_cache = model.generate(ids, use_cache=True, **kw)
+        without = model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(with_cache, without)

@@ -320,9 +320,9 @@ def test_check_layout_accepts_runnable_layouts_and_lists_every_problem():
     from seqpar.megatron.layout_check import MEGATRON_NAMES
 
     check_layout(pattern="ASLH", context_parallel=2, seq_len=64, **_TINY)
-    check_layout(pattern="ASL", tensor_parallel=2, context_parallel=2, seq_len=64, s2_vert_stride=2, **_TINY)
+    check_layout(pattern="ASL", tensor_parallel=2, context_parallel=2, seq_len=64, **_TINY)
     # S2 under TP x CP is exact for any stride (kv-head offsets through cp.attention; test_cp_tp_s2.py)
-    check_layout(pattern="S", tensor_parallel=2, context_parallel=2, seq_len=64, s2_vert_stride=4, **_TINY)
+    check_layout(pattern="S", tensor_parallel=2, context_parallel=2, seq_len=64, **_TINY)
     check_layout(pattern="AL", context_parallel=4, cp_schemes={"softmax": "ulysses", "lightning": "usp"},
                  usp_ulysses_degree=2, seq_len=64, **_TINY)   # 2 kv heads, CP 4: kv heads replicated
     with pytest.raises(ValueError) as e:
@@ -369,3 +369,20 @@ def test_same_seed_tp1_and_tp2_give_the_same_step1_loss():
     for res in run_ranks(_step1_losses, 2, patterns, timeout=300):
         for pattern in patterns:
             assert res[(pattern, 2)] == pytest.approx(res[(pattern, 1)], rel=1e-6, abs=0), pattern
+
+
+def test_recipe_validation_runs_the_layout_check_before_any_process_group():
+    import pathlib
+
+    import torch.distributed as dist
+
+    from seqpar.train.config import load_recipe
+
+    recipe = pathlib.Path(__file__).resolve().parents[1] / "recipes" / "tiny_hybrid_cp2.yaml"
+    with pytest.raises(ValueError, match=r"parallel.tensor_parallel=3 must divide the 4 query heads"):
+        load_recipe(recipe, ["model.pattern=AS", "parallel.tensor_parallel=3"])
+    with pytest.raises(ValueError, match=r"cp_schemes.lightning='ulysses' needs the 2 query heads per TP rank"):
+        load_recipe(recipe, ["model.pattern=AL", "parallel.tensor_parallel=2", "parallel.cp_schemes.lightning=ulysses",
+                             "parallel.context_parallel=4"])
+    load_recipe(recipe, ["model.pattern=AS", "parallel.tensor_parallel=2", "model.s2_vert_stride=4"])
+    assert not dist.is_initialized()

@@ -151,3 +151,23 @@ def test_launcher_rejects_a_bad_recipe_before_torchrun(cache, tmp_path):
                        env=train_env(cache, NPROC="2", CHECK="1"), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "train.steps: got 2.5" in r.stderr and "torch.distributed.run" not in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("arg,restart,exists,want", [
+    (None, "0", True, False), (None, "0", False, False),
+    ("latest", "0", True, True), (True, "0", False, True),     # plain --resume: load (or fail loudly)
+    ("auto", "0", True, True), ("auto", "0", False, False),      # auto: only if there is a checkpoint
+    (None, "1", True, True), (None, "1", False, False),          # a torchrun restart / Slurm requeue = auto
+])
+def test_resume_mode(tmp_path, monkeypatch, arg, restart, exists, want):
+    from seqpar.train.signals import resume_mode
+
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", restart)
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    if exists:
+        (tmp_path / "latest").write_text("step_0000002")
+    assert resume_mode(arg, tmp_path) is want
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", restart)
+    assert resume_mode(arg, tmp_path) is want
+

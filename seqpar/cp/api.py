@@ -151,7 +151,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, s
         group: the CP process group (None = default group).
         balance: "zigzag" (rank r holds chunks r and 2P-1-r of 2P) or "contiguous".
         kind_kwargs: softmax: ``sm_scale, causal, backend, cu_seqlens``; s2: ``layout, sm_scale,
-            backend``; lightning: ``slope, initial_state, output_final_state, backend, cu_seqlens``;
+            backend, kv_head_offset, total_kv_heads`` (tensor parallelism: the local kv heads are
+            global kv heads ``kv_head_offset ..`` of ``total_kv_heads``, so the pattern is the
+            model's); lightning: ``slope, initial_state, output_final_state, backend, cu_seqlens,
+            cu_seqlens_unpadded`` (the real boundaries of documents padded by ``cp.pad_varlen``:
+            final states at each document's last real token, pad outputs 0);
             moh: ``gates`` (this rank's ``[batch, seq/P, heads]``), ``sm_scale, causal, backend``;
             any kind with scheme="usp": ``ulysses_degree`` (divides P; ring over P/degree groups).
             ``cu_seqlens`` is the *global* int32 ``[num_docs + 1]`` (batch 1; every document a
@@ -168,6 +172,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, s
     data communication. Data-dependent checks (MoH gates >= 0, Lightning slopes) may fail on one
     rank only, so the ranks agree first (``Comm.agree``: one int32 all-reduce, not in the ledger)
     and every rank raises the failing rank's ValueError; nobody is left waiting in a collective.
+    Inside ``cp.step_checks()`` (a training step) the data checks are read once at the step's end
+    and a call signature is agreed only the first time: no host sync per layer.
     """
     _, world = resolve_group(group)
     try:

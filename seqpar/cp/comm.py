@@ -106,6 +106,11 @@ def _record(op: str, nbytes: int, t: torch.Tensor) -> None:
             ledger.records.append(rec)
 
 
+def distributed_ready() -> bool:
+    """True when a default process group exists."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def group_rank_world(group) -> tuple[int, int]:
     """``(rank, world)`` of this process in ``group`` (``None`` = the default group)."""
     if not dist.is_available() or not dist.is_initialized():
@@ -207,6 +212,20 @@ class Comm:
         msg = [error]
         dist.broadcast_object_list(msg, src=self._global[src], group=self.group, device=device)
         return src, str(msg[0])
+
+    def collective_device(self) -> torch.device:
+        """Where this group's collectives want their tensors (CUDA for NCCL, else CPU)."""
+        if dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def min_code(self, code: torch.Tensor) -> torch.Tensor:
+        """Validation only (not in the ledger, like :meth:`agree`): MIN all-reduce of a small int64
+        tensor (``cp.step_checks`` packs the lowest failing rank and its check into it)."""
+        out = code.to(self.collective_device(), torch.int64).contiguous()
+        if self.world > 1:
+            dist.all_reduce(out, op=dist.ReduceOp.MIN, group=self.group)
+        return out
 
     # -- collectives ---------------------------------------------------------------------------
     def all_gather(self, x: torch.Tensor, *, async_op: bool = False):

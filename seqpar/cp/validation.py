@@ -21,7 +21,9 @@ training step wraps forward + backward once):
 
 Host syncs per step in steady state (``count_host_syncs`` measures them): 1 (the exit check),
 plus 1 per distinct GPU ``cu_seqlens`` tensor (its values are read once and cached on the tensor,
-``seqpar.kernels._common.host_ints``). Per layer: 0.
+``seqpar.kernels._common.host_ints``), plus, the first time a new packed-document layout is seen,
+the host-to-device copy of its index tensors (cached per layout and shared by every layer).
+Per layer: 0.
 """
 
 from __future__ import annotations
@@ -124,37 +126,27 @@ _BASE = 1 << 32  # code = failing rank * _BASE + index of its first failing chec
 
 
 def _check_flags(flags: list, group: Any) -> None:
-    import torch.distributed as dist
+    from seqpar.cp.comm import Comm, distributed_ready
 
-    distributed = dist.is_available() and dist.is_initialized()
-    if not flags and not distributed:
+    comm = Comm(group) if distributed_ready() else None
+    if not flags and comm is None:
         return
-    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if distributed else (0, 1)
-    dev = flags[0][0].device if flags else _collective_device(group)
+    rank, world = (comm.rank, comm.world) if comm is not None else (0, 1)
+    dev = flags[0][0].device if flags else comm.collective_device()
     if flags:
         bad = torch.stack([f for f, _ in flags])  # bool [n] on the device, no host read
         src = torch.where(bad.any(), torch.full((), rank, device=dev), torch.full((), world, device=dev))
         code = (src.to(torch.int64) * _BASE + bad.to(torch.int64).argmax()).reshape(1)
     else:  # nothing recorded here; still take part so that no peer is left waiting
         code = torch.full((1,), world * _BASE, dtype=torch.int64, device=dev)
-    if distributed and world > 1:
-        if dev.type != _collective_device(group).type:
-            code = code.to(_collective_device(group))
-        dist.all_reduce(code, op=dist.ReduceOp.MIN, group=group)
+    if comm is not None:
+        code = comm.min_code(code)  # one MIN all-reduce over the group
     src_v, idx = divmod(int(code.item()), _BASE)  # the one host read of the step
     if src_v >= world:
         return
     msg = flags[idx][1] if idx < len(flags) and flags[idx][1] else \
         "a data check of cp.attention failed (rerun with SEQPAR_DEBUG=1 for the failing layer and value)"
     raise ValueError(f"{msg} (found by cp.step_checks on rank {src_v})")
-
-
-def _collective_device(group: Any) -> torch.device:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 # ---- counting host syncs (tests, benchmarks) ------------------------------------------------------

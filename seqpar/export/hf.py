@@ -106,7 +106,8 @@ def _model_card(ck: TrainingCheckpoint, spec: ModelSpec, custom: bool, out: path
     kinds = {"A": "softmax", "S": "S2", "L": "Lightning", "H": "MoH"}
     load = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
             f"model = AutoModelForCausalLM.from_pretrained({str(out)!r}{', trust_remote_code=True' if custom else ''})\n"
-            f"tok = AutoTokenizer.from_pretrained({str(out)!r})")
+            f"tok = AutoTokenizer.from_pretrained({str(out)!r}{', trust_remote_code=True' if custom else ''})"
+            + ("  # AutoTokenizer reads config.json too" if custom else ""))
     return "\n".join([
         "---", "library_name: transformers", "tags: [seqpar, causal-lm]", "---", "",
         f"# {out_name}", "",

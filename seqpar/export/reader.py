@@ -25,6 +25,7 @@ from seqpar.errors import ConfigError
 
 from seqpar.train.checkpoint import CONFIG_FILE, TOKENIZER_FILE  # noqa: E402  one place for the names
 _OPTIONAL_KEYS = ("optimizer.", "rng_state", "rng.")  # rng.*: per-rank RNG states as uint8 tensors (h16)
+DEEPSPEED_MANIFEST = "seqpar_manifest.json"  # step folders of seqpar.deepspeed.checkpoint
 
 
 class ExportError(ConfigError):
@@ -57,7 +58,7 @@ def resolve_step_dir(path: str | pathlib.Path) -> pathlib.Path:
         if not target.is_dir():
             raise ExportError(f"{p} points at {target.name}, which does not exist under {p.parent}")
         return resolve_step_dir(target)
-    if (p / "metadata.json").is_file():
+    if (p / "metadata.json").is_file() or (p / DEEPSPEED_MANIFEST).is_file():
         return p
     for ptr in (p / "latest", p / "checkpoints" / "latest"):
         if ptr.is_file():
@@ -109,6 +110,8 @@ def read_checkpoint(path: str | pathlib.Path, *, with_tensors: bool = True) -> T
     from seqpar.train import integrity
 
     step_dir = resolve_step_dir(path)
+    if (step_dir / DEEPSPEED_MANIFEST).is_file():
+        return _read_deepspeed(step_dir, with_tensors)
     md = _verified_metadata(step_dir)
     try:
         common = integrity.load_common(step_dir)
@@ -129,6 +132,64 @@ def read_checkpoint(path: str | pathlib.Path, *, with_tensors: bool = True) -> T
         raise ExportError(f"reading the tensors of {step_dir} failed ({type(e).__name__}: {e}); "
                           f"the checkpoint is damaged") from e
     ck.tensors = sd
+    return ck
+
+
+def to_sharded_keys(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` names of a TP=1 GPTModel -> the checkpoint's sharded keys (what
+    :func:`read_checkpoint` returns for dist_checkpointing folders): layer norms under their
+    sharded names, Lightning's ``linear_qkvg`` split into q / k / v / gate; ``_extra_state`` dropped."""
+    from seqpar.export.convert import spec_from_recipe
+
+    vocab = int(sd["embedding.word_embeddings.weight"].shape[0])
+    spec = spec_from_recipe(config, vocab)
+    d, h, g = spec.head_dim, spec.num_heads, spec.num_kv_heads
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if k.endswith("_extra_state") or not torch.is_tensor(v):
+            continue
+        if k.endswith(".input_layernorm.weight"):
+            out[k.replace(".input_layernorm.weight", ".self_attention.linear_qkv.layer_norm_weight")] = v
+        elif k.endswith(".pre_mlp_layernorm.weight"):
+            out[k.replace(".pre_mlp_layernorm.weight", ".mlp.linear_fc1.layer_norm_weight")] = v
+        elif k.endswith(".self_attention.linear_qkvg.weight"):
+            for name, part in zip(("q", "k", "v", "gate"), torch.split(v, [h * d, g * d, g * d, h * d])):
+                out[f"{k}.{name}"] = part
+        else:
+            out[k] = v
+    return out
+
+
+def _read_deepspeed(step_dir: pathlib.Path, with_tensors: bool) -> TrainingCheckpoint:
+    """A ``seqpar.deepspeed`` checkpoint: manifest-verified, consolidated to full fp32 tensors by
+    DeepSpeed's ZeRO tooling (``consolidated_fp32_state_dict``), in one process."""
+    try:
+        from seqpar.deepspeed import checkpoint as dsck
+    except ImportError as e:
+        raise ExportError(f"{step_dir} is a DeepSpeed checkpoint; install seqpar[deepspeed] to export it ({e})") from e
+    try:
+        manifest = dsck.verify(step_dir)
+    except ValueError as e:
+        raise ExportError(f"{e}; export refuses a damaged or incomplete checkpoint") from e
+    cfg_file = step_dir / CONFIG_FILE
+    if cfg_file.is_file():
+        config = json.loads(cfg_file.read_text())
+    else:  # the recipe travels in DeepSpeed's client state (a pickle; the manifest was verified above)
+        state = torch.load(step_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        config = (state.get("seqpar") or {}).get("config")
+    if not isinstance(config, dict) or "model" not in config:
+        raise ExportError(f"{step_dir} carries no recipe; export needs the model section the run was trained with")
+    tok = step_dir / TOKENIZER_FILE
+    ck = TrainingCheckpoint(path=step_dir, step=int(manifest.get("step", 0)), config=config,
+                            layout=dict(manifest.get("layout", {})), tensors={},
+                            tokenizer_model=tok.read_bytes() if tok.is_file() else None,
+                            extra={"engine": "deepspeed", "zero_stage": manifest.get("zero_stage")})
+    if with_tensors:
+        try:
+            sd = dsck.consolidated_fp32_state_dict(step_dir)
+        except ValueError as e:
+            raise ExportError(str(e)) from e
+        ck.tensors = to_sharded_keys(sd, config)
     return ck
 
 

@@ -59,7 +59,8 @@ class AttentionModelFields(Strict):
     moh_top_k: PositiveInt = 1
     """MoH routed heads per token."""
     moh_aux_loss_coef: NonNegativeFloat = 0.01
-    """MoH load-balance loss coefficient (added to the loss through MoEAuxLossAutoScaler)."""
+    """MoH load-balance loss coefficient beta: the loss gets beta x the average of L_b over the model's MoH layers
+    (as MoH's own training; paper 0.01), through MoEAuxLossAutoScaler (docs/moh.md)."""
 
 
 class AttentionParallelFields(Strict):

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 from typing import Mapping, Optional
 
-__all__ = ["MEGATRON_CP_COMM", "MEGATRON_NAMES", "RECIPE_NAMES", "check_layout", "cp_scheme_for_layer",
-           "s2_cp_offset_exact"]
+from seqpar.megatron.config import KIND_OF_LETTER
 
-KIND_OF_LETTER = {"A": "softmax", "S": "s2", "L": "lightning", "H": "moh"}
+__all__ = ["MEGATRON_CP_COMM", "MEGATRON_NAMES", "RECIPE_NAMES", "check_layout", "cp_scheme_for_layer"]
 
 #: megatron-core's ``cp_comm_type`` values and the seqpar scheme each one names
 MEGATRON_CP_COMM = {"p2p": "ring", "all_gather": "allgather", "a2a": "ulysses", "a2a+p2p": "usp"}
@@ -28,23 +27,16 @@ MEGATRON_CP_COMM = {"p2p": "ring", "all_gather": "allgather", "a2a": "ulysses", 
 RECIPE_NAMES = {
     "tp": "parallel.tensor_parallel", "cp": "parallel.context_parallel", "pp": "parallel.pipeline_parallel",
     "cp_schemes": "parallel.cp_schemes", "ud": "parallel.usp_ulysses_degree", "seq_len": "data.seq_len",
-    "s2_block_size": "model.s2_block_size", "s2_vert_stride": "model.s2_vert_stride",
+    "s2_block_size": "model.s2_block_size",
     "pattern": "model.pattern", "heads": "model.num_attention_heads", "kv_heads": "model.num_kv_heads",
     "num_layers": "model.num_layers",
 }
 MEGATRON_NAMES = {
     "tp": "tensor_model_parallel_size", "cp": "context_parallel_size", "pp": "pipeline_model_parallel_size",
     "cp_schemes": "cp_schemes", "ud": "usp_ulysses_degree", "seq_len": "seq_length",
-    "s2_block_size": "s2_block_size", "s2_vert_stride": "s2_vert_stride", "pattern": "pattern",
+    "s2_block_size": "s2_block_size", "pattern": "pattern",
     "heads": "num_attention_heads", "kv_heads": "num_query_groups", "num_layers": "num_layers",
 }
-
-
-def s2_cp_offset_exact(vert_stride: int, num_heads: int, tensor_parallel: int) -> bool:
-    """True when a TP rank's S2 heads under CP read the full model's pattern with the stride shifted
-    by the rank's kv-head offset (the shift ``cp.attention`` is given): the DKernel step of the
-    model (``max(1, vert_stride // num_heads)``) equals that of the rank's ``num_heads / tp`` heads."""
-    return max(1, vert_stride // num_heads) == max(1, vert_stride // (num_heads // tensor_parallel))
 
 
 def cp_scheme_for_layer(kind: str, cp_schemes: Mapping[str, str], cp_comm_type: Optional[str], *,
@@ -85,7 +77,7 @@ def _heads_fit(what: str, heads: int, kv_heads: int, degree: int, field: str, va
 def check_layout(*, pattern: str, num_layers: int, num_attention_heads: int, num_query_groups: int,
                  tensor_parallel: int = 1, context_parallel: int = 1, pipeline_parallel: int = 1,
                  cp_schemes: Optional[Mapping[str, str]] = None, usp_ulysses_degree: int = 1,
-                 seq_len: Optional[int] = None, s2_block_size: int = 16, s2_vert_stride: int = 4,
+                 seq_len: Optional[int] = None, s2_block_size: int = 16,
                  names: Mapping[str, str] = RECIPE_NAMES) -> None:
     """Raise a ``ValueError`` (all problems, one per line) unless the layout can run.
 
@@ -96,7 +88,7 @@ def check_layout(*, pattern: str, num_layers: int, num_attention_heads: int, num
         cp_schemes: kind -> scheme (missing kinds: "allgather"); read only when CP > 1.
         usp_ulysses_degree: Ulysses degree of the "usp" scheme.
         seq_len: training sequence length (global, before the CP split); None skips its checks.
-        s2_block_size, s2_vert_stride: the S2 layout (used when the pattern has S layers).
+        s2_block_size: the S2 block size (used when the pattern has S layers).
         names: field names for the messages (``RECIPE_NAMES`` or ``MEGATRON_NAMES``).
 
     Checks: TP divides the query and kv heads; PP divides the layers; MoH layers need TP = 1
@@ -129,9 +121,12 @@ def check_layout(*, pattern: str, num_layers: int, num_attention_heads: int, num
     if "moh" in kinds and tp > 1:
         errors.append(f"{n['tp']}={tp}: MoH (H) layers need tensor parallel 1 (the router picks among all "
                       f"heads); set {n['tp']}=1 or drop H from {n['pattern']}")
+    schemes = {k: "allgather" for k in KIND_OF_LETTER.values()}
+    schemes.update(cp_schemes or {})
+    if "usp" in {schemes[k] for k in kinds} and (cp % ud or h % ud):
+        errors.append(f"{n['ud']}={ud} must divide {n['cp']}={cp} and the {h} heads (scheme 'usp' in "
+                      f"{n['cp_schemes']})")
     if cp > 1 and not errors:
-        schemes = {k: "allgather" for k in KIND_OF_LETTER.values()}
-        schemes.update(cp_schemes or {})
         h_loc, hkv_loc = h // tp, hkv // tp
         if seq_len is not None and seq_len % (2 * cp):
             errors.append(f"{n['seq_len']}={seq_len} must be a multiple of 2 x {n['cp']} = {2 * cp} "
@@ -144,12 +139,9 @@ def check_layout(*, pattern: str, num_layers: int, num_attention_heads: int, num
                 if msg:
                     errors.append(msg + "; pick another scheme")
             if scheme == "usp":
-                if cp % ud:
-                    errors.append(f"{n['ud']}={ud} must divide {n['cp']}={cp} for {field}='usp'")
-                else:
-                    msg = _heads_fit(f"{field}='usp'", h_loc, hkv_loc, ud, n["ud"], str(ud))
-                    if msg:
-                        errors.append(msg)
+                msg = _heads_fit(f"{field}='usp'", h_loc, hkv_loc, ud, n["ud"], str(ud))
+                if msg:
+                    errors.append(msg)
         if "s2" in kinds:
             unit = 2 * cp * s2_block_size
             if seq_len is not None and schemes["s2"] != "ulysses" and seq_len % unit:

@@ -27,9 +27,10 @@ from typing import Annotated, Any, Literal, Optional
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from seqpar.megatron.config import (KIND_OF_LETTER, AttentionModelFields, AttentionParallelFields, FiniteFloat,
-                                    NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Strict,
-                                    check_moh_heads, check_usp_degree, format_errors)
+from seqpar.megatron.config import (AttentionModelFields, AttentionParallelFields, FiniteFloat, NonNegativeFloat,
+                                    NonNegativeInt, PositiveFloat, PositiveInt, Strict, check_moh_heads,
+                                    format_errors)
+from seqpar.megatron.layout_check import check_layout
 from seqpar.megatron.specs import check_pattern
 from seqpar.models import SIZES, VARIANTS, ModelPreset, preset
 
@@ -229,26 +230,13 @@ class RunConfig(Strict):
     def _cross_checks(self) -> "RunConfig":
         p = self.model.shape
         tp, cp = self.parallel.tensor_parallel, self.parallel.context_parallel
-        _need(p.num_attention_heads % tp == 0 and p.num_query_groups % tp == 0,
-              f"parallel.tensor_parallel={tp} must divide the model's {p.num_attention_heads} heads and "
-              f"{p.num_query_groups} kv heads (model.preset={self.model.preset!r})")
-        kinds = {KIND_OF_LETTER[c] for c in self.model.layer_pattern}
-        if "usp" in {self.parallel.cp_schemes[k] for k in kinds}:
-            check_usp_degree(self.parallel.usp_ulysses_degree, cp, p.num_attention_heads, prefix="parallel.")
-        for kind in sorted(kinds):
-            if cp > 1 and self.parallel.cp_schemes[kind] == "ulysses":
-                _need(p.num_attention_heads % cp == 0,
-                      f"parallel.context_parallel={cp} must divide the model's {p.num_attention_heads} heads for "
-                      f"parallel.cp_schemes.{kind}='ulysses'; pick another scheme")
-        _need(self.data.seq_len % (2 * cp) == 0,
-              f"data.seq_len={self.data.seq_len} must be a multiple of 2 x parallel.context_parallel = {2 * cp}")
-        if cp > 1 and "s2" in kinds:
-            unit = 2 * cp * self.model.s2_block_size
-            _need(self.data.seq_len % unit == 0,
-                  f"data.seq_len={self.data.seq_len} must be a multiple of 2 x CP x model.s2_block_size = {unit} "
-                  f"(S2 blocks stay whole under CP)")
-        if "moh" in kinds:
-            _need(tp == 1, "parallel.tensor_parallel must be 1 when the pattern has MoH (H) layers")
+        # every parallel-layout rule lives in one pure function (seqpar.megatron.layout_check)
+        check_layout(pattern=self.model.layer_pattern, num_layers=p.num_layers,
+                     num_attention_heads=p.num_attention_heads, num_query_groups=p.num_query_groups,
+                     tensor_parallel=tp, context_parallel=cp,
+                     pipeline_parallel=getattr(self.parallel, "pipeline_parallel", 1),
+                     cp_schemes=self.parallel.cp_schemes, usp_ulysses_degree=self.parallel.usp_ulysses_degree,
+                     seq_len=self.data.seq_len, s2_block_size=self.model.s2_block_size)
         if self.data.dataset == "mqar":
             _need(self.data.seq_len >= 2 * (self.data.mqar_pairs + self.data.mqar_queries),
                   f"data.seq_len={self.data.seq_len} must be >= 2 x (data.mqar_pairs + data.mqar_queries) = "

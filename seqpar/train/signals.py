@@ -356,10 +356,10 @@ def guard() -> Iterator[None]:
         distish = isinstance(e, getattr(dist, "DistError", ())) or bool(
             re.search(r"gloo|nccl|connection|timed out|timeout|closed by peer|broken pipe|reset by peer",
                       text, re.I))
+        if not distish:  # a bug or a bad input: its own traceback
+            raise
         mon = st.monitor if st else None
         dead, store_err = mon.dead_peers() if mon else ([], None)
-        if not distish and not dead and store_err is None:
-            raise
         if mon:
             mon.stop()
         if dead:

@@ -3,8 +3,11 @@
 ``torch.cuda.set_sync_debug_mode("error")`` turns every device-to-host synchronisation (``.item()``,
 ``.tolist()``, ``.cpu()``, blocking copies, ``nonzero``...) into a RuntimeError, so the forward and
 backward of a model with every attention kind must run inside it after a warm-up step (caches of
-tile plans and index tensors are filled by then). The optimizer step is outside: megatron-core's
-grad-norm clipping reads the norm on the host once per step by design.
+tile plans and index tensors are filled by then). As in the trainer, the step runs inside
+``cp.step_checks()``, whose one read of the deferred data checks happens at its exit, after the
+checked region. The optimizer step is outside: megatron-core's grad-norm clipping reads the norm
+on the host once per step by design. The CPU dry run counts seqpar's own host reads with
+``cp.count_host_syncs`` instead (0 expected as well).
 """
 
 from __future__ import annotations
@@ -42,8 +45,12 @@ def _one_rank_parallel():
 
 @contextlib.contextmanager
 def _no_host_sync():
-    if not CUDA:   # dry run: the same code path without CUDA's checker
-        yield
+    if not CUDA:   # dry run: seqpar's own host reads, counted by patching torch.Tensor
+        from seqpar import cp
+
+        with cp.count_host_syncs() as n:
+            yield
+        assert n.total == 0, list(n.sites)
         return
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -55,6 +62,7 @@ def _no_host_sync():
 
 @pytest.mark.parametrize("pattern, dtype", [("ASLH", torch.bfloat16), ("LLLA", torch.float32)])
 def test_steady_state_forward_backward_has_no_host_sync(pattern, dtype):
+    from seqpar import cp
     from seqpar.models import build_gpt, preset, transformer_config
 
     n = seq(2048)
@@ -66,16 +74,17 @@ def test_steady_state_forward_backward_has_no_host_sync(pattern, dtype):
         ids = torch.randint(0, 256, (2, n), device=DEVICE)
         pos = torch.arange(n, device=DEVICE)[None].expand(2, -1)
 
-        def step():
-            loss = model(ids, pos, None, labels=ids).float().mean()
-            loss.backward()
+        def step(check=contextlib.nullcontext):
+            with cp.step_checks():   # deferred data checks: one read at the exit of the step
+                with check():
+                    loss = model(ids, pos, None, labels=ids).float().mean()
+                    loss.backward()
             return loss.detach()
 
-        for _ in range(2):   # warm-up: Triton compilation, plan and index caches
+        for _ in range(2):   # warm-up: Triton compilation, plan and index caches, agreed signatures
             step()
         model.zero_grad(set_to_none=True)
-        with _no_host_sync():
-            loss = step()
+        loss = step(_no_host_sync)
         assert torch.isfinite(loss).all()
         grads = [q.grad for q in model.parameters() if q.grad is not None]
         assert grads and all(torch.isfinite(g).all() for g in grads)

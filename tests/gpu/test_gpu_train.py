@@ -26,6 +26,7 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 TINY = [
     "model.num_layers=4", "model.hidden_size=128", "model.num_attention_heads=4", "model.num_kv_heads=2",
     "model.ffn_hidden_size=256", "parallel.tensor_parallel=1", "parallel.context_parallel=1",
+    "parallel.usp_ulysses_degree=1",
     "data.global_batch=2", "data.vocab_size=512", "data.max_bytes=300000", "train.steps=3",
     "train.save_every=0", "train.log_every=1", "train.progress=false",
 ]
