@@ -43,15 +43,13 @@ def _logits(cfg, tokens: torch.Tensor) -> torch.Tensor:
     from seqpar import cp
     from seqpar.megatron import init_parallel
     from seqpar.train import checkpoint
-    from seqpar.train.loop import MasterParams, build_data, build_model
+    from seqpar.train.loop import build_data, build_model
     from seqpar.train.step import local_batch
 
     init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.context_parallel, seed=cfg.train.seed)
     _, vocab = build_data(cfg)
-    model = build_model(cfg, vocab)
-    master = MasterParams(model)
-    opt = torch.optim.AdamW(master.params, lr=1e-3)
-    checkpoint.load(checkpoint.latest(pathlib.Path(cfg.train.out_dir) / "checkpoints"), model, opt, master)
+    model = build_model(cfg, vocab)[0]
+    checkpoint.load(checkpoint.latest(pathlib.Path(cfg.train.out_dir) / "checkpoints"), [model])  # model only
     model.eval()
     batch = local_batch(tokens, tokens, torch.ones_like(tokens, dtype=torch.float32))
     tok = batch["tokens"]

@@ -3,7 +3,9 @@ CP=2 (Megatron's zigzag split, each kind under its scheme), DP=2 with uneven val
 give the loss and gradients of the single-replica run on the same global batch.
 
 The reference runs the full batch on both ranks as DP=2 replicas: with the token-weighted loss and
-the summed gradients that is exactly the single-device loss and gradient.
+the summed gradients that is exactly the single-device loss and gradient. Every model runs in
+megatron-core DDP (bucketed fp32 reduction over DP x CP, overlapped with backward) through the
+engine's ``forward_backward`` (megatron's schedule); gradients are read from DDP's ``main_grad``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,16 @@ def _build(pattern: str, tp: int, cp: int, schemes: dict, aux_coef: float, seed:
                              seqpar_backend="torch", s2_block_size=16, s2_local_blocks=1, s2_vert_stride=stride,
                              moh_aux_loss_coef=aux_coef,                              params_dtype=torch.float32)
     torch.manual_seed(seed)
+    cfg.calculate_per_token_loss = True
     return build_gpt(p, cfg, vocab_size=VOCAB, max_sequence_length=SEQ)
+
+
+def _ddp(model):
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    from seqpar.train.loop import ddp_wrap
+
+    return ddp_wrap([model], DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=True))
 
 
 def _data():
@@ -50,7 +61,7 @@ def _full_grads(model, tp: int) -> dict[str, torch.Tensor]:
 
     out = {}
     for name, p in model.named_parameters():
-        g = p.grad.detach().clone()
+        g = p.main_grad.detach().clone()
         if tp > 1 and getattr(p, "tensor_model_parallel", False):
             parts = [torch.empty_like(g) for _ in range(tp)]
             torch.distributed.all_gather(parts, g.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
@@ -117,7 +128,7 @@ def _run(rank: int, world: int, pattern: str, schemes: dict, runs: tuple):
             batch = {k: v[sl] for k, v in full.items()}
         else:
             batch = local_batch(dict(full)["tokens"], labels, mask) if cp > 1 else full
-        res = forward_backward(model, batch)
+        res = forward_backward(_ddp(model), [batch])
         out[name] = (res.loss, res.aux_loss, res.tokens, _full_grads(model, tp))
         parallel_state.destroy_model_parallel()
     disable_cpu_compat()
@@ -156,6 +167,9 @@ def test_hybrid_cp2_and_dp2_match_single_rank(schemes):
 
 def test_tp2_matches_single_rank():
     # vert_stride 4 over 4 heads: the stride step of a rank's 2 heads (2) differs from the model's
-    # (1), so S2 must place the rank's kv heads in the global pattern
+    # (1), so S2 must place the rank's kv heads in the global pattern; MoH (H) routes over all 4
+    # heads on both ranks (the routing and the balance loss of TP=1), each rank computes its 2
     runs = ("ref", "tp2")
-    _compare(run_ranks(_run, 2, "ASL", {"s2_vert_stride": 4}, runs, timeout=300), [("tp2", "ref")])
+    results = run_ranks(_run, 2, "ASLH", {"s2_vert_stride": 4}, runs, timeout=300)
+    assert results[0]["ref"][1] > 0  # the MoH aux loss is present
+    _compare(results, [("tp2", "ref")])

@@ -298,7 +298,6 @@ _TINY = dict(num_layers=4, num_attention_heads=4, num_query_groups=2)
 
 @pytest.mark.parametrize("kw, match", [
     (dict(pattern="A", tensor_parallel=4), r"parallel.tensor_parallel=4 must divide the 4 query heads and the 2 kv"),
-    (dict(pattern="H", tensor_parallel=2), r"MoH \(H\) layers need tensor parallel 1"),
     (dict(pattern="A", pipeline_parallel=3), r"parallel.pipeline_parallel=3 must divide the 4 layers"),
     (dict(pattern="A", context_parallel=2, seq_len=66), r"data.seq_len=66 must be a multiple of 2 x "),
     (dict(pattern="AS", context_parallel=2, seq_len=96, s2_block_size=32), r"= 128 \(S2 blocks stay whole"),
@@ -326,7 +325,7 @@ def test_check_layout_accepts_runnable_layouts_and_lists_every_problem():
     check_layout(pattern="AL", context_parallel=4, cp_schemes={"softmax": "ulysses", "lightning": "usp"},
                  usp_ulysses_degree=2, seq_len=64, **_TINY)   # 2 kv heads, CP 4: kv heads replicated
     with pytest.raises(ValueError) as e:
-        check_layout(pattern="SH", tensor_parallel=2, pipeline_parallel=3, **_TINY)
+        check_layout(pattern="SH", tensor_parallel=3, pipeline_parallel=3, **_TINY)
     assert len(str(e.value).splitlines()) == 2   # both problems, one line each
     with pytest.raises(ValueError, match="tensor_model_parallel_size=4"):
         check_layout(pattern="A", tensor_parallel=4, names=MEGATRON_NAMES, **_TINY)

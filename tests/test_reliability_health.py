@@ -48,11 +48,17 @@ def _diverge(rank: int, world: int, out: str):
 def test_diverging_run_stops_names_step_rank_layer(tmp_path):
     dense, moh, skipped = run_ranks(_diverge, 1, str(tmp_path), timeout=300)[0]
     assert dense[0] == "NonFiniteError" and dense[2] == 3, dense
-    assert dense[1].startswith("step 3: non-finite loss=nan, grad norm=nan on rank 0"), dense
-    assert "first non-finite output: decoder.layers.0.self_attention.core_attention (softmax attention)" in dense[1]
+    # where the divergence shows first depends on the optimizer's trajectory (megatron's AdamW: the grad
+    # norm goes non-finite before the loss); the message names the step, the rank and the place
+    assert dense[1].startswith("step 3: non-finite ") and " on rank 0" in dense[1], dense
+    assert ("first non-finite output: decoder.layers.0.self_attention.core_attention (softmax attention)" in dense[1]
+            or ("every layer's forward output was finite" in dense[1]
+                and "first non-finite gradient: embedding.word_embeddings.weight" in dense[1])), dense
     # MoH: the NaN message with its step, not the kernel's input check
-    assert moh[0] == "NonFiniteError" and moh[1].startswith("step 3: non-finite values on rank 0"), moh
-    assert "(moh router gates)" in moh[1]
+    assert moh[0] == "NonFiniteError" and moh[1].startswith("step 3: non-finite") and " on rank 0" in moh[1], moh
+    if moh[1].startswith("step 3: non-finite values"):  # the forward failed: the NaN gates are named
+        assert "(moh router gates)" in moh[1]
+    assert "gates must be >= 0" not in moh[1]
     assert skipped[0] == "NonFiniteError" and skipped[2] == 5 and "after 2 skipped step(s)" in skipped[1], skipped
     # only finite weights were saved (skipped steps 3, 4 kept step 2's weights); latest = the last finite one
     for i, last in ((0, 2), (1, 2), (2, 4)):
@@ -81,7 +87,7 @@ def _save_nan(rank: int, world: int, out: str):
     with torch.no_grad():
         model.weight[0, 1] = math.inf
     try:
-        save(out, 7, model, None, None, rng=None, config={})
+        save(out, 7, [model], None, rng=None, config={})
     except NonFiniteCheckpointError as e:
         return str(e)
 
@@ -99,4 +105,4 @@ def test_cli_exits_3_with_one_message(tmp_path):
     r = subprocess.run([sys.executable, "-m", "seqpar.train", str(ROOT / "recipes" / "tiny_hybrid_cp2.yaml"), *args],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert r.returncode == 3, r.stderr[-3000:]
-    assert r.stderr.count("seqpar-train: step 3: non-finite values on rank 0") == 1 and "Traceback" not in r.stderr
+    assert r.stderr.count("seqpar-train: step 3: non-finite ") == 1 and "Traceback" not in r.stderr

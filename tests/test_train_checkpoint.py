@@ -1,6 +1,6 @@
-"""dist_checkpointing checkpoints across tensor-parallel sizes: a checkpoint written by 2 ranks at TP=2
+"""dist_checkpointing checkpoints across parallel layouts: a checkpoint written by 2 ranks at TP=2
 loads on 1 rank at TP=1 (model, AdamW moments, step) and training continues with the losses of the
-uninterrupted TP=2 run; the Lightning layer's own TP-sharded parameter (``norm_weight``) is written
+uninterrupted TP=2 run; one written by the distributed optimizer at DP=2 resumes at DP=1 x PP=2; the Lightning layer's own TP-sharded parameter (``norm_weight``) is written
 as a shard of its global tensor; a leftover temp folder from a crashed save is ignored."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def _norm_weight_entries(cfg) -> list[tuple]:
     from seqpar.train.loop import build_model
 
     init_parallel(cfg.parallel.tensor_parallel, 1, seed=cfg.train.seed)
-    model = build_model(cfg, cfg.data.vocab_size)
+    model = build_model(cfg, cfg.data.vocab_size)[0]
     sd = model.sharded_state_dict(metadata={"non_homogeneous_layers": True})
     out = [(k, v.local_shape, v.global_shape, v.global_offset) for k, v in sd.items() if k.endswith("norm_weight")]
     parallel_state.destroy_model_parallel()
@@ -72,3 +72,37 @@ def test_tp2_checkpoint_resumes_at_tp1(tmp_path):
     for a, b in zip(resumed, full[2:]):
         assert abs(a - b) <= 1e-5 * abs(b), (resumed, full)
     assert (ck / "latest").read_text() == "step_0000004"
+
+
+def _dp2(rank: int, world: int, out_full: str, out_part: str):
+    from seqpar.megatron import disable_cpu_compat
+    from seqpar.train.loop import train
+
+    full = train(_cfg(out_full, 1))  # DP=2: distributed optimizer (auto), state sharded over the 2 ranks
+    part = train(_cfg(out_part, 1), stop_after=2)
+    disable_cpu_compat()
+    return full, part
+
+
+def _pp2(rank: int, world: int, out: str):
+    from seqpar.megatron import disable_cpu_compat
+    from seqpar.train.config import load_recipe
+    from seqpar.train.loop import train
+
+    cfg = load_recipe(pathlib.Path(__file__).resolve().parents[1] / "recipes" / "tiny_hybrid_cp2.yaml",
+                      OVR + [f"train.out_dir={out}", "parallel.pipeline_parallel=2", "optim.distributed=true"])
+    losses = train(cfg, resume=True)
+    disable_cpu_compat()
+    return losses
+
+
+def test_dp2_distributed_optimizer_checkpoint_resumes_at_pp2_dp1(tmp_path):
+    # written by the distributed optimizer with its state sharded over DP=2, read back at DP=1 with two
+    # pipeline stages (every layer and its optimizer state moves to another rank and shard size)
+    full, part = run_ranks(_dp2, 2, str(tmp_path / "full"), str(tmp_path / "part"), timeout=300)[0]
+    assert part == full[:2]
+    resumed = run_ranks(_pp2, 2, str(tmp_path / "part"), timeout=300)
+    for losses in resumed:  # every stage reports the last stage's loss
+        assert len(losses) == 2
+        for a, b in zip(losses, full[2:]):
+            assert abs(a - b) <= 1e-5 * abs(b), (losses, full)

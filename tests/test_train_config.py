@@ -1,14 +1,17 @@
-"""Recipes: every recipe in recipes/ validates and dry-runs (meta-device model, real process
-group); bad recipes fail before any process group starts, with the field named."""
+"""Recipes: every recipe in recipes/ validates and dry-runs (meta-device shards in one process, the
+per-rank parameter count equal to the closed form); bad recipes fail before any process group starts, with the field named."""
 
 from __future__ import annotations
 
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import yaml
 
-from cp_harness import run_ranks
+
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -25,27 +28,16 @@ def test_recipes_exist_and_cover_all_kinds():
         cfg.check_world(cfg.parallel.tensor_parallel * cfg.parallel.context_parallel)
 
 
-def _dry_run_all(rank: int, world: int, paths: list[str]):
-    from seqpar.megatron import disable_cpu_compat
-    from seqpar.train.cli import dry_run
-    from seqpar.train.config import load_recipe
-
-    done = []
-    for p in paths:
-        cfg = load_recipe(p)
-        if cfg.parallel.tensor_parallel * cfg.parallel.context_parallel > world:
-            # the parallel sizes were validated above against their own world; here the model and
-            # data are built on this world's groups
-            cfg = load_recipe(p, ["parallel.tensor_parallel=1", f"parallel.context_parallel={world}"])
-        dry_run(cfg)
-        done.append(p)
-    disable_cpu_compat()
-    return done
-
-
-def test_every_recipe_dry_runs_on_two_ranks():
-    done = run_ranks(_dry_run_all, 2, [str(r) for r in RECIPES], timeout=300)
-    assert done[0] == [str(r) for r in RECIPES]
+def test_every_recipe_dry_runs():
+    # the dry run builds each distinct shard on the meta device in one process (no process group of
+    # its own world), so it runs in a fresh interpreter, as `seqpar-train --dry-run` does
+    code = ("import json, sys\nfrom seqpar.train.cli import dry_run\nfrom seqpar.train.config import load_recipe\n"
+            "for p in sys.argv[1:]:\n    rep = dry_run(load_recipe(p))\n"
+            "    assert all(s['params'] == s['params_closed_form'] for s in rep['shards']), rep\n")
+    out = subprocess.run([sys.executable, "-c", code, *map(str, RECIPES)], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count('"dry_run": "ok"') == len(RECIPES)
 
 
 BASE = {"model": {"preset": "tiny-hybrid"}, "parallel": {"context_parallel": 2}, "data": {"seq_len": 64}}
@@ -202,22 +194,15 @@ def test_model_shape_overrides():
         load_recipe(DEMO, ["model.num_attention_heads=2", "model.num_kv_heads=1", "model.moh_top_k=2"])
 
 
-def _dry_run_shape(rank: int, world: int):
-    from seqpar.megatron import disable_cpu_compat
+def test_shape_override_builds_the_model():
+    from seqpar.models import preset
     from seqpar.train.cli import dry_run
     from seqpar.train.config import load_recipe
 
+    # the dry run builds the model on the meta device in this process (its own fake world, no group left)
     cfg = load_recipe(DEMO, ["parallel.context_parallel=1", "model.num_attention_heads=8", "model.num_kv_heads=2",
                              "data.dataset=mqar", "data.vocab_size=64", "data.seq_len=64"])
     info = dry_run(cfg)
-    disable_cpu_compat()
-    return info
-
-
-def test_shape_override_builds_the_model():
-    from seqpar.models import preset
-
-    info = run_ranks(_dry_run_shape, 1, timeout=120)[0]
     p = preset("tiny-hybrid")
     assert p.num_attention_heads == 4 and info["heads"] == 8 and info["kv_heads"] == 2
 
@@ -280,7 +265,7 @@ def test_check_and_dry_run_without_torchrun(tmp_path):
     assert r.returncode == 2 and "train.steps: got 2.5 (float)" in r.stderr and "Traceback" not in r.stderr
     r = run(str(ROOT / "recipes" / "7b_lightning_cp8.yaml"), "--dry-run")
     assert r.returncode == 0, r.stderr[-3000:]
-    info = json.loads(r.stdout.strip().splitlines()[-1])
+    info = json.loads(next(line for line in r.stdout.splitlines() if line.startswith('{"dry_run"')))
     assert info["world"] == 16 and info["heads"] == 32 and info["pattern"] == "LLLA"
     r = run(str(DEMO), "--dry-run", "--world", "3")
     assert r.returncode == 2 and "world size 3" in r.stderr

@@ -24,6 +24,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.tensor_parallel.mappings import scatter_to_tensor_model_parallel_region
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
@@ -280,8 +281,10 @@ class MoHSelfAttention(SelfAttention):
     """Megatron ``SelfAttention`` whose heads are routed per token by a router on the hidden states
     (MoH). The load-balance loss (over the tokens of the whole CP group) reaches the training loss
     through ``MoEAuxLossAutoScaler``, as megatron-core MoE's aux loss does; its value is kept in
-    ``self.last_aux_loss``. Needs ``tensor_model_parallel_size == 1`` (the router picks among all
-    heads).
+    ``self.last_aux_loss``. Under TP the router (replicated, on the replicated hidden states) picks
+    among all heads exactly as at TP=1; each rank takes its heads' gates with megatron's
+    ``scatter_to_tensor_model_parallel_region`` (backward all-gathers the gate gradient, so every
+    rank's router copy gets the full, identical gradient).
 
     Each layer adds ``moh_aux_loss_coef * L_b / num_moh_layers``: over the model that is the
     coefficient times the *average* of ``L_b`` over its MoH layers, as MoH's own training does, so
@@ -295,8 +298,6 @@ class MoHSelfAttention(SelfAttention):
                          cp_comm_type=cp_comm_type, pg_collection=pg_collection)
         if not isinstance(self.core_attention, MoHCoreAttention):
             raise ValueError("MoHSelfAttention needs core_attention=MoHHiddenCoreAttention")
-        if self.world_size > 1:
-            raise ValueError("MoH layers need tensor_model_parallel_size=1 (the router picks among all heads)")
         self.router = MoHRouter(config.hidden_size, config.num_attention_heads, config.moh_num_shared_heads,
                                 config.moh_top_k)
         self.aux_loss_coef = config.moh_aux_loss_coef / _moh_layers(num_moh_layers)
@@ -312,7 +313,10 @@ class MoHSelfAttention(SelfAttention):
         aux = self.aux_loss_coef * moh_balance_loss(routing.routed_probs, routing.topk_index,
                                                     self.core_attention.cp_group)
         self.last_aux_loss = aux.detach()
-        self.core_attention.set_gates(routing.gates)
+        gates = routing.gates
+        if self.world_size > 1:  # this rank's heads (contiguous, as linear_qkv splits them)
+            gates = scatter_to_tensor_model_parallel_region(gates, group=self.pg_collection.tp)
+        self.core_attention.set_gates(gates)
         out, bias = super().forward(hidden_states, *args, **kwargs)
         return MoEAuxLossAutoScaler.apply(out, aux), bias
 

@@ -11,8 +11,30 @@ What it changes (and why):
   on CPU-only torch that call raises.
 - The tensor-parallel RNG tracker becomes ``CpuRNGStatesTracker`` (forks the CPU generator):
   Megatron's tracker saves/restores ``torch.cuda`` RNG states around dropout and initialisation.
+- ``tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state`` return None / do nothing:
+  activation recompute (``tensor_parallel.checkpoint``, i.e. ``model.recompute``) saves and restores the
+  CUDA generator around the recomputed forward; the CPU generator and the tracker above are saved
+  by the same call and are the only generators a CPU run has.
 - ``get_pos_emb_on_this_cp_rank`` (RoPE zigzag slicing under CP) stays on the embedding's device:
   the original builds a pinned index and moves it with ``.cuda()``.
+- ``torch`` as seen by a few megatron-core modules (:data:`_CUDA_DEFAULT_MODULES`: the pipeline schedules,
+  the optimizers, grad clipping, ``megatron.core.utils``) is a proxy whose tensor factories
+  (``zeros``/``ones``/``empty``/``full``/``tensor``) map ``device="cuda"`` to the CPU. Those modules
+  create scalars with a hard-coded ``device="cuda"`` (e.g. ``total_num_tokens`` in
+  ``forward_backward_no_pipelining`` / ``..._pipelining_without_interleaving``, ``found_inf`` in
+  ``MixedPrecisionOptimizer``, the dummy overflow buffer and the norm in ``get_grad_norm_fp32``,
+  ``local_multi_tensor_l2_norm``'s result). Every other attribute is the real ``torch``.
+- ``Tensor.type()`` called without arguments *from megatron.core.optimizer* on a CPU tensor answers the
+  CUDA type name (``torch.FloatTensor`` -> ``torch.cuda.FloatTensor``): ``Float16OptimizerWithFloat16Params``
+  and ``DistributedOptimizer`` sort parameters into fp32 / fp16-bf16 groups by comparing ``param.type()``
+  with ``'torch.cuda.FloatTensor'`` etc. and raise TypeError on anything else, and
+  ``clip_grad_by_total_norm_fp32`` asserts ``grad.type() == 'torch.cuda.FloatTensor'``. Other callers
+  (any frame outside megatron.core.optimizer) get the true answer.
+- ``DistributedOptimizer._set_main_param_and_optimizer_states`` keeps torch AdamW's ``step`` entry: without
+  Apex / Transformer Engine (never installable on CPU) megatron-core steps ``torch.optim.AdamW``, whose
+  per-parameter state holds ``step``; loading the ``fully_reshardable`` checkpoint format copies every key
+  of that state from the checkpoint's tensors, which carry no ``step`` (megatron restores it from the
+  param groups just before), and raises KeyError. The patched call leaves ``step`` as restored.
 - Checkpoint writer: :func:`cpu_checkpoint_request` drops the host-staging step of a
   ``dist_checkpointing`` save request (a non-blocking device-to-host copy followed by
   ``torch.cuda.synchronize()``, which CPU-only torch cannot run; on CPU the tensors are already on
@@ -24,6 +46,9 @@ What it changes (and why):
 from __future__ import annotations
 
 import contextlib
+import importlib
+import sys
+import types
 from typing import Any, Iterator
 
 import torch
@@ -88,6 +113,65 @@ def _cpu_pos_emb_on_this_cp_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group: 
     return pos_emb.view(*pos_emb.shape[:seq_dim], -1, *pos_emb.shape[seq_dim + 2:])
 
 
+_CUDA_DEFAULT_MODULES = ("megatron.core.pipeline_parallel.schedules", "megatron.core.optimizer.optimizer",
+                         "megatron.core.optimizer.clip_grads", "megatron.core.optimizer.distrib_optimizer",
+                         "megatron.core.utils")
+"""megatron-core modules that allocate with a hard-coded ``device="cuda"`` on the paths a CPU run takes."""
+
+
+def _cpu_device(device: Any) -> Any:
+    if device == "cuda" or (isinstance(device, torch.device) and device.type == "cuda"):
+        return "cpu"
+    return device
+
+
+def _factory(fn: Any) -> Any:
+    def make(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        kwargs.pop("pin_memory", None)  # pinning needs a CUDA runtime
+        return fn(*args, **kwargs)
+
+    make.__name__ = fn.__name__
+    return make
+
+
+class _CpuTorch(types.ModuleType):
+    """``torch`` for the modules in ``_CUDA_DEFAULT_MODULES``: the factories put "cuda" tensors on the CPU."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        for name in ("zeros", "ones", "empty", "full", "tensor"):
+            setattr(self, name, _factory(getattr(torch, name)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+_TENSOR_TYPE = torch.Tensor.type
+
+
+def _megatron_optimizer_type(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    out = _TENSOR_TYPE(self, *args, **kwargs)
+    if (not args and not kwargs and self.device.type == "cpu"
+            and sys._getframe(1).f_globals.get("__name__", "").startswith("megatron.core.optimizer")):
+        return out.replace("torch.", "torch.cuda.", 1)
+    return out
+
+
+def _keep_adamw_step(orig: Any) -> Any:
+    def set_states(self: Any, model_param: Any, tensors: dict) -> None:
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            state = self.optimizer.state.get(main_param, {})
+            if "step" in state:
+                tensors = {**tensors, "step": state["step"]}
+        return orig(self, model_param, tensors)
+
+    return set_states
+
+
 def _patch(key: str, owner: Any, attr: str, new: Any) -> None:
     if key not in _SAVED:
         _SAVED[key] = (owner, attr, getattr(owner, attr))
@@ -106,6 +190,15 @@ def enable_cpu_compat() -> None:
     _patch("rope_cp2", rotary_pos_embedding, "get_pos_emb_on_this_cp_rank", _cpu_pos_emb_on_this_cp_rank)
     _patch("rng", tp_random, "_CUDA_RNG_STATE_TRACKER", CpuRNGStatesTracker())
     _patch("rng_init", tp_random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True)
+    _patch("cuda_rng_get", tp_random, "_get_cuda_rng_state", lambda *args, **kwargs: None)
+    _patch("cuda_rng_set", tp_random, "_set_cuda_rng_state", lambda *args, **kwargs: None)
+    cpu_torch = _CpuTorch()
+    for name in _CUDA_DEFAULT_MODULES:
+        _patch(f"torch@{name}", importlib.import_module(name), "torch", cpu_torch)
+    _patch("tensor_type", torch.Tensor, "type", _megatron_optimizer_type)
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    orig = _SAVED["adamw_step"][2] if "adamw_step" in _SAVED else DistributedOptimizer._set_main_param_and_optimizer_states
+    _patch("adamw_step", DistributedOptimizer, "_set_main_param_and_optimizer_states", _keep_adamw_step(orig))
 
 
 def cpu_checkpoint_request(request: Any) -> Any:

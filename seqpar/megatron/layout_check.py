@@ -91,8 +91,8 @@ def check_layout(*, pattern: str, num_layers: int, num_attention_heads: int, num
         s2_block_size: the S2 block size (used when the pattern has S layers).
         names: field names for the messages (``RECIPE_NAMES`` or ``MEGATRON_NAMES``).
 
-    Checks: TP divides the query and kv heads; PP divides the layers; MoH layers need TP = 1
-    (the router picks among all heads); under CP the sequence splits into Megatron's 2 x CP zigzag
+    Checks: TP divides the query and kv heads; PP divides the layers (MoH runs at any TP: the
+    router picks among all heads on every rank); under CP the sequence splits into Megatron's 2 x CP zigzag
     chunks (and, for S2, whole blocks per chunk), Ulysses / USP degrees divide the heads per TP
     rank (kv heads: or the reverse). (S2 under TP x CP is exact for every stride: each rank passes
     its kv-head offset to ``cp.attention``.)
@@ -115,12 +115,9 @@ def check_layout(*, pattern: str, num_layers: int, num_attention_heads: int, num
         errors.append(f"{n['tp']}={tp} must divide the {h} query heads and the {hkv} kv heads; "
                       f"pick a divisor of {_gcd(h, hkv)}")
     if num_layers % pp:
-        errors.append(f"{n['pp']}={pp} must divide the {num_layers} layers")
+        errors.append(f"{n['pp']}={pp} must divide the {num_layers} layers; use a divisor of {num_layers}")
     letters = (pattern * (num_layers // len(pattern) + 1))[:num_layers]
     kinds = {KIND_OF_LETTER[c] for c in letters}
-    if "moh" in kinds and tp > 1:
-        errors.append(f"{n['tp']}={tp}: MoH (H) layers need tensor parallel 1 (the router picks among all "
-                      f"heads); set {n['tp']}=1 or drop H from {n['pattern']}")
     schemes = {k: "allgather" for k in KIND_OF_LETTER.values()}
     schemes.update(cp_schemes or {})
     if "usp" in {schemes[k] for k in kinds} and (cp % ud or h % ud):

@@ -1,4 +1,4 @@
-"""Process groups for a megatron-core run: torch.distributed + ``parallel_state`` (TP x CP x DP)."""
+"""Process groups for a megatron-core run: torch.distributed + ``parallel_state`` (TP x CP x DP x PP)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ from megatron.core import parallel_state
 from seqpar.megatron.cpu_compat import enable_cpu_compat, model_parallel_seed
 
 
-def init_parallel(tp: int = 1, cp: int = 1, *, seed: int = 1234, init_method: str | None = None,
-                  rank: int | None = None, world_size: int | None = None,
+def init_parallel(tp: int = 1, cp: int = 1, pp: int = 1, *, vp: int | None = None, seed: int = 1234,
+                  init_method: str | None = None, rank: int | None = None, world_size: int | None = None,
                   timeout_s: float | None = None) -> None:
-    """Start torch.distributed (gloo on CPU, nccl on CUDA) if needed, then megatron's TP/CP/DP groups,
+    """Start torch.distributed (gloo on CPU, nccl on CUDA) if needed, then megatron's TP/CP/DP/PP groups
+    (megatron's rank order tp-cp-ep-dp-pp: a DP x CP group spans the replicas of one TP x PP shard),
     then seed the RNG tracker. On a CPU-only machine this also calls ``enable_cpu_compat()``.
 
+    ``vp`` is the number of virtual pipeline stages per rank (interleaved schedule), None for one.
     ``init_method``/``rank``/``world_size`` default to torchrun's environment (``env://``).
     ``timeout_s`` (the recipe's ``parallel.distributed_timeout_s``) is the timeout of the default group
     (when started here) and of megatron's groups; None keeps torch's / megatron's 30 min defaults.
@@ -34,12 +36,14 @@ def init_parallel(tp: int = 1, cp: int = 1, *, seed: int = 1234, init_method: st
                                 rank=rank, world_size=world_size,
                                 timeout=None if timeout_s is None else timedelta(seconds=timeout_s))
     world = dist.get_world_size()
-    if world % (tp * cp):
-        raise ValueError(f"world size {world} is not divisible by tensor_parallel x context_parallel = {tp * cp}")
+    if world % (tp * cp * pp):
+        raise ValueError(f"world size {world} is not divisible by tensor_parallel x context_parallel x "
+                         f"pipeline_parallel = {tp * cp * pp}")
     if not cuda:
         enable_cpu_compat()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, context_parallel_size=cp,
+        tensor_model_parallel_size=tp, context_parallel_size=cp, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vp,
         **({} if timeout_s is None else {"distributed_timeout_minutes": timeout_s / 60}))
     if cuda:
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed

@@ -5,18 +5,21 @@ Layout of one checkpoint: ``<dir>/step_N/`` is a ``dist_checkpointing`` folder h
 - ``model``: ``model.sharded_state_dict()`` with per-layer keys — every TP-sharded parameter as a ShardedTensor of its
   global tensor, so a checkpoint loads at another tensor-parallel size (replicated parameters are
   written once, by their main replica);
-- ``optimizer``: AdamW's ``exp_avg`` / ``exp_avg_sq`` and, for low-precision models, the fp32 master
-  weights, each a ShardedTensor mirroring its parameter's sharding (Megatron's
-  ``optimizer.state.<name>.<param key>`` keys); AdamW's step counter, shared by all parameters, as a
-  common value;
+- ``optimizer``: the megatron-core optimizer's own ``sharded_state_dict``: Adam's ``exp_avg`` /
+  ``exp_avg_sq`` and the fp32 main weights, each a ShardedTensor of its parameter's global tensor
+  (``optimizer.state.<name>.<param key>``). The distributed optimizer writes its DP x CP shards in
+  megatron's ``fully_reshardable`` format (gathered into the parameter's shape), so a checkpoint
+  loads at another DP, TP or PP size; param groups (Adam's step) are a common value;
 - ``rng.*``: the RNG states as uint8 tensors (CPU generator, each TP RNG tracker state, CUDA
   generator), each a ShardedTensor ``[world, n]`` whose row r is global rank r's state (no pickle);
 - common values (rank 0): ``step``, the parallel layout and the run's config;
 - ``config.json``: the resolved recipe (compared with the resuming run's, ``compare_configs``);
 - ``manifest.json``: size + SHA-256 of every other file (``seqpar.train.integrity``).
 
-The LR schedule and the data position are functions of ``step`` (``lr_at``, ``dataset.batch(step)``),
-so ``step`` restores them exactly.
+The LR schedule and the data position are functions of ``step`` (``OptimizerParamScheduler`` advanced
+``step`` times, ``dataset.batch(step)``), so ``step`` restores them exactly. A checkpoint written with
+the distributed optimizer loads only with it (and vice versa; the two store the fp32 main weights under
+different keys), except a step-0 checkpoint (fresh optimizer), which loads into either.
 
 Atomicity: every rank writes into ``<dir>/.tmp_step_N`` and hashes the files it wrote; after a
 barrier rank 0 writes ``config.json`` and ``manifest.json`` there, renames it to ``step_N`` and
@@ -39,39 +42,27 @@ import re
 import shutil
 import sys
 from functools import partial
-from typing import Any, Optional, Protocol
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.strategies import filesystem_async
-from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
-                                                         make_sharded_optimizer_tensor)
 from torch.distributed.checkpoint.filesystem import SerializationFormat, _write_item
 
 from seqpar.megatron.cpu_compat import cpu_checkpoint_request
 from seqpar.train import integrity
 from seqpar.train.integrity import CorruptCheckpointError, verify  # noqa: F401  verify: for readers (export)
 
-_ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 CONFIG_FILE = "config.json"  # the resolved recipe of the run that wrote the checkpoint
 TOKENIZER_FILE = "tokenizer.model"  # the run's sentencepiece model, inside each step folder
-
-
-class Master(Protocol):
-    """What checkpointing needs of ``seqpar.train.loop.MasterParams``."""
-
-    model_params: list[torch.nn.Parameter]
-    params: list[torch.nn.Parameter]
-    lowp: bool
-
-    def master_to_model(self) -> None: ...
 
 
 def _layout() -> dict[str, int]:
     return {"tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
             "context_parallel": parallel_state.get_context_parallel_world_size(),
+            "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
             "data_parallel": parallel_state.get_data_parallel_world_size(),
             "world": dist.get_world_size()}
 
@@ -82,30 +73,83 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _sharded_state(model: torch.nn.Module, opt: torch.optim.Optimizer, master: Master,
-                   loading: bool) -> dict[str, Any]:
-    """Model and optimizer as a sharded state dict. ``loading`` fills it with fresh (zero) buffers of
-    the right local shapes for ``dist_checkpointing.load`` instead of the optimizer's live state."""
+def _metadata() -> dict[str, Any]:
     # per-layer keys: hybrid patterns put different modules at each layer, which Megatron's stacked
-    # (homogeneous) layout cannot describe
-    model_sd = model.sharded_state_dict(metadata={"non_homogeneous_layers": True})
-    id_map = get_param_id_to_sharded_param_map(model_sd, master.model_params)
-    names = {id(p): n for n, p in model.named_parameters()}
-    optim: dict[str, Any] = {}
-    for i, (param, fp32) in enumerate(zip(master.model_params, master.params)):
-        if i not in id_map:
-            raise ValueError(f"parameter {names.get(id(param), i)!r} has no entry in model.sharded_state_dict(); "
-                             f"its module must implement sharded_state_dict for it")
-        state = {} if loading else opt.state[fp32]
-        entry = {}
-        for k in _ADAM_KEYS:
-            buf = torch.zeros_like(fp32.data) if loading else state[k]
-            entry[k] = make_sharded_optimizer_tensor(id_map[i], buf, f"optimizer.state.{k}")
-        if master.lowp:
-            buf = torch.zeros_like(fp32.data) if loading else fp32.data
-            entry["fp32_param"] = make_sharded_optimizer_tensor(id_map[i], buf, "optimizer.state.fp32_param")
-        optim[str(i)] = entry
-    return {"model": model_sd, "optimizer": optim}
+    # (homogeneous) layout cannot describe; the distributed optimizer in the reshardable format
+    # (gathered over DP with gloo on CPU, NCCL on GPU)
+    return {"non_homogeneous_layers": True, "distrib_optim_sharding_type": "fully_reshardable",
+            "distrib_optim_fully_reshardable_mem_efficient": not torch.cuda.is_available()}
+
+
+def _optimizer_kind(opt: Any) -> str:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    subs = getattr(opt, "chained_optimizers", [opt])
+    return "distributed" if any(isinstance(o, DistributedOptimizer) for o in subs) else "replicated"
+
+
+def _model_state(model: Sequence[torch.nn.Module]) -> dict[str, Any]:
+    if len(model) != 1:
+        raise ValueError("checkpoints of virtual pipeline stages (several model chunks) are not supported")
+    chunk = getattr(model[0], "module", model[0])  # DDP wraps the megatron module
+    return chunk.sharded_state_dict(metadata=_metadata())
+
+
+@torch.no_grad()
+def init_optimizer_state(opt: Any) -> None:
+    """A fresh optimizer's state, as a step-0 checkpoint holds it: zero Adam moments, step 0 (e.g. for
+    a run folder made from imported weights)."""
+    _ensure_optimizer_state(opt)
+    for sub in getattr(opt, "chained_optimizers", [opt]):
+        for state in sub.optimizer.state.values():
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in state:
+                    state[k].zero_()
+
+
+@torch.no_grad()
+def _ensure_optimizer_state(opt: Any) -> None:
+    """Give a fresh megatron optimizer its Adam state (zeros, step 1) so that its sharded state dict
+    has the buffers ``dist_checkpointing.load`` fills in place. torch's AdamW creates its state in the
+    first step (megatron's own dummy-step initialisation exists for its FSDP path only); the step
+    runs with lr = weight decay = 0 and zero gradients, so no weight changes."""
+    for sub in getattr(opt, "chained_optimizers", [opt]):
+        inner = sub.optimizer
+        params = [p for g in inner.param_groups for p in g["params"]]
+        if all(inner.state.get(p) for p in params):
+            continue
+        saved = [(g["lr"], g["weight_decay"]) for g in inner.param_groups]
+        for g in inner.param_groups:
+            g["lr"], g["weight_decay"] = 0.0, 0.0
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        inner.step()
+        for p in params:
+            p.grad = None
+        for g, (lr, wd) in zip(inner.param_groups, saved):
+            g["lr"], g["weight_decay"] = lr, wd
+
+
+def _unshare_adamw_steps(opt: Any) -> None:
+    """One ``step`` tensor per parameter. megatron-core restores torch AdamW's step counter as a single
+    tensor shared by every parameter's state, and AdamW increments each parameter's counter in
+    place, so a shared one would advance by the number of parameters per step."""
+    for sub in getattr(opt, "chained_optimizers", [opt]):
+        for state in sub.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+
+def _sharded_state(model: Sequence[torch.nn.Module], opt: Any, loading: bool) -> dict[str, Any]:
+    """Model and optimizer as a sharded state dict; ``loading`` asks the optimizer for buffers to load into."""
+    model_sd = _model_state(model)
+    optim_sd = opt.sharded_state_dict(model_sd, is_loading=loading, metadata=_metadata())
+    if optim_sd.get("param_state", {}) is None:
+        # the memory-efficient reshardable format gathers the shards on DP rank 0 only; elsewhere there
+        # is nothing to write (a None would be a common value that differs across ranks)
+        del optim_sd["param_state"]
+    return {"model": model_sd, "optimizer": optim_sd}
 
 
 def _write_buckets(transforms: list, rank: int, buckets: list, results_queue: Any) -> None:
@@ -164,10 +208,12 @@ class NonFiniteCheckpointError(RuntimeError):
     """The weights to save hold NaN / inf: the save is refused (the previous checkpoint stays ``latest``)."""
 
 
-def _check_finite(step: int, model: torch.nn.Module) -> None:
+def _check_finite(step: int, model: Sequence[torch.nn.Module]) -> None:
     """Collective: every rank learns whether any rank's weights are non-finite, and all raise."""
-    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p.detach()).all()), None)
-    flag = torch.tensor([0.0 if bad is None else 1.0 + dist.get_rank()])
+    params = [(n, p) for chunk in model for n, p in chunk.named_parameters()]
+    bad = next((n for n, p in params if not torch.isfinite(p.detach()).all()), None)
+    device = params[0][1].device if params else None  # collective inputs live on the parameters' device
+    flag = torch.tensor([0.0 if bad is None else 1.0 + dist.get_rank()], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if flag.item():
         who = f"rank {int(flag.item()) - 1}"
@@ -223,24 +269,16 @@ def write_sharded(sd: dict[str, Any], folder: pathlib.Path) -> None:
     request.execute_sync()  # write, barrier, then rank 0 writes the global metadata
 
 
-def save(ckpt_dir: str | pathlib.Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
-         master: Master, *, rng: Any, config: dict[str, Any], tokenizer_model: Optional[bytes] = None) -> pathlib.Path:
-    """Write step ``step`` (model, AdamW state, master weights, RNG states, config) to
+def save(ckpt_dir: str | pathlib.Path, step: int, model: Sequence[torch.nn.Module], opt: Any, *, rng: Any,
+         config: dict[str, Any], tokenizer_model: Optional[bytes] = None) -> pathlib.Path:
+    """Write step ``step`` (model chunks, the megatron optimizer's state incl. fp32 main weights, RNG
+    states, config) to
     ``<ckpt_dir>/step_N`` atomically, with ``config.json`` (``config``, the resolved recipe) and
     ``manifest.json``; then delete checkpoints beyond ``config["train"]["keep_last"]`` (0 / absent:
     keep all). ``tokenizer_model``: the run's serialized sentencepiece model, written as
     ``step_N/tokenizer.model`` (export reads it). Raises NonFiniteCheckpointError (on every rank,
     nothing written) if the weights hold NaN / inf. Collective: every rank calls it."""
     _check_finite(step, model)
-    names = {id(p): n for n, p in model.named_parameters()}
-    missing = [names.get(id(mp), str(i)) for i, (mp, p) in enumerate(zip(master.model_params, master.params))
-               if not opt.state[p]]
-    if missing:
-        raise ValueError(f"checkpoint.save: no AdamW state for {missing[:4]}{'...' if len(missing) > 4 else ''}; "
-                         f"save after an optimizer step in which every trainable parameter got a gradient")
-    steps = {float(opt.state[p]["step"]) for p in master.params}
-    if len(steps) != 1:
-        raise ValueError(f"AdamW step counters differ across parameters ({sorted(steps)}); cannot checkpoint")
     root = pathlib.Path(ckpt_dir)
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp_step_{step:07d}"
@@ -249,9 +287,9 @@ def save(ckpt_dir: str | pathlib.Path, step: int, model: torch.nn.Module, opt: t
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
-    sd = _sharded_state(model, opt, master, loading=False)
-    sd.update(rng=_rng_tensors(_flat_rng(rng), loading=False), adam_step=steps.pop(), step=step, layout=_layout(),
-              config=config)
+    sd = _sharded_state(model, opt, loading=False)
+    sd.update(rng=_rng_tensors(_flat_rng(rng), loading=False), step=step, layout=_layout(), config=config,
+              optimizer_kind=_optimizer_kind(opt))
     write_sharded(sd, tmp)
     if tokenizer_model is not None and dist.get_rank() == 0:
         (tmp / TOKENIZER_FILE).write_bytes(tokenizer_model)
@@ -277,10 +315,11 @@ def latest(ckpt_dir: str | pathlib.Path) -> Optional[pathlib.Path]:
     return root / ptr.read_text().strip()
 
 
-def load(path: pathlib.Path, model: torch.nn.Module, opt: torch.optim.Optimizer, master: Master, *,
+def load(path: pathlib.Path, model: Sequence[torch.nn.Module], opt: Any = None, *,
          config: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """Load a checkpoint folder into ``model``, ``opt`` and ``master`` at this run's parallel layout
-    (the tensor-parallel size may differ from the one it was written with). Returns ``step``,
+    """Load a checkpoint folder into the model chunks and the megatron optimizer (``opt`` None: the
+    model only) at this run's parallel layout (TP, PP and DP x CP may differ from the ones it was
+    written with). Returns ``step``,
     ``config``, ``layout``, ``changes`` and ``rng`` — this rank's RNG states, or None when the
     checkpoint was written with another parallel layout (per-rank generator states do not map
     across layouts).
@@ -308,21 +347,32 @@ def load(path: pathlib.Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
                          f"(train.steps={config['train']['steps']}); nothing to train. To train longer, raise "
                          f"train.steps (e.g. --set train.steps={2 * common['step']}): the LR schedule is then "
                          f"recomputed for the new length")
-    sd = _sharded_state(model, opt, master, loading=True)
+    kind = common.get("optimizer_kind")
+    if opt is not None and kind != _optimizer_kind(opt):
+        if common["step"] != 0:
+            raise ResumeError(f"{path} holds the state of a {kind} optimizer but this run builds a "
+                              f"{_optimizer_kind(opt)} one; set optim.distributed to the value the checkpoint "
+                              f"was written with ({'true' if kind == 'distributed' else 'false'})")
+        # a step-0 checkpoint holds a fresh optimizer (zero moments, main weights = the model's, e.g. from
+        # seqpar-import): either optimizer kind starts from its model weights alone
+        opt_fresh, opt = opt, None
+    else:
+        opt_fresh = None
+    if opt is None:
+        sd = {"model": _model_state(model)}
+    else:
+        _ensure_optimizer_state(opt)
+        sd = _sharded_state(model, opt, loading=True)
     same_layout = common["layout"] == _layout()
     if same_layout:
         sd["rng"] = _rng_tensors(_flat_rng(_current_rng()), loading=True)
     loaded = integrity.safe_load(sd, path)
-    model.load_state_dict(loaded["model"])
-    adam_step = torch.tensor(common["adam_step"], dtype=torch.float32)
-    state = {i: {"step": adam_step.clone(), **{k: loaded["optimizer"][str(i)][k] for k in _ADAM_KEYS}}
-             for i in range(len(master.params))}
-    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
-    if master.lowp:
-        with torch.no_grad():
-            for i, p in enumerate(master.params):
-                p.copy_(loaded["optimizer"][str(i)]["fp32_param"])
-        master.master_to_model()
+    getattr(model[0], "module", model[0]).load_state_dict(loaded["model"])
+    if opt is not None:
+        opt.load_state_dict(loaded["optimizer"])
+        _unshare_adamw_steps(opt)
+    if opt_fresh is not None:
+        opt_fresh.reload_model_params()
     return {"step": common["step"], "config": common["config"], "layout": common["layout"], "changes": changes,
             "rng": _unflat_rng(loaded["rng"]) if same_layout else None}
 

@@ -19,8 +19,8 @@ _DESCRIPTION = """Train a seqpar recipe (YAML, see recipes/README.md for every f
   python -m seqpar.train RECIPE.yaml                      one process (world of 1)
   torchrun --nproc-per-node N -m seqpar.train RECIPE.yaml  N ranks (or launchers/torchrun.sh)
   python -m seqpar.train RECIPE.yaml --check              validate only (exit 0, or 2 with one line per bad field)
-  python -m seqpar.train RECIPE.yaml --dry-run            build the model and data for the recipe's layout
-                                                          on a fake process group of TP x CP ranks (no torchrun)
+  python -m seqpar.train RECIPE.yaml --dry-run            validate the layout, report per-rank param / grad /
+                                                          optimizer bytes of every distinct shard (no torchrun)
   ... --resume                                            continue from <train.out_dir>/checkpoints/latest
   ... --resume auto                                       the same if a checkpoint exists, else start fresh
 """
@@ -36,11 +36,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                     help="validate the recipe for its layout (under torchrun: for the launched world; else --world "
                          "or TP x CP ranks), print the resolved recipe as JSON, start nothing")
     ap.add_argument("--dry-run", action="store_true",
-                    help="validate, start the process groups (without torchrun: a fake group of --world ranks) "
-                         "and build the model on the meta device and the data, then exit")
+                    help="validate the recipe and its parallel layout and report per-rank parameter, gradient "
+                         "and optimizer-state bytes (one meta-device model per distinct pipeline-stage x TP "
+                         "shard, built in this one process on a fake world; no process group is started)")
     ap.add_argument("--world", type=int, default=None, metavar="N",
-                    help="--dry-run without torchrun: the world size to validate and build for "
-                         "(default: tensor_parallel x context_parallel)")
+                    help="--check / --dry-run without torchrun: the world size to validate and report for "
+                         "(default: tensor_parallel x context_parallel x pipeline_parallel)")
     ap.add_argument("--resume", nargs="?", const="latest", default=None, choices=["latest", "auto"],
                     help="continue from <train.out_dir>/checkpoints/latest; '--resume auto' resumes only if it "
                          "exists, else starts fresh (implied after a torchrun restart or a Slurm requeue)")
@@ -56,63 +57,19 @@ def _exit_codes() -> list[tuple[tuple[type, ...], int]]:
             ((ResumeError,), 2)]
 
 
-def _fake_world(world: int) -> None:
-    """A single-process world of ``world`` fake ranks (this process is rank 0): collectives are
-    no-ops, so megatron's groups and the model of rank 0 can be built for any layout."""
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
+def dry_run(cfg, world_size: Optional[int] = None) -> dict:
+    """Validate ``cfg`` at ``world_size`` (default TP x CP x PP) and print its per-rank memory
+    (``seqpar.train.memory``): every distinct (pipeline stage, TP rank) shard is built on the meta
+    device in this one process (as that rank of a fake world), which must not have a process group
+    yet. Prints on rank 0 (under torchrun every rank computes the same report); returns the report."""
+    from seqpar.train.memory import format_report, report
 
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
-
-
-def dry_run(cfg) -> dict:
-    """Start the process groups, build this rank's model on the meta device (any size, no memory)
-    and the data pipeline (text is read but the tokenizer is not trained), print a summary."""
-    import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from seqpar.megatron import init_parallel
-    from seqpar.train.loop import build_model
-
-    if dist.get_backend() == "fake":
-        # gloo side groups cannot be made from a fake store; nothing in a dry run uses them
-        from seqpar.megatron.cpu_compat import enable_cpu_compat, model_parallel_seed
-
-        if not torch.cuda.is_available():
-            enable_cpu_compat()
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=cfg.parallel.tensor_parallel,
-                                                 context_parallel_size=cfg.parallel.context_parallel,
-                                                 create_gloo_process_groups=False)
-        if torch.cuda.is_available():
-            from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-            model_parallel_cuda_manual_seed(cfg.train.seed)
-        else:
-            model_parallel_seed(cfg.train.seed)
-    else:
-        init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.context_parallel, seed=cfg.train.seed,
-                      timeout_s=cfg.parallel.distributed_timeout_s)
-    try:
-        if cfg.data.dataset == "mqar":
-            from seqpar.data import MQARDataset
-            d = cfg.data
-            MQARDataset(d.vocab_size, d.seq_len, d.mqar_pairs, d.mqar_queries).batch(0, d.global_batch)
-        else:
-            from seqpar.data import load_text
-            load_text(cfg.data.text_files, min(cfg.data.max_bytes, 100_000))
-        with torch.device("meta"):
-            model = build_model(cfg, cfg.data.vocab_size)
-        n = sum(p.numel() for p in model.parameters())
-        tc = model.config
-        info = {"dry_run": "ok", "world": dist.get_world_size(), "params_per_rank": n,
-                "pattern": cfg.model.layer_pattern, "layers": tc.num_layers, "hidden": tc.hidden_size,
-                "heads": tc.num_attention_heads, "kv_heads": tc.num_query_groups,
-                "dp": parallel_state.get_data_parallel_world_size()}
-        if dist.get_rank() == 0:
-            print(json.dumps(info), flush=True)
-        return info
-    finally:
-        parallel_state.destroy_model_parallel()
+    par = cfg.parallel
+    world_size = world_size or par.tensor_parallel * par.context_parallel * par.pipeline_parallel
+    rep = report(cfg, world_size, cfg.data.vocab_size)
+    if os.environ.get("RANK", "0") == "0":
+        print(format_report(rep), flush=True)
+    return rep
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -126,7 +83,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     launched = "WORLD_SIZE" in os.environ
     try:
         cfg = load_recipe(args.recipe, args.overrides)
-        mp = cfg.parallel.tensor_parallel * cfg.parallel.context_parallel
+        par = cfg.parallel
+        mp = par.tensor_parallel * par.context_parallel * par.pipeline_parallel
         no_launch = args.dry_run or args.check
         if args.world is not None and (launched or not no_launch):
             raise ValueError("--world is for --check / --dry-run without torchrun (torchrun sets the world size)")
@@ -134,7 +92,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise ValueError(f"--world={args.world} must be >= 1")
         world = int(os.environ["WORLD_SIZE"]) if launched else (args.world or mp) if no_launch else 1
         if world == 1 and mp > 1:
-            raise ValueError(f"parallel.tensor_parallel x parallel.context_parallel = {mp} needs {mp} processes: "
+            raise ValueError(f"parallel.tensor_parallel x context_parallel x pipeline_parallel = {mp} needs {mp} processes: "
                              f"launch with torchrun --nproc-per-node {mp} (or launchers/torchrun.sh), or check the "
                              f"recipe with --check / --dry-run")
         cfg.check_world(world)
@@ -150,15 +108,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(json.dumps(cfg.to_dict()), flush=True)
         return 0
+    if args.dry_run:
+        dry_run(cfg, world)
+        return 0
     import torch.distributed as dist
 
     from seqpar.train import signals
 
     signals.install(cfg)  # SIGTERM/SIGUSR1/SIGINT -> checkpoint at the next step; exit with the torchrun agent
     if not dist.is_initialized():
-        if args.dry_run and not launched:
-            _fake_world(world)
-        elif "MASTER_ADDR" in os.environ:  # torchrun: the recipe's timeout, a fresh store prefix per restart
+        if "MASTER_ADDR" in os.environ:  # torchrun: the recipe's timeout, a fresh store prefix per restart
             signals.init_default_group(cfg)
         else:  # single process without torchrun
             rdv = tempfile.mktemp(prefix="seqpar_rdv_")
@@ -171,11 +130,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         with signals.guard():  # a failed / timed-out collective -> one message naming the dead rank or host
             signals.start_heartbeat()
             try:
-                if args.dry_run:
-                    dry_run(cfg)
-                else:
-                    train(cfg, resume=signals.resume_mode(args.resume,
-                                                          os.path.join(cfg.train.out_dir, "checkpoints")))
+                train(cfg, resume=signals.resume_mode(args.resume, os.path.join(cfg.train.out_dir, "checkpoints")))
             except run_errors as e:  # raised on every rank alike: one message (rank 0), no traceback wall
                 code = next(c for classes, c in exit_codes if isinstance(e, classes))
                 if dist.get_rank() == 0:

@@ -43,6 +43,11 @@ class RecipeError(ValueError):
         super().__init__("\n".join(self.lines))
 
 
+SELECTIVE_RECOMPUTE_LETTERS = "AS"
+"""Kinds whose core attention is a pure function of (q, k, v), so megatron's selective recompute can
+rerun it: softmax and S2 (Lightning is a whole self-attention module; MoH's gates are set per forward)."""
+
+
 def _need(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
@@ -67,6 +72,10 @@ class ModelConfig(AttentionModelFields):
     """MLP width (null = the preset's)."""
     dtype: Literal["fp32", "bf16"] = "fp32"
     """Parameter/compute dtype: "fp32", or "bf16" (bf16 model, fp32 master weights in the optimizer)."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recompute: "none"; "selective" (megatron's core-attention recompute: the attention of
+    A and S layers runs again in backward); "full" (every layer's forward runs again in backward,
+    megatron recompute_method="uniform", one layer per checkpoint)."""
 
     @field_validator("preset")
     @classmethod
@@ -83,6 +92,10 @@ class ModelConfig(AttentionModelFields):
 
     @model_validator(mode="after")
     def _shape(self) -> "ModelConfig":
+        if self.recompute == "selective":
+            bad = sorted(set(self.layer_pattern) - set(SELECTIVE_RECOMPUTE_LETTERS))
+            _need(not bad, f"model.recompute='selective' recomputes the core attention of A/S layers only, but the "
+                           f"pattern {self.layer_pattern!r} has {bad} layers; use model.recompute='full'")
         s = self.shape
         _need(s.num_attention_heads % s.num_query_groups == 0,
               f"model.num_kv_heads={s.num_query_groups} must divide model.num_attention_heads={s.num_attention_heads}")
@@ -112,9 +125,15 @@ class ParallelConfig(AttentionParallelFields):
     """TP / CP sizes and the CP scheme per attention kind."""
 
     tensor_parallel: PositiveInt = 1
-    """TP size; DP = world / (TP x CP)."""
+    """TP size; DP = world / (TP x CP x PP)."""
     context_parallel: PositiveInt = 1
     """CP size (Megatron's zigzag split of every sequence over 2 x CP chunks)."""
+    pipeline_parallel: PositiveInt = 1
+    """PP size: the layers are split evenly over this many stages (megatron's 1F1B schedule; divides
+    model.num_layers)."""
+    overlap_grad_reduce: bool = True
+    """megatron-core DDP: start each gradient bucket's DP x CP all-reduce (reduce-scatter with the
+    distributed optimizer) during backward, as soon as the bucket's gradients are ready."""
     distributed_timeout_s: PositiveFloat = 300.0
     """Timeout (seconds) of every process group (torch's default group, megatron's groups, seqpar.cp's
     subgroups): a collective that waits longer on a dead or hung rank raises on the surviving ranks,
@@ -143,6 +162,10 @@ class DataConfig(Strict):
     """MQAR key-value pairs per sequence."""
     mqar_queries: PositiveInt = 8
     """MQAR queries per sequence."""
+    micro_batch: NonNegativeInt = 0
+    """Sequences per micro-batch on one DP rank (0 = the whole DP share, one micro-batch); a step runs
+    global_batch / (DP x micro_batch) micro-batches through megatron's schedule (gradient accumulation;
+    under PP the micro-batches fill the pipeline)."""
 
     @model_validator(mode="after")
     def _text_vocab(self) -> "DataConfig":
@@ -169,6 +192,9 @@ class OptimConfig(Strict):
     """Linear warmup steps."""
     grad_clip: NonNegativeFloat = 1.0
     """Global gradient-norm clip (0 = off)."""
+    distributed: Optional[bool] = None
+    """megatron-core distributed optimizer (fp32 main weights and Adam moments sharded over DP x CP);
+    null = on when DP x CP > 1. A checkpoint resumes only with the value it was written with."""
 
     @model_validator(mode="after")
     def _min_lr(self) -> "OptimConfig":
@@ -234,7 +260,7 @@ class RunConfig(Strict):
         check_layout(pattern=self.model.layer_pattern, num_layers=p.num_layers,
                      num_attention_heads=p.num_attention_heads, num_query_groups=p.num_query_groups,
                      tensor_parallel=tp, context_parallel=cp,
-                     pipeline_parallel=getattr(self.parallel, "pipeline_parallel", 1),
+                     pipeline_parallel=self.parallel.pipeline_parallel,
                      cp_schemes=self.parallel.cp_schemes, usp_ulysses_degree=self.parallel.usp_ulysses_degree,
                      seq_len=self.data.seq_len, s2_block_size=self.model.s2_block_size)
         if self.data.dataset == "mqar":
@@ -245,12 +271,18 @@ class RunConfig(Strict):
 
     def check_world(self, world_size: int) -> int:
         """Validate against the launcher's world; returns the DP size."""
-        mp = self.parallel.tensor_parallel * self.parallel.context_parallel
+        par = self.parallel
+        mp = par.tensor_parallel * par.context_parallel * par.pipeline_parallel
         _need(world_size % mp == 0, f"the world size {world_size} is not divisible by parallel.tensor_parallel x "
-                                    f"parallel.context_parallel = {mp}; change them or the number of processes")
+                                    f"parallel.context_parallel x parallel.pipeline_parallel = {mp}; change them "
+                                    f"or the number of processes")
         dp = world_size // mp
         _need(self.data.global_batch % dp == 0,
               f"data.global_batch={self.data.global_batch} must be a multiple of the DP size {dp}")
+        share, mb = self.data.global_batch // dp, self.data.micro_batch
+        _need(mb == 0 or share % mb == 0,
+              f"data.micro_batch={mb} must divide the sequences per DP rank, data.global_batch / DP = "
+              f"{self.data.global_batch} / {dp} = {share}; use a divisor of {share} (or 0)")
         return dp
 
     def to_dict(self) -> dict[str, Any]:

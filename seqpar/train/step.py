@@ -1,14 +1,26 @@
-"""One training step's math: Megatron's zigzag CP split, the token-weighted loss over DP x CP, the
-MoH aux loss, and the gradient all-reduce over DP x CP."""
+"""One training step's math on megatron-core's engine: Megatron's zigzag CP split, the micro-batch
+forward/backward through ``get_forward_backward_func`` (1F1B under PP), the token-weighted loss over
+DP x CP, the MoH aux loss, and the step statistics reduced over every pipeline stage.
+
+Token weighting (exact for any DP x CP x PP x micro-batch split): the loss function returns the
+*sum* of the token losses of its micro-batch and its valid-token count; the model config sets
+``calculate_per_token_loss``, so megatron's DDP sums gradients over DP x CP (no 1/DP) and
+``finalize_model_grads`` divides them by the valid tokens of the whole global batch. The gradient is
+then that of ``sum(token losses) / valid tokens`` of the global batch, whatever the split.
+
+Every tensor that reaches a collective here is created on the parameters' device.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from functools import partial
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.utils import get_batch_on_this_cp_rank
 
@@ -18,14 +30,21 @@ from seqpar.megatron.attention import MoHCoreAttention, MoHSelfAttention
 
 @dataclass
 class StepResult:
-    """Scalars of one step, identical on every rank."""
+    """Scalars of one step, identical on every rank (taken over all pipeline stages)."""
 
     loss: float
-    """Cross-entropy averaged over the valid tokens of the whole DP x CP group."""
+    """Cross-entropy averaged over the valid tokens of the whole global batch."""
     aux_loss: float
-    """Sum over MoH layers of the load-balance loss (times its coefficient), averaged over DP."""
+    """MoH load-balance loss of the model (its layers' terms, times the coefficient, summed over all
+    pipeline stages), averaged over DP replicas and micro-batches."""
     tokens: int
     """Valid tokens in the global batch."""
+    grad_norm: float = 0.0
+    """L2 norm of the full gradient before clipping (megatron's get_grad_norm_fp32), 0 without a step."""
+    lr: float = 0.0
+    """Learning rate of this step."""
+    updated: bool = True
+    """False when the update was skipped (non-finite loss / grad norm within train.skip_nonfinite_steps)."""
 
 
 def local_batch(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -34,8 +53,15 @@ def local_batch(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Ten
     return get_batch_on_this_cp_rank({"tokens": tokens, "labels": labels, "loss_mask": loss_mask})
 
 
-def _dpcp_group() -> Any:
-    return parallel_state.get_data_parallel_group(with_context_parallel=True)
+def micro_batches(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
+                  micro_batch: int) -> list[dict[str, torch.Tensor]]:
+    """Split this DP rank's ``[b, seq]`` share into ``b / micro_batch`` micro-batches (rows in order) and
+    take this CP rank's zigzag share of each. ``micro_batch`` 0 = one micro-batch of all ``b`` rows."""
+    b = tokens.shape[0]
+    mb = micro_batch or b
+    if b % mb:
+        raise ValueError(f"data.micro_batch={mb} must divide the {b} sequences of this DP rank")
+    return [local_batch(tokens[i:i + mb], labels[i:i + mb], loss_mask[i:i + mb]) for i in range(0, b, mb)]
 
 
 def moh_aux_losses(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -47,49 +73,118 @@ def moh_aux_losses(model: torch.nn.Module) -> list[torch.Tensor]:
     return out
 
 
-def forward_backward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StepResult:
-    """Forward + backward of this rank's batch share (already CP-split); gradients are left summed
-    over DP x CP in ``param.grad`` so every rank holds the gradient of the global mean loss."""
-    group = _dpcp_group()
-    dp = parallel_state.get_data_parallel_world_size()
-    tokens, labels, mask = batch["tokens"], batch["labels"], batch["loss_mask"].float()
+def param_device(model: torch.nn.Module | Sequence[torch.nn.Module]) -> torch.device:
+    """The device of the model's parameters (every tensor that reaches a collective lives there)."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    for chunk in chunks:
+        for p in chunk.parameters():
+            return p.device
+    raise ValueError("the model has no parameters")
+
+
+def _loss_func(loss_mask: torch.Tensor, stats: dict[str, torch.Tensor], output: torch.Tensor):
+    """megatron's 3-tuple loss contract: (sum of token losses, valid tokens, reporting dict)."""
+    mask = loss_mask.float()
+    loss_sum = (output.float() * mask).sum()
+    tokens = mask.sum()
+    stats["loss_sum"] = stats["loss_sum"] + loss_sum.detach()
+    return loss_sum, tokens.to(torch.int), {"loss_sum": loss_sum.detach()}
+
+
+def _forward_step(stats: dict[str, torch.Tensor], data_iterator: Iterator, model: torch.nn.Module):
+    """megatron ``forward_step_func``: one micro-batch through this stage."""
+    batch = next(data_iterator)
+    tokens, labels = batch["tokens"], batch["labels"]
     position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    with cp.step_checks():  # seqpar attention: data checks once per step, no host sync per layer
-        per_token = model(tokens, position_ids, None, labels=labels)  # [b, s_local]
-        counts = torch.stack([mask.sum(), (per_token.detach().float() * mask).sum()])
-        dist.all_reduce(counts, group=group)
-        total = counts[0].clamp(min=1.0)
-        # aux losses are replicated over CP (computed over the CP group's tokens) and per DP replica
-        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / dp))
-        loss = (per_token.float() * mask).sum() / total
-        loss.backward()
-    allreduce_grads(model, group)
+    # first stage: tokens in; other stages: the received activation (set_input_tensor) is used instead
+    out = model(tokens, position_ids, None, labels=labels)  # last stage: per-token losses [b, s_local]
     aux = moh_aux_losses(model)
-    aux_val = torch.stack(aux).sum() if aux else torch.zeros(())
-    if dp > 1:
-        aux_val = aux_val.clone()
-        dist.all_reduce(aux_val, group=parallel_state.get_data_parallel_group())
-        aux_val = aux_val / dp
-    return StepResult(loss=float(counts[1] / total), aux_loss=float(aux_val), tokens=int(counts[0]))
+    if aux:
+        stats["aux_sum"] = stats["aux_sum"] + torch.stack(aux).sum().detach()
+    return out, partial(_loss_func, batch["loss_mask"], stats)
 
 
-def allreduce_grads(model: torch.nn.Module, group: Optional[Any] = None) -> None:
-    """Sum every gradient over ``group`` (default DP x CP), in one flat buffer per dtype."""
-    group = _dpcp_group() if group is None else group
-    if dist.get_world_size(group) == 1:
-        return
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
-    for p in params:
-        by_dtype.setdefault(p.grad.dtype, []).append(p)
-    for ps in by_dtype.values():
-        flat = torch.cat([p.grad.reshape(-1) for p in ps])
-        dist.all_reduce(flat, group=group)
-        off = 0
-        for p in ps:
-            n = p.grad.numel()
-            p.grad.copy_(flat[off:off + n].view_as(p.grad))
-            off += n
+def _global_tokens(batches: Sequence[dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
+    """Valid tokens of the whole global batch (one all-reduce over DP x CP; every PP stage holds the
+    labels, so no pipeline exchange is needed)."""
+    n = torch.stack([b["loss_mask"].float().sum() for b in batches]).sum().to(device)
+    dist.all_reduce(n, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    return n
+
+
+def forward_backward(model: torch.nn.Module | list[torch.nn.Module], batches: list[dict[str, torch.Tensor]] | dict,
+                     *, forward_only: bool = False) -> StepResult:
+    """Forward + backward of this rank's micro-batches (each already CP-split) through megatron's
+    schedule for the current PP layout. With DDP-wrapped chunks the gradients end reduced over DP x CP
+    in the DDP buffers (``param.main_grad``) and divided by the global valid tokens; a bare module
+    keeps this rank's gradient of ``sum(token losses) / global valid tokens`` in ``param.grad``.
+    Returns the step's scalars (no optimizer step: grad_norm and lr stay 0)."""
+    chunks = model if isinstance(model, list) else [model]
+    batches = [batches] if isinstance(batches, dict) else batches
+    device = param_device(chunks)
+    config = chunks[0].config
+    dp = parallel_state.get_data_parallel_world_size()
+    total = _global_tokens(batches, device)
+    # MoH aux losses enter the backward through MoEAuxLossAutoScaler with this scale: the gradient of
+    # mean over (DP replicas, micro-batches) of the aux loss, after finalize_model_grads divides every
+    # gradient by the global token count (CP ranks hold the same CP-global aux loss; their gradient
+    # contributions are disjoint and sum to the exact one)
+    MoEAuxLossAutoScaler.set_loss_scale(total / (dp * len(batches)))
+    stats = {"loss_sum": torch.zeros((), device=device), "aux_sum": torch.zeros((), device=device)}
+    first = batches[0]["tokens"]
+    fwd_bwd = get_forward_backward_func()
+    with cp.step_checks():  # seqpar attention: data checks once per step, no host sync per layer
+        fwd_bwd(forward_step_func=partial(_forward_step, stats), data_iterator=iter(batches), model=chunks,
+                num_microbatches=len(batches),
+                seq_length=first.shape[1] * parallel_state.get_context_parallel_world_size(),
+                micro_batch_size=first.shape[0], forward_only=forward_only)
+    if config.finalize_model_grads_func is None and not forward_only:
+        # a bare module (no DDP): divide by the global token count as finalize_model_grads would
+        for chunk in chunks:
+            for p in chunk.parameters():
+                if p.grad is not None:
+                    p.grad.div_(total.clamp(min=1.0))
+    return _reduce_stats(stats, total, len(batches))
+
+
+def _reduce_stats(stats: dict[str, torch.Tensor], total: torch.Tensor, num_micro: int) -> StepResult:
+    """Loss and aux loss of the global batch on every rank: one all-reduce over DP x CP, one over PP
+    (the loss lives on the last stage, each stage holds the aux terms of its own MoH layers)."""
+    dpcp = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    dp = parallel_state.get_data_parallel_world_size()
+    cp = parallel_state.get_context_parallel_world_size()
+    vec = torch.stack([stats["loss_sum"], stats["aux_sum"] / (cp * dp * num_micro)])
+    dist.all_reduce(vec, group=dpcp)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(vec, group=parallel_state.get_pipeline_model_parallel_group())
+    vals = torch.cat([vec, total.reshape(1)]).tolist()  # the step's one host sync
+    return StepResult(loss=vals[0] / max(vals[2], 1.0), aux_loss=vals[1], tokens=int(vals[2]))
+
+
+def optimizer_step(optimizer: Any, scheduler: Optional[Any],
+                   check: Optional[Callable[[float], bool]] = None) -> tuple[float, float, bool]:
+    """Advance the LR schedule, then megatron's optimizer step, in the order of its own ``step()``:
+    ``prepare_grads`` (DDP's reduced fp32 grads to the main params), ``get_grad_norm`` (megatron's
+    ``get_grad_norm_fp32``: fp32, on the parameters' device, one all-reduce per group, all PP stages),
+    ``clip_grad_by_total_norm_fp32`` (each sub-optimizer's ``clip_grad``), ``step_with_ready_grads``
+    (main-weight update, copy back to the model). ``check(grad_norm)`` returning False skips the
+    update (the health monitor's non-finite veto). Returns (grad norm before clipping, learning rate,
+    updated)."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    if scheduler is not None:
+        scheduler.step(1)
+    lr = float(optimizer.param_groups[0]["lr"])
+    if optimizer.prepare_grads():
+        raise RuntimeError("megatron optimizer found inf/nan in the gradients (loss scaling overflow)")
+    grad_norm = float(optimizer.get_grad_norm())
+    if check is not None and not check(grad_norm):
+        return grad_norm, lr, False
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = sub.get_parameters()
+        if params and sub.config.clip_grad > 0.0:
+            clip_grad_by_total_norm_fp32(params, max_norm=sub.config.clip_grad, total_norm=grad_norm,
+                                         use_decoupled_grad=sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    if not optimizer.step_with_ready_grads():
+        raise RuntimeError("megatron optimizer did not apply the update")
+    return grad_norm, lr, True
