@@ -400,9 +400,14 @@ def _lr_jump(saved: dict[str, Any], new: dict[str, Any], step: int) -> str:
     """A line with the LR at the resume step under both recipes, when it differs."""
     try:
         from seqpar.train.config import from_dict
-        from seqpar.train.loop import lr_at
+        from seqpar.train.loop import build_scheduler
 
-        a, b = lr_at(step, from_dict(saved)), lr_at(step, from_dict(new))
+        def lr_at(cfg: Any) -> float:  # the LR of 0-based optimizer step `step` (scheduler at step + 1)
+            sched = build_scheduler(cfg, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0))
+            sched.num_steps = step + 1
+            return sched.get_lr(sched.optimizer.param_groups[0])
+
+        a, b = lr_at(from_dict(saved)), lr_at(from_dict(new))
     except Exception:  # noqa: BLE001 - an older recipe the schema no longer reads: the field list says enough
         return ""
     return f"\n  -> the learning rate at step {step} changes from {a:.3g} to {b:.3g}" if a != b else ""
