@@ -70,13 +70,16 @@ def transformer_config(p: ModelPreset, **overrides: Any) -> SeqparTransformerCon
     return SeqparTransformerConfig(**kw)
 
 
-def build_gpt(p: ModelPreset, config: SeqparTransformerConfig, *, vocab_size: int, max_sequence_length: int):
-    """megatron-core ``GPTModel`` with one spec per layer from ``p.pattern`` (this pipeline stage)."""
+def build_gpt(p: ModelPreset, config: SeqparTransformerConfig, *, vocab_size: int, max_sequence_length: int,
+              spec=None, pre_process: bool = True, post_process: bool = True):
+    """megatron-core ``GPTModel`` with one spec per layer from ``p.pattern`` (this pipeline stage;
+    ``spec`` overrides ``layer_specs_for_stage``). ``pre_process`` / ``post_process``: whether this
+    stage holds the embedding / the final norm and output layer (first / last pipeline stage)."""
     from megatron.core.models.gpt import GPTModel
 
-    return GPTModel(config, layer_specs_for_stage(p.pattern, config), vocab_size=vocab_size,
-                    max_sequence_length=max_sequence_length, position_embedding_type="rope",
-                    share_embeddings_and_output_weights=False)
+    return GPTModel(config, spec if spec is not None else layer_specs_for_stage(p.pattern, config),
+                    vocab_size=vocab_size, max_sequence_length=max_sequence_length, position_embedding_type="rope",
+                    share_embeddings_and_output_weights=False, pre_process=pre_process, post_process=post_process)
 
 
 __all__ = ["ModelPreset", "SIZES", "VARIANTS", "build_gpt", "preset", "preset_names", "transformer_config"]

@@ -31,7 +31,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, get_tr
 
 from seqpar.megatron import init_parallel
 from seqpar.megatron.specs import layer_specs_for_stage
-from seqpar.models import transformer_config
+from seqpar.models import build_gpt, transformer_config
 from seqpar.train import checkpoint, health, signals
 from seqpar.train.config import RunConfig
 from seqpar.train.step import StepResult, forward_backward, micro_batches, optimizer_step, param_device
@@ -143,8 +143,6 @@ def build_model(cfg: RunConfig, vocab_size: int) -> list[torch.nn.Module]:
     """This rank's pipeline stage of the recipe's ``GPTModel`` as a list of model chunks (one; the
     megatron-core modules, not yet DDP-wrapped), with the recipe's dtype. Initialisation is
     layout-independent: with the same seed every TP x PP split holds the slices of the same model."""
-    from megatron.core.models.gpt import GPTModel
-
     _check_groups(cfg)
     tcfg = model_config(cfg)
     p = _preset(cfg)
@@ -155,10 +153,9 @@ def build_model(cfg: RunConfig, vocab_size: int) -> list[torch.nn.Module]:
             seeded[s.module] = _seeded_layer_class(cfg.train.seed, s.module)
         s.module = seeded[s.module]
     with _seeded(cfg.train.seed, "embedding"):
-        model = GPTModel(tcfg, spec, vocab_size=vocab_size, max_sequence_length=cfg.data.seq_len,
-                         position_embedding_type="rope", share_embeddings_and_output_weights=False,
-                         pre_process=parallel_state.is_pipeline_first_stage(),
-                         post_process=parallel_state.is_pipeline_last_stage())
+        model = build_gpt(p, tcfg, vocab_size=vocab_size, max_sequence_length=cfg.data.seq_len, spec=spec,
+                          pre_process=parallel_state.is_pipeline_first_stage(),
+                          post_process=parallel_state.is_pipeline_last_stage())
     _reinit_output_layer(model, cfg.train.seed)
     return [model.to(tcfg.params_dtype)]
 
@@ -214,8 +211,8 @@ def build_optimizer(cfg: RunConfig, model: list[DistributedDataParallel]):
     return opt, build_scheduler(cfg, opt)
 
 
-def build_scheduler(cfg: RunConfig, opt: Any) -> OptimizerParamScheduler:
-    """The recipe's LR / weight-decay schedule on ``opt`` (also used by the DeepSpeed engine, h13)."""
+def build_scheduler(cfg: RunConfig, opt) -> OptimizerParamScheduler:
+    """The recipe's LR / weight-decay schedule on ``opt`` (also used to report LR changes on resume)."""
     o = cfg.optim
     return OptimizerParamScheduler(opt, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
                                    lr_decay_steps=max(cfg.train.steps, o.warmup_steps + 1), lr_decay_style="cosine",
@@ -432,6 +429,8 @@ def _train(cfg: RunConfig, resume: bool, stop_after: Optional[int]) -> list[floa
         last = step + 1 == end or stop
         saved = None
         if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
+            if logger.writer is not None:  # h16: the scalars up to a checkpoint are on disk before it is `latest`
+                logger.writer.flush()
             saved = checkpoint.save(ckpt_dir, step + 1, engine.model, engine.optimizer, rng=_rng_state(),
                                     config=cfg.to_dict(), tokenizer_model=getattr(data, "tokenizer_model", None))
         if stop:
