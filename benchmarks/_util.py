@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from typing import Callable, Sequence
 
@@ -15,8 +16,30 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def bench(fn: Callable[[], object], device="cpu", warmup: int = 1, reps: int = 3) -> float:
-    """Median wall time of ``fn()`` in milliseconds (CUDA events on GPU)."""
+class Timing(float):
+    """A benchmark time in ms: the value is the median over the repetitions; ``.min`` and
+    ``.spread`` (median / min) say how much to trust it."""
+
+    min: float
+    reps: int
+
+    def __new__(cls, times: Sequence[float]) -> "Timing":
+        t = super().__new__(cls, statistics.median(times))
+        t.min, t.reps = min(times), len(times)
+        return t
+
+    @property
+    def spread(self) -> float:
+        return float(self) / self.min if self.min > 0 else float("inf")
+
+
+SPREAD_WARN = 1.25  # median more than 25 % above the best repetition: the machine was busy
+
+
+def bench(fn: Callable[[], object], device="cpu", warmup: int = 1, reps: int = 5, label: str = "") -> Timing:
+    """Wall time of ``fn()`` in milliseconds (CUDA events on GPU) over ``reps`` repetitions: a
+    ``Timing`` (the median, with ``.min`` and ``.spread``). Warns on stderr when median / min >
+    SPREAD_WARN: such a number says more about the machine's load than about ``fn``."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -33,14 +56,22 @@ def bench(fn: Callable[[], object], device="cpu", warmup: int = 1, reps: int = 3
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    t = Timing(times)
+    if t.reps > 1 and t.spread > SPREAD_WARN:
+        print(f"warning: {label or 'benchmark'}: median {float(t):.3g} ms is {t.spread:.2f}x the best of {t.reps} "
+              f"repetitions ({t.min:.3g} ms): too noisy to compare (a loaded machine?); rerun on an idle one",
+              file=sys.stderr, flush=True)
+    return t
 
 
 def print_table(rows: Sequence[dict], title: str = "") -> None:
     if not rows:
         return
     cols = list(rows[0].keys())
-    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    def fmt(v) -> str:  # a Timing shows its best repetition too: "median (min)"
+        if isinstance(v, Timing):
+            return f"{float(v):.3g} (min {v.min:.3g})"
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
     widths = {c: max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in cols}
     if title:
         print(f"\n## {title}")

@@ -8,6 +8,7 @@ the compiled kernel casts to the input dtype before a matmul:
 * S2 / flash forward: ``P`` to bf16 before ``P V`` (the running max / sum stay fp32);
 * S2 / flash backward: ``P`` and ``dS`` to bf16 before ``Pᵀ dO``, ``dS K`` and ``dSᵀ Q``;
   ``delta = rowsum(o * do)`` in fp64 from the stored (bf16) ``o``;
+* MoH: as S2 / flash per active row, plus ``da = do * gate`` rounded before the backward matmuls;
 * Lightning: decayed ``k`` / ``q`` and the decayed score tiles to bf16 before their matmuls, the
   per-chunk state snapshots stored in bf16 (the running state and final state stay fp32).
 
@@ -19,7 +20,6 @@ tensor-core products up to the summation order.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -53,8 +53,8 @@ def _visible(plan, qs, qe, ks, ke, device):
     return qpos[:, None] >= kpos[None, :]
 
 
-def s2_fwd_mirror(q, k, v, plan, sm_scale: float, rnd):
-    """(o in q's dtype, lse fp32) as ``_s2_fwd_kernel`` computes them."""
+def s2_fwd_mirror(q, k, v, plan, sm_scale: float, rnd, cast: bool = True):
+    """(o in q's dtype -- fp32 with ``cast=False`` --, lse fp32) as ``_s2_fwd_kernel`` computes them."""
     b, sq, h, d = q.shape
     hkv = k.shape[2]
     grp = h // hkv
@@ -87,18 +87,20 @@ def s2_fwd_mirror(q, k, v, plan, sm_scale: float, rnd):
             o[:, qs:qe, heads] = (acc / torch.where(seen, l_i, 1.0)[..., None]).transpose(1, 2)
             lse[:, heads, qs:qe] = torch.where(seen, (m_i + torch.log2(torch.where(seen, l_i, 1.0))) / LOG2E,
                                                float("-inf"))
-    return o.to(q.dtype), lse
+    return (o.to(q.dtype) if cast else o), lse
 
 
-def s2_bwd_mirror(q, k, v, o, lse, do, dlse, plan, sm_scale: float, rnd):
-    """(dq, dk, dv) in the input dtypes as the preprocess, dq and dk/dv kernels compute them."""
+def s2_bwd_mirror(q, k, v, o, lse, do, dlse, plan, sm_scale: float, rnd, delta=None):
+    """(dq, dk, dv) in the input dtypes as the preprocess, dq and dk/dv kernels compute them
+    (``delta`` [b, h, sq] overrides the preprocess, for MoH)."""
     b, sq, h, d = q.shape
     hkv = k.shape[2]
     grp = h // hkv
     qf, kf, vf, dof = q.float(), k.float(), v.float(), do.float()
-    delta = (o.double() * do.double()).sum(-1).transpose(1, 2).float()  # [b, h, sq]
-    if dlse is not None:
-        delta = delta - dlse.float()
+    if delta is None:
+        delta = (o.double() * do.double()).sum(-1).transpose(1, 2).float()  # [b, h, sq]
+        if dlse is not None:
+            delta = delta - dlse.float()
     lse2 = torch.where(lse == float("-inf"), float("inf"), lse * LOG2E)
     dq = torch.zeros(b, sq, h, d)
     dk = torch.zeros(k.shape)
@@ -151,6 +153,50 @@ def s2_mirror(q, k, v, *, layout=None, causal=True, cu_seqlens=None, block_size=
     plan, scale, _ = prepare(q, k, v, layout=layout, causal=causal, sm_scale=None, cu_seqlens=cu_seqlens,
                              q_offset=None, k_offset=0, backend="torch", block_size=bs)
     return S2Mirror.apply(q, k, v, plan, scale, rnd)
+
+
+# ------------------------------------------------------------------------------------------------
+# MoH (kernels/moh/triton_fwd.py, triton_bwd.py): per row, the same online softmax over 64-key
+# tiles as causal flash (tiles past a row's position add exactly 0), then the gate; backward
+# with da = (do * gate) rounded to the input dtype and delta = rowsum(o * do) - dlse in fp32
+# ------------------------------------------------------------------------------------------------
+
+class MoHMirror(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, gates, plan, sm_scale, rnd):
+        attn, lse = s2_fwd_mirror(q, k, v, plan, sm_scale, rnd, cast=False)
+        active = gates > 0
+        g = torch.where(active, gates, 0).float()
+        o = (attn * g[..., None]).to(q.dtype)
+        lse = torch.where(active.transpose(1, 2), lse, float("-inf"))
+        ctx.save_for_backward(q, k, v, gates, o, lse)
+        ctx.args = (plan, sm_scale, rnd)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, gates, o, lse = ctx.saved_tensors
+        plan, sm_scale, rnd = ctx.args
+        active = gates > 0
+        g = torch.where(active, gates, 0).float()
+        rowdot = (o.float() * do.float()).sum(-1)                                  # [b, sq, h]
+        dgates = torch.where(active, rowdot / torch.where(active, g, 1.0), 0.0).to(gates.dtype)
+        delta = (rowdot.transpose(1, 2) - (0 if dlse is None else dlse.float()))
+        da = (do.float() * g[..., None]).to(q.dtype)
+        lse_bwd = torch.where(active.transpose(1, 2), lse, float("inf"))  # inactive rows: p = 0
+        lse_bwd = torch.where(lse_bwd == float("-inf"), float("inf"), lse_bwd)
+        dq, dk, dv = s2_bwd_mirror(q, k, v, o, lse_bwd, da, None, plan, sm_scale, rnd, delta=delta)
+        dq = torch.where(active[..., None], dq, 0)
+        return dq, dk, dv, dgates, None, None, None
+
+
+def moh_mirror(q, k, v, gates, *, rnd=torch.bfloat16, block_size=64):
+    """``(o, lse)`` of causal ``moh_attention`` at GPU rounding, differentiable."""
+    from seqpar.kernels.s2.plan import build_plan
+
+    sq, sk, hkv = q.shape[1], k.shape[1], k.shape[2]
+    plan = build_plan(None, True, hkv, sq, sk, sk - sq, 0, None, block_size)
+    return MoHMirror.apply(q, k, v, gates, plan, q.shape[-1] ** -0.5, rnd)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -238,4 +284,4 @@ def lightning_mirror_fwd_bwd(q, k, v, slope, s0, do, dst, cu=None, C=64, rnd=tor
             torch.stack(ds0s))
 
 
-__all__ = ["s2_mirror", "s2_fwd_mirror", "s2_bwd_mirror", "lightning_mirror_fwd_bwd", "math"]
+__all__ = ["s2_mirror", "s2_fwd_mirror", "s2_bwd_mirror", "moh_mirror", "lightning_mirror_fwd_bwd"]

@@ -48,6 +48,8 @@ def _case(name: str, kind: str, scheme: str, balance: str, world: int, *, b: int
         t["gates"] = torch.rand(b, n, h, generator=g) * (torch.rand(b, n, h, generator=g) > 0.4)
     if kind == "s2":
         kw["layout"] = extra.get("layout", LAYOUT)
+        if "kv_head_offset" in extra:  # a tensor-parallel slice of the model's kv heads
+            kw["kv_head_offset"], kw["total_kv_heads"] = extra["kv_head_offset"], extra["total_kv_heads"]
     if "causal" in extra:
         kw["causal"] = extra["causal"]
     if "ulysses_degree" in extra:
@@ -93,6 +95,12 @@ def _cases(world: int) -> list[dict]:
               backend="triton", seed=44),
         _case("s2-ring-zz-triton", "s2", "ring", "zigzag", p, b=1, n=2 * p * 16, h=2, hkv=1, d=16,
               backend="triton", seed=45),
+        # a TP slice: these ranks hold kv heads 2..3 of the model's 6 (explicit step 3, the last global
+        # kv head dense): the rotation and the dense head follow the global index under every scheme
+        *[_case(f"s2-tp-slice-{sch}", "s2", sch, "zigzag", p, b=1, n=2 * p * 32, h=4, hkv=2, d=16, seed=46 + i,
+                layout=S2Layout(block_size=16, local_blocks=1, vert_stride=8, num_dense_heads=1, head_sliding_step=3),
+                kv_head_offset=2, total_kv_heads=6, **({"ulysses_degree": 2} if sch == "usp" else {}))
+          for i, sch in enumerate(("allgather", "ring", "ulysses", "usp"))],
         _case("softmax-usp-zz-gqa", "softmax", "usp", "zigzag", p, b=1, n=2 * p * 3, h=4, hkv=1, d=16, seed=27,
               ulysses_degree=2),
         _case("softmax-usp-contig", "softmax", "usp", "contiguous", p, b=2, n=p * 5, h=2, hkv=2, d=16, seed=28,
@@ -191,8 +199,9 @@ def _single(c: dict, dtype: torch.dtype, truth: bool):
         o = (attention_reference(q, k, v, causal=causal, cu_seqlens=cu)[0] if truth
              else flash_attention(q, k, v, causal=causal, cu_seqlens=cu, backend=kw["backend"]))
     elif c["kind"] == "s2":
-        o = (attention_reference(q, k, v, layout=kw["layout"])[0] if truth
-             else s2_attention(q, k, v, kw["layout"], backend=kw["backend"]))
+        tp = {n: kw[n] for n in ("kv_head_offset", "total_kv_heads") if n in kw}
+        o = (attention_reference(q, k, v, layout=kw["layout"], **tp)[0] if truth
+             else s2_attention(q, k, v, kw["layout"], backend=kw["backend"], **tp))
     elif c["kind"] == "moh":
         o = (moh_attention_ref(q, k, v, leaves["gates"])[0] if truth
              else moh_attention(q, k, v, leaves["gates"], backend=kw["backend"]))
@@ -249,7 +258,8 @@ def _check_case(c: dict, per_rank: list[dict], world: int) -> None:
     # ledger == closed form, forward and backward
     t = c["tensors"]
     b, n, h, d = t["q"].shape
-    cost_kw = dict(world=world, seq_len=n, batch=b, heads=h, kv_heads=t["k"].shape[2], head_dim=d,
+    cost_kw = dict(kv_head_offset=c["kw"].get("kv_head_offset", 0), total_kv_heads=c["kw"].get("total_kv_heads"),
+                   world=world, seq_len=n, batch=b, heads=h, kv_heads=t["k"].shape[2], head_dim=d,
                    v_head_dim=t["v"].shape[-1], dtype=c["dtype"], balance=bal, gates_dtype=torch.float32,
                    output_final_state=bool(c["kw"].get("output_final_state")),
                    num_docs=None if cu is None else cu.numel() - 1, layout=c["kw"].get("layout"),

@@ -136,3 +136,45 @@ def test_lightning_bf16_at_gpu_rounding(name):
     eps = torch.finfo(BF16).eps
     assert max_err(ours[0], r64[0]) <= 8 * eps * r64[0].abs().max().item()
     assert max_err(ours[1], r64[1]) <= 8 * eps * r64[1].abs().max().item()
+
+
+def _moh_inputs(dtype):
+    q, k, v = make_qkv(2, 90, 90, 4, 2, 32, dtype, device="cpu")
+    gates = ((torch.rand(2, 90, 4) + 0.1) * (torch.rand(2, 90, 4) < 0.6)).to(dtype)
+    return q, k, v, gates
+
+
+def _moh_grads(fn, q, k, v, gates, do, dlse):
+    xs = [t.detach().clone().requires_grad_() for t in (q, k, v, gates)]
+    o, lse = fn(*xs)
+    ((o.double() * do.double()).sum() + (torch.where(torch.isinf(lse), 0.0, lse).double() * dlse).sum()).backward()
+    return [o.detach(), lse.detach()] + [x.grad for x in xs]
+
+
+def test_moh_mirror_follows_the_kernel():
+    from gpu_mirror import moh_mirror
+    from seqpar.kernels import moh_attention
+
+    q, k, v, gates = _moh_inputs(torch.float32)
+    do, dlse = torch.randn(q.shape), torch.randn(2, 4, 90, dtype=torch.float64)
+    ours = _moh_grads(lambda *x: moh_attention(*x, return_lse=True, backend="triton"), q, k, v, gates, do, dlse)
+    mirror = _moh_grads(lambda *x: moh_mirror(*x, rnd=None, block_size=32), q, k, v, gates, do, dlse)
+    for name_, a, b in zip(("o", "lse", "dq", "dk", "dv", "dgates"), ours, mirror):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5, msg=name_)
+
+
+def test_moh_bf16_at_gpu_rounding():
+    from gpu_mirror import moh_mirror
+    from seqpar.kernels.moh import moh_attention_ref
+
+    q, k, v, gates = _moh_inputs(BF16)
+    do, dlse = torch.randn(q.shape), torch.randn(2, 4, 90, dtype=torch.float64)
+    ours = _moh_grads(lambda *x: moh_mirror(*x, rnd=BF16), q, k, v, gates, do, dlse)
+    lowp = _moh_grads(moh_attention_ref, q, k, v, gates, do, dlse)
+    r64 = _moh_grads(moh_attention_ref, *(t.double() for t in (q, k, v, gates)), do, dlse)
+    fin = torch.isfinite(r64[1])
+    assert torch.equal(torch.isfinite(ours[1]), fin)
+    assert_rel_close("o", ours[0], lowp[0], r64[0], OUT_FACTOR)
+    assert_rel_close("lse", ours[1][fin], lowp[1][fin], r64[1][fin], OUT_FACTOR)
+    for i, name_ in ((2, "dq"), (3, "dk"), (4, "dv"), (5, "dgates")):
+        assert_rel_close(name_, ours[i], lowp[i], r64[i], GRAD_FACTOR)

@@ -288,8 +288,8 @@ def test_resume_with_other_model_or_finished_run(run, tmp_path):
                                          (["train.steps=5"], True),
                                          (["train.steps=6"], False)], timeout=300)[0]
     assert res[0][0] == "ConfigMismatchError" and 'model.pattern: "ASLH" -> "SALH"' in res[0][1], res[0]
-    assert res[1][0] in ("ValueError", "ResumeError") and "already the end of the run (train.steps=5)" in res[1][1], res[1]
-    assert res[2][0] in ("ValueError", "ResumeError") and "already holds a run" in res[2][1] and "--resume" in res[2][1], res[2]
+    assert res[1][0] == "ResumeError" and "already the end of the run (train.steps=5)" in res[1][1], res[1]
+    assert res[2][0] == "ResumeError" and "already holds a run" in res[2][1] and "--resume" in res[2][1], res[2]
     assert (out / "checkpoints" / "latest").read_text() == "step_0000005"  # nothing was touched
 
 
@@ -303,3 +303,14 @@ def test_overwrite_deletes_the_previous_run(run, tmp_path):
     prepare_out_dir(out, resume=False, overwrite=True)
     assert not (out / "checkpoints").exists() and not (out / "tb").exists()
     prepare_out_dir(out, resume=False, overwrite=False)  # now empty: fine
+
+
+def test_lr_jump_is_reported():
+    """A finished 50-step run resumed under a 300-step schedule: the LR jump is printed with the changes."""
+    from seqpar.train.checkpoint import _lr_jump
+
+    a = _cfg("x", "train.steps=50", "optim.lr=3e-3", "optim.min_lr=3e-4").to_dict()
+    b = _cfg("x", "train.steps=300", "optim.lr=3e-3", "optim.min_lr=3e-4").to_dict()
+    line = _lr_jump(a, b, 50)
+    assert line.startswith("\n  -> the learning rate at step 50 changes from 0.0003 to 0.00"), line
+    assert _lr_jump(a, a, 50) == ""

@@ -184,7 +184,7 @@ def _bad(**over):
     (dict(cu_seqlens=torch.tensor([0, 30, 64])), "int32"),
     (dict(cu_seqlens=torch.tensor([0, 40, 30, 64], dtype=torch.int32)), "increasing"),
     (dict(cu_seqlens=torch.tensor([0, 30, 60], dtype=torch.int32)), "cu_seqlens"),
-    (dict(q_offset=-8, k_offset=0), "q_offset"),
+    (dict(q_offset=-16, k_offset=0), "q_offset"),
     (dict(q_offset=16, k_offset=-16), "k_offset"),
     (dict(cu_seqlens=torch.tensor([0, 64], dtype=torch.int32), k_offset=16), "cu_seqlens"),
     (dict(causal=False), "causal"),
@@ -199,10 +199,13 @@ def test_bad_input_raises_value_error(over, match):
         s2_attention(q, k, v, layout, **args)
 
 
-def test_default_offset_need_not_be_block_aligned():
-    """Offsets need not be block multiples (decoding at any position; tests/test_export_s2_offset.py)."""
-    q, k, v = make_qkv(1, 20, 64, 2, 2, 16, torch.float32)  # default q_offset = 44
-    check_attention(_s2(LAY, "torch"), q, k, v, layout=LAY)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_default_offset_need_not_be_block_aligned(backend):
+    """Bottom-right default q_offset = 44 is not a multiple of the block (16): the first q tile
+    is the partial block up to the next boundary, and the result equals the reference."""
+    q, k, v = make_qkv(1, 20, 64, 2, 2, 16, torch.float32)
+    check_attention(lambda a, b, c: s2_attention(a, b, c, LAY, return_lse=True, backend=backend), q, k, v,
+                    layout=LAY)
 
 
 def test_torch_fallback_memory_is_seq_times_block():

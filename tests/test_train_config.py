@@ -269,3 +269,12 @@ def test_check_and_dry_run_without_torchrun(tmp_path):
     assert info["world"] == 16 and info["heads"] == 32 and info["pattern"] == "LLLA"
     r = run(str(DEMO), "--dry-run", "--world", "3")
     assert r.returncode == 2 and "world size 3" in r.stderr
+
+
+def test_recipes_readme_has_the_generated_reference():
+    """recipes/README.md embeds schema_markdown() verbatim: a field's docs live once, in the schema."""
+    from seqpar.train.config import schema_markdown
+
+    text = (ROOT / "recipes" / "README.md").read_text()
+    block = text.split("<!-- schema:begin -->\n", 1)[1].split("\n<!-- schema:end -->", 1)[0]
+    assert block == schema_markdown().rstrip("\n"), "regenerate: .venv/bin/python -m seqpar.train.config"

@@ -250,6 +250,7 @@ def moh_bwd(do: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.Tens
     b, sq, h, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     do = do if do.stride(-1) == 1 else do.contiguous()
+    o = o if o.stride(-1) == 1 else o.contiguous()  # may be a CP-merged fp32 output
     block_m, block_n, block_d = block_sizes(d, q.dtype)
     # dgates, delta and the backward lse of the active rows only (inactive: dgates 0, rest unread)
     dgates = torch.zeros(b, sq, h, dtype=gates.dtype, device=gates.device)

@@ -25,7 +25,6 @@ cache's empty layer on first use.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

@@ -131,7 +131,8 @@ def hf_config(spec: ModelSpec, *, bos_token_id: Optional[int], eos_token_id: Opt
 
         cfg = SeqparConfig(layer_pattern=spec.pattern, rope_theta=ROPE_THETA, s2_block_size=spec.s2_block_size,
                            s2_local_blocks=spec.s2_local_blocks, s2_vert_stride=spec.s2_vert_stride,
-                           s2_head_step=spec.s2_head_step, moh_num_shared_heads=spec.moh_num_shared_heads, moh_top_k=spec.moh_top_k,
+                           s2_head_step=spec.s2_head_step, moh_num_shared_heads=spec.moh_num_shared_heads,
+                           moh_top_k=spec.moh_top_k,
                            lightning_slopes=lightning_slopes_per_layer(spec), lightning_norm_eps=spec.rms_norm_eps,
                            **common)
         cfg.architectures = ["SeqparForCausalLM"]
@@ -210,7 +211,8 @@ def _known_megatron_key(key: str, spec: ModelSpec) -> bool:
     ok = {"self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight",
           "self_attention.linear_proj.weight", "mlp.linear_fc1.weight", "mlp.linear_fc2.weight"}
     if kind == "L":
-        ok |= {f"self_attention.linear_qkvg.weight.{n}" for n in ("q", "k", "v", "gate")} | {"self_attention.norm_weight"}
+        ok |= {f"self_attention.linear_qkvg.weight.{n}" for n in ("q", "k", "v", "gate")}
+        ok.add("self_attention.norm_weight")
     else:
         ok.add("self_attention.linear_qkv.weight")
     if kind == "H":

@@ -122,19 +122,22 @@ def _to_param_names(meg: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _write_checkpoint(cfg, weights: dict[str, torch.Tensor], tokenizer_model: Optional[bytes],
                       ckpt_dir: pathlib.Path) -> pathlib.Path:
-    """Build the recipe's model in a one-process gloo group, load ``weights``, save step 0."""
-    import torch.distributed as dist
+    """Build the recipe's model in a one-process group of its own (``seqpar.megatron.init_parallel``
+    with a file rendezvous; call this in a process without one, as the CLI does), load ``weights``,
+    save step 0."""
+    from megatron.core import parallel_state
 
     from seqpar.megatron import init_parallel
+    from seqpar.megatron.parallel import destroy_parallel
     from seqpar.train import checkpoint
     from seqpar.train.loop import _rng_state, build_model, build_optimizer, wrap_ddp
 
-    own_group = not dist.is_initialized()
+    if parallel_state.model_parallel_is_initialized():
+        raise ExportError("import writes its checkpoint from a one-process group of its own; run it in a process "
+                          "without megatron process groups (python -m seqpar.export.from_hf)")
     rdv = tempfile.mkdtemp(prefix="seqpar_import_")
-    if own_group:
-        dist.init_process_group("gloo", init_method=f"file://{rdv}/rdv", rank=0, world_size=1)
     try:
-        init_parallel(1, 1, seed=cfg.train.seed)
+        init_parallel(1, 1, seed=cfg.train.seed, init_method=f"file://{rdv}/rdv", rank=0, world_size=1)
         chunks = build_model(cfg, cfg.data.vocab_size)
         params = dict(chunks[0].named_parameters())
         if set(params) != set(weights):
@@ -151,13 +154,9 @@ def _write_checkpoint(cfg, weights: dict[str, torch.Tensor], tokenizer_model: Op
         checkpoint.init_optimizer_state(opt)  # a fresh optimizer, written out: zero moments at step 0
         path = checkpoint.save(ckpt_dir, 0, model, opt,
                                rng=_rng_state(), config=cfg.to_dict(), tokenizer_model=tokenizer_model)
-        from megatron.core import parallel_state
-
-        parallel_state.destroy_model_parallel()
         return path
     finally:
-        if own_group:
-            dist.destroy_process_group()
+        destroy_parallel()
         shutil.rmtree(rdv, ignore_errors=True)
 
 

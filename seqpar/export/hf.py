@@ -76,7 +76,8 @@ def write_tokenizer(model_bytes: bytes, out: pathlib.Path, vocab_size: int) -> N
         if want is not None and got != want:
             raise ExportError(f"tokenizer {name} is {got}, training used {want}")
     if len(tok) != vocab_size:
-        raise ExportError(f"the Hugging Face tokenizer has {len(tok)} tokens, the model {vocab_size}; vocabulary mismatch")
+        raise ExportError(f"the Hugging Face tokenizer has {len(tok)} tokens, the model {vocab_size}; "
+                          f"vocabulary mismatch")
     tok.save_pretrained(str(out))
     (out / TOKENIZER_FILE).write_bytes(model_bytes)
 
@@ -117,7 +118,8 @@ def _model_card(ck: TrainingCheckpoint, spec: ModelSpec, custom: bool, out: path
         f"hidden {spec.hidden_size}, heads {spec.num_heads} / kv heads {spec.num_kv_heads}, vocab {spec.vocab_size}",
         f"- training step: {ck.step}; tokens seen: {tokens:,} (step x global batch x sequence length)",
         f"- final training loss: {'not recorded' if loss is None else f'{loss:.4f}'}",
-        f"- tokenizer: {'the run' + chr(39) + 's sentencepiece model (LlamaTokenizer)' if ck.tokenizer_model else 'none (token ids only)'}",
+        "- tokenizer: " + ("the run's sentencepiece model (LlamaTokenizer)" if ck.tokenizer_model
+                           else "none (token ids only)"),
         f"- saved at parallel layout: {json.dumps(ck.layout)}", "",
         "## Use", "", "```python", load, "```", "",
         "## Recipe (resolved)", "", "```json", json.dumps(ck.config, indent=2, sort_keys=True), "```", ""])

@@ -104,15 +104,12 @@ def read_checkpoint(path: str | pathlib.Path, *, with_tensors: bool = True) -> T
     Raises:
         ExportError: not a checkpoint, missing recipe, missing or truncated shard, bad checksum.
     """
-    from torch.distributed.checkpoint import load as dcp_load
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     from seqpar.train import integrity
 
     step_dir = resolve_step_dir(path)
     if (step_dir / DEEPSPEED_MANIFEST).is_file():
         return _read_deepspeed(step_dir, with_tensors)
-    md = _verified_metadata(step_dir)
+    _verified_metadata(step_dir)  # manifest, then the DCP index through the restricted unpickler
     try:
         common = integrity.load_common(step_dir)
     except Exception as e:  # noqa: BLE001 - a damaged file: say which
@@ -124,10 +121,8 @@ def read_checkpoint(path: str | pathlib.Path, *, with_tensors: bool = True) -> T
                             tensors={}, tokenizer_model=tok.read_bytes() if tok.is_file() else None)
     if not with_tensors:
         return ck
-    sd = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in md.state_dict_metadata.items()
-          if isinstance(m, TensorStorageMetadata) and not k.startswith(_OPTIONAL_KEYS)}
     try:
-        dcp_load(sd, storage_reader=integrity.SafeFileSystemReader(step_dir), no_dist=True)
+        sd = integrity.load_full_tensors(step_dir, skip_prefixes=_OPTIONAL_KEYS)
     except Exception as e:  # noqa: BLE001 - DCP wraps per-item failures; name the folder
         raise ExportError(f"reading the tensors of {step_dir} failed ({type(e).__name__}: {e}); "
                           f"the checkpoint is damaged") from e

@@ -334,11 +334,13 @@ def load(path: pathlib.Path, model: Sequence[torch.nn.Module], opt: Any = None, 
                          f"pass a step_N folder written by seqpar.train")
     changes: list[str] = []
     if config is not None:
-        changes = compare_configs(saved_config(path), config, where=str(path))
+        saved = saved_config(path)
+        changes = compare_configs(saved, config, where=str(path))
         if changes and _rank_world()[0] == 0:
+            step = integrity.read_manifest(path).get("step", 0)
             print(f"[seqpar.train] resuming {path} with a changed recipe (allowed; the LR schedule and data "
-                  f"position follow the new values from step {integrity.read_manifest(path).get('step', '?')} on):\n"
-                  + "\n".join(f"  {c}" for c in changes), file=sys.stderr, flush=True)
+                  f"position follow the new values from step {step} on):\n"
+                  + "\n".join(f"  {c}" for c in changes) + _lr_jump(saved, config, step), file=sys.stderr, flush=True)
     common = integrity.load_common(path)
     if config is not None and common["step"] >= config["train"]["steps"]:
         raise ResumeError(f"--resume: {path} is step {common['step']}, already the end of the run "
@@ -392,6 +394,23 @@ class ConfigMismatchError(ResumeError):
 _FIXED_SECTIONS = ("model",)
 _FIXED_FIELDS = {("data", "vocab_size")}
 _FREE_FIELDS = {("model", "moh_aux_loss_coef")}  # a loss weight, not part of the weights' meaning
+
+
+def _lr_jump(saved: dict[str, Any], new: dict[str, Any], step: int) -> str:
+    """A line with the LR at the resume step under both recipes, when it differs."""
+    try:
+        from seqpar.train.config import from_dict
+        from seqpar.train.loop import build_scheduler
+
+        def lr_at(cfg: Any) -> float:  # the LR of 0-based optimizer step `step` (scheduler at step + 1)
+            sched = build_scheduler(cfg, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0))
+            sched.num_steps = step + 1
+            return sched.get_lr(sched.optimizer.param_groups[0])
+
+        a, b = lr_at(from_dict(saved)), lr_at(from_dict(new))
+    except Exception:  # noqa: BLE001 - an older recipe the schema no longer reads: the field list says enough
+        return ""
+    return f"\n  -> the learning rate at step {step} changes from {a:.3g} to {b:.3g}" if a != b else ""
 
 
 def saved_config(path: str | pathlib.Path) -> dict[str, Any]:
@@ -494,14 +513,23 @@ def _verify_collective(folder: pathlib.Path) -> Optional[CorruptCheckpointError]
 
 
 def prepare_out_dir(out_dir: str | pathlib.Path, *, resume: bool, overwrite: bool) -> None:
-    """Before a run: without ``--resume``, an out_dir holding checkpoints or tensorboard events is
-    refused (ValueError naming what is there) unless ``overwrite`` (train.overwrite), which deletes
-    them. Collective (rank 0 looks and deletes, every rank gets the answer)."""
+    """Before a run: without ``--resume``, an out_dir holding checkpoints is refused (ResumeError
+    naming what is there) unless ``overwrite`` (train.overwrite), which deletes them and the
+    tensorboard events; events of a run that never wrote a checkpoint are removed (printed).
+    Collective (rank 0 looks and deletes, every rank gets the answer)."""
     out = pathlib.Path(out_dir)
     msg = None
     if _rank_world()[0] == 0 and not resume:
         found = [str(p) for p in checkpoints(out / "checkpoints")]
-        found += [str(p) for p in (out / "tb").glob("events.out.tfevents.*")] if (out / "tb").is_dir() else []
+        events = [str(p) for p in (out / "tb").glob("events.out.tfevents.*")] if (out / "tb").is_dir() else []
+        if events and not found and not overwrite:
+            # a run that died before its first checkpoint (e.g. a torchrun restart): nothing to resume,
+            # and its curve would mix with this one's
+            shutil.rmtree(out / "tb", ignore_errors=True)
+            print(f"[seqpar.train] {out / 'tb'}: removed the events of a run that never wrote a checkpoint",
+                  file=sys.stderr, flush=True)
+            events = []
+        found += events
         if found and overwrite:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
             shutil.rmtree(out / "tb", ignore_errors=True)

@@ -129,12 +129,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         with signals.guard():  # a failed / timed-out collective -> one message naming the dead rank or host
             signals.start_heartbeat()
-            train(cfg, resume=signals.resume_mode(args.resume, os.path.join(cfg.train.out_dir, "checkpoints")))
-    except run_errors as e:  # raised on every rank alike: one message (rank 0), no traceback wall
-        code = next(c for classes, c in exit_codes if isinstance(e, classes))
-        if dist.get_rank() == 0:
-            print(f"seqpar-train: {e}", file=sys.stderr, flush=True)
-        return code
+            try:
+                train(cfg, resume=signals.resume_mode(args.resume, os.path.join(cfg.train.out_dir, "checkpoints")))
+            except run_errors as e:  # raised on every rank alike: one message (rank 0), no traceback wall
+                code = next(c for classes, c in exit_codes if isinstance(e, classes))
+                if dist.get_rank() == 0:
+                    print(f"seqpar-train: {e}", file=sys.stderr, flush=True)
+                return code
     finally:
         dist.destroy_process_group()
     return 0

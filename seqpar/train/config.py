@@ -19,6 +19,7 @@ syntax errors and empty files into one line naming the file and line.
 
 from __future__ import annotations
 
+import json
 import pathlib
 import re
 from typing import Annotated, Any, Literal, Optional
@@ -375,5 +376,28 @@ def load_recipe(path: str | pathlib.Path, overrides: Optional[list[str]] = None)
     return from_dict(tree)
 
 
+def schema_markdown() -> str:
+    """The recipe reference (one table per section: field, type / range, default, description),
+    generated from the schema; recipes/README.md embeds it (a test keeps them equal)."""
+    from seqpar.megatron.config import describe
+
+    out = []
+    for sec in SECTIONS:
+        model = RunConfig.model_fields[sec].annotation
+        out += [f"### `{sec}`", "", (model.__doc__ or "").strip().splitlines()[0], "",
+                "| field | accepts | default | meaning |", "|---|---|---|---|"]
+        for name, info in model.model_fields.items():
+            default = info.get_default(call_default_factory=True)
+            shown = "null" if default is None else json.dumps(default)
+            doc = " ".join((info.description or "").split()).replace("|", "\\|")
+            out.append(f"| `{name}` | {describe(info.annotation, info.metadata)} | `{shown}` | {doc} |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":  # python -m seqpar.train.config: print the recipe reference
+    print(schema_markdown())
+
+
 __all__ = ["DataConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "RecipeError", "RunConfig", "SECTIONS",
-           "TrainConfig", "from_dict", "load_recipe", "parse_yaml"]
+           "TrainConfig", "from_dict", "load_recipe", "parse_yaml", "schema_markdown"]

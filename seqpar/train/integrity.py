@@ -232,6 +232,21 @@ def load_common(folder: str | os.PathLike) -> dict[str, Any]:
     return SafeCommonLoadStrategy().load_common(folder)
 
 
+def load_full_tensors(folder: str | os.PathLike, skip_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Every tensor of a ``torch_dist`` folder as its full (global) tensor, in ONE process without a
+    process group (DCP ``no_dist``, any saved TP / PP / CP layout), read through
+    ``SafeFileSystemReader``; keys starting with one of ``skip_prefixes`` are not read (used by the
+    HF exporter: model tensors only). CPU tensors in the saved dtypes."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    folder = pathlib.Path(folder)
+    md = read_dcp_metadata(folder / ".metadata")
+    sd = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in md.state_dict_metadata.items()
+          if isinstance(m, TensorStorageMetadata) and not k.startswith(tuple(skip_prefixes))}
+    dcp.load(sd, storage_reader=SafeFileSystemReader(folder), no_dist=True)
+    return sd
+
+
 # ---------------------------------------------------------------------------------------------------
 # manifest
 

@@ -207,13 +207,17 @@ def build_optimizer(cfg: RunConfig, model: list[DistributedDataParallel]):
     """megatron's optimizer over the DDP chunks and its ``OptimizerParamScheduler``: linear warmup to
     optim.lr over optim.warmup_steps, then cosine to optim.min_lr at train.steps; the LR of optimizer
     step k (0-based) is the scheduler's at ``num_steps = k + 1`` (the first step does not run at 0)."""
-    o = cfg.optim
     opt = get_megatron_optimizer(optimizer_config(cfg), model)
-    sched = OptimizerParamScheduler(opt, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
-                                    lr_decay_steps=max(cfg.train.steps, o.warmup_steps + 1), lr_decay_style="cosine",
-                                    start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=cfg.train.steps,
-                                    wd_incr_style="constant")
-    return opt, sched
+    return opt, build_scheduler(cfg, opt)
+
+
+def build_scheduler(cfg: RunConfig, opt) -> OptimizerParamScheduler:
+    """The recipe's LR / weight-decay schedule on ``opt`` (also used to report LR changes on resume)."""
+    o = cfg.optim
+    return OptimizerParamScheduler(opt, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
+                                   lr_decay_steps=max(cfg.train.steps, o.warmup_steps + 1), lr_decay_style="cosine",
+                                   start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=cfg.train.steps,
+                                   wd_incr_style="constant")
 
 
 @dataclass
@@ -422,6 +426,8 @@ def _train(cfg: RunConfig, resume: bool, stop_after: Optional[int]) -> list[floa
         last = step + 1 == end or stop
         saved = None
         if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
+            if logger.writer is not None:  # h16: the scalars up to a checkpoint are on disk before it is `latest`
+                logger.writer.flush()
             saved = checkpoint.save(ckpt_dir, step + 1, engine.model, engine.optimizer, rng=_rng_state(),
                                     config=cfg.to_dict(), tokenizer_model=getattr(data, "tokenizer_model", None))
         if stop:
