@@ -348,7 +348,7 @@ def load(path: pathlib.Path, model: Sequence[torch.nn.Module], opt: Any = None, 
                          f"train.steps (e.g. --set train.steps={2 * common['step']}): the LR schedule is then "
                          f"recomputed for the new length")
     kind = common.get("optimizer_kind")
-    if opt is not None and kind != _optimizer_kind(opt):
+    if opt is not None and (kind != _optimizer_kind(opt) or common["step"] == 0):
         if common["step"] != 0:
             raise ResumeError(f"{path} holds the state of a {kind} optimizer but this run builds a "
                               f"{_optimizer_kind(opt)} one; set optim.distributed to the value the checkpoint "
