@@ -252,6 +252,14 @@ class DeepSpeedConfig(Strict):
     """Path of a user ds_config JSON merged into the one built from the recipe ("" = none); a key set in
     both places with different values is an error naming both."""
 
+    @field_validator("zero_stage", mode="before")
+    @classmethod
+    def _no_bool_stage(cls, v: Any) -> Any:
+        # Literal[0, 1, 2, 3] compares by ==, so False / True would pass as stage 0 / 1
+        if isinstance(v, bool):
+            raise ValueError(f"must be one of 0, 1, 2, 3 (an integer), got {v!r}")
+        return v
+
     @model_validator(mode="after")
     def _checks(self) -> "DeepSpeedConfig":
         _need(self.offload_optimizer == "none" or self.zero_stage >= 1,

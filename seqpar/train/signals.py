@@ -98,7 +98,13 @@ def _handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
 
+_DIED_ONCE = threading.Lock()
+
+
 def _agent_died() -> None:
+    # the parent-death signal and the watchdog thread can both fire: one message, one exit
+    if not _DIED_ONCE.acquire(blocking=False):
+        return
     _log(f"the torchrun agent (pid {_state.parent if _state else '?'}) died: exiting with code "
          f"{EXIT_AGENT_DIED} instead of training on as an orphan")
     os._exit(EXIT_AGENT_DIED)
