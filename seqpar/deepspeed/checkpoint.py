@@ -44,6 +44,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from seqpar.train.checkpoint import _write_atomic  # one tmp + os.replace writer for both engines
+
 MANIFEST = "seqpar_manifest.json"
 
 
@@ -52,12 +54,6 @@ def _layout() -> dict[str, int]:
             "context_parallel": ps.get_context_parallel_world_size(),
             "data_parallel": ps.get_data_parallel_world_size(),
             "world": dist.get_world_size()}
-
-
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _sha256(path: pathlib.Path) -> str:
