@@ -112,7 +112,11 @@ class Launch:
 @contextlib.contextmanager
 def capture_launches(capability: int) -> Iterator[list[Launch]]:
     """Inside the block every Triton launch compiles for ``sm_<capability>`` and returns without
-    running (warmup); the compiled kernels and grids are appended to the yielded list."""
+    running (warmup); the compiled kernels and grids are appended to the yielded list. The
+    launchers pick their configs for that target (``_tuning.compile_target``), as they would from
+    ``torch.cuda.get_device_capability`` on that GPU."""
+    from seqpar.kernels._tuning import compile_target
+
     launches: list[Launch] = []
     orig_run = JITFunction.run
 
@@ -127,7 +131,8 @@ def capture_launches(capability: int) -> Iterator[list[Launch]]:
     driver.set_active(FakeDriver(capability))
     JITFunction.run = run
     try:
-        yield launches
+        with compile_target(capability):
+            yield launches
     finally:
         JITFunction.run = orig_run
         driver._active = prev
