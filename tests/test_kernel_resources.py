@@ -87,6 +87,8 @@ def test_default_configs(tmp_path, cap):
                 assert got == kernels, (case, dtype, d, got)
     assert {r["target"] for r in rows} == {f"sm_{cap}"}
     assert_rule(rows)
+    if cap == 80:  # the sm_80 table also serves sm_86 / sm_89: 99 KB of shared memory per CTA
+        assert all(r["smem_KB"] <= 99 for r in rows), [r for r in rows if r["smem_KB"] > 99]
     # the fake target drove the selection: each attention kernel ran its target's table default
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     with _tuning.compile_target(cap):
