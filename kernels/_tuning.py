@@ -109,10 +109,11 @@ _ATTENTION: dict[tuple[int, str, str, str], Tuning] = {
 }
 
 # Lightning: "chunk" = the chunk-parallel output / dv / dq-dk kernels (two [C, C] / [C, 64] fp32
-# accumulators), "state" = the chunk-local state product. sm_90: 8 warps keep the accumulators in
-# registers (4 warps spill), 3 stages keep every CTA count of the 2-stage build before 32-bit
-# chunk offsets (2 stages lose a CTA in fp16 dq/dk); sm_80: 4 warps / 2 stages is the one config
-# clean for every kernel, dtype and head dim (8 warps / 2 stages: 4 B in the bf16 d = 128 output).
+# accumulators), "state" = the chunk-local state product. sm_90: 8 warps / 3 stages keep every
+# CTA count of the 8 warps / 2 stages build before 32-bit chunk offsets (2 stages now lose a CTA
+# in fp16 dq/dk), the state product holds 32 warps per SM at 8 warps (24 at 4); sm_80: 4 warps /
+# 2 stages is clean for every kernel, dtype and head dim (8 warps / 2 stages: 4 B in the bf16
+# d = 128 output; 8 warps / 3 stages: clean, 1 CTA).
 _LIGHTNING: dict[tuple[int, str], Tuning] = {
     (90, "chunk"): _t(W8S3, W8S2, W4S2),
     (90, "state"): _t(W8S2, W4S2),
