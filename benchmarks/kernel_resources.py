@@ -74,6 +74,9 @@ class TargetLimits:
 TARGETS = {
     90: TargetLimits("H100 (sm_90)", sms=132),
     80: TargetLimits("A100 (sm_80)", sms=108, smem_per_sm=164 * 1024, smem_per_cta=163 * 1024),
+    # A40 / RTX A6000 (sm_86; sm_89 L40S has the same per-SM limits): the sm_80 table runs there
+    86: TargetLimits("A40 (sm_86)", sms=84, max_warps_per_sm=48, max_ctas_per_sm=16, smem_per_sm=100 * 1024,
+                     smem_per_cta=99 * 1024),
 }
 
 

@@ -3,8 +3,8 @@ small autotune space.
 
 Every launcher asks :func:`attention_tuning` / :func:`lightning_tuning` for its kernel's
 :class:`Tuning` and :func:`launch` to run it. Both tables are per target (:func:`target_arch`):
-``90`` for sm_90 and newer (H100), ``80`` for sm_80 .. sm_89 (A100; its defaults also fit the
-99 KB per CTA of sm_86 / sm_89). The target is the CUDA device's compute capability
+``90`` for sm_90 and newer (H100), ``80`` for sm_80 .. sm_89 (tuned on A100 limits; its
+defaults also fit the 99 KB per CTA of sm_86 / sm_89, but are not tuned for them). The target is the CUDA device's compute capability
 (``torch.cuda.get_device_capability``), or, inside :func:`compile_target`, the fake target of the
 compile-metadata harness (``benchmarks/kernel_resources.py``), so the harness measures exactly
 what a real launch on that GPU would use. On CPU (interpreter) the sm_90 table applies.
