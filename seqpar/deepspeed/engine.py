@@ -13,6 +13,12 @@ Process groups (TP x CP x DP from megatron-core's ``parallel_state``) as DeepSpe
   exactly the group in which Megatron reduces (and its distributed optimizer shards) gradients:
   every CP rank holds the same parameters and a gradient from its own share of the tokens, so the
   full gradient is the sum over DP x CP. ZeRO never shards or reduces over TP.
+  Sharding over DP alone (the other possible reading) would need a second full-size all-reduce over
+  CP on top of ZeRO's reduce-scatter and keep CP identical copies of each shard; over DP x CP one
+  reduce-scatter does both and the sharded state is divided by DP x CP, as in Megatron's distributed
+  optimizer (its ``dp_cp`` group) and DeepSpeed-Ulysses (its sequence-data-parallel group).
+  tests/test_deepspeed_engine.py::test_dp2_cp2_four_ranks asserts the groups (CP=2 x DP=2: ZeRO over
+  all 4 ranks; TP=2 x CP=2: the 2 CP ranks of each TP rank).
 
 DeepSpeed sums the CP replicas and divides by the DP size; :func:`forward_backward` passes
 ``DP x (sum of per-token losses on this rank) / (valid tokens of the global batch)`` with
