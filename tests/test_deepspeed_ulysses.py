@@ -18,6 +18,10 @@ layouts (``batch_dim_idx=0``: ``[b, s, h, d]`` with ``scatter_idx=2, gather_idx=
 - GQA with fewer kv heads than ranks (here MQA at P = 2, kv heads 2 at P = 4): DeepSpeed's
   DistributedAttention refuses it (an AssertionError: "must be at least the sequence parallel size");
   ours replicates the kv heads and equals the reference, gradients of the replicas summed.
+- S2 (P = 2, 2 kv heads, the last one dense): DeepSpeed calls its local attention without the rank's
+  head index, so a wrapped ``s2_attention`` runs each rank's heads as if they were the whole model (each
+  rank's one kv head taken as the dense one) and misses the reference; ours places each rank's heads in the model's pattern (== reference), and DeepSpeed
+  wrapping the kernel *with* the global head offset ours passes is bitwise equal to ours.
 """
 
 from __future__ import annotations
@@ -66,6 +70,15 @@ def _ours_local(q, k, v):
     return flash_attention(q, k, v, causal=True, backend="torch")
 
 
+S2_CASE = (1, 2 * 2 * 24, 4, 2, 16)  # P = 2: batch, N (6 blocks of 16), heads, kv heads, head dim
+
+
+def _s2_layout():
+    from seqpar.kernels import S2Layout
+
+    return S2Layout(block_size=16, local_blocks=1, vert_stride=4, num_dense_heads=1)
+
+
 def _job(rank: int, world: int) -> dict:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("LOCAL_RANK", str(rank))
@@ -110,7 +123,36 @@ def _job(rank: int, world: int) -> dict:
                 except AssertionError as e:
                     res[tag] = f"AssertionError: {e}"
             out[(p, name)] = res
+    out[(2, "s2")] = _s2(groups[2])
     return out
+
+
+def _s2(group) -> dict:
+    from deepspeed.sequence.layer import DistributedAttention
+
+    from seqpar import cp
+    from seqpar.kernels import s2_attention
+    from seqpar.kernels.s2.reference import attention_reference
+
+    layout, (b, n, h, hkv, d) = _s2_layout(), S2_CASE
+    t = _inputs(7, b, n, h, hkv, d)
+    r, p = cp.Comm(group).rank, 2
+    res: dict = {}
+    for tag, dtype in (("ref64", torch.float64), ("ref32", torch.float32)):
+        full = _grads(lambda q, k, v: attention_reference(q, k, v, layout=layout)[0], t, dtype)
+        res[tag] = {key: cp.shard(x, group, dim=1, balance="contiguous") for key, x in full.items()}
+    loc = {key: cp.shard(x, group, dim=1, balance="contiguous") for key, x in t.items()}
+    res["ours"] = _grads(lambda q, k, v: cp.attention(q, k, v, kind="s2", scheme="ulysses", group=group,
+                                                      balance="contiguous", layout=layout, backend="torch"),
+                         loc, torch.float32)
+    naive = DistributedAttention(lambda q, k, v: s2_attention(q, k, v, layout, backend="torch"), group,
+                                 scatter_idx=2, gather_idx=1)
+    placed = DistributedAttention(lambda q, k, v: s2_attention(q, k, v, layout.with_heads(h), backend="torch",
+                                                               kv_head_offset=r * hkv // p, total_kv_heads=hkv),
+                                  group, scatter_idx=2, gather_idx=1)
+    res["ds-naive"] = _grads(lambda q, k, v: naive(q, k, v, 0), loc, torch.float32)
+    res["ds-placed"] = _grads(lambda q, k, v: placed(q, k, v, 0), loc, torch.float32)
+    return res
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +180,15 @@ def test_ours_and_deepspeed_ulysses_agree(results, p, name):
         _check(f"rank {rank} deepspeed+sdpa", r["ds-sdpa"], r["ref32"]["contiguous"], r["ref64"]["contiguous"])
         for key in ("o", "dq", "dk", "dv"):  # the same heads on the same ranks: bitwise the same numbers
             assert torch.equal(r["ds-ours-local"][key], r["ours-contiguous"][key]), (rank, key)
+
+
+def test_s2_needs_the_global_head_index(results):
+    for rank, res in enumerate(results):
+        r = res[(2, "s2")]
+        _check(f"rank {rank} ours s2", r["ours"], r["ref32"], r["ref64"])
+        for key in ("o", "dq", "dk", "dv"):
+            assert torch.equal(r["ds-placed"][key], r["ours"][key]), (rank, key)
+        # each rank's heads run as if they were the whole model (its one kv head taken as the dense
+        # one); after the output all-to-all every rank's tokens carry those wrong heads
+        err = (r["ds-naive"]["o"].double() - r["ref64"]["o"]).abs().max().item()
+        assert err > 1e-2, (rank, err)
