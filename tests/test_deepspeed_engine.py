@@ -77,6 +77,10 @@ def _groups(rank: int, world: int, stage: int = 2, tp: int = 1) -> dict:
     if stage == 3:  # the parameters themselves are partitioned over the same group
         p = next(engine.module.parameters())
         res["params"] = ranks(p.ds_process_group)
+    # this rank's fp32 master partition vs the model (of this TP rank): the divisor of the sharded state
+    flat = (engine.optimizer.fp32_partitioned_groups_flat if stage == 3 else engine.optimizer.single_partition_of_fp32_groups)
+    res["fp32_numel"] = sum(t.numel() for t in flat)
+    res["model_numel"] = sum(getattr(q, "ds_numel", q.numel()) for q in engine.module.parameters())
     engine.destroy()
     ps.destroy_model_parallel()
     disable_cpu_compat()
@@ -183,12 +187,15 @@ def test_dp2_cp2_four_ranks(tmp_path):
             assert g["dp"] == g["ours_dp"] and len(g["dp"]) == 2  # DeepSpeed's DP group is our DP group
             assert g["zero"] == g["ours_dpcp"] and len(g["zero"]) == 4  # ZeRO shards / reduces over DP x CP
             assert g["dp_world"] == 2 and g["mp_world"] == 1 and g["micro"] == 2
+            # each rank keeps 1/(DP x CP) = 1/4 of the fp32 master weights (up to DeepSpeed's alignment padding)
+            assert 0 <= 4 * g["fp32_numel"] - g["model_numel"] < 4 * 64, (g["fp32_numel"], g["model_numel"])
         assert r["groups"][1]["params"] == r["groups"][1]["ours_dpcp"]  # ZeRO-3 parameter partitions too
         for g in r["groups_tp2"]:  # TP=2 x CP=2 x DP=1: ZeRO over the CP ranks of this TP rank, never TP
             assert g["zero"] == g["ours_dpcp"] == g["ours_cp"] and len(g["zero"]) == 2
             assert set(g["zero"]) & set(g["ours_tp"]) == {r["rank"]} and len(g["ours_tp"]) == 2
             assert g["dp"] == g["ours_dp"] and len(g["dp"]) == 1
             assert g["dp_world"] == 1 and g["mp_world"] == 2 and g["micro"] == 4
+            assert 0 <= 2 * g["fp32_numel"] - g["model_numel"] < 2 * 64, (g["fp32_numel"], g["model_numel"])
         assert r["groups_tp2"][1]["params"] == r["groups_tp2"][1]["ours_cp"]
     # the DP=2 checkpoint of step 3 resumes at DP=1 (universal conversion) with the same losses
     ck = tmp_path / "zero2_noaux" / "checkpoints"
