@@ -22,6 +22,8 @@ layouts (``batch_dim_idx=0``: ``[b, s, h, d]`` with ``scatter_idx=2, gather_idx=
   head index, so a wrapped ``s2_attention`` runs each rank's heads as if they were the whole model (each
   rank's one kv head taken as the dense one) and misses the reference; ours places each rank's heads in the model's pattern (== reference), and DeepSpeed
   wrapping the kernel *with* the global head offset ours passes is bitwise equal to ours.
+- What DeepSpeed has and ours does not: 3 heads on 2 ranks (DeepSpeed splits them 2 + 1 and equals the
+  reference; ours raises a ValueError asking for ``H % P == 0``).
 """
 
 from __future__ import annotations
@@ -124,7 +126,43 @@ def _job(rank: int, world: int) -> dict:
                     res[tag] = f"AssertionError: {e}"
             out[(p, name)] = res
     out[(2, "s2")] = _s2(groups[2])
+    out[(2, "uneven")] = _uneven(groups[2])
     return out
+
+
+def _uneven(group) -> dict:
+    """3 heads on 2 ranks: DeepSpeed splits them 2 + 1 (uneven_heads_all2all); ours needs H % P == 0."""
+    from deepspeed.sequence.layer import DistributedAttention
+    from deepspeed.utils import groups as ds_groups
+
+    from seqpar import cp
+    from seqpar.kernels.s2.reference import attention_reference
+
+    class _SequenceParallel:  # the uneven split asks DeepSpeed's mpu for this rank's index in the group
+        @staticmethod
+        def get_sequence_parallel_rank() -> int:
+            return cp.Comm(group).rank
+
+    b, n, h, d = 2, 2 * 2 * 5, 3, 16
+    t = _inputs(9, b, n, h, h, d)
+    res: dict = {}
+    for tag, dtype in (("ref64", torch.float64), ("ref32", torch.float32)):
+        full = _grads(lambda q, k, v: attention_reference(q, k, v, causal=True)[0], t, dtype)
+        res[tag] = {key: cp.shard(x, group, dim=1, balance="contiguous") for key, x in full.items()}
+    loc = {key: cp.shard(x, group, dim=1, balance="contiguous") for key, x in t.items()}
+    saved, ds_groups.mpu = ds_groups.mpu, _SequenceParallel()
+    try:
+        attn = DistributedAttention(_sdpa, group, scatter_idx=2, gather_idx=1)
+        res["ds-sdpa"] = _grads(lambda q, k, v: attn(q, k, v, 0), loc, torch.float32)
+    finally:
+        ds_groups.mpu = saved
+    try:
+        cp.attention(loc["q"], loc["k"], loc["v"], kind="softmax", scheme="ulysses", group=group,
+                     balance="contiguous", backend="torch")
+        res["ours"] = "no error"
+    except ValueError as e:
+        res["ours"] = str(e)
+    return res
 
 
 def _s2(group) -> dict:
@@ -192,3 +230,11 @@ def test_s2_needs_the_global_head_index(results):
         # one); after the output all-to-all every rank's tokens carry those wrong heads
         err = (r["ds-naive"]["o"].double() - r["ref64"]["o"]).abs().max().item()
         assert err > 1e-2, (rank, err)
+
+
+def test_deepspeed_splits_uneven_heads_ours_refuses(results):
+    """What DeepSpeed's Ulysses has and ours does not: head counts that P does not divide."""
+    for rank, res in enumerate(results):
+        r = res[(2, "uneven")]
+        _check(f"rank {rank} deepspeed uneven", r["ds-sdpa"], r["ref32"], r["ref64"])
+        assert "ulysses needs num_heads (3) divisible by the CP world size (2)" in r["ours"], r["ours"]
