@@ -1,10 +1,10 @@
 """The DeepSpeed engine against the Megatron engine on the same seed and batches (fp32, tiny hybrid ASLH,
 5 steps, 1e-5 relative, weight decay 4.0 in every run):
 
-- CP=2 on 2 gloo ranks: ZeRO 0, 1, 2, 3; ZeRO-2 with 2 micro-batches of gradient accumulation (MoH
-  load-balance loss off there: it is a function of each micro-batch's routing, so accumulation changes
-  it in either engine); resume exactness (stop after 3 steps + resume) under ZeRO-2 and ZeRO-3; the
-  consolidated fp32 state dict of the ZeRO checkpoints. The weight decay is visible in the losses (a
+- CP=2 on 2 gloo ranks: ZeRO 0, 1, 2, 3; ZeRO-3 with the optimizer offloaded to the host; ZeRO-2 with
+  2 micro-batches of gradient accumulation (MoH load-balance loss off there: it is a function of each
+  micro-batch's routing, so accumulation changes it in either engine); resume exactness (stop after
+  3 steps + resume) under ZeRO-2 and ZeRO-3; the consolidated fp32 state dict of the ZeRO checkpoints. The weight decay is visible in the losses (a
   run at weight decay 0 differs), so ZeRO-3's decayed / no-decay groups are really checked.
 - CP=2 x DP=2 on 4 ranks, where ZeRO really shards: ZeRO 0, 1, 2, 3; DeepSpeed's groups are ours (DP,
   TP as model parallel, ZeRO parameters and optimizer over DP x CP: 4 ranks; at TP=2 x CP=2 the ZeRO
@@ -112,12 +112,14 @@ def cp2(tmp_path_factory):
              # the load-balance loss is a function of each micro-batch's routing (not additive over
              # micro-batches), so accumulation is compared with it off
              ("zero2_gas", DS + ["deepspeed.zero_stage=2", "data.micro_batch=2"] + NO_AUX, full),
-             ("zero3", DS + ["deepspeed.zero_stage=3"], split)]
+             ("zero3", DS + ["deepspeed.zero_stage=3"], split),
+             # optimizer state on the host (torch AdamW steps the offloaded fp32 partition)
+             ("zero3_offload", DS + ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=cpu"], full)]
     res = run_ranks(_runs, 2, str(root), plans, timeout=900)
     return res, root
 
 
-@pytest.mark.parametrize("name", ["zero0", "zero1", "zero2", "zero2_gas", "zero3"])
+@pytest.mark.parametrize("name", ["zero0", "zero1", "zero2", "zero2_gas", "zero3", "zero3_offload"])
 def test_cp2_zero_matches_megatron(cp2, name):
     res, _ = cp2
     ref = res[0]["megatron_noaux" if name == "zero2_gas" else "megatron"][0]
