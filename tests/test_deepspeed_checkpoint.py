@@ -7,12 +7,14 @@ checkpoint into a fresh DeepSpeed engine (checkpoint.load, the resume path) and 
 (CP shards gathered) as the reference; then loads crafted copies of the ZeRO-2 checkpoint (a pickle
 that would run ``exec`` planted in a ZeRO shard / an RNG file, manifest recomputed so the checksums
 pass) through the resume path at the same layout and — via DeepSpeed's universal conversion — at
-another layout, each with and without the early pickle check, and records the errors.
+another layout, each with and without the early pickle check, and resumes with a changed model and
+after the last step; it records the errors.
 
 - the step folder holds config.json, tokenizer.model and integrity's manifest.json (engine=deepspeed);
 - ``python -m seqpar.export.hf`` accepts the step folder, checkpoints/latest and the run folder; the
   HF model's logits equal the DeepSpeed model's (fp32 max abs diff <= 1e-4) for ZeRO-2 and ZeRO-3;
 - a TP=2 DeepSpeed checkpoint: a clear export error;
+- resume refuses a recipe whose model differs (as the Megatron engine does) and a finished run;
 - crafted pickles: every loader (resume, universal conversion, consolidated fp32 state dict, export,
   RNG files) refuses with "refusing to unpickle builtins.exec ..." and the marker file the payload
   would write never appears.
@@ -158,7 +160,12 @@ def _crafted_loads(root: pathlib.Path) -> dict:
         finally:
             checkpoint.check_pickles = check
 
-    engine = _engine(_cfg(str(root), "zero2"))
+    cfg = _cfg(str(root), "zero2")
+    engine = _engine(cfg)
+    changed = cfg.to_dict()
+    changed["model"]["pattern"] = "SALH"  # same parameter names, other layer kinds
+    out["model_changed"] = _attempt(lambda: checkpoint.load(engine, src, config=changed))
+    out["finished"] = _attempt(lambda: checkpoint.load(engine, src, config=cfg.to_dict()))
     for case, path in paths.items():
         both(case, engine, path)
     _close(engine)
@@ -284,6 +291,15 @@ def test_crafted_pickle_is_refused_on_resume(trained, case):
             _refused(got, SHARD.format(0) if case in ("shard", "universal") else "rng/rank_00000.pt")
 
 
+def test_resume_checks_the_recipe(trained):
+    _, _, res = trained
+    for r in res:
+        kind, msg = r["crafted"]["model_changed"]
+        assert kind == "ConfigMismatchError" and 'model.pattern: null -> "SALH"' in msg, (kind, msg)
+        kind, msg = r["crafted"]["finished"]
+        assert kind == "ResumeError" and "already the end of the run" in msg, (kind, msg)
+
+
 def _crafted_copy(root: pathlib.Path, tmp: pathlib.Path, name: str) -> pathlib.Path:
     from seqpar.deepspeed import checkpoint
 
@@ -314,6 +330,8 @@ def test_crafted_pickle_is_refused_by_consolidation_and_export(trained, tmp_path
     with pytest.raises(UnsafeCheckpointError, match=r"refusing to unpickle .*builtins\.exec"):
         checkpoint.consolidated_fp32_state_dict(step)
     assert not marker.exists() and not (tmp_path / "hf").exists()
+    torch.load(step / file, weights_only=False)  # what DeepSpeed's loader does unguarded: the payload is real
+    assert marker.read_text() == "pwned"
 
 
 def test_tampered_or_unlisted_file_is_refused_before_loading(trained, tmp_path):

@@ -59,7 +59,7 @@ import torch.distributed as dist
 
 from seqpar.train import integrity
 from seqpar.train.checkpoint import (CONFIG_FILE, TOKENIZER_FILE, _layout, _verify_collective, _write_atomic,
-                                     checkpoints, compare_configs)
+                                     check_resume, checkpoints)
 
 ENGINE = "deepspeed"  # the manifest's "engine" field of these folders
 
@@ -265,10 +265,14 @@ def _convert(path: pathlib.Path, out: pathlib.Path) -> None:
     os.replace(tmp, out)
 
 
-def load(engine: Any, path: str | pathlib.Path) -> dict[str, Any]:
+def load(engine: Any, path: str | pathlib.Path, *, config: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Load a ``step_N`` folder into ``engine`` (module, ZeRO optimizer state, LR scheduler). Returns
-    ``step``, ``config`` (the saved recipe), ``layout`` and ``rng`` (this rank's RNG states, or None when
-    the checkpoint was written with another parallel layout). Collective.
+    ``step``, ``config`` (the saved recipe), ``layout``, ``changes`` and ``rng`` (this rank's RNG states,
+    or None when the checkpoint was written with another parallel layout). Collective.
+
+    ``config`` (this run's resolved recipe): checked against the saved one first, as for the Megatron
+    engine (``seqpar.train.checkpoint.check_resume``: a model change or a finished run is refused, other
+    changes printed and returned as ``changes``).
 
     Before DeepSpeed reads anything, on every rank: the manifest (files hashed in parallel, every rank
     gets the same answer; CorruptCheckpointError naming the file) and the pickle check (UnsafeCheckpointError
@@ -279,6 +283,7 @@ def load(engine: Any, path: str | pathlib.Path) -> dict[str, Any]:
     if err is not None:
         raise err
     manifest = _is_ours(path, integrity.read_manifest(path))
+    changes = check_resume(path, config) if config is not None else []
     check_pickles(path)
     same = manifest["layout"] == _layout()
     if manifest["zero_stage"] != engine.zero_optimization_stage():
@@ -303,8 +308,8 @@ def load(engine: Any, path: str | pathlib.Path) -> dict[str, Any]:
     if same:
         f = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
         rng = integrity.weights_only_load(f, str(f))
-    config = json.loads((path / CONFIG_FILE).read_text()) if (path / CONFIG_FILE).is_file() else None
-    return {"step": manifest["step"], "config": config, "layout": manifest["layout"], "rng": rng}
+    saved = json.loads((path / CONFIG_FILE).read_text())
+    return {"step": manifest["step"], "config": saved, "layout": manifest["layout"], "changes": changes, "rng": rng}
 
 
 def consolidated_fp32_state_dict(path: str | pathlib.Path) -> dict[str, torch.Tensor]:

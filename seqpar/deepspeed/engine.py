@@ -219,7 +219,7 @@ def train(cfg: Any, *, resume: bool = False, stop_after: Optional[int] = None) -
         path = checkpoint.latest(ckpt_dir)
         if path is None:
             raise ValueError(f"--resume: no checkpoint under {ckpt_dir}")
-        state = checkpoint.load(engine, path)
+        state = checkpoint.load(engine, path, config=cfg.to_dict())  # refuses a model change / finished run
         if state["rng"] is not None:
             _set_rng_state(state["rng"])
         elif rank0:
