@@ -58,8 +58,8 @@ import torch
 import torch.distributed as dist
 
 from seqpar.train import integrity
-from seqpar.train.checkpoint import (CONFIG_FILE, TOKENIZER_FILE, _layout, _verify_collective, _write_atomic,
-                                     check_resume, checkpoints)
+from seqpar.train.checkpoint import (CONFIG_FILE, TOKENIZER_FILE, _layout, _prune, _verify_collective,
+                                     _write_atomic, check_resume, latest)  # latest: checkpoint.latest(ckpt_dir)
 
 ENGINE = "deepspeed"  # the manifest's "engine" field of these folders
 
@@ -106,8 +106,10 @@ def _weights_only_checkpoint_engine() -> type:
 def _use_weights_only_loads(engine: Any) -> None:
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-    if type(engine.checkpoint_engine) is TorchCheckpointEngine:  # another (a ds_config "checkpoint.writer")
-        engine.checkpoint_engine = _weights_only_checkpoint_engine()(engine._config)  # stays forced (_deepspeed_reads)
+    # the default engine only: one a ds_config "checkpoint.writer" selects is kept (its loads are still
+    # forced weights-only by _deepspeed_reads)
+    if type(engine.checkpoint_engine) is TorchCheckpointEngine:
+        engine.checkpoint_engine = _weights_only_checkpoint_engine()(engine._config)
 
 
 def _pickles(folder: pathlib.Path) -> list[pathlib.Path]:
@@ -172,18 +174,10 @@ def save(engine: Any, ckpt_dir: str | pathlib.Path, step: int, *, rng: Any, conf
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _write_atomic(root / "latest", tag)
-        if keep_last > 0:
-            for old in [p for p in checkpoints(root)[:-keep_last] if p != final]:
-                shutil.rmtree(old.with_name(old.name + ".universal"), ignore_errors=True)
-                shutil.rmtree(old, ignore_errors=True)
+        for old in _prune(root, keep_last, final):
+            shutil.rmtree(old.with_name(old.name + ".universal"), ignore_errors=True)
     dist.barrier()
     return final
-
-
-def latest(ckpt_dir: str | pathlib.Path) -> Optional[pathlib.Path]:
-    """The folder ``latest`` points at, or None."""
-    ptr = pathlib.Path(ckpt_dir) / "latest"
-    return ptr.parent / ptr.read_text().strip() if ptr.exists() else None
 
 
 def _is_ours(path: pathlib.Path, manifest: dict[str, Any]) -> dict[str, Any]:
