@@ -154,7 +154,7 @@ def _crafted_loads(root: pathlib.Path) -> dict:
 
     def both(case: str, engine, path: pathlib.Path) -> None:
         out[case] = _attempt(lambda: checkpoint.load(engine, path))
-        checkpoint.check_pickles = lambda folder: None  # the loads themselves must refuse as well
+        checkpoint.check_pickles = lambda folder, **kw: None  # the loads themselves must refuse as well
         try:
             out[case + "_unchecked"] = _attempt(lambda: checkpoint.load(engine, path))
         finally:
@@ -287,8 +287,10 @@ def test_crafted_pickle_is_refused_on_resume(trained, case):
             _refused(got, "ds_to_universal")
         elif case.endswith("_unchecked"):  # refused by the weights-only loads themselves (each rank: its file)
             _refused(got, SHARD.format(rank) if case.startswith("shard") else f"rng/rank_{rank:05d}.pt")
-        else:  # refused by the pickle check, before DeepSpeed reads anything (every rank: the first file)
-            _refused(got, SHARD.format(0) if case in ("shard", "universal") else "rng/rank_00000.pt")
+        else:  # refused by the pickle check, before DeepSpeed reads anything (every rank: the same file)
+            assert got == res[0]["crafted"][case]
+            crafted = [SHARD.format(r) if case in ("shard", "universal") else f"rng/rank_{r:05d}.pt" for r in (0, 1)]
+            _refused(got, next((c for c in crafted if c in got[1]), crafted[0]))
 
 
 def test_resume_checks_the_recipe(trained):
@@ -326,7 +328,7 @@ def test_crafted_pickle_is_refused_by_consolidation_and_export(trained, tmp_path
         checkpoint.consolidated_fp32_state_dict(step)
     with pytest.raises(ExportError, match=rf"refusing to unpickle builtins\.exec from .*{file}"):
         export(step.parent.parent, tmp_path / "hf")
-    monkeypatch.setattr(checkpoint, "check_pickles", lambda folder: None)  # DeepSpeed's own reads refuse too
+    monkeypatch.setattr(checkpoint, "check_pickles", lambda folder, **kw: None)  # DeepSpeed's own reads refuse too
     with pytest.raises(UnsafeCheckpointError, match=r"refusing to unpickle .*builtins\.exec"):
         checkpoint.consolidated_fp32_state_dict(step)
     assert not marker.exists() and not (tmp_path / "hf").exists()
@@ -348,3 +350,22 @@ def test_tampered_or_unlisted_file_is_refused_before_loading(trained, tmp_path):
     (step2 / "extra.pt").write_bytes(b"x")
     with pytest.raises(CorruptCheckpointError, match="extra.pt: not in the manifest"):
         checkpoint.consolidated_fp32_state_dict(step2.parent)  # checkpoints/ (latest)
+
+
+def test_nested_allow_lists_keep_the_outer_one(tmp_path):
+    """Our checkpoint engine's weights-only load inside forced_weights_only (DeepSpeed's universal path
+    reads through both): torch's safe_globals context removes its entries on exit, the outer
+    allowance must survive the inner one."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from seqpar.train import integrity
+
+    f = tmp_path / "x.pt"
+    torch.save({"a": fragment_address(numel=4, start=0)}, f)
+    with integrity.forced_weights_only([fragment_address]):
+        assert integrity.weights_only_load(f, str(f), allow=[fragment_address])["a"].numel == 4
+        assert torch.load(f, weights_only=False)["a"].start == 0  # forced weights-only, still allowed
+    assert fragment_address not in torch.serialization.get_safe_globals()
+    with pytest.raises(integrity.UnsafeCheckpointError, match="fragment_address from"):
+        integrity.weights_only_load(f, str(f))

@@ -116,12 +116,28 @@ def _pickles(folder: pathlib.Path) -> list[pathlib.Path]:
     return sorted(p for p in folder.rglob("*.pt") if p.is_file())
 
 
-def check_pickles(folder: pathlib.Path) -> None:
+def check_pickles(folder: pathlib.Path, *, collective: bool = False) -> None:
     """Refuse the folder if any of its ``.pt`` files names a global outside the allow-list
-    (disassembled, not run): UnsafeCheckpointError naming the file and the global."""
-    allow = deepspeed_globals()
-    for f in _pickles(folder):
-        integrity.check_pickle_globals(f, allow=allow, source=str(f))
+    (disassembled, not run): UnsafeCheckpointError naming the file and the global (CorruptCheckpointError
+    for a file that is no torch.save zip). ``collective``: file i is checked by rank i mod world and
+    every rank raises the same error (the first by rank)."""
+    files = _pickles(folder)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if collective else (0, 1)
+    err: Optional[tuple] = None
+    try:
+        for f in files[rank::world]:
+            integrity.check_pickle_globals(f, allow=deepspeed_globals(), source=str(f))
+    except integrity.CorruptCheckpointError as e:
+        err = ("corrupt", str(e.folder), e.file, e.reason)
+    except integrity.UnsafeCheckpointError as e:
+        err = ("unsafe", str(e))
+    if world > 1:
+        every: list[Any] = [None] * world
+        dist.all_gather_object(every, err)
+        err = next((e for e in every if e is not None), None)
+    if err is not None:
+        raise (integrity.CorruptCheckpointError(pathlib.Path(err[1]), err[2], err[3]) if err[0] == "corrupt"
+               else integrity.UnsafeCheckpointError(err[1]))
 
 
 def _digests(tmp: pathlib.Path) -> dict[str, dict[str, Any]]:
@@ -278,7 +294,7 @@ def load(engine: Any, path: str | pathlib.Path, *, config: Optional[dict[str, An
         raise err
     manifest = _is_ours(path, integrity.read_manifest(path))
     changes = check_resume(path, config) if config is not None else []
-    check_pickles(path)
+    check_pickles(path, collective=True)
     same = manifest["layout"] == _layout()
     if manifest["zero_stage"] != engine.zero_optimization_stage():
         raise ValueError(f"checkpoint {path} was written with ZeRO stage {manifest['zero_stage']}; this run has "

@@ -6,10 +6,15 @@ ranks wrote, whatever the TP / CP / DP layout was. ``torch.distributed.checkpoin
 full tensors in a single process (``no_dist=True``), so export never builds the megatron model and
 never needs the layout it was trained at.
 
+A DeepSpeed checkpoint (``seqpar.deepspeed.checkpoint``; its manifest says ``engine: deepspeed``) is
+consolidated by DeepSpeed's ``zero_to_fp32`` into the ``model.state_dict()`` names of a TP=1 model, then
+renamed to the sharded keys above (:func:`to_sharded_keys`); one saved at TP > 1 is refused.
+
 Before anything is read the folder is checked against its ``manifest.json`` (size and SHA-256 of
-every file, ``seqpar.train.integrity.verify``). Nothing executes code from disk: tensors and the
+every file, ``seqpar.train.integrity.verify``; the same manifest for both engines). Nothing executes code from disk: tensors and the
 common state load with ``weights_only=True`` and DCP's ``.metadata`` pickle goes through
-``seqpar.train.integrity``'s restricted unpickler.
+``seqpar.train.integrity``'s restricted unpickler; DeepSpeed's files are checked and read weights-only
+(``seqpar.deepspeed.checkpoint``).
 """
 
 from __future__ import annotations

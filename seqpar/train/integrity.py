@@ -139,13 +139,21 @@ def refused_unpickling(e: BaseException, source: str) -> "UnsafeCheckpointError"
                                  f"stores (the file may be crafted; do not load it)")
 
 
+def _allowing(allow: Iterable[Any]) -> Any:
+    """``torch.serialization.safe_globals`` for the entries of ``allow`` not yet allowed: torch's context
+    removes its entries on exit even when an enclosing context had added them, so nested uses (our
+    checkpoint engine inside ``forced_weights_only``) must not re-add what is already there."""
+    have = set(torch.serialization.get_safe_globals())
+    return torch.serialization.safe_globals([g for g in allow if g not in have])
+
+
 def weights_only_load(data: Any, source: str, *, allow: Iterable[Any] = (), **kw: Any) -> Any:
     """``torch.load(data, weights_only=True, **kw)``: torch's restricted unpickler (tensors, containers,
     numbers, strings) plus the classes in ``allow`` (e.g. the few DeepSpeed writes into its optimizer
     files), for this call only. Anything else raises UnsafeCheckpointError naming ``source`` and the
     refused global, without importing or calling it."""
     try:
-        with torch.serialization.safe_globals(list(allow)):
+        with _allowing(allow):
             return torch.load(data, weights_only=True, **kw)
     except pickle.UnpicklingError as e:
         raise refused_unpickling(e, source) from None
@@ -158,7 +166,7 @@ def check_pickle_globals(path: str | os.PathLike, *, allow: Iterable[Any] = (), 
     (DeepSpeed's): the clear, early error; the loads themselves still run weights-only
     (:func:`forced_weights_only`), which is what makes them safe. Files in torch's legacy (non-zip)
     format are not scanned here."""
-    with torch.serialization.safe_globals(list(allow)):
+    with _allowing(allow):
         try:
             bad = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
         except ValueError:  # legacy format: left to the weights-only load
@@ -184,7 +192,7 @@ def forced_weights_only(allow: Iterable[Any] = (), source: str = "a checkpoint")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
     try:
-        with torch.serialization.safe_globals(list(allow)):
+        with _allowing(allow):
             yield
     except pickle.UnpicklingError as e:
         raise refused_unpickling(e, f"a file of {source}") from None
