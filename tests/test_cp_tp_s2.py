@@ -3,7 +3,7 @@ gives the loss and gradients of the 1-rank model, under every CP scheme, for str
 rotation step differs between a TP rank's heads and the whole model's — under either reading of the
 step (kv heads or query heads). Each TP rank's kv heads must sit at their global index in the pattern.
 
-(TP=2 x CP=2 x DP=2 would need 8 ranks; the suite runs at most 4 per test.)
+(TP=2 x CP=2 x DP=2 with S2 layers among the others: tests/test_engine_layouts.py, 8 ranks.)
 """
 
 from __future__ import annotations

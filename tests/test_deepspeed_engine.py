@@ -148,7 +148,7 @@ def test_resume_is_exact(cp2, name):
     assert (ck / "latest").read_text() == "step_0000005"
     assert {p.name for p in ck.iterdir() if p.is_dir()} == {"step_0000003", "step_0000005"}  # no temp left
     files = {p.name for p in (ck / "step_0000005").iterdir()}
-    assert {"seqpar_manifest.json", "rng"} <= files
+    assert {"manifest.json", "config.json", "rng"} <= files  # seqpar.train.integrity's manifest
     assert any(f.endswith("model_states.pt") for f in files)
     assert len([f for f in files if f.endswith("optim_states.pt")]) == 2  # ZeRO shards: one per DP x CP rank
 
@@ -169,7 +169,7 @@ def test_consolidated_fp32_state_dict(cp2):
     assert set(sd0) >= set(sd)
     manifest = root / "zero2" / "checkpoints" / "step_0000005" / "mp_rank_00_model_states.pt"
     manifest.write_bytes(manifest.read_bytes() + b"x")  # tampered file: refused before DeepSpeed unpickles
-    with pytest.raises(ValueError, match="checksum"):
+    with pytest.raises(ValueError, match="corrupt: mp_rank_00_model_states.pt: grown"):
         consolidated_fp32_state_dict(root / "zero2" / "checkpoints")
 
 

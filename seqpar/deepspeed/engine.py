@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
 import time
 from typing import Any, Optional
 
@@ -233,7 +234,7 @@ def train(cfg: Any, *, resume: bool = False, stop_after: Optional[int] = None) -
         path = checkpoint.latest(ckpt_dir)
         if path is None:
             raise ValueError(f"--resume: no checkpoint under {ckpt_dir}")
-        state = checkpoint.load(engine, path)
+        state = checkpoint.load(engine, path, config=cfg.to_dict())  # refuses a model change / finished run
         if state["rng"] is not None:
             _set_rng_state(state["rng"])
         elif rank0:
@@ -281,7 +282,7 @@ def train(cfg: Any, *, resume: bool = False, stop_after: Optional[int] = None) -
         last = step + 1 == end or stop
         if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
             saved = checkpoint.save(engine, ckpt_dir, step + 1, rng=_rng_state(), config=cfg.to_dict(),
-                                    keep_last=cfg.train.keep_last)
+                                    keep_last=cfg.train.keep_last, tokenizer_model=getattr(data, "tokenizer_model", None))
         if stop:
             signals.stopped(step + 1, saved)
             break
@@ -294,7 +295,8 @@ def train(cfg: Any, *, resume: bool = False, stop_after: Optional[int] = None) -
                  if losses else "no steps run")
         print(f"[seqpar.deepspeed] ZeRO-{cfg.deepspeed.zero_stage}, steps {start}->{end}, {trend}\n"
               f"  checkpoint:  {checkpoint.latest(ckpt_dir)}\n"
-              f"  tensorboard: {_tensorboard_cmd()} --logdir {out / 'tb'}", flush=True)
+              f"  tensorboard: {_tensorboard_cmd()} --logdir {out / 'tb'}\n"
+              f"  export (HF): {sys.executable} -m seqpar.export.hf {out} {out / 'hf'}", flush=True)
     monitor.close()
     engine.destroy()
     ps.destroy_model_parallel()
