@@ -173,6 +173,23 @@ def test_consolidated_fp32_state_dict(cp2):
         consolidated_fp32_state_dict(root / "zero2" / "checkpoints")
 
 
+def test_corrupt_latest_falls_back_to_the_newest_intact(cp2, tmp_path):
+    """--resume with a corrupt newest checkpoint (train.on_corrupt_checkpoint=fallback, as the Megatron
+    engine): a warning naming the file, then the newest intact one (step 3) resumes with the losses of the
+    uninterrupted run."""
+    import shutil
+
+    res, root = cp2
+    shutil.copytree(root / "zero2", tmp_path / "zero2")  # a copy: other tests read the fixture's folder
+    bad = tmp_path / "zero2" / "checkpoints" / "step_0000005" / "mp_rank_00_model_states.pt"
+    bad.write_bytes(b"x" + bad.read_bytes()[1:])
+    resumed = run_ranks(_runs, 2, str(tmp_path), [("zero2", DS + ["deepspeed.zero_stage=2",
+                                                                  "train.on_corrupt_checkpoint=fallback"],
+                                                   [(True, 1)])], timeout=600)
+    _close(resumed[0]["zero2"][0], [x for part in res[0]["zero2"] for x in part][3:4], min_len=1)
+    assert (tmp_path / "zero2" / "checkpoints" / "latest").read_text() == "step_0000004"
+
+
 def test_dp2_cp2_four_ranks(tmp_path):
     full = [(False, None)]
     # the DP=2 -> DP=1 resume runs without the MoH load-balance loss: it is a function of each DP rank's

@@ -231,9 +231,11 @@ def train(cfg: Any, *, resume: bool = False, stop_after: Optional[int] = None) -
     start = 0
     prepare_out_dir(out, resume=resume, overwrite=cfg.train.overwrite)  # no silent mixing of two runs
     if resume:
-        path = checkpoint.latest(ckpt_dir)
-        if path is None:
-            raise ValueError(f"--resume: no checkpoint under {ckpt_dir}")
+        from seqpar.train.checkpoint import resumable
+
+        # the Megatron engine's rule: `latest` if intact, else (train.on_corrupt_checkpoint=fallback) the
+        # newest intact older checkpoint, with a warning naming the corrupt file; load() verifies it again
+        path = resumable(ckpt_dir, cfg.train.on_corrupt_checkpoint)
         state = checkpoint.load(engine, path, config=cfg.to_dict())  # refuses a model change / finished run
         if state["rng"] is not None:
             _set_rng_state(state["rng"])
