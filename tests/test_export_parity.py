@@ -2,7 +2,8 @@
 with seqpar layers) on the same tokens, fp32 max abs diff <= 1e-4, for every preset variant
 (dense -> stock LlamaForCausalLM, s2, lightning, moh, hybrid -> SeqparForCausalLM) and for a
 checkpoint saved at TP=2 x CP=2 (4 gloo ranks; the reference logits are gathered over TP and
-un-sharded over CP from the 4-rank model itself).
+un-sharded over CP from the 4-rank model itself) and one saved at PP=2 (2 ranks; the reference is the
+two pipeline stages run one after the other). DeepSpeed checkpoints: tests/test_deepspeed_checkpoint.py.
 
 Also: the checkpoint carries its tokenizer (``step_N/tokenizer.model``) and the exported tokenizer
 encodes like the training sentencepiece model with its BOS/EOS/pad ids; the torch and seqpar-kernel
@@ -169,3 +170,60 @@ def test_tp2_cp2_checkpoint_exports_exactly(tmp_path):
     out = export(tmp_path / "tp2cp2", tmp_path / "hf")
     logits, _ = _hf_logits(out, tokens)
     assert (logits - ref).abs().max().item() <= 1e-4
+
+
+def _pp_logits(cfg, tokens: torch.Tensor) -> torch.Tensor | None:
+    """Logits [b, s, vocab] of the checkpointed model run as its two pipeline stages (PP=2, this rank's
+    stage loaded from the checkpoint): stage 0's hidden states [s, b, h] are sent to stage 1, which
+    returns the logits; None on stage 0."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from seqpar.megatron import init_parallel
+    from seqpar.train import checkpoint
+    from seqpar.train.loop import build_data, build_model
+
+    init_parallel(1, 1, cfg.parallel.pipeline_parallel, seed=cfg.train.seed)
+    _, vocab = build_data(cfg)
+    model = build_model(cfg, vocab)[0]
+    checkpoint.load(checkpoint.latest(pathlib.Path(cfg.train.out_dir) / "checkpoints"), [model])  # model only
+    model.eval()
+    pos = torch.arange(tokens.shape[1]).expand_as(tokens)
+    out = None
+    with torch.no_grad():
+        if parallel_state.is_pipeline_first_stage():
+            dist.send(model(tokens, pos, None).contiguous(), dst=1)  # [s, b, h]
+        else:
+            hidden = torch.empty(tokens.shape[1], tokens.shape[0], model.config.hidden_size)
+            dist.recv(hidden, src=0)
+            model.set_input_tensor(hidden)
+            out = model(tokens, pos, None)  # [b, s, vocab]
+    parallel_state.destroy_model_parallel()
+    return out
+
+
+def _train_pp(rank: int, world: int, root: str, tokens: torch.Tensor):
+    from seqpar.megatron import disable_cpu_compat
+    from seqpar.train.loop import train
+
+    cfg = _cfg(f"{root}/pp2", f"{root}/spm", "hybrid", None, 1, 1, tokens.shape[1], ["parallel.pipeline_parallel=2"])
+    train(cfg)
+    out = _pp_logits(cfg, tokens)
+    disable_cpu_compat()
+    return out
+
+
+def test_pp2_checkpoint_exports_exactly(tmp_path):
+    """A checkpoint saved at PP=2 (2 ranks, two layers per stage) exports to the same logits as the two
+    pipeline stages of the training model compute."""
+    from seqpar.export.hf import export
+    from seqpar.export.reader import read_checkpoint
+
+    tokens = _tokens()
+    res = run_ranks(_train_pp, 2, str(tmp_path), tokens, timeout=600)
+    assert res[0] is None and res[1] is not None
+    ck = read_checkpoint(tmp_path / "pp2", with_tensors=False)
+    assert ck.layout["pipeline_parallel"] == 2
+    out = export(tmp_path / "pp2", tmp_path / "hf")
+    logits, _ = _hf_logits(out, tokens)
+    assert (logits - res[1]).abs().max().item() <= 1e-4

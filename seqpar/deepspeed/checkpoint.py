@@ -1,22 +1,35 @@
 """Checkpoints of the DeepSpeed engine: ``engine.save_checkpoint`` / ``engine.load_checkpoint``
-(DeepSpeed's own format, ZeRO shards included), written atomically like ``seqpar.train.checkpoint``.
+(DeepSpeed's own format, ZeRO shards included), written atomically and verified like
+``seqpar.train.checkpoint``'s, and loaded without running code from disk.
 
 Layout of ``<out_dir>/checkpoints``::
 
     latest                      text: the tag of the newest complete checkpoint ("step_0000008"),
                                 the same file DeepSpeed's own tools (zero_to_fp32) read
     step_0000008/               one DeepSpeed checkpoint folder (tag = folder name)
-      mp_rank_00_model_states.pt            module state + client state (step, layout, config)
+      mp_rank_00_model_states.pt            module state (+ DeepSpeed's client state)
       *zero_pp_rank_<r>_mp_rank_00_optim_states.pt   ZeRO shards (one per DP x CP rank; stage 0: none,
                                             the optimizer state is in the model-states file)
       rng/rank_<global rank>.pt             per-rank RNG states (plain tensors)
-      seqpar_manifest.json                  layout, step, size + sha256 of every file above
+      config.json                           the resolved recipe (seqpar.train.checkpoint.CONFIG_FILE)
+      tokenizer.model                       the run's sentencepiece model (text data; TOKENIZER_FILE)
+      manifest.json                         seqpar.train.integrity's manifest: size + SHA-256 of every
+                                            file above, plus engine="deepspeed", step, layout, zero_stage
     zero_to_fp32.py             DeepSpeed's consolidation script (written by DeepSpeed)
 
 Atomicity: every rank saves into ``.tmp_step_N`` (a DeepSpeed tag of its own, ``save_latest=False``);
-after a barrier rank 0 writes the manifest, renames the folder to ``step_N`` and rewrites ``latest``
-by tmp + rename. A crash leaves the previous checkpoint and ``latest`` intact. Loading verifies the
-manifest (sizes and checksums) before DeepSpeed reads anything.
+after a barrier the ranks hash the files (file i by rank i mod world), rank 0 writes the manifest,
+renames the folder to ``step_N`` and rewrites ``latest`` by tmp + rename. A crash leaves the
+previous checkpoint and ``latest`` intact.
+
+Loading executes nothing from disk. DeepSpeed's loaders unpickle with ``torch.load(weights_only=False)``;
+here, after the manifest check: (1) every pickle of the folder is disassembled (not run) and refused if it
+names a global outside torch's weights-only set and :func:`deepspeed_globals` (the three classes DeepSpeed
+writes) — ``UnsafeCheckpointError("refusing to unpickle builtins.exec from ...")`` on every rank before
+DeepSpeed reads anything; (2) the engine's checkpoint engine is replaced by a weights-only one (DeepSpeed's
+``CheckpointEngine`` interface; :func:`_weights_only_checkpoint_engine`), and (3) every DeepSpeed call that
+reads checkpoint files runs inside ``integrity.forced_weights_only`` (:func:`_deepspeed_reads`, the one place
+that names those calls), so even a load that bypasses the checkpoint engine is weights-only.
 
 Exact resume: DeepSpeed restores the module, the ZeRO-partitioned fp32 master weights and AdamW
 moments and the LR scheduler; ``step`` restores the data position; the RNG files the generators.
@@ -31,49 +44,120 @@ model (DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``), keyed like ``m
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import functools
 import json
 import os
 import pathlib
 import shutil
 import subprocess
 import sys
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 
-from seqpar.train.checkpoint import _write_atomic  # one tmp + os.replace writer for both engines
+from seqpar.train import integrity
+from seqpar.train.checkpoint import (CONFIG_FILE, TOKENIZER_FILE, _layout, _prune, _verify_collective,
+                                     _write_atomic, check_resume, latest)  # latest: checkpoint.latest(ckpt_dir)
 
-MANIFEST = "seqpar_manifest.json"
-
-
-def _layout() -> dict[str, int]:
-    return {"tensor_parallel": ps.get_tensor_model_parallel_world_size(),
-            "context_parallel": ps.get_context_parallel_world_size(),
-            "data_parallel": ps.get_data_parallel_world_size(),
-            "world": dist.get_world_size()}
+ENGINE = "deepspeed"  # the manifest's "engine" field of these folders
 
 
-def _sha256(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def deepspeed_globals() -> list[Any]:
+    """The classes DeepSpeed (0.19) pickles into its checkpoint files besides tensors, containers and
+    numbers — the allow-list of every load here: the ZeRO optimizer state's loss scaler
+    (``LossScaler``; fp32 and bf16 runs), its ``zero_stage`` (``ZeroStageEnum``) and ZeRO-1/2's
+    ``param_slice_mappings`` entries (``fragment_address``). Reconstructing them calls no code of the
+    file's choosing (plain attribute state; an int enum)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-def _files(folder: pathlib.Path) -> dict[str, dict[str, Any]]:
-    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+@contextlib.contextmanager
+def _deepspeed_reads(path: pathlib.Path) -> Iterator[None]:
+    """Around every DeepSpeed call that reads checkpoint files. They call ``torch.load(...,
+    weights_only=False)`` themselves: ``DeepSpeedEngine.load_checkpoint`` (through its checkpoint
+    engine, replaced here, and directly in the universal path: ``universal_checkpoint.load_hp_checkpoint_state``,
+    ``base_optimizer.load_hp_checkpoint_state_from_checkpoint_dir``, ``stage3.load_hp_checkpoint_state``),
+    ``zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint`` (``parse_model_states`` / ``parse_optim_states``)
+    and ``ds_to_universal`` (a subprocess, :func:`_universal`). Inside, torch forces them weights-only
+    with :func:`deepspeed_globals` allowed."""
+    with integrity.forced_weights_only(deepspeed_globals(), source=f"DeepSpeed checkpoint {path}"):
+        yield
+
+
+@functools.lru_cache(maxsize=None)
+def _weights_only_checkpoint_engine() -> type:
+    """DeepSpeed's ``TorchCheckpointEngine`` (torch.save; same files) whose ``load`` is
+    ``integrity.weights_only_load`` with :func:`deepspeed_globals`."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location: Any = None) -> Any:
+            return integrity.weights_only_load(path, str(path), allow=deepspeed_globals(), map_location=map_location)
+
+    return WeightsOnlyCheckpointEngine
+
+
+def _use_weights_only_loads(engine: Any) -> None:
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    # the default engine only: one a ds_config "checkpoint.writer" selects is kept (its loads are still
+    # forced weights-only by _deepspeed_reads)
+    if type(engine.checkpoint_engine) is TorchCheckpointEngine:
+        engine.checkpoint_engine = _weights_only_checkpoint_engine()(engine._config)
+
+
+def _pickles(folder: pathlib.Path) -> list[pathlib.Path]:
+    return sorted(p for p in folder.rglob("*.pt") if p.is_file())
+
+
+def check_pickles(folder: pathlib.Path, *, collective: bool = False) -> None:
+    """Refuse the folder if any of its ``.pt`` files names a global outside the allow-list
+    (disassembled, not run): UnsafeCheckpointError naming the file and the global (CorruptCheckpointError
+    for a file that is no torch.save zip). ``collective``: file i is checked by rank i mod world and
+    every rank raises the same error (the first by rank)."""
+    files = _pickles(folder)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if collective else (0, 1)
+    err: Optional[tuple] = None
+    try:
+        for f in files[rank::world]:
+            integrity.check_pickle_globals(f, allow=deepspeed_globals(), source=str(f))
+    except integrity.CorruptCheckpointError as e:
+        err = ("corrupt", str(e.folder), e.file, e.reason)
+    except integrity.UnsafeCheckpointError as e:
+        err = ("unsafe", str(e))
+    if world > 1:
+        every: list[Any] = [None] * world
+        dist.all_gather_object(every, err)
+        err = next((e for e in every if e is not None), None)
+    if err is not None:
+        raise (integrity.CorruptCheckpointError(pathlib.Path(err[1]), err[2], err[3]) if err[0] == "corrupt"
+               else integrity.UnsafeCheckpointError(err[1]))
+
+
+def _digests(tmp: pathlib.Path) -> dict[str, dict[str, Any]]:
+    """Size + SHA-256 of every file of ``tmp``, file i hashed by rank i mod world, gathered on every
+    rank (an object all-gather over the wire; nothing is unpickled from disk). Collective."""
+    names = integrity._files(tmp)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = {n: integrity.file_digest(tmp / n) for n in names[rank::world]}
+    every: list[Any] = [None] * world
+    dist.all_gather_object(every, mine)
+    return {k: v for d in every for k, v in d.items()}
 
 
 def save(engine: Any, ckpt_dir: str | pathlib.Path, step: int, *, rng: Any, config: dict[str, Any],
-         keep_last: int = 0) -> pathlib.Path:
-    """Write step ``step`` through ``engine.save_checkpoint`` into ``<ckpt_dir>/step_N`` atomically, then
-    delete all but the newest ``keep_last`` checkpoints (0 = keep all; train.keep_last) with their
-    converted ``.universal`` copies. Collective: every rank calls it."""
+         keep_last: int = 0, tokenizer_model: Optional[bytes] = None) -> pathlib.Path:
+    """Write step ``step`` through ``engine.save_checkpoint`` into ``<ckpt_dir>/step_N`` atomically, with
+    ``config.json`` (``config``, the resolved recipe), ``tokenizer.model`` (``tokenizer_model``: the run's
+    serialized sentencepiece model, if any) and ``manifest.json``; then delete all but the newest
+    ``keep_last`` checkpoints (0 = keep all; train.keep_last) with their converted ``.universal`` copies.
+    Collective: every rank calls it."""
     root = pathlib.Path(ckpt_dir)
     tag = f"step_{step:07d}"
     tmp_tag = f".tmp_{tag}"
@@ -88,111 +172,154 @@ def save(engine: Any, ckpt_dir: str | pathlib.Path, step: int, *, rng: Any, conf
                                                 UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 
     # universal_checkpoint_info: what ds_to_universal needs to re-partition it later (no TP merge
-    # patterns: TP shards are not re-split by this path)
-    client = {"seqpar": {"step": step, "layout": layout, "config": config},
-              UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    # patterns: TP shards are not re-split by this path). step, layout and the recipe live in the
+    # manifest and config.json.
+    client = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
     engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False, client_state=client)
     (tmp / "rng").mkdir(parents=True, exist_ok=True)
     torch.save(rng, tmp / "rng" / f"rank_{rank:05d}.pt")
-    dist.barrier()
     if rank == 0:
-        manifest = {"format": "seqpar-deepspeed/1", "step": step, "layout": layout,
-                    "zero_stage": engine.zero_optimization_stage(), "files": _files(tmp)}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True))
+        if tokenizer_model is not None:
+            (tmp / TOKENIZER_FILE).write_bytes(tokenizer_model)
+    dist.barrier()
+    digests = _digests(tmp)
+    if rank == 0:
+        integrity.write_manifest(tmp, digests, extra={"engine": ENGINE, "step": step, "layout": layout,
+                                                      "zero_stage": engine.zero_optimization_stage()})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _write_atomic(root / "latest", tag)
-        if keep_last > 0:
-            from seqpar.train.checkpoint import checkpoints
-
-            for old in [p for p in checkpoints(root)[:-keep_last] if p != final]:
-                shutil.rmtree(old.with_name(old.name + ".universal"), ignore_errors=True)
-                shutil.rmtree(old, ignore_errors=True)
+        for old in _prune(root, keep_last, final):
+            shutil.rmtree(old.with_name(old.name + ".universal"), ignore_errors=True)
     dist.barrier()
     return final
 
 
-def latest(ckpt_dir: str | pathlib.Path) -> Optional[pathlib.Path]:
-    """The folder ``latest`` points at, or None."""
-    ptr = pathlib.Path(ckpt_dir) / "latest"
-    return ptr.parent / ptr.read_text().strip() if ptr.exists() else None
-
-
-def verify(path: pathlib.Path) -> dict[str, Any]:
-    """Check a checkpoint folder against its manifest (every file present, sizes and sha256 equal);
-    returns the manifest. Raises ValueError naming the first bad file."""
-    man_path = path / MANIFEST
-    if not man_path.is_file():
-        raise ValueError(f"{path} is not a seqpar DeepSpeed checkpoint (no {MANIFEST}); pass a step_N folder "
-                         f"written with train.engine=deepspeed")
-    manifest = json.loads(man_path.read_text())
-    for name, meta in manifest["files"].items():
-        f = path / name
-        if not f.is_file():
-            raise ValueError(f"checkpoint {path}: {name} is missing")
-        if f.stat().st_size != meta["bytes"] or _sha256(f) != meta["sha256"]:
-            raise ValueError(f"checkpoint {path}: {name} does not match its checksum in {MANIFEST} (corrupt or "
-                             f"modified)")
+def _is_ours(path: pathlib.Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    if manifest.get("engine") != ENGINE:
+        raise ValueError(f"{path} is not a DeepSpeed checkpoint of seqpar (its manifest.json has engine="
+                         f"{manifest.get('engine', 'megatron')!r}); pass a step_N folder written with "
+                         f"train.engine=deepspeed")
     return manifest
 
 
+def verify(path: str | pathlib.Path) -> dict[str, Any]:
+    """Check a ``step_N`` folder against its manifest (every file present, sizes and SHA-256 equal, no
+    file added) and that it is a DeepSpeed checkpoint; returns the manifest. Raises
+    ``integrity.CorruptCheckpointError`` (a ValueError) naming the first bad file."""
+    path = pathlib.Path(path)
+    _not_legacy(path)
+    return _is_ours(path, integrity.verify(path))
+
+
+def _not_legacy(path: pathlib.Path) -> None:
+    if (path / "seqpar_manifest.json").is_file() and not (path / integrity.MANIFEST).is_file():
+        raise ValueError(f"{path} was written by an older seqpar (seqpar_manifest.json, format "
+                         f"seqpar-deepspeed/1), which this version no longer reads")
+
+
+# ds_to_universal in a child process with DeepSpeed's classes allowed for torch's weights-only loads
+# (the child runs with TORCH_FORCE_WEIGHTS_ONLY_LOAD=1, see _universal); its worker pools fork from it
+_TO_UNIVERSAL = ("import runpy, torch; from seqpar.deepspeed.checkpoint import deepspeed_globals; "
+                 "torch.serialization.add_safe_globals(deepspeed_globals()); "
+                 "runpy.run_module('deepspeed.checkpoint.ds_to_universal', run_name='__main__', alter_sys=True)")
+
+
 def _universal(path: pathlib.Path) -> pathlib.Path:
-    """DeepSpeed's universal checkpoint of ``path`` (converted once, by rank 0, atomically)."""
+    """DeepSpeed's universal checkpoint of ``path`` (converted once, by rank 0, atomically; every load
+    weights-only). Collective: a failure on rank 0 is raised on every rank."""
     out = path.with_name(path.name + ".universal")
+    err: list[Optional[tuple[str, str]]] = [None]
     if dist.get_rank() == 0 and not (out / "zero").is_dir():
-        tmp = path.with_name(f".tmp_{path.name}.universal")
-        src = path.with_name(f".tmp_{path.name}.source")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(src, ignore_errors=True)
-        shutil.copytree(path, src)
-        # megatron-core modules put `_extra_state` entries (None, not tensors) in state_dict(); the
-        # converter saves every module entry as a tensor, so the copy it reads has only tensors
-        for f in src.glob("mp_rank_*_model_states.pt"):
-            state = torch.load(f, map_location="cpu", weights_only=False)  # verified by the manifest
-            state["module"] = {k: v for k, v in state["module"].items() if torch.is_tensor(v)}
-            torch.save(state, f)
-        # a subprocess: the converter forks worker pools, which a daemonic rank process may not
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
-               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1",
-               "--no_strict"]
-        res = subprocess.run(cmd, capture_output=True, text=True,
-                             env={**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")})
-        shutil.rmtree(src, ignore_errors=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"ds_to_universal failed on {path}:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    dist.barrier()
+        try:
+            _convert(path, out)
+        except Exception as e:  # noqa: BLE001 - handed to every rank below
+            err[0] = (type(e).__name__, str(e))
+    dist.broadcast_object_list(err, src=0)
+    if err[0] is not None:
+        kind, msg = err[0]
+        raise (integrity.UnsafeCheckpointError if kind == "UnsafeCheckpointError" else RuntimeError)(msg)
     return out
 
 
-def load(engine: Any, path: pathlib.Path) -> dict[str, Any]:
+def _convert(path: pathlib.Path, out: pathlib.Path) -> None:
+    tmp = path.with_name(f".tmp_{path.name}.universal")
+    src = path.with_name(f".tmp_{path.name}.source")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(src, ignore_errors=True)
+    shutil.copytree(path, src)
+    try:
+        # megatron-core modules put `_extra_state` entries (None, not tensors) in state_dict(); the
+        # converter saves every module entry as a tensor, so the copy it reads has only tensors
+        for f in src.glob("mp_rank_*_model_states.pt"):
+            state = integrity.weights_only_load(f, str(path / f.name), allow=deepspeed_globals(), map_location="cpu")
+            state["module"] = {k: v for k, v in state["module"].items() if torch.is_tensor(v)}
+            torch.save(state, f)
+        # a subprocess: the converter forks worker pools, which a daemonic rank process may not
+        cmd = [sys.executable, "-c", _TO_UNIVERSAL, "--input_folder", str(src), "--output_folder", str(tmp),
+               "--num_extract_workers", "1", "--num_merge_workers", "1", "--no_strict"]
+        env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+               "TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"}  # ds_to_universal's torch.load(weights_only=False) calls
+        env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    finally:
+        shutil.rmtree(src, ignore_errors=True)
+    if res.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if "Weights only load failed" in res.stderr:  # torch's refusal inside the converter
+            raise integrity.refused_unpickling(Exception(res.stderr), f"a file of DeepSpeed checkpoint {path} "
+                                                            f"(DeepSpeed's ds_to_universal)")
+        raise RuntimeError(f"ds_to_universal failed on {path}:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def load(engine: Any, path: str | pathlib.Path, *, config: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Load a ``step_N`` folder into ``engine`` (module, ZeRO optimizer state, LR scheduler). Returns
-    ``step``, ``config``, ``layout`` and ``rng`` (this rank's RNG states, or None when the checkpoint
-    was written with another parallel layout)."""
-    manifest = verify(path)
+    ``step``, ``config`` (the saved recipe), ``layout``, ``changes`` and ``rng`` (this rank's RNG states,
+    or None when the checkpoint was written with another parallel layout). Collective.
+
+    ``config`` (this run's resolved recipe): checked against the saved one first, as for the Megatron
+    engine (``seqpar.train.checkpoint.check_resume``: a model change or a finished run is refused, other
+    changes printed and returned as ``changes``).
+
+    Before DeepSpeed reads anything, on every rank: the manifest (files hashed in parallel, every rank
+    gets the same answer; CorruptCheckpointError naming the file) and the pickle check (UnsafeCheckpointError
+    naming the file and the refused global); DeepSpeed's reads then run weights-only (module docstring)."""
+    path = pathlib.Path(path)
+    _not_legacy(path)
+    err = _verify_collective(path)
+    if err is not None:
+        raise err
+    manifest = _is_ours(path, integrity.read_manifest(path))
+    changes = check_resume(path, config) if config is not None else []
+    check_pickles(path, collective=True)
     same = manifest["layout"] == _layout()
     if manifest["zero_stage"] != engine.zero_optimization_stage():
         raise ValueError(f"checkpoint {path} was written with ZeRO stage {manifest['zero_stage']}; this run has "
                          f"deepspeed.zero_stage={engine.zero_optimization_stage()}; resume with the same stage")
-    if same:
-        loaded, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True)
-    else:
-        uni = _universal(path)
-        engine._config.load_universal_checkpoint = True  # DeepSpeed's checkpoint.load_universal switch
-        try:
-            # not strict: the converted module state has no `_extra_state` entries (see _universal); every
-            # parameter is then set from the universal fp32 files
-            loaded, client = engine.load_checkpoint(str(uni.parent), tag=uni.name, load_module_strict=False)
-        finally:
-            engine._config.load_universal_checkpoint = False
+    _use_weights_only_loads(engine)
+    with _deepspeed_reads(path):
+        if same:
+            loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True)
+        else:
+            uni = _universal(path)
+            engine._config.load_universal_checkpoint = True  # DeepSpeed's checkpoint.load_universal switch
+            try:
+                # not strict: the converted module state has no `_extra_state` entries (see _universal);
+                # every parameter is then set from the universal fp32 files
+                loaded, _ = engine.load_checkpoint(str(uni.parent), tag=uni.name, load_module_strict=False)
+            finally:
+                engine._config.load_universal_checkpoint = False
     if loaded is None:
         raise ValueError(f"DeepSpeed could not load {path}")
     rng = None
     if same:
-        rng = torch.load(path / "rng" / f"rank_{dist.get_rank():05d}.pt", weights_only=True)
-    meta = client["seqpar"] if client and "seqpar" in client else manifest
-    return {"step": manifest["step"], "config": meta.get("config"), "layout": manifest["layout"], "rng": rng}
+        f = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
+        rng = integrity.weights_only_load(f, str(f))
+    saved = json.loads((path / CONFIG_FILE).read_text())
+    return {"step": manifest["step"], "config": saved, "layout": manifest["layout"], "changes": changes, "rng": rng}
 
 
 def consolidated_fp32_state_dict(path: str | pathlib.Path) -> dict[str, torch.Tensor]:
@@ -201,18 +328,23 @@ def consolidated_fp32_state_dict(path: str | pathlib.Path) -> dict[str, torch.Te
     ``get_fp32_state_dict_from_zero_checkpoint`` over the ZeRO shards (stages 1-3; stage 0 reads the
     module state). Keys are those of ``model.state_dict()`` of the seqpar GPTModel at TP=1 (e.g.
     ``decoder.layers.0.self_attention.linear_qkv.weight``); the tensors are fp32 on the CPU. Runs
-    without a process group. Verifies the manifest first (DeepSpeed's loader unpickles the files)."""
+    without a process group. Verifies the manifest and the pickles first; every read is weights-only
+    (module docstring). Raises ValueError for a TP > 1 checkpoint (TP shards are not merged)."""
     path = pathlib.Path(path)
-    if not (path / MANIFEST).is_file() and (path / "latest").is_file():
+    if not (path / integrity.MANIFEST).is_file() and (path / "latest").is_file():
         path = latest(path)
     manifest = verify(path)
     if manifest["layout"]["tensor_parallel"] != 1:
         raise ValueError(f"{path} was written at tensor_parallel={manifest['layout']['tensor_parallel']}; "
-                         f"consolidation of TP shards is not supported, resume it at TP=1 and save again")
+                         f"consolidating DeepSpeed checkpoints with TP shards is not supported: resume it at "
+                         f"parallel.tensor_parallel=1 (train.engine=deepspeed) and save again")
+    check_pickles(path)
     if manifest["zero_stage"] == 0:
-        sd = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        f = path / "mp_rank_00_model_states.pt"
+        sd = integrity.weights_only_load(f, str(f), allow=deepspeed_globals(), map_location="cpu")["module"]
         return {k: v.float() for k, v in sd.items() if torch.is_tensor(v)}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    sd = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    with _deepspeed_reads(path):
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     return {k: v.float() for k, v in sd.items()}

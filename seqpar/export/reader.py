@@ -6,10 +6,15 @@ ranks wrote, whatever the TP / CP / DP layout was. ``torch.distributed.checkpoin
 full tensors in a single process (``no_dist=True``), so export never builds the megatron model and
 never needs the layout it was trained at.
 
+A DeepSpeed checkpoint (``seqpar.deepspeed.checkpoint``; its manifest says ``engine: deepspeed``) is
+consolidated by DeepSpeed's ``zero_to_fp32`` into the ``model.state_dict()`` names of a TP=1 model, then
+renamed to the sharded keys above (:func:`to_sharded_keys`); one saved at TP > 1 is refused.
+
 Before anything is read the folder is checked against its ``manifest.json`` (size and SHA-256 of
-every file, ``seqpar.train.integrity.verify``). Nothing executes code from disk: tensors and the
+every file, ``seqpar.train.integrity.verify``; the same manifest for both engines). Nothing executes code from disk: tensors and the
 common state load with ``weights_only=True`` and DCP's ``.metadata`` pickle goes through
-``seqpar.train.integrity``'s restricted unpickler.
+``seqpar.train.integrity``'s restricted unpickler; DeepSpeed's files are checked and read weights-only
+(``seqpar.deepspeed.checkpoint``).
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ import torch
 from seqpar.errors import ConfigError
 
 from seqpar.train.checkpoint import CONFIG_FILE, TOKENIZER_FILE  # noqa: E402  one place for the names
+from seqpar.train.integrity import MANIFEST
+
 _OPTIONAL_KEYS = ("optimizer.", "rng_state", "rng.")  # rng.*: per-rank RNG states as uint8 tensors (h16)
-DEEPSPEED_MANIFEST = "seqpar_manifest.json"  # step folders of seqpar.deepspeed.checkpoint
 
 
 class ExportError(ConfigError):
@@ -58,13 +64,24 @@ def resolve_step_dir(path: str | pathlib.Path) -> pathlib.Path:
         if not target.is_dir():
             raise ExportError(f"{p} points at {target.name}, which does not exist under {p.parent}")
         return resolve_step_dir(target)
-    if (p / "metadata.json").is_file() or (p / DEEPSPEED_MANIFEST).is_file():
+    if (p / "metadata.json").is_file() or (p / MANIFEST).is_file():  # dist_checkpointing / any seqpar step folder
         return p
     for ptr in (p / "latest", p / "checkpoints" / "latest"):
         if ptr.is_file():
             return resolve_step_dir(ptr)
-    raise ExportError(f"{p} is not a seqpar checkpoint: no metadata.json, no latest, no checkpoints/latest; "
+    raise ExportError(f"{p} is not a seqpar checkpoint: no {MANIFEST}, no latest, no checkpoints/latest; "
                       f"pass a step_N folder, checkpoints/latest or the run folder")
+
+
+def _engine(step_dir: pathlib.Path) -> str:
+    """Which engine wrote the step folder: the manifest's ``engine`` field (DeepSpeed folders carry
+    ``"deepspeed"``; megatron's dist_checkpointing folders have no field)."""
+    from seqpar.train import integrity
+
+    try:
+        return str(integrity.read_manifest(step_dir).get("engine", "megatron"))
+    except integrity.CorruptCheckpointError:
+        return "megatron"  # verified (and refused) below
 
 
 def _verified_metadata(step_dir: pathlib.Path):
@@ -107,7 +124,7 @@ def read_checkpoint(path: str | pathlib.Path, *, with_tensors: bool = True) -> T
     from seqpar.train import integrity
 
     step_dir = resolve_step_dir(path)
-    if (step_dir / DEEPSPEED_MANIFEST).is_file():
+    if _engine(step_dir) == "deepspeed":
         return _read_deepspeed(step_dir, with_tensors)
     _verified_metadata(step_dir)  # manifest, then the DCP index through the restricted unpickler
     try:
@@ -157,7 +174,10 @@ def to_sharded_keys(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torc
 
 def _read_deepspeed(step_dir: pathlib.Path, with_tensors: bool) -> TrainingCheckpoint:
     """A ``seqpar.deepspeed`` checkpoint: manifest-verified, consolidated to full fp32 tensors by
-    DeepSpeed's ZeRO tooling (``consolidated_fp32_state_dict``), in one process."""
+    DeepSpeed's ZeRO tooling (``consolidated_fp32_state_dict``, weights-only reads), in one process.
+    TP > 1 DeepSpeed checkpoints are refused (their TP shards are not merged)."""
+    from seqpar.train import integrity
+
     try:
         from seqpar.deepspeed import checkpoint as dsck
     except ImportError as e:
@@ -165,15 +185,14 @@ def _read_deepspeed(step_dir: pathlib.Path, with_tensors: bool) -> TrainingCheck
     try:
         manifest = dsck.verify(step_dir)
     except ValueError as e:
-        raise ExportError(f"{e}; export refuses a damaged or incomplete checkpoint") from e
-    cfg_file = step_dir / CONFIG_FILE
-    if cfg_file.is_file():
-        config = json.loads(cfg_file.read_text())
-    else:  # the recipe travels in DeepSpeed's client state (a pickle; the manifest was verified above)
-        state = torch.load(step_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        config = (state.get("seqpar") or {}).get("config")
-    if not isinstance(config, dict) or "model" not in config:
-        raise ExportError(f"{step_dir} carries no recipe; export needs the model section the run was trained with")
+        raise ExportError(f"{e}; export refuses a damaged or incomplete checkpoint (copy the whole step folder)") from e
+    config = _read_recipe(step_dir, {})
+    tp = int(manifest.get("layout", {}).get("tensor_parallel", 1))
+    if tp != 1:
+        raise ExportError(f"{step_dir} is a DeepSpeed checkpoint saved at parallel.tensor_parallel={tp}: export of "
+                          f"DeepSpeed checkpoints with TP shards is not supported (DeepSpeed's zero_to_fp32 does "
+                          f"not merge them). Resume it at parallel.tensor_parallel=1 and save, or train with "
+                          f"train.engine=megatron, whose checkpoints export at any TP")
     tok = step_dir / TOKENIZER_FILE
     ck = TrainingCheckpoint(path=step_dir, step=int(manifest.get("step", 0)), config=config,
                             layout=dict(manifest.get("layout", {})), tensors={},
@@ -182,8 +201,8 @@ def _read_deepspeed(step_dir: pathlib.Path, with_tensors: bool) -> TrainingCheck
     if with_tensors:
         try:
             sd = dsck.consolidated_fp32_state_dict(step_dir)
-        except ValueError as e:
-            raise ExportError(str(e)) from e
+        except (integrity.UnsafeCheckpointError, integrity.CorruptCheckpointError) as e:
+            raise ExportError(f"{e}; export refuses it") from e
         ck.tensors = to_sharded_keys(sd, config)
     return ck
 

@@ -332,21 +332,8 @@ def load(path: pathlib.Path, model: Sequence[torch.nn.Module], opt: Any = None, 
     if not (path / "metadata.json").is_file():
         raise ValueError(f"{path} is not a dist_checkpointing checkpoint (no metadata.json); "
                          f"pass a step_N folder written by seqpar.train")
-    changes: list[str] = []
-    if config is not None:
-        saved = saved_config(path)
-        changes = compare_configs(saved, config, where=str(path))
-        if changes and _rank_world()[0] == 0:
-            step = integrity.read_manifest(path).get("step", 0)
-            print(f"[seqpar.train] resuming {path} with a changed recipe (allowed; the LR schedule and data "
-                  f"position follow the new values from step {step} on):\n"
-                  + "\n".join(f"  {c}" for c in changes) + _lr_jump(saved, config, step), file=sys.stderr, flush=True)
+    changes = check_resume(path, config) if config is not None else []
     common = integrity.load_common(path)
-    if config is not None and common["step"] >= config["train"]["steps"]:
-        raise ResumeError(f"--resume: {path} is step {common['step']}, already the end of the run "
-                         f"(train.steps={config['train']['steps']}); nothing to train. To train longer, raise "
-                         f"train.steps (e.g. --set train.steps={2 * common['step']}): the LR schedule is then "
-                         f"recomputed for the new length")
     kind = common.get("optimizer_kind")
     if opt is not None and (kind != _optimizer_kind(opt) or common["step"] == 0):
         if common["step"] != 0:
@@ -411,6 +398,27 @@ def _lr_jump(saved: dict[str, Any], new: dict[str, Any], step: int) -> str:
     except Exception:  # noqa: BLE001 - an older recipe the schema no longer reads: the field list says enough
         return ""
     return f"\n  -> the learning rate at step {step} changes from {a:.3g} to {b:.3g}" if a != b else ""
+
+
+def check_resume(path: str | pathlib.Path, config: dict[str, Any]) -> list[str]:
+    """Before loading checkpoint ``path`` (either engine) into a run with the resolved recipe ``config``:
+    ``compare_configs`` with the saved ``config.json`` (ConfigMismatchError for a model change; other
+    changes printed on rank 0 with the LR jump, and returned) and refuse a finished run (ResumeError:
+    the manifest's step is already ``train.steps``)."""
+    path = pathlib.Path(path)
+    saved = saved_config(path)
+    changes = compare_configs(saved, config, where=str(path))
+    step = int(integrity.read_manifest(path).get("step", 0))
+    if changes and _rank_world()[0] == 0:
+        print(f"[seqpar.train] resuming {path} with a changed recipe (allowed; the LR schedule and data "
+              f"position follow the new values from step {step} on):\n"
+              + "\n".join(f"  {c}" for c in changes) + _lr_jump(saved, config, step), file=sys.stderr, flush=True)
+    if step >= config["train"]["steps"]:
+        raise ResumeError(f"--resume: {path} is step {step}, already the end of the run "
+                          f"(train.steps={config['train']['steps']}); nothing to train. To train longer, raise "
+                          f"train.steps (e.g. --set train.steps={2 * step}): the LR schedule is then "
+                          f"recomputed for the new length")
+    return changes
 
 
 def saved_config(path: str | pathlib.Path) -> dict[str, Any]:

@@ -17,7 +17,15 @@ Trust model. A checkpoint folder is data, not code. seqpar reads it with:
   (torch's restricted unpickler: tensors, containers, numbers, strings), explicitly, whatever the
   ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` environment says; byte items (megatron ``ShardedObject``)
   the same way;
-- RNG states are tensors (uint8), the recipe and our metadata are JSON.
+- RNG states are tensors (uint8), the recipe and our metadata are JSON;
+- files that a third-party loader reads (DeepSpeed's checkpoints, ``seqpar.deepspeed.checkpoint``):
+  ``check_pickle_globals`` first (the pickle is disassembled, not run, and refused if it names a global
+  outside torch's weights-only set and the format's allow-list), then the loader itself runs inside
+  ``forced_weights_only`` (torch's restricted unpickler even where the loader passes
+  ``weights_only=False``); our own reads of such files use ``weights_only_load(..., allow=)``.
+
+Both engines' checkpoints carry the same ``manifest.json`` (``write_manifest`` / ``verify``; a DeepSpeed
+folder adds ``engine``, ``step``, ``layout`` and ``zero_stage``).
 
 ``SafeTorchDistLoadShardedStrategy`` / ``SafeCommonLoadStrategy`` plug all of this into
 ``megatron.core.dist_checkpointing.load(..., sharded_strategy=, common_strategy=)``; ``safe_load``
@@ -27,13 +35,14 @@ is that call. Readers outside training (the HF exporter) call ``verify(folder)``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import pathlib
 import pickle
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 from megatron.core import dist_checkpointing
@@ -115,13 +124,84 @@ def read_dcp_metadata(path: str | os.PathLike, source: Optional[str] = None) -> 
     return md
 
 
-def _weights_only_load(data: Any, source: str, **kw: Any) -> Any:
+def refused_unpickling(e: BaseException, source: str) -> "UnsafeCheckpointError":
+    """torch's weights-only refusal as our error: the refused global and the file, without torch's advice
+    to allow-list it."""
+    import re
+
+    text = str(e)
+    m = re.search(r"GLOBAL (\S+) was not an allowed global", text)
+    if m is None:
+        lines = text.strip().splitlines()
+        return UnsafeCheckpointError(f"refusing to unpickle {source}: {lines[0].strip() if lines else text}")
+    name = m.group(1) if "." in m.group(1) else f"builtins.{m.group(1)}"  # torch drops the builtins. prefix
+    return UnsafeCheckpointError(f"refusing to unpickle {name} from {source}: not a type this checkpoint format "
+                                 f"stores (the file may be crafted; do not load it)")
+
+
+def _allowing(allow: Iterable[Any]) -> Any:
+    """``torch.serialization.safe_globals`` for the entries of ``allow`` not yet allowed: torch's context
+    removes its entries on exit even when an enclosing context had added them, so nested uses (our
+    checkpoint engine inside ``forced_weights_only``) must not re-add what is already there."""
+    have = set(torch.serialization.get_safe_globals())
+    return torch.serialization.safe_globals([g for g in allow if g not in have])
+
+
+def weights_only_load(data: Any, source: str, *, allow: Iterable[Any] = (), **kw: Any) -> Any:
+    """``torch.load(data, weights_only=True, **kw)``: torch's restricted unpickler (tensors, containers,
+    numbers, strings) plus the classes in ``allow`` (e.g. the few DeepSpeed writes into its optimizer
+    files), for this call only. Anything else raises UnsafeCheckpointError naming ``source`` and the
+    refused global, without importing or calling it."""
     try:
-        return torch.load(data, weights_only=True, **kw)
+        with _allowing(allow):
+            return torch.load(data, weights_only=True, **kw)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()
-        why = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
-        raise UnsafeCheckpointError(f"refusing to unpickle {source}: {why.strip()}") from None
+        raise refused_unpickling(e, source) from None
+
+
+def check_pickle_globals(path: str | os.PathLike, *, allow: Iterable[Any] = (), source: Optional[str] = None) -> None:
+    """Refuse a ``torch.save`` file whose pickle names a global outside torch's weights-only set and
+    ``allow``, before any loader sees it: the pickle is disassembled, not run
+    (``torch.serialization.get_unsafe_globals_in_checkpoint``). For files a third-party loader will read
+    (DeepSpeed's): the clear, early error; the loads themselves still run weights-only
+    (:func:`forced_weights_only`), which is what makes them safe. Files in torch's legacy (non-zip)
+    format are not scanned here."""
+    with _allowing(allow):
+        try:
+            bad = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+        except ValueError:  # legacy format: left to the weights-only load
+            return
+        except Exception as e:  # noqa: BLE001 - truncated / garbage zip
+            raise CorruptCheckpointError(pathlib.Path(path).parent, pathlib.Path(path).name,
+                                         f"not a readable torch.save file ({e.__class__.__name__})") from None
+    if bad:
+        raise UnsafeCheckpointError(f"refusing to unpickle {bad[0]} from {source or path}: not a class this "
+                                    f"checkpoint format writes (the file may be crafted; do not load it)")
+
+
+@contextlib.contextmanager
+def forced_weights_only(allow: Iterable[Any] = (), source: str = "a checkpoint") -> Iterator[None]:
+    """Every ``torch.load`` inside runs weights-only with ``allow`` added, even one that passes
+    ``weights_only=False`` (torch's own switch, ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``, read at each call;
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is lifted meanwhile). For third-party loaders that call
+    ``torch.load(weights_only=False)`` themselves (DeepSpeed's; see seqpar.deepspeed.checkpoint). The
+    variables are process-wide for the duration (child processes inherit them). A refused global
+    raises UnsafeCheckpointError naming ``source``."""
+    keys = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    try:
+        with _allowing(allow):
+            yield
+    except pickle.UnpicklingError as e:
+        raise refused_unpickling(e, f"a file of {source}") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class SafeFileSystemReader(FileSystemReader):
@@ -146,7 +226,7 @@ class _SafeLoadPlanner(mcore_torch.MCoreLoadPlanner):
     """Byte items (ShardedObjects) through torch's weights-only unpickler instead of plain pickle."""
 
     def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-        obj = _weights_only_load(value, f"checkpoint object {read_item.dest_index.fqn!r}")
+        obj = weights_only_load(value, f"checkpoint object {read_item.dest_index.fqn!r}")
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
@@ -206,7 +286,7 @@ class SafeCommonLoadStrategy(TorchCommonLoadStrategy):
         path = pathlib.Path(checkpoint_dir) / COMMON_STATE_FNAME
         if not path.is_file():
             raise CorruptCheckpointError(pathlib.Path(checkpoint_dir), COMMON_STATE_FNAME, "missing")
-        return _weights_only_load(str(path), str(path), map_location="cpu")
+        return weights_only_load(str(path), str(path), map_location="cpu")
 
     def load_sharded_objects(self, sharded_objects_state_dict: Any, checkpoint_dir: Any) -> Any:
         from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
@@ -216,7 +296,7 @@ class SafeCommonLoadStrategy(TorchCommonLoadStrategy):
             if not isinstance(obj, ShardedObject):
                 return obj
             path = pathlib.Path(checkpoint_dir) / f"{obj.unique_key}.pt"
-            return _weights_only_load(str(path), str(path))
+            return weights_only_load(str(path), str(path))
 
         return dict_list_map_inplace(one, sharded_objects_state_dict)
 
@@ -295,16 +375,17 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     return m
 
 
-def verify(folder: str | os.PathLike, only: Optional[Iterable[str]] = None) -> None:
+def verify(folder: str | os.PathLike, only: Optional[Iterable[str]] = None) -> dict[str, Any]:
     """Check every file of a checkpoint folder against its manifest (``only``: a subset of the
     manifest's file names, e.g. this rank's share). Raises CorruptCheckpointError naming the first
-    missing, truncated, changed or unlisted file; returns None when the folder is intact.
+    missing, truncated, changed or unlisted file; returns the manifest when the folder is intact.
 
     For readers of a checkpoint (resume, the HF exporter): call it before loading."""
     folder = pathlib.Path(folder)
     if not folder.is_dir():
         raise CorruptCheckpointError(folder, ".", "no such checkpoint folder")
-    files = read_manifest(folder)["files"]
+    manifest = read_manifest(folder)
+    files = manifest["files"]
     if only is None:
         extra = sorted(set(_files(folder)) - set(files))
         if extra:
@@ -320,6 +401,7 @@ def verify(folder: str | os.PathLike, only: Optional[Iterable[str]] = None) -> N
                                                        f"{size} bytes, the manifest says {want.get('size')}")
         if file_digest(path)["sha256"] != want.get("sha256"):
             raise CorruptCheckpointError(folder, name, "contents changed (SHA-256 differs from the manifest)")
+    return manifest
 
 
 def manifest_files(folder: str | os.PathLike) -> list[str]:
