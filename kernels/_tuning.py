@@ -159,7 +159,7 @@ def tile_class(block: int, head_dim: int, dtype: torch.dtype) -> str:
     """"s" / "m" / "l" by the bytes of one [block, padded head dim] operand tile."""
     import triton
 
-    nbytes = block * max(16, triton.next_power_of_2(head_dim)) * torch.empty((), dtype=dtype).element_size()
+    nbytes = block * max(16, triton.next_power_of_2(head_dim)) * dtype.itemsize
     return "s" if nbytes <= 8 * 1024 else ("m" if nbytes <= 16 * 1024 else "l")
 
 
