@@ -336,8 +336,9 @@ def consolidated_fp32_state_dict(path: str | pathlib.Path) -> dict[str, torch.Te
     manifest = verify(path)
     if manifest["layout"]["tensor_parallel"] != 1:
         raise ValueError(f"{path} was written at tensor_parallel={manifest['layout']['tensor_parallel']}; "
-                         f"consolidating DeepSpeed checkpoints with TP shards is not supported: resume it at "
-                         f"parallel.tensor_parallel=1 (train.engine=deepspeed) and save again")
+                         f"consolidating DeepSpeed checkpoints with TP shards is not supported (zero_to_fp32 "
+                         f"does not merge them); train with parallel.tensor_parallel=1 on the DeepSpeed engine, or "
+                         f"with train.engine=megatron (its checkpoints export at any TP)")
     check_pickles(path)
     if manifest["zero_stage"] == 0:
         f = path / "mp_rank_00_model_states.pt"
