@@ -20,6 +20,10 @@ The occupancy rule checked by ``tests/test_kernel_resources.py``: 0 spill bytes 
 
     python benchmarks/kernel_resources.py [--json out.json] [--targets 90 80] [--head-dims 64 128]
         [--dtypes bf16 fp16] [--space]        # --space: also every config of the autotune space
+    python benchmarks/kernel_resources.py --update-readme   # rewrite README.md's tables from a run
+
+The launchers pick their configs for the fake target (``seqpar.kernels._tuning.compile_target``)
+exactly as they would from ``torch.cuda.get_device_capability`` on that GPU.
 
 Needs Triton's NVIDIA backend (ptxas, cuobjdump ship in the wheel); must run without
 ``TRITON_INTERPRET`` (kernels defined under the interpreter cannot be compiled).
@@ -112,7 +116,11 @@ class Launch:
 @contextlib.contextmanager
 def capture_launches(capability: int) -> Iterator[list[Launch]]:
     """Inside the block every Triton launch compiles for ``sm_<capability>`` and returns without
-    running (warmup); the compiled kernels and grids are appended to the yielded list."""
+    running (warmup); the compiled kernels and grids are appended to the yielded list. The
+    launchers pick their configs for that target (``_tuning.compile_target``), as they would from
+    ``torch.cuda.get_device_capability`` on that GPU."""
+    from seqpar.kernels._tuning import compile_target
+
     launches: list[Launch] = []
     orig_run = JITFunction.run
 
@@ -127,7 +135,8 @@ def capture_launches(capability: int) -> Iterator[list[Launch]]:
     driver.set_active(FakeDriver(capability))
     JITFunction.run = run
     try:
-        yield launches
+        with compile_target(capability):
+            yield launches
     finally:
         JITFunction.run = orig_run
         driver._active = prev
@@ -299,6 +308,88 @@ def occupancy_ok(row: dict) -> bool:
             and (row["CTA/SM"] >= 2 or row["warps/SM"] >= 8))
 
 
+# README tables: bf16, d = 128, default configs, one row per kernel (rows of the same label merge)
+README_LABELS = {
+    ("s2", "s2_fwd"): "s2 / flash causal fwd", ("s2", "s2_bwd_preprocess"): "s2 / flash bwd preprocess (delta)",
+    ("s2", "s2_bwd_dq"): "s2 / flash causal bwd dq", ("s2", "s2_bwd_dkdv"): "s2 / flash causal bwd dk/dv",
+    ("flash full", "s2_fwd"): "flash non-causal fwd", ("flash full", "s2_bwd_dq"): "flash non-causal bwd dq",
+    ("flash full", "s2_bwd_dkdv"): "flash non-causal bwd dk/dv",
+    ("moh", "moh_fwd"): "moh fwd", ("moh", "moh_bwd_preprocess"): "moh bwd preprocess (active rows)",
+    ("moh", "moh_bwd_dq"): "moh bwd dq", ("moh", "moh_bwd_dkdv"): "moh bwd dk/dv",
+    ("lightning", "chunk_state"): "lightning chunk-local state (fwd, bwd)",
+    ("lightning", "state_scan"): "lightning state scan (fwd, bwd)", ("lightning", "output"): "lightning output",
+    ("lightning", "dv"): "lightning bwd dv", ("lightning", "dqk"): "lightning bwd dq/dk",
+}
+README_CASES = ["s2", "flash full", "moh", "lightning"]
+
+
+def readme_table(rows: list[dict], cap: int) -> str:
+    """The README's markdown table for ``sm_<cap>`` from harness rows (bf16, d = 128 defaults)."""
+    lim = TARGETS[cap]
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["target"] != f"sm_{cap}" or r["dtype"] != "bf16" or r["d"] != 128 or r["config"] != "default":
+            continue
+        case = r["case"].split(", ")[0]
+        label = README_LABELS.get((case, r["kernel"]))
+        if label is not None:
+            groups.setdefault(label, []).append(r)
+
+    def span(vals, fmt=str) -> str:
+        lo, hi = min(vals), max(vals)
+        return fmt(lo) if lo == hi else f"{fmt(lo)}-{fmt(hi)}"
+
+    out = [f"Triton {triton.__version__}, target sm_{cap} ({lim.name.split(' ')[0]}: {lim.sms} SMs, "
+           f"{lim.regs_per_sm // 1024}K registers, {lim.smem_per_sm // 1024} KB shared memory per SM, "
+           f"{lim.smem_per_cta // 1024} KB per CTA), bf16, d = 128, 32 / 8 heads, seq {SEQ}, default configs:",
+           "",
+           "| kernel | regs | spill st/ld | smem | warps / stages | CTA/SM (warps) | MMA | programs |",
+           "|---|---|---|---|---|---|---|---|"]
+    for label in dict.fromkeys(README_LABELS.values()):
+        g = groups.get(label)
+        if not g:
+            continue
+        worst = min(g, key=lambda r: r["CTA/SM"])
+        out.append("| " + " | ".join([
+            label, span([r["regs"] for r in g]),
+            f"{max(r['spill_st'] for r in g)} / {max(r['spill_ld'] for r in g)}",
+            span([r["smem_KB"] for r in g], lambda v: f"{v:g} KB" if v else "0"),
+            " ; ".join(dict.fromkeys(f"{r['warps']} / {r['stages']}" for r in g)),
+            f"{worst['CTA/SM']} ({worst['warps/SM']})",
+            " ; ".join(dict.fromkeys(r["mma"] for r in g)), span([r["programs"] for r in g]),
+        ]) + " |")
+    return "\n".join(out)
+
+
+def readme_block(cap: int) -> tuple[str, str]:
+    return f"<!-- kernel_resources.py sm_{cap} table begin -->", f"<!-- kernel_resources.py sm_{cap} table end -->"
+
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+
+
+def readme_current(cap: int, path: str = README) -> Optional[str]:
+    """The table between the sm_<cap> markers of README.md (None without markers)."""
+    text = open(path).read()
+    begin, end = readme_block(cap)
+    if begin not in text or end not in text:
+        return None
+    return text.split(begin, 1)[1].split(end, 1)[0].strip("\n")
+
+
+def update_readme(rows: list[dict], targets, path: str = README) -> None:
+    text = open(path).read()
+    for cap in targets:
+        begin, end = readme_block(cap)
+        if begin not in text or end not in text:
+            sys.exit(f"{path} has no {begin} ... {end} block")
+        head, rest = text.split(begin, 1)
+        text = head + begin + "\n" + readme_table(rows, cap) + "\n" + end + rest.split(end, 1)[1]
+    with open(path, "w") as f:
+        f.write(text)
+    print(f"updated {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
@@ -307,8 +398,13 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="*", default=["bf16", "fp16"], choices=sorted(DTYPES))
     ap.add_argument("--cases", nargs="*", default=None, choices=sorted(CASES))
     ap.add_argument("--space", action="store_true", help="also compile every config of the autotune space")
+    ap.add_argument("--update-readme", action="store_true",
+                    help="run bf16 d=128 defaults of the README's cases and rewrite README.md's tables")
     args = ap.parse_args()
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
+    if args.update_readme:
+        update_readme(collect(args.targets, (128,), ("bf16",), README_CASES), args.targets)
+        return
     rows = collect(args.targets, args.head_dims, args.dtypes, args.cases, args.space)
     for r in rows:
         r["ok"] = "yes" if occupancy_ok(r) else "NO"
@@ -321,7 +417,9 @@ def main() -> None:
           f"(0 spills, smem fits, >= 2 CTA/SM or >= 8 warps/SM)")
     write_json(args.json, {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                            "triton": triton.__version__, "seq": SEQ, "heads": PRESET_HEADS,
-                           "targets": {f"sm_{c}": asdict(TARGETS[c]) for c in args.targets}, "rows": rows})
+                           "targets": {f"sm_{c}": asdict(TARGETS[c]) for c in args.targets}, "rows": rows,
+                           # what --update-readme would write from these rows (tests compare README)
+                           "readme_tables": {f"sm_{c}": readme_table(rows, c) for c in args.targets}})
 
 
 if __name__ == "__main__":

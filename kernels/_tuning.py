@@ -1,15 +1,24 @@
-"""Launch configurations of the Triton kernels: a deterministic default and a small autotune space.
+"""Launch configurations of the Triton kernels, per GPU generation: a deterministic default and a
+small autotune space.
 
-Every launcher asks :func:`launch` to run its kernel. The configuration (warps, pipeline stages)
-comes from one of:
+Every launcher asks :func:`attention_tuning` / :func:`lightning_tuning` for its kernel's
+:class:`Tuning` and :func:`launch` to run it. Both tables are per target (:func:`target_arch`):
+``90`` for sm_90 and newer (H100), ``80`` for sm_80 .. sm_89 (A100; its defaults also fit the
+99 KB per CTA of sm_86 / sm_89). The target is the CUDA device's compute capability
+(``torch.cuda.get_device_capability``), or, inside :func:`compile_target`, the fake target of the
+compile-metadata harness (``benchmarks/kernel_resources.py``), so the harness measures exactly
+what a real launch on that GPU would use. On CPU (interpreter) the sm_90 table applies.
+
+The configuration (warps, pipeline stages) comes from one of:
 
 * the deterministic default of the kernel at its tile shape, used on CPU (the interpreter, tests),
   when ``SEQPAR_AUTOTUNE=0``, and whenever the kernel carries a debug counter;
 * ``triton.autotune`` over the kernel's pruned space on CUDA (default), keyed on the head dim, the
-  tile shape, causality, the GQA ratio (``group``) and the tensors' dtypes. Every config in a
-  space compiles for sm_90 without spills and with >= 2 CTAs or >= 8 warps per SM
-  (``benchmarks/kernel_resources.py --space``; ``tests/test_kernel_resources.py`` asserts it).
+  tile shape, causality, the GQA ratio (``group``) and the tensors' dtypes.
 
+Every default (d 64 / 128, bf16 / fp16) and every config of a space at the heaviest tiles
+compiles for its target without spills and with >= 2 CTAs or >= 8 warps per SM
+(``benchmarks/kernel_resources.py [--space]``; ``tests/test_kernel_resources.py`` asserts it).
 Kernels whose outputs are pure stores (no accumulation into their inputs) are the only ones
 tuned, so re-running a config while benchmarking is harmless.
 """
@@ -42,8 +51,129 @@ def cfg(warps: int, stages: int) -> LaunchConfig:
     return LaunchConfig(warps, stages)
 
 
+@dataclass(frozen=True)
+class Tuning:
+    """What a launcher runs a kernel with: ``default`` (first of ``space``), the autotune
+    ``space``, and ``block_m``: a row-tile override for the kernel (None: the launcher's tile)."""
+
+    default: LaunchConfig
+    space: tuple[LaunchConfig, ...]
+    block_m: Optional[int] = None
+
+
+def _t(default: LaunchConfig, *others: LaunchConfig, block_m: Optional[int] = None) -> Tuning:
+    return Tuning(default, (default, *others), block_m)
+
+
+W4S1, W4S2, W4S3, W8S1, W8S2, W8S3 = (cfg(w, s) for w in (4, 8) for s in (1, 2, 3))
+
+# Attention kernels (S2 / flash share "s2"; MoH gathers rows and needs a few more registers),
+# keyed (target, tile class, op, kernel). Tile class by one operand tile's bytes (block x padded
+# head dim x element size): "s" <= 8 KB (d <= 64 half), "m" <= 16 KB (d = 128 half, d = 64 fp32),
+# "l" beyond. Chosen from compile metadata (benchmarks/kernel_resources.py --targets 90 80):
+# sm_90 (wgmma): at 64 x 128 half tiles 4 warps hold the fwd / dq accumulators in ~250 registers
+#   and dk/dv spills, so 8 warps; 3 stages of 64 x 128 dq tiles need 129 KB (1 CTA of 4 warps),
+#   2 stages 97 KB; MoH dq spills 20 B at 4 warps.
+# sm_80 (mma.sync accumulators cost more registers): d = 128 dk/dv spills 12-1000 B at every
+#   (warps, stages) but 8 warps / 1 stage (173 regs); MoH dk/dv spills at every config of the
+#   64 x 64 tile (228-12360 B) and is clean with 32-row tiles at 8 warps (222-235 regs); 4 warps /
+#   3 stages at d = 128 take 88-104 KB (1 CTA of 4 warps); 8 warps / 2 stages dq of non-causal
+#   flash spills 4 B (ptxas stops at 128 registers), 4 warps / 2 stages do not (255). At d = 64,
+#   4 warps / 2 stages spills in dq / dk/dv (4-156 B), non-causal dk/dv spills 8 B at 3 stages and
+#   MoH dq 8 B at 4 warps / 3 stages.
+_ATTENTION: dict[tuple[int, str, str, str], Tuning] = {
+    (90, "s", "s2", "fwd"): _t(W4S3, W4S2, W8S2, W8S3),
+    (90, "s", "s2", "dq"): _t(W4S3, W4S2, W8S2, W8S3),
+    (90, "s", "s2", "dkdv"): _t(W4S3, W4S2, W8S2, W8S3),
+    (90, "m", "s2", "fwd"): _t(W8S2, W4S2, W4S3, W8S3),
+    (90, "m", "s2", "dq"): _t(W8S2, W4S2, W8S3),
+    (90, "m", "s2", "dkdv"): _t(W8S2, W8S3),
+    (90, "m", "moh", "dq"): _t(W8S2, W8S3),
+    (90, "l", "s2", "fwd"): _t(W8S2),
+    (90, "l", "s2", "dq"): _t(W8S2),
+    (90, "l", "s2", "dkdv"): _t(W8S2),
+    (80, "s", "s2", "fwd"): _t(W4S3, W4S2, W8S2, W8S3),
+    (80, "s", "s2", "dq"): _t(W4S3, W8S2, W8S3, W4S1),
+    (80, "s", "s2", "dkdv"): _t(W8S2, W4S1, W8S1),
+    (80, "s", "moh", "dq"): _t(W8S2, W8S3, W4S1),
+    (80, "s", "moh", "dkdv"): _t(W4S3, W4S1, W8S1),
+    (80, "m", "s2", "fwd"): _t(W8S2, W4S2, W8S3),
+    (80, "m", "s2", "dq"): _t(W4S2, W8S1, W8S3),
+    (80, "m", "s2", "dkdv"): _t(W8S1),
+    (80, "m", "moh", "fwd"): _t(W8S2, W8S1, W8S3),
+    (80, "m", "moh", "dq"): _t(W8S2, W4S2, W8S3),
+    (80, "m", "moh", "dkdv"): _t(W8S2, W8S1, W8S3, block_m=32),
+    (80, "l", "s2", "fwd"): _t(W8S2),  # fp32 d = 128 tiles: not a training dtype, not tuned for
+    (80, "l", "s2", "dq"): _t(W8S2),
+    (80, "l", "s2", "dkdv"): _t(W8S2),
+}
+
+# Lightning: "chunk" = the chunk-parallel output / dv / dq-dk kernels (two [C, C] / [C, 64] fp32
+# accumulators), "state" = the chunk-local state product. sm_90: 8 warps keep the accumulators in
+# registers (4 warps spill), 3 stages keep every CTA count of the 2-stage build before 32-bit
+# chunk offsets (2 stages lose a CTA in fp16 dq/dk); sm_80: 4 warps / 2 stages is the one config
+# clean for every kernel, dtype and head dim (8 warps / 2 stages: 4 B in the bf16 d = 128 output).
+_LIGHTNING: dict[tuple[int, str], Tuning] = {
+    (90, "chunk"): _t(W8S3, W8S2, W4S2),
+    (90, "state"): _t(W8S2, W4S2),
+    (80, "chunk"): _t(W4S2, W8S3),
+    (80, "state"): _t(W4S2, W8S2),
+}
+
 # every config the harness can force, i.e. the union of all spaces
-ALL_CONFIGS = tuple(cfg(w, s) for w in (4, 8) for s in (2, 3))
+ALL_CONFIGS = tuple(sorted({c for t in (*_ATTENTION.values(), *_LIGHTNING.values()) for c in t.space},
+                           key=lambda c: (c.num_warps, c.num_stages)))
+
+_TARGET: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("seqpar_compile_target", default=None)
+
+
+@contextlib.contextmanager
+def compile_target(capability: int) -> Iterator[None]:
+    """Pick launch configs for compute capability ``capability`` (e.g. 80) for launches on
+    non-CUDA tensors: the compile-metadata harness compiles for a fake target from CPU tensors."""
+    tok = _TARGET.set(int(capability))
+    try:
+        yield
+    finally:
+        _TARGET.reset(tok)
+
+
+def target_capability(device) -> Optional[int]:
+    """Compute capability (``major * 10 + minor``) a launch on ``device`` compiles for: the CUDA
+    device's, else the :func:`compile_target` in effect, else None (CPU interpreter)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return major * 10 + minor
+    return _TARGET.get()
+
+
+def target_arch(device) -> int:
+    """Which table applies: 90 (sm_90 and newer, and CPU) or 80 (sm_80 .. sm_89, and older)."""
+    cap = target_capability(device)
+    return 90 if cap is None or cap >= 90 else 80
+
+
+def tile_class(block: int, head_dim: int, dtype: torch.dtype) -> str:
+    """"s" / "m" / "l" by the bytes of one [block, padded head dim] operand tile."""
+    import triton
+
+    nbytes = block * max(16, triton.next_power_of_2(head_dim)) * torch.empty((), dtype=dtype).element_size()
+    return "s" if nbytes <= 8 * 1024 else ("m" if nbytes <= 16 * 1024 else "l")
+
+
+def attention_tuning(kind: str, block: int, head_dim: int, dtype: torch.dtype, device, op: str = "s2") -> Tuning:
+    """:class:`Tuning` of attention kernel ``kind`` ("fwd", "dq", "dkdv") of ``op`` ("s2", which
+    includes flash, or "moh") at ``block``-token tiles, for the target of ``device``. MoH uses
+    S2's entry where it has none of its own."""
+    key = (target_arch(device), tile_class(block, head_dim, dtype))
+    return _ATTENTION.get((*key, op, kind)) or _ATTENTION[(*key, "s2", kind)]
+
+
+def lightning_tuning(kind: str, device) -> Tuning:
+    """:class:`Tuning` of Lightning's "chunk" kernels (output, dv, dq/dk) or "state" product."""
+    return _LIGHTNING[(target_arch(device), kind)]
+
 
 _FORCED: contextvars.ContextVar[Optional[LaunchConfig]] = contextvars.ContextVar("seqpar_forced_config",
                                                                                   default=None)

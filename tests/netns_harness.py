@@ -167,6 +167,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/none
 CredType=cred/none
+# a requeued job waits cred_expire seconds (default 120) for its revoked credential to lapse;
+# starting it earlier fails it ("Job credential revoked")
+AuthInfo=cred_expire=10
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none

@@ -3,7 +3,7 @@ gives the loss and gradients of the 1-rank model, under every CP scheme, for str
 rotation step differs between a TP rank's heads and the whole model's — under either reading of the
 step (kv heads or query heads). Each TP rank's kv heads must sit at their global index in the pattern.
 
-(TP=2 x CP=2 x DP=2 would need 8 ranks; the suite runs at most 4 per test.)
+(TP=2 x CP=2 x DP=2 with S2 layers among the others: tests/test_engine_layouts.py, 8 ranks.)
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from cp_harness import run_ranks
+from tp_shards import full_grads, load_shards
 
 SEQ, BATCH, VOCAB = 128, 2, 64
 HEADS, KV_HEADS = 8, 4  # TP=2: 4 q heads / 2 kv heads per rank
@@ -33,44 +34,6 @@ def _build(tp: int, cp: int, scheme: str, vert_stride: int):
     return build_gpt(p, cfg, vocab_size=VOCAB, max_sequence_length=SEQ)
 
 
-def _sections(model, name: str) -> list[int]:
-    if name.endswith("linear_fc1.weight"):  # SwiGLU [gate; up], each split over TP
-        half = model.get_parameter(name).shape[0] // 2
-        return [half, half]
-    return []
-
-
-def _full_grads(model, tp: int) -> dict[str, torch.Tensor]:
-    from megatron.core import parallel_state
-
-    out = {}
-    for name, p in model.named_parameters():
-        g = p.grad.detach().clone()
-        if tp > 1 and getattr(p, "tensor_model_parallel", False):
-            parts = [torch.empty_like(g) for _ in range(tp)]
-            torch.distributed.all_gather(parts, g.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
-            secs = _sections(model, name)
-            if secs:
-                split = [torch.split(part, secs, dim=0) for part in parts]
-                g = torch.cat([torch.cat([split[r][i] for r in range(tp)]) for i in range(len(secs))])
-            else:
-                g = torch.cat(parts, dim=p.partition_dim)
-        out[name] = g
-    return out
-
-
-def _load_shards(model, full: dict[str, torch.Tensor], tp: int, rank: int) -> None:
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            w = full[name]
-            if getattr(p, "tensor_model_parallel", False):
-                secs = _sections(model, name)
-                if secs:
-                    parts = torch.split(w, [s * tp for s in secs], dim=0)
-                    w = torch.cat([sec.chunk(tp, dim=0)[rank] for sec in parts], dim=0)
-                else:
-                    w = w.chunk(tp, dim=p.partition_dim)[rank]
-            p.copy_(w)
 
 
 def _loss_and_grads(model, tokens, labels, cp: int) -> tuple[float, dict]:
@@ -91,7 +54,7 @@ def _loss_and_grads(model, tokens, labels, cp: int) -> tuple[float, dict]:
         dist.all_reduce(total, group=group)
         for p in model.parameters():
             dist.all_reduce(p.grad, group=group)
-    return float(total), _full_grads(model, parallel_state.get_tensor_model_parallel_world_size())
+    return float(total), full_grads(model, parallel_state.get_tensor_model_parallel_world_size())
 
 
 def _run(rank: int, world: int, runs: tuple) -> dict:
@@ -110,7 +73,7 @@ def _run(rank: int, world: int, runs: tuple) -> dict:
             out[(vert_stride, "ref")] = _loss_and_grads(model, tokens, labels, 1)
             parallel_state.destroy_model_parallel()
         model = _build(2, 2, scheme, vert_stride)
-        _load_shards(model, ref_weights[vert_stride], 2, parallel_state.get_tensor_model_parallel_rank())
+        load_shards(model, ref_weights[vert_stride], 2, parallel_state.get_tensor_model_parallel_rank())
         out[(vert_stride, scheme)] = _loss_and_grads(model, tokens, labels, 2)
         parallel_state.destroy_model_parallel()
     disable_cpu_compat()

@@ -98,8 +98,11 @@ def test_refused_combinations_and_recipe_fields(tmp_path):
     from seqpar.deepspeed import build_ds_config
     from seqpar.train.config import RecipeError
 
-    with pytest.raises(ConfigError, match="zero_stage=3 with optim.weight_decay"):
-        build_ds_config(_cfg("deepspeed.zero_stage=3"), 1)
+    # ZeRO-3 with weight decay is supported (tests/test_deepspeed_engine.py compares its losses)
+    ds = build_ds_config(_cfg("deepspeed.zero_stage=3", "optim.weight_decay=0.1"), 1)
+    assert ds["optimizer"]["params"]["weight_decay"] == 0.1 and ds["zero_optimization"]["stage"] == 3
+    with pytest.raises(ConfigError, match=r"parallel\.pipeline_parallel=2 is not supported with train\.engine='deepspeed'"):
+        build_ds_config(_cfg("parallel.pipeline_parallel=2"), 1)
     with pytest.raises(ConfigError, match="train.skip_nonfinite_steps"):
         build_ds_config(_cfg("train.skip_nonfinite_steps=2"), 1)
     with pytest.raises(ConfigError, match="data.micro_batch"):
@@ -111,6 +114,19 @@ def test_refused_combinations_and_recipe_fields(tmp_path):
             _cfg(bad)
     with pytest.raises(RecipeError, match="zero_stage >= 1"):
         _cfg("deepspeed.zero_stage=0", "deepspeed.offload_optimizer=cpu")
+
+
+def test_pipeline_parallel_refused_before_any_process_group(tmp_path):
+    """PP > 1 with the DeepSpeed engine: one ConfigError naming the field, raised by the engine's train()
+    itself before it makes a process group (the CLI checks the same before its own, see below)."""
+    import torch.distributed as dist
+
+    from seqpar.deepspeed import train
+
+    cfg = _cfg("parallel.pipeline_parallel=2", f"train.out_dir={tmp_path / 'run'}")
+    with pytest.raises(ConfigError, match=r"parallel\.pipeline_parallel=2 .*set parallel\.pipeline_parallel=1"):
+        train(cfg)
+    assert not dist.is_initialized() and not (tmp_path / "run").exists()
 
 
 def test_cli_accepts_local_rank():

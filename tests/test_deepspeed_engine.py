@@ -1,13 +1,15 @@
 """The DeepSpeed engine against the Megatron engine on the same seed and batches (fp32, tiny hybrid ASLH,
-5 steps, 1e-5 relative):
+5 steps, 1e-5 relative, weight decay 4.0 in every run):
 
 - CP=2 on 2 gloo ranks: ZeRO 0, 1, 2, 3; ZeRO-2 with 2 micro-batches of gradient accumulation (MoH
   load-balance loss off there: it is a function of each micro-batch's routing, so accumulation changes
   it in either engine); resume exactness (stop after 3 steps + resume) under ZeRO-2 and ZeRO-3; the
-  consolidated fp32 state dict of the ZeRO checkpoints.
+  consolidated fp32 state dict of the ZeRO checkpoints. The weight decay is visible in the losses (a
+  run at weight decay 0 differs), so ZeRO-3's decayed / no-decay groups are really checked.
 - CP=2 x DP=2 on 4 ranks, where ZeRO really shards: ZeRO 0, 1, 2, 3; DeepSpeed's groups are ours (DP,
-  TP as model parallel, ZeRO parameters and optimizer over DP x CP); the ZeRO-2 checkpoint of step 3
-  resumes at DP=1 (2 ranks) with the losses of the uninterrupted DP=2 run.
+  TP as model parallel, ZeRO parameters and optimizer over DP x CP: 4 ranks; at TP=2 x CP=2 the ZeRO
+  group is the 2 CP ranks of one TP rank, never TP); the ZeRO-2 checkpoint of step 3 resumes at DP=1
+  (2 ranks) with the losses of the uninterrupted DP=2 run (MoH load-balance loss off there).
 """
 
 from __future__ import annotations
@@ -23,10 +25,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 OVR = ["model.preset=tiny-hybrid", "parallel.context_parallel=2", "data.dataset=mqar", "data.seq_len=64",
        "data.global_batch=4", "data.vocab_size=64", "data.mqar_pairs=4",
        "data.mqar_queries=4", "train.steps=5", "optim.warmup_steps=2", "train.progress=false",
-       "parallel.backend=torch", "train.time_attention=false"]
+       "parallel.backend=torch", "train.time_attention=false",
+       # a weight decay large enough to move the 5-step losses far beyond the tolerance (see
+       # test_weight_decay_is_visible_in_the_losses): a dropped or misgrouped decay cannot pass
+       "optim.weight_decay=4.0"]
 DS = ["train.engine=deepspeed"]
 NO_AUX = ["model.moh_aux_loss_coef=0"]
-NO_WD = ["optim.weight_decay=0"]  # ZeRO-3 runs (see seqpar.deepspeed.config.check_supported)
+NO_WD = ["optim.weight_decay=0"]  # a control: the weight decay must change the losses
 RTOL = 1e-5
 
 
@@ -45,8 +50,8 @@ def _runs(rank: int, world: int, root: str, plans: list) -> dict:
     return out
 
 
-def _groups(rank: int, world: int, stage: int = 2) -> dict:
-    """DeepSpeed's view of the process groups after deepspeed.initialize at CP=2 x DP=2."""
+def _groups(rank: int, world: int, stage: int = 2, tp: int = 1) -> dict:
+    """DeepSpeed's view of the process groups after deepspeed.initialize at TP=tp x CP=2 x DP=world/(2 tp)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -57,18 +62,25 @@ def _groups(rank: int, world: int, stage: int = 2) -> dict:
     from seqpar.train.config import load_recipe
     from seqpar.train.loop import build_model
 
-    cfg = load_recipe(ROOT / "recipes" / "tiny_hybrid_cp2.yaml", OVR + DS + [f"deepspeed.zero_stage={stage}"] + NO_WD)
-    init_parallel(1, 2, seed=cfg.train.seed)
-    engine = initialize(cfg, build_model(cfg, 64)[0], build_ds_config(cfg, 2))
+    cfg = load_recipe(ROOT / "recipes" / "tiny_hybrid_cp2.yaml",
+                      OVR + DS + [f"deepspeed.zero_stage={stage}", f"parallel.tensor_parallel={tp}"])
+    init_parallel(tp, 2, seed=cfg.train.seed)
+    engine = initialize(cfg, build_model(cfg, 64)[0], build_ds_config(cfg, world // (2 * tp)))
     ranks = dist.get_process_group_ranks
     res = {"dp": ranks(engine.data_parallel_group), "zero": ranks(engine.optimizer.dp_process_group),
            "ours_dp": ranks(ps.get_data_parallel_group()),
            "ours_dpcp": ranks(ps.get_data_parallel_group(with_context_parallel=True)),
+           "ours_cp": ranks(ps.get_context_parallel_group()),
+           "ours_tp": ranks(ps.get_tensor_model_parallel_group()),
            "dp_world": engine.dp_world_size, "mp_world": engine.mp_world_size,
            "micro": engine.train_micro_batch_size_per_gpu()}
     if stage == 3:  # the parameters themselves are partitioned over the same group
         p = next(engine.module.parameters())
         res["params"] = ranks(p.ds_process_group)
+    # this rank's fp32 master partition vs the model (of this TP rank): the divisor of the sharded state
+    flat = (engine.optimizer.fp32_partitioned_groups_flat if stage == 3 else engine.optimizer.single_partition_of_fp32_groups)
+    res["fp32_numel"] = sum(t.numel() for t in flat)
+    res["model_numel"] = sum(getattr(q, "ds_numel", q.numel()) for q in engine.module.parameters())
     engine.destroy()
     ps.destroy_model_parallel()
     disable_cpu_compat()
@@ -76,7 +88,8 @@ def _groups(rank: int, world: int, stage: int = 2) -> dict:
 
 
 def _four(rank: int, world: int, root: str, plans: list) -> dict:
-    out = {"groups": [_groups(rank, world, 2), _groups(rank, world, 3)]}
+    out = {"rank": rank, "groups": [_groups(rank, world, 2), _groups(rank, world, 3)],
+           "groups_tp2": [_groups(rank, world, 2, tp=2), _groups(rank, world, 3, tp=2)]}
     out.update(_runs(rank, world, root, plans))
     return out
 
@@ -99,7 +112,7 @@ def cp2(tmp_path_factory):
              # the load-balance loss is a function of each micro-batch's routing (not additive over
              # micro-batches), so accumulation is compared with it off
              ("zero2_gas", DS + ["deepspeed.zero_stage=2", "data.micro_batch=2"] + NO_AUX, full),
-             ("zero3", DS + ["deepspeed.zero_stage=3"] + NO_WD, split)]
+             ("zero3", DS + ["deepspeed.zero_stage=3"], split)]
     res = run_ranks(_runs, 2, str(root), plans, timeout=900)
     return res, root
 
@@ -107,7 +120,7 @@ def cp2(tmp_path_factory):
 @pytest.mark.parametrize("name", ["zero0", "zero1", "zero2", "zero2_gas", "zero3"])
 def test_cp2_zero_matches_megatron(cp2, name):
     res, _ = cp2
-    ref = res[0]["megatron_noaux" if name == "zero2_gas" else "megatron_nowd" if name == "zero3" else "megatron"][0]
+    ref = res[0]["megatron_noaux" if name == "zero2_gas" else "megatron"][0]
     assert res[1]["megatron"][0] == res[0]["megatron"][0]  # every rank reports the same global loss
     ours = [x for part in res[0][name] for x in part]
     _close(ours, ref)
@@ -115,12 +128,20 @@ def test_cp2_zero_matches_megatron(cp2, name):
     assert ref[-1] < ref[0]
 
 
+def test_weight_decay_is_visible_in_the_losses(cp2):
+    """The equality tests above would not notice a dropped weight decay unless it changes the losses:
+    at weight decay 0 the Megatron engine's losses differ well beyond the tolerance."""
+    res, _ = cp2
+    wd, nowd = res[0]["megatron"][0], res[0]["megatron_nowd"][0]
+    assert max(abs(x - y) / abs(y) for x, y in zip(wd, nowd)) > 50 * RTOL, (wd, nowd)
+
+
 @pytest.mark.parametrize("name", ["zero2", "zero3"])
 def test_resume_is_exact(cp2, name):
     res, root = cp2
     first, second = res[0][name]
     assert [len(first), len(second)] == [3, 2]
-    _close(first + second, res[0]["megatron" if name == "zero2" else "megatron_nowd"][0])
+    _close(first + second, res[0]["megatron"][0])
     ck = root / name / "checkpoints"
     assert (ck / "latest").read_text() == "step_0000005"
     assert {p.name for p in ck.iterdir() if p.is_dir()} == {"step_0000003", "step_0000005"}  # no temp left
@@ -152,24 +173,34 @@ def test_consolidated_fp32_state_dict(cp2):
 
 def test_dp2_cp2_four_ranks(tmp_path):
     full = [(False, None)]
-    plans = [("megatron", [], full), ("megatron_nowd", NO_WD, full)] + [
-        (f"zero{z}", DS + [f"deepspeed.zero_stage={z}"] + (["train.save_every=3"] if z == 2 else [])
-         + (NO_WD if z == 3 else []), full) for z in (0, 1, 2, 3)]
+    # the DP=2 -> DP=1 resume runs without the MoH load-balance loss: it is a function of each DP rank's
+    # routing, so the same global batch on one DP rank has another one (in either engine)
+    plans = [("megatron", [], full)] + [(f"zero{z}", DS + [f"deepspeed.zero_stage={z}"], full) for z in (0, 1, 2, 3)] + [
+        ("zero2_noaux", DS + ["deepspeed.zero_stage=2", "train.save_every=3"] + NO_AUX, full)]
     res = run_ranks(_four, 4, str(tmp_path), plans, timeout=900)
     ref = res[0]["megatron"][0]
     for name in ("zero0", "zero1", "zero2", "zero3"):
-        _close(res[0][name][0], res[0]["megatron_nowd"][0] if name == "zero3" else ref)
+        _close(res[0][name][0], ref)
         assert all(res[r][name][0] == res[0][name][0] for r in range(4))
     for r in res:
         for g in r["groups"]:
             assert g["dp"] == g["ours_dp"] and len(g["dp"]) == 2  # DeepSpeed's DP group is our DP group
             assert g["zero"] == g["ours_dpcp"] and len(g["zero"]) == 4  # ZeRO shards / reduces over DP x CP
             assert g["dp_world"] == 2 and g["mp_world"] == 1 and g["micro"] == 2
+            # each rank keeps 1/(DP x CP) = 1/4 of the fp32 master weights (up to DeepSpeed's alignment padding)
+            assert 0 <= 4 * g["fp32_numel"] - g["model_numel"] < 4 * 64, (g["fp32_numel"], g["model_numel"])
         assert r["groups"][1]["params"] == r["groups"][1]["ours_dpcp"]  # ZeRO-3 parameter partitions too
+        for g in r["groups_tp2"]:  # TP=2 x CP=2 x DP=1: ZeRO over the CP ranks of this TP rank, never TP
+            assert g["zero"] == g["ours_dpcp"] == g["ours_cp"] and len(g["zero"]) == 2
+            assert set(g["zero"]) & set(g["ours_tp"]) == {r["rank"]} and len(g["ours_tp"]) == 2
+            assert g["dp"] == g["ours_dp"] and len(g["dp"]) == 1
+            assert g["dp_world"] == 1 and g["mp_world"] == 2 and g["micro"] == 4
+            assert 0 <= 2 * g["fp32_numel"] - g["model_numel"] < 2 * 64, (g["fp32_numel"], g["model_numel"])
+        assert r["groups_tp2"][1]["params"] == r["groups_tp2"][1]["ours_cp"]
     # the DP=2 checkpoint of step 3 resumes at DP=1 (universal conversion) with the same losses
-    ck = tmp_path / "zero2" / "checkpoints"
+    ck = tmp_path / "zero2_noaux" / "checkpoints"
     (ck / "latest").write_text("step_0000003")
-    resumed = run_ranks(_runs, 2, str(tmp_path), [("zero2", DS + ["deepspeed.zero_stage=2"], [(True, None)])],
-                        timeout=600)
-    _close(resumed[0]["zero2"][0], res[0]["zero2"][0][3:], min_len=2)
+    resumed = run_ranks(_runs, 2, str(tmp_path), [("zero2_noaux", DS + ["deepspeed.zero_stage=2"] + NO_AUX,
+                                                   [(True, None)])], timeout=600)
+    _close(resumed[0]["zero2_noaux"][0], res[0]["zero2_noaux"][0][3:], min_len=2)
     assert (ck / "step_0000003.universal" / "zero").is_dir()

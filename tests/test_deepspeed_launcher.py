@@ -54,3 +54,22 @@ def test_deepspeed_cli_runs_the_recipe(tmp_path):
     from seqpar.deepspeed.checkpoint import verify
 
     assert verify(ck / "step_0000004")["zero_stage"] == 2
+
+
+def test_deepspeed_cli_bad_ds_config_fails_fast(tmp_path):
+    """A bad value in the user's ds_config, through the real launcher: every rank stops before any process
+    group with one clear error naming the key and the file (no traceback), and the launcher exits non-zero."""
+    import json
+    import time
+
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": -5}}))
+    run = tmp_path / "run"
+    t0 = time.monotonic()
+    res = _launch(["--set", f"deepspeed.config={bad}", "--set", f"train.out_dir={run}"], tmp_path)
+    assert res.returncode != 0, res.stdout[-2000:] + res.stderr[-2000:]
+    err = res.stdout + res.stderr
+    assert "invalid recipe" in err and "reduce_bucket_size" in err and str(bad) in err and "greater than 0" in err
+    assert "Traceback" not in err
+    assert not run.exists()  # nothing started
+    assert time.monotonic() - t0 < 120

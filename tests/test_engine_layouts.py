@@ -2,7 +2,8 @@
 layouts (fp32, same seed: initialisation is layout-independent), over several optimizer steps:
 
 - PP=2 x CP=2 and PP=2 x TP=2 on 4 gloo ranks (1F1B schedule, DDP, distributed optimizer over CP);
-- PP=2 with 4 micro-batches equals PP=1 with one micro-batch (gradient accumulation in the schedule).
+- PP=2 with 4 micro-batches equals PP=1 with one micro-batch (gradient accumulation in the schedule);
+- TP=2 x CP=2 x DP=2 on 8 gloo ranks (every group at once: DDP + distributed optimizer over DP x CP).
 """
 
 from __future__ import annotations
@@ -79,3 +80,13 @@ def test_pp2_four_micro_batches_match_pp1():
     assert ref[0][2] > 0
     _same(run_ranks(_steps, 2, model + ["parallel.pipeline_parallel=2"], STEPS, timeout=300), ref,
           "pp2 x 4 micro-batches")
+
+
+def test_tp2_cp2_dp2_on_8_ranks_matches_one_rank():
+    # every attention kind at once (S2 with GQA over TP x CP, Lightning, MoH routing over all heads).
+    # MoH's balance loss is per DP replica (as megatron's MoE aux loss), so a DP=2 run's loss is not
+    # the one-rank loss with it: compared without it (CP keeps it global: pp2-cp2 above)
+    model = ["model.preset=tiny", "model.pattern=ASLH", "model.moh_aux_loss_coef=0"]
+    layout = ["parallel.tensor_parallel=2", "parallel.context_parallel=2"]  # DP = 8 / (TP x CP) = 2
+    ref = run_ranks(_steps, 1, model, STEPS, timeout=300)[0]
+    _same(run_ranks(_steps, 8, model + layout, STEPS, timeout=600), ref, "tp2 x cp2 x dp2")

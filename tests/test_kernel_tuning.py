@@ -1,8 +1,9 @@
 """Launch-config selection (seqpar.kernels._tuning): deterministic default on CPU / with
 SEQPAR_AUTOTUNE=0 / with debug counters, triton.autotune over the pruned space on CUDA.
 
-The spaces themselves are checked against sm_90 compile metadata in test_kernel_resources.py;
-here every launcher's autotune key is checked against its kernel's argument names (a wrong name
+The tables themselves are checked against sm_90 / sm_80 compile metadata in
+test_kernel_resources.py; here the target selection (CUDA capability, harness compile target)
+is checked, and every launcher's autotune key is checked against its kernel's argument names (a wrong name
 would make Triton tune once and never again) by running each op with autotuning forced on.
 """
 
@@ -70,6 +71,46 @@ def test_forced_config_only_where_in_space():
         launch(k, (1,), (), {}, default=cfg(8, 2), space=(cfg(8, 2),), key=(), device="cpu")
     assert [c[2] for c in k.calls] == [{"num_warps": 4, "num_stages": 3}]
     assert set(ALL_CONFIGS) >= {cfg(8, 2), cfg(4, 3)}
+
+
+def test_target_from_cuda_capability_or_compile_target(monkeypatch):
+    """The table follows torch.cuda.get_device_capability on CUDA; the harness's compile_target
+    selects the same entry for CPU tensors; CPU alone (interpreter) uses the sm_90 table."""
+    bf16 = torch.bfloat16
+    assert _tuning.target_capability("cpu") is None and _tuning.target_arch("cpu") == 90
+    for cap, arch in ((80, 80), (86, 80), (89, 80), (90, 90), (100, 90)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=cap: divmod(c, 10))
+        assert _tuning.target_arch(torch.device("cuda")) == arch
+        with _tuning.compile_target(cap):
+            assert _tuning.target_capability("cpu") == cap and _tuning.target_arch("cpu") == arch
+            for kind in ("fwd", "dq", "dkdv"):
+                for op in ("s2", "moh"):
+                    assert (_tuning.attention_tuning(kind, 64, 128, bf16, "cpu", op=op)
+                            == _tuning.attention_tuning(kind, 64, 128, bf16, torch.device("cuda"), op=op))
+    assert _tuning.target_capability("cpu") is None  # the context is left
+    with _tuning.compile_target(80):
+        a100 = _tuning.attention_tuning("dkdv", 64, 128, bf16, "cpu")
+        moh = _tuning.attention_tuning("dkdv", 64, 128, bf16, "cpu", op="moh")
+        light = _tuning.lightning_tuning("chunk", "cpu")
+    h100 = _tuning.attention_tuning("dkdv", 64, 128, bf16, "cpu")
+    assert a100.default == cfg(8, 1) and h100.default == cfg(8, 2)  # differ where the metadata says so
+    assert moh.block_m == 32 and h100.block_m is None
+    from seqpar.kernels.moh.triton_bwd import dkdv_row_tile
+
+    assert dkdv_row_tile(moh, 64) == 32 and dkdv_row_tile(moh, 32) == 32 and dkdv_row_tile(h100, 64) == 64
+    assert light.default == cfg(4, 2) and _tuning.lightning_tuning("chunk", "cpu").default == cfg(8, 3)
+
+
+def test_tables_are_consistent():
+    """Every table entry's default heads its space, and every config is one the harness can force."""
+    for t in (*_tuning._ATTENTION.values(), *_tuning._LIGHTNING.values()):
+        assert t.space[0] == t.default and len(set(t.space)) == len(t.space)
+        assert set(t.space) <= set(ALL_CONFIGS)
+    # every (target, tile class) has an S2 entry for each kernel (MoH falls back to it)
+    for arch in (80, 90):
+        for tc in ("s", "m", "l"):
+            for kind in ("fwd", "dq", "dkdv"):
+                assert (arch, tc, "s2", kind) in _tuning._ATTENTION
 
 
 def test_every_launcher_key_names_kernel_arguments(monkeypatch):

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from cp_harness import run_ranks
+from tp_shards import full_grads, load_shards
 
 SEQ, BATCH, VOCAB = 64, 2, 96
 
@@ -56,50 +57,10 @@ def _data():
     return tokens, labels, mask
 
 
-def _full_grads(model, tp: int) -> dict[str, torch.Tensor]:
-    from megatron.core import parallel_state
-
-    out = {}
-    for name, p in model.named_parameters():
-        g = p.main_grad.detach().clone()
-        if tp > 1 and getattr(p, "tensor_model_parallel", False):
-            parts = [torch.empty_like(g) for _ in range(tp)]
-            torch.distributed.all_gather(parts, g.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
-            if _sections(model, name):
-                n = len(_sections(model, name))
-                secs = [torch.split(part, _sections(model, name), dim=0) for part in parts]
-                g = torch.cat([torch.cat([secs[r][i] for r in range(tp)]) for i in range(n)])
-            else:
-                g = torch.cat(parts, dim=p.partition_dim)
-        out[name] = g
-    return out
 
 
-def _load_shards(model, full: dict[str, torch.Tensor], tp: int, rank: int) -> None:
-    # the TP=1 model's weights, split the way megatron's TP layers hold them (fused projections:
-    # Lightning's q|k|v|gate and SwiGLU's gate|up are split per section)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            w = full[name]
-            if getattr(p, "tensor_model_parallel", False):
-                if _sections(model, name):
-                    secs = torch.split(w, [s * tp for s in _sections(model, name)], dim=0)
-                    w = torch.cat([sec.chunk(tp, dim=0)[rank] for sec in secs], dim=0)
-                else:
-                    w = w.chunk(tp, dim=p.partition_dim)[rank]
-            p.copy_(w)
 
 
-def _sections(model, name: str) -> list[int]:
-    # fused projections whose TP shard is [section_0 / tp, section_1 / tp, ...] (local sizes)
-    if name.endswith("linear_qkvg.weight"):
-        mod = model.get_submodule(name.rsplit(".", 2)[0])
-        d = mod.head_dim
-        return [mod.heads * d, mod.kv_heads * d, mod.kv_heads * d, mod.heads * d]
-    if name.endswith("linear_fc1.weight"):  # SwiGLU: [gate; up]
-        half = model.get_parameter(name).shape[0] // 2
-        return [half, half]
-    return []
 
 
 def _run(rank: int, world: int, pattern: str, schemes: dict, runs: tuple):
@@ -122,14 +83,14 @@ def _run(rank: int, world: int, pattern: str, schemes: dict, runs: tuple):
         if full_weights is None:
             full_weights = {k: v.detach().clone() for k, v in model.named_parameters()}
         elif tp > 1:
-            _load_shards(model, full_weights, tp, parallel_state.get_tensor_model_parallel_rank())
+            load_shards(model, full_weights, tp, parallel_state.get_tensor_model_parallel_rank())
         if name == "dp2":
             sl = slice(rank, rank + 1)
             batch = {k: v[sl] for k, v in full.items()}
         else:
             batch = local_batch(dict(full)["tokens"], labels, mask) if cp > 1 else full
         res = forward_backward(_ddp(model), [batch])
-        out[name] = (res.loss, res.aux_loss, res.tokens, _full_grads(model, tp))
+        out[name] = (res.loss, res.aux_loss, res.tokens, full_grads(model, tp, "main_grad"))
         parallel_state.destroy_model_parallel()
     disable_cpu_compat()
     return out

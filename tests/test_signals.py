@@ -6,7 +6,8 @@
 - SIGTERM to a single-process run -> exit code 75 (EXIT_INTERRUPTED) after the checkpoint;
 - SIGKILL of the torchrun agent -> its workers exit instead of training on as orphans;
 - ``MAX_RESTARTS=1`` and a SIGKILLed rank -> torchrun restarts the workers, which resume from the
-  latest checkpoint by themselves and finish with the uninterrupted losses.
+  latest checkpoint by themselves and finish with the uninterrupted losses (or, killed before the
+  first checkpoint, start over with one clean tensorboard curve).
 """
 
 from __future__ import annotations
@@ -144,6 +145,25 @@ def test_max_restarts_resumes_from_latest(cache, reference, procs, tmp_path):
     assert (out / "checkpoints" / "latest").read_text() == f"step_{STEPS:07d}"
     got = tb_losses(out)
     assert set(got) >= {STEPS} and {s: got[s] for s in got} == {s: reference[s] for s in got}
+
+
+def test_max_restarts_before_the_first_checkpoint_starts_over(cache, reference, procs, tmp_path):
+    """A rank killed before any checkpoint exists: the restarted workers (implied ``--resume auto``)
+    find nothing to resume, drop the dead attempt's tensorboard events and train from step 0."""
+    out = tmp_path / "run"
+    p = spawn(_cmd(out, "--set", f"train.steps={STEPS}", "--set", f"train.save_every={STEPS}"), tmp_path / "log",
+              train_env(cache, NPROC="2", MAX_RESTARTS="1"), procs)
+    wait_for(lambda: any((out / "tb").glob("events.out.tfevents.*")), 240, "the first attempt's tensorboard events", p)
+    assert not _latest(out)
+    rank1 = next(w for w in _workers(p.pid)
+                 if b"RANK=1" in pathlib.Path(f"/proc/{w}/environ").read_bytes().split(b"\0"))
+    os.kill(rank1, signal.SIGKILL)
+    assert p.wait(300) == 0, (tmp_path / "log").read_text()[-3000:]
+    log = (tmp_path / "log").read_text()
+    assert "removed the events of a run that never wrote a checkpoint" in log, log[-3000:]
+    assert re.findall(rf"steps (\d+)->{STEPS}", log) == ["0"], log[-3000:]  # started over, once
+    got = tb_losses(out)
+    assert got == reference  # one curve, no mix with the dead attempt's events
 
 
 def test_launcher_rejects_a_bad_recipe_before_torchrun(cache, tmp_path):

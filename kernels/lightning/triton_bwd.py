@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from ._plan import ChunkPlan
-from .._tuning import launch
-from .triton_fwd import CHUNK_DEFAULT, CHUNK_SPACE, TUNE_KEY, _mm, chunk_states, dot_modes, state_pass, tile
+from .._tuning import launch, lightning_tuning
+from .triton_fwd import TUNE_KEY, _mm, chunk_states, dot_modes, state_pass, tile
 
 
 @triton.jit
@@ -47,8 +47,15 @@ def _dv_kernel(q_ptr, k_ptr, do_ptr, slope_ptr, dhbuf_ptr, dv_ptr, cu_ptr, chidx
     DT = q_ptr.dtype.element_ty
 
     o_c = tl.arange(0, C)
-    rows = (start + o_c).to(tl.int64)  # 64-bit offsets: T * H * D can pass 2^31
-    m_r = rows < eos
+    m_r = start + o_c < eos
+    # 64-bit scalar token base (T * H * D can pass 2^31), 32-bit offsets inside the chunk:
+    # per-element 64-bit offsets cost two registers per element (spills on sm_80)
+    tok = start.to(tl.int64)
+    o_qh = o_c[:, None] * (H * DK)
+    o_kh = o_c[:, None] * (HKV * DK)
+    o_vh = o_c[:, None] * (H * DV)
+    q_base = q_ptr + (tok * H + head) * DK
+    k_base = k_ptr + (tok * HKV + kvh) * DK
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
     s_base = (i_t.to(tl.int64) * H + head) * DK * DV
@@ -57,10 +64,8 @@ def _dv_kernel(q_ptr, k_ptr, do_ptr, slope_ptr, dhbuf_ptr, dv_ptr, cu_ptr, chidx
     for kk in range(0, DK, BK):
         o_k = kk + tl.arange(0, BK)
         m_k = o_k < DK
-        b_q = tl.load(q_ptr + (rows[:, None] * H + head) * DK + o_k[None, :],
-                      mask=m_r[:, None] & m_k[None, :], other=0.0)
-        b_k = tl.load(k_ptr + (rows[:, None] * HKV + kvh) * DK + o_k[None, :],
-                      mask=m_r[:, None] & m_k[None, :], other=0.0)
+        b_q = tl.load(q_base + o_qh + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
+        b_k = tl.load(k_base + o_kh + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
         b_dh = tl.load(dhbuf_ptr + s_base + o_k[:, None] * DV + o_v[None, :],
                        mask=m_k[:, None] & m_v[None, :], other=0.0)
         b_a += _mm(b_q, tl.trans(b_k), DT, MODE)
@@ -69,9 +74,9 @@ def _dv_kernel(q_ptr, k_ptr, do_ptr, slope_ptr, dhbuf_ptr, dv_ptr, cu_ptr, chidx
     b_a = tl.where(dist >= 0, b_a * tl.exp(-slope * tl.maximum(dist, 0).to(tl.float32)), 0.0)
     k_decay = tl.where(m_r, tl.exp(-slope * tl.maximum(L - 1 - o_c, 0).to(tl.float32)), 0.0)
     m_rv = m_r[:, None] & m_v[None, :]
-    b_do = tl.load(do_ptr + (rows[:, None] * H + head) * DV + o_v[None, :], mask=m_rv, other=0.0)
+    b_do = tl.load(do_ptr + (tok * H + head) * DV + o_vh + o_v[None, :], mask=m_rv, other=0.0)
     b_dv = _mm(tl.trans(b_a), b_do, DT, MODE) + b_kdh * k_decay[:, None]
-    tl.store(dv_ptr + (rows[:, None] * H + head) * DV + o_v[None, :], b_dv, mask=m_rv)
+    tl.store(dv_ptr + (tok * H + head) * DV + o_vh + o_v[None, :], b_dv, mask=m_rv)
 
 
 @triton.jit
@@ -92,8 +97,14 @@ def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, slope_ptr, hbuf_ptr, dhbuf_ptr, dq_
     DT = q_ptr.dtype.element_ty
 
     o_c = tl.arange(0, C)
-    rows = (start + o_c).to(tl.int64)
-    m_r = rows < eos
+    m_r = start + o_c < eos
+    tok = start.to(tl.int64)  # 64-bit scalar bases, 32-bit chunk offsets (see _dv_kernel)
+    o_qh = o_c[:, None] * (H * DK)
+    o_kh = o_c[:, None] * (HKV * DK)
+    o_vh = o_c[:, None] * (H * DV)
+    o_kvh = o_c[:, None] * (HKV * DV)
+    v_base = v_ptr + (tok * HKV + kvh) * DV
+    do_base = do_ptr + (tok * H + head) * DV
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < DK
     s_base = (i_t.to(tl.int64) * H + head) * DK * DV
@@ -104,8 +115,8 @@ def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, slope_ptr, hbuf_ptr, dhbuf_ptr, dq_
         o_v = vv + tl.arange(0, BV)
         m_v = o_v < DV
         m_rv = m_r[:, None] & m_v[None, :]
-        b_v = tl.load(v_ptr + (rows[:, None] * HKV + kvh) * DV + o_v[None, :], mask=m_rv, other=0.0)
-        b_do = tl.load(do_ptr + (rows[:, None] * H + head) * DV + o_v[None, :], mask=m_rv, other=0.0)
+        b_v = tl.load(v_base + o_kvh + o_v[None, :], mask=m_rv, other=0.0)
+        b_do = tl.load(do_base + o_vh + o_v[None, :], mask=m_rv, other=0.0)
         m_kv = m_k[:, None] & m_v[None, :]
         b_h = tl.load(hbuf_ptr + s_base + o_k[:, None] * DV + o_v[None, :], mask=m_kv, other=0.0)
         b_dh = tl.load(dhbuf_ptr + s_base + o_k[:, None] * DV + o_v[None, :], mask=m_kv, other=0.0)
@@ -117,12 +128,12 @@ def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, slope_ptr, hbuf_ptr, dhbuf_ptr, dq_
     k_decay = tl.where(m_r, tl.exp(-slope * tl.maximum(L - 1 - o_c, 0).to(tl.float32)), 0.0)
     q_decay = tl.exp(-slope * (o_c + 1).to(tl.float32))
     m_rk = m_r[:, None] & m_k[None, :]
-    b_q = tl.load(q_ptr + (rows[:, None] * H + head) * DK + o_k[None, :], mask=m_rk, other=0.0)
-    b_k = tl.load(k_ptr + (rows[:, None] * HKV + kvh) * DK + o_k[None, :], mask=m_rk, other=0.0)
+    b_q = tl.load(q_ptr + (tok * H + head) * DK + o_qh + o_k[None, :], mask=m_rk, other=0.0)
+    b_k = tl.load(k_ptr + (tok * HKV + kvh) * DK + o_kh + o_k[None, :], mask=m_rk, other=0.0)
     b_dq = _mm(b_da, b_k, DT, MODE) + b_dq * q_decay[:, None]
     b_dk = _mm(tl.trans(b_da), b_q, DT, MODE) + b_dk * k_decay[:, None]
-    tl.store(dq_ptr + (rows[:, None] * H + head) * DK + o_k[None, :], b_dq.to(dq_ptr.dtype.element_ty), mask=m_rk)
-    tl.store(dk_ptr + (rows[:, None] * H + head) * DK + o_k[None, :], b_dk, mask=m_rk)
+    tl.store(dq_ptr + (tok * H + head) * DK + o_qh + o_k[None, :], b_dq.to(dq_ptr.dtype.element_ty), mask=m_rk)
+    tl.store(dk_ptr + (tok * H + head) * DK + o_qh + o_k[None, :], b_dk, mask=m_rk)
 
 
 def lightning_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor,
@@ -142,7 +153,8 @@ def lightning_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torc
     dk_h = torch.empty(T, h, dk, dtype=torch.float32, device=q.device)
     dv_h = torch.empty(T, h, dv, dtype=torch.float32, device=q.device)
     meta = dict(H=h, HKV=hkv, DK=dk, DV=dv, C=plan.chunk_size, BK=bk, BV=bv, MODE=mode, SMODE=smode)
-    tune = dict(default=CHUNK_DEFAULT, space=CHUNK_SPACE, key=TUNE_KEY, device=q.device)
+    t = lightning_tuning("chunk", q.device)
+    tune = dict(default=t.default, space=t.space, key=TUNE_KEY, device=q.device)
     launch(_dv_kernel, (triton.cdiv(dv, bv), plan.num_chunks, h),
            (q, k, do, slope, dhbuf, dv_h, plan.cu, plan.chunk_indices), meta, **tune)
     launch(_dqk_kernel, (triton.cdiv(dk, bk), plan.num_chunks, h),

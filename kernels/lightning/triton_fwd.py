@@ -24,15 +24,13 @@ import triton
 import triton.language as tl
 
 from .._common import interpret_enabled
-from .._tuning import cfg, launch
+from .._tuning import launch, lightning_tuning
 from ._plan import ChunkPlan
 
 
-# Chunk-parallel kernels (output, dv, dq/dk) hold two [C, C] / [C, 64] fp32 accumulators: 8 warps
-# keep them in registers on sm_90 (4 warps spill; benchmarks/kernel_resources.py), 2 stages bound
-# shared memory. Autotuned over the space on CUDA, keyed on the dims and the GQA layout.
-CHUNK_DEFAULT = cfg(8, 2)
-CHUNK_SPACE = (cfg(8, 2), cfg(8, 3))
+# Launch configs per GPU target: seqpar.kernels._tuning.lightning_tuning ("chunk": the output,
+# dv, dq/dk kernels; "state": the chunk-local state product). Autotuned over the space on CUDA,
+# keyed on the dims and the GQA layout.
 TUNE_KEY = ("DK", "DV", "H", "HKV")
 
 
@@ -95,11 +93,13 @@ def _chunk_state_kernel(a_ptr, b_ptr, slope_ptr, loc_ptr, cu_ptr, chidx_ptr,
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     o_c = tl.arange(0, C)
-    rows = (start + o_c).to(tl.int64)  # 64-bit offsets: T * H * D can pass 2^31
-    m_r = rows < eos
-    b_a = tl.load(a_ptr + (rows[:, None] * HA + ah) * DK + o_k[None, :],
+    m_r = start + o_c < eos
+    # 64-bit scalar token base (T * H * D can pass 2^31), 32-bit offsets inside the chunk:
+    # per-element 64-bit offsets cost two registers per element
+    tok = start.to(tl.int64)
+    b_a = tl.load(a_ptr + (tok * HA + ah) * DK + o_c[:, None] * (HA * DK) + o_k[None, :],
                   mask=m_r[:, None] & (o_k[None, :] < DK), other=0.0)
-    b_b = tl.load(b_ptr + (rows[:, None] * HA + ah) * DV + o_v[None, :],
+    b_b = tl.load(b_ptr + (tok * HA + ah) * DV + o_c[:, None] * (HA * DV) + o_v[None, :],
                   mask=m_r[:, None] & (o_v[None, :] < DV), other=0.0)
     if Q_DECAY:
         w = tl.exp(-slope * (o_c + 1).to(tl.float32))
@@ -160,11 +160,12 @@ def state_pass(a: torch.Tensor, b: torch.Tensor, slope: torch.Tensor, s0: Option
     dv = b.shape[-1]
     loc = torch.empty(plan.num_chunks, num_heads, dk, dv, dtype=torch.float32, device=a.device)
     bk, bv = state_tile(dk), state_tile(dv)
+    st = lightning_tuning("state", a.device)
     launch(_chunk_state_kernel, (triton.cdiv(dk, bk), triton.cdiv(dv, bv), plan.num_chunks * num_heads),
            (a, b, slope, loc, plan.cu, plan.chunk_indices),
            dict(H=num_heads, HA=ha, DK=dk, DV=dv, C=plan.chunk_size, BK=bk, BV=bv, Q_DECAY=reverse,
                 MODE=dot_modes(a.dtype)[0]),
-           default=cfg(4, 2), space=(cfg(4, 2), cfg(8, 2)), key=("DK", "DV", "Q_DECAY"), device=a.device)
+           default=st.default, space=st.space, key=("DK", "DV", "Q_DECAY"), device=a.device)
     sbuf = torch.empty(plan.num_chunks, num_heads, dk, dv, dtype=out_dtype, device=a.device)
     fin = torch.empty(plan.num_docs, num_heads, dk, dv, dtype=torch.float32, device=a.device) if store_final else None
     _state_scan_kernel[(triton.cdiv(dk * dv, SCAN_BLOCK), plan.num_docs * num_heads)](
@@ -195,8 +196,10 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, hbuf_ptr, o_ptr, cu_ptr, chid
     DT = q_ptr.dtype.element_ty
 
     o_c = tl.arange(0, C)
-    rows = (start + o_c).to(tl.int64)  # 64-bit offsets: T * H * D can pass 2^31
-    m_r = rows < eos
+    m_r = start + o_c < eos
+    tok = start.to(tl.int64)  # 64-bit scalar bases, 32-bit chunk offsets (see _chunk_state_kernel)
+    q_base = q_ptr + (tok * H + head) * DK
+    k_base = k_ptr + (tok * HKV + kvh) * DK
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
     b_a = tl.zeros([C, C], dtype=tl.float32)
@@ -204,21 +207,20 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, hbuf_ptr, o_ptr, cu_ptr, chid
     for kk in range(0, DK, BK):
         o_k = kk + tl.arange(0, BK)
         m_k = o_k < DK
-        b_q = tl.load(q_ptr + (rows[:, None] * H + head) * DK + o_k[None, :],
-                      mask=m_r[:, None] & m_k[None, :], other=0.0)
-        b_k = tl.load(k_ptr + (rows[:, None] * HKV + kvh) * DK + o_k[None, :],
-                      mask=m_r[:, None] & m_k[None, :], other=0.0)
+        b_q = tl.load(q_base + o_c[:, None] * (H * DK) + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
+        b_k = tl.load(k_base + o_c[:, None] * (HKV * DK) + o_k[None, :], mask=m_r[:, None] & m_k[None, :],
+                      other=0.0)
         b_h = tl.load(hbuf_ptr + (i_t.to(tl.int64) * H + head) * DK * DV + o_k[:, None] * DV + o_v[None, :],
                       mask=m_k[:, None] & m_v[None, :], other=0.0)
         b_a += _mm(b_q, tl.trans(b_k), DT, MODE)
         b_inter += _mm(b_q, b_h, DT, SMODE)
     dist = o_c[:, None] - o_c[None, :]
     b_a = tl.where(dist >= 0, b_a * tl.exp(-slope * tl.maximum(dist, 0).to(tl.float32)), 0.0)
-    b_v = tl.load(v_ptr + (rows[:, None] * HKV + kvh) * DV + o_v[None, :],
+    b_v = tl.load(v_ptr + (tok * HKV + kvh) * DV + o_c[:, None] * (HKV * DV) + o_v[None, :],
                   mask=m_r[:, None] & m_v[None, :], other=0.0)
     q_decay = tl.exp(-slope * (o_c + 1).to(tl.float32))
     b_o = _mm(b_a, b_v, DT, MODE) + b_inter * q_decay[:, None]
-    tl.store(o_ptr + (rows[:, None] * H + head) * DV + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
+    tl.store(o_ptr + (tok * H + head) * DV + o_c[:, None] * (H * DV) + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
              mask=m_r[:, None] & m_v[None, :])
 
 
@@ -242,7 +244,8 @@ def lightning_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torc
     bk, bv = tile(dk, q.dtype), tile(dv, q.dtype)
     grid = (triton.cdiv(dv, bv), plan.num_chunks, h)
     mode, smode = dot_modes(q.dtype)
+    tune = lightning_tuning("chunk", q.device)
     launch(_output_kernel, grid, (q, k, v, slope, hbuf, o, plan.cu, plan.chunk_indices),
            dict(H=h, HKV=k.shape[1], DK=dk, DV=dv, C=plan.chunk_size, BK=bk, BV=bv, MODE=mode, SMODE=smode),
-           default=CHUNK_DEFAULT, space=CHUNK_SPACE, key=TUNE_KEY, device=q.device)
+           default=tune.default, space=tune.space, key=TUNE_KEY, device=q.device)
     return o, ht

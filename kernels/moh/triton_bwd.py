@@ -21,8 +21,7 @@ import triton.language as tl
 
 from .counter import active_counter
 from .rows import ActiveRows
-from .._tuning import launch
-from ..s2.triton_fwd import launch_configs
+from .._tuning import attention_tuning, launch
 from .triton_fwd import TUNE_KEY, block_sizes, dot_precision, needs_idx64, upcast_dots
 
 
@@ -239,6 +238,13 @@ def _moh_bwd_dkdv_kernel(
              + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=nd)
 
 
+def dkdv_row_tile(tune, block_m: int) -> int:
+    """Query-row tile of the dk/dv kernel's inner loop: the tuning's override (sm_80, 64 x 128
+    half tiles: 32 rows, as 64 spill) if smaller, else the forward's row tile. Any power of two
+    >= 16 is exact (the causal start rounds down to a row tile)."""
+    return min(block_m, tune.block_m or block_m)
+
+
 def moh_bwd(do: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             gates: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, act: ActiveRows, *, causal: bool,
             sm_scale: float, q_offset: int,
@@ -275,19 +281,20 @@ def moh_bwd(do: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.Tens
                v.stride(0), v.stride(1), v.stride(2),
                gates.stride(0), gates.stride(1), gates.stride(2),
                do.stride(0), do.stride(1), do.stride(2))
-    default, space = launch_configs("dq", block_m, d, q.dtype, op="moh")
+    tune = attention_tuning("dq", block_m, d, q.dtype, q.device, op="moh")
     launch(_moh_bwd_dq_kernel, (triton.cdiv(sq, block_m), b * h), (
         q, k, v, gates, do, lse_bwd, delta, dq, act.rows, act.counts, cnt,
         *strides, dq.stride(0), dq.stride(1), dq.stride(2),
         sq, sk, h, h // hkv, sm_scale, q_offset, k_offset,
-    ), dict(COUNT=counter is not None, **common), default=default, space=space, key=TUNE_KEY,
+    ), dict(COUNT=counter is not None, **common), default=tune.default, space=tune.space, key=TUNE_KEY,
         device=q.device, tunable=counter is None)
-    default, space = launch_configs("dkdv", block_n, d, q.dtype, op="moh")
+    tune = attention_tuning("dkdv", block_n, d, q.dtype, q.device, op="moh")
     launch(_moh_bwd_dkdv_kernel, (triton.cdiv(sk, block_n), b * hkv), (
         q, k, v, gates, do, lse_bwd, delta, dk, dv, act.rows, act.counts, act.prefix,
         *strides, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         sq, sk, h, hkv, h // hkv, sm_scale, q_offset, k_offset,
-    ), common, default=default, space=space, key=TUNE_KEY, device=q.device)
+    ), {**common, "BLOCK_M": dkdv_row_tile(tune, block_m)}, default=tune.default, space=tune.space,
+        key=TUNE_KEY, device=q.device)
     if counter is not None:
         counter.backward += int(cnt.item())
     return dq, dk, dv, dgates

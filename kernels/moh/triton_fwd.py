@@ -14,8 +14,7 @@ import triton.language as tl
 from .._common import interpret_enabled
 from .counter import active_counter
 from .rows import ActiveRows
-from .._tuning import launch
-from ..s2.triton_fwd import launch_configs
+from .._tuning import attention_tuning, launch
 
 # what decides the best config (dtypes are added by triton.autotune)
 TUNE_KEY = ("D", "BLOCK_M", "CAUSAL", "GROUP")
@@ -147,7 +146,7 @@ def moh_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tens
     counter = active_counter()
     cnt = torch.zeros(1, dtype=torch.int32, device=q.device)
     grid = (triton.cdiv(sq, block_m), b * h)
-    default, space = launch_configs("fwd", block_m, d, q.dtype, op="moh")
+    tune = attention_tuning("fwd", block_m, d, q.dtype, q.device, op="moh")
     launch(_moh_fwd_kernel, grid, (
         q, k, v, gates, o, lse, act.rows, act.counts, cnt,
         q.stride(0), q.stride(1), q.stride(2),
@@ -158,7 +157,7 @@ def moh_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tens
         sq, sk, h, h // hkv, sm_scale, q_offset, k_offset,
     ), dict(IDX64=needs_idx64(q, o, gates), D=d, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
             UPCAST=upcast_dots(q.dtype), COUNT=counter is not None, DOT_PREC=dot_precision(q.dtype)),
-        default=default, space=space, key=TUNE_KEY, device=q.device, tunable=counter is None)
+        default=tune.default, space=tune.space, key=TUNE_KEY, device=q.device, tunable=counter is None)
     if counter is not None:
         counter.forward += int(cnt.item())
     return o, lse

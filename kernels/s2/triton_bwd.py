@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from seqpar.kernels.s2.plan import TilePlan
-from seqpar.kernels._tuning import launch
-from seqpar.kernels.s2.triton_fwd import LOG2E, TUNE_KEY, block_dim, kernel_options, launch_configs, mask_tile
+from seqpar.kernels._tuning import attention_tuning, launch
+from seqpar.kernels.s2.triton_fwd import LOG2E, TUNE_KEY, block_dim, kernel_options, mask_tile
 
 
 @triton.jit
@@ -226,19 +226,19 @@ def s2_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, l
     dv = torch.empty_like(v)
     consts = dict(CAUSAL=plan.causal, COUNT=counters is not None, **kernel_options(q, plan.block_size))
     cnt_dq, cnt_kv = counters if counters is not None else (lse, lse)
-    default, space = launch_configs("dq", plan.block_size, d, q.dtype)
+    tune = attention_tuning("dq", plan.block_size, d, q.dtype, q.device)
     launch(_s2_bwd_dq_kernel, (plan.num_q_tiles, h, b), (
         q, k, v, do, lse, delta, dq, cnt_dq,
         plan.q_start, plan.q_end, plan.kv_start, plan.kv_end, plan.row_ptr, plan.col_idx,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), lse.stride(0), lse.stride(1),
         plan.num_q_tiles, h // hkv, plan.q_shift, plan.k_shift, sm_scale * LOG2E, sm_scale,
-    ), consts, default=default, space=space, key=TUNE_KEY, device=q.device, tunable=counters is None)
-    default, space = launch_configs("dkdv", plan.block_size, d, q.dtype)
+    ), consts, default=tune.default, space=tune.space, key=TUNE_KEY, device=q.device, tunable=counters is None)
+    tune = attention_tuning("dkdv", plan.block_size, d, q.dtype, q.device)
     launch(_s2_bwd_dkdv_kernel, (plan.num_kv_tiles, hkv, b), (
         q, k, v, do, lse, delta, dk, dv, cnt_kv,
         plan.q_start, plan.q_end, plan.kv_start, plan.kv_end, plan.col_ptr, plan.row_idx,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         lse.stride(0), lse.stride(1),
         plan.num_kv_tiles, h // hkv, plan.q_shift, plan.k_shift, sm_scale * LOG2E, sm_scale,
-    ), consts, default=default, space=space, key=TUNE_KEY, device=q.device, tunable=counters is None)
+    ), consts, default=tune.default, space=tune.space, key=TUNE_KEY, device=q.device, tunable=counters is None)
     return dq, dk, dv

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from seqpar.kernels._common import interpret_enabled
-from seqpar.kernels._tuning import ALL_CONFIGS, LaunchConfig, cfg, launch
+from seqpar.kernels._tuning import attention_tuning, launch
 from seqpar.kernels.s2.plan import TilePlan
 
 LOG2E = 1.4426950408889634
@@ -125,30 +125,6 @@ def block_dim(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def launch_configs(kind: str, block_size: int, head_dim: int, dtype: torch.dtype, op: str = "s2"
-                   ) -> tuple[LaunchConfig, tuple[LaunchConfig, ...]]:
-    """(default, autotune space) for kernel ``kind`` in {"fwd", "dq", "dkdv"} of ``op`` ("s2",
-    which includes flash, or "moh": same tiles, MoH's gathered rows cost a few more registers).
-
-    Chosen from sm_90 compile metadata (benchmarks/kernel_resources.py): at 64 x 128 half tiles
-    4 warps hold the fwd / dq accumulators in ~250 registers and dk/dv spills, so 8 warps; 3
-    stages of 64 x 128 dq tiles need 129 KB (1 CTA/SM), 2 stages 97 KB. Tiles over 16 KB (fp32,
-    or 128-token half tiles) keep 2 stages so that they fit sm_80's 163 KB.
-    """
-    tile_bytes = block_size * block_dim(head_dim) * torch.empty((), dtype=dtype).element_size()
-    if tile_bytes <= 8 * 1024:  # d <= 64 half tiles of 64 tokens: everything fits
-        return cfg(4, 3), ALL_CONFIGS
-    if tile_bytes <= 16 * 1024:  # 64 x 128 half (the 1b / 7b presets), or 64 x 64 fp32
-        spaces = {"fwd": (cfg(8, 2), cfg(4, 2), cfg(4, 3), cfg(8, 3)),
-                  "dq": (cfg(8, 2), cfg(4, 2), cfg(8, 3)),
-                  "dkdv": (cfg(8, 2), cfg(8, 3))}
-        if op == "moh":
-            spaces["dq"] = (cfg(8, 2), cfg(8, 3))  # 4 warps: 255 registers and 20 B of spills
-        space = spaces[kind]
-        return space[0], space
-    return cfg(8, 2), (cfg(8, 2),)
-
-
 def s2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: TilePlan, sm_scale: float,
            counter: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """o [b, sq, h, d] (q's dtype) and lse [b, h, sq] fp32. ``counter`` (int32 [1], debug): the
@@ -160,13 +136,13 @@ def s2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: TilePlan, sm
     lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
     grid = (plan.num_q_tiles, h, b)
     consts = dict(CAUSAL=plan.causal, COUNT=counter is not None, **kernel_options(q, plan.block_size))
-    default, space = launch_configs("fwd", plan.block_size, d, q.dtype)
+    tune = attention_tuning("fwd", plan.block_size, d, q.dtype, q.device)
     launch(_s2_fwd_kernel, grid, (
         q, k, v, o, lse, counter if counter is not None else lse,
         plan.q_start, plan.q_end, plan.kv_start, plan.kv_end, plan.row_ptr, plan.col_idx,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), lse.stride(0), lse.stride(1),
         plan.num_q_tiles, h // hkv, plan.q_shift, plan.k_shift, sm_scale * LOG2E,
-    ), consts, default=default, space=space, key=TUNE_KEY, device=q.device, tunable=counter is None)
+    ), consts, default=tune.default, space=tune.space, key=TUNE_KEY, device=q.device, tunable=counter is None)
     return o, lse
 
 

@@ -168,15 +168,14 @@ def validate_ds_config(ds_config: dict[str, Any], dp: int, src: str) -> None:
 def check_supported(cfg: Any) -> None:
     """Combinations the DeepSpeed engine refuses (each with the reason and the fix).
 
+    ``parallel.pipeline_parallel > 1``: the engine wraps one model chunk (megatron-core's pipeline
+    schedules need the Megatron engine; DeepSpeed's own ``PipelineModule`` is a different model).
     ``train.skip_nonfinite_steps > 0``: the update cannot be vetoed after the fact.
-    ZeRO-3 with ``optim.weight_decay > 0``: with DeepSpeed 0.19.8 and the Megatron schedule as client
-    scheduler, ZeRO-3 trains exactly as the Megatron engine with weight decay 0 (measured in
-    tests/test_deepspeed_engine.py), i.e. the decay is not applied; refused rather than silently wrong.
     """
-    if cfg.deepspeed.zero_stage == 3 and cfg.optim.weight_decay > 0:
-        raise ConfigError(f"deepspeed.zero_stage=3 with optim.weight_decay={cfg.optim.weight_decay} is not supported "
-                          f"(DeepSpeed's ZeRO-3 does not apply the scheduled weight decay here); set "
-                          f"optim.weight_decay=0 or deepspeed.zero_stage<=2")
+    if cfg.parallel.pipeline_parallel > 1:
+        raise ConfigError(f"parallel.pipeline_parallel={cfg.parallel.pipeline_parallel} is not supported with "
+                          f"train.engine='deepspeed' (the DeepSpeed engine runs the model as one stage); set "
+                          f"parallel.pipeline_parallel=1 or train.engine='megatron'")
     if cfg.train.skip_nonfinite_steps:
         raise ConfigError(f"train.skip_nonfinite_steps={cfg.train.skip_nonfinite_steps} is not supported with "
                           f"train.engine='deepspeed' (DeepSpeed applies the update inside engine.step(), before the "

@@ -13,6 +13,12 @@ Process groups (TP x CP x DP from megatron-core's ``parallel_state``) as DeepSpe
   exactly the group in which Megatron reduces (and its distributed optimizer shards) gradients:
   every CP rank holds the same parameters and a gradient from its own share of the tokens, so the
   full gradient is the sum over DP x CP. ZeRO never shards or reduces over TP.
+  Sharding over DP alone (the other possible reading) would need a second full-size all-reduce over
+  CP on top of ZeRO's reduce-scatter and keep CP identical copies of each shard; over DP x CP one
+  reduce-scatter does both and the sharded state is divided by DP x CP, as in Megatron's distributed
+  optimizer (its ``dp_cp`` group) and DeepSpeed-Ulysses (its sequence-data-parallel group).
+  tests/test_deepspeed_engine.py::test_dp2_cp2_four_ranks asserts the groups (CP=2 x DP=2: ZeRO over
+  all 4 ranks; TP=2 x CP=2: the 2 CP ranks of each TP rank).
 
 DeepSpeed sums the CP replicas and divides by the DP size; :func:`forward_backward` passes
 ``DP x (sum of per-token losses on this rank) / (valid tokens of the global batch)`` with
@@ -71,6 +77,12 @@ class MegatronMPU:
     get_sequence_data_parallel_rank = staticmethod(lambda: ps.get_data_parallel_rank(with_context_parallel=True))
 
 
+def _no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """Megatron-core's rule (``get_param_groups``): biases and 1-D parameters are not decayed. The
+    shape is the parameter's full one (``ds_shape`` for a ZeRO-3 partitioned parameter)."""
+    return len(getattr(param, "ds_shape", param.shape)) == 1 or name.endswith(".bias")
+
+
 def initialize(cfg: Any, model: torch.nn.Module, ds_config: dict[str, Any]):
     """``deepspeed.initialize`` on ``model`` with ``ds_config``, our groups as ``mpu`` and the
     Megatron engine's LR schedule (``build_scheduler``) as the client scheduler. Returns the engine."""
@@ -115,10 +127,12 @@ def initialize(cfg: Any, model: torch.nn.Module, ds_config: dict[str, Any]):
         deepspeed.zero.Init(module=model, data_parallel_group=MegatronMPU.get_sequence_data_parallel_group(),
                             config_dict_or_path=ds_config, mpu=mpu)
     # megatron's parameter groups: biases and 1-D parameters (norms) get no weight decay (wd_mult 0 for
-    # the schedule, which sets weight_decay = wd x wd_mult each step)
+    # the schedule, which sets weight_decay = wd x wd_mult each step). The rule reads the full shape:
+    # after deepspeed.zero.Init (ZeRO-3) every parameter is an empty placeholder of shape [0] with its
+    # real shape in ds_shape, so p.shape would put every matrix in the no-decay group.
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    no_wd = [p for n, p in named if len(p.shape) == 1 or n.endswith(".bias")]
-    wd = [p for n, p in named if not (len(p.shape) == 1 or n.endswith(".bias"))]
+    no_wd = [p for n, p in named if _no_weight_decay(n, p)]
+    wd = [p for n, p in named if not _no_weight_decay(n, p)]
     groups = [g for g in ({"params": wd, "wd_mult": 1.0, "lr_mult": 1.0},
                           {"params": no_wd, "wd_mult": 0.0, "lr_mult": 1.0, "weight_decay": 0.0}) if g["params"]]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config, mpu=mpu,
@@ -193,12 +207,13 @@ def train(cfg: Any, *, resume: bool = False, stop_after: Optional[int] = None) -
     ``resume`` continues from ``<out_dir>/checkpoints/latest``; ``stop_after`` ends, with a
     checkpoint, after that many steps of this run)."""
     from seqpar.deepspeed import checkpoint
-    from seqpar.deepspeed.config import batch_shape, build_ds_config
+    from seqpar.deepspeed.config import batch_shape, build_ds_config, check_supported
     from seqpar.megatron import init_parallel
     from seqpar.train import health, signals
     from seqpar.train.checkpoint import prepare_out_dir
     from seqpar.train.loop import AttentionTimer, _rng_state, _set_rng_state, _tensorboard_cmd, build_data, build_model
 
+    check_supported(cfg)  # refused combinations fail before any process group is made
     world = dist.get_world_size() if dist.is_initialized() else None
     if world is not None:
         cfg.check_world(world)
