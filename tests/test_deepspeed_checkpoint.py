@@ -39,7 +39,7 @@ SEQ = 128  # S2 under CP=2: a multiple of 2 x CP x block (16)
 BASE = ["model.preset=tiny-hybrid", "data.dataset=text", "data.global_batch=2", "data.vocab_size=512",
         "data.max_bytes=60000", "train.steps=2", "optim.warmup_steps=1", "train.progress=false",
         "train.time_attention=false", "parallel.backend=torch", "train.save_every=0", f"data.seq_len={SEQ}",
-        "train.engine=deepspeed", "optim.weight_decay=0"]  # ZeRO-3 refuses weight decay (seqpar.deepspeed.config)
+        "train.engine=deepspeed"]
 RUNS = {"zero2": ["deepspeed.zero_stage=2"], "zero3": ["deepspeed.zero_stage=3"],
         # MoH needs TP=1; S2 under TP keeps the head stride exact only for vert_stride <= heads / TP
         "tp2": ["deepspeed.zero_stage=1", "parallel.tensor_parallel=2", "parallel.context_parallel=1",
