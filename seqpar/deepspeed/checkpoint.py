@@ -275,7 +275,8 @@ def _convert(path: pathlib.Path, out: pathlib.Path) -> None:
     os.replace(tmp, out)
 
 
-def load(engine: Any, path: str | pathlib.Path, *, config: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def load(engine: Any, path: str | pathlib.Path, *, config: Optional[dict[str, Any]] = None,
+         verified: bool = False) -> dict[str, Any]:
     """Load a ``step_N`` folder into ``engine`` (module, ZeRO optimizer state, LR scheduler). Returns
     ``step``, ``config`` (the saved recipe), ``layout``, ``changes`` and ``rng`` (this rank's RNG states,
     or None when the checkpoint was written with another parallel layout). Collective.
@@ -285,11 +286,13 @@ def load(engine: Any, path: str | pathlib.Path, *, config: Optional[dict[str, An
     changes printed and returned as ``changes``).
 
     Before DeepSpeed reads anything, on every rank: the manifest (files hashed in parallel, every rank
-    gets the same answer; CorruptCheckpointError naming the file) and the pickle check (UnsafeCheckpointError
-    naming the file and the refused global); DeepSpeed's reads then run weights-only (module docstring)."""
+    gets the same answer; CorruptCheckpointError naming the file; skipped with ``verified=True``, when the
+    caller has just checked it: ``seqpar.train.checkpoint.resumable``) and the pickle check
+    (UnsafeCheckpointError naming the file and the refused global); DeepSpeed's reads then run
+    weights-only (module docstring)."""
     path = pathlib.Path(path)
     _not_legacy(path)
-    err = _verify_collective(path)
+    err = None if verified else _verify_collective(path)
     if err is not None:
         raise err
     manifest = _is_ours(path, integrity.read_manifest(path))

@@ -231,10 +231,11 @@ def train(cfg: Any, *, resume: bool = False, stop_after: Optional[int] = None) -
     start = 0
     prepare_out_dir(out, resume=resume, overwrite=cfg.train.overwrite)  # no silent mixing of two runs
     if resume:
-        path = checkpoint.latest(ckpt_dir)
-        if path is None:
-            raise ValueError(f"--resume: no checkpoint under {ckpt_dir}")
-        state = checkpoint.load(engine, path, config=cfg.to_dict())  # refuses a model change / finished run
+        from seqpar.train.checkpoint import resumable
+
+        # verified against its manifest; past a corrupt one per train.on_corrupt_checkpoint (fallback / stop)
+        path = resumable(ckpt_dir, cfg.train.on_corrupt_checkpoint)
+        state = checkpoint.load(engine, path, config=cfg.to_dict(), verified=True)  # refuses a model change
         if state["rng"] is not None:
             _set_rng_state(state["rng"])
         elif rank0:
