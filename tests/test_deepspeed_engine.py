@@ -1,10 +1,10 @@
 """The DeepSpeed engine against the Megatron engine on the same seed and batches (fp32, tiny hybrid ASLH,
 5 steps, 1e-5 relative, weight decay 4.0 in every run):
 
-- CP=2 on 2 gloo ranks: ZeRO 0, 1, 2, 3; ZeRO-2 with 2 micro-batches of gradient accumulation (MoH
-  load-balance loss off there: it is a function of each micro-batch's routing, so accumulation changes
-  it in either engine); resume exactness (stop after 3 steps + resume) under ZeRO-2 and ZeRO-3; the
-  consolidated fp32 state dict of the ZeRO checkpoints. The weight decay is visible in the losses (a
+- CP=2 on 2 gloo ranks: ZeRO 0, 1, 2, 3; ZeRO-3 with the optimizer offloaded to the host; ZeRO-2 with
+  2 micro-batches of gradient accumulation (MoH load-balance loss off there: it is a function of each
+  micro-batch's routing, so accumulation changes it in either engine); resume exactness (stop after
+  3 steps + resume) under ZeRO-2 and ZeRO-3; the consolidated fp32 state dict of the ZeRO checkpoints. The weight decay is visible in the losses (a
   run at weight decay 0 differs), so ZeRO-3's decayed / no-decay groups are really checked.
 - CP=2 x DP=2 on 4 ranks, where ZeRO really shards: ZeRO 0, 1, 2, 3; DeepSpeed's groups are ours (DP,
   TP as model parallel, ZeRO parameters and optimizer over DP x CP: 4 ranks; at TP=2 x CP=2 the ZeRO
@@ -112,12 +112,14 @@ def cp2(tmp_path_factory):
              # the load-balance loss is a function of each micro-batch's routing (not additive over
              # micro-batches), so accumulation is compared with it off
              ("zero2_gas", DS + ["deepspeed.zero_stage=2", "data.micro_batch=2"] + NO_AUX, full),
-             ("zero3", DS + ["deepspeed.zero_stage=3"], split)]
+             ("zero3", DS + ["deepspeed.zero_stage=3"], split),
+             # optimizer state on the host (torch AdamW steps the offloaded fp32 partition)
+             ("zero3_offload", DS + ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=cpu"], full)]
     res = run_ranks(_runs, 2, str(root), plans, timeout=900)
     return res, root
 
 
-@pytest.mark.parametrize("name", ["zero0", "zero1", "zero2", "zero2_gas", "zero3"])
+@pytest.mark.parametrize("name", ["zero0", "zero1", "zero2", "zero2_gas", "zero3", "zero3_offload"])
 def test_cp2_zero_matches_megatron(cp2, name):
     res, _ = cp2
     ref = res[0]["megatron_noaux" if name == "zero2_gas" else "megatron"][0]
@@ -169,6 +171,23 @@ def test_consolidated_fp32_state_dict(cp2):
     manifest.write_bytes(manifest.read_bytes() + b"x")  # tampered file: refused before DeepSpeed unpickles
     with pytest.raises(ValueError, match="corrupt: mp_rank_00_model_states.pt: grown"):
         consolidated_fp32_state_dict(root / "zero2" / "checkpoints")
+
+
+def test_corrupt_latest_falls_back_to_the_newest_intact(cp2, tmp_path):
+    """--resume with a corrupt newest checkpoint (train.on_corrupt_checkpoint=fallback, as the Megatron
+    engine): a warning naming the file, then the newest intact one (step 3) resumes with the losses of the
+    uninterrupted run."""
+    import shutil
+
+    res, root = cp2
+    shutil.copytree(root / "zero2", tmp_path / "zero2")  # a copy: other tests read the fixture's folder
+    bad = tmp_path / "zero2" / "checkpoints" / "step_0000005" / "mp_rank_00_model_states.pt"
+    bad.write_bytes(b"x" + bad.read_bytes()[1:])
+    resumed = run_ranks(_runs, 2, str(tmp_path), [("zero2", DS + ["deepspeed.zero_stage=2",
+                                                                  "train.on_corrupt_checkpoint=fallback"],
+                                                   [(True, 1)])], timeout=600)
+    _close(resumed[0]["zero2"][0], [x for part in res[0]["zero2"] for x in part][3:4], min_len=1)
+    assert (tmp_path / "zero2" / "checkpoints" / "latest").read_text() == "step_0000004"
 
 
 def test_dp2_cp2_four_ranks(tmp_path):
