@@ -14,7 +14,8 @@ after the last step; it records the errors.
 - ``python -m seqpar.export.hf`` accepts the step folder, checkpoints/latest and the run folder; the
   HF model's logits equal the DeepSpeed model's (fp32 max abs diff <= 1e-4) for ZeRO-2 and ZeRO-3;
 - a TP=2 DeepSpeed checkpoint: a clear export error;
-- resume refuses a recipe whose model differs (as the Megatron engine does) and a finished run;
+- resume refuses a recipe whose model differs (as the Megatron engine does) and a finished run (the
+  fallback past a corrupt newest checkpoint: tests/test_deepspeed_engine.py);
 - crafted pickles: every loader (resume, universal conversion, consolidated fp32 state dict, export,
   RNG files) refuses with "refusing to unpickle builtins.exec ..." and the marker file the payload
   would write never appears.
@@ -39,7 +40,7 @@ SEQ = 128  # S2 under CP=2: a multiple of 2 x CP x block (16)
 BASE = ["model.preset=tiny-hybrid", "data.dataset=text", "data.global_batch=2", "data.vocab_size=512",
         "data.max_bytes=60000", "train.steps=2", "optim.warmup_steps=1", "train.progress=false",
         "train.time_attention=false", "parallel.backend=torch", "train.save_every=0", f"data.seq_len={SEQ}",
-        "train.engine=deepspeed", "optim.weight_decay=0"]  # ZeRO-3 refuses weight decay (seqpar.deepspeed.config)
+        "train.engine=deepspeed"]
 RUNS = {"zero2": ["deepspeed.zero_stage=2"], "zero3": ["deepspeed.zero_stage=3"],
         # MoH needs TP=1; S2 under TP keeps the head stride exact only for vert_stride <= heads / TP
         "tp2": ["deepspeed.zero_stage=1", "parallel.tensor_parallel=2", "parallel.context_parallel=1",

@@ -275,7 +275,8 @@ def _convert(path: pathlib.Path, out: pathlib.Path) -> None:
     os.replace(tmp, out)
 
 
-def load(engine: Any, path: str | pathlib.Path, *, config: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def load(engine: Any, path: str | pathlib.Path, *, config: Optional[dict[str, Any]] = None,
+         verified: bool = False) -> dict[str, Any]:
     """Load a ``step_N`` folder into ``engine`` (module, ZeRO optimizer state, LR scheduler). Returns
     ``step``, ``config`` (the saved recipe), ``layout``, ``changes`` and ``rng`` (this rank's RNG states,
     or None when the checkpoint was written with another parallel layout). Collective.
@@ -285,11 +286,13 @@ def load(engine: Any, path: str | pathlib.Path, *, config: Optional[dict[str, An
     changes printed and returned as ``changes``).
 
     Before DeepSpeed reads anything, on every rank: the manifest (files hashed in parallel, every rank
-    gets the same answer; CorruptCheckpointError naming the file) and the pickle check (UnsafeCheckpointError
-    naming the file and the refused global); DeepSpeed's reads then run weights-only (module docstring)."""
+    gets the same answer; CorruptCheckpointError naming the file; skipped with ``verified=True``, when the
+    caller has just checked it: ``seqpar.train.checkpoint.resumable``) and the pickle check
+    (UnsafeCheckpointError naming the file and the refused global); DeepSpeed's reads then run
+    weights-only (module docstring)."""
     path = pathlib.Path(path)
     _not_legacy(path)
-    err = _verify_collective(path)
+    err = None if verified else _verify_collective(path)
     if err is not None:
         raise err
     manifest = _is_ours(path, integrity.read_manifest(path))
@@ -336,8 +339,9 @@ def consolidated_fp32_state_dict(path: str | pathlib.Path) -> dict[str, torch.Te
     manifest = verify(path)
     if manifest["layout"]["tensor_parallel"] != 1:
         raise ValueError(f"{path} was written at tensor_parallel={manifest['layout']['tensor_parallel']}; "
-                         f"consolidating DeepSpeed checkpoints with TP shards is not supported: resume it at "
-                         f"parallel.tensor_parallel=1 (train.engine=deepspeed) and save again")
+                         f"consolidating DeepSpeed checkpoints with TP shards is not supported (zero_to_fp32 "
+                         f"does not merge them); train with parallel.tensor_parallel=1 on the DeepSpeed engine, or "
+                         f"with train.engine=megatron (its checkpoints export at any TP)")
     check_pickles(path)
     if manifest["zero_stage"] == 0:
         f = path / "mp_rank_00_model_states.pt"

@@ -234,9 +234,10 @@ def train(cfg: Any, *, resume: bool = False, stop_after: Optional[int] = None) -
         from seqpar.train.checkpoint import resumable
 
         # the Megatron engine's rule: `latest` if intact, else (train.on_corrupt_checkpoint=fallback) the
-        # newest intact older checkpoint, with a warning naming the corrupt file; load() verifies it again
+        # newest intact older checkpoint, with a warning naming the corrupt file; verified there, so load()
+        # skips its own hash pass
         path = resumable(ckpt_dir, cfg.train.on_corrupt_checkpoint)
-        state = checkpoint.load(engine, path, config=cfg.to_dict())  # refuses a model change / finished run
+        state = checkpoint.load(engine, path, config=cfg.to_dict(), verified=True)  # refuses a model change / finished run
         if state["rng"] is not None:
             _set_rng_state(state["rng"])
         elif rank0:

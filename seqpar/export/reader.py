@@ -191,8 +191,9 @@ def _read_deepspeed(step_dir: pathlib.Path, with_tensors: bool) -> TrainingCheck
     if tp != 1:
         raise ExportError(f"{step_dir} is a DeepSpeed checkpoint saved at parallel.tensor_parallel={tp}: export of "
                           f"DeepSpeed checkpoints with TP shards is not supported (DeepSpeed's zero_to_fp32 does "
-                          f"not merge them). Resume it at parallel.tensor_parallel=1 and save, or train with "
-                          f"train.engine=megatron, whose checkpoints export at any TP")
+                          f"not merge them, and these checkpoints carry no TP merge rules for DeepSpeed's "
+                          f"universal converter). Train with parallel.tensor_parallel=1 on the DeepSpeed engine, "
+                          f"or with train.engine=megatron, whose checkpoints export at any TP")
     tok = step_dir / TOKENIZER_FILE
     ck = TrainingCheckpoint(path=step_dir, step=int(manifest.get("step", 0)), config=config,
                             layout=dict(manifest.get("layout", {})), tensors={},

@@ -42,6 +42,7 @@ import json
 import os
 import pathlib
 import pickle
+import re
 from typing import Any, Iterable, Iterator, Optional
 
 import torch
@@ -124,19 +125,19 @@ def read_dcp_metadata(path: str | os.PathLike, source: Optional[str] = None) -> 
     return md
 
 
+_NOT_WRITTEN = "not a class this checkpoint format writes (the file may be crafted; do not load it)"
+
+
 def refused_unpickling(e: BaseException, source: str) -> "UnsafeCheckpointError":
     """torch's weights-only refusal as our error: the refused global and the file, without torch's advice
     to allow-list it."""
-    import re
-
     text = str(e)
     m = re.search(r"GLOBAL (\S+) was not an allowed global", text)
     if m is None:
         lines = text.strip().splitlines()
         return UnsafeCheckpointError(f"refusing to unpickle {source}: {lines[0].strip() if lines else text}")
     name = m.group(1) if "." in m.group(1) else f"builtins.{m.group(1)}"  # torch drops the builtins. prefix
-    return UnsafeCheckpointError(f"refusing to unpickle {name} from {source}: not a type this checkpoint format "
-                                 f"stores (the file may be crafted; do not load it)")
+    return UnsafeCheckpointError(f"refusing to unpickle {name} from {source}: {_NOT_WRITTEN}")
 
 
 def _allowing(allow: Iterable[Any]) -> Any:
@@ -175,8 +176,7 @@ def check_pickle_globals(path: str | os.PathLike, *, allow: Iterable[Any] = (), 
             raise CorruptCheckpointError(pathlib.Path(path).parent, pathlib.Path(path).name,
                                          f"not a readable torch.save file ({e.__class__.__name__})") from None
     if bad:
-        raise UnsafeCheckpointError(f"refusing to unpickle {bad[0]} from {source or path}: not a class this "
-                                    f"checkpoint format writes (the file may be crafted; do not load it)")
+        raise UnsafeCheckpointError(f"refusing to unpickle {bad[0]} from {source or path}: {_NOT_WRITTEN}")
 
 
 @contextlib.contextmanager
