@@ -2,9 +2,9 @@
 and loading executes nothing from disk.
 
 One launch of 2 gloo ranks (module fixture) trains the tiny hybrid (ASLH, text data) on the DeepSpeed
-engine at CP=2 under ZeRO-2 and ZeRO-3, and at TP=2 (ZeRO-1, pattern ASL); reloads each CP=2
+engine at CP=2 under ZeRO-2 and ZeRO-3, and at TP=2 (ZeRO-1, pattern ASL); reloads each
 checkpoint into a fresh DeepSpeed engine (checkpoint.load, the resume path) and records its logits
-(CP shards gathered) as the reference; then loads crafted copies of the ZeRO-2 checkpoint (a pickle
+(CP and TP shards gathered) as the reference; then loads crafted copies of the ZeRO-2 checkpoint (a pickle
 that would run ``exec`` planted in a ZeRO shard / an RNG file, manifest recomputed so the checksums
 pass) through the resume path at the same layout and — via DeepSpeed's universal conversion — at
 another layout, each with and without the early pickle check, and resumes with a changed model and
@@ -13,7 +13,9 @@ after the last step; it records the errors.
 - the step folder holds config.json, tokenizer.model and integrity's manifest.json (engine=deepspeed);
 - ``python -m seqpar.export.hf`` accepts the step folder, checkpoints/latest and the run folder; the
   HF model's logits equal the DeepSpeed model's (fp32 max abs diff <= 1e-4) for ZeRO-2 and ZeRO-3;
-- a TP=2 DeepSpeed checkpoint: a clear export error;
+- a TP=2 DeepSpeed checkpoint: its TP shards are merged (the manifest's tp_split, read from the model at
+  save time) and the HF model's logits equal the TP=2 DeepSpeed model's; a TP=2 checkpoint without
+  tp_split (an older seqpar) or with a wrong split is refused with a clear error;
 - resume refuses a recipe whose model differs (as the Megatron engine does) and a finished run (the
   fallback past a corrupt newest checkpoint: tests/test_deepspeed_engine.py);
 - crafted pickles: every loader (resume, universal conversion, consolidated fp32 state dict, export,
@@ -87,8 +89,10 @@ def _close(engine) -> None:
 
 
 def _logits(cfg, tokens: torch.Tensor) -> torch.Tensor:
-    """Full-sequence logits [b, s, vocab] of the checkpoint loaded into a DeepSpeed engine at CP=2."""
+    """Full-sequence logits [b, s, vocab] of the checkpoint loaded into a DeepSpeed engine at its
+    saved layout (CP shards and TP vocab shards gathered)."""
     from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from seqpar import cp
     from seqpar.deepspeed import checkpoint
@@ -101,6 +105,8 @@ def _logits(cfg, tokens: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         out = engine(tok, torch.arange(tok.shape[1]).expand_as(tok), None)  # [b, s_local, vocab]
         out = cp.unshard(out.contiguous(), ps.get_context_parallel_group(), dim=1, balance="zigzag")
+        if ps.get_tensor_model_parallel_world_size() > 1:  # the output layer is vocab-parallel
+            out = gather_from_tensor_model_parallel_region(out)
     _close(engine)
     return out
 
@@ -185,8 +191,7 @@ def _ranks(rank: int, world: int, root: str, tokens: torch.Tensor) -> dict:
     for name in RUNS:
         cfg = _cfg(root, name)
         train(cfg)
-        if cfg.parallel.tensor_parallel == 1:
-            out[name] = _logits(cfg, tokens)
+        out[name] = _logits(cfg, tokens)
     out["crafted"] = _crafted_loads(pathlib.Path(root))
     disable_cpu_compat()
     return out
@@ -259,14 +264,61 @@ def test_export_cli_accepts_step_folder_and_latest(trained, tmp_path):
         assert (_hf_logits(out, tokens) - res[0]["zero2"]).abs().max().item() <= 1e-4
 
 
-def test_tp2_deepspeed_checkpoint_export_is_refused(trained, tmp_path):
+def test_tp2_deepspeed_checkpoint_exports_exactly(trained, tmp_path):
+    """TP=2 (ZeRO-1): per TP rank zero_to_fp32, shards merged by the recorded split (Lightning's
+    q|k|v|gate per section, SwiGLU's gate|up per section, column / row / replicated), then HF."""
+    from seqpar.deepspeed import checkpoint
+    from seqpar.export.hf import export
+    from seqpar.train import integrity
+
+    root, tokens, res = trained
+    ref = res[0]["tp2"]
+    assert torch.equal(res[1]["tp2"], ref) and ref.shape == (2, SEQ, 512)
+    step = checkpoint.latest(root / "tp2" / "checkpoints")
+    man = integrity.verify(step)
+    assert man["layout"]["tensor_parallel"] == 2 and sorted(p.name for p in step.glob("*mp_rank_01_*")) == [
+        "mp_rank_01_model_states.pt", "zero_pp_rank_0_mp_rank_01_optim_states.pt"]
+    split = man[checkpoint.TP_SPLIT]
+    lin = "decoder.layers.2.self_attention."  # pattern ASL: layer 2 is Lightning
+    assert split[lin + "linear_qkvg.weight"][0] == 0 and len(split[lin + "linear_qkvg.weight"][1]) == 4
+    assert split[lin + "norm_weight"] == [0, []] and split[lin + "linear_proj.weight"] == [1, []]
+    assert split["decoder.layers.0.mlp.linear_fc1.weight"][1][0] * 2 == sum(split["decoder.layers.0.mlp.linear_fc1.weight"][1])
+    sd = checkpoint.consolidated_fp32_state_dict(step)
+    assert set(sd) == set(split)
+    out = export(root / "tp2", tmp_path / "hf")
+    diff = (_hf_logits(out, tokens) - ref).abs().max().item()
+    assert diff <= 1e-4, diff
+    assert "tokens seen: 256" in (out / "README.md").read_text()
+
+
+def _rewrite_manifest(step: pathlib.Path, fn) -> None:
+    from seqpar.train import integrity
+
+    man = integrity.read_manifest(step)
+    fn(man)
+    integrity.write_manifest(step, extra={k: v for k, v in man.items() if k not in ("files", "format", "algorithm")})
+
+
+def test_tp2_checkpoint_without_or_with_a_wrong_split_is_refused(trained, tmp_path):
+    from seqpar.deepspeed import checkpoint
     from seqpar.export.hf import export
     from seqpar.export.reader import ExportError
 
     root, _, _ = trained
-    with pytest.raises(ExportError, match=r"tensor_parallel=2: export of DeepSpeed checkpoints with TP shards is "
-                                          r"not supported.*parallel\.tensor_parallel=1"):
-        export(root / "tp2", tmp_path / "hf")
+    old = _crafted_copy(root, tmp_path / "old", "tp2")
+    _rewrite_manifest(old, lambda m: m.pop(checkpoint.TP_SPLIT))  # as an older seqpar wrote it
+    with pytest.raises(ExportError, match=r"tensor_parallel=2 by an older seqpar whose manifest has no 'tp_split'"):
+        export(old, tmp_path / "hf")
+    norm = "decoder.final_layernorm.weight"
+    bad = _crafted_copy(root, tmp_path / "bad", "tp2")
+    _rewrite_manifest(bad, lambda m: m[checkpoint.TP_SPLIT].pop(norm))
+    with pytest.raises(ValueError, match=rf"no TP split recorded for \['{norm}'\].*refusing to guess"):
+        checkpoint.consolidated_fp32_state_dict(bad)
+    qkvg = "decoder.layers.2.self_attention.linear_qkvg.weight"
+    wrong = _crafted_copy(root, tmp_path / "wrong", "tp2")
+    _rewrite_manifest(wrong, lambda m: m[checkpoint.TP_SPLIT][qkvg][1].append(1))
+    with pytest.raises(ValueError, match=rf"{qkvg} has \d+ rows per TP rank, its recorded sections"):
+        checkpoint.consolidated_fp32_state_dict(wrong)
     assert not (tmp_path / "hf").exists()
 
 

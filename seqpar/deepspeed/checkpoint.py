@@ -39,7 +39,12 @@ DeepSpeed's universal-checkpoint converter (``deepspeed.checkpoint.ds_to_univers
 are re-partitioned exactly; RNG states, which are per rank, are not restored).
 
 For the HF exporter, :func:`consolidated_fp32_state_dict` gives one fp32 state dict of the whole
-model (DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``), keyed like ``model.state_dict()``.
+TP=1 model, keyed like ``model.state_dict()``: DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``
+per TP rank (it assumes one model-parallel rank per folder, so it reads a view holding only that rank's
+``*mp_rank_<t>_*`` files), then the TP shards merged as megatron-core split them. How each parameter is
+split is read from the live model at save time (:func:`tp_split`: megatron's ``partition_dim`` attribute,
+the sections of fused projections) into the manifest's ``tp_split`` field, so the merge never guesses
+from names.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import tempfile
 from typing import Any, Iterator, Optional
 
 import torch
@@ -62,6 +68,47 @@ from seqpar.train.checkpoint import (CONFIG_FILE, TOKENIZER_FILE, _layout, _prun
                                      _write_atomic, check_resume, latest)  # latest: checkpoint.latest(ckpt_dir)
 
 ENGINE = "deepspeed"  # the manifest's "engine" field of these folders
+TP_SPLIT = "tp_split"  # the manifest's field: tp_split(model) of the saved model
+
+
+def _shape(p: torch.Tensor) -> tuple[int, ...]:
+    return tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 leaves the local data empty; ds_shape is the TP shard's
+
+
+def tp_split(model: torch.nn.Module) -> dict[str, list]:
+    """How megatron-core split each parameter of ``model`` (this rank's TP shard of the seqpar
+    GPTModel) over tensor parallelism, read from the model: ``name -> [partition_dim, sections]``.
+
+    ``partition_dim`` is the dimension megatron's parallel layers cut (their ``tensor_model_parallel`` /
+    ``partition_dim`` attributes: 0 for column-parallel weights and biases, the vocab-parallel
+    embedding, the output layer and Lightning's per-head ``norm_weight``; 1 for row-parallel weights),
+    or None for a replicated parameter (norms, row-parallel biases), identical on every TP rank.
+    ``sections`` are this rank's row counts of a fused projection whose sections are split one by one
+    (a rank holds ``[s_0 / tp; s_1 / tp; ...]`` of the TP=1 rows ``[s_0; s_1; ...]``): SwiGLU's
+    ``linear_fc1`` ``[gate; up]`` (megatron's ``apply_swiglu_sharded_factory``) and Lightning's
+    ``linear_qkvg`` ``[q; k; v; gate]`` (``LightningSelfAttention._sections``: k and v sized by the kv
+    heads); ``[]`` for a plain split. JSON-serialisable (the manifest's ``tp_split``)::
+
+        column-parallel, TP=2      fused [a; b], TP=2          row-parallel, TP=2
+        rank0 = W[:n/2, :]         rank0 = [a[:na/2]; b[:nb/2]]   rank0 = W[:, :m/2]
+        rank1 = W[n/2:, :]         rank1 = [a[na/2:]; b[nb/2:]]   rank1 = W[:, m/2:]
+    """
+    from megatron.core.transformer.mlp import MLP
+
+    from seqpar.megatron.attention import LightningSelfAttention
+
+    fused: dict[str, list[int]] = {}
+    for mname, mod in model.named_modules():
+        pre = f"{mname}." if mname else ""
+        if isinstance(mod, LightningSelfAttention):
+            for n, _ in mod.linear_qkvg.named_parameters():
+                fused[f"{pre}linear_qkvg.{n}"] = [int(x) for x in mod._sections()]
+        elif isinstance(mod, MLP) and mod.config.gated_linear_unit:
+            for n, p in mod.linear_fc1.named_parameters():
+                rows = _shape(p)[0]
+                fused[f"{pre}linear_fc1.{n}"] = [rows // 2, rows // 2]
+    return {name: ([int(p.partition_dim), fused.get(name, [])] if getattr(p, "tensor_model_parallel", False)
+                   else [None, []]) for name, p in model.named_parameters()}
 
 
 def deepspeed_globals() -> list[Any]:
@@ -186,7 +233,8 @@ def save(engine: Any, ckpt_dir: str | pathlib.Path, step: int, *, rng: Any, conf
     digests = _digests(tmp)
     if rank == 0:
         integrity.write_manifest(tmp, digests, extra={"engine": ENGINE, "step": step, "layout": layout,
-                                                      "zero_stage": engine.zero_optimization_stage()})
+                                                      "zero_stage": engine.zero_optimization_stage(),
+                                                      TP_SPLIT: tp_split(engine.module)})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _write_atomic(root / "latest", tag)
@@ -327,28 +375,87 @@ def load(engine: Any, path: str | pathlib.Path, *, config: Optional[dict[str, An
 
 def consolidated_fp32_state_dict(path: str | pathlib.Path) -> dict[str, torch.Tensor]:
     """One fp32 state dict of the whole model from a checkpoint folder (``<out_dir>/checkpoints/step_N``)
-    or its parent (then ``latest`` picks the folder): DeepSpeed's
-    ``get_fp32_state_dict_from_zero_checkpoint`` over the ZeRO shards (stages 1-3; stage 0 reads the
-    module state). Keys are those of ``model.state_dict()`` of the seqpar GPTModel at TP=1 (e.g.
-    ``decoder.layers.0.self_attention.linear_qkv.weight``); the tensors are fp32 on the CPU. Runs
-    without a process group. Verifies the manifest and the pickles first; every read is weights-only
-    (module docstring). Raises ValueError for a TP > 1 checkpoint (TP shards are not merged)."""
+    or its parent (then ``latest`` picks the folder), saved at any TP x CP x DP layout. Keys are those
+    of ``model.state_dict()`` of the seqpar GPTModel at TP=1 (e.g.
+    ``decoder.layers.0.self_attention.linear_qkv.weight``); tensors are fp32 on the CPU, with TP=1
+    shapes. Runs without a process group.
+
+    Per TP rank t: DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` over that rank's ZeRO shards
+    (stages 1-3; stage 0 reads its ``mp_rank_<t>_model_states.pt`` module state); DeepSpeed's function
+    globs every ``*_model_states.pt`` / ``*_optim_states.pt`` of a folder as one model-parallel rank, so
+    it reads a temporary folder of links to rank t's files only. The TP-local tensors are then merged
+    with the manifest's ``tp_split`` (:func:`tp_split`, :func:`_merge_tp`). Verifies the manifest and the
+    pickles first; every read is weights-only (module docstring).
+
+    Raises ``integrity.CorruptCheckpointError`` / ``UnsafeCheckpointError`` (a damaged or crafted
+    file), ValueError (a TP > 1 checkpoint without ``tp_split``: written by an older seqpar; TP ranks
+    whose replicated parameters differ; a parameter the split does not cover)."""
     path = pathlib.Path(path)
     if not (path / integrity.MANIFEST).is_file() and (path / "latest").is_file():
         path = latest(path)
     manifest = verify(path)
-    if manifest["layout"]["tensor_parallel"] != 1:
-        raise ValueError(f"{path} was written at tensor_parallel={manifest['layout']['tensor_parallel']}; "
-                         f"consolidating DeepSpeed checkpoints with TP shards is not supported (zero_to_fp32 "
-                         f"does not merge them); train with parallel.tensor_parallel=1 on the DeepSpeed engine, or "
-                         f"with train.engine=megatron (its checkpoints export at any TP)")
+    tp = int(manifest["layout"]["tensor_parallel"])
+    if tp > 1 and TP_SPLIT not in manifest:
+        raise ValueError(f"{path} was written at tensor_parallel={tp} by an older seqpar whose manifest has no "
+                         f"{TP_SPLIT!r} (how each parameter is split over TP); resume it with this version "
+                         f"(train --resume) and save again, or train with parallel.tensor_parallel=1")
     check_pickles(path)
-    if manifest["zero_stage"] == 0:
-        f = path / "mp_rank_00_model_states.pt"
+    parts = [_consolidate_tp_rank(path, t, manifest["zero_stage"]) for t in range(tp)]
+    return parts[0] if tp == 1 else _merge_tp(parts, manifest[TP_SPLIT], path)
+
+
+def _consolidate_tp_rank(path: pathlib.Path, t: int, zero_stage: int) -> dict[str, torch.Tensor]:
+    """fp32 state dict of TP rank ``t``'s shard (TP-local shapes)."""
+    if zero_stage == 0:
+        f = path / f"mp_rank_{t:02d}_model_states.pt"
         sd = integrity.weights_only_load(f, str(f), allow=deepspeed_globals(), map_location="cpu")["module"]
         return {k: v.float() for k, v in sd.items() if torch.is_tensor(v)}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with _deepspeed_reads(path):
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    # DeepSpeed's names: mp_rank_<t>_model_states.pt (stages 1-2), zero_pp_rank_<r>_mp_rank_<t>_model_states.pt
+    # (stage 3), zero_pp_rank_<r>_mp_rank_<t>_optim_states.pt
+    mine = [f for f in sorted(path.iterdir()) if f.name.endswith(("_model_states.pt", "_optim_states.pt"))
+            and (f.name.startswith(f"mp_rank_{t:02d}_") or f"_mp_rank_{t:02d}_" in f.name)]
+    with tempfile.TemporaryDirectory(prefix=".seqpar_tp_view_") as tmp:
+        view = pathlib.Path(tmp) / path.name
+        view.mkdir()
+        for f in mine:
+            (view / f.name).symlink_to(f.resolve())
+        with _deepspeed_reads(path):
+            sd = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=path.name)
     return {k: v.float() for k, v in sd.items()}
+
+
+def _merge_tp(parts: list[dict[str, torch.Tensor]], split: dict[str, list], path: pathlib.Path
+              ) -> dict[str, torch.Tensor]:
+    """TP=1 tensors from the TP ranks' ``parts`` (rank order) by ``split`` (:func:`tp_split`): shards
+    concatenated along ``partition_dim`` (fused projections section by section), replicated
+    parameters taken from rank 0 after checking that every rank holds the same values."""
+    names = list(parts[0])
+    for t, p in enumerate(parts[1:], 1):
+        if set(p) != set(names):
+            raise ValueError(f"{path}: TP rank {t} holds other parameters than rank 0 "
+                             f"({sorted(set(p) ^ set(names))[:5]}); the checkpoint is inconsistent")
+    missing = [n for n in names if n not in split]
+    if missing:
+        raise ValueError(f"{path}: no TP split recorded for {missing[:5]} (manifest {TP_SPLIT!r}); "
+                         f"refusing to guess how to merge them")
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        dim, secs = split[name]
+        ts = [p[name] for p in parts]
+        if dim is None:
+            bad = [t for t in range(1, len(ts)) if not torch.equal(ts[t], ts[0])]
+            if bad:
+                raise ValueError(f"{path}: {name} is replicated over TP but rank {bad[0]} holds other values "
+                                 f"than rank 0 (max abs diff {(ts[bad[0]] - ts[0]).abs().max().item():.3g})")
+            out[name] = ts[0]
+        elif secs:
+            if sum(secs) != ts[0].shape[dim]:
+                raise ValueError(f"{path}: {name} has {ts[0].shape[dim]} rows per TP rank, its recorded "
+                                 f"sections {secs} sum to {sum(secs)}")
+            pieces = [torch.split(x, secs, dim=dim) for x in ts]
+            out[name] = torch.cat([torch.cat([pc[i] for pc in pieces], dim=dim) for i in range(len(secs))], dim=dim)
+        else:
+            out[name] = torch.cat(ts, dim=dim)
+    return out

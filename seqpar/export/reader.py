@@ -7,8 +7,9 @@ full tensors in a single process (``no_dist=True``), so export never builds the 
 never needs the layout it was trained at.
 
 A DeepSpeed checkpoint (``seqpar.deepspeed.checkpoint``; its manifest says ``engine: deepspeed``) is
-consolidated by DeepSpeed's ``zero_to_fp32`` into the ``model.state_dict()`` names of a TP=1 model, then
-renamed to the sharded keys above (:func:`to_sharded_keys`); one saved at TP > 1 is refused.
+consolidated by DeepSpeed's ``zero_to_fp32`` (per TP rank, the TP shards then merged as megatron-core split
+them; ``seqpar.deepspeed.checkpoint.consolidated_fp32_state_dict``) into the ``model.state_dict()`` names of
+a TP=1 model, then renamed to the sharded keys above (:func:`to_sharded_keys`).
 
 Before anything is read the folder is checked against its ``manifest.json`` (size and SHA-256 of
 every file, ``seqpar.train.integrity.verify``; the same manifest for both engines). Nothing executes code from disk: tensors and the
@@ -174,8 +175,8 @@ def to_sharded_keys(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torc
 
 def _read_deepspeed(step_dir: pathlib.Path, with_tensors: bool) -> TrainingCheckpoint:
     """A ``seqpar.deepspeed`` checkpoint: manifest-verified, consolidated to full fp32 tensors by
-    DeepSpeed's ZeRO tooling (``consolidated_fp32_state_dict``, weights-only reads), in one process.
-    TP > 1 DeepSpeed checkpoints are refused (their TP shards are not merged)."""
+    DeepSpeed's ZeRO tooling and merged over TP (``consolidated_fp32_state_dict``, weights-only reads),
+    in one process, at any saved TP x CP x DP layout."""
     from seqpar.train import integrity
 
     try:
@@ -187,13 +188,6 @@ def _read_deepspeed(step_dir: pathlib.Path, with_tensors: bool) -> TrainingCheck
     except ValueError as e:
         raise ExportError(f"{e}; export refuses a damaged or incomplete checkpoint (copy the whole step folder)") from e
     config = _read_recipe(step_dir, {})
-    tp = int(manifest.get("layout", {}).get("tensor_parallel", 1))
-    if tp != 1:
-        raise ExportError(f"{step_dir} is a DeepSpeed checkpoint saved at parallel.tensor_parallel={tp}: export of "
-                          f"DeepSpeed checkpoints with TP shards is not supported (DeepSpeed's zero_to_fp32 does "
-                          f"not merge them, and these checkpoints carry no TP merge rules for DeepSpeed's "
-                          f"universal converter). Train with parallel.tensor_parallel=1 on the DeepSpeed engine, "
-                          f"or with train.engine=megatron, whose checkpoints export at any TP")
     tok = step_dir / TOKENIZER_FILE
     ck = TrainingCheckpoint(path=step_dir, step=int(manifest.get("step", 0)), config=config,
                             layout=dict(manifest.get("layout", {})), tensors={},
@@ -204,6 +198,8 @@ def _read_deepspeed(step_dir: pathlib.Path, with_tensors: bool) -> TrainingCheck
             sd = dsck.consolidated_fp32_state_dict(step_dir)
         except (integrity.UnsafeCheckpointError, integrity.CorruptCheckpointError) as e:
             raise ExportError(f"{e}; export refuses it") from e
+        except ValueError as e:  # an older TP > 1 checkpoint without tp_split, inconsistent TP ranks
+            raise ExportError(str(e)) from e
         ck.tensors = to_sharded_keys(sd, config)
     return ck
 
