@@ -2,8 +2,9 @@
 to a Hugging Face folder.
 
 CHECKPOINT is a ``step_N`` folder, ``<run>/checkpoints/latest`` or the run folder of either engine:
-a Megatron checkpoint saved at any TP / CP / PP / DP layout, or a DeepSpeed one (ZeRO 0-3, any CP / DP;
-TP > 1 is refused) — one process, no process group, no optimizer state read. OUT_DIR gets:
+a Megatron checkpoint saved at any TP / CP / PP / DP layout, or a DeepSpeed one (ZeRO 0-3, any TP / CP /
+DP; TP shards merged by the split recorded at save time) — one process, no process group, no optimizer
+state read. OUT_DIR gets:
 
 - ``config.json`` + ``model.safetensors`` (sharded with ``model.safetensors.index.json`` above
   ``--max-shard-size``) + ``generation_config.json``;
