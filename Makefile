@@ -18,11 +18,11 @@ $(STAMP): pyproject.toml constraints.txt
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
-# Triton kernels are tested on CPU through the Triton interpreter. --dist loadfile keeps each test file
-# on one worker: module fixtures (a training run shared by a file's tests, the two-host namespaces, the
-# Slurm daemons) are built once, and never twice at the same time under the same names.
+# Triton kernels are tested on CPU through the Triton interpreter. --dist loadgroup: a file with module
+# fixtures (shared training runs, two-host namespaces, Slurm daemons) stays on one worker, so they are
+# built once (tests/conftest.py marks them); the other tests are balanced one by one.
 test: install
-	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS) tests
+	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS) tests
 
 # The GPU suite (tests/gpu): every Triton kernel fwd + bwd in bf16/fp16 at 4K-16K tokens vs the fp64
 # reference, one-rank NCCL training steps of every recipe's model, no host sync in a steady-state step.

@@ -19,3 +19,17 @@ import pytest  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under ``pytest -n N --dist loadgroup`` (``make test``) the tests of a file that defines a
+    module-scoped fixture (a training run its tests share, the two-host namespaces, the Slurm daemons)
+    go to one worker, so the fixture is built once; every other test is balanced one by one."""
+    for item in items:
+        module = item.nodeid.split("::", 1)[0]
+        defs = getattr(item, "_fixtureinfo", None)
+        if defs is None:
+            continue
+        if any(fd.scope == "module" and fd.baseid == module
+               for fds in defs.name2fixturedefs.values() for fd in fds):
+            item.add_marker(pytest.mark.xdist_group(module))
