@@ -16,22 +16,9 @@ import pytest
 import torch
 
 from cp_harness import run_ranks
+from train_harness import train_tiny
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-
-
-def _train(rank: int, world: int, out: str):
-    from seqpar.megatron import disable_cpu_compat
-    from seqpar.train.config import load_recipe
-    from seqpar.train.loop import train
-
-    ovr = ["model.preset=tiny-hybrid", "data.seq_len=32", "data.global_batch=2", "data.vocab_size=512",
-           "data.max_bytes=40000", "train.steps=2", "optim.warmup_steps=1", "train.progress=false",
-           "train.time_attention=false", "parallel.backend=torch", "parallel.context_parallel=1",
-           f"train.out_dir={out}", f"data.cache_dir={out}/spm"]
-    train(load_recipe(ROOT / "recipes" / "tiny_hybrid_cp2.yaml", ovr))
-    disable_cpu_compat()
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +26,7 @@ def exported(tmp_path_factory) -> pathlib.Path:
     from seqpar.export.hf import export
 
     root = tmp_path_factory.mktemp("export_clients")
-    run_ranks(_train, 1, str(root / "run"), timeout=300)
+    run_ranks(train_tiny, 1, str(root / "run"), "tiny-hybrid", 2, timeout=300)
     return export(root / "run", root / "hf")
 
 

@@ -19,27 +19,13 @@ import pytest
 import torch
 
 from cp_harness import run_ranks
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _train(rank: int, world: int, out: str):
-    from seqpar.megatron import disable_cpu_compat
-    from seqpar.train.config import load_recipe
-    from seqpar.train.loop import train
-
-    ovr = ["model.preset=tiny-dense", "data.seq_len=32", "data.global_batch=2", "data.vocab_size=512",
-           "data.max_bytes=40000", "train.steps=1", "optim.warmup_steps=1", "train.progress=false",
-           "train.time_attention=false", "parallel.backend=torch", "parallel.context_parallel=1",
-           f"train.out_dir={out}", f"data.cache_dir={out}/spm"]
-    train(load_recipe(ROOT / "recipes" / "tiny_hybrid_cp2.yaml", ovr))
-    disable_cpu_compat()
+from train_harness import train_tiny
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> pathlib.Path:
     out = tmp_path_factory.mktemp("export_errors") / "run"
-    run_ranks(_train, 1, str(out), timeout=300)
+    run_ranks(train_tiny, 1, str(out), "tiny-dense", 1, timeout=300)
     return out
 
 
