@@ -28,9 +28,9 @@ over the whole global batch (all micro-batches, DP and CP ranks) — the Megatro
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
-import sys
 import time
 from typing import Any, Optional
 
@@ -211,7 +211,7 @@ def train(cfg: Any, *, resume: bool = False, stop_after: Optional[int] = None) -
     from seqpar.megatron import init_parallel
     from seqpar.train import health, signals
     from seqpar.train.checkpoint import prepare_out_dir
-    from seqpar.train.loop import AttentionTimer, _rng_state, _set_rng_state, _tensorboard_cmd, build_data, build_model
+    from seqpar.train.loop import AttentionTimer, Logger, _batch, _device, _rng_state, _set_rng_state, build_data, build_model
 
     check_supported(cfg)  # refused combinations fail before any process group is made
     world = dist.get_world_size() if dist.is_initialized() else None
@@ -219,7 +219,7 @@ def train(cfg: Any, *, resume: bool = False, stop_after: Optional[int] = None) -
         cfg.check_world(world)
     init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.context_parallel, seed=cfg.train.seed,
                   timeout_s=cfg.parallel.distributed_timeout_s)
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    dp = ps.get_data_parallel_world_size()
     ds_config = build_ds_config(cfg, dp)
     micro, _ = batch_shape(cfg, dp)
     rank0 = dist.get_rank() == 0
@@ -245,15 +245,8 @@ def train(cfg: Any, *, resume: bool = False, stop_after: Optional[int] = None) -
                   f"RNG states not restored (they are per rank)", flush=True)
         start = state["step"]
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
-    writer = bar = None
-    if rank0:
-        from torch.utils.tensorboard import SummaryWriter
-        # scalars of step s are logged at s + 1, so the checkpoint's own last point (start) is kept
-        writer = SummaryWriter(str(out / "tb"), purge_step=start + 1)
-        if cfg.train.progress:
-            from tqdm import tqdm
-            bar = tqdm(total=cfg.train.steps, initial=start, desc="train[deepspeed]", dynamic_ncols=True)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    logger = Logger(cfg, out, start, desc="train[deepspeed]", head=f"[seqpar.deepspeed] ZeRO-{cfg.deepspeed.zero_stage},")
+    device = _device()
     timer = AttentionTimer(model) if cfg.train.time_attention else None
     # non-finite loss / grad norm: stop naming the first bad layer (train.skip_nonfinite_steps > 0 is refused
     # for this engine by seqpar.deepspeed.config.check_supported: DeepSpeed has stepped before we know)
@@ -263,43 +256,25 @@ def train(cfg: Any, *, resume: bool = False, stop_after: Optional[int] = None) -
     for step in range(start, end):
         t0 = time.perf_counter()
         lr = engine.get_lr()[0]
-        batch = tuple(t.to(device) for t in data.batch(step, cfg.data.global_batch, dp_rank, dp))
         with monitor.guard(step):
-            res = forward_backward(engine, _split(batch, micro))
+            res = forward_backward(engine, _split(_batch(data, step, cfg, device), micro))
         gnorm = engine.get_global_grad_norm()
         monitor.check(step, res.loss, 0.0 if gnorm is None else float(gnorm))
         losses.append(res.loss)
-        dt = time.perf_counter() - t0
-        if rank0 and (step + 1) % cfg.train.log_every == 0:
-            scalars = {"loss": res.loss, "lr": lr, "aux_loss": res.aux_loss, "tokens_per_s": res.tokens / dt}
-            if gnorm is not None:
-                scalars["grad_norm"] = float(gnorm)
-            for k, v in scalars.items():
-                writer.add_scalar(f"train/{k}", v, step + 1)
-            for kind, sec in (timer.pop() if timer else {}).items():
-                writer.add_scalar(f"attention_fwd_ms/{kind}", 1e3 * sec, step + 1)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{res.loss:.3f}", aux=f"{res.aux_loss:.3g}", lr=f"{lr:.2e}")
+        res = dataclasses.replace(res, lr=lr, grad_norm=None if gnorm is None else float(gnorm))
+        logger.log(step, res, time.perf_counter() - t0, timer, skipped=None)  # no skipped steps here
         stop = signals.stop_requested()  # a SIGTERM/SIGUSR1/SIGINT on any rank: save now, then exit (all ranks)
         last = step + 1 == end or stop
+        saved = None
         if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
+            if logger.writer is not None:  # the scalars up to a checkpoint are on disk before it is `latest`
+                logger.writer.flush()
             saved = checkpoint.save(engine, ckpt_dir, step + 1, rng=_rng_state(), config=cfg.to_dict(),
                                     keep_last=cfg.train.keep_last, tokenizer_model=getattr(data, "tokenizer_model", None))
         if stop:
             signals.stopped(step + 1, saved)
             break
-    if bar is not None:
-        bar.close()
-    if writer is not None:
-        writer.close()
-        w = max(1, min(10, len(losses) // 4))
-        trend = (f"loss {sum(losses[:w]) / w:.4f} (first {w} steps) -> {sum(losses[-w:]) / w:.4f} (last {w})"
-                 if losses else "no steps run")
-        print(f"[seqpar.deepspeed] ZeRO-{cfg.deepspeed.zero_stage}, steps {start}->{end}, {trend}\n"
-              f"  checkpoint:  {checkpoint.latest(ckpt_dir)}\n"
-              f"  tensorboard: {_tensorboard_cmd()} --logdir {out / 'tb'}\n"
-              f"  export (HF): {sys.executable} -m seqpar.export.hf {out} {out / 'hf'}", flush=True)
+    logger.close(start, end, losses, ckpt_dir, out)
     monitor.close()
     engine.destroy()
     ps.destroy_model_parallel()

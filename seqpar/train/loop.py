@@ -328,24 +328,31 @@ def _batch(data: Any, step: int, cfg: RunConfig, device: torch.device) -> tuple[
     return tuple(t.to(device) for t in data.batch(step, cfg.data.global_batch, dp_rank, dp))
 
 
-class _Logger:
-    """tensorboard scalars and the tqdm bar, on global rank 0 (every rank holds the step's scalars)."""
+class Logger:
+    """tensorboard scalars, the tqdm bar and the end-of-run summary, on global rank 0 (every rank
+    holds the step's scalars). Shared by both engines (``desc``: the bar's label, ``head``: the
+    summary's first words)."""
 
-    def __init__(self, cfg: RunConfig, out: pathlib.Path, start: int) -> None:
-        self.cfg, self.writer, self.bar = cfg, None, None
+    def __init__(self, cfg: RunConfig, out: pathlib.Path, start: int, *, desc: str = "train",
+                 head: str = "[seqpar.train]") -> None:
+        self.cfg, self.writer, self.bar, self.head = cfg, None, None, head
         if dist.get_rank() == 0:
             from torch.utils.tensorboard import SummaryWriter
             # scalars of step s are logged at s + 1, so the checkpoint's own last point (start) is kept
             self.writer = SummaryWriter(str(out / "tb"), purge_step=start + 1)
             if cfg.train.progress:
                 from tqdm import tqdm
-                self.bar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True)
+                self.bar = tqdm(total=cfg.train.steps, initial=start, desc=desc, dynamic_ncols=True)
 
-    def log(self, step: int, res: StepResult, dt: float, timer: Optional["AttentionTimer"], skipped: int = 0) -> None:
+    def log(self, step: int, res: StepResult, dt: float, timer: Optional["AttentionTimer"],
+            skipped: Optional[int] = 0) -> None:
+        """Scalars of ``step`` every ``train.log_every`` steps; a ``None`` (``res.grad_norm`` when the
+        engine reports none, ``skipped`` where steps are never skipped) is not logged."""
         if self.writer is not None and (step + 1) % self.cfg.train.log_every == 0:
             for k, v in {"loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm, "aux_loss": res.aux_loss,
                          "tokens_per_s": res.tokens / dt, "skipped_steps": skipped}.items():
-                self.writer.add_scalar(f"train/{k}", v, step + 1)
+                if v is not None:
+                    self.writer.add_scalar(f"train/{k}", v, step + 1)
             for kind, sec in (timer.pop() if timer else {}).items():
                 self.writer.add_scalar(f"attention_fwd_ms/{kind}", 1e3 * sec, step + 1)
         if self.bar is not None:
@@ -361,7 +368,7 @@ class _Logger:
         w = max(1, min(10, len(losses) // 4))  # mean of the first / last few steps: the trend, not noise
         trend = (f"loss {sum(losses[:w]) / w:.4f} (first {w} steps) -> {sum(losses[-w:]) / w:.4f} (last {w})"
                  if losses else "no steps run")
-        print(f"[seqpar.train] steps {start}->{end}, {trend}\n"
+        print(f"{self.head} steps {start}->{end}, {trend}\n"
               f"  checkpoint:  {checkpoint.latest(ckpt_dir)}\n"
               f"  export (HF): {sys.executable} -m seqpar.export.hf {out} {out / 'hf'}\n"
               f"  tensorboard: {_tensorboard_cmd()} --logdir {out / 'tb'}", flush=True)
@@ -412,7 +419,7 @@ def _train(cfg: RunConfig, resume: bool, stop_after: Optional[int]) -> list[floa
     checkpoint.prepare_out_dir(out, resume=resume, overwrite=cfg.train.overwrite)  # h16: no silent mixing of runs
     start = _resume(engine, ckpt_dir, cfg) if resume else 0
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
-    logger = _Logger(cfg, out, start)
+    logger = Logger(cfg, out, start)
     device = param_device(engine.model)
     timer = AttentionTimer(engine.model[0]) if cfg.train.time_attention else None
     # h16: NaN/inf stop or skip; on the bare chunks so that names are the model's (not DDP's "module.")
