@@ -65,7 +65,7 @@ import torch.distributed as dist
 
 from seqpar.train import integrity
 from seqpar.train.checkpoint import (CONFIG_FILE, TOKENIZER_FILE, _layout, _prune, _verify_collective,
-                                     _write_atomic, check_resume, latest)  # latest: checkpoint.latest(ckpt_dir)
+                                     _write_atomic, check_resume, gathered_digests, latest)  # latest: checkpoint.latest(ckpt_dir)
 
 ENGINE = "deepspeed"  # the manifest's "engine" field of these folders
 TP_SPLIT = "tp_split"  # the manifest's field: tp_split(model) of the saved model
@@ -187,17 +187,6 @@ def check_pickles(folder: pathlib.Path, *, collective: bool = False) -> None:
                else integrity.UnsafeCheckpointError(err[1]))
 
 
-def _digests(tmp: pathlib.Path) -> dict[str, dict[str, Any]]:
-    """Size + SHA-256 of every file of ``tmp``, file i hashed by rank i mod world, gathered on every
-    rank (an object all-gather over the wire; nothing is unpickled from disk). Collective."""
-    names = integrity._files(tmp)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = {n: integrity.file_digest(tmp / n) for n in names[rank::world]}
-    every: list[Any] = [None] * world
-    dist.all_gather_object(every, mine)
-    return {k: v for d in every for k, v in d.items()}
-
-
 def save(engine: Any, ckpt_dir: str | pathlib.Path, step: int, *, rng: Any, config: dict[str, Any],
          keep_last: int = 0, tokenizer_model: Optional[bytes] = None) -> pathlib.Path:
     """Write step ``step`` through ``engine.save_checkpoint`` into ``<ckpt_dir>/step_N`` atomically, with
@@ -230,7 +219,8 @@ def save(engine: Any, ckpt_dir: str | pathlib.Path, step: int, *, rng: Any, conf
         if tokenizer_model is not None:
             (tmp / TOKENIZER_FILE).write_bytes(tokenizer_model)
     dist.barrier()
-    digests = _digests(tmp)
+    # every file of the folder, file i hashed by rank i mod world
+    digests = gathered_digests(tmp, integrity._files(tmp)[rank::dist.get_world_size()])
     if rank == 0:
         integrity.write_manifest(tmp, digests, extra={"engine": ENGINE, "step": step, "layout": layout,
                                                       "zero_stage": engine.zero_optimization_stage(),

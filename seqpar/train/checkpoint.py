@@ -224,8 +224,14 @@ def _check_finite(step: int, model: Sequence[torch.nn.Module]) -> None:
 
 def _digests_of_own_files(tmp: pathlib.Path) -> dict[str, dict[str, Any]]:
     """Hash the .distcp files this rank wrote (DCP names them ``__<rank>_<i>.distcp``) and gather
-    every rank's digests (an object all-gather over the wire; nothing is unpickled from disk)."""
-    mine = {p.name: integrity.file_digest(p) for p in sorted(tmp.glob(f"__{dist.get_rank()}_*.distcp"))}
+    every rank's digests."""
+    return gathered_digests(tmp, [p.name for p in sorted(tmp.glob(f"__{dist.get_rank()}_*.distcp"))])
+
+
+def gathered_digests(folder: pathlib.Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Size + SHA-256 of this rank's ``names`` (files of ``folder``), merged with every other rank's
+    (an object all-gather over the wire; nothing is unpickled from disk). Collective."""
+    mine = {n: integrity.file_digest(folder / n) for n in names}
     every: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
     return {k: v for d in every for k, v in d.items()}
