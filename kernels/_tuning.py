@@ -216,15 +216,42 @@ def _tuner(kernel, space: tuple[LaunchConfig, ...], key: tuple[str, ...]):
     return _TUNERS[k]
 
 
+_RECORD: contextvars.ContextVar[Optional[tuple[list, bool]]] = contextvars.ContextVar("seqpar_launch_record",
+                                                                                   default=None)
+
+
+@contextlib.contextmanager
+def record_launches(run: bool = True) -> Iterator[list]:
+    """Record ``(kernel name, grid)`` of every launch inside the block (tests: the grids the
+    launchers really use). ``run=False`` records without launching (outputs stay uninitialised)."""
+    found: list = []
+    tok = _RECORD.set((found, run))
+    try:
+        yield found
+    finally:
+        _RECORD.reset(tok)
+
+
+def kernel_name(kernel) -> str:
+    fn = getattr(kernel, "fn", kernel)
+    return getattr(fn, "__name__", repr(kernel))
+
+
 def launch(kernel, grid, args: Sequence, consts: dict, *, default: LaunchConfig,
            space: Sequence[LaunchConfig], key: Sequence[str], device: torch.device,
            tunable: bool = True) -> None:
     """Run ``kernel[grid](*args, **consts)`` with the config chosen as the module docstring says.
 
     ``default`` must be in ``space``; ``key`` names kernel arguments (constexprs or ints) that
-    decide the best config; ``tunable=False`` (debug counters, atomics) pins the default.
+    decide the best config; ``tunable=False`` (debug counters, atomics, kernels with one config)
+    pins the default. Every Triton kernel of seqpar launches through here.
     """
     assert default in space, (default, space)
+    rec = _RECORD.get()
+    if rec is not None:
+        rec[0].append((kernel_name(kernel), tuple(grid)))
+        if not rec[1]:
+            return
     forced_cfg = _FORCED.get()
     if forced_cfg is not None:
         if forced_cfg in space:

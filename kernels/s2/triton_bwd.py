@@ -20,8 +20,12 @@ import triton
 import triton.language as tl
 
 from seqpar.kernels.s2.plan import TilePlan
-from seqpar.kernels._tuning import attention_tuning, launch
-from seqpar.kernels.s2.triton_fwd import LOG2E, TUNE_KEY, block_dim, kernel_options, mask_tile
+from seqpar.kernels._grid import unfold
+from seqpar.kernels._tuning import W4S3, attention_tuning, launch
+from seqpar.kernels.s2.triton_fwd import (LOG2E, PREPROCESS_BLOCK, TUNE_KEY, block_dim, grids, kernel_options,
+                                          mask_tile, plan_row)
+
+PREPROCESS_CONFIG = W4S3  # Triton's default launch config (4 warps, 3 stages), as before
 
 
 @triton.jit
@@ -31,13 +35,14 @@ def _s2_bwd_preprocess_kernel(
     stride_dob, stride_dos, stride_doh, stride_dod,
     stride_lb, stride_lh, stride_ls,
     stride_dlb, stride_dlh, stride_dls,
+    num_heads,
     HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # delta = rowsum(do * o) - dlse. The row sum runs in fp64 in registers: dp - delta cancels
     # almost exactly for peaked rows, and fp32 rounding here would dominate the dq error.
-    t = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    t, h, b = unfold(tl.program_id(0), tl.cdiv(seq_q, BLOCK_M), num_heads)
+    b = b.to(tl.int64)
+    h = h.to(tl.int64)
     offs_m = t.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < seq_q
@@ -55,21 +60,22 @@ def _s2_bwd_preprocess_kernel(
 @triton.jit
 def _s2_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CNT,
-    q_start_ptr, q_end_ptr, kv_start_ptr, kv_end_ptr, row_ptr, col_idx,
+    q_start_ptr, q_end_ptr, kv_start_ptr, kv_end_ptr, rows_ptr,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_dob, stride_dos, stride_doh, stride_dod,
     stride_dqb, stride_dqs, stride_dqh, stride_dqd,
     stride_lb, stride_lh,
-    num_q_tiles, group, q_shift, k_shift, scale_log2, sm_scale,
+    num_q_tiles, num_heads, group, q_shift, k_shift, scale_log2, sm_scale, stride,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, COUNT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    t = num_q_tiles - 1 - tl.program_id(0)  # heaviest (last) q tiles first
-    h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    t_rev, h, b = unfold(tl.program_id(0), num_q_tiles, num_heads)  # see the forward
+    t = num_q_tiles - 1 - t_rev  # heaviest (last) q tiles first
+    b = b.to(tl.int64)
     g = h // group
+    h64 = h.to(tl.int64)
     q_lo = tl.load(q_start_ptr + t)
     q_hi = tl.load(q_end_ptr + t)
     # 64-bit scalar bases, 32-bit offsets inside a tile (see the forward)
@@ -81,25 +87,24 @@ def _s2_bwd_dq_kernel(
     d_ok = offs_d < HEAD_DIM
     md_ok = m_ok[:, None] & d_ok[None, :]
     row0 = q_lo.to(tl.int64)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + row0 * stride_qs
+    q = tl.load(Q + b * stride_qb + h64 * stride_qh + row0 * stride_qs
                 + ar_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=md_ok, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + row0 * stride_dos
+    do = tl.load(DO + b * stride_dob + h64 * stride_doh + row0 * stride_dos
                  + ar_m[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=md_ok, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse = tl.load(LSE + b * stride_lb + h * stride_lh + row0 + ar_m, mask=m_ok, other=0.0)
+    lse = tl.load(LSE + b * stride_lb + h64 * stride_lh + row0 + ar_m, mask=m_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(DELTA + b * stride_lb + h * stride_lh + row0 + ar_m, mask=m_ok, other=0.0)
+    delta = tl.load(DELTA + b * stride_lb + h64 * stride_lh + row0 + ar_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    k_base = K + b * stride_kb + g * stride_kh
-    v_base = V + b * stride_vb + g * stride_vh
+    k_base = K + b * stride_kb + g.to(tl.int64) * stride_kh
+    v_base = V + b * stride_vb + g.to(tl.int64) * stride_vh
     k_off = ar_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
     vt_off = ar_n[None, :] * stride_vs + offs_d[:, None] * stride_vd
-    lo = tl.load(row_ptr + g * (num_q_tiles + 1) + t)
-    hi = tl.load(row_ptr + g * (num_q_tiles + 1) + t + 1)
-    for idx in range(lo, hi):
-        u = tl.load(col_idx + idx)
+    s1, n1, s2, n2 = plan_row(rows_ptr, g, t, num_q_tiles)
+    for i in range(0, n1 + n2):
+        u = tl.where(i < n1, s1 + i * stride, s2 + (i - n1))
         k_lo = tl.load(kv_start_ptr + u)
         k_hi = tl.load(kv_end_ptr + u)
         offs_n = k_lo + ar_n
@@ -119,14 +124,14 @@ def _s2_bwd_dq_kernel(
         if COUNT:
             tl.atomic_add(CNT, 1)
     dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + row0 * stride_dqs
+    tl.store(DQ + b * stride_dqb + h64 * stride_dqh + row0 * stride_dqs
              + ar_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=md_ok)
 
 
 @triton.jit
 def _s2_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CNT,
-    q_start_ptr, q_end_ptr, kv_start_ptr, kv_end_ptr, col_ptr, row_idx,
+    q_start_ptr, q_end_ptr, kv_start_ptr, kv_end_ptr, cols_ptr,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -134,13 +139,13 @@ def _s2_bwd_dkdv_kernel(
     stride_dkb, stride_dks, stride_dkh, stride_dkd,
     stride_dvb, stride_dvs, stride_dvh, stride_dvd,
     stride_lb, stride_lh,
-    num_kv_tiles, group, q_shift, k_shift, scale_log2, sm_scale,
+    num_kv_tiles, num_kv_heads, group, q_shift, k_shift, scale_log2, sm_scale,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, COUNT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    u = tl.program_id(0)
-    g = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    u, g, b = unfold(tl.program_id(0), num_kv_tiles, num_kv_heads)  # (kv tile, kv head, batch) on axis 0
+    b = b.to(tl.int64)
+    g64 = g.to(tl.int64)
     k_lo = tl.load(kv_start_ptr + u)
     k_hi = tl.load(kv_end_ptr + u)
     ar_m = tl.arange(0, BLOCK_M)
@@ -151,9 +156,9 @@ def _s2_bwd_dkdv_kernel(
     d_ok = offs_d < HEAD_DIM
     nd_ok = n_ok[:, None] & d_ok[None, :]
     k64 = k_lo.to(tl.int64)
-    k = tl.load(K + b * stride_kb + g * stride_kh + k64 * stride_ks
+    k = tl.load(K + b * stride_kb + g64 * stride_kh + k64 * stride_ks
                 + ar_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=nd_ok, other=0.0)
-    v = tl.load(V + b * stride_vb + g * stride_vh + k64 * stride_vs
+    v = tl.load(V + b * stride_vb + g64 * stride_vh + k64 * stride_vs
                 + ar_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=nd_ok, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
@@ -162,15 +167,15 @@ def _s2_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     q_off = ar_m[:, None] * stride_qs + offs_d[None, :] * stride_qd
     do_off = ar_m[:, None] * stride_dos + offs_d[None, :] * stride_dod
-    lo = tl.load(col_ptr + g * (num_kv_tiles + 1) + u)
-    hi = tl.load(col_ptr + g * (num_kv_tiles + 1) + u + 1)
+    col = cols_ptr + (g * num_kv_tiles + u) * 2  # plan column: q tiles lo .. hi - 1
+    lo = tl.load(col)
+    hi = lo + tl.load(col + 1)
     for hq in range(group):
-        h = g * group + hq
+        h = g64 * group + hq
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
         l_base = b * stride_lb + h * stride_lh
-        for idx in range(lo, hi):
-            t = tl.load(row_idx + idx)
+        for t in range(lo, hi):
             q_lo = tl.load(q_start_ptr + t)
             q_hi = tl.load(q_end_ptr + t)
             offs_m = q_lo + ar_m
@@ -196,9 +201,9 @@ def _s2_bwd_dkdv_kernel(
             if COUNT:
                 tl.atomic_add(CNT, 1)
     dk = dk * sm_scale
-    tl.store(DK + b * stride_dkb + g * stride_dkh + k64 * stride_dks
+    tl.store(DK + b * stride_dkb + g64 * stride_dkh + k64 * stride_dks
              + ar_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=nd_ok)
-    tl.store(DV + b * stride_dvb + g * stride_dvh + k64 * stride_dvs
+    tl.store(DV + b * stride_dvb + g64 * stride_dvh + k64 * stride_dvs
              + ar_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=nd_ok)
 
 
@@ -215,30 +220,31 @@ def s2_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, l
     plan = plan.to(q.device)
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
-    _s2_bwd_preprocess_kernel[(triton.cdiv(sq, 64), h, b)](
+    grid = grids(plan.num_q_tiles, plan.num_kv_tiles, b, h, hkv, sq)
+    launch(_s2_bwd_preprocess_kernel, grid["preprocess"], (
         o, do, dlse if dlse is not None else lse, delta, sq, d,
         *o.stride(), *do.stride(), lse.stride(0), lse.stride(1), lse.stride(2),
-        *(dlse.stride() if dlse is not None else lse.stride()),
-        HAS_DLSE=dlse is not None, BLOCK_M=64, BLOCK_D=block_dim(d),
-    )
+        *(dlse.stride() if dlse is not None else lse.stride()), h,
+    ), dict(HAS_DLSE=dlse is not None, BLOCK_M=PREPROCESS_BLOCK, BLOCK_D=block_dim(d)),
+        default=PREPROCESS_CONFIG, space=(PREPROCESS_CONFIG,), key=(), device=q.device, tunable=False)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     consts = dict(CAUSAL=plan.causal, COUNT=counters is not None, **kernel_options(q, plan.block_size))
     cnt_dq, cnt_kv = counters if counters is not None else (lse, lse)
     tune = attention_tuning("dq", plan.block_size, d, q.dtype, q.device)
-    launch(_s2_bwd_dq_kernel, (plan.num_q_tiles, h, b), (
+    launch(_s2_bwd_dq_kernel, grid["dq"], (
         q, k, v, do, lse, delta, dq, cnt_dq,
-        plan.q_start, plan.q_end, plan.kv_start, plan.kv_end, plan.row_ptr, plan.col_idx,
+        plan.q_start, plan.q_end, plan.kv_start, plan.kv_end, plan.rows,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), lse.stride(0), lse.stride(1),
-        plan.num_q_tiles, h // hkv, plan.q_shift, plan.k_shift, sm_scale * LOG2E, sm_scale,
+        plan.num_q_tiles, h, h // hkv, plan.q_shift, plan.k_shift, sm_scale * LOG2E, sm_scale, plan.stride,
     ), consts, default=tune.default, space=tune.space, key=TUNE_KEY, device=q.device, tunable=counters is None)
     tune = attention_tuning("dkdv", plan.block_size, d, q.dtype, q.device)
-    launch(_s2_bwd_dkdv_kernel, (plan.num_kv_tiles, hkv, b), (
+    launch(_s2_bwd_dkdv_kernel, grid["dkdv"], (
         q, k, v, do, lse, delta, dk, dv, cnt_kv,
-        plan.q_start, plan.q_end, plan.kv_start, plan.kv_end, plan.col_ptr, plan.row_idx,
+        plan.q_start, plan.q_end, plan.kv_start, plan.kv_end, plan.cols,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         lse.stride(0), lse.stride(1),
-        plan.num_kv_tiles, h // hkv, plan.q_shift, plan.k_shift, sm_scale * LOG2E, sm_scale,
+        plan.num_kv_tiles, hkv, h // hkv, plan.q_shift, plan.k_shift, sm_scale * LOG2E, sm_scale,
     ), consts, default=tune.default, space=tune.space, key=TUNE_KEY, device=q.device, tunable=counters is None)
     return dq, dk, dv

@@ -62,7 +62,8 @@ for softmax and lightning. LASP-1 (lightning ring) takes initial/final states bu
 from seqpar.cp.api import KINDS, SCHEMES, SUPPORTED, attention, recommend, scheme_cost
 from seqpar.cp.comm import Comm, CommLedger, CommRecord, comm_ledger
 from seqpar.cp.merge import decayed_state_prefix, merge_partials, merge_two
-from seqpar.cp.validation import SyncCount, count_host_syncs, step_checks
+from seqpar.cp.syncs import SyncCount, count_host_syncs
+from seqpar.cp.validation import step_checks
 from seqpar.cp.partition import (
     VarlenPadding,
     causal_work,

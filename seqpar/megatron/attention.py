@@ -36,6 +36,7 @@ from seqpar import cp
 from seqpar.megatron.layout_check import cp_scheme_for_layer
 from seqpar.kernels import S2Layout, flash_attention, lightning_attention, lightning_slopes, moh_attention, s2_attention
 from seqpar.nn import MoHRouter
+from seqpar.nn.moh import routed_counts
 
 
 def _groups(pg_collection: Optional[ProcessGroupCollection]) -> ProcessGroupCollection:
@@ -205,7 +206,7 @@ def moh_balance_loss(probs: torch.Tensor, topk_index: torch.Tensor, group: Any) 
     """
     num = probs.shape[-1]
     p_sum = probs.reshape(-1, num).sum(dim=0)
-    f_cnt = F.one_hot(topk_index, num).sum(dim=-2).reshape(-1, num).to(probs.dtype).sum(dim=0)
+    f_cnt = routed_counts(topk_index, num, probs.dtype)
     # a device-side fill: no host-to-device copy on the hot path
     tokens = torch.full((1,), probs.numel() // num, dtype=probs.dtype, device=probs.device)
     if _size(group) > 1:
@@ -449,7 +450,7 @@ class LightningSelfAttention(MegatronModule):
         q = F.silu(q).view(s, b, h, d).transpose(0, 1)
         k = F.silu(k).view(s, b, g, d).transpose(0, 1)
         v = F.silu(v).view(s, b, g, d).transpose(0, 1)
-        slope = self.slopes.to(q.device)
+        slope = self.slopes  # on the model's device (moved with it; a per-call copy would be a host-to-device copy)
         kw = {} if cu is None else {"cu_seqlens": cu}
         if self.scheme == "usp":
             kw["ulysses_degree"] = self.config.usp_ulysses_degree

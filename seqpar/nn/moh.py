@@ -52,6 +52,15 @@ class MoHRouting:
     balance_loss: torch.Tensor
 
 
+def routed_counts(topk_index: torch.Tensor, num: int, dtype: torch.dtype) -> torch.Tensor:
+    """Tokens that selected each routed head: ``[num]`` in ``dtype`` from ``topk_index [..., top_k]``.
+
+    A scatter-add of ones (``F.one_hot`` would read the indices' min and max on the host on CPU,
+    and ``bincount`` sizes its output from the data on every device: both are host syncs)."""
+    idx = topk_index.reshape(-1)
+    return torch.zeros(num, dtype=torch.int64, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx)).to(dtype)
+
+
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -139,7 +148,7 @@ class MoHRouter(nn.Module):
             parts.append(torch.zeros_like(probs).scatter(-1, top_i, kept) * a_routed)
             num = self.num_routed_heads
             p_mean = probs.reshape(-1, num).mean(dim=0)
-            f_frac = F.one_hot(top_i, num).sum(dim=-2).reshape(-1, num).to(probs.dtype).mean(dim=0)
+            f_frac = routed_counts(top_i, num, probs.dtype) / (probs.numel() // num)
             balance = num ** 2 * (p_mean * f_frac).mean()
         else:
             probs = x.new_zeros(*lead, 0)
