@@ -107,6 +107,22 @@ _ATTENTION: dict[tuple[int, str, str, str], Tuning] = {
     (80, "l", "s2", "dq"): _t(W8S2),
     (80, "l", "s2", "dkdv"): _t(W8S2),
 }
+# sm_86 / sm_89 (A40, L40S, RTX 4090: 99 KB shared memory per CTA, 100 KB and 48 warps per SM;
+# measured with benchmarks/kernel_resources.py --targets 86 --space): sm_80's table, except where a
+# config breaks the rule there. dq of 64-row tiles at 4 warps hold 1 CTA of 4 warps (52 / 72 KB of
+# shared memory in 100 KB), so 8 warps; 4 warps / 2 stages dq at d = 64 spills 4 B; at d = 128 the
+# 4-warp forward and MoH dq keep 1 CTA of 4 warps and 8 warps / 3 stages need 104 KB; MoH dk/dv at
+# d = 64 spills 20-156 B at every config of its 64 x 64 tile, so it runs 32-row query tiles as sm_80
+# does at d = 128; MoH's forward spills 8-12 B at 8 warps (d = 64).
+_ATTENTION.update({(86, *k[1:]): v for k, v in _ATTENTION.items() if k[0] == 80})
+_ATTENTION.update({
+    (86, "m", "s2", "fwd"): _t(W8S2, W8S3),
+    (86, "s", "s2", "dq"): _t(W8S2, W4S1, W8S1, W8S3),
+    (86, "m", "s2", "dq"): _t(W8S2, W8S1),
+    (86, "s", "moh", "fwd"): _t(W4S3, W4S2),
+    (86, "m", "moh", "dq"): _t(W8S2),
+    (86, "s", "moh", "dkdv"): _t(W4S3, W4S1, W4S2, W8S1, W8S2, W8S3, block_m=32),
+})
 
 # Lightning: "chunk" = the chunk-parallel output / dv / dq-dk kernels (two [C, C] / [C, 64] fp32
 # accumulators), "state" = the chunk-local state product. sm_90: 8 warps / 3 stages keep every
@@ -119,6 +135,8 @@ _LIGHTNING: dict[tuple[int, str], Tuning] = {
     (90, "state"): _t(W8S2, W4S2),
     (80, "chunk"): _t(W4S2, W8S3),
     (80, "state"): _t(W4S2, W8S2),
+    (86, "chunk"): _t(W4S2, W8S3),  # as sm_80 (dq/dk at d = 128 spills at 1 stage, 4 warps / 3 stages: 1 CTA)
+    (86, "state"): _t(W4S2, W8S2),
 }
 
 # every config the harness can force, i.e. the union of all spaces
@@ -150,9 +168,12 @@ def target_capability(device) -> Optional[int]:
 
 
 def target_arch(device) -> int:
-    """Which table applies: 90 (sm_90 and newer, and CPU) or 80 (sm_80 .. sm_89, and older)."""
+    """Which table applies: 90 (sm_90 and newer, and CPU), 86 (sm_86 .. sm_89: 99 KB of shared
+    memory per CTA, 100 KB and 48 warps per SM) or 80 (sm_80 and older)."""
     cap = target_capability(device)
-    return 90 if cap is None or cap >= 90 else 80
+    if cap is None or cap >= 90:
+        return 90
+    return 86 if cap >= 86 else 80
 
 
 def tile_class(block: int, head_dim: int, dtype: torch.dtype) -> str:

@@ -176,7 +176,7 @@ def _model_job(rank: int, world: int) -> dict:
                         with cp.step_checks():
                             loss = model(batch["tokens"], pos, None, labels=batch["labels"], **kw)
                             loss.float().sum().backward()
-                    counts.append((n.reads, n.copies, list(n.sites)))
+                    counts.append((n.reads, n.copies, list(n.sites), len(n.excluded)))
                 out[(varlen, layers // len(pattern))] = counts[-1]
                 parallel_state.destroy_model_parallel()
     finally:
@@ -199,3 +199,5 @@ def test_megatron_model_steady_state_syncs_do_not_grow_with_layers():
             if varlen:
                 want = sorted(want + ["Tensor.tolist _common.py"])  # host_ints of the step's cu_seqlens
             assert sites == want, (varlen, eight[2])
+            # it was watching: the torch fallbacks' own host reads (CPU-only work) were seen and set apart
+            assert eight[3] > four[3] > 0, (four[3], eight[3])
