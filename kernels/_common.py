@@ -161,6 +161,16 @@ def host_ints(t: torch.Tensor) -> tuple[int, ...]:
     return values
 
 
+def per_tensor_cache(t: torch.Tensor, attr: str) -> dict:
+    """A dict kept on ``t`` under ``attr`` for values derived from it (plans, positions), emptied when
+    ``t`` changes in place (its version counter). Values must not hold ``t`` itself (no cycle)."""
+    cached = getattr(t, attr, None)
+    if cached is None or cached[0] != t._version:
+        cached = (t._version, {})
+        setattr(t, attr, cached)
+    return cached[1]
+
+
 def seed_host_ints(t: torch.Tensor, values) -> torch.Tensor:
     """Record the host values of ``t`` (built from them) so :func:`host_ints` needs no sync; returns ``t``."""
     t._seqpar_host_ints = (t._version, tuple(int(x) for x in values))

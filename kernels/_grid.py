@@ -1,11 +1,14 @@
 """Launch grids of the Triton kernels: CUDA's limits, and the 1-D grids every launcher uses.
 
 CUDA allows 2^31 - 1 programs on grid axis 0 but only 65535 on axes 1 and 2. Counts such as
-``chunks x heads`` (Lightning) or ``documents x heads`` pass 65535 at a few million tokens x heads
-per call, so every launcher folds all its program indices into axis 0 and each kernel recovers
-them with :func:`unfold`, in the order a 3-D grid would schedule them. Each op has a ``grids``
-function (``s2.triton_fwd``, ``moh.triton_fwd``, ``lightning.triton_fwd``) that tests call
-without launching anything (``tests/test_kernel_grids.py``).
+``chunks x heads`` (Lightning), ``documents x heads`` or ``batch x heads`` (MoH) pass 65535 at a
+few million tokens x heads per call, so those launchers fold all their program indices into axis 0
+and the kernels recover them with :func:`unfold`, in the order a 3-D grid would schedule them.
+S2 / flash keep (tiles, heads, batch): tiles on axis 0, and heads / batch, far below 65535, read
+from ``tl.program_id`` (the divided indices of a folded grid stay live in registers, which tipped
+the sm_90 dk/dv kernel into spills). Each op has a ``grids`` function (``s2.triton_fwd``,
+``moh.triton_fwd``, ``lightning.triton_fwd``) that tests call without launching anything
+(``tests/test_kernel_grids.py``); past CUDA's limits it raises ValueError naming the kernel.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@ small autotune space.
 
 Every launcher asks :func:`attention_tuning` / :func:`lightning_tuning` for its kernel's
 :class:`Tuning` and :func:`launch` to run it. Both tables are per target (:func:`target_arch`):
-``90`` for sm_90 and newer (H100), ``80`` for sm_80 .. sm_89 (tuned on A100 limits; its
-defaults also fit the 99 KB per CTA of sm_86 / sm_89, but are not tuned for them). The target is the CUDA device's compute capability
+``90`` for sm_90 and newer (H100), ``86`` for sm_86 .. sm_89 (A40, L40S, RTX 4090: 99 KB of
+shared memory per CTA, 100 KB and 48 warps per SM), ``80`` for sm_80 (A100) and older. The target is the CUDA device's compute capability
 (``torch.cuda.get_device_capability``), or, inside :func:`compile_target`, the fake target of the
 compile-metadata harness (``benchmarks/kernel_resources.py``), so the harness measures exactly
 what a real launch on that GPU would use. On CPU (interpreter) the sm_90 table applies.
@@ -17,8 +17,9 @@ The configuration (warps, pipeline stages) comes from one of:
   tile shape, causality, the GQA ratio (``group``) and the tensors' dtypes.
 
 Every default (d 64 / 128, bf16 / fp16) and every config of a space at the heaviest tiles
-compiles for its target without spills and with >= 2 CTAs or >= 8 warps per SM
-(``benchmarks/kernel_resources.py [--space]``; ``tests/test_kernel_resources.py`` asserts it).
+compiles for its target without spills, within its shared memory and with >= 2 CTAs or >= 8 warps
+per SM (``benchmarks/kernel_resources.py [--space]``; ``tests/test_kernel_resources.py`` asserts it
+for sm_90, sm_80 and sm_86).
 Kernels whose outputs are pure stores (no accumulation into their inputs) are the only ones
 tuned, so re-running a config while benchmarking is harmless.
 """
@@ -121,7 +122,7 @@ _ATTENTION.update({
     (86, "m", "s2", "dq"): _t(W8S2, W8S1),
     (86, "s", "moh", "fwd"): _t(W4S3, W4S2),
     (86, "m", "moh", "dq"): _t(W8S2),
-    (86, "s", "moh", "dkdv"): _t(W4S3, W4S1, W4S2, W8S1, W8S2, W8S3, block_m=32),
+    (86, "s", "moh", "dkdv"): _t(W4S3, W4S1, W8S2, W8S3, block_m=32),
 })
 
 # Lightning: "chunk" = the chunk-parallel output / dv / dq-dk kernels (two [C, C] / [C, 64] fp32

@@ -47,16 +47,7 @@ def _csr(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def build_plan_dense_mask(layout: Optional[S2Layout], causal: bool, num_kv_heads: int, seq_q: int, seq_k: int,
                q_offset: int, k_offset: int, cu_seqlens: Optional[tuple[int, ...]], block_size: int,
                kv_head_offset: int = 0, total_kv_heads: Optional[int] = None) -> TilePlan:
-    """The plan as seqpar <= 0.x built it: a dense [Hkv, Tq, Tk] tile mask and two ``nonzero``. ``layout=None`` is dense (causal or not) at ``block_size``.
-
-    ``kv_head_offset`` / ``total_kv_heads``: the plan's kv heads are global kv heads
-    ``kv_head_offset ..`` of ``total_kv_heads`` (S2 patterns follow the global index).
-
-    With ``cu_seqlens`` (``seq_q == seq_k``, offsets 0) tiles restart at each document start and
-    block indices are relative to it; otherwise S2 tiles follow absolute blocks: with an offset that
-    is not a multiple of ``block_size`` (one-token decode at any position) the first q / kv tile is
-    the partial block up to the next boundary, so every tile lies in one absolute block.
-    """
+    """The old plan (arguments as ``seqpar.kernels.s2.plan.build_plan``) as a dict of its tables and CSR lists."""
     bs = block_size
     if cu_seqlens is not None:
         docs = list(zip(cu_seqlens[:-1], cu_seqlens[1:]))

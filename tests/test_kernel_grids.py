@@ -2,13 +2,14 @@
 
 CUDA accepts 2^31 - 1 programs on grid axis 0 and 65535 on axes 1 and 2. Every launcher computes
 its grids with its op's ``grids`` function (S2 / flash, MoH, Lightning), which this file calls at
-README's limits per call (1M tokens, 64 query heads, 4096 documents, batch up to 65536, head dims
+README's limits per call (1M tokens, 64 query heads, 4096 documents, batch up to 65535, head dims
 16 .. 256) and checks against the limits, and then checks that the launchers really launch those
 grids (``_tuning.record_launches(run=False)`` records every launch without running it).
 
-Before the grids were folded into axis 0, Lightning put ``chunks x heads`` (1M tokens, 64 heads:
-1M programs) and ``documents x heads`` on axes 1 / 2 (> 65535 from about 4.2M tokens x heads), and
-S2 / MoH put heads and batch there.
+Before the Lightning and MoH grids were folded into axis 0, Lightning put ``chunks x heads`` (1M
+tokens, 64 heads: 1M programs) and ``documents x heads`` on axes 1 / 2 (> 65535 from about 4.2M
+tokens x heads) and MoH ``batch x heads``. S2 / flash keep (tiles, heads, batch): heads and batch
+stay far below 65535 at these shapes, and folding them cost the sm_90 kernels registers.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from seqpar.kernels.s2 import triton_fwd as sfwd
 MAX_TOKENS = 1 << 20
 MAX_HEADS = 64
 MAX_DOCS = 4096
-BATCHES = (1, 16, 4096, 65536)   # batch x seq = 1M tokens
+BATCHES = (1, 16, 4096, 65535)   # batch x seq <= 1M tokens
 HEAD_DIMS = (16, 64, 128, 256)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 KV_HEADS = (1, 8, MAX_HEADS)
@@ -81,6 +82,10 @@ def test_grid_past_cuda_limits_is_a_clear_error():
         lfwd.grids(1, 2 ** 30, 64, 128, 128, torch.bfloat16)
     with pytest.raises(ValueError, match="axis 1"):
         check_grid("k", (1, 65536))
+    with pytest.raises(ValueError, match="s2 fwd: .* axis 2"):
+        sfwd.grids(1, 1, 65536, 8, 8, 16)  # a batch of 65536 sequences: fold them into cu_seqlens
+    with pytest.raises(ValueError, match="heads x seq_q"):
+        sfwd.grids(2 ** 20, 2 ** 20, 1, 64, 8, 2 ** 25)
     assert check_grid("k", (2 ** 31 - 1, 65535, 65535)) == (2 ** 31 - 1, 65535, 65535)
 
 

@@ -76,12 +76,12 @@ def test_plan_size_is_linear_in_tiles_at_1m_tokens():
         plan = build_plan_uncached(layout, True, hkv, n, n, 0, 0, cu, bs)
         tiles = plan.num_q_tiles
         assert tiles == n // bs
-        # 4 tile tables, 4 ints per row and 2 per column per kv head: ~1.2 MB, however dense
-        assert plan.nbytes() == 4 * (4 * tiles + hkv * tiles * 6)
+        # 5 tile tables, 4 ints per row and 2 per column per kv head: ~3.3 MB, however dense
+        assert plan.nbytes() == 4 * (5 * tiles + hkv * tiles * 6)
         nnz = sum(plan.nnz_per_kv_head)
         assert nnz > (hkv * tiles ** 2 // 20 if cu is None else hkv * tiles * 2)  # tile pairs it stands for
     dense = build_plan_uncached(None, True, hkv, n, n, 0, 0, None, bs)
-    assert dense.nnz_per_kv_head == (tiles * (tiles + 1) // 2,) * hkv  # 134M pairs per kv head in 1.2 MB
+    assert dense.nnz_per_kv_head == (tiles * (tiles + 1) // 2,) * hkv  # 134M pairs per kv head in 3.3 MB
 
 
 def test_plan_cache_is_bounded_by_bytes_with_device_copies(monkeypatch):
@@ -91,7 +91,7 @@ def test_plan_cache_is_bounded_by_bytes_with_device_copies(monkeypatch):
     a = build_plan(lay, True, 2, 16384, 16384, 0, 0, None, 16)  # 1024 tiles: 57 KB
     assert build_plan(lay, True, 2, 16384, 16384, 0, 0, None, 16) is a and len(cache) == 1
     moved = a.to("meta")  # a device copy is cached on the plan and counted
-    assert a.to("meta") is moved and a.nbytes() == 2 * 4 * (4 * 1024 + 2 * 1024 * 6)
+    assert a.to("meta") is moved and a.nbytes() == 2 * 4 * (5 * 1024 + 2 * 1024 * 6)
     plans = [build_plan(lay, True, 2, 16384 + 16 * i, 16384, 16 * i, 0, None, 16) for i in range(1, 6)]
     assert cache.nbytes() <= 300_000 and len(cache) < 6
     assert build_plan(lay, True, 2, 16384, 16384, 0, 0, None, 16) is not a  # the oldest went first

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from seqpar.kernels._common import BoundedCache, host_ints
+from seqpar.kernels._common import BoundedCache, host_ints, per_tensor_cache
 
 
 @dataclass
@@ -52,18 +52,13 @@ def make_plan(batch: int, seq: int, cu_seqlens: Optional[torch.Tensor], chunk_si
     if cu_seqlens is None:
         key = (batch, seq, chunk_size, str(torch.device(device)))
         return _DENSE.get_or_build(key, lambda: _dense_plan(batch, seq, chunk_size, torch.device(device)))
-    # kept on the tensor (keyed by its version counter: an in-place change rebuilds), holding no
-    # reference back to it
-    per_tensor = getattr(cu_seqlens, "_seqpar_chunk_plans", None)
-    if per_tensor is None or per_tensor[0] != cu_seqlens._version:
-        per_tensor = (cu_seqlens._version, {})
-        cu_seqlens._seqpar_chunk_plans = per_tensor
-    hit = per_tensor[1].get(chunk_size)
+    per_tensor = per_tensor_cache(cu_seqlens, "_seqpar_chunk_plans")
+    hit = per_tensor.get(chunk_size)
     if hit is None:
         offs = host_ints(cu_seqlens)  # cached per tensor: one read per step, not per layer
         num_chunks = sum(-(-(b - a) // chunk_size) for a, b in zip(offs[:-1], offs[1:]))
         hit = (*_chunks(cu_seqlens, num_chunks, chunk_size), num_chunks)
-        per_tensor[1][chunk_size] = hit
+        per_tensor[chunk_size] = hit
     offsets, indices, num_chunks = hit
     return ChunkPlan(cu_seqlens, offsets, indices, cu_seqlens.numel() - 1, num_chunks, chunk_size)
 

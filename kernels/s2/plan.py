@@ -47,7 +47,7 @@ from seqpar.kernels.s2.layout import S2Layout
 
 CSR = namedtuple("CSR", "row_ptr col_idx col_ptr row_idx")
 
-_TABLES = ("q_start", "q_end", "kv_start", "kv_end", "rows", "cols")
+_TABLES = ("q_start", "q_end", "kv_start", "kv_end", "rows", "cols", "tile_ids")
 
 
 @dataclass(eq=False)
@@ -74,6 +74,7 @@ class TilePlan:
     kv_end: torch.Tensor
     rows: torch.Tensor
     cols: torch.Tensor
+    tile_ids: torch.Tensor  # int32 arange(Tq): dk/dv read q tile ids through it (see triton_bwd)
     stride: int
     nnz_per_kv_head: tuple[int, ...]
     _device_cache: dict = field(default_factory=dict, repr=False)  # device -> moved plan
@@ -284,6 +285,7 @@ def build_plan_uncached(layout: Optional[S2Layout], causal: bool, num_kv_heads: 
     return TilePlan(
         block_size=bs, num_kv_heads=num_kv_heads, causal=causal, q_shift=q_shift, k_shift=k_shift,
         q_start=i32(qs), q_end=i32(qe), kv_start=i32(ks), kv_end=i32(ke), rows=i32(rows), cols=i32(cols),
+        tile_ids=torch.arange(len(qs), dtype=torch.int32),
         stride=stride, nnz_per_kv_head=tuple(int(x) for x in nnz),
     )
 

@@ -67,15 +67,15 @@ def _s2_bwd_dq_kernel(
     stride_dob, stride_dos, stride_doh, stride_dod,
     stride_dqb, stride_dqs, stride_dqh, stride_dqd,
     stride_lb, stride_lh,
-    num_q_tiles, num_heads, group, q_shift, k_shift, scale_log2, sm_scale, stride,
+    num_q_tiles, group, q_shift, k_shift, scale_log2, sm_scale, stride,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, COUNT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    t_rev, h, b = unfold(tl.program_id(0), num_q_tiles, num_heads)  # see the forward
-    t = num_q_tiles - 1 - t_rev  # heaviest (last) q tiles first
-    b = b.to(tl.int64)
+    t = num_q_tiles - 1 - tl.program_id(0)  # heaviest (last) q tiles first
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
     g = h // group
-    h64 = h.to(tl.int64)
+    l_base = b * stride_lb + h.to(tl.int64) * stride_lh  # head x seq can pass 2^31 (head x dim cannot)
     q_lo = tl.load(q_start_ptr + t)
     q_hi = tl.load(q_end_ptr + t)
     # 64-bit scalar bases, 32-bit offsets inside a tile (see the forward)
@@ -87,19 +87,19 @@ def _s2_bwd_dq_kernel(
     d_ok = offs_d < HEAD_DIM
     md_ok = m_ok[:, None] & d_ok[None, :]
     row0 = q_lo.to(tl.int64)
-    q = tl.load(Q + b * stride_qb + h64 * stride_qh + row0 * stride_qs
+    q = tl.load(Q + b * stride_qb + h * stride_qh + row0 * stride_qs
                 + ar_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=md_ok, other=0.0)
-    do = tl.load(DO + b * stride_dob + h64 * stride_doh + row0 * stride_dos
+    do = tl.load(DO + b * stride_dob + h * stride_doh + row0 * stride_dos
                  + ar_m[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=md_ok, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse = tl.load(LSE + b * stride_lb + h64 * stride_lh + row0 + ar_m, mask=m_ok, other=0.0)
+    lse = tl.load(LSE + l_base + row0 + ar_m, mask=m_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(DELTA + b * stride_lb + h64 * stride_lh + row0 + ar_m, mask=m_ok, other=0.0)
+    delta = tl.load(DELTA + l_base + row0 + ar_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    k_base = K + b * stride_kb + g.to(tl.int64) * stride_kh
-    v_base = V + b * stride_vb + g.to(tl.int64) * stride_vh
+    k_base = K + b * stride_kb + g * stride_kh
+    v_base = V + b * stride_vb + g * stride_vh
     k_off = ar_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
     vt_off = ar_n[None, :] * stride_vs + offs_d[:, None] * stride_vd
     s1, n1, s2, n2 = plan_row(rows_ptr, g, t, num_q_tiles)
@@ -124,14 +124,14 @@ def _s2_bwd_dq_kernel(
         if COUNT:
             tl.atomic_add(CNT, 1)
     dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + h64 * stride_dqh + row0 * stride_dqs
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + row0 * stride_dqs
              + ar_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=md_ok)
 
 
 @triton.jit
 def _s2_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CNT,
-    q_start_ptr, q_end_ptr, kv_start_ptr, kv_end_ptr, cols_ptr,
+    q_start_ptr, q_end_ptr, kv_start_ptr, kv_end_ptr, cols_ptr, tile_ids,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -139,13 +139,13 @@ def _s2_bwd_dkdv_kernel(
     stride_dkb, stride_dks, stride_dkh, stride_dkd,
     stride_dvb, stride_dvs, stride_dvh, stride_dvd,
     stride_lb, stride_lh,
-    num_kv_tiles, num_kv_heads, group, q_shift, k_shift, scale_log2, sm_scale,
+    num_kv_tiles, group, q_shift, k_shift, scale_log2, sm_scale,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, COUNT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    u, g, b = unfold(tl.program_id(0), num_kv_tiles, num_kv_heads)  # (kv tile, kv head, batch) on axis 0
-    b = b.to(tl.int64)
-    g64 = g.to(tl.int64)
+    u = tl.program_id(0)
+    g = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
     k_lo = tl.load(kv_start_ptr + u)
     k_hi = tl.load(kv_end_ptr + u)
     ar_m = tl.arange(0, BLOCK_M)
@@ -156,9 +156,9 @@ def _s2_bwd_dkdv_kernel(
     d_ok = offs_d < HEAD_DIM
     nd_ok = n_ok[:, None] & d_ok[None, :]
     k64 = k_lo.to(tl.int64)
-    k = tl.load(K + b * stride_kb + g64 * stride_kh + k64 * stride_ks
+    k = tl.load(K + b * stride_kb + g * stride_kh + k64 * stride_ks
                 + ar_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=nd_ok, other=0.0)
-    v = tl.load(V + b * stride_vb + g64 * stride_vh + k64 * stride_vs
+    v = tl.load(V + b * stride_vb + g * stride_vh + k64 * stride_vs
                 + ar_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=nd_ok, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
@@ -171,11 +171,14 @@ def _s2_bwd_dkdv_kernel(
     lo = tl.load(col)
     hi = lo + tl.load(col + 1)
     for hq in range(group):
-        h = g64 * group + hq
+        h = g * group + hq
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
-        l_base = b * stride_lb + h * stride_lh
-        for t in range(lo, hi):
+        l_base = b * stride_lb + h * stride_lh  # heads x seq < 2^31 (the launcher checks it)
+        # q tile t = idx, read through plan.tile_ids (an arange) rather than used as the loop index:
+        # with the induction variable itself ptxas spilled 4-44 B at 255 registers (sm_90, d = 128)
+        for idx in range(lo, hi):
+            t = tl.load(tile_ids + idx)
             q_lo = tl.load(q_start_ptr + t)
             q_hi = tl.load(q_end_ptr + t)
             offs_m = q_lo + ar_m
@@ -201,9 +204,9 @@ def _s2_bwd_dkdv_kernel(
             if COUNT:
                 tl.atomic_add(CNT, 1)
     dk = dk * sm_scale
-    tl.store(DK + b * stride_dkb + g64 * stride_dkh + k64 * stride_dks
+    tl.store(DK + b * stride_dkb + g * stride_dkh + k64 * stride_dks
              + ar_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=nd_ok)
-    tl.store(DV + b * stride_dvb + g64 * stride_dvh + k64 * stride_dvs
+    tl.store(DV + b * stride_dvb + g * stride_dvh + k64 * stride_dvs
              + ar_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=nd_ok)
 
 
@@ -237,14 +240,14 @@ def s2_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, l
         q, k, v, do, lse, delta, dq, cnt_dq,
         plan.q_start, plan.q_end, plan.kv_start, plan.kv_end, plan.rows,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), lse.stride(0), lse.stride(1),
-        plan.num_q_tiles, h, h // hkv, plan.q_shift, plan.k_shift, sm_scale * LOG2E, sm_scale, plan.stride,
+        plan.num_q_tiles, h // hkv, plan.q_shift, plan.k_shift, sm_scale * LOG2E, sm_scale, plan.stride,
     ), consts, default=tune.default, space=tune.space, key=TUNE_KEY, device=q.device, tunable=counters is None)
     tune = attention_tuning("dkdv", plan.block_size, d, q.dtype, q.device)
     launch(_s2_bwd_dkdv_kernel, grid["dkdv"], (
         q, k, v, do, lse, delta, dk, dv, cnt_kv,
-        plan.q_start, plan.q_end, plan.kv_start, plan.kv_end, plan.cols,
+        plan.q_start, plan.q_end, plan.kv_start, plan.kv_end, plan.cols, plan.tile_ids,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         lse.stride(0), lse.stride(1),
-        plan.num_kv_tiles, hkv, h // hkv, plan.q_shift, plan.k_shift, sm_scale * LOG2E, sm_scale,
+        plan.num_kv_tiles, h // hkv, plan.q_shift, plan.k_shift, sm_scale * LOG2E, sm_scale,
     ), consts, default=tune.default, space=tune.space, key=TUNE_KEY, device=q.device, tunable=counters is None)
     return dq, dk, dv

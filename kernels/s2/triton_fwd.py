@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from seqpar.kernels._common import interpret_enabled
-from seqpar.kernels._grid import check_grid, unfold
+from seqpar.kernels._grid import check_grid
 from seqpar.kernels._tuning import attention_tuning, launch
 from seqpar.kernels.s2.plan import TilePlan
 
@@ -54,15 +54,15 @@ def _s2_fwd_kernel(
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ob, stride_os, stride_oh, stride_od,
     stride_lb, stride_lh,
-    num_q_tiles, num_heads, group, q_shift, k_shift, scale_log2, stride,
+    num_q_tiles, group, q_shift, k_shift, scale_log2, stride,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, COUNT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # grid (q tiles x heads x batch) folded into axis 0; last q tiles read the most kv tiles under
+    # grid (q tiles, heads, batch) (see grids); last q tiles read the most kv tiles under
     # causality: launch them first (shorter tail)
-    t_rev, h, b = unfold(tl.program_id(0), num_q_tiles, num_heads)
-    t = num_q_tiles - 1 - t_rev
-    b = b.to(tl.int64)
+    t = num_q_tiles - 1 - tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
     g = h // group
     q_lo = tl.load(q_start_ptr + t)
     q_hi = tl.load(q_end_ptr + t)
@@ -74,8 +74,7 @@ def _s2_fwd_kernel(
     offs_m = q_lo + ar_m
     m_ok = offs_m < q_hi
     d_ok = offs_d < HEAD_DIM  # folds away when BLOCK_D == HEAD_DIM
-    h64 = h.to(tl.int64)
-    q_base = Q + b * stride_qb + h64 * stride_qh + q_lo.to(tl.int64) * stride_qs
+    q_base = Q + b * stride_qb + h * stride_qh + q_lo.to(tl.int64) * stride_qs
     q = tl.load(q_base + ar_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:  # the interpreter's tl.dot mishandles bf16
@@ -83,8 +82,8 @@ def _s2_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    k_base = K + b * stride_kb + g.to(tl.int64) * stride_kh
-    v_base = V + b * stride_vb + g.to(tl.int64) * stride_vh
+    k_base = K + b * stride_kb + g * stride_kh
+    v_base = V + b * stride_vb + g * stride_vh
     k_off = ar_n[:, None] * stride_ks + offs_d[None, :] * stride_kd  # loop-invariant tile offsets
     v_off = ar_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
     s1, n1, s2, n2 = plan_row(rows_ptr, g, t, num_q_tiles)
@@ -115,10 +114,11 @@ def _s2_fwd_kernel(
     seen = l_i > 0.0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-    o_base = O + b * stride_ob + h64 * stride_oh + q_lo.to(tl.int64) * stride_os
+    o_base = O + b * stride_ob + h * stride_oh + q_lo.to(tl.int64) * stride_os
     tl.store(o_base + ar_m[:, None] * stride_os + offs_d[None, :] * stride_od,
              o.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + b * stride_lb + h64 * stride_lh + q_lo.to(tl.int64) + ar_m, lse, mask=m_ok)
+    # head x seq can pass 2^31 (lse is [batch, heads, seq]); head x head dim (q's strides) cannot
+    tl.store(LSE + b * stride_lb + h.to(tl.int64) * stride_lh + q_lo.to(tl.int64) + ar_m, lse, mask=m_ok)
 
 
 def kernel_options(q: torch.Tensor, block_size: int) -> dict:
@@ -139,15 +139,20 @@ PREPROCESS_BLOCK = 64  # rows per program of the backward's delta preprocess
 
 
 def grids(num_q_tiles: int, num_kv_tiles: int, batch: int, heads: int, kv_heads: int, seq_q: int) -> dict:
-    """Launch grids of the S2 / flash kernels (forward, backward preprocess, dq, dk/dv), 1-D:
-    programs (q tile, head, batch) / (kv tile, kv head, batch) folded into axis 0, which CUDA
-    allows up to 2^31 - 1 (65535 on the others). Checked against CUDA's limits; the launchers use
-    exactly these."""
+    """Launch grids of the S2 / flash kernels (forward, backward preprocess, dq, dk/dv): (tiles,
+    heads, batch), tiles on axis 0 (CUDA: up to 2^31 - 1), heads and batch on axes 1 and 2 (up to
+    65535 each: a larger batch is a ValueError; fold it into the sequence with cu_seqlens). The
+    kernels read their indices from ``tl.program_id`` directly: a folded 1-D grid would keep the
+    divided indices in registers and tip the sm_90 dk/dv kernel (255 registers) into spills.
+    Checked against CUDA's limits; the launchers use exactly these."""
+    if heads * seq_q >= 2 ** 31:  # lse / delta [batch, heads, seq]: the dk/dv kernel's head offset is 32-bit
+        raise ValueError(f"s2 / flash attention: heads x seq_q = {heads} x {seq_q} must stay below 2^31 per call; "
+                         f"split the call")
     return {
-        "fwd": check_grid("s2 fwd", (num_q_tiles * heads * batch,)),
+        "fwd": check_grid("s2 fwd", (num_q_tiles, heads, batch)),
         "preprocess": check_grid("s2 bwd preprocess", (triton.cdiv(seq_q, PREPROCESS_BLOCK) * heads * batch,)),
-        "dq": check_grid("s2 bwd dq", (num_q_tiles * heads * batch,)),
-        "dkdv": check_grid("s2 bwd dk/dv", (num_kv_tiles * kv_heads * batch,)),
+        "dq": check_grid("s2 bwd dq", (num_q_tiles, heads, batch)),
+        "dkdv": check_grid("s2 bwd dk/dv", (num_kv_tiles, kv_heads, batch)),
     }
 
 
@@ -167,7 +172,7 @@ def s2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: TilePlan, sm
         q, k, v, o, lse, counter if counter is not None else lse,
         plan.q_start, plan.q_end, plan.kv_start, plan.kv_end, plan.rows,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), lse.stride(0), lse.stride(1),
-        plan.num_q_tiles, h, h // hkv, plan.q_shift, plan.k_shift, sm_scale * LOG2E, plan.stride,
+        plan.num_q_tiles, h // hkv, plan.q_shift, plan.k_shift, sm_scale * LOG2E, plan.stride,
     ), consts, default=tune.default, space=tune.space, key=TUNE_KEY, device=q.device, tunable=counter is None)
     return o, lse
 

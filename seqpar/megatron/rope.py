@@ -20,7 +20,7 @@ import torch
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.attention import SelfAttention
 
-from seqpar.kernels._common import host_ints
+from seqpar.kernels._common import host_ints, per_tensor_cache
 
 
 def thd_positions(cu_seqlens: torch.Tensor, cp_size: int, cp_rank: int, table_len: int) -> torch.Tensor:
@@ -32,11 +32,8 @@ def thd_positions(cu_seqlens: torch.Tensor, cp_size: int, cp_rank: int, table_le
 
     Computed on the device and cached on the tensor (one host read of ``cu_seqlens`` per tensor)."""
     key = (cp_size, cp_rank, table_len)
-    cache = getattr(cu_seqlens, "_seqpar_rope_positions", None)
-    if cache is None or cache[0] != cu_seqlens._version:
-        cache = (cu_seqlens._version, {})
-        cu_seqlens._seqpar_rope_positions = cache
-    pos = cache[1].get(key)
+    cache = per_tensor_cache(cu_seqlens, "_seqpar_rope_positions")
+    pos = cache.get(key)
     if pos is None:
         offs = host_ints(cu_seqlens)
         exact = table_len == offs[-1]
@@ -55,7 +52,7 @@ def thd_positions(cu_seqlens: torch.Tensor, cp_size: int, cp_rank: int, table_le
             seg = local_len[doc] // 2
             full = cp_size * local_len[doc]
             pos = start + torch.where(j < seg, cp_rank * seg + j, full - (cp_rank + 1) * seg + (j - seg))
-        cache[1][key] = pos
+        cache[key] = pos
     return pos
 
 
