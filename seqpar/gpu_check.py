@@ -274,18 +274,16 @@ def run_phase(phase: Phase, *, dry: bool, timeout: float, work: pathlib.Path, wo
             entry["numbers"] = counts
             ran = counts["passed"] + counts["failed"] + counts["errors"]
             if status == "pass":
-                if counts["failed"] or counts["errors"] or rc not in (0, None):
-                    status = "fail"
-                    reason = f"{counts['failed']} failed, {counts['errors']} errors"
-                    if rc != 0 and not (counts["failed"] or counts["errors"]):
-                        reason = f"pytest exit status {rc}"
+                if counts["failed"] or counts["errors"]:
+                    status, reason = "fail", f"{counts['failed']} failed, {counts['errors']} errors"
+                elif rc == 5 and phase.awaiting:
+                    status, reason = "skipped", f"no test selected: {phase.awaiting}"
+                elif rc == 5:
+                    status, reason = "fail", "no test selected"
+                elif rc != 0:
+                    status, reason = "fail", f"pytest exit status {rc}"
                 elif ran == 0:
-                    if rc == 5 and phase.awaiting:
-                        status, reason = "skipped", f"no test selected: {phase.awaiting}"
-                    else:
-                        status = "fail"
-                        reason = ("no test selected" if rc == 5 else
-                                  f"no test ran ({counts['skipped']} skipped; see the log for the reasons)")
+                    status, reason = "fail", f"no test ran ({counts['skipped']} skipped; see the log for the reasons)"
         elif status == "pass":
             status, reason = "fail", f"pytest exit status {rc} and no report (collection or start-up failed)"
     else:
