@@ -368,7 +368,7 @@ def install_system(venv: pathlib.Path, *, wheelhouse: Optional[pathlib.Path], ex
     return got
 
 
-def overlay_venv(python: str, venv: pathlib.Path, view: Optional[dict] = None) -> str:
+def overlay_venv(python: str, venv: pathlib.Path, view: Optional[dict] = None, with_pip: bool = True) -> str:
     """Create (or reuse) ``venv`` that sees what ``python`` sees: a venv of ``python``'s base interpreter
     whose ``zz_seqpar_system_site.pth`` appends ``python``'s site folders after the venv's own (so the venv's
     packages win, then ``python``'s in its own order). Works when ``python`` is itself a venv, where
@@ -379,17 +379,18 @@ def overlay_venv(python: str, venv: pathlib.Path, view: Optional[dict] = None) -
         raise OfflineError(f"{venv} exists and was not made by `make install TORCH=system`: remove it first "
                            f"(`make clean`), so that no registry torch shadows {python}'s")
     if not (venv / "bin" / "python").exists():
-        _make_venv(python, venv)
+        _make_venv(python, venv, with_pip)
     marker.write_text(view["executable"] + "\n")
     pth = site_packages(venv) / "zz_seqpar_system_site.pth"
     pth.write_text("".join(p + "\n" for p in view["paths"]))
     return str(venv / "bin" / "python")
 
 
-def _make_venv(python: str, venv: pathlib.Path) -> None:
+def _make_venv(python: str, venv: pathlib.Path, with_pip: bool = True) -> None:
     """``python -m venv`` (a venv's interpreter makes one over its base interpreter); without pip where
     ensurepip is missing (Debian's python3 without python3-venv)."""
-    proc = subprocess.run([python, "-m", "venv", str(venv)], capture_output=True, text=True)
+    proc = subprocess.run([python, "-m", "venv", *([] if with_pip else ["--without-pip"]), str(venv)],
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         shutil.rmtree(venv, ignore_errors=True)
         proc2 = subprocess.run([python, "-m", "venv", "--without-pip", str(venv)], capture_output=True, text=True)
