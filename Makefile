@@ -87,10 +87,11 @@ PYVER ?=
 GLIBC ?= 2.28
 ARCH  ?= x86_64
 SKIP  ?=
+WHEELHOUSE_EXTRAS := train,deepspeed,test
 wheelhouse:
 	$(PY) -m seqpar.offline wheelhouse --dest $(or $(WHEELHOUSE),build/wheelhouse) \
 	  $(if $(PYVER),--python-version $(PYVER) --glibc $(GLIBC) --arch $(ARCH)) \
-	  --extras $(or $(EXTRAS),train,deepspeed,test) $(if $(SKIP),--skip $(SKIP))
+	  --extras $(or $(EXTRAS),$(WHEELHOUSE_EXTRAS)) $(if $(SKIP),--skip $(SKIP))
 
 # The offline install, proven on this machine (CI runs it): a venv holding only torch $(COMPAT_TORCH) and
 # triton $(COMPAT_TRITON) plays the GPU host's interpreter (itself a venv, as on many GPU images); `make
