@@ -256,6 +256,7 @@ def run_phase(phase: Phase, *, dry: bool, timeout: float, work: pathlib.Path, wo
         p.unlink(missing_ok=True)
     cmd = phase.command(dry, str(jpath), str(xpath), workers)
     env = dict(os.environ, PYTHONUNBUFFERED="1", **phase.env)
+    env.setdefault("OMP_NUM_THREADS", "1" if dry else "4")   # as make test / make test-gpu
     if dry:
         env.update(SEQPAR_GPU_DRYRUN="1", TRITON_INTERPRET="1")
     else:
@@ -467,6 +468,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
     if args.toolchain_phase:
         return toolchain_phase(args.toolchain_phase)
+    if not (ROOT / "tests" / "gpu").is_dir() or not (ROOT / "benchmarks").is_dir():
+        print(f"seqpar.gpu_check: error: {ROOT} is not a seqpar checkout (no tests/gpu, benchmarks/): run it from "
+              f"one, installed editable (make install, or make install TORCH=system)", file=sys.stderr)
+        return 2
     dry = args.dry_run or _dry_run()
     if dry:
         os.environ["SEQPAR_GPU_DRYRUN"] = "1"
