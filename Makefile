@@ -22,7 +22,7 @@ install: $(STAMP)
 
 ifeq ($(TORCH),system)
 # A venv over $(PY)'s packages (its torch / Triton and whatever else it has are kept); the rest from
-# $(WHEELHOUSE) with pip --no-index and pip's configuration files ignored (from the registry without one).
+# $(WHEELHOUSE) with pip --no-index, the wheelhouse as the only source (from the registry without one).
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m seqpar.offline install --venv $(VENV) $(if $(WHEELHOUSE),--wheelhouse $(WHEELHOUSE)) $(if $(EXTRAS),--extras $(EXTRAS))
 	@touch $(STAMP)
@@ -96,7 +96,7 @@ wheelhouse:
 # The offline install, proven on this machine (CI runs it): a venv holding only torch $(COMPAT_TORCH) and
 # triton $(COMPAT_TRITON) plays the GPU host's interpreter (itself a venv, as on many GPU images); `make
 # wheelhouse` (registry), then `make install TORCH=system` with no network (unshare -n where it works, and
-# pip --no-index with its configuration ignored in any case), then the lower-bound subset (test-compat) runs
+# pip --no-index with the wheelhouse as its only source in any case), then the lower-bound subset (test-compat) runs
 # in that venv on CPU. Needs ~5 GB in build/compat (torch's CUDA wheel and its libraries).
 COMPAT        ?= build/compat
 COMPAT_TORCH  ?= 2.11.0

@@ -17,8 +17,9 @@ pydantic, DeepSpeed, ...). Two steps:
    (``PY=/path/to/python make install TORCH=system WHEELHOUSE=DIR``): a venv that sees exactly what
    that interpreter sees (its site-packages, or when it is itself a venv, as on many GPU images, that
    venv's packages too: ``--system-site-packages`` alone would see the base interpreter's only), then
-   ``pip install --no-index --find-links DIR -e '.[extras]'`` with pip's configuration files ignored.
-   Every package the interpreter already has is kept when it satisfies seqpar's ranges (its
+   ``pip install --no-index --find-links DIR -e '.[extras]'`` with pip's configuration (files and
+   ``PIP_*`` variables) dropped: the wheelhouse is the only source. Host torch / Triton outside
+   pyproject's range are refused first. Every package the interpreter already has is kept when it satisfies seqpar's ranges (its
    constraints.txt pin is dropped); only what is missing or out of range is installed, into the venv
    (pip never uninstalls a package outside the venv). Without ``--wheelhouse`` the same install uses
    the registry.
@@ -70,13 +71,19 @@ def _req_name(req: str) -> str:
 
 
 # ------------------------------------------------------------------------------------- requirements
+def _toml(path: pathlib.Path) -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: pip's vendored copy of the same parser
+        from pip._vendor import tomli as tomllib
+    return tomllib.loads(path.read_text())
+
+
 def project_requirements(extras: Iterable[str], pyproject: pathlib.Path = ROOT / "pyproject.toml",
                          drop: Iterable[str] = SYSTEM_PACKAGES) -> list[str]:
     """The requirement strings of seqpar's core dependencies plus ``extras`` (``seqpar[x]`` references
     expanded), without the packages in ``drop``, in pyproject order, each once."""
-    import tomllib
-
-    project = tomllib.loads(pyproject.read_text())["project"]
+    project = _toml(pyproject)["project"]
     optional = project.get("optional-dependencies", {})
     name = canonical(project["name"])
     dropped = {canonical(d) for d in drop}
@@ -321,9 +328,9 @@ def install_system(venv: pathlib.Path, *, wheelhouse: Optional[pathlib.Path], ex
                    constraints: pathlib.Path = ROOT / "constraints.txt", python: str = sys.executable,
                    root: pathlib.Path = ROOT) -> dict:
     """Create ``venv`` over ``python``'s packages (its torch / Triton kept) and install seqpar editable
-    with ``extras`` (default: the wheelhouse's) from ``wheelhouse`` with ``--no-index`` (pip's
-    configuration files ignored), or from the registry when ``wheelhouse`` is None. Returns what was
-    kept and what the venv's torch is."""
+    with ``extras`` (default: the wheelhouse's) from ``wheelhouse`` with ``--no-index`` (pip's configuration
+    dropped, :func:`pip_env`), or from the registry when ``wheelhouse`` is None.
+    Returns the venv's torch / Triton versions and where its torch lives."""
     view = interpreter_view(python)
     if "torch" not in view["dists"]:
         raise OfflineError(f"TORCH=system: {python} has no torch (it sees {', '.join(view['paths']) or 'no site folder'}); "
@@ -339,17 +346,17 @@ def install_system(venv: pathlib.Path, *, wheelhouse: Optional[pathlib.Path], ex
             raise OfflineError(f"WHEELHOUSE={wheelhouse} was built for Python {manifest['python_version']}, but "
                                f"{python} is Python {view['version']}: rebuild it with PYVER={view['version']}")
     extras = list(extras or (manifest["extras"] if manifest else DEFAULT_EXTRAS))
+    bad = out_of_range(view["dists"], root / "pyproject.toml")
+    if bad:
+        raise OfflineError(f"{python} has {'; '.join(bad)}: seqpar supports that range only (pyproject.toml; "
+                           f"README: Installing on a GPU cluster); use an interpreter whose torch / Triton are in it")
     vpy = overlay_venv(python, venv, view)
-    env = dict(os.environ, PIP_NO_INPUT="1")
-    index: list[str] = []
-    if wheelhouse is not None:
-        env["PIP_CONFIG_FILE"] = os.devnull   # no configured index or find-links: the wheelhouse only
-        index = ["--no-index", "--find-links", str(wheelhouse)]
+    cons = write_constraints(venv / "seqpar-constraints.txt", read_pins(constraints),
+                             drop=[*SYSTEM_PACKAGES, *view["dists"]])   # what python has is kept as it is
+    env = pip_env(wheelhouse)
+    index = [] if wheelhouse is None else ["--no-index", "--find-links", str(wheelhouse)]
     if subprocess.run([vpy, "-m", "pip", "--version"], capture_output=True).returncode != 0:
         _bootstrap_pip(vpy, wheelhouse, env)
-    kept = {n: v for n, v in view["dists"].items()}
-    cons = write_constraints(venv / "seqpar-constraints.txt", read_pins(constraints),
-                             drop=[*SYSTEM_PACKAGES, *kept])
     spec = f"{root}[{','.join(extras)}]"
     _pip(vpy, "install", *index, "-c", str(cons), "-e", spec, env=env)
     check = subprocess.run([vpy, "-c", "import json, torch, triton, seqpar; print(json.dumps({'torch': torch.__version__, "
@@ -364,8 +371,22 @@ def install_system(venv: pathlib.Path, *, wheelhouse: Optional[pathlib.Path], ex
         f"# written by `make install TORCH=system`: later make targets reuse these\nTORCH := system\n"
         f"PY := {python}\nWHEELHOUSE := {wheelhouse or ''}\n")
     print(f"{venv}: seqpar ({','.join(extras)}) over {python} (Python {view['version']}); torch {got['torch']} and "
-          f"triton {got['triton']} are {python}'s ({got['torch_file']}); {len(kept)} of its packages kept as they are")
+          f"triton {got['triton']} are {python}'s ({got['torch_file']}); {len(view['dists'])} of its packages kept "
+          f"as they are")
     return got
+
+
+def pip_env(wheelhouse: Optional[pathlib.Path]) -> dict:
+    """The environment of the install's pip. With a wheelhouse, pip's configuration is dropped: no
+    configuration file (``PIP_CONFIG_FILE=/dev/null``) and no inherited ``PIP_*`` variable (a
+    ``PIP_FIND_LINKS`` or ``PIP_INDEX_URL`` in the environment would otherwise feed the resolution even
+    with ``--no-index``), so the wheelhouse is the only source. Without one (the registry), the user's
+    configuration is kept."""
+    if wheelhouse is None:
+        return dict(os.environ, PIP_NO_INPUT="1")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update(PIP_CONFIG_FILE=os.devnull, PIP_NO_INPUT="1", PIP_NO_INDEX="1", PIP_FIND_LINKS=str(wheelhouse))
+    return env
 
 
 def overlay_venv(python: str, venv: pathlib.Path, view: Optional[dict] = None, with_pip: bool = True) -> str:
@@ -384,6 +405,27 @@ def overlay_venv(python: str, venv: pathlib.Path, view: Optional[dict] = None, w
     pth = site_packages(venv) / "zz_seqpar_system_site.pth"
     pth.write_text("".join(p + "\n" for p in view["paths"]))
     return str(venv / "bin" / "python")
+
+
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def out_of_range(dists: dict[str, str], pyproject: pathlib.Path = ROOT / "pyproject.toml") -> list[str]:
+    """``'torch 2.9.1 (seqpar: torch>=2.11,<2.14)'`` for each of torch / Triton in ``dists`` outside the
+    ``>=`` / ``<`` bounds of pyproject's dependencies (local labels such as +cu130 ignored)."""
+    bad = []
+    for req in _toml(pyproject)["project"]["dependencies"]:
+        name = _req_name(req)
+        if name not in SYSTEM_PACKAGES or name not in dists:
+            continue
+        have = _release(dists[name])
+        for op, ver in re.findall(r"(>=|<)\s*([0-9][0-9.]*)", req):
+            want = _release(ver)
+            if (op == ">=" and have < want) or (op == "<" and have >= want):
+                bad.append(f"{name} {dists[name]} (seqpar: {req.replace(' ', '')})")
+                break
+    return bad
 
 
 def _make_venv(python: str, venv: pathlib.Path, with_pip: bool = True) -> None:

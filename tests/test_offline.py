@@ -56,14 +56,46 @@ def test_placeholder_wheel_is_a_valid_empty_distribution(tmp_path):
     assert (target / "torch-2.11.0+seqparstub.dist-info" / "RECORD").exists()
 
 
-def _host_venv(path: pathlib.Path) -> pathlib.Path:
+def test_install_pip_sees_the_wheelhouse_only(tmp_path):
+    """pip's configuration must not feed the offline install: this machine sets PIP_FIND_LINKS (a folder
+    holding torch 2.13.0), clusters set it or a configuration file; ``--no-index`` keeps both."""
+    other, wheelhouse = tmp_path / "other", tmp_path / "wheelhouse"
+    other.mkdir()
+    wheelhouse.mkdir()
+    offline.stub_wheel(other, "seqpar-probe", "1.0")
+    conf = tmp_path / "xdg" / "pip" / "pip.conf"
+    conf.parent.mkdir(parents=True)
+    conf.write_text(f"[global]\nfind-links = {other}\n")
+    cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--no-deps", "--no-index",
+           "--find-links", str(wheelhouse), "-d", str(tmp_path / "got"), "seqpar-probe"]
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    for leak in ({"PIP_FIND_LINKS": str(other)}, {"XDG_CONFIG_HOME": str(tmp_path / "xdg")}):
+        plain = subprocess.run(cmd, env=dict(base, **leak), capture_output=True, text=True)
+        assert plain.returncode == 0, plain.stderr   # --no-index alone still reads the configured folder
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in leak.items():
+                mp.setenv(k, v)
+            env = offline.pip_env(wheelhouse)
+        ours = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert ours.returncode != 0 and "seqpar-probe" in ours.stderr, leak
+
+
+def test_host_versions_outside_the_range_are_named():
+    assert offline.out_of_range({"torch": "2.11.0+cu130", "triton": "3.6.0"}) == []
+    assert offline.out_of_range({"torch": "2.13.0+cpu", "triton": "3.9.0", "numpy": "1.0"}) == []
+    assert offline.out_of_range({"torch": "2.9.1+cu128", "triton": "3.5.1"}) == [
+        "torch 2.9.1+cu128 (seqpar: torch>=2.11,<2.14)", "triton 3.5.1 (seqpar: triton>=3.6,<3.10)"]
+    assert offline.out_of_range({"torch": "2.14.0"}) == ["torch 2.14.0 (seqpar: torch>=2.11,<2.14)"]
+
+
+def _host_venv(path: pathlib.Path, torch_version: str = "2.11.0") -> pathlib.Path:
     """A venv (as many GPU images have) holding a package ``seqpar_host_pkg`` and a torch distribution."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
     site = offline.site_packages(path)
     (site / "seqpar_host_pkg.py").write_text("WHERE = 'host'\n")
-    info = site / "torch-2.11.0.dist-info"
+    info = site / f"torch-{torch_version}.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.11.0\n")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: torch\nVersion: {torch_version}\n")
     return path / "bin" / "python"
 
 
@@ -103,8 +135,11 @@ def test_install_refusals_name_the_fix(tmp_path):
     (wh / offline.MANIFEST).write_text(json.dumps({"python_version": "3.99", "extras": ["train"], "wheels": []}))
     with pytest.raises(offline.OfflineError, match="built for Python 3.99.*rebuild it with PYVER="):
         offline.install_system(tmp_path / "v3", wheelhouse=wh, python=str(host))
+    old = _host_venv(tmp_path / "old-host", "2.9.1")
+    with pytest.raises(offline.OfflineError, match=r"has torch 2.9.1 \(seqpar: torch>=2.11,<2.14\)"):
+        offline.install_system(tmp_path / "v4", wheelhouse=None, python=str(old))
     other = tmp_path / "registry-venv"   # a venv made by the registry install must not be reused
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(other)], check=True)
     with pytest.raises(offline.OfflineError, match="not made by `make install TORCH=system`"):
         offline.overlay_venv(str(host), other, with_pip=False)
-    assert not list(tmp_path.glob("v[123]"))   # nothing was created before the refusals
+    assert not list(tmp_path.glob("v[1234]"))   # nothing was created before the refusals
