@@ -55,9 +55,9 @@ COPIES = {
     "new_tensor": lambda x: x.new_tensor([3]),
     "from_numpy": lambda x: torch.from_numpy(np.zeros(2)),
     "list index": lambda x: x[[0, 2]],
-    "to(device)": lambda x: x.to(x.device),
-    "to(device, dtype)": lambda x: x.to("cpu", torch.float64),
-    "copy_ from cpu": lambda x: torch.empty(4).copy_(x),
+    "to(other device)": lambda x: x.to("meta"),   # the meta device stands in for a GPU
+    "to(other device, dtype)": lambda x: x.to("meta", torch.float64),
+    "copy_ from cpu": lambda x: torch.empty(4, device="meta").copy_(x),
 }
 FREE = {
     "arithmetic": lambda x: (x * 2 + 1).sum(),
@@ -93,6 +93,19 @@ def test_device_side_work_is_free(what):
     x = torch.tensor([0.0, 2.0, 3.0, 1.0])
     n = _count(lambda: FREE[what](x))
     assert n.total == 0, (what, n.sites)
+
+
+def test_same_device_moves_count_in_seqpar_code_only():
+    # seqpar's own `.to(device)` of a CPU tensor is counted even on a CPU-only machine (where a GPU run
+    # would copy); another library's same-device move (DeepSpeed's gradient buckets) is not
+    from seqpar.kernels.s2.plan import build_plan_uncached
+
+    x = torch.ones(4)
+    assert _count(lambda: (x.to(x.device), x.to("cpu", torch.float64), torch.empty(4).copy_(x))).total == 0
+    plan = build_plan_uncached(None, True, 1, 64, 64, 0, 0, None, 16)
+    n = _count(lambda: plan.to("cpu"))
+    assert n.copies == 7 and all("kernels/s2/plan.py" in s for s in n.sites), n.sites
+    assert _count(lambda: plan.to("cpu")).total == 0  # copied once per device, then kept
 
 
 def test_cpu_fallbacks_are_set_apart():

@@ -13,9 +13,12 @@ reads (device -> host)
 copies (host -> device)
     tensors made from host data (``torch.tensor``, ``torch.as_tensor``, ``Tensor.new_tensor``,
     ``torch.from_numpy``, indexing with a Python list: ``aten.lift_fresh``), every copy from the
-    CPU to another device, and every ``.to(device)`` / ``.cuda()`` / ``.copy_(src)`` of a CPU tensor
-    (on a CPU-only machine a no-op, so it is counted where a GPU run would copy: a module that keeps
-    a buffer on the host and moves it per call is caught without a GPU).
+    CPU to another device, and, issued by seqpar's own code (``seqpar/``, ``kernels/``, ``models/``),
+    every ``.to(device)`` / ``.cuda()`` / ``.copy_(src)`` of a CPU tensor even when the target is the
+    CPU: on a CPU-only machine that is a no-op, but it is where a GPU run would copy (a module that
+    keeps a buffer on the host and moves it per call is caught without a GPU). Other libraries'
+    same-device moves (DeepSpeed copying gradients into its buckets) are device-to-device on a GPU
+    and not counted.
 
 Not counted: work that only the CPU build runs — the Triton interpreter's emulation of a kernel
 (its argument copies), and the plain-torch fallbacks of the kernels (``backend="torch"``:
@@ -95,6 +98,15 @@ def _cpu_only_dirs() -> tuple[tuple[str, ...], tuple[str, ...]]:
     return interp, fallbacks
 
 
+def _seqpar_dirs() -> tuple[str, ...]:
+    """Source folders of seqpar's own code (the package, its kernels and models), found without
+    importing them (seqpar.cp may not import seqpar.models)."""
+    import importlib.util
+
+    specs = (importlib.util.find_spec(n) for n in ("seqpar", "seqpar.kernels", "seqpar.models"))
+    return tuple(os.path.dirname(os.path.abspath(s.origin)) + os.sep for s in specs if s is not None and s.origin)
+
+
 def _device_of(x) -> Optional[torch.device]:
     if isinstance(x, torch.device):
         return x
@@ -132,6 +144,7 @@ class _Counter:
     def __init__(self) -> None:
         self.count = SyncCount()
         self.interp, self.fallbacks = _cpu_only_dirs()
+        self.ours = _seqpar_dirs()
         self.local = threading.local()
 
     # where an op comes from: skip torch's and this file's frames
@@ -152,10 +165,13 @@ class _Counter:
             f = f.f_back
         return site or "?", excluded
 
-    def add(self, kind: str, what: str) -> None:
+    def add(self, kind: str, what: str, seqpar_only: bool = False) -> None:
+        """Count one event; ``seqpar_only``: only when issued by seqpar's own code."""
         if getattr(self.local, "quiet", 0):
             return
         site, excluded = self.classify()
+        if seqpar_only and not os.path.abspath(site.rsplit(":", 1)[0]).startswith(self.ours):
+            return
         entry = f"{what} {site}"
         if excluded:
             self.count.excluded.append(entry)
@@ -201,8 +217,8 @@ class _Methods(TorchFunctionMode):
             src = args[1] if name == "copy_" and len(args) > 1 and isinstance(args[1], torch.Tensor) else self_t
             dst = self_t.device if name == "copy_" else _move_target(name, args, kwargs)
             if dst is not None and src.device.type == "cpu":
-                # a CPU source moved to a device (counted even when that device is the CPU, see above)
-                self.c.add("copy", f"Tensor.{name} cpu->{dst}")
+                # a CPU source moved to a device; to the CPU itself only counted in seqpar's code (see above)
+                self.c.add("copy", f"Tensor.{name} cpu->{dst}", seqpar_only=dst.type == "cpu")
                 with self.c.quiet():
                     return func(*args, **kwargs)
             if dst is not None and dst.type == "cpu" and src.device.type != "cpu":
