@@ -114,7 +114,8 @@ _ATTENTION: dict[tuple[int, str, str, str], Tuning] = {
 # shared memory in 100 KB), so 8 warps; 4 warps / 2 stages dq at d = 64 spills 4 B; at d = 128 the
 # 4-warp forward and MoH dq keep 1 CTA of 4 warps and 8 warps / 3 stages need 104 KB; MoH dk/dv at
 # d = 64 spills 20-156 B at every config of its 64 x 64 tile, so it runs 32-row query tiles as sm_80
-# does at d = 128; MoH's forward spills 8-12 B at 8 warps (d = 64).
+# does at d = 128 (there 4 warps / 2 stages and 8 warps / 1 stage spill 8-16 B); MoH's forward
+# spills 8-12 B at 8 warps (d = 64).
 _ATTENTION.update({(86, *k[1:]): v for k, v in _ATTENTION.items() if k[0] == 80})
 _ATTENTION.update({
     (86, "m", "s2", "fwd"): _t(W8S2, W8S3),
