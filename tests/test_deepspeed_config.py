@@ -53,7 +53,7 @@ def test_recipe_maps_to_ds_config():
                               "optim.weight_decay=0", "deepspeed.offload_optimizer=cpu"), 2)
     assert ds["train_micro_batch_size_per_gpu"] == 1 and ds["gradient_accumulation_steps"] == 4
     assert ds["bf16"] == {"enabled": True}
-    assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}}
+    assert ds["zero_optimization"] == {"stage": 3, "reduce_scatter": True, "offload_optimizer": {"device": "cpu"}}
     assert ds["zero_force_ds_cpu_optimizer"] is False
 
 

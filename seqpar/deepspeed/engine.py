@@ -20,8 +20,9 @@ Process groups (TP x CP x DP from megatron-core's ``parallel_state``) as DeepSpe
   tests/test_deepspeed_engine.py::test_dp2_cp2_four_ranks asserts the groups (CP=2 x DP=2: ZeRO over
   all 4 ranks; TP=2 x CP=2: the 2 CP ranks of each TP rank).
 
-DeepSpeed sums the CP replicas and divides by the DP size; :func:`forward_backward` passes
-``DP x (sum of per-token losses on this rank) / (valid tokens of the global batch)`` with
+DeepSpeed sums the gradients over DP x CP and divides the sum by :func:`grad_divisor` (DP under
+ZeRO 0-2, DP x CP under ZeRO-3); :func:`forward_backward` passes
+``grad_divisor x (sum of per-token losses on this rank) / (valid tokens of the global batch)`` with
 ``scale_wrt_gas=False``, so the reduced gradient is exactly the gradient of the token-weighted mean
 over the whole global batch (all micro-batches, DP and CP ranks) — the Megatron engine's loss.
 """
@@ -151,6 +152,24 @@ def initialize(cfg: Any, model: torch.nn.Module, ds_config: dict[str, Any]):
     return engine
 
 
+def grad_divisor(engine: Any) -> int:
+    """What DeepSpeed divides the sum of the DP x CP ranks' gradients by, so that the loss can be
+    scaled to undo it exactly.
+
+    ZeRO 0-2 average over DP: their reductions divide by ``world(DP x CP) / sequence_parallel_size``.
+    ZeRO-3 averages over its whole partition group DP x CP: its gradient reduce-scatter
+    (``DeepSpeedZeroOptimizer_Stage3.__avg_scatter_grads`` -> ``reduce_scatter_coalesced``, the path of
+    ``zero_optimization.reduce_scatter: true``, which the recipe's ds_config pins for ZeRO-3) pre-divides
+    by the group's size and ignores the sequence-parallel size (DeepSpeed 0.19). With the DP divisor a
+    ZeRO-3 gradient came out CP times too small: invisible to AdamW's update (scale-invariant up to
+    ``eps``) until the global norm crosses ``optim.grad_clip`` — the clip then fires at CP x the
+    threshold — so the losses drifted from the Megatron engine's (6e-4 at CP=2 by step 4) and the
+    logged ``train/grad_norm`` was 1/CP of the true norm."""
+    if engine.zero_optimization_stage() == 3:
+        return ps.get_data_parallel_world_size(with_context_parallel=True)
+    return ps.get_data_parallel_world_size()
+
+
 def forward_backward(engine: Any, micro_batches: list[dict[str, torch.Tensor]]):
     """Forward, backward and ``engine.step()`` for one optimizer step made of ``micro_batches``
     (this rank's, already CP-split; as many as the engine's gradient accumulation steps). Returns
@@ -164,13 +183,14 @@ def forward_backward(engine: Any, micro_batches: list[dict[str, torch.Tensor]]):
                          f"gradient accumulation steps")
     dpcp = ps.get_data_parallel_group(with_context_parallel=True)
     dp = ps.get_data_parallel_world_size()
+    div = grad_divisor(engine)
     counts = torch.stack([torch.stack([b["loss_mask"].float().sum() for b in micro_batches]).sum(),
                           torch.zeros(())])
     dist.all_reduce(counts, group=dpcp)
     total = counts[0].clamp(min=1.0)
-    # the aux loss's gradient does not pass through the main loss: DeepSpeed divides by DP, so scale
-    # 1 / micro-batches gives Megatron's mean over micro-batches and DP replicas
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / len(micro_batches)))
+    # the aux loss's gradient does not pass through the main loss: DeepSpeed divides by `div`, so scale
+    # (div / DP) / micro-batches gives Megatron's mean over micro-batches and DP replicas
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(div / dp / len(micro_batches)))
     loss_sum = torch.zeros((), dtype=torch.float64)
     aux_sum = torch.zeros(())
     for batch in micro_batches:
@@ -178,7 +198,7 @@ def forward_backward(engine: Any, micro_batches: list[dict[str, torch.Tensor]]):
         position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         per_token = engine(tokens, position_ids, None, labels=labels)  # [b, s_local]
         local = (per_token.float() * mask).sum()
-        engine.backward(local * (dp / total), scale_wrt_gas=False)
+        engine.backward(local * (div / total), scale_wrt_gas=False)
         engine.step()  # DeepSpeed steps the optimizer (and the LR) at the accumulation boundary only
         loss_sum += local.detach().double().cpu()
         aux = moh_aux_losses(engine.module)
