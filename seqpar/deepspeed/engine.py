@@ -94,10 +94,18 @@ def initialize(cfg: Any, model: torch.nn.Module, ds_config: dict[str, Any]):
 
     class Schedule:
         """megatron's OptimizerParamScheduler (the Megatron engine's, build_scheduler) in the interface
-        DeepSpeed steps once per optimizer step; optimizer step k runs at num_steps = k + 1."""
+        DeepSpeed steps once per optimizer step; optimizer step k runs at num_steps = k + 1. As on the
+        Megatron engine, the schedule is this recipe's function of the step: a checkpoint restores the
+        step count only (:meth:`load_state_dict`), and ``train`` sets the resumed step's LR with
+        :meth:`at_step` after the whole load."""
 
         def __init__(self, optimizer: torch.optim.Optimizer) -> None:
             self.sched = build_scheduler(cfg, optimizer)
+            self.at_step(0)
+
+        def at_step(self, step: int) -> None:
+            """Put the LR and weight decay of optimizer step ``step`` on the optimizer's param groups."""
+            self.sched.num_steps = step
             self.sched.step(1)
 
         def step(self, *_: Any) -> None:
@@ -112,7 +120,11 @@ def initialize(cfg: Any, model: torch.nn.Module, ds_config: dict[str, Any]):
             return self.sched.state_dict()
 
         def load_state_dict(self, sd: dict) -> None:
-            self.sched.load_state_dict(sd)
+            # DeepSpeed's load_checkpoint calls this. megatron's OptimizerParamScheduler.load_state_dict
+            # would *add* the saved num_steps to the count (1 after __init__: every step after a resume
+            # one step ahead) and take max_lr / min_lr / warmup / decay steps from the checkpoint instead
+            # of the resuming recipe (the Megatron engine follows the recipe: check_resume's contract).
+            self.at_step(int(sd["num_steps"]) - 1)
 
     if "LOCAL_RANK" not in os.environ:
         # DeepSpeed asserts on it; launchers (deepspeed, torchrun) set it. A process group started
@@ -264,6 +276,9 @@ def train(cfg: Any, *, resume: bool = False, stop_after: Optional[int] = None) -
             print(f"[seqpar.deepspeed] {path} was written with parallel layout {state['layout']}; "
                   f"RNG states not restored (they are per rank)", flush=True)
         start = state["step"]
+        # ZeRO 1-3 restore the optimizer's param groups (the checkpoint's LR / weight decay) after the
+        # schedule: this recipe's values of step `start`, as the Megatron engine's scheduler.step(start)
+        engine.lr_scheduler.at_step(start)
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
     logger = Logger(cfg, out, start, desc="train[deepspeed]", head=f"[seqpar.deepspeed] ZeRO-{cfg.deepspeed.zero_stage},")
     device = _device()
