@@ -36,7 +36,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                     help="validate the recipe for its layout (under torchrun: for the launched world; else --world "
                          "or TP x CP ranks), print the resolved recipe as JSON, start nothing")
     ap.add_argument("--dry-run", action="store_true",
-                    help="validate the recipe and its parallel layout and report per-rank parameter, gradient "
+                    help="validate the recipe and its parallel layout and report the engine that would run "
+                         "(Megatron, or DeepSpeed's ZeRO stage and offloads) and its per-rank parameter, gradient "
                          "and optimizer-state bytes (one meta-device model per distinct pipeline-stage x TP "
                          "shard, built in this one process on a fake world; no process group is started)")
     ap.add_argument("--world", type=int, default=None, metavar="N",
@@ -61,10 +62,11 @@ def _exit_codes() -> list[tuple[tuple[type, ...], int]]:
 
 
 def dry_run(cfg, world_size: Optional[int] = None) -> dict:
-    """Validate ``cfg`` at ``world_size`` (default TP x CP x PP) and print its per-rank memory
-    (``seqpar.train.memory``): every distinct (pipeline stage, TP rank) shard is built on the meta
-    device in this one process (as that rank of a fake world), which must not have a process group
-    yet. Prints on rank 0 (under torchrun every rank computes the same report); returns the report."""
+    """Validate ``cfg`` at ``world_size`` (default TP x CP x PP) and print the engine that would run
+    (``train.engine``: Megatron with or without the distributed optimizer, DeepSpeed's ZeRO stage and
+    offloads) with its per-rank memory (``seqpar.train.memory``): every distinct (pipeline stage, TP
+    rank) shard is built on the meta device in this one process (as that rank of a fake world), which
+    must not have a process group yet. Prints on rank 0 (under torchrun every rank computes the same report); returns the report."""
     from seqpar.train.memory import format_report, report
 
     par = cfg.parallel
