@@ -243,3 +243,46 @@ def test_readme_zero_table_is_the_closed_form():
     for n in (2, 8):
         p, g, o, host = zero_bytes_per_param(2, True, n, offload_optimizer=True)
         assert ev(off[1], n) == pytest.approx(p + g + o) and o == 0 and host == pytest.approx(12 / n)
+
+
+def test_schedule_restores_the_step_and_follows_the_resuming_recipe():
+    """The DeepSpeed engine's client LR schedule (seqpar.deepspeed.engine.Schedule) on a resume: DeepSpeed's
+    load calls load_state_dict (megatron's would add the saved count to the current one: one step ahead),
+    then ZeRO restores the optimizer's param groups (the checkpoint's LR), then train() calls at_step. The
+    LR of every later step is the uninterrupted schedule's; with a raised train.steps, the new recipe's
+    (as the Megatron engine: a fresh build_scheduler stepped to the resumed step)."""
+    import torch
+
+    from seqpar.deepspeed.engine import Schedule
+    from seqpar.train.loop import build_scheduler
+
+    def opt():
+        return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+
+    def megatron_lr(cfg, step: int) -> float:  # the Megatron engine's LR of optimizer step `step`
+        sched = build_scheduler(cfg, opt())
+        sched.step(step + 1)
+        return sched.optimizer.param_groups[0]["lr"]
+
+    cfg = _cfg("train.steps=12", "optim.warmup_steps=3")
+    run = Schedule(cfg, opt())
+    full = []
+    for _ in range(12):
+        full.append(run.get_lr()[0])
+        run.step()
+    assert full == [megatron_lr(cfg, k) for k in range(12)] and len(set(full)) == 12
+    first = Schedule(cfg, opt())
+    for _ in range(5):
+        first.step()
+    saved = first.state_dict()
+    for new, want in ((cfg, full), (_cfg("train.steps=24", "optim.warmup_steps=3"), None)):
+        resumed = Schedule(new, opt())
+        resumed.load_state_dict(saved)  # DeepSpeed's load_checkpoint
+        resumed.sched.optimizer.param_groups[0]["lr"] = 123.0  # ZeRO's optimizer load: the checkpoint's groups
+        resumed.at_step(5)  # train(): the resumed step
+        got = []
+        for _ in range(7):
+            got.append(resumed.get_lr()[0])
+            resumed.step()
+        assert got == (want[5:] if want else [megatron_lr(new, k) for k in range(5, 12)]), got
+    assert got != full[5:]  # the longer run's cosine is really another one

@@ -30,6 +30,7 @@ over the whole global batch (all micro-batches, DP and CP ranks) — the Megatro
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pathlib
 import time
@@ -84,47 +85,49 @@ def _no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
     return len(getattr(param, "ds_shape", param.shape)) == 1 or name.endswith(".bias")
 
 
+class Schedule:
+    """The recipe ``cfg``'s LR / weight-decay schedule on ``optimizer``: megatron's
+    OptimizerParamScheduler (the Megatron engine's, build_scheduler) in the client-scheduler interface
+    DeepSpeed steps once per optimizer step; optimizer step k runs at num_steps = k + 1. As on the
+    Megatron engine, the schedule is this recipe's function of the step: a checkpoint restores the
+    step count only (:meth:`load_state_dict`), and ``train`` sets the resumed step's LR with
+    :meth:`at_step` after the whole load."""
+
+    def __init__(self, cfg: Any, optimizer: torch.optim.Optimizer) -> None:
+        from seqpar.train.loop import build_scheduler
+
+        self.sched = build_scheduler(cfg, optimizer)
+        self.at_step(0)
+
+    def at_step(self, step: int) -> None:
+        """Put the LR and weight decay of optimizer step ``step`` on the optimizer's param groups."""
+        self.sched.num_steps = step
+        self.sched.step(1)
+
+    def step(self, *_: Any) -> None:
+        self.sched.step(1)
+
+    def get_lr(self) -> list[float]:
+        return [g["lr"] for g in self.sched.optimizer.param_groups]
+
+    get_last_lr = get_lr
+
+    def state_dict(self) -> dict:
+        return self.sched.state_dict()
+
+    def load_state_dict(self, sd: dict) -> None:
+        # DeepSpeed's load_checkpoint calls this. megatron's OptimizerParamScheduler.load_state_dict
+        # would *add* the saved num_steps to the count (1 after __init__: every step after a resume
+        # one step ahead) and take max_lr / min_lr / warmup / decay steps from the checkpoint instead
+        # of the resuming recipe (the Megatron engine follows the recipe: check_resume's contract).
+        self.at_step(int(sd["num_steps"]) - 1)
+
+
 def initialize(cfg: Any, model: torch.nn.Module, ds_config: dict[str, Any]):
     """``deepspeed.initialize`` on ``model`` with ``ds_config``, our groups as ``mpu`` and the
-    Megatron engine's LR schedule (``build_scheduler``) as the client scheduler. Returns the engine."""
+    Megatron engine's LR schedule (:class:`Schedule`) as the client scheduler. Returns the engine."""
     require_cpu_accelerator()
     import deepspeed
-
-    from seqpar.train.loop import build_scheduler
-
-    class Schedule:
-        """megatron's OptimizerParamScheduler (the Megatron engine's, build_scheduler) in the interface
-        DeepSpeed steps once per optimizer step; optimizer step k runs at num_steps = k + 1. As on the
-        Megatron engine, the schedule is this recipe's function of the step: a checkpoint restores the
-        step count only (:meth:`load_state_dict`), and ``train`` sets the resumed step's LR with
-        :meth:`at_step` after the whole load."""
-
-        def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-            self.sched = build_scheduler(cfg, optimizer)
-            self.at_step(0)
-
-        def at_step(self, step: int) -> None:
-            """Put the LR and weight decay of optimizer step ``step`` on the optimizer's param groups."""
-            self.sched.num_steps = step
-            self.sched.step(1)
-
-        def step(self, *_: Any) -> None:
-            self.sched.step(1)
-
-        def get_lr(self) -> list[float]:
-            return [g["lr"] for g in self.sched.optimizer.param_groups]
-
-        get_last_lr = get_lr
-
-        def state_dict(self) -> dict:
-            return self.sched.state_dict()
-
-        def load_state_dict(self, sd: dict) -> None:
-            # DeepSpeed's load_checkpoint calls this. megatron's OptimizerParamScheduler.load_state_dict
-            # would *add* the saved num_steps to the count (1 after __init__: every step after a resume
-            # one step ahead) and take max_lr / min_lr / warmup / decay steps from the checkpoint instead
-            # of the resuming recipe (the Megatron engine follows the recipe: check_resume's contract).
-            self.at_step(int(sd["num_steps"]) - 1)
 
     if "LOCAL_RANK" not in os.environ:
         # DeepSpeed asserts on it; launchers (deepspeed, torchrun) set it. A process group started
@@ -149,7 +152,7 @@ def initialize(cfg: Any, model: torch.nn.Module, ds_config: dict[str, Any]):
     groups = [g for g in ({"params": wd, "wd_mult": 1.0, "lr_mult": 1.0},
                           {"params": no_wd, "wd_mult": 0.0, "lr_mult": 1.0, "weight_decay": 0.0}) if g["params"]]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config, mpu=mpu,
-                                           lr_scheduler=Schedule)
+                                           lr_scheduler=functools.partial(Schedule, cfg))
     if ds_config["zero_optimization"]["stage"] == 3:
         from seqpar.nn import MoHRouter
 
