@@ -14,8 +14,9 @@
   where the clip fires): ZeRO-3 equals the Megatron engine (it drifted by 6e-4 before the fix).
 - CP=2 x DP=2 on 4 ranks, where ZeRO really shards: ZeRO 0, 1, 2, 3; DeepSpeed's groups are ours (DP,
   TP as model parallel, ZeRO parameters and optimizer over DP x CP: 4 ranks; at TP=2 x CP=2 the ZeRO
-  group is the 2 CP ranks of one TP rank, never TP); the ZeRO-2 checkpoint of step 3 resumes at DP=1
-  (2 ranks) with the losses of the uninterrupted DP=2 run (MoH load-balance loss off there).
+  group is the 2 CP ranks of one TP rank, never TP); the gradient norms of ZeRO 1-3 equal Megatron's; the
+  ZeRO-2 save_every checkpoint of step 2 resumes at DP=1 (2 ranks) with the losses and LRs of the
+  uninterrupted DP=2 run (MoH load-balance loss off there).
 """
 
 from __future__ import annotations
@@ -285,12 +286,14 @@ def test_dp2_cp2_four_ranks(tmp_path):
     # the DP=2 -> DP=1 resume runs without the MoH load-balance loss: it is a function of each DP rank's
     # routing, so the same global batch on one DP rank has another one (in either engine)
     plans = [("megatron", [], full)] + [(f"zero{z}", DS + [f"deepspeed.zero_stage={z}"], full) for z in (0, 1, 2, 3)] + [
-        ("zero2_noaux", DS + ["deepspeed.zero_stage=2", "train.save_every=3"] + NO_AUX, full)]
+        ("zero2_noaux", DS + ["deepspeed.zero_stage=2", "train.save_every=2"] + NO_AUX, full)]
     res = run_ranks(_four, 4, str(tmp_path), plans, timeout=900)
     ref = res[0]["megatron"][0]
     for name in ("zero0", "zero1", "zero2", "zero3"):
         _close(res[0][name][0], ref)
         assert all(res[r][name][0] == res[0][name][0] for r in range(4))
+        if name != "zero0":  # ZeRO-3 divides by DP x CP = 4 here, ZeRO 1-2 by DP = 2: both undone exactly
+            _close(_scalars(tmp_path / name, "train/grad_norm"), _scalars(tmp_path / "megatron", "train/grad_norm"))
     for r in res:
         for g in r["groups"]:
             assert g["dp"] == g["ours_dp"] and len(g["dp"]) == 2  # DeepSpeed's DP group is our DP group
@@ -306,10 +309,11 @@ def test_dp2_cp2_four_ranks(tmp_path):
             assert g["dp_world"] == 1 and g["mp_world"] == 2 and g["micro"] == 4
             assert 0 <= 2 * g["fp32_numel"] - g["model_numel"] < 2 * 64, (g["fp32_numel"], g["model_numel"])
         assert r["groups_tp2"][1]["params"] == r["groups_tp2"][1]["ours_cp"]
-    # the DP=2 checkpoint of step 3 resumes at DP=1 (universal conversion) with the same losses
+    # the DP=2 save_every checkpoint of step 2 resumes at DP=1 (universal conversion) with the losses and
+    # LRs of the uninterrupted run at every later step
     ck = tmp_path / "zero2_noaux" / "checkpoints"
-    (ck / "latest").write_text("step_0000003")
-    resumed = run_ranks(_runs, 2, str(tmp_path), [("zero2_noaux", DS + ["deepspeed.zero_stage=2"] + NO_AUX,
-                                                   [(True, None)])], timeout=600)
-    _close(resumed[0]["zero2_noaux"][0], res[0]["zero2_noaux"][0][3:], min_len=2)
-    assert (ck / "step_0000003.universal" / "zero").is_dir()
+    resumed = run_ranks(_runs, 2, str(tmp_path), [("zero2_noaux", DS + ["deepspeed.zero_stage=2", "train.save_every=2"]
+                                                   + NO_AUX, [("step_0000002", None)])], timeout=600)
+    _close(resumed[0]["zero2_noaux"][0], res[0]["zero2_noaux"][0][2:], min_len=3)
+    assert _scalars(tmp_path / "zero2_noaux", "train/lr") == _scalars(tmp_path / "megatron", "train/lr")
+    assert (ck / "step_0000002.universal" / "zero").is_dir()
