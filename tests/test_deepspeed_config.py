@@ -160,7 +160,8 @@ def test_zero3_pins_reduce_scatter(tmp_path):
     assert build_ds_config(_cfg("deepspeed.zero_stage=3"), 1)["zero_optimization"]["reduce_scatter"] is True
     assert "reduce_scatter" not in build_ds_config(_cfg("deepspeed.zero_stage=2"), 1)["zero_optimization"]
     path = _user(tmp_path, {"zero_optimization": {"reduce_scatter": False}})
-    with pytest.raises(ConfigError, match=r"zero_optimization\.reduce_scatter=false .*deepspeed\.zero_stage=3.*grad_divisor"):
+    with pytest.raises(ConfigError,
+                       match=r"zero_optimization\.reduce_scatter=false .*deepspeed\.zero_stage=3.*grad_divisor"):
         build_ds_config(_cfg("deepspeed.zero_stage=3", f"deepspeed.config={path}"), 1)
 
 

@@ -125,7 +125,8 @@ def engine_bytes_per_param(cfg: Any, dp: int) -> dict[str, Any]:
 
         zero = build_ds_config(cfg, dp)["zero_optimization"]
         where = {k: zero.get(f"offload_{k}", {}).get("device", "none") for k in ("optimizer", "param")}
-        pb, gb, ob, off = zero_bytes_per_param(zero["stage"], bf16, dp * cp, offload_optimizer=where["optimizer"] != "none",
+        pb, gb, ob, off = zero_bytes_per_param(zero["stage"], bf16, dp * cp,
+                                               offload_optimizer=where["optimizer"] != "none",
                                                offload_param=where["param"] != "none")
         head = {"engine": "deepspeed", "zero_stage": zero["stage"], "zero_ranks": dp * cp, "offload": where,
                 "distributed_optimizer": None}
