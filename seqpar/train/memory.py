@@ -2,7 +2,7 @@
 bytes of every distinct shard (one per (pipeline stage, tensor-parallel rank); DP and CP ranks hold
 copies), measured on meta-device stage models built in this one process, next to the closed form.
 
-Bytes per parameter held by a rank (the engine's precision choices, ``seqpar.train.loop``):
+Bytes per parameter held by a rank (the engine's precision choices, ``seqpar.train.megatron_engine``):
 
 =========================  =========  ===================  =======================================
 model.dtype / optimizer    parameter  gradient (DDP, fp32)  optimizer state (Adam)
@@ -115,29 +115,17 @@ def zero_bytes_per_param(stage: int, bf16: bool, n: int, *, offload_optimizer: b
 
 def engine_bytes_per_param(cfg: Any, dp: int) -> dict[str, Any]:
     """The engine that ``cfg`` would run at data-parallel size ``dp`` and its bytes per parameter of a
-    rank's shard: ``engine``, ``zero_stage`` / ``offload`` (DeepSpeed; read from the ds_config that would
-    run, ``seqpar.deepspeed.build_ds_config``) or ``distributed_optimizer`` (Megatron), and
-    ``bytes_per_param`` = {param, grad, optimizer, offloaded, total (on the device)}."""
-    cp = cfg.parallel.context_parallel
-    bf16 = cfg.model.dtype == "bf16"
-    if cfg.train.engine == "deepspeed":
-        from seqpar.deepspeed import build_ds_config
+    rank's shard (the engine's ``memory_plan``: Megatron's :func:`bytes_per_param`, DeepSpeed's
+    :func:`zero_bytes_per_param` for the ZeRO stage and offloads of the ds_config that would run)."""
+    from seqpar.train.engine import engine_class
 
-        zero = build_ds_config(cfg, dp)["zero_optimization"]
-        where = {k: zero.get(f"offload_{k}", {}).get("device", "none") for k in ("optimizer", "param")}
-        pb, gb, ob, off = zero_bytes_per_param(zero["stage"], bf16, dp * cp,
-                                               offload_optimizer=where["optimizer"] != "none",
-                                               offload_param=where["param"] != "none")
-        head = {"engine": "deepspeed", "zero_stage": zero["stage"], "zero_ranks": dp * cp, "offload": where,
-                "distributed_optimizer": None}
-    else:
-        distributed = cfg.optim.distributed if cfg.optim.distributed is not None else dp * cp > 1
-        pb, gb, ob = bytes_per_param(bf16, distributed, dp * cp)
-        off = 0
-        head = {"engine": "megatron", "zero_stage": None, "zero_ranks": None, "offload": None,
-                "distributed_optimizer": distributed}
-    return {**head, "bytes_per_param": {"param": pb, "grad": gb, "optimizer": ob, "offloaded": off,
-                                        "total": pb + gb + ob}}
+    return engine_class(cfg.train.engine).memory_plan(cfg, dp)
+
+
+def bytes_entry(param: float, grad: float, optimizer: float, offloaded: float = 0) -> dict[str, float]:
+    """``memory_plan``'s ``bytes_per_param`` entry."""
+    return {"param": param, "grad": grad, "optimizer": optimizer, "offloaded": offloaded,
+            "total": param + grad + optimizer}
 
 
 def closed_form_params(p: Any, pattern: str, vocab: int, tp: int, *, first: bool, last: bool,
@@ -201,14 +189,14 @@ def layout_memory(cfg: Any, world_size: int, vocab_size: int) -> list[ShardMemor
     from megatron.core import parallel_state
 
     from seqpar.megatron.specs import layer_pattern
-    from seqpar.train import loop
+    from seqpar.train import runtime
 
     if dist.is_initialized():
         raise RuntimeError("layout_memory builds its own (fake) world; call it before init_process_group")
     dp = cfg.check_world(world_size)
     par = cfg.parallel
     tp, pp, cp = par.tensor_parallel, par.pipeline_parallel, par.context_parallel
-    p = loop._preset(cfg)
+    p = runtime._preset(cfg)
     letters = layer_pattern(p.pattern, p.num_layers)
     per_stage = p.num_layers // pp
     b = engine_bytes_per_param(cfg, dp)["bytes_per_param"]
@@ -220,7 +208,7 @@ def layout_memory(cfg: Any, world_size: int, vocab_size: int) -> list[ShardMemor
                 assert (parallel_state.get_tensor_model_parallel_rank(),
                         parallel_state.get_pipeline_model_parallel_rank()) == (tp_rank, pp_rank)
                 with torch.device("meta"):
-                    chunks = loop.build_model(cfg, vocab_size)
+                    chunks = runtime.build_model(cfg, vocab_size)
             n = sum(q.numel() for c in chunks for q in c.parameters())
             stage = letters[pp_rank * per_stage:(pp_rank + 1) * per_stage]
             closed = closed_form_params(p, stage, vocab_size, tp, first=pp_rank == 0, last=pp_rank == pp - 1,
@@ -283,5 +271,5 @@ def format_report(rep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["KIND_OF_LETTER", "ShardMemory", "bytes_per_param", "closed_form_params", "engine_bytes_per_param",
+__all__ = ["KIND_OF_LETTER", "ShardMemory", "bytes_entry", "bytes_per_param", "closed_form_params", "engine_bytes_per_param",
            "engine_line", "format_report", "layout_memory", "report", "zero_bytes_per_param"]
