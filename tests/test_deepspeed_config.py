@@ -255,7 +255,7 @@ def test_schedule_restores_the_step_and_follows_the_resuming_recipe():
     import torch
 
     from seqpar.deepspeed.engine import Schedule
-    from seqpar.train.loop import build_scheduler
+    from seqpar.train.runtime import build_scheduler
 
     def opt():
         return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
