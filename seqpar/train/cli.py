@@ -28,10 +28,12 @@ def _exit_codes() -> list[tuple[tuple[type, ...], int]]:
 
 
 def dry_run(cfg, world_size: Optional[int] = None) -> dict:
-    """Validate ``cfg`` at ``world_size`` (default TP x CP x PP) and print its per-rank memory
-    (``seqpar.train.memory``): every distinct (pipeline stage, TP rank) shard is built on the meta
-    device in this one process (as that rank of a fake world), which must not have a process group
-    yet. Prints on rank 0 (under torchrun every rank computes the same report); returns the report."""
+    """Validate ``cfg`` at ``world_size`` (default TP x CP x PP) and print the engine that would run
+    (``train.engine``: Megatron with or without the distributed optimizer, DeepSpeed's ZeRO stage and
+    offloads) with its per-rank memory (``seqpar.train.memory``): every distinct (pipeline stage, TP
+    rank) shard is built on the meta device in this one process (as that rank of a fake world), which
+    must not have a process group yet. Prints on rank 0 (under torchrun every rank computes the same
+    report); returns the report."""
     from seqpar.train.memory import format_report, report
 
     par = cfg.parallel

@@ -116,6 +116,15 @@ class Engine(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
+    def memory_plan(cls, cfg: Any, dp: int) -> dict[str, Any]:
+        """What ``--dry-run`` reports for this engine at data-parallel size ``dp``, without a process
+        group: ``engine``, ``zero_stage`` / ``zero_ranks`` / ``offload`` (DeepSpeed, else None),
+        ``distributed_optimizer`` (Megatron, else None) and ``bytes_per_param`` = {param, grad,
+        optimizer, offloaded, total (on the device)} of a rank's shard (``seqpar.train.memory``'s
+        closed forms)."""
+
+    @classmethod
+    @abc.abstractmethod
     def build(cls, cfg: Any, vocab_size: int) -> "Engine":
         """This rank's model, optimizer and schedule for the current process groups."""
 

@@ -99,6 +99,16 @@ class MegatronEngine(Engine):
     """Sequences per micro-batch (data.micro_batch, 0 = whole DP share)."""
 
     @classmethod
+    def memory_plan(cls, cfg: RunConfig, dp: int) -> dict[str, Any]:
+        from seqpar.train.memory import bytes_entry, bytes_per_param
+
+        cp = cfg.parallel.context_parallel
+        distributed = cfg.optim.distributed if cfg.optim.distributed is not None else dp * cp > 1
+        return {"engine": "megatron", "zero_stage": None, "zero_ranks": None, "offload": None,
+                "distributed_optimizer": distributed,
+                "bytes_per_param": bytes_entry(*bytes_per_param(cfg.model.dtype == "bf16", distributed, dp * cp))}
+
+    @classmethod
     def build(cls, cfg: RunConfig, vocab_size: int) -> "MegatronEngine":
         """Model stage + DDP + optimizer + schedule for the current process groups."""
         model = wrap_ddp(cfg, build_model(cfg, vocab_size))
