@@ -231,12 +231,13 @@ def train(cfg: Any, *, resume: bool = False, stop_after: Optional[int] = None) -
     start = 0
     prepare_out_dir(out, resume=resume, overwrite=cfg.train.overwrite)  # no silent mixing of two runs
     if resume:
-        from seqpar.train.checkpoint import resumable
+        from seqpar.train.checkpoint import check_tokenizer, resumable
 
         # the Megatron engine's rule: `latest` if intact, else (train.on_corrupt_checkpoint=fallback) the
         # newest intact older checkpoint, with a warning naming the corrupt file; verified there, so load()
         # skips its own hash pass
         path = resumable(ckpt_dir, cfg.train.on_corrupt_checkpoint)
+        check_tokenizer(path, data.tokenizer)  # the run's tokenizer files = the checkpoint's
         state = checkpoint.load(engine, path, config=cfg.to_dict(), verified=True)  # refuses a model change / finished run
         if state["rng"] is not None:
             _set_rng_state(state["rng"])
@@ -270,7 +271,7 @@ def train(cfg: Any, *, resume: bool = False, stop_after: Optional[int] = None) -
             if logger.writer is not None:  # the scalars up to a checkpoint are on disk before it is `latest`
                 logger.writer.flush()
             saved = checkpoint.save(engine, ckpt_dir, step + 1, rng=_rng_state(), config=cfg.to_dict(),
-                                    keep_last=cfg.train.keep_last, tokenizer_model=getattr(data, "tokenizer_model", None))
+                                    keep_last=cfg.train.keep_last, tokenizer=data.tokenizer)
         if stop:
             signals.stopped(step + 1, saved)
             break

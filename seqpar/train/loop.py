@@ -38,22 +38,15 @@ from seqpar.train.step import StepResult, forward_backward, micro_batches, optim
 
 
 def build_data(cfg: RunConfig):
-    """Dataset and vocabulary size (the tokenizer is trained once by rank 0, then loaded by all)."""
-    from seqpar.data import MQARDataset, PackedTextDataset, get_tokenizer, load_documents, load_text
+    """The run's ``seqpar.data.DataSources`` (``batch`` = the training stream; ``valid`` / ``test``
+    splits; ``tokenizer``, pinned in every checkpoint) and the model's vocabulary size. Every rank
+    calls it; the data report goes to rank 0's stdout."""
+    from seqpar.data import build_sources
 
-    d = cfg.data
-    if d.dataset == "mqar":
-        return MQARDataset(d.vocab_size, d.seq_len, d.mqar_pairs, d.mqar_queries, seed=cfg.train.seed), d.vocab_size
-    text = load_text(d.text_files, d.max_bytes)
-    cache = d.cache_dir or None
+    data = build_sources(cfg)
     if dist.get_rank() == 0:
-        get_tokenizer(d.vocab_size, text, cache)
-    dist.barrier()
-    sp = get_tokenizer(d.vocab_size, text, cache)
-    docs = load_documents(d.text_files, d.max_bytes)  # each document followed by EOS
-    ds = PackedTextDataset.from_documents(sp, docs, d.seq_len, seed=cfg.train.seed)
-    ds.tokenizer_model = sp.serialized_model_proto()  # saved in every checkpoint (export needs it)
-    return ds, sp.vocab_size()
+        print("\n".join(f"[seqpar.data] {line}" for line in data.report), flush=True)
+    return data, data.vocab_size
 
 
 def model_config(cfg: RunConfig):
@@ -374,10 +367,11 @@ class Logger:
               f"  tensorboard: {_tensorboard_cmd()} --logdir {out / 'tb'}", flush=True)
 
 
-def _resume(engine: Engine, ckpt_dir: pathlib.Path, cfg: RunConfig) -> int:
-    """Load the newest intact checkpoint under ``ckpt_dir`` (manifest-verified, recipe compared) into
-    the engine; returns its step."""
+def _resume(engine: Engine, ckpt_dir: pathlib.Path, cfg: RunConfig, tokenizer: Any = None) -> int:
+    """Load the newest intact checkpoint under ``ckpt_dir`` (manifest-verified, recipe and tokenizer
+    compared) into the engine; returns its step."""
     path = checkpoint.resumable(ckpt_dir, cfg.train.on_corrupt_checkpoint)
+    checkpoint.check_tokenizer(path, tokenizer)
     state = checkpoint.load(path, engine.model, engine.optimizer, config=cfg.to_dict())
     if state["rng"] is not None:
         _set_rng_state(state["rng"])
@@ -417,7 +411,7 @@ def _train(cfg: RunConfig, resume: bool, stop_after: Optional[int]) -> list[floa
     out = pathlib.Path(cfg.train.out_dir)
     ckpt_dir = out / "checkpoints"
     checkpoint.prepare_out_dir(out, resume=resume, overwrite=cfg.train.overwrite)  # h16: no silent mixing of runs
-    start = _resume(engine, ckpt_dir, cfg) if resume else 0
+    start = _resume(engine, ckpt_dir, cfg, data.tokenizer) if resume else 0
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
     logger = Logger(cfg, out, start)
     device = param_device(engine.model)
@@ -439,7 +433,7 @@ def _train(cfg: RunConfig, resume: bool, stop_after: Optional[int]) -> list[floa
             if logger.writer is not None:  # h16: the scalars up to a checkpoint are on disk before it is `latest`
                 logger.writer.flush()
             saved = checkpoint.save(ckpt_dir, step + 1, engine.model, engine.optimizer, rng=_rng_state(),
-                                    config=cfg.to_dict(), tokenizer_model=getattr(data, "tokenizer_model", None))
+                                    config=cfg.to_dict(), tokenizer=data.tokenizer)
         if stop:
             signals.stopped(step + 1, saved)
             break
