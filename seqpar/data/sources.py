@@ -125,6 +125,22 @@ def _check_npy(folder: pathlib.Path) -> None:
                                    f"megatron index is plain integers: delete {folder} to rebuild it")
 
 
+@contextlib.contextmanager
+def _private_group() -> Iterator[None]:
+    """A one-process gloo group of this process alone (file rendezvous in a temp folder), destroyed on
+    exit: megatron's dataset builder then builds everything itself, with one-rank (instant) barriers."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        raise RuntimeError("the data caches are built before the process groups exist (seqpar.data.prepare)")
+    with tempfile.TemporaryDirectory(prefix="seqpar_data_") as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/rdv", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------------------------------------------
 # megatron GPTDataset blocks
 
@@ -266,20 +282,22 @@ class IndexedPlan:
                                              self._config(self.block_seed(block), path)).build()
 
     def build_missing(self, blocks: int) -> None:
-        """Build the caches of blocks ``0 .. blocks-1`` that are not in place (no process group may
-        exist: megatron's builder is collective then); each into a temp folder, then renamed."""
-        for b in range(blocks):
-            final = self.block_dir(b)
-            if final.is_dir():
-                continue
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp_{final.name}_", dir=final.parent))
-            try:
-                self._build(b, tmp)
-                publish(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+        """Build the caches of blocks ``0 .. blocks-1`` that are not in place, each into a temp folder,
+        then renamed. No process group may exist (megatron's builder is collective then); megatron's
+        builder runs in a private one-process gloo group (its BlendedDataset asks for the rank)."""
+        with _private_group():
+            for b in range(blocks):
+                final = self.block_dir(b)
+                if final.is_dir():
+                    continue
+                final.parent.mkdir(parents=True, exist_ok=True)
+                tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp_{final.name}_", dir=final.parent))
+                try:
+                    self._build(b, tmp)
+                    publish(tmp, final)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
 
     def missing(self, blocks: int) -> bool:
         return any(not self.block_dir(b).is_dir() for b in range(blocks))
