@@ -280,3 +280,22 @@ def test_unsafe_index_cache_is_refused(corpus, tmp_path):
     np.save(victim, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(UnsafeCacheError, match="holds Python objects"):
         build_sources(cfg)
+
+
+def test_recipes_name_the_missing_corpus_and_the_commands(monkeypatch, tmp_path):
+    from seqpar.train.config import RecipeError, load_recipe
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)   # no data/ here
+    for name in ("125m_s2_cp4", "7b_lightning_cp8"):
+        recipe = root / "recipes" / f"{name}.yaml"
+        assert load_recipe(recipe).data.dataset == "indexed"   # the schema alone does not look at files
+        with pytest.raises(RecipeError) as e:
+            load_recipe(recipe, check_files=True)
+        lines = e.value.lines[0].splitlines()
+        assert lines == [
+            "data.blend: data/corpus.bin not found; make it with: python -m seqpar.data.preprocess --input "
+            "corpus.jsonl --json-key text --tokenizer data/tokenizer.model --output-prefix data/corpus",
+            "data.tokenizer='data/tokenizer.model' does not exist; give a sentencepiece .model file or a Hugging "
+            "Face tokenizer folder (tokenizer.json), e.g. one trained on your corpus with: python -m "
+            "seqpar.data.tokenizer --input corpus.jsonl --vocab-size 32000 --output data/tokenizer.model"], lines

@@ -79,36 +79,41 @@ def _prefix_missing(prefix: str) -> Optional[str]:
 def check_inputs(data: Any) -> None:
     """The files a recipe's ``data`` section names exist and fit (a ``DataConfig``): every blend prefix's
     ``.bin`` / ``.idx`` (the message gives the preprocess command), the tokenizer (loadable, has an EOD,
-    no larger than ``data.vocab_size``), the text / HF files. Raises :class:`ConfigError`."""
-    from seqpar.data.documents import check_files
-    from seqpar.data.tokenizer import Tokenizer
+    no larger than ``data.vocab_size``), the text / HF files. Raises one :class:`ConfigError` with a line
+    per problem."""
+    from seqpar.data.documents import DocumentError, check_files
+    from seqpar.data.tokenizer import Tokenizer, TokenizerError
 
     d = data
     if d.dataset == "mqar":
         return
-    tok = None
-    if d.tokenizer != "train":
-        tok = Tokenizer.load(d.tokenizer, d.cache_dir or None)
-        tok.require_eod()
-        if tok.vocab_size > d.vocab_size:
-            raise ConfigError(f"data.tokenizer={d.tokenizer!r} has {tok.vocab_size} token ids, more than "
-                              f"data.vocab_size={d.vocab_size} (the model's vocabulary); set data.vocab_size >= "
-                              f"{tok.vocab_size} (e.g. {-(-tok.vocab_size // 128) * 128}, a multiple of 128)")
-    if d.dataset == "text":
-        for f in d.text_files:
-            if not pathlib.Path(f).is_file():
-                raise ConfigError(f"data.text_files entry {f!r} is not a file")
-    elif d.dataset == "hf":
-        check_files(d.files, d.json_key, field="data.files")
-    elif d.dataset == "indexed":
+    problems = []
+    if d.dataset == "indexed":
         for field, blend in blends_of(d).items():
-            if blend is None:
-                continue
-            for prefix in blend[0]:
+            for prefix in (blend[0] if blend else []):
                 missing = _prefix_missing(prefix)
                 if missing:
-                    raise ConfigError(f"{field}: {missing} not found; make it with: "
-                                      f"{preprocess_command(prefix, d.tokenizer)}")
+                    problems.append(f"{field}: {missing} not found; make it with: "
+                                    f"{preprocess_command(prefix, d.tokenizer)}")
+    elif d.dataset == "hf":
+        try:
+            check_files(d.files, d.json_key, field="data.files")
+        except DocumentError as e:
+            problems.append(str(e))
+    elif d.dataset == "text":
+        problems += [f"data.text_files entry {f!r} is not a file" for f in d.text_files if not pathlib.Path(f).is_file()]
+    if d.tokenizer != "train":
+        try:
+            tok = Tokenizer.load(d.tokenizer, d.cache_dir or None)
+            tok.require_eod()
+            if tok.vocab_size > d.vocab_size:
+                problems.append(f"data.tokenizer={d.tokenizer!r} has {tok.vocab_size} token ids, more than "
+                                f"data.vocab_size={d.vocab_size} (the model's vocabulary); set data.vocab_size >= "
+                                f"{tok.vocab_size} (e.g. {-(-tok.vocab_size // 128) * 128}, a multiple of 128)")
+        except TokenizerError as e:
+            problems.append(str(e))
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def blends_of(d: Any) -> dict[str, Optional[tuple[list[str], Optional[list[float]]]]]:

@@ -108,6 +108,13 @@ def publish(tmp: pathlib.Path, final: pathlib.Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _stamp(path: str) -> list:
+    """What a cache key records of an input file: absolute path, size, modification time (a changed
+    file gets a new cache entry; contents are not hashed, they may be terabytes)."""
+    st = os.stat(path)
+    return [str(pathlib.Path(path).resolve()), st.st_size, st.st_mtime_ns]
+
+
 def _check_npy(folder: pathlib.Path) -> None:
     """Every ``.npy`` in ``folder`` holds a plain numeric array (no pickled objects)."""
     from numpy.lib import format as npformat
@@ -260,12 +267,9 @@ class IndexedPlan:
         """``<cache>/index/<key>``: the key hashes everything the block's content depends on."""
         from megatron.core import package_info
 
-        def files(prefix: str) -> list:
-            return [[str(pathlib.Path(prefix + s).resolve()), os.path.getsize(prefix + s),
-                     os.stat(prefix + s).st_mtime_ns] for s in (".bin", ".idx")]
-
         prefixes = sorted({p for b in ([self.blend] if self.blend else self.blend_per_split) if b for p in b[0]})
-        desc = {"v": 1, "megatron": package_info.__version__, "files": [files(p) for p in prefixes],
+        desc = {"v": 1, "megatron": package_info.__version__,
+                "files": [_stamp(p + s) for p in prefixes for s in (".bin", ".idx")],
                 "blend": self.blend, "blend_per_split": self.blend_per_split, "split": self.split,
                 "seq_len": self.seq_len, "seed": self.block_seed(block), "sizes": self.samples,
                 "tokenizer": self.view.unique_identifiers, "eod": self.view.eod}
@@ -365,8 +369,8 @@ def _tokenizer(d: Any, root: pathlib.Path) -> Tokenizer:
 
 
 def _hf_prefix(d: Any, tok: Tokenizer, root: pathlib.Path) -> pathlib.Path:
-    files = [[str(pathlib.Path(f).resolve()), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in d.files]
-    key = hashlib.sha256(json.dumps({"v": 1, "files": files, "key": d.json_key, "tokenizer": tok.fingerprint},
+    key = hashlib.sha256(json.dumps({"v": 1, "files": [_stamp(f) for f in d.files], "key": d.json_key,
+                                     "tokenizer": tok.fingerprint},
                                     sort_keys=True).encode()).hexdigest()[:24]
     return root / "hf" / key / "data"
 

@@ -148,8 +148,9 @@ def _read_files(path: pathlib.Path, field: str) -> tuple[str, dict[str, bytes]]:
             return "sentencepiece", {SP_MODEL: (path / SP_MODEL).read_bytes()}
         raise TokenizerError(f"{field}={str(path)!r} is a folder without {HF_FILES[0]} (Hugging Face) or {SP_MODEL} "
                              f"(sentencepiece); point it at a tokenizer folder or a sentencepiece .model file")
-    raise TokenizerError(f"{field}={str(path)!r} does not exist; give a sentencepiece .model file, a Hugging Face "
-                         f"tokenizer folder (tokenizer.json), or 'train' to train a sentencepiece model on the text")
+    raise TokenizerError(f"{field}={str(path)!r} does not exist; give a sentencepiece .model file or a Hugging Face "
+                         f"tokenizer folder (tokenizer.json), e.g. one trained on your corpus with: python -m "
+                         f"seqpar.data.tokenizer --input corpus.jsonl --vocab-size 32000 --output {path}")
 
 
 def _kind_of(files: dict[str, bytes]) -> str:
@@ -234,6 +235,11 @@ class Tokenizer:
                 self._mt = MegatronTokenizer.from_pretrained(str(folder / SP_MODEL),
                                                              metadata_path={"library": "sentencepiece"})
             else:
+                try:
+                    import transformers  # noqa: F401  megatron's HuggingFaceTokenizer is AutoTokenizer
+                except ImportError:
+                    raise TokenizerError(f"{self.where}: a Hugging Face tokenizer needs transformers; install "
+                                         f"seqpar[export]") from None
                 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # preprocess forks workers
                 # use_fast: the tokenizer.json (Rust) backend; trust_remote_code stays False (no code from disk)
                 self._mt = MegatronTokenizer.from_pretrained(str(folder), metadata_path={"library": "huggingface"},

@@ -159,17 +159,17 @@ class DataConfig(Strict):
     vocab_size: Annotated[int, Field(ge=64)] = 512
     """The model's vocabulary (embedding rows): >= the tokenizer's ids; with data.tokenizer "train"
     also the trained tokenizer's size (>= 512); MQAR's vocabulary (>= 64)."""
-    blend: list[Any] = Field(default_factory=list)
+    blend: list = Field(default_factory=list)
     """indexed: Megatron's --data-path form, [PREFIX] or [WEIGHT, PREFIX, WEIGHT, PREFIX, ...]
     (weights > 0, relative), each PREFIX naming PREFIX.bin / PREFIX.idx; split by data.split."""
     split: Optional[str] = None
     """Train / valid / test shares of each blend prefix's documents, e.g. "969,30,1" (null: "969,30,1"
     with data.blend); 0 = no such split. Not with per-split blends."""
-    train_blend: list[Any] = Field(default_factory=list)
+    train_blend: list = Field(default_factory=list)
     """indexed, instead of data.blend + data.split: the training blend (same form as data.blend)."""
-    valid_blend: list[Any] = Field(default_factory=list)
+    valid_blend: list = Field(default_factory=list)
     """indexed, with data.train_blend: the validation blend (empty: no validation split)."""
-    test_blend: list[Any] = Field(default_factory=list)
+    test_blend: list = Field(default_factory=list)
     """indexed, with data.train_blend: the test blend (empty: no test split)."""
     files: list[str] = Field(default_factory=list)
     """hf: local .jsonl / .json / .parquet files, one source (split by data.split)."""
@@ -194,7 +194,7 @@ class DataConfig(Strict):
 
     @field_validator("blend", "train_blend", "valid_blend", "test_blend")
     @classmethod
-    def _blend_form(cls, v: list[Any], info: ValidationInfo) -> list[Any]:
+    def _blend_form(cls, v: list, info: ValidationInfo) -> list:
         if v:
             from seqpar.data.inputs import parse_blend
 
