@@ -297,7 +297,7 @@ def trained_tokenizer(vocab_size: int, text_files: Optional[list[str]], max_byte
     ``text_files`` (or the standard library), as a :class:`Tokenizer`. Not collective: concurrent
     callers train into temp names and rename, so they never read a half-written model."""
     sp = get_tokenizer(vocab_size, load_text(text_files, max_bytes), cache_dir)
-    return Tokenizer({SP_MODEL: sp.serialized_model_proto()}, f"trained sentencepiece ({vocab_size} pieces)",
+    return Tokenizer({SP_MODEL: sp.serialized_model_proto()}, f"data.tokenizer=train ({vocab_size} pieces)",
                      cache_dir)
 
 

@@ -415,9 +415,10 @@ def checkpoint_tokenizer(path: str | pathlib.Path) -> Any:
 def check_tokenizer(path: str | pathlib.Path, tokenizer: Any) -> None:
     """Before resuming from ``path``: the run's tokenizer (``seqpar.data.Tokenizer`` or None) must have the
     files the checkpoint was trained with, byte for byte (other files = other token ids for the same
-    text). Raises ResumeError naming ``data.tokenizer`` and the fix."""
+    text). A step-0 checkpoint without a tokenizer (``seqpar-import`` of a folder that has none) starts
+    with any. Raises ResumeError naming ``data.tokenizer`` and the fix."""
     saved = checkpoint_tokenizer(path)
-    if saved is None and tokenizer is None:
+    if saved is None and (tokenizer is None or int(integrity.read_manifest(path).get("step", 0)) == 0):
         return
     if saved is None:
         raise ResumeError(f"--resume: {path} holds no tokenizer (written without one, e.g. MQAR data or an import "
