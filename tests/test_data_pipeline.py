@@ -235,39 +235,54 @@ def test_bad_input_table(corpus, tmp_path):
     assert "\n" not in str(e.value) and "the valid split of" in str(e.value)
 
 
-def _two_ranks_build(rank: int, world: int, cfg_json: str, rdv: str):
-    """Both ranks build the sources with every cache missing, in a process group whose collectives time
-    out after 4 s: the caches are built while no collective is pending."""
-    import datetime
+def _two_ranks_build(rank: int, world: int, cfg_json: str):
+    """Both ranks build the sources with every cache missing; returns the wall-clock intervals of every
+    collective this rank entered and of the cache build it ran (if any), and its batches."""
+    import time
 
     import torch.distributed as dist
 
-    from seqpar.data import build_sources
+    from seqpar.data import build_sources, sources
     from seqpar.train.config import from_dict
 
-    dist.destroy_process_group()
-    dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=4))
+    log = {"collectives": [], "builds": []}
+
+    def timed(fn, key):
+        def wrapper(*a, **kw):
+            t0 = time.time()
+            try:
+                return fn(*a, **kw)
+            finally:
+                log[key].append((t0, time.time()))
+        return wrapper
+
+    for name in ("barrier", "all_reduce", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list"):
+        setattr(dist, name, timed(getattr(dist, name), "collectives"))
+    sources._build_in_child = timed(sources._build_in_child, "builds")
     src = build_sources(from_dict(json.loads(cfg_json)))
     rows = src.batch(3, 8, rank, world).tokens
     every = [torch.zeros_like(rows) for _ in range(world)]
     dist.all_gather(every, rows)
-    return torch.stack(every, 1).reshape(8, -1), src.batch(3, 8).tokens
+    return log, torch.stack(every, 1).reshape(8, -1), src.batch(3, 8).tokens
 
 
-def test_caches_built_once_across_ranks_without_a_collective_timeout(corpus, tmp_path):
+def test_caches_built_once_across_ranks_with_no_collective_pending(corpus, tmp_path):
     from cp_harness import run_ranks
 
     cfg = _cfg(corpus, steps=100, blend=[str(corpus["root"] / "a")], split="95,5,0",
                cache_dir=str(tmp_path / "cache"))
-    results = run_ranks(_two_ranks_build, 2, json.dumps(cfg.to_dict()), str(tmp_path / "rdv2"), timeout=600)
-    gathered, full = results[0]
-    assert torch.equal(gathered, full) and torch.equal(results[1][1], full)
+    results = run_ranks(_two_ranks_build, 2, json.dumps(cfg.to_dict()), timeout=600)
+    builds = [b for log, _, _ in results for b in log["builds"]]
+    assert len(builds) == 1   # one rank built every cache (in a child process), the other waited on the lock
+    (b0, b1), = builds
+    for log, _, _ in results:   # no collective of either rank was pending while the caches were built
+        assert log["collectives"] and all(e <= b0 or s >= b1 for s, e in log["collectives"]), (log, builds)
+    gathered, full = results[0][1], results[0][2]
+    assert torch.equal(gathered, full) and torch.equal(results[1][2], full)
     ref = _sources(_cfg(corpus, steps=100, blend=cfg.data.blend, split="95,5,0", cache_dir=str(tmp_path / "ref")))
     assert torch.equal(full, ref.batch(3, 8).tokens)
-    index = tmp_path / "cache" / "index"
-    blocks = sorted(p.name for p in index.iterdir())
-    assert len(blocks) == ref.train.datasets.__len__() >= 2 and not [b for b in blocks if b.startswith(".tmp")]
+    blocks = sorted(p.name for p in (tmp_path / "cache" / "index").iterdir())
+    assert len(blocks) == len(ref.train.datasets) >= 2 and not [b for b in blocks if b.startswith(".tmp")]
 
 
 def test_unsafe_index_cache_is_refused(corpus, tmp_path):

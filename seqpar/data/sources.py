@@ -132,22 +132,6 @@ def _check_npy(folder: pathlib.Path) -> None:
                                    f"megatron index is plain integers: delete {folder} to rebuild it")
 
 
-@contextlib.contextmanager
-def _private_group() -> Iterator[None]:
-    """A one-process gloo group of this process alone (file rendezvous in a temp folder), destroyed on
-    exit: megatron's dataset builder then builds everything itself, with one-rank (instant) barriers."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        raise RuntimeError("the data caches are built before the process groups exist (seqpar.data.prepare)")
-    with tempfile.TemporaryDirectory(prefix="seqpar_data_") as tmp:
-        dist.init_process_group("gloo", init_method=f"file://{tmp}/rdv", rank=0, world_size=1)
-        try:
-            yield
-        finally:
-            dist.destroy_process_group()
-
-
 # ---------------------------------------------------------------------------------------------------
 # megatron GPTDataset blocks
 
@@ -289,7 +273,9 @@ class IndexedPlan:
         """Build the caches of blocks ``0 .. blocks-1`` that are not in place, each into a temp folder,
         then renamed. No process group may exist (megatron's builder is collective then); megatron's
         builder runs in a private one-process gloo group (its BlendedDataset asks for the rank)."""
-        with _private_group():
+        from seqpar.megatron.parallel import solo_group
+
+        with solo_group():
             for b in range(blocks):
                 final = self.block_dir(b)
                 if final.is_dir():
@@ -441,9 +427,9 @@ def prepare(cfg: Any, *, build: bool = True, check: bool = True) -> None:
     always: every split holds a window) and, with ``build``, build every cache its run reads, once
     (file lock, atomic publish; see the module docstring). Call it before any process group (the CLI
     does, on every rank); it runs no collective. Raises ``ConfigError`` (one line, naming the field)."""
-    import torch.distributed as dist
+    from seqpar.megatron.parallel import has_process_group
 
-    if dist.is_available() and dist.is_initialized():
+    if has_process_group():
         raise RuntimeError("seqpar.data.prepare runs before the process groups (megatron's dataset builder is "
                            "collective once they exist); build_sources handles the other case")
     d = cfg.data
@@ -502,8 +488,6 @@ def build_sources(cfg: Any) -> DataSources:
     """The run's :class:`DataSources` on this rank. Every rank calls it (after the process groups
     exist: megatron's builder is then collective, with every cache in place — see the module
     docstring). Bad input raises ``ConfigError`` naming the field."""
-    import torch.distributed as dist
-
     from seqpar.data.datasets import MQARDataset, PackedTextDataset
     from seqpar.data.tokenizer import load_documents
 
@@ -522,7 +506,9 @@ def build_sources(cfg: Any) -> DataSources:
         return DataSources(train, None, None, tok, d.vocab_size, _report(cfg, tok, None))
     plan = _indexed_plan(cfg, tok, root, build_hf=True)
     blocks = plan.blocks_for(_train_samples(cfg))
-    grouped = dist.is_available() and dist.is_initialized()
+    from seqpar.megatron.parallel import has_process_group
+
+    grouped = has_process_group()
     if plan.missing(blocks):
         with cache_lock(root):
             if plan.missing(blocks):
