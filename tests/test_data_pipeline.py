@@ -155,6 +155,16 @@ def test_blend_split_and_stream(corpus):
         assert torch.equal(part.tokens, full.tokens[r::2]) and torch.equal(part.position_ids, full.position_ids[r::2])
 
 
+def test_per_split_blends(corpus):
+    tok = _tok(corpus["sp"], corpus["cache"])
+    ids = {tuple(tok.encode(d) + [3]): src for src in ("a", "b") for d in corpus[src]}
+    src = _sources(_cfg(corpus, train_blend=[str(corpus["root"] / "a")], valid_blend=[str(corpus["root"] / "b")]))
+    assert src.test is None and src.valid.num_samples > 0
+    for source, want in ((src.train, "a"), (src.valid, "b")):
+        found = [ids[seg] for i in range(source.num_samples) for seg in _segments(source.sample(i))]
+        assert found and set(found) == {want}
+
+
 def _check_contract(batch, eod):
     """position_ids restart exactly after every EOD (and at the row start); cu_seqlens agrees."""
     starts = torch.zeros_like(batch.tokens, dtype=torch.bool)
@@ -188,8 +198,9 @@ def test_batch_contract_for_every_source(corpus, tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"body": [""] + corpus["a"]}), tmp_path / "a.parquet")
-    hf = _sources(_cfg(corpus, dataset="hf", files=[str(tmp_path / "a.parquet")], json_key="body", split="1"))
-    assert torch.equal(hf.batch(2, 8).tokens, b.tokens) and torch.equal(hf.batch(2, 8).position_ids, b.position_ids)
+    for files, key in (([str(tmp_path / "a.parquet")], "body"), ([str(corpus["root"] / "a.jsonl")], "text")):
+        hf = _sources(_cfg(corpus, dataset="hf", files=files, json_key=key, split="1"))
+        assert torch.equal(hf.batch(2, 8).tokens, b.tokens) and torch.equal(hf.batch(2, 8).position_ids, b.position_ids)
     tok = _tok(corpus["sp"], corpus["cache"])
     text = PackedTextDataset.from_documents(tok, corpus["b"], 32, seed=1).batch(0, 8)
     _check_contract(text, 3)

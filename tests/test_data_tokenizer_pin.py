@@ -6,11 +6,6 @@ the split of a run past step 0 is refused naming the field."""
 
 from __future__ import annotations
 
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -20,15 +15,26 @@ SET = ["data.seq_len=64", "data.global_batch=4", "train.progress=false", "parall
        "optim.warmup_steps=1", "data.split='90,10,0'"]
 
 
-def _continue(rank: int, world: int, recipe: str, other_tokenizer: str):
+def _import_and_continue(rank: int, world: int, src: str, run: str, sets: list, other_tokenizer: str, rdv: str):
+    """seqpar-import (in this process, without the harness's process group: import makes its own),
+    prepare the data (no process group), then continue training on a fresh one-rank group."""
+    import torch.distributed as dist
     from megatron.core import parallel_state
 
+    from seqpar.data import prepare
+    from seqpar.export.from_hf import main as import_main
     from seqpar.megatron import disable_cpu_compat, init_parallel
     from seqpar.train.checkpoint import ResumeError
     from seqpar.train.config import load_recipe
     from seqpar.train.loop import build_data, train
 
-    cfg = load_recipe(recipe, ["train.steps=2"])
+    dist.destroy_process_group()
+    assert import_main([src, run, *[a for s in sets for a in ("--set", s)]]) == 0
+    disable_cpu_compat()
+    recipe = f"{run}/recipe.yaml"
+    cfg = load_recipe(recipe, ["train.steps=2"], check_files=True)
+    prepare(cfg, check=False)
+    dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=0, world_size=1)
     losses = train(cfg, resume=True)
     init_parallel(1, 1)
     data, _ = build_data(cfg)
@@ -49,7 +55,7 @@ def _continue(rank: int, world: int, recipe: str, other_tokenizer: str):
 def test_hf_import_train_export_keeps_the_tokenizer(tmp_path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from seqpar.data import Tokenizer, prepare
+    from seqpar.data import Tokenizer
     from seqpar.data.preprocess import preprocess
     from seqpar.export.hf import export
     from seqpar.train import checkpoint
@@ -70,10 +76,11 @@ def test_hf_import_train_export_keeps_the_tokenizer(tmp_path):
     preprocess([str(tmp_path / "corpus.jsonl")], str(src), str(prefix), progress=False, cache_dir=str(tmp_path / "c"))
     run = tmp_path / "run"
     sets = [*SET, "data.dataset=indexed", f"data.blend=[{prefix}]", f"data.cache_dir={tmp_path / 'c'}"]
-    res = subprocess.run([sys.executable, "-m", "seqpar.export.from_hf", str(src), str(run),
-                          *[a for s in sets for a in ("--set", s)]],
-                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert res.returncode == 0, res.stderr[-3000:]
+    sp = sentencepiece_model(tmp_path, docs)
+    from cp_harness import run_ranks
+
+    losses, tokens, labels, refused = run_ranks(_import_and_continue, 1, str(src), str(run), sets, str(sp),
+                                                str(tmp_path / "rdv"), timeout=600)[0]
     step0 = run / "checkpoints" / "step_0000000"
     for name in ("tokenizer.json", "tokenizer_config.json"):   # pinned in the run folder and the checkpoint
         assert (run / "tokenizer" / name).read_bytes() == (src / name).read_bytes()
@@ -82,11 +89,6 @@ def test_hf_import_train_export_keeps_the_tokenizer(tmp_path):
     assert recipe.data.tokenizer == str(run / "tokenizer") and recipe.data.vocab_size == 320
     tok = Tokenizer.load(recipe.data.tokenizer, tmp_path / "c")
     assert all(tok.encode(d) == hf_tok.encode(d, add_special_tokens=False) for d in docs)   # ids identical
-    prepare(recipe)
-    sp = sentencepiece_model(tmp_path, docs)
-    from cp_harness import run_ranks
-
-    losses, tokens, labels, refused = run_ranks(_continue, 1, str(run / "recipe.yaml"), str(sp), timeout=600)[0]
     # continued training reads HF ids: the first loss is the imported model's loss on that batch
     hf = LlamaForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
     with torch.no_grad():

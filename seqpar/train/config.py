@@ -218,6 +218,7 @@ class DataConfig(Strict):
                                   ("train_blend", kind != "indexed" and per_split),
                                   ("split", kind not in ("indexed", "hf") and self.split is not None),
                                   ("files", kind != "hf" and self.files),
+                                  ("json_key", kind != "hf" and self.json_key != "text"),
                                   ("text_files", kind != "text" and self.text_files),
                                   ("tokenizer", kind == "mqar" and self.tokenizer != "train")) if on]
         _need(not unused, f"data.{unused[0] if unused else ''} is not used by data.dataset={kind!r}; remove it "
