@@ -117,11 +117,11 @@ def test_refused_combinations_and_recipe_fields(tmp_path):
 
 
 def test_pipeline_parallel_refused_before_any_process_group(tmp_path):
-    """PP > 1 with the DeepSpeed engine: one ConfigError naming the field, raised by the engine's train()
-    itself before it makes a process group (the CLI checks the same before its own, see below)."""
+    """PP > 1 with the DeepSpeed engine: one ConfigError naming the field, raised by train() itself (the
+    engine's check) before it makes a process group (the CLI checks the same before its own, see below)."""
     import torch.distributed as dist
 
-    from seqpar.deepspeed import train
+    from seqpar.train.loop import train
 
     cfg = _cfg("parallel.pipeline_parallel=2", f"train.out_dir={tmp_path / 'run'}")
     with pytest.raises(ConfigError, match=r"parallel\.pipeline_parallel=2 .*set parallel\.pipeline_parallel=1"):

@@ -42,11 +42,14 @@ class Batch:
     """int64 next-token targets."""
     loss_mask: torch.Tensor
     """float32, 1 where the label counts in the loss."""
-    position_ids: torch.Tensor
-    """int64, 0 at each document start, +1 per token within a document."""
+    position_ids: Optional[torch.Tensor] = None
+    """int64, 0 at each document start, +1 per token within a document; None (a batch made without
+    boundaries, e.g. by a test): each row is one document (``arange``)."""
 
     def __post_init__(self) -> None:
         shape = self.tokens.shape
+        if self.position_ids is None:
+            self.position_ids = torch.arange(shape[-1], device=self.tokens.device).expand(shape).contiguous()
         for name in ("labels", "loss_mask", "position_ids"):
             if getattr(self, name).shape != shape:
                 raise ValueError(f"Batch.{name} has shape {tuple(getattr(self, name).shape)}, tokens {tuple(shape)}")

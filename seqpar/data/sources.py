@@ -366,7 +366,11 @@ def _hf_documents(files: list[str], json_key: str, cache: pathlib.Path) -> Itera
     from seqpar.data.documents import DocumentError, kind_of
 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError("data.dataset='hf' reads the files with Hugging Face datasets: install seqpar[export], or "
+                          "preprocess them (python -m seqpar.data.preprocess) and use data.dataset='indexed'") from None
 
     datasets.disable_progress_bars()
     for kind in ("jsonl", "parquet"):

@@ -16,7 +16,7 @@ ds_config key                          recipe field
 =====================================  ========================================================
 
 The LR schedule is not a ds_config entry: the engine gets the recipe's own schedule
-(``seqpar.train.loop.build_scheduler``, megatron-core's OptimizerParamScheduler: linear warmup, cosine to
+(``seqpar.train.runtime.build_scheduler``, megatron-core's OptimizerParamScheduler: linear warmup, cosine to
 ``optim.min_lr``) as a client LR scheduler, with megatron's no-decay groups (biases, 1-D parameters), so
 both engines step exactly the same learning rates; a ``scheduler`` in the user JSON is an error.
 ``"torch_adam": true`` makes DeepSpeed step ``torch.optim.AdamW`` (FusedAdam / DeepSpeedCPUAdam

@@ -1,6 +1,9 @@
-"""The DeepSpeed engine for the seqpar GPTModel: ``deepspeed.initialize`` on the model that
-``seqpar.train`` builds, megatron-core's process groups handed over as ``mpu``, and the training loop
-of ``train.engine: deepspeed``.
+"""The DeepSpeed engine for the seqpar GPTModel (``train.engine: deepspeed``): ``deepspeed.initialize``
+on the model that ``seqpar.train.runtime`` builds, megatron-core's process groups handed over as
+``mpu``, one optimizer step (:func:`forward_backward`) and DeepSpeed's checkpoints
+(``seqpar.deepspeed.checkpoint``), as :class:`DeepSpeedEngine`, the :class:`seqpar.train.engine.Engine`
+that the one training loop (``seqpar.train.loop``) runs. A peer of ``seqpar.train.megatron_engine``: it
+imports neither that engine nor the loop.
 
 Process groups (TP x CP x DP from megatron-core's ``parallel_state``) as DeepSpeed sees them through
 :class:`MegatronMPU`:
@@ -31,14 +34,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-import time
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from seqpar.deepspeed.config import require_cpu_accelerator
+from seqpar.deepspeed.config import batch_shape, build_ds_config, check_supported, require_cpu_accelerator
+from seqpar.train.engine import Batch, Engine, StepContext, StepResult
+from seqpar.train.runtime import build_model, build_scheduler, current_device, local_batch, moh_aux_losses
 
 
 class MegatronMPU:
@@ -88,8 +92,6 @@ def initialize(cfg: Any, model: torch.nn.Module, ds_config: dict[str, Any]):
     Megatron engine's LR schedule (``build_scheduler``) as the client scheduler. Returns the engine."""
     require_cpu_accelerator()
     import deepspeed
-
-    from seqpar.train.loop import build_scheduler
 
     class Schedule:
         """megatron's OptimizerParamScheduler (the Megatron engine's, build_scheduler) in the interface
@@ -154,10 +156,8 @@ def initialize(cfg: Any, model: torch.nn.Module, ds_config: dict[str, Any]):
 def forward_backward(engine: Any, micro_batches: list[dict[str, torch.Tensor]]):
     """Forward, backward and ``engine.step()`` for one optimizer step made of ``micro_batches``
     (this rank's, already CP-split; as many as the engine's gradient accumulation steps). Returns
-    the step's :class:`seqpar.train.step.StepResult` (identical on every rank)."""
+    the step's :class:`seqpar.train.engine.StepResult` (identical on every rank)."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
-    from seqpar.train.step import StepResult, moh_aux_losses
 
     if len(micro_batches) != engine.gradient_accumulation_steps():
         raise ValueError(f"{len(micro_batches)} micro-batches for {engine.gradient_accumulation_steps()} "
@@ -193,91 +193,81 @@ def forward_backward(engine: Any, micro_batches: list[dict[str, torch.Tensor]]):
     return StepResult(loss=float(vals[0] / total), aux_loss=float(vals[1]), tokens=int(counts[0]))
 
 
-def _split(batch: tuple[torch.Tensor, ...], micro: int) -> list[dict[str, torch.Tensor]]:
-    from seqpar.train.step import local_batch
-
-    tokens, labels, mask = batch
+def _split(batch: Batch, micro: int) -> list[dict[str, torch.Tensor]]:
+    """``micro`` rows per micro-batch, each this CP rank's zigzag share."""
+    tokens, labels, mask = batch.tokens, batch.labels, batch.loss_mask
     return [local_batch(tokens[i:i + micro], labels[i:i + micro], mask[i:i + micro])
             for i in range(0, tokens.shape[0], micro)]
 
 
-def train(cfg: Any, *, resume: bool = False, stop_after: Optional[int] = None) -> list[float]:
-    """``train.engine: deepspeed``: the recipe on the DeepSpeed engine. Same contract as
-    ``seqpar.train.loop.train`` (returns this run's per-step losses, identical on every rank;
-    ``resume`` continues from ``<out_dir>/checkpoints/latest``; ``stop_after`` ends, with a
-    checkpoint, after that many steps of this run)."""
-    from seqpar.deepspeed import checkpoint
-    from seqpar.deepspeed.config import batch_shape, build_ds_config, check_supported
-    from seqpar.megatron import init_parallel
-    from seqpar.train import health, signals
-    from seqpar.train.checkpoint import prepare_out_dir
-    from seqpar.train.loop import AttentionTimer, Logger, _batch, _device, _rng_state, _set_rng_state, build_data, build_model
+class DeepSpeedEngine(Engine):
+    """One rank's DeepSpeed engine (ZeRO 0-3, optional CPU offload) for the recipe, run by the one loop."""
 
-    check_supported(cfg)  # refused combinations fail before any process group is made
-    world = dist.get_world_size() if dist.is_initialized() else None
-    if world is not None:
-        cfg.check_world(world)
-    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.context_parallel, seed=cfg.train.seed,
-                  timeout_s=cfg.parallel.distributed_timeout_s)
-    dp = ps.get_data_parallel_world_size()
-    ds_config = build_ds_config(cfg, dp)
-    micro, _ = batch_shape(cfg, dp)
-    rank0 = dist.get_rank() == 0
-    data, vocab = build_data(cfg)
-    model = build_model(cfg, vocab)[0]  # one chunk: the DeepSpeed engine runs without pipeline parallelism
-    engine = initialize(cfg, model, ds_config)
-    out = pathlib.Path(cfg.train.out_dir)
-    ckpt_dir = out / "checkpoints"
-    start = 0
-    prepare_out_dir(out, resume=resume, overwrite=cfg.train.overwrite)  # no silent mixing of two runs
-    if resume:
-        from seqpar.train.checkpoint import check_tokenizer, resumable
+    name = "deepspeed"
+    log_prefix = "[seqpar.deepspeed]"
+    progress_desc = "train[deepspeed]"
+    skips_steps = False  # refused by check_supported: DeepSpeed has stepped before the loss is known
 
-        # the Megatron engine's rule: `latest` if intact, else (train.on_corrupt_checkpoint=fallback) the
-        # newest intact older checkpoint, with a warning naming the corrupt file; verified there, so load()
-        # skips its own hash pass
-        path = resumable(ckpt_dir, cfg.train.on_corrupt_checkpoint)
-        check_tokenizer(path, data.tokenizer)  # the run's tokenizer files = the checkpoint's
-        state = checkpoint.load(engine, path, config=cfg.to_dict(), verified=True)  # refuses a model change / finished run
-        if state["rng"] is not None:
-            _set_rng_state(state["rng"])
-        elif rank0:
-            print(f"[seqpar.deepspeed] {path} was written with parallel layout {state['layout']}; "
-                  f"RNG states not restored (they are per rank)", flush=True)
-        start = state["step"]
-    end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
-    logger = Logger(cfg, out, start, desc="train[deepspeed]", head=f"[seqpar.deepspeed] ZeRO-{cfg.deepspeed.zero_stage},")
-    device = _device()
-    timer = AttentionTimer(model) if cfg.train.time_attention else None
-    # non-finite loss / grad norm: stop naming the first bad layer (train.skip_nonfinite_steps > 0 is refused
-    # for this engine by seqpar.deepspeed.config.check_supported: DeepSpeed has stepped before we know)
-    monitor = health.HealthMonitor.from_config(cfg, model)
-    losses = []
-    engine.train()
-    for step in range(start, end):
-        t0 = time.perf_counter()
-        lr = engine.get_lr()[0]
-        with monitor.guard(step):
-            res = forward_backward(engine, _split(_batch(data, step, cfg, device), micro))
-        gnorm = engine.get_global_grad_norm()
-        monitor.check(step, res.loss, 0.0 if gnorm is None else float(gnorm))
-        losses.append(res.loss)
-        res = dataclasses.replace(res, lr=lr, grad_norm=None if gnorm is None else float(gnorm))
-        logger.log(step, res, time.perf_counter() - t0, timer, skipped=None)  # no skipped steps here
-        stop = signals.stop_requested()  # a SIGTERM/SIGUSR1/SIGINT on any rank: save now, then exit (all ranks)
-        last = step + 1 == end or stop
-        saved = None
-        if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
-            if logger.writer is not None:  # the scalars up to a checkpoint are on disk before it is `latest`
-                logger.writer.flush()
-            saved = checkpoint.save(engine, ckpt_dir, step + 1, rng=_rng_state(), config=cfg.to_dict(),
-                                    keep_last=cfg.train.keep_last, tokenizer=data.tokenizer)
-        if stop:
-            signals.stopped(step + 1, saved)
-            break
-    logger.close(start, end, losses, ckpt_dir, out)
-    monitor.close()
-    engine.destroy()
-    ps.destroy_model_parallel()
-    signals.raise_if_stopped()  # SystemExit(signals.EXIT_INTERRUPTED) after a signal stopped the loop
-    return losses
+    def __init__(self, cfg: Any, model: torch.nn.Module, engine: Any, micro: int) -> None:
+        self.cfg, self.model, self.engine, self.micro = cfg, model, engine, micro
+
+    @classmethod
+    def check(cls, cfg: Any, dp: Optional[int] = None) -> None:
+        """Refused combinations (pipeline parallelism, skipping non-finite steps); with ``dp`` also the
+        whole ds_config (the recipe's merged with the user's JSON, validated by DeepSpeed)."""
+        if dp is None:
+            check_supported(cfg)
+        else:
+            build_ds_config(cfg, dp)
+
+    @classmethod
+    def build(cls, cfg: Any, vocab_size: int) -> "DeepSpeedEngine":
+        """The recipe's model (one chunk: the DeepSpeed engine runs without pipeline parallelism) in
+        ``deepspeed.initialize`` with the ds_config for the current DP size."""
+        dp = ps.get_data_parallel_world_size()
+        ds_config = build_ds_config(cfg, dp)
+        micro, _ = batch_shape(cfg, dp)
+        model = build_model(cfg, vocab_size)[0]
+        return cls(cfg, model, initialize(cfg, model, ds_config), micro)
+
+    @property
+    def summary_head(self) -> str:
+        return f"{self.log_prefix} ZeRO-{self.cfg.deepspeed.zero_stage},"
+
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.model]
+
+    @property
+    def device(self) -> torch.device:
+        return current_device()
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def train_step(self, batch: Batch, ctx: StepContext) -> StepResult:
+        """Forward, backward and DeepSpeed's step (which applies the update at the accumulation
+        boundary); ``ctx.accept`` sees the loss and grad norm afterwards and can only stop the run."""
+        lr = self.engine.get_lr()[0]
+        with ctx.forward_backward():
+            res = forward_backward(self.engine, _split(batch, self.micro))
+        gnorm = self.engine.get_global_grad_norm()
+        ctx.accept(res.loss, 0.0 if gnorm is None else float(gnorm))
+        return dataclasses.replace(res, lr=lr, grad_norm=None if gnorm is None else float(gnorm))
+
+    def save(self, ckpt_dir: pathlib.Path, step: int, *, rng: Any, config: dict[str, Any],
+             tokenizer: Any = None) -> pathlib.Path:
+        from seqpar.deepspeed import checkpoint
+
+        return checkpoint.save(self.engine, ckpt_dir, step, rng=rng, config=config,
+                               keep_last=self.cfg.train.keep_last, tokenizer=tokenizer)
+
+    def load(self, path: pathlib.Path, *, config: dict[str, Any]) -> dict[str, Any]:
+        from seqpar.deepspeed import checkpoint
+
+        # verified by the loop (seqpar.train.checkpoint.resumable) just before, so load() skips its own
+        # hash pass; refuses a model change / finished run
+        return checkpoint.load(self.engine, path, config=config, verified=True)
+
+    def close(self) -> None:
+        self.engine.destroy()

@@ -2,7 +2,7 @@
 bytes of every distinct shard (one per (pipeline stage, tensor-parallel rank); DP and CP ranks hold
 copies), measured on meta-device stage models built in this one process, next to the closed form.
 
-Bytes per parameter held by a rank (the engine's precision choices, ``seqpar.train.loop``):
+Bytes per parameter held by a rank (the engine's precision choices, ``seqpar.train.megatron_engine``):
 
 =========================  =========  ===================  =======================================
 model.dtype / optimizer    parameter  gradient (DDP, fp32)  optimizer state (Adam)
@@ -127,14 +127,14 @@ def layout_memory(cfg: Any, world_size: int, vocab_size: int) -> list[ShardMemor
     from megatron.core import parallel_state
 
     from seqpar.megatron.specs import layer_pattern
-    from seqpar.train import loop
+    from seqpar.train import runtime
 
     if dist.is_initialized():
         raise RuntimeError("layout_memory builds its own (fake) world; call it before init_process_group")
     dp = cfg.check_world(world_size)
     par = cfg.parallel
     tp, pp, cp = par.tensor_parallel, par.pipeline_parallel, par.context_parallel
-    p = loop._preset(cfg)
+    p = runtime._preset(cfg)
     letters = layer_pattern(p.pattern, p.num_layers)
     per_stage = p.num_layers // pp
     distributed = cfg.optim.distributed if cfg.optim.distributed is not None else dp * cp > 1
@@ -147,7 +147,7 @@ def layout_memory(cfg: Any, world_size: int, vocab_size: int) -> list[ShardMemor
                 assert (parallel_state.get_tensor_model_parallel_rank(),
                         parallel_state.get_pipeline_model_parallel_rank()) == (tp_rank, pp_rank)
                 with torch.device("meta"):
-                    chunks = loop.build_model(cfg, vocab_size)
+                    chunks = runtime.build_model(cfg, vocab_size)
             n = sum(q.numel() for c in chunks for q in c.parameters())
             stage = letters[pp_rank * per_stage:(pp_rank + 1) * per_stage]
             closed = closed_form_params(p, stage, vocab_size, tp, first=pp_rank == 0, last=pp_rank == pp - 1,
