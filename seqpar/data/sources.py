@@ -528,12 +528,16 @@ def build_sources(cfg: Any) -> DataSources:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m seqpar.data.sources RECIPE.json``: :func:`prepare` for a resolved recipe (the child
-    process of :func:`build_sources`)."""
-    from seqpar.train.config import from_dict
+    """``python -m seqpar.data.sources RECIPE.json``: :func:`prepare` (build only: the parent checked the
+    inputs) for a resolved recipe, as attributes (the child process of :func:`build_sources`; seqpar.data
+    does not import the recipe schema of seqpar.train)."""
+    import types
 
     args = sys.argv[1:] if argv is None else argv
-    prepare(from_dict(json.loads(pathlib.Path(args[0]).read_text())))
+    tree = json.loads(pathlib.Path(args[0]).read_text())
+    cfg = types.SimpleNamespace(**{k: types.SimpleNamespace(**v) if isinstance(v, dict) else v for k, v in tree.items()})
+    cfg.to_dict = lambda: tree
+    prepare(cfg, check=False)
     return 0
 
 
