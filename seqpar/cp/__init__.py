@@ -64,11 +64,16 @@ from seqpar.cp.comm import Comm, CommLedger, CommRecord, comm_ledger
 from seqpar.cp.merge import decayed_state_prefix, merge_partials, merge_two
 from seqpar.cp.validation import SyncCount, count_host_syncs, step_checks
 from seqpar.cp.partition import (
+    BALANCERS,
+    Layout,
+    Partition,
+    Piece,
     VarlenPadding,
     causal_work,
     chunk_ids,
     imbalance,
     pad_varlen,
+    partition,
     shard,
     shard_varlen,
     token_index,
@@ -79,7 +84,8 @@ from seqpar.cp.partition import (
 )
 
 __all__ = [
-    "KINDS", "SCHEMES", "SUPPORTED", "Comm", "CommLedger", "CommRecord", "SyncCount", "VarlenPadding", "attention",
+    "BALANCERS", "KINDS", "SCHEMES", "SUPPORTED", "Comm", "CommLedger", "CommRecord", "Layout", "Partition", "Piece",
+    "SyncCount", "VarlenPadding", "attention", "partition",
     "count_host_syncs", "step_checks",
     "causal_work", "chunk_ids", "comm_ledger", "decayed_state_prefix", "imbalance", "merge_partials",
     "merge_two", "pad_varlen", "recommend", "scheme_cost", "shard", "shard_varlen", "token_index", "unpad_varlen",
