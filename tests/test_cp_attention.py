@@ -161,7 +161,7 @@ GRADS = ("q", "k", "v", "gates", "initial_state")
 
 
 def _partition(c: dict, world: int) -> cp.Partition:
-    return cp.partition(c["tensors"]["q"].shape[1], (0, world), balance=c["balance"],
+    return cp.make_partition(c["tensors"]["q"].shape[1], (0, world), balance=c["balance"],
                         cu_seqlens=c["kw"].get("cu_seqlens"))
 
 

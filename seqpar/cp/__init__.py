@@ -73,7 +73,7 @@ from seqpar.cp.partition import (
     chunk_ids,
     imbalance,
     pad_varlen,
-    partition,
+    make_partition,
     shard,
     shard_varlen,
     token_index,
@@ -85,7 +85,7 @@ from seqpar.cp.partition import (
 
 __all__ = [
     "BALANCERS", "KINDS", "SCHEMES", "SUPPORTED", "Comm", "CommLedger", "CommRecord", "Layout", "Partition", "Piece",
-    "SyncCount", "VarlenPadding", "attention", "partition",
+    "SyncCount", "VarlenPadding", "attention", "make_partition",
     "count_host_syncs", "step_checks",
     "causal_work", "chunk_ids", "comm_ledger", "decayed_state_prefix", "imbalance", "merge_partials",
     "merge_two", "pad_varlen", "recommend", "scheme_cost", "shard", "shard_varlen", "token_index", "unpad_varlen",

@@ -51,7 +51,7 @@ def _partition(b: int, s: int, world: int, balance: Optional[str], seq_len: Opti
     cu, real = kw.get("cu_seqlens"), kw.get("cu_seqlens_unpadded")
     if part is not None:
         if not isinstance(part, Partition):
-            raise ValueError(f"partition must be a seqpar.cp.Partition (cp.partition(...)), got {type(part).__name__}")
+            raise ValueError(f"partition must be a seqpar.cp.Partition (cp.make_partition(...)), got {type(part).__name__}")
         if cu is not None or real is not None or seq_len is not None:
             raise ValueError("pass either partition= or cu_seqlens / cu_seqlens_unpadded / seq_len (the partition "
                              "already holds the documents and the length)")
@@ -179,7 +179,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, s
             2P-1-r) or "contiguous".
         seq_len: the global length N before padding (default: ``cu_seqlens[-1]``, else ``P · L``).
             Pass it when ``N`` is not a multiple of ``P``, so the padding slots are known.
-        partition: a resolved :class:`~seqpar.cp.Partition` (``cp.partition``; any balancer's),
+        partition: a resolved :class:`~seqpar.cp.Partition` (``cp.make_partition``; any balancer's),
             instead of ``balance`` / ``seq_len`` / ``cu_seqlens``.
         kind_kwargs: softmax: ``sm_scale, causal, backend``; s2: ``layout, sm_scale, backend,
             kv_head_offset, total_kv_heads`` (tensor parallelism: the local kv heads are global kv

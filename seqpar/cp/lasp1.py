@@ -92,6 +92,11 @@ def hops(lay: Layout, rank: int) -> tuple[list[int], list[int]]:
     return fwd, bwd
 
 
+def _at(lay: Layout, rank: int, positions: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Positions in a wave as a device index, built once (no host-to-device copy per layer)."""
+    return cached_index(("lasp1_at", lay, rank, positions), device, lambda: torch.tensor(positions, dtype=torch.int64))
+
+
 def _rows(lay: Layout, rank: int, w: int, device: torch.device) -> torch.Tensor:
     wave = waves(lay, rank)[w]
     return cached_index(("lasp1_rows", lay, rank, w), device, lambda: torch.cat(
@@ -133,7 +138,7 @@ class Lasp1Attention(torch.autograd.Function):
                 continue
             s_in = q.new_zeros((len(wave.pieces), *state_shape), dtype=torch.float32)
             for src, positions in wave.recv:
-                s_in[list(positions)] = comm.recv(s_in[:len(positions)], src)
+                s_in.index_copy_(0, _at(lay, rank, positions, q.device), comm.recv(s_in[:len(positions)], src))
             for pos, j in wave.local_in:
                 s_in[pos] = after.pop(j)
             if initial_state is not None:
@@ -143,7 +148,7 @@ class Lasp1Attention(torch.autograd.Function):
             _put(out, o, lay, rank, w)
             states_in.append(s_in)
             for dst, positions in wave.send:
-                sends.append(comm.send(s_out[list(positions)], dst))
+                sends.append(comm.send(s_out.index_select(0, _at(lay, rank, positions, q.device)), dst))
             for pos, i in enumerate(wave.pieces):
                 after[i] = s_out[pos]
             for pos, doc in wave.finals:
@@ -179,7 +184,7 @@ class Lasp1Attention(torch.autograd.Function):
                 continue
             g_out = torch.zeros_like(s_in)
             for dst, positions in wave.send:  # successors elsewhere return the gradients of our states
-                g_out[list(positions)] = comm.recv(g_out[:len(positions)], dst)
+                g_out.index_copy_(0, _at(lay, rank, positions, q.device), comm.recv(g_out[:len(positions)], dst))
             for pos, i in enumerate(wave.pieces):
                 if i in grad_after:
                     g_out[pos] = grad_after.pop(i)
@@ -193,7 +198,7 @@ class Lasp1Attention(torch.autograd.Function):
             for buf, g in ((dq, gq), (dk, gk), (dv, gv)):
                 _put(buf, g, lay, rank, w)
             for src, positions in wave.recv:
-                sends.append(comm.send(gs[list(positions)], src))
+                sends.append(comm.send(gs.index_select(0, _at(lay, rank, positions, q.device)), src))
             for pos, j in wave.local_in:
                 grad_after[j] = gs[pos]
             if d_init is not None:

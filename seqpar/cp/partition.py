@@ -1,6 +1,6 @@
 """Sequence partitions for context parallelism: which tokens each rank holds (pure index math).
 
-A :class:`Partition` is resolved **once** per call signature (``cp.partition`` / inside
+A :class:`Partition` is resolved **once** per call signature (``cp.make_partition`` / inside
 ``cp.attention``; cached) and every strategy receives it: the pieces of real tokens each rank
 holds, their documents and positions, the padding. Balancers only produce a different object
 (:data:`BALANCERS`; a cost-based balancer adds an entry there).
@@ -41,7 +41,7 @@ from seqpar.kernels._common import host_ints, seed_host_ints
 
 __all__ = [
     "BALANCES", "BALANCERS", "Layout", "Partition", "Piece", "VarlenPadding", "cached_index", "causal_work",
-    "chunk_ids", "imbalance", "num_chunks", "pad_varlen", "partition", "resolve", "resolve_group", "shard",
+    "chunk_ids", "imbalance", "make_partition", "num_chunks", "pad_varlen", "resolve", "resolve_group", "shard",
     "shard_varlen", "token_index", "unpad_varlen", "unshard", "unshard_varlen", "varlen_token_index",
 ]
 
@@ -468,14 +468,14 @@ def resolve(world: int, seq_len: int, *, balance: str = "zigzag", local_len: Opt
     return part
 
 
-def partition(seq_len: int, group: GroupLike = None, *, balance: str = "zigzag",
+def make_partition(seq_len: int, group: GroupLike = None, *, balance: str = "zigzag",
               cu_seqlens: Union[torch.Tensor, Sequence[int], None] = None,
               cu_seqlens_unpadded: Union[torch.Tensor, Sequence[int], None] = None,
               local_len: Optional[int] = None) -> Partition:
     """Resolve how ``seq_len`` global tokens (packed documents with ``cu_seqlens``) are placed on the
     ranks of ``group`` (a process group, ``None`` = default, or ``(rank, world)``); host-only.
 
-    >>> part = cp.partition(10, (0, 4))           # 10 tokens on 4 ranks: 3 slots each, 2 padding
+    >>> part = cp.make_partition(10, (0, 4))           # 10 tokens on 4 ranks: 3 slots each, 2 padding
     >>> part.padding, part.local_len
     (2, 3)
     >>> q_loc = part.shard(q, rank)               # [b, 3, h, d], zeros in the padding slots
@@ -511,7 +511,7 @@ def shard(x: torch.Tensor, group: GroupLike, dim: int = 1, balance: str = "zigza
     """This rank's part of the full tensor ``x`` along ``dim`` (default the seq dim of
     ``[batch, seq, heads, dim]``). ``group`` is a process group (``None`` = default) or an explicit
     ``(rank, world)`` tuple. Any length: ``ceil(N / P)`` slots per rank, padding slots (zeros) at the
-    sequence end (:func:`partition` reports them; pass ``seq_len=N`` to ``cp.attention``).
+    sequence end (:func:`make_partition` reports them; pass ``seq_len=N`` to ``cp.attention``).
     ``cu_seqlens``: packed documents (each split by ``balance``). Returns a contiguous copy.
     """
     rank, world = resolve_group(group)
