@@ -107,23 +107,36 @@ def test_varlen_and_any_length_match_single_rank(world):
 
 
 def _hop_job(rank: int, world: int) -> dict:
-    """Documents that start exactly at rank boundaries (contiguous): the ring moves nothing at all."""
+    """Documents that start exactly at rank boundaries (contiguous): the ring, LASP-2 and LASP-1 move
+    nothing at all, and still equal the single-rank op."""
+    from seqpar.kernels import flash_attention, lightning_attention
+
     n = 4 * world
     cu = torch.tensor(list(range(0, n + 1, 4)), dtype=torch.int32)
     g = torch.Generator().manual_seed(5)
     full = [torch.randn(1, n, 2, 8, generator=g) for _ in range(3)]
     part = cp.make_partition(n, None, balance="contiguous", cu_seqlens=cu)
-    q, k, v = (part.shard(t, rank).requires_grad_() for t in full)
-    with cp.comm_ledger() as fwd:
-        o = cp.attention(q, k, v, kind="softmax", scheme="ring", partition=part, backend="torch")
-    with cp.comm_ledger() as bwd:
-        o.sum().backward()
-    return {"fwd": fwd.summary(), "bwd": bwd.summary(), "o": o.detach()}
+    slope = torch.tensor([0.1, 0.7])
+    out = {}
+    for kind, scheme in (("softmax", "ring"), ("lightning", "allgather"), ("lightning", "ring")):
+        q, k, v = (part.shard(t, rank).requires_grad_() for t in full)
+        kw = {"slope": slope} if kind == "lightning" else {}
+        with cp.comm_ledger() as fwd:
+            o = cp.attention(q, k, v, kind=kind, scheme=scheme, partition=part, backend="torch", **kw)
+        o = o[0] if kind == "lightning" else o
+        with cp.comm_ledger() as bwd:
+            o.sum().backward()
+        ref = (flash_attention(*full, cu_seqlens=cu, backend="torch") if kind == "softmax" else
+               lightning_attention(*full, slope, cu_seqlens=cu, backend="torch")[0])
+        torch.testing.assert_close(o, part.shard(ref, rank), rtol=1e-5, atol=1e-6)
+        out[(kind, scheme)] = (fwd.summary(), bwd.summary())
+    return out
 
 
-def test_ring_hop_with_nothing_needed_sends_nothing():
-    for r in run_ranks(_hop_job, 2):
-        assert r["fwd"] == {} and r["bwd"] == {} and torch.isfinite(r["o"]).all()
+def test_hops_with_nothing_needed_send_nothing():
+    for per_rank in run_ranks(_hop_job, 2):
+        for pair, (fwd, bwd) in per_rank.items():
+            assert fwd == {} and bwd == {}, (pair, fwd, bwd)
 
 
 # ---- megatron-core layers: packed documents reach every kind under every scheme ----------------------

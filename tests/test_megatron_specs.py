@@ -300,7 +300,6 @@ _TINY = dict(num_layers=4, num_attention_heads=4, num_query_groups=2)
     (dict(pattern="A", tensor_parallel=4), r"parallel.tensor_parallel=4 must divide the 4 query heads and the 2 kv"),
     (dict(pattern="A", pipeline_parallel=3), r"parallel.pipeline_parallel=3 must divide the 4 layers"),
     (dict(pattern="A", context_parallel=2, seq_len=66), r"data.seq_len=66 must be a multiple of 2 x "),
-    (dict(pattern="AS", context_parallel=2, seq_len=96, s2_block_size=32), r"= 128 \(S2 blocks stay whole"),
     (dict(pattern="L", context_parallel=8, cp_schemes={"lightning": "ulysses"}), r"cp_schemes.lightning='ulysses'"),
     (dict(pattern="A", context_parallel=4, cp_schemes={"softmax": "usp"}, usp_ulysses_degree=3), r"must divide"),
     (dict(pattern="AX"), r"model.pattern='AX'"),

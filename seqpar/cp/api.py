@@ -11,7 +11,7 @@ import torch
 from seqpar.cp.allgather import allgather_attention
 from seqpar.cp.comm import Comm
 from seqpar.cp.lasp1 import hops, lasp1_attention
-from seqpar.cp.lasp2 import lasp2_attention
+from seqpar.cp.lasp2 import lasp2_attention, state_slots
 from seqpar.cp.local import softmax_family_op
 from seqpar.cp.partition import BALANCES, Layout, Partition, resolve, resolve_group
 from seqpar.cp.ring import ring_attention, step_bytes
@@ -294,9 +294,11 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
       Without documents under zigzag (``c = N / 2P``): rank r receives ``(2P - 2 - r) · c`` rows
       forward and ``(P - 1 + r) · c`` fp32 rows of dK/dV back; contiguous (causal) only from the
       ranks before it (rank 0: nothing).
-    - LASP-2 (lightning allgather): ``(P-1) · S · b · H · dk · dv · 4`` with ``S`` the pieces of the
-      rank holding the most (2 under zigzag, 1 contiguous, about 2 per document with
-      ``cu_seqlens``), independent of N; 1 all-gather, backward 1 reduce-scatter.
+    - LASP-2 (lightning allgather): ``(P-1) · S · b · H · dk · dv · 4`` with ``S`` the states the
+      busiest rank exports (:func:`seqpar.cp.lasp2.state_slots`: 2 under zigzag, 1 contiguous;
+      with ``cu_seqlens`` about 2 per document under zigzag, only the documents that cross a rank
+      boundary when contiguous; every piece with ``output_final_state``), independent of N; 1
+      all-gather, backward 1 reduce-scatter (none when no document crosses a rank).
     - LASP-1 (lightning ring): per message one fp32 state ``b·H·dk·dv·4`` per document it carries
       (:func:`seqpar.cp.lasp1.hops`); ``output_final_state`` adds one all-gather of ``(P-1)`` states
       per document (backward: reduce-scatter).
@@ -359,9 +361,10 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
         fwd: dict[str, dict[str, int]] = {}
         bwd: dict[str, dict[str, int]] = {}
         if scheme == "allgather" and kind == "lightning":
-            x = (p - 1) * part.max_pieces * rows_state * state
-            add(fwd, "all_gather", x)
-            add(bwd, "reduce_scatter", x)
+            slots = state_slots(part, output_final_state)
+            if slots:  # no all-gather at all when no document crosses a rank
+                add(fwd, "all_gather", (p - 1) * slots * rows_state * state)
+                add(bwd, "reduce_scatter", (p - 1) * slots * rows_state * state)
         elif scheme == "allgather" and kind == "s2":
             lay = layout.with_heads((total_kv_heads or kv_head_offset + kv_heads) * (heads // kv_heads))
             counts = exchange_rows(part, lay, kv_heads, kv_head_offset, total_kv_heads)
@@ -390,9 +393,11 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
             hk = a2a(fwd, bwd, u, output_final_state)
             merged = part.merged(u)
             if kind == "lightning":  # LASP-2 over the ring group on the merged buffers, H/u heads
-                x = (p // u - 1) * merged.max_pieces * rows_state * (heads // u) * head_dim * dv * 4
-                add(fwd, "all_gather", x)
-                add(bwd, "reduce_scatter", x)
+                slots = state_slots(merged, output_final_state)
+                if slots:
+                    x = (p // u - 1) * slots * rows_state * (heads // u) * head_dim * dv * 4
+                    add(fwd, "all_gather", x)
+                    add(bwd, "reduce_scatter", x)
             else:
                 ring_cost(merged, r // u, fwd, bwd, batch * (hk // u) * (head_dim + dv))
         else:  # ulysses

@@ -128,11 +128,6 @@ class Layout:
         return self.doc_start[-1]
 
     @cached_property
-    def max_pieces(self) -> int:
-        """Pieces held by the rank that holds the most (the state slots of LASP-2)."""
-        return max(len(p) for p in self.pieces)
-
-    @cached_property
     def doc_pieces(self) -> tuple[tuple[tuple[int, int], ...], ...]:
         """Per document, its ``(rank, piece index)`` in position order."""
         per: list[list] = [[] for _ in self.doc_real]
