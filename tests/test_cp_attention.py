@@ -285,10 +285,9 @@ def _check_case(c: dict, per_rank: list[dict], world: int) -> None:
         assert r["bwd"] == cost["bwd"], f"{name}: backward ledger {r['bwd']} != scheme_cost {cost['bwd']}"
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_cp_attention_matches_single_rank(world):
-    cases = _cases(world)
-    results = run_ranks(_cp_job, world, cases, timeout=300)
+def run_and_check(cases: list[dict], world: int, timeout: float) -> list[dict]:
+    """Run ``cases`` on ``world`` gloo ranks (one spawn) and check every one; returns the per-rank results."""
+    results = run_ranks(_cp_job, world, cases, timeout=timeout)
     failures = []
     for c in cases:
         try:
@@ -296,6 +295,12 @@ def test_cp_attention_matches_single_rank(world):
         except AssertionError as e:  # report every failing case, not only the first
             failures.append(str(e))
     assert not failures, "\n".join(failures)
+    return results
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_cp_attention_matches_single_rank(world):
+    results = run_and_check(_cases(world), world, timeout=300)
     # LASP-2 moves the same bytes when the sequence doubles
     for r in results:
         assert r["lightning-lasp2-contig"]["fwd"] == r["lightning-lasp2-contig-2x"]["fwd"]

@@ -14,7 +14,7 @@ from cp_harness import run_ranks
 from seqpar import cp
 from seqpar.cp.ring import plan
 from seqpar.kernels import S2Layout
-from test_cp_attention import _case, _check_case, _cp_job
+from test_cp_attention import _case, run_and_check
 
 S2 = S2Layout(block_size=16, local_blocks=2, vert_stride=3, num_dense_heads=1)
 
@@ -86,15 +86,7 @@ def _cases(world: int) -> list[dict]:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_varlen_and_any_length_match_single_rank(world):
-    cases = _cases(world)
-    results = run_ranks(_cp_job, world, cases, timeout=600)
-    failures = []
-    for c in cases:
-        try:
-            _check_case(c, [r[c["name"]] for r in results], world)
-        except AssertionError as e:  # report every failing case, not only the first
-            failures.append(str(e))
-    assert not failures, "\n".join(failures)
+    results = run_and_check(_cases(world), world, timeout=600)
     # the contiguous ring with documents: a rank receives only from ranks holding earlier tokens of
     # its own documents; hops with nothing it needs post no transfer (ledger calls == the plan's)
     name = "v-softmax-ring-contig-docs"

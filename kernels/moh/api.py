@@ -6,8 +6,7 @@ from typing import Optional, Union
 
 import torch
 
-from .._common import (check_cu_seqlens, check_data, check_int, check_qkv, check_tensor, default_sm_scale, host_ints,
-                       select_backend)
+from .._common import check_data, check_int, check_qkv, check_tensor, default_sm_scale, select_backend, varlen_bounds
 from .torch_impl import moh_attention_torch
 
 _SEGS: dict = {}
@@ -88,14 +87,7 @@ def moh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torc
         raise ValueError(f"return_lse must be a bool, got {return_lse!r}")
     scale = default_sm_scale(sm_scale, d)
     k_offset = check_int("k_offset", k_offset)
-    cu = None
-    if cu_seqlens is not None:
-        if q_offset is not None or k_offset != 0:
-            raise ValueError("q_offset/k_offset cannot be combined with cu_seqlens; pass one or the other")
-        if sq != sk:
-            raise ValueError(f"varlen (cu_seqlens) needs q and k of equal length, got {sq} and {sk}")
-        check_cu_seqlens(cu_seqlens, b, sq)
-        cu = host_ints(cu_seqlens)  # cached per tensor: no sync per layer
+    cu = varlen_bounds(cu_seqlens, q_offset, k_offset, b, sq, sk, q.device)
     q_offset = k_offset + sk - sq if q_offset is None else check_int("q_offset", q_offset)
     if select_backend(backend, q, k, v) == "triton":
         from .function import MoHAttentionFunction  # imports triton only when used

@@ -24,7 +24,7 @@ import triton.language as tl
 from .counter import active_counter
 from .rows import ActiveRows
 from .._tuning import attention_tuning, launch
-from .triton_fwd import TUNE_KEY, block_sizes, dot_precision, needs_idx64, upcast_dots
+from .triton_fwd import TUNE_KEY, block_sizes, doc_visible, dot_precision, needs_idx64, upcast_dots
 
 
 @triton.jit
@@ -144,10 +144,7 @@ def _moh_bwd_dq_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         p = tl.exp2(s - lse2[:, None])
         if VARLEN:  # a tile's rows may span documents: always mask
-            valid = nmask[None, :] & (offs_n[None, :] >= seg_lo[:, None]) & (offs_n[None, :] < seg_hi[:, None])
-            if CAUSAL:
-                valid = valid & (offs_n[None, :] <= qpos[:, None])
-            p = tl.where(valid, p, 0.0)
+            p = tl.where(doc_visible(offs_n, nmask, seg_lo, seg_hi, rows, CAUSAL), p, 0.0)
         else:
             needs = start_n + BLOCK_N > SK  # the mask only where it can matter (tail, diagonal)
             if CAUSAL:
@@ -249,10 +246,7 @@ def _moh_bwd_dkdv_kernel(
             if VARLEN:  # the block may span documents: always mask
                 seg_lo = tl.load(SEG + rows, mask=rmask, other=0)
                 seg_hi = tl.load(SEG + SQ + rows, mask=rmask, other=0)
-                valid = nmask[None, :] & (offs_n[None, :] >= seg_lo[:, None]) & (offs_n[None, :] < seg_hi[:, None])
-                if CAUSAL:
-                    valid = valid & (offs_n[None, :] <= rows[:, None])
-                p = tl.where(valid, p, 0.0)
+                p = tl.where(doc_visible(offs_n, nmask, seg_lo, seg_hi, rows, CAUSAL), p, 0.0)
             else:
                 needs = tail  # the mask only where it can matter (tail, diagonal)
                 if CAUSAL:

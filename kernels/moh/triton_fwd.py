@@ -51,6 +51,16 @@ def upcast_dots(dtype: torch.dtype) -> bool:
 
 
 @triton.jit
+def doc_visible(offs_n, nmask, seg_lo, seg_hi, rows, CAUSAL: tl.constexpr):
+    """Varlen mask ``[rows, keys]``: the key lies in the row's document ``[seg_lo, seg_hi)`` (and at
+    or before the row when causal); offsets are 0 with varlen."""
+    valid = nmask[None, :] & (offs_n[None, :] >= seg_lo[:, None]) & (offs_n[None, :] < seg_hi[:, None])
+    if CAUSAL:
+        valid = valid & (offs_n[None, :] <= rows[:, None])
+    return valid
+
+
+@triton.jit
 def _moh_fwd_kernel(
     Q, K, V, G, O, LSE, ROWS, COUNTS, CNT, SEG,
     stride_qb, stride_qt, stride_qh,
@@ -117,10 +127,7 @@ def _moh_fwd_kernel(
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         if VARLEN:  # a tile's rows may span documents: always mask
-            valid = nmask[None, :] & (offs_n[None, :] >= seg_lo[:, None]) & (offs_n[None, :] < seg_hi[:, None])
-            if CAUSAL:
-                valid = valid & (offs_n[None, :] <= qpos[:, None])
-            s = tl.where(valid, s, float("-inf"))
+            s = tl.where(doc_visible(offs_n, nmask, seg_lo, seg_hi, rows, CAUSAL), s, float("-inf"))
         else:
             # only the kv tail tile and tiles past the tile's first row position need the mask
             needs = start_n + BLOCK_N > SK
