@@ -90,10 +90,14 @@ def plan(lay: Layout, rank: int, causal: bool) -> tuple[Step, ...]:
                        range(lay.pieces[rank][j].local, lay.pieces[rank][j].local + lay.pieces[rank][j].length)]
                 send_rows = len(out)
                 send_slots = None if out == list(range(lay.local_len)) else tuple(out)
+            by_doc: dict[int, list[int]] = {}  # the held key pieces of each document
+            for j in offs:
+                by_doc.setdefault(mine[j].doc, []).append(j)
             pairs = []
             for qp in lay.pieces[rank]:
-                for j, kp in enumerate(mine):
-                    if j in offs and kp.doc == qp.doc and (not causal or kp.pos < qp.end):
+                for j in by_doc.get(qp.doc, ()):
+                    kp = mine[j]
+                    if not causal or kp.pos < qp.end:
                         pairs.append(Pair(qp.local, qp.length, qp.pos, offs[j], kp.length, kp.pos))
             steps.append(Step(src, dst, recv_rows, send_slots, send_rows, tuple(pairs)))
         return tuple(steps)
