@@ -285,9 +285,10 @@ def _check_case(c: dict, per_rank: list[dict], world: int) -> None:
         assert r["bwd"] == cost["bwd"], f"{name}: backward ledger {r['bwd']} != scheme_cost {cost['bwd']}"
 
 
-def run_and_check(cases: list[dict], world: int, timeout: float) -> list[dict]:
-    """Run ``cases`` on ``world`` gloo ranks (one spawn) and check every one; returns the per-rank results."""
-    results = run_ranks(_cp_job, world, cases, timeout=timeout)
+def run_and_check(cases: list[dict], world: int, timeout: float, job=None) -> list[dict]:
+    """Run ``cases`` on ``world`` gloo ranks (one spawn; ``job`` defaults to :func:`_cp_job`) and check
+    every one; returns the per-rank results."""
+    results = run_ranks(job or _cp_job, world, cases, timeout=timeout)
     failures = []
     for c in cases:
         try:

@@ -14,7 +14,7 @@ from cp_harness import run_ranks
 from seqpar import cp
 from seqpar.cp.ring import plan
 from seqpar.kernels import S2Layout
-from test_cp_attention import _case, run_and_check
+from test_cp_attention import _case, _cp_job, run_and_check
 
 S2 = S2Layout(block_size=16, local_blocks=2, vert_stride=3, num_dense_heads=1)
 
@@ -27,7 +27,7 @@ def _docs(world: int) -> list[int]:
 
 def _cases(world: int) -> list[dict]:
     """Every kind x scheme with documents at P = 2 and 4; without documents (any length, batch 2,
-    full attention) and the Triton MoH kernel at P = 2 only (test time)."""
+    full attention) at P = 2 only (test time; the Triton MoH varlen kernel: tests/test_moh_kernel.py)."""
     p, docs = world, _docs(world)
     n = sum(docs)
     s2_docs = [40, 5, 38]  # pieces are not whole blocks, blocks restart in every document
@@ -43,19 +43,16 @@ def _cases(world: int) -> list[dict]:
                   seed=103),
             _case(f"v-{kind}-usp-docs", kind, "usp", "zigzag", p, b=1, n=n, h=4, hkv=1, d=16, doc_lens=docs,
                   seed=104, **uly),
-            # any length, no documents: N not a multiple of P, batch 2, full (non-causal) attention
-            _case(f"v-{kind}-ring-odd-full", kind, "ring", "zigzag", p, b=2, n=4 * p + 3, h=2, hkv=2, d=16,
-                  causal=False, seed=105),
-            _case(f"v-{kind}-uly-odd-full", kind, "ulysses", "contiguous", p, b=2, n=4 * p + 1, h=4, hkv=4, d=16,
-                  causal=False, seed=106),
         ]
+    out += [  # any length, no documents: N not a multiple of P, batch 2, full (non-causal) attention
+        _case("v-softmax-ring-odd-full", "softmax", "ring", "zigzag", p, b=2, n=4 * p + 3, h=2, hkv=2, d=16,
+              causal=False, seed=105),
+        _case("v-moh-uly-odd-full", "moh", "ulysses", "contiguous", p, b=2, n=4 * p + 1, h=4, hkv=4, d=16,
+              causal=False, seed=106),
+    ]
     out += [
         _case("v-softmax-ring-contig-docs", "softmax", "ring", "contiguous", p, b=1, n=n, h=2, hkv=1, d=16,
               doc_lens=docs, seed=107),
-        _case("v-softmax-ag-odd-full", "softmax", "allgather", "contiguous", p, b=1, n=3 * p + 1, h=2, hkv=1, d=16,
-              causal=False, seed=108),
-        _case("v-moh-uly-docs-triton", "moh", "ulysses", "zigzag", p, b=1, n=n, h=4, hkv=2, d=16, doc_lens=docs,
-              backend="triton", seed=109),
         _case("v-s2-ag-docs", "s2", "allgather", "zigzag", p, b=1, n=sum(s2_docs), h=4, hkv=2, d=16,
               doc_lens=s2_docs, layout=S2, seed=110),
         _case("v-s2-ring-docs", "s2", "ring", "zigzag", p, b=1, n=sum(s2_docs), h=4, hkv=2, d=16, doc_lens=s2_docs,
@@ -80,13 +77,20 @@ def _cases(world: int) -> list[dict]:
         _case("v-lightning-usp-odd", "lightning", "usp", "zigzag", p, b=2, n=4 * p + 2, h=4, hkv=2, d=16,
               with_state=True, seed=123, **uly),
     ]
-    only_p2 = ("-odd", "-triton")
+    only_p2 = ("-odd",)
     return [c for c in out if world == 2 or not any(tag in c["name"] for tag in only_p2)]
+
+
+def _varlen_job(rank: int, world: int, cases: list[dict]) -> dict:
+    out = _cp_job(rank, world, cases)
+    if world == 2:  # one spawn: the hop checks ride along
+        out["hops"] = _hop_job(rank, world)
+    return out
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_varlen_and_any_length_match_single_rank(world):
-    results = run_and_check(_cases(world), world, timeout=600)
+    results = run_and_check(_cases(world), world, timeout=600, job=_varlen_job)
     # the contiguous ring with documents: a rank receives only from ranks holding earlier tokens of
     # its own documents; hops with nothing it needs post no transfer (ledger calls == the plan's)
     name = "v-softmax-ring-contig-docs"
@@ -96,6 +100,10 @@ def test_varlen_and_any_length_match_single_rank(world):
         steps = plan(part, rank, True)[1:]
         assert r[name]["fwd"].get("send_recv", {}).get("calls", 0) == sum(1 for s in steps if s.recv_rows)
     assert results[0][name]["fwd"] == {}  # rank 0 holds the first tokens: it receives nothing
+    # documents that start at rank boundaries: the ring, LASP-2 and LASP-1 move nothing at all
+    for r in results if world == 2 else ():
+        for pair, (fwd, bwd) in r["hops"].items():
+            assert fwd == {} and bwd == {}, (pair, fwd, bwd)
 
 
 def _hop_job(rank: int, world: int) -> dict:
@@ -125,18 +133,12 @@ def _hop_job(rank: int, world: int) -> dict:
     return out
 
 
-def test_hops_with_nothing_needed_send_nothing():
-    for per_rank in run_ranks(_hop_job, 2):
-        for pair, (fwd, bwd) in per_rank.items():
-            assert fwd == {} and bwd == {}, (pair, fwd, bwd)
-
-
 # ---- megatron-core layers: packed documents reach every kind under every scheme ----------------------
+# each kind under two schemes (every scheme's packed path is covered by the matrix above; here the
+# layers must hand the documents, the usp degree and the MoH padding mask to cp.attention)
 SCHEME_SETS = [
-    {"softmax": "allgather", "s2": "allgather", "lightning": "allgather", "moh": "allgather"},
-    {"softmax": "ring", "s2": "ring", "lightning": "ring", "moh": "ring"},
-    {"softmax": "usp", "s2": "ulysses", "lightning": "usp", "moh": "ulysses", "usp_ulysses_degree": 2},
-    {"softmax": "ulysses", "s2": "usp", "lightning": "ulysses", "moh": "usp", "usp_ulysses_degree": 2},
+    {"softmax": "ring", "s2": "allgather", "lightning": "ring", "moh": "usp", "usp_ulysses_degree": 2},
+    {"softmax": "usp", "s2": "ulysses", "lightning": "allgather", "moh": "ring", "usp_ulysses_degree": 2},
 ]
 MEGA_DOCS = [5, 9, 1, 14]  # 29 tokens: 15 slots per rank at CP=2, one padding slot
 
@@ -156,8 +158,8 @@ def _megatron_packed_job(rank: int, world: int) -> dict:
                           max_seqlen_kv=max(MEGA_DOCS))
     out = {}
     try:
-        for name, schemes, cp_size in [("ref", SCHEME_SETS[0], 1)] + [(f"cp{i}", s, world)
-                                                                     for i, s in enumerate(SCHEME_SETS)]:
+        single = {kind: "allgather" for kind in ("softmax", "s2", "lightning", "moh")}
+        for name, schemes, cp_size in [("ref", single, 1)] + [(f"cp{i}", s, world) for i, s in enumerate(SCHEME_SETS)]:
             schemes = dict(schemes)
             degree = schemes.pop("usp_ulysses_degree", 1)
             init_parallel(1, cp_size, seed=7)
@@ -189,7 +191,7 @@ def _megatron_packed_job(rank: int, world: int) -> dict:
     return out
 
 
-def test_megatron_layers_take_packed_documents_under_every_scheme():
+def test_megatron_layers_take_packed_documents():
     results = run_ranks(_megatron_packed_job, 2, timeout=600)
     ref = results[0]["ref"]
     for i in range(len(SCHEME_SETS)):
