@@ -146,7 +146,7 @@ class DataConfig(Strict):
     dataset: Literal["text", "mqar"] = "text"
     """"text" (sentencepiece over local text, packed) or "mqar" (synthetic recall)."""
     seq_len: Annotated[int, Field(ge=2)] = 128
-    """Tokens per sequence; a multiple of 2 x CP (x S2 block size when S layers run under CP)."""
+    """Tokens per sequence; a multiple of 2 x CP (the trainer's zigzag split; S2 chunks need not be whole blocks)."""
     global_batch: PositiveInt = 8
     """Sequences per step over all DP ranks; a multiple of the DP size."""
     vocab_size: Annotated[int, Field(ge=64)] = 512
