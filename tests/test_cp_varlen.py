@@ -83,9 +83,41 @@ def _cases(world: int) -> list[dict]:
 
 def _varlen_job(rank: int, world: int, cases: list[dict]) -> dict:
     out = _cp_job(rank, world, cases)
-    if world == 2:  # one spawn: the hop checks ride along
+    if world == 2:  # one spawn: the hop and custom-balancer checks ride along
         out["hops"] = _hop_job(rank, world)
+        out["custom"] = _custom_balancer_job(rank, world)
     return out
+
+
+def _custom_balancer_job(rank: int, world: int) -> list[str]:
+    """A balancer is only a different partition: rank 0 holds the sequence's *second* half and rank 1
+    its first (a layout no built-in balancer makes, documents split unevenly), and every scheme on
+    it equals the single-rank op."""
+    from seqpar.cp.partition import Partition
+    from seqpar.kernels import flash_attention, lightning_attention, s2_attention
+
+    lens, n = [7, 20, 5], 32
+    cu = torch.tensor([0, 7, 27, 32], dtype=torch.int32)
+    runs = [[(16, 11, 1, 9), (27, 5, 2, 0)], [(0, 7, 0, 0), (7, 9, 1, 0)]]
+    part = Partition.from_runs(2, n, 16, runs, (0, 7, 27, 32), lens, balance="halves-swapped", varlen=True)
+    g = torch.Generator().manual_seed(9)
+    full = [torch.randn(1, n, 2, 16, generator=g) * 0.5 for _ in range(3)]
+    slope, layout = torch.tensor([0.2, 0.9]), S2Layout(block_size=16, local_blocks=1, vert_stride=2)
+    refs = {"softmax": flash_attention(*full, cu_seqlens=cu, backend="torch"),
+            "s2": s2_attention(*full, layout, cu_seqlens=cu, backend="torch"),
+            "lightning": lightning_attention(*full, slope, cu_seqlens=cu, backend="torch")[0]}
+    bad = []
+    for kind, scheme in (("softmax", "ring"), ("softmax", "ulysses"), ("s2", "allgather"), ("s2", "ring"),
+                         ("lightning", "allgather"), ("lightning", "ring"), ("lightning", "usp")):
+        kw = {"slope": slope} if kind == "lightning" else {"layout": layout} if kind == "s2" else {}
+        if scheme == "usp":
+            kw["ulysses_degree"] = 2
+        o = cp.attention(*(part.shard(t, rank) for t in full), kind=kind, scheme=scheme, partition=part,
+                         backend="torch", **kw)
+        o = o[0] if kind == "lightning" else o
+        if not torch.allclose(o, part.shard(refs[kind], rank), rtol=1e-5, atol=1e-6):
+            bad.append(f"{kind} x {scheme}")
+    return bad
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -104,6 +136,7 @@ def test_varlen_and_any_length_match_single_rank(world):
     for r in results if world == 2 else ():
         for pair, (fwd, bwd) in r["hops"].items():
             assert fwd == {} and bwd == {}, (pair, fwd, bwd)
+        assert r["custom"] == [], r["custom"]  # a custom balancer's partition runs under every scheme
 
 
 def _hop_job(rank: int, world: int) -> dict:

@@ -294,6 +294,37 @@ class Partition(Layout):
                 out[start:start + n] = torch.arange(n) + r * self.local_len + lo
         return out
 
+    @classmethod
+    def from_runs(cls, world: int, seq_len: int, local_len: int, runs: Sequence[Sequence[Run]],
+                  doc_bounds: Sequence[int], real_lens: Sequence[int], *, balance: str,
+                  varlen: bool) -> "Partition":
+        """Build a partition from a balancer's ``runs[r]``: ``(global start, length, document, position
+        in it)`` in rank r's local order, filling exactly ``local_len`` slots (documents laid out by
+        ``doc_bounds``, the last one extended by the internal padding; ``real_lens[d]`` of each
+        document's tokens are real, a prefix). A balancer that needs more than
+        :data:`BALANCERS`' arguments (e.g. a cost model) calls this and passes ``partition=``."""
+        real_start = [0]
+        for n in real_lens:
+            real_start.append(real_start[-1] + n)
+        pieces, spans = [], []
+        for r, rr in enumerate(runs):
+            if sum(n for _, n, _, _ in rr) != local_len:
+                raise ValueError(f"balancer {balance!r} gave rank {r} {sum(n for _, n, _, _ in rr)} slots, "
+                                 f"expected {local_len}")
+            ps, ss, local = [], [], 0
+            for start, n, d, pos in rr:
+                keep = min(n, real_lens[d] - pos)  # the real tokens are a prefix of each document
+                if keep > 0:
+                    ps.append(Piece(local, keep, d, pos, real_start[d] + pos))
+                user = min(n, seq_len - start)  # tokens of the caller's tensor (not internal padding)
+                if user > 0:
+                    ss.append((local, start, user))
+                local += n
+            pieces.append(tuple(ps))
+            spans.append(tuple(ss))
+        return cls(world, local_len, tuple(pieces), tuple(real_lens), seq_len=seq_len, balance=balance,
+                   doc_bounds=tuple(doc_bounds), spans=tuple(spans), varlen=varlen)
+
     def describe(self) -> str:
         """One line: documents, balance and the padding added."""
         return (f"{self.seq_len} tokens in {len(self.doc_bounds) - 1} document(s) on {self.world} ranks "
@@ -435,28 +466,8 @@ def resolve(world: int, seq_len: int, *, balance: str = "zigzag", local_len: Opt
         raise ValueError(f"cu_seqlens_unpadded: document(s) {bad} have more real tokens than their padded length")
     extended = list(layout_lens)
     extended[-1] += world * local_len - seq_len  # internal padding: the last document's tail
-    runs = BALANCERS[balance](world, extended, local_len)
-    pieces, spans = [], []
-    real_start = [0]
-    for n in real_lens:
-        real_start.append(real_start[-1] + n)
-    for r, rr in enumerate(runs):
-        if sum(n for _, n, _, _ in rr) != local_len:
-            raise ValueError(f"balancer {balance!r} gave rank {r} {sum(n for _, n, _, _ in rr)} slots, "
-                             f"expected {local_len}")
-        ps, ss, local = [], [], 0
-        for start, n, d, pos in rr:
-            keep = min(n, real_lens[d] - pos)  # the real tokens are a prefix of each document
-            if keep > 0:
-                ps.append(Piece(local, keep, d, pos, real_start[d] + pos))
-            user = min(n, seq_len - start)  # tokens of the caller's tensor (not internal padding)
-            if user > 0:
-                ss.append((local, start, user))
-            local += n
-        pieces.append(tuple(ps))
-        spans.append(tuple(ss))
-    part = Partition(world, local_len, tuple(pieces), tuple(real_lens), seq_len=seq_len, balance=balance,
-                     doc_bounds=tuple(docs), spans=tuple(spans), varlen=bounds is not None)
+    part = Partition.from_runs(world, seq_len, local_len, BALANCERS[balance](world, extended, local_len),
+                               docs, real_lens, balance=balance, varlen=bounds is not None)
     if len(_RESOLVED) > 128:
         _RESOLVED.clear()
     _RESOLVED[key] = part
