@@ -171,7 +171,7 @@ def _packed_gpt(rank: int, world: int):
     from seqpar.models import build_gpt, preset, transformer_config
 
     init_parallel(1, 1)
-    p = replace(preset("tiny"), pattern="ASL")
+    p = replace(preset("tiny"), pattern="ASLH")
     model = build_gpt(p, transformer_config(p, seqpar_backend="torch", s2_block_size=16), vocab_size=96,
                       max_sequence_length=64)
     ids = torch.randint(0, 96, (1, 48), generator=torch.Generator().manual_seed(0))
@@ -186,8 +186,8 @@ def _packed_gpt(rank: int, world: int):
 
 
 def test_gpt_packed_thd_equals_documents_alone():
-    # packed_seq_params (THD) reach every kind's kernel as cu_seqlens: RoPE, softmax, S2 and
-    # lightning restart at each document boundary
+    # packed_seq_params (THD) reach every kind's kernel as cu_seqlens: RoPE, softmax, S2, lightning
+    # and MoH (gates with their tokens) restart at each document boundary
     packed, docs = run_ranks(_packed_gpt, 1)[0]
     assert packed.shape == (1, 48)
     torch.testing.assert_close(packed, docs, rtol=1e-5, atol=1e-5)
