@@ -153,7 +153,7 @@ class DataConfig(Strict):
     (a sentencepiece BPE model of data.vocab_size pieces trained on the text data: the demo; text
     only). Its files are stored in every checkpoint; --resume with other files is refused."""
     seq_len: Annotated[int, Field(ge=2)] = 128
-    """Tokens per sequence; a multiple of 2 x CP (x S2 block size when S layers run under CP)."""
+    """Tokens per sequence; a multiple of 2 x CP (the trainer's zigzag split; S2 chunks need not be whole blocks)."""
     global_batch: PositiveInt = 8
     """Sequences per step over all DP ranks; a multiple of the DP size."""
     vocab_size: Annotated[int, Field(ge=64)] = 512
