@@ -33,3 +33,16 @@ def pytest_collection_modifyitems(config, items):
         if any(fd.scope == "module" and fd.baseid == module
                for fds in defs.name2fixturedefs.values() for fd in fds):
             item.add_marker(pytest.mark.xdist_group(module))
+
+
+def pytest_collection_finish(session):
+    """The grouping above only works if pytest-xdist's worker can tag each grouped test id with its
+    group (``nodeid@group``); pytest 9 drops that tag (pyproject pins pytest < 9). Fail loudly rather
+    than build every module fixture on both workers (twice the time, two Slurm clusters at once)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None or not getattr(session.config.option, "loadgroup", False):
+        return  # not an xdist worker of a --dist loadgroup run (xdist's worker sets option.loadgroup)
+    for item in session.items:
+        mark = item.get_closest_marker("xdist_group")
+        if mark is not None and not item.nodeid.endswith(f"@{mark.args[0]}"):
+            raise pytest.UsageError(f"--dist loadgroup does not group with pytest {pytest.__version__}: "
+                                    f"{item.nodeid} lost its @{mark.args[0]} tag (pin pytest < 9)")
