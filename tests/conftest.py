@@ -42,7 +42,9 @@ def pytest_collection_finish(session):
     if os.environ.get("PYTEST_XDIST_WORKER") is None or not getattr(session.config.option, "loadgroup", False):
         return  # not an xdist worker of a --dist loadgroup run (xdist's worker sets option.loadgroup)
     for item in session.items:
-        mark = item.get_closest_marker("xdist_group")
-        if mark is not None and not item.nodeid.endswith(f"@{mark.args[0]}"):
+        # xdist's tag: every xdist_group name of the item, sorted and joined by "_"
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})
+        if names and not item.nodeid.endswith("@" + "_".join(names)):
             raise pytest.UsageError(f"--dist loadgroup does not group with pytest {pytest.__version__}: "
-                                    f"{item.nodeid} lost its @{mark.args[0]} tag (pin pytest < 9)")
+                                    f"{item.nodeid} lost its @{'_'.join(names)} tag (pin pytest < 9)")
