@@ -157,22 +157,23 @@ def forward_backward(engine: Any, micro_batches: list[dict[str, torch.Tensor]]):
     the step's :class:`seqpar.train.step.StepResult` (identical on every rank)."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    from seqpar.train.step import StepResult, moh_aux_losses
+    from seqpar.train.step import StepResult, _global_tokens, moh_aux_losses, param_device
 
     if len(micro_batches) != engine.gradient_accumulation_steps():
         raise ValueError(f"{len(micro_batches)} micro-batches for {engine.gradient_accumulation_steps()} "
                          f"gradient accumulation steps")
+    # every tensor of the step's collectives and stacks lives on the parameters' device (NCCL takes
+    # no host tensor; a stack of a device and a host tensor raises)
+    device = param_device(engine.module)
     dpcp = ps.get_data_parallel_group(with_context_parallel=True)
     dp = ps.get_data_parallel_world_size()
-    counts = torch.stack([torch.stack([b["loss_mask"].float().sum() for b in micro_batches]).sum(),
-                          torch.zeros(())])
-    dist.all_reduce(counts, group=dpcp)
-    total = counts[0].clamp(min=1.0)
+    counts = _global_tokens(micro_batches, device)  # valid tokens of the global batch, over DP x CP
+    total = counts.clamp(min=1.0)
     # the aux loss's gradient does not pass through the main loss: DeepSpeed divides by DP, so scale
     # 1 / micro-batches gives Megatron's mean over micro-batches and DP replicas
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / len(micro_batches)))
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    aux_sum = torch.zeros(())
+    MoEAuxLossAutoScaler.set_loss_scale(torch.full((), 1.0 / len(micro_batches), device=device))
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    aux_sum = torch.zeros((), device=device)
     for batch in micro_batches:
         tokens, labels, mask = batch["tokens"], batch["labels"], batch["loss_mask"].float()
         position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
@@ -180,17 +181,17 @@ def forward_backward(engine: Any, micro_batches: list[dict[str, torch.Tensor]]):
         local = (per_token.float() * mask).sum()
         engine.backward(local * (dp / total), scale_wrt_gas=False)
         engine.step()  # DeepSpeed steps the optimizer (and the LR) at the accumulation boundary only
-        loss_sum += local.detach().double().cpu()
+        loss_sum += local.detach().double()
         aux = moh_aux_losses(engine.module)
         if aux:
-            aux_sum += torch.stack([a.detach().float().cpu() for a in aux]).sum()
-    vals = torch.stack([loss_sum.float(), aux_sum / len(micro_batches)]).to(counts.device)
+            aux_sum += torch.stack([a.detach().float() for a in aux]).sum()
+    vals = torch.stack([loss_sum.float(), aux_sum / len(micro_batches)])
     dist.all_reduce(vals[:1], group=dpcp)
     if dp > 1:  # aux losses are replicated over CP, one per DP replica
         aux_t = vals[1:].clone()
         dist.all_reduce(aux_t, group=ps.get_data_parallel_group())
         vals[1:] = aux_t / dp
-    return StepResult(loss=float(vals[0] / total), aux_loss=float(vals[1]), tokens=int(counts[0]))
+    return StepResult(loss=float(vals[0] / total), aux_loss=float(vals[1]), tokens=int(counts))
 
 
 def _split(batch: tuple[torch.Tensor, ...], micro: int) -> list[dict[str, torch.Tensor]]:
@@ -224,7 +225,8 @@ def train(cfg: Any, *, resume: bool = False, stop_after: Optional[int] = None) -
     micro, _ = batch_shape(cfg, dp)
     rank0 = dist.get_rank() == 0
     data, vocab = build_data(cfg)
-    model = build_model(cfg, vocab)[0]  # one chunk: the DeepSpeed engine runs without pipeline parallelism
+    device = _device()  # DeepSpeed's device too: init_parallel made LOCAL_RANK's GPU the current one
+    model = build_model(cfg, vocab, device)[0]  # one chunk: the DeepSpeed engine runs without pipeline parallelism
     engine = initialize(cfg, model, ds_config)
     out = pathlib.Path(cfg.train.out_dir)
     ckpt_dir = out / "checkpoints"
@@ -246,7 +248,6 @@ def train(cfg: Any, *, resume: bool = False, stop_after: Optional[int] = None) -
         start = state["step"]
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
     logger = Logger(cfg, out, start, desc="train[deepspeed]", head=f"[seqpar.deepspeed] ZeRO-{cfg.deepspeed.zero_stage},")
-    device = _device()
     timer = AttentionTimer(model) if cfg.train.time_attention else None
     # non-finite loss / grad norm: stop naming the first bad layer (train.skip_nonfinite_steps > 0 is refused
     # for this engine by seqpar.deepspeed.config.check_supported: DeepSpeed has stepped before we know)
