@@ -63,7 +63,7 @@ def transformer_config(p: ModelPreset, **overrides: Any) -> SeqparTransformerCon
     megatron then draws each tensor-parallel weight whole from the CPU generator and keeps this
     rank's slice, so a model is the same at every TP size and on every device (the GPU draws of
     megatron's CUDA path are per TP rank). The modules are created on the CPU; whoever builds
-    them moves them to the device (``seqpar.train.loop.build_model`` does, layer by layer)."""
+    them moves them to the device (``seqpar.train.runtime.build_model`` does, layer by layer)."""
     check_pattern(p.pattern, "model.pattern")
     kw: dict[str, Any] = dict(
         num_layers=p.num_layers, hidden_size=p.hidden_size, num_attention_heads=p.num_attention_heads,

@@ -93,38 +93,24 @@ def _misplaced(chunks, device: torch.device) -> list[str]:
     return bad
 
 
-def _megatron_steps(cfg, steps: int, device_of, run):
-    from seqpar.train.loop import _batch, build_data, build_engine, train_step
-    from seqpar.train.step import param_device
+def _engine_steps(cfg, steps: int, run):
+    """Build ``cfg``'s engine through the engine interface, check its placement, run ``steps`` steps
+    with ``run``; returns (grad norm of the last step, misplaced tensors after the build)."""
+    from seqpar.train.engine import Batch, StepContext, engine_class
+    from seqpar.train.loop import _batch, build_data
 
     data, vocab = build_data(cfg)
-    engine = build_engine(cfg, vocab)
-    device = device_of(param_device(engine.model))
-    return run(lambda step: train_step(engine, *_batch(data, step, cfg, device)), steps).grad_norm, []
-
-
-def _deepspeed_steps(cfg, steps: int, device_of, run):
-    from megatron.core import parallel_state as ps
-
-    from seqpar.deepspeed.config import batch_shape, build_ds_config
-    from seqpar.deepspeed.engine import _split, forward_backward, initialize
-    from seqpar.train.loop import _batch, _device, build_data, build_model
-
-    data, vocab = build_data(cfg)
-    dp = ps.get_data_parallel_world_size()
-    target = _device()
-    model = build_model(cfg, vocab, target)[0]
-    engine = initialize(cfg, model, build_ds_config(cfg, dp))
+    engine = engine_class(cfg.train.engine).build(cfg, vocab)
     try:
-        # ZeRO-3's zero.Init partitions the parameters onto DeepSpeed's device and leaves the buffers
-        # where build_model put them: every partition, buffer and tensor attribute on the one device
-        misplaced = _misplaced([engine.module], target) + ([] if engine.device == target else [f"{engine.device}"])
-        device = device_of(target)
-        micro, _ = batch_shape(cfg, dp)
-        run(lambda step: forward_backward(engine, _split(_batch(data, step, cfg, device), micro)), steps)
-        return engine.get_global_grad_norm(), misplaced
+        # every parameter (ZeRO-3: every partition; zero.Init leaves the buffers where build_model put
+        # them), buffer and tensor attribute on the engine's device
+        device = engine.device
+        misplaced = _misplaced(engine.modules, device)
+        res = run(device, lambda step: engine.train_step(Batch(*_batch(data, step, cfg, device)), StepContext(step)),
+                  steps)
+        return res.grad_norm, misplaced
     finally:
-        engine.destroy()
+        engine.close()
 
 
 def _step_checked(rank: int, world: int, runs: list[tuple[str, list[str]]]):
@@ -140,31 +126,23 @@ def _step_checked(rank: int, world: int, runs: list[tuple[str, list[str]]]):
 
     out = []
     for engine, overrides in runs:
-        cfg = load_recipe(ROOT / "recipes" / "tiny_hybrid_cp2.yaml", BASE + overrides)
+        cfg = load_recipe(ROOT / "recipes" / "tiny_hybrid_cp2.yaml", BASE + overrides + [f"train.engine={engine}"])
         par = cfg.parallel
         init_parallel(par.tensor_parallel, par.context_parallel, par.pipeline_parallel, seed=cfg.train.seed)
         wrong: list[str] = []
-        where: dict[str, torch.device] = {}
         saved = {name: getattr(dist, name) for name in COLLECTIVES}
-
-        def checked(name, fn):
-            def call(*args, **kwargs):
-                items = list(args) + list(kwargs.values())
-                if name == "batch_isend_irecv":
-                    items = [op.tensor for op in args[0]]
-                for t in _tensors(items):
-                    if t.device != where["device"]:
-                        wrong.append(f"{name}: {t.device} != {where['device']}")
-                return fn(*args, **kwargs)
-            return call
-
-        def device_of(device):
-            where["device"] = device
-            return device
-
         mode = _DefaultDeviceFactories()
 
-        def run(step_fn, steps):
+        def run(device, step_fn, steps):
+            def checked(name, fn):
+                def call(*args, **kwargs):
+                    items = list(args) + list(kwargs.values())
+                    if name == "batch_isend_irecv":
+                        items = [op.tensor for op in args[0]]
+                    wrong.extend(f"{name}: {t.device} != {device}" for t in _tensors(items) if t.device != device)
+                    return fn(*args, **kwargs)
+                return call
+
             for name, fn in saved.items():
                 setattr(dist, name, checked(name, fn))
             try:
@@ -177,8 +155,7 @@ def _step_checked(rank: int, world: int, runs: list[tuple[str, list[str]]]):
                     setattr(dist, name, fn)
 
         try:
-            steps = {"megatron": _megatron_steps, "deepspeed": _deepspeed_steps}[engine]
-            gnorm, misplaced = steps(cfg, 2, device_of, run)
+            gnorm, misplaced = _engine_steps(cfg, 2, run)
             out.append((sorted(mode.calls), wrong, float(gnorm), misplaced))
         finally:
             parallel_state.destroy_model_parallel()
@@ -191,8 +168,7 @@ def test_collective_tensors_live_on_the_parameters_device():
     # DeepSpeed engine (ZeRO-3: parameter gathers and partitioned reductions) at CP=2 with them
     cases = [[("megatron", ["model.pattern=ASL", "parallel.context_parallel=1"])],
              [("megatron", ["model.pattern=ASLH", "parallel.context_parallel=2"]),
-              ("deepspeed", ["model.pattern=ASLH", "parallel.context_parallel=2", "train.engine=deepspeed",
-                             "deepspeed.zero_stage=3"])]]
+              ("deepspeed", ["model.pattern=ASLH", "parallel.context_parallel=2", "deepspeed.zero_stage=3"])]]
     for runs in cases:
         for results in run_ranks(_step_checked, 2, runs, timeout=400):
             for (engine, overrides), (calls, wrong, gnorm, misplaced) in zip(runs, results):
@@ -207,8 +183,8 @@ def _placement(cfg, vocab: int, device) -> dict:
     """Each distinct (pipeline stage, TP rank) shard of ``cfg``'s layout built in this process (a fake
     world, as ``--dry-run`` does) for ``device``: its misplaced tensors and its attention kinds."""
     from seqpar.megatron import LightningSelfAttention, MoHSelfAttention, S2CoreAttention, SoftmaxCoreAttention
-    from seqpar.train.loop import build_model
     from seqpar.train.memory import _fake_world
+    from seqpar.train.runtime import build_model
 
     kinds = {SoftmaxCoreAttention: "A", S2CoreAttention: "S", LightningSelfAttention: "L", MoHSelfAttention: "H"}
     par = cfg.parallel
@@ -265,7 +241,7 @@ def test_torch_adamw_step_survives_loading_without_the_cpu_shim(tmp_path):
     from seqpar.megatron import destroy_parallel, disable_cpu_compat, init_parallel
     from seqpar.train import checkpoint
     from seqpar.train.config import load_recipe
-    from seqpar.train.loop import build_engine
+    from seqpar.train.megatron_engine import build_engine
 
     cfg = load_recipe(ROOT / "recipes" / "tiny_hybrid_cp2.yaml",
                       BASE + ["model.pattern=AL", "parallel.context_parallel=1", "optim.distributed=true",
@@ -301,7 +277,8 @@ def _engine_facts(rank: int, world: int, overrides: list[str]):
 
     from seqpar.megatron import disable_cpu_compat, init_parallel
     from seqpar.train.config import load_recipe
-    from seqpar.train.loop import _batch, build_data, build_engine, train_step
+    from seqpar.train.loop import _batch, build_data
+    from seqpar.train.megatron_engine import build_engine, train_step
     from seqpar.train.step import param_device
 
     cfg = load_recipe(ROOT / "recipes" / "tiny_hybrid_cp2.yaml", BASE + overrides + ["parallel.context_parallel=1"])

@@ -58,7 +58,7 @@ def test_gpu_model_is_the_cpu_model_and_all_on_the_gpu(world, tmp_path):
     from megatron.core import parallel_state
 
     from seqpar.megatron import init_parallel
-    from seqpar.train.loop import build_model
+    from seqpar.train.runtime import build_model
 
     cfg = _cfg(tmp_path, "model.dtype=bf16")
     init_parallel(1, 1, seed=cfg.train.seed)
