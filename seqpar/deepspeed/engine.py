@@ -308,11 +308,11 @@ class DeepSpeedEngine(Engine):
         return dataclasses.replace(res, lr=lr, grad_norm=None if gnorm is None else float(gnorm))
 
     def save(self, ckpt_dir: pathlib.Path, step: int, *, rng: Any, config: dict[str, Any],
-             tokenizer_model: Optional[bytes] = None) -> pathlib.Path:
+             tokenizer: Any = None) -> pathlib.Path:
         from seqpar.deepspeed import checkpoint
 
         return checkpoint.save(self.engine, ckpt_dir, step, rng=rng, config=config,
-                               keep_last=self.cfg.train.keep_last, tokenizer_model=tokenizer_model)
+                               keep_last=self.cfg.train.keep_last, tokenizer=tokenizer)
 
     def load(self, path: pathlib.Path, *, config: dict[str, Any]) -> dict[str, Any]:
         from seqpar.deepspeed import checkpoint

@@ -145,9 +145,9 @@ class MegatronEngine(Engine):
         return res
 
     def save(self, ckpt_dir: pathlib.Path, step: int, *, rng: Any, config: dict[str, Any],
-             tokenizer_model: Optional[bytes] = None) -> pathlib.Path:
+             tokenizer: Any = None) -> pathlib.Path:
         return checkpoint.save(ckpt_dir, step, self.model, self.optimizer, rng=rng, config=config,
-                               tokenizer_model=tokenizer_model)
+                               tokenizer=tokenizer)
 
     def load(self, path: pathlib.Path, *, config: dict[str, Any]) -> dict[str, Any]:
         state = checkpoint.load(path, self.model, self.optimizer, config=config)
