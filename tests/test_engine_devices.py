@@ -96,7 +96,7 @@ def _misplaced(chunks, device: torch.device) -> list[str]:
 def _engine_steps(cfg, steps: int, run):
     """Build ``cfg``'s engine through the engine interface, check its placement, run ``steps`` steps
     with ``run``; returns (grad norm of the last step, misplaced tensors after the build)."""
-    from seqpar.train.engine import Batch, StepContext, engine_class
+    from seqpar.train.engine import StepContext, engine_class
     from seqpar.train.loop import _batch, build_data
 
     data, vocab = build_data(cfg)
@@ -106,8 +106,7 @@ def _engine_steps(cfg, steps: int, run):
         # them), buffer and tensor attribute on the engine's device
         device = engine.device
         misplaced = _misplaced(engine.modules, device)
-        res = run(device, lambda step: engine.train_step(Batch(*_batch(data, step, cfg, device)), StepContext(step)),
-                  steps)
+        res = run(device, lambda step: engine.train_step(_batch(data, step, cfg, device), StepContext(step)), steps)
         return res.grad_norm, misplaced
     finally:
         engine.close()
