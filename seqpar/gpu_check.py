@@ -84,8 +84,9 @@ PHASES: tuple[Phase, ...] = (
           argv=("-m", "seqpar.gpu_check", "--toolchain-phase", "{json}")),
     Phase("kernels", "tests/gpu kernels at d128 bf16 (S2, flash, Lightning, MoH fwd + bwd vs fp64)", 180,
           pytest=("tests/gpu", "-m", "kernels_d128_bf16"), workers=4),
-    Phase("train", "one-GPU training steps of every recipe (its engine: Megatron or DeepSpeed), NCCL", 180,
-          pytest=("tests/gpu/test_gpu_train.py",), workers=4),
+    Phase("train", "one-GPU training steps of every recipe (its engine: Megatron or DeepSpeed), NCCL; both "
+          "engines' model on the GPU (== the CPU-initialised model), distributed-optimizer resume", 180,
+          pytest=("tests/gpu/test_gpu_train.py", "tests/gpu/test_gpu_engine.py"), workers=4),
     Phase("long_context", "long-context launches: 64K and 128K tokens per call, Lightning, flash, S2, MoH", 240,
           pytest=("tests/gpu", "-m", "long_context")),
     Phase("syncs", "sync detector: steady-state steps (packed documents too) under torch.cuda.set_sync_debug_mode"

@@ -52,13 +52,18 @@ class MoHRouting:
     balance_loss: torch.Tensor
 
 
-def routed_counts(topk_index: torch.Tensor, num: int, dtype: torch.dtype) -> torch.Tensor:
-    """Tokens that selected each routed head: ``[num]`` in ``dtype`` from ``topk_index [..., top_k]``.
+def routed_counts(topk_index: torch.Tensor, num: int, dtype: torch.dtype,
+                  real: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Tokens that selected each routed head: ``[num]`` in ``dtype`` from ``topk_index [..., top_k]``;
+    ``real`` (bool, broadcastable to ``topk_index``) counts only the tokens where it is set.
 
-    A scatter-add of ones (``F.one_hot`` would read the indices' min and max on the host on CPU,
-    and ``bincount`` sizes its output from the data on every device: both are host syncs)."""
-    idx = topk_index.reshape(-1)
-    return torch.zeros(num, dtype=torch.int64, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx)).to(dtype)
+    A scatter-add in int64, exact in any ``dtype`` (``F.one_hot`` would read the indices' min and max on
+    the host on CPU, and ``bincount`` sizes its output from the data on every device: both are host
+    syncs)."""
+    ones = torch.ones_like(topk_index, dtype=torch.int64)
+    src = ones if real is None else ones * real.to(torch.int64)
+    return torch.zeros(num, dtype=torch.int64, device=topk_index.device).scatter_add_(
+        0, topk_index.reshape(-1), src.reshape(-1)).to(dtype)
 
 
 def _positive_int(name: str, value) -> int:

@@ -29,7 +29,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                     help="validate the recipe for its layout (under torchrun: for the launched world; else --world "
                          "or TP x CP ranks), print the resolved recipe as JSON, start nothing")
     ap.add_argument("--dry-run", action="store_true",
-                    help="validate the recipe and its parallel layout and report per-rank parameter, gradient "
+                    help="validate the recipe and its parallel layout and report the engine that would run "
+                         "(Megatron, or DeepSpeed's ZeRO stage and offloads) and its per-rank parameter, gradient "
                          "and optimizer-state bytes (one meta-device model per distinct pipeline-stage x TP "
                          "shard, built in this one process on a fake world; no process group is started)")
     ap.add_argument("--world", type=int, default=None, metavar="N",
