@@ -108,6 +108,26 @@ def test_same_device_moves_count_in_seqpar_code_only():
     assert _count(lambda: plan.to("cpu")).total == 0  # copied once per device, then kept
 
 
+def test_moves_of_computed_tensors_are_free_in_seqpar_code():
+    # in seqpar's code, moving a tensor the block computed (or a view of it) within its device is free
+    # (on a GPU it never left the device: LASP-1's `final.copy_(s_out[pos])`); pre-existing host state
+    # (a buffer) moved to the CPU "device" still counts: on a GPU run that is a host-to-device copy
+    import os
+
+    import seqpar
+
+    src = ("def move(buf, x):\n"
+           "    y = x * 2\n"
+           "    out = x.new_zeros(4)\n"
+           "    out.copy_(y[:4])\n"
+           "    return y.to('cpu'), y[1:].to(x.device), buf.to(x.device)\n")
+    ns = {}
+    exec(compile(src, os.path.join(os.path.dirname(seqpar.__file__), "_probe.py"), "exec"), ns)
+    buf = torch.arange(4.0)
+    n = _count(lambda: ns["move"](buf, torch.ones(8)))
+    assert n.copies == 1 and n.reads == 0 and "_probe.py:5" in n.sites[0], n.sites
+
+
 def test_cpu_fallbacks_are_set_apart():
     q = torch.randn(1, 40, 2, 16)
     gates = (torch.rand(1, 40, 2) < 0.5).float()

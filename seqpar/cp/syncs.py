@@ -14,11 +14,12 @@ copies (host -> device)
     tensors made from host data (``torch.tensor``, ``torch.as_tensor``, ``Tensor.new_tensor``,
     ``torch.from_numpy``, indexing with a Python list: ``aten.lift_fresh``), every copy from the
     CPU to another device, and, issued by seqpar's own code (``seqpar/``, ``kernels/``, ``models/``),
-    every ``.to(device)`` / ``.cuda()`` / ``.copy_(src)`` of a CPU tensor even when the target is the
-    CPU: on a CPU-only machine that is a no-op, but it is where a GPU run would copy (a module that
-    keeps a buffer on the host and moves it per call is caught without a GPU). Other libraries'
-    same-device moves (DeepSpeed copying gradients into its buckets) are device-to-device on a GPU
-    and not counted.
+    every ``.to(device)`` / ``.cuda()`` / ``.copy_(src)`` of a CPU tensor that existed before the block
+    (a buffer, a cached table, a constant) even when the target is the CPU: on a CPU-only machine that
+    is a no-op, but it is where a GPU run would copy (a module that keeps a buffer on the host and
+    moves it per call is caught without a GPU). A tensor the block computed (or a view of one) lives
+    where the compute runs, so moving it within that device is not counted; nor are other libraries'
+    same-device moves (DeepSpeed copying gradients into its buckets: device-to-device on a GPU).
 
 Not counted: work that only the CPU build runs — the Triton interpreter's emulation of a kernel
 (its argument copies), and the plain-torch fallbacks of the kernels (``backend="torch"``:
@@ -78,6 +79,7 @@ _INDEX_OPS = {_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.defa
 _READ_METHODS = {"tolist", "numpy", "__array__", "cpu"}
 _MOVE_METHODS = {"to", "cuda", "copy_", "pin_memory"}
 
+_FRESH: dict = {}  # aten op -> whether its outputs are new storage (no alias of an input)
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _THIS = os.path.abspath(__file__)
 
@@ -146,6 +148,22 @@ class _Counter:
         self.interp, self.fallbacks = _cpu_only_dirs()
         self.ours = _seqpar_dirs()
         self.local = threading.local()
+        self.made: set = set()  # CPU storages (data pointers) that ops of the block allocated
+
+    def record(self, func, out) -> None:
+        """Remember the CPU storages ``func`` allocated (outputs that alias an input are not new)."""
+        fresh = _FRESH.get(func)
+        if fresh is None:
+            fresh = _FRESH[func] = all(r.alias_info is None for r in func._schema.returns)
+        if not fresh:
+            return
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not t.is_meta:
+                self.made.add(t.untyped_storage().data_ptr())
+
+    def computed(self, t: torch.Tensor) -> bool:
+        """True when ``t``'s storage was allocated inside the block (it is not pre-existing host state)."""
+        return t.untyped_storage().data_ptr() in self.made
 
     # where an op comes from: skip torch's and this file's frames
     def classify(self) -> tuple[Optional[str], bool]:
@@ -216,8 +234,9 @@ class _Methods(TorchFunctionMode):
         if self_t is not None and name in _MOVE_METHODS:
             src = args[1] if name == "copy_" and len(args) > 1 and isinstance(args[1], torch.Tensor) else self_t
             dst = self_t.device if name == "copy_" else _move_target(name, args, kwargs)
-            if dst is not None and src.device.type == "cpu":
-                # a CPU source moved to a device; to the CPU itself only counted in seqpar's code (see above)
+            if dst is not None and src.device.type == "cpu" and not (dst.type == "cpu" and self.c.computed(src)):
+                # a CPU source moved to a device; to the CPU itself only pre-existing host state moved by
+                # seqpar's code (see above)
                 self.c.add("copy", f"Tensor.{name} cpu->{dst}", seqpar_only=dst.type == "cpu")
                 with self.c.quiet():
                     return func(*args, **kwargs)
@@ -276,7 +295,9 @@ class _Ops(TorchDispatchMode):
                     self.c.add("copy", f"{name} cpu->{dst}")
                 elif src.device.type != "cpu" and dst.type == "cpu":
                     self.c.add("read", f"{name} {src.device}->cpu")
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        self.c.record(func, out)
+        return out
 
 
 @contextlib.contextmanager
