@@ -168,7 +168,7 @@ def _layers(op, cu, layers: int):
                     elif op == "flash":
                         o = flash_attention(q, k, v, backend="triton", **kw)
                     elif op == "moh":
-                        o = moh_attention(q, k, v, extra["gates"], backend="triton")
+                        o = moh_attention(q, k, v, extra["gates"], backend="triton", **kw)
                     elif op == "lightning":
                         o, _ = lightning_attention(q, k, v, slope, backend="triton", **kw)
                     else:  # the padded-document wrapper (its inner call is "lightning" above): torch backend
@@ -181,7 +181,7 @@ def _layers(op, cu, layers: int):
     return step()
 
 
-@pytest.mark.parametrize("op, cu", [("s2", CU), ("flash", None), ("moh", None), ("lightning", CU),
+@pytest.mark.parametrize("op, cu", [("s2", CU), ("flash", None), ("moh", None), ("moh", CU), ("lightning", CU),
                                     ("lightning padded", CU)])
 def test_kernels_triton_path_makes_no_host_sync_per_layer(op, cu, monkeypatch):
     monkeypatch.setenv("SEQPAR_DEBUG", "0")
