@@ -101,12 +101,12 @@ def test_target_from_cuda_capability_or_compile_target(monkeypatch):
     # sm_86 / sm_89 (99 KB of shared memory per CTA) have their own entries where sm_80's spill or
     # leave one CTA of 4 warps per SM there (tests/test_kernel_resources.py measures them)
     with _tuning.compile_target(86):
-        ada_moh64 = _tuning.attention_tuning("dkdv", 64, 64, bf16, "cpu", op="moh")
+        ada_dkdv = _tuning.attention_tuning("dkdv", 64, 64, bf16, "cpu")
         ada_dq = _tuning.attention_tuning("dq", 64, 128, bf16, "cpu")
     with _tuning.compile_target(80):
-        a100_moh64 = _tuning.attention_tuning("dkdv", 64, 64, bf16, "cpu", op="moh")
+        a100_dkdv = _tuning.attention_tuning("dkdv", 64, 64, bf16, "cpu")
         a100_dq = _tuning.attention_tuning("dq", 64, 128, bf16, "cpu")
-    assert ada_moh64.block_m == 32 and a100_moh64.block_m is None
+    assert ada_dkdv.default == cfg(8, 1) and a100_dkdv.default == cfg(8, 2)
     assert ada_dq.default == cfg(8, 2) and a100_dq.default == cfg(4, 2)
     assert light.default == cfg(4, 2) and _tuning.lightning_tuning("chunk", "cpu").default == cfg(8, 3)
 
