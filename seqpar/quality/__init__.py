@@ -14,7 +14,7 @@ step (``seqpar.quality.runner``). Tasks (``seqpar.quality.tasks``):
 ``python -m seqpar.quality`` (``make quality``) writes ``quality.json`` (schema:
 ``seqpar.quality.schema``, ``docs/quality.md``), ``quality.md`` (the table and the papers' claims
 checked for direction) and ``quality.png`` to ``runs/quality/``, stamped with date, versions and
-device. Sizes: ``--scale cpu`` (default without CUDA; within 20 minutes of 2 CPU cores), ``gpu``
+device. Sizes: ``--scale cpu`` (default without CUDA; about 20 minutes of 2 idle CPU cores), ``gpu``
 (default with CUDA), ``smoke`` (the test's).
 """
 

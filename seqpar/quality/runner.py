@@ -1,10 +1,11 @@
 """One training run per (task, model, seed), on the trainer's own engine: the recipe's megatron-core
-``GPTModel`` from seqpar's layer specs (``build_engine``: megatron DDP, megatron's optimizer and LR
-schedule) and its optimizer step (``train_step``: megatron's forward/backward schedule, token-weighted
-loss, MoH aux loss, grad clipping), on a world of one rank per worker process.
+``GPTModel`` from seqpar's layer specs, built and stepped by the recipe's engine
+(``seqpar.train.engine.engine_class(train.engine)``, megatron by default: megatron DDP, megatron's
+optimizer and LR schedule, its forward/backward schedule, token-weighted loss, MoH aux loss, grad
+clipping), on a world of one rank per run.
 
 Runs are spread over ``workers`` spawned processes (one torch thread each by default on CPU), each
-with its own gloo (CPU) / NCCL (CUDA) world of one; a run's result depends only on its (task, model,
+run with its own gloo (CPU) / NCCL (CUDA) world of one; a run's result depends only on its (task, model,
 seed), not on the worker or the order. A run that fails is reported with its error and the others
 still run.
 """
@@ -46,13 +47,19 @@ def recipe(scale: Scale, task_name: str, model_fields: dict[str, Any], seed: int
     AdamW with warmup and cosine decay to lr / 10."""
     task = scale.task(task_name)
     lr = task.lr
+    # the trainer reads the model's position range and vocabulary from `data`; the batches come from
+    # the quality task (seqpar.quality.tasks.train_data), so the MQAR fields only have to be valid
+    data: dict[str, Any] = {"dataset": "text", "seq_len": T.max_seq_len(task_name, task), "global_batch": task.batch,
+                            "vocab_size": vocab}
+    if task_name != "text":
+        pairs, queries, _ = max(task.settings, key=lambda s: s[2]) if task_name == "mqar" else (1, 1, 0)
+        data.update(dataset="mqar", mqar_pairs=pairs, mqar_queries=queries)
     return {
         "model": {"preset": "tiny-dense", "dtype": "bf16" if cuda else "fp32", **model_fields},
-        "parallel": {"backend": "auto"},
-        # the trainer reads the model's position range and vocabulary from here; the batches come
-        # from the quality task (seqpar.quality.tasks.train_data)
-        "data": {"dataset": "text" if task_name == "text" else "mqar", "seq_len": T.max_seq_len(task_name, task),
-                 "global_batch": task.batch, "vocab_size": vocab},
+        # on CPU the torch kernels: "auto" would pick the Triton interpreter where TRITON_INTERPRET=1
+        # (a correctness tool, orders of magnitude slower)
+        "parallel": {"backend": "auto" if cuda else "torch"},
+        "data": data,
         "optim": {"lr": lr, "min_lr": lr / 10, "warmup_steps": min(scale.warmup_steps, task.steps // 4),
                   "weight_decay": scale.weight_decay},
         "train": {"steps": task.steps, "seed": seed, "progress": False, "out_dir": out_dir},
@@ -63,25 +70,28 @@ def recipe(scale: Scale, task_name: str, model_fields: dict[str, Any], seed: int
 # the worker
 
 
-def _init_worker(threads: int, rdv_dir: str) -> None:
-    import torch.distributed as dist
+_RDV_DIR: Optional[str] = None  # the worker's rendezvous folder (set by _init_worker)
+_RUNS = 0  # runs started in this worker (each gets its own rendezvous file)
 
+
+def _init_worker(threads: int, rdv_dir: str) -> None:
+    global _RDV_DIR
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* (is|are) not installed",
                             category=UserWarning)
     if not torch.cuda.is_available():
         torch.set_num_threads(threads)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                            init_method=f"file://{rdv_dir}/rdv_{os.getpid()}", rank=0, world_size=1)
+    _RDV_DIR = rdv_dir
 
 
 def run_job(job: Job) -> dict[str, Any]:
-    """Train and evaluate one run in this (initialised) worker; never raises: a failure is a result
-    with ``status: failed`` and the error."""
-    from megatron.core import parallel_state
-
-    from seqpar.megatron import init_parallel
+    """Train and evaluate one run in this worker, in its own world of one rank (gloo on CPU, NCCL on
+    CUDA: ``seqpar.megatron.init_parallel``, torn down after the run); never raises: a failure is a
+    result with ``status: failed`` and the error."""
+    global _RUNS
+    from seqpar.data import Batch
+    from seqpar.megatron import destroy_parallel, init_parallel
     from seqpar.train.config import from_dict
-    from seqpar.train.loop import build_engine, train_step
+    from seqpar.train.engine import StepContext, engine_class
 
     t_cpu, t_wall = time.process_time(), time.perf_counter()
     res: dict[str, Any] = {"task": job.task, "model": job.model, "seed": job.seed, "status": "ok", "error": None,
@@ -89,26 +99,30 @@ def run_job(job: Job) -> dict[str, Any]:
     try:
         cfg = from_dict(job.recipe)
         torch.manual_seed(job.seed)
-        init_parallel(1, 1, 1, seed=job.seed)
+        _RUNS += 1
+        rdv = pathlib.Path(_RDV_DIR or tempfile.gettempdir()) / f"rdv_{os.getpid()}_{_RUNS}"
+        init_parallel(1, 1, 1, seed=job.seed, init_method=f"file://{rdv}", rank=0, world_size=1)
         try:
-            engine = build_engine(cfg, cfg.data.vocab_size)
-            res["params"] = sum(p.numel() for c in engine.model for p in c.parameters())
-            device = next(engine.model[0].parameters()).device
+            engine = engine_class(cfg.train.engine).build(cfg, cfg.data.vocab_size)
+            res["params"] = sum(p.numel() for c in engine.modules for p in c.parameters())
+            device = engine.device
             text_file = pathlib.Path(job.text_file) if job.text_file else None
             data = T.train_data(job.task, job.task_cfg, job.seed, text_file)
-            for chunk in engine.model:
-                chunk.train()
+            engine.train()
             every = max(1, cfg.train.steps // 20)
             for step in range(cfg.train.steps):
-                batch = tuple(t.to(device) for t in data.batch(step, cfg.data.global_batch))
-                r = train_step(engine, *batch)
+                b = data.batch(step, cfg.data.global_batch)
+                if not isinstance(b, Batch):  # the synthetic tasks give (tokens, labels, loss_mask)
+                    b = Batch(*b)
+                b = Batch(*(t.to(device) for t in (b.tokens, b.labels, b.loss_mask, b.position_ids)))
+                r = engine.train_step(b, StepContext(step))
                 if not (r.loss == r.loss):  # NaN: stop here, the metrics would be meaningless
                     raise FloatingPointError(f"loss is NaN at step {step}")
                 if step % every == 0 or step + 1 == cfg.train.steps:
                     res["losses"].append([step, r.loss])
             res["metrics"] = T.evaluate(job.task, job.task_cfg, engine.model, text_file)
         finally:
-            parallel_state.destroy_model_parallel()
+            destroy_parallel()
     except Exception as e:  # noqa: BLE001 - reported in the table, the other runs go on
         res["status"] = "failed"
         res["error"] = f"{type(e).__name__}: {e}"

@@ -50,32 +50,24 @@ def prepare_text(task: TextTask, corpus_path: pathlib.Path, out: pathlib.Path, c
     """Tokenize the corpus once (the parent process): ``out`` gets ``train_ids`` / ``valid_ids``
     (int64, works joined by EOS) as a weights-only torch file. Returns the corpus facts for the report."""
     from seqpar.data import encode_documents, get_tokenizer
+    from seqpar.data.tokenizer import SP_MODEL, Tokenizer, _budget  # documents in order up to max_bytes
     from seqpar.quality import corpus
 
     train, held = corpus.split(corpus_path)
     train_docs = _budget(list(train.values()), task.max_bytes)
     sp = get_tokenizer(task.vocab_size, "\n".join(train_docs), cache_dir)
-    train_ids = encode_documents(sp, train_docs)
-    valid_ids = encode_documents(sp, list(held.values()))
+    tok = Tokenizer({SP_MODEL: sp.serialized_model_proto()}, f"quality text task ({task.vocab_size} pieces)", cache_dir)
+    train_ids = encode_documents(tok, train_docs)
+    valid_ids = encode_documents(tok, list(held.values()))
     need = task.val_windows * task.seq_len + 1
     if valid_ids.numel() < need:
         raise ValueError(f"the held-out works have {valid_ids.numel()} tokens, fewer than val_windows x seq_len + 1 "
                          f"= {need}")
-    torch.save({"train_ids": train_ids, "valid_ids": valid_ids, "vocab_size": sp.vocab_size()}, out)
+    torch.save({"train_ids": train_ids, "valid_ids": valid_ids, "eod": tok.require_eod()}, out)
     return {"corpus": corpus.SDIST, "sha256": corpus.SHA256, "train_works": len(train), "held_out_works": sorted(held),
             "train_tokens": int(train_ids.numel()), "held_out_tokens": int(valid_ids.numel()),
             "val_tokens": task.val_windows * task.seq_len, "tokenizer": f"sentencepiece BPE, {sp.vocab_size()} pieces, "
             f"trained on the training works"}
-
-
-def _budget(docs: list[str], max_bytes: int) -> list[str]:
-    out, total = [], 0
-    for d in docs:
-        if total >= max_bytes:
-            break
-        out.append(d[: max_bytes - total])
-        total += len(out[-1])
-    return out
 
 
 def train_data(task_name: str, task: Any, seed: int, text_file: pathlib.Path | None = None) -> Any:
@@ -84,8 +76,8 @@ def train_data(task_name: str, task: Any, seed: int, text_file: pathlib.Path | N
     from seqpar.data.passkey import PasskeyDataset
 
     if task_name == "text":
-        ids = torch.load(text_file, weights_only=True)["train_ids"]
-        return PackedTextDataset(ids, task.seq_len, seed=seed)
+        saved = torch.load(text_file, weights_only=True)
+        return PackedTextDataset(saved["train_ids"], task.seq_len, seed=seed, eod=int(saved["eod"]))
     if task_name == "mqar":
         return Mixture([MQARDataset(task.vocab_size, n, p, q, seed=seed, spread=True) for p, q, n in task.settings])
     if task_name == "passkey":
