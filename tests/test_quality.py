@@ -149,9 +149,9 @@ def test_passkey_layout_and_exact_match():
         assert torch.equal(lb[m.bool()], key)  # the masked labels are the key
         rest = torch.cat([t[:at], t[at + 4:ds.haystack]])
         assert (rest >= FIRST_NOISE).all()  # noise never looks like a marker or a digit
-    assert torch.equal(ds.batch(2, 4)[0], tok)
-    first = PasskeyDataset(40, 30, 3, seed=3, depth=0.0).batch(0, 1)[0][0]
-    last = PasskeyDataset(40, 30, 3, seed=3, depth=1.0).batch(0, 1)[0][0]
+    assert torch.equal(ds.batch(2, 4).tokens, tok)
+    first = PasskeyDataset(40, 30, 3, seed=3, depth=0.0).batch(0, 1).tokens[0]
+    last = PasskeyDataset(40, 30, 3, seed=3, depth=1.0).batch(0, 1).tokens[0]
     assert int(first[0]) == NEEDLE and int(last[ds.haystack - 4]) == NEEDLE
     ok = torch.tensor([[1, 1, 0, 1], [1, 1, 1, 1]], dtype=torch.bool)
     m = torch.tensor([[0, 1, 1, 0], [0, 1, 1, 0]], dtype=torch.float)
@@ -175,5 +175,5 @@ def test_mqar_spread_puts_queries_among_noise():
         positions += where
     assert max(positions) > 60  # spread over the sequence, not packed after the pairs
     assert (tok[:, 12:] != 0).all()  # noise, not padding
-    compact = MQARDataset(64, 96, 6, 6, seed=2).batch(0, 8)[2]
+    compact = MQARDataset(64, 96, 6, 6, seed=2).batch(0, 8).loss_mask
     assert torch.equal(torch.nonzero(compact[0]).flatten(), torch.arange(12, 24, 2))  # the default is unchanged

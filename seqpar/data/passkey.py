@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from seqpar.data.batch import Batch
+
 NEEDLE = 1
 QUERY = 2
 FIRST_DIGIT = 3
@@ -66,8 +68,9 @@ class PasskeyDataset:
         return round(depth * (self.haystack - (self.key_len + 1)))
 
     def batch(self, step: int, global_batch: int, rank: int = 0, ranks: int = 1):
-        """Rows ``[rank::ranks]`` of the global batch of ``step``: ``tokens, labels, loss_mask``, each
-        ``[rows, seq_len]`` (the mask is 1 on the ``key_len`` positions that predict the key)."""
+        """Rows ``[rank::ranks]`` of the global batch of ``step`` as a :class:`~seqpar.data.Batch`:
+        ``tokens``, ``labels``, ``loss_mask``, each ``[rows, seq_len]`` (the mask is 1 on the
+        ``key_len`` positions that predict the key), one document per row."""
         k, toks = self.key_len, []
         for i in range(rank, global_batch, ranks):
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + step * global_batch + i)
@@ -83,7 +86,7 @@ class PasskeyDataset:
         x = torch.stack(toks)
         mask = torch.zeros(x.shape[0], self.seq_len)
         mask[:, self.haystack:] = 1.0  # QUERY d1 .. d(K-1) predict d1 .. dK
-        return x[:, :-1].contiguous(), x[:, 1:].contiguous(), mask
+        return Batch(x[:, :-1].contiguous(), x[:, 1:].contiguous(), mask)  # one document per row
 
 
 def key_exact_match(correct: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:

@@ -112,8 +112,6 @@ def run_job(job: Job) -> dict[str, Any]:
             every = max(1, cfg.train.steps // 20)
             for step in range(cfg.train.steps):
                 b = data.batch(step, cfg.data.global_batch)
-                if not isinstance(b, Batch):  # the synthetic tasks give (tokens, labels, loss_mask)
-                    b = Batch(*b)
                 b = Batch(*(t.to(device) for t in (b.tokens, b.labels, b.loss_mask, b.position_ids)))
                 r = engine.train_step(b, StepContext(step))
                 if not (r.loss == r.loss):  # NaN: stop here, the metrics would be meaningless
