@@ -1,0 +1,50 @@
+"""``python -m seqpar.bench``: run the benchmark suites and write JSON + markdown + PNG.
+
+    python -m seqpar.bench                          # every suite; GPU shapes on CUDA, small ones on CPU
+    python -m seqpar.bench --suites s2 lightning    # some suites
+    python -m seqpar.bench --size smoke --out /tmp/b  # minimal shapes (what the test runs)
+    python -m seqpar.bench --suites s2 --seqs 4096 8192 --budget-s 120
+
+Exit status 1 when a suite failed or a case raised (everything else still ran and was written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+from seqpar.bench import SUITES, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m seqpar.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--suites", nargs="+", choices=list(SUITES), default=list(SUITES), metavar="SUITE",
+                    help=f"suites to run (default: all): {', '.join(SUITES)}")
+    ap.add_argument("--size", choices=("smoke", "cpu", "gpu"), default=None,
+                    help="shape set (default: gpu on CUDA, cpu otherwise)")
+    ap.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/bench"),
+                    help="output folder for bench.json, bench.md and the PNG plots (default: runs/bench)")
+    ap.add_argument("--reps", type=int, default=5, help="timed repetitions per case, >= 5 (default 5)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
+    ap.add_argument("--seqs", type=int, nargs="+", default=None,
+                    help="sequence lengths of the kernel suites (MoH: the first one)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="time budget per suite in seconds: the rest of a suite is skipped, and said so")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    args = ap.parse_args(argv)
+    if args.reps < 5:
+        ap.error(f"--reps must be >= 5 (min / median / max and the noise flag need them), got {args.reps}")
+    report = run(args.suites, size=args.size, out=args.out, reps=args.reps, threads=args.threads, seqs=args.seqs,
+                 budget_s=args.budget_s, device=args.device)
+    bad = [s["name"] for s in report["suites"] if s["status"] == "failed"]
+    bad += [f"{s['name']}: {r['impl']} ({r['group']})" for s in report["suites"] for r in s["results"]
+            if r["status"] == "error"]
+    if bad:
+        print("FAILED: " + "; ".join(bad), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
