@@ -18,11 +18,11 @@ MAPPING = {"seqpar.kernels": ROOT / "kernels", "seqpar.models": ROOT / "models",
 # sits beside seqpar.train.)
 LAYERS = {
     "seqpar.kernels": 0, "seqpar.cp": 1, "seqpar.nn": 2, "seqpar.megatron": 3, "seqpar.deepspeed": 5,
-    "seqpar.models": 4, "seqpar.train": 5, "seqpar.export": 6, "seqpar.data": 5,
+    "seqpar.models": 4, "seqpar.train": 5, "seqpar.export": 6, "seqpar.data": 5, "seqpar.bench": 7,
 }
 # Only these may call torch.distributed (docs/design.md: comm.py on the attention path; process-group
-# set-up lives in train/, megatron/, deepspeed/).
-DIST_ALLOWED = ("seqpar.cp.comm", "seqpar.train", "seqpar.megatron", "seqpar.deepspeed")
+# set-up lives in train/, megatron/, deepspeed/, and the benchmark harness's own measurement runs).
+DIST_ALLOWED = ("seqpar.cp.comm", "seqpar.train", "seqpar.megatron", "seqpar.deepspeed", "seqpar.bench")
 
 
 def _modules():

@@ -23,8 +23,9 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"suites to run (default: all): {', '.join(SUITES)}")
     ap.add_argument("--size", choices=("smoke", "cpu", "gpu"), default=None,
                     help="shape set (default: gpu on CUDA, cpu otherwise)")
-    ap.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/bench"),
-                    help="output folder for bench.json, bench.md and the PNG plots (default: runs/bench)")
+    ap.add_argument("--out", type=pathlib.Path, default=None,
+                    help="output folder for bench.json, bench.md and the PNG plots (default: runs/bench, or "
+                         "runs/bench/<suites> when only some suites run)")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions per case, >= 5 (default 5)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
     ap.add_argument("--seqs", type=int, nargs="+", default=None,
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.reps < 5:
         ap.error(f"--reps must be >= 5 (min / median / max and the noise flag need them), got {args.reps}")
-    report = run(args.suites, size=args.size, out=args.out, reps=args.reps, threads=args.threads, seqs=args.seqs,
+    out = args.out or pathlib.Path("runs/bench") / ("" if args.suites == list(SUITES) else "+".join(args.suites))
+    report = run(args.suites, size=args.size, out=out, reps=args.reps, threads=args.threads, seqs=args.seqs,
                  budget_s=args.budget_s, device=args.device)
     bad = [s["name"] for s in report["suites"] if s["status"] == "failed"]
     bad += [f"{s['name']}: {r['impl']} ({r['group']})" for s in report["suites"] for r in s["results"]

@@ -274,18 +274,21 @@ def comparisons(model: list[dict]) -> list[dict]:
 def cp_suite(ctx: Context) -> SuiteResult:
     res = SuiteResult("Context parallelism: bytes per rank (ledger == scheme_cost), compute per rank (measured "
                       "rate x FLOPs), modelled per-layer step time (1b attention: 16 heads, 8 kv heads, d 128, bf16)")
-    pairs = [("lightning", "allgather"), ("softmax", "ring"), ("s2", "allgather")] if ctx.size == "smoke" else None
-    check = ledger_check(4, pairs)
-    res.tables["ledger of rank 0 vs cp.scheme_cost (4 gloo ranks, usp 2 x 2; host syncs of a steady-state layer "
-               "and its step)"] = check
-    if any(r["== scheme_cost"] != "yes" for r in check):
-        raise AssertionError(f"comm ledger differs from cp.scheme_cost: {[r for r in check if r['== scheme_cost'] != 'yes']}")
-    if any(r["host_syncs_layer"] != 0 for r in check):
-        raise AssertionError("a CP attention layer made host syncs in steady state (cp.step_checks)")
-    if ctx.size != "smoke":
+    if ctx.size == "smoke":  # 4 spawned ranks cost a minute; tests/test_cp_attention.py checks the ledger in make test
+        res.notes.append("ledger check skipped at smoke size (tests/test_cp_attention.py checks ledger == scheme_cost)")
+    else:
+        check = ledger_check(4)
+        res.tables["ledger of rank 0 vs cp.scheme_cost (4 gloo ranks, usp 2 x 2; host syncs of a steady-state "
+                   "layer and its step)"] = check
+        bad = [r for r in check if r["== scheme_cost"] != "yes"]
+        if bad:
+            raise AssertionError(f"comm ledger differs from cp.scheme_cost: {bad}")
+        if any(r["host_syncs_layer"] != 0 for r in check):
+            raise AssertionError("a CP attention layer made host syncs in steady state (cp.step_checks)")
         res.tables["bytes received per rank per layer (32 heads, 8 kv heads, d 128, bf16; usp: ulysses 8 x ring P/8)"] = \
             scale_table()
-        res.tables["S2 exchange peak K/V buffer vs plain all-gather (8 kv heads, d 128, bf16)"] = exchange_memory_table()
+        res.tables["S2 exchange peak K/V buffer vs plain all-gather (8 kv heads, d 128, bf16)"] = \
+            exchange_memory_table()
     rates = _compute_rates(ctx, res)
     res.tables["measured compute rate (fwd+bwd FLOPs the mask needs / s) per kind on this device"] = [
         {"kind": k, "TFLOP/s": v / 1e12} for k, v in rates.items()]

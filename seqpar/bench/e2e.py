@@ -23,13 +23,13 @@ E2E_SHAPES = {  # size, variants, seq, global batch, dtype
 }
 
 
-def _recipe(preset: str, seq: int, batch: int, dtype: str):
+def _recipe(preset: str, seq: int, batch: int, dtype: str, backend: str):
     from seqpar.train.config import from_dict
 
     return from_dict({
         "model": {"preset": preset, "dtype": dtype, "s2_block_size": 16 if seq <= 512 else 64,
                   "s2_local_blocks": 2, "s2_vert_stride": 4},
-        "parallel": {"tensor_parallel": 1, "context_parallel": 1, "backend": "auto"},
+        "parallel": {"tensor_parallel": 1, "context_parallel": 1, "backend": backend},
         "data": {"dataset": "mqar", "seq_len": seq, "global_batch": batch, "vocab_size": 256},
         "train": {"steps": 1, "progress": False, "out_dir": tempfile.mkdtemp(prefix="seqpar_bench_e2e_")},
     })
@@ -58,7 +58,8 @@ def e2e_suite(ctx: Context) -> SuiteResult:
     try:
         for variant in variants:
             preset = f"{size}-{variant}"
-            cfg = _recipe(preset, seq, batch, dtype)
+            # explicit: under TRITON_INTERPRET=1 (make test) "auto" would pick the interpreter on CPU
+            cfg = _recipe(preset, seq, batch, dtype, "triton" if ctx.cuda else "torch")
             data, vocab = build_data(cfg)
             engine = build_engine(cfg, vocab)
             for chunk in engine.model:
