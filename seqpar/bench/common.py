@@ -67,11 +67,12 @@ class Impl:
     fn: Callable[[], Any]
     flops: Optional[float] = None
     params: dict[str, Any] = field(default_factory=dict)
+    memory: bool = True  # measure peak memory (see seqpar.bench.timing.Case.memory)
 
 
 def time_group(ctx: Context, group: str, mode: str, impls: Sequence[Impl], params: dict[str, Any]) -> list[dict]:
     """Time ``impls`` interleaved; one schema ``Result`` dict per implementation."""
-    cases = measure([Case(i.name, i.fn) for i in impls], ctx.device, reps=ctx.reps)
+    cases = measure([Case(i.name, i.fn, memory=i.memory) for i in impls], ctx.device, reps=ctx.reps)
     rows = []
     for impl, c in zip(impls, cases):
         row: dict[str, Any] = {"group": group, "impl": impl.name, "mode": mode, "params": {**params, **impl.params},

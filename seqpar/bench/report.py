@@ -108,13 +108,16 @@ def result_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in results:
         row: dict[str, Any] = {"group": r["group"], "impl": r["impl"], "mode": r["mode"]}
         ms = r.get("ms")
-        if r["status"] != "ok":
-            row["ms median (min-max)"] = f"error: {r['error']}"
+        if r["status"] != "ok":  # the whole message is in the JSON
+            err = r["error"] or ""
+            row["ms median (min-max)"] = f"error: {err[:70]}" + ("..." if len(err) > 70 else "")
         else:
             row["ms median (min-max)"] = f"{ms['median']:.3g} ({ms['min']:.3g}-{ms['max']:.3g})" + (
                 " NOISY" if ms["noisy"] else "")
         row["TFLOP/s"] = r.get("tflops")
         row["peak MiB"] = r.get("peak_mem_mib")
+        if (r.get("first_call_s") or 0) > 1.0:  # compilation (flex_attention, Triton): worth seeing
+            row["first call s"] = r["first_call_s"]
         for k, v in r.get("metrics", {}).items():
             row[k] = v
         rows.append(row)

@@ -88,6 +88,7 @@ class Case:
     peak_mem_mib: Optional[float] = None
     error: Optional[str] = None
     first_call_s: Optional[float] = None  # warm-up wall time (includes compilation, if any)
+    memory: bool = True  # False: no peak-memory pass (compiled code on CPU: it cannot run under a dispatch mode)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -194,7 +195,7 @@ def measure(cases: Sequence[Case], device: torch.device, *, reps: int = MIN_REPS
     for c in live:
         if c.error is None:
             c.stats = Stats.of(times[c.name], inner[c.name])
-            if memory:
+            if memory and c.memory:
                 try:
                     c.peak_mem_mib = peak_memory_mib(c.fn, device)
                 except Exception as e:  # noqa: BLE001 - e.g. a compiled graph under a dispatch mode
