@@ -49,7 +49,7 @@ def run(suites: Sequence[str] = tuple(SUITES), *, size: Optional[str] = None, ou
     noted. ``seqs``: override of the kernel suites' sequence lengths.
     """
     from seqpar.bench.common import Context
-    from seqpar.bench.report import load_avg, print_table, result_rows, stamp, table_lines, write
+    from seqpar.bench.report import SCHEMA_VERSION, load_avg, print_table, result_rows, stamp, table_lines, write
     from seqpar.bench.timing import set_threads
 
     unknown = [s for s in suites if s not in SUITES]
@@ -68,7 +68,7 @@ def run(suites: Sequence[str] = tuple(SUITES), *, size: Optional[str] = None, ou
         " (small shapes for a CPU: a few minutes; the ratios show the method, not GPU speed)"
         if size == "cpu" else "") + f"; load average {st['load_avg']}", flush=True)
     ctx = Context(dev, size, reps, out, line, budget_s, seqs)
-    report: dict[str, Any] = {"schema_version": 1, "stamp": st, "suites": []}
+    report: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "stamp": st, "suites": []}
     for name in suites:
         t0 = time.perf_counter()
         print(f"\n== suite {name}", flush=True)

@@ -285,8 +285,8 @@ def cp_suite(ctx: Context) -> SuiteResult:
             raise AssertionError(f"comm ledger differs from cp.scheme_cost: {bad}")
         if any(r["host_syncs_layer"] != 0 for r in check):
             raise AssertionError("a CP attention layer made host syncs in steady state (cp.step_checks)")
-        res.tables["bytes received per rank per layer (32 heads, 8 kv heads, d 128, bf16; usp: ulysses 8 x ring P/8)"] = \
-            scale_table()
+        res.tables["bytes received per rank per layer (32 heads, 8 kv heads, d 128, bf16; usp: ulysses 8 x ring "
+                   "P/8)"] = scale_table()
         res.tables["S2 exchange peak K/V buffer vs plain all-gather (8 kv heads, d 128, bf16)"] = \
             exchange_memory_table()
     rates = _compute_rates(ctx, res)
@@ -312,7 +312,10 @@ def _plot(ctx: Context, res: SuiteResult, model: list[dict]) -> None:
     n = max(model, key=lambda r: int(r["N"][:-1]))["N"]
     show = [("lightning", "LASP-2"), ("lightning", "LASP-1"), ("softmax", "ring attention"),
             ("softmax", "all-gather K/V"), ("softmax", "ulysses")]
-    fig, axes = new_figure(len(LINKS), f"modelled step time per layer at N = {n} (solid: no overlap, dashed: overlap)")
+    fig, axes = new_figure(res.notes, len(LINKS),
+                           f"modelled attention time per layer at N = {n} (solid: no overlap, dashed: overlap)")
+    if fig is None:
+        return
     for ax, link in zip(axes, LINKS):
         for i, (kind, scheme) in enumerate(show):
             pts = sorted((r["P"], r[f"{link}_step_ms"], r[f"{link}_step_overlap_ms"]) for r in model

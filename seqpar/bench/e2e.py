@@ -93,7 +93,9 @@ def _plot(ctx: Context, res: SuiteResult) -> None:
     ok = [r for r in res.results if r["status"] == "ok"]
     if not ok:
         return
-    fig, axes = new_figure(1, "training step throughput (tokens/s, median)")
+    fig, axes = new_figure(res.notes, 1, "training step throughput (tokens/s, median)")
+    if fig is None:
+        return
     ax = axes[0]
     ax.bar([r["impl"] for r in ok], [r["metrics"]["tokens_per_s"] for r in ok], color="tab:blue")
     ax.set_ylabel("tokens / s")

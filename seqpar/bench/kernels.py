@@ -216,7 +216,9 @@ def _plot_lines(ctx: Context, res: SuiteResult, name: str, *, key: str, xlabel: 
     ok = [r for r in res.results if r["status"] == "ok"]
     if not ok:
         return
-    fig, axes = new_figure(len(MODES), title)
+    fig, axes = new_figure(res.notes, len(MODES), title)
+    if fig is None:
+        return
     for ax, mode in zip(axes, MODES):
         impls = sorted({r["impl"] for r in ok if r["mode"] == mode})
         for impl in impls:
@@ -378,7 +380,9 @@ def _plot_moh(ctx: Context, res: SuiteResult) -> None:
     ok = [r for r in res.results if r["status"] == "ok"]
     if not ok:
         return
-    fig, axes = new_figure(len(MODES), "MoH: time vs active (token, head) pairs")
+    fig, axes = new_figure(res.notes, len(MODES), "MoH: time vs active (token, head) pairs")
+    if fig is None:
+        return
     for ax, mode in zip(axes, MODES):
         for family in ("seqpar moh", "sdpa+mask"):
             pts = sorted((r["params"]["active"] * 100, r["ms"]["median"]) for r in ok

@@ -10,7 +10,6 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 1
 Scalar = Union[int, float, str, bool, None]
 
 
@@ -77,7 +76,7 @@ class Suite(_Strict):
 
 
 class Report(_Strict):
-    schema_version: Literal[1]
+    schema_version: Literal[1]  # seqpar.bench.report.SCHEMA_VERSION
     stamp: Stamp
     suites: list[Suite]
 
