@@ -3,6 +3,7 @@ implementations into schema rows."""
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import time
 from dataclasses import dataclass, field
@@ -68,6 +69,22 @@ class Impl:
     flops: Optional[float] = None
     params: dict[str, Any] = field(default_factory=dict)
     memory: bool = True  # measure peak memory (see seqpar.bench.timing.Case.memory)
+
+
+def plotter(fn: Callable) -> Callable:
+    """A suite's plot function ``fn(ctx, res, ...)``: a failure becomes a note of ``res``, never the
+    loss of the suite's numbers."""
+
+    @functools.wraps(fn)
+    def run(ctx: Context, res: SuiteResult, *args, **kwargs) -> None:
+        try:
+            fn(ctx, res, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            note = f"plot {fn.__name__} failed: {type(e).__name__}: {e}"
+            print(note, flush=True)
+            res.notes.append(note)
+
+    return run
 
 
 def time_group(ctx: Context, group: str, mode: str, impls: Sequence[Impl], params: dict[str, Any]) -> list[dict]:

@@ -8,8 +8,10 @@ scheme.
    local shape; its rate (FLOP/s of the FLOPs the mask needs, :mod:`seqpar.kernels.flops`) turns a
    rank's share of the FLOPs (balanced schemes: total / P) into milliseconds at any N and P.
 3. Model, per layer, at P = 8 ... 64 on NVLink (450 GB/s) and InfiniBand (50 GB/s): communication
-   time = bytes received per rank (``cp.scheme_cost``, fwd + bwd) / bandwidth; step time without
-   overlap = compute + communication, with overlap = max(compute, communication). Shapes: the 1b
+   time = bytes received per rank (``cp.scheme_cost``, fwd + bwd) / bandwidth + message steps x
+   latency (5 / 10 us; 1 step per point-to-point call, P - 1 per collective); step time without
+   overlap = compute + communication, with overlap = max(compute, communication) — except LASP-1,
+   whose states pass rank to rank through dependent hops (never overlapped). Shapes: the 1b
    preset's attention (16 heads, 8 kv heads, d 128, bf16, batch 1), as in the LASP-2 paper's
    Linear-Llama3-1B comparison at 2048K tokens (LASP-2 vs Ring Attention: here ``lightning /
    allgather`` vs ``softmax / ring``, and ``lightning / ring`` = LASP-1); S2 (block 64, local 4,
@@ -25,7 +27,7 @@ from typing import Any, Optional
 import torch
 
 from seqpar import cp
-from seqpar.bench.common import Context, Impl, SuiteResult, grad_call, median_ms, time_group
+from seqpar.bench.common import plotter, Context, Impl, SuiteResult, grad_call, median_ms, time_group
 from seqpar.bench.report import new_figure, save_figure
 from seqpar.kernels import S2Layout, flash_attention, lightning_attention, lightning_slopes, moh_attention, s2_attention
 from seqpar.kernels.flops import attention_flops
@@ -306,6 +308,7 @@ def cp_suite(ctx: Context) -> SuiteResult:
     return res
 
 
+@plotter
 def _plot(ctx: Context, res: SuiteResult, model: list[dict]) -> None:
     if not model:
         return

@@ -13,7 +13,7 @@ import tempfile
 
 import torch
 
-from seqpar.bench.common import Context, Impl, SuiteResult, median_ms, time_group
+from seqpar.bench.common import plotter, Context, Impl, SuiteResult, median_ms, time_group
 from seqpar.bench.report import new_figure, save_figure
 
 E2E_SHAPES = {  # size, variants, seq, global batch, dtype
@@ -89,6 +89,7 @@ def e2e_suite(ctx: Context) -> SuiteResult:
     return res
 
 
+@plotter
 def _plot(ctx: Context, res: SuiteResult) -> None:
     ok = [r for r in res.results if r["status"] == "ok"]
     if not ok:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from seqpar.bench.common import Context, Impl, SuiteResult, fwd_call, grad_call, median_ms, time_group
+from seqpar.bench.common import plotter, Context, Impl, SuiteResult, fwd_call, grad_call, median_ms, time_group
 from seqpar.bench.report import new_figure, save_figure
 from seqpar.kernels import S2Layout, flash_attention, lightning_attention, lightning_slopes, moh_attention, s2_attention
 from seqpar.kernels.flops import attention_flops
@@ -210,6 +210,7 @@ def _finish_s2(ctx: Context, res: SuiteResult) -> SuiteResult:
     return res
 
 
+@plotter
 def _plot_lines(ctx: Context, res: SuiteResult, name: str, *, key: str, xlabel: str, title: str,
                 logx: bool = True) -> None:
     """One panel per mode: median ms of each implementation over ``params[key]``."""
@@ -277,6 +278,8 @@ def lightning_suite(ctx: Context) -> SuiteResult:
     fla, why = _fla(ctx.device)
     if fla is None:
         res.miss("fla chunk_simple_gla", why)
+    if not ctx.cuda:
+        res.notes.append("seqpar flash is timed here on CUDA only (its CPU path, a tile loop, is in the s2 suite)")
     light = lambda q, k, v: lightning_attention(q, k, v, slope, backend=backend)[0]  # noqa: E731
     for seq in seqs:
         gen = torch.Generator(device="cpu").manual_seed(seq)
@@ -290,9 +293,10 @@ def lightning_suite(ctx: Context) -> SuiteResult:
             soft = attention_flops("softmax", batch=b, seq_len=seq, heads=h, head_dim=d, backward=bwd)
             lin = attention_flops("lightning", batch=b, seq_len=seq, heads=h, head_dim=d, backward=bwd)
             impls = [Impl("seqpar lightning", _call(mode, light, (q, k, v), do), lin),
-                     Impl("sdpa", _call(mode, _sdpa, (q, k, v), do), soft),
-                     Impl("seqpar flash", _call(mode, functools.partial(flash_attention, backend=backend), (q, k, v),
-                                                do), soft)]
+                     Impl("sdpa", _call(mode, _sdpa, (q, k, v), do), soft)]
+            if ctx.cuda:  # on CPU its tile-loop torch path takes minutes at 8K: the s2 suite times it
+                impls.append(Impl("seqpar flash", _call(mode, functools.partial(flash_attention, backend=backend),
+                                                        (q, k, v), do), soft))
             if fla is not None:
                 fla_run = functools.partial(fla, slope=slope)
                 impls.append(Impl("fla chunk_simple_gla", _call(mode, fla_run, (q, k, v), do), lin))
@@ -376,6 +380,7 @@ def moh_suite(ctx: Context) -> SuiteResult:
     return res
 
 
+@plotter
 def _plot_moh(ctx: Context, res: SuiteResult) -> None:
     ok = [r for r in res.results if r["status"] == "ok"]
     if not ok:
