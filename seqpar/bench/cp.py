@@ -221,8 +221,8 @@ def model_table(rates: dict[str, float], grid: tuple[list[int], list[int]], note
                 if kind == "s2" and n > S2_MAX_N:
                     continue
                 u = 8 if scheme == "usp" else None
-                if scheme == "usp" and p % 8:
-                    continue
+                if (scheme == "usp" and p % 8) or (scheme == "ulysses" and MODEL["heads"] % p):
+                    continue  # Ulysses shards heads: P must divide them (cp.attention refuses otherwise)
                 try:
                     cost = cp.scheme_cost(kind, scheme, world=p, seq_len=n, ulysses_degree=u,
                                           layout=MODEL_LAYOUT if kind == "s2" else None, **MODEL)
@@ -310,31 +310,37 @@ def cp_suite(ctx: Context) -> SuiteResult:
 
 @plotter
 def _plot(ctx: Context, res: SuiteResult, model: list[dict]) -> None:
+    """Communication per layer vs P on each link (device-independent), and the step time with
+    overlap on NVLink (uses this device's compute rates). Lightning / softmax at the largest N, S2
+    (exchange vs all-gather) at the largest N it is modelled at."""
     if not model:
         return
-    n = max(model, key=lambda r: int(r["N"][:-1]))["N"]
-    show = [("lightning", "LASP-2"), ("lightning", "LASP-1"), ("softmax", "ring attention"),
-            ("softmax", "all-gather K/V"), ("softmax", "ulysses")]
-    fig, axes = new_figure(res.notes, len(LINKS),
-                           f"modelled attention time per layer at N = {n} (solid: no overlap, dashed: overlap)")
+    ns = sorted({int(r["N"][:-1]) for r in model})
+    n_big = f"{ns[-1]}K"
+    n_s2 = f"{max(int(r['N'][:-1]) for r in model if r['kind'] == 's2')}K" if any(
+        r["kind"] == "s2" for r in model) else n_big
+    show = [("lightning", "LASP-2", n_big), ("lightning", "LASP-1", n_big), ("softmax", "ring attention", n_big),
+            ("softmax", "all-gather K/V", n_big), ("softmax", "ulysses", n_big), ("s2", "s2 exchange", n_s2),
+            ("softmax", "all-gather K/V", n_s2)]
+    panels = [(f"{link}_comm_ms", f"communication, {link} ({LINKS[link] / 1e9:.0f} GB/s)") for link in LINKS]
+    panels.append(("nvlink_step_overlap_ms", f"step with overlap, nvlink (compute: {ctx.device.type} rates)"))
+    fig, axes = new_figure(res.notes, len(panels), "modelled attention time per layer (fwd + bwd), 1b attention")
     if fig is None:
         return
-    for ax, link in zip(axes, LINKS):
-        for i, (kind, scheme) in enumerate(show):
-            pts = sorted((r["P"], r[f"{link}_step_ms"], r[f"{link}_step_overlap_ms"]) for r in model
-                         if r["kind"] == kind and r["scheme"] == scheme and r["N"] == n)
-            if not pts:
-                continue
-            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{kind} {scheme}")
-            ax.plot([p[0] for p in pts], [p[2] for p in pts], linestyle="--", color=line.get_color())
-        ax.set_title(f"{link} ({LINKS[link] / 1e9:.0f} GB/s)", fontsize=9)
+    seen = list(dict.fromkeys(show))
+    for ax, (key, title) in zip(axes, panels):
+        for i, (kind, scheme, n) in enumerate(seen):
+            pts = sorted((r["P"], r[key]) for r in model if (r["kind"], r["scheme"], r["N"]) == (kind, scheme, n))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{i}",
+                        label=f"{kind} {scheme} @ {n}")
+        ax.set_title(title, fontsize=8)
         ax.set_xlabel("P (ranks)")
         ax.set_ylabel("ms per layer")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    axes[0].legend(fontsize=6)
     path = ctx.out / "cp.png"
     save_figure(fig, path, ctx.stamp_line)
     res.plots.append(path.name)
-

@@ -220,11 +220,12 @@ def _plot_lines(ctx: Context, res: SuiteResult, name: str, *, key: str, xlabel: 
     fig, axes = new_figure(res.notes, len(MODES), title)
     if fig is None:
         return
+    impls = sorted({r["impl"] for r in ok})  # one color per implementation in every panel
     for ax, mode in zip(axes, MODES):
-        impls = sorted({r["impl"] for r in ok if r["mode"] == mode})
-        for impl in impls:
+        for i, impl in enumerate(impls):
             pts = sorted((r["params"][key], r["ms"]["median"]) for r in ok if r["mode"] == mode and r["impl"] == impl)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{i % 10}", label=impl)
         ax.set_title(mode, fontsize=9)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("ms (median)")
