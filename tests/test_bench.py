@@ -228,3 +228,19 @@ def test_make_bench_runs_every_benchmark_and_names_each_failure(tmp_path):
                    "benchmarks/kernel_resources.py"):
         assert script in ran, (script, ran)
     assert "FAILED: seqpar.bench benchmarks/export_cache.py" in p.stdout, p.stdout
+
+
+@pytest.mark.parametrize("script,suite", [("kernels.py", "s2"), ("moh.py", "moh")])
+def test_old_script_names_run_their_suite(script, suite, tmp_path, monkeypatch):
+    """benchmarks/kernels.py (--bwd, as make gpu-check calls it), moh.py, ...: the harness's suites."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [script, "--bwd", "--size", "smoke", "--seqs", "64", "--out", str(tmp_path)])
+    if script != "kernels.py":
+        sys.argv.remove("--bwd")
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(ROOT / "benchmarks" / script), run_name="__main__")
+    assert exit_.value.code == 0
+    rep = schema.validate(json.loads((tmp_path / "bench.json").read_text()))
+    assert [s.name for s in rep.suites] == [suite]
+    assert {r.mode for r in rep.suites[0].results} == {"fwd", "fwd+bwd"}
