@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 
 from seqpar import cp
-from seqpar.bench.common import plotter, Context, Impl, SuiteResult, grad_call, median_ms, time_group
+from seqpar.bench.common import Context, Impl, SuiteResult, grad_call, median_ms, plotter, time_group
 from seqpar.bench.report import new_figure, save_figure
 from seqpar.kernels import S2Layout, flash_attention, lightning_attention, lightning_slopes, moh_attention, s2_attention
 from seqpar.kernels.flops import attention_flops

@@ -1,6 +1,7 @@
 """End-to-end suite: tokens/s of one training step per preset and attention kind, measured with the
-trainer's own step (``seqpar.train.loop.build_engine`` + ``train_step``: megatron-core GPTModel in
-DDP, its optimizer and schedule, MQAR batches), one rank, CP 1.
+trainer's own step (the recipe's engine from ``seqpar.train.engine.engine_class``, its ``build`` and
+``train_step``, as the training loop calls them: megatron-core GPTModel in DDP, its optimizer and
+schedule), MQAR batches, one rank, CP 1.
 
 Every engine is built first, then the steps are timed interleaved (the harness's discipline), so
 the kinds share the machine's state. Shapes: "cpu" tiny preset (hidden 64, 4 heads), seq 512, fp32;
@@ -13,7 +14,7 @@ import tempfile
 
 import torch
 
-from seqpar.bench.common import plotter, Context, Impl, SuiteResult, median_ms, time_group
+from seqpar.bench.common import Context, Impl, SuiteResult, median_ms, plotter, time_group
 from seqpar.bench.report import new_figure, save_figure
 
 E2E_SHAPES = {  # size, variants, seq, global batch, dtype
@@ -41,8 +42,9 @@ def e2e_suite(ctx: Context) -> SuiteResult:
 
     from seqpar.megatron import init_parallel
     from seqpar.models.presets import preset as preset_pattern
-    from seqpar.train.loop import _batch, build_data, build_engine, train_step
-    from seqpar.train.step import param_device
+    from seqpar.train.engine import Batch, StepContext, engine_class
+    from seqpar.train.loop import _batch, build_data
+    from seqpar.train.runtime import param_device
 
     size, variants, seq, batch, dtype = E2E_SHAPES[ctx.size]
     res = SuiteResult(f"End to end: one training step (trainer's train_step, 1 rank), preset {size}, seq {seq}, "
@@ -61,13 +63,12 @@ def e2e_suite(ctx: Context) -> SuiteResult:
             # explicit: under TRITON_INTERPRET=1 (make test) "auto" would pick the interpreter on CPU
             cfg = _recipe(preset, seq, batch, dtype, "triton" if ctx.cuda else "torch")
             data, vocab = build_data(cfg)
-            engine = build_engine(cfg, vocab)
-            for chunk in engine.model:
-                chunk.train()
+            engine = engine_class(cfg.train.engine).build(cfg, vocab)
+            engine.train()
             device = param_device(engine.model)
-            tokens, labels, mask = _batch(data, 0, cfg, device)
+            step_batch = Batch(*_batch(data, 0, cfg, device))
             n_params = sum(p.numel() for c in engine.model for p in c.parameters())
-            impls.append(Impl(preset, lambda e=engine, t=tokens, y=labels, m=mask: train_step(e, t, y, m),
+            impls.append(Impl(preset, lambda e=engine, b=step_batch: e.train_step(b, StepContext(0)),
                               params={"pattern": preset_pattern(preset).pattern, "params_M": round(n_params / 1e6, 3)}))
         rows = time_group(ctx, f"train step seq {seq} x {batch}", "step", impls,
                           {"seq": seq, "global_batch": batch, "dtype": dtype})

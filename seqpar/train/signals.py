@@ -407,7 +407,7 @@ def _main(argv: list[str]) -> int:
 
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* (is|are) not installed",
                             category=UserWarning)  # megatron-core's optional fused kernels (as the CLI)
-    from seqpar.train.cli import parse_args
+    from seqpar.train.args import parse_args
     from seqpar.train.config import load_recipe
 
     args = parse_args(argv[1:])
