@@ -11,10 +11,28 @@ Exit status 1 when a suite failed or a case raised (everything else still ran an
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import sys
 
 from seqpar.bench import SUITES, run
+
+
+def flat_rows(report: dict, out: pathlib.Path, path: pathlib.Path) -> None:
+    """One row per timed case (suite, the table columns), missing baselines and failed suites as
+    rows too, with the report's folder: the summary a caller such as ``make gpu-check`` keeps."""
+    from seqpar.bench.report import result_rows
+
+    rows = []
+    for s in report["suites"]:
+        if s["status"] == "failed":
+            err = (s["error"] or "")[-200:]
+            rows.append({"suite": s["name"], "impl": "-", "ms median (min-max)": f"suite failed: {err}"})
+        rows += [{"suite": s["name"], **r} for r in result_rows(s["results"])]
+        rows += [{"suite": s["name"], "impl": m["impl"], "ms median (min-max)": f"missing: {m['reason']}"}
+                 for m in s["missing"]]
+    path.write_text(json.dumps({"report": str(out / "bench.json"), "stamp": report["stamp"], "rows": rows},
+                               indent=1, default=str) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,12 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=None,
                     help="time budget per suite in seconds: the rest of a suite is skipped, and said so")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--json", type=pathlib.Path, default=None,
+                    help="also write every result as one flat row per case to this file ({'report', 'rows'}: "
+                         "what make gpu-check collects); the report folder defaults to <file stem>_bench beside it")
     args = ap.parse_args(argv)
     if args.reps < 5:
         ap.error(f"--reps must be >= 5 (min / median / max and the noise flag need them), got {args.reps}")
-    out = args.out or pathlib.Path("runs/bench") / ("" if args.suites == list(SUITES) else "+".join(args.suites))
+    out = args.out or (args.json.parent / f"{args.json.stem}_bench" if args.json else
+                       pathlib.Path("runs/bench") / ("" if args.suites == list(SUITES) else "+".join(args.suites)))
     report = run(args.suites, size=args.size, out=out, reps=args.reps, threads=args.threads, seqs=args.seqs,
                  budget_s=args.budget_s, device=args.device)
+    if args.json:
+        flat_rows(report, out, args.json)
     bad = [s["name"] for s in report["suites"] if s["status"] == "failed"]
     bad += [f"{s['name']}: {r['impl']} ({r['group']})" for s in report["suites"] for r in s["results"]
             if r["status"] == "error"]
