@@ -68,6 +68,15 @@ def test_smoke_report_is_schema_valid_and_complete(smoke):
     assert st.date in md and st.device in md and all(s.title in md for s in rep.suites)
 
 
+def test_replot_draws_a_reports_pngs_again(smoke, tmp_path):
+    from seqpar.bench import replot
+
+    made = replot(smoke[1] / "bench.json", tmp_path)
+    assert sorted(p.name for p in made) == ["cp.png", "e2e.png", "lightning.png", "moh.png", "s2.png"]
+    assert all(p.read_bytes()[:8] == PNG for p in made)
+    schema.validate(json.loads((tmp_path / "bench.json").read_text()))
+
+
 def test_schema_rejects_what_it_should():
     good = {"schema_version": 1, "stamp": {"date": "d", "device": "cpu", "device_type": "cpu", "size": "smoke",
                                            "threads": 1, "python": "3", "torch": "2", "triton": None, "seqpar": "0",

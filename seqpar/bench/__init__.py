@@ -34,9 +34,45 @@ SUITES: dict[str, str] = {  # name -> "module:function"
 }
 
 
-def _suite_fn(name: str) -> Callable:
-    mod, fn = SUITES[name].split(":")
+PLOTS: dict[str, str] = {  # name -> "module:function(ctx, res)" drawing the suite's PNG from its results
+    "s2": "seqpar.bench.kernels:replot_s2",
+    "lightning": "seqpar.bench.kernels:replot_lightning",
+    "moh": "seqpar.bench.kernels:_plot_moh",
+    "cp": "seqpar.bench.cp:replot",
+    "e2e": "seqpar.bench.e2e:_plot",
+}
+
+
+def _suite_fn(name: str, table: Optional[dict[str, str]] = None) -> Callable:
+    mod, fn = (table or SUITES)[name].split(":")
     return getattr(importlib.import_module(mod), fn)
+
+
+def replot(report_path: pathlib.Path | str, out: Optional[pathlib.Path | str] = None) -> list[pathlib.Path]:
+    """Draw the PNGs of a written report again (e.g. a GPU host's ``bench.json`` on a machine that
+    has matplotlib) into ``out`` (default: beside the report), and rewrite its ``bench.md`` there."""
+    import json
+
+    from seqpar.bench.common import Context, SuiteResult
+    from seqpar.bench.report import write
+
+    report_path = pathlib.Path(report_path)
+    report = json.loads(report_path.read_text())
+    out = pathlib.Path(out) if out else report_path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    st = report["stamp"]
+    line = f"seqpar bench · {st['date'][:10]} · {st['device']} · torch {st['torch']} · seqpar {st['seqpar']}"
+    ctx = Context(torch.device("cuda" if st["device_type"] == "cuda" else "cpu"), st["size"], 5, out, line)
+    made = []
+    for suite in report["suites"]:
+        if suite["name"] not in PLOTS or suite["status"] != "ok":
+            continue
+        res = SuiteResult(suite["title"], suite["results"], suite["tables"], suite["missing"], suite["notes"], [])
+        _suite_fn(suite["name"], PLOTS)(ctx, res)
+        suite["plots"], suite["notes"] = res.plots, res.notes
+        made += [out / p for p in res.plots]
+    write(report, out)
+    return made
 
 
 def run(suites: Sequence[str] = tuple(SUITES), *, size: Optional[str] = None, out: pathlib.Path | str = "runs/bench",

@@ -4,6 +4,7 @@
     python -m seqpar.bench --suites s2 lightning    # some suites
     python -m seqpar.bench --size smoke --out /tmp/b  # minimal shapes (what the test runs)
     python -m seqpar.bench --suites s2 --seqs 4096 8192 --budget-s 120
+    python -m seqpar.bench --replot runs/gpu/bench.json   # PNGs of a report (a GPU host without matplotlib)
 
 Exit status 1 when a suite failed or a case raised (everything else still ran and was written).
 """
@@ -54,7 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=pathlib.Path, default=None,
                     help="also write every result as one flat row per case to this file ({'report', 'rows'}: "
                          "what make gpu-check collects); the report folder defaults to <file stem>_bench beside it")
+    ap.add_argument("--replot", type=pathlib.Path, default=None, metavar="BENCH_JSON",
+                    help="draw the PNGs (and bench.md) of a written report again, into --out or beside it; "
+                         "runs nothing")
     args = ap.parse_args(argv)
+    if args.replot:
+        from seqpar.bench import replot
+
+        for p in replot(args.replot, args.out):
+            print(f"wrote {p}")
+        return 0
     if args.reps < 5:
         ap.error(f"--reps must be >= 5 (min / median / max and the noise flag need them), got {args.reps}")
     out = args.out or (args.json.parent / f"{args.json.stem}_bench" if args.json else

@@ -308,6 +308,11 @@ def cp_suite(ctx: Context) -> SuiteResult:
     return res
 
 
+def replot(ctx: Context, res: SuiteResult) -> None:
+    """The plot from a report's tables (``python -m seqpar.bench --replot``)."""
+    _plot(ctx, res, next((v for k, v in res.tables.items() if k.startswith("modelled")), []))
+
+
 @plotter
 def _plot(ctx: Context, res: SuiteResult, model: list[dict]) -> None:
     """Communication per layer vs P on each link (device-independent), and the step time with

@@ -207,6 +207,14 @@ def _speedups(rows: list[dict], base: str, key: Optional[str] = None) -> None:
             r["metrics"][f"x_vs_{key or base}"] = ref / median_ms(r)
 
 
+def replot_s2(ctx: Context, res: SuiteResult) -> None:
+    _finish_s2(ctx, res)
+
+
+def replot_lightning(ctx: Context, res: SuiteResult) -> None:
+    _finish_lightning(ctx, res)
+
+
 def _finish_s2(ctx: Context, res: SuiteResult) -> SuiteResult:
     _plot_lines(ctx, res, "s2", key="seq", xlabel="tokens", title="S2 vs dense (ms per call, log-log)")
     return res
