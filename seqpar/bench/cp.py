@@ -1,9 +1,12 @@
 """Context-parallel suite: bytes per rank, compute per rank and a modelled step time per kind and
 scheme.
 
-1. Ledger check: every supported (kind, scheme) runs on 4 spawned gloo ranks at small shapes; the
-   bytes the comm ledger records (fwd and bwd) must equal ``cp.scheme_cost`` exactly, and a
-   steady-state layer (``cp.step_checks``) must make 0 host syncs. A mismatch fails the suite.
+1. Ledger check: every supported (kind, scheme) runs on 4 spawned gloo ranks at small shapes —
+   plain, with packed documents of awkward lengths (``cu_seqlens``) and at a length that is no
+   multiple of P (padding); the bytes the comm ledger records (fwd and bwd) must equal
+   ``cp.scheme_cost`` exactly, and a steady-state layer (``cp.step_checks``) must make 0 host
+   syncs. A mismatch fails the suite. Then bytes per rank at user scale, with and without packed
+   documents, and the S2 exchange's buffers vs an all-gather.
 2. Compute per rank, measured: each kind's kernel (forward + backward) is timed on this device at a
    local shape; its rate (FLOP/s of the FLOPs the mask needs, :mod:`seqpar.kernels.flops`) turns a
    rank's share of the FLOPs (balanced schemes: total / P) into milliseconds at any N and P.
@@ -44,69 +47,80 @@ LABELS = {("lightning", "allgather"): "LASP-2", ("lightning", "ring"): "LASP-1",
 
 # ------------------------------------------------------------------------------------ ledger check
 
-def _small_inputs(kind: str, scheme: str, world: int, rank: int):
+VARIANTS = ("plain", "docs", "odd")  # no documents; packed documents; N % P != 0 (padding slots)
+
+
+def _small_inputs(kind: str, scheme: str, world: int, rank: int, variant: str = "plain"):
     g = torch.Generator().manual_seed(0)
-    n = 2 * world * 32
+    n = 2 * world * 32 + (3 if variant == "odd" else 0)
     q = torch.randn(SMALL["b"], n, SMALL["h"], SMALL["d"], generator=g)
     k = torch.randn(SMALL["b"], n, SMALL["hkv"], SMALL["d"], generator=g)
     v = torch.randn(SMALL["b"], n, SMALL["hkv"], SMALL["d"], generator=g)
     kw: dict[str, Any] = {"backend": "torch"}
+    cu = None
+    if variant == "docs":  # documents of 1 token, shorter than a chunk, none a multiple of 2P
+        lens = [5, n // 2 - 6, 1, n - n // 2]
+        cu = kw["cu_seqlens"] = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    else:
+        kw["seq_len"] = n
     if kind == "lightning":
         kw["slope"] = torch.linspace(0.1, 0.5, SMALL["h"])
     if kind == "s2":
         kw["layout"] = SMALL_LAYOUT
     if scheme == "usp":
         kw["ulysses_degree"] = 2
+    part = cp.make_partition(n, (rank, world), cu_seqlens=cu)
     if kind == "moh":
-        kw["gates"] = cp.shard(torch.rand(SMALL["b"], n, SMALL["h"], generator=g), (rank, world)).requires_grad_()
-    loc = [cp.shard(t, (rank, world)).requires_grad_() for t in (q, k, v)]
-    return n, loc, kw
+        kw["gates"] = part.shard(torch.rand(SMALL["b"], n, SMALL["h"], generator=g), rank).requires_grad_()
+    loc = [part.shard(t, rank).requires_grad_() for t in (q, k, v)]
+    return n, cu, loc, kw
 
 
-def _ledger_worker(rank: int, world: int, tmp: str, pairs: list) -> None:
+def _ledger_worker(rank: int, world: int, tmp: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rdv", rank=rank, world_size=world)
     out = {}
-    for kind, scheme in pairs:
-        n, (q, k, v), kw = _small_inputs(kind, scheme, world, rank)
-        with cp.comm_ledger() as fwd:
-            o = cp.attention(q, k, v, kind=kind, scheme=scheme, **kw)
-        o = o[0] if kind == "lightning" else o
-        with cp.comm_ledger() as bwd:
-            o.float().sum().backward()
-        # steady state (signature agreed, index plans cached): host syncs of one layer, fwd + bwd
-        _, (q, k, v), kw = _small_inputs(kind, scheme, world, rank)
-        with cp.count_host_syncs() as syncs:
-            with cp.step_checks():
+    for variant in VARIANTS:
+        for kind, scheme in sorted(cp.SUPPORTED):
+            n, cu, (q, k, v), kw = _small_inputs(kind, scheme, world, rank, variant)
+            with cp.comm_ledger() as fwd:
                 o = cp.attention(q, k, v, kind=kind, scheme=scheme, **kw)
-                (o[0] if kind == "lightning" else o).float().sum().backward()
-                per_layer = syncs.total
-            per_step = syncs.total
-        out[(kind, scheme)] = {"fwd": fwd.summary(), "bwd": bwd.summary(), "n": n, "syncs": (per_layer, per_step)}
+            o = o[0] if kind == "lightning" else o
+            with cp.comm_ledger() as bwd:
+                o.float().sum().backward()
+            # steady state (signature agreed, index plans cached): host syncs of one layer, fwd + bwd
+            _, _, (q, k, v), kw = _small_inputs(kind, scheme, world, rank, variant)
+            with cp.count_host_syncs() as syncs:
+                with cp.step_checks():
+                    o = cp.attention(q, k, v, kind=kind, scheme=scheme, **kw)
+                    (o[0] if kind == "lightning" else o).float().sum().backward()
+                    per_layer = syncs.total
+                per_step = syncs.total
+            out[(variant, kind, scheme)] = {"fwd": fwd.summary(), "bwd": bwd.summary(), "n": n, "cu": cu,
+                                            "syncs": (per_layer, per_step)}
     if rank == 0:
         torch.save(out, f"{tmp}/ledger.pt")
     dist.destroy_process_group()
 
 
-def ledger_check(world: int = 4, pairs: Optional[list] = None) -> list[dict]:
-    """Rank 0's ledger vs ``cp.scheme_cost`` for ``pairs`` (default: every supported pair) on
-    ``world`` spawned gloo ranks; one row per pair."""
+def ledger_check(world: int = 4) -> list[dict]:
+    """Rank 0's ledger vs ``cp.scheme_cost`` for every supported pair and variant on ``world``
+    spawned gloo ranks; one row per (variant, kind, scheme)."""
     import torch.multiprocessing as mp
 
-    pairs = sorted(cp.SUPPORTED) if pairs is None else pairs
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_ledger_worker, args=(world, tmp, pairs), nprocs=world)
+        mp.spawn(_ledger_worker, args=(world, tmp), nprocs=world)
         got = torch.load(f"{tmp}/ledger.pt", weights_only=False)
     rows = []
-    for (kind, scheme), rec in got.items():
+    for (variant, kind, scheme), rec in got.items():
         cost = cp.scheme_cost(kind, scheme, world=world, seq_len=rec["n"], batch=SMALL["b"], heads=SMALL["h"],
                               kv_heads=SMALL["hkv"], head_dim=SMALL["d"], dtype=torch.float32,
                               gates_dtype=torch.float32, layout=SMALL_LAYOUT if kind == "s2" else None,
-                              ulysses_degree=2 if scheme == "usp" else None, rank=0)
+                              ulysses_degree=2 if scheme == "usp" else None, rank=0, cu_seqlens=rec["cu"])
         ok = cost["fwd"] == rec["fwd"] and cost["bwd"] == rec["bwd"]
-        rows.append({"kind": kind, "scheme": scheme, "P": world, "N": rec["n"],
+        rows.append({"variant": variant, "kind": kind, "scheme": scheme, "P": world, "N": rec["n"],
                      "ledger_fwd_B": sum(r["bytes"] for r in rec["fwd"].values()),
                      "ledger_bwd_B": sum(r["bytes"] for r in rec["bwd"].values()),
                      "== scheme_cost": "yes" if ok else "NO", "host_syncs_layer": rec["syncs"][0],
@@ -129,8 +143,8 @@ def scale_table() -> list[dict]:
                 label = {("lightning", "usp"): "usp(u=8, lasp2)", ("softmax", "usp"): "usp(u=8)",
                          ("s2", "usp"): "usp(u=8)", ("moh", "usp"): "usp(u=8)"}.get((kind, scheme),
                                                                                      LABELS.get((kind, scheme), scheme))
-                row = {"kind": kind, "scheme": label, "P": world, "N": f"{n >> 10}K", "fwd_MB": fwd / 1e6,
-                       "bwd_MB": bwd / 1e6, "calls": calls}
+                row = {"kind": kind, "scheme": label,
+                       "P": world, "N": f"{n >> 10}K", "fwd_MB": fwd / 1e6, "bwd_MB": bwd / 1e6, "calls": calls}
                 for name, bw in LINKS.items():
                     row[f"ms_{name}"] = (fwd + bwd) / bw * 1e3
                 rows.append(row)
@@ -139,19 +153,54 @@ def scale_table() -> list[dict]:
 
 def exchange_memory_table() -> list[dict]:
     """Peak extra K/V buffer bytes of the S2 exchange (send + received rows + one buffer ending at the
-    rank's last chunk) vs the plain all-gather (gathered + reordered full-length copies), bf16."""
+    rank's last piece) vs the plain all-gather (gathered + reordered full-length copies), bf16."""
     from seqpar.cp.s2_exchange import exchange_buffer_elements
 
     rows = []
     for world in (8, 32):
         for n in (1 << 17, 1 << 20):
+            part = cp.make_partition(n, (0, world))
             for rank in (0, world - 1):
-                m = exchange_buffer_elements(MODEL_LAYOUT.with_heads(32), world=world, balance="zigzag",
-                                             chunk_len=n // (2 * world), kv_heads=8, width=256, rank=rank)
+                m = exchange_buffer_elements(part, MODEL_LAYOUT.with_heads(32), kv_heads=8, width=256, rank=rank)
                 rows.append({"P": world, "N": f"{n >> 10}K", "rank": rank, "send_MB": m["send"] * 2 / 1e6,
                              "recv_MB": m["recv"] * 2 / 1e6, "buffer_MB": m["buffer"] * 2 / 1e6,
                              "peak_MB": m["total"] * 2 / 1e6, "allgather_peak_MB": m["allgather"] * 2 / 1e6,
                              "ratio": m["total"] / m["allgather"]})
+    return rows
+
+
+def _mixed_docs(n: int) -> list[int]:
+    """Packed documents of mixed lengths summing to ``n`` (a fixed draw: 1 token to a quarter of n)."""
+    g = torch.Generator().manual_seed(0)
+    lens, left = [], n
+    while left:
+        m = min(left, max(1, int(torch.randint(1, n // 4, (1,), generator=g))))
+        lens.append(m)
+        left -= m
+    return lens
+
+
+def documents_table() -> list[dict]:
+    """Bytes per rank (the busiest) with packed documents vs one sequence, P = 8, 128K tokens: uniform
+    documents of 2K and mixed lengths; zigzag splits every document, contiguous keeps them whole
+    (the ring then moves only to ranks that hold later tokens of the same document)."""
+    shape = dict(heads=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16)
+    world, n = 8, 1 << 17
+    docsets = {"one sequence": None, "64 docs of 2K": [2048] * 64, "mixed docs": _mixed_docs(n)}
+    rows = []
+    for balance in ("zigzag", "contiguous"):
+        for kind, scheme in (("softmax", "ring"), ("softmax", "allgather"), ("softmax", "ulysses"),
+                             ("s2", "allgather"), ("lightning", "allgather"), ("lightning", "ring"),
+                             ("moh", "usp")):
+            for label, lens in docsets.items():
+                cu = None if lens is None else [0, *torch.tensor(lens).cumsum(0).tolist()]
+                c = cp.scheme_cost(kind, scheme, world=world, seq_len=n, balance=balance, cu_seqlens=cu,
+                                   layout=MODEL_LAYOUT if kind == "s2" else None,
+                                   ulysses_degree=2 if scheme == "usp" else None, **shape)
+                fwd, bwd, calls = _bytes(c)
+                rows.append({"balance": balance, "kind": kind, "scheme": scheme, "documents": label,
+                             "docs": 1 if lens is None else len(lens), "fwd_MB": fwd / 1e6, "bwd_MB": bwd / 1e6,
+                             "calls": calls})
     return rows
 
 
@@ -280,8 +329,8 @@ def cp_suite(ctx: Context) -> SuiteResult:
         res.notes.append("ledger check skipped at smoke size (tests/test_cp_attention.py checks ledger == scheme_cost)")
     else:
         check = ledger_check(4)
-        res.tables["ledger of rank 0 vs cp.scheme_cost (4 gloo ranks, usp 2 x 2; host syncs of a steady-state "
-                   "layer and its step)"] = check
+        res.tables["ledger of rank 0 vs cp.scheme_cost (4 gloo ranks, usp 2 x 2; plain / packed documents / "
+                   "N % P != 0; host syncs of a steady-state layer and its step)"] = check
         bad = [r for r in check if r["== scheme_cost"] != "yes"]
         if bad:
             raise AssertionError(f"comm ledger differs from cp.scheme_cost: {bad}")
@@ -291,6 +340,8 @@ def cp_suite(ctx: Context) -> SuiteResult:
                    "P/8)"] = scale_table()
         res.tables["S2 exchange peak K/V buffer vs plain all-gather (8 kv heads, d 128, bf16)"] = \
             exchange_memory_table()
+        res.tables["packed documents (cu_seqlens), P = 8, 128K tokens, busiest rank (32 heads, 8 kv heads, d 128, "
+                   "bf16; s2 block 64, local 4, vert_stride 8; usp u=2)"] = documents_table()
     rates = _compute_rates(ctx, res)
     res.tables["measured compute rate (fwd+bwd FLOPs the mask needs / s) per kind on this device"] = [
         {"kind": k, "TFLOP/s": v / 1e12} for k, v in rates.items()]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from datetime import timedelta
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -57,3 +60,24 @@ def destroy_parallel() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def has_process_group() -> bool:
+    """Whether this process has a default process group (torch.distributed initialised)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def solo_group() -> Iterator[None]:
+    """A one-process gloo group of this process alone (file rendezvous in a temp folder), destroyed on
+    exit: megatron-core's dataset builder, which asks for the rank and runs barriers, then builds
+    everything itself with instant barriers (``seqpar.data.sources`` builds its caches this way, before
+    the run's process groups exist)."""
+    if has_process_group():
+        raise RuntimeError("solo_group() is for a process without process groups")
+    with tempfile.TemporaryDirectory(prefix="seqpar_solo_") as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/rdv", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
