@@ -21,6 +21,7 @@ def _seed():
     yield
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker tags each grouped test id with its group
 def pytest_collection_modifyitems(config, items):
     """Under ``pytest -n N --dist loadgroup`` (``make test``) the tests of a file that defines a
     module-scoped fixture (a training run its tests share, the two-host namespaces, the Slurm daemons)
