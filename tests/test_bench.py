@@ -171,6 +171,20 @@ def test_a_failing_suite_is_reported_and_the_others_run(tmp_path, monkeypatch, c
         bench.run(["nope"], out=tmp_path)
 
 
+def test_a_spent_budget_skips_the_rest_of_a_kernel_suite_and_says_so(tmp_path, capsys):
+    """--budget-s (what make gpu-check gives each bench phase): checked before each timed group; a
+    spent budget skips the rest, printed and noted, and the report is still written and valid."""
+    import seqpar.bench as bench
+
+    rep = bench.run(["lightning", "moh"], size="smoke", out=tmp_path, seqs=[64, 128], budget_s=0.0)
+    printed = capsys.readouterr().out
+    for s, first in zip(rep["suites"], ("Lightning seq 64 fwd", "MoH fwd")):
+        note = f"time budget of 0 s spent: skipped {first} and the rest"
+        assert s["status"] == "ok" and s["results"] == [] and note in s["notes"] and note in printed, s
+    schema.validate(json.loads((tmp_path / "bench.json").read_text()))
+    assert "time budget of 0 s spent" in (tmp_path / "bench.md").read_text()
+
+
 def _brute_s2_pairs(layout, n, h, hkv):
     lay = layout.with_heads(h)
     nb = -(-n // layout.block_size)

@@ -81,8 +81,9 @@ def run(suites: Sequence[str] = tuple(SUITES), *, size: Optional[str] = None, ou
     """Run ``suites`` and write the report to ``out``; returns the report dict (schema-valid).
 
     ``size``: "smoke" | "cpu" | "gpu" (default: "gpu" on CUDA, "cpu" otherwise). ``threads``:
-    torch intra-op threads (default 1). ``budget_s``: per suite; what does not fit is skipped and
-    noted. ``seqs``: override of the kernel suites' sequence lengths.
+    torch intra-op threads (default 1). ``budget_s``: per kernel suite (s2, lightning, moh), checked
+    before each timed group; what does not fit is skipped and noted. ``seqs``: override of the
+    kernel suites' sequence lengths.
     """
     from seqpar.bench.common import Context
     from seqpar.bench.report import SCHEMA_VERSION, load_avg, print_table, result_rows, stamp, table_lines, write

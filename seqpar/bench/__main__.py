@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seqs", type=int, nargs="+", default=None,
                     help="sequence lengths of the kernel suites (MoH: the first one)")
     ap.add_argument("--budget-s", type=float, default=None,
-                    help="time budget per suite in seconds: the rest of a suite is skipped, and said so")
+                    help="time budget in seconds per kernel suite (s2, lightning, moh; checked before each timed group): "
+                         "the rest of the suite is skipped, and said so")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--json", type=pathlib.Path, default=None,
                     help="also write every result as one flat row per case to this file ({'report', 'rows'}: "
