@@ -185,6 +185,45 @@ def test_a_spent_budget_skips_the_rest_of_a_kernel_suite_and_says_so(tmp_path, c
     assert "time budget of 0 s spent" in (tmp_path / "bench.md").read_text()
 
 
+def test_json_rows_are_kept_after_every_group_so_a_stopped_run_keeps_its_numbers(tmp_path, monkeypatch):
+    """--json (make gpu-check's phases, which stop a phase at its timeout): the flat rows are rewritten
+    after every timed group, so a run stopped mid-suite leaves what it measured and says so; a
+    finished run leaves the full rows."""
+    import seqpar.bench as bench
+    from seqpar.bench.__main__ import main
+    from seqpar.bench.common import Impl, SuiteResult, time_group
+
+    flat = tmp_path / "rows.json"
+    mod = type(sys)("fake_progress_suites")
+
+    def stopped(ctx):
+        res = SuiteResult("stopped suite")
+        res.results += time_group(ctx, "first", "fwd", [Impl("x", lambda: torch.ones(3).sum())], {})
+        raise KeyboardInterrupt  # as a phase timeout's signal would stop it
+
+    def done(ctx):
+        res = SuiteResult("done suite")
+        for group in ("a", "b"):
+            res.results += time_group(ctx, group, "fwd", [Impl("y", lambda: torch.ones(3).sum())], {})
+        return res
+
+    mod.stopped, mod.done = stopped, done
+    monkeypatch.setitem(sys.modules, "fake_progress_suites", mod)
+    monkeypatch.setattr(bench, "SUITES", {"stopped": "fake_progress_suites:stopped",
+                                          "done": "fake_progress_suites:done"})
+    monkeypatch.setattr("seqpar.bench.__main__.SUITES", bench.SUITES)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--suites", "done", "stopped", "--size", "smoke", "--out", str(tmp_path / "r"), "--json", str(flat)])
+    rows = json.loads(flat.read_text())["rows"]
+    assert [(r["suite"], r["impl"]) for r in rows] == [("done", "y"), ("done", "y"), ("stopped", "x"),
+                                                      ("stopped", "-")]
+    assert "did not finish" in rows[-1]["ms median (min-max)"]
+    assert main(["--suites", "done", "--size", "smoke", "--out", str(tmp_path / "r"), "--json", str(flat)]) == 0
+    rows = json.loads(flat.read_text())["rows"]
+    assert [(r["suite"], r["group"]) for r in rows] == [("done", "a"), ("done", "b")]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def _brute_s2_pairs(layout, n, h, hkv):
     lay = layout.with_heads(h)
     nb = -(-n // layout.block_size)

@@ -77,13 +77,16 @@ def replot(report_path: pathlib.Path | str, out: Optional[pathlib.Path | str] = 
 
 def run(suites: Sequence[str] = tuple(SUITES), *, size: Optional[str] = None, out: pathlib.Path | str = "runs/bench",
         reps: int = 5, threads: Optional[int] = None, seqs: Optional[list[int]] = None,
-        budget_s: Optional[float] = None, device: Optional[str] = None) -> dict[str, Any]:
+        budget_s: Optional[float] = None, device: Optional[str] = None,
+        progress: Optional[Callable[[dict[str, Any]], None]] = None) -> dict[str, Any]:
     """Run ``suites`` and write the report to ``out``; returns the report dict (schema-valid).
 
     ``size``: "smoke" | "cpu" | "gpu" (default: "gpu" on CUDA, "cpu" otherwise). ``threads``:
     torch intra-op threads (default 1). ``budget_s``: per kernel suite (s2, lightning, moh), checked
     before each timed group; what does not fit is skipped and noted. ``seqs``: override of the
-    kernel suites' sequence lengths.
+    kernel suites' sequence lengths. ``progress``: called with the report so far after every timed
+    group (the suite in progress has status "running" and the rows measured so far; not
+    schema-checked), so a caller can keep partial results of a run that may be stopped.
     """
     from seqpar.bench.common import Context
     from seqpar.bench.report import SCHEMA_VERSION, load_avg, print_table, result_rows, stamp, table_lines, write
@@ -106,7 +109,16 @@ def run(suites: Sequence[str] = tuple(SUITES), *, size: Optional[str] = None, ou
         if size == "cpu" else "") + f"; load average {st['load_avg']}", flush=True)
     ctx = Context(dev, size, reps, out, line, budget_s, seqs)
     report: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "stamp": st, "suites": []}
+    live: dict[str, Any] = {}  # the suite in progress, as the progress callback sees it
+    if progress is not None:
+        def _rows(rows: list[dict[str, Any]]) -> None:
+            live["results"] += rows
+            progress({**report, "suites": report["suites"] + [live]})
+
+        ctx.progress = _rows
     for name in suites:
+        live.clear()
+        live.update(name=name, status="running", error=None, title=name, results=[], missing=[])
         t0 = time.perf_counter()
         print(f"\n== suite {name}", flush=True)
         entry: dict[str, Any] = {"name": name, "status": "ok", "error": None}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 
@@ -30,10 +31,15 @@ def flat_rows(report: dict, out: pathlib.Path, path: pathlib.Path) -> None:
             err = (s["error"] or "")[-200:]
             rows.append({"suite": s["name"], "impl": "-", "ms median (min-max)": f"suite failed: {err}"})
         rows += [{"suite": s["name"], **r} for r in result_rows(s["results"])]
+        if s["status"] == "running":
+            rows.append({"suite": s["name"], "impl": "-", "ms median (min-max)": "suite did not finish: the rows "
+                         "above were measured before it stopped (derived columns are computed at its end)"})
         rows += [{"suite": s["name"], "impl": m["impl"], "ms median (min-max)": f"missing: {m['reason']}"}
                  for m in s["missing"]]
-    path.write_text(json.dumps({"report": str(out / "bench.json"), "stamp": report["stamp"], "rows": rows},
-                               indent=1, default=str) + "\n")
+    tmp = path.with_name(path.name + ".tmp")  # replaced in one step: a reader never sees half a file
+    tmp.write_text(json.dumps({"report": str(out / "bench.json"), "stamp": report["stamp"], "rows": rows},
+                              indent=1, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--json", type=pathlib.Path, default=None,
                     help="also write every result as one flat row per case to this file ({'report', 'rows'}: "
-                         "what make gpu-check collects); the report folder defaults to <file stem>_bench beside it")
+                         "what make gpu-check collects), rewritten after every timed group so a stopped run keeps "
+                         "what it measured; the report folder defaults to <file stem>_bench beside it")
     ap.add_argument("--replot", type=pathlib.Path, default=None, metavar="BENCH_JSON",
                     help="draw the PNGs (and bench.md) of a written report again, into --out or beside it; "
                          "runs nothing")
@@ -70,8 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--reps must be >= 5 (min / median / max and the noise flag need them), got {args.reps}")
     out = args.out or (args.json.parent / f"{args.json.stem}_bench" if args.json else
                        pathlib.Path("runs/bench") / ("" if args.suites == list(SUITES) else "+".join(args.suites)))
+    # with --json the flat rows are rewritten after every timed group: a run stopped from outside (make
+    # gpu-check's phase timeout) leaves what it measured, and a row saying the suite did not finish
+    keep = (lambda partial: flat_rows(partial, out, args.json)) if args.json else None
     report = run(args.suites, size=args.size, out=out, reps=args.reps, threads=args.threads, seqs=args.seqs,
-                 budget_s=args.budget_s, device=args.device)
+                 budget_s=args.budget_s, device=args.device, progress=keep)
     if args.json:
         flat_rows(report, out, args.json)
     bad = [s["name"] for s in report["suites"] if s["status"] == "failed"]

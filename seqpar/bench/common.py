@@ -25,6 +25,9 @@ class Context:
     stamp_line: str
     budget_s: Optional[float] = None
     seqs: Optional[list[int]] = None  # override of a kernel suite's sequence lengths
+    # called with each timed group's rows as soon as they are measured (the runner keeps a partial
+    # report on disk, so a run stopped from outside, e.g. by a phase timeout, keeps what it measured)
+    progress: Optional[Callable[[list[dict[str, Any]]], None]] = None
 
     @property
     def cuda(self) -> bool:
@@ -100,6 +103,8 @@ def time_group(ctx: Context, group: str, mode: str, impls: Sequence[Impl], param
         if "peak_mem_error" in c.extra:
             row["params"]["peak_mem_error"] = c.extra["peak_mem_error"]
         rows.append(row)
+    if ctx.progress is not None:
+        ctx.progress(rows)
     return rows
 
 
