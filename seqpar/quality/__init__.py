@@ -14,7 +14,7 @@ step (``seqpar.quality.runner``). Tasks (``seqpar.quality.tasks``):
 ``python -m seqpar.quality`` (``make quality``) writes ``quality.json`` (schema:
 ``seqpar.quality.schema``, ``docs/quality.md``), ``quality.md`` (the table and the papers' claims
 checked for direction) and ``quality.png`` to ``runs/quality/``, stamped with date, versions and
-device. Sizes: ``--scale cpu`` (default without CUDA; about 20 minutes of 2 idle CPU cores), ``gpu``
+device. Sizes: ``--scale cpu`` (default without CUDA; about 25 minutes of 2 idle CPU cores for its two seeds), ``gpu``
 (default with CUDA), ``smoke`` (the test's).
 """
 
@@ -77,6 +77,7 @@ def run(*, scale: str = "cpu", models: Sequence[str] = DEFAULT_MODELS, tasks: Se
     if "text" in tasks:
         text_path = corpus.check(pathlib.Path(corpus_path) if corpus_path else corpus.default_path())
     started, t0, cpu0, load0 = report.utc_now(), time.perf_counter(), _cpu_seconds(), report.load_avg()
+    commit = report.git_commit()  # the code that runs, not the tree at the end
     out.mkdir(parents=True, exist_ok=True)
     data_info: dict[str, Any] = {}
     text_file = out / "text_tokens.pt"
@@ -121,7 +122,7 @@ def run(*, scale: str = "cpu", models: Sequence[str] = DEFAULT_MODELS, tasks: Se
     rep = {"schema_version": report.SCHEMA_VERSION,
            "stamp": report.stamp(scale=scale, seeds=seeds, eval_seed=T.EVAL_SEED, workers=min(workers, len(jobs)),
                                  threads=threads, started=started, wall_s=time.perf_counter() - t0,
-                                 cpu_s=_cpu_seconds() - cpu0, load_start=load0),
+                                 cpu_s=_cpu_seconds() - cpu0, load_start=load0, commit=commit),
            "scale": sc.to_dict(), "data": data_info, "models": info, "runs": runs, "summary": summary,
            "claims": report.claims(summary, models), "notes": notes, "plot": None}
     if text_file.exists():

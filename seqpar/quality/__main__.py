@@ -11,7 +11,7 @@ _DESCRIPTION = """Train tiny models of equal parameters (dense, S2, S2 hybrid, L
 of heads) on the same tokens and seeds, and compare them on held-out text, MQAR recall and passkey
 retrieval. Writes quality.json, quality.md and quality.png to --out.
 
-  python -m seqpar.quality                          the CPU scale (about 20 minutes of 2 idle cores)
+  python -m seqpar.quality                          the CPU scale (about 25 minutes of 2 idle cores)
   python -m seqpar.quality --scale gpu              larger models and lengths on one GPU
   python -m seqpar.quality --tasks mqar passkey     without the text corpus
   python -m seqpar.quality --scale smoke --out /tmp/q   the test's minimal size

@@ -112,8 +112,8 @@ SCALES: dict[str, Scale] = {
         passkey=PasskeyTask(seq_len=32, batch=4, steps=4, lr=3e-3, key_len=2, vocab_size=32, depths=(0.0, 1.0),
                             eval_sequences=8),
         seeds=(0,), warmup_steps=5, description="the smoke test's size: checks the harness, not the models"),
-    # the default on CPU: about 1,000 CPU-seconds per seed (0.1-0.7 s per step measured on the build
-    # machine), so two seeds in about 20 minutes of 2 idle cores
+    # the default on CPU: 1,447 CPU-seconds per seed measured on the build machine (README "Quality"),
+    # so two seeds take about 25 minutes of 2 idle cores
     "cpu": Scale(
         name="cpu", shape=ModelPreset(4, 64, 4, 2, 128),
         text=TextTask(seq_len=128, batch=16, steps=200, lr=3e-3, vocab_size=512, val_windows=64),

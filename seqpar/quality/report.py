@@ -31,12 +31,15 @@ def _version(dist: str) -> Optional[str]:
         return None
 
 
-def _git_commit() -> Optional[str]:
+def git_commit() -> Optional[str]:
+    """Short commit of the source tree, with '+uncommitted changes' when tracked files differ; None outside git."""
     root = pathlib.Path(__file__).resolve().parents[2]
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=10)
-        return out.stdout.strip() or None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (out.stdout.strip() + ("+uncommitted changes" if dirty else "")) or None
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -63,10 +66,10 @@ def device_name(cuda: bool, workers: int, threads: int) -> str:
 
 
 def stamp(*, scale: str, seeds: Sequence[int], eval_seed: int, workers: int, threads: int, started: str,
-          wall_s: float, cpu_s: float, load_start: Optional[list[float]]) -> dict[str, Any]:
-    """Device, versions, date and cost of the run (the report's ``stamp``)."""
+          wall_s: float, cpu_s: float, load_start: Optional[list[float]], commit: Optional[str]) -> dict[str, Any]:
+    """Device, versions, date and cost of the run (the report's ``stamp``); ``commit``: the source tree's
+    git commit when the run started (:func:`git_commit`)."""
     cuda = torch.cuda.is_available()
-    commit = _git_commit()
     seqpar = _version("seqpar") or "unknown"
     end = load_avg()
     return {"date": started, "device": device_name(cuda, workers, threads), "device_type": "cuda" if cuda else "cpu",

@@ -36,7 +36,7 @@ class Stamp(_Strict):
     python: str
     torch: str
     megatron_core: Optional[str]
-    seqpar: str = Field(description="package version and git commit when known")
+    seqpar: str = Field(description="package version and the git commit at the start of the run when known")
     wall_s: float = Field(ge=0, description="wall time of the whole harness")
     cpu_s: float = Field(ge=0, description="CPU time (user + sys) of the harness and all its workers")
     load_avg: Optional[list[float]] = Field(description="1/5/15-min load average at start and end (6 numbers)")
