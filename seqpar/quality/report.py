@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import pathlib
 import platform
-import subprocess
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Optional, Sequence
 
 import torch
 
+from seqpar.bench.report import _git_commit as git_commit  # noqa: F401  run() stamps with it
+from seqpar.bench.report import _version, load_avg
+from seqpar.bench.report import device_name as bench_device_name
 from seqpar.quality.tasks import mqar_key, passkey_key
 
 SCHEMA_VERSION = 1
@@ -24,45 +24,11 @@ SCHEMA_VERSION = 1
 # stamp
 
 
-def _version(dist: str) -> Optional[str]:
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
-
-
-def git_commit() -> Optional[str]:
-    """Short commit of the source tree, with '+uncommitted changes' when tracked files differ; None outside git."""
-    root = pathlib.Path(__file__).resolve().parents[2]
-    try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (out.stdout.strip() + ("+uncommitted changes" if dirty else "")) or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def load_avg() -> Optional[list[float]]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def device_name(cuda: bool, workers: int, threads: int) -> str:
+    """The GPU's name, or the CPU (model, this process's threads, cores) and the workers that ran the runs."""
     if cuda:
-        return torch.cuda.get_device_name()
-    cpu = platform.machine()
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu ({cpu}; {workers} worker(s) x {threads} thread(s) of {os.cpu_count()} cores)"
+        return bench_device_name("cuda")
+    return f"{bench_device_name('cpu')}; the runs: {workers} worker(s) x {threads} thread(s)"
 
 
 def stamp(*, scale: str, seeds: Sequence[int], eval_seed: int, workers: int, threads: int, started: str,
