@@ -7,12 +7,12 @@ world of 1. Every recipe error names its field and is raised before any process 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
-import warnings
 from typing import Optional
+
+from seqpar.train.known_warnings import filter_known_warnings
 
 _DESCRIPTION = """Train a seqpar recipe (YAML, see recipes/README.md for every field).
 
@@ -34,7 +34,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                     help="override a recipe field (value parsed as YAML); repeatable")
     ap.add_argument("--check", action="store_true",
                     help="validate the recipe for its layout (under torchrun: for the launched world; else --world "
-                         "or TP x CP ranks), print the resolved recipe as JSON, start nothing")
+                         "or TP x CP ranks) and the files it names, print the resolved recipe as YAML, start nothing")
     ap.add_argument("--dry-run", action="store_true",
                     help="validate the recipe and its parallel layout and report per-rank parameter, gradient "
                          "and optimizer-state bytes (one meta-device model per distinct pipeline-stage x TP "
@@ -52,12 +52,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def _exit_codes() -> list[tuple[tuple[type, ...], int]]:
+    from seqpar.errors import ConfigError
     from seqpar.train.checkpoint import NonFiniteCheckpointError, ResumeError
     from seqpar.train.health import NonFiniteError
     from seqpar.train.integrity import CorruptCheckpointError, UnsafeCheckpointError
 
+    # ConfigError: a recipe value that only the run's setup can judge (e.g. a corpus shorter than one
+    # sequence), found on every rank alike
     return [((NonFiniteError, NonFiniteCheckpointError), 3), ((CorruptCheckpointError, UnsafeCheckpointError), 4),
-            ((ResumeError,), 2)]
+            ((ResumeError, ConfigError), 2)]
 
 
 def dry_run(cfg, world_size: Optional[int] = None) -> dict:
@@ -77,10 +80,7 @@ def dry_run(cfg, world_size: Optional[int] = None) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    # megatron-core warns at several import sites that Apex / Transformer Engine are absent; both are
-    # optional fused-kernel providers with torch fallbacks, so the trainer's console keeps quiet about it
-    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* (is|are) not installed",
-                            category=UserWarning)
+    filter_known_warnings()  # megatron-core's Apex / TE notices, non-leaf .grad read, deprecated collectives
     from seqpar.train.config import load_recipe
 
     launched = "WORLD_SIZE" in os.environ
@@ -99,6 +99,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                              f"launch with torchrun --nproc-per-node {mp} (or launchers/torchrun.sh), or check the "
                              f"recipe with --check / --dry-run")
         dp = cfg.check_world(world)
+        cfg.check_paths()  # every file / folder the recipe names, before any process starts
+        if not no_launch:
+            cfg.check_environment()
         if cfg.train.engine == "deepspeed":  # h13-deepspeed: the ds_config is checked before any process group
             from seqpar.deepspeed import build_ds_config
             build_ds_config(cfg, dp)
@@ -112,7 +115,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     if args.check:
         if os.environ.get("RANK", "0") == "0":
-            print(json.dumps(cfg.to_dict()), flush=True)
+            print(f"# {args.recipe}, resolved (every field, defaults filled); valid for {world} rank(s)\n"
+                  + cfg.to_yaml(), end="", flush=True)
         return 0
     if args.dry_run:
         dry_run(cfg, world)

@@ -39,7 +39,7 @@ from seqpar.train.step import StepResult, forward_backward, micro_batches, optim
 
 def build_data(cfg: RunConfig):
     """Dataset and vocabulary size (the tokenizer is trained once by rank 0, then loaded by all)."""
-    from seqpar.data import MQARDataset, PackedTextDataset, get_tokenizer, load_documents, load_text
+    from seqpar.data import MQARDataset, PackedTextDataset, corpus_summary, get_tokenizer, load_documents, load_text
 
     d = cfg.data
     if d.dataset == "mqar":
@@ -52,6 +52,9 @@ def build_data(cfg: RunConfig):
     sp = get_tokenizer(d.vocab_size, text, cache)
     docs = load_documents(d.text_files, d.max_bytes)  # each document followed by EOS
     ds = PackedTextDataset.from_documents(sp, docs, d.seq_len, seed=cfg.train.seed)
+    if dist.get_rank() == 0:  # what max_bytes lets in, never cut silently
+        print(f"[seqpar.train] {corpus_summary(d.text_files, d.max_bytes, docs, ds.ids.numel(), d.seq_len)}",
+              flush=True)
     ds.tokenizer_model = sp.serialized_model_proto()  # saved in every checkpoint (export needs it)
     return ds, sp.vocab_size()
 

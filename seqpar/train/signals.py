@@ -403,10 +403,9 @@ def _main(argv: list[str]) -> int:
         print("usage: python -m seqpar.train.signals out-dir RECIPE [--set a.b=v ...] [other seqpar-train args]",
               file=sys.stderr)
         return 2
-    import warnings
+    from seqpar.train.known_warnings import filter_known_warnings
 
-    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* (is|are) not installed",
-                            category=UserWarning)  # megatron-core's optional fused kernels (as the CLI)
+    filter_known_warnings()  # as the CLI
     from seqpar.train.cli import parse_args
     from seqpar.train.config import load_recipe
 
