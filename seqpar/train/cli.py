@@ -100,6 +100,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                              f"recipe with --check / --dry-run")
         dp = cfg.check_world(world)
         cfg.check_paths()  # every file / folder the recipe names, before any process starts
+        if args.check and args.resume is None and not cfg.train.overwrite:  # what the run would refuse first
+            from seqpar.train.checkpoint import held_run
+
+            held = held_run(cfg.train.out_dir)
+            if held:
+                raise ValueError(held)
         if not no_launch:
             cfg.check_environment()
         if cfg.train.engine == "deepspeed":  # h13-deepspeed: the ds_config is checked before any process group

@@ -74,15 +74,18 @@ class RecipePath:
 
     kind: Literal["file", "dir", "prefix"]
     suffixes: tuple[str, ...] = ()
+    nonempty: bool = False
+    """Files only: an empty file is an error too (e.g. a text file of the corpus)."""
 
     def problem(self, field: str, value: str) -> Optional[str]:
         """One line naming ``field``, the path and the fix, or None when ``value`` is fine."""
         if not value:
             return None
         if self.kind == "prefix":
-            return next((p for p in (_file_problem(field, value + sfx, value) for sfx in self.suffixes) if p), None)
+            return next((p for p in (_file_problem(field, value + sfx, value, self.nonempty)
+                                     for sfx in self.suffixes) if p), None)
         if self.kind == "file":
-            return _file_problem(field, value, value)
+            return _file_problem(field, value, value, self.nonempty)
         path = pathlib.Path(value)
         if path.exists():
             if not path.is_dir():
@@ -96,7 +99,7 @@ class RecipePath:
         return None
 
 
-def _file_problem(field: str, path: str, value: str) -> Optional[str]:
+def _file_problem(field: str, path: str, value: str, nonempty: bool) -> Optional[str]:
     p = pathlib.Path(path)
     where = f"{field}={value!r}" + ("" if path == value else f" ({path})")
     if not p.exists():
@@ -106,6 +109,8 @@ def _file_problem(field: str, path: str, value: str) -> Optional[str]:
         return f"{where} is not a regular file; give a file path"
     if not os.access(p, os.R_OK):
         return f"{where} is not readable by this user; fix its permissions"
+    if nonempty and p.stat().st_size == 0:
+        return f"{where} is empty; give a file with text or remove the entry"
     return None
 
 
@@ -205,7 +210,7 @@ class DataConfig(Strict):
     """Sequences per step over all DP ranks; a multiple of the DP size."""
     vocab_size: Annotated[int, Field(ge=64)] = 512
     """Tokenizer vocabulary (text, >= 512) or MQAR vocabulary (>= 64)."""
-    text_files: Annotated[list[str], RecipePath("file")] = Field(default_factory=list)
+    text_files: Annotated[list[str], RecipePath("file", nonempty=True)] = Field(default_factory=list)
     """Local text files for the tokenizer and the corpus (a list, e.g. [a.txt]); empty = the Python standard
     library sources."""
     max_bytes: PositiveInt = 1_000_000
