@@ -97,7 +97,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     script_args = list(args.training_script_args)
     noise = _Noise()
-    for handler in logging.getLogger("torch").handlers + logging.getLogger().handlers:
+    # torch's loggers ("torch", "torch.distributed", ...) carry their own stderr handlers
+    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)
+                                       if n == "torch" or n.startswith("torch.")]
+    for handler in {h for lg in loggers for h in lg.handlers}:
         handler.addFilter(noise)
     start = time.time()
     try:
@@ -108,12 +111,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         code = _code(failure.exitcode)
         what = (f"rank {rank} on {socket.gethostname()} exited with code {failure.exitcode}"
                 + (f" ({failure.signal_name()})" if failure.exitcode < 0 else " (its message is above)"))
+        report = traceback.format_exc()
     except SignalException as e:
         sig = signal.Signals(e.sigval)
         code = 75 if _interrupted_since(script_args, start) else 128 + sig.value
         what = (f"stopped by {sig.name}" + ("; the workers wrote a checkpoint (above): continue with --resume"
                                             if code == 75 else ""))
-    report = "".join(traceback.format_exc()) + "\n" + "\n".join(noise.records) + "\n"
+        report = traceback.format_exc()
+    report += "\n" + "\n".join(noise.records) + "\n"
     try:
         log = f"torchrun's report: {_write_log(script_args, report)}"
     except OSError:
