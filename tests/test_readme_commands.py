@@ -252,3 +252,18 @@ def test_cheap_readme_command_runs_as_written(cmd, clone, tmp_path):
             "--nodes=2", "--gpus-per-node=8", "launchers/slurm.sbatch", "recipes/7b_lightning_cp8.yaml"]
     if shown and not cmd.startswith("python: "):  # the output the README shows under the command
         assert r.stderr.splitlines() == shown, r.stderr
+
+
+def test_docs_name_every_recipe_and_launcher():
+    """recipes/README.md's table lists every recipe; launchers/README.md has a section for every launcher
+    and README.md's layout block names each of them (issue 21, item 14)."""
+    recipes_readme = (ROOT / "recipes" / "README.md").read_text()
+    table = [ln for ln in recipes_readme.splitlines() if ln.startswith("| `") and ".yaml`" in ln.split("|")[1]]
+    listed = {ln.split("|")[1].strip().strip("`") for ln in table}
+    assert listed == {p.name for p in (ROOT / "recipes").glob("*.yaml")}, listed
+    launchers = sorted(p.name for p in (ROOT / "launchers").iterdir() if p.name != "README.md")
+    headings = [ln for ln in (ROOT / "launchers" / "README.md").read_text().splitlines() if ln.startswith("## ")]
+    assert not [n for n in launchers if not any(n in h for h in headings)], (launchers, headings)
+    layout = next(body for lang, body in _blocks((ROOT / "README.md").read_text()) if "launchers/" in body
+                  and "kernels/" in body)
+    assert not [n for n in launchers if n not in layout], layout
