@@ -95,7 +95,7 @@ def main() -> None:
 
         flash_ms = timed(lambda: flash_attention(q, k, v, backend=backend))
         sdpa_ms = timed(lambda: F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True))
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True).transpose(1, 2))
         dense_flops = 4 * b * h * d * seq * (seq + 1) / 2 * (3.5 if args.bwd else 1.0)
         for vs in strides:
             lay = S2Layout(block_size=bs, local_blocks=local, vert_stride=vs)

@@ -118,6 +118,17 @@ COMMANDS: dict[str, object] = {
         Covered("tests/test_export_import.py::test_roundtrip_bit_exact_and_trains_on", "resumes the imported run"),
     "make test-gpu": Covered("tests/gpu/test_gpu_train.py::test_recipe_model_trains_three_steps_on_one_nccl_rank",
                              "tests/gpu on a CUDA machine; every test skips on CPU"),
+    # README.md: installing on a GPU cluster (tooling); needs the registries / a GPU host
+    "make wheelhouse PYVER=3.12 WHEELHOUSE=build/wheelhouse": Covered(
+        "tests/test_offline.py::test_install_pip_sees_the_wheelhouse_only",
+        "a wheelhouse from the registries; .ci/run's make check-offline builds one and installs from it"),
+    "make install TORCH=system PY=/path/to/python WHEELHOUSE=build/wheelhouse": Covered(
+        "tests/test_offline.py::test_install_pip_sees_the_wheelhouse_only", "as above (make check-offline)"),
+    "make install TORCH=system PY=python3 WHEELHOUSE=build/wheelhouse && make gpu-check": Covered(
+        "tests/test_gpu_check.py::test_dry_run_toolchain_phase_fills_the_summary",
+        "a GPU host: make gpu-check runs there; its runner is tested in a dry run"),
+    "make gpu-check": Covered("tests/test_gpu_check.py::test_dry_run_toolchain_phase_fills_the_summary",
+                              "a GPU host; its runner is tested in a dry run"),
     # recipes/README.md
     ".venv/bin/python -m seqpar.train recipes/tiny_hybrid_cp2.yaml --set train.steps=2.5 --set optim.lr=.inf --check":
         Run(rc=2),  # and exactly the output shown under it (test below)
