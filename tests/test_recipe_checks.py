@@ -120,7 +120,7 @@ def test_recipe_path_marks_the_path_fields():
     assert {"data.text_files", "data.cache_dir", "train.out_dir", "deepspeed.config"} <= marked
 
 
-def test_check_cli_one_line_yaml_and_held_run(tmp_path, capsys):
+def test_check_cli_one_line_yaml_and_held_run(tmp_path, capsys, monkeypatch):
     from seqpar.train.cli import main
     from seqpar.train.config import load_recipe
 
@@ -142,6 +142,10 @@ def test_check_cli_one_line_yaml_and_held_run(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"train.out_dir='{out}' already holds a run" in err and "pass --resume" in err
     assert main([str(DEMO), "--set", f"train.out_dir={out}", "--check", "--resume"]) == 0
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # a requeued job resumes by itself (signals.resume_mode)
+    (out / "checkpoints" / "latest").write_text("step_0000003")
+    assert main([str(DEMO), "--set", f"train.out_dir={out}", "--check"]) == 0
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
     assert main([str(DEMO), "--set", f"train.out_dir={out}", "--set", "train.overwrite=true", "--check"]) == 0
 
 

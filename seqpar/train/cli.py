@@ -100,11 +100,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                              f"recipe with --check / --dry-run")
         dp = cfg.check_world(world)
         cfg.check_paths()  # every file / folder the recipe names, before any process starts
-        if args.check and args.resume is None and not cfg.train.overwrite:  # what the run would refuse first
+        if args.check and not cfg.train.overwrite:  # what the run would refuse first
             from seqpar.train.checkpoint import held_run
+            from seqpar.train.signals import resume_mode
 
+            # (a Slurm requeue or torchrun restart resumes by itself: resume_mode)
             held = held_run(cfg.train.out_dir)
-            if held:
+            if held and not resume_mode(args.resume, os.path.join(cfg.train.out_dir, "checkpoints")):
                 raise ValueError(held)
         if not no_launch:
             cfg.check_environment()
