@@ -35,7 +35,8 @@ def _saved_bytes_per_layer(letter: str, mode: str, seq: int) -> tuple[float, flo
 
     from seqpar.megatron import disable_cpu_compat, init_parallel
     from seqpar.train.config import load_recipe
-    from seqpar.train.loop import _batch, build_data, build_engine, train_step
+    from seqpar.train.loop import _batch, build_data
+    from seqpar.train.megatron_engine import build_engine, train_step
     from seqpar.train.step import micro_batches, param_device
 
     cfg = load_recipe(ROOT / "recipes" / "tiny_hybrid_cp2.yaml", [

@@ -69,7 +69,8 @@ def _step_checked(rank: int, world: int, overrides: list[str]):
 
     from seqpar.megatron import disable_cpu_compat, init_parallel
     from seqpar.train.config import load_recipe
-    from seqpar.train.loop import _batch, build_data, build_engine, train_step
+    from seqpar.train.loop import _batch, build_data
+    from seqpar.train.megatron_engine import build_engine, train_step
     from seqpar.train.step import param_device
 
     cfg = load_recipe(ROOT / "recipes" / "tiny_hybrid_cp2.yaml", BASE + overrides)
@@ -122,7 +123,8 @@ def _engine_facts(rank: int, world: int, overrides: list[str]):
 
     from seqpar.megatron import disable_cpu_compat, init_parallel
     from seqpar.train.config import load_recipe
-    from seqpar.train.loop import _batch, build_data, build_engine, train_step
+    from seqpar.train.loop import _batch, build_data
+    from seqpar.train.megatron_engine import build_engine, train_step
     from seqpar.train.step import param_device
 
     cfg = load_recipe(ROOT / "recipes" / "tiny_hybrid_cp2.yaml", BASE + overrides + ["parallel.context_parallel=1"])

@@ -24,7 +24,8 @@ def _steps(rank: int, world: int, overrides: list[str]):
     from seqpar.megatron import SoftmaxCoreAttention, disable_cpu_compat, init_parallel
     from seqpar.megatron.attention import LightningSelfAttention
     from seqpar.train.config import load_recipe
-    from seqpar.train.loop import _batch, build_data, build_engine, train_step
+    from seqpar.train.loop import _batch, build_data
+    from seqpar.train.megatron_engine import build_engine, train_step
     from seqpar.train.step import param_device
 
     cfg = load_recipe(ROOT / "recipes" / "tiny_hybrid_cp2.yaml", BASE + overrides)

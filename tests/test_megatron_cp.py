@@ -42,7 +42,7 @@ def _build(pattern: str, tp: int, cp: int, schemes: dict, aux_coef: float, seed:
 def _ddp(model):
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    from seqpar.train.loop import ddp_wrap
+    from seqpar.train.megatron_engine import ddp_wrap
 
     return ddp_wrap([model], DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=True))
 

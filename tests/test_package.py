@@ -12,14 +12,18 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # import name prefix -> source folder (pyproject's package-dir mapping)
 MAPPING = {"seqpar.kernels": ROOT / "kernels", "seqpar.models": ROOT / "models", "seqpar": ROOT / "seqpar"}
-# docs/design.md: seqpar.kernels -> seqpar.cp -> seqpar.nn -> seqpar.megatron -> seqpar.models
-#            -> seqpar.train / deepspeed -> seqpar.export. A module may import only its own layer or lower ones.
-# (seqpar.deepspeed's training loop reuses seqpar.train's model/data builders and checkpoint rules, so it
-# sits beside seqpar.train.)
+# docs/design.md: seqpar.kernels -> seqpar.cp -> seqpar.nn -> seqpar.megatron -> seqpar.models -> seqpar.data
+#   -> seqpar.train (the loop + the engine interface) -> engines (train's megatron engine, seqpar.deepspeed)
+#   -> seqpar.export. A module may import only its own layer or lower ones.
 LAYERS = {
-    "seqpar.kernels": 0, "seqpar.cp": 1, "seqpar.nn": 2, "seqpar.megatron": 3, "seqpar.deepspeed": 5,
-    "seqpar.models": 4, "seqpar.train": 5, "seqpar.export": 6, "seqpar.data": 5,
+    "seqpar.kernels": 0, "seqpar.cp": 1, "seqpar.nn": 2, "seqpar.megatron": 3, "seqpar.models": 4,
+    "seqpar.data": 5, "seqpar.train": 6, "seqpar.train.megatron_engine": 7, "seqpar.train.step": 7,
+    "seqpar.deepspeed": 7, "seqpar.export": 8,
 }
+# the modules of each engine (registered by name in seqpar.train.engine.ENGINES): an engine never
+# imports another engine, nor the loop or the CLI
+ENGINE_MODULES = {"megatron": ("seqpar.train.megatron_engine", "seqpar.train.step"), "deepspeed": ("seqpar.deepspeed",)}
+NOT_FOR_ENGINES = ("seqpar.train.loop", "seqpar.train.cli", "seqpar.train.args")
 # Only these may call torch.distributed (docs/design.md: comm.py on the attention path; process-group
 # set-up lives in train/, megatron/, deepspeed/).
 DIST_ALLOWED = ("seqpar.cp.comm", "seqpar.train", "seqpar.megatron", "seqpar.deepspeed")
@@ -101,3 +105,84 @@ def test_imports_flow_one_way(name, path):
             continue
         other = _layer(imp)
         assert other is None or other <= own, f"{name} (layer {own}) imports {imp} (layer {other}): docs/design.md order"
+
+
+def _within(mod: str, prefixes) -> bool:
+    return any(mod == p or mod.startswith(p + ".") for p in prefixes)
+
+
+def _graph(prefixes: tuple[str, ...]) -> dict[str, set[str]]:
+    """Static import graph (module level and inside functions) of the modules under ``prefixes``;
+    ``from P import m`` is an edge to the module ``P.m`` where that is one, else to ``P``."""
+    mods = dict(_modules())
+    graph: dict[str, set[str]] = {}
+    for name, path in mods.items():
+        if not _within(name, prefixes):
+            continue
+        pkg = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        out = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = pkg.split(".")
+                    base = ".".join(parts[: len(parts) - (node.level - 1)] + ([node.module] if node.module else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+            for tgt in targets:
+                while tgt and tgt not in mods:
+                    tgt = tgt.rpartition(".")[0]
+                if tgt and tgt != name and _within(tgt, prefixes):
+                    out.add(tgt)
+        graph[name] = out
+    return graph
+
+
+def test_train_and_engines_have_no_import_circle():
+    # issue 23 item 7: loop <-> deepspeed engine through the loop's private helpers, signals <-> cli,
+    # checkpoint / memory -> loop were one circle of 8 files
+    graph = _graph(("seqpar.train", "seqpar.deepspeed"))
+    state: dict[str, int] = {}
+
+    def visit(mod: str, path: list[str]) -> None:
+        state[mod] = 1
+        for nxt in sorted(graph[mod]):
+            assert state.get(nxt) != 1, "import circle: " + " -> ".join(path[path.index(nxt):] + [mod, nxt])
+            if nxt not in state:
+                visit(nxt, path + [mod])
+        state[mod] = 2
+
+    for mod in sorted(graph):
+        if mod not in state:
+            visit(mod, [])
+
+
+def test_engines_import_neither_each_other_nor_the_loop():
+    graph = _graph(("seqpar",))
+    for engine, prefixes in ENGINE_MODULES.items():
+        others = [p for e, ps in ENGINE_MODULES.items() if e != engine for p in ps]
+        for mod in (m for m in graph if _within(m, prefixes)):
+            for imp in graph[mod]:
+                assert not _within(imp, others), f"{mod} ({engine} engine) imports another engine's {imp}"
+                assert not _within(imp, NOT_FOR_ENGINES), f"{mod} ({engine} engine) imports {imp}"
+    assert "seqpar.train.cli" not in graph["seqpar.train.signals"], "signals must receive what they need"
+    # the loop and the CLI reach an engine only through the registry (seqpar.train.engine)
+    for mod in ("seqpar.train.loop", "seqpar.train.cli", "seqpar.train.engine"):
+        assert not any(_within(imp, [p for ps in ENGINE_MODULES.values() for p in ps]) for imp in graph[mod]), mod
+
+
+def test_engine_registry_matches_the_recipe_schema():
+    import typing
+
+    from seqpar.train.config import TrainConfig
+    from seqpar.train.engine import ENGINES, Engine, engine_class
+
+    assert set(typing.get_args(TrainConfig.model_fields["engine"].annotation)) == set(ENGINES)
+    for name, target in ENGINES.items():
+        assert _within(target.partition(":")[0], ENGINE_MODULES[name]), (name, target)
+        cls = engine_class(name)
+        assert issubclass(cls, Engine) and cls.name == name and not cls.__abstractmethods__, (name, cls)
+    with pytest.raises(ValueError, match="train.engine='torch'"):
+        engine_class("torch")

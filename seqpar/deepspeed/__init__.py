@@ -1,7 +1,8 @@
 """seqpar.deepspeed: the DeepSpeed engine (ZeRO 0-3, CPU offload) for the same megatron-core GPTModel.
 
 - :func:`build_ds_config` — the ds_config of a recipe (+ a user JSON, conflicts are errors).
-- :func:`train` — the training loop on ``deepspeed.initialize`` (``train.engine: deepspeed``).
+- :class:`DeepSpeedEngine` — the engine of ``train.engine: deepspeed``, run by the one training loop
+  (``seqpar.train.loop.train``; the loop finds it by name through ``seqpar.train.engine.ENGINES``).
 - :class:`MegatronMPU` — megatron-core's groups in the ``mpu`` form DeepSpeed reads.
 - :func:`consolidated_fp32_state_dict` — one fp32 state dict from a (ZeRO-sharded) checkpoint.
 
@@ -10,11 +11,11 @@ Importing this package does not import deepspeed; its functions do.
 
 from seqpar.deepspeed.config import build_ds_config, recipe_ds_config
 
-__all__ = ["build_ds_config", "recipe_ds_config", "train", "MegatronMPU", "consolidated_fp32_state_dict"]
+__all__ = ["build_ds_config", "recipe_ds_config", "DeepSpeedEngine", "MegatronMPU", "consolidated_fp32_state_dict"]
 
 
 def __getattr__(name: str):
-    if name in ("train", "MegatronMPU"):
+    if name in ("DeepSpeedEngine", "MegatronMPU"):
         from seqpar.deepspeed import engine
         return getattr(engine, name)
     if name == "consolidated_fp32_state_dict":

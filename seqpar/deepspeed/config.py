@@ -12,11 +12,13 @@ ds_config key                          recipe field
 ``bf16.enabled`` / ``fp16.enabled``    ``model.dtype`` (fp16 is not a seqpar dtype)
 ``zero_optimization.stage``            ``deepspeed.zero_stage``
 ``zero_optimization.offload_optimizer.device``  ``deepspeed.offload_optimizer``
+``zero_optimization.reduce_scatter``   ``true`` under ZeRO-3 (the gradient averaging the engine's loss
+                                       scale undoes: ``seqpar.deepspeed.engine.grad_divisor``)
 ``optimizer.type`` / ``.params.*``     AdamW with ``optim.lr``, ``optim.beta1/beta2``, ``optim.weight_decay``
 =====================================  ========================================================
 
 The LR schedule is not a ds_config entry: the engine gets the recipe's own schedule
-(``seqpar.train.loop.build_scheduler``, megatron-core's OptimizerParamScheduler: linear warmup, cosine to
+(``seqpar.train.runtime.build_scheduler``, megatron-core's OptimizerParamScheduler: linear warmup, cosine to
 ``optim.min_lr``) as a client LR scheduler, with megatron's no-decay groups (biases, 1-D parameters), so
 both engines step exactly the same learning rates; a ``scheduler`` in the user JSON is an error.
 ``"torch_adam": true`` makes DeepSpeed step ``torch.optim.AdamW`` (FusedAdam / DeepSpeedCPUAdam
@@ -53,6 +55,8 @@ RECIPE_KEYS = {
     "zero_optimization.stage": "deepspeed.zero_stage",
     "zero_optimization.offload_optimizer.device": "deepspeed.offload_optimizer",
     "zero_force_ds_cpu_optimizer": "deepspeed.offload_optimizer (torch AdamW on the host)",
+    "zero_optimization.reduce_scatter": ("deepspeed.zero_stage=3 (the engine's loss scale undoes the averaging of "
+                                         "ZeRO-3's reduce-scatter; seqpar.deepspeed.engine.grad_divisor)"),
     "optimizer.type": "optim (AdamW)",
     "optimizer.params.lr": "optim.lr",
     "optimizer.params.betas": "optim.beta1, optim.beta2",
@@ -91,6 +95,10 @@ def recipe_ds_config(cfg: Any, dp: int) -> dict[str, Any]:
     micro, gas = batch_shape(cfg, dp)
     o, ds = cfg.optim, cfg.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage == 3:
+        # ZeRO-3 averages the gradients over DP x CP on this path only (with reduce_scatter false it
+        # averages over DP, except for a bucket above reduce_bucket_size): one divisor the loss can undo
+        zero["reduce_scatter"] = True
     built: dict[str, Any] = {
         "train_batch_size": cfg.data.global_batch,
         "train_micro_batch_size_per_gpu": micro,

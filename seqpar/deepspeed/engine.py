@@ -1,6 +1,9 @@
-"""The DeepSpeed engine for the seqpar GPTModel: ``deepspeed.initialize`` on the model that
-``seqpar.train`` builds, megatron-core's process groups handed over as ``mpu``, and the training loop
-of ``train.engine: deepspeed``.
+"""The DeepSpeed engine for the seqpar GPTModel (``train.engine: deepspeed``): ``deepspeed.initialize``
+on the model that ``seqpar.train.runtime`` builds, megatron-core's process groups handed over as
+``mpu``, one optimizer step (:func:`forward_backward`) and DeepSpeed's checkpoints
+(``seqpar.deepspeed.checkpoint``), as :class:`DeepSpeedEngine`, the :class:`seqpar.train.engine.Engine`
+that the one training loop (``seqpar.train.loop``) runs. A peer of ``seqpar.train.megatron_engine``: it
+imports neither that engine nor the loop.
 
 Process groups (TP x CP x DP from megatron-core's ``parallel_state``) as DeepSpeed sees them through
 :class:`MegatronMPU`:
@@ -20,8 +23,9 @@ Process groups (TP x CP x DP from megatron-core's ``parallel_state``) as DeepSpe
   tests/test_deepspeed_engine.py::test_dp2_cp2_four_ranks asserts the groups (CP=2 x DP=2: ZeRO over
   all 4 ranks; TP=2 x CP=2: the 2 CP ranks of each TP rank).
 
-DeepSpeed sums the CP replicas and divides by the DP size; :func:`forward_backward` passes
-``DP x (sum of per-token losses on this rank) / (valid tokens of the global batch)`` with
+DeepSpeed sums the gradients over DP x CP and divides the sum by :func:`grad_divisor` (DP under
+ZeRO 0-2, DP x CP under ZeRO-3); :func:`forward_backward` passes
+``grad_divisor x (sum of per-token losses on this rank) / (valid tokens of the global batch)`` with
 ``scale_wrt_gas=False``, so the reduced gradient is exactly the gradient of the token-weighted mean
 over the whole global batch (all micro-batches, DP and CP ranks) — the Megatron engine's loss.
 """
@@ -29,16 +33,18 @@ over the whole global batch (all micro-batches, DP and CP ranks) — the Megatro
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pathlib
-import time
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from seqpar.deepspeed.config import require_cpu_accelerator
+from seqpar.deepspeed.config import batch_shape, build_ds_config, check_supported, require_cpu_accelerator
+from seqpar.train.engine import Batch, Engine, StepContext, StepResult
+from seqpar.train.runtime import build_model, build_scheduler, current_device, local_batch, moh_aux_losses
 
 
 class MegatronMPU:
@@ -83,35 +89,48 @@ def _no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
     return len(getattr(param, "ds_shape", param.shape)) == 1 or name.endswith(".bias")
 
 
+class Schedule:
+    """The recipe ``cfg``'s LR / weight-decay schedule on ``optimizer``: megatron's
+    OptimizerParamScheduler (the Megatron engine's, build_scheduler) in the client-scheduler interface
+    DeepSpeed steps once per optimizer step; optimizer step k runs at num_steps = k + 1. As on the
+    Megatron engine, the schedule is this recipe's function of the step: a checkpoint restores the
+    step count only (:meth:`load_state_dict`), and ``train`` sets the resumed step's LR with
+    :meth:`at_step` after the whole load."""
+
+    def __init__(self, cfg: Any, optimizer: torch.optim.Optimizer) -> None:
+
+        self.sched = build_scheduler(cfg, optimizer)
+        self.at_step(0)
+
+    def at_step(self, step: int) -> None:
+        """Put the LR and weight decay of optimizer step ``step`` on the optimizer's param groups."""
+        self.sched.num_steps = step
+        self.sched.step(1)
+
+    def step(self, *_: Any) -> None:
+        self.sched.step(1)
+
+    def get_lr(self) -> list[float]:
+        return [g["lr"] for g in self.sched.optimizer.param_groups]
+
+    get_last_lr = get_lr
+
+    def state_dict(self) -> dict:
+        return self.sched.state_dict()
+
+    def load_state_dict(self, sd: dict) -> None:
+        # DeepSpeed's load_checkpoint calls this. megatron's OptimizerParamScheduler.load_state_dict
+        # would *add* the saved num_steps to the count (1 after __init__: every step after a resume
+        # one step ahead) and take max_lr / min_lr / warmup / decay steps from the checkpoint instead
+        # of the resuming recipe (the Megatron engine follows the recipe: check_resume's contract).
+        self.at_step(int(sd["num_steps"]) - 1)
+
+
 def initialize(cfg: Any, model: torch.nn.Module, ds_config: dict[str, Any]):
     """``deepspeed.initialize`` on ``model`` with ``ds_config``, our groups as ``mpu`` and the
-    Megatron engine's LR schedule (``build_scheduler``) as the client scheduler. Returns the engine."""
+    Megatron engine's LR schedule (:class:`Schedule`) as the client scheduler. Returns the engine."""
     require_cpu_accelerator()
     import deepspeed
-
-    from seqpar.train.loop import build_scheduler
-
-    class Schedule:
-        """megatron's OptimizerParamScheduler (the Megatron engine's, build_scheduler) in the interface
-        DeepSpeed steps once per optimizer step; optimizer step k runs at num_steps = k + 1."""
-
-        def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-            self.sched = build_scheduler(cfg, optimizer)
-            self.sched.step(1)
-
-        def step(self, *_: Any) -> None:
-            self.sched.step(1)
-
-        def get_lr(self) -> list[float]:
-            return [g["lr"] for g in self.sched.optimizer.param_groups]
-
-        get_last_lr = get_lr
-
-        def state_dict(self) -> dict:
-            return self.sched.state_dict()
-
-        def load_state_dict(self, sd: dict) -> None:
-            self.sched.load_state_dict(sd)
 
     if "LOCAL_RANK" not in os.environ:
         # DeepSpeed asserts on it; launchers (deepspeed, torchrun) set it. A process group started
@@ -136,7 +155,7 @@ def initialize(cfg: Any, model: torch.nn.Module, ds_config: dict[str, Any]):
     groups = [g for g in ({"params": wd, "wd_mult": 1.0, "lr_mult": 1.0},
                           {"params": no_wd, "wd_mult": 0.0, "lr_mult": 1.0, "weight_decay": 0.0}) if g["params"]]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config, mpu=mpu,
-                                           lr_scheduler=Schedule)
+                                           lr_scheduler=functools.partial(Schedule, cfg))
     if ds_config["zero_optimization"]["stage"] == 3:
         from seqpar.nn import MoHRouter
 
@@ -151,26 +170,43 @@ def initialize(cfg: Any, model: torch.nn.Module, ds_config: dict[str, Any]):
     return engine
 
 
+def grad_divisor(engine: Any) -> int:
+    """What DeepSpeed divides the sum of the DP x CP ranks' gradients by, so that the loss can be
+    scaled to undo it exactly.
+
+    ZeRO 0-2 average over DP: their reductions divide by ``world(DP x CP) / sequence_parallel_size``.
+    ZeRO-3 averages over its whole partition group DP x CP: its gradient reduce-scatter
+    (``DeepSpeedZeroOptimizer_Stage3.__avg_scatter_grads`` -> ``reduce_scatter_coalesced``, the path of
+    ``zero_optimization.reduce_scatter: true``, which the recipe's ds_config pins for ZeRO-3) pre-divides
+    by the group's size and ignores the sequence-parallel size (DeepSpeed 0.19). With the DP divisor a
+    ZeRO-3 gradient came out CP times too small: invisible to AdamW's update (scale-invariant up to
+    ``eps``) until the global norm crosses ``optim.grad_clip`` — the clip then fires at CP x the
+    threshold — so the losses drifted from the Megatron engine's (6e-4 at CP=2 by step 4) and the
+    logged ``train/grad_norm`` was 1/CP of the true norm."""
+    if engine.zero_optimization_stage() == 3:
+        return ps.get_data_parallel_world_size(with_context_parallel=True)
+    return ps.get_data_parallel_world_size()
+
+
 def forward_backward(engine: Any, micro_batches: list[dict[str, torch.Tensor]]):
     """Forward, backward and ``engine.step()`` for one optimizer step made of ``micro_batches``
     (this rank's, already CP-split; as many as the engine's gradient accumulation steps). Returns
-    the step's :class:`seqpar.train.step.StepResult` (identical on every rank)."""
+    the step's :class:`seqpar.train.engine.StepResult` (identical on every rank)."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
-    from seqpar.train.step import StepResult, moh_aux_losses
 
     if len(micro_batches) != engine.gradient_accumulation_steps():
         raise ValueError(f"{len(micro_batches)} micro-batches for {engine.gradient_accumulation_steps()} "
                          f"gradient accumulation steps")
     dpcp = ps.get_data_parallel_group(with_context_parallel=True)
     dp = ps.get_data_parallel_world_size()
+    div = grad_divisor(engine)
     counts = torch.stack([torch.stack([b["loss_mask"].float().sum() for b in micro_batches]).sum(),
                           torch.zeros(())])
     dist.all_reduce(counts, group=dpcp)
     total = counts[0].clamp(min=1.0)
-    # the aux loss's gradient does not pass through the main loss: DeepSpeed divides by DP, so scale
-    # 1 / micro-batches gives Megatron's mean over micro-batches and DP replicas
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / len(micro_batches)))
+    # the aux loss's gradient does not pass through the main loss: DeepSpeed divides by `div`, so scale
+    # (div / DP) / micro-batches gives Megatron's mean over micro-batches and DP replicas
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(div / dp / len(micro_batches)))
     loss_sum = torch.zeros((), dtype=torch.float64)
     aux_sum = torch.zeros(())
     for batch in micro_batches:
@@ -178,7 +214,7 @@ def forward_backward(engine: Any, micro_batches: list[dict[str, torch.Tensor]]):
         position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         per_token = engine(tokens, position_ids, None, labels=labels)  # [b, s_local]
         local = (per_token.float() * mask).sum()
-        engine.backward(local * (dp / total), scale_wrt_gas=False)
+        engine.backward(local * (div / total), scale_wrt_gas=False)
         engine.step()  # DeepSpeed steps the optimizer (and the LR) at the accumulation boundary only
         loss_sum += local.detach().double().cpu()
         aux = moh_aux_losses(engine.module)
@@ -193,90 +229,98 @@ def forward_backward(engine: Any, micro_batches: list[dict[str, torch.Tensor]]):
     return StepResult(loss=float(vals[0] / total), aux_loss=float(vals[1]), tokens=int(counts[0]))
 
 
-def _split(batch: tuple[torch.Tensor, ...], micro: int) -> list[dict[str, torch.Tensor]]:
-    from seqpar.train.step import local_batch
-
-    tokens, labels, mask = batch
+def _split(batch: Batch, micro: int) -> list[dict[str, torch.Tensor]]:
+    """``micro`` rows per micro-batch, each this CP rank's zigzag share."""
+    tokens, labels, mask = batch.tokens, batch.labels, batch.loss_mask
     return [local_batch(tokens[i:i + micro], labels[i:i + micro], mask[i:i + micro])
             for i in range(0, tokens.shape[0], micro)]
 
 
-def train(cfg: Any, *, resume: bool = False, stop_after: Optional[int] = None) -> list[float]:
-    """``train.engine: deepspeed``: the recipe on the DeepSpeed engine. Same contract as
-    ``seqpar.train.loop.train`` (returns this run's per-step losses, identical on every rank;
-    ``resume`` continues from ``<out_dir>/checkpoints/latest``; ``stop_after`` ends, with a
-    checkpoint, after that many steps of this run)."""
-    from seqpar.deepspeed import checkpoint
-    from seqpar.deepspeed.config import batch_shape, build_ds_config, check_supported
-    from seqpar.megatron import init_parallel
-    from seqpar.train import health, signals
-    from seqpar.train.checkpoint import prepare_out_dir
-    from seqpar.train.loop import AttentionTimer, Logger, _batch, _device, _rng_state, _set_rng_state, build_data, build_model
+class DeepSpeedEngine(Engine):
+    """One rank's DeepSpeed engine (ZeRO 0-3, optional CPU offload) for the recipe, run by the one loop."""
 
-    check_supported(cfg)  # refused combinations fail before any process group is made
-    world = dist.get_world_size() if dist.is_initialized() else None
-    if world is not None:
-        cfg.check_world(world)
-    init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.context_parallel, seed=cfg.train.seed,
-                  timeout_s=cfg.parallel.distributed_timeout_s)
-    dp = ps.get_data_parallel_world_size()
-    ds_config = build_ds_config(cfg, dp)
-    micro, _ = batch_shape(cfg, dp)
-    rank0 = dist.get_rank() == 0
-    data, vocab = build_data(cfg)
-    model = build_model(cfg, vocab)[0]  # one chunk: the DeepSpeed engine runs without pipeline parallelism
-    engine = initialize(cfg, model, ds_config)
-    out = pathlib.Path(cfg.train.out_dir)
-    ckpt_dir = out / "checkpoints"
-    start = 0
-    prepare_out_dir(out, resume=resume, overwrite=cfg.train.overwrite)  # no silent mixing of two runs
-    if resume:
-        from seqpar.train.checkpoint import resumable
+    name = "deepspeed"
+    log_prefix = "[seqpar.deepspeed]"
+    progress_desc = "train[deepspeed]"
+    skips_steps = False  # refused by check_supported: DeepSpeed has stepped before the loss is known
 
-        # the Megatron engine's rule: `latest` if intact, else (train.on_corrupt_checkpoint=fallback) the
-        # newest intact older checkpoint, with a warning naming the corrupt file; verified there, so load()
-        # skips its own hash pass
-        path = resumable(ckpt_dir, cfg.train.on_corrupt_checkpoint)
-        state = checkpoint.load(engine, path, config=cfg.to_dict(), verified=True)  # refuses a model change / finished run
-        if state["rng"] is not None:
-            _set_rng_state(state["rng"])
-        elif rank0:
-            print(f"[seqpar.deepspeed] {path} was written with parallel layout {state['layout']}; "
-                  f"RNG states not restored (they are per rank)", flush=True)
-        start = state["step"]
-    end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
-    logger = Logger(cfg, out, start, desc="train[deepspeed]", head=f"[seqpar.deepspeed] ZeRO-{cfg.deepspeed.zero_stage},")
-    device = _device()
-    timer = AttentionTimer(model) if cfg.train.time_attention else None
-    # non-finite loss / grad norm: stop naming the first bad layer (train.skip_nonfinite_steps > 0 is refused
-    # for this engine by seqpar.deepspeed.config.check_supported: DeepSpeed has stepped before we know)
-    monitor = health.HealthMonitor.from_config(cfg, model)
-    losses = []
-    engine.train()
-    for step in range(start, end):
-        t0 = time.perf_counter()
-        lr = engine.get_lr()[0]
-        with monitor.guard(step):
-            res = forward_backward(engine, _split(_batch(data, step, cfg, device), micro))
-        gnorm = engine.get_global_grad_norm()
-        monitor.check(step, res.loss, 0.0 if gnorm is None else float(gnorm))
-        losses.append(res.loss)
-        res = dataclasses.replace(res, lr=lr, grad_norm=None if gnorm is None else float(gnorm))
-        logger.log(step, res, time.perf_counter() - t0, timer, skipped=None)  # no skipped steps here
-        stop = signals.stop_requested()  # a SIGTERM/SIGUSR1/SIGINT on any rank: save now, then exit (all ranks)
-        last = step + 1 == end or stop
-        saved = None
-        if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
-            if logger.writer is not None:  # the scalars up to a checkpoint are on disk before it is `latest`
-                logger.writer.flush()
-            saved = checkpoint.save(engine, ckpt_dir, step + 1, rng=_rng_state(), config=cfg.to_dict(),
-                                    keep_last=cfg.train.keep_last, tokenizer_model=getattr(data, "tokenizer_model", None))
-        if stop:
-            signals.stopped(step + 1, saved)
-            break
-    logger.close(start, end, losses, ckpt_dir, out)
-    monitor.close()
-    engine.destroy()
-    ps.destroy_model_parallel()
-    signals.raise_if_stopped()  # SystemExit(signals.EXIT_INTERRUPTED) after a signal stopped the loop
-    return losses
+    def __init__(self, cfg: Any, model: torch.nn.Module, engine: Any, micro: int) -> None:
+        self.cfg, self.model, self.engine, self.micro = cfg, model, engine, micro
+
+    @classmethod
+    def check(cls, cfg: Any, dp: Optional[int] = None) -> None:
+        """Refused combinations (pipeline parallelism, skipping non-finite steps); with ``dp`` also the
+        whole ds_config (the recipe's merged with the user's JSON, validated by DeepSpeed)."""
+        if dp is None:
+            check_supported(cfg)
+        else:
+            build_ds_config(cfg, dp)
+
+    @classmethod
+    def memory_plan(cls, cfg: Any, dp: int) -> dict[str, Any]:
+        """The ZeRO stage and offloads of the ds_config that would run (recipe + ``deepspeed.config``)."""
+        from seqpar.train.memory import bytes_entry, zero_bytes_per_param
+
+        n = dp * cfg.parallel.context_parallel
+        zero = build_ds_config(cfg, dp)["zero_optimization"]
+        where = {k: zero.get(f"offload_{k}", {}).get("device", "none") for k in ("optimizer", "param")}
+        per = zero_bytes_per_param(zero["stage"], cfg.model.dtype == "bf16", n,
+                                   offload_optimizer=where["optimizer"] != "none", offload_param=where["param"] != "none")
+        return {"engine": "deepspeed", "zero_stage": zero["stage"], "zero_ranks": n, "offload": where,
+                "distributed_optimizer": None, "bytes_per_param": bytes_entry(*per)}
+
+    @classmethod
+    def build(cls, cfg: Any, vocab_size: int) -> "DeepSpeedEngine":
+        """The recipe's model (one chunk: the DeepSpeed engine runs without pipeline parallelism) in
+        ``deepspeed.initialize`` with the ds_config for the current DP size."""
+        dp = ps.get_data_parallel_world_size()
+        ds_config = build_ds_config(cfg, dp)
+        micro, _ = batch_shape(cfg, dp)
+        model = build_model(cfg, vocab_size)[0]
+        return cls(cfg, model, initialize(cfg, model, ds_config), micro)
+
+    @property
+    def summary_head(self) -> str:
+        return f"{self.log_prefix} ZeRO-{self.cfg.deepspeed.zero_stage},"
+
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.model]
+
+    @property
+    def device(self) -> torch.device:
+        return current_device()
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def train_step(self, batch: Batch, ctx: StepContext) -> StepResult:
+        """Forward, backward and DeepSpeed's step (which applies the update at the accumulation
+        boundary); ``ctx.accept`` sees the loss and grad norm afterwards and can only stop the run."""
+        lr = self.engine.get_lr()[0]
+        with ctx.forward_backward():
+            res = forward_backward(self.engine, _split(batch, self.micro))
+        gnorm = self.engine.get_global_grad_norm()
+        ctx.accept(res.loss, 0.0 if gnorm is None else float(gnorm))
+        return dataclasses.replace(res, lr=lr, grad_norm=None if gnorm is None else float(gnorm))
+
+    def save(self, ckpt_dir: pathlib.Path, step: int, *, rng: Any, config: dict[str, Any],
+             tokenizer_model: Optional[bytes] = None) -> pathlib.Path:
+        from seqpar.deepspeed import checkpoint
+
+        return checkpoint.save(self.engine, ckpt_dir, step, rng=rng, config=config,
+                               keep_last=self.cfg.train.keep_last, tokenizer_model=tokenizer_model)
+
+    def load(self, path: pathlib.Path, *, config: dict[str, Any]) -> dict[str, Any]:
+        from seqpar.deepspeed import checkpoint
+
+        # verified by the loop (seqpar.train.checkpoint.resumable) just before, so load() skips its own
+        # hash pass; refuses a model change / finished run
+        state = checkpoint.load(self.engine, path, config=config, verified=True)
+        # ZeRO 1-3 restore the optimizer's param groups (the checkpoint's LR / weight decay) after the
+        # schedule: this recipe's values of the resumed step, as the Megatron engine's scheduler.step(step)
+        self.engine.lr_scheduler.at_step(state["step"])
+        return state
+
+    def close(self) -> None:
+        self.engine.destroy()

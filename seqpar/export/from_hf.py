@@ -133,7 +133,9 @@ def _write_checkpoint(cfg, weights: dict[str, torch.Tensor], tokenizer_model: Op
     from seqpar.megatron import init_parallel
     from seqpar.megatron.parallel import destroy_parallel
     from seqpar.train import checkpoint
-    from seqpar.train.loop import _rng_state, build_model, build_optimizer, wrap_ddp
+    from seqpar.train.loop import _rng_state
+    from seqpar.train.megatron_engine import build_optimizer, wrap_ddp
+    from seqpar.train.runtime import build_model
 
     if parallel_state.model_parallel_is_initialized():
         raise ExportError("import writes its checkpoint from a one-process group of its own; run it in a process "

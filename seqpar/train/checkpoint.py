@@ -393,7 +393,7 @@ def _lr_jump(saved: dict[str, Any], new: dict[str, Any], step: int) -> str:
     """A line with the LR at the resume step under both recipes, when it differs."""
     try:
         from seqpar.train.config import from_dict
-        from seqpar.train.loop import build_scheduler
+        from seqpar.train.runtime import build_scheduler
 
         def lr_at(cfg: Any) -> float:  # the LR of 0-based optimizer step `step` (scheduler at step + 1)
             sched = build_scheduler(cfg, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0))

@@ -1,54 +1,20 @@
 """python -m seqpar.train RECIPE.yaml [--set a.b=v ...] [--check | --dry-run] [--resume]  (also seqpar-train)
 
 Launch multi-process runs with torchrun (see launchers/torchrun.sh); a single process runs with a
-world of 1. Every recipe error names its field and is raised before any process group starts.
+world of 1. Every recipe error names its field and is raised before any process group starts (the
+engine's own checks through ``seqpar.train.engine``). The arguments: ``seqpar.train.args``; the run:
+``seqpar.train.loop.train``; signals and peer failures: ``seqpar.train.signals``.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
 from typing import Optional
 
+from seqpar.train.args import parse_args
 from seqpar.train.known_warnings import filter_known_warnings
-
-_DESCRIPTION = """Train a seqpar recipe (YAML, see recipes/README.md for every field).
-
-  python -m seqpar.train RECIPE.yaml                      one process (world of 1)
-  torchrun --nproc-per-node N -m seqpar.train RECIPE.yaml  N ranks (or launchers/torchrun.sh)
-  python -m seqpar.train RECIPE.yaml --check              validate only (exit 0, or 2 with one line per bad field)
-  python -m seqpar.train RECIPE.yaml --dry-run            validate the layout, report per-rank param / grad /
-                                                          optimizer bytes of every distinct shard (no torchrun)
-  ... --resume                                            continue from <train.out_dir>/checkpoints/latest
-  ... --resume auto                                       the same if a checkpoint exists, else start fresh
-"""
-
-
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="seqpar-train", description=_DESCRIPTION,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("recipe", help="YAML recipe (see recipes/)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                    help="override a recipe field (value parsed as YAML); repeatable")
-    ap.add_argument("--check", action="store_true",
-                    help="validate the recipe for its layout (under torchrun: for the launched world; else --world "
-                         "or TP x CP ranks) and the files it names, print the resolved recipe as YAML, start nothing")
-    ap.add_argument("--dry-run", action="store_true",
-                    help="validate the recipe and its parallel layout and report per-rank parameter, gradient "
-                         "and optimizer-state bytes (one meta-device model per distinct pipeline-stage x TP "
-                         "shard, built in this one process on a fake world; no process group is started)")
-    ap.add_argument("--world", type=int, default=None, metavar="N",
-                    help="--check / --dry-run without torchrun: the world size to validate and report for "
-                         "(default: tensor_parallel x context_parallel x pipeline_parallel)")
-    ap.add_argument("--resume", nargs="?", const="latest", default=None, choices=["latest", "auto"],
-                    help="continue from <train.out_dir>/checkpoints/latest; '--resume auto' resumes only if it "
-                         "exists, else starts fresh (implied after a torchrun restart or a Slurm requeue)")
-    # h13-deepspeed: the deepspeed launcher passes --local_rank=N (unless --no_local_rank); LOCAL_RANK is in the env too
-    ap.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
-                    help="set by the deepspeed launcher (same as the LOCAL_RANK environment variable)")
-    return ap.parse_args(argv)
 
 
 def _exit_codes() -> list[tuple[tuple[type, ...], int]]:
@@ -64,10 +30,12 @@ def _exit_codes() -> list[tuple[tuple[type, ...], int]]:
 
 
 def dry_run(cfg, world_size: Optional[int] = None) -> dict:
-    """Validate ``cfg`` at ``world_size`` (default TP x CP x PP) and print its per-rank memory
-    (``seqpar.train.memory``): every distinct (pipeline stage, TP rank) shard is built on the meta
-    device in this one process (as that rank of a fake world), which must not have a process group
-    yet. Prints on rank 0 (under torchrun every rank computes the same report); returns the report."""
+    """Validate ``cfg`` at ``world_size`` (default TP x CP x PP) and print the engine that would run
+    (``train.engine``: Megatron with or without the distributed optimizer, DeepSpeed's ZeRO stage and
+    offloads) with its per-rank memory (``seqpar.train.memory``): every distinct (pipeline stage, TP
+    rank) shard is built on the meta device in this one process (as that rank of a fake world), which
+    must not have a process group yet. Prints on rank 0 (under torchrun every rank computes the same
+    report); returns the report."""
     from seqpar.train.memory import format_report, report
 
     par = cfg.parallel
@@ -82,6 +50,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     filter_known_warnings()  # megatron-core's Apex / TE notices, non-leaf .grad read, deprecated collectives
     from seqpar.train.config import load_recipe
+    from seqpar.train.engine import engine_class
 
     launched = "WORLD_SIZE" in os.environ
     try:
@@ -110,9 +79,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 raise ValueError(held)
         if not no_launch:
             cfg.check_environment()
-        if cfg.train.engine == "deepspeed":  # h13-deepspeed: the ds_config is checked before any process group
-            from seqpar.deepspeed import build_ds_config
-            build_ds_config(cfg, dp)
+        # the engine's own checks (DeepSpeed: the whole ds_config) before any process group
+        engine_class(cfg.train.engine).check(cfg, dp)
     except (ValueError, OSError) as e:
         # every rank stops here (exit 2, no process group, no traceback); rank 0 says why, once
         if os.environ.get("RANK", "0") == "0":

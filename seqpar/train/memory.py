@@ -2,7 +2,7 @@
 bytes of every distinct shard (one per (pipeline stage, tensor-parallel rank); DP and CP ranks hold
 copies), measured on meta-device stage models built in this one process, next to the closed form.
 
-Bytes per parameter held by a rank (the engine's precision choices, ``seqpar.train.loop``):
+Bytes per parameter held by a rank (the engine's precision choices, ``seqpar.train.megatron_engine``):
 
 =========================  =========  ===================  =======================================
 model.dtype / optimizer    parameter  gradient (DDP, fp32)  optimizer state (Adam)
@@ -15,6 +15,22 @@ fp32, not distributed      4          4                     8
 
 so bf16 with the distributed optimizer costs ``6 + 12 / (DP x CP)`` bytes per parameter of the rank's
 shard (gradients are reduced in fp32: ``grad_reduce_in_fp32``). Activations are not counted.
+
+``train.engine: deepspeed`` (:func:`zero_bytes_per_param`; ``N`` = DP x CP, ZeRO's group; README's table):
+
+=========  ==================  ==================  ===============================================
+ZeRO       parameter           gradient            optimizer state (fp32 master + Adam m, v)
+=========  ==================  ==================  ===============================================
+0          2 (fp32: 4)         2 (fp32: 4)         12 (fp32: 8, AdamW on the parameters)
+1          2 (fp32: 4)         2 (fp32: 4)         12 / N (fp32 too: ZeRO-1/2 clone the fp32 partition)
+2          2 (fp32: 4)         2 / N (fp32: 4 / N) 12 / N
+3          2 / N (fp32: 4 / N) 2 / N (fp32: 4 / N) 12 / N (fp32: 8 / N, the partition is the master)
+=========  ==================  ==================  ===============================================
+
+``offload_optimizer`` (cpu, or nvme through a ds_config JSON) moves the optimizer column off the device:
+``12 / N`` bytes per parameter there (the offloaded fp32 master is always a copy), 0 on the device;
+``offload_param`` (ZeRO-3, ds_config JSON) moves the parameter partitions (``2 / N``) likewise. The
+stage and offloads are read from the ds_config that would run (recipe + ``deepspeed.config``).
 
 Closed-form parameter count of one rank (``h`` hidden, ``f`` FFN, ``H``/``G`` query/kv heads, ``d`` head
 dim, ``V`` vocabulary, ``t`` TP size; SwiGLU MLP, RMSNorm, no biases):
@@ -53,17 +69,63 @@ class ShardMemory:
     param_bytes: int
     grad_bytes: int
     optimizer_bytes: int
+    offloaded_bytes: int = 0
+    """Bytes off the device (host memory or NVMe: DeepSpeed's offload_optimizer / offload_param)."""
 
     @property
     def total_bytes(self) -> int:
+        """Bytes on the device (offloaded bytes not included)."""
         return self.param_bytes + self.grad_bytes + self.optimizer_bytes
 
 
 def bytes_per_param(bf16: bool, distributed: bool, dp_cp: int) -> tuple[int, int, float]:
-    """(parameter, gradient, optimizer-state) bytes per parameter of a rank's shard (module table)."""
+    """The Megatron engine's (parameter, gradient, optimizer-state) bytes per parameter of a rank's
+    shard (module table)."""
     param = 2 if bf16 else 4
     opt = (4 if bf16 else 0) + 8
     return param, 4, opt / dp_cp if distributed else float(opt)
+
+
+def zero_bytes_per_param(stage: int, bf16: bool, n: int, *, offload_optimizer: bool = False,
+                         offload_param: bool = False) -> tuple[float, float, float, float]:
+    """The DeepSpeed engine's (parameter, gradient, optimizer state, offloaded) bytes per parameter of a
+    rank's shard under ZeRO ``stage`` over ``n`` = DP x CP ranks (module table; DeepSpeed 0.19's
+    allocations: ZeRO-1/2 clone their fp32 master partition even from fp32 weights, ZeRO-3 uses an fp32
+    partition as the master in place, ZeRO-0 fp32 steps torch AdamW on the parameters)."""
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"ZeRO stage {stage!r} is not 0, 1, 2 or 3")
+    if offload_optimizer and stage == 0 or offload_param and stage != 3:
+        raise ValueError(f"ZeRO-{stage} cannot offload the {'optimizer' if offload_optimizer else 'parameters'} "
+                         f"(offload_optimizer needs stage >= 1, offload_param stage 3)")
+    w = 2 if bf16 else 4
+    param = w / n if stage == 3 else float(w)
+    grad = w / n if stage >= 2 else float(w)
+    if bf16 or stage in (1, 2):
+        master = 4.0  # a separate fp32 copy of the weights
+    else:
+        master = 0.0  # fp32 ZeRO-0 / ZeRO-3: the optimizer updates the (partitioned) fp32 weights in place
+    opt = (master + 8) / (n if stage >= 1 else 1)
+    off = 0.0
+    if offload_optimizer:
+        off, opt = 12 / n, 0.0  # offloaded, the fp32 master is always a copy (stage 1-3, cpu_offload)
+    if offload_param:
+        off, param = off + param, 0.0
+    return param, grad, opt, off
+
+
+def engine_bytes_per_param(cfg: Any, dp: int) -> dict[str, Any]:
+    """The engine that ``cfg`` would run at data-parallel size ``dp`` and its bytes per parameter of a
+    rank's shard (the engine's ``memory_plan``: Megatron's :func:`bytes_per_param`, DeepSpeed's
+    :func:`zero_bytes_per_param` for the ZeRO stage and offloads of the ds_config that would run)."""
+    from seqpar.train.engine import engine_class
+
+    return engine_class(cfg.train.engine).memory_plan(cfg, dp)
+
+
+def bytes_entry(param: float, grad: float, optimizer: float, offloaded: float = 0) -> dict[str, float]:
+    """``memory_plan``'s ``bytes_per_param`` entry."""
+    return {"param": param, "grad": grad, "optimizer": optimizer, "offloaded": offloaded,
+            "total": param + grad + optimizer}
 
 
 def closed_form_params(p: Any, pattern: str, vocab: int, tp: int, *, first: bool, last: bool,
@@ -127,18 +189,17 @@ def layout_memory(cfg: Any, world_size: int, vocab_size: int) -> list[ShardMemor
     from megatron.core import parallel_state
 
     from seqpar.megatron.specs import layer_pattern
-    from seqpar.train import loop
+    from seqpar.train import runtime
 
     if dist.is_initialized():
         raise RuntimeError("layout_memory builds its own (fake) world; call it before init_process_group")
     dp = cfg.check_world(world_size)
     par = cfg.parallel
     tp, pp, cp = par.tensor_parallel, par.pipeline_parallel, par.context_parallel
-    p = loop._preset(cfg)
+    p = runtime._preset(cfg)
     letters = layer_pattern(p.pattern, p.num_layers)
     per_stage = p.num_layers // pp
-    distributed = cfg.optim.distributed if cfg.optim.distributed is not None else dp * cp > 1
-    pb, gb, ob = bytes_per_param(cfg.model.dtype == "bf16", distributed, dp * cp)
+    b = engine_bytes_per_param(cfg, dp)["bytes_per_param"]
     out = []
     for pp_rank in range(pp):
         for tp_rank in range(tp):
@@ -147,31 +208,48 @@ def layout_memory(cfg: Any, world_size: int, vocab_size: int) -> list[ShardMemor
                 assert (parallel_state.get_tensor_model_parallel_rank(),
                         parallel_state.get_pipeline_model_parallel_rank()) == (tp_rank, pp_rank)
                 with torch.device("meta"):
-                    chunks = loop.build_model(cfg, vocab_size)
+                    chunks = runtime.build_model(cfg, vocab_size)
             n = sum(q.numel() for c in chunks for q in c.parameters())
             stage = letters[pp_rank * per_stage:(pp_rank + 1) * per_stage]
             closed = closed_form_params(p, stage, vocab_size, tp, first=pp_rank == 0, last=pp_rank == pp - 1,
                                         moh_num_shared_heads=cfg.model.moh_num_shared_heads)
-            out.append(ShardMemory(pp_rank, tp_rank, stage, n, closed, n * pb, n * gb, round(n * ob)))
+            out.append(ShardMemory(pp_rank, tp_rank, stage, n, closed, round(n * b["param"]), round(n * b["grad"]),
+                                   round(n * b["optimizer"]), round(n * b["offloaded"])))
     return out
 
 
 def report(cfg: Any, world_size: int, vocab_size: int) -> dict[str, Any]:
-    """The dry-run summary: layout, bytes per parameter and every distinct shard's bytes."""
+    """The dry-run summary: layout, the engine that would run (Megatron with or without the distributed
+    optimizer, or DeepSpeed's ZeRO stage and offloads: :func:`engine_bytes_per_param`), its bytes per
+    parameter and every distinct shard's bytes (``total_bytes`` / ``max_rank_bytes``: on the device)."""
     shards = layout_memory(cfg, world_size, vocab_size)
     par = cfg.parallel
     dp = world_size // (par.tensor_parallel * par.context_parallel * par.pipeline_parallel)
-    distributed = cfg.optim.distributed if cfg.optim.distributed is not None else dp * par.context_parallel > 1
-    pb, gb, ob = bytes_per_param(cfg.model.dtype == "bf16", distributed, dp * par.context_parallel)
     shape = cfg.model.shape
     return {"dry_run": "ok", "world": world_size, "tensor_parallel": par.tensor_parallel,
             "pipeline_parallel": par.pipeline_parallel, "context_parallel": par.context_parallel,
-            "data_parallel": dp, "distributed_optimizer": distributed, "pattern": cfg.model.layer_pattern,
+            "data_parallel": dp, **engine_bytes_per_param(cfg, dp), "pattern": cfg.model.layer_pattern,
             "layers": shape.num_layers, "hidden": shape.hidden_size, "heads": shape.num_attention_heads,
             "kv_heads": shape.num_query_groups,
-            "bytes_per_param": {"param": pb, "grad": gb, "optimizer": ob},
             "shards": [{**asdict(s), "total_bytes": s.total_bytes} for s in shards],
             "max_rank_bytes": max(s.total_bytes for s in shards)}
+
+
+_ZERO_SHARDS = ("nothing sharded", "optimizer state sharded", "optimizer state and gradients sharded",
+                "optimizer state, gradients and parameters sharded")
+
+
+def engine_line(rep: dict[str, Any]) -> str:
+    """The engine part of the dry run's layout line, e.g. ``engine megatron, distributed optimizer: True``
+    or ``engine deepspeed ZeRO-3 (optimizer state, gradients and parameters sharded over N = DP x CP = 4
+    ranks), optimizer state offloaded (cpu)``."""
+    if rep["engine"] != "deepspeed":
+        return f"engine megatron, distributed optimizer: {rep['distributed_optimizer']}"
+    stage = rep["zero_stage"]
+    over = f" over N = DP x CP = {rep['zero_ranks']} ranks" if stage else ""
+    off = [f"{'optimizer state' if k == 'optimizer' else 'parameters'} offloaded ({v})"
+           for k, v in rep["offload"].items() if v != "none"]
+    return ", ".join([f"engine deepspeed ZeRO-{stage} ({_ZERO_SHARDS[stage]}{over})"] + off)
 
 
 def format_report(rep: dict[str, Any]) -> str:
@@ -179,8 +257,8 @@ def format_report(rep: dict[str, Any]) -> str:
     gib = 2 ** 30
     lines = [json.dumps(rep)]
     lines.append(f"layout TP={rep['tensor_parallel']} PP={rep['pipeline_parallel']} CP={rep['context_parallel']} "
-                 f"DP={rep['data_parallel']} (world {rep['world']}), distributed optimizer: "
-                 f"{rep['distributed_optimizer']}, bytes/param {rep['bytes_per_param']}")
+                 f"DP={rep['data_parallel']} (world {rep['world']}), {engine_line(rep)}, bytes/param "
+                 f"{rep['bytes_per_param']}")
     w = max([6] + [len(s["layers"]) for s in rep["shards"]])  # the stage's whole layer pattern, never cut
     lines.append(f"{'pp':>3} {'tp':>3} {'layers':>{w}} {'params':>14} {'param GiB':>10} {'grad GiB':>9} "
                  f"{'optim GiB':>10} {'total GiB':>10}")
@@ -188,8 +266,11 @@ def format_report(rep: dict[str, Any]) -> str:
         lines.append(f"{s['pp_rank']:>3} {s['tp_rank']:>3} {s['layers']:>{w}} {s['params']:>14,} "
                      f"{s['param_bytes'] / gib:>10.3f} {s['grad_bytes'] / gib:>9.3f} "
                      f"{s['optimizer_bytes'] / gib:>10.3f} {s['total_bytes'] / gib:>10.3f}")
+    if any(s["offloaded_bytes"] for s in rep["shards"]):
+        lines.append(f"off the device per rank (not in total): up to "
+                     f"{max(s['offloaded_bytes'] for s in rep['shards']) / gib:.3f} GiB")
     return "\n".join(lines)
 
 
-__all__ = ["KIND_OF_LETTER", "ShardMemory", "bytes_per_param", "closed_form_params", "format_report",
-           "layout_memory", "report"]
+__all__ = ["KIND_OF_LETTER", "ShardMemory", "bytes_entry", "bytes_per_param", "closed_form_params", "engine_bytes_per_param",
+           "engine_line", "format_report", "layout_memory", "report", "zero_bytes_per_param"]

@@ -406,7 +406,7 @@ def _main(argv: list[str]) -> int:
     from seqpar.train.known_warnings import filter_known_warnings
 
     filter_known_warnings()  # as the CLI
-    from seqpar.train.cli import parse_args
+    from seqpar.train.args import parse_args
     from seqpar.train.config import load_recipe
 
     args = parse_args(argv[1:])

@@ -1,6 +1,7 @@
-"""One training step's math on megatron-core's engine: Megatron's zigzag CP split, the micro-batch
-forward/backward through ``get_forward_backward_func`` (1F1B under PP), the token-weighted loss over
-DP x CP, the MoH aux loss, and the step statistics reduced over every pipeline stage.
+"""One training step's math on megatron-core's engine (``seqpar.train.megatron_engine``): Megatron's
+zigzag CP split into micro-batches, the micro-batch forward/backward through
+``get_forward_backward_func`` (1F1B under PP), the token-weighted loss over DP x CP, the MoH aux loss,
+the step statistics reduced over every pipeline stage, and megatron's optimizer step.
 
 Token weighting (exact for any DP x CP x PP x micro-batch split): the loss function returns the
 *sum* of the token losses of its micro-batch and its valid-token count; the model config sets
@@ -13,7 +14,6 @@ Every tensor that reaches a collective here is created on the parameters' device
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -22,35 +22,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-from megatron.core.utils import get_batch_on_this_cp_rank
 
-from seqpar import cp
-from seqpar.megatron.attention import MoHCoreAttention, MoHSelfAttention
-
-
-@dataclass
-class StepResult:
-    """Scalars of one step, identical on every rank (taken over all pipeline stages)."""
-
-    loss: float
-    """Cross-entropy averaged over the valid tokens of the whole global batch."""
-    aux_loss: float
-    """MoH load-balance loss of the model (its layers' terms, times the coefficient, summed over all
-    pipeline stages), averaged over DP replicas and micro-batches."""
-    tokens: int
-    """Valid tokens in the global batch."""
-    grad_norm: float = 0.0
-    """L2 norm of the full gradient before clipping (megatron's get_grad_norm_fp32), 0 without a step."""
-    lr: float = 0.0
-    """Learning rate of this step."""
-    updated: bool = True
-    """False when the update was skipped (non-finite loss / grad norm within train.skip_nonfinite_steps)."""
-
-
-def local_batch(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """This CP rank's share of a ``[batch, seq]`` batch: Megatron's ``get_batch_on_this_cp_rank``
-    (zigzag: chunks r and 2P-1-r of 2P)."""
-    return get_batch_on_this_cp_rank({"tokens": tokens, "labels": labels, "loss_mask": loss_mask})
+from seqpar.train.engine import StepResult
+# re-exported: callers of this module's former home of the shared helpers
+from seqpar.train.runtime import local_batch, moh_aux_losses, param_device  # noqa: F401
 
 
 def micro_batches(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
@@ -62,24 +37,6 @@ def micro_batches(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.T
     if b % mb:
         raise ValueError(f"data.micro_batch={mb} must divide the {b} sequences of this DP rank")
     return [local_batch(tokens[i:i + mb], labels[i:i + mb], loss_mask[i:i + mb]) for i in range(0, b, mb)]
-
-
-def moh_aux_losses(model: torch.nn.Module) -> list[torch.Tensor]:
-    """The last aux loss of every MoH module (self-attention router or core query router)."""
-    out = []
-    for mod in model.modules():
-        if isinstance(mod, (MoHSelfAttention, MoHCoreAttention)) and mod.last_aux_loss is not None:
-            out.append(mod.last_aux_loss)
-    return out
-
-
-def param_device(model: torch.nn.Module | Sequence[torch.nn.Module]) -> torch.device:
-    """The device of the model's parameters (every tensor that reaches a collective lives there)."""
-    chunks = model if isinstance(model, (list, tuple)) else [model]
-    for chunk in chunks:
-        for p in chunk.parameters():
-            return p.device
-    raise ValueError("the model has no parameters")
 
 
 def _loss_func(loss_mask: torch.Tensor, stats: dict[str, torch.Tensor], output: torch.Tensor):
@@ -118,7 +75,9 @@ def forward_backward(model: torch.nn.Module | list[torch.nn.Module], batches: li
     schedule for the current PP layout. With DDP-wrapped chunks the gradients end reduced over DP x CP
     in the DDP buffers (``param.main_grad``) and divided by the global valid tokens; a bare module
     keeps this rank's gradient of ``sum(token losses) / global valid tokens`` in ``param.grad``.
-    Returns the step's scalars (no optimizer step: grad_norm and lr stay 0)."""
+    Returns the step's scalars (no optimizer step: grad_norm and lr stay 0). The training loop runs it
+    inside ``cp.step_checks()`` (``seqpar.train.engine.StepContext``): wrap a call of your own in it too,
+    or every CP attention layer checks its inputs with a handshake and a host read."""
     chunks = model if isinstance(model, list) else [model]
     batches = [batches] if isinstance(batches, dict) else batches
     device = param_device(chunks)
@@ -133,11 +92,10 @@ def forward_backward(model: torch.nn.Module | list[torch.nn.Module], batches: li
     stats = {"loss_sum": torch.zeros((), device=device), "aux_sum": torch.zeros((), device=device)}
     first = batches[0]["tokens"]
     fwd_bwd = get_forward_backward_func()
-    with cp.step_checks():  # seqpar attention: data checks once per step, no host sync per layer
-        fwd_bwd(forward_step_func=partial(_forward_step, stats), data_iterator=iter(batches), model=chunks,
-                num_microbatches=len(batches),
-                seq_length=first.shape[1] * parallel_state.get_context_parallel_world_size(),
-                micro_batch_size=first.shape[0], forward_only=forward_only)
+    fwd_bwd(forward_step_func=partial(_forward_step, stats), data_iterator=iter(batches), model=chunks,
+            num_microbatches=len(batches),
+            seq_length=first.shape[1] * parallel_state.get_context_parallel_world_size(),
+            micro_batch_size=first.shape[0], forward_only=forward_only)
     if config.finalize_model_grads_func is None and not forward_only:
         # a bare module (no DDP): divide by the global token count as finalize_model_grads would
         for chunk in chunks:

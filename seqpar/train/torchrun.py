@@ -50,7 +50,7 @@ class _Noise(logging.Filter):
 def _out_dir(script_args: list[str]) -> Optional[pathlib.Path]:
     """``train.out_dir`` of the recipe torchrun launched (``-m seqpar.train RECIPE [--set ...]``)."""
     try:
-        from seqpar.train.cli import parse_args
+        from seqpar.train.args import parse_args
         from seqpar.train.config import load_recipe
 
         args = parse_args(script_args)

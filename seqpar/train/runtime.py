@@ -1,0 +1,168 @@
+"""What every engine shares: the recipe's model (``build_model``: this rank's pipeline stage of the
+``GPTModel``, initialised independently of the TP x PP split; ``model_config``), the LR / weight-decay
+schedule (``build_scheduler``: megatron-core's ``OptimizerParamScheduler``, stepped by both engines),
+this CP rank's share of a batch (``local_batch``), the MoH aux losses, and devices (``param_device``,
+``current_device``).
+
+The loop and the engines import this module; it imports neither.
+"""
+
+from __future__ import annotations
+
+import zlib
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu
+from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
+from megatron.core.utils import get_batch_on_this_cp_rank
+
+from seqpar.megatron.attention import MoHCoreAttention, MoHSelfAttention
+from seqpar.megatron.specs import layer_specs_for_stage
+from seqpar.models import build_gpt, transformer_config
+from seqpar.train.config import RunConfig
+
+
+def model_config(cfg: RunConfig):
+    """The megatron ``TransformerConfig`` (``SeqparTransformerConfig``) of the recipe: parallel sizes,
+    dtype, recompute, per-token loss. One place for every engine knob that lives in the model config."""
+    p = _preset(cfg)
+    m, par = cfg.model, cfg.parallel
+    dtype = torch.bfloat16 if m.dtype == "bf16" else torch.float32
+    recompute = {"none": {}, "selective": {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]},
+                 "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}}
+    return transformer_config(
+        p, tensor_model_parallel_size=par.tensor_parallel, context_parallel_size=par.context_parallel,
+        pipeline_model_parallel_size=par.pipeline_parallel, cp_schemes=par.cp_schemes,
+        usp_ulysses_degree=par.usp_ulysses_degree,
+        seqpar_backend=par.backend, s2_block_size=m.s2_block_size, s2_local_blocks=m.s2_local_blocks,
+        s2_vert_stride=m.s2_vert_stride, moh_num_shared_heads=m.moh_num_shared_heads, moh_top_k=m.moh_top_k,
+        moh_aux_loss_coef=m.moh_aux_loss_coef, params_dtype=dtype, bf16=dtype == torch.bfloat16,
+        pipeline_dtype=dtype, calculate_per_token_loss=True,
+        # gloo has no batched isend/irecv and the batched path synchronises CUDA
+        batch_p2p_comm=torch.cuda.is_available(), **recompute[m.recompute])
+
+
+def _preset(cfg: RunConfig):
+    return cfg.model.shape  # the preset with the recipe's shape overrides and pattern
+
+
+def _seed_of(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63)
+
+
+@contextmanager
+def _seeded(seed: int, name: str) -> Iterator[None]:
+    """The CPU generator seeded from (seed, name), restored afterwards: module initialisation that
+    depends only on the module's place in the full model, not on the pipeline / tensor split."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_seed_of(seed, name))
+        yield
+
+
+def _seeded_layer_class(seed: int, base: type) -> type:
+    """``base`` (the spec's layer class, megatron's TransformerLayer) seeded by its global layer number."""
+    if not issubclass(base, TransformerLayer):
+        raise TypeError(f"layer spec module {base.__name__} is not a megatron TransformerLayer")
+
+    class SeededTransformerLayer(base):
+        """The layer initialised from its *global* layer number: a stage of a pipeline-parallel model
+        starts with exactly the layers of the one-stage model."""
+
+        def __init__(self, config, submodules, layer_number: int = 1, *args: Any, **kwargs: Any) -> None:
+            pg = kwargs.get("pg_collection")
+            pp_rank = pg.pp.rank() if pg is not None and getattr(pg, "pp", None) is not None else None
+            global_number = layer_number + get_transformer_layer_offset(config, kwargs.get("vp_stage"), pp_rank)
+            with _seeded(seed, f"layer{global_number}"):
+                super().__init__(config, submodules, layer_number, *args, **kwargs)
+
+    return SeededTransformerLayer
+
+
+def _reinit_output_layer(model: torch.nn.Module, seed: int) -> None:
+    """The output layer is built after the stage's layers; on the last stage of a pipeline the CPU
+    generator has not drawn the embedding then, so draw it from its own seed (CPU init is megatron's
+    master-weight-then-split, identical at any TP size)."""
+    out = getattr(model, "output_layer", None)
+    if out is None or not model.config.use_cpu_initialization:
+        return
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    w = out.weight
+    with _seeded(seed, "output_layer"):
+        _initialize_affine_weight_cpu(w, w.shape[0] * tp, w.shape[1], w.shape[0], 0, model.config.init_method,
+                                      params_dtype=model.config.params_dtype,
+                                      rank=parallel_state.get_tensor_model_parallel_rank(), world_size=tp,
+                                      skip_set_tensor_parallel_attributes=True)
+
+
+def _check_groups(cfg: RunConfig) -> None:
+    """The process groups must be the recipe's layout (a model built for another one is silently wrong)."""
+    par = cfg.parallel
+    want = (par.tensor_parallel, par.context_parallel, par.pipeline_parallel)
+    have = (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_context_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size())
+    if want != have:
+        raise ValueError(f"the process groups have TP x CP x PP = {have} but the recipe asks for {want}; "
+                         f"call init_parallel with parallel.tensor_parallel / context_parallel / pipeline_parallel")
+
+
+def build_model(cfg: RunConfig, vocab_size: int) -> list[torch.nn.Module]:
+    """This rank's pipeline stage of the recipe's ``GPTModel`` as a list of model chunks (one; the
+    megatron-core modules, not yet DDP-wrapped), with the recipe's dtype. Initialisation is
+    layout-independent: with the same seed every TP x PP split holds the slices of the same model."""
+    _check_groups(cfg)
+    tcfg = model_config(cfg)
+    p = _preset(cfg)
+    spec = layer_specs_for_stage(p.pattern, tcfg)
+    seeded: dict[type, type] = {}
+    for s in spec.layer_specs:
+        if s.module not in seeded:
+            seeded[s.module] = _seeded_layer_class(cfg.train.seed, s.module)
+        s.module = seeded[s.module]
+    with _seeded(cfg.train.seed, "embedding"):
+        model = build_gpt(p, tcfg, vocab_size=vocab_size, max_sequence_length=cfg.data.seq_len, spec=spec,
+                          pre_process=parallel_state.is_pipeline_first_stage(),
+                          post_process=parallel_state.is_pipeline_last_stage())
+    _reinit_output_layer(model, cfg.train.seed)
+    return [model.to(tcfg.params_dtype)]
+
+
+def build_scheduler(cfg: RunConfig, opt) -> OptimizerParamScheduler:
+    """The recipe's LR / weight-decay schedule on ``opt`` (also used to report LR changes on resume)."""
+    o = cfg.optim
+    return OptimizerParamScheduler(opt, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
+                                   lr_decay_steps=max(cfg.train.steps, o.warmup_steps + 1), lr_decay_style="cosine",
+                                   start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=cfg.train.steps,
+                                   wd_incr_style="constant")
+
+
+def current_device() -> torch.device:
+    """The current CUDA device, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def local_batch(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """This CP rank's share of a ``[batch, seq]`` batch: Megatron's ``get_batch_on_this_cp_rank``
+    (zigzag: chunks r and 2P-1-r of 2P)."""
+    return get_batch_on_this_cp_rank({"tokens": tokens, "labels": labels, "loss_mask": loss_mask})
+
+
+def moh_aux_losses(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The last aux loss of every MoH module (self-attention router or core query router)."""
+    out = []
+    for mod in model.modules():
+        if isinstance(mod, (MoHSelfAttention, MoHCoreAttention)) and mod.last_aux_loss is not None:
+            out.append(mod.last_aux_loss)
+    return out
+
+
+def param_device(model: torch.nn.Module | Sequence[torch.nn.Module]) -> torch.device:
+    """The device of the model's parameters (every tensor that reaches a collective lives there)."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    for chunk in chunks:
+        for p in chunk.parameters():
+            return p.device
+    raise ValueError("the model has no parameters")
