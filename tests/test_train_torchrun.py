@@ -43,6 +43,10 @@ def test_torchrun_two_ranks_demo_recipe(tmp_path):
     # megatron's known warnings (non-leaf .grad read of the distributed optimizer, deprecated collectives) are
     # filtered once (seqpar.train.known_warnings); CP=2 runs the distributed optimizer
     assert "not a leaf Tensor" not in first.stderr and "FutureWarning" not in first.stderr, first.stderr[-3000:]
+    # the start-up line: model, parameter count (README quotes this one), layout
+    assert "model tiny-hybrid, layers ASLH (4), hidden 64" in first.stdout and "218,112 parameters (0.22 M)" in \
+        first.stdout, first.stdout[-3000:]
+    assert "layout TP=1 x CP=2 x PP=1 x DP=1 = 2 rank(s), engine megatron" in first.stdout
     # own text is never cut silently: the corpus, what data.max_bytes lets in and what it leaves out
     assert "[seqpar.train] corpus: the Python standard library's" in first.stdout
     assert "data.max_bytes=300,000 leaves out" in first.stdout
