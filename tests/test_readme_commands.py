@@ -89,7 +89,8 @@ COMMANDS: dict[str, object] = {
     "NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 NPROC=8 launchers/torchrun.sh recipes/7b_lightning_cp8.yaml": MULTINODE,
     "sbatch --nodes=2 --gpus-per-node=8 launchers/slurm.sbatch recipes/7b_lightning_cp8.yaml": SBATCH,
     ".venv/bin/python -m seqpar.train recipes/tiny_mqar.yaml":
-        Covered("tests/test_recipe_checks.py::test_mqar_recipe_trains", "the MQAR recipe for a few steps"),
+        Covered("tests/test_train_metrics.py::test_accuracy_startup_line_and_stop_summary_for_both_engines",
+                "the MQAR recipe for a few steps on either engine"),
     # README.md: multi-node and Slurm
     "launchers/slurm.sh --nodes 2 --gpus-per-node 8 recipes/7b_lightning_cp8.yaml":
         Run(out=("+ sbatch --nodes=2 --gpus-per-node=8 launchers/slurm.sbatch",), stub_sbatch=True),
