@@ -76,6 +76,7 @@ def _one_run(rank: int, world: int, out: str, engine: str, stop_at: int) -> tupl
     from seqpar.train.loop import train
 
     cfg = load_recipe(MQAR, [f"train.out_dir={out}", "train.steps=5", "train.progress=false", "data.global_batch=4",
+                             "parallel.backend=torch",  # (make test sets TRITON_INTERPRET=1)
                              f"train.engine={engine}", "deepspeed.zero_stage=1"])
     seen = {"n": 0}
 
