@@ -15,7 +15,7 @@ WHEELHOUSE ?=
 EXTRAS  ?=
 PYTEST_ARGS ?=
 
-.PHONY: install test test-gpu test-cluster gpu-check demo demo-deepspeed demo-kernels bench wheelhouse \
+.PHONY: install test test-gpu test-cluster gpu-check demo demo-data demo-deepspeed demo-kernels bench wheelhouse \
         check-offline test-compat clean
 
 install: $(STAMP)
@@ -58,6 +58,15 @@ test-cluster: install
 # Trains the tiny hybrid (A softmax, S S2, L lightning, H MoH layers) with CP=2 on 2 CPU ranks.
 demo: install
 	NPROC=2 PYTHON=$(BIN)/python launchers/torchrun.sh recipes/tiny_hybrid_cp2.yaml
+
+# README "Train on your own data": a JSON Lines corpus (the standard library's docstrings) -> sentencepiece
+# tokenizer -> megatron .bin/.idx -> the tiny hybrid trained on one CPU process -> Hugging Face export.
+demo-data: install
+	$(BIN)/python -m seqpar.data.documents --demo-corpus runs/demo_data/corpus.jsonl
+	$(BIN)/python -m seqpar.data.tokenizer --input runs/demo_data/corpus.jsonl --vocab-size 2048 --output runs/demo_data/tokenizer.model
+	$(BIN)/python -m seqpar.data.preprocess --input runs/demo_data/corpus.jsonl --json-key text --tokenizer runs/demo_data/tokenizer.model --output-prefix runs/demo_data/corpus --seq-len 256 --force
+	$(BIN)/python -m seqpar.train recipes/tiny_data.yaml --set train.overwrite=true
+	$(BIN)/python -m seqpar.export.hf runs/tiny_data runs/tiny_data/hf --force
 
 # The same tiny hybrid on the DeepSpeed engine (ZeRO-2, CP=2) through the deepspeed launcher, 2 CPU ranks.
 demo-deepspeed: install

@@ -127,6 +127,22 @@ def check_cu_seqlens(cu_seqlens, batch: int, seq: int, *, name: str = "cu_seqlen
     return cu_seqlens
 
 
+def varlen_bounds(cu_seqlens, q_offset, k_offset: int, batch: int, seq_q: int, seq_k: int,
+                  device: torch.device) -> Optional[tuple[int, ...]]:
+    """The host boundaries of a varlen call (None without ``cu_seqlens``) after checking that it
+    takes no offsets, equal q / k lengths, and ``cu_seqlens`` on q's device (read once per tensor)."""
+    if cu_seqlens is None:
+        return None
+    if q_offset is not None or k_offset != 0:
+        raise ValueError("q_offset/k_offset cannot be combined with cu_seqlens; pass one or the other")
+    if seq_q != seq_k:
+        raise ValueError(f"varlen (cu_seqlens) needs q and k of equal length, got {seq_q} and {seq_k}")
+    check_cu_seqlens(cu_seqlens, batch, seq_q)
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens must be on q's device {device}, got {cu_seqlens.device}")
+    return host_ints(cu_seqlens)  # cached per tensor: no sync per layer
+
+
 def check_int(name: str, value) -> int:
     """``value`` as a Python int (bools rejected); ValueError naming ``name`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, int):

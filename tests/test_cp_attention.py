@@ -1,5 +1,9 @@
 """cp.attention on spawned gloo ranks == the single-rank op on the full input (outputs and grads of
-q, k, v, gates, initial state), and the ledger == cp.scheme_cost exactly, forward and backward."""
+q, k, v, gates, initial state), and the ledger == cp.scheme_cost exactly, forward and backward.
+
+The helpers here (``_case``, ``_cp_job``, ``_check_case``) also run tests/test_cp_varlen.py: cases may
+pack documents (``doc_lens``, any lengths) and have any length (padding slots must output 0 and get
+0 gradients)."""
 
 from __future__ import annotations
 
@@ -34,10 +38,12 @@ def _case(name: str, kind: str, scheme: str, balance: str, world: int, *, b: int
     }
     kw: dict[str, Any] = {"backend": backend}
     nstate = b
-    if "doc_lens" in extra:  # varlen: global cu_seqlens, THD shards
+    if "doc_lens" in extra:  # varlen: global cu_seqlens, per-document shards
         assert b == 1 and sum(extra["doc_lens"]) == n
         kw["cu_seqlens"] = torch.tensor([0, *torch.tensor(extra["doc_lens"]).cumsum(0).tolist()], dtype=torch.int32)
         nstate = len(extra["doc_lens"])
+    else:
+        kw["seq_len"] = n  # the padding slots (n not a multiple of P) are known
     if kind == "lightning":
         kw["slope"] = torch.linspace(0.02, 0.7, h)
         if extra.get("with_state"):
@@ -154,14 +160,18 @@ SHARDED = ("q", "k", "v", "go", "gates")
 GRADS = ("q", "k", "v", "gates", "initial_state")
 
 
+def _partition(c: dict, world: int) -> cp.Partition:
+    return cp.make_partition(c["tensors"]["q"].shape[1], (0, world), balance=c["balance"],
+                        cu_seqlens=c["kw"].get("cu_seqlens"))
+
+
 def _cp_job(rank: int, world: int, cases: list[dict]) -> dict:
     out = {}
     for c in cases:
-        t, bal, cu = c["tensors"], c["balance"], c["kw"].get("cu_seqlens")
-
-        def split(x):
-            return cp.shard(x, None, dim=1, balance=bal) if cu is None else cp.shard_varlen(x, cu, None)[0]
-        loc = {name: split(x.to(c["dtype"]) if name in ("q", "k", "v") else x) for name, x in t.items() if name in SHARDED}
+        t, bal = c["tensors"], c["balance"]
+        part = _partition(c, world)
+        loc = {name: part.shard(x.to(c["dtype"]) if name in ("q", "k", "v") else x, rank)
+               for name, x in t.items() if name in SHARDED}
         leaves = {n: loc[n].requires_grad_() for n in ("q", "k", "v")}
         kw = dict(c["kw"])
         if "gates" in loc:
@@ -200,11 +210,12 @@ def _single(c: dict, dtype: torch.dtype, truth: bool):
              else flash_attention(q, k, v, causal=causal, cu_seqlens=cu, backend=kw["backend"]))
     elif c["kind"] == "s2":
         tp = {n: kw[n] for n in ("kv_head_offset", "total_kv_heads") if n in kw}
-        o = (attention_reference(q, k, v, layout=kw["layout"], **tp)[0] if truth
-             else s2_attention(q, k, v, kw["layout"], backend=kw["backend"], **tp))
+        o = (attention_reference(q, k, v, layout=kw["layout"], cu_seqlens=cu, **tp)[0] if truth
+             else s2_attention(q, k, v, kw["layout"], cu_seqlens=cu, backend=kw["backend"], **tp))
     elif c["kind"] == "moh":
-        o = (moh_attention_ref(q, k, v, leaves["gates"])[0] if truth
-             else moh_attention(q, k, v, leaves["gates"], backend=kw["backend"]))
+        causal = kw.get("causal", True)
+        o = (moh_attention_ref(q, k, v, leaves["gates"], causal=causal, cu_seqlens=cu)[0] if truth
+             else moh_attention(q, k, v, leaves["gates"], causal=causal, cu_seqlens=cu, backend=kw["backend"]))
     else:
         init = leaves.get("initial_state")
         if truth:
@@ -221,20 +232,22 @@ def _single(c: dict, dtype: torch.dtype, truth: bool):
     return o, final, {n: x.grad for n, x in leaves.items()}
 
 
-def _assemble(parts: list[torch.Tensor], world: int, balance: str, cu=None) -> torch.Tensor:
-    n = sum(p.shape[1] for p in parts)
-    full = torch.empty((parts[0].shape[0], n, *parts[0].shape[2:]), dtype=parts[0].dtype)
+def _assemble(name: str, parts: list[torch.Tensor], part: cp.Partition) -> torch.Tensor:
+    """The global tensor from every rank's buffer; padding slots must hold exactly 0."""
+    full = torch.empty((parts[0].shape[0], part.seq_len, *parts[0].shape[2:]), dtype=parts[0].dtype)
     for r, p in enumerate(parts):
-        idx = cp.token_index(r, world, n, balance) if cu is None else cp.varlen_token_index(cu, r, world)[0]
-        full[:, idx] = p
+        idx = part.token_index(r)
+        full[:, idx[idx >= 0]] = p[:, idx >= 0]
+        assert not p[:, ~part.valid(r)].any(), f"{name}: rank {r} has nonzero values in its padding slots"
     return full
 
 
 def _check_case(c: dict, per_rank: list[dict], world: int) -> None:
     name, bal, cu = c["name"], c["balance"], c["kw"].get("cu_seqlens")
+    part = _partition(c, world)
     o64, f64, g64 = _single(c, torch.float64, truth=True)
     olp, flp, glp = _single(c, c["dtype"], truth=False)
-    o = _assemble([r["o"] for r in per_rank], world, bal, cu)
+    o = _assemble(f"{name} out", [r["o"] for r in per_rank], part)
     assert_rel_close(f"{name} out", o, olp, o64)
     if f64 is not None:
         for r in per_rank:  # every rank holds the same final state
@@ -243,17 +256,19 @@ def _check_case(c: dict, per_rank: list[dict], world: int) -> None:
         if gname == "initial_state":
             ours = sum(r["grads"][gname] for r in per_rank)  # replicated input: shares sum up
         else:
-            ours = _assemble([r["grads"][gname] for r in per_rank], world, bal, cu)
+            ours = _assemble(f"{name} d{gname}", [r["grads"][gname] for r in per_rank], part)
         assert_rel_close(f"{name} d{gname}", ours, glp[gname], g64[gname], factor=GRAD_FACTOR)
     if c["kind"] == "moh":  # compute skipping survives CP: only active (token, head) rows are computed
+        from seqpar.cp.ring import plan
+
         active = c["tensors"]["gates"] > 0
         fwd_pairs = sum(r["pairs"] for r in per_rank)  # the torch fallback counts forward rows
         if c["scheme"] in ("allgather", "ulysses"):
             assert fwd_pairs == int(active.sum()), f"{name}: forward pairs {fwd_pairs} != active {int(active.sum())}"
-        else:  # ring / usp: each q chunk meets every kv chunk at or before it (chunk id + 1 blocks)
-            n_chunks = cp.partition.num_chunks(world, bal)
-            per_chunk = active.reshape(active.shape[0], n_chunks, -1, active.shape[-1]).sum(dim=(0, 2, 3))
-            expect = int(sum(int(a) * (i + 1) for i, a in enumerate(per_chunk)))
+        elif c["scheme"] == "ring":  # each query piece's active rows, once per key piece it meets
+            gl = [part.shard(c["tensors"]["gates"], r) > 0 for r in range(world)]
+            expect = sum(int(gl[r][:, pr.q_local:pr.q_local + pr.q_len].sum())
+                         for r in range(world) for st in plan(part, r, c["kw"].get("causal", True)) for pr in st.pairs)
             assert fwd_pairs == expect, f"{name}: forward pairs {fwd_pairs} != {expect}"
     # ledger == closed form, forward and backward
     t = c["tensors"]
@@ -261,19 +276,19 @@ def _check_case(c: dict, per_rank: list[dict], world: int) -> None:
     cost_kw = dict(kv_head_offset=c["kw"].get("kv_head_offset", 0), total_kv_heads=c["kw"].get("total_kv_heads"),
                    world=world, seq_len=n, batch=b, heads=h, kv_heads=t["k"].shape[2], head_dim=d,
                    v_head_dim=t["v"].shape[-1], dtype=c["dtype"], balance=bal, gates_dtype=torch.float32,
-                   output_final_state=bool(c["kw"].get("output_final_state")),
-                   num_docs=None if cu is None else cu.numel() - 1, layout=c["kw"].get("layout"),
-                   ulysses_degree=c["kw"].get("ulysses_degree"))
+                   output_final_state=bool(c["kw"].get("output_final_state")), cu_seqlens=cu,
+                   layout=c["kw"].get("layout"), ulysses_degree=c["kw"].get("ulysses_degree"),
+                   causal=c["kw"].get("causal", True))
     for rank, r in enumerate(per_rank):
         cost = cp.scheme_cost(c["kind"], c["scheme"], rank=rank, **cost_kw)
         assert r["fwd"] == cost["fwd"], f"{name}: forward ledger {r['fwd']} != scheme_cost {cost['fwd']}"
         assert r["bwd"] == cost["bwd"], f"{name}: backward ledger {r['bwd']} != scheme_cost {cost['bwd']}"
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_cp_attention_matches_single_rank(world):
-    cases = _cases(world)
-    results = run_ranks(_cp_job, world, cases, timeout=300)
+def run_and_check(cases: list[dict], world: int, timeout: float, job=None) -> list[dict]:
+    """Run ``cases`` on ``world`` gloo ranks (one spawn; ``job`` defaults to :func:`_cp_job`) and check
+    every one; returns the per-rank results."""
+    results = run_ranks(job or _cp_job, world, cases, timeout=timeout)
     failures = []
     for c in cases:
         try:
@@ -281,6 +296,12 @@ def test_cp_attention_matches_single_rank(world):
         except AssertionError as e:  # report every failing case, not only the first
             failures.append(str(e))
     assert not failures, "\n".join(failures)
+    return results
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_cp_attention_matches_single_rank(world):
+    results = run_and_check(_cases(world), world, timeout=300)
     # LASP-2 moves the same bytes when the sequence doubles
     for r in results:
         assert r["lightning-lasp2-contig"]["fwd"] == r["lightning-lasp2-contig-2x"]["fwd"]
@@ -294,7 +315,7 @@ def _ring_backward_job(rank: int, world: int) -> dict:
     log: list[str] = []
     in_backward = [False]
     orig_call, orig_bwd = LocalOp.__call__, LocalOp.backward
-    orig_pass, orig_wait, orig_grad = comm_mod.Comm.ring_pass, comm_mod.Pending.wait, torch.autograd.grad
+    orig_pass, orig_wait, orig_grad = comm_mod.Comm.exchange, comm_mod.Pending.wait, torch.autograd.grad
 
     def call(self, *a, **kw):
         if in_backward[0]:
@@ -305,9 +326,9 @@ def _ring_backward_job(rank: int, world: int) -> dict:
         log.append("block_backward")
         return orig_bwd(self, *a, **kw)
 
-    def ring_pass(self, send, **kw):
-        pending = orig_pass(self, send, **kw)
-        pending._label = "dkv" if send[0].dtype == torch.float32 else "kv"
+    def ring_pass(self, send, *a, **kw):
+        pending = orig_pass(self, send, *a, **kw)
+        pending._label = "dkv" if kw["dtype"] == torch.float32 else "kv"
         if in_backward[0]:
             log.append(f"post_{pending._label}")
         return pending
@@ -322,7 +343,7 @@ def _ring_backward_job(rank: int, world: int) -> dict:
         return orig_grad(*a, **kw)
 
     LocalOp.__call__, LocalOp.backward = call, backward
-    comm_mod.Comm.ring_pass, comm_mod.Pending.wait, torch.autograd.grad = ring_pass, wait, grad
+    comm_mod.Comm.exchange, comm_mod.Pending.wait, torch.autograd.grad = ring_pass, wait, grad
     try:
         out = {}
         for kind in ("softmax", "s2", "moh"):
@@ -344,7 +365,7 @@ def _ring_backward_job(rank: int, world: int) -> dict:
         return out
     finally:
         LocalOp.__call__, LocalOp.backward = orig_call, orig_bwd
-        comm_mod.Comm.ring_pass, comm_mod.Pending.wait, torch.autograd.grad = orig_pass, orig_wait, orig_grad
+        comm_mod.Comm.exchange, comm_mod.Pending.wait, torch.autograd.grad = orig_pass, orig_wait, orig_grad
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -354,9 +375,10 @@ def test_ring_backward_uses_merged_lse_and_overlaps_the_dkv_hop(world):
             # the kernel's backward runs per block with the merged (out, lse): no forward, no autograd
             assert "forward" not in log and "autograd.grad" not in log, (kind, log)
             assert log.count("block_backward") >= world
-            assert log.count("post_dkv") == world and log.count("wait_dkv") == world
-            # each dK/dV hop is posted before the next block's compute and waited for only after it
+            # one dK/dV return per step after the local one (every hop has something under zigzag)
+            assert log.count("post_dkv") == world - 1 and log.count("wait_dkv") == world - 1
+            # each return is posted right after its block and waited for only after the next block
             posts = [i for i, e in enumerate(log) if e == "post_dkv"]
             waits = [i for i, e in enumerate(log) if e == "wait_dkv"]
-            for s in range(world - 1):
+            for s in range(world - 2):
                 assert "block_backward" in log[posts[s] + 1:waits[s]], (kind, s, log)

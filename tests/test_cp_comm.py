@@ -86,6 +86,19 @@ def _shard_job(rank: int, world: int, full: dict) -> dict:
     leaf = loc.clone().requires_grad_()
     (cp.unshard_varlen(leaf, cu, None) * w).sum().backward()
     assert torch.equal(leaf.grad, cp.shard_varlen(w, cu, None)[0])
+    # any length (padding slots) and documents of any length: the round trip and its gradient
+    n_odd = x.shape[1] - 1
+    cu_odd = torch.tensor([0, 1, 4, n_odd], dtype=torch.int32)
+    for balance in ("zigzag", "contiguous"):
+        for cu_ in (None, cu_odd):
+            xo = x[:, :n_odd]
+            part = cp.make_partition(n_odd, None, balance=balance, cu_seqlens=cu_)
+            leaf = cp.shard(xo, None, balance=balance, cu_seqlens=cu_).requires_grad_()
+            assert leaf.shape[1] == part.local_len == -(-n_odd // world)
+            back = cp.unshard(leaf, None, balance=balance, seq_len=n_odd, cu_seqlens=cu_)
+            assert torch.equal(back, xo) and torch.equal(part.unshard(leaf, None), xo)
+            (back * w[:, :n_odd]).sum().backward()
+            assert torch.equal(leaf.grad, part.shard(w[:, :n_odd], rank))  # 0 in the padding slots
     for balance in ("zigzag", "contiguous"):
         xb, dim = full["seq_first"]
         w = torch.randn(xb.shape, generator=torch.Generator().manual_seed(7))
@@ -124,9 +137,9 @@ def test_shard_unshard_round_trip(world):
 
 
 def _bad_unshard_job(rank: int, world: int) -> None:
-    cp.unshard(torch.zeros(3, 3), None, dim=0, balance="zigzag")
+    cp.unshard(torch.zeros(3, 3), None, dim=0, balance="zigzag", seq_len=7)
 
 
 def test_rank_error_propagates_with_traceback():
-    with pytest.raises(RuntimeError, match=r"rank \d of 2 failed:(.|\n)*divisible by 2"):
+    with pytest.raises(RuntimeError, match=r"rank \d of 2 failed:(.|\n)*2 ranks x 3 local tokens cannot hold seq_len 7"):
         run_ranks(_bad_unshard_job, 2, timeout=60)

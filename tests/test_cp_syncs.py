@@ -25,9 +25,8 @@ LAYOUT = S2Layout(block_size=16, local_blocks=2, vert_stride=2)
 
 def _cases(world: int) -> list[tuple[str, str, dict]]:
     out = [(k, s, {}) for k, s in sorted(cp.SUPPORTED)]
-    doc_lens = [2 * world * 4, 2 * world * 12]  # sums to n = 2 * world * 16
-    for kind, scheme in (("softmax", "allgather"), ("softmax", "ulysses"), ("lightning", "allgather"),
-                         ("lightning", "ulysses")):
+    doc_lens = [5, 2 * world * 16 - 8, 3]  # sums to n = 2 * world * 16; no multiples of 2P, one shorter than a chunk
+    for kind, scheme in sorted(cp.SUPPORTED):  # packed documents under every kind x scheme
         out.append((kind, scheme, {"doc_lens": doc_lens}))
     out.append(("lightning", "allgather", {"state": True}))
     out.append(("lightning", "ring", {"state": True}))
@@ -80,11 +79,13 @@ def _step(kind, scheme, extra, world, rank, layers: int) -> tuple[int, int, list
     return body, total - body, list(n.sites)
 
 
-def _index_builds() -> tuple[int, int, int]:
-    from seqpar.cp import partition, s2_exchange
+def _index_builds() -> tuple[int, int, int, int]:
+    from seqpar.cp import partition
     from seqpar.kernels.lightning import api as lightning_api
+    from seqpar.kernels.moh import api as moh_api
 
-    return len(partition._DEVICE_INDEX), len(s2_exchange._PLANS), len(lightning_api._SEGMENTS)
+    # device index tensors, resolved partitions (their host plans hang off them), kernel segment tables
+    return len(partition._DEVICE_INDEX), len(partition._RESOLVED), len(lightning_api._SEGMENTS), len(moh_api._SEGS)
 
 
 def _sync_job(rank: int, world: int) -> dict:

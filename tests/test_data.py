@@ -38,12 +38,12 @@ def test_packed_windows_by_step_and_rank():
     assert tok.shape == (4, 15) and torch.equal(lab[:, :-1], tok[:, 1:]) and torch.equal(lab[:, -1], tok[:, -1] + 1)
     assert mask.sum() == 60
     assert all(int(t[0]) % 15 == 0 for t in tok)  # whole windows
-    r0, r1 = ds.batch(3, 4, rank=0, ranks=2)[0], ds.batch(3, 4, rank=1, ranks=2)[0]
+    r0, r1 = ds.batch(3, 4, rank=0, ranks=2).tokens, ds.batch(3, 4, rank=1, ranks=2).tokens
     assert torch.equal(torch.stack([r0[0], r1[0], r0[1], r1[1]]), tok)
-    assert torch.equal(ds.batch(3, 4)[0], tok)  # deterministic
-    assert not torch.equal(ds.batch(4, 4)[0], tok)
+    assert torch.equal(ds.batch(3, 4).tokens, tok)  # deterministic
+    assert not torch.equal(ds.batch(4, 4).tokens, tok)
     # one epoch visits every window once
-    seen = torch.cat([ds.batch(s, 6)[0][:, 0] for s in range(ds.num_windows // 6)])
+    seen = torch.cat([ds.batch(s, 6).tokens[:, 0] for s in range(ds.num_windows // 6)])
     assert len(set(seen.tolist())) == len(seen)
     with pytest.raises(ValueError, match="seq_len"):
         PackedTextDataset(torch.arange(10), seq_len=10)
@@ -59,7 +59,8 @@ def test_mqar_answers_are_bound_values():
         assert len(bound) == 6 and all(4 <= k < 32 <= v < 64 for k, v in bound.items())
         for pos in torch.nonzero(m).flatten().tolist():
             assert int(l[pos]) == bound[int(t[pos])]
-    assert torch.equal(ds.batch(0, 3)[0], tok)
+    assert torch.equal(ds.batch(0, 3).tokens, tok)
+    assert torch.equal(ds.batch(0, 3).position_ids, torch.arange(40).expand(3, 40))  # one document per row
     with pytest.raises(ValueError, match="seq_len"):
         MQARDataset(64, 10, num_pairs=6, num_queries=5)
 
@@ -75,15 +76,24 @@ def test_documents_joined_by_eos(tmp_path):
     docs = load_documents([str(f) for f in files], 1000)
     assert docs == ["alpha beta\n", "gamma\n", "delta epsilon zeta\n"]
     assert load_documents([str(f) for f in files], 14) == ["alpha beta\n", "gam"]   # max_bytes total
+    from seqpar.data import Tokenizer
+
     sp = get_tokenizer(512, stdlib_corpus(200_000), tmp_path / "tok")
-    ids = encode_documents(sp, docs)
+    tok = Tokenizer({"tokenizer.model": sp.serialized_model_proto()}, "test", tmp_path / "tok")
+    ids = encode_documents(tok, docs)
     eos = sp.eos_id()
     ends = torch.nonzero(ids == eos).flatten().tolist()
     assert len(ends) == 3 and ends[-1] == len(ids) - 1
     pieces = torch.tensor_split(ids, [e + 1 for e in ends[:-1]])
     assert [sp.decode(p[:-1].tolist()) for p in pieces] == docs   # each document, then one EOS
-    ds = PackedTextDataset.from_documents(sp, docs, seq_len=4)
+    ds = PackedTextDataset.from_documents(tok, docs, seq_len=4)
     assert torch.equal(ds.ids, ids)
+    # positions restart after every EOS (the EOS is its document's last token)
+    b = ds.batch(0, ds.num_windows)
+    starts = torch.zeros_like(b.tokens, dtype=torch.bool)
+    starts[:, 1:] = b.tokens[:, :-1] == eos
+    starts[:, 0] = True
+    assert torch.equal(b.position_ids == 0, starts)
     stdlib_docs = load_documents(None, 50_000)
     assert len(stdlib_docs) > 1 and sum(map(len, stdlib_docs)) == 50_000
 
@@ -102,5 +112,7 @@ def test_build_data_stream_has_an_eos_after_every_document(tmp_path, monkeypatch
                               "cache_dir": str(tmp_path / "cache")}})
     monkeypatch.setattr(dist, "get_rank", lambda *a: 0)
     monkeypatch.setattr(dist, "barrier", lambda *a: None)
-    ds, vocab = loop.build_data(cfg)
+    data, vocab = loop.build_data(cfg)
+    ds = data.train
     assert vocab == 512 and int((ds.ids == 3).sum()) == 3 and int(ds.ids[-1]) == 3   # sentencepiece eos_id=3
+    assert data.tokenizer.kind == "sentencepiece" and data.tokenizer.eod == 3 and data.valid is None

@@ -10,7 +10,7 @@ pass) through the resume path at the same layout and — via DeepSpeed's univers
 another layout, each with and without the early pickle check, and resumes with a changed model and
 after the last step; it records the errors.
 
-- the step folder holds config.json, tokenizer.model and integrity's manifest.json (engine=deepspeed);
+- the step folder holds config.json, tokenizer/ and integrity's manifest.json (engine=deepspeed);
 - ``python -m seqpar.export.hf`` accepts the step folder, checkpoints/latest and the run folder; the
   HF model's logits equal the DeepSpeed model's (fp32 max abs diff <= 1e-4) for ZeRO-2 and ZeRO-3;
 - a TP=2 DeepSpeed checkpoint: its TP shards are merged (the manifest's tp_split, read from the model at
@@ -222,13 +222,13 @@ def _hf_logits(folder: pathlib.Path, tokens: torch.Tensor) -> torch.Tensor:
 def test_step_folder_carries_recipe_tokenizer_and_one_manifest(trained):
     from seqpar.deepspeed import checkpoint
     from seqpar.train import integrity
-    from seqpar.train.checkpoint import CONFIG_FILE, TOKENIZER_FILE
+    from seqpar.train.checkpoint import CONFIG_FILE, TOKENIZER_DIR
 
     root, _, _ = trained
     step = checkpoint.latest(root / "zero2" / "checkpoints")
     assert step.name == "step_0000002"
     names = {p.name for p in step.iterdir()}
-    assert {CONFIG_FILE, TOKENIZER_FILE, integrity.MANIFEST, "rng"} <= names and "seqpar_manifest.json" not in names
+    assert {CONFIG_FILE, TOKENIZER_DIR, integrity.MANIFEST, "rng"} <= names and "seqpar_manifest.json" not in names
     man = integrity.verify(step)
     assert (man["format"], man["engine"], man["step"], man["zero_stage"]) == ("seqpar-manifest-1", "deepspeed", 2, 2)
     assert man["layout"]["context_parallel"] == 2 and man["layout"]["data_parallel"] == 1
@@ -236,7 +236,7 @@ def test_step_folder_carries_recipe_tokenizer_and_one_manifest(trained):
     assert json.loads((step / CONFIG_FILE).read_text())["train"]["engine"] == "deepspeed"
     import sentencepiece as spm
 
-    assert spm.SentencePieceProcessor(model_file=str(step / TOKENIZER_FILE)).vocab_size() == 512
+    assert spm.SentencePieceProcessor(model_file=str(step / TOKENIZER_DIR / "tokenizer.model")).vocab_size() == 512
 
 
 @pytest.mark.parametrize("name", ["zero2", "zero3"])

@@ -169,15 +169,16 @@ def test_truncated_or_missing_shard(ckpt, tmp_path, damage):
 
 
 def test_vocabulary_mismatch(ckpt, tmp_path):
+    # a tokenizer with more ids (1000) than the model's embedding rows (512)
     import sentencepiece as spm
 
     from seqpar.export import ExportError
 
     text = tmp_path / "t.txt"
-    text.write_text("\n".join(f"line {i} of some text, word{i % 17}" for i in range(300)))
-    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "small"), vocab_size=100,
+    text.write_text("\n".join(f"line {i} of some text, word{i} and more{i * 7}" for i in range(3000)))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "big"), vocab_size=1000,
                                    model_type="bpe", minloglevel=2)
-    shutil.copyfile(tmp_path / "small.model", _step(ckpt) / "tokenizer.model")
+    shutil.copyfile(tmp_path / "big.model", _step(ckpt) / "tokenizer" / "tokenizer.model")
     _reseal(_step(ckpt))
     with pytest.raises(ExportError, match="vocabulary mismatch"):
         _export(ckpt, tmp_path / "hf")
@@ -187,7 +188,7 @@ def test_vocabulary_mismatch(ckpt, tmp_path):
 def test_missing_tokenizer_for_text_run(ckpt, tmp_path):
     from seqpar.export import ExportError
 
-    (_step(ckpt) / "tokenizer.model").unlink()
+    shutil.rmtree(_step(ckpt) / "tokenizer")
     _reseal(_step(ckpt))
     with pytest.raises(ExportError, match="--no-tokenizer"):
         _export(ckpt, tmp_path / "hf")

@@ -5,7 +5,7 @@ checkpoint saved at TP=2 x CP=2 (4 gloo ranks; the reference logits are gathered
 un-sharded over CP from the 4-rank model itself) and one saved at PP=2 (2 ranks; the reference is the
 two pipeline stages run one after the other). DeepSpeed checkpoints: tests/test_deepspeed_checkpoint.py.
 
-Also: the checkpoint carries its tokenizer (``step_N/tokenizer.model``) and the exported tokenizer
+Also: the checkpoint carries its tokenizer (``step_N/tokenizer/tokenizer.model``) and the exported tokenizer
 encodes like the training sentencepiece model with its BOS/EOS/pad ids; the torch and seqpar-kernel
 paths of the HF model agree."""
 
@@ -137,8 +137,8 @@ def test_checkpoint_carries_tokenizer_and_hf_tokenizer_matches(trained, tmp_path
 
     root, _, _ = trained
     step = resolve_step_dir(root / "hybrid")
-    assert (step / "tokenizer.model").is_file()
-    sp = spm.SentencePieceProcessor(model_file=str(step / "tokenizer.model"))
+    assert (step / "tokenizer" / "tokenizer.model").is_file()
+    sp = spm.SentencePieceProcessor(model_file=str(step / "tokenizer" / "tokenizer.model"))
     out = export(step, tmp_path / "hf")
     tok = AutoTokenizer.from_pretrained(str(out))
     text = "import os\n\ndef main(argv):\n    return len(argv)  # count\n"

@@ -171,7 +171,7 @@ def _packed_gpt(rank: int, world: int):
     from seqpar.models import build_gpt, preset, transformer_config
 
     init_parallel(1, 1)
-    p = replace(preset("tiny"), pattern="ASL")
+    p = replace(preset("tiny"), pattern="ASLH")
     model = build_gpt(p, transformer_config(p, seqpar_backend="torch", s2_block_size=16), vocab_size=96,
                       max_sequence_length=64)
     ids = torch.randint(0, 96, (1, 48), generator=torch.Generator().manual_seed(0))
@@ -186,8 +186,8 @@ def _packed_gpt(rank: int, world: int):
 
 
 def test_gpt_packed_thd_equals_documents_alone():
-    # packed_seq_params (THD) reach every kind's kernel as cu_seqlens: RoPE, softmax, S2 and
-    # lightning restart at each document boundary
+    # packed_seq_params (THD) reach every kind's kernel as cu_seqlens: RoPE, softmax, S2, lightning
+    # and MoH (gates with their tokens) restart at each document boundary
     packed, docs = run_ranks(_packed_gpt, 1)[0]
     assert packed.shape == (1, 48)
     torch.testing.assert_close(packed, docs, rtol=1e-5, atol=1e-5)
@@ -300,7 +300,6 @@ _TINY = dict(num_layers=4, num_attention_heads=4, num_query_groups=2)
     (dict(pattern="A", tensor_parallel=4), r"parallel.tensor_parallel=4 must divide the 4 query heads and the 2 kv"),
     (dict(pattern="A", pipeline_parallel=3), r"parallel.pipeline_parallel=3 must divide the 4 layers"),
     (dict(pattern="A", context_parallel=2, seq_len=66), r"data.seq_len=66 must be a multiple of 2 x "),
-    (dict(pattern="AS", context_parallel=2, seq_len=96, s2_block_size=32), r"= 128 \(S2 blocks stay whole"),
     (dict(pattern="L", context_parallel=8, cp_schemes={"lightning": "ulysses"}), r"cp_schemes.lightning='ulysses'"),
     (dict(pattern="A", context_parallel=4, cp_schemes={"softmax": "usp"}, usp_ulysses_degree=3), r"must divide"),
     (dict(pattern="AX"), r"model.pattern='AX'"),

@@ -234,3 +234,23 @@ def test_active_row_lists_without_a_sort():
             n = int(act.counts[bh])
             assert torch.equal(act.rows[bh, :n].long(), expect[bh, :n])
         assert torch.equal(act.prefix[:, 1:], active.cumsum(-1).int())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_documents(backend, causal):
+    """Packed documents (cu_seqlens): a query sees only its document's keys; the reference with
+    cu_seqlens equals each document run alone (lse included). Documents of 1 token, shorter than a
+    tile and spanning tiles; a document whose rows are all inactive for a head."""
+    cu = torch.tensor([0, 1, 6, 40, 41, 59], dtype=torch.int32)
+    q, k, v, gates = make_inputs(1, 59, 59, 4, 2, 16, torch.bfloat16)
+    gates[:, 41:, 2] = 0
+    check_against_reference(backend, q, k, v, gates, causal=causal, cu_seqlens=cu)
+    o, lse = moh_attention_ref(q.double(), k.double(), v.double(), gates.double(), causal=causal, cu_seqlens=cu)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        o1, l1 = moh_attention_ref(*(t[:, a:b].double() for t in (q, k, v, gates)), causal=causal)
+        assert torch.allclose(o[:, a:b], o1) and torch.equal(torch.isinf(lse[:, :, a:b]), torch.isinf(l1))
+    with pytest.raises(ValueError, match="cannot be combined with cu_seqlens"):
+        moh_attention(q, k, v, gates, cu_seqlens=cu, q_offset=0, backend=backend)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        moh_attention(q, k, v, gates, cu_seqlens=torch.tensor([0, 6, 6, 59], dtype=torch.int32), backend=backend)

@@ -72,11 +72,14 @@ def test_bad_recipe_names_the_field(tmp_path, patch, field):
         load_recipe(path)
 
 
-def test_s2_under_cp_needs_whole_blocks(tmp_path):
+def test_s2_under_cp_takes_chunks_of_partial_blocks(tmp_path):
+    from seqpar.megatron import check_layout
     from seqpar.train.config import load_recipe
 
-    with pytest.raises(ValueError, match=r"data\.seq_len.*s2_block_size"):
-        load_recipe(ROOT / "recipes" / "tiny_hybrid_cp2.yaml", ["data.seq_len=36"])
+    # 36 tokens at CP=2: chunks of 9, not whole S2 blocks (cp.attention splits blocks between ranks)
+    assert load_recipe(ROOT / "recipes" / "tiny_hybrid_cp2.yaml", ["data.seq_len=36"]).data.seq_len == 36
+    check_layout(pattern="S", num_layers=1, num_attention_heads=4, num_query_groups=2, context_parallel=2,
+                 seq_len=36, s2_block_size=16)
 
 
 def test_set_overrides_and_world_check():

@@ -6,13 +6,29 @@ from typing import Optional, Union
 
 import torch
 
-from .._common import check_data, check_int, check_qkv, check_tensor, default_sm_scale, select_backend
+from .._common import check_data, check_int, check_qkv, check_tensor, default_sm_scale, select_backend, varlen_bounds
 from .torch_impl import moh_attention_torch
+
+_SEGS: dict = {}
+
+
+def _segments(cu: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """int32 ``[2, seq]``: each token's document start and end, built once per layout and device."""
+    key = (cu, str(device))
+    hit = _SEGS.get(key)
+    if hit is None:
+        lens = torch.tensor([b - a for a, b in zip(cu[:-1], cu[1:])])
+        start = torch.tensor(cu[:-1]).repeat_interleave(lens)
+        hit = torch.stack([start, start + lens.repeat_interleave(lens)]).to(torch.int32).to(device)
+        if len(_SEGS) > 64:
+            _SEGS.clear()
+        _SEGS[key] = hit
+    return hit
 
 
 def moh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, *,
                   causal: bool = True, sm_scale: Optional[float] = None, return_lse: bool = False,
-                  q_offset: Optional[int] = None, k_offset: int = 0,
+                  q_offset: Optional[int] = None, k_offset: int = 0, cu_seqlens: Optional[torch.Tensor] = None,
                   backend: str = "auto") -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Mixture-of-Head attention that computes only the (token, head) pairs with a nonzero gate.
 
@@ -43,6 +59,9 @@ def moh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torc
         q_offset, k_offset: absolute positions of the first query / key (context parallelism).
             Default ``q_offset = k_offset + seq_k - seq_q`` (bottom-right aligned; with
             ``seq_q == seq_k`` the plain causal mask). A row that sees no key gets o = 0.
+        cu_seqlens: int32 ``[docs + 1]`` with batch 1 (packed documents, ``seq_q == seq_k``): a
+            query attends only to the keys of its own document (causal or the whole document);
+            the gates travel with their tokens. Not combinable with offsets.
         backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else torch), "triton", "torch".
 
     Returns:
@@ -68,16 +87,24 @@ def moh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torc
         raise ValueError(f"return_lse must be a bool, got {return_lse!r}")
     scale = default_sm_scale(sm_scale, d)
     k_offset = check_int("k_offset", k_offset)
+    cu = varlen_bounds(cu_seqlens, q_offset, k_offset, b, sq, sk, q.device)
     q_offset = k_offset + sk - sq if q_offset is None else check_int("q_offset", q_offset)
     if select_backend(backend, q, k, v) == "triton":
         from .function import MoHAttentionFunction  # imports triton only when used
 
         # the kernels index the head dim with unit stride; other strides are passed through
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        o, lse = MoHAttentionFunction.apply(q, k, v, gates, causal, scale, q_offset, k_offset)
-    else:
+        o, lse = MoHAttentionFunction.apply(q, k, v, gates, causal, scale, q_offset, k_offset,
+                                            None if cu is None or len(cu) == 2 else _segments(cu, q.device))
+    elif cu is None or len(cu) == 2:
         o, lse = moh_attention_torch(q, k, v, gates, causal=causal, sm_scale=scale, q_offset=q_offset,
                                      k_offset=k_offset, need_lse=return_lse)
+    else:  # the torch fallback runs each document on its own
+        parts = [moh_attention_torch(q[:, s0:s1], k[:, s0:s1], v[:, s0:s1], gates[:, s0:s1], causal=causal,
+                                     sm_scale=scale, q_offset=0, k_offset=0, need_lse=return_lse)
+                 for s0, s1 in zip(cu[:-1], cu[1:])]
+        o = torch.cat([x for x, _ in parts], dim=1)
+        lse = torch.cat([x for _, x in parts], dim=2) if return_lse else None
     return (o, lse) if return_lse else o
 
 

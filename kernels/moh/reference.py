@@ -13,12 +13,14 @@ import torch
 
 def moh_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, *,
                       causal: bool = True, sm_scale: Optional[float] = None,
-                      q_offset: Optional[int] = None, k_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                      q_offset: Optional[int] = None, k_offset: int = 0,
+                      cu_seqlens: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """All-heads MoH attention in the dtype of ``q`` (pass float64 tensors for the truth).
 
     q ``[b, sq, h, d]``, k/v ``[b, sk, hkv, d]``, gates ``[b, sq, h]`` (>= 0).
     Query i sits at ``q_offset + i`` (default ``k_offset + sk - sq``), key j at ``k_offset + j``;
-    causal visibility is ``q_pos >= k_pos``.
+    causal visibility is ``q_pos >= k_pos``. ``cu_seqlens`` (batch 1, offsets 0): packed documents;
+    a query sees only the keys of its own document.
 
     Returns ``o [b, sq, h, d] = gates * softmax_attention`` and the fp32-or-wider
     ``lse [b, h, sq]`` of the ungated scores, ``-inf`` where the gate is 0 or the row sees no key.
@@ -40,6 +42,10 @@ def moh_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: 
         qpos = torch.arange(sq, device=q.device) + q_offset
         kpos = torch.arange(sk, device=q.device) + k_offset
         s = s.masked_fill(kpos[None, :] > qpos[:, None], float("-inf"))
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.detach().to("cpu", torch.int64)
+        doc = torch.bucketize(torch.arange(sq), bounds[1:], right=True).to(q.device)
+        s = s.masked_fill(doc[None, :] != doc[:, None], float("-inf"))
     m = s.amax(dim=-1, keepdim=True).detach()
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # rows with no visible key
     p = torch.exp(s - m)

@@ -15,6 +15,8 @@ Inactive rows are never loaded: their lse is +inf in the backward copy, so any p
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -22,7 +24,7 @@ import triton.language as tl
 from .counter import active_counter
 from .rows import ActiveRows
 from .._tuning import attention_tuning, launch
-from .triton_fwd import TUNE_KEY, block_sizes, dot_precision, needs_idx64, upcast_dots
+from .triton_fwd import TUNE_KEY, block_sizes, doc_visible, dot_precision, needs_idx64, upcast_dots
 
 
 @triton.jit
@@ -70,7 +72,7 @@ def _moh_bwd_preprocess_kernel(
 
 @triton.jit
 def _moh_bwd_dq_kernel(
-    Q, K, V, G, DO, LSE, DELTA, DQ, ROWS, COUNTS, CNT,
+    Q, K, V, G, DO, LSE, DELTA, DQ, ROWS, COUNTS, CNT, SEG,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -80,6 +82,7 @@ def _moh_bwd_dq_kernel(
     SQ, SK, H, GROUP, sm_scale, q_offset, k_offset,
     D: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, COUNT: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
+    VARLEN: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -110,10 +113,17 @@ def _moh_bwd_dq_kernel(
     dlt = tl.load(DELTA + bh.to(tl.int64) * SQ + rows, mask=rmask, other=0.0)
     qpos = rows + q_offset
     qk_scale = sm_scale * 1.4426950408889634
+    lo = 0
+    if VARLEN:  # offsets are 0: a row sees the keys [doc start, doc end) of its document
+        seg_lo = tl.load(SEG + rows, mask=rmask, other=0)
+        seg_hi = tl.load(SEG + SQ + rows, mask=rmask, other=0)
+        lo = tl.min(tl.where(rmask, seg_lo, SK))
     if CAUSAL:
         last = tl.max(tl.where(rmask, qpos, -1))
         first = tl.min(tl.where(rmask, qpos, last))
         hi = tl.minimum(tl.maximum(last - k_offset + 1, 0), SK)
+    elif VARLEN:
+        hi = tl.max(tl.where(rmask, seg_hi, 0))
     else:
         hi = SK
     k_base = K + off_b * stride_kb + off_kh * stride_kh
@@ -122,7 +132,7 @@ def _moh_bwd_dq_kernel(
     ar_n = tl.arange(0, BLOCK_N)
     k_off = ar_n[:, None] * stride_kt + offs_d[None, :]  # 32-bit tile offsets, 64-bit scalar base
     v_off = ar_n[:, None] * stride_vt + offs_d[None, :]
-    for start_n in range(0, hi, BLOCK_N):
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + ar_n
         nmask = offs_n < SK
         n64 = tl.full([], start_n, tl.int64)
@@ -133,14 +143,17 @@ def _moh_bwd_dq_kernel(
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         p = tl.exp2(s - lse2[:, None])
-        needs = start_n + BLOCK_N > SK  # the mask only where it can matter (tail, diagonal)
-        if CAUSAL:
-            needs = needs | (start_n + BLOCK_N - 1 + k_offset > first)
-        if needs:
-            valid = nmask[None, :]
+        if VARLEN:  # a tile's rows may span documents: always mask
+            p = tl.where(doc_visible(offs_n, nmask, seg_lo, seg_hi, rows, CAUSAL), p, 0.0)
+        else:
+            needs = start_n + BLOCK_N > SK  # the mask only where it can matter (tail, diagonal)
             if CAUSAL:
-                valid = valid & ((offs_n + k_offset)[None, :] <= qpos[:, None])
-            p = tl.where(valid, p, 0.0)
+                needs = needs | (start_n + BLOCK_N - 1 + k_offset > first)
+            if needs:
+                valid = nmask[None, :]
+                if CAUSAL:
+                    valid = valid & ((offs_n + k_offset)[None, :] <= qpos[:, None])
+                p = tl.where(valid, p, 0.0)
         dp = tl.dot(da, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - dlt[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
@@ -153,7 +166,7 @@ def _moh_bwd_dq_kernel(
 
 @triton.jit
 def _moh_bwd_dkdv_kernel(
-    Q, K, V, G, DO, LSE, DELTA, DK, DV, ROWS, COUNTS, PREFIX,
+    Q, K, V, G, DO, LSE, DELTA, DK, DV, ROWS, COUNTS, PREFIX, SEG,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -164,6 +177,7 @@ def _moh_bwd_dkdv_kernel(
     SQ, SK, H, HKV, GROUP, sm_scale, q_offset, k_offset,
     D: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
+    VARLEN: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     bkh = tl.program_id(1)
@@ -186,6 +200,13 @@ def _moh_bwd_dkdv_kernel(
     kpos = offs_n + k_offset
     kmax = pid_n * BLOCK_N + BLOCK_N - 1 + k_offset
     tail = pid_n * BLOCK_N + BLOCK_N > SK
+    if VARLEN:  # rows that can read this key block: from its first key's document to its last's end
+        n_first = pid_n * BLOCK_N
+        r_end = tl.load(SEG + SQ + tl.minimum(n_first + BLOCK_N, SK) - 1)
+        if CAUSAL:
+            r_start = n_first
+        else:
+            r_start = tl.load(SEG + n_first)
     qk_scale = sm_scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -193,7 +214,10 @@ def _moh_bwd_dkdv_kernel(
         off_h = off_kh * GROUP + j
         bh = (off_b * H + off_h).to(tl.int64)
         n_act = tl.load(COUNTS + bh)
-        if CAUSAL:
+        if VARLEN:  # only the active rows of the documents this key block belongs to
+            lo = (tl.load(PREFIX + bh * (SQ + 1) + r_start) // BLOCK_M) * BLOCK_M
+            n_act = tl.load(PREFIX + bh * (SQ + 1) + r_end)
+        elif CAUSAL:
             # rows below r0 cannot see this key block; skip their whole tiles
             r0 = tl.minimum(tl.maximum(pid_n * BLOCK_N + k_offset - q_offset, 0), SQ)
             lo = (tl.load(PREFIX + bh * (SQ + 1) + r0) // BLOCK_M) * BLOCK_M
@@ -219,14 +243,19 @@ def _moh_bwd_dkdv_kernel(
             dlt = tl.load(DELTA + bh * SQ + rows, mask=rmask, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
             p = tl.exp2(s - lse2[:, None])
-            needs = tail  # the mask only where it can matter (tail, diagonal)
-            if CAUSAL:
-                needs = needs | (kmax > tl.min(tl.where(rmask, rows + q_offset, kmax)))
-            if needs:
-                valid = nmask[None, :]
+            if VARLEN:  # the block may span documents: always mask
+                seg_lo = tl.load(SEG + rows, mask=rmask, other=0)
+                seg_hi = tl.load(SEG + SQ + rows, mask=rmask, other=0)
+                p = tl.where(doc_visible(offs_n, nmask, seg_lo, seg_hi, rows, CAUSAL), p, 0.0)
+            else:
+                needs = tail  # the mask only where it can matter (tail, diagonal)
                 if CAUSAL:
-                    valid = valid & (kpos[None, :] <= (rows + q_offset)[:, None])
-                p = tl.where(valid, p, 0.0)
+                    needs = needs | (kmax > tl.min(tl.where(rmask, rows + q_offset, kmax)))
+                if needs:
+                    valid = nmask[None, :]
+                    if CAUSAL:
+                        valid = valid & (kpos[None, :] <= (rows + q_offset)[:, None])
+                    p = tl.where(valid, p, 0.0)
             dv += tl.dot(tl.trans(p.to(da.dtype)), da, input_precision=DOT_PREC)
             dp = tl.dot(da, tl.trans(v), input_precision=DOT_PREC)
             ds = p * (dp - dlt[:, None])
@@ -247,11 +276,12 @@ def dkdv_row_tile(tune, block_m: int) -> int:
 
 def moh_bwd(do: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             gates: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, act: ActiveRows, *, causal: bool,
-            sm_scale: float, q_offset: int,
-            k_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            sm_scale: float, q_offset: int, k_offset: int,
+            seg: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv, dgates)`` for upstream ``do [b, sq, h, d]`` and ``dlse [b, h, sq]``.
 
-    Inactive pairs get exactly zero dq and dgates and contribute nothing to dk/dv.
+    Inactive pairs get exactly zero dq and dgates and contribute nothing to dk/dv. ``seg``: as in
+    :func:`~seqpar.kernels.moh.triton_fwd.moh_fwd` (varlen).
     """
     b, sq, h, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
@@ -275,7 +305,8 @@ def moh_bwd(do: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.Tens
     counter = active_counter()
     cnt = torch.zeros(1, dtype=torch.int32, device=q.device)
     common = dict(IDX64=idx64, D=d, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                  UPCAST=upcast_dots(q.dtype), DOT_PREC=dot_precision(q.dtype))
+                  UPCAST=upcast_dots(q.dtype), DOT_PREC=dot_precision(q.dtype), VARLEN=seg is not None)
+    seg_arg = cnt if seg is None else seg  # any int32 tensor when not varlen (never read)
     strides = (q.stride(0), q.stride(1), q.stride(2),
                k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2),
@@ -283,14 +314,14 @@ def moh_bwd(do: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.Tens
                do.stride(0), do.stride(1), do.stride(2))
     tune = attention_tuning("dq", block_m, d, q.dtype, q.device, op="moh")
     launch(_moh_bwd_dq_kernel, (triton.cdiv(sq, block_m), b * h), (
-        q, k, v, gates, do, lse_bwd, delta, dq, act.rows, act.counts, cnt,
+        q, k, v, gates, do, lse_bwd, delta, dq, act.rows, act.counts, cnt, seg_arg,
         *strides, dq.stride(0), dq.stride(1), dq.stride(2),
         sq, sk, h, h // hkv, sm_scale, q_offset, k_offset,
     ), dict(COUNT=counter is not None, **common), default=tune.default, space=tune.space, key=TUNE_KEY,
         device=q.device, tunable=counter is None)
     tune = attention_tuning("dkdv", block_n, d, q.dtype, q.device, op="moh")
     launch(_moh_bwd_dkdv_kernel, (triton.cdiv(sk, block_n), b * hkv), (
-        q, k, v, gates, do, lse_bwd, delta, dk, dv, act.rows, act.counts, act.prefix,
+        q, k, v, gates, do, lse_bwd, delta, dk, dv, act.rows, act.counts, act.prefix, seg_arg,
         *strides, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         sq, sk, h, hkv, h // hkv, sm_scale, q_offset, k_offset,
     ), {**common, "BLOCK_M": dkdv_row_tile(tune, block_m)}, default=tune.default, space=tune.space,

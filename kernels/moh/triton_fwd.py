@@ -3,9 +3,13 @@
 Program (m, bh) takes rows ``m*BLOCK_M ...`` of head bh's active-row list, gathers those query
 rows, and runs an online softmax over the keys its rows can see (causal: up to the largest row
 position of the tile). Inactive rows are never loaded; their output stays 0 and their LSE -inf.
+Varlen (``VARLEN``): ``SEG [2, sq]`` holds each token's document start and end; a row sees only
+the keys of its document, and the key loop runs from the first document start of the tile's rows.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -47,8 +51,18 @@ def upcast_dots(dtype: torch.dtype) -> bool:
 
 
 @triton.jit
+def doc_visible(offs_n, nmask, seg_lo, seg_hi, rows, CAUSAL: tl.constexpr):
+    """Varlen mask ``[rows, keys]``: the key lies in the row's document ``[seg_lo, seg_hi)`` (and at
+    or before the row when causal); offsets are 0 with varlen."""
+    valid = nmask[None, :] & (offs_n[None, :] >= seg_lo[:, None]) & (offs_n[None, :] < seg_hi[:, None])
+    if CAUSAL:
+        valid = valid & (offs_n[None, :] <= rows[:, None])
+    return valid
+
+
+@triton.jit
 def _moh_fwd_kernel(
-    Q, K, V, G, O, LSE, ROWS, COUNTS, CNT,
+    Q, K, V, G, O, LSE, ROWS, COUNTS, CNT, SEG,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -57,6 +71,7 @@ def _moh_fwd_kernel(
     SQ, SK, H, GROUP, sm_scale, q_offset, k_offset,
     D: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, COUNT: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
+    VARLEN: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -82,10 +97,17 @@ def _moh_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo = 0
+    if VARLEN:  # offsets are 0: a row sees the keys [doc start, doc end) of its document
+        seg_lo = tl.load(SEG + rows, mask=rmask, other=0)
+        seg_hi = tl.load(SEG + SQ + rows, mask=rmask, other=0)
+        lo = tl.min(tl.where(rmask, seg_lo, SK))
     if CAUSAL:
         last = tl.max(tl.where(rmask, qpos, -1))
         first = tl.min(tl.where(rmask, qpos, last))  # rows are ascending; any masked row is ignored
         hi = tl.minimum(tl.maximum(last - k_offset + 1, 0), SK)
+    elif VARLEN:
+        hi = tl.max(tl.where(rmask, seg_hi, 0))
     else:
         hi = SK
     k_base = K + off_b * stride_kb + off_kh * stride_kh
@@ -94,7 +116,7 @@ def _moh_fwd_kernel(
     # loop-invariant 32-bit tile offsets; the 64-bit part is one scalar per step
     k_off = ar_n[:, None] * stride_kt + offs_d[None, :]
     v_off = ar_n[:, None] * stride_vt + offs_d[None, :]
-    for start_n in range(0, hi, BLOCK_N):
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + ar_n
         nmask = offs_n < SK
         n64 = tl.full([], start_n, tl.int64)
@@ -104,15 +126,18 @@ def _moh_fwd_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        # only the kv tail tile and tiles past the tile's first row position need the mask
-        needs = start_n + BLOCK_N > SK
-        if CAUSAL:
-            needs = needs | (start_n + BLOCK_N - 1 + k_offset > first)
-        if needs:
-            valid = nmask[None, :]
+        if VARLEN:  # a tile's rows may span documents: always mask
+            s = tl.where(doc_visible(offs_n, nmask, seg_lo, seg_hi, rows, CAUSAL), s, float("-inf"))
+        else:
+            # only the kv tail tile and tiles past the tile's first row position need the mask
+            needs = start_n + BLOCK_N > SK
             if CAUSAL:
-                valid = valid & ((offs_n + k_offset)[None, :] <= qpos[:, None])
-            s = tl.where(valid, s, float("-inf"))
+                needs = needs | (start_n + BLOCK_N - 1 + k_offset > first)
+            if needs:
+                valid = nmask[None, :]
+                if CAUSAL:
+                    valid = valid & ((offs_n + k_offset)[None, :] <= qpos[:, None])
+                s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
         p = tl.exp2(s - m_safe[:, None])
@@ -133,10 +158,12 @@ def _moh_fwd_kernel(
 
 
 def moh_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, act: ActiveRows, *,
-            causal: bool, sm_scale: float, q_offset: int, k_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+            causal: bool, sm_scale: float, q_offset: int, k_offset: int,
+            seg: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``o [b, sq, h, d]`` (zeros at inactive pairs) and fp32 ``lse [b, h, sq]`` (-inf there).
 
-    Expects the last dim of q/k/v contiguous (the public entry ensures it).
+    Expects the last dim of q/k/v contiguous (the public entry ensures it). ``seg``: int32 ``[2, sq]``
+    document start / end of every token (varlen, batch 1, offsets 0), or None.
     """
     b, sq, h, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
@@ -148,7 +175,7 @@ def moh_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tens
     grid = (triton.cdiv(sq, block_m), b * h)
     tune = attention_tuning("fwd", block_m, d, q.dtype, q.device, op="moh")
     launch(_moh_fwd_kernel, grid, (
-        q, k, v, gates, o, lse, act.rows, act.counts, cnt,
+        q, k, v, gates, o, lse, act.rows, act.counts, cnt, cnt if seg is None else seg,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -156,7 +183,8 @@ def moh_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tens
         o.stride(0), o.stride(1), o.stride(2),
         sq, sk, h, h // hkv, sm_scale, q_offset, k_offset,
     ), dict(IDX64=needs_idx64(q, o, gates), D=d, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-            UPCAST=upcast_dots(q.dtype), COUNT=counter is not None, DOT_PREC=dot_precision(q.dtype)),
+            UPCAST=upcast_dots(q.dtype), COUNT=counter is not None, DOT_PREC=dot_precision(q.dtype),
+            VARLEN=seg is not None),
         default=tune.default, space=tune.space, key=TUNE_KEY, device=q.device, tunable=counter is None)
     if counter is not None:
         counter.forward += int(cnt.item())

@@ -7,7 +7,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from seqpar.kernels._common import check_cu_seqlens, check_int, check_qkv, default_sm_scale, host_ints, select_backend
+from seqpar.kernels._common import (check_cu_seqlens, check_int, check_qkv, default_sm_scale, select_backend,
+                                    varlen_bounds)
 from seqpar.kernels.s2.function import S2AttentionFunction
 from seqpar.kernels.s2.layout import S2Layout
 from seqpar.kernels.s2.plan import TilePlan, build_plan
@@ -24,16 +25,8 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: Option
     k_offset = check_int("k_offset", k_offset)
     if q_offset is not None:
         check_int("q_offset", q_offset)
-    cu = None
-    if cu_seqlens is not None:
-        if q_offset is not None or k_offset != 0:
-            raise ValueError("q_offset/k_offset cannot be combined with cu_seqlens; pass one or the other")
-        if sq != sk:
-            raise ValueError(f"varlen (cu_seqlens) needs q and k of equal length, got {sq} and {sk}")
-        check_cu_seqlens(cu_seqlens, b, sq)
-        if cu_seqlens.device != q.device:
-            raise ValueError(f"cu_seqlens must be on q's device {q.device}, got {cu_seqlens.device}")
-        cu = host_ints(cu_seqlens)  # cached per tensor: no sync per layer
+    cu = varlen_bounds(cu_seqlens, q_offset, k_offset, b, sq, sk, q.device)
+    if cu is not None:
         q_offset = 0
     elif q_offset is None:
         q_offset = k_offset + sk - sq  # bottom-right aligned (flash-attn >= 2.1)

@@ -297,6 +297,24 @@ class Comm:
             _record("send_recv", t.numel() * t.element_size(), t)
         return Pending(recv, works)
 
+    def exchange(self, send: Optional[torch.Tensor], dst: int, recv_shape: Optional[Sequence[int]], src: int,
+                 *, dtype: torch.dtype, device: torch.device) -> Pending:
+        """Post a send of ``send`` to group rank ``dst`` and a receive of a ``recv_shape`` tensor from
+        ``src`` in one batch; either may be None (nothing posted: a hop with nothing to move costs
+        nothing). ``wait()`` gives the received tensor (or None). Always asynchronous."""
+        ops, recv = [], None
+        if send is not None:
+            send = send.contiguous()  # kept alive by the Pending until wait()
+            ops.append(dist.P2POp(dist.isend, send, self._global[dst], self.group))
+        if recv_shape is not None:
+            recv = torch.empty(tuple(recv_shape), dtype=dtype, device=device)
+            ops.append(dist.P2POp(dist.irecv, recv, self._global[src], self.group))
+            _record("send_recv", recv.numel() * recv.element_size(), recv)
+        works = dist.batch_isend_irecv(ops) if ops else []
+        pending = Pending(recv, works)
+        pending.keep = send
+        return pending
+
     def send(self, x: torch.Tensor, dst: int) -> Pending:
         """Post a send of ``x`` to group rank ``dst``; ``wait()`` before reusing ``x``."""
         x = x.contiguous()

@@ -1,24 +1,31 @@
 """LASP-2 for Lightning linear attention with exact decay (arXiv 2502.07563; docs/lightning.md).
 
-Each local chunk (two under zigzag) runs the per-rank kernel from a zero state, giving its intra
-output and its local state ``M_j``. One all-gather of the states (fp32 ``[chunks, b, H, dk, dv]``)
-lets every rank form each chunk's prefix with :func:`~seqpar.cp.merge.decayed_state_prefix`
-(a chunk's prefix is every chunk before it in *sequence order*, wherever it lives), and the output
-correction ``o_t += λ^{t+1} q_t · prefix`` (t counted from the chunk start) completes it.
-Backward is the autograd adjoint: the kernel's state gradients, and one reduce-scatter of the state
-gradients. Bytes per layer are ``(P-1) · chunks_per_rank · b · H · dk · dv · 4``, independent of N.
+Each local piece (two per document under zigzag) runs the per-rank kernel from a zero state, giving
+its intra output and its local state ``M_j`` (one kernel call for all pieces, the pieces as
+segments of its ``cu_seqlens``). One all-gather of the states other ranks read (fp32 ``[slots, b,
+H, dk, dv]``: a piece is sent when a later piece of its document lives elsewhere; every piece when
+final states are wanted) lets every rank form each piece's prefix: the states of the pieces of
+*the same document* that end before it, wherever they live, decayed by the tokens between
+(:func:`~seqpar.cp.merge.weighted_state_prefix`), so the state restarts at every document start
+across ranks; the output correction ``o_t += λ^{t+1} q_t · prefix`` (t counted from the piece start)
+completes it. Backward is the autograd adjoint: the kernel's state gradients, and one
+reduce-scatter of the state gradients. Bytes per layer are ``(P-1) · slots · b · H · dk · dv · 4``,
+independent of N (:func:`state_slots`: 2 under zigzag, 1 contiguous; with documents ``b = 1`` and
+about 2 per document under zigzag, only the documents crossing a rank boundary when contiguous —
+none when every document stays on one rank).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import torch
 
 from seqpar.cp.comm import Comm, all_gather_autograd
-from seqpar.cp.merge import decayed_state_prefix
-from seqpar.cp.partition import cached_index, chunk_ids
-from seqpar.kernels._common import host_ints, seed_host_ints
+from seqpar.cp.local import scatter_pieces
+from seqpar.cp.merge import weighted_state_prefix
+from seqpar.cp.partition import Layout, cached_index
+from seqpar.kernels._common import seed_host_ints
 
 
 def _correction(q: torch.Tensor, prefix: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
@@ -29,98 +36,141 @@ def _correction(q: torch.Tensor, prefix: torch.Tensor, slope: torch.Tensor) -> t
     return torch.einsum("bthk,bhkv->bthv", q.float(), prefix) * decay[None, :, :, None]
 
 
+def _segments(lay: Layout, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Local ``cu_seqlens`` cutting the buffer into the rank's pieces (and padding runs between), and
+    the segment of each piece: one kernel call runs every piece from a zero state."""
+    def build():
+        bounds, seg = [0], []
+        for p in sorted(lay.pieces[rank], key=lambda p: p.local):
+            if p.local > bounds[-1]:
+                bounds.append(p.local)
+            seg.append((p.local, len(bounds) - 1))
+            bounds.append(p.local + p.length)
+        if bounds[-1] < lay.local_len:
+            bounds.append(lay.local_len)
+        order = {local: s for local, s in seg}
+        return tuple(bounds), tuple(order[p.local] for p in lay.pieces[rank])
+    return lay.cached(("lasp2_segments", rank), build)
+
+
+def exported(lay: Layout, finals: bool) -> tuple[tuple[int, ...], ...]:
+    """Per rank, its pieces whose states another rank reads: a later piece of the same document lives
+    elsewhere (every piece when every rank forms every document's final state). Documents that stay
+    on one rank export nothing."""
+    def build():
+        out = []
+        for r, ps in enumerate(lay.pieces):
+            out.append(tuple(i for i, p in enumerate(ps) if finals or any(
+                r2 != r and lay.pieces[r2][i2].pos >= p.end for r2, i2 in lay.doc_pieces[p.doc])))
+        return tuple(out)
+    return lay.cached(("lasp2_exported", finals), build)
+
+
+def state_slots(lay: Layout, finals: bool) -> int:
+    """States each rank contributes to the all-gather (the most any rank exports; 0: no all-gather)."""
+    return max(len(e) for e in exported(lay, finals))
+
+
+def _geometry(lay: Layout, rank: int, finals: bool):
+    """Host plan of the prefixes: the documents to form, the row of each of their pieces' states in
+    ``[gathered (P·slots) | this rank's own (pieces) | a zero state]``, distances to the targets (this
+    rank's pieces, and with ``finals`` every document's end), and where each local piece and each
+    document's final state sit among the targets."""
+    def build():
+        s, ex = state_slots(lay, finals), exported(lay, finals)
+        where = {(r, i): r * s + m for r in range(lay.world) for m, i in enumerate(ex[r])}
+        own = lay.world * s
+        zero = own + len(lay.pieces[rank])
+        mine: dict[int, list[int]] = {}
+        for i, p in enumerate(lay.pieces[rank]):
+            mine.setdefault(p.doc, []).append(i)
+        docs = list(range(lay.num_docs)) if finals else sorted(mine)
+        k = max((len(lay.doc_pieces[d]) for d in docs), default=1)
+        t = max((len(mine.get(d, ())) + finals for d in docs), default=1)
+        idx = torch.full((len(docs), k), zero, dtype=torch.int64)
+        dist = torch.zeros(len(docs), t, k)
+        valid = torch.zeros(len(docs), t, k, dtype=torch.bool)
+        target = torch.zeros(len(docs), t)
+        piece_at, final_at = [None] * len(lay.pieces[rank]), []
+        for row, d in enumerate(docs):
+            ends = []
+            for j, (r, i) in enumerate(lay.doc_pieces[d]):
+                idx[row, j] = own + i if r == rank else where.get((r, i), zero)
+                ends.append(lay.pieces[r][i].end)
+            targets = [(lay.pieces[rank][i].pos, i) for i in mine.get(d, ())]
+            if finals:
+                targets.append((lay.doc_real[d], None))
+            for ti, (pos, i) in enumerate(targets):
+                target[row, ti] = pos
+                for j, e in enumerate(ends):
+                    if e <= pos:
+                        dist[row, ti, j], valid[row, ti, j] = pos - e, True
+                if i is None:
+                    final_at.append(row * t + ti)
+                else:
+                    piece_at[i] = row * t + ti
+        tensors = (torch.tensor(docs, dtype=torch.int64), idx.reshape(-1), dist, valid, target,
+                   torch.tensor(final_at, dtype=torch.int64), torch.tensor(ex[rank], dtype=torch.int64))
+        return tensors, tuple(piece_at)
+    return lay.cached(("lasp2_geometry", rank, finals), build)
+
+
 def lasp2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor, comm: Comm, *,
-                    balance: str, initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False,
-                    cu_seqlens: Optional[torch.Tensor] = None, backend: str = "auto",
-                    chunks: Optional[Callable[[int], Sequence[int]]] = None,
-                    cu_seqlens_unpadded: Optional[torch.Tensor] = None
-                    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Local shards ``q [b, s_loc, H, dk]``, ``k [b, s_loc, H_kv, dk]``, ``v [b, s_loc, H_kv, dv]``.
+                    layout: Layout, initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False,
+                    varlen: bool = False, backend: str = "auto") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Local buffers ``q [b, L, H, dk]``, ``k [b, L, H_kv, dk]``, ``v [b, L, H_kv, dv]`` -> (local output,
+    0 in padding slots; final state, replicated, or None).
 
-    ``chunks(r)``: the global chunk ids group rank ``r`` holds, in local order (default: its
-    ``balance`` chunks; USP passes the union of a Ulysses group's chunks). All chunks are equal.
-
-    With ``cu_seqlens`` (global; THD per-document zigzag shards, batch 1) every document has its
-    own 2P chunks, prefixes and final state (``initial_state`` / final ``[num_docs, H, dk, dv]``).
-    ``cu_seqlens_unpadded`` (the real boundaries before ``cp.pad_varlen``): each chunk's state is
-    taken at its last real token and the prefixes count real tokens only, so the final state is the
-    state after each document's last real token (exact gradients); pad outputs are 0.
+    ``varlen`` (documents given, batch 1): states are per document, ``initial_state`` / final
+    ``[num_docs, H, dk, dv]``; otherwise per batch row ``[b, H, dk, dv]`` (one document).
     """
+    from seqpar.kernels import lightning_attention
+
+    lay, rank = layout, comm.rank
     slope = slope.detach()  # the kernel treats slopes as constants; keep the prefix consistent
-    if cu_seqlens is not None:
-        return _lasp2_varlen(q, k, v, slope, comm, initial_state, output_final_state, cu_seqlens, backend,
-                             cu_seqlens_unpadded)
-    from seqpar.kernels import lightning_attention
-
-    if chunks is None:
-        def chunks(r: int) -> Sequence[int]:
-            return chunk_ids(r, comm.world, balance)
-    ids = chunks(comm.rank)
-    c = q.shape[1] // len(ids)
-    intra, states = [], []
-    for j in range(len(ids)):
-        s = slice(j * c, (j + 1) * c)
-        o, m = lightning_attention(q[:, s], k[:, s], v[:, s], slope, output_final_state=True, backend=backend)
-        intra.append(o)
-        states.append(m)
-    gathered = all_gather_autograd(torch.stack(states), comm, dim=0)  # [P * len(ids), b, H, dk, dv]
-    order = tuple(cid for r in range(comm.world) for cid in chunks(r))
-    to_chunk = cached_index(("lasp2_order", order), gathered.device, lambda: torch.argsort(torch.tensor(order)))
-    by_chunk = gathered.index_select(0, to_chunk)
-    prefix, final = decayed_state_prefix(by_chunk, [c] * len(order), slope, initial_state)
-    outs = [(intra[j].float() + _correction(q[:, j * c:(j + 1) * c], prefix[cid], slope)).to(q.dtype)
-            for j, cid in enumerate(ids)]
-    return torch.cat(outs, dim=1), (final if output_final_state else None)
-
-
-def _lasp2_varlen(q, k, v, slope, comm: Comm, initial_state, output_final_state: bool, cu_seqlens: torch.Tensor,
-                  backend: str, cu_seqlens_unpadded: Optional[torch.Tensor] = None):
-    from seqpar.kernels import lightning_attention
-
-    p, rank = comm.world, comm.rank
-    bounds = host_ints(cu_seqlens)  # cached host copy: no sync per layer
-    piece_len = [(e - s) // (2 * p) for s, e in zip(bounds[:-1], bounds[1:])]
-    docs = len(piece_len)
-    ids = chunk_ids(rank, p, "zigzag")
-    # real tokens of every chunk of every document (all of them without padding information)
-    if cu_seqlens_unpadded is None:
-        real = [[c] * (2 * p) for c in piece_len]
+    b, n, h, dk = q.shape
+    dv = v.shape[-1]
+    pieces = lay.pieces[rank]
+    # intra pass: every piece from a zero state; its output and its local state M
+    if b == 1 and not (len(pieces) == 1 and lay.dense(rank)):
+        bounds, seg = _segments(lay, rank)
+        cu = cached_index(("lasp2_cu", lay, rank), q.device, lambda: torch.tensor(bounds, dtype=torch.int32))
+        o_all, m_all = lightning_attention(q, k, v, slope, output_final_state=True, backend=backend,
+                                           cu_seqlens=seed_host_ints(cu, bounds))
+        intra = [o_all[:, p.local:p.local + p.length] for p in pieces]
+        states = [m_all[j:j + 1] for j in seg]
     else:
-        rb = host_ints(cu_seqlens_unpadded)
-        real = [[min(max(rb[i + 1] - rb[i] - cid * c, 0), c) for cid in range(2 * p)] for i, c in enumerate(piece_len)]
-    # every local piece (two per document) is its own segment for the intra pass
-    starts, real_ends = [0], [0]  # padded piece bounds; the same pieces' real bounds (cumulative)
-    for i, c in enumerate(piece_len):
-        for cid in ids:
-            real_ends.append(real_ends[-1] + real[i][cid])
-            starts.append(starts[-1] + c)
-    local_cu = cached_index(("lasp2_local_cu", tuple(starts)), q.device,
-                            lambda: torch.tensor(starts, dtype=torch.int32))
-    seed_host_ints(local_cu, starts)
-    kw = {}
-    if cu_seqlens_unpadded is not None:  # piece states at their last real token, pad outputs 0
-        local_real = cached_index(("lasp2_local_real", tuple(real_ends)), q.device,
-                                  lambda: torch.tensor(real_ends, dtype=torch.int32))
-        kw["cu_seqlens_unpadded"] = seed_host_ints(local_real, real_ends)
-    # gathered row of (document i, chunk cid): rank-major, per rank (doc, its two pieces)
-    idx_all = cached_index(("lasp2_varlen_idx", p, docs), q.device, lambda: torch.tensor(
-        [[(cid if cid < p else 2 * p - 1 - cid) * 2 * docs + 2 * i + (0 if cid < p else 1) for cid in range(2 * p)]
-         for i in range(docs)]))
-    intra, states = lightning_attention(q, k, v, slope, output_final_state=True, cu_seqlens=local_cu,
-                                        backend=backend, **kw)  # states [2 * docs, H, dk, dv]
-    gathered = all_gather_autograd(states, comm, dim=0)  # [P * 2 * docs, ...]: rank, doc, (r, 2P-1-r)
-    outs, finals = [], []
-    for i, c in enumerate(piece_len):
-        by_chunk = gathered.index_select(0, idx_all[i]).unsqueeze(1)
-        init = None if initial_state is None else initial_state[i:i + 1]
-        # real lengths: a chunk's state sits at its last real token; chunks after the document's
-        # last real token are empty (their pad outputs are masked below)
-        prefix, final = decayed_state_prefix(by_chunk, real[i], slope, init)
-        finals.append(final[0])
-        for j, cid in enumerate(ids):
-            lo = starts[2 * i + j]
-            o = intra[:, lo:lo + c].float() + _correction(q[:, lo:lo + c], prefix[cid], slope)
-            if real[i][cid] < c:
-                o = torch.cat([o[:, :real[i][cid]], o.new_zeros((o.shape[0], c - real[i][cid], *o.shape[2:]))], 1)
-            outs.append(o.to(q.dtype))
-    return torch.cat(outs, dim=1), (torch.stack(finals) if output_final_state else None)
+        intra, states = [], []
+        for p in pieces:
+            o, m = lightning_attention(q[:, p.local:p.local + p.length], k[:, p.local:p.local + p.length],
+                                       v[:, p.local:p.local + p.length], slope, output_final_state=True,
+                                       backend=backend)
+            intra.append(o)
+            states.append(m)
+    host, piece_at = _geometry(lay, rank, output_final_state)
+    docs, idx, dist, valid, target, final_at, ex = cached_index(
+        ("lasp2_geometry", lay, rank, output_final_state), q.device, lambda: host)
+    own = torch.stack(states) if states else q.new_zeros((0, b, h, dk, dv), dtype=torch.float32)
+    slots = state_slots(lay, output_final_state)
+    gathered = own[:0]
+    if slots:  # one all-gather of the states other ranks read (fp32 [P * slots, b, H, dk, dv])
+        send = own.index_select(0, ex)
+        send = torch.cat([send, send.new_zeros((slots - send.shape[0], *send.shape[1:]))])
+        gathered = all_gather_autograd(send, comm, dim=0)
+    outs, acc = [], None
+    if host[0].numel():  # the documents this rank forms prefixes (or final states) of
+        source = torch.cat([gathered, own, own.new_zeros((1, *own.shape[1:]))])
+        by_doc = source.index_select(0, idx).view(host[0].numel(), -1, *own.shape[1:])
+        init = None
+        if initial_state is not None:  # [D, b, H, dk, dv]: per document, or the batch rows of the one sequence
+            init = (initial_state[:, None] if varlen else initial_state[None]).index_select(0, docs)
+        acc = weighted_state_prefix(by_doc, dist, valid, target, slope, init)  # [D, T, b, H, dk, dv]
+        acc = acc.reshape(-1, *acc.shape[2:])
+    for j, p in enumerate(pieces):
+        prefix = acc[piece_at[j]]
+        outs.append((intra[j].float() + _correction(q[:, p.local:p.local + p.length], prefix, slope)).to(q.dtype))
+    out = scatter_pieces(outs, lay, rank, tail=(h, dv), ties=(q, gathered) if slots else (q,))
+    if not output_final_state:
+        return out, None
+    final = acc.index_select(0, final_at)  # [D, b, H, dk, dv] (output_final_state: every document formed)
+    return out, (final[:, 0] if varlen else final[0])

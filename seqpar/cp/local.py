@@ -10,7 +10,7 @@ gates``), so the strategy forms it once.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -68,3 +68,22 @@ def softmax_family_op(kind: str, kw: dict[str, Any], kv_head_offset: int = 0,
                       total_kv_heads: Optional[int] = None) -> LocalOp:
     """Bind ``kind`` ("softmax" | "s2" | "moh") and its keyword arguments to a :class:`LocalOp`."""
     return LocalOp(kind, kw, kv_head_offset, total_kv_heads)
+
+
+def scatter_pieces(outs: Sequence[torch.Tensor], lay: Any, rank: int, *, tail: Sequence[int],
+                   ties: Sequence[torch.Tensor]) -> torch.Tensor:
+    """This rank's local buffer ``[b, L, *tail]`` from the outputs of its pieces (in piece order);
+    padding slots are 0 and pass no gradient. ``ties``: tensors (the rank's inputs, the gathered
+    K/V) the output stays tied to when the rank holds no piece at all, so that every rank still runs
+    the backward collectives."""
+    if lay.dense(rank):
+        return torch.cat(list(outs), dim=1)
+    t0 = ties[0]
+    if not outs:  # only padding here: zeros, tied to the inputs' graph
+        tie = sum(t.narrow(0, 0, 0).sum() for t in ties)
+        return torch.zeros((t0.shape[0], lay.local_len, *tail), dtype=t0.dtype, device=t0.device) + tie
+    from seqpar.cp.partition import cached_index
+
+    rows = torch.cat(list(outs), dim=1)
+    idx = cached_index(("piece_slots", lay, rank), rows.device, lambda: lay.local_slots(rank))
+    return rows.new_zeros((rows.shape[0], lay.local_len, *rows.shape[2:])).index_copy(1, idx, rows)

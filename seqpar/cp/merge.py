@@ -108,18 +108,33 @@ def decayed_state_prefix(states: torch.Tensor, chunk_lens: Union[Sequence[int], 
         raise ValueError(f"chunk_lens must hold {n} non-negative lengths, got {list(lens)}")
     if slope.dim() != 1 or slope.numel() != h:
         raise ValueError(f"slope must be [heads] = [{h}], got {tuple(slope.shape)}")
-    dev = states.device
-    dist, valid, starts = _prefix_geometry(lens, dev)
-    s32 = slope.float()
-    logw = -s32[:, None, None] * dist  # [h, n+1, n]
-    w = torch.where(valid, torch.exp(logw), torch.zeros((), device=dev))
-    acc = torch.einsum("hrj,jbhkv->rbhkv", w, states.float())
-    if initial_state is not None:
-        if tuple(initial_state.shape) != tuple(states.shape[1:]):
-            raise ValueError(f"initial_state must be {tuple(states.shape[1:])}, got {tuple(initial_state.shape)}")
-        w0 = torch.exp(-s32[None, :] * starts[:, None])  # [n + 1, h]
-        acc = acc + w0[:, None, :, None, None] * initial_state.float()[None]
+    dist, valid, starts = _prefix_geometry(lens, states.device)
+    if initial_state is not None and tuple(initial_state.shape) != tuple(states.shape[1:]):
+        raise ValueError(f"initial_state must be {tuple(states.shape[1:])}, got {tuple(initial_state.shape)}")
+    acc = weighted_state_prefix(states[None], dist[None], valid[None], starts[None], slope,
+                                None if initial_state is None else initial_state[None])[0]
     return acc[:n], acc[n]
+
+
+def weighted_state_prefix(states: torch.Tensor, dist: torch.Tensor, valid: torch.Tensor, target: torch.Tensor,
+                          slope: torch.Tensor, initial_state: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The decayed state at ``T`` target positions of each of ``D`` independent sequences (documents).
+
+    ``states [D, K, b, H, dk, dv]``: each sequence's piece states ``M_k``; ``dist [D, T, K]`` the
+    tokens strictly between piece k's end and target t (``target - end_k``), used where ``valid``
+    (piece k lies before target t); ``target [D, T]`` the tokens before each target (the initial
+    state decays by ``λ^target``); ``initial_state [D, b, H, dk, dv]`` or None. Returns fp32
+    ``[D, T, b, H, dk, dv] = Σ_k λ^{dist} M_k + λ^{target} S_init`` (log space, any distance);
+    differentiable w.r.t. states, slope and initial_state.
+    """
+    s32 = slope.float()
+    logw = -s32[None, :, None, None] * dist[:, None]  # [D, H, T, K]
+    w = torch.where(valid[:, None], torch.exp(logw), torch.zeros((), device=states.device))
+    acc = torch.einsum("dhtk,dkbhxy->dtbhxy", w, states.float())
+    if initial_state is not None:
+        w0 = torch.exp(-s32[None, None, :] * target[:, :, None])  # [D, T, H]
+        acc = acc + w0[:, :, None, :, None, None] * initial_state.float()[:, None]
+    return acc
 
 
 def _prefix_geometry(lens: tuple[int, ...], device: torch.device):

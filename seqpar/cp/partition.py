@@ -1,24 +1,38 @@
-"""Sequence partitioners for context parallelism (pure index math; no collectives here).
+"""Sequence partitions for context parallelism: which tokens each rank holds (pure index math).
 
-``balance="contiguous"``: the sequence is cut into ``P`` equal chunks, rank r holds chunk r.
-``balance="zigzag"``: cut into ``2P`` equal chunks, rank r holds chunks ``r`` and ``2P-1-r``
-(Megatron's CP order), so causal work is equal on every rank::
+A :class:`Partition` is resolved **once** per call signature (``cp.make_partition`` / inside
+``cp.attention``; cached) and every strategy receives it: the pieces of real tokens each rank
+holds, their documents and positions, the padding. Balancers only produce a different object
+(:data:`BALANCERS`; a cost-based balancer adds an entry there).
 
-    P = 2, 2P = 4 chunks        seq: | c0 | c1 | c2 | c3 |
-                                rank 0 holds c0 + c3, rank 1 holds c1 + c2
+``balance="zigzag"`` (Megatron's order): *every document* (the whole sequence without
+``cu_seqlens``) is cut into ``2P`` chunks and rank r holds chunks ``r`` and ``2P-1-r`` of each,
+documents kept in order (Megatron's THD layout), so causal work is equal on every rank::
 
-Varlen (packed documents, ``cu_seqlens``) uses Megatron's THD layout: *each document* is cut into
-``2P`` pieces and rank r holds pieces ``r`` and ``2P-1-r`` of every document, documents kept in
-order. Every document length must be a multiple of ``2P``; :func:`pad_varlen` pads them and
-returns how much it added (nothing is padded silently).
+    P = 2, one document          seq: | c0 | c1 | c2 | c3 |
+                                 rank 0 holds c0 + c3, rank 1 holds c1 + c2
+
+Lengths need not divide: a document of ``n`` tokens gets chunks of ``n // 2P`` tokens and its
+``n % 2P`` extra tokens go one per rank, round robin over the documents (a rank's two chunks of
+a document get at most one each), so every rank holds the same number of tokens up to one.
+``balance="contiguous"``: the packed sequence is cut into ``P`` runs, rank r holds run r.
+
+**Padding.** Every rank's local buffer has ``L = ceil(N / P)`` slots (or the caller's local
+length); the ``P·L - N`` spare slots are *internal padding*: the last document is extended by
+them (so the layout equals that of the padded sequence, pads at its end) and they hold no real
+token: strategies skip them, outputs there are 0 and get no gradient, :meth:`Partition.valid`
+masks them out of a loss. Megatron's padded THD (``cu_seqlens`` padded per document,
+``cu_seqlens_unpadded`` the real boundaries) is the same idea inside documents: the pads of each
+document are held but are not real tokens. ``Partition.padding`` reports both.
 
 ``unshard`` is the only function here that communicates, through :class:`seqpar.cp.comm.Comm`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence, Union
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -26,18 +40,12 @@ from seqpar.cp.comm import Comm, group_rank_world
 from seqpar.kernels._common import host_ints, seed_host_ints
 
 __all__ = [
-    "BALANCES", "VarlenPadding", "chunk_ids", "num_chunks", "token_index", "shard", "unshard",
-    "varlen_token_index", "shard_varlen", "unshard_varlen", "pad_varlen", "unpad_varlen",
-    "cached_index", "causal_work", "check_varlen", "imbalance", "resolve_group",
+    "BALANCES", "BALANCERS", "Layout", "Partition", "Piece", "VarlenPadding", "cached_index", "causal_work",
+    "chunk_ids", "imbalance", "make_partition", "num_chunks", "pad_varlen", "resolve", "resolve_group", "shard",
+    "shard_varlen", "token_index", "unpad_varlen", "unshard", "unshard_varlen", "varlen_token_index",
 ]
 
-BALANCES = ("zigzag", "contiguous")
 GroupLike = Union[None, object, tuple[int, int]]
-
-
-def _check_balance(balance: str) -> None:
-    if balance not in BALANCES:
-        raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
 
 
 def _check_rank(rank: int, world: int) -> None:
@@ -56,89 +64,567 @@ def resolve_group(group: GroupLike) -> tuple[int, int]:
     return group_rank_world(group)
 
 
+# ---- the partition -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Piece:
+    """Consecutive real tokens of one document held by one rank.
+
+    ``local``: first slot in the rank's buffer; ``length`` (> 0); ``doc``: document index;
+    ``pos``: position of the first token inside its document (layouts such as S2's restart
+    there); ``real``: index of the first token in the *real order* (all real tokens, documents
+    in order: ``doc_start[doc] + pos``).
+    """
+
+    local: int
+    length: int
+    doc: int
+    pos: int
+    real: int
+
+    @property
+    def end(self) -> int:
+        """Position inside the document after the last token."""
+        return self.pos + self.length
+
+
+@dataclass(frozen=True, eq=False)
+class Layout:
+    """What a strategy needs: per rank, the pieces of real tokens in its local buffer.
+
+    ``world`` ranks, ``local_len`` slots each (equal on every rank; a slot in no piece is
+    padding), ``pieces[r]`` in local order, ``doc_real[d]`` real tokens of document d.
+    Hashable by identity: derived plans are cached on the object (:meth:`cached`); resolved
+    layouts are themselves cached, so a training step computes each plan once.
+    """
+
+    world: int
+    local_len: int
+    pieces: tuple[tuple[Piece, ...], ...]
+    doc_real: tuple[int, ...]
+    _plans: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def cached(self, key: Any, build: Callable[[], Any]) -> Any:
+        """``build()`` once per ``key`` for this layout (host plans of the strategies)."""
+        hit = self._plans.get(key)
+        if hit is None:
+            hit = self._plans[key] = build()
+        return hit
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.doc_real)
+
+    @cached_property
+    def doc_start(self) -> tuple[int, ...]:
+        """Start of each document in the real order, and the total at the end (``[docs + 1]``)."""
+        out = [0]
+        for n in self.doc_real:
+            out.append(out[-1] + n)
+        return tuple(out)
+
+    @property
+    def real_len(self) -> int:
+        """Real tokens over all ranks."""
+        return self.doc_start[-1]
+
+    @cached_property
+    def doc_pieces(self) -> tuple[tuple[tuple[int, int], ...], ...]:
+        """Per document, its ``(rank, piece index)`` in position order."""
+        per: list[list] = [[] for _ in self.doc_real]
+        for r, ps in enumerate(self.pieces):
+            for i, p in enumerate(ps):
+                per[p.doc].append((p.pos, r, i))
+        return tuple(tuple((r, i) for _, r, i in sorted(d)) for d in per)
+
+    @cached_property
+    def real_slots(self) -> torch.Tensor:
+        """int64 ``[real_len]``: rank-major slot (``rank * local_len + local``) of each real token, in
+        the real order (the gather index from a rank-major all-gather / all-to-all)."""
+        out = torch.empty(self.real_len, dtype=torch.int64)
+        for r, ps in enumerate(self.pieces):
+            for p in ps:
+                out[p.real:p.real + p.length] = torch.arange(p.length) + r * self.local_len + p.local
+        return out
+
+    @cached_property
+    def identity(self) -> bool:
+        """True when the rank-major slots already are the real order (no padding, no reordering)."""
+        return self.real_len == self.world * self.local_len and bool(
+            torch.equal(self.real_slots, torch.arange(self.real_len)))
+
+    def local_slots(self, rank: int) -> torch.Tensor:
+        """int64 slots of ``rank``'s real tokens, piece by piece (local order of its pieces)."""
+        return self.cached(("local_slots", rank), lambda: torch.cat(
+            [torch.arange(p.local, p.local + p.length) for p in self.pieces[rank]]
+            or [torch.zeros(0, dtype=torch.int64)]))
+
+    def dense(self, rank: int) -> bool:
+        """True when ``rank``'s pieces cover its whole buffer in order (no padding slot)."""
+        pos = 0
+        for p in self.pieces[rank]:
+            if p.local != pos:
+                return False
+            pos += p.length
+        return pos == self.local_len
+
+    def merged(self, group: int) -> "Layout":
+        """The layout seen after a Ulysses all-to-all over groups of ``group`` consecutive ranks:
+        group rank ``i`` holds the buffers of ranks ``i·group .. i·group+group-1``, rank-major
+        (USP's ring runs over it)."""
+        if self.world % group:
+            raise ValueError(f"group size {group} must divide world {self.world}")
+
+        def build() -> "Layout":
+            pieces = []
+            for i in range(self.world // group):
+                pieces.append(tuple(Piece(m * self.local_len + p.local, p.length, p.doc, p.pos, p.real)
+                                    for m in range(group) for p in self.pieces[i * group + m]))
+            return Layout(self.world // group, group * self.local_len, tuple(pieces), self.doc_real)
+        return self.cached(("merged", group), build)
+
+    def causal_work(self) -> list[int]:
+        """Exact causal (query, key) pairs per rank: a token at document position t sees t + 1 keys."""
+        return [sum(p.length * (2 * p.pos + p.length + 1) // 2 for p in ps) for ps in self.pieces]
+
+
+@dataclass(frozen=True, eq=False)
+class Partition(Layout):
+    """A :class:`Layout` in the caller's coordinates: how ``cp.shard`` places the ``seq_len``
+    tokens of a global tensor (documents ``doc_bounds``, from ``cu_seqlens``) on the ranks.
+
+    ``spans[r]``: ``(local, start, length)`` runs of global tokens in rank r's buffer (real tokens
+    and Megatron's per-document pads; internal padding slots are in no span). ``balance``: the
+    balancer that produced it. ``varlen``: documents were given (``cu_seqlens``): Lightning states
+    are then per document.
+    """
+
+    seq_len: int = 0
+    balance: str = ""
+    doc_bounds: tuple[int, ...] = ()
+    spans: tuple[tuple[tuple[int, int, int], ...], ...] = ()
+    varlen: bool = False
+
+    @property
+    def padding(self) -> int:
+        """Slots that hold no real token: internal padding plus the pads of padded documents."""
+        return self.world * self.local_len - self.real_len
+
+    @property
+    def internal_padding(self) -> int:
+        """Slots added by the partition (``P·L - seq_len``), at the end of the sequence."""
+        return self.world * self.local_len - self.seq_len
+
+    @cached_property
+    def pad_per_rank(self) -> tuple[int, ...]:
+        return tuple(self.local_len - sum(p.length for p in ps) for ps in self.pieces)
+
+    def token_index(self, rank: int) -> torch.Tensor:
+        """int64 ``[local_len]``: global position of each slot of ``rank`` (-1: internal padding)."""
+        _check_rank(rank, self.world)
+
+        def build() -> torch.Tensor:
+            idx = torch.full((self.local_len,), -1, dtype=torch.int64)
+            for lo, start, n in self.spans[rank]:
+                idx[lo:lo + n] = torch.arange(start, start + n)
+            return idx
+        return self.cached(("token_index", rank), build)
+
+    def valid(self, rank: int) -> torch.Tensor:
+        """bool ``[local_len]``: slots of ``rank`` that hold a real token (use it as a loss mask)."""
+        _check_rank(rank, self.world)
+
+        def build() -> torch.Tensor:
+            m = torch.zeros(self.local_len, dtype=torch.bool)
+            for p in self.pieces[rank]:
+                m[p.local:p.local + p.length] = True
+            return m
+        return self.cached(("valid", rank), build)
+
+    def local_cu_seqlens(self, rank: int) -> torch.Tensor:
+        """int32 ``[num_docs + 1]``: rank's slots per document, cumulated (Megatron's local THD
+        ``cu_seqlens``; zigzag only, where the buffer is document-major). Internal padding counts
+        with the last document."""
+        if self.balance != "zigzag":
+            raise ValueError("local cu_seqlens describe the per-document zigzag (THD) layout; "
+                             f"this partition is {self.balance!r}")
+        per = [0] * len(self.doc_bounds[:-1])
+        for _, start, n in self.spans[rank]:
+            per[_doc_of(self.doc_bounds, start)] += n
+        per[-1] += self.local_len - sum(per)
+        vals = [0]
+        for n in per:
+            vals.append(vals[-1] + n)
+        return seed_host_ints(torch.tensor(vals, dtype=torch.int32), vals)
+
+    def shard(self, x: torch.Tensor, rank: int, dim: int = 1) -> torch.Tensor:
+        """Rank's local buffer of the global ``x`` (``x.shape[dim] == seq_len``): ``[.., local_len, ..]``,
+        zeros in padding slots. Returns a new contiguous tensor; differentiable."""
+        dim = dim % x.dim()
+        if x.shape[dim] != self.seq_len:
+            raise ValueError(f"x.shape[{dim}] = {x.shape[dim]} must equal the partition's seq_len {self.seq_len}")
+        idx = self.token_index(rank)
+        if self.internal_padding == 0:
+            return x.index_select(dim, idx.to(x.device)).contiguous()
+        shape = list(x.shape)
+        shape[dim] = 1
+        padded = torch.cat([x, x.new_zeros(shape)], dim)  # row seq_len is the zero pad
+        return padded.index_select(dim, idx.where(idx >= 0, self.seq_len).to(x.device)).contiguous()
+
+    def unshard(self, x_local: torch.Tensor, group=None, dim: int = 1) -> torch.Tensor:
+        """Inverse of :meth:`shard`: all-gather every rank's buffer and restore the global order
+        (padding dropped). Differentiable: the gradient of ``x_local`` is this rank's shard of the
+        incoming gradient (no communication in backward)."""
+        if isinstance(group, tuple):
+            raise ValueError("unshard needs a process group (it all-gathers); got a (rank, world) tuple")
+        dim = dim % x_local.dim()
+        comm = Comm(group)
+        if comm.world != self.world:
+            raise ValueError(f"the partition is for {self.world} ranks, the group has {comm.world}")
+        if x_local.shape[dim] != self.local_len:
+            raise ValueError(f"x_local.shape[{dim}] = {x_local.shape[dim]} must equal the partition's local "
+                             f"length {self.local_len}")
+        return _Unshard.apply(x_local, comm, dim, self)
+
+    @cached_property
+    def gather_index(self) -> torch.Tensor:
+        """int64 ``[seq_len]``: rank-major slot of each global token (the unshard gather)."""
+        out = torch.empty(self.seq_len, dtype=torch.int64)
+        for r, spans in enumerate(self.spans):
+            for lo, start, n in spans:
+                out[start:start + n] = torch.arange(n) + r * self.local_len + lo
+        return out
+
+    @classmethod
+    def from_runs(cls, world: int, seq_len: int, local_len: int, runs: Sequence[Sequence[Run]],
+                  doc_bounds: Sequence[int], real_lens: Sequence[int], *, balance: str,
+                  varlen: bool) -> "Partition":
+        """Build a partition from a balancer's ``runs[r]``: ``(global start, length, document, position
+        in it)`` in rank r's local order, filling exactly ``local_len`` slots (documents laid out by
+        ``doc_bounds``, the last one extended by the internal padding; ``real_lens[d]`` of each
+        document's tokens are real, a prefix). A balancer that needs more than
+        :data:`BALANCERS`' arguments (e.g. a cost model) calls this and passes ``partition=``."""
+        real_start = [0]
+        for n in real_lens:
+            real_start.append(real_start[-1] + n)
+        pieces, spans = [], []
+        for r, rr in enumerate(runs):
+            if sum(n for _, n, _, _ in rr) != local_len:
+                raise ValueError(f"balancer {balance!r} gave rank {r} {sum(n for _, n, _, _ in rr)} slots, "
+                                 f"expected {local_len}")
+            ps, ss, local = [], [], 0
+            for start, n, d, pos in rr:
+                keep = min(n, real_lens[d] - pos)  # the real tokens are a prefix of each document
+                if keep > 0:
+                    ps.append(Piece(local, keep, d, pos, real_start[d] + pos))
+                user = min(n, seq_len - start)  # tokens of the caller's tensor (not internal padding)
+                if user > 0:
+                    ss.append((local, start, user))
+                local += n
+            pieces.append(tuple(ps))
+            spans.append(tuple(ss))
+        return cls(world, local_len, tuple(pieces), tuple(real_lens), seq_len=seq_len, balance=balance,
+                   doc_bounds=tuple(doc_bounds), spans=tuple(spans), varlen=varlen)
+
+    def describe(self) -> str:
+        """One line: documents, balance and the padding added."""
+        return (f"{self.seq_len} tokens in {len(self.doc_bounds) - 1} document(s) on {self.world} ranks "
+                f"({self.balance}): {self.local_len} slots per rank, {self.padding} padding slot(s) "
+                f"({self.internal_padding} added by the partition)")
+
+
+def _doc_of(bounds: Sequence[int], pos: int) -> int:
+    lo, hi = 0, len(bounds) - 2
+    while lo < hi:  # last document whose start <= pos
+        mid = (lo + hi + 1) // 2
+        if bounds[mid] <= pos:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class _Unshard(torch.autograd.Function):
+    """Forward: all-gather + global order. Backward: this rank's shard of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x_local: torch.Tensor, comm: Comm, dim: int, part: Partition) -> torch.Tensor:
+        ctx.rank, ctx.dim, ctx.part = comm.rank, dim, part
+        gathered = comm.all_gather(x_local.movedim(dim, 0))  # [world * local, ...]
+        idx = cached_index(("unshard", part), gathered.device, lambda: part.gather_index)
+        return gathered.index_select(0, idx).movedim(0, dim).contiguous()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return ctx.part.shard(g, ctx.rank, dim=ctx.dim), None, None, None
+
+
+# ---- balancers: (world, layout document lengths, slots per rank) -> per-rank runs ------------------
+Run = tuple[int, int, int, int]  # (global start in the layout, length, document, position in it)
+
+
+def _zigzag(world: int, lens: Sequence[int], local_len: int) -> list[list[Run]]:
+    p2 = 2 * world
+    runs: list[list[Run]] = [[] for _ in range(world)]
+    extra_rank, start = 0, 0  # round robin of the extra tokens over the ranks, across documents
+    for d, n in enumerate(lens):
+        base, rem = divmod(n, p2)
+        size = [base] * p2
+        got: set[int] = set()
+        for j in range(rem):
+            r = (extra_rank + j) % world
+            size[r if r not in got else p2 - 1 - r] += 1
+            got.add(r)
+        extra_rank = (extra_rank + rem) % world
+        cpos = [0]
+        for s in size:
+            cpos.append(cpos[-1] + s)
+        for r in range(world):
+            for cid in (r, p2 - 1 - r):
+                if size[cid]:
+                    runs[r].append((start + cpos[cid], size[cid], d, cpos[cid]))
+        start += n
+    return runs
+
+
+def _contiguous(world: int, lens: Sequence[int], local_len: int) -> list[list[Run]]:
+    runs: list[list[Run]] = [[] for _ in range(world)]
+    start = 0
+    for d, n in enumerate(lens):
+        pos = 0
+        while pos < n:
+            r = (start + pos) // local_len
+            take = min(n - pos, (r + 1) * local_len - (start + pos))
+            runs[r].append((start + pos, take, d, pos))
+            pos += take
+        start += n
+    return runs
+
+
+#: name -> balancer ``(world, layout lengths of the documents, slots per rank) -> runs per rank``
+#: (global start, length, document, position), in local order; every rank's runs must fill exactly
+#: ``local_len`` slots. A new balancer (e.g. cost-based) registers here and every strategy runs on it.
+BALANCERS: dict[str, Callable[[int, Sequence[int], int], list[list[Run]]]] = {
+    "zigzag": _zigzag, "contiguous": _contiguous,
+}
+BALANCES = tuple(BALANCERS)
+
+
+def _check_balance(balance: str) -> None:
+    if balance not in BALANCERS:
+        raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
+
+
+def _bounds(cu: Union[torch.Tensor, Sequence[int], None], name: str) -> Optional[tuple[int, ...]]:
+    if cu is None:
+        return None
+    c = host_ints(cu) if isinstance(cu, torch.Tensor) else tuple(int(x) for x in cu)
+    if len(c) < 2 or c[0] != 0 or any(b <= a for a, b in zip(c[:-1], c[1:])):
+        raise ValueError(f"{name} must be 1-D [0, ..., seq] and strictly increasing (no empty document), got {list(c)}")
+    return c
+
+
+_RESOLVED: dict = {}
+
+
+def resolve(world: int, seq_len: int, *, balance: str = "zigzag", local_len: Optional[int] = None,
+            cu_seqlens: Union[torch.Tensor, Sequence[int], None] = None,
+            cu_seqlens_unpadded: Union[torch.Tensor, Sequence[int], None] = None) -> Partition:
+    """The :class:`Partition` of ``seq_len`` global tokens over ``world`` ranks (cached: the same
+    arguments give the same object, with its plans). ``local_len`` defaults to ``ceil(seq_len /
+    world)``; ``cu_seqlens`` (host values are read once per tensor) are the documents,
+    ``cu_seqlens_unpadded`` their real boundaries when each document is padded at its end
+    (Megatron's ``cu_seqlens_q`` next to ``cu_seqlens_q_padded``)."""
+    _check_balance(balance)
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ValueError(f"world must be a positive int, got {world!r}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+    if local_len is None:
+        local_len = -(-seq_len // world)
+    if isinstance(local_len, bool) or not isinstance(local_len, int) or local_len * world < seq_len:
+        raise ValueError(f"{world} ranks x {local_len} local tokens cannot hold seq_len {seq_len}: the local length "
+                         f"must be at least ceil({seq_len} / {world}) = {-(-seq_len // world)}")
+    bounds = _bounds(cu_seqlens, "cu_seqlens")
+    real = _bounds(cu_seqlens_unpadded, "cu_seqlens_unpadded")
+    key = (world, seq_len, balance, local_len, bounds, real)
+    hit = _RESOLVED.get(key)
+    if hit is not None:
+        return hit
+    if bounds is not None and bounds[-1] != seq_len:
+        raise ValueError(f"cu_seqlens[-1] = {bounds[-1]} must equal the global sequence length {seq_len}")
+    if real is not None:
+        if bounds is None:
+            raise ValueError("cu_seqlens_unpadded (real document boundaries) needs cu_seqlens (the padded ones)")
+        if len(real) != len(bounds):
+            raise ValueError(f"cu_seqlens_unpadded must hold as many documents as cu_seqlens ({len(bounds) - 1}), "
+                             f"got {list(real)}")
+    docs = bounds if bounds is not None else (0, seq_len)
+    layout_lens = [b - a for a, b in zip(docs[:-1], docs[1:])]
+    real_lens = layout_lens if real is None else [b - a for a, b in zip(real[:-1], real[1:])]
+    bad = [i for i, (r_, n) in enumerate(zip(real_lens, layout_lens)) if r_ > n]
+    if bad:
+        raise ValueError(f"cu_seqlens_unpadded: document(s) {bad} have more real tokens than their padded length")
+    extended = list(layout_lens)
+    extended[-1] += world * local_len - seq_len  # internal padding: the last document's tail
+    part = Partition.from_runs(world, seq_len, local_len, BALANCERS[balance](world, extended, local_len),
+                               docs, real_lens, balance=balance, varlen=bounds is not None)
+    if len(_RESOLVED) > 128:
+        _RESOLVED.clear()
+    _RESOLVED[key] = part
+    return part
+
+
+def make_partition(seq_len: int, group: GroupLike = None, *, balance: str = "zigzag",
+              cu_seqlens: Union[torch.Tensor, Sequence[int], None] = None,
+              cu_seqlens_unpadded: Union[torch.Tensor, Sequence[int], None] = None,
+              local_len: Optional[int] = None) -> Partition:
+    """Resolve how ``seq_len`` global tokens (packed documents with ``cu_seqlens``) are placed on the
+    ranks of ``group`` (a process group, ``None`` = default, or ``(rank, world)``); host-only.
+
+    >>> part = cp.make_partition(10, (0, 4))           # 10 tokens on 4 ranks: 3 slots each, 2 padding
+    >>> part.padding, part.local_len
+    (2, 3)
+    >>> q_loc = part.shard(q, rank)               # [b, 3, h, d], zeros in the padding slots
+    >>> o = cp.attention(q_loc, k_loc, v_loc, kind="softmax", partition=part)
+    >>> o_full = part.unshard(o, group)           # [b, 10, h, dv]; part.valid(rank) masks a loss
+    """
+    _, world = resolve_group(group)
+    return resolve(world, seq_len, balance=balance, local_len=local_len, cu_seqlens=cu_seqlens,
+                   cu_seqlens_unpadded=cu_seqlens_unpadded)
+
+
+# ---- the classic entry points -------------------------------------------------------------------
 def num_chunks(world: int, balance: str = "zigzag") -> int:
-    """Equal chunks the sequence is cut into: ``2P`` for zigzag, ``P`` for contiguous."""
+    """Chunks a document is cut into: ``2P`` for zigzag, ``P`` for contiguous."""
     _check_balance(balance)
     return 2 * world if balance == "zigzag" else world
 
 
 def chunk_ids(rank: int, world: int, balance: str = "zigzag") -> tuple[int, ...]:
-    """Global chunk ids held by ``rank``, in the order they are stored locally."""
+    """Chunk ids (of :func:`num_chunks`) ``rank`` holds of every document, in local order."""
     _check_balance(balance)
     _check_rank(rank, world)
     return (rank, 2 * world - 1 - rank) if balance == "zigzag" else (rank,)
 
 
-def _chunk_len(seq_len: int, world: int, balance: str, what: str = "sequence length") -> int:
-    n = num_chunks(world, balance)
-    if seq_len % n:
-        fix = -(-seq_len // n) * n
-        raise ValueError(
-            f"{what} {seq_len} is not divisible by {n} ({'2*world' if balance == 'zigzag' else 'world'} "
-            f"with world={world}, balance={balance!r}); pad it to {fix}"
-            + (" or use balance='contiguous'" if balance == "zigzag" and seq_len % world == 0 else "")
-        )
-    return seq_len // n
-
-
 def token_index(rank: int, world: int, seq_len: int, balance: str = "zigzag") -> torch.Tensor:
-    """Global positions (int64) of the tokens ``rank`` holds, in local order."""
-    c = _chunk_len(seq_len, world, balance)
-    return torch.cat([torch.arange(i * c, (i + 1) * c) for i in chunk_ids(rank, world, balance)])
+    """Global positions (int64) of the slots ``rank`` holds, in local order (-1: padding)."""
+    return resolve(world, seq_len, balance=balance).token_index(rank)
 
 
-def shard(x: torch.Tensor, group: GroupLike, dim: int = 1, balance: str = "zigzag") -> torch.Tensor:
+def shard(x: torch.Tensor, group: GroupLike, dim: int = 1, balance: str = "zigzag", *,
+          cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """This rank's part of the full tensor ``x`` along ``dim`` (default the seq dim of
     ``[batch, seq, heads, dim]``). ``group`` is a process group (``None`` = default) or an explicit
-    ``(rank, world)`` tuple. Returns a contiguous copy.
+    ``(rank, world)`` tuple. Any length: ``ceil(N / P)`` slots per rank, padding slots (zeros) at the
+    sequence end (:func:`make_partition` reports them; pass ``seq_len=N`` to ``cp.attention``).
+    ``cu_seqlens``: packed documents (each split by ``balance``). Returns a contiguous copy.
     """
     rank, world = resolve_group(group)
-    _check_balance(balance)
     dim = dim % x.dim()
-    c = _chunk_len(x.shape[dim], world, balance, f"x.shape[{dim}]")
-    parts = [x.narrow(dim, i * c, c) for i in chunk_ids(rank, world, balance)]
-    return torch.cat(parts, dim=dim).contiguous()
+    return resolve(world, x.shape[dim], balance=balance, cu_seqlens=cu_seqlens).shard(x, rank, dim)
 
 
-def unshard(x_local: torch.Tensor, group=None, dim: int = 1, balance: str = "zigzag") -> torch.Tensor:
-    """Inverse of :func:`shard`: all-gather every rank's part and restore sequence order.
-
-    Differentiable: every rank gets the full tensor as its own copy, so the gradient of
-    ``x_local`` is this rank's :func:`shard` of the incoming gradient (no communication in
-    backward); a loss computed identically on every rank gives each rank its single-device grads.
-    """
+def unshard(x_local: torch.Tensor, group=None, dim: int = 1, balance: str = "zigzag", *,
+            seq_len: Optional[int] = None, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Inverse of :func:`shard`: all-gather every rank's part and restore sequence order (``seq_len``
+    tokens, default ``P`` times the local length; padding dropped). Differentiable: every rank gets
+    the full tensor as its own copy, so the gradient of ``x_local`` is this rank's :func:`shard` of the
+    incoming gradient (no communication in backward)."""
     if isinstance(group, tuple):
         raise ValueError("unshard needs a process group (it all-gathers); got a (rank, world) tuple")
     _check_balance(balance)
-    comm = Comm(group)
+    _, world = resolve_group(group)
     dim = dim % x_local.dim()
-    per_rank = len(chunk_ids(0, comm.world, balance))
-    if x_local.shape[dim] % per_rank:
-        raise ValueError(f"x_local.shape[{dim}] = {x_local.shape[dim]} must be divisible by {per_rank} "
-                         f"(chunks per rank for balance={balance!r})")
-    return _Unshard.apply(x_local, comm, dim, balance)
+    n = int(host_ints(cu_seqlens)[-1]) if cu_seqlens is not None else seq_len
+    n = world * x_local.shape[dim] if n is None else n
+    return resolve(world, n, balance=balance, local_len=x_local.shape[dim], cu_seqlens=cu_seqlens).unshard(
+        x_local, group, dim)
 
 
-class _Unshard(torch.autograd.Function):
-    """Forward: all-gather + sequence order. Backward: this rank's shard of the gradient."""
+# ---- varlen (THD) -------------------------------------------------------------------------------
+def varlen_token_index(cu_seqlens: torch.Tensor, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-document zigzag: global positions held by ``rank`` (-1: padding) and its local int32
+    ``cu_seqlens`` (documents of any length)."""
+    _check_rank(rank, world)
+    part = resolve(world, host_ints(cu_seqlens)[-1], cu_seqlens=cu_seqlens)
+    return part.token_index(rank), part.local_cu_seqlens(rank).to(cu_seqlens.device)
 
-    @staticmethod
-    def forward(ctx, x_local: torch.Tensor, comm: Comm, dim: int, balance: str) -> torch.Tensor:
-        ctx.rank_world, ctx.dim, ctx.balance = (comm.rank, comm.world), dim, balance
-        per_rank = len(chunk_ids(0, comm.world, balance))
-        c = x_local.shape[dim] // per_rank
-        gathered = comm.all_gather(x_local.movedim(dim, 0))  # [world * local, ...]
-        chunks: dict[int, torch.Tensor] = {}
-        for r in range(comm.world):
-            for j, cid in enumerate(chunk_ids(r, comm.world, balance)):
-                start = r * per_rank * c + j * c
-                chunks[cid] = gathered[start:start + c]
-        ordered = [chunks[i] for i in range(num_chunks(comm.world, balance))]
-        return torch.cat(ordered, 0).movedim(0, dim).contiguous()
 
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        return shard(g, ctx.rank_world, dim=ctx.dim, balance=ctx.balance), None, None, None
+def shard_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, group: GroupLike,
+                 dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's THD shard of packed ``x`` and its local ``cu_seqlens`` (per-document zigzag)."""
+    rank, world = resolve_group(group)
+    dim = dim % x.dim()
+    if host_ints(cu_seqlens)[-1] != x.shape[dim]:
+        raise ValueError(f"cu_seqlens[-1] = {host_ints(cu_seqlens)[-1]} must equal x.shape[{dim}] = {x.shape[dim]}")
+    part = resolve(world, x.shape[dim], cu_seqlens=cu_seqlens)
+    return part.shard(x, rank, dim), part.local_cu_seqlens(rank).to(cu_seqlens.device)
+
+
+def unshard_varlen(x_local: torch.Tensor, cu_seqlens: torch.Tensor, group=None, dim: int = 1) -> torch.Tensor:
+    """Inverse of :func:`shard_varlen` (``cu_seqlens`` is the *global* one); differentiable."""
+    return unshard(x_local, group, dim, cu_seqlens=cu_seqlens)
+
+
+@dataclass(frozen=True)
+class VarlenPadding:
+    """Result of :func:`pad_varlen`: the padded tensor, its ``cu_seqlens``, the padding added to
+    each document (at its end), and the original ``cu_seqlens`` to undo it with :func:`unpad_varlen`.
+    """
+
+    x: torch.Tensor
+    cu_seqlens: torch.Tensor
+    pad_per_doc: tuple[int, ...]
+    original_cu_seqlens: torch.Tensor
+
+    @property
+    def total_pad(self) -> int:
+        return sum(self.pad_per_doc)
+
+
+def _doc_lens(cu_seqlens: torch.Tensor) -> list[int]:
+    c = _bounds(cu_seqlens, "cu_seqlens")
+    return [b - a for a, b in zip(c[:-1], c[1:])]
+
+
+def pad_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, multiple: int, dim: int = 1,
+               value: float = 0.0) -> VarlenPadding:
+    """Pad every packed document at its end to a multiple of ``multiple`` (Megatron's padded THD).
+
+    Not needed by ``cp`` (documents of any length are split as they are); for data that must
+    follow Megatron's convention. Pass the padded ``cu_seqlens`` and ``original_cu_seqlens`` as
+    ``cu_seqlens_unpadded=`` to ``cp.attention``: pads are then no real tokens (outputs 0, Lightning
+    final states at each document's last real token).
+    """
+    if not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"multiple must be a positive int, got {multiple!r}")
+    dim = dim % x.dim()
+    lens = _doc_lens(cu_seqlens)
+    if sum(lens) != x.shape[dim]:
+        raise ValueError(f"cu_seqlens[-1] = {sum(lens)} must equal x.shape[{dim}] = {x.shape[dim]}")
+    pads = tuple((-n) % multiple for n in lens)
+    pieces, start = [], 0
+    for n, p in zip(lens, pads):
+        pieces.append(x.narrow(dim, start, n))
+        if p:
+            shape = list(x.shape)
+            shape[dim] = p
+            pieces.append(x.new_full(shape, value))
+        start += n
+    new = [0]
+    for n, p in zip(lens, pads):
+        new.append(new[-1] + n + p)
+    cu = torch.tensor(new, dtype=torch.int32, device=cu_seqlens.device)
+    return VarlenPadding(torch.cat(pieces, dim), cu, pads, cu_seqlens)
+
+
+def unpad_varlen(x_padded: torch.Tensor, padding: VarlenPadding, dim: int = 1) -> torch.Tensor:
+    """Drop the padding :func:`pad_varlen` added (works on outputs and gradients alike)."""
+    dim = dim % x_padded.dim()
+    lens = _doc_lens(padding.original_cu_seqlens)
+    starts = host_ints(padding.cu_seqlens)
+    return torch.cat([x_padded.narrow(dim, s, n) for s, n in zip(starts, lens)], dim)
 
 
 # ---- index tensors, built once per shape and kept on the device ---------------------------------
@@ -160,157 +646,12 @@ def cached_index(key: tuple, device: torch.device, build) -> Any:
     return hit
 
 
-# ---- varlen (THD) -------------------------------------------------------------------------------
-def _doc_lens(cu_seqlens: torch.Tensor) -> list[int]:
-    # host values read once per tensor (cached on it): no sync per layer
-    c = host_ints(cu_seqlens) if cu_seqlens.dim() == 1 else ()
-    if len(c) < 2 or c[0] != 0 or any(b <= a for a, b in zip(c[:-1], c[1:])):
-        raise ValueError(f"cu_seqlens must be a 1-D [0, ..., seq] strictly increasing, got {cu_seqlens.tolist()}")
-    return [b - a for a, b in zip(c[:-1], c[1:])]
-
-
-def check_varlen(cu_seqlens: torch.Tensor, world: int) -> None:
-    """ValueError unless every document length is divisible by ``2 * world`` (per-document zigzag)."""
-    bad = [(i, n) for i, n in enumerate(_doc_lens(cu_seqlens)) if n % (2 * world)]
-    if bad:
-        raise ValueError(
-            f"varlen zigzag needs every document length divisible by 2*world = {2 * world}; documents "
-            f"(index, length) {bad[:8]} are not; call seqpar.cp.pad_varlen(x, cu_seqlens, {2 * world}) first"
-        )
-
-
-def varlen_token_index(cu_seqlens: torch.Tensor, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-document zigzag: global positions held by ``rank`` and its local int32 ``cu_seqlens``.
-
-    Every document length must be divisible by ``2 * world`` (see :func:`pad_varlen`).
-    """
-    _check_rank(rank, world)
-    check_varlen(cu_seqlens, world)
-    lens = _doc_lens(cu_seqlens)
-    idx, local, start = [], [0], 0
-    for n in lens:
-        c = n // (2 * world)
-        for cid in (rank, 2 * world - 1 - rank):
-            idx.append(torch.arange(start + cid * c, start + (cid + 1) * c))
-        local.append(local[-1] + 2 * c)
-        start += n
-    return torch.cat(idx), seed_host_ints(torch.tensor(local, dtype=torch.int32, device=cu_seqlens.device), local)
-
-
-def shard_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, group: GroupLike,
-                 dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's THD shard of packed ``x`` and its local ``cu_seqlens`` (per-document zigzag)."""
-    rank, world = resolve_group(group)
-    dim = dim % x.dim()
-    if int(cu_seqlens[-1]) != x.shape[dim]:
-        raise ValueError(f"cu_seqlens[-1] = {int(cu_seqlens[-1])} must equal x.shape[{dim}] = {x.shape[dim]}")
-    idx, local_cu = varlen_token_index(cu_seqlens, rank, world)
-    return x.index_select(dim, idx.to(x.device)).contiguous(), local_cu
-
-
-def unshard_varlen(x_local: torch.Tensor, cu_seqlens: torch.Tensor, group=None, dim: int = 1) -> torch.Tensor:
-    """Inverse of :func:`shard_varlen` (``cu_seqlens`` is the *global* one). Differentiable like
-    :func:`unshard`: the gradient is this rank's :func:`shard_varlen` of the incoming gradient."""
-    if isinstance(group, tuple):
-        raise ValueError("unshard_varlen needs a process group (it all-gathers); got a (rank, world) tuple")
-    return _UnshardVarlen.apply(x_local, cu_seqlens, Comm(group), dim % x_local.dim())
-
-
-class _UnshardVarlen(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_local: torch.Tensor, cu_seqlens: torch.Tensor, comm: Comm, dim: int) -> torch.Tensor:
-        ctx.rank_world, ctx.dim, ctx.cu = (comm.rank, comm.world), dim, cu_seqlens
-        gathered = comm.all_gather(x_local.movedim(dim, 0))
-        idx = torch.cat([varlen_token_index(cu_seqlens, r, comm.world)[0] for r in range(comm.world)])
-        out = torch.empty_like(gathered)
-        out[idx.to(out.device)] = gathered
-        return out.movedim(0, dim).contiguous()
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        return shard_varlen(g, ctx.cu, ctx.rank_world, dim=ctx.dim)[0], None, None, None
-
-
-@dataclass(frozen=True)
-class VarlenPadding:
-    """Result of :func:`pad_varlen`: the padded tensor, its ``cu_seqlens``, the padding added to
-    each document (at its end), and the original ``cu_seqlens`` to undo it with :func:`unpad_varlen`.
-    """
-
-    x: torch.Tensor
-    cu_seqlens: torch.Tensor
-    pad_per_doc: tuple[int, ...]
-    original_cu_seqlens: torch.Tensor
-
-    @property
-    def total_pad(self) -> int:
-        return sum(self.pad_per_doc)
-
-
-def pad_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, multiple: int, dim: int = 1,
-               value: float = 0.0) -> VarlenPadding:
-    """Pad every packed document at its end to a multiple of ``multiple`` (``2 * world`` for zigzag).
-
-    Padding sits after each document's real tokens, so under causal attention no real token sees a
-    pad; drop pad outputs with :func:`unpad_varlen`. Returns how much was added per document.
-    Lightning keeps decaying its state through pads: pass ``original_cu_seqlens`` as
-    ``cu_seqlens_unpadded=`` (``cp.attention`` / ``lightning_attention``) to get each document's
-    final state at its last real token.
-    """
-    if not isinstance(multiple, int) or multiple < 1:
-        raise ValueError(f"multiple must be a positive int, got {multiple!r}")
-    dim = dim % x.dim()
-    lens = _doc_lens(cu_seqlens)
-    if sum(lens) != x.shape[dim]:
-        raise ValueError(f"cu_seqlens[-1] = {sum(lens)} must equal x.shape[{dim}] = {x.shape[dim]}")
-    pads = tuple((-n) % multiple for n in lens)
-    pieces, start = [], 0
-    for n, p in zip(lens, pads):
-        pieces.append(x.narrow(dim, start, n))
-        if p:
-            shape = list(x.shape)
-            shape[dim] = p
-            pieces.append(x.new_full(shape, value))
-        start += n
-    new_lens = [n + p for n, p in zip(lens, pads)]
-    cu = torch.tensor([0] + torch.tensor(new_lens).cumsum(0).tolist(), dtype=torch.int32, device=cu_seqlens.device)
-    return VarlenPadding(torch.cat(pieces, dim), cu, pads, cu_seqlens)
-
-
-def unpad_varlen(x_padded: torch.Tensor, padding: VarlenPadding, dim: int = 1) -> torch.Tensor:
-    """Drop the padding :func:`pad_varlen` added (works on outputs and gradients alike)."""
-    dim = dim % x_padded.dim()
-    lens = _doc_lens(padding.original_cu_seqlens)
-    starts = padding.cu_seqlens.detach().to("cpu", torch.int64).tolist()
-    return torch.cat([x_padded.narrow(dim, s, n) for s, n in zip(starts, lens)], dim)
-
-
 # ---- load balance -------------------------------------------------------------------------------
 def causal_work(world: int, seq_len: int, balance: str = "zigzag",
                 cu_seqlens: Union[torch.Tensor, Sequence[int], None] = None) -> list[int]:
-    """Exact causal (query, key) pair count per rank: token at document position t sees t + 1 keys.
-
-    With ``cu_seqlens`` the documents are split per-document zigzag (THD) or, for contiguous, the
-    packed sequence is cut in ``P`` equal chunks and pairs never cross documents.
-    """
-    _check_balance(balance)
-    if cu_seqlens is None:
-        doc_pos = torch.arange(seq_len, dtype=torch.int64)
-        bounds = [0, seq_len]
-    else:
-        bounds = [int(b) for b in (cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens)]
-        if bounds[-1] != seq_len:
-            raise ValueError(f"cu_seqlens[-1] = {bounds[-1]} must equal seq_len = {seq_len}")
-        doc_pos = torch.cat([torch.arange(e - s, dtype=torch.int64) for s, e in zip(bounds[:-1], bounds[1:])])
-    work = doc_pos + 1
-    out = []
-    for r in range(world):
-        if cu_seqlens is not None and balance == "zigzag":
-            idx = varlen_token_index(torch.tensor(bounds, dtype=torch.int32), r, world)[0]
-        else:
-            idx = token_index(r, world, seq_len, balance)
-        out.append(int(work[idx].sum()))
-    return out
+    """Exact causal (query, key) pair count per rank: token at document position t sees t + 1 keys
+    (pairs never cross documents; padding does no work)."""
+    return resolve(world, seq_len, balance=balance, cu_seqlens=cu_seqlens).causal_work()
 
 
 def imbalance(world: int, seq_len: int, balance: str = "zigzag",

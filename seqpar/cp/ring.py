@@ -1,89 +1,194 @@
-"""Ring attention (softmax, s2, moh): K/V rotate around the group; partial results merge in fp32.
+"""Ring attention (softmax, s2, moh): K/V travel between ranks; partial results merge in fp32.
 
-Forward: ``P`` steps; at step i this rank holds the K/V shard of rank ``rank - i``; the transfer for
-step i+1 is posted before step i's compute. Each (local q chunk, held kv chunk) pair runs the local
-op with absolute offsets and is folded into a running fp32 ``(out, lse)`` (:func:`merge_two`).
-Under causal masking a pair whose kv chunk lies wholly after the q chunk is skipped (zigzag:
-exactly the fully masked half-blocks).
+Forward: ``P`` steps; at step i rank r computes with the K/V pieces of rank ``src = r - i`` that its
+queries read, received directly from ``src`` (and sends its own pieces to ``r + i``); the transfer
+for step i+1 is posted before step i's compute. What moves is decided by a per-step plan built once
+per partition on the host (:func:`plan`): a key piece is sent to a rank only when one of that rank's
+query pieces of the *same document* reads it (causal: it starts before the query piece ends), so
+key blocks of other documents are neither computed nor sent, and a hop that holds nothing the
+receiver needs posts no transfer at all. Each (query piece, key piece) pair runs the local op with
+the positions inside their document (S2's layout restarts at every document) and is folded into
+the running fp32 ``(out, lse)`` (:func:`merge_two`).
 
-Backward (flash-attn's ring backward): K/V rotate again; for each pair the local kernel's backward
-runs with the *merged* ``(out, lse)`` of the query rows (``p = exp(s - lse)``, ``delta = rowsum(dO ·
-out)`` give exactly this block's share of the gradient), so no block forward is recomputed and no
-autograd graph is built. dQ accumulates locally; an fp32 dK/dV buffer travels with its K/V block:
-each step adds this rank's share to the buffer that just arrived and posts it on before the next
-block is computed (the hop overlaps that compute); one extra hop returns it to its owner.
-Bytes: forward ``(P-1)`` passes of the local K/V; backward ``(P-1)`` K/V passes plus ``P`` fp32
-dK/dV passes.
+Backward (flash-attn's ring backward): the K/V pieces move again; for each pair the local kernel's
+backward runs with the *merged* ``(out, lse)`` of the query rows (``p = exp(s - lse)``, ``delta =
+rowsum(dO · out)`` give exactly this block's share of the gradient), so no block forward is
+recomputed and no autograd graph is built. dQ accumulates locally; the fp32 dK/dV of the pieces
+received at step i goes straight back to their owner, posted right after the step's compute and
+waited for after the next step's (the return overlaps that compute).
+
+Bytes (per rank, from the plan): forward, the pieces received; backward, the same pieces again
+plus the fp32 dK/dV of this rank's pieces that others read. Without documents under zigzag, rank
+r receives every chunk of the ranks after it and the early chunk of the ranks before it.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-from seqpar.cp.comm import Comm
+from seqpar.cp.comm import Comm, Pending
 from seqpar.cp.local import LocalOp
 from seqpar.cp.merge import merge_two
-from seqpar.cp.partition import chunk_ids
+from seqpar.cp.partition import Layout, cached_index
 
 
-Chunks = Callable[[int], Sequence[int]]
+@dataclass(frozen=True)
+class Pair:
+    """A query piece of this rank meets a key piece: local query rows, and the key rows in the
+    step's buffer (this rank's own buffer at step 0, the received pieces after)."""
+
+    q_local: int
+    q_len: int
+    q_pos: int
+    kv_off: int
+    kv_len: int
+    kv_pos: int
 
 
-def _pairs(comm: Comm, src: int, chunks: Chunks, causal: bool):
-    """(local q chunk j, q chunk id, held kv chunk jj, kv chunk id) pairs that are not fully masked."""
-    for j, qc in enumerate(chunks(comm.rank)):
-        for jj, kc in enumerate(chunks(src)):
-            if not causal or kc <= qc:
-                yield j, qc, jj, kc
+@dataclass(frozen=True)
+class Step:
+    src: int
+    dst: int
+    recv_rows: int                      # rows received from ``src`` (0: no receive posted)
+    send_slots: Optional[tuple[int, ...]]  # local slots sent to ``dst`` (None: the whole buffer)
+    send_rows: int                      # 0: no send posted
+    pairs: tuple[Pair, ...]
 
 
-def ring_forward(q, k, v, gates, comm: Comm, chunks: Chunks, op: LocalOp, causal: bool):
-    n_loc = len(chunks(comm.rank))
-    c, d = q.shape[1] // n_loc, k.shape[-1]
-    outs: list[Optional[torch.Tensor]] = [None] * n_loc
-    lses: list[Optional[torch.Tensor]] = [None] * n_loc
-    kv, src = torch.cat([k, v], dim=-1), comm.rank
-    for step in range(comm.world):
-        pending = comm.ring_pass([kv]) if step < comm.world - 1 else None
-        for j, qc, jj, kc in _pairs(comm, src, chunks, causal):
-            blk = kv[:, jj * c:(jj + 1) * c]
-            o_b, l_b = op(q[:, j * c:(j + 1) * c], blk[..., :d], blk[..., d:], qc * c, kc * c,
-                          None if gates is None else gates[:, j * c:(j + 1) * c])
-            outs[j], lses[j] = merge_two(outs[j], lses[j], o_b, l_b)
-        if pending is not None:
-            kv, src = pending.wait()[0], (src - 1) % comm.world
-    return torch.cat(outs, dim=1), torch.cat(lses, dim=2)  # type: ignore[arg-type]
+def needed(lay: Layout, receiver: int, src: int, causal: bool) -> tuple[int, ...]:
+    """Indices of ``src``'s pieces that ``receiver``'s queries read (same document; causal: the key
+    piece starts before the receiver's last query of that document)."""
+    def build() -> tuple[int, ...]:
+        last: dict[int, int] = {}
+        for p in lay.pieces[receiver]:
+            last[p.doc] = max(last.get(p.doc, 0), p.end)
+        return tuple(i for i, kp in enumerate(lay.pieces[src])
+                     if kp.doc in last and (not causal or kp.pos < last[kp.doc]))
+    return lay.cached(("ring_needed", receiver, src, causal), build)
 
 
-def ring_backward(dout, q, k, v, gates, out, lse, comm: Comm, chunks: Chunks, op: LocalOp, causal: bool):
-    n_loc = len(chunks(comm.rank))
-    c, d = q.shape[1] // n_loc, k.shape[-1]
+def plan(lay: Layout, rank: int, causal: bool) -> tuple[Step, ...]:
+    """The ``world`` steps of ``rank`` (cached on the layout: built once per partition)."""
+    def build() -> tuple[Step, ...]:
+        steps = []
+        for i in range(lay.world):
+            src, dst = (rank - i) % lay.world, (rank + i) % lay.world
+            mine = lay.pieces[src]
+            if i == 0:
+                offs = {j: kp.local for j, kp in enumerate(mine)}
+                recv_rows, send_slots, send_rows = 0, None, 0
+            else:
+                offs, pos = {}, 0
+                for j in needed(lay, rank, src, causal):
+                    offs[j] = pos
+                    pos += mine[j].length
+                recv_rows = pos
+                out = [s for j in needed(lay, dst, rank, causal) for s in
+                       range(lay.pieces[rank][j].local, lay.pieces[rank][j].local + lay.pieces[rank][j].length)]
+                send_rows = len(out)
+                send_slots = None if out == list(range(lay.local_len)) else tuple(out)
+            by_doc: dict[int, list[int]] = {}  # the held key pieces of each document
+            for j in offs:
+                by_doc.setdefault(mine[j].doc, []).append(j)
+            pairs = []
+            for qp in lay.pieces[rank]:
+                for j in by_doc.get(qp.doc, ()):
+                    kp = mine[j]
+                    if not causal or kp.pos < qp.end:
+                        pairs.append(Pair(qp.local, qp.length, qp.pos, offs[j], kp.length, kp.pos))
+            steps.append(Step(src, dst, recv_rows, send_slots, send_rows, tuple(pairs)))
+        return tuple(steps)
+    return lay.cached(("ring_plan", rank, causal), build)
+
+
+def step_bytes(lay: Layout, rank: int, causal: bool) -> tuple[list[int], list[int]]:
+    """Rows ``rank`` receives per step (K/V pieces) and rows returned to it per step (its dK/dV)."""
+    steps = plan(lay, rank, causal)
+    return [s.recv_rows for s in steps[1:]], [s.send_rows for s in steps[1:]]
+
+
+def _send_index(lay: Layout, rank: int, i: int, causal: bool, device: torch.device) -> Optional[torch.Tensor]:
+    slots = plan(lay, rank, causal)[i].send_slots
+    if slots is None:
+        return None
+    return cached_index(("ring_send", lay, rank, i, causal), device, lambda: torch.tensor(slots, dtype=torch.int64))
+
+
+def _post_kv(kv: torch.Tensor, comm: Comm, lay: Layout, i: int, causal: bool) -> Pending:
+    st = plan(lay, comm.rank, causal)[i]
+    send = None
+    if st.send_rows:
+        idx = _send_index(lay, comm.rank, i, causal, kv.device)
+        send = kv if idx is None else kv.index_select(1, idx)
+    shape = (kv.shape[0], st.recv_rows, *kv.shape[2:]) if st.recv_rows else None
+    return comm.exchange(send, st.dst, shape, st.src, dtype=kv.dtype, device=kv.device)
+
+
+def ring_forward(q, k, v, gates, comm: Comm, lay: Layout, op: LocalOp, causal: bool):
+    steps = plan(lay, comm.rank, causal)
+    b, n, h, _ = q.shape
+    d = k.shape[-1]
+    out = torch.zeros((b, n, h, v.shape[-1]), dtype=torch.float32, device=q.device)
+    lse = torch.full((b, h, n), float("-inf"), dtype=torch.float32, device=q.device)
+    kv = torch.cat([k, v], dim=-1)
+    pending: dict[int, Pending] = {}  # step -> its K/V transfer, posted one step ahead
+    for i, st in enumerate(steps):
+        buf = kv if i == 0 else pending.pop(i).wait()
+        if i + 1 < comm.world:
+            pending[i + 1] = _post_kv(kv, comm, lay, i + 1, causal)
+        for pr in st.pairs:
+            qs, ks = slice(pr.q_local, pr.q_local + pr.q_len), slice(pr.kv_off, pr.kv_off + pr.kv_len)
+            o_b, l_b = op(q[:, qs], buf[:, ks, :, :d], buf[:, ks, :, d:], pr.q_pos, pr.kv_pos,
+                          None if gates is None else gates[:, qs])
+            out[:, qs], lse[:, :, qs] = merge_two(out[:, qs], lse[:, :, qs], o_b, l_b)
+    return out, lse
+
+
+def ring_backward(dout, q, k, v, gates, out, lse, comm: Comm, lay: Layout, op: LocalOp, causal: bool):
+    steps = plan(lay, comm.rank, causal)
+    d = k.shape[-1]
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    kv, src = torch.cat([k, v], dim=-1), comm.rank
+    kv = torch.cat([k, v], dim=-1)
+    dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
     dout = dout.to(q.dtype)
-    hop = None  # in flight: the fp32 dK/dV buffer of the block held at the previous step
-    for step in range(comm.world):
-        pending = comm.ring_pass([kv]) if step < comm.world - 1 else None
-        # this block's dK/dV share, from the kernel's backward with the merged (out, lse): no recompute
-        block = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
-        for j, qc, jj, kc in _pairs(comm, src, chunks, causal):
-            qs, ks = slice(j * c, (j + 1) * c), slice(jj * c, (jj + 1) * c)
-            gq, gk, gv = op.backward(q[:, qs], kv[:, ks, :, :d], kv[:, ks, :, d:], out[:, qs], lse[:, :, qs],
-                                     dout[:, qs], qc * c, kc * c, None if gates is None else gates[:, qs])
+    pending: dict[int, Pending] = {}  # step -> its K/V transfer, posted one step ahead
+    ret: Optional[tuple[int, Pending]] = None  # the dK/dV return of the previous step, in flight
+
+    def land(i: int, p: Pending) -> None:  # the dK/dV of this rank's pieces that rank + i used
+        got = p.wait()
+        if got is not None:
+            idx = _send_index(lay, comm.rank, i, causal, kv.device)
+            if idx is None:
+                dkv.add_(got)
+            else:
+                dkv.index_add_(1, idx, got)
+
+    for i, st in enumerate(steps):
+        buf = kv if i == 0 else pending.pop(i).wait()
+        if i + 1 < comm.world:
+            pending[i + 1] = _post_kv(kv, comm, lay, i + 1, causal)
+        # this step's dK/dV share, from the kernel's backward with the merged (out, lse): no recompute
+        grad = dkv if i == 0 else (torch.zeros((kv.shape[0], st.recv_rows, *kv.shape[2:]), dtype=torch.float32,
+                                               device=kv.device) if st.recv_rows else None)
+        for pr in st.pairs:
+            qs, ks = slice(pr.q_local, pr.q_local + pr.q_len), slice(pr.kv_off, pr.kv_off + pr.kv_len)
+            gq, gk, gv = op.backward(q[:, qs], buf[:, ks, :, :d], buf[:, ks, :, d:], out[:, qs], lse[:, :, qs],
+                                     dout[:, qs], pr.q_pos, pr.kv_pos, None if gates is None else gates[:, qs])
             dq[:, qs] += gq.float()
-            block[:, ks, :, :d] += gk.float()
-            block[:, ks, :, d:] += gv.float()
-        # the buffer that travels with this block arrives now (posted one step ago, overlapping the
-        # compute above); add this rank's share and post it on at once: the next block's compute
-        # overlaps the hop; after the last step the hop returns each buffer to its owner
-        if hop is not None:
-            block += hop.wait()[0]
-        hop = comm.ring_pass([block]) if comm.world > 1 else None
-        if pending is not None:
-            kv, src = pending.wait()[0], (src - 1) % comm.world
-    dkv = block if hop is None else hop.wait()[0]
+            grad[:, ks, :, :d] += gk.float()
+            grad[:, ks, :, d:] += gv.float()
+        # the previous step's return has had this step's compute to arrive; post this one at once
+        if ret is not None:
+            land(*ret)
+            ret = None
+        if i > 0 and (st.recv_rows or st.send_rows):
+            shape = (kv.shape[0], st.send_rows, *kv.shape[2:]) if st.send_rows else None
+            ret = (i, comm.exchange(grad, st.src, shape, st.dst, dtype=torch.float32, device=kv.device))
+    if ret is not None:
+        land(*ret)
     dk, dv = dkv[..., :d], dkv[..., d:]
     dg = None
     if gates is not None:  # MoH: dgates = rowsum(dout * out) / gates from the merged output, once
@@ -96,30 +201,21 @@ def ring_backward(dout, q, k, v, gates, out, lse, comm: Comm, chunks: Chunks, op
 
 class RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, gates, comm, chunks, op, causal):
-        out, lse = ring_forward(q, k, v, gates, comm, chunks, op, causal)
+    def forward(ctx, q, k, v, gates, comm, lay, op, causal):
+        out, lse = ring_forward(q, k, v, gates, comm, lay, op, causal)
         ctx.save_for_backward(q, k, v, gates, out, lse)
-        ctx.comm, ctx.chunks, ctx.op, ctx.causal = comm, chunks, op, causal
+        ctx.comm, ctx.lay, ctx.op, ctx.causal = comm, lay, op, causal
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, gates, out, lse = ctx.saved_tensors
-        dq, dk, dv, dg = ring_backward(dout, q, k, v, gates, out, lse, ctx.comm, ctx.chunks, ctx.op, ctx.causal)
+        dq, dk, dv, dg = ring_backward(dout, q, k, v, gates, out, lse, ctx.comm, ctx.lay, ctx.op, ctx.causal)
         return dq, dk, dv, dg, None, None, None, None
 
 
-def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: Comm, *, balance: str, op: LocalOp,
-                   causal: bool = True, gates: Optional[torch.Tensor] = None,
-                   chunks: Optional[Chunks] = None) -> torch.Tensor:
-    """Local shards ``q [b, s_loc, H, d]``, ``k/v [b, s_loc, H_kv, d]`` (gates ``[b, s_loc, H]``) -> local output.
-
-    ``chunks(ring_rank)`` lists the global chunk ids a ring member holds, in local order (default:
-    the partition of ``balance``; USP passes the union over its Ulysses group).
-    """
-    if chunks is None:
-        world = comm.world
-
-        def chunks(r: int) -> Sequence[int]:
-            return chunk_ids(r, world, balance)
-    return RingAttention.apply(q, k, v, gates, comm, chunks, op, causal)
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: Comm, *, layout: Layout, op: LocalOp,
+                   causal: bool = True, gates: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Local buffers ``q [b, L, H, d]``, ``k/v [b, L, H_kv, d]`` (gates ``[b, L, H]``) -> local output
+    (0 in padding slots). ``layout``: the partition (USP passes the one its Ulysses groups merge to)."""
+    return RingAttention.apply(q, k, v, gates, comm, layout, op, causal)

@@ -3,10 +3,12 @@
 Forward: one all-to-all each for q, k, v (and MoH gates), the local op on the *full* sequence with
 ``H / P`` heads (global head indices ``rank·H/P ...``: Lightning slopes and MoH gates follow the
 heads), one all-to-all of the output back. Backward is the adjoint (the same all-to-alls in
-reverse). Varlen: with the global ``cu_seqlens`` (THD shards) the full packed sequence is restored
-in order and the local op runs with ``cu_seqlens``. GQA: when ``P > H_kv`` the kv heads are
-replicated ``P / H_kv`` times before the exchange so every rank holds the kv head its query heads
-read (gradients of replicas are summed). S2 patterns follow the *global* kv head index
+reverse). The gathered slots are put in the real order (documents in order, padding dropped) and
+the local op runs with the documents' ``cu_seqlens``, so every kernel's varlen path applies (S2's
+layout restarts per document, Lightning's state per document, MoH's gates travel with their
+tokens); padding slots get output 0. GQA: when ``P > H_kv`` the kv heads are replicated
+``P / H_kv`` times before the exchange so every rank holds the kv head its query heads read
+(gradients of replicas are summed). S2 patterns follow the *global* kv head index
 (:func:`kv_head_offset`), so a rank's heads compute exactly their blocks of the full layout.
 """
 
@@ -16,8 +18,10 @@ from typing import Any, Optional
 
 import torch
 
-from seqpar.cp.allgather import sequence_orders
+from seqpar.cp.allgather import from_real_order, real_order
 from seqpar.cp.comm import Comm, all_gather_autograd, heads_to_seq, seq_to_heads
+from seqpar.cp.partition import Layout, cached_index
+from seqpar.kernels._common import seed_host_ints
 
 
 def kv_head_offset(member: int, degree: int, num_kv_heads: int) -> int:
@@ -27,28 +31,25 @@ def kv_head_offset(member: int, degree: int, num_kv_heads: int) -> int:
     return member * (hk // degree) // (hk // num_kv_heads)
 
 
-def _to_heads(x: torch.Tensor, comm: Comm, to_seq: Optional[torch.Tensor]) -> torch.Tensor:
-    y = seq_to_heads(x, comm)
-    return y if to_seq is None else y.index_select(1, to_seq)
-
-
-def _to_seq(y: torch.Tensor, comm: Comm, to_rank: Optional[torch.Tensor]) -> torch.Tensor:
-    return heads_to_seq(y if to_rank is None else y.index_select(1, to_rank), comm)
+def doc_cu_seqlens(lay: Layout, device: torch.device) -> Optional[torch.Tensor]:
+    """int32 ``cu_seqlens`` of the documents in the real order (None for a single document)."""
+    if lay.num_docs == 1:
+        return None
+    cu = cached_index(("doc_cu", lay), device, lambda: torch.tensor(lay.doc_start, dtype=torch.int32))
+    return seed_host_ints(cu, lay.doc_start)
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: Comm, *, kind: str,
-                      balance: str, kw: dict[str, Any]):
-    """Local shards in, local shard out. Returns ``o`` (lightning: ``(o, final_state | None)``)."""
+                      layout: Layout, kw: dict[str, Any]):
+    """Local buffers in, local buffer out. Returns ``o`` (lightning: ``(o, final_state | None)``)."""
     from seqpar import kernels
 
     p, h, hkv = comm.world, q.shape[2], k.shape[2]
+    lay = layout
     if hkv < p:  # replicate kv heads so that each rank owns one whole kv head
         k, v = k.repeat_interleave(p // hkv, dim=2), v.repeat_interleave(p // hkv, dim=2)
-    n = q.shape[1] * p
-    cu = kw.get("cu_seqlens")  # global; shards are THD per-document zigzag
-    reorder = balance == "zigzag" or cu is not None
-    to_seq, to_rank = sequence_orders(comm, n, balance, cu, q.device) if reorder else (None, None)
-    qh, kh, vh = (_to_heads(t, comm, to_seq) for t in (q, k, v))
+    qh, kh, vh = (real_order(seq_to_heads(t, comm), lay) for t in (q, k, v))
+    cu = doc_cu_seqlens(lay, q.device)
     heads = slice(comm.rank * (h // p), (comm.rank + 1) * (h // p))
     backend = kw.get("backend", "auto")
     if kind == "softmax":
@@ -57,22 +58,21 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: C
     elif kind == "s2":
         off = int(kw.get("kv_head_offset", 0))  # tensor parallelism: local kv heads start at global `off`
         o = kernels.s2_attention(qh, kh, vh, kw["layout"], sm_scale=kw.get("sm_scale"), backend=backend,
-                                 kv_head_offset=off + kv_head_offset(comm.rank, p, hkv),
+                                 cu_seqlens=cu, kv_head_offset=off + kv_head_offset(comm.rank, p, hkv),
                                  total_kv_heads=kw.get("total_kv_heads") or off + hkv)
     elif kind == "moh":
-        g = _to_heads(kw["gates"].unsqueeze(-1), comm, to_seq).squeeze(-1)
+        g = real_order(seq_to_heads(kw["gates"].unsqueeze(-1), comm), lay).squeeze(-1)
         o = kernels.moh_attention(qh, kh, vh, g, causal=kw.get("causal", True), sm_scale=kw.get("sm_scale"),
-                                  backend=backend)
+                                  cu_seqlens=cu, backend=backend)
     elif kind == "lightning":
         init = kw.get("initial_state")
         o, final = kernels.lightning_attention(
             qh, kh, vh, kw["slope"][heads], initial_state=None if init is None else init[:, heads],
-            output_final_state=bool(kw.get("output_final_state", False)), cu_seqlens=cu, backend=backend,
-            cu_seqlens_unpadded=kw.get("cu_seqlens_unpadded"))
-        out = _to_seq(o, comm, to_rank)
+            output_final_state=bool(kw.get("output_final_state", False)), cu_seqlens=cu, backend=backend)
+        out = heads_to_seq(from_real_order(o, lay), comm)
         if final is not None:
             final = all_gather_autograd(final.transpose(0, 1), comm, dim=0).transpose(0, 1)  # heads in order
         return out, final
     else:
         raise ValueError(f"ulysses does not support kind {kind!r}")
-    return _to_seq(o, comm, to_rank)
+    return heads_to_seq(from_real_order(o, lay), comm)

@@ -3,32 +3,28 @@ them (arXiv 2405.07719; docs/cp.md), built from one CP group.
 
 Group rank ``r = i·U + u``: Ulysses group ``i`` holds ranks ``i·U .. i·U+U-1``, ring group ``u`` the
 ranks with the same ``u``. The all-to-all turns the ``U`` members' sequence shards into head
-shards (``H/U`` heads, the union of their chunks); the ring then runs over the ``P/U`` Ulysses
-groups with those chunk sets (zigzag balance is preserved: each set is a union of zigzag pairs);
-the output all-to-all goes back. Backward is the adjoint of each stage.
+shards (``H/U`` heads, the union of their buffers, member-major: the partition's
+:meth:`~seqpar.cp.partition.Layout.merged` layout); the ring then runs over the ``P/U`` Ulysses
+groups with those merged pieces (documents, padding and zigzag balance carry over: each merged
+buffer is a union of members' pieces); the output all-to-all goes back. Backward is the adjoint
+of each stage.
 
-Lightning: the ring dimension is LASP-2 over the ring group (one all-gather of chunk states,
-decay-aware prefixes over the chunk sets), with the slopes (and initial state) of the member's
-global heads; the final state is all-gathered over the heads of the Ulysses group.
+Lightning: the ring dimension is LASP-2 over the ring group (one all-gather of piece states,
+decay-aware prefixes per document over the merged pieces), with the slopes (and initial state) of
+the member's global heads; the final state is all-gathered over the heads of the Ulysses group.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
 from seqpar.cp.comm import Comm, all_gather_autograd, heads_to_seq, seq_to_heads
 from seqpar.cp.lasp2 import lasp2_attention
 from seqpar.cp.local import LocalOp
-from seqpar.cp.partition import chunk_ids
+from seqpar.cp.partition import Layout
 from seqpar.cp.ring import ring_attention
-
-
-def _chunk_sets(u: int, p: int, balance: str):
-    def chunks(i: int) -> Sequence[int]:  # Ulysses group i = ring rank i: its members' chunks, arrival order
-        return [cid for m in range(u) for cid in chunk_ids(i * u + m, p, balance)]
-    return chunks
 
 
 def _replicate_kv(k: torch.Tensor, v: torch.Tensor, u: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,34 +34,32 @@ def _replicate_kv(k: torch.Tensor, v: torch.Tensor, u: int) -> tuple[torch.Tenso
     return k, v
 
 
-def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: Comm, *, balance: str, op: LocalOp,
+def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: Comm, *, layout: Layout, op: LocalOp,
                   ulysses_degree: int, causal: bool = True, gates: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Local shards in (``[b, s_loc, H, d]``), local output out."""
-    u, p = ulysses_degree, comm.world
+    """Local buffers in (``[b, L, H, d]``), local output out (0 in padding slots)."""
+    u = ulysses_degree
     uc, rc = comm.split_2d(u)
     k, v = _replicate_kv(k, v, u)
     qh, kh, vh = (seq_to_heads(t, uc) for t in (q, k, v))
     gh = None if gates is None else seq_to_heads(gates.unsqueeze(-1), uc).squeeze(-1)
-    o = ring_attention(qh, kh, vh, rc, balance=balance, op=op, causal=causal, gates=gh,
-                       chunks=_chunk_sets(u, p, balance))
+    o = ring_attention(qh, kh, vh, rc, layout=layout.merged(u), op=op, causal=causal, gates=gh)
     return heads_to_seq(o, uc)
 
 
 def usp_lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor, comm: Comm, *,
-                            balance: str, ulysses_degree: int, initial_state: Optional[torch.Tensor] = None,
-                            output_final_state: bool = False,
+                            layout: Layout, ulysses_degree: int, initial_state: Optional[torch.Tensor] = None,
+                            output_final_state: bool = False, varlen: bool = False,
                             backend: str = "auto") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Lightning under USP: Ulysses all-to-all, LASP-2 over the ring group, all-to-all back."""
-    u, p = ulysses_degree, comm.world
+    u = ulysses_degree
     uc, rc = comm.split_2d(u)
     k, v = _replicate_kv(k, v, u)
     qh, kh, vh = (seq_to_heads(t, uc) for t in (q, k, v))
     hl = q.shape[2] // u
     heads = slice(uc.rank * hl, (uc.rank + 1) * hl)  # this member's global heads
-    o, final = lasp2_attention(qh, kh, vh, slope[heads], rc, balance=balance,
+    o, final = lasp2_attention(qh, kh, vh, slope[heads], rc, layout=layout.merged(u),
                                initial_state=None if initial_state is None else initial_state[:, heads],
-                               output_final_state=output_final_state, backend=backend,
-                               chunks=_chunk_sets(u, p, balance))
+                               output_final_state=output_final_state, varlen=varlen, backend=backend)
     if final is not None:
         final = all_gather_autograd(final.transpose(0, 1), uc, dim=0).transpose(0, 1)  # heads in order
     return heads_to_seq(o, uc), final

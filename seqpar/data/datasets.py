@@ -6,25 +6,27 @@ permutation; ``PackedTextDataset.from_documents`` builds the stream from documen
 the tokenizer's EOS (so a window that spans two documents sees where one ends)::
 
     doc A tokens | EOS | doc B tokens | EOS | doc C ...   ->   windows of seq_len + 1 tokens
- ``MQARDataset``: Zoology's multi-query associative recall.
-Both return ``tokens, labels, loss_mask`` as ``[batch, seq_len]``.
+
+``MQARDataset``: Zoology's multi-query associative recall (one document per sequence).
+Both return a :class:`~seqpar.data.batch.Batch` (``[batch, seq_len]`` tokens, labels, loss mask and
+the position ids that carry the document boundaries).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Optional, Sequence
 
 import torch
 
+from seqpar.data.batch import Batch, position_ids_from_eod
+from seqpar.data.tokenizer import Tokenizer
 from seqpar.errors import ConfigError
 
 
-def encode_documents(tokenizer: Any, documents: Sequence[str]) -> torch.Tensor:
-    """int64 ``[total]``: every document's tokens followed by ``tokenizer.eos_id()`` (sentencepiece
-    API: ``encode(str) -> list[int]``, ``eos_id() -> int``)."""
-    eos = int(tokenizer.eos_id())
-    if eos < 0:
-        raise ValueError("the tokenizer has no EOS piece (eos_id() < 0); train it with an eos_id")
+def encode_documents(tokenizer: Tokenizer, documents: Sequence[str]) -> torch.Tensor:
+    """int64 ``[total]``: every document's tokens followed by the tokenizer's EOD (refused when it
+    has none)."""
+    eos = tokenizer.require_eod()
     ids: list[int] = []
     for doc in documents:
         ids.extend(tokenizer.encode(doc))
@@ -34,9 +36,10 @@ def encode_documents(tokenizer: Any, documents: Sequence[str]) -> torch.Tensor:
 
 class PackedTextDataset:
     """Packed language-modelling windows over a 1-D token tensor (``ids`` as given; use
-    :meth:`from_documents` for documents joined by EOS)."""
+    :meth:`from_documents` for documents joined by EOS). ``eod``: the token that ends a document
+    (positions restart after it); None = the stream is one document."""
 
-    def __init__(self, ids: torch.Tensor, seq_len: int, seed: int = 0) -> None:
+    def __init__(self, ids: torch.Tensor, seq_len: int, seed: int = 0, eod: Optional[int] = None) -> None:
         if ids.dim() != 1:
             raise ValueError("ids must be a 1-D token tensor")
         self.seq_len = seq_len
@@ -46,19 +49,20 @@ class PackedTextDataset:
                               f"lower data.seq_len or add text (data.text_files, data.max_bytes)")
         self.ids = ids
         self.seed = seed
+        self.eod = eod
 
     @classmethod
-    def from_documents(cls, tokenizer: Any, documents: Sequence[str], seq_len: int, seed: int = 0
+    def from_documents(cls, tokenizer: Tokenizer, documents: Sequence[str], seq_len: int, seed: int = 0
                        ) -> "PackedTextDataset":
         """Windows over ``documents`` encoded by ``tokenizer``, each followed by EOS
         (:func:`encode_documents`)."""
-        return cls(encode_documents(tokenizer, documents), seq_len, seed)
+        return cls(encode_documents(tokenizer, documents), seq_len, seed, eod=tokenizer.require_eod())
 
     def _order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.num_windows, generator=g)
 
-    def batch(self, step: int, global_batch: int, rank: int = 0, ranks: int = 1):
+    def batch(self, step: int, global_batch: int, rank: int = 0, ranks: int = 1) -> Batch:
         """Rows ``[rank::ranks]`` of the global batch of ``step``."""
         rows = []
         for i in range(rank, global_batch, ranks):
@@ -66,7 +70,10 @@ class PackedTextDataset:
             w = int(self._order(n // self.num_windows)[n % self.num_windows])
             rows.append(self.ids[w * self.seq_len:(w + 1) * self.seq_len + 1])
         x = torch.stack(rows)
-        return x[:, :-1].contiguous(), x[:, 1:].contiguous(), torch.ones(x.shape[0], self.seq_len)
+        tokens = x[:, :-1].contiguous()
+        pos = (torch.arange(self.seq_len).expand_as(tokens).contiguous() if self.eod is None
+               else position_ids_from_eod(tokens, self.eod))
+        return Batch(tokens, x[:, 1:].contiguous(), torch.ones(x.shape[0], self.seq_len), pos)
 
 
 class MQARDataset:
@@ -86,7 +93,8 @@ class MQARDataset:
         self.vocab_size, self.seq_len = vocab_size, seq_len
         self.num_pairs, self.num_queries, self.seed = num_pairs, num_queries, seed
 
-    def batch(self, step: int, global_batch: int, rank: int = 0, ranks: int = 1):
+    def batch(self, step: int, global_batch: int, rank: int = 0, ranks: int = 1) -> Batch:
+        """Rows ``[rank::ranks]`` of the global batch of ``step``; each row is one document."""
         half = self.vocab_size // 2
         toks, masks = [], []
         for i in range(rank, global_batch, ranks):
@@ -105,4 +113,6 @@ class MQARDataset:
             toks.append(seq)
             masks.append(mask)
         x = torch.stack(toks)
-        return x[:, :-1].contiguous(), x[:, 1:].contiguous(), torch.stack(masks)
+        tokens = x[:, :-1].contiguous()
+        return Batch(tokens, x[:, 1:].contiguous(), torch.stack(masks),
+                     torch.arange(self.seq_len).expand_as(tokens).contiguous())

@@ -1,5 +1,16 @@
-"""A sentencepiece tokenizer trained on first use from local text (the Python standard library's
-sources by default; no downloads) and cached under ``cache_dir``."""
+"""Tokenizers: bring your own (a sentencepiece model file, or a Hugging Face folder with
+``tokenizer.json``), or train a sentencepiece model on local text for demos.
+
+:class:`Tokenizer` is what the rest of seqpar sees: megatron-core's tokenizer
+(``megatron.core.tokenizers.MegatronTokenizer``, library ``sentencepiece`` or ``huggingface``) loaded
+from *exactly* the files it pins — the bytes that every checkpoint stores in ``step_N/tokenizer/``
+and that export ships. Two tokenizers are the same iff their files are byte-identical
+(:attr:`Tokenizer.fingerprint`); ``--resume`` compares them (``seqpar.train.checkpoint.check_tokenizer``).
+
+``get_tokenizer`` trains the demo's sentencepiece model on first use from local text (the Python
+standard library's sources by default; no downloads) and caches it under ``cache_dir``;
+``python -m seqpar.data.tokenizer`` trains one from jsonl / text files for your own corpus.
+"""
 
 from __future__ import annotations
 
@@ -145,3 +156,229 @@ def get_tokenizer(vocab_size: int, text: str, cache_dir: Optional[pathlib.Path] 
                                   ) from None
             os.replace(f"{prefix}.model", model)
     return spm.SentencePieceProcessor(model_file=str(model))
+
+
+# ---------------------------------------------------------------------------------------------------
+# bring your own tokenizer (pinned by its files)
+
+SP_MODEL = "tokenizer.model"
+"""A sentencepiece tokenizer's one file (its name inside checkpoints and export folders)."""
+HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+            "chat_template.jinja")
+"""The files of a Hugging Face tokenizer folder that define it (``tokenizer.json`` required); other files
+of the folder (model weights, config.json) are not part of the tokenizer and are not pinned."""
+
+
+class TokenizerError(ConfigError):
+    """A tokenizer that cannot be used: names the path / field and the fix."""
+
+
+def _read_files(path: pathlib.Path, field: str) -> tuple[str, dict[str, bytes]]:
+    """(kind, {file name: bytes}) of a tokenizer path: a sentencepiece model file, or a folder with
+    ``tokenizer.json`` (Hugging Face) or ``tokenizer.model`` (sentencepiece)."""
+    if path.is_file():
+        return "sentencepiece", {SP_MODEL: path.read_bytes()}
+    if path.is_dir():
+        if (path / HF_FILES[0]).is_file():
+            return "huggingface", {n: (path / n).read_bytes() for n in HF_FILES if (path / n).is_file()}
+        if (path / SP_MODEL).is_file():
+            return "sentencepiece", {SP_MODEL: (path / SP_MODEL).read_bytes()}
+        raise TokenizerError(f"{field}={str(path)!r} is a folder without {HF_FILES[0]} (Hugging Face) or {SP_MODEL} "
+                             f"(sentencepiece); point it at a tokenizer folder or a sentencepiece .model file")
+    raise TokenizerError(f"{field}={str(path)!r} does not exist; give a sentencepiece .model file or a Hugging Face "
+                         f"tokenizer folder (tokenizer.json), e.g. one trained on your corpus with: python -m "
+                         f"seqpar.data.tokenizer --input corpus.jsonl --vocab-size 32000 --output {path}")
+
+
+def _kind_of(files: dict[str, bytes]) -> str:
+    return "huggingface" if HF_FILES[0] in files else "sentencepiece"
+
+
+class Tokenizer:
+    """A tokenizer pinned to its files, run by megatron-core's ``MegatronTokenizer`` (library
+    ``sentencepiece`` or ``huggingface``), loaded from a private copy of exactly those files so that
+    what a checkpoint stores is what encoded the data.
+
+    Args:
+        files: file name -> bytes (``{"tokenizer.model": ...}`` or the :data:`HF_FILES` present).
+        where: where the files came from (for messages).
+        cache_dir: parent of the private copy (``<cache_dir>/tokenizers/<fingerprint>``); default
+            ``$SEQPAR_CACHE`` or ``~/.cache/seqpar``.
+    """
+
+    def __init__(self, files: dict[str, bytes], where: str = "", cache_dir: Optional[str | pathlib.Path] = None
+                 ) -> None:
+        self.files = dict(files)
+        self.kind = _kind_of(self.files)
+        self.where = where
+        self._cache = pathlib.Path(cache_dir or DEFAULT_CACHE)
+        self._mt = None
+
+    @classmethod
+    def load(cls, path: str | pathlib.Path, cache_dir: Optional[str | pathlib.Path] = None,
+             field: str = "data.tokenizer") -> "Tokenizer":
+        """The tokenizer at ``path`` (sentencepiece file, or HF / sentencepiece folder); raises
+        :class:`TokenizerError` naming ``field`` when it is missing or unreadable."""
+        path = pathlib.Path(path)
+        _, files = _read_files(path, field)
+        tok = cls(files, str(path), cache_dir)
+        try:
+            tok.megatron
+        except TokenizerError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a file that is not a tokenizer: one line naming it
+            raise TokenizerError(f"{field}={str(path)!r} cannot be loaded as a {tok.kind} tokenizer "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        return tok
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 over the file names and contents: equal iff the pinned files are byte-identical."""
+        h = hashlib.sha256()
+        for name in sorted(self.files):
+            h.update(name.encode() + b"\0" + hashlib.sha256(self.files[name]).digest())
+        return h.hexdigest()
+
+    def save(self, folder: str | pathlib.Path) -> None:
+        """Write the pinned files into ``folder`` (created)."""
+        folder = pathlib.Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in self.files.items():
+            (folder / name).write_bytes(data)
+
+    def _materialized(self) -> pathlib.Path:
+        """``<cache>/tokenizers/<fingerprint>``: the pinned files alone, written once by tmp + rename."""
+        final = self._cache / "tokenizers" / self.fingerprint[:24]
+        if not final.is_dir():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = pathlib.Path(tempfile.mkdtemp(prefix=".tmp_", dir=final.parent))
+            self.save(tmp)
+            try:
+                os.replace(tmp, final)
+            except OSError:  # another process published it first: same bytes
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
+        return final
+
+    @property
+    def megatron(self):
+        """megatron-core's tokenizer object (``MegatronTokenizerBase``), loaded on first use."""
+        if self._mt is None:
+            from megatron.core.tokenizers import MegatronTokenizer
+
+            folder = self._materialized()
+            if self.kind == "sentencepiece":
+                self._mt = MegatronTokenizer.from_pretrained(str(folder / SP_MODEL),
+                                                             metadata_path={"library": "sentencepiece"})
+            else:
+                try:
+                    import transformers  # noqa: F401  megatron's HuggingFaceTokenizer is AutoTokenizer
+                except ImportError:
+                    raise TokenizerError(f"{self.where}: a Hugging Face tokenizer needs transformers; install "
+                                         f"seqpar[export]") from None
+                os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # preprocess forks workers
+                # use_fast: the tokenizer.json (Rust) backend; trust_remote_code stays False (no code from disk)
+                self._mt = MegatronTokenizer.from_pretrained(str(folder), metadata_path={"library": "huggingface"},
+                                                             use_fast=True)
+        return self._mt
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids (added special tokens included)."""
+        return int(self.megatron.vocab_size)
+
+    def _id(self, name: str) -> Optional[int]:
+        try:
+            v = getattr(self.megatron, name)
+        except Exception:  # noqa: BLE001 - megatron raises when a library has no such token
+            return None
+        return None if v is None or int(v) < 0 else int(v)
+
+    @property
+    def eod(self) -> Optional[int]:
+        """End-of-document id (the EOS token), or None when the tokenizer has none."""
+        return self._id("eod")
+
+    @property
+    def bos(self) -> Optional[int]:
+        return self._id("bos")
+
+    @property
+    def pad(self) -> Optional[int]:
+        return self._id("pad")
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, no BOS / EOS added."""
+        return list(self.megatron.tokenize(text))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.megatron.detokenize(list(ids))
+
+    def require_eod(self, field: str = "data.tokenizer") -> int:
+        """The EOD id; :class:`TokenizerError` when the tokenizer has none (documents would run together)."""
+        if self.eod is None:
+            fix = ("train it with an eos id (spm_train --eos_id=N)" if self.kind == "sentencepiece"
+                   else "set eos_token in its tokenizer_config.json")
+            raise TokenizerError(f"{field}={self.where!r} has no EOS / end-of-document token, so packed documents "
+                                 f"could not be told apart; {fix}, or use another tokenizer")
+        return self.eod
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.kind}, {self.where!r}, vocab {self.vocab_size}, sha256 {self.fingerprint[:12]})"
+
+
+def trained_tokenizer(vocab_size: int, text_files: Optional[list[str]], max_bytes: int,
+                      cache_dir: Optional[str | pathlib.Path] = None) -> Tokenizer:
+    """``data.tokenizer: train``: the sentencepiece model :func:`get_tokenizer` trains on
+    ``text_files`` (or the standard library), as a :class:`Tokenizer`. Not collective: concurrent
+    callers train into temp names and rename, so they never read a half-written model."""
+    sp = get_tokenizer(vocab_size, load_text(text_files, max_bytes), cache_dir)
+    return Tokenizer({SP_MODEL: sp.serialized_model_proto()}, f"data.tokenizer=train ({vocab_size} pieces)",
+                     cache_dir)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m seqpar.data.tokenizer --input FILES --vocab-size N --output TOKENIZER.model``: train
+    the sentencepiece BPE model of :func:`get_tokenizer` (byte fallback, lossless, EOS id 3) on your own
+    documents (JSON Lines / parquet / text files, ``seqpar.data.documents``), for ``data.tokenizer`` and
+    ``python -m seqpar.data.preprocess --tokenizer``."""
+    import argparse
+    import shutil
+    import sys
+
+    from seqpar.data.documents import DocumentError, check_files, iter_documents
+
+    ap = argparse.ArgumentParser(prog="python -m seqpar.data.tokenizer",
+                                 description="Train a sentencepiece BPE tokenizer on local documents.")
+    ap.add_argument("--input", nargs="+", required=True, metavar="FILE",
+                    help="JSON Lines (.jsonl/.json), parquet, or text files")
+    ap.add_argument("--json-key", default="text", help="the field (column) holding each document's text")
+    ap.add_argument("--vocab-size", type=int, required=True, help="pieces (>= 512: 256 byte-fallback pieces + merges)")
+    ap.add_argument("--output", required=True, help="the .model file to write")
+    ap.add_argument("--max-bytes", type=int, default=50_000_000, help="characters of text to train on (default 50M)")
+    args = ap.parse_args(argv)
+    try:
+        if args.vocab_size < 512:
+            raise ConfigError(f"--vocab-size={args.vocab_size} must be >= 512 (256 byte-fallback pieces + merges)")
+        docs = (text for _, text in iter_documents(check_files(args.input, args.json_key), args.json_key))
+        text = "\n".join(_budget(docs, args.max_bytes))
+        if not text.strip():
+            raise ConfigError("--input holds no text")
+        with tempfile.TemporaryDirectory() as cache:
+            get_tokenizer(args.vocab_size, text, cache)
+            model = next(pathlib.Path(cache).glob("spm_*.model"))
+            pathlib.Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(model, args.output)
+    except (ConfigError, DocumentError, OSError, RuntimeError) as e:
+        print(f"seqpar.data.tokenizer: error: {str(e).splitlines()[0] if str(e) else e!r}", file=sys.stderr)
+        return 2
+    print(f"[seqpar.data.tokenizer] wrote {args.output} ({args.vocab_size} pieces, trained on {len(text):,} "
+          f"characters)")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -12,7 +12,7 @@ Layout of ``<out_dir>/checkpoints``::
                                             the optimizer state is in the model-states file)
       rng/rank_<global rank>.pt             per-rank RNG states (plain tensors)
       config.json                           the resolved recipe (seqpar.train.checkpoint.CONFIG_FILE)
-      tokenizer.model                       the run's sentencepiece model (text data; TOKENIZER_FILE)
+      tokenizer/                            the run's tokenizer files (seqpar.data.Tokenizer; TOKENIZER_DIR)
       manifest.json                         seqpar.train.integrity's manifest: size + SHA-256 of every
                                             file above, plus engine="deepspeed", step, layout, zero_stage
     zero_to_fp32.py             DeepSpeed's consolidation script (written by DeepSpeed)
@@ -64,7 +64,7 @@ import torch
 import torch.distributed as dist
 
 from seqpar.train import integrity
-from seqpar.train.checkpoint import (CONFIG_FILE, TOKENIZER_FILE, _layout, _prune, _verify_collective,
+from seqpar.train.checkpoint import (CONFIG_FILE, TOKENIZER_DIR, _layout, _prune, _verify_collective,
                                      _write_atomic, check_resume, gathered_digests, latest)  # latest: checkpoint.latest(ckpt_dir)
 
 ENGINE = "deepspeed"  # the manifest's "engine" field of these folders
@@ -188,10 +188,10 @@ def check_pickles(folder: pathlib.Path, *, collective: bool = False) -> None:
 
 
 def save(engine: Any, ckpt_dir: str | pathlib.Path, step: int, *, rng: Any, config: dict[str, Any],
-         keep_last: int = 0, tokenizer_model: Optional[bytes] = None) -> pathlib.Path:
+         keep_last: int = 0, tokenizer: Any = None) -> pathlib.Path:
     """Write step ``step`` through ``engine.save_checkpoint`` into ``<ckpt_dir>/step_N`` atomically, with
-    ``config.json`` (``config``, the resolved recipe), ``tokenizer.model`` (``tokenizer_model``: the run's
-    serialized sentencepiece model, if any) and ``manifest.json``; then delete all but the newest
+    ``config.json`` (``config``, the resolved recipe), ``tokenizer/`` (``tokenizer``: the run's
+    ``seqpar.data.Tokenizer``, if any) and ``manifest.json``; then delete all but the newest
     ``keep_last`` checkpoints (0 = keep all; train.keep_last) with their converted ``.universal`` copies.
     Collective: every rank calls it."""
     root = pathlib.Path(ckpt_dir)
@@ -216,8 +216,8 @@ def save(engine: Any, ckpt_dir: str | pathlib.Path, step: int, *, rng: Any, conf
     torch.save(rng, tmp / "rng" / f"rank_{rank:05d}.pt")
     if rank == 0:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True))
-        if tokenizer_model is not None:
-            (tmp / TOKENIZER_FILE).write_bytes(tokenizer_model)
+        if tokenizer is not None:
+            tokenizer.save(tmp / TOKENIZER_DIR)
     dist.barrier()
     # every file of the folder, file i hashed by rank i mod world
     digests = gathered_digests(tmp, integrity._files(tmp)[rank::dist.get_world_size()])

@@ -2,7 +2,10 @@
 Hugging Face model to a seqpar run folder that training continues from.
 
 OUT_RUN gets ``checkpoints/step_0000000`` (model weights; AdamW moments at zero and step 0, i.e. a
-fresh optimizer) and ``recipe.yaml`` (``train.out_dir`` = OUT_RUN), so continued pretraining is::
+fresh optimizer), ``tokenizer/`` (the HF folder's own tokenizer: ``tokenizer.json`` + its config, or
+``tokenizer.model``; also pinned in the checkpoint) and ``recipe.yaml`` (``train.out_dir`` = OUT_RUN,
+``data.tokenizer`` = OUT_RUN/tokenizer, ``data.vocab_size`` = the model's), so continued pretraining
+encodes text into the ids the imported embeddings were trained on::
 
     python -m seqpar.train OUT_RUN/recipe.yaml --resume --set train.steps=1000
 
@@ -123,8 +126,7 @@ def _to_param_names(meg: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _write_checkpoint(cfg, weights: dict[str, torch.Tensor], tokenizer_model: Optional[bytes],
-                      ckpt_dir: pathlib.Path) -> pathlib.Path:
+def _write_checkpoint(cfg, weights: dict[str, torch.Tensor], tokenizer, ckpt_dir: pathlib.Path) -> pathlib.Path:
     """Build the recipe's model in a one-process group of its own (``seqpar.megatron.init_parallel``
     with a file rendezvous; call this in a process without one, as the CLI does), load ``weights``,
     save step 0."""
@@ -158,11 +160,31 @@ def _write_checkpoint(cfg, weights: dict[str, torch.Tensor], tokenizer_model: Op
         opt, _ = build_optimizer(cfg, model)
         checkpoint.init_optimizer_state(opt)  # a fresh optimizer, written out: zero moments at step 0
         path = checkpoint.save(ckpt_dir, 0, model, opt,
-                               rng=_rng_state(), config=cfg.to_dict(), tokenizer_model=tokenizer_model)
+                               rng=_rng_state(), config=cfg.to_dict(), tokenizer=tokenizer)
         return path
     finally:
         destroy_parallel()
         shutil.rmtree(rdv, ignore_errors=True)
+
+
+def _hf_tokenizer(hf_dir: pathlib.Path, vocab: int):
+    """The HF folder's tokenizer (``tokenizer.json`` + config, or ``tokenizer.model``) as a
+    ``seqpar.data.Tokenizer``, or None when the folder has none (training then trains one, whose ids
+    do not match the imported embeddings: a warning says so)."""
+    from seqpar.data.tokenizer import HF_FILES, SP_MODEL, Tokenizer, TokenizerError
+
+    if not ((hf_dir / HF_FILES[0]).is_file() or (hf_dir / SP_MODEL).is_file()):
+        print(f"[seqpar.export] warning: {hf_dir} has no tokenizer ({HF_FILES[0]} or {SP_MODEL}); continued training "
+              f"trains a new one, whose ids do not match the imported embeddings", file=sys.stderr)
+        return None
+    try:
+        tok = Tokenizer.load(hf_dir, field="the HF folder's tokenizer")
+        tok.require_eod("the HF folder's tokenizer")
+    except TokenizerError as e:
+        raise ExportError(str(e)) from None
+    if tok.vocab_size > vocab:
+        raise ExportError(f"{hf_dir}: the tokenizer has {tok.vocab_size} ids, more than the model's vocab_size {vocab}")
+    return tok
 
 
 def import_hf(hf_dir: str | pathlib.Path, out_run: str | pathlib.Path, *, pattern: str = "A",
@@ -191,11 +213,13 @@ def import_hf(hf_dir: str | pathlib.Path, out_run: str | pathlib.Path, *, patter
     cfg_hf, hf = _read_hf(hf_dir)
     _check_llama(cfg_hf)
     vocab = int(cfg_hf["vocab_size"])
+    tok = _hf_tokenizer(hf_dir, vocab)
     if "lm_head.weight" not in hf:  # tied embeddings: seqpar keeps an untied output layer, same values
         hf["lm_head.weight"] = hf["model.embed_tokens.weight"].clone()
     tree: dict = {"model": {**_shape(cfg_hf), "pattern": pattern,
                             "dtype": "bf16" if cfg_hf.get("dtype", cfg_hf.get("torch_dtype")) == "bfloat16" else "fp32"},
-                  "data": {"vocab_size": vocab}, "parallel": {"context_parallel": 1},
+                  "data": {"vocab_size": vocab, **({"tokenizer": str(out / "tokenizer")} if tok else {})},
+                  "parallel": {"context_parallel": 1},
                   "train": {"out_dir": str(out), "steps": 1}}
     for item in overrides or []:
         if "=" not in item:
@@ -220,11 +244,12 @@ def import_hf(hf_dir: str | pathlib.Path, out_run: str | pathlib.Path, *, patter
     weights = _to_param_names(hf_to_megatron(convert_layers(hf, full, spec), spec))
     dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
     weights = {k: v.to(dtype) for k, v in weights.items()}
-    tok = hf_dir / "tokenizer.model"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp_import_{out.name}_", dir=out.parent))
     try:
-        step = _write_checkpoint(cfg, weights, tok.read_bytes() if tok.is_file() else None, tmp / "checkpoints")
+        if tok is not None:
+            tok.save(tmp / "tokenizer")
+        step = _write_checkpoint(cfg, weights, tok, tmp / "checkpoints")
         (tmp / "recipe.yaml").write_text(
             f"# imported from {hf_dir.absolute()} by python -m seqpar.export.from_hf; continue with\n"
             f"#   python -m seqpar.train {out / 'recipe.yaml'} --resume --set train.steps=N\n"

@@ -11,8 +11,10 @@ state read. OUT_DIR gets:
 - pure-softmax models: stock ``LlamaForCausalLM`` (no custom code); otherwise
   ``SeqparForCausalLM`` with ``configuration_seqpar.py`` / ``modeling_seqpar.py`` and ``auto_map``
   (load with ``trust_remote_code=True``);
-- the run's sentencepiece model as a ``LlamaTokenizer`` (``tokenizer.json``,
-  ``tokenizer_config.json``, ``tokenizer.model``) with the training BOS / EOS / pad ids;
+- the run's tokenizer (the files pinned in the checkpoint's ``tokenizer/``): a sentencepiece model as a
+  ``LlamaTokenizer`` (``tokenizer.json``, ``tokenizer_config.json``, ``tokenizer.model``), a Hugging Face
+  tokenizer as its own ``tokenizer.json`` + config files; either checked to encode exactly as training
+  did, with the training BOS / EOS / pad ids;
 - ``README.md``: a model card with the recipe, step, tokens seen and final loss.
 
 Everything is written to a temporary folder next to OUT_DIR and renamed at the end: an error leaves
@@ -36,56 +38,69 @@ import torch
 
 from seqpar.export.convert import ModelSpec, hf_config, megatron_to_hf, spec_from_recipe
 from seqpar.export.output import check_out_dir, install
-from seqpar.export.reader import TOKENIZER_FILE, ExportError, TrainingCheckpoint, read_checkpoint
+from seqpar.export.reader import ExportError, TrainingCheckpoint, read_checkpoint
 
 TOOL = "seqpar.export.hf"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_PROBE = "def f(x):\n    return x  # probe. The quick brown fox, ünïcödé & 42!"
 
 
-def _sp(model_bytes: bytes):
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor()
-    sp.LoadFromSerializedProto(model_bytes)
-    return sp
+def _ids(tok) -> dict[str, Optional[int]]:
+    """The special ids of a ``seqpar.data.Tokenizer`` as HF config fields (EOS = the training EOD)."""
+    return {"bos_token_id": tok.bos, "eos_token_id": tok.eod, "pad_token_id": tok.pad}
 
 
-def _ids(sp) -> dict[str, Optional[int]]:
-    def opt(i: int) -> Optional[int]:
-        return None if i < 0 else i
+def write_tokenizer(tok, out: pathlib.Path, vocab_size: int) -> None:
+    """The run's tokenizer (a ``seqpar.data.Tokenizer``) into ``out``: a sentencepiece model as a
+    ``LlamaTokenizer``, a Hugging Face tokenizer as its own files; refused unless the written folder
+    encodes like training did (no BOS / EOS added: training packs plain ``encode`` streams) and has no
+    more ids than the model's ``vocab_size`` embedding rows."""
+    if tok.vocab_size > vocab_size:
+        raise ExportError(f"the checkpoint's tokenizer ({tok.where}) has {tok.vocab_size} ids but the model's "
+                          f"vocabulary is {vocab_size}; vocabulary mismatch (was the checkpoint's tokenizer replaced?)")
+    if tok.kind == "sentencepiece":
+        _write_sentencepiece(tok, out, vocab_size)
+        return
+    from transformers import AutoTokenizer
 
-    return {"bos_token_id": opt(sp.bos_id()), "eos_token_id": opt(sp.eos_id()), "pad_token_id": opt(sp.pad_id())}
+    with tempfile.TemporaryDirectory() as tmp:  # the tokenizer files alone (no config.json beside them)
+        tok.save(tmp)
+        hf = AutoTokenizer.from_pretrained(tmp)  # no trust_remote_code: a tokenizer folder runs no code
+        if hf.encode(_PROBE, add_special_tokens=False) != tok.encode(_PROBE):
+            raise ExportError("the exported Hugging Face tokenizer encodes differently from the one training used; "
+                              "refusing to write a tokenizer that does not match training")
+    tok.save(out)
 
 
-def write_tokenizer(model_bytes: bytes, out: pathlib.Path, vocab_size: int) -> None:
+def _write_sentencepiece(tok, out: pathlib.Path, vocab_size: int) -> None:
     """The sentencepiece model as a ``LlamaTokenizer`` (fast, tokenizers backend) in ``out``, with
-    the sentencepiece BOS / EOS / pad / unk pieces and ids; no BOS/EOS added to encodings (training
-    packs plain ``sp.encode`` streams)."""
+    the sentencepiece BOS / EOS / pad / unk pieces and ids."""
+    import sentencepiece as spm
     from transformers import LlamaTokenizer
 
-    sp = _sp(model_bytes)
-    if sp.vocab_size() != vocab_size:
-        raise ExportError(f"the checkpoint's tokenizer has {sp.vocab_size()} pieces but the model's vocabulary is "
-                          f"{vocab_size}; vocabulary mismatch (was the checkpoint's tokenizer.model replaced?)")
+    from seqpar.data.tokenizer import SP_MODEL
+
+    model_bytes = tok.files[SP_MODEL]
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(model_bytes)
     with tempfile.TemporaryDirectory() as tmp:
-        (pathlib.Path(tmp) / TOKENIZER_FILE).write_bytes(model_bytes)
+        (pathlib.Path(tmp) / SP_MODEL).write_bytes(model_bytes)
         special = {name: sp.id_to_piece(i) for name, i in
                    (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("pad_token", sp.pad_id()),
                     ("unk_token", sp.unk_id())) if i >= 0}
-        tok = LlamaTokenizer.from_pretrained(tmp, add_bos_token=False, add_eos_token=False, **special)
-    probe = "def f(x):\n    return x  # probe"
-    if tok.encode(probe, add_special_tokens=False) != sp.encode(probe):
+        hf = LlamaTokenizer.from_pretrained(tmp, add_bos_token=False, add_eos_token=False, **special)
+    if hf.encode(_PROBE, add_special_tokens=False) != tok.encode(_PROBE):
         raise ExportError("the Hugging Face tokenizer converted from the checkpoint's sentencepiece model encodes "
                           "differently from it; refusing to write a tokenizer that does not match training")
-    for name, want in _ids(sp).items():
-        got = getattr(tok, name)
+    for name, want in _ids(tok).items():
+        got = getattr(hf, name)
         if want is not None and got != want:
             raise ExportError(f"tokenizer {name} is {got}, training used {want}")
-    if len(tok) != vocab_size:
-        raise ExportError(f"the Hugging Face tokenizer has {len(tok)} tokens, the model {vocab_size}; "
+    if len(hf) > vocab_size:
+        raise ExportError(f"the Hugging Face tokenizer has {len(hf)} tokens, the model {vocab_size}; "
                           f"vocabulary mismatch")
-    tok.save_pretrained(str(out))
-    (out / TOKENIZER_FILE).write_bytes(model_bytes)
+    hf.save_pretrained(str(out))
+    (out / SP_MODEL).write_bytes(model_bytes)
 
 
 def _final_loss(ck: TrainingCheckpoint) -> Optional[float]:
@@ -149,8 +164,9 @@ def _model_card(ck: TrainingCheckpoint, spec: ModelSpec, custom: bool, out: path
         f"hidden {spec.hidden_size}, heads {spec.num_heads} / kv heads {spec.num_kv_heads}, vocab {spec.vocab_size}",
         f"- training step: {ck.step}; tokens seen: {tokens:,} (step x global batch x sequence length)",
         f"- final training loss: {'not recorded' if loss is None else f'{loss:.4f}'}",
-        "- tokenizer: " + ("the run's sentencepiece model (LlamaTokenizer)" if ck.tokenizer_model
-                           else "none (token ids only)"),
+        "- tokenizer: " + ({"sentencepiece": "the run's sentencepiece model (LlamaTokenizer)",
+                            "huggingface": "the run's Hugging Face tokenizer (tokenizer.json)"}[ck.tokenizer.kind]
+                           if ck.tokenizer is not None else "none (token ids only)"),
         f"- saved at parallel layout: {json.dumps(ck.layout)}", "",
         "## Use", "", "```python", load, "```", "",
         "## Recipe (resolved; absolute paths of the exporting machine shortened to `.../<name>`)", "", "```json",
@@ -176,7 +192,7 @@ def export(checkpoint: str | pathlib.Path, out_dir: str | pathlib.Path, *, force
         out_dir: destination; must not exist unless ``force`` (then: empty or an earlier export only).
         dtype: "fp32" | "bf16" | "fp16"; default: the training dtype.
         max_shard_size: safetensors shard limit (``save_pretrained``'s argument).
-        allow_no_tokenizer: export a text-data checkpoint that carries no ``tokenizer.model``
+        allow_no_tokenizer: export a text-data checkpoint that carries no ``tokenizer/``
             (e.g. imported from a HF folder without one) without a tokenizer instead of failing.
 
     Raises:
@@ -188,14 +204,14 @@ def export(checkpoint: str | pathlib.Path, out_dir: str | pathlib.Path, *, force
         raise ExportError(f"--dtype {dtype!r} is not one of {sorted(_DTYPES)}")
     ck = read_checkpoint(checkpoint)
     data = ck.config.get("data", {})
-    if ck.tokenizer_model is not None:
-        vocab = _sp(ck.tokenizer_model).vocab_size()
-        ids = _ids(_sp(ck.tokenizer_model))
-    elif data.get("dataset", "text") == "text" and not allow_no_tokenizer:
-        raise ExportError(f"{ck.path} has no {TOKENIZER_FILE}: the run's tokenizer was not saved with it; re-save "
+    # the model's vocabulary is its embedding rows (data.vocab_size); the tokenizer may have fewer ids
+    vocab = int(data.get("vocab_size", ck.tensors["embedding.word_embeddings.weight"].shape[0]))
+    if ck.tokenizer is not None:
+        ids = _ids(ck.tokenizer)
+    elif data.get("dataset", "text") != "mqar" and not allow_no_tokenizer:
+        raise ExportError(f"{ck.path} has no tokenizer/: the run's tokenizer was not saved with it; re-save "
                           f"the checkpoint with seqpar.train, or pass --no-tokenizer to export the model alone")
     else:  # synthetic data (MQAR) or --no-tokenizer: token ids are the vocabulary, no tokenizer to ship
-        vocab = int(data.get("vocab_size", ck.tensors["embedding.word_embeddings.weight"].shape[0]))
         ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     spec = spec_from_recipe(ck.config, vocab)
     weights = megatron_to_hf(ck.tensors, spec)
@@ -222,8 +238,8 @@ def export(checkpoint: str | pathlib.Path, out_dir: str | pathlib.Path, *, force
 
             for name in TEMPLATE_FILES:
                 shutil.copyfile(TEMPLATE_DIR / name, tmp / name)
-        if ck.tokenizer_model is not None:
-            write_tokenizer(ck.tokenizer_model, tmp, vocab)
+        if ck.tokenizer is not None:
+            write_tokenizer(ck.tokenizer, tmp, vocab)
         (tmp / "README.md").write_text(_model_card(ck, spec, not spec.pure_softmax, out))
         _readable(tmp)
         install(tmp, out, TOOL)
@@ -243,7 +259,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="weights dtype (default: training dtype)")
     ap.add_argument("--max-shard-size", default="5GB", help="safetensors shard size limit (e.g. 2GB, 500MB)")
     ap.add_argument("--no-tokenizer", action="store_true",
-                    help="export a checkpoint that carries no tokenizer.model without a tokenizer")
+                    help="export a checkpoint that carries no tokenizer/ without a tokenizer")
     args = ap.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out_dir, force=args.force, dtype=args.dtype,

@@ -29,7 +29,7 @@ import torch
 
 from seqpar.errors import ConfigError
 
-from seqpar.train.checkpoint import CONFIG_FILE, TOKENIZER_FILE  # noqa: E402  one place for the names
+from seqpar.train.checkpoint import CONFIG_FILE, TOKENIZER_DIR, checkpoint_tokenizer  # noqa: E402  one place
 from seqpar.train.integrity import MANIFEST
 
 _OPTIONAL_KEYS = ("optimizer.", "rng_state", "rng.")  # rng.*: per-rank RNG states as uint8 tensors (h16)
@@ -48,7 +48,8 @@ class TrainingCheckpoint:
     config: dict
     layout: dict
     tensors: dict[str, torch.Tensor]
-    tokenizer_model: Optional[bytes] = None
+    tokenizer: Any = None
+    """The run's ``seqpar.data.Tokenizer`` (its files from ``step_N/tokenizer/``), or None."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -133,10 +134,8 @@ def read_checkpoint(path: str | pathlib.Path, *, with_tensors: bool = True) -> T
     except Exception as e:  # noqa: BLE001 - a damaged file: say which
         raise ExportError(f"{step_dir}/common.pt cannot be read ({e}); the checkpoint is damaged") from e
     config = _read_recipe(step_dir, common)
-    tok = step_dir / TOKENIZER_FILE
     ck = TrainingCheckpoint(path=step_dir, step=int(common.get("step", 0)), config=config,
-                            layout=dict(common.get("layout", {})),
-                            tensors={}, tokenizer_model=tok.read_bytes() if tok.is_file() else None)
+                            layout=dict(common.get("layout", {})), tensors={}, tokenizer=checkpoint_tokenizer(step_dir))
     if not with_tensors:
         return ck
     try:
@@ -188,10 +187,8 @@ def _read_deepspeed(step_dir: pathlib.Path, with_tensors: bool) -> TrainingCheck
     except ValueError as e:
         raise ExportError(f"{e}; export refuses a damaged or incomplete checkpoint (copy the whole step folder)") from e
     config = _read_recipe(step_dir, {})
-    tok = step_dir / TOKENIZER_FILE
     ck = TrainingCheckpoint(path=step_dir, step=int(manifest.get("step", 0)), config=config,
-                            layout=dict(manifest.get("layout", {})), tensors={},
-                            tokenizer_model=tok.read_bytes() if tok.is_file() else None,
+                            layout=dict(manifest.get("layout", {})), tensors={}, tokenizer=checkpoint_tokenizer(step_dir),
                             extra={"engine": "deepspeed", "zero_stage": manifest.get("zero_stage")})
     if with_tensors:
         try:
@@ -204,4 +201,4 @@ def _read_deepspeed(step_dir: pathlib.Path, with_tensors: bool) -> TrainingCheck
     return ck
 
 
-__all__ = ["ExportError", "TOKENIZER_FILE", "TrainingCheckpoint", "read_checkpoint", "resolve_step_dir"]
+__all__ = ["ExportError", "TOKENIZER_DIR", "TrainingCheckpoint", "read_checkpoint", "resolve_step_dir"]

@@ -10,6 +10,12 @@ after RoPE (``[t, h, d]`` for packed THD), GQA not expanded, output ``[s, b, h*d
 Under CP each rank holds Megatron's zigzag split (``get_batch_on_this_cp_rank``: chunks r and
 2P-1-r of 2P), which is ``seqpar.cp``'s ``balance="zigzag"``. The CP group comes from
 ``pg_collection.cp`` (or parallel_state), the scheme from ``config.cp_schemes[kind]``.
+
+Packed documents (``packed_seq_params``, THD) reach every kind under every scheme: ``cu_seqlens_q``
+are the *global* boundaries of the whole packed sequence (documents of any length; each rank holds
+``cp.make_partition(N, cp_group, cu_seqlens=...)``'s share, ``ceil(N / CP)`` slots), or Megatron's
+padded layout (``cu_seqlens_q_padded``, documents padded to multiples of 2 x CP, with the real
+``cu_seqlens_q``). docs/cp.md, "Packed documents: the trainer contract".
 """
 
 from __future__ import annotations
@@ -79,15 +85,42 @@ def _no_attention_mask(layer: str, attention_mask: Optional[torch.Tensor]) -> No
             f"documents with packed_seq_params or mask the pad tokens in the loss")
 
 
-def _cu_seqlens(packed_seq_params: Optional[PackedSeqParams]) -> Optional[torch.Tensor]:
+def _packed(packed_seq_params: Optional[PackedSeqParams]) -> dict[str, torch.Tensor]:
+    """``cu_seqlens`` (and ``cu_seqlens_unpadded``) of a packed THD batch, for ``cp.attention`` and the
+    kernels: the *global* boundaries of the whole packed sequence (every CP rank passes the same).
+    With Megatron's padded documents (``cu_seqlens_q_padded`` differs from ``cu_seqlens_q``) the padded
+    ones are the layout and the real ones mark the pads (no real tokens); otherwise ``cu_seqlens_q``
+    are the documents, of any length (docs/cp.md: the trainer contract)."""
     if packed_seq_params is None:
-        return None
+        return {}
     if packed_seq_params.qkv_format != "thd":
         raise ValueError(f"packed_seq_params.qkv_format must be 'thd', got {packed_seq_params.qkv_format!r}")
-    cu = packed_seq_params.cu_seqlens_q_padded
-    if cu is None:
-        cu = packed_seq_params.cu_seqlens_q
-    return cu.to(torch.int32)
+    real, padded = packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_q_padded
+    if real is None:
+        raise ValueError("packed_seq_params.cu_seqlens_q must hold the documents' boundaries (int32 [docs + 1])")
+    from seqpar.kernels._common import host_ints
+
+    # host values read once per tensor (cached on it): no sync per layer
+    if padded is None or padded is real or host_ints(padded) == host_ints(real):
+        return {"cu_seqlens": real.to(torch.int32)}
+    return {"cu_seqlens": padded.to(torch.int32), "cu_seqlens_unpadded": real.to(torch.int32)}
+
+
+def _real_tokens(packed: dict, local_len: int, group: Any) -> Optional[torch.Tensor]:
+    """bool ``[local_len]``: this rank's slots that hold real tokens (None: all of them), from the
+    same partition ``cp.attention`` resolves (padding is left out of the MoH balance loss)."""
+    if not packed:
+        return None
+    from seqpar.kernels._common import host_ints
+
+    rank, world = (0, 1) if _size(group) == 1 else (group.rank(), group.size())
+    part = cp.make_partition(host_ints(packed["cu_seqlens"])[-1], (rank, world), local_len=local_len,
+                             cu_seqlens=packed["cu_seqlens"], cu_seqlens_unpadded=packed.get("cu_seqlens_unpadded"))
+    if part.padding == 0:
+        return None
+    from seqpar.cp.partition import cached_index
+
+    return cached_index(("valid", part, rank), packed["cu_seqlens"].device, lambda: part.valid(rank))
 
 
 def _scheme(kind: str, config: Any, cp_comm_type: Optional[str]) -> str:
@@ -139,7 +172,7 @@ class _SeqparCoreAttention(MegatronModule):
         _no_attention_mask(type(self).__name__, attention_mask)
         thd = query.dim() == 3
         q, k, v = _to_bshd(query), _to_bshd(key), _to_bshd(value)
-        o = self._attend(q, k, v, _cu_seqlens(packed_seq_params))
+        o = self._attend(q, k, v, _packed(packed_seq_params))
         return _from_bshd(o, thd)
 
     def _cp(self, q, k, v, **kw) -> torch.Tensor:
@@ -148,22 +181,21 @@ class _SeqparCoreAttention(MegatronModule):
         return cp.attention(q, k, v, kind=self.kind, scheme=self.scheme, group=self.cp_group,
                             balance="zigzag", backend=self.backend, **kw)
 
-    def _attend(self, q, k, v, cu_seqlens):
+    def _attend(self, q, k, v, packed: dict):
         raise NotImplementedError
 
 
 class SoftmaxCoreAttention(_SeqparCoreAttention):
     """Causal softmax attention: ``flash_attention`` on one rank, ``cp.attention(kind="softmax")``
-    under CP. Packed THD passes ``cu_seqlens`` through."""
+    under CP. Packed THD passes ``cu_seqlens`` through (every kind, every scheme)."""
 
     kind = "softmax"
 
-    def _attend(self, q, k, v, cu_seqlens):
-        if self.cp_size == 1:
-            return flash_attention(q, k, v, causal=True, sm_scale=self.softmax_scale, cu_seqlens=cu_seqlens,
-                                   backend=self.backend)
-        kw = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
-        return self._cp(q, k, v, sm_scale=self.softmax_scale, **kw)
+    def _attend(self, q, k, v, packed: dict):
+        if self.cp_size == 1:  # Megatron's per-document pads sit after each document's real tokens: causal
+            return flash_attention(q, k, v, causal=True, sm_scale=self.softmax_scale,
+                                   cu_seqlens=packed.get("cu_seqlens"), backend=self.backend)
+        return self._cp(q, k, v, sm_scale=self.softmax_scale, **packed)
 
 
 class S2CoreAttention(_SeqparCoreAttention):
@@ -182,21 +214,22 @@ class S2CoreAttention(_SeqparCoreAttention):
         self.kv_head_offset = self.tp_rank * self.kv_heads
         self.total_kv_heads = config.num_query_groups
 
-    def _attend(self, q, k, v, cu_seqlens):
+    def _attend(self, q, k, v, packed: dict):
         if self.cp_size == 1:
-            return s2_attention(q, k, v, self.layout, sm_scale=self.softmax_scale, cu_seqlens=cu_seqlens,
+            return s2_attention(q, k, v, self.layout, sm_scale=self.softmax_scale, cu_seqlens=packed.get("cu_seqlens"),
                                 kv_head_offset=self.kv_head_offset, total_kv_heads=self.total_kv_heads,
                                 backend=self.backend)
-        if cu_seqlens is not None:
-            raise ValueError("S2 under CP does not take packed sequences (cu_seqlens); use CP=1 or unpacked data")
-        # every CP scheme places this TP rank's kv heads in the global pattern
+        # every CP scheme places this TP rank's kv heads in the global pattern; the layout restarts
+        # at every document
         return self._cp(q, k, v, layout=self.layout, sm_scale=self.softmax_scale,
-                        kv_head_offset=self.kv_head_offset, total_kv_heads=self.total_kv_heads)
+                        kv_head_offset=self.kv_head_offset, total_kv_heads=self.total_kv_heads, **packed)
 
 
-def moh_balance_loss(probs: torch.Tensor, topk_index: torch.Tensor, group: Any) -> torch.Tensor:
+def moh_balance_loss(probs: torch.Tensor, topk_index: torch.Tensor, group: Any,
+                     real: Optional[torch.Tensor] = None) -> torch.Tensor:
     """MoH load-balance loss ``R^2 * mean_i(P_i F_i)`` over the tokens of the whole CP group
-    (``probs [b, s, R]`` routed probabilities, ``topk_index [b, s, k]``; docs/moh.md).
+    (``probs [b, s, R]`` routed probabilities, ``topk_index [b, s, k]``; docs/moh.md). ``real``: bool
+    ``[s]``, the slots that hold real tokens (padding of packed documents is left out), or None.
 
     The per-head sums travel in one all-reduce through :class:`seqpar.cp.Comm` (recorded in the
     comm ledger as ``all_reduce``, ``2 (P-1)/P * (2R+1) * 4`` bytes for fp32 routers). Each rank's
@@ -204,10 +237,16 @@ def moh_balance_loss(probs: torch.Tensor, topk_index: torch.Tensor, group: Any) 
     summing parameter grads over CP gives exactly the single-rank gradient.
     """
     num = probs.shape[-1]
+    picked = F.one_hot(topk_index, num).sum(dim=-2).to(probs.dtype)
+    if real is None:
+        # a device-side fill: no host-to-device copy on the hot path
+        tokens = torch.full((1,), probs.numel() // num, dtype=probs.dtype, device=probs.device)
+    else:
+        w = real.to(probs.dtype)[None, :, None]
+        probs, picked = probs * w, picked * w
+        tokens = (w.sum() * probs.shape[0]).reshape(1)
     p_sum = probs.reshape(-1, num).sum(dim=0)
-    f_cnt = F.one_hot(topk_index, num).sum(dim=-2).reshape(-1, num).to(probs.dtype).sum(dim=0)
-    # a device-side fill: no host-to-device copy on the hot path
-    tokens = torch.full((1,), probs.numel() // num, dtype=probs.dtype, device=probs.device)
+    f_cnt = picked.reshape(-1, num).sum(dim=0)
     if _size(group) > 1:
         stats = cp.Comm(group).all_reduce(torch.cat([p_sum.detach(), f_cnt, tokens]))
         p_sum = p_sum + (stats[:num] - p_sum.detach())
@@ -249,24 +288,24 @@ class MoHCoreAttention(_SeqparCoreAttention):
         """Gates ``[batch, seq, heads]`` for the next forward (consumed once)."""
         self._gates = gates
 
-    def _attend(self, q, k, v, cu_seqlens):
-        if cu_seqlens is not None:
-            raise ValueError("MoH attention does not take packed sequences (cu_seqlens)")
+    def _attend(self, q, k, v, packed: dict):
         aux = None
         if self._gates is not None:
             gates, self._gates = self._gates, None
         elif self.router is not None:
             routing = self.router(q.reshape(*q.shape[:2], -1))
             gates = routing.gates
-            aux = self.aux_loss_coef * moh_balance_loss(routing.routed_probs, routing.topk_index, self.cp_group)
+            aux = self.aux_loss_coef * moh_balance_loss(routing.routed_probs, routing.topk_index, self.cp_group,
+                                                        _real_tokens(packed, q.shape[1], self.cp_group))
             self.last_aux_loss = aux.detach()
         else:
             raise ValueError("MoHCoreAttention built with router_on_query=False needs set_gates() before forward")
         gates = gates.to(torch.float32)
-        if self.cp_size == 1:
-            o = moh_attention(q, k, v, gates, causal=True, sm_scale=self.softmax_scale, backend=self.backend)
+        if self.cp_size == 1:  # gates travel with their tokens; documents never see each other
+            o = moh_attention(q, k, v, gates, causal=True, sm_scale=self.softmax_scale,
+                              cu_seqlens=packed.get("cu_seqlens"), backend=self.backend)
         else:
-            o = self._cp(q, k, v, gates=gates, sm_scale=self.softmax_scale)
+            o = self._cp(q, k, v, gates=gates, sm_scale=self.softmax_scale, **packed)
         return o if aux is None else MoEAuxLossAutoScaler.apply(o, aux)
 
 
@@ -304,14 +343,13 @@ class MoHSelfAttention(SelfAttention):
         self.last_aux_loss: Optional[torch.Tensor] = None
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
-        packed = kwargs.get("packed_seq_params")
-        if packed is not None:
-            raise ValueError("MoH layers do not take packed sequences (packed_seq_params)")
+        packed = _packed(kwargs.get("packed_seq_params"))
         # checked before the router's collective so that every rank fails the same way
         _no_attention_mask(type(self).__name__, args[0] if args else kwargs.get("attention_mask"))
         routing = self.router(hidden_states.transpose(0, 1))  # [b, s, heads]
-        aux = self.aux_loss_coef * moh_balance_loss(routing.routed_probs, routing.topk_index,
-                                                    self.core_attention.cp_group)
+        group = self.core_attention.cp_group
+        aux = self.aux_loss_coef * moh_balance_loss(routing.routed_probs, routing.topk_index, group,
+                                                    _real_tokens(packed, hidden_states.shape[0], group))
         self.last_aux_loss = aux.detach()
         gates = routing.gates
         if self.world_size > 1:  # this rank's heads (contiguous, as linear_qkv splits them)
@@ -445,12 +483,12 @@ class LightningSelfAttention(MegatronModule):
         mixed, _ = self.linear_qkvg(hidden_states)
         d, h, g = self.head_dim, self.heads, self.kv_heads
         q, k, v, gate = torch.split(mixed, [h * d, g * d, g * d, h * d], dim=-1)
-        cu = _cu_seqlens(packed_seq_params)
+        packed = _packed(packed_seq_params)
         q = F.silu(q).view(s, b, h, d).transpose(0, 1)
         k = F.silu(k).view(s, b, g, d).transpose(0, 1)
         v = F.silu(v).view(s, b, g, d).transpose(0, 1)
         slope = self.slopes.to(q.device)
-        kw = {} if cu is None else {"cu_seqlens": cu}
+        kw = dict(packed)
         if self.scheme == "usp":
             kw["ulysses_degree"] = self.config.usp_ulysses_degree
         if _size(self.cp_group) == 1:

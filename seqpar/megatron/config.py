@@ -116,7 +116,7 @@ def check_usp_degree(degree: int, cp: int, heads: int, prefix: str = "") -> None
 # ---------------------------------------------------------------------------------------------------
 # one line per error
 
-_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
 
 
 def _show(v: Any) -> str:

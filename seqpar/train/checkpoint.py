@@ -14,6 +14,9 @@ Layout of one checkpoint: ``<dir>/step_N/`` is a ``dist_checkpointing`` folder h
   generator), each a ShardedTensor ``[world, n]`` whose row r is global rank r's state (no pickle);
 - common values (rank 0): ``step``, the parallel layout and the run's config;
 - ``config.json``: the resolved recipe (compared with the resuming run's, ``compare_configs``);
+- ``tokenizer/``: the run's tokenizer files (``seqpar.data.Tokenizer``: ``tokenizer.model``, or a Hugging
+  Face tokenizer's ``tokenizer.json`` + config), compared with the resuming run's (``check_tokenizer``)
+  and shipped by export;
 - ``manifest.json``: size + SHA-256 of every other file (``seqpar.train.integrity``).
 
 The LR schedule and the data position are functions of ``step`` (``OptimizerParamScheduler`` advanced
@@ -56,7 +59,8 @@ from seqpar.train import integrity
 from seqpar.train.integrity import CorruptCheckpointError, verify  # noqa: F401  verify: for readers (export)
 
 CONFIG_FILE = "config.json"  # the resolved recipe of the run that wrote the checkpoint
-TOKENIZER_FILE = "tokenizer.model"  # the run's sentencepiece model, inside each step folder
+TOKENIZER_DIR = "tokenizer"  # the run's tokenizer files, inside each step folder (seqpar.data.Tokenizer.save)
+LEGACY_TOKENIZER_FILE = "tokenizer.model"  # before #23: the sentencepiece model at the top of the step folder
 
 
 def _layout() -> dict[str, int]:
@@ -276,13 +280,13 @@ def write_sharded(sd: dict[str, Any], folder: pathlib.Path) -> None:
 
 
 def save(ckpt_dir: str | pathlib.Path, step: int, model: Sequence[torch.nn.Module], opt: Any, *, rng: Any,
-         config: dict[str, Any], tokenizer_model: Optional[bytes] = None) -> pathlib.Path:
+         config: dict[str, Any], tokenizer: Any = None) -> pathlib.Path:
     """Write step ``step`` (model chunks, the megatron optimizer's state incl. fp32 main weights, RNG
     states, config) to
     ``<ckpt_dir>/step_N`` atomically, with ``config.json`` (``config``, the resolved recipe) and
     ``manifest.json``; then delete checkpoints beyond ``config["train"]["keep_last"]`` (0 / absent:
-    keep all). ``tokenizer_model``: the run's serialized sentencepiece model, written as
-    ``step_N/tokenizer.model`` (export reads it). Raises NonFiniteCheckpointError (on every rank,
+    keep all). ``tokenizer``: the run's ``seqpar.data.Tokenizer``, its files written to
+    ``step_N/tokenizer/`` (resume compares them, export ships them). Raises NonFiniteCheckpointError (on every rank,
     nothing written) if the weights hold NaN / inf. Collective: every rank calls it."""
     _check_finite(step, model)
     root = pathlib.Path(ckpt_dir)
@@ -297,8 +301,8 @@ def save(ckpt_dir: str | pathlib.Path, step: int, model: Sequence[torch.nn.Modul
     sd.update(rng=_rng_tensors(_flat_rng(rng), loading=False), step=step, layout=_layout(), config=config,
               optimizer_kind=_optimizer_kind(opt))
     write_sharded(sd, tmp)
-    if tokenizer_model is not None and dist.get_rank() == 0:
-        (tmp / TOKENIZER_FILE).write_bytes(tokenizer_model)
+    if tokenizer is not None and dist.get_rank() == 0:
+        tokenizer.save(tmp / TOKENIZER_DIR)
     dist.barrier()
     digests = _digests_of_own_files(tmp)
     if dist.get_rank() == 0:
@@ -383,10 +387,51 @@ class ConfigMismatchError(ResumeError):
 
 
 # fields whose change makes the saved weights mean something else (or not fit): an error on resume.
-# Everything else (schedule, steps, data, parallel layout, outputs) may change and is printed.
+# Everything else (schedule, steps, parallel layout, outputs) may change and is printed.
 _FIXED_SECTIONS = ("model",)
 _FIXED_FIELDS = {("data", "vocab_size")}
 _FREE_FIELDS = {("model", "moh_aux_loss_coef")}  # a loss weight, not part of the weights' meaning
+# fields that define the training stream (the batch of step s): fixed once a step has been taken (a
+# step-0 checkpoint, e.g. from seqpar-import, starts on any data)
+_STREAM_FIELDS = {("data", f) for f in ("dataset", "blend", "split", "train_blend", "valid_blend", "test_blend",
+                                        "files", "json_key")}
+
+
+def checkpoint_tokenizer(path: str | pathlib.Path) -> Any:
+    """The ``seqpar.data.Tokenizer`` stored in a step folder (``tokenizer/``, or a pre-#23
+    ``tokenizer.model``), or None."""
+    from seqpar.data.tokenizer import HF_FILES, SP_MODEL, Tokenizer
+
+    path = pathlib.Path(path)
+    folder = path / TOKENIZER_DIR
+    if folder.is_dir():
+        files = {n: (folder / n).read_bytes() for n in (SP_MODEL, *HF_FILES) if (folder / n).is_file()}
+        return Tokenizer(files, str(folder)) if files else None
+    if (path / LEGACY_TOKENIZER_FILE).is_file():
+        return Tokenizer({SP_MODEL: (path / LEGACY_TOKENIZER_FILE).read_bytes()}, str(path / LEGACY_TOKENIZER_FILE))
+    return None
+
+
+def check_tokenizer(path: str | pathlib.Path, tokenizer: Any) -> None:
+    """Before resuming from ``path``: the run's tokenizer (``seqpar.data.Tokenizer`` or None) must have the
+    files the checkpoint was trained with, byte for byte (other files = other token ids for the same
+    text). A step-0 checkpoint without a tokenizer (``seqpar-import`` of a folder that has none) starts
+    with any. Raises ResumeError naming ``data.tokenizer`` and the fix."""
+    saved = checkpoint_tokenizer(path)
+    if saved is None and (tokenizer is None or int(integrity.read_manifest(path).get("step", 0)) == 0):
+        return
+    if saved is None:
+        raise ResumeError(f"--resume: {path} holds no tokenizer (written without one, e.g. MQAR data or an import "
+                          f"without a tokenizer) but this run uses {tokenizer.where}; token ids would change "
+                          f"meaning: train on the checkpoint's data, or start a new run")
+    if tokenizer is None:
+        raise ResumeError(f"--resume: {path} was trained with the tokenizer in {saved.where} but this run has none "
+                          f"(data.dataset=mqar); resume it on text data with data.tokenizer={saved.where}")
+    if saved.fingerprint != tokenizer.fingerprint:
+        raise ResumeError(f"--resume: data.tokenizer ({tokenizer.where}, sha256 {tokenizer.fingerprint[:12]}) is not "
+                          f"the tokenizer {path} was trained with (sha256 {saved.fingerprint[:12]}): the same text "
+                          f"would become other token ids; set data.tokenizer={saved.where} (the checkpoint's copy), "
+                          f"or start a new run")
 
 
 def _lr_jump(saved: dict[str, Any], new: dict[str, Any], step: int) -> str:
@@ -413,8 +458,8 @@ def check_resume(path: str | pathlib.Path, config: dict[str, Any]) -> list[str]:
     the manifest's step is already ``train.steps``)."""
     path = pathlib.Path(path)
     saved = saved_config(path)
-    changes = compare_configs(saved, config, where=str(path))
     step = int(integrity.read_manifest(path).get("step", 0))
+    changes = compare_configs(saved, config, where=str(path), step=step)
     if changes and _rank_world()[0] == 0:
         print(f"[seqpar.train] resuming {path} with a changed recipe (allowed; the LR schedule and data "
               f"position follow the new values from step {step} on):\n"
@@ -444,25 +489,35 @@ def _leaves(tree: Any, prefix: tuple = ()) -> dict[tuple, Any]:
     return {prefix: tree}
 
 
-def compare_configs(saved: dict[str, Any], new: dict[str, Any], where: str = "the checkpoint") -> list[str]:
+def compare_configs(saved: dict[str, Any], new: dict[str, Any], where: str = "the checkpoint",
+                    step: int = 1) -> list[str]:
     """Differences between the recipe a checkpoint was written with and the resuming one.
 
     Raises ConfigMismatchError listing every changed model field (``model.*`` except
     ``moh_aux_loss_coef``, and ``data.vocab_size``): the weights would be loaded into layers of
-    another kind or shape. Returns ``["optim.lr: 0.0003 -> 0.003", ...]`` for the other changes
+    another kind or shape; and, for a checkpoint past step 0, every changed field of the data stream
+    (``data.dataset`` / ``blend`` / ``split`` / per-split blends / ``files`` / ``json_key``): the
+    batches from the resume step on would not be the uninterrupted run's. Returns ``["optim.lr: 0.0003 -> 0.003", ...]`` for the other changes
     (allowed). Fields unknown to one side (a newer / older seqpar) count as changes."""
     a, b = _leaves(saved), _leaves(new)
-    fixed, free = [], []
+    fixed, stream, free = [], [], []
     for key in sorted(set(a) | set(b), key=lambda k: ".".join(map(str, k))):
         va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
         if va == vb:
             continue
         line = f"{'.'.join(map(str, key))}: {json.dumps(va)} -> {json.dumps(vb)}"
         is_fixed = (key[0] in _FIXED_SECTIONS or key[:2] in _FIXED_FIELDS) and key[:2] not in _FREE_FIELDS
-        (fixed if is_fixed else free).append(line)
+        # a field one side lacks (a recipe of an older seqpar) is not a change of the stream
+        in_stream = key[:2] in _STREAM_FIELDS and step and "<absent>" not in (va, vb)
+        (fixed if is_fixed else stream if in_stream else free).append(line)
     if fixed:
         raise ConfigMismatchError(f"--resume: the recipe's model differs from the one {where} was written with:\n"
                                   + "\n".join(f"  {x}" for x in fixed)
+                                  + "\nuse the checkpoint's values, or start a new run (another train.out_dir)")
+    if stream:
+        raise ConfigMismatchError(f"--resume: the recipe's data stream differs from the one {where} was trained on "
+                                  f"(step {step}; the batch of a step is a function of the data fields and the seed):\n"
+                                  + "\n".join(f"  {x}" for x in stream)
                                   + "\nuse the checkpoint's values, or start a new run (another train.out_dir)")
     return free
 

@@ -54,7 +54,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     launched = "WORLD_SIZE" in os.environ
     try:
-        cfg = load_recipe(args.recipe, args.overrides)
+        # the files the recipe names (data prefixes, tokenizer) are checked too, except for --dry-run (a
+        # memory report for a layout, runnable where the data is not)
+        cfg = load_recipe(args.recipe, args.overrides, check_files=not args.dry_run)
         par = cfg.parallel
         mp = par.tensor_parallel * par.context_parallel * par.pipeline_parallel
         no_launch = args.dry_run or args.check
@@ -81,6 +83,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             cfg.check_environment()
         # the engine's own checks (DeepSpeed: the whole ds_config) before any process group
         engine_class(cfg.train.engine).check(cfg, dp)
+        if not args.dry_run:
+            from seqpar.data import prepare
+
+            # data caches (trained tokenizer, dataset indices) built once under a file lock, before any
+            # process group, so no collective waits on them; --check only checks the splits
+            prepare(cfg, build=not args.check, check=False)
     except (ValueError, OSError) as e:
         # every rank stops here (exit 2, no process group, no traceback); rank 0 says why, once
         if os.environ.get("RANK", "0") == "0":

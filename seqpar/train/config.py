@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from seqpar.megatron.config import (AttentionModelFields, AttentionParallelFields, FiniteFloat, NonNegativeFloat,
                                     NonNegativeInt, PositiveFloat, PositiveInt, Strict, check_moh_heads,
@@ -200,23 +200,48 @@ class ParallelConfig(AttentionParallelFields):
 
 
 class DataConfig(Strict):
-    """Dataset, sequence length, batch."""
+    """Dataset, tokenizer, sequence length, batch."""
 
-    dataset: Literal["text", "mqar"] = "text"
-    """"text" (sentencepiece over local text, packed) or "mqar" (synthetic recall)."""
+    dataset: Literal["text", "mqar", "indexed", "hf"] = "text"
+    """"indexed" (megatron .bin/.idx prefixes from python -m seqpar.data.preprocess, in data.blend),
+    "hf" (local JSON Lines / parquet data.files read by Hugging Face datasets, tokenized once into the
+    cache), "text" (local text files or the Python standard library, one document per file, packed in
+    memory: the demo) or "mqar" (synthetic recall)."""
+    tokenizer: str = "train"
+    """A sentencepiece .model file, a Hugging Face tokenizer folder (tokenizer.json), or "train"
+    (a sentencepiece BPE model of data.vocab_size pieces trained on the text data: the demo; text
+    only). Its files are stored in every checkpoint; --resume with other files is refused."""
     seq_len: Annotated[int, Field(ge=2)] = 128
-    """Tokens per sequence; a multiple of 2 x CP (x S2 block size when S layers run under CP)."""
+    """Tokens per sequence; a multiple of 2 x CP (the trainer's zigzag split; S2 chunks need not be whole blocks)."""
     global_batch: PositiveInt = 8
     """Sequences per step over all DP ranks; a multiple of the DP size."""
     vocab_size: Annotated[int, Field(ge=64)] = 512
-    """Tokenizer vocabulary (text, >= 512) or MQAR vocabulary (>= 64)."""
+    """The model's vocabulary (embedding rows): >= the tokenizer's ids; with data.tokenizer "train"
+    also the trained tokenizer's size (>= 512); MQAR's vocabulary (>= 64)."""
+    blend: list = Field(default_factory=list)
+    """indexed: Megatron's --data-path form, [PREFIX] or [WEIGHT, PREFIX, WEIGHT, PREFIX, ...]
+    (weights > 0, relative), each PREFIX naming PREFIX.bin / PREFIX.idx; split by data.split."""
+    split: Optional[str] = None
+    """Train / valid / test shares of each blend prefix's documents, e.g. "969,30,1" (null: "969,30,1"
+    with data.blend); 0 = no such split. Not with per-split blends."""
+    train_blend: list = Field(default_factory=list)
+    """indexed, instead of data.blend + data.split: the training blend (same form as data.blend)."""
+    valid_blend: list = Field(default_factory=list)
+    """indexed, with data.train_blend: the validation blend (empty: no validation split)."""
+    test_blend: list = Field(default_factory=list)
+    """indexed, with data.train_blend: the test blend (empty: no test split)."""
+    files: list[str] = Field(default_factory=list)
+    """hf: local .jsonl / .json / .parquet files, one source (split by data.split)."""
+    json_key: str = "text"
+    """hf: the field (column) that holds each document's text."""
     text_files: Annotated[list[str], RecipePath("file", nonempty=True)] = Field(default_factory=list)
-    """Local text files for the tokenizer and the corpus (a list, e.g. [a.txt]); empty = the Python standard
-    library sources."""
+    """text: local text files for the tokenizer and the corpus (a list, e.g. [a.txt]); empty = the Python
+    standard library sources."""
     max_bytes: PositiveInt = 1_000_000
-    """Characters of text read (tokenizer training and corpus)."""
+    """text: characters of text read (tokenizer training and corpus)."""
     cache_dir: Annotated[str, RecipePath("dir")] = ""
-    """Tokenizer cache directory; empty = $SEQPAR_CACHE or ~/.cache/seqpar."""
+    """Trained tokenizers, dataset index caches and hf conversions (built once, shared by the ranks);
+    empty = $SEQPAR_CACHE or ~/.cache/seqpar."""
     mqar_pairs: PositiveInt = 8
     """MQAR key-value pairs per sequence."""
     mqar_queries: PositiveInt = 8
@@ -226,16 +251,66 @@ class DataConfig(Strict):
     global_batch / (DP x micro_batch) micro-batches through megatron's schedule (gradient accumulation;
     under PP the micro-batches fill the pipeline)."""
 
+    @field_validator("blend", "train_blend", "valid_blend", "test_blend")
+    @classmethod
+    def _blend_form(cls, v: list, info: ValidationInfo) -> list:
+        if v:
+            from seqpar.data.inputs import parse_blend
+
+            parse_blend(v, f"data.{info.field_name}")
+        return v
+
+    @field_validator("split")
+    @classmethod
+    def _split_form(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            from seqpar.data.inputs import parse_split
+
+            parse_split(v)
+        return v
+
     @model_validator(mode="after")
-    def _text_vocab(self) -> "DataConfig":
+    def _sources(self, info: ValidationInfo) -> "DataConfig":
+        kind = self.dataset
+        per_split = self.train_blend or self.valid_blend or self.test_blend
+        unused = [f for f, on in (("blend", kind != "indexed" and self.blend),
+                                  ("train_blend", kind != "indexed" and per_split),
+                                  ("split", kind not in ("indexed", "hf") and self.split is not None),
+                                  ("files", kind != "hf" and self.files),
+                                  ("json_key", kind != "hf" and self.json_key != "text"),
+                                  ("text_files", kind != "text" and self.text_files),
+                                  ("tokenizer", kind == "mqar" and self.tokenizer != "train")) if on]
+        _need(not unused, f"data.{unused[0] if unused else ''} is not used by data.dataset={kind!r}; remove it "
+                          f"(or pick the dataset that reads it)")
+        if kind == "indexed":
+            _need(bool(self.blend) != bool(per_split),
+                  "data.dataset='indexed' needs data.blend ([PREFIX] or [WEIGHT, PREFIX, ...]) or per-split blends "
+                  "(data.train_blend + data.valid_blend / test_blend), not both" if per_split else
+                  "data.dataset='indexed' needs data.blend: [PREFIX] or [WEIGHT, PREFIX, WEIGHT, PREFIX, ...] "
+                  "(make PREFIX.bin / .idx with python -m seqpar.data.preprocess)")
+            _need(not per_split or (self.train_blend and self.split is None),
+                  "data.train_blend is required with per-split blends, and data.split does not apply to them "
+                  "(each split has its own blend)")
+        if kind == "hf":
+            _need(bool(self.files), "data.dataset='hf' needs data.files: local .jsonl / .json / .parquet files")
+            _need(bool(self.json_key), "data.json_key is empty; give the field that holds each document's text")
+        if kind in ("indexed", "hf"):
+            _need(self.tokenizer != "train",
+                  f"data.tokenizer='train' trains on the text dataset only; data.dataset={kind!r} needs the "
+                  f"tokenizer the data is (to be) tokenized with: a sentencepiece .model file or a Hugging Face "
+                  f"tokenizer folder")
         # the tokenizer's byte fallback alone takes 256 pieces
-        _need(self.dataset != "text" or self.vocab_size >= 512,
-              f"data.vocab_size={self.vocab_size} must be >= 512 for the text dataset")
+        _need(kind != "text" or self.tokenizer != "train" or self.vocab_size >= 512,
+              f"data.vocab_size={self.vocab_size} must be >= 512 for a trained tokenizer (data.tokenizer='train')")
         # MQAR keys are distinct tokens of [4, vocab_size / 2) (seqpar.data.MQARDataset)
-        _need(self.dataset != "mqar" or self.vocab_size // 2 - 4 >= self.mqar_pairs,
+        _need(kind != "mqar" or self.vocab_size // 2 - 4 >= self.mqar_pairs,
               f"data.mqar_pairs={self.mqar_pairs} needs as many distinct keys, but data.vocab_size={self.vocab_size} "
               f"has {self.vocab_size // 2 - 4} (token ids 4 .. vocab_size / 2 - 1); raise data.vocab_size to >= "
               f"{2 * (self.mqar_pairs + 4)} or lower data.mqar_pairs")
+        if info.context and info.context.get("check_files"):
+            from seqpar.data.inputs import check_inputs
+
+            check_inputs(self)  # the files exist and fit: before any process group, on every rank
         return self
 
 
@@ -428,12 +503,13 @@ class RunConfig(Strict):
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
 
 
-def from_dict(tree: Any) -> RunConfig:
-    """Build and validate a RunConfig; raises RecipeError with one line per bad value."""
+def from_dict(tree: Any, *, check_files: bool = False) -> RunConfig:
+    """Build and validate a RunConfig; raises RecipeError with one line per bad value.
+    ``check_files``: also check the files the recipe names (data inputs: ``seqpar.data.inputs.check_inputs``)."""
     if not isinstance(tree, dict):
         raise RecipeError([f"a recipe must be a mapping of sections {list(SECTIONS)}, got {type(tree).__name__}"])
     try:
-        return RunConfig.model_validate(tree)
+        return RunConfig.model_validate(tree, context={"check_files": check_files})
     except ValidationError as e:
         raise RecipeError(format_errors(e, RunConfig)) from None
 
@@ -489,11 +565,13 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def load_recipe(path: str | pathlib.Path, overrides: Optional[list[str]] = None) -> RunConfig:
+def load_recipe(path: str | pathlib.Path, overrides: Optional[list[str]] = None, *,
+                check_files: bool = False) -> RunConfig:
     """YAML recipe + ``section.field=value`` overrides (values parsed as YAML) -> validated RunConfig.
 
     Raises RecipeError (a ValueError; one line per problem) for a missing, unreadable, empty or
-    malformed file, a bad override or any bad value."""
+    malformed file, a bad override or any bad value; with ``check_files``, also for a file the recipe
+    names that is missing or unfit (the training CLI's check before any process group)."""
     path = pathlib.Path(path)
     try:
         text = path.read_text()
@@ -511,7 +589,7 @@ def load_recipe(path: str | pathlib.Path, overrides: Optional[list[str]] = None)
             raise RecipeError([f"--set expects section.field=value, got {item!r}"])
         key, raw = item.split("=", 1)
         _set(tree, key.strip(), parse_yaml(raw, f"--set {key.strip()}"))
-    return from_dict(tree)
+    return from_dict(tree, check_files=check_files)
 
 
 def schema_markdown() -> str:

@@ -31,6 +31,7 @@ from typing import Any, ClassVar, Iterator, Optional
 import torch
 
 from seqpar import cp
+from seqpar.data.batch import Batch  # noqa: F401  the batch contract, defined once in seqpar.data
 
 
 @dataclass
@@ -54,19 +55,6 @@ class StepResult:
     accuracy: Optional[float] = None
     """Fraction of the global batch's loss-masked tokens whose greedy prediction is the label (the
     ``StepContext.accuracy`` counter's); None when the engine was given none."""
-
-
-@dataclass
-class Batch:
-    """This DP rank's ``[global_batch / DP, seq]`` share of one step, on the engine's device (the
-    engine splits it into micro-batches and CP shares)."""
-
-    tokens: torch.Tensor
-    """Input token ids ``[b, seq]`` (int64)."""
-    labels: torch.Tensor
-    """Next-token targets ``[b, seq]`` (int64)."""
-    loss_mask: torch.Tensor
-    """1 where the token counts in the loss ``[b, seq]``."""
 
 
 class StepContext:
@@ -160,9 +148,9 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def save(self, ckpt_dir: pathlib.Path, step: int, *, rng: Any, config: dict[str, Any],
-             tokenizer_model: Optional[bytes] = None) -> pathlib.Path:
-        """Write the checkpoint of ``step`` (steps done) under ``ckpt_dir`` atomically (collective);
-        returns its folder."""
+             tokenizer: Any = None) -> pathlib.Path:
+        """Write the checkpoint of ``step`` (steps done) under ``ckpt_dir`` atomically (collective), with
+        the run's ``seqpar.data.Tokenizer`` files in ``step_N/tokenizer/``; returns its folder."""
 
     @abc.abstractmethod
     def load(self, path: pathlib.Path, *, config: dict[str, Any]) -> dict[str, Any]:

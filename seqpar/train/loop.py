@@ -33,25 +33,15 @@ from seqpar.train.runtime import build_model, model_config  # noqa: F401  re-exp
 
 
 def build_data(cfg: RunConfig):
-    """Dataset and vocabulary size (the tokenizer is trained once by rank 0, then loaded by all)."""
-    from seqpar.data import MQARDataset, PackedTextDataset, corpus_summary, get_tokenizer, load_documents, load_text
+    """The run's ``seqpar.data.DataSources`` (``batch`` = the training stream; ``valid`` / ``test``
+    splits; ``tokenizer``, pinned in every checkpoint) and the model's vocabulary size. Every rank
+    calls it; the data report goes to rank 0's stdout."""
+    from seqpar.data import build_sources
 
-    d = cfg.data
-    if d.dataset == "mqar":
-        return MQARDataset(d.vocab_size, d.seq_len, d.mqar_pairs, d.mqar_queries, seed=cfg.train.seed), d.vocab_size
-    text = load_text(d.text_files, d.max_bytes)
-    cache = d.cache_dir or None
+    data = build_sources(cfg)
     if dist.get_rank() == 0:
-        get_tokenizer(d.vocab_size, text, cache)
-    dist.barrier()
-    sp = get_tokenizer(d.vocab_size, text, cache)
-    docs = load_documents(d.text_files, d.max_bytes)  # each document followed by EOS
-    ds = PackedTextDataset.from_documents(sp, docs, d.seq_len, seed=cfg.train.seed)
-    if dist.get_rank() == 0:  # what max_bytes lets in, never cut silently
-        print(f"[seqpar.train] {corpus_summary(d.text_files, d.max_bytes, docs, ds.ids.numel(), d.seq_len)}",
-              flush=True)
-    ds.tokenizer_model = sp.serialized_model_proto()  # saved in every checkpoint (export needs it)
-    return ds, sp.vocab_size()
+        print("\n".join(f"[seqpar.data] {line}" for line in data.report), flush=True)
+    return data, data.vocab_size
 
 
 class AttentionTimer:
@@ -108,11 +98,12 @@ def _tensorboard_cmd() -> str:
     return str(exe) if exe.exists() else "tensorboard"
 
 
-def _batch(data: Any, step: int, cfg: RunConfig, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """This DP rank's ``[global_batch / DP, seq]`` share of step ``step`` (tokens, labels, loss mask)."""
+def _batch(data: Any, step: int, cfg: RunConfig, device: torch.device) -> Batch:
+    """This DP rank's ``[global_batch / DP, seq]`` share of step ``step`` on ``device`` (a
+    ``seqpar.data.Batch``: tokens, labels, loss mask, position ids; it also unpacks as the first three)."""
     dp = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
-    return tuple(t.to(device) for t in data.batch(step, cfg.data.global_batch, dp_rank, dp))
+    return data.batch(step, cfg.data.global_batch, dp_rank, dp).to(device)
 
 
 class Logger:
@@ -192,12 +183,13 @@ def startup_summary(cfg: RunConfig, engine: Engine, vocab_size: int) -> str:
             f"{cfg.train.engine}{zero}; rank 0 holds {here:,} parameters")
 
 
-def _resume(engine: Engine, ckpt_dir: pathlib.Path, cfg: RunConfig) -> int:
-    """Load the newest intact checkpoint under ``ckpt_dir`` (manifest-verified, recipe compared) into
-    the engine; returns its step."""
+def _resume(engine: Engine, ckpt_dir: pathlib.Path, cfg: RunConfig, tokenizer: Any = None) -> int:
+    """Load the newest intact checkpoint under ``ckpt_dir`` (manifest-verified, recipe and tokenizer
+    compared) into the engine; returns its step."""
     # `latest` if intact, else (train.on_corrupt_checkpoint=fallback) the newest intact older checkpoint,
     # with a warning naming the corrupt file
     path = checkpoint.resumable(ckpt_dir, cfg.train.on_corrupt_checkpoint)
+    checkpoint.check_tokenizer(path, tokenizer)  # the run's tokenizer files = the checkpoint's
     state = engine.load(path, config=cfg.to_dict())  # refuses a model change / finished run
     if state["rng"] is not None:
         _set_rng_state(state["rng"])
@@ -236,7 +228,7 @@ def _train(engine_cls: type[Engine], cfg: RunConfig, resume: bool, stop_after: O
     out = pathlib.Path(cfg.train.out_dir)
     ckpt_dir = out / "checkpoints"
     checkpoint.prepare_out_dir(out, resume=resume, overwrite=cfg.train.overwrite)  # h16: no silent mixing of runs
-    start = _resume(engine, ckpt_dir, cfg) if resume else 0
+    start = _resume(engine, ckpt_dir, cfg, data.tokenizer) if resume else 0
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
     if dist.get_rank() == 0:
         print(f"{engine.log_prefix} {startup_summary(cfg, engine, vocab)}", flush=True)
@@ -251,7 +243,7 @@ def _train(engine_cls: type[Engine], cfg: RunConfig, resume: bool, stop_after: O
     engine.train()
     for step in range(start, end):
         t0 = time.perf_counter()
-        res = engine.train_step(Batch(*_batch(data, step, cfg, device)), StepContext(step, monitor, accuracy))
+        res = engine.train_step(_batch(data, step, cfg, device), StepContext(step, monitor, accuracy))
         losses.append(res.loss)
         logger.log(step, res, time.perf_counter() - t0, timer, monitor.skipped if engine.skips_steps else None)
         stop = signals.stop_requested()  # a SIGTERM/SIGUSR1/SIGINT on any rank: save now, then exit (all ranks)
@@ -260,8 +252,7 @@ def _train(engine_cls: type[Engine], cfg: RunConfig, resume: bool, stop_after: O
         if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
             if logger.writer is not None:  # h16: the scalars up to a checkpoint are on disk before it is `latest`
                 logger.writer.flush()
-            saved = engine.save(ckpt_dir, step + 1, rng=_rng_state(), config=cfg.to_dict(),
-                                tokenizer_model=getattr(data, "tokenizer_model", None))
+            saved = engine.save(ckpt_dir, step + 1, rng=_rng_state(), config=cfg.to_dict(), tokenizer=data.tokenizer)
         if stop:
             signals.stopped(step + 1, saved)
             stopped = f"stopped by {signals.stop_signal_name()}"

@@ -30,6 +30,8 @@ TINY = [
     "data.global_batch=2", "data.vocab_size=512", "data.max_bytes=300000", "train.steps=3",
     "train.save_every=0", "train.log_every=1", "train.progress=false",
 ]
+# recipes that read a preprocessed corpus (125m, 7b, tiny_data) train on the demo text data here
+FROM_CORPUS = ["data.dataset=text", "data.tokenizer=train", "data.blend=[]", "data.split=null"]
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
@@ -37,6 +39,8 @@ def test_recipe_model_trains_three_steps_on_one_nccl_rank(recipe, tmp_path):
     n = seq(2048 if CUDA else 4096)   # a multiple of every recipe's S2 block size
     overrides = TINY + [f"data.seq_len={n}", f"train.out_dir={tmp_path / 'run'}",
                         f"data.cache_dir={tmp_path / 'cache'}"]
+    if "dataset: indexed" in recipe.read_text():
+        overrides += FROM_CORPUS
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
            "-m", "seqpar.train", str(recipe)]
     for o in overrides:

@@ -1,0 +1,248 @@
+"""Packed documents of any length and sequences of any length under every kind x scheme (issue 22
+items 1-2), against the single-rank op (outputs and every gradient, fp64 reference; P = 2 and 4;
+GQA): documents shorter than one chunk and not multiples of 2P, sequence lengths that are not
+multiples of P (padding slots: output 0, gradient 0), contiguous and zigzag. The ledger equals
+``cp.scheme_cost`` per rank, and a ring hop that holds nothing the receiver needs moves nothing.
+The cases run through the helpers of tests/test_cp_attention.py (one spawn per world)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cp_harness import run_ranks
+from seqpar import cp
+from seqpar.cp.ring import plan
+from seqpar.kernels import S2Layout
+from test_cp_attention import _case, _cp_job, run_and_check
+
+S2 = S2Layout(block_size=16, local_blocks=2, vert_stride=3, num_dense_heads=1)
+
+
+def _docs(world: int) -> list[int]:
+    # documents shorter than one chunk (1, 2 and 3 tokens), none a multiple of 2P, and a total that
+    # is no multiple of P (padding slots too)
+    return [3, 2 * world + 1, 1, 6 * world - 1, 1 if world == 2 else 2]
+
+
+def _cases(world: int) -> list[dict]:
+    """Every kind x scheme with documents at P = 2 and 4; without documents (any length, batch 2,
+    full attention) at P = 2 only (test time; the Triton MoH varlen kernel: tests/test_moh_kernel.py)."""
+    p, docs = world, _docs(world)
+    n = sum(docs)
+    s2_docs = [40, 5, 38]  # pieces are not whole blocks, blocks restart in every document
+    uly = {"ulysses_degree": 2}
+    out = []
+    for kind in ("softmax", "moh"):
+        out += [
+            _case(f"v-{kind}-ag-docs", kind, "allgather", "zigzag", p, b=1, n=n, h=4, hkv=2, d=16, doc_lens=docs,
+                  seed=101),
+            _case(f"v-{kind}-ring-docs", kind, "ring", "zigzag", p, b=1, n=n, h=3, hkv=1, d=16, doc_lens=docs,
+                  seed=102),
+            _case(f"v-{kind}-uly-docs", kind, "ulysses", "zigzag", p, b=1, n=n, h=4, hkv=2, d=16, doc_lens=docs,
+                  seed=103),
+            _case(f"v-{kind}-usp-docs", kind, "usp", "zigzag", p, b=1, n=n, h=4, hkv=1, d=16, doc_lens=docs,
+                  seed=104, **uly),
+        ]
+    out += [  # any length, no documents: N not a multiple of P, batch 2, full (non-causal) attention
+        _case("v-softmax-ring-odd-full", "softmax", "ring", "zigzag", p, b=2, n=4 * p + 3, h=2, hkv=2, d=16,
+              causal=False, seed=105),
+        _case("v-moh-uly-odd-full", "moh", "ulysses", "contiguous", p, b=2, n=4 * p + 1, h=4, hkv=4, d=16,
+              causal=False, seed=106),
+    ]
+    out += [
+        _case("v-softmax-ring-contig-docs", "softmax", "ring", "contiguous", p, b=1, n=n, h=2, hkv=1, d=16,
+              doc_lens=docs, seed=107),
+        _case("v-s2-ag-docs", "s2", "allgather", "zigzag", p, b=1, n=sum(s2_docs), h=4, hkv=2, d=16,
+              doc_lens=s2_docs, layout=S2, seed=110),
+        _case("v-s2-ring-docs", "s2", "ring", "zigzag", p, b=1, n=sum(s2_docs), h=4, hkv=2, d=16, doc_lens=s2_docs,
+              layout=S2, seed=111),
+        _case("v-s2-uly-docs", "s2", "ulysses", "zigzag", p, b=1, n=sum(s2_docs), h=4, hkv=2, d=16,
+              doc_lens=s2_docs, layout=S2, seed=112),
+        _case("v-s2-usp-docs", "s2", "usp", "zigzag", p, b=1, n=sum(s2_docs), h=4, hkv=2, d=16, doc_lens=s2_docs,
+              layout=S2, seed=113, **uly),
+        _case("v-s2-ag-odd", "s2", "allgather", "zigzag", p, b=2, n=2 * p * 16 + 5, h=2, hkv=1, d=16, layout=S2,
+              seed=114),
+        _case("v-s2-ring-contig-odd", "s2", "ring", "contiguous", p, b=1, n=p * 16 + 3, h=2, hkv=2, d=16, layout=S2,
+              seed=115),
+    ]
+    for scheme, extra in (("allgather", {}), ("ring", {}), ("ulysses", {}), ("usp", uly)):
+        out.append(_case(f"v-lightning-{scheme}-docs", "lightning", scheme, "zigzag", p, b=1, n=n, h=4, hkv=2,
+                         d=16, dv=8, doc_lens=docs, with_state=True, seed=120, **extra))
+    out += [
+        _case("v-lightning-ring-odd", "lightning", "ring", "zigzag", p, b=2, n=4 * p + 3, h=2, hkv=1, d=16,
+              with_state=True, seed=121),
+        _case("v-lightning-allgather-contig-docs", "lightning", "allgather", "contiguous", p, b=1, n=n, h=2, hkv=2,
+              d=16, doc_lens=docs, with_state=True, seed=122),
+        _case("v-lightning-usp-odd", "lightning", "usp", "zigzag", p, b=2, n=4 * p + 2, h=4, hkv=2, d=16,
+              with_state=True, seed=123, **uly),
+    ]
+    only_p2 = ("-odd",)
+    return [c for c in out if world == 2 or not any(tag in c["name"] for tag in only_p2)]
+
+
+def _varlen_job(rank: int, world: int, cases: list[dict]) -> dict:
+    out = _cp_job(rank, world, cases)
+    if world == 2:  # one spawn: the hop and custom-balancer checks ride along
+        out["hops"] = _hop_job(rank, world)
+        out["custom"] = _custom_balancer_job(rank, world)
+    return out
+
+
+def _custom_balancer_job(rank: int, world: int) -> list[str]:
+    """A balancer is only a different partition: rank 0 holds the sequence's *second* half and rank 1
+    its first (a layout no built-in balancer makes, documents split unevenly), and every scheme on
+    it equals the single-rank op."""
+    from seqpar.cp.partition import Partition
+    from seqpar.kernels import flash_attention, lightning_attention, s2_attention
+
+    lens, n = [7, 20, 5], 32
+    cu = torch.tensor([0, 7, 27, 32], dtype=torch.int32)
+    runs = [[(16, 11, 1, 9), (27, 5, 2, 0)], [(0, 7, 0, 0), (7, 9, 1, 0)]]
+    part = Partition.from_runs(2, n, 16, runs, (0, 7, 27, 32), lens, balance="halves-swapped", varlen=True)
+    g = torch.Generator().manual_seed(9)
+    full = [torch.randn(1, n, 2, 16, generator=g) * 0.5 for _ in range(3)]
+    slope, layout = torch.tensor([0.2, 0.9]), S2Layout(block_size=16, local_blocks=1, vert_stride=2)
+    refs = {"softmax": flash_attention(*full, cu_seqlens=cu, backend="torch"),
+            "s2": s2_attention(*full, layout, cu_seqlens=cu, backend="torch"),
+            "lightning": lightning_attention(*full, slope, cu_seqlens=cu, backend="torch")[0]}
+    bad = []
+    for kind, scheme in (("softmax", "ring"), ("softmax", "ulysses"), ("s2", "allgather"), ("s2", "ring"),
+                         ("lightning", "allgather"), ("lightning", "ring"), ("lightning", "usp")):
+        kw = {"slope": slope} if kind == "lightning" else {"layout": layout} if kind == "s2" else {}
+        if scheme == "usp":
+            kw["ulysses_degree"] = 2
+        o = cp.attention(*(part.shard(t, rank) for t in full), kind=kind, scheme=scheme, partition=part,
+                         backend="torch", **kw)
+        o = o[0] if kind == "lightning" else o
+        if not torch.allclose(o, part.shard(refs[kind], rank), rtol=1e-5, atol=1e-6):
+            bad.append(f"{kind} x {scheme}")
+    return bad
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_varlen_and_any_length_match_single_rank(world):
+    results = run_and_check(_cases(world), world, timeout=600, job=_varlen_job)
+    # the contiguous ring with documents: a rank receives only from ranks holding earlier tokens of
+    # its own documents; hops with nothing it needs post no transfer (ledger calls == the plan's)
+    name = "v-softmax-ring-contig-docs"
+    part = cp.make_partition(sum(_docs(world)), (0, world), balance="contiguous",
+                             cu_seqlens=[0, *torch.tensor(_docs(world)).cumsum(0).tolist()])
+    for rank, r in enumerate(results):
+        steps = plan(part, rank, True)[1:]
+        assert r[name]["fwd"].get("send_recv", {}).get("calls", 0) == sum(1 for s in steps if s.recv_rows)
+    assert results[0][name]["fwd"] == {}  # rank 0 holds the first tokens: it receives nothing
+    # documents that start at rank boundaries: the ring, LASP-2 and LASP-1 move nothing at all
+    for r in results if world == 2 else ():
+        for pair, (fwd, bwd) in r["hops"].items():
+            assert fwd == {} and bwd == {}, (pair, fwd, bwd)
+        assert r["custom"] == [], r["custom"]  # a custom balancer's partition runs under every scheme
+
+
+def _hop_job(rank: int, world: int) -> dict:
+    """Documents that start exactly at rank boundaries (contiguous): the ring, LASP-2 and LASP-1 move
+    nothing at all, and still equal the single-rank op."""
+    from seqpar.kernels import flash_attention, lightning_attention
+
+    n = 4 * world
+    cu = torch.tensor(list(range(0, n + 1, 4)), dtype=torch.int32)
+    g = torch.Generator().manual_seed(5)
+    full = [torch.randn(1, n, 2, 8, generator=g) for _ in range(3)]
+    part = cp.make_partition(n, None, balance="contiguous", cu_seqlens=cu)
+    slope = torch.tensor([0.1, 0.7])
+    out = {}
+    for kind, scheme in (("softmax", "ring"), ("lightning", "allgather"), ("lightning", "ring")):
+        q, k, v = (part.shard(t, rank).requires_grad_() for t in full)
+        kw = {"slope": slope} if kind == "lightning" else {}
+        with cp.comm_ledger() as fwd:
+            o = cp.attention(q, k, v, kind=kind, scheme=scheme, partition=part, backend="torch", **kw)
+        o = o[0] if kind == "lightning" else o
+        with cp.comm_ledger() as bwd:
+            o.sum().backward()
+        ref = (flash_attention(*full, cu_seqlens=cu, backend="torch") if kind == "softmax" else
+               lightning_attention(*full, slope, cu_seqlens=cu, backend="torch")[0])
+        torch.testing.assert_close(o, part.shard(ref, rank), rtol=1e-5, atol=1e-6)
+        out[(kind, scheme)] = (fwd.summary(), bwd.summary())
+    return out
+
+
+# ---- megatron-core layers: packed documents reach every kind under every scheme ----------------------
+# each kind under two schemes (every scheme's packed path is covered by the matrix above; here the
+# layers must hand the documents, the usp degree and the MoH padding mask to cp.attention)
+SCHEME_SETS = [
+    {"softmax": "ring", "s2": "allgather", "lightning": "ring", "moh": "usp", "usp_ulysses_degree": 2},
+    {"softmax": "usp", "s2": "ulysses", "lightning": "allgather", "moh": "ring", "usp_ulysses_degree": 2},
+]
+MEGA_DOCS = [5, 9, 1, 14]  # 29 tokens: 15 slots per rank at CP=2, one padding slot
+
+
+def _megatron_packed_job(rank: int, world: int) -> dict:
+    from dataclasses import replace
+
+    from megatron.core import parallel_state
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from seqpar.megatron import disable_cpu_compat, init_parallel
+    from seqpar.models import build_gpt, preset, transformer_config
+
+    n = sum(MEGA_DOCS)
+    cu = torch.tensor([0, *torch.tensor(MEGA_DOCS).cumsum(0).tolist()], dtype=torch.int32)
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(MEGA_DOCS),
+                          max_seqlen_kv=max(MEGA_DOCS))
+    out = {}
+    try:
+        single = {kind: "allgather" for kind in ("softmax", "s2", "lightning", "moh")}
+        for name, schemes, cp_size in [("ref", single, 1)] + [(f"cp{i}", s, world) for i, s in enumerate(SCHEME_SETS)]:
+            schemes = dict(schemes)
+            degree = schemes.pop("usp_ulysses_degree", 1)
+            init_parallel(1, cp_size, seed=7)
+            p = replace(preset("tiny"), pattern="ASLH")
+            cfg = transformer_config(p, context_parallel_size=cp_size, cp_schemes=schemes, usp_ulysses_degree=degree,
+                                     seqpar_backend="torch", s2_block_size=16, s2_local_blocks=1, s2_vert_stride=2,
+                                     moh_aux_loss_coef=0.01, params_dtype=torch.float32)
+            torch.manual_seed(7)
+            model = build_gpt(p, cfg, vocab_size=64, max_sequence_length=64)
+            g = torch.Generator().manual_seed(11)
+            x_full = torch.randn(n, 1, p.hidden_size, generator=g)
+            w_full = torch.randn(n, 1, p.hidden_size, generator=g)
+            group = parallel_state.get_context_parallel_group() if cp_size > 1 else (0, 1)
+            part = cp.make_partition(n, group, cu_seqlens=cu)
+            r = rank if cp_size > 1 else 0
+            x = part.shard(x_full, r, dim=0).requires_grad_()
+            outs = []
+            for layer in model.decoder.layers:  # A, S, L, H: each kind's attention module on THD input
+                o, _ = layer.self_attention(x, None, packed_seq_params=psp)
+                outs.append(o)
+            loss = sum((o * part.shard(w_full, r, dim=0)).sum() for o in outs)
+            loss.backward()
+            grads = {k: v.grad.clone() for k, v in model.named_parameters() if v.grad is not None}
+            out[name] = {"o": [o.detach() for o in outs], "dx": x.grad, "grads": grads,
+                         "index": part.token_index(r)}
+            parallel_state.destroy_model_parallel()
+    finally:
+        disable_cpu_compat()
+    return out
+
+
+def test_megatron_layers_take_packed_documents():
+    results = run_ranks(_megatron_packed_job, 2, timeout=600)
+    ref = results[0]["ref"]
+    for i in range(len(SCHEME_SETS)):
+        name = f"cp{i}"
+        for layer in range(4):
+            full = torch.zeros_like(ref["o"][layer])
+            for r in results:
+                idx = r[name]["index"]
+                full[idx[idx >= 0]] = r[name]["o"][layer][idx >= 0]
+                assert not r[name]["o"][layer][idx < 0].any()  # the padding slot outputs 0
+            torch.testing.assert_close(full, ref["o"][layer], rtol=1e-4, atol=1e-5, msg=f"{name} layer {layer}")
+        dx = torch.zeros_like(ref["dx"])
+        for r in results:
+            idx = r[name]["index"]
+            dx[idx[idx >= 0]] = r[name]["dx"][idx >= 0]
+        torch.testing.assert_close(dx, ref["dx"], rtol=1e-4, atol=1e-5, msg=f"{name} dx")
+        assert ref["grads"].keys() == results[0][name]["grads"].keys()
+        for key, want in ref["grads"].items():  # each rank's parameter gradient from its own tokens
+            got = sum(r[name]["grads"][key] for r in results)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * (want.abs().max().item() + 1e-12),
+                                       msg=f"{name} {key}")
