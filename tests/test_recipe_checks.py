@@ -224,3 +224,30 @@ def test_known_warnings_are_filtered_exactly():
         "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed. Its",
         "something else is deprecated"]
 
+
+
+def _data_outcome_job(rank: int, world: int, text: str, cache: str) -> str:
+    # rank 0's tokenizer training fails (a vocabulary the text cannot fill); rank 1's data (MQAR) is fine
+    from seqpar.data import build_sources
+    from seqpar.errors import ConfigError
+    from seqpar.train.config import load_recipe
+
+    bad = load_recipe(DEMO, [f"data.text_files=[{text}]", "data.vocab_size=8000", f"data.cache_dir={cache}"])
+    with pytest.raises(ConfigError) as e:  # before the agreement: rank 1 returned its sources and went on
+        build_sources(bad if rank == 0 else load_recipe(MQAR))
+    assert build_sources(load_recipe(MQAR)).vocab_size == 128  # every rank fine: returns on every rank
+    return str(e.value)
+
+
+def test_data_failure_on_one_rank_raises_the_same_error_on_every_rank(tmp_path):
+    """build_sources: a data error on one rank (here rank 0 training the tokenizer) is raised on every
+    rank, naming the failing rank on the others, instead of leaving them in their next collective until
+    parallel.distributed_timeout_s (2 gloo ranks)."""
+    from cp_harness import run_ranks
+
+    text = tmp_path / "a.txt"
+    text.write_text("hello world " * 200)
+    msgs = run_ranks(_data_outcome_job, 2, str(text), str(tmp_path / "cache"), timeout=240)
+    first = msgs[0].splitlines()[0]
+    assert first.startswith("data.vocab_size=8000 is more pieces than sentencepiece can learn"), first
+    assert msgs[1] == msgs[0].replace(first, f"{first} (raised on rank 0)", 1), msgs

@@ -70,8 +70,9 @@ def has_process_group() -> bool:
 def raise_if_any_rank_failed(error: BaseException | None) -> None:
     """Collective over the default group (when there is one): every rank passes the outcome of the same
     local step (None = it worked); if any rank failed, *every* rank raises — the failing rank its own
-    error, the others the lowest failing rank's message prefixed ``rank R:`` (a ``ConfigError`` when
-    that error was one, so the CLI's one-line exit 2 holds on every rank; else ``RuntimeError``).
+    error, the others the lowest failing rank's message with ``(raised on rank R)`` on its first line
+    (a ``ConfigError`` when that error was one, so the CLI's one-line exit 2 holds on every rank; else
+    ``RuntimeError``).
 
     Without it a rank whose step failed (e.g. rank 0 training the tokenizer, a file missing on one
     node) exits while its peers wait in their next collective until ``parallel.distributed_timeout_s``
@@ -92,7 +93,8 @@ def raise_if_any_rank_failed(error: BaseException | None) -> None:
     if error is not None:
         raise error
     rank, msg = failed
-    raise (ConfigError if msg[0] == "C" else RuntimeError)(f"rank {rank}: {msg[1:]}")
+    first, _, rest = msg[1:].partition("\n")
+    raise (ConfigError if msg[0] == "C" else RuntimeError)(f"{first} (raised on rank {rank})" + (rest and "\n" + rest))
 
 
 @contextlib.contextmanager
