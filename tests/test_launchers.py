@@ -20,6 +20,9 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BIG = ROOT / "recipes" / "7b_lightning_cp8.yaml"  # TP=2 x CP=8: 16 ranks
+# its layout on the demo text: its indexed corpus (data/corpus) is not here, and the data check speaks first
+ON_TEXT = ["--set", "data.dataset=text", "--set", "data.tokenizer=train", "--set", "data.blend=[]", "--set",
+           "data.split=null"]
 DEMO = ROOT / "recipes" / "tiny_hybrid_cp2.yaml"
 
 
@@ -37,7 +40,7 @@ def _run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
 
 def test_slurm_dry_run_and_submission_check_the_world(tmp_path):
     # 1 node x 2 GPUs for a 16-rank layout: refused by the dry run, with nothing planned as launched
-    r = _run(["bash", "launchers/slurm.sh", "--dry-run", "--nodes", "1", "--gpus-per-node", "2", str(BIG)])
+    r = _run(["bash", "launchers/slurm.sh", "--dry-run", "--nodes", "1", "--gpus-per-node", "2", str(BIG), *ON_TEXT])
     assert r.returncode == 2, r.stdout + r.stderr
     assert "the world size 2 is not divisible by parallel.tensor_parallel x parallel.context_parallel" in r.stderr
     assert "the recipe does not fit 1 node(s) x 2 process(es)" in r.stderr
@@ -48,10 +51,16 @@ def test_slurm_dry_run_and_submission_check_the_world(tmp_path):
     (stub / "sbatch").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'submitted'}\n")
     (stub / "sbatch").chmod(0o755)
     path = f"{stub}:{os.environ['PATH']}"
-    r = _run(["bash", "launchers/slurm.sh", "--nodes", "1", "--gpus-per-node", "a100:2", str(BIG)], PATH=path)
+    r = _run(["bash", "launchers/slurm.sh", "--nodes", "1", "--gpus-per-node", "a100:2", str(BIG), *ON_TEXT],
+             PATH=path)
     assert r.returncode == 2 and "the world size 2 is not divisible" in r.stderr, r.stdout + r.stderr
     assert not (tmp_path / "submitted").exists()
-    # (a fitting submission reaches sbatch: tests/test_readme_commands.py runs README's slurm.sh line)
+    # a fitting one reaches sbatch with the batch script and the recipe's arguments
+    r = _run(["bash", "launchers/slurm.sh", "--nodes", "1", "--gpus-per-node", "2", str(DEMO), "--set",
+              "train.steps=3"], PATH=path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "submitted").read_text().split() == [
+        "--nodes=1", "--gpus-per-node=2", "launchers/slurm.sbatch", str(DEMO), "--set", "train.steps=3"]
 
 
 def test_deepspeed_launcher_checks_files_first(tmp_path):

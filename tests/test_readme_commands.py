@@ -62,8 +62,15 @@ SBATCH = Covered("tests/test_slurm.py::test_sbatch_two_nodes_completes", "a real
 DS_LAUNCHER = Covered("tests/test_deepspeed_launcher.py::test_wrapper_command_lines",
                       "the wrapper's command lines (DEEPSPEED=echo); the run: test_deepspeed_cli_runs_the_recipe")
 DS_RUN = Covered("tests/test_deepspeed_launcher.py::test_deepspeed_cli_runs_the_recipe", "the deepspeed launcher")
+OWN_DATA = Covered("tests/test_readme_data.py::test_readme_data_commands_run_as_written",
+                   "README 'Train on your own data' in one interpreter (2 training steps); make demo-data: "
+                   "test_make_demo_data_runs_the_readme_commands")
 BIG_DRY = ".venv/bin/python -m seqpar.train recipes/7b_lightning_cp8.yaml --dry-run"
 SLURM_PLAN = "launchers/slurm.sh --dry-run --nodes 2 --gpus-per-node 8 recipes/7b_lightning_cp8.yaml"
+SLURM_DEMO_PLAN = "launchers/slurm.sh --dry-run --nodes 1 --gpus-per-node 2 recipes/tiny_hybrid_cp2.yaml"
+# the 7b recipe on a fresh clone: its indexed corpus is not there (README "Train on your own data")
+NO_CORPUS = ("data.blend: data/corpus.bin not found; make it with: python -m seqpar.data.preprocess",
+             "data.tokenizer='data/tokenizer.model' does not exist")
 
 COMMANDS: dict[str, object] = {
     # README.md: set-up
@@ -81,8 +88,9 @@ COMMANDS: dict[str, object] = {
     "parallel.cp_schemes.moh=ring": TORCHRUN_DEMO,
     "NPROC=2 launchers/torchrun.sh recipes/tiny_hybrid_cp2.yaml --resume --set train.steps=400": TORCHRUN_DEMO,
     ".venv/bin/python -m seqpar.train --help": Run(out=("--check", "--dry-run", "--resume", "--world")),
-    ".venv/bin/python -m seqpar.train recipes/7b_lightning_cp8.yaml --check":
-        Run(out=("# recipes/7b_lightning_cp8.yaml, resolved", "\nmodel:\n", "  preset: 7b-lightning\n")),
+    ".venv/bin/python -m seqpar.train recipes/tiny_hybrid_cp2.yaml --check":
+        Run(out=("# recipes/tiny_hybrid_cp2.yaml, resolved", "\nmodel:\n", "  preset: tiny-hybrid\n")),
+    ".venv/bin/python -m seqpar.train recipes/7b_lightning_cp8.yaml --check": Run(rc=2, out=NO_CORPUS),
     BIG_DRY: Run(out=('"dry_run": "ok"', '"world": 16', '"heads": 32', '"pattern": "LLLA"', "LLLALLLALLLALLLA")),
     ".venv/bin/python -m seqpar.train recipes/7b_lightning_cp8.yaml --dry-run --set parallel.pipeline_parallel=2 "
     "--set data.global_batch=2 --world 64": Run(out=('"dry_run": "ok"', '"world": 64')),
@@ -93,9 +101,10 @@ COMMANDS: dict[str, object] = {
                 "the MQAR recipe for a few steps on either engine"),
     # README.md: multi-node and Slurm
     "launchers/slurm.sh --nodes 2 --gpus-per-node 8 recipes/7b_lightning_cp8.yaml":
-        Run(out=("+ sbatch --nodes=2 --gpus-per-node=8 launchers/slurm.sbatch",), stub_sbatch=True),
-    SLURM_PLAN: Run(out=("2 node(s) [node1 node2] x 8 process(es)", "recipe checked for a world of 2 x 8 = 16",
-                         "(dry run: nothing launched)")),
+        Run(rc=2, out=NO_CORPUS, stub_sbatch=True),  # the stub sbatch must not be called
+    SLURM_PLAN: Run(rc=2, out=NO_CORPUS),
+    SLURM_DEMO_PLAN: Run(out=("1 node(s) [node1] x 2 process(es)", "recipe checked for a world of 1 x 2 = 2",
+                              "(dry run: nothing launched)")),
     "REQUEUE=1 sbatch --nodes=2 --gpus-per-node=8 --time=04:00:00 launchers/slurm.sbatch "
     "recipes/7b_lightning_cp8.yaml": Covered("tests/test_slurm.py::test_preempted_job_requeues_and_resumes_exactly"),
     # README.md: DeepSpeed
@@ -130,6 +139,18 @@ COMMANDS: dict[str, object] = {
         "a GPU host: make gpu-check runs there; its runner is tested in a dry run"),
     "make gpu-check": Covered("tests/test_gpu_check.py::test_dry_run_toolchain_phase_fills_the_summary",
                               "a GPU host; its runner is tested in a dry run"),
+    # README.md: train on your own data (run as written, training 2 steps instead of 200)
+    ".venv/bin/python -m seqpar.data.documents --demo-corpus runs/demo_data/corpus.jsonl": OWN_DATA,
+    ".venv/bin/python -m seqpar.data.tokenizer --input runs/demo_data/corpus.jsonl --vocab-size 2048 "
+    "--output runs/demo_data/tokenizer.model": OWN_DATA,
+    ".venv/bin/python -m seqpar.data.preprocess --input runs/demo_data/corpus.jsonl --json-key text "
+    "--tokenizer runs/demo_data/tokenizer.model --output-prefix runs/demo_data/corpus --seq-len 256 --force": OWN_DATA,
+    ".venv/bin/python -m seqpar.train recipes/tiny_data.yaml --set train.overwrite=true": OWN_DATA,
+    ".venv/bin/python -m seqpar.export.hf runs/tiny_data runs/tiny_data/hf --force": OWN_DATA,
+    ".venv/bin/python -c \"from transformers import AutoModelForCausalLM, AutoTokenizer; m = "
+    "AutoModelForCausalLM.from_pretrained('runs/tiny_data/hf', trust_remote_code=True); t = "
+    "AutoTokenizer.from_pretrained('runs/tiny_data/hf', trust_remote_code=True); print(t.decode(m.generate(**t('Return "
+    "the', return_tensors='pt'), max_new_tokens=20, do_sample=False)[0]))\"": OWN_DATA,
     # recipes/README.md
     ".venv/bin/python -m seqpar.train recipes/tiny_hybrid_cp2.yaml --set train.steps=2.5 --set optim.lr=.inf --check":
         Run(rc=2),  # and exactly the output shown under it (test below)
@@ -146,8 +167,8 @@ COMMANDS: dict[str, object] = {
     "sbatch --nodes=2 --gpus-per-node=8 launchers/slurm.sbatch RECIPE.yaml [seqpar-train args]": SBATCH,
     "launchers/slurm.sh --nodes 2 --gpus-per-node 8 [--time 04:00:00 --partition gpu] RECIPE.yaml [args]":
         Same("launchers/slurm.sh --nodes 2 --gpus-per-node 8 recipes/7b_lightning_cp8.yaml"),
-    "launchers/slurm.sh --dry-run --nodes 2 --gpus-per-node 8 RECIPE.yaml": Same(SLURM_PLAN),
-    "launchers/slurm.sbatch --dry-run RECIPE.yaml": Same(SLURM_PLAN),  # slurm.sh --dry-run runs exactly this
+    "launchers/slurm.sh --dry-run --nodes 2 --gpus-per-node 8 RECIPE.yaml": Same(SLURM_DEMO_PLAN),
+    "launchers/slurm.sbatch --dry-run RECIPE.yaml": Same(SLURM_DEMO_PLAN),  # slurm.sh --dry-run runs exactly this
 }
 
 
@@ -166,7 +187,7 @@ def extract(text: str) -> list[tuple[str, list[str]]]:
                 key += " / " + first[1].split("#")[0].strip()
             found.append(("python: " + key, [body]))
         elif lang in ("bash", "sh"):
-            for line in body.splitlines():
+            for line in body.replace("\\\n", " ").splitlines():  # a trailing backslash continues the line
                 cmd = re.sub(r"\s+#\s.*$", "", line).strip()
                 if cmd and not cmd.startswith("#"):
                     found.append((" ".join(cmd.split()), []))
@@ -259,9 +280,8 @@ def test_cheap_readme_command_runs_as_written(cmd, clone, tmp_path):
     assert "Traceback" not in both, both[-3000:]
     for s in spec.out:
         assert s in both, (s, both[-3000:])
-    if spec.stub_sbatch:
-        assert (tmp_path / "sbatch_args").read_text().split() == [
-            "--nodes=2", "--gpus-per-node=8", "launchers/slurm.sbatch", "recipes/7b_lightning_cp8.yaml"]
+    if spec.stub_sbatch:  # submitted only when the pre-flight passed
+        assert (tmp_path / "sbatch_args").exists() == (spec.rc == 0)
     if shown and not cmd.startswith("python: "):  # the output the README shows under the command
         assert r.stderr.splitlines() == shown, r.stderr
 

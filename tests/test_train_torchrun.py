@@ -48,7 +48,7 @@ def test_torchrun_two_ranks_demo_recipe(tmp_path):
         first.stdout, first.stdout[-3000:]
     assert "layout TP=1 x CP=2 x PP=1 x DP=1 = 2 rank(s), engine megatron" in first.stdout
     # own text is never cut silently: the corpus, what data.max_bytes lets in and what it leaves out
-    assert "[seqpar.train] corpus: the Python standard library's" in first.stdout
+    assert "[seqpar.data] corpus: the Python standard library's" in first.stdout
     assert "data.max_bytes=300,000 leaves out" in first.stdout
     # `make demo` twice: the launcher's pre-flight stops the second run at once, one line, exit 2
     twice = _run([], tmp_path)
