@@ -32,7 +32,8 @@ unsupported. :func:`build_sources` (after the process groups exist) then finds e
 megatron's builder only loads them (its barriers are instant). Called after the process groups with a
 cache missing (an API caller who skipped ``prepare``), it builds the missing megatron caches in a
 child process without process groups, under the same lock, while this rank waits on the lock — in no
-collective, so no timeout can fire. Cached ``.npy`` files are checked to hold plain numbers before
+collective, so no timeout can fire; a failure on one rank before megatron's collective load is raised on
+every rank (``raise_if_any_rank_failed``). Cached ``.npy`` files are checked to hold plain numbers before
 megatron loads them (it loads with ``allow_pickle=True``; an object array would run code).
 """
 
