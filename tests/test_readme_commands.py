@@ -65,6 +65,8 @@ DS_RUN = Covered("tests/test_deepspeed_launcher.py::test_deepspeed_cli_runs_the_
 OWN_DATA = Covered("tests/test_readme_data.py::test_readme_data_commands_run_as_written",
                    "README 'Train on your own data' in one interpreter (2 training steps); make demo-data: "
                    "test_make_demo_data_runs_the_readme_commands")
+BENCH = Covered("tests/test_bench.py::test_smoke_report_is_schema_valid_and_complete",
+                "every suite at --size smoke (timing runs take minutes to hours)")
 BIG_DRY = ".venv/bin/python -m seqpar.train recipes/7b_lightning_cp8.yaml --dry-run"
 SLURM_PLAN = "launchers/slurm.sh --dry-run --nodes 2 --gpus-per-node 8 recipes/7b_lightning_cp8.yaml"
 SLURM_DEMO_PLAN = "launchers/slurm.sh --dry-run --nodes 1 --gpus-per-node 2 recipes/tiny_hybrid_cp2.yaml"
@@ -151,6 +153,10 @@ COMMANDS: dict[str, object] = {
     "AutoModelForCausalLM.from_pretrained('runs/tiny_data/hf', trust_remote_code=True); t = "
     "AutoTokenizer.from_pretrained('runs/tiny_data/hf', trust_remote_code=True); print(t.decode(m.generate(**t('Return "
     "the', return_tensors='pt'), max_new_tokens=20, do_sample=False)[0]))\"": OWN_DATA,
+    # README.md: benchmarks (minutes to hours of timing; the harness at smoke size, make bench's order)
+    "make bench": Covered("tests/test_bench.py::test_make_bench_runs_every_benchmark_and_names_each_failure"),
+    ".venv/bin/python -m seqpar.bench": BENCH,
+    ".venv/bin/python -m seqpar.bench --suites s2 lightning --seqs 4096 8192 --budget-s 300": BENCH,
     # recipes/README.md
     ".venv/bin/python -m seqpar.train recipes/tiny_hybrid_cp2.yaml --set train.steps=2.5 --set optim.lr=.inf --check":
         Run(rc=2),  # and exactly the output shown under it (test below)
