@@ -62,6 +62,7 @@ gradient; pass ``seq_len=N`` when N is not a multiple of P.
 """
 
 from seqpar.cp.api import KINDS, SCHEMES, SUPPORTED, attention, recommend, scheme_cost
+from seqpar.cp.cost import CostModel
 from seqpar.cp.comm import Comm, CommLedger, CommRecord, comm_ledger
 from seqpar.cp.merge import decayed_state_prefix, merge_partials, merge_two
 from seqpar.cp.validation import SyncCount, count_host_syncs, step_checks
@@ -86,7 +87,7 @@ from seqpar.cp.partition import (
 )
 
 __all__ = [
-    "BALANCERS", "KINDS", "SCHEMES", "SUPPORTED", "Comm", "CommLedger", "CommRecord", "Layout", "Partition", "Piece",
+    "BALANCERS", "KINDS", "SCHEMES", "SUPPORTED", "Comm", "CostModel", "CommLedger", "CommRecord", "Layout", "Partition", "Piece",
     "SyncCount", "VarlenPadding", "attention", "make_partition",
     "count_host_syncs", "step_checks",
     "causal_work", "chunk_ids", "comm_ledger", "decayed_state_prefix", "imbalance", "merge_partials",
