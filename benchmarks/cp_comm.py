@@ -6,7 +6,7 @@ shapes (the run fails if any differs) — plain, with packed documents of awkwar
 (``cu_seqlens``) and at a length that is no multiple of P (padding) — then evaluated at
 user-scale shapes (7B-like: 32 heads, 8 kv heads, head dim 128, bf16; 128K-1M tokens; P = 8, 32,
 64), with and without packed documents (per-document zigzag; the ring moves only what each rank's
-documents read).
+documents read), and the joint cost balancer against zigzag (modelled imbalance, pieces, bytes).
 
     python benchmarks/cp_comm.py [--json PATH]
 """
@@ -188,6 +188,40 @@ def documents_table() -> list[dict]:
     return rows
 
 
+def balance_table() -> list[dict]:
+    """The joint cost balancer (``balance="cost"``) vs zigzag on packed documents of mixed lengths:
+    modelled per-rank work ``max / mean`` (:class:`cp.CostModel` of the whole model), pieces (kernel
+    calls per layer), the balancer's host time, and what the placement costs the ring (softmax) and
+    LASP-2 in bytes (busiest rank, fwd + bwd)."""
+    import time
+
+    shape = dict(heads=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16)
+    models = {"3 s2 : 1 softmax": cp.CostModel(layers={"s2": 3, "softmax": 1}, heads=32, kv_heads=8,
+                                               s2_layout=BIG_LAYOUT),
+              "3 lightning : 1 softmax": cp.CostModel(layers={"lightning": 3, "softmax": 1}, heads=32, kv_heads=8)}
+    rows = []
+    for world, n, docs_label, lens in ((8, 1 << 17, "mixed docs", _mixed_docs(1 << 17)),
+                                       (8, 1 << 17, "512 docs of 1..511", [1 + (i * 37) % 511 for i in range(512)]),
+                                       (64, 1 << 21, "mixed docs", _mixed_docs(1 << 21))):
+        lens = lens if sum(lens) == n else lens + [n - sum(lens)]
+        cu = [0, *torch.tensor(lens).cumsum(0).tolist()]
+        for label, model in models.items():
+            zz = cp.make_partition(n, (0, world), cu_seqlens=cu)
+            t0 = time.perf_counter()
+            part = cp.make_partition(n, (0, world), balance="cost", cost=model, cu_seqlens=cu)
+            host_s = time.perf_counter() - t0
+            for name, p in (("zigzag", zz), ("cost", part)):
+                ring = cp.scheme_cost("softmax", "ring", world=world, seq_len=n, partition=p, **shape)
+                lasp2 = cp.scheme_cost("lightning", "allgather", world=world, seq_len=n, partition=p, **shape)
+                rows.append({"P": world, "N": n, "documents": f"{docs_label} ({len(lens)})", "model": label,
+                             "balance": name, "imbalance": round(model.imbalance(p), 3),
+                             "pieces_max": max(len(x) for x in p.pieces),
+                             "host_s": round(host_s, 2) if name == "cost" else "",
+                             "ring_MB": sum(r["bytes"] for side in ring.values() for r in side.values()) / 1e6,
+                             "lasp2_MB": sum(r["bytes"] for side in lasp2.values() for r in side.values()) / 1e6})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
@@ -209,7 +243,12 @@ def main() -> None:
     docs = documents_table()
     print_table(docs, "packed documents (cu_seqlens), P = 8, 128K tokens, busiest rank (32 heads, 8 kv heads, d 128, "
                       "bf16; s2 block 64, local 4, vert_stride 8; usp u=2)")
-    write_json(args.json, {"ledger_check": check, "scale": table, "s2_exchange_memory": mem, "documents": docs})
+    bal = balance_table()
+    print_table(bal, "joint cost balancer vs zigzag: modelled per-rank work max / mean, pieces per rank, host time of "
+                     "the balancer, bytes of the busiest rank (ring softmax, LASP-2; fwd + bwd; 32 heads, 8 kv heads, "
+                     "d 128, bf16; s2 block 64, local 4, vert_stride 8)")
+    write_json(args.json, {"ledger_check": check, "scale": table, "s2_exchange_memory": mem, "documents": docs,
+                           "balance": bal})
 
 
 if __name__ == "__main__":
