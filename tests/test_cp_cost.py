@@ -3,8 +3,8 @@ whole model. The modelled per-token work equals a brute-force count of the (quer
 kind computes; on packed documents of mixed lengths with S2 + softmax layers zigzag's modelled
 imbalance is > 1.2 and the cost balancer's <= 1.05; every scheme on the cost partition equals the
 single-rank op (outputs and every gradient, fp64 reference, P = 2 and 4, GQA, a length that is no
-multiple of P), with the ledger equal to ``cp.scheme_cost(partition=...)``; bad input raises one
-clear ValueError."""
+multiple of P), with the ledger equal to ``cp.scheme_cost(partition=...)`` (:func:`cost_cases`, run
+inside tests/test_cp_varlen.py's multi-rank spawn); bad input raises one clear ValueError."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 from seqpar import cp
 from seqpar.kernels import S2Layout
-from test_cp_attention import _case, run_and_check
+from test_cp_attention import _case
 
 S2 = S2Layout(block_size=16, local_blocks=2, vert_stride=8, num_dense_heads=1)
 DOCS = {2: [3, 4, 10, 6], 4: [3, 18, 14, 15, 9, 10]}  # 23 and 69 tokens: 1 and 3 padding slots
@@ -106,7 +106,8 @@ def test_cost_balance_bad_input():
         cp.CostModel(layers={"s2": 1}, heads=4, kv_heads=1, s2_layout=S2Layout(num_dense_heads=2))
 
 
-def _cases(world: int) -> list[dict]:
+def cost_cases(world: int) -> list[dict]:
+    """Cases on the cost-balanced partition; they ride along tests/test_cp_varlen.py's spawn (one per world)."""
     docs, model = DOCS[world], _model()
     n = sum(docs)
     common = dict(b=1, n=n, doc_lens=docs, cost=model)
@@ -124,9 +125,3 @@ def _cases(world: int) -> list[dict]:
     if world == 4:  # test time: the token-sharded schemes the balancer is for, and usp's ring
         out = [c for c in out if c["name"] in ("cost-s2-allgather", "cost-s2-ring", "cost-softmax-ring", "cost-s2-usp")]
     return out
-
-
-@pytest.mark.parametrize("world", [2, 4])
-def test_cost_partition_matches_single_rank(world):
-    """Every scheme on the cost-balanced partition equals the single-rank op; ledger == scheme_cost."""
-    run_and_check(_cases(world), world, timeout=300)
