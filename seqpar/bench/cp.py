@@ -257,7 +257,7 @@ COMPUTE_SHAPES = {  # local problem timed per kind: b, seq, h, hkv, d, dtype
     "cpu": (1, 1024, 4, 2, 64, torch.float32),
     "gpu": (1, 16384, 16, 8, 128, torch.bfloat16),
 }
-MODEL_GRID = {  # (tokens, P values); s2 rows only up to S2_MAX_N (cp.scheme_cost counts its exchange per block)
+MODEL_GRID = {  # (tokens, P values); s2 rows only up to S2_MAX_N (cp.scheme_cost builds its exchange's rows)
     "smoke": ([1 << 12], [8]),
     "cpu": ([1 << 18, 1 << 21], [8, 16, 32, 64]),
     "gpu": ([1 << 18, 1 << 21], [8, 16, 32, 64]),
@@ -390,8 +390,8 @@ def cp_suite(ctx: Context) -> SuiteResult:
     if not ctx.cuda:
         res.notes.append("compute rates are this CPU's (torch paths): with them compute dominates every step; "
                          "the byte and comm columns are device-independent, and the GPU run gives the real balance")
-    res.notes.append(f"s2 rows modelled up to {S2_MAX_N >> 10}K tokens: cp.scheme_cost counts the exchange block "
-                     "by block (minutes at 2M tokens)")
+    res.notes.append(f"s2 rows modelled up to {S2_MAX_N >> 10}K tokens: cp.scheme_cost builds the exchanged rows of "
+                     "every receiver (about 10 s at 2M tokens and P = 8, a minute at P = 64, on the CPU build machine)")
     _plot(ctx, res, model)
     return res
 
