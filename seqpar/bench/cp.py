@@ -6,7 +6,7 @@ scheme.
    multiple of P (padding); the bytes the comm ledger records (fwd and bwd) must equal
    ``cp.scheme_cost`` exactly, and a steady-state layer (``cp.step_checks``) must make 0 host
    syncs. A mismatch fails the suite. Then bytes per rank at user scale, with and without packed
-   documents, and the S2 exchange's buffers vs an all-gather.
+   documents, the S2 exchange's buffers vs an all-gather, and the joint cost balancer vs zigzag.
 2. Compute per rank, measured: each kind's kernel (forward + backward) is timed on this device at a
    local shape; its rate (FLOP/s of the FLOPs the mask needs, :mod:`seqpar.kernels.flops`) turns a
    rank's share of the FLOPs (balanced schemes: total / P) into milliseconds at any N and P.
@@ -204,6 +204,40 @@ def documents_table() -> list[dict]:
     return rows
 
 
+def balance_table() -> list[dict]:
+    """The joint cost balancer (``balance="cost"``) vs zigzag on packed documents of mixed lengths:
+    modelled per-rank work ``max / mean`` (:class:`cp.CostModel` of the whole model), pieces (kernel
+    calls per layer), the balancer's host time, and what the placement costs the ring (softmax) and
+    LASP-2 in bytes (busiest rank, fwd + bwd)."""
+    import time
+
+    shape = dict(heads=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16)
+    models = {"3 s2 : 1 softmax": cp.CostModel(layers={"s2": 3, "softmax": 1}, heads=32, kv_heads=8,
+                                               s2_layout=MODEL_LAYOUT),
+              "3 lightning : 1 softmax": cp.CostModel(layers={"lightning": 3, "softmax": 1}, heads=32, kv_heads=8)}
+    rows = []
+    for world, n, docs_label, lens in ((8, 1 << 17, "mixed docs", _mixed_docs(1 << 17)),
+                                       (8, 1 << 17, "512 docs of 1..511", [1 + (i * 37) % 511 for i in range(512)]),
+                                       (64, 1 << 21, "mixed docs", _mixed_docs(1 << 21))):
+        lens = lens if sum(lens) == n else lens + [n - sum(lens)]
+        cu = [0, *torch.tensor(lens).cumsum(0).tolist()]
+        for label, model in models.items():
+            zz = cp.make_partition(n, (0, world), cu_seqlens=cu)
+            t0 = time.perf_counter()
+            part = cp.make_partition(n, (0, world), balance="cost", cost=model, cu_seqlens=cu)
+            host_s = time.perf_counter() - t0
+            for name, p in (("zigzag", zz), ("cost", part)):
+                ring = cp.scheme_cost("softmax", "ring", world=world, seq_len=n, partition=p, **shape)
+                lasp2 = cp.scheme_cost("lightning", "allgather", world=world, seq_len=n, partition=p, **shape)
+                rows.append({"P": world, "N": n, "documents": f"{docs_label} ({len(lens)})", "model": label,
+                             "balance": name, "imbalance": round(model.imbalance(p), 3),
+                             "pieces_max": max(len(x) for x in p.pieces),
+                             "host_s": round(host_s, 2) if name == "cost" else "",
+                             "ring_MB": sum(r["bytes"] for side in ring.values() for r in side.values()) / 1e6,
+                             "lasp2_MB": sum(r["bytes"] for side in lasp2.values() for r in side.values()) / 1e6})
+    return rows
+
+
 def _steps(cost: dict, p: int) -> int:
     """Message steps on the critical path: 1 per point-to-point call, P - 1 per collective (ring algorithm)."""
     return sum(r["calls"] * (1 if op == "send_recv" else p - 1) for side in cost.values() for op, r in side.items())
@@ -223,7 +257,7 @@ COMPUTE_SHAPES = {  # local problem timed per kind: b, seq, h, hkv, d, dtype
     "cpu": (1, 1024, 4, 2, 64, torch.float32),
     "gpu": (1, 16384, 16, 8, 128, torch.bfloat16),
 }
-MODEL_GRID = {  # (tokens, P values); s2 rows only up to S2_MAX_N (cp.scheme_cost counts its exchange per block)
+MODEL_GRID = {  # (tokens, P values); s2 rows only up to S2_MAX_N (cp.scheme_cost builds its exchange's rows)
     "smoke": ([1 << 12], [8]),
     "cpu": ([1 << 18, 1 << 21], [8, 16, 32, 64]),
     "gpu": ([1 << 18, 1 << 21], [8, 16, 32, 64]),
@@ -342,6 +376,9 @@ def cp_suite(ctx: Context) -> SuiteResult:
             exchange_memory_table()
         res.tables["packed documents (cu_seqlens), P = 8, 128K tokens, busiest rank (32 heads, 8 kv heads, d 128, "
                    "bf16; s2 block 64, local 4, vert_stride 8; usp u=2)"] = documents_table()
+        res.tables["joint cost balancer vs zigzag: modelled per-rank work max / mean (cp.CostModel), pieces per "
+                   "rank, host time of the balancer, bytes of the busiest rank (ring softmax, LASP-2; fwd + bwd; "
+                   "32 heads, 8 kv heads, d 128, bf16; s2 block 64, local 4, vert_stride 8)"] = balance_table()
     rates = _compute_rates(ctx, res)
     res.tables["measured compute rate (fwd+bwd FLOPs the mask needs / s) per kind on this device"] = [
         {"kind": k, "TFLOP/s": v / 1e12} for k, v in rates.items()]
@@ -353,8 +390,8 @@ def cp_suite(ctx: Context) -> SuiteResult:
     if not ctx.cuda:
         res.notes.append("compute rates are this CPU's (torch paths): with them compute dominates every step; "
                          "the byte and comm columns are device-independent, and the GPU run gives the real balance")
-    res.notes.append(f"s2 rows modelled up to {S2_MAX_N >> 10}K tokens: cp.scheme_cost counts the exchange block "
-                     "by block (minutes at 2M tokens)")
+    res.notes.append(f"s2 rows modelled up to {S2_MAX_N >> 10}K tokens: cp.scheme_cost builds the exchanged rows of "
+                     "every receiver (about 10 s at 2M tokens and P = 8, a minute at P = 64, on the CPU build machine)")
     _plot(ctx, res, model)
     return res
 

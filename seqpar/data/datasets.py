@@ -20,6 +20,7 @@ import torch
 
 from seqpar.data.batch import Batch, position_ids_from_eod
 from seqpar.data.tokenizer import Tokenizer
+from seqpar.errors import ConfigError
 
 
 def encode_documents(tokenizer: Tokenizer, documents: Sequence[str]) -> torch.Tensor:
@@ -43,9 +44,9 @@ class PackedTextDataset:
             raise ValueError("ids must be a 1-D token tensor")
         self.seq_len = seq_len
         self.num_windows = (ids.numel() - 1) // seq_len
-        if self.num_windows < 1:
-            raise ValueError(f"the corpus has {ids.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
-                             f"lower data.seq_len or add text")
+        if self.num_windows < 1:  # a recipe value that only the data can judge: one line, exit 2 (ConfigError)
+            raise ConfigError(f"the corpus has {ids.numel()} tokens, fewer than data.seq_len + 1 = {seq_len + 1}; "
+                              f"lower data.seq_len or add text (data.text_files, data.max_bytes)")
         self.ids = ids
         self.seed = seed
         self.eod = eod
