@@ -19,6 +19,7 @@ LAYERS = {
     "seqpar.kernels": 0, "seqpar.cp": 1, "seqpar.nn": 2, "seqpar.megatron": 3, "seqpar.models": 4,
     "seqpar.data": 5, "seqpar.train": 6, "seqpar.train.megatron_engine": 7, "seqpar.train.step": 7,
     "seqpar.deepspeed": 7, "seqpar.export": 8, "seqpar.bench": 9,
+    "seqpar.quality": 9,  # the quality harness: trains through the engine registry
 }
 # the modules of each engine (registered by name in seqpar.train.engine.ENGINES): an engine never
 # imports another engine, nor the loop or the CLI

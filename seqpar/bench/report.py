@@ -49,11 +49,14 @@ def _version(mod: str) -> Optional[str]:
 
 
 def _git_commit() -> Optional[str]:
+    """Short commit of the source tree, with '+uncommitted changes' when tracked files differ; None outside git."""
     root = pathlib.Path(__file__).resolve().parents[2]
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              timeout=10)
-        return out.stdout.strip() or None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (out.stdout.strip() + ("+uncommitted changes" if dirty else "")) or None
     except (OSError, subprocess.SubprocessError):
         return None
 
