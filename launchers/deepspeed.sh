@@ -8,6 +8,8 @@
 #                 node yourself, no ssh: DeepSpeed's --no_ssh --node_rank)
 # MASTER_PORT defaults to a free port (single host) or 29500 (multi node). PYTHON defaults to .venv/bin/python
 # when present; the deepspeed CLI next to it is used. Without CUDA, DS_ACCELERATOR defaults to cpu (gloo).
+# The recipe is checked first for the world it launches (NPROC, or the slots of HOSTFILE): `--check --world N`,
+# a bad field or a missing file stops here with one line (exit 2); CHECK=0 skips it.
 set -euo pipefail
 if [ $# -lt 1 ]; then
   echo "usage: [NPROC=n] [HOSTFILE=f MASTER_ADDR=host [NODE_RANK=r] [MASTER_PORT=p]] $0 RECIPE.yaml [seqpar-train args]" >&2
@@ -29,6 +31,17 @@ if [ -n "${HOSTFILE:-}" ]; then
 else
   PORT=${MASTER_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
   HOSTS=(--num_nodes 1 --num_gpus "$NPROC" --no_ssh_check --master_addr 127.0.0.1 --master_port "$PORT")
+fi
+# a bad recipe stops here with one line per problem (exit 2), before the deepspeed launcher starts anything
+if [ "${CHECK:-1}" = 1 ]; then
+  if [ -n "${HOSTFILE:-}" ]; then
+    WORLD=$(awk '!/^[[:space:]]*(#|$)/ {n += (match($0, /slots=[0-9]+/) ? substr($0, RSTART + 6, RLENGTH - 6) : 1)} END {print n + 0}' "$HOSTFILE" 2>/dev/null || echo 0)
+  else
+    WORLD=$NPROC
+  fi
+  if [ "$WORLD" -gt 0 ]; then
+    "$PYTHON" -m seqpar.train "$@" --check --world "$WORLD" >/dev/null || exit $?
+  fi
 fi
 CMD=("$DEEPSPEED" "${HOSTS[@]}" --module seqpar.train "$@")
 echo "+ ${CMD[*]}"

@@ -75,7 +75,9 @@ fi
 if [ "${CHECK:-1}" = 1 ]; then
   "$PYTHON" -m seqpar.train "$@" --check --world "$((NNODES * NPROC))" >/dev/null || exit $?
 fi
-CMD=("$PYTHON" -m torch.distributed.run "${RDZV[@]}" --nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS"
+# seqpar.train.torchrun is torchrun (torch.distributed.run, same arguments, in this process) that ends a
+# failed run with one line and the workers' exit code; its own traceback goes to <out_dir>/logs/torchrun_*.log
+CMD=("$PYTHON" -m seqpar.train.torchrun "${RDZV[@]}" --nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS"
      --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout "$SHUTDOWN_TIMEOUT"
      ${TORCHRUN_ARGS:-} -m seqpar.train "$@")
 echo "+ ${CMD[*]}"

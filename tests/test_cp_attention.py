@@ -60,8 +60,9 @@ def _case(name: str, kind: str, scheme: str, balance: str, world: int, *, b: int
         kw["causal"] = extra["causal"]
     if "ulysses_degree" in extra:
         kw["ulysses_degree"] = extra["ulysses_degree"]
+    # balance="cost": the partition is built from the model's cost model and passed as partition=
     return {"name": name, "kind": kind, "scheme": scheme, "balance": balance, "dtype": dtype,
-            "tensors": t, "kw": kw}
+            "tensors": t, "kw": kw, "cost": extra.get("cost")}
 
 
 def _cases(world: int) -> list[dict]:
@@ -162,7 +163,7 @@ GRADS = ("q", "k", "v", "gates", "initial_state")
 
 def _partition(c: dict, world: int) -> cp.Partition:
     return cp.make_partition(c["tensors"]["q"].shape[1], (0, world), balance=c["balance"],
-                        cu_seqlens=c["kw"].get("cu_seqlens"))
+                             cu_seqlens=c["kw"].get("cu_seqlens"), cost=c.get("cost"))
 
 
 def _cp_job(rank: int, world: int, cases: list[dict]) -> dict:
@@ -174,6 +175,9 @@ def _cp_job(rank: int, world: int, cases: list[dict]) -> dict:
                for name, x in t.items() if name in SHARDED}
         leaves = {n: loc[n].requires_grad_() for n in ("q", "k", "v")}
         kw = dict(c["kw"])
+        if c.get("cost") is not None:  # a cost-balanced partition travels as the object itself
+            kw = {n: x for n, x in kw.items() if n not in ("cu_seqlens", "seq_len")}
+            kw["partition"], bal = part, None
         if "gates" in loc:
             leaves["gates"] = kw["gates"] = loc["gates"].requires_grad_()
         if "initial_state" in t:
@@ -276,7 +280,8 @@ def _check_case(c: dict, per_rank: list[dict], world: int) -> None:
     cost_kw = dict(kv_head_offset=c["kw"].get("kv_head_offset", 0), total_kv_heads=c["kw"].get("total_kv_heads"),
                    world=world, seq_len=n, batch=b, heads=h, kv_heads=t["k"].shape[2], head_dim=d,
                    v_head_dim=t["v"].shape[-1], dtype=c["dtype"], balance=bal, gates_dtype=torch.float32,
-                   output_final_state=bool(c["kw"].get("output_final_state")), cu_seqlens=cu,
+                   output_final_state=bool(c["kw"].get("output_final_state")),
+                   **({"partition": part} if c.get("cost") is not None else {"cu_seqlens": cu}),
                    layout=c["kw"].get("layout"), ulysses_degree=c["kw"].get("ulysses_degree"),
                    causal=c["kw"].get("causal", True))
     for rank, r in enumerate(per_rank):

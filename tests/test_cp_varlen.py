@@ -3,7 +3,8 @@ items 1-2), against the single-rank op (outputs and every gradient, fp64 referen
 GQA): documents shorter than one chunk and not multiples of 2P, sequence lengths that are not
 multiples of P (padding slots: output 0, gradient 0), contiguous and zigzag. The ledger equals
 ``cp.scheme_cost`` per rank, and a ring hop that holds nothing the receiver needs moves nothing.
-The cases run through the helpers of tests/test_cp_attention.py (one spawn per world)."""
+The cases run through the helpers of tests/test_cp_attention.py (one spawn per world), with the cost
+balancer's cases of tests/test_cp_cost.py."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from seqpar import cp
 from seqpar.cp.ring import plan
 from seqpar.kernels import S2Layout
 from test_cp_attention import _case, _cp_job, run_and_check
+from test_cp_cost import cost_cases
 
 S2 = S2Layout(block_size=16, local_blocks=2, vert_stride=3, num_dense_heads=1)
 
@@ -78,7 +80,8 @@ def _cases(world: int) -> list[dict]:
               with_state=True, seed=123, **uly),
     ]
     only_p2 = ("-odd",)
-    return [c for c in out if world == 2 or not any(tag in c["name"] for tag in only_p2)]
+    out = [c for c in out if world == 2 or not any(tag in c["name"] for tag in only_p2)]
+    return out + cost_cases(world)  # the joint cost balancer's partition (tests/test_cp_cost.py)
 
 
 def _varlen_job(rank: int, world: int, cases: list[dict]) -> dict:

@@ -23,14 +23,15 @@ def _launch(args: list[str], tmp: pathlib.Path, **env_extra: str) -> subprocess.
 
 
 def test_wrapper_command_lines(tmp_path):
-    res = _launch(["--dry-run", "--set", "train.steps=2"], tmp_path, DEEPSPEED="echo")
+    # CHECK=0: the recipe pre-flight (a Python start per call) is tested in tests/test_launchers.py
+    res = _launch(["--dry-run", "--set", "train.steps=2"], tmp_path, DEEPSPEED="echo", CHECK="0")
     assert res.returncode == 0, res.stderr
     cmd = res.stdout.splitlines()[0]
     assert cmd.startswith("+ echo --num_nodes 1 --num_gpus 2 --no_ssh_check --master_addr 127.0.0.1 --master_port ")
     assert cmd.endswith(f"--module seqpar.train {RECIPE} --dry-run --set train.steps=2")
-    res = _launch([], tmp_path, DEEPSPEED="echo", HOSTFILE="hosts", MASTER_ADDR="10.0.0.1", NODE_RANK="1")
+    res = _launch([], tmp_path, DEEPSPEED="echo", HOSTFILE="hosts", MASTER_ADDR="10.0.0.1", NODE_RANK="1", CHECK="0")
     assert "--hostfile hosts --master_addr 10.0.0.1 --master_port 29500 --no_ssh --node_rank 1 --module" in res.stdout
-    res = _launch([], tmp_path, DEEPSPEED="echo", HOSTFILE="hosts")
+    res = _launch([], tmp_path, DEEPSPEED="echo", HOSTFILE="hosts", CHECK="0")
     assert res.returncode != 0 and "MASTER_ADDR" in res.stderr
 
 

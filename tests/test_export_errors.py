@@ -89,18 +89,46 @@ def test_accepts_step_folder_latest_and_run_folder(ckpt, tmp_path):
         resolve_step_dir(tmp_path)
 
 
-def test_existing_output_needs_force(ckpt, tmp_path):
+def test_force_replaces_only_an_earlier_export(ckpt, tmp_path):
+    """An existing OUT_DIR needs --force, and --force replaces only an earlier export (what README's
+    ``... checkpoints/latest out/hf_bf16 --force --dtype bf16`` does): a folder that holds anything else
+    (a file of yours, another export nested in it, a tampered export) is refused and left untouched."""
+    import json
+
     from seqpar.export import ExportError
+    from seqpar.export.output import MANIFEST
 
     out = tmp_path / "hf"
     out.mkdir()
     (out / "keep.txt").write_text("x")
     with pytest.raises(ExportError, match="--force"):
         _export(ckpt, out)
-    assert (out / "keep.txt").exists()
-    _export(ckpt, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    with pytest.raises(ExportError, match=r"holds keep\.txt and no seqpar_output\.json.*--force replaces only an "
+                                          r"earlier output of seqpar\.export\.hf"):
+        _export(ckpt, out, force=True)
+    assert (out / "keep.txt").read_text() == "x"
+    (out / "keep.txt").unlink()
+    _export(ckpt, out, force=True)  # an empty folder is replaced
+    written = json.loads((out / MANIFEST).read_text())
+    assert written["tool"] == "seqpar.export.hf" and "config.json" in written["files"]
+    _export(ckpt, out, force=True, dtype="bf16")  # an earlier export: replaced
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    _export(ckpt, out / "nested")  # an export inside the export (README once nested out/ds in out/)
+    with pytest.raises(ExportError, match=r"holds files that the earlier seqpar\.export\.hf did not write "
+                                          r"\(nested/"):
+        _export(ckpt, out, force=True)
+    assert (out / "nested" / "config.json").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".tmp_export_", ".old_"))]
+
+
+def test_model_card_names_no_absolute_path(ckpt, tmp_path):
+    out = _export(ckpt, tmp_path / "card")
+    card = (out / "README.md").read_text()
+    assert str(tmp_path) not in card and "/tmp" not in card and str(pathlib.Path.home()) not in card, card
+    assert "from the training checkpoint `run/checkpoints/step_" in card
+    assert "path = 'card'  # this folder" in card
+    # the recipe's paths (train.out_dir, data.cache_dir were absolute) are shortened, relative ones kept
+    assert '"out_dir": ".../run"' in card and '"cache_dir": ".../spm"' in card
 
 
 def test_missing_recipe(ckpt, tmp_path):

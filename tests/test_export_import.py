@@ -95,6 +95,13 @@ def test_roundtrip_bit_exact_and_trains_on(llama, tmp_path):
     ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)).item()
     assert abs(losses[0] - ref) <= 1e-4 * abs(ref), (losses[0], ref)
     assert losses[1] != losses[0]
+    # the run was trained on: --force must not delete it (only an earlier import, untouched, is replaced)
+    from seqpar.export import ExportError
+    from seqpar.export.from_hf import import_hf
+
+    with pytest.raises(ExportError, match=r"holds files that the earlier seqpar\.export\.from_hf did not write"):
+        import_hf(llama, run, force=True)
+    assert (run / "checkpoints" / "latest").read_text() == "step_0000002"
 
 
 def test_convert_layers_to_s2_and_lightning(llama, tmp_path):

@@ -1,5 +1,7 @@
 """2-rank torchrun smoke run of the demo recipe (CP=2, all four kinds) through launchers/torchrun.sh:
-a few steps, tensorboard events, a checkpoint, and a --resume that continues from it."""
+a few steps, tensorboard events (each documented in README), the corpus summary, a checkpoint, a second
+launch without --resume refused by the pre-flight (what `make demo` run twice does), and a --resume that
+continues from it."""
 
 from __future__ import annotations
 
@@ -35,6 +37,24 @@ def test_torchrun_two_ranks_demo_recipe(tmp_path):
     assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/aux_loss"} <= tags
     assert {f"attention_fwd_ms/{k}" for k in ("softmax", "s2", "lightning", "moh")} <= tags
     assert len(ea.Scalars("train/loss")) == 6
+    # README's Monitoring section names every scalar the run logs (issue 21, item 14)
+    readme = (ROOT / "README.md").read_text()
+    assert not [t for t in tags if t.startswith("train/") and f"`{t}`" not in readme], sorted(tags)
+    # megatron's known warnings (non-leaf .grad read of the distributed optimizer, deprecated collectives) are
+    # filtered once (seqpar.train.known_warnings); CP=2 runs the distributed optimizer
+    assert "not a leaf Tensor" not in first.stderr and "FutureWarning" not in first.stderr, first.stderr[-3000:]
+    # the start-up line: model, parameter count (README quotes this one), layout
+    assert "model tiny-hybrid, layers ASLH (4), hidden 64" in first.stdout and "218,112 parameters (0.22 M)" in \
+        first.stdout, first.stdout[-3000:]
+    assert "layout TP=1 x CP=2 x PP=1 x DP=1 = 2 rank(s), engine megatron" in first.stdout
+    # own text is never cut silently: the corpus, what data.max_bytes lets in and what it leaves out
+    assert "[seqpar.data] corpus: the Python standard library's" in first.stdout
+    assert "data.max_bytes=300,000 leaves out" in first.stdout
+    # `make demo` twice: the launcher's pre-flight stops the second run at once, one line, exit 2
+    twice = _run([], tmp_path)
+    assert twice.returncode == 2, twice.stdout[-3000:] + twice.stderr[-3000:]
+    assert f"train.out_dir='{run}' already holds a run" in twice.stderr and "pass --resume" in twice.stderr
+    assert "Traceback" not in twice.stderr and "seqpar.train.torchrun" not in twice.stdout  # nothing started
     again = _run(["--set", "train.steps=8", "--resume"], tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "steps 6->8" in again.stdout

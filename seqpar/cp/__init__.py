@@ -7,7 +7,8 @@
 outputs and gradients, for sequences of any length and packed documents of any length
 (``cu_seqlens``) under every kind x scheme. The placement is resolved once into a
 :class:`Partition` (pieces of real tokens per rank, documents, padding; ``cp.BALANCERS`` produce
-it) that every strategy receives. Bytes each rank *receives* per layer (N global tokens, L =
+it) that every strategy receives; ``balance="cost"`` (:class:`CostModel`, ``seqpar/cp/cost.py``)
+balances a hybrid model's modelled work over packed documents. Bytes each rank *receives* per layer (N global tokens, L =
 ceil(N/P) local slots, P ranks, e bytes/element, batch b; ``cp.scheme_cost`` returns them exactly,
 per rank, and ``cp.comm_ledger`` measures them):
 
@@ -62,6 +63,7 @@ gradient; pass ``seq_len=N`` when N is not a multiple of P.
 """
 
 from seqpar.cp.api import KINDS, SCHEMES, SUPPORTED, attention, recommend, scheme_cost
+from seqpar.cp.cost import CostModel
 from seqpar.cp.comm import Comm, CommLedger, CommRecord, comm_ledger
 from seqpar.cp.merge import decayed_state_prefix, merge_partials, merge_two
 from seqpar.cp.syncs import SyncCount, count_host_syncs
@@ -87,7 +89,7 @@ from seqpar.cp.partition import (
 )
 
 __all__ = [
-    "BALANCERS", "KINDS", "SCHEMES", "SUPPORTED", "Comm", "CommLedger", "CommRecord", "Layout", "Partition", "Piece",
+    "BALANCERS", "KINDS", "SCHEMES", "SUPPORTED", "Comm", "CostModel", "CommLedger", "CommRecord", "Layout", "Partition", "Piece",
     "SyncCount", "VarlenPadding", "attention", "make_partition",
     "count_host_syncs", "step_checks",
     "causal_work", "chunk_ids", "comm_ledger", "decayed_state_prefix", "imbalance", "merge_partials",

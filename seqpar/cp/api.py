@@ -176,7 +176,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, s
             pair; lightning "ring" is LASP-1 state passing, lightning "usp" is Ulysses x LASP-2).
         group: the CP process group (None = default group).
         balance: "zigzag" (default; every document cut in 2P chunks, rank r holds chunks r and
-            2P-1-r) or "contiguous".
+            2P-1-r) or "contiguous"; the joint cost balancer ("cost") needs the whole model's
+            cost model, so it comes as ``partition=cp.make_partition(..., balance="cost", cost=...)``.
         seq_len: the global length N before padding (default: ``cu_seqlens[-1]``, else ``P · L``).
             Pass it when ``N`` is not a multiple of ``P``, so the padding slots are known.
         partition: a resolved :class:`~seqpar.cp.Partition` (``cp.make_partition``; any balancer's),

@@ -3,7 +3,8 @@
 A :class:`Partition` is resolved **once** per call signature (``cp.make_partition`` / inside
 ``cp.attention``; cached) and every strategy receives it: the pieces of real tokens each rank
 holds, their documents and positions, the padding. Balancers only produce a different object
-(:data:`BALANCERS`; a cost-based balancer adds an entry there).
+(:data:`BALANCERS`: ``zigzag``, ``contiguous`` and ``cost``, the joint balancer of
+:mod:`seqpar.cp.cost` that equalises a model's modelled work over packed documents).
 
 ``balance="zigzag"`` (Megatron's order): *every document* (the whole sequence without
 ``cu_seqlens``) is cut into ``2P`` chunks and rank r holds chunks ``r`` and ``2P-1-r`` of each,
@@ -37,6 +38,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from seqpar.cp.comm import Comm, group_rank_world
+from seqpar.cp.cost import CostModel, cost_balance
 from seqpar.kernels._common import host_ints, seed_host_ints
 
 __all__ = [
@@ -362,7 +364,7 @@ class _Unshard(torch.autograd.Function):
 Run = tuple[int, int, int, int]  # (global start in the layout, length, document, position in it)
 
 
-def _zigzag(world: int, lens: Sequence[int], local_len: int) -> list[list[Run]]:
+def _zigzag(world: int, lens: Sequence[int], local_len: int, **_: Any) -> list[list[Run]]:
     p2 = 2 * world
     runs: list[list[Run]] = [[] for _ in range(world)]
     extra_rank, start = 0, 0  # round robin of the extra tokens over the ranks, across documents
@@ -386,7 +388,7 @@ def _zigzag(world: int, lens: Sequence[int], local_len: int) -> list[list[Run]]:
     return runs
 
 
-def _contiguous(world: int, lens: Sequence[int], local_len: int) -> list[list[Run]]:
+def _contiguous(world: int, lens: Sequence[int], local_len: int, **_: Any) -> list[list[Run]]:
     runs: list[list[Run]] = [[] for _ in range(world)]
     start = 0
     for d, n in enumerate(lens):
@@ -400,18 +402,27 @@ def _contiguous(world: int, lens: Sequence[int], local_len: int) -> list[list[Ru
     return runs
 
 
-#: name -> balancer ``(world, layout lengths of the documents, slots per rank) -> runs per rank``
-#: (global start, length, document, position), in local order; every rank's runs must fill exactly
-#: ``local_len`` slots. A new balancer (e.g. cost-based) registers here and every strategy runs on it.
-BALANCERS: dict[str, Callable[[int, Sequence[int], int], list[list[Run]]]] = {
-    "zigzag": _zigzag, "contiguous": _contiguous,
+#: name -> balancer ``(world, layout lengths of the documents, slots per rank, *, real_lens, cost)
+#: -> runs per rank`` (global start, length, document, position), in local order; every rank's runs
+#: must fill exactly ``local_len`` slots. ``real_lens``: real tokens of each document (a prefix; the
+#: rest is padding), ``cost``: the :class:`~seqpar.cp.cost.CostModel` given to
+#: :func:`make_partition` (None otherwise). A new balancer registers here and every strategy runs on it.
+BALANCERS: dict[str, Callable[..., list[list[Run]]]] = {
+    "zigzag": _zigzag, "contiguous": _contiguous, "cost": cost_balance,
 }
 BALANCES = tuple(BALANCERS)
+_CHUNKED = ("zigzag", "contiguous")  # balancers with a fixed chunk order (num_chunks / chunk_ids)
 
 
 def _check_balance(balance: str) -> None:
     if balance not in BALANCERS:
         raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
+
+
+def _check_chunked(balance: str) -> None:
+    if balance not in _CHUNKED:
+        raise ValueError(f"chunk ids exist for the fixed-order balancers {_CHUNKED}, got {balance!r} (its pieces: "
+                         f"cp.make_partition(...).pieces)")
 
 
 def _bounds(cu: Union[torch.Tensor, Sequence[int], None], name: str) -> Optional[tuple[int, ...]]:
@@ -428,13 +439,20 @@ _RESOLVED: dict = {}
 
 def resolve(world: int, seq_len: int, *, balance: str = "zigzag", local_len: Optional[int] = None,
             cu_seqlens: Union[torch.Tensor, Sequence[int], None] = None,
-            cu_seqlens_unpadded: Union[torch.Tensor, Sequence[int], None] = None) -> Partition:
+            cu_seqlens_unpadded: Union[torch.Tensor, Sequence[int], None] = None,
+            cost: Optional[CostModel] = None) -> Partition:
     """The :class:`Partition` of ``seq_len`` global tokens over ``world`` ranks (cached: the same
     arguments give the same object, with its plans). ``local_len`` defaults to ``ceil(seq_len /
     world)``; ``cu_seqlens`` (host values are read once per tensor) are the documents,
     ``cu_seqlens_unpadded`` their real boundaries when each document is padded at its end
-    (Megatron's ``cu_seqlens_q`` next to ``cu_seqlens_q_padded``)."""
+    (Megatron's ``cu_seqlens_q`` next to ``cu_seqlens_q_padded``); ``cost``: the model's
+    :class:`~seqpar.cp.cost.CostModel`, for (and only for) ``balance="cost"``."""
     _check_balance(balance)
+    if cost is not None and not isinstance(cost, CostModel):
+        raise ValueError(f"cost must be a seqpar.cp.CostModel, got {type(cost).__name__}")
+    if cost is not None and balance != "cost":
+        raise ValueError(f"cost= is the cost model of balance='cost'; got balance={balance!r} (drop cost= or "
+                         f"use balance='cost')")
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
         raise ValueError(f"world must be a positive int, got {world!r}")
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
@@ -446,7 +464,7 @@ def resolve(world: int, seq_len: int, *, balance: str = "zigzag", local_len: Opt
                          f"must be at least ceil({seq_len} / {world}) = {-(-seq_len // world)}")
     bounds = _bounds(cu_seqlens, "cu_seqlens")
     real = _bounds(cu_seqlens_unpadded, "cu_seqlens_unpadded")
-    key = (world, seq_len, balance, local_len, bounds, real)
+    key = (world, seq_len, balance, local_len, bounds, real, cost)
     hit = _RESOLVED.get(key)
     if hit is not None:
         return hit
@@ -466,8 +484,9 @@ def resolve(world: int, seq_len: int, *, balance: str = "zigzag", local_len: Opt
         raise ValueError(f"cu_seqlens_unpadded: document(s) {bad} have more real tokens than their padded length")
     extended = list(layout_lens)
     extended[-1] += world * local_len - seq_len  # internal padding: the last document's tail
-    part = Partition.from_runs(world, seq_len, local_len, BALANCERS[balance](world, extended, local_len),
-                               docs, real_lens, balance=balance, varlen=bounds is not None)
+    runs = BALANCERS[balance](world, extended, local_len, real_lens=real_lens, cost=cost)
+    part = Partition.from_runs(world, seq_len, local_len, runs, docs, real_lens, balance=balance,
+                               varlen=bounds is not None)
     if len(_RESOLVED) > 128:
         _RESOLVED.clear()
     _RESOLVED[key] = part
@@ -477,9 +496,11 @@ def resolve(world: int, seq_len: int, *, balance: str = "zigzag", local_len: Opt
 def make_partition(seq_len: int, group: GroupLike = None, *, balance: str = "zigzag",
               cu_seqlens: Union[torch.Tensor, Sequence[int], None] = None,
               cu_seqlens_unpadded: Union[torch.Tensor, Sequence[int], None] = None,
-              local_len: Optional[int] = None) -> Partition:
+              local_len: Optional[int] = None, cost: Optional[CostModel] = None) -> Partition:
     """Resolve how ``seq_len`` global tokens (packed documents with ``cu_seqlens``) are placed on the
     ranks of ``group`` (a process group, ``None`` = default, or ``(rank, world)``); host-only.
+    ``balance``: a :data:`BALANCERS` name; ``"cost"`` needs ``cost=cp.CostModel(...)`` (the whole
+    model's layers: build the partition once and pass ``partition=`` to every layer's call).
 
     >>> part = cp.make_partition(10, (0, 4))           # 10 tokens on 4 ranks: 3 slots each, 2 padding
     >>> part.padding, part.local_len
@@ -490,19 +511,19 @@ def make_partition(seq_len: int, group: GroupLike = None, *, balance: str = "zig
     """
     _, world = resolve_group(group)
     return resolve(world, seq_len, balance=balance, local_len=local_len, cu_seqlens=cu_seqlens,
-                   cu_seqlens_unpadded=cu_seqlens_unpadded)
+                   cu_seqlens_unpadded=cu_seqlens_unpadded, cost=cost)
 
 
 # ---- the classic entry points -------------------------------------------------------------------
 def num_chunks(world: int, balance: str = "zigzag") -> int:
     """Chunks a document is cut into: ``2P`` for zigzag, ``P`` for contiguous."""
-    _check_balance(balance)
+    _check_chunked(balance)
     return 2 * world if balance == "zigzag" else world
 
 
 def chunk_ids(rank: int, world: int, balance: str = "zigzag") -> tuple[int, ...]:
     """Chunk ids (of :func:`num_chunks`) ``rank`` holds of every document, in local order."""
-    _check_balance(balance)
+    _check_chunked(balance)
     _check_rank(rank, world)
     return (rank, 2 * world - 1 - rank) if balance == "zigzag" else (rank,)
 

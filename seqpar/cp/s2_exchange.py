@@ -51,24 +51,32 @@ def _owner(lay: Layout) -> torch.Tensor:
 
 def needed_rows(lay: Layout, layout: Any, hkv: int, off: int, total: int, receiver: int) -> torch.Tensor:
     """int64 rows ``real token * hkv + g`` of other ranks that ``receiver``'s queries read (host),
-    ordered by (document, block, kv head, token)."""
+    ordered by (document, block, kv head, token). Work is O(key blocks x kv heads + rows) per
+    document (no query x key block mask), so plans and ``cp.scheme_cost`` stay fast at millions
+    of tokens."""
     def build() -> torch.Tensor:
-        bs = layout.block_size
+        bs, band = layout.block_size, layout.local_blocks
         ranges: dict[int, list[tuple[int, int]]] = {}
         for p in lay.pieces[receiver]:
             ranges.setdefault(p.doc, []).append((p.pos, p.end))
         rows = [torch.zeros(0, dtype=torch.int64)]
         for doc in sorted(ranges):
-            last: dict[int, int] = {}  # query block (in the document) -> its last query position here
-            for pos, end in ranges[doc]:
-                for blk in range(pos // bs, (end - 1) // bs + 1):
-                    last[blk] = max(last.get(blk, -1), min(end, (blk + 1) * bs) - 1)
-            qb = torch.tensor(sorted(last), dtype=torch.int64)
-            qlast = torch.tensor([last[int(i)] for i in qb], dtype=torch.int64)
-            mask = layout.kv_block_mask(hkv, qb, torch.arange(int(qb.max()) + 1), kv_head_offset=off,
-                                        total_kv_heads=total)  # [hkv, q blocks, key blocks]
-            # the last query that reads each (kv head, key block): keys after it are never read
-            limit = torch.where(mask, qlast[None, :, None], -1).amax(dim=1)  # [hkv, key blocks]
+            # query block (in the document) -> its last query position held here
+            blk = torch.cat([torch.arange(pos // bs, (end - 1) // bs + 1) for pos, end in ranges[doc]])
+            end = torch.cat([torch.full(((e - 1) // bs - p // bs + 1,), e) for p, e in ranges[doc]])
+            qb, inv = torch.unique(blk, return_inverse=True)  # sorted
+            qlast = torch.full((len(qb),), -1, dtype=torch.int64).scatter_reduce(
+                0, inv, torch.minimum(end, (blk + 1) * bs) - 1, "amax")  # increasing with the block
+            kb = torch.arange(int(qb[-1]) + 1)
+            # the last query that reads each (kv head, key block): keys after it are never read.
+            # A stride column (or a dense head) is read by every later query block, the rest only
+            # by the query blocks of the band [j, j + local_blocks - 1]; the layout's mask seen from a
+            # query block beyond every band says which key blocks are stride columns of which head.
+            column = layout.kv_block_mask(hkv, kb[-1:] + band, kb, kv_head_offset=off,
+                                          total_kv_heads=total)[:, 0, :]  # [hkv, key blocks]
+            i = torch.searchsorted(qb, kb + band - 1, right=True) - 1  # last query block in the band
+            in_band = (i >= 0) & (qb[i.clamp_min(0)] >= kb)
+            limit = torch.where(column, qlast[-1], torch.where(in_band, qlast[i.clamp_min(0)], -1)[None, :])
             jg = (limit >= 0).t().nonzero()  # (key block, head), by block then head
             tok = jg[:, :1] * bs + torch.arange(bs)[None, :]  # positions in the document
             keep = (tok <= limit[jg[:, 1], jg[:, 0]][:, None]) & (tok < lay.doc_real[doc])

@@ -10,8 +10,8 @@ _EXPORTS = {
     "Batch": "batch", "position_ids_from_eod": "batch",
     "MQARDataset": "datasets", "PackedTextDataset": "datasets", "encode_documents": "datasets",
     "DataSources": "sources", "build_sources": "sources", "prepare": "sources",
-    "Tokenizer": "tokenizer", "TokenizerError": "tokenizer", "get_tokenizer": "tokenizer", "load_documents": "tokenizer",
-    "load_text": "tokenizer", "stdlib_corpus": "tokenizer", "trained_tokenizer": "tokenizer",
+    "Tokenizer": "tokenizer", "TokenizerError": "tokenizer", "corpus_summary": "tokenizer", "get_tokenizer": "tokenizer",
+    "load_documents": "tokenizer", "load_text": "tokenizer", "stdlib_corpus": "tokenizer", "trained_tokenizer": "tokenizer",
 }
 __all__ = sorted(_EXPORTS)
 

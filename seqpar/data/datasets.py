@@ -20,6 +20,7 @@ import torch
 
 from seqpar.data.batch import Batch, position_ids_from_eod
 from seqpar.data.tokenizer import Tokenizer
+from seqpar.errors import ConfigError
 
 
 def encode_documents(tokenizer: Tokenizer, documents: Sequence[str]) -> torch.Tensor:
@@ -43,9 +44,9 @@ class PackedTextDataset:
             raise ValueError("ids must be a 1-D token tensor")
         self.seq_len = seq_len
         self.num_windows = (ids.numel() - 1) // seq_len
-        if self.num_windows < 1:
-            raise ValueError(f"the corpus has {ids.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
-                             f"lower data.seq_len or add text")
+        if self.num_windows < 1:  # a recipe value that only the data can judge: one line, exit 2 (ConfigError)
+            raise ConfigError(f"the corpus has {ids.numel()} tokens, fewer than data.seq_len + 1 = {seq_len + 1}; "
+                              f"lower data.seq_len or add text (data.text_files, data.max_bytes)")
         self.ids = ids
         self.seed = seed
         self.eod = eod
@@ -81,9 +82,18 @@ class MQARDataset:
 
     Keys come from ``[4, vocab/2)``, values from ``[vocab/2, vocab)``; ``num_pairs`` pairs, then
     ``num_queries`` (query, answer) pairs, then padding (token 0, masked).
+
+    ``spread=True`` is Zoology's long-context form: the (query, answer) pairs sit at uniformly
+    random, ordered, non-overlapping 2-token slots of the rest of the sequence, and every other
+    position holds a random value token (noise, never scored), so ``seq_len`` sets how far back a
+    query must look and how much noise lies in between. Differences from Zoology, for small
+    vocabularies: the noise never holds a key (Zoology draws it from the whole vocabulary, where
+    among its 8192 tokens a key rarely repeats by chance; among 64 it would in most sequences), and
+    the query slots are uniform (Zoology's power law favours the slots right after the pairs).
     """
 
-    def __init__(self, vocab_size: int, seq_len: int, num_pairs: int = 8, num_queries: int = 8, seed: int = 0):
+    def __init__(self, vocab_size: int, seq_len: int, num_pairs: int = 8, num_queries: int = 8, seed: int = 0,
+                 *, spread: bool = False):
         if 2 * (num_pairs + num_queries) > seq_len:
             raise ValueError(f"MQAR needs seq_len >= 2 * (num_pairs + num_queries) = "
                              f"{2 * (num_pairs + num_queries)}, got {seq_len}")
@@ -91,6 +101,7 @@ class MQARDataset:
             raise ValueError(f"vocab_size {vocab_size} too small for {num_pairs} distinct keys")
         self.vocab_size, self.seq_len = vocab_size, seq_len
         self.num_pairs, self.num_queries, self.seed = num_pairs, num_queries, seed
+        self.spread = spread
 
     def batch(self, step: int, global_batch: int, rank: int = 0, ranks: int = 1) -> Batch:
         """Rows ``[rank::ranks]`` of the global batch of ``step``; each row is one document."""
@@ -104,11 +115,18 @@ class MQARDataset:
             seq = torch.zeros(self.seq_len + 1, dtype=torch.long)
             mask = torch.zeros(self.seq_len)
             kv = torch.stack([keys, vals], dim=1).reshape(-1)
-            qa = torch.stack([keys[pick], vals[pick]], dim=1).reshape(-1)
             seq[: kv.numel()] = kv
             start = kv.numel()
-            seq[start:start + qa.numel()] = qa
-            mask[start:start + qa.numel():2] = 1.0  # predict the answer after each query key
+            if self.spread:  # noise everywhere after the pairs, then the queries in random slots
+                seq[start:] = torch.randint(half, self.vocab_size, (self.seq_len + 1 - start,), generator=g)
+                slots = (self.seq_len + 1 - start) // 2
+                at = start + 2 * torch.randperm(slots, generator=g)[: self.num_queries].sort().values
+                seq[at], seq[at + 1] = keys[pick], vals[pick]
+                mask[at] = 1.0
+            else:
+                qa = torch.stack([keys[pick], vals[pick]], dim=1).reshape(-1)
+                seq[start:start + qa.numel()] = qa
+                mask[start:start + qa.numel():2] = 1.0  # predict the answer after each query key
             toks.append(seq)
             masks.append(mask)
         x = torch.stack(toks)

@@ -79,8 +79,9 @@ def _prefix_missing(prefix: str) -> Optional[str]:
 def check_inputs(data: Any) -> None:
     """The files a recipe's ``data`` section names exist and fit (a ``DataConfig``): every blend prefix's
     ``.bin`` / ``.idx`` (the message gives the preprocess command), the tokenizer (loadable, has an EOD,
-    no larger than ``data.vocab_size``), the text / HF files. Raises one :class:`ConfigError` with a line
-    per problem."""
+    no larger than ``data.vocab_size``), the HF files. ``data.text_files``, like every plain path field, is
+    checked by ``RunConfig.check_paths`` (its ``RecipePath`` mark). Raises one :class:`ConfigError` with a
+    line per problem."""
     from seqpar.data.documents import DocumentError, check_files
     from seqpar.data.tokenizer import Tokenizer, TokenizerError
 
@@ -100,8 +101,6 @@ def check_inputs(data: Any) -> None:
             check_files(d.files, d.json_key, field="data.files")
         except DocumentError as e:
             problems.append(str(e))
-    elif d.dataset == "text":
-        problems += [f"data.text_files entry {f!r} is not a file" for f in d.text_files if not pathlib.Path(f).is_file()]
     if d.tokenizer != "train":
         try:
             tok = Tokenizer.load(d.tokenizer, d.cache_dir or None)

@@ -32,7 +32,8 @@ unsupported. :func:`build_sources` (after the process groups exist) then finds e
 megatron's builder only loads them (its barriers are instant). Called after the process groups with a
 cache missing (an API caller who skipped ``prepare``), it builds the missing megatron caches in a
 child process without process groups, under the same lock, while this rank waits on the lock — in no
-collective, so no timeout can fire. Cached ``.npy`` files are checked to hold plain numbers before
+collective, so no timeout can fire; a failure on one rank before megatron's collective load is raised on
+every rank (``raise_if_any_rank_failed``). Cached ``.npy`` files are checked to hold plain numbers before
 megatron loads them (it loads with ``allow_pickle=True``; an object array would run code).
 """
 
@@ -491,9 +492,32 @@ def _report(cfg: Any, tok: Optional[Tokenizer], plan: Optional[IndexedPlan]) -> 
 def build_sources(cfg: Any) -> DataSources:
     """The run's :class:`DataSources` on this rank. Every rank calls it (after the process groups
     exist: megatron's builder is then collective, with every cache in place — see the module
-    docstring). Bad input raises ``ConfigError`` naming the field."""
+    docstring). Bad input raises ``ConfigError`` naming the field; with process groups, a failure on
+    any rank raises on every rank before any collective (``raise_if_any_rank_failed``), so no rank is
+    left waiting in megatron's builder or the engine's first collective."""
+    from seqpar.megatron.parallel import raise_if_any_rank_failed
+
+    local, error = None, None
+    try:  # everything up to megatron's collective dataset build is this rank's own work
+        local = _local_sources(cfg)
+    except Exception as e:  # noqa: BLE001 - every rank learns of it, then it is raised
+        error = e
+    raise_if_any_rank_failed(error)
+    if isinstance(local, DataSources):
+        return local
+    plan, blocks, tok = local
+    built = plan.load(blocks)
+    train = GPTSource([b[0] for b in built], plan.samples[0], "train")
+    valid, test = (GPTSource([built[0][i]], 0, s) if built[0][i] is not None else None
+                   for i, s in ((1, "valid"), (2, "test")))
+    return DataSources(train, valid, test, tok, cfg.data.vocab_size, _report(cfg, tok, plan))
+
+
+def _local_sources(cfg: Any) -> DataSources | tuple[IndexedPlan, int, Tokenizer]:
+    """This rank's part of :func:`build_sources` (no collective): the finished sources (mqar, text), or
+    an indexed plan with its blocks' caches in place and the tokenizer."""
     from seqpar.data.datasets import MQARDataset, PackedTextDataset
-    from seqpar.data.tokenizer import load_documents
+    from seqpar.data.tokenizer import corpus_summary, load_documents
 
     d, seed = cfg.data, cfg.train.seed
     if d.dataset == "mqar":
@@ -506,25 +530,23 @@ def build_sources(cfg: Any) -> DataSources:
         raise ConfigError(f"data.tokenizer has {tok.vocab_size} token ids, more than data.vocab_size={d.vocab_size}; "
                           f"set data.vocab_size >= {tok.vocab_size}")
     if d.dataset == "text":
-        train = PackedTextDataset.from_documents(tok, load_documents(d.text_files, d.max_bytes), d.seq_len, seed=seed)
-        return DataSources(train, None, None, tok, d.vocab_size, _report(cfg, tok, None))
+        docs = load_documents(d.text_files, d.max_bytes)
+        train = PackedTextDataset.from_documents(tok, docs, d.seq_len, seed=seed)
+        # what data.max_bytes lets in: never cut silently
+        summary = corpus_summary(d.text_files, d.max_bytes, docs, train.ids.numel(), d.seq_len)
+        return DataSources(train, None, None, tok, d.vocab_size, _report(cfg, tok, None) + summary.splitlines())
     plan = _indexed_plan(cfg, tok, root, build_hf=True)
     blocks = plan.blocks_for(_train_samples(cfg))
     from seqpar.megatron.parallel import has_process_group
 
-    grouped = has_process_group()
     if plan.missing(blocks):
         with cache_lock(root):
             if plan.missing(blocks):
-                if grouped:
+                if has_process_group():
                     _build_in_child(cfg, root)
                 else:
                     plan.build_missing(blocks)
-    built = plan.load(blocks)
-    train = GPTSource([b[0] for b in built], plan.samples[0], "train")
-    valid, test = (GPTSource([built[0][i]], 0, s) if built[0][i] is not None else None
-                   for i, s in ((1, "valid"), (2, "test")))
-    return DataSources(train, valid, test, tok, d.vocab_size, _report(cfg, tok, plan))
+    return plan, blocks, tok
 
 
 def main(argv: Optional[list[str]] = None) -> int:

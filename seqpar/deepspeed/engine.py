@@ -189,10 +189,11 @@ def grad_divisor(engine: Any) -> int:
     return ps.get_data_parallel_world_size()
 
 
-def forward_backward(engine: Any, micro_batches: list[dict[str, torch.Tensor]]):
+def forward_backward(engine: Any, micro_batches: list[dict[str, torch.Tensor]], accuracy: Any = None):
     """Forward, backward and ``engine.step()`` for one optimizer step made of ``micro_batches``
     (this rank's, already CP-split; as many as the engine's gradient accumulation steps). Returns
-    the step's :class:`seqpar.train.engine.StepResult` (identical on every rank)."""
+    the step's :class:`seqpar.train.engine.StepResult` (identical on every rank); ``accuracy`` (a
+    ``seqpar.train.runtime.TokenAccuracy`` on the model) adds the step's greedy accuracy."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     if len(micro_batches) != engine.gradient_accumulation_steps():
@@ -211,10 +212,13 @@ def forward_backward(engine: Any, micro_batches: list[dict[str, torch.Tensor]]):
     MoEAuxLossAutoScaler.set_loss_scale(torch.full((), div / dp / len(micro_batches), device=device))
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     aux_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
     for batch in micro_batches:
         tokens, labels, mask = batch["tokens"], batch["labels"], batch["loss_mask"].float()
         position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         per_token = engine(tokens, position_ids, None, labels=labels)  # [b, s_local]
+        if accuracy is not None:
+            correct = correct + accuracy.take(batch["loss_mask"])
         local = (per_token.float() * mask).sum()
         engine.backward(local * (div / total), scale_wrt_gas=False)
         engine.step()  # DeepSpeed steps the optimizer (and the LR) at the accumulation boundary only
@@ -222,13 +226,15 @@ def forward_backward(engine: Any, micro_batches: list[dict[str, torch.Tensor]]):
         aux = moh_aux_losses(engine.module)
         if aux:
             aux_sum += torch.stack([a.detach().float() for a in aux]).sum()
-    vals = torch.stack([loss_sum.float(), aux_sum / len(micro_batches)])
-    dist.all_reduce(vals[:1], group=dpcp)
+    # the loss and the correct predictions: sums over DP x CP; the aux loss's mean over micro-batches
+    vals = torch.stack([loss_sum.float(), correct, aux_sum / len(micro_batches)])
+    dist.all_reduce(vals[:2], group=dpcp)
     if dp > 1:  # aux losses are replicated over CP, one per DP replica
-        aux_t = vals[1:].clone()
+        aux_t = vals[2:].clone()
         dist.all_reduce(aux_t, group=ps.get_data_parallel_group())
-        vals[1:] = aux_t / dp
-    return StepResult(loss=float(vals[0] / total), aux_loss=float(vals[1]), tokens=int(counts))
+        vals[2:] = aux_t / dp
+    return StepResult(loss=float(vals[0] / total), aux_loss=float(vals[2]), tokens=int(counts),
+                      accuracy=float(vals[1] / total) if accuracy is not None else None)
 
 
 def _split(batch: Batch, micro: int) -> list[dict[str, torch.Tensor]]:
@@ -302,7 +308,7 @@ class DeepSpeedEngine(Engine):
         boundary); ``ctx.accept`` sees the loss and grad norm afterwards and can only stop the run."""
         lr = self.engine.get_lr()[0]
         with ctx.forward_backward():
-            res = forward_backward(self.engine, _split(batch, self.micro))
+            res = forward_backward(self.engine, _split(batch, self.micro), ctx.accuracy)
         gnorm = self.engine.get_global_grad_norm()
         ctx.accept(res.loss, 0.0 if gnorm is None else float(gnorm))
         return dataclasses.replace(res, lr=lr, grad_norm=None if gnorm is None else float(gnorm))

@@ -38,7 +38,10 @@ from typing import Optional
 import torch
 
 from seqpar.export.convert import ROPE_THETA, ModelSpec, hf_to_megatron
+from seqpar.export.output import check_out_dir, install
 from seqpar.export.reader import ExportError
+
+TOOL = "seqpar.export.from_hf"
 
 
 def _read_hf(hf_dir: pathlib.Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -202,8 +205,7 @@ def import_hf(hf_dir: str | pathlib.Path, out_run: str | pathlib.Path, *, patter
     from seqpar.train.config import from_dict
 
     hf_dir, out = pathlib.Path(hf_dir), pathlib.Path(out_run).absolute()
-    if out.exists() and not force:
-        raise ExportError(f"output run folder {out} exists; pass --force to replace it")
+    check_out_dir(out, force=force, tool=TOOL)  # --force: only an earlier import that was not trained on
     bad = sorted(set(pattern) - {"A", "S", "L"})
     if bad:
         raise ExportError(f"--pattern {pattern!r}: import converts softmax layers to A (keep), S (S2) or L "
@@ -252,9 +254,7 @@ def import_hf(hf_dir: str | pathlib.Path, out_run: str | pathlib.Path, *, patter
             f"# imported from {hf_dir.absolute()} by python -m seqpar.export.from_hf; continue with\n"
             f"#   python -m seqpar.train {out / 'recipe.yaml'} --resume --set train.steps=N\n"
             + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        install(tmp, out, TOOL)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -269,7 +269,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--pattern", default="A", help="layer kinds, tiled: A keep softmax, S to S2, L to Lightning")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                     help="recipe field for the imported run (repeatable)")
-    ap.add_argument("--force", action="store_true", help="replace OUT_RUN if it exists")
+    ap.add_argument("--force", action="store_true",
+                    help="replace OUT_RUN if it holds an earlier import (not trained on since)")
     args = ap.parse_args(argv)
     try:
         step = import_hf(args.hf_dir, args.out_run, pattern=args.pattern, overrides=args.overrides, force=args.force)

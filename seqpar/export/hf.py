@@ -18,7 +18,9 @@ state read. OUT_DIR gets:
 - ``README.md``: a model card with the recipe, step, tokens seen and final loss.
 
 Everything is written to a temporary folder next to OUT_DIR and renamed at the end: an error leaves
-nothing behind. An existing OUT_DIR needs ``--force``.
+nothing behind. ``seqpar_output.json`` lists the files written; an existing OUT_DIR needs ``--force``,
+which replaces only an earlier export (a folder holding anything else is refused and left as it is;
+``seqpar.export.output``).
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ from typing import Optional
 import torch
 
 from seqpar.export.convert import ModelSpec, hf_config, megatron_to_hf, spec_from_recipe
+from seqpar.export.output import check_out_dir, install
 from seqpar.export.reader import ExportError, TrainingCheckpoint, read_checkpoint
 
+TOOL = "seqpar.export.hf"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _PROBE = "def f(x):\n    return x  # probe. The quick brown fox, ünïcödé & 42!"
 
@@ -116,20 +120,45 @@ def _final_loss(ck: TrainingCheckpoint) -> Optional[float]:
     return events[-1].value if events else None
 
 
+def _portable_recipe(config: dict) -> dict:
+    """The recipe for the model card with the paths it names (fields marked ``RecipePath``) that are
+    absolute on the exporting machine shortened to ``.../<last component>``: a card travels."""
+    from seqpar.train.config import SECTIONS, RecipePath, RunConfig
+
+    out = json.loads(json.dumps(config))
+    for sec in SECTIONS:
+        fields = RunConfig.model_fields[sec].annotation.model_fields
+        for name, info in fields.items():
+            if not any(isinstance(m, RecipePath) for m in info.metadata) or name not in out.get(sec, {}):
+                continue
+            v = out[sec][name]
+            out[sec][name] = [_short(x) for x in v] if isinstance(v, list) else _short(v)
+    return out
+
+
+def _short(v):
+    return f".../{pathlib.PurePath(v).name}" if isinstance(v, str) and os.path.isabs(v) else v
+
+
 def _model_card(ck: TrainingCheckpoint, spec: ModelSpec, custom: bool, out: pathlib.Path) -> str:
+    """README.md of the export; names no absolute path of this machine (the checkpoint by run / step,
+    the folder by its name, recipe paths shortened)."""
     out_name = out.name
     data = ck.config.get("data", {})
     tokens = ck.step * int(data.get("global_batch", 0)) * int(data.get("seq_len", 0))
     loss = _final_loss(ck)
     kinds = {"A": "softmax", "S": "S2", "L": "Lightning", "H": "MoH"}
+    remote = ", trust_remote_code=True" if custom else ""
     load = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-            f"model = AutoModelForCausalLM.from_pretrained({str(out)!r}{', trust_remote_code=True' if custom else ''})\n"
-            f"tok = AutoTokenizer.from_pretrained({str(out)!r}{', trust_remote_code=True' if custom else ''})"
+            f"path = {out_name!r}  # this folder\n"
+            f"model = AutoModelForCausalLM.from_pretrained(path{remote})\n"
+            f"tok = AutoTokenizer.from_pretrained(path{remote})"
             + ("  # AutoTokenizer reads config.json too" if custom else ""))
+    source = f"{ck.path.parent.parent.name}/{ck.path.parent.name}/{ck.path.name}"
     return "\n".join([
         "---", "library_name: transformers", "tags: [seqpar, causal-lm]", "---", "",
         f"# {out_name}", "",
-        f"Exported by `python -m seqpar.export.hf` from `{ck.path}`.", "",
+        f"Exported by `python -m seqpar.export.hf` from the training checkpoint `{source}`.", "",
         f"- architecture: {'SeqparForCausalLM (custom code, `trust_remote_code=True`)' if custom else 'LlamaForCausalLM'}",
         f"- layers: {spec.num_layers} ({', '.join(f'{i}:{kinds[c]}' for i, c in enumerate(spec.pattern))}), "
         f"hidden {spec.hidden_size}, heads {spec.num_heads} / kv heads {spec.num_kv_heads}, vocab {spec.vocab_size}",
@@ -140,7 +169,8 @@ def _model_card(ck: TrainingCheckpoint, spec: ModelSpec, custom: bool, out: path
                            if ck.tokenizer is not None else "none (token ids only)"),
         f"- saved at parallel layout: {json.dumps(ck.layout)}", "",
         "## Use", "", "```python", load, "```", "",
-        "## Recipe (resolved)", "", "```json", json.dumps(ck.config, indent=2, sort_keys=True), "```", ""])
+        "## Recipe (resolved; absolute paths of the exporting machine shortened to `.../<name>`)", "", "```json",
+        json.dumps(_portable_recipe(ck.config), indent=2, sort_keys=True), "```", ""])
 
 
 def _readable(folder: pathlib.Path) -> None:
@@ -159,7 +189,7 @@ def export(checkpoint: str | pathlib.Path, out_dir: str | pathlib.Path, *, force
 
     Args:
         checkpoint: step folder, ``checkpoints/latest`` or run folder.
-        out_dir: destination; must not exist unless ``force``.
+        out_dir: destination; must not exist unless ``force`` (then: empty or an earlier export only).
         dtype: "fp32" | "bf16" | "fp16"; default: the training dtype.
         max_shard_size: safetensors shard limit (``save_pretrained``'s argument).
         allow_no_tokenizer: export a text-data checkpoint that carries no ``tokenizer/``
@@ -169,8 +199,7 @@ def export(checkpoint: str | pathlib.Path, out_dir: str | pathlib.Path, *, force
         ExportError: bad checkpoint or output (see the module docstring); nothing is written then.
     """
     out = pathlib.Path(out_dir).absolute()
-    if out.exists() and not force:
-        raise ExportError(f"output folder {out} exists; pass --force to replace it")
+    check_out_dir(out, force=force, tool=TOOL)
     if dtype is not None and dtype not in _DTYPES:
         raise ExportError(f"--dtype {dtype!r} is not one of {sorted(_DTYPES)}")
     ck = read_checkpoint(checkpoint)
@@ -213,13 +242,7 @@ def export(checkpoint: str | pathlib.Path, out_dir: str | pathlib.Path, *, force
             write_tokenizer(ck.tokenizer, tmp, vocab)
         (tmp / "README.md").write_text(_model_card(ck, spec, not spec.pure_softmax, out))
         _readable(tmp)
-        if out.exists():
-            old = out.with_name(f".old_{out.name}_{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        install(tmp, out, TOOL)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -231,7 +254,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                                  description="Export a seqpar training checkpoint to a Hugging Face folder.")
     ap.add_argument("checkpoint", help="step_N folder, <run>/checkpoints/latest, or the run folder")
     ap.add_argument("out_dir", help="destination folder (written atomically)")
-    ap.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    ap.add_argument("--force", action="store_true",
+                    help="replace OUT_DIR if it holds an earlier export (and nothing else)")
     ap.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="weights dtype (default: training dtype)")
     ap.add_argument("--max-shard-size", default="5GB", help="safetensors shard size limit (e.g. 2GB, 500MB)")
     ap.add_argument("--no-tokenizer", action="store_true",

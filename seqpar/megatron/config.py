@@ -23,6 +23,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from seqpar.cp import SUPPORTED
+from seqpar.kernels import S2Layout
 
 KIND_OF_LETTER = {"A": "softmax", "S": "s2", "L": "lightning", "H": "moh"}
 DEFAULT_SCHEMES = {"softmax": "allgather", "s2": "allgather", "lightning": "allgather", "moh": "allgather"}
@@ -61,6 +62,16 @@ class AttentionModelFields(Strict):
     moh_aux_loss_coef: NonNegativeFloat = 0.01
     """MoH load-balance loss coefficient beta: the loss gets beta x the average of L_b over the model's MoH layers
     (as MoH's own training; paper 0.01), through MoEAuxLossAutoScaler (docs/moh.md)."""
+
+    @field_validator("s2_block_size")
+    @classmethod
+    def _s2_tile(cls, v: int) -> int:
+        # the S2 kernels' own rule (S2Layout: the block is the Triton tile), checked where the value is set
+        try:
+            S2Layout(block_size=v)
+        except ValueError as e:
+            raise ValueError(str(e).replace("S2Layout.block_size ", "", 1) + "; e.g. 16, 32, 64 or 128") from None
+        return v
 
 
 class AttentionParallelFields(Strict):

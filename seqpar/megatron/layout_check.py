@@ -19,7 +19,8 @@ from typing import Mapping, Optional
 
 from seqpar.megatron.config import KIND_OF_LETTER
 
-__all__ = ["MEGATRON_CP_COMM", "MEGATRON_NAMES", "RECIPE_NAMES", "check_layout", "cp_scheme_for_layer"]
+__all__ = ["MEGATRON_CP_COMM", "MEGATRON_NAMES", "RECIPE_NAMES", "ROPE_LETTERS", "TRITON_MAX_HEAD_DIM", "check_layout",
+           "check_shapes", "cp_scheme_for_layer"]
 
 #: megatron-core's ``cp_comm_type`` values and the seqpar scheme each one names
 MEGATRON_CP_COMM = {"p2p": "ring", "all_gather": "allgather", "a2a": "ulysses", "a2a+p2p": "usp"}
@@ -29,14 +30,24 @@ RECIPE_NAMES = {
     "cp_schemes": "parallel.cp_schemes", "ud": "parallel.usp_ulysses_degree", "seq_len": "data.seq_len",
     "s2_block_size": "model.s2_block_size",
     "pattern": "model.pattern", "heads": "model.num_attention_heads", "kv_heads": "model.num_kv_heads",
-    "num_layers": "model.num_layers",
+    "num_layers": "model.num_layers", "hidden": "model.hidden_size", "ffn": "model.ffn_hidden_size",
+    "vocab": "data.vocab_size", "backend": "parallel.backend",
 }
 MEGATRON_NAMES = {
     "tp": "tensor_model_parallel_size", "cp": "context_parallel_size", "pp": "pipeline_model_parallel_size",
     "cp_schemes": "cp_schemes", "ud": "usp_ulysses_degree", "seq_len": "seq_length",
     "s2_block_size": "s2_block_size", "pattern": "pattern",
     "heads": "num_attention_heads", "kv_heads": "num_query_groups", "num_layers": "num_layers",
+    "hidden": "hidden_size", "ffn": "ffn_hidden_size", "vocab": "vocab_size", "backend": "seqpar_backend",
 }
+
+ROPE_LETTERS = "ASH"
+"""Layer kinds that apply megatron's rotary embedding to q and k (Lightning layers have no RoPE)."""
+
+TRITON_MAX_HEAD_DIM = 128
+"""Largest head dim of the softmax / S2 / MoH Triton kernels: every launch config is compiled and
+resource-checked for sm_80 / sm_90 up to 128 (``benchmarks/kernel_resources.py``); beyond it their
+backward kernels spill registers (d = 192 / 256: 36-10000 bytes per thread)."""
 
 
 def cp_scheme_for_layer(kind: str, cp_schemes: Mapping[str, str], cp_comm_type: Optional[str], *,
@@ -124,6 +135,11 @@ def check_layout(*, pattern: str, num_layers: int, num_attention_heads: int, num
     if "usp" in {schemes[k] for k in kinds} and (cp % ud or h % ud):
         errors.append(f"{n['ud']}={ud} must divide {n['cp']}={cp} and the {h} heads (scheme 'usp' in "
                       f"{n['cp_schemes']})")
+    if ud != 1 and (cp == 1 or "usp" not in {schemes[k] for k in kinds}):
+        # nothing silently ignored: the degree is read by the 'usp' scheme only
+        errors.append(f"{n['ud']}={ud} is read only by the 'usp' CP scheme, which no layer runs here ("
+                      f"{n['cp']}={cp}, schemes {dict(sorted((k, schemes[k]) for k in kinds))}); set it to 1, or "
+                      f"'usp' for a kind in {n['cp_schemes']}")
     if cp > 1 and not errors:
         h_loc, hkv_loc = h // tp, hkv // tp
         if seq_len is not None and seq_len % (2 * cp):
@@ -140,6 +156,53 @@ def check_layout(*, pattern: str, num_layers: int, num_attention_heads: int, num
                 msg = _heads_fit(f"{field}='usp'", h_loc, hkv_loc, ud, n["ud"], str(ud))
                 if msg:
                     errors.append(msg)
+    if errors:
+        raise ValueError("\n".join(errors))
+
+
+def check_shapes(*, pattern: str, num_layers: int, hidden_size: int, num_attention_heads: int,
+                 num_query_groups: int, ffn_hidden_size: int, vocab_size: Optional[int] = None,
+                 tensor_parallel: int = 1, backend: str = "auto", names: Mapping[str, str] = RECIPE_NAMES) -> None:
+    """Raise a ``ValueError`` (all problems, one per line) unless every layer of the model can be
+    built and run with these widths: the shape rules of megatron-core's layers and seqpar's kernels.
+
+    Args:
+        pattern: layer letters over A/S/L/H, tiled over ``num_layers``.
+        hidden_size, num_attention_heads, num_query_groups, ffn_hidden_size: the model's widths
+            (head dim = hidden_size / num_attention_heads).
+        vocab_size: the embedding rows (None skips its check).
+        tensor_parallel: TP size (megatron splits the MLP and the vocabulary over it).
+        backend: "auto" / "triton" (the Triton kernels run on GPUs) or "torch".
+        names: field names for the messages (``RECIPE_NAMES`` or ``MEGATRON_NAMES``).
+
+    Checks: the heads divide the width; RoPE (A, S, H layers) needs an even head dim; the Triton
+    softmax / S2 / MoH kernels take head dims up to ``TRITON_MAX_HEAD_DIM``; TP divides the MLP width
+    and the vocabulary (megatron's column-parallel fc1 and vocab-parallel embedding / output layer).
+    (TP / GQA divisibility of the heads: ``check_layout``.)
+    """
+    n = dict(RECIPE_NAMES, **names)
+    h, hidden, tp = num_attention_heads, hidden_size, tensor_parallel
+    if hidden % h:
+        raise ValueError(f"{n['hidden']}={hidden} must be a multiple of {n['heads']}={h}")
+    d = hidden // h
+    letters = set((pattern * (num_layers // len(pattern) + 1))[:num_layers])
+    rope = sorted(letters & set(ROPE_LETTERS))
+    head_dim = f"{n['hidden']}={hidden} over {n['heads']}={h} gives head dim {d}"
+    errors: list[str] = []
+    if rope and d % 2:
+        errors.append(f"{head_dim}, but RoPE (megatron's rotary embedding, in the {'/'.join(rope)} layers) needs an "
+                      f"even head dim; use a multiple of 2 x {h} = {2 * h} for {n['hidden']} (e.g. "
+                      f"{2 * h * max(1, d // 2)} or {2 * h * (d // 2 + 1)})")
+    if rope and backend != "torch" and d > TRITON_MAX_HEAD_DIM:
+        errors.append(f"{head_dim}, above {TRITON_MAX_HEAD_DIM}, the largest the softmax / S2 / MoH Triton kernels "
+                      f"support ({n['backend']}={backend!r} runs them on GPUs); use more heads (>= "
+                      f"{-(-hidden // TRITON_MAX_HEAD_DIM)}) or {n['backend']}='torch'")
+    if ffn_hidden_size % tp:
+        errors.append(f"{n['tp']}={tp} must divide {n['ffn']}={ffn_hidden_size} (megatron splits the MLP over TP); "
+                      f"use a multiple of {tp}")
+    if vocab_size is not None and vocab_size % tp:
+        errors.append(f"{n['tp']}={tp} must divide {n['vocab']}={vocab_size} (megatron's vocab-parallel embedding "
+                      f"and output layer); use a multiple of {tp}, e.g. {vocab_size + tp - vocab_size % tp}")
     if errors:
         raise ValueError("\n".join(errors))
 

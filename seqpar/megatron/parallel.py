@@ -67,6 +67,36 @@ def has_process_group() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def raise_if_any_rank_failed(error: BaseException | None) -> None:
+    """Collective over the default group (when there is one): every rank passes the outcome of the same
+    local step (None = it worked); if any rank failed, *every* rank raises — the failing rank its own
+    error, the others the lowest failing rank's message with ``(raised on rank R)`` on its first line
+    (a ``ConfigError`` when that error was one, so the CLI's one-line exit 2 holds on every rank; else
+    ``RuntimeError``).
+
+    Without it a rank whose step failed (e.g. rank 0 training the tokenizer, a file missing on one
+    node) exits while its peers wait in their next collective until ``parallel.distributed_timeout_s``
+    (or until torchrun's agent kills them; ``srun`` without torchrun has no agent). One int all-reduce
+    when every rank succeeded (``seqpar.cp.Comm.agree``), the message broadcast only on failure."""
+    from seqpar.cp.comm import Comm
+    from seqpar.errors import ConfigError
+
+    if not has_process_group():
+        if error is not None:
+            raise error
+        return
+    # the kind rides as the message's first character (agree carries one string)
+    mine = None if error is None else ("C" if isinstance(error, ConfigError) else "R") + (str(error) or repr(error))
+    failed = Comm().agree(mine)
+    if failed is None:
+        return
+    if error is not None:
+        raise error
+    rank, msg = failed
+    first, _, rest = msg[1:].partition("\n")
+    raise (ConfigError if msg[0] == "C" else RuntimeError)(f"{first} (raised on rank {rank})" + (rest and "\n" + rest))
+
+
 @contextlib.contextmanager
 def solo_group() -> Iterator[None]:
     """A one-process gloo group of this process alone (file rendezvous in a temp folder), destroyed on

@@ -27,7 +27,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                     help="override a recipe field (value parsed as YAML); repeatable")
     ap.add_argument("--check", action="store_true",
                     help="validate the recipe for its layout (under torchrun: for the launched world; else --world "
-                         "or TP x CP ranks), print the resolved recipe as JSON, start nothing")
+                         "or TP x CP ranks) and the files it names, print the resolved recipe as YAML, start nothing")
     ap.add_argument("--dry-run", action="store_true",
                     help="validate the recipe and its parallel layout and report the engine that would run "
                          "(Megatron, or DeepSpeed's ZeRO stage and offloads) and its per-rank parameter, gradient "

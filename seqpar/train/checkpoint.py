@@ -581,6 +581,19 @@ def _verify_collective(folder: pathlib.Path) -> Optional[CorruptCheckpointError]
     return None if first is None else CorruptCheckpointError(pathlib.Path(first[0]), first[1], first[2])
 
 
+def held_run(out_dir: str | pathlib.Path) -> Optional[str]:
+    """Why a run without ``--resume`` may not start in ``out_dir`` (it holds checkpoints of a run), with
+    the three ways on; None when it holds none. No side effects: ``--check`` asks it before anything starts."""
+    out = pathlib.Path(out_dir)
+    found = [str(p) for p in checkpoints(out / "checkpoints")]
+    if not found:
+        return None
+    found += [str(p) for p in (out / "tb").glob("events.out.tfevents.*")] if (out / "tb").is_dir() else []
+    return (f"train.out_dir={str(out)!r} already holds a run ({len(found)} checkpoint / tensorboard item(s), "
+            f"e.g. {found[-1]}): pass --resume to continue it, pick another train.out_dir, or set "
+            f"train.overwrite=true to delete it")
+
+
 def prepare_out_dir(out_dir: str | pathlib.Path, *, resume: bool, overwrite: bool) -> None:
     """Before a run: without ``--resume``, an out_dir holding checkpoints is refused (ResumeError
     naming what is there) unless ``overwrite`` (train.overwrite), which deletes them and the
@@ -605,9 +618,7 @@ def prepare_out_dir(out_dir: str | pathlib.Path, *, resume: bool, overwrite: boo
             print(f"[seqpar.train] train.overwrite: deleted {len(found)} checkpoint / tensorboard file(s) of the "
                   f"previous run in {out}", file=sys.stderr, flush=True)
         elif found:
-            msg = (f"train.out_dir={str(out)!r} already holds a run ({len(found)} checkpoint / tensorboard item(s), "
-                   f"e.g. {found[-1]}): pass --resume to continue it, pick another train.out_dir, or set "
-                   f"train.overwrite=true to delete it")
+            msg = held_run(out)
     box = [msg]
     if _rank_world()[1] > 1:
         dist.broadcast_object_list(box, src=0)

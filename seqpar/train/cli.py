@@ -8,23 +8,25 @@ engine's own checks through ``seqpar.train.engine``). The arguments: ``seqpar.tr
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
-import warnings
 from typing import Optional
 
 from seqpar.train.args import parse_args
+from seqpar.train.known_warnings import filter_known_warnings
 
 
 def _exit_codes() -> list[tuple[tuple[type, ...], int]]:
+    from seqpar.errors import ConfigError
     from seqpar.train.checkpoint import NonFiniteCheckpointError, ResumeError
     from seqpar.train.health import NonFiniteError
     from seqpar.train.integrity import CorruptCheckpointError, UnsafeCheckpointError
 
+    # ConfigError: a recipe value that only the run's setup can judge (e.g. a corpus shorter than one
+    # sequence), found on every rank alike
     return [((NonFiniteError, NonFiniteCheckpointError), 3), ((CorruptCheckpointError, UnsafeCheckpointError), 4),
-            ((ResumeError,), 2)]
+            ((ResumeError, ConfigError), 2)]
 
 
 def dry_run(cfg, world_size: Optional[int] = None) -> dict:
@@ -46,10 +48,7 @@ def dry_run(cfg, world_size: Optional[int] = None) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    # megatron-core warns at several import sites that Apex / Transformer Engine are absent; both are
-    # optional fused-kernel providers with torch fallbacks, so the trainer's console keeps quiet about it
-    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* (is|are) not installed",
-                            category=UserWarning)
+    filter_known_warnings()  # megatron-core's Apex / TE notices, non-leaf .grad read, deprecated collectives
     from seqpar.train.config import load_recipe
     from seqpar.train.engine import engine_class
 
@@ -71,6 +70,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                              f"launch with torchrun --nproc-per-node {mp} (or launchers/torchrun.sh), or check the "
                              f"recipe with --check / --dry-run")
         dp = cfg.check_world(world)
+        cfg.check_paths()  # every file / folder the recipe names, before any process starts
+        if args.check and not cfg.train.overwrite:  # what the run would refuse first
+            from seqpar.train.checkpoint import held_run
+            from seqpar.train.signals import resume_mode
+
+            # (a Slurm requeue or torchrun restart resumes by itself: resume_mode)
+            held = held_run(cfg.train.out_dir)
+            if held and not resume_mode(args.resume, os.path.join(cfg.train.out_dir, "checkpoints")):
+                raise ValueError(held)
+        if not no_launch:
+            cfg.check_environment()
         # the engine's own checks (DeepSpeed: the whole ds_config) before any process group
         engine_class(cfg.train.engine).check(cfg, dp)
         if not args.dry_run:
@@ -89,7 +99,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     if args.check:
         if os.environ.get("RANK", "0") == "0":
-            print(json.dumps(cfg.to_dict()), flush=True)
+            print(f"# {args.recipe}, resolved (every field, defaults filled); valid for {world} rank(s)\n"
+                  + cfg.to_yaml(), end="", flush=True)
         return 0
     if args.dry_run:
         dry_run(cfg, world)

@@ -20,8 +20,10 @@ syntax errors and empty files into one line naming the file and line.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
@@ -30,7 +32,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator, mo
 from seqpar.megatron.config import (AttentionModelFields, AttentionParallelFields, FiniteFloat, NonNegativeFloat,
                                     NonNegativeInt, PositiveFloat, PositiveInt, Strict, check_moh_heads,
                                     format_errors)
-from seqpar.megatron.layout_check import check_layout
+from seqpar.megatron.layout_check import check_layout, check_shapes
 from seqpar.megatron.specs import check_pattern
 from seqpar.models import SIZES, VARIANTS, ModelPreset, preset
 
@@ -51,6 +53,65 @@ rerun it: softmax and S2 (Lightning is a whole self-attention module; MoH's gate
 def _need(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
+
+
+# ---------------------------------------------------------------------------------------------------
+# paths named by a recipe
+
+
+@dataclass(frozen=True)
+class RecipePath:
+    """Marks a recipe field that names paths on disk (``Annotated[str, RecipePath("file")]``, or on a
+    ``list[str]`` field: every entry); ``RunConfig.check_paths`` checks every marked field before any
+    process starts (``--check``, the launchers' pre-flight, ``seqpar-train`` before its process group).
+    An empty string means "not set" and is not checked.
+
+    kind: ``"file"`` (read by the run: an existing, readable regular file), ``"dir"`` (written by the
+    run: an existing writable folder, or a path whose nearest existing parent is one, so it can be
+    created), ``"prefix"`` (read: ``path + suffix`` is a readable file for every ``suffixes`` entry,
+    e.g. a megatron indexed dataset's ``.bin`` / ``.idx``).
+    """
+
+    kind: Literal["file", "dir", "prefix"]
+    suffixes: tuple[str, ...] = ()
+    nonempty: bool = False
+    """Files only: an empty file is an error too (e.g. a text file of the corpus)."""
+
+    def problem(self, field: str, value: str) -> Optional[str]:
+        """One line naming ``field``, the path and the fix, or None when ``value`` is fine."""
+        if not value:
+            return None
+        if self.kind == "prefix":
+            return next((p for p in (_file_problem(field, value + sfx, value, self.nonempty)
+                                     for sfx in self.suffixes) if p), None)
+        if self.kind == "file":
+            return _file_problem(field, value, value, self.nonempty)
+        path = pathlib.Path(value)
+        if path.exists():
+            if not path.is_dir():
+                return f"{field}={value!r} is not a folder (the run writes into it); give a folder path"
+            return None if os.access(path, os.W_OK | os.X_OK) else \
+                f"{field}={value!r} is not writable by this user; give a folder you can write to"
+        parent = next(p for p in path.absolute().parents if p.exists())
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            return (f"{field}={value!r} cannot be created: {str(parent)!r} is not a writable folder; give a path "
+                    f"under a folder you can write to")
+        return None
+
+
+def _file_problem(field: str, path: str, value: str, nonempty: bool) -> Optional[str]:
+    p = pathlib.Path(path)
+    where = f"{field}={value!r}" + ("" if path == value else f" ({path})")
+    if not p.exists():
+        cwd = "" if p.is_absolute() else f" (relative to the current folder {os.getcwd()})"
+        return f"{where}: no such file{cwd}; fix the path or remove the entry"
+    if not p.is_file():
+        return f"{where} is not a regular file; give a file path"
+    if not os.access(p, os.R_OK):
+        return f"{where} is not readable by this user; fix its permissions"
+    if nonempty and p.stat().st_size == 0:
+        return f"{where} is empty; give a file with text or remove the entry"
+    return None
 
 
 class ModelConfig(AttentionModelFields):
@@ -99,9 +160,7 @@ class ModelConfig(AttentionModelFields):
         s = self.shape
         _need(s.num_attention_heads % s.num_query_groups == 0,
               f"model.num_kv_heads={s.num_query_groups} must divide model.num_attention_heads={s.num_attention_heads}")
-        _need(s.hidden_size % s.num_attention_heads == 0,
-              f"model.hidden_size={s.hidden_size} must be a multiple of model.num_attention_heads="
-              f"{s.num_attention_heads}")
+        # the widths (head dim, RoPE, kernel head dims, TP splits): check_shapes, with the other sections
         if "H" in self.layer_pattern:
             check_moh_heads(self.moh_num_shared_heads, self.moh_top_k, s.num_attention_heads, prefix="model.")
         return self
@@ -175,12 +234,12 @@ class DataConfig(Strict):
     """hf: local .jsonl / .json / .parquet files, one source (split by data.split)."""
     json_key: str = "text"
     """hf: the field (column) that holds each document's text."""
-    text_files: list[str] = Field(default_factory=list)
+    text_files: Annotated[list[str], RecipePath("file", nonempty=True)] = Field(default_factory=list)
     """text: local text files for the tokenizer and the corpus (a list, e.g. [a.txt]); empty = the Python
     standard library sources."""
     max_bytes: PositiveInt = 1_000_000
     """text: characters of text read (tokenizer training and corpus)."""
-    cache_dir: str = ""
+    cache_dir: Annotated[str, RecipePath("dir")] = ""
     """Trained tokenizers, dataset index caches and hf conversions (built once, shared by the ranks);
     empty = $SEQPAR_CACHE or ~/.cache/seqpar."""
     mqar_pairs: PositiveInt = 8
@@ -243,6 +302,11 @@ class DataConfig(Strict):
         # the tokenizer's byte fallback alone takes 256 pieces
         _need(kind != "text" or self.tokenizer != "train" or self.vocab_size >= 512,
               f"data.vocab_size={self.vocab_size} must be >= 512 for a trained tokenizer (data.tokenizer='train')")
+        # MQAR keys are distinct tokens of [4, vocab_size / 2) (seqpar.data.MQARDataset)
+        _need(kind != "mqar" or self.vocab_size // 2 - 4 >= self.mqar_pairs,
+              f"data.mqar_pairs={self.mqar_pairs} needs as many distinct keys, but data.vocab_size={self.vocab_size} "
+              f"has {self.vocab_size // 2 - 4} (token ids 4 .. vocab_size / 2 - 1); raise data.vocab_size to >= "
+              f"{2 * (self.mqar_pairs + 4)} or lower data.mqar_pairs")
         if info.context and info.context.get("check_files"):
             from seqpar.data.inputs import check_inputs
 
@@ -284,7 +348,7 @@ class TrainConfig(Strict):
     """Optimizer steps (the length of the LR schedule)."""
     seed: NonNegativeInt = 1234
     """Seed of the model initialisation and the data order."""
-    out_dir: str = "runs/demo"
+    out_dir: Annotated[str, RecipePath("dir")] = "runs/demo"
     """Run directory: tensorboard events in <out_dir>/tb, checkpoints in <out_dir>/checkpoints."""
     save_every: NonNegativeInt = 0
     """Checkpoint every N steps (0 = only at the end)."""
@@ -323,7 +387,7 @@ class DeepSpeedConfig(Strict):
     3 (+ parameters)."""
     offload_optimizer: Literal["none", "cpu"] = "none"
     """ZeRO optimizer-state offload to host memory: "none" or "cpu" (zero_stage >= 1)."""
-    config: str = ""
+    config: Annotated[str, RecipePath("file")] = ""
     """Path of a user ds_config JSON merged into the one built from the recipe ("" = none); a key set in
     both places with different values is an error naming both."""
 
@@ -339,8 +403,8 @@ class DeepSpeedConfig(Strict):
     def _checks(self) -> "DeepSpeedConfig":
         _need(self.offload_optimizer == "none" or self.zero_stage >= 1,
               f"deepspeed.offload_optimizer='cpu' needs deepspeed.zero_stage >= 1, got {self.zero_stage}")
-        _need(not self.config or pathlib.Path(self.config).is_file(),
-              f"deepspeed.config={self.config!r} is not a file; give the path of a ds_config JSON or leave it empty")
+        problem = RecipePath("file").problem("deepspeed.config", self.config)
+        _need(problem is None, f"{problem} (a ds_config JSON), or leave it empty")
         return self
 
 
@@ -374,6 +438,12 @@ class RunConfig(Strict):
                      pipeline_parallel=self.parallel.pipeline_parallel,
                      cp_schemes=self.parallel.cp_schemes, usp_ulysses_degree=self.parallel.usp_ulysses_degree,
                      seq_len=self.data.seq_len, s2_block_size=self.model.s2_block_size)
+        # every width rule of megatron's layers and seqpar's kernels (head dim parity for RoPE, kernel head
+        # dims, TP splits of the MLP and the vocabulary)
+        check_shapes(pattern=self.model.layer_pattern, num_layers=p.num_layers, hidden_size=p.hidden_size,
+                     num_attention_heads=p.num_attention_heads, num_query_groups=p.num_query_groups,
+                     ffn_hidden_size=p.ffn_hidden_size, vocab_size=self.data.vocab_size, tensor_parallel=tp,
+                     backend=self.parallel.backend)
         if self.data.dataset == "mqar":
             _need(self.data.seq_len >= 2 * (self.data.mqar_pairs + self.data.mqar_queries),
                   f"data.seq_len={self.data.seq_len} must be >= 2 x (data.mqar_pairs + data.mqar_queries) = "
@@ -396,9 +466,41 @@ class RunConfig(Strict):
               f"{self.data.global_batch} / {dp} = {share}; use a divisor of {share} (or 0)")
         return dp
 
+    def check_paths(self) -> None:
+        """Every path the recipe names (fields marked ``RecipePath``) exists / can be written, checked
+        here before any process starts; raises RecipeError with one line per bad path."""
+        problems = []
+        for sec in SECTIONS:
+            section = getattr(self, sec)
+            for name, info in type(section).model_fields.items():
+                for mark in (m for m in info.metadata if isinstance(m, RecipePath)):
+                    value = getattr(section, name)
+                    for i, v in enumerate(value if isinstance(value, list) else [value]):
+                        field = f"{sec}.{name}" + (f"[{i}]" if isinstance(value, list) else "")
+                        problems.append(mark.problem(field, v))
+        problems = [p for p in problems if p]
+        if problems:
+            raise RecipeError(problems)
+
+    def check_environment(self) -> None:
+        """What the recipe needs from this machine to train here (not checked by ``--check``, which may
+        run on a login node): ``parallel.backend='triton'`` needs CUDA or ``TRITON_INTERPRET=1``."""
+        import torch
+
+        from seqpar.kernels._common import select_backend
+
+        try:  # the kernels' own rule, asked for this machine's device
+            select_backend(self.parallel.backend, torch.empty(0, device="cuda" if torch.cuda.is_available() else "cpu"))
+        except ValueError as e:
+            raise RecipeError([f"parallel.backend={self.parallel.backend!r}: {e}"]) from None
+
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain JSON-able data (every field, defaults filled)."""
         return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        """The resolved recipe as YAML in the schema's section / field order (``load_recipe`` reads it back)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
 
 
 def from_dict(tree: Any, *, check_files: bool = False) -> RunConfig:
@@ -513,5 +615,6 @@ if __name__ == "__main__":  # python -m seqpar.train.config: print the recipe re
     print(schema_markdown())
 
 
-__all__ = ["DataConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "RecipeError", "RunConfig", "SECTIONS",
+__all__ = ["DataConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "RecipeError", "RecipePath", "RunConfig",
+           "SECTIONS",
            "TrainConfig", "from_dict", "load_recipe", "parse_yaml", "schema_markdown"]

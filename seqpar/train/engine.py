@@ -52,6 +52,9 @@ class StepResult:
     """Learning rate of this step."""
     updated: bool = True
     """False when the update was skipped (non-finite loss / grad norm within train.skip_nonfinite_steps)."""
+    accuracy: Optional[float] = None
+    """Fraction of the global batch's loss-masked tokens whose greedy prediction is the label (the
+    ``StepContext.accuracy`` counter's); None when the engine was given none."""
 
 
 class StepContext:
@@ -60,10 +63,12 @@ class StepContext:
     The engine enters :meth:`forward_backward` around the forward and backward of all its
     micro-batches (not the optimizer update), and calls :meth:`accept` with the step's loss and grad
     norm before it applies the update (or, for an engine that cannot hold the update back, after).
-    ``monitor``: the run's ``seqpar.train.health.HealthMonitor`` (None: no non-finite checks)."""
+    ``monitor``: the run's ``seqpar.train.health.HealthMonitor`` (None: no non-finite checks);
+    ``accuracy``: the run's ``seqpar.train.runtime.TokenAccuracy`` on the engine's modules (the engine
+    adds ``accuracy.take(loss_mask)`` of each micro-batch to its step statistics; None: not counted)."""
 
-    def __init__(self, step: int, monitor: Any = None) -> None:
-        self.step, self.monitor = step, monitor
+    def __init__(self, step: int, monitor: Any = None, accuracy: Any = None) -> None:
+        self.step, self.monitor, self.accuracy = step, monitor, accuracy
 
     @contextlib.contextmanager
     def forward_backward(self) -> Iterator[None]:

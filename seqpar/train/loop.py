@@ -28,6 +28,7 @@ from seqpar.megatron import init_parallel
 from seqpar.train import checkpoint, health, signals
 from seqpar.train.config import RunConfig
 from seqpar.train.engine import Batch, Engine, StepContext, StepResult, engine_class
+from seqpar.train.runtime import TokenAccuracy
 from seqpar.train.runtime import build_model, model_config  # noqa: F401  re-exported (their former home)
 
 
@@ -127,16 +128,21 @@ class Logger:
         engine reports none, ``skipped`` where steps are never skipped) is not logged."""
         if self.writer is not None and (step + 1) % self.cfg.train.log_every == 0:
             for k, v in {"loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm, "aux_loss": res.aux_loss,
-                         "tokens_per_s": res.tokens / dt, "skipped_steps": skipped}.items():
+                         "accuracy": res.accuracy, "tokens_per_s": res.tokens / dt, "skipped_steps": skipped}.items():
                 if v is not None:
                     self.writer.add_scalar(f"train/{k}", v, step + 1)
             for kind, sec in (timer.pop() if timer else {}).items():
                 self.writer.add_scalar(f"attention_fwd_ms/{kind}", 1e3 * sec, step + 1)
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{res.loss:.3f}", aux=f"{res.aux_loss:.3g}", lr=f"{res.lr:.2e}")
+            acc = {} if res.accuracy is None else {"acc": f"{res.accuracy:.3f}"}
+            self.bar.set_postfix(loss=f"{res.loss:.3f}", **acc, aux=f"{res.aux_loss:.3g}", lr=f"{res.lr:.2e}")
 
-    def close(self, start: int, end: int, losses: list[float], ckpt_dir: pathlib.Path, out: pathlib.Path) -> None:
+    def close(self, start: int, done: int, losses: list[float], ckpt_dir: pathlib.Path, out: pathlib.Path, *,
+              stopped: str = "") -> None:
+        """The end-of-run summary: steps ``start`` -> ``done`` (the last step run) of ``train.steps``,
+        why the run ended early (``stopped``, e.g. "stopped by SIGINT"), the loss trend, the checkpoint
+        and what to run next."""
         if self.bar is not None:
             self.bar.close()
         if self.writer is None:
@@ -145,10 +151,36 @@ class Logger:
         w = max(1, min(10, len(losses) // 4))  # mean of the first / last few steps: the trend, not noise
         trend = (f"loss {sum(losses[:w]) / w:.4f} (first {w} steps) -> {sum(losses[-w:]) / w:.4f} (last {w})"
                  if losses else "no steps run")
-        print(f"{self.head} steps {start}->{end}, {trend}\n"
+        steps = self.cfg.train.steps
+        why = (f" ({stopped} after step {done}; continue with --resume)" if stopped
+               else "" if done == steps else f" (this run ended early, after step {done})")
+        print(f"{self.head} steps {start}->{done} of {steps}{why}, {trend}\n"
               f"  checkpoint:  {checkpoint.latest(ckpt_dir)}\n"
               f"  export (HF): {sys.executable} -m seqpar.export.hf {out} {out / 'hf'}\n"
               f"  tensorboard: {_tensorboard_cmd()} --logdir {out / 'tb'}", flush=True)
+
+
+def startup_summary(cfg: RunConfig, engine: Engine, vocab_size: int) -> str:
+    """The model, its parameter count and the parallel layout, for the start-up log: the total is the
+    closed form of ``seqpar.train.memory`` (what ``--dry-run`` reports, tested equal to the built shards),
+    this rank's count is read from its modules (ZeRO-3: the full size of its partitioned parameters)."""
+    from seqpar.megatron.specs import layer_pattern
+    from seqpar.train.memory import closed_form_params
+
+    p = cfg.model.shape
+    full = layer_pattern(p.pattern, p.num_layers)
+    total = closed_form_params(p, full, vocab_size, 1, first=True, last=True,
+                               moh_num_shared_heads=cfg.model.moh_num_shared_heads)
+    here = sum(int(getattr(t, "ds_numel", t.numel())) for m in engine.modules for t in m.parameters())
+    par = cfg.parallel
+    tp, cp, pp = par.tensor_parallel, par.context_parallel, par.pipeline_parallel
+    world = dist.get_world_size()
+    zero = f" ZeRO-{cfg.deepspeed.zero_stage}" if cfg.train.engine == "deepspeed" else ""
+    return (f"model {cfg.model.preset}, layers {full} ({p.num_layers}), hidden {p.hidden_size}, heads "
+            f"{p.num_attention_heads} / kv {p.num_query_groups}, ffn {p.ffn_hidden_size}, vocab {vocab_size}, "
+            f"{cfg.model.dtype}: {total:,} parameters ({total / 1e6:.2f} M)\n"
+            f"  layout TP={tp} x CP={cp} x PP={pp} x DP={world // (tp * cp * pp)} = {world} rank(s), engine "
+            f"{cfg.train.engine}{zero}; rank 0 holds {here:,} parameters")
 
 
 def _resume(engine: Engine, ckpt_dir: pathlib.Path, cfg: RunConfig, tokenizer: Any = None) -> int:
@@ -198,16 +230,20 @@ def _train(engine_cls: type[Engine], cfg: RunConfig, resume: bool, stop_after: O
     checkpoint.prepare_out_dir(out, resume=resume, overwrite=cfg.train.overwrite)  # h16: no silent mixing of runs
     start = _resume(engine, ckpt_dir, cfg, data.tokenizer) if resume else 0
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
+    if dist.get_rank() == 0:
+        print(f"{engine.log_prefix} {startup_summary(cfg, engine, vocab)}", flush=True)
     logger = Logger(cfg, out, start, desc=engine.progress_desc, head=engine.summary_head)
     device = engine.device
     timer = AttentionTimer(engine.modules[0]) if cfg.train.time_attention else None
     # h16: NaN/inf stop or skip (an engine that cannot hold an update back refuses skipping in its check)
     monitor = health.HealthMonitor.from_config(cfg, engine.modules)
+    accuracy = TokenAccuracy(engine.modules)  # train/accuracy (MQAR: recall over the answers)
     losses = []
+    stopped = ""
     engine.train()
     for step in range(start, end):
         t0 = time.perf_counter()
-        res = engine.train_step(_batch(data, step, cfg, device), StepContext(step, monitor))
+        res = engine.train_step(_batch(data, step, cfg, device), StepContext(step, monitor, accuracy))
         losses.append(res.loss)
         logger.log(step, res, time.perf_counter() - t0, timer, monitor.skipped if engine.skips_steps else None)
         stop = signals.stop_requested()  # a SIGTERM/SIGUSR1/SIGINT on any rank: save now, then exit (all ranks)
@@ -219,8 +255,9 @@ def _train(engine_cls: type[Engine], cfg: RunConfig, resume: bool, stop_after: O
             saved = engine.save(ckpt_dir, step + 1, rng=_rng_state(), config=cfg.to_dict(), tokenizer=data.tokenizer)
         if stop:
             signals.stopped(step + 1, saved)
+            stopped = f"stopped by {signals.stop_signal_name()}"
             break
-    logger.close(start, end, losses, ckpt_dir, out)
+    logger.close(start, start + len(losses), losses, ckpt_dir, out, stopped=stopped)
     monitor.close()
     engine.close()
     return losses

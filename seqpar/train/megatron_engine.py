@@ -139,7 +139,7 @@ class MegatronEngine(Engine):
         self.optimizer.zero_grad()
         batches = micro_batches(batch.tokens, batch.labels, batch.loss_mask, self.micro_batch)
         with ctx.forward_backward():
-            res = forward_backward(self.model, batches)
+            res = forward_backward(self.model, batches, accuracy=ctx.accuracy)
         res.grad_norm, res.lr, res.updated = optimizer_step(self.optimizer, self.scheduler,
                                                             lambda grad_norm: ctx.accept(res.loss, grad_norm))
         return res

@@ -259,10 +259,11 @@ def format_report(rep: dict[str, Any]) -> str:
     lines.append(f"layout TP={rep['tensor_parallel']} PP={rep['pipeline_parallel']} CP={rep['context_parallel']} "
                  f"DP={rep['data_parallel']} (world {rep['world']}), {engine_line(rep)}, bytes/param "
                  f"{rep['bytes_per_param']}")
-    lines.append(f"{'pp':>3} {'tp':>3} {'layers':>10} {'params':>14} {'param GiB':>10} {'grad GiB':>9} "
+    w = max([6] + [len(s["layers"]) for s in rep["shards"]])  # the stage's whole layer pattern, never cut
+    lines.append(f"{'pp':>3} {'tp':>3} {'layers':>{w}} {'params':>14} {'param GiB':>10} {'grad GiB':>9} "
                  f"{'optim GiB':>10} {'total GiB':>10}")
     for s in rep["shards"]:
-        lines.append(f"{s['pp_rank']:>3} {s['tp_rank']:>3} {s['layers'][:10]:>10} {s['params']:>14,} "
+        lines.append(f"{s['pp_rank']:>3} {s['tp_rank']:>3} {s['layers']:>{w}} {s['params']:>14,} "
                      f"{s['param_bytes'] / gib:>10.3f} {s['grad_bytes'] / gib:>9.3f} "
                      f"{s['optimizer_bytes'] / gib:>10.3f} {s['total_bytes'] / gib:>10.3f}")
     if any(s["offloaded_bytes"] for s in rep["shards"]):

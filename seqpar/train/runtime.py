@@ -2,8 +2,8 @@
 ``GPTModel`` on the engine's device, initialised on the CPU independently of the TP x PP split and of
 the device; ``model_config``), the LR / weight-decay schedule (``build_scheduler``: megatron-core's
 ``OptimizerParamScheduler``, stepped by both engines), this CP rank's share of a batch
-(``local_batch``), the global batch's valid-token count (``global_tokens``), the MoH aux losses, and
-devices (``param_device``, ``current_device``).
+(``local_batch``), the global batch's valid-token count (``global_tokens``), the MoH aux losses, the
+greedy-prediction accuracy (``TokenAccuracy``), and devices (``param_device``, ``current_device``).
 
 The loop and the engines import this module; it imports neither.
 """
@@ -194,6 +194,58 @@ def moh_aux_losses(model: torch.nn.Module) -> list[torch.Tensor]:
         if isinstance(mod, (MoHSelfAttention, MoHCoreAttention)) and mod.last_aux_loss is not None:
             out.append(mod.last_aux_loss)
     return out
+
+
+class TokenAccuracy:
+    """Counts the loss-masked tokens whose greedy prediction (argmax of the logits) is the label, for
+    every engine (train/accuracy; MQAR: the recall accuracy over the answers).
+
+    A forward pre-hook on each model chunk that holds the output layer (the last pipeline stage) keeps
+    the ``labels`` the engine passes (``[b, s]``, this CP rank's share), a forward hook on the output
+    layer turns the logits (``[s, b, vocab / TP]``) into hits ``[b, s]``; the engine takes them right
+    after that micro-batch's forward with its loss mask (:meth:`take`), on the device, no host sync.
+    Under TP the vocabulary is split: the global argmax is found with one MAX and one SUM all-reduce of
+    ``[s, b]`` over the TP group (a tie across ranks counts once)."""
+
+    def __init__(self, chunks: Sequence[torch.nn.Module]) -> None:
+        self._labels: Any = None
+        self._hits: Any = None
+        for chunk in chunks:
+            out = getattr(chunk, "output_layer", None)
+            if out is not None:
+                chunk.register_forward_pre_hook(self._keep_labels, with_kwargs=True)
+                out.register_forward_hook(self._count)
+
+    def _keep_labels(self, module: torch.nn.Module, args: Any, kwargs: dict) -> None:
+        self._labels = kwargs.get("labels")
+
+    @torch.no_grad()
+    def _count(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if self._labels is None:
+            return
+        logits = output[0] if isinstance(output, tuple) else output
+        labels = self._labels.transpose(0, 1)  # [s, b] as the logits
+        best, arg = logits.float().max(dim=-1)
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        if tp == 1:
+            hits = (arg == labels).float()
+        else:
+            group = parallel_state.get_tensor_model_parallel_group()
+            top = best.clone()
+            torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX, group=group)
+            start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
+            hits = ((best == top) & (arg + start == labels)).float()
+            torch.distributed.all_reduce(hits, group=group)
+            hits = hits.clamp(max=1.0)
+        self._hits, self._labels = hits.transpose(0, 1), None
+
+    def take(self, loss_mask: torch.Tensor) -> torch.Tensor:
+        """Correct greedy predictions among ``loss_mask``'s tokens in the last forward (a 0-dim tensor
+        on the mask's device; 0 on a stage without the output layer)."""
+        hits, self._hits = self._hits, None
+        if hits is None:
+            return torch.zeros((), device=loss_mask.device)
+        return (hits * loss_mask.float()).sum()
 
 
 def param_device(model: torch.nn.Module | Sequence[torch.nn.Module]) -> torch.device:

@@ -202,6 +202,13 @@ def stopped(step: int, checkpoint_path: Any) -> None:
         _state.stopped = (step, str(checkpoint_path))
 
 
+def stop_signal_name() -> str:
+    """The signal that stopped the run, as this rank saw it ("a signal on another rank" when only
+    another rank received one)."""
+    st = _state
+    return signal.Signals(st.signum).name if st is not None and st.signum is not None else "a signal on another rank"
+
+
 def raise_if_stopped() -> None:
     """After the loop has cleaned up: if it stopped on a signal, rank 0 writes the marker and says so,
     then ``SystemExit(EXIT_INTERRUPTED)`` on every rank."""
@@ -211,7 +218,7 @@ def raise_if_stopped() -> None:
     import torch.distributed as dist
 
     step, path = st.stopped
-    name = signal.Signals(st.signum).name if st.signum is not None else "a signal on another rank"
+    name = stop_signal_name()
     if not dist.is_initialized() or dist.get_rank() == 0:
         if st.out_dir is not None:
             st.out_dir.mkdir(parents=True, exist_ok=True)
@@ -403,10 +410,9 @@ def _main(argv: list[str]) -> int:
         print("usage: python -m seqpar.train.signals out-dir RECIPE [--set a.b=v ...] [other seqpar-train args]",
               file=sys.stderr)
         return 2
-    import warnings
+    from seqpar.train.known_warnings import filter_known_warnings
 
-    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* (is|are) not installed",
-                            category=UserWarning)  # megatron-core's optional fused kernels (as the CLI)
+    filter_known_warnings()  # as the CLI
     from seqpar.train.args import parse_args
     from seqpar.train.config import load_recipe
 

@@ -39,16 +39,19 @@ def micro_batches(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.T
     return [local_batch(tokens[i:i + mb], labels[i:i + mb], loss_mask[i:i + mb]) for i in range(0, b, mb)]
 
 
-def _loss_func(loss_mask: torch.Tensor, stats: dict[str, torch.Tensor], output: torch.Tensor):
-    """megatron's 3-tuple loss contract: (sum of token losses, valid tokens, reporting dict)."""
+def _loss_func(loss_mask: torch.Tensor, stats: dict[str, torch.Tensor], accuracy: Any, output: torch.Tensor):
+    """megatron's 3-tuple loss contract: (sum of token losses, valid tokens, reporting dict). Called right
+    after this micro-batch's forward, so ``accuracy`` (a TokenAccuracy or None) holds its hits."""
     mask = loss_mask.float()
     loss_sum = (output.float() * mask).sum()
     tokens = mask.sum()
     stats["loss_sum"] = stats["loss_sum"] + loss_sum.detach()
+    if accuracy is not None:
+        stats["correct"] = stats["correct"] + accuracy.take(loss_mask)
     return loss_sum, tokens.to(torch.int), {"loss_sum": loss_sum.detach()}
 
 
-def _forward_step(stats: dict[str, torch.Tensor], data_iterator: Iterator, model: torch.nn.Module):
+def _forward_step(stats: dict[str, torch.Tensor], accuracy: Any, data_iterator: Iterator, model: torch.nn.Module):
     """megatron ``forward_step_func``: one micro-batch through this stage."""
     batch = next(data_iterator)
     tokens, labels = batch["tokens"], batch["labels"]
@@ -58,16 +61,17 @@ def _forward_step(stats: dict[str, torch.Tensor], data_iterator: Iterator, model
     aux = moh_aux_losses(model)
     if aux:
         stats["aux_sum"] = stats["aux_sum"] + torch.stack(aux).sum().detach()
-    return out, partial(_loss_func, batch["loss_mask"], stats)
+    return out, partial(_loss_func, batch["loss_mask"], stats, accuracy)
 
 
 def forward_backward(model: torch.nn.Module | list[torch.nn.Module], batches: list[dict[str, torch.Tensor]] | dict,
-                     *, forward_only: bool = False) -> StepResult:
+                     *, forward_only: bool = False, accuracy: Any = None) -> StepResult:
     """Forward + backward of this rank's micro-batches (each already CP-split) through megatron's
     schedule for the current PP layout. With DDP-wrapped chunks the gradients end reduced over DP x CP
     in the DDP buffers (``param.main_grad``) and divided by the global valid tokens; a bare module
     keeps this rank's gradient of ``sum(token losses) / global valid tokens`` in ``param.grad``.
-    Returns the step's scalars (no optimizer step: grad_norm and lr stay 0). The training loop runs it
+    Returns the step's scalars (no optimizer step: grad_norm and lr stay 0; ``accuracy``, a
+    ``seqpar.train.runtime.TokenAccuracy`` on the chunks, adds the step's greedy accuracy). The training loop runs it
     inside ``cp.step_checks()`` (``seqpar.train.engine.StepContext``): wrap a call of your own in it too,
     or every CP attention layer checks its inputs with a handshake and a host read."""
     chunks = model if isinstance(model, list) else [model]
@@ -81,10 +85,11 @@ def forward_backward(model: torch.nn.Module | list[torch.nn.Module], batches: li
     # gradient by the global token count (CP ranks hold the same CP-global aux loss; their gradient
     # contributions are disjoint and sum to the exact one)
     MoEAuxLossAutoScaler.set_loss_scale(total / (dp * len(batches)))
-    stats = {"loss_sum": torch.zeros((), device=device), "aux_sum": torch.zeros((), device=device)}
+    stats = {"loss_sum": torch.zeros((), device=device), "aux_sum": torch.zeros((), device=device),
+             "correct": torch.zeros((), device=device)}
     first = batches[0]["tokens"]
     fwd_bwd = get_forward_backward_func()
-    fwd_bwd(forward_step_func=partial(_forward_step, stats), data_iterator=iter(batches), model=chunks,
+    fwd_bwd(forward_step_func=partial(_forward_step, stats, accuracy), data_iterator=iter(batches), model=chunks,
             num_microbatches=len(batches),
             seq_length=first.shape[1] * parallel_state.get_context_parallel_world_size(),
             micro_batch_size=first.shape[0], forward_only=forward_only)
@@ -94,21 +99,25 @@ def forward_backward(model: torch.nn.Module | list[torch.nn.Module], batches: li
             for p in chunk.parameters():
                 if p.grad is not None:
                     p.grad.div_(total.clamp(min=1.0))
-    return _reduce_stats(stats, total, len(batches))
+    return _reduce_stats(stats, total, len(batches), accuracy is not None)
 
 
-def _reduce_stats(stats: dict[str, torch.Tensor], total: torch.Tensor, num_micro: int) -> StepResult:
-    """Loss and aux loss of the global batch on every rank: one all-reduce over DP x CP, one over PP
-    (the loss lives on the last stage, each stage holds the aux terms of its own MoH layers)."""
+def _reduce_stats(stats: dict[str, torch.Tensor], total: torch.Tensor, num_micro: int,
+                  with_accuracy: bool = False) -> StepResult:
+    """Loss, aux loss and correct predictions of the global batch on every rank: one all-reduce over
+    DP x CP, one over PP (the loss and the predictions live on the last stage, each stage holds the aux
+    terms of its own MoH layers)."""
     dpcp = parallel_state.get_data_parallel_group(with_context_parallel=True)
     dp = parallel_state.get_data_parallel_world_size()
     cp = parallel_state.get_context_parallel_world_size()
-    vec = torch.stack([stats["loss_sum"], stats["aux_sum"] / (cp * dp * num_micro)])
+    vec = torch.stack([stats["loss_sum"], stats["aux_sum"] / (cp * dp * num_micro), stats["correct"]])
     dist.all_reduce(vec, group=dpcp)
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(vec, group=parallel_state.get_pipeline_model_parallel_group())
     vals = torch.cat([vec, total.reshape(1)]).tolist()  # the step's one host sync
-    return StepResult(loss=vals[0] / max(vals[2], 1.0), aux_loss=vals[1], tokens=int(vals[2]))
+    tokens = max(vals[3], 1.0)
+    return StepResult(loss=vals[0] / tokens, aux_loss=vals[1], tokens=int(vals[3]),
+                      accuracy=vals[2] / tokens if with_accuracy else None)
 
 
 def optimizer_step(optimizer: Any, scheduler: Optional[Any],
