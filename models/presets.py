@@ -57,14 +57,20 @@ def preset_names() -> list[str]:
 
 def transformer_config(p: ModelPreset, **overrides: Any) -> SeqparTransformerConfig:
     """A ``SeqparTransformerConfig`` for ``p`` (RMSNorm, SwiGLU, no biases, no dropout);
-    ``overrides`` are TransformerConfig/SeqparTransformerConfig fields."""
+    ``overrides`` are TransformerConfig/SeqparTransformerConfig fields.
+
+    Initialisation is on the CPU whatever the device (``use_cpu_initialization``, also with CUDA):
+    megatron then draws each tensor-parallel weight whole from the CPU generator and keeps this
+    rank's slice, so a model is the same at every TP size and on every device (the GPU draws of
+    megatron's CUDA path are per TP rank). The modules are created on the CPU; whoever builds
+    them moves them to the device (``seqpar.train.runtime.build_model`` does, layer by layer)."""
     check_pattern(p.pattern, "model.pattern")
     kw: dict[str, Any] = dict(
         num_layers=p.num_layers, hidden_size=p.hidden_size, num_attention_heads=p.num_attention_heads,
         num_query_groups=p.num_query_groups, ffn_hidden_size=p.ffn_hidden_size, normalization="RMSNorm",
         add_bias_linear=False, attention_dropout=0.0, hidden_dropout=0.0,
         gated_linear_unit=True, activation_func=torch.nn.functional.silu,  # SwiGLU MLP (Llama-style)
-        use_cpu_initialization=not torch.cuda.is_available(),
+        use_cpu_initialization=True,
         cuda_graph_scope=[])  # = whole layer; megatron-core 0.16's default "full" warns that it is deprecated
     kw.update(overrides)
     return SeqparTransformerConfig(**kw)

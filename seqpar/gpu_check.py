@@ -84,8 +84,9 @@ PHASES: tuple[Phase, ...] = (
           argv=("-m", "seqpar.gpu_check", "--toolchain-phase", "{json}")),
     Phase("kernels", "tests/gpu kernels at d128 bf16 (S2, flash, Lightning, MoH fwd + bwd vs fp64)", 180,
           pytest=("tests/gpu/test_gpu_kernels.py", "-k", "d128 and bfloat16"), workers=4),
-    Phase("train", "one-GPU training steps of every recipe (its engine: Megatron or DeepSpeed), NCCL", 180,
-          pytest=("tests/gpu/test_gpu_train.py",), workers=4),
+    Phase("train", "one-GPU training steps of every recipe (its engine: Megatron or DeepSpeed), NCCL; both "
+          "engines' model on the GPU (== the CPU-initialised model), distributed-optimizer resume", 180,
+          pytest=("tests/gpu/test_gpu_train.py", "tests/gpu/test_gpu_engine.py"), workers=4),
     Phase("long_context", "long-context launches: 64K and 128K tokens per call, Lightning and flash", 120,
           pytest=("tests/gpu", "-k", "64k or 128k"), workers=2,
           awaiting="tests/gpu has no 64K / 128K test yet (issue #20 item 13)"),

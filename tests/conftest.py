@@ -21,6 +21,7 @@ def _seed():
     yield
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker tags each grouped test id with its group
 def pytest_collection_modifyitems(config, items):
     """Under ``pytest -n N --dist loadgroup`` (``make test``) the tests of a file that defines a
     module-scoped fixture (a training run its tests share, the two-host namespaces, the Slurm daemons)
@@ -42,7 +43,9 @@ def pytest_collection_finish(session):
     if os.environ.get("PYTEST_XDIST_WORKER") is None or not getattr(session.config.option, "loadgroup", False):
         return  # not an xdist worker of a --dist loadgroup run (xdist's worker sets option.loadgroup)
     for item in session.items:
-        mark = item.get_closest_marker("xdist_group")
-        if mark is not None and not item.nodeid.endswith(f"@{mark.args[0]}"):
+        # xdist's tag: every xdist_group name of the item, sorted and joined by "_"
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})
+        if names and not item.nodeid.endswith("@" + "_".join(names)):
             raise pytest.UsageError(f"--dist loadgroup does not group with pytest {pytest.__version__}: "
-                                    f"{item.nodeid} lost its @{mark.args[0]} tag (pin pytest < 9)")
+                                    f"{item.nodeid} lost its @{'_'.join(names)} tag (pin pytest < 9)")

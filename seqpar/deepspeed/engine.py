@@ -44,7 +44,8 @@ from megatron.core import parallel_state as ps
 
 from seqpar.deepspeed.config import batch_shape, build_ds_config, check_supported, require_cpu_accelerator
 from seqpar.train.engine import Batch, Engine, StepContext, StepResult
-from seqpar.train.runtime import build_model, build_scheduler, current_device, local_batch, moh_aux_losses
+from seqpar.train.runtime import (build_model, build_scheduler, current_device, global_tokens, local_batch,
+                                  moh_aux_losses, param_device)
 
 
 class MegatronMPU:
@@ -197,18 +198,19 @@ def forward_backward(engine: Any, micro_batches: list[dict[str, torch.Tensor]]):
     if len(micro_batches) != engine.gradient_accumulation_steps():
         raise ValueError(f"{len(micro_batches)} micro-batches for {engine.gradient_accumulation_steps()} "
                          f"gradient accumulation steps")
+    # every tensor of the step's collectives and stacks lives on the parameters' device (NCCL takes
+    # no host tensor; a stack of a device and a host tensor raises)
+    device = param_device(engine.module)
     dpcp = ps.get_data_parallel_group(with_context_parallel=True)
     dp = ps.get_data_parallel_world_size()
     div = grad_divisor(engine)
-    counts = torch.stack([torch.stack([b["loss_mask"].float().sum() for b in micro_batches]).sum(),
-                          torch.zeros(())])
-    dist.all_reduce(counts, group=dpcp)
-    total = counts[0].clamp(min=1.0)
+    counts = global_tokens(micro_batches, device)  # valid tokens of the global batch, over DP x CP
+    total = counts.clamp(min=1.0)
     # the aux loss's gradient does not pass through the main loss: DeepSpeed divides by `div`, so scale
     # (div / DP) / micro-batches gives Megatron's mean over micro-batches and DP replicas
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(div / dp / len(micro_batches)))
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    aux_sum = torch.zeros(())
+    MoEAuxLossAutoScaler.set_loss_scale(torch.full((), div / dp / len(micro_batches), device=device))
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    aux_sum = torch.zeros((), device=device)
     for batch in micro_batches:
         tokens, labels, mask = batch["tokens"], batch["labels"], batch["loss_mask"].float()
         position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
@@ -216,17 +218,17 @@ def forward_backward(engine: Any, micro_batches: list[dict[str, torch.Tensor]]):
         local = (per_token.float() * mask).sum()
         engine.backward(local * (div / total), scale_wrt_gas=False)
         engine.step()  # DeepSpeed steps the optimizer (and the LR) at the accumulation boundary only
-        loss_sum += local.detach().double().cpu()
+        loss_sum += local.detach().double()
         aux = moh_aux_losses(engine.module)
         if aux:
-            aux_sum += torch.stack([a.detach().float().cpu() for a in aux]).sum()
-    vals = torch.stack([loss_sum.float(), aux_sum / len(micro_batches)]).to(counts.device)
+            aux_sum += torch.stack([a.detach().float() for a in aux]).sum()
+    vals = torch.stack([loss_sum.float(), aux_sum / len(micro_batches)])
     dist.all_reduce(vals[:1], group=dpcp)
     if dp > 1:  # aux losses are replicated over CP, one per DP replica
         aux_t = vals[1:].clone()
         dist.all_reduce(aux_t, group=ps.get_data_parallel_group())
         vals[1:] = aux_t / dp
-    return StepResult(loss=float(vals[0] / total), aux_loss=float(vals[1]), tokens=int(counts[0]))
+    return StepResult(loss=float(vals[0] / total), aux_loss=float(vals[1]), tokens=int(counts))
 
 
 def _split(batch: Batch, micro: int) -> list[dict[str, torch.Tensor]]:
@@ -276,7 +278,8 @@ class DeepSpeedEngine(Engine):
         dp = ps.get_data_parallel_world_size()
         ds_config = build_ds_config(cfg, dp)
         micro, _ = batch_shape(cfg, dp)
-        model = build_model(cfg, vocab_size)[0]
+        # DeepSpeed's device: init_parallel made LOCAL_RANK's GPU the current one
+        model = build_model(cfg, vocab_size, current_device())[0]
         return cls(cfg, model, initialize(cfg, model, ds_config), micro)
 
     @property

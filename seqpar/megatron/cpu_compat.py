@@ -30,17 +30,16 @@ What it changes (and why):
   with ``'torch.cuda.FloatTensor'`` etc. and raise TypeError on anything else, and
   ``clip_grad_by_total_norm_fp32`` asserts ``grad.type() == 'torch.cuda.FloatTensor'``. Other callers
   (any frame outside megatron.core.optimizer) get the true answer.
-- ``DistributedOptimizer._set_main_param_and_optimizer_states`` keeps torch AdamW's ``step`` entry: without
-  Apex / Transformer Engine (never installable on CPU) megatron-core steps ``torch.optim.AdamW``, whose
-  per-parameter state holds ``step``; loading the ``fully_reshardable`` checkpoint format copies every key
-  of that state from the checkpoint's tensors, which carry no ``step`` (megatron restores it from the
-  param groups just before), and raises KeyError. The patched call leaves ``step`` as restored.
 - Checkpoint writer: :func:`cpu_checkpoint_request` drops the host-staging step of a
   ``dist_checkpointing`` save request (a non-blocking device-to-host copy followed by
   ``torch.cuda.synchronize()``, which CPU-only torch cannot run; on CPU the tensors are already on
   the host). ``seqpar.train.checkpoint`` applies it only when CUDA is absent.
 
 ``disable_cpu_compat()`` restores the originals (tests use it to stay hermetic).
+
+Not here, because it is not a CPU matter: torch AdamW's ``step`` on loading a distributed-optimizer
+checkpoint (megatron's torch-optimizer fallback, CPU and GPU alike) is fixed by
+``seqpar.megatron.optimizer`` on every optimizer seqpar builds.
 """
 
 from __future__ import annotations
@@ -159,19 +158,6 @@ def _megatron_optimizer_type(self: torch.Tensor, *args: Any, **kwargs: Any) -> A
     return out
 
 
-def _keep_adamw_step(orig: Any) -> Any:
-    def set_states(self: Any, model_param: Any, tensors: dict) -> None:
-        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
-            group_index, group_order = self.model_param_group_index_map[model_param]
-            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-            state = self.optimizer.state.get(main_param, {})
-            if "step" in state:
-                tensors = {**tensors, "step": state["step"]}
-        return orig(self, model_param, tensors)
-
-    return set_states
-
-
 def _patch(key: str, owner: Any, attr: str, new: Any) -> None:
     if key not in _SAVED:
         _SAVED[key] = (owner, attr, getattr(owner, attr))
@@ -196,9 +182,6 @@ def enable_cpu_compat() -> None:
     for name in _CUDA_DEFAULT_MODULES:
         _patch(f"torch@{name}", importlib.import_module(name), "torch", cpu_torch)
     _patch("tensor_type", torch.Tensor, "type", _megatron_optimizer_type)
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-    orig = _SAVED["adamw_step"][2] if "adamw_step" in _SAVED else DistributedOptimizer._set_main_param_and_optimizer_states
-    _patch("adamw_step", DistributedOptimizer, "_set_main_param_and_optimizer_states", _keep_adamw_step(orig))
 
 
 def cpu_checkpoint_request(request: Any) -> Any:

@@ -19,9 +19,10 @@ from typing import Any, Optional
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from seqpar.megatron.optimizer import get_optimizer
 from seqpar.train import checkpoint, health
 from seqpar.train.config import RunConfig
 from seqpar.train.engine import Batch, Engine, StepContext, StepResult
@@ -75,8 +76,9 @@ def optimizer_config(cfg: RunConfig) -> OptimizerConfig:
 def build_optimizer(cfg: RunConfig, model: list[DistributedDataParallel]):
     """megatron's optimizer over the DDP chunks and its ``OptimizerParamScheduler``: linear warmup to
     optim.lr over optim.warmup_steps, then cosine to optim.min_lr at train.steps; the LR of optimizer
-    step k (0-based) is the scheduler's at ``num_steps = k + 1`` (the first step does not run at 0)."""
-    opt = get_megatron_optimizer(optimizer_config(cfg), model)
+    step k (0-based) is the scheduler's at ``num_steps = k + 1`` (the first step does not run at 0).
+    Built by ``seqpar.megatron.optimizer.get_optimizer`` (torch AdamW's ``step`` survives a resume)."""
+    opt = get_optimizer(optimizer_config(cfg), model)
     return opt, build_scheduler(cfg, opt)
 
 

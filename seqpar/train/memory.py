@@ -207,8 +207,8 @@ def layout_memory(cfg: Any, world_size: int, vocab_size: int) -> list[ShardMemor
             with _fake_world(world_size, rank, cfg):
                 assert (parallel_state.get_tensor_model_parallel_rank(),
                         parallel_state.get_pipeline_model_parallel_rank()) == (tp_rank, pp_rank)
-                with torch.device("meta"):
-                    chunks = runtime.build_model(cfg, vocab_size)
+                with torch.device("meta"):  # shapes only: nothing is drawn or allocated
+                    chunks = runtime.build_model(cfg, vocab_size, device="meta")
             n = sum(q.numel() for c in chunks for q in c.parameters())
             stage = letters[pp_rank * per_stage:(pp_rank + 1) * per_stage]
             closed = closed_form_params(p, stage, vocab_size, tp, first=pp_rank == 0, last=pp_rank == pp - 1,

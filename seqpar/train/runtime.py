@@ -1,8 +1,9 @@
 """What every engine shares: the recipe's model (``build_model``: this rank's pipeline stage of the
-``GPTModel``, initialised independently of the TP x PP split; ``model_config``), the LR / weight-decay
-schedule (``build_scheduler``: megatron-core's ``OptimizerParamScheduler``, stepped by both engines),
-this CP rank's share of a batch (``local_batch``), the MoH aux losses, and devices (``param_device``,
-``current_device``).
+``GPTModel`` on the engine's device, initialised on the CPU independently of the TP x PP split and of
+the device; ``model_config``), the LR / weight-decay schedule (``build_scheduler``: megatron-core's
+``OptimizerParamScheduler``, stepped by both engines), this CP rank's share of a batch
+(``local_batch``), the global batch's valid-token count (``global_tokens``), the MoH aux losses, and
+devices (``param_device``, ``current_device``).
 
 The loop and the engines import this module; it imports neither.
 """
@@ -11,9 +12,10 @@ from __future__ import annotations
 
 import zlib
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu
@@ -57,20 +59,35 @@ def _seed_of(seed: int, name: str) -> int:
 @contextmanager
 def _seeded(seed: int, name: str) -> Iterator[None]:
     """The CPU generator seeded from (seed, name), restored afterwards: module initialisation that
-    depends only on the module's place in the full model, not on the pipeline / tensor split."""
+    depends only on the module's place in the full model, not on the pipeline / tensor split. Only
+    the CPU generator is touched (initialisation draws there on every device, ``build_model``); the
+    CUDA generators keep the states ``init_parallel`` seeded."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_seed_of(seed, name))
+        torch.default_generator.manual_seed(_seed_of(seed, name))
         yield
 
 
-def _seeded_layer_class(seed: int, base: type) -> type:
-    """``base`` (the spec's layer class, megatron's TransformerLayer) seeded by its global layer number."""
+def _to_device(module: torch.nn.Module, device: torch.device) -> None:
+    """Every parameter and buffer of ``module`` (``Module.to``) and every tensor its modules keep as a
+    plain attribute onto ``device``: megatron's RoPE keeps ``inv_freq`` so, on the CPU under CPU
+    initialisation (its own forward would copy it to the GPU at the first micro-batch)."""
+    module.to(device)
+    for mod in module.modules():
+        for name, value in list(vars(mod).items()):
+            if isinstance(value, torch.Tensor) and value.device != device:
+                setattr(mod, name, value.to(device))
+
+
+def _seeded_layer_class(seed: int, base: type, device: torch.device) -> type:
+    """``base`` (the spec's layer class, megatron's TransformerLayer) seeded by its global layer number
+    and moved to ``device`` as soon as it is built."""
     if not issubclass(base, TransformerLayer):
         raise TypeError(f"layer spec module {base.__name__} is not a megatron TransformerLayer")
 
     class SeededTransformerLayer(base):
         """The layer initialised from its *global* layer number: a stage of a pipeline-parallel model
-        starts with exactly the layers of the one-stage model."""
+        starts with exactly the layers of the one-stage model. Initialised on the CPU, then moved to
+        the target device (the host holds one layer's weights at a time)."""
 
         def __init__(self, config, submodules, layer_number: int = 1, *args: Any, **kwargs: Any) -> None:
             pg = kwargs.get("pg_collection")
@@ -78,6 +95,7 @@ def _seeded_layer_class(seed: int, base: type) -> type:
             global_number = layer_number + get_transformer_layer_offset(config, kwargs.get("vp_stage"), pp_rank)
             with _seeded(seed, f"layer{global_number}"):
                 super().__init__(config, submodules, layer_number, *args, **kwargs)
+            _to_device(self, device)
 
     return SeededTransformerLayer
 
@@ -87,7 +105,7 @@ def _reinit_output_layer(model: torch.nn.Module, seed: int) -> None:
     generator has not drawn the embedding then, so draw it from its own seed (CPU init is megatron's
     master-weight-then-split, identical at any TP size)."""
     out = getattr(model, "output_layer", None)
-    if out is None or not model.config.use_cpu_initialization:
+    if out is None:
         return
     tp = parallel_state.get_tensor_model_parallel_world_size()
     w = out.weight
@@ -109,24 +127,35 @@ def _check_groups(cfg: RunConfig) -> None:
                          f"call init_parallel with parallel.tensor_parallel / context_parallel / pipeline_parallel")
 
 
-def build_model(cfg: RunConfig, vocab_size: int) -> list[torch.nn.Module]:
+def build_model(cfg: RunConfig, vocab_size: int, device: Optional[torch.device | str] = None) -> list[torch.nn.Module]:
     """This rank's pipeline stage of the recipe's ``GPTModel`` as a list of model chunks (one; the
-    megatron-core modules, not yet DDP-wrapped), with the recipe's dtype. Initialisation is
-    layout-independent: with the same seed every TP x PP split holds the slices of the same model."""
+    megatron-core modules, not yet DDP-wrapped), with the recipe's dtype, every parameter, buffer and
+    tensor attribute on ``device`` (default: this process's device, ``current_device()``; megatron's
+    ``get_model`` moves each chunk to the current CUDA device likewise before DDP). CPU tests pass
+    ``"meta"`` to see a GPU run's placement.
+
+    Initialisation is layout- and device-independent: it draws on the CPU generator whatever
+    ``device`` is (megatron's ``use_cpu_initialization``: each TP-split weight is drawn whole and
+    split, ``_seeded`` per layer / embedding / output layer, Lightning's q/k/v/gate re-split), so with
+    the same seed every TP x PP split on any device holds the slices of the same model — the one the
+    CPU tests check. Each transformer layer moves to ``device`` as soon as it is built. Build under
+    ``with torch.device("meta")`` and pass ``device="meta"`` to skip the draws (shapes only)."""
     _check_groups(cfg)
+    device = current_device() if device is None else torch.device(device)
     tcfg = model_config(cfg)
     p = _preset(cfg)
     spec = layer_specs_for_stage(p.pattern, tcfg)
     seeded: dict[type, type] = {}
     for s in spec.layer_specs:
         if s.module not in seeded:
-            seeded[s.module] = _seeded_layer_class(cfg.train.seed, s.module)
+            seeded[s.module] = _seeded_layer_class(cfg.train.seed, s.module, device)
         s.module = seeded[s.module]
     with _seeded(cfg.train.seed, "embedding"):
         model = build_gpt(p, tcfg, vocab_size=vocab_size, max_sequence_length=cfg.data.seq_len, spec=spec,
                           pre_process=parallel_state.is_pipeline_first_stage(),
                           post_process=parallel_state.is_pipeline_last_stage())
     _reinit_output_layer(model, cfg.train.seed)
+    _to_device(model, device)
     return [model.to(tcfg.params_dtype)]
 
 
@@ -148,6 +177,14 @@ def local_batch(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Ten
     """This CP rank's share of a ``[batch, seq]`` batch: Megatron's ``get_batch_on_this_cp_rank``
     (zigzag: chunks r and 2P-1-r of 2P)."""
     return get_batch_on_this_cp_rank({"tokens": tokens, "labels": labels, "loss_mask": loss_mask})
+
+
+def global_tokens(batches: Sequence[dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
+    """Valid tokens of the whole global batch, on ``device`` (one all-reduce over DP x CP of this rank's
+    micro-batches' ``loss_mask``; every PP stage holds the labels, so no pipeline exchange is needed)."""
+    n = torch.stack([b["loss_mask"].float().sum() for b in batches]).sum().to(device)
+    dist.all_reduce(n, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    return n
 
 
 def moh_aux_losses(model: torch.nn.Module) -> list[torch.Tensor]:

@@ -15,7 +15,7 @@ Every tensor that reaches a collective here is created on the parameters' device
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -25,7 +25,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from seqpar.train.engine import StepResult
 # re-exported: callers of this module's former home of the shared helpers
-from seqpar.train.runtime import local_batch, moh_aux_losses, param_device  # noqa: F401
+from seqpar.train.runtime import global_tokens, local_batch, moh_aux_losses, param_device  # noqa: F401
 
 
 def micro_batches(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
@@ -61,14 +61,6 @@ def _forward_step(stats: dict[str, torch.Tensor], data_iterator: Iterator, model
     return out, partial(_loss_func, batch["loss_mask"], stats)
 
 
-def _global_tokens(batches: Sequence[dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
-    """Valid tokens of the whole global batch (one all-reduce over DP x CP; every PP stage holds the
-    labels, so no pipeline exchange is needed)."""
-    n = torch.stack([b["loss_mask"].float().sum() for b in batches]).sum().to(device)
-    dist.all_reduce(n, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-    return n
-
-
 def forward_backward(model: torch.nn.Module | list[torch.nn.Module], batches: list[dict[str, torch.Tensor]] | dict,
                      *, forward_only: bool = False) -> StepResult:
     """Forward + backward of this rank's micro-batches (each already CP-split) through megatron's
@@ -83,7 +75,7 @@ def forward_backward(model: torch.nn.Module | list[torch.nn.Module], batches: li
     device = param_device(chunks)
     config = chunks[0].config
     dp = parallel_state.get_data_parallel_world_size()
-    total = _global_tokens(batches, device)
+    total = global_tokens(batches, device)
     # MoH aux losses enter the backward through MoEAuxLossAutoScaler with this scale: the gradient of
     # mean over (DP replicas, micro-batches) of the aux loss, after finalize_model_grads divides every
     # gradient by the global token count (CP ranks hold the same CP-global aux loss; their gradient
