@@ -44,8 +44,8 @@ from megatron.core import parallel_state as ps
 
 from seqpar.deepspeed.config import batch_shape, build_ds_config, check_supported, require_cpu_accelerator
 from seqpar.train.engine import Batch, Engine, StepContext, StepResult
-from seqpar.train.runtime import (build_model, build_scheduler, current_device, global_tokens, local_batch,
-                                  moh_aux_losses, param_device)
+from seqpar.train.runtime import (build_model, build_scheduler, current_device, forward_micro_batch, global_tokens,
+                                  micro_batches, moh_aux_losses, param_device)
 
 
 class MegatronMPU:
@@ -212,9 +212,8 @@ def forward_backward(engine: Any, micro_batches: list[dict[str, torch.Tensor]]):
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     aux_sum = torch.zeros((), device=device)
     for batch in micro_batches:
-        tokens, labels, mask = batch["tokens"], batch["labels"], batch["loss_mask"].float()
-        position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-        per_token = engine(tokens, position_ids, None, labels=labels)  # [b, s_local]
+        mask = batch["loss_mask"].float()
+        per_token = forward_micro_batch(engine, batch)  # [b, s_local]
         local = (per_token.float() * mask).sum()
         engine.backward(local * (div / total), scale_wrt_gas=False)
         engine.step()  # DeepSpeed steps the optimizer (and the LR) at the accumulation boundary only
@@ -229,13 +228,6 @@ def forward_backward(engine: Any, micro_batches: list[dict[str, torch.Tensor]]):
         dist.all_reduce(aux_t, group=ps.get_data_parallel_group())
         vals[1:] = aux_t / dp
     return StepResult(loss=float(vals[0] / total), aux_loss=float(vals[1]), tokens=int(counts))
-
-
-def _split(batch: Batch, micro: int) -> list[dict[str, torch.Tensor]]:
-    """``micro`` rows per micro-batch, each this CP rank's zigzag share."""
-    tokens, labels, mask = batch.tokens, batch.labels, batch.loss_mask
-    return [local_batch(tokens[i:i + micro], labels[i:i + micro], mask[i:i + micro])
-            for i in range(0, tokens.shape[0], micro)]
 
 
 class DeepSpeedEngine(Engine):
@@ -302,7 +294,7 @@ class DeepSpeedEngine(Engine):
         boundary); ``ctx.accept`` sees the loss and grad norm afterwards and can only stop the run."""
         lr = self.engine.get_lr()[0]
         with ctx.forward_backward():
-            res = forward_backward(self.engine, _split(batch, self.micro))
+            res = forward_backward(self.engine, micro_batches(batch, self.micro))
         gnorm = self.engine.get_global_grad_norm()
         ctx.accept(res.loss, 0.0 if gnorm is None else float(gnorm))
         return dataclasses.replace(res, lr=lr, grad_norm=None if gnorm is None else float(gnorm))

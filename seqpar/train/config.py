@@ -187,6 +187,11 @@ class DataConfig(Strict):
     """MQAR key-value pairs per sequence."""
     mqar_queries: PositiveInt = 8
     """MQAR queries per sequence."""
+    document_mask: bool = True
+    """Documents packed into one sequence never attend to each other (every attention kind; RoPE and
+    Lightning's state restart per document; megatron PackedSeqParams / THD, per-document zigzag under
+    CP). false: every sequence is one document, attention crosses the EOD tokens (the pre-masking
+    behaviour). MQAR rows are single documents either way."""
     micro_batch: NonNegativeInt = 0
     """Sequences per micro-batch on one DP rank (0 = the whole DP share, one micro-batch); a step runs
     global_batch / (DP x micro_batch) micro-batches through megatron's schedule (gradient accumulation;

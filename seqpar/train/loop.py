@@ -99,10 +99,13 @@ def _tensorboard_cmd() -> str:
 
 def _batch(data: Any, step: int, cfg: RunConfig, device: torch.device) -> Batch:
     """This DP rank's ``[global_batch / DP, seq]`` share of step ``step`` on ``device`` (a
-    ``seqpar.data.Batch``: tokens, labels, loss mask, position ids; it also unpacks as the first three)."""
+    ``seqpar.data.Batch``: tokens, labels, loss mask, position ids; it also unpacks as the first three).
+    Its document boundaries go to the engine (document masking); with ``data.document_mask`` false
+    every row is one document. ``data``: a source with ``batch(step, global_batch, dp_rank, dp)``."""
     dp = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
-    return data.batch(step, cfg.data.global_batch, dp_rank, dp).to(device)
+    batch = data.batch(step, cfg.data.global_batch, dp_rank, dp).to(device)
+    return batch if cfg.data.document_mask else batch.whole_rows()
 
 
 class Logger:
