@@ -299,6 +299,18 @@ class DeepSpeedEngine(Engine):
         ctx.accept(res.loss, 0.0 if gnorm is None else float(gnorm))
         return dataclasses.replace(res, lr=lr, grad_norm=None if gnorm is None else float(gnorm))
 
+    def eval_step(self, batch: Batch) -> StepResult:
+        """Forward only of the micro-batches through the DeepSpeed engine (ZeRO-3 gathers the
+        parameters as in training); the token-weighted loss over DP x CP."""
+        micro = micro_batches(batch, self.micro)
+        device = param_device(self.engine.module)
+        counts = global_tokens(micro, device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for mb in micro:
+            loss_sum += (forward_micro_batch(self.engine, mb).float() * mb["loss_mask"].float()).sum().double()
+        dist.all_reduce(loss_sum, group=ps.get_data_parallel_group(with_context_parallel=True))
+        return StepResult(loss=float(loss_sum / counts.clamp(min=1.0)), aux_loss=0.0, tokens=int(counts))
+
     def save(self, ckpt_dir: pathlib.Path, step: int, *, rng: Any, config: dict[str, Any],
              tokenizer: Any = None) -> pathlib.Path:
         from seqpar.deepspeed import checkpoint

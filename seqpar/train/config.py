@@ -311,6 +311,13 @@ class TrainConfig(Strict):
     """Tensorboard/progress update interval (steps)."""
     progress: bool = True
     """tqdm progress bar on rank 0."""
+    eval_interval: NonNegativeInt = 0
+    """Validation every this many optimizer steps and after the last one (train.steps), on the
+    validation split (data.split / data.valid_blend; MQAR: another seed); 0 = none. valid/loss and
+    valid/ppl go to tensorboard, the progress line and the summary."""
+    eval_iters: PositiveInt = 1
+    """Batches of data.global_batch sequences per validation: the first eval_iters batches of the split
+    every time (the same numbers on every rank and layout; a short split is cycled)."""
     time_attention: bool = False
     """Log forward time per attention kind to tensorboard (attention_fwd_ms/<kind>); synchronises on CUDA."""
     # --- h13-deepspeed ---
@@ -352,6 +359,29 @@ class DeepSpeedConfig(Strict):
 SECTIONS = ("model", "parallel", "data", "optim", "train", "deepspeed")
 
 
+_VALID_FIX = {
+    "text": "use data.dataset='indexed' or 'hf' with a data.split that gives valid a share (e.g. \"969,30,1\"), "
+            "or set train.eval_interval=0",
+    "indexed": "give valid a share in data.split (e.g. \"969,30,1\") or a data.valid_blend, or set "
+               "train.eval_interval=0",
+    "hf": "give valid a share in data.split (e.g. \"969,30,1\"), or set train.eval_interval=0",
+    "mqar": "",
+}
+
+
+def _has_valid_split(d: DataConfig) -> bool:
+    """Whether the recipe's data has a validation split (before any file is read)."""
+    from seqpar.data.inputs import DEFAULT_SPLIT, parse_split
+
+    if d.dataset == "mqar":
+        return True  # the same task from another seed
+    if d.dataset == "text":
+        return False
+    if d.dataset == "indexed" and (d.train_blend or d.valid_blend):
+        return bool(d.valid_blend)
+    return parse_split(d.split or DEFAULT_SPLIT)[1] > 0
+
+
 class RunConfig(Strict):
     """A whole recipe."""
 
@@ -379,6 +409,10 @@ class RunConfig(Strict):
                      pipeline_parallel=self.parallel.pipeline_parallel,
                      cp_schemes=self.parallel.cp_schemes, usp_ulysses_degree=self.parallel.usp_ulysses_degree,
                      seq_len=self.data.seq_len, s2_block_size=self.model.s2_block_size)
+        if self.train.eval_interval:
+            _need(_has_valid_split(self.data),
+                  f"train.eval_interval={self.train.eval_interval} needs a validation split, and "
+                  f"data.dataset={self.data.dataset!r} has none here: " + _VALID_FIX[self.data.dataset])
         if self.data.dataset == "mqar":
             _need(self.data.seq_len >= 2 * (self.data.mqar_pairs + self.data.mqar_queries),
                   f"data.seq_len={self.data.seq_len} must be >= 2 x (data.mqar_pairs + data.mqar_queries) = "

@@ -144,6 +144,10 @@ class MegatronEngine(Engine):
                                                             lambda grad_norm: ctx.accept(res.loss, grad_norm))
         return res
 
+    def eval_step(self, batch: Batch) -> StepResult:
+        """Forward only through megatron's schedule (1F1B's forward-only path under PP)."""
+        return forward_backward(self.model, micro_batches(batch, self.micro_batch), forward_only=True)
+
     def save(self, ckpt_dir: pathlib.Path, step: int, *, rng: Any, config: dict[str, Any],
              tokenizer: Any = None) -> pathlib.Path:
         return checkpoint.save(ckpt_dir, step, self.model, self.optimizer, rng=rng, config=config,
