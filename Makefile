@@ -76,9 +76,17 @@ demo-deepspeed: install
 demo-kernels: install
 	TRITON_INTERPRET=1 $(BIN)/python -m seqpar.demo
 
+# The harness (python -m seqpar.bench: kernels, CP model, end-to-end step -> runs/bench/bench.{json,md} + PNG;
+# GPU shapes on CUDA, small ones on CPU) and the stand-alone tables. Each runs on its own: one that fails is
+# named at the end (exit 1) and the others still run. BENCH_ARGS go to the harness (e.g. --suites s2 --budget-s 120).
+BENCH_ARGS ?=
+BENCH_SCRIPTS := benchmarks/engine_recompute.py benchmarks/export_cache.py benchmarks/kernel_resources.py
 bench: install
 	$(BIN)/python -m seqpar.toolchain
-	@for b in benchmarks/[a-z]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@fail=""; \
+	echo "== python -m seqpar.bench $(BENCH_ARGS)"; $(BIN)/python -m seqpar.bench $(BENCH_ARGS) || fail="$$fail seqpar.bench"; \
+	for b in $(BENCH_SCRIPTS); do echo "== $$b"; $(BIN)/python $$b || fail="$$fail $$b"; done; \
+	if [ -n "$$fail" ]; then echo "make bench: FAILED:$$fail (the others ran; their output is above)"; exit 1; fi
 
 # The first GPU run, as one script (python -m seqpar.gpu_check --help): toolchain and versions, tests/gpu
 # kernels at d128 bf16, one-GPU training steps, long-context launches, the sync detector, then the kernel,

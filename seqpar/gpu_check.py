@@ -2,8 +2,8 @@
 
 Runs, in order, the phases of :data:`PHASES` — toolchain and versions (plus one compiled Triton
 launch), ``tests/gpu`` kernels at d128 bf16, the one-GPU training steps of every recipe, the
-long-context launches, the host-sync detector, then ``benchmarks/kernels.py --bwd``,
-``benchmarks/lightning.py`` and ``benchmarks/moh.py`` — each in its own process group with its own
+long-context launches, the host-sync detector, then the benchmark harness's ``s2``, ``lightning``
+and ``moh`` suites (``python -m seqpar.bench``) — each in its own process group with its own
 timeout, inside one global budget (default 540 s, so the whole run stays under 10 minutes on one
 H100), and writes after every phase:
 
@@ -92,15 +92,19 @@ PHASES: tuple[Phase, ...] = (
           awaiting="tests/gpu has no 64K / 128K test yet (issue #20 item 13)"),
     Phase("syncs", "sync detector: steady-state step under torch.cuda.set_sync_debug_mode('error')", 90,
           pytest=("tests/gpu/test_gpu_syncs.py",)),
-    Phase("bench_kernels", "benchmarks/kernels.py --bwd: S2 vs flash vs SDPA vs flex_attention", 120,
-          argv=("benchmarks/kernels.py", "--bwd", "--seqs", "4096", "16384", "32768", "--strides", "8", "16",
+    # the benchmark harness's kernel suites (python -m seqpar.bench, docs/bench.md), each with a time budget
+    # inside its phase's timeout (the rest of a suite is skipped and noted); fwd and fwd+bwd, GPU shapes
+    Phase("bench_kernels", "seqpar.bench s2: S2 vs seqpar flash vs SDPA vs flex_attention (same BlockMask)", 120,
+          argv=("-m", "seqpar.bench", "--suites", "s2", "--seqs", "8192", "32768", "--budget-s", "85",
                 "--json", "{json}"),
-          dry_argv=("benchmarks/kernels.py", "--bwd", "--seqs", "256", "--strides", "4", "--json", "{json}")),
-    Phase("bench_lightning", "benchmarks/lightning.py: time vs length, Lightning vs softmax", 75,
-          argv=("benchmarks/lightning.py", "--seqlens", "8192,16384,32768", "--json", "{json}"),
-          dry_argv=("benchmarks/lightning.py", "--seqlens", "256,512", "--json", "{json}")),
-    Phase("bench_moh", "benchmarks/moh.py: time vs active fraction", 75,
-          argv=("benchmarks/moh.py", "--json", "{json}"), dry_argv=("benchmarks/moh.py", "--fwd-only", "--json", "{json}")),
+          dry_argv=("-m", "seqpar.bench", "--suites", "s2", "--size", "smoke", "--json", "{json}")),
+    Phase("bench_lightning", "seqpar.bench lightning: Lightning vs SDPA vs flash vs fla chunk_simple_gla", 75,
+          argv=("-m", "seqpar.bench", "--suites", "lightning", "--seqs", "8192", "16384", "32768", "--budget-s", "55",
+                "--json", "{json}"),
+          dry_argv=("-m", "seqpar.bench", "--suites", "lightning", "--size", "smoke", "--json", "{json}")),
+    Phase("bench_moh", "seqpar.bench moh: MoH at 25/50/75/100 % active pairs vs masked SDPA", 75,
+          argv=("-m", "seqpar.bench", "--suites", "moh", "--budget-s", "55", "--json", "{json}"),
+          dry_argv=("-m", "seqpar.bench", "--suites", "moh", "--size", "smoke", "--json", "{json}")),
 )
 
 

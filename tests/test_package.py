@@ -18,15 +18,15 @@ MAPPING = {"seqpar.kernels": ROOT / "kernels", "seqpar.models": ROOT / "models",
 LAYERS = {
     "seqpar.kernels": 0, "seqpar.cp": 1, "seqpar.nn": 2, "seqpar.megatron": 3, "seqpar.models": 4,
     "seqpar.data": 5, "seqpar.train": 6, "seqpar.train.megatron_engine": 7, "seqpar.train.step": 7,
-    "seqpar.deepspeed": 7, "seqpar.export": 8,
+    "seqpar.deepspeed": 7, "seqpar.export": 8, "seqpar.bench": 9,
 }
 # the modules of each engine (registered by name in seqpar.train.engine.ENGINES): an engine never
 # imports another engine, nor the loop or the CLI
 ENGINE_MODULES = {"megatron": ("seqpar.train.megatron_engine", "seqpar.train.step"), "deepspeed": ("seqpar.deepspeed",)}
 NOT_FOR_ENGINES = ("seqpar.train.loop", "seqpar.train.cli", "seqpar.train.args")
 # Only these may call torch.distributed (docs/design.md: comm.py on the attention path; process-group
-# set-up lives in train/, megatron/, deepspeed/).
-DIST_ALLOWED = ("seqpar.cp.comm", "seqpar.train", "seqpar.megatron", "seqpar.deepspeed")
+# set-up lives in train/, megatron/, deepspeed/, and the benchmark harness's own measurement runs).
+DIST_ALLOWED = ("seqpar.cp.comm", "seqpar.train", "seqpar.megatron", "seqpar.deepspeed", "seqpar.bench")
 
 
 def _modules():
