@@ -64,11 +64,12 @@ def _job(rank: int, world: int) -> dict:
                     assert res.tokens > 0 and res.loss > 0 and res.lr > 0
                 out[(name, layers)] = ctx.count
                 if name == "deepspeed" and layers == LAYERS[0]:  # control: the step without the loop's context
-                    from seqpar.deepspeed.engine import _split, forward_backward
+                    from seqpar.deepspeed.engine import forward_backward
+                    from seqpar.train.runtime import micro_batches
 
                     batch = Batch(*_batch(data, 3, cfg, engine.device))
                     with cp.count_host_syncs() as n:
-                        forward_backward(engine.engine, _split(batch, engine.micro))
+                        forward_backward(engine.engine, micro_batches(batch, engine.micro))
                     out["deepspeed_without_context"] = n.reads
                 engine.close()
                 parallel_state.destroy_model_parallel()

@@ -70,6 +70,7 @@ def test_readme_data_commands_run_as_written(tmp_path):
     assert "python -m seqpar.data.tokenizer --input corpus.jsonl" in res.stderr
     assert "[seqpar.data.preprocess] " in out and "documents longer than seq_len=256" in out
     assert "[seqpar.data]   valid: " in out and "[seqpar.train] steps 0->2" in out
+    assert "  validation:  loss " in out  # train.eval_interval of the recipe: validated after the last step
     hf = tmp_path / "runs" / "tiny_data" / "hf"
     assert (hf / "tokenizer.model").is_file() and (hf / "model.safetensors").is_file()
     assert out.strip().splitlines()[-1].startswith("Return the")   # the generated text

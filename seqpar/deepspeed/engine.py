@@ -44,8 +44,8 @@ from megatron.core import parallel_state as ps
 
 from seqpar.deepspeed.config import batch_shape, build_ds_config, check_supported, require_cpu_accelerator
 from seqpar.train.engine import Batch, Engine, StepContext, StepResult
-from seqpar.train.runtime import (build_model, build_scheduler, current_device, global_tokens, local_batch,
-                                  moh_aux_losses, param_device)
+from seqpar.train.runtime import (build_model, build_scheduler, current_device, forward_micro_batch, global_tokens,
+                                  micro_batches, moh_aux_losses, param_device)
 
 
 class MegatronMPU:
@@ -214,9 +214,8 @@ def forward_backward(engine: Any, micro_batches: list[dict[str, torch.Tensor]], 
     aux_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
     for batch in micro_batches:
-        tokens, labels, mask = batch["tokens"], batch["labels"], batch["loss_mask"].float()
-        position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-        per_token = engine(tokens, position_ids, None, labels=labels)  # [b, s_local]
+        mask = batch["loss_mask"].float()
+        per_token = forward_micro_batch(engine, batch)  # [b, s_local]
         if accuracy is not None:
             correct = correct + accuracy.take(batch["loss_mask"])
         local = (per_token.float() * mask).sum()
@@ -235,13 +234,6 @@ def forward_backward(engine: Any, micro_batches: list[dict[str, torch.Tensor]], 
         vals[2:] = aux_t / dp
     return StepResult(loss=float(vals[0] / total), aux_loss=float(vals[2]), tokens=int(counts),
                       accuracy=float(vals[1] / total) if accuracy is not None else None)
-
-
-def _split(batch: Batch, micro: int) -> list[dict[str, torch.Tensor]]:
-    """``micro`` rows per micro-batch, each this CP rank's zigzag share."""
-    tokens, labels, mask = batch.tokens, batch.labels, batch.loss_mask
-    return [local_batch(tokens[i:i + micro], labels[i:i + micro], mask[i:i + micro])
-            for i in range(0, tokens.shape[0], micro)]
 
 
 class DeepSpeedEngine(Engine):
@@ -308,10 +300,22 @@ class DeepSpeedEngine(Engine):
         boundary); ``ctx.accept`` sees the loss and grad norm afterwards and can only stop the run."""
         lr = self.engine.get_lr()[0]
         with ctx.forward_backward():
-            res = forward_backward(self.engine, _split(batch, self.micro), ctx.accuracy)
+            res = forward_backward(self.engine, micro_batches(batch, self.micro), ctx.accuracy)
         gnorm = self.engine.get_global_grad_norm()
         ctx.accept(res.loss, 0.0 if gnorm is None else float(gnorm))
         return dataclasses.replace(res, lr=lr, grad_norm=None if gnorm is None else float(gnorm))
+
+    def eval_step(self, batch: Batch) -> StepResult:
+        """Forward only of the micro-batches through the DeepSpeed engine (ZeRO-3 gathers the
+        parameters as in training); the token-weighted loss over DP x CP."""
+        micro = micro_batches(batch, self.micro)
+        device = param_device(self.engine.module)
+        counts = global_tokens(micro, device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for mb in micro:
+            loss_sum += (forward_micro_batch(self.engine, mb).float() * mb["loss_mask"].float()).sum().double()
+        dist.all_reduce(loss_sum, group=ps.get_data_parallel_group(with_context_parallel=True))
+        return StepResult(loss=float(loss_sum / counts.clamp(min=1.0)), aux_loss=0.0, tokens=int(counts))
 
     def save(self, ckpt_dir: pathlib.Path, step: int, *, rng: Any, config: dict[str, Any],
              tokenizer: Any = None) -> pathlib.Path:

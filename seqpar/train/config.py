@@ -246,6 +246,11 @@ class DataConfig(Strict):
     """MQAR key-value pairs per sequence."""
     mqar_queries: PositiveInt = 8
     """MQAR queries per sequence."""
+    document_mask: bool = True
+    """Documents packed into one sequence never attend to each other (every attention kind; RoPE and
+    Lightning's state restart per document; megatron PackedSeqParams / THD, per-document zigzag under
+    CP). false: every sequence is one document, attention crosses the EOD tokens (the pre-masking
+    behaviour). MQAR rows are single documents either way."""
     micro_batch: NonNegativeInt = 0
     """Sequences per micro-batch on one DP rank (0 = the whole DP share, one micro-batch); a step runs
     global_batch / (DP x micro_batch) micro-batches through megatron's schedule (gradient accumulation;
@@ -370,6 +375,13 @@ class TrainConfig(Strict):
     """Tensorboard/progress update interval (steps)."""
     progress: bool = True
     """tqdm progress bar on rank 0."""
+    eval_interval: NonNegativeInt = 0
+    """Validation every this many optimizer steps and after the last one (train.steps), on the
+    validation split (data.split / data.valid_blend; MQAR: another seed); 0 = none. valid/loss and
+    valid/ppl go to tensorboard, the progress line and the summary."""
+    eval_iters: PositiveInt = 1
+    """Batches of data.global_batch sequences per validation: the first eval_iters batches of the split
+    every time (the same numbers on every rank and layout; a short split is cycled)."""
     time_attention: bool = False
     """Log forward time per attention kind to tensorboard (attention_fwd_ms/<kind>); synchronises on CUDA."""
     # --- h13-deepspeed ---
@@ -411,6 +423,29 @@ class DeepSpeedConfig(Strict):
 SECTIONS = ("model", "parallel", "data", "optim", "train", "deepspeed")
 
 
+_VALID_FIX = {
+    "text": "use data.dataset='indexed' or 'hf' with a data.split that gives valid a share (e.g. \"969,30,1\"), "
+            "or set train.eval_interval=0",
+    "indexed": "give valid a share in data.split (e.g. \"969,30,1\") or a data.valid_blend, or set "
+               "train.eval_interval=0",
+    "hf": "give valid a share in data.split (e.g. \"969,30,1\"), or set train.eval_interval=0",
+    "mqar": "",
+}
+
+
+def _has_valid_split(d: DataConfig) -> bool:
+    """Whether the recipe's data has a validation split (before any file is read)."""
+    from seqpar.data.inputs import DEFAULT_SPLIT, parse_split
+
+    if d.dataset == "mqar":
+        return True  # the same task from another seed
+    if d.dataset == "text":
+        return False
+    if d.dataset == "indexed" and (d.train_blend or d.valid_blend):
+        return bool(d.valid_blend)
+    return parse_split(d.split or DEFAULT_SPLIT)[1] > 0
+
+
 class RunConfig(Strict):
     """A whole recipe."""
 
@@ -444,6 +479,10 @@ class RunConfig(Strict):
                      num_attention_heads=p.num_attention_heads, num_query_groups=p.num_query_groups,
                      ffn_hidden_size=p.ffn_hidden_size, vocab_size=self.data.vocab_size, tensor_parallel=tp,
                      backend=self.parallel.backend)
+        if self.train.eval_interval:
+            _need(_has_valid_split(self.data),
+                  f"train.eval_interval={self.train.eval_interval} needs a validation split, and "
+                  f"data.dataset={self.data.dataset!r} has none here: " + _VALID_FIX[self.data.dataset])
         if self.data.dataset == "mqar":
             _need(self.data.seq_len >= 2 * (self.data.mqar_pairs + self.data.mqar_queries),
                   f"data.seq_len={self.data.seq_len} must be >= 2 x (data.mqar_pairs + data.mqar_queries) = "

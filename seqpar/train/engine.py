@@ -5,7 +5,7 @@ resume flow; an *engine* owns the model's parallel wrapping, the forward / backw
 and the checkpoint format. The loop and the CLI know engines only through this module:
 
 - :class:`Engine` — build (``Engine.build(cfg, vocab_size)`` after the process groups exist), one
-  optimizer step (``train_step(batch, ctx)``), save / load of a checkpoint, train mode, close; plus the
+  optimizer step (``train_step(batch, ctx)``), a forward-only validation step (``eval_step(batch)``), save / load of a checkpoint, train mode, close; plus the
   recipe checks an engine makes before any process group (``Engine.check``).
 - :class:`Batch` — one step's batch on this DP rank, built by the loop (new per-step inputs such as
   document boundaries are added here, once, for every engine).
@@ -145,6 +145,13 @@ class Engine(abc.ABC):
         """One optimizer step on ``batch``: forward + backward of its micro-batches inside
         ``ctx.forward_backward()``, ``ctx.accept(loss, grad_norm)``, the update and the LR schedule.
         Returns the step's scalars with ``lr`` (the LR of this step), ``grad_norm`` and ``updated``."""
+
+    @abc.abstractmethod
+    def eval_step(self, batch: Batch) -> StepResult:
+        """Forward only (no gradient, no update, no RNG draw) of this DP rank's ``batch`` through the
+        model, pipeline-aware; the loop calls it under ``torch.no_grad()`` and ``cp.step_checks()``
+        with the model in eval mode. Returns ``loss`` (cross-entropy over the valid tokens of the whole
+        global batch) and ``tokens``, identical on every rank."""
 
     @abc.abstractmethod
     def save(self, ckpt_dir: pathlib.Path, step: int, *, rng: Any, config: dict[str, Any],

@@ -14,6 +14,7 @@ re-exported from ``seqpar.train.runtime``.
 
 from __future__ import annotations
 
+import math
 import pathlib
 import sys
 import time
@@ -24,6 +25,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import random as tp_random
 
+from seqpar import cp
+from seqpar.errors import ConfigError
 from seqpar.megatron import init_parallel
 from seqpar.train import checkpoint, health, signals
 from seqpar.train.config import RunConfig
@@ -100,10 +103,40 @@ def _tensorboard_cmd() -> str:
 
 def _batch(data: Any, step: int, cfg: RunConfig, device: torch.device) -> Batch:
     """This DP rank's ``[global_batch / DP, seq]`` share of step ``step`` on ``device`` (a
-    ``seqpar.data.Batch``: tokens, labels, loss mask, position ids; it also unpacks as the first three)."""
+    ``seqpar.data.Batch``: tokens, labels, loss mask, position ids; it also unpacks as the first three).
+    Its document boundaries go to the engine (document masking); with ``data.document_mask`` false
+    every row is one document. ``data``: a source with ``batch(step, global_batch, dp_rank, dp)``."""
     dp = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
-    return data.batch(step, cfg.data.global_batch, dp_rank, dp).to(device)
+    batch = data.batch(step, cfg.data.global_batch, dp_rank, dp).to(device)
+    return batch if cfg.data.document_mask else batch.whole_rows()
+
+
+def evaluate(engine: Engine, valid: Any, cfg: RunConfig) -> StepResult:
+    """Validation: the first ``train.eval_iters`` batches of the ``valid`` split (each
+    ``data.global_batch`` sequences, this DP rank's rows, document-masked like training), forward only
+    with the model in eval mode, no gradient and no RNG draw (the training stream, the parameters and
+    resume are untouched). Returns the token-weighted loss over all of them and their valid tokens,
+    identical on every rank."""
+    loss_sum, tokens = 0.0, 0
+    engine.train(False)
+    try:
+        for i in range(cfg.train.eval_iters):
+            with torch.no_grad(), cp.step_checks():
+                res = engine.eval_step(_batch(valid, i, cfg, engine.device))
+            loss_sum += res.loss * res.tokens
+            tokens += res.tokens
+    finally:
+        engine.train(True)
+    return StepResult(loss=loss_sum / max(tokens, 1), aux_loss=0.0, tokens=tokens)
+
+
+def _eval_due(cfg: RunConfig, step: int) -> bool:
+    """Validation after optimizer step ``step`` (0-based): every ``train.eval_interval`` steps and after
+    the run's last step (a function of the step alone: a resumed run validates where the uninterrupted
+    one did)."""
+    n = cfg.train.eval_interval
+    return bool(n) and ((step + 1) % n == 0 or step + 1 == cfg.train.steps)
 
 
 class Logger:
@@ -114,6 +147,7 @@ class Logger:
     def __init__(self, cfg: RunConfig, out: pathlib.Path, start: int, *, desc: str = "train",
                  head: str = "[seqpar.train]") -> None:
         self.cfg, self.writer, self.bar, self.head = cfg, None, None, head
+        self.valid: list[tuple[int, float]] = []  # (step, validation loss) of this run
         if dist.get_rank() == 0:
             from torch.utils.tensorboard import SummaryWriter
             # scalars of step s are logged at s + 1, so the checkpoint's own last point (start) is kept
@@ -138,6 +172,17 @@ class Logger:
             acc = {} if res.accuracy is None else {"acc": f"{res.accuracy:.3f}"}
             self.bar.set_postfix(loss=f"{res.loss:.3f}", **acc, aux=f"{res.aux_loss:.3g}", lr=f"{res.lr:.2e}")
 
+    def log_valid(self, step: int, res: StepResult) -> None:
+        """``valid/loss`` and ``valid/ppl`` after optimizer step ``step`` (0-based; logged at ``step + 1``,
+        as the training scalars), on the progress line and in the summary."""
+        self.valid.append((step + 1, res.loss))
+        if self.writer is not None:
+            self.writer.add_scalar("valid/loss", res.loss, step + 1)
+            self.writer.add_scalar("valid/ppl", _ppl(res.loss), step + 1)
+        if self.bar is not None:
+            self.bar.write(f"{self.head} step {step + 1}: valid loss {res.loss:.4f}, ppl {_ppl(res.loss):.2f} "
+                           f"({res.tokens} tokens)")
+
     def close(self, start: int, done: int, losses: list[float], ckpt_dir: pathlib.Path, out: pathlib.Path, *,
               stopped: str = "") -> None:
         """The end-of-run summary: steps ``start`` -> ``done`` (the last step run) of ``train.steps``,
@@ -154,7 +199,9 @@ class Logger:
         steps = self.cfg.train.steps
         why = (f" ({stopped} after step {done}; continue with --resume)" if stopped
                else "" if done == steps else f" (this run ended early, after step {done})")
-        print(f"{self.head} steps {start}->{done} of {steps}{why}, {trend}\n"
+        valid = (f"  validation:  loss {self.valid[-1][1]:.4f}, ppl {_ppl(self.valid[-1][1]):.2f} "
+                 f"(step {self.valid[-1][0]})\n" if self.valid else "")
+        print(f"{self.head} steps {start}->{done} of {steps}{why}, {trend}\n{valid}"
               f"  checkpoint:  {checkpoint.latest(ckpt_dir)}\n"
               f"  export (HF): {sys.executable} -m seqpar.export.hf {out} {out / 'hf'}\n"
               f"  tensorboard: {_tensorboard_cmd()} --logdir {out / 'tb'}", flush=True)
@@ -181,6 +228,10 @@ def startup_summary(cfg: RunConfig, engine: Engine, vocab_size: int) -> str:
             f"{cfg.model.dtype}: {total:,} parameters ({total / 1e6:.2f} M)\n"
             f"  layout TP={tp} x CP={cp} x PP={pp} x DP={world // (tp * cp * pp)} = {world} rank(s), engine "
             f"{cfg.train.engine}{zero}; rank 0 holds {here:,} parameters")
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(min(loss, 80.0))  # past e^80 the number says nothing more
 
 
 def _resume(engine: Engine, ckpt_dir: pathlib.Path, cfg: RunConfig, tokenizer: Any = None) -> int:
@@ -224,6 +275,10 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: Optional[int] = N
 
 def _train(engine_cls: type[Engine], cfg: RunConfig, resume: bool, stop_after: Optional[int]) -> list[float]:
     data, vocab = build_data(cfg)
+    if cfg.train.eval_interval and data.valid is None:  # a split the recipe asked for came out empty
+        raise ConfigError(f"train.eval_interval={cfg.train.eval_interval}: the data has no validation split "
+                          f"(see the data report above); give valid a larger share in data.split or set "
+                          f"train.eval_interval=0")
     engine = engine_cls.build(cfg, vocab)
     out = pathlib.Path(cfg.train.out_dir)
     ckpt_dir = out / "checkpoints"
@@ -246,6 +301,8 @@ def _train(engine_cls: type[Engine], cfg: RunConfig, resume: bool, stop_after: O
         res = engine.train_step(_batch(data, step, cfg, device), StepContext(step, monitor, accuracy))
         losses.append(res.loss)
         logger.log(step, res, time.perf_counter() - t0, timer, monitor.skipped if engine.skips_steps else None)
+        if _eval_due(cfg, step):
+            logger.log_valid(step, evaluate(engine, data.valid, cfg))
         stop = signals.stop_requested()  # a SIGTERM/SIGUSR1/SIGINT on any rank: save now, then exit (all ranks)
         last = step + 1 == end or stop
         saved = None

@@ -26,8 +26,8 @@ from seqpar.megatron.optimizer import get_optimizer
 from seqpar.train import checkpoint, health
 from seqpar.train.config import RunConfig
 from seqpar.train.engine import Batch, Engine, StepContext, StepResult
-from seqpar.train.runtime import build_model, build_scheduler, param_device
-from seqpar.train.step import forward_backward, micro_batches, optimizer_step
+from seqpar.train.runtime import build_model, build_scheduler, micro_batches, param_device
+from seqpar.train.step import forward_backward, optimizer_step
 
 
 def ddp_config(cfg: RunConfig) -> DistributedDataParallelConfig:
@@ -137,12 +137,16 @@ class MegatronEngine(Engine):
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        batches = micro_batches(batch.tokens, batch.labels, batch.loss_mask, self.micro_batch)
+        batches = micro_batches(batch, self.micro_batch)
         with ctx.forward_backward():
             res = forward_backward(self.model, batches, accuracy=ctx.accuracy)
         res.grad_norm, res.lr, res.updated = optimizer_step(self.optimizer, self.scheduler,
                                                             lambda grad_norm: ctx.accept(res.loss, grad_norm))
         return res
+
+    def eval_step(self, batch: Batch) -> StepResult:
+        """Forward only through megatron's schedule (1F1B's forward-only path under PP)."""
+        return forward_backward(self.model, micro_batches(batch, self.micro_batch), forward_only=True)
 
     def save(self, ckpt_dir: pathlib.Path, step: int, *, rng: Any, config: dict[str, Any],
              tokenizer: Any = None) -> pathlib.Path:

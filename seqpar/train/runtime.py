@@ -1,9 +1,11 @@
 """What every engine shares: the recipe's model (``build_model``: this rank's pipeline stage of the
 ``GPTModel`` on the engine's device, initialised on the CPU independently of the TP x PP split and of
 the device; ``model_config``), the LR / weight-decay schedule (``build_scheduler``: megatron-core's
-``OptimizerParamScheduler``, stepped by both engines), this CP rank's share of a batch
-(``local_batch``), the global batch's valid-token count (``global_tokens``), the MoH aux losses, the
-greedy-prediction accuracy (``TokenAccuracy``), and devices (``param_device``, ``current_device``).
+``OptimizerParamScheduler``, stepped by both engines), a step's micro-batches with their document
+boundaries (``micro_batches``: packed THD with ``PackedSeqParams`` per micro-batch) and this CP rank's
+share of them (``local_batch``; ``cp.make_partition`` for packed documents), the global batch's
+valid-token count (``global_tokens``), the MoH aux losses, the greedy-prediction accuracy
+(``TokenAccuracy``), and devices (``param_device``, ``current_device``).
 
 The loop and the engines import this module; it imports neither.
 """
@@ -22,6 +24,9 @@ from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu
 from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 from megatron.core.utils import get_batch_on_this_cp_rank
 
+from seqpar import cp
+from seqpar.data.batch import Batch
+from seqpar.kernels._common import seed_host_ints
 from seqpar.megatron.attention import MoHCoreAttention, MoHSelfAttention
 from seqpar.megatron.specs import layer_specs_for_stage
 from seqpar.models import build_gpt, transformer_config
@@ -185,6 +190,87 @@ def global_tokens(batches: Sequence[dict[str, torch.Tensor]], device: torch.devi
     n = torch.stack([b["loss_mask"].float().sum() for b in batches]).sum().to(device)
     dist.all_reduce(n, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     return n
+
+
+def micro_batches(batch: Batch, micro_batch: int) -> list[dict[str, Any]]:
+    """This DP rank's ``[b, s]`` share of a step as ``b / micro_batch`` micro-batches (rows in order;
+    0 = one micro-batch of all rows), each this CP rank's share, as the engines' forward steps take
+    them: ``tokens`` / ``labels`` / ``loss_mask`` (and, for packed documents, ``position_ids`` and
+    ``packed_seq_params``).
+
+    Document masking: when a row of the step holds more than one document (``batch.starts()``, host
+    ints: no sync), every micro-batch is flattened to one packed THD sequence ``[1, T]`` and gets
+    megatron-core ``PackedSeqParams`` with the documents' ``cu_seqlens`` (each row starts a document),
+    so no document attends to another in any layer kind and RoPE restarts per document. Under CP each
+    document is padded at its end to a multiple of 2 x CP (Megatron's padded THD:
+    ``cu_seqlens_q_padded``, the layout megatron's THD RoPE reads) and every per-token tensor is
+    sharded with ``cp.make_partition`` (per-document zigzag); pads carry loss mask 0, so they count
+    neither in the loss nor in the token count. Every micro-batch of the step gets the same ``T`` (the
+    last document's padding is extended): megatron's pipeline schedule sends one activation shape.
+    A step whose rows are single documents runs the dense ``[mb, s]`` layout (the same math).
+    """
+    b = batch.tokens.shape[0]
+    mb = micro_batch or b
+    if b % mb:
+        raise ValueError(f"data.micro_batch={mb} must divide the {b} sequences of this DP rank")
+    parts = [batch.rows(i, i + mb) for i in range(0, b, mb)]
+    if all(len(row) == 1 for row in batch.starts()):
+        return [local_batch(p.tokens, p.labels, p.loss_mask) for p in parts]
+    return _packed_micro_batches(parts)
+
+
+def _packed_micro_batches(parts: list[Batch]) -> list[dict[str, Any]]:
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cp_size = parallel_state.get_context_parallel_world_size()
+    multiple = 2 * cp_size if cp_size > 1 else 1
+    real = [p.cu_seqlens()[0].tolist() for p in parts]  # host tensors from the host boundaries
+    lens = [[b - a for a, b in zip(cu[:-1], cu[1:])] for cu in real]
+    padded = [[n + (-n) % multiple for n in ls] for ls in lens]
+    total = max(sum(ps) for ps in padded)
+    out = []
+    for part, cu, ls, ps in zip(parts, real, lens, padded):
+        ps[-1] += total - sum(ps)  # the same T for every micro-batch of the step
+        cu_pad = [0]
+        for n in ps:
+            cu_pad.append(cu_pad[-1] + n)
+        device = part.tokens.device
+        # pads are gathered from a zero column appended at index n
+        n = part.tokens.numel()
+        index = torch.full((total,), n, dtype=torch.int64)
+        for a, start, length in zip(cu[:-1], cu_pad[:-1], ls):
+            index[start:start + length] = torch.arange(a, a + length)
+        index = index.to(device)
+        flat = {k: torch.cat([t.reshape(1, -1), t.new_zeros(1, 1)], dim=1).index_select(1, index)
+                for k, t in (("tokens", part.tokens), ("labels", part.labels), ("loss_mask", part.loss_mask),
+                             ("position_ids", part.position_ids))}
+        cu_t = seed_host_ints(torch.tensor(cu, dtype=torch.int32, device=device), cu)
+        pad_t = seed_host_ints(torch.tensor(cu_pad, dtype=torch.int32, device=device), cu_pad) \
+            if cp_size > 1 else None
+        if cp_size > 1:
+            group = parallel_state.get_context_parallel_group()
+            rank = parallel_state.get_context_parallel_rank()
+            partition = cp.make_partition(total, group, cu_seqlens=pad_t, cu_seqlens_unpadded=cu_t)
+            flat = {k: partition.shard(t, rank) for k, t in flat.items()}
+            flat["loss_mask"] = flat["loss_mask"] * partition.valid(rank).to(device)
+        longest = max(ps if cp_size > 1 else ls)
+        flat["packed_seq_params"] = PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu_t, cu_seqlens_kv=cu_t, cu_seqlens_q_padded=pad_t,
+            cu_seqlens_kv_padded=pad_t, max_seqlen_q=longest, max_seqlen_kv=longest)
+        out.append(flat)
+    return out
+
+
+def forward_micro_batch(model: Any, micro: dict[str, Any]) -> torch.Tensor:
+    """One micro-batch of :func:`micro_batches` through ``model`` (a ``GPTModel`` stage or an engine
+    wrapping it): per-token losses ``[b, s_local]`` on the last pipeline stage (the activation on the
+    others). Packed documents pass their position ids and ``PackedSeqParams``."""
+    tokens = micro["tokens"]
+    position_ids = micro.get("position_ids")
+    if position_ids is None:
+        position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    return model(tokens, position_ids, None, labels=micro["labels"],
+                 packed_seq_params=micro.get("packed_seq_params"))
 
 
 def moh_aux_losses(model: torch.nn.Module) -> list[torch.Tensor]:

@@ -23,20 +23,19 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-from seqpar.train.engine import StepResult
+from seqpar.train.engine import Batch, StepResult
 # re-exported: callers of this module's former home of the shared helpers
 from seqpar.train.runtime import global_tokens, local_batch, moh_aux_losses, param_device  # noqa: F401
+from seqpar.train.runtime import forward_micro_batch, micro_batches as runtime_micro_batches
 
 
 def micro_batches(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
                   micro_batch: int) -> list[dict[str, torch.Tensor]]:
-    """Split this DP rank's ``[b, seq]`` share into ``b / micro_batch`` micro-batches (rows in order) and
-    take this CP rank's zigzag share of each. ``micro_batch`` 0 = one micro-batch of all ``b`` rows."""
-    b = tokens.shape[0]
-    mb = micro_batch or b
-    if b % mb:
-        raise ValueError(f"data.micro_batch={mb} must divide the {b} sequences of this DP rank")
-    return [local_batch(tokens[i:i + mb], labels[i:i + mb], loss_mask[i:i + mb]) for i in range(0, b, mb)]
+    """Split this DP rank's ``[b, seq]`` share (every row one document) into ``b / micro_batch``
+    micro-batches (rows in order) and take this CP rank's zigzag share of each. ``micro_batch`` 0 = one
+    micro-batch of all ``b`` rows. The engines pass the loop's ``Batch`` (with its document boundaries)
+    to ``seqpar.train.runtime.micro_batches``."""
+    return runtime_micro_batches(Batch(tokens, labels, loss_mask), micro_batch)
 
 
 def _loss_func(loss_mask: torch.Tensor, stats: dict[str, torch.Tensor], accuracy: Any, output: torch.Tensor):
@@ -54,10 +53,8 @@ def _loss_func(loss_mask: torch.Tensor, stats: dict[str, torch.Tensor], accuracy
 def _forward_step(stats: dict[str, torch.Tensor], accuracy: Any, data_iterator: Iterator, model: torch.nn.Module):
     """megatron ``forward_step_func``: one micro-batch through this stage."""
     batch = next(data_iterator)
-    tokens, labels = batch["tokens"], batch["labels"]
-    position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     # first stage: tokens in; other stages: the received activation (set_input_tensor) is used instead
-    out = model(tokens, position_ids, None, labels=labels)  # last stage: per-token losses [b, s_local]
+    out = forward_micro_batch(model, batch)  # last stage: per-token losses [b, s_local]
     aux = moh_aux_losses(model)
     if aux:
         stats["aux_sum"] = stats["aux_sum"] + torch.stack(aux).sum().detach()
