@@ -80,7 +80,7 @@ demo-kernels: install
 # GPU shapes on CUDA, small ones on CPU) and the stand-alone tables. Each runs on its own: one that fails is
 # named at the end (exit 1) and the others still run. BENCH_ARGS go to the harness (e.g. --suites s2 --budget-s 120).
 BENCH_ARGS ?=
-BENCH_SCRIPTS := benchmarks/engine_recompute.py benchmarks/export_cache.py benchmarks/kernel_resources.py
+BENCH_SCRIPTS := benchmarks/engine_recompute.py benchmarks/export_cache.py benchmarks/kernel_resources.py benchmarks/plans.py
 bench: install
 	$(BIN)/python -m seqpar.toolchain
 	@fail=""; \

@@ -1,4 +1,4 @@
-"""Compile metadata of every seqpar Triton kernel for sm_90 / sm_80, on a machine without a GPU.
+"""Compile metadata of every seqpar Triton kernel for sm_90 / sm_80 / sm_86, on a machine without a GPU.
 
 The library's own launchers (``s2_fwd`` / ``s2_bwd``, ``moh_fwd`` / ``moh_bwd``,
 ``lightning_fwd`` / ``lightning_bwd``) are called on CPU tensors of realistic shapes while a fake
@@ -18,7 +18,7 @@ bundled LLVM + ptxas instead of launching. For each compiled kernel this reports
 The occupancy rule checked by ``tests/test_kernel_resources.py``: 0 spill bytes and
 (>= 2 CTAs per SM or >= 8 resident warps) for every default configuration at head dim <= 128.
 
-    python benchmarks/kernel_resources.py [--json out.json] [--targets 90 80] [--head-dims 64 128]
+    python benchmarks/kernel_resources.py [--json out.json] [--targets 90 80 86] [--head-dims 64 128]
         [--dtypes bf16 fp16] [--space]        # --space: also every config of the autotune space
     python benchmarks/kernel_resources.py --update-readme   # rewrite README.md's tables from a run
 
@@ -74,7 +74,7 @@ class TargetLimits:
 TARGETS = {
     90: TargetLimits("H100 (sm_90)", sms=132),
     80: TargetLimits("A100 (sm_80)", sms=108, smem_per_sm=164 * 1024, smem_per_cta=163 * 1024),
-    # A40 / RTX A6000 (sm_86; sm_89 L40S has the same per-SM limits): the sm_80 table runs there
+    # A40 / RTX A6000 (sm_86; sm_89 L40S / RTX 4090 have the same per-SM limits): its own table
     86: TargetLimits("A40 (sm_86)", sms=84, max_warps_per_sm=48, max_ctas_per_sm=16, smem_per_sm=100 * 1024,
                      smem_per_cta=99 * 1024),
 }
@@ -396,7 +396,7 @@ def update_readme(rows: list[dict], targets, path: str = README) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
-    ap.add_argument("--targets", type=int, nargs="*", default=[90, 80], choices=sorted(TARGETS))
+    ap.add_argument("--targets", type=int, nargs="*", default=[90, 80, 86], choices=sorted(TARGETS))
     ap.add_argument("--head-dims", type=int, nargs="*", default=[64, 128], choices=sorted(PRESET_HEADS))
     ap.add_argument("--dtypes", nargs="*", default=["bf16", "fp16"], choices=sorted(DTYPES))
     ap.add_argument("--cases", nargs="*", default=None, choices=sorted(CASES))

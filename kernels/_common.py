@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, Iterator, Optional, Union
+from collections import OrderedDict
+from typing import Any, Callable, Hashable, Iterator, Optional, Union
 
 import torch
 
@@ -176,6 +177,16 @@ def host_ints(t: torch.Tensor) -> tuple[int, ...]:
     return values
 
 
+def per_tensor_cache(t: torch.Tensor, attr: str) -> dict:
+    """A dict kept on ``t`` under ``attr`` for values derived from it (plans, positions), emptied when
+    ``t`` changes in place (its version counter). Values must not hold ``t`` itself (no cycle)."""
+    cached = getattr(t, attr, None)
+    if cached is None or cached[0] != t._version:
+        cached = (t._version, {})
+        setattr(t, attr, cached)
+    return cached[1]
+
+
 def seed_host_ints(t: torch.Tensor, values) -> torch.Tensor:
     """Record the host values of ``t`` (built from them) so :func:`host_ints` needs no sync; returns ``t``."""
     t._seqpar_host_ints = (t._version, tuple(int(x) for x in values))
@@ -211,3 +222,43 @@ def deferred_data_checks() -> Iterator[list]:
         yield found
     finally:
         _DEFERRED.remove(found)
+
+
+# ---- caches of host-built index tensors (plans) -----------------------------------------------------
+class BoundedCache:
+    """Least-recently-used cache bounded by bytes, for plans and index tensors that every layer of a
+    step shares: ``get_or_build(key, build)`` returns the cached value or builds it. ``size(value)``
+    gives a value's bytes (including copies it holds on devices); values past ``max_bytes`` are
+    dropped, least recently used first, always keeping the newest. Call :meth:`resize` when a
+    cached value grows (e.g. it made a device copy)."""
+
+    def __init__(self, max_bytes: int, size: Callable[[Any], int]) -> None:
+        self.max_bytes = int(max_bytes)
+        self.size = size
+        self._items: OrderedDict = OrderedDict()
+
+    def get_or_build(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        hit = self._items.get(key)
+        if hit is not None:
+            self._items.move_to_end(key)
+            return hit
+        value = build()
+        self._items[key] = value
+        self.resize()
+        return value
+
+    def resize(self) -> None:
+        """Drop least recently used values until the cache holds at most ``max_bytes`` (or one value)."""
+        total = sum(self.size(v) for v in self._items.values())
+        while total > self.max_bytes and len(self._items) > 1:
+            _, old = self._items.popitem(last=False)
+            total -= self.size(old)
+
+    def nbytes(self) -> int:
+        return sum(self.size(v) for v in self._items.values())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def clear(self) -> None:
+        self._items.clear()

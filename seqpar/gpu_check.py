@@ -83,15 +83,14 @@ PHASES: tuple[Phase, ...] = (
     Phase("toolchain", "toolchain and versions, one compiled Triton launch", 120,
           argv=("-m", "seqpar.gpu_check", "--toolchain-phase", "{json}")),
     Phase("kernels", "tests/gpu kernels at d128 bf16 (S2, flash, Lightning, MoH fwd + bwd vs fp64)", 180,
-          pytest=("tests/gpu/test_gpu_kernels.py", "-k", "d128 and bfloat16"), workers=4),
+          pytest=("tests/gpu", "-m", "kernels_d128_bf16"), workers=4),
     Phase("train", "one-GPU training steps of every recipe (its engine: Megatron or DeepSpeed), NCCL; both "
           "engines' model on the GPU (== the CPU-initialised model), distributed-optimizer resume", 180,
           pytest=("tests/gpu/test_gpu_train.py", "tests/gpu/test_gpu_engine.py"), workers=4),
-    Phase("long_context", "long-context launches: 64K and 128K tokens per call, Lightning and flash", 120,
-          pytest=("tests/gpu", "-k", "64k or 128k"), workers=2,
-          awaiting="tests/gpu has no 64K / 128K test yet (issue #20 item 13)"),
-    Phase("syncs", "sync detector: steady-state step under torch.cuda.set_sync_debug_mode('error')", 90,
-          pytest=("tests/gpu/test_gpu_syncs.py",)),
+    Phase("long_context", "long-context launches: 64K and 128K tokens per call, Lightning, flash, S2, MoH", 240,
+          pytest=("tests/gpu", "-m", "long_context")),
+    Phase("syncs", "sync detector: steady-state steps (packed documents too) under torch.cuda.set_sync_debug_mode"
+          "('error') and cp.count_host_syncs", 150, pytest=("tests/gpu", "-m", "syncs")),
     # the benchmark harness's kernel suites (python -m seqpar.bench, docs/bench.md), each with a time budget
     # inside its phase's timeout (the rest of a suite is skipped and noted); fwd and fwd+bwd, GPU shapes
     Phase("bench_kernels", "seqpar.bench s2: S2 vs seqpar flash vs SDPA vs flex_attention (same BlockMask)", 120,

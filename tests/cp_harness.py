@@ -29,13 +29,15 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
-def _worker(fn: Callable, rank: int, world: int, tmp: str, args: tuple) -> None:
+def _worker(fn: Callable, rank: int, world: int, tmp: str, args: tuple, backend: str = "gloo") -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     path = os.path.join(tmp, f"rank{rank}.pt")
     try:
-        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'rdv')}",
+        if backend == "nccl":  # one GPU per rank (tests/gpu)
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=f"file://{os.path.join(tmp, 'rdv')}",
                                 rank=rank, world_size=world)
         # Connect the full mesh before any rank can fail and tear its end down under a peer.
         dist.barrier()
@@ -64,14 +66,15 @@ def _collect_errors(tmp: str, world: int, first: int, first_tb: str, grace: floa
     return "\n".join(f"rank {r} of {world} failed:\n{tb}" for r, tb in msgs.items() if tb != "(finished)")
 
 
-def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 120.0) -> list[Any]:
-    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; return results ordered by rank."""
+def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 120.0, backend: str = "gloo") -> list[Any]:
+    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks (``backend="nccl"``: one GPU each);
+    return results ordered by rank."""
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="seqpar_cp_") as tmp:
         env_threads = os.environ.get("OMP_NUM_THREADS")
         os.environ["OMP_NUM_THREADS"] = "1"
         try:
-            procs = [ctx.Process(target=_worker, args=(fn, r, world, tmp, args), daemon=True)
+            procs = [ctx.Process(target=_worker, args=(fn, r, world, tmp, args, backend), daemon=True)
                      for r in range(world)]
             for p in procs:
                 p.start()

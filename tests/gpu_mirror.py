@@ -39,8 +39,7 @@ def _tiles(plan, g: int, t: int):
     bs = plan.block_size
     qs = int(plan.q_start[t])
     qe = min(qs + bs, int(plan.q_end[t]))
-    for idx in range(int(plan.row_ptr[g, t]), int(plan.row_ptr[g, t + 1])):
-        u = int(plan.col_idx[idx])
+    for u in plan.kv_tiles(g, t):
         ks = int(plan.kv_start[u])
         yield qs, qe, ks, min(ks + bs, int(plan.kv_end[u]))
 

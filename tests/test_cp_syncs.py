@@ -1,12 +1,13 @@
-"""Zero host syncs per CP attention layer in steady state, for every kind x scheme (and varlen).
+"""Zero host syncs per layer in steady state, for every kind x scheme (and varlen), and in a model.
 
 Inside ``cp.step_checks()`` a steady-state step (forward + backward of L layers) makes the same
-number of host reads for L = 1 and L = 2 — none per layer — and exactly the documented count per
-step: 1 (the step's deferred data check, one all-reduce + one read) plus 1 for a fresh GPU
-``cu_seqlens`` (its values are read once, then cached on the tensor). Counted on CPU by patching
-``Tensor.item/tolist/__bool__/__int__/__float__/cpu/numpy`` and ``torch.tensor(device=)`` for calls
-issued from seqpar.cp and the kernels' entry / autograd / validation layers
-(``cp.count_host_syncs``). Bad data inside a step still raises on every rank, at the step's end.
+number of host reads and host-to-device copies for L = 1 and L = 2 — none per layer — and exactly
+the documented count per step: 1 (the step's deferred data check, one all-reduce + one read) plus 1
+for a fresh ``cu_seqlens`` (its values are read once, then cached on the tensor). Counted on CPU by
+``cp.count_host_syncs``, which watches every aten op and tensor method of the block, whoever issues
+it (tests/test_host_sync_counter.py shows what it sees). The CP cases run the torch backend, whose
+CPU-only fallback work is excluded; the kernels' GPU path (plans, launchers) is counted in
+tests/test_host_sync_counter.py. Bad data inside a step still raises on every rank, at the step's end.
 """
 
 from __future__ import annotations
@@ -131,9 +132,13 @@ def test_one_off_calls_still_check_data_eagerly():
 
 
 def _model_job(rank: int, world: int) -> dict:
+    """Steady-state steps of a GPT of every kind at CP=2 (the pattern once and twice), unpacked (ASLH) and packed
+    THD documents with a fresh ``cu_seqlens`` tensor every step, as a data loader gives (AL: S2 and
+    MoH under CP take no packed sequences). Returns {(varlen, layers): (reads, copies, sites)}."""
     from dataclasses import replace
 
     from megatron.core import parallel_state
+    from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.utils import get_batch_on_this_cp_rank
 
     from seqpar.megatron import disable_cpu_compat, init_parallel
@@ -141,33 +146,59 @@ def _model_job(rank: int, world: int) -> dict:
 
     g = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, 64, (1, 64), generator=g)
+    cu = torch.tensor([0, 16, 40, 64], dtype=torch.int32)  # documents of 16, 24, 24 tokens (multiples of 2P)
     out = {}
     try:
-        for layers in (4, 8):
-            init_parallel(1, world, seed=3)
-            p = replace(preset("tiny"), pattern="ASLH", num_layers=layers)
-            cfg = transformer_config(p, context_parallel_size=world, seqpar_backend="torch", s2_block_size=16,
-                                     s2_local_blocks=1, s2_vert_stride=2, params_dtype=torch.float32,
-                                     cp_schemes={"softmax": "ring", "s2": "allgather", "lightning": "allgather",
-                                                 "moh": "ulysses"})
-            model = build_gpt(p, cfg, vocab_size=64, max_sequence_length=64)
-            batch = get_batch_on_this_cp_rank({"tokens": tokens, "labels": torch.roll(tokens, -1, 1)})
-            pos = torch.arange(batch["tokens"].shape[1])[None]
-            counts = []
-            for _ in range(2):  # the second step is steady state
-                with cp.count_host_syncs(also=("megatron", "nn")) as n:
-                    with cp.step_checks():
-                        model(batch["tokens"], pos, None, labels=batch["labels"]).float().sum().backward()
-                counts.append((n.total, list(n.sites)))
-            out[layers] = counts[1]
-            parallel_state.destroy_model_parallel()
+        for varlen in (False, True):
+            pattern = "AL" if varlen else "ASLH"
+            for layers in (len(pattern), 2 * len(pattern)):
+                init_parallel(1, world, seed=3)
+                p = replace(preset("tiny"), pattern=pattern, num_layers=layers)
+                cfg = transformer_config(p, context_parallel_size=world, seqpar_backend="torch", s2_block_size=16,
+                                         s2_local_blocks=1, s2_vert_stride=2, params_dtype=torch.float32,
+                                         cp_schemes={"softmax": "allgather" if varlen else "ring", "s2": "allgather",
+                                                     "lightning": "allgather", "moh": "ulysses"})
+                model = build_gpt(p, cfg, vocab_size=64, max_sequence_length=64)
+                if varlen:
+                    batch = {"tokens": cp.shard_varlen(tokens, cu, (rank, world))[0],
+                             "labels": cp.shard_varlen(torch.roll(tokens, -1, 1), cu, (rank, world))[0]}
+                else:
+                    batch = get_batch_on_this_cp_rank({"tokens": tokens, "labels": torch.roll(tokens, -1, 1)})
+                pos = torch.arange(batch["tokens"].shape[1])[None]
+                counts = []
+                for _ in range(2):  # the second step is steady state
+                    kw = {}
+                    if varlen:
+                        fresh = cu.clone()  # a new tensor every step: its values are read once per step
+                        kw["packed_seq_params"] = PackedSeqParams(qkv_format="thd", cu_seqlens_q=fresh,
+                                                                  cu_seqlens_kv=fresh, max_seqlen_q=24,
+                                                                  max_seqlen_kv=24)
+                    with cp.count_host_syncs() as n:
+                        with cp.step_checks():
+                            loss = model(batch["tokens"], pos, None, labels=batch["labels"], **kw)
+                            loss.float().sum().backward()
+                    counts.append((n.reads, n.copies, list(n.sites), len(n.excluded)))
+                out[(varlen, layers // len(pattern))] = counts[-1]
+                parallel_state.destroy_model_parallel()
     finally:
         disable_cpu_compat()
     return out
 
 
 def test_megatron_model_steady_state_syncs_do_not_grow_with_layers():
-    # a GPT of all four kinds at CP=2: a steady-state step of 8 layers makes no more host reads in
-    # seqpar code (cp, kernels' entries, megatron layers, nn) than one of 4 layers, and only the step's one
-    for per_rank in run_ranks(_model_job, 2, timeout=600):
-        assert per_rank[4][0] == per_rank[8][0] == 1, (per_rank[4][1], per_rank[8][1])
+    # A GPT of all four kinds at CP=2 (Megatron engine's model and step_checks): a steady-state step of
+    # twice the layers makes exactly the host reads and host-to-device copies of the shorter one, by any code
+    # (seqpar, megatron-core, torch.nn, autograd), and only the documented ones per step: the step's data
+    # check, and with packed documents one read of the step's fresh cu_seqlens (shared by every layer:
+    # plans, RoPE positions, CP index tensors).
+    for per_rank in run_ranks(_model_job, 2, timeout=900):
+        for varlen in (False, True):
+            four, eight = per_rank[(varlen, 1)], per_rank[(varlen, 2)]
+            assert four[:2] == eight[:2], (varlen, four[2], eight[2])
+            sites = sorted(s.split(" ")[0] + " " + s.split("/")[-1].split(":")[0] for s in eight[2])
+            want = ["aten._local_scalar_dense.default validation.py"]  # the step's data check
+            if varlen:
+                want = sorted(want + ["Tensor.tolist _common.py"])  # host_ints of the step's cu_seqlens
+            assert sites == want, (varlen, eight[2])
+            # it was watching: the torch fallbacks' own host reads (CPU-only work) were seen and set apart
+            assert eight[3] > four[3] > 0, (four[3], eight[3])

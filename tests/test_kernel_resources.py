@@ -1,10 +1,11 @@
-"""GPU readiness without a GPU: every Triton kernel, compiled for sm_90 (H100) and sm_80 (A100)
-exactly as a real launch on that GPU specialises and configures it, has 0 spill bytes, fits shared
-memory, and keeps >= 2 CTAs or >= 8 warps per SM.
+"""GPU readiness without a GPU: every Triton kernel, compiled for sm_90 (H100), sm_80 (A100) and sm_86
+(A40; sm_89 L40S / RTX 4090 have the same limits) exactly as a real launch on that GPU specialises and
+configures it, has 0 spill bytes, fits shared memory, and keeps >= 2 CTAs or >= 8 warps per SM.
 
 ``benchmarks/kernel_resources.py`` drives the library's launchers under a fake sm_90 / sm_80
 driver (so the head-dim stride is the constant 1 and 16-divisible pointers / sizes carry their
-alignment, as on a GPU, and the launchers pick that target's configs), compiles with Triton's
+alignment, as on a GPU, and the launchers pick that target's configs: kernels/_tuning.py has one table
+per target), compiles with Triton's
 bundled ptxas and reports ptxas' register / spill counts. It runs in a subprocess: this test
 session runs the kernels under ``TRITON_INTERPRET=1``. Cost: about 40 s per (target, dtype) and
 60 s per target's autotune space with a cold Triton cache, a few seconds warm.
@@ -61,14 +62,14 @@ def assert_rule(rows: list[dict]) -> None:
 # the kernels of each target's table (seqpar.kernels._tuning), by harness name -> (op, kind)
 TUNED = {"s2_fwd": ("s2", "fwd"), "s2_bwd_dq": ("s2", "dq"), "s2_bwd_dkdv": ("s2", "dkdv"),
          "moh_fwd": ("moh", "fwd"), "moh_bwd_dq": ("moh", "dq"), "moh_bwd_dkdv": ("moh", "dkdv")}
-MMA = {90: "wgmma", 80: "mma.sync"}
+MMA = {90: "wgmma", 80: "mma.sync", 86: "mma.sync"}
 SCALAR_KERNELS = ("s2_bwd_preprocess", "moh_bwd_preprocess", "state_scan")  # row sums / scans: no MMA
 
 needs_ptxas = pytest.mark.skipif(not _has_nvidia_backend(), reason="triton wheel without the NVIDIA backend (ptxas)")
 
 
 @needs_ptxas
-@pytest.mark.parametrize("cap", [90, 80])
+@pytest.mark.parametrize("cap", [90, 80, 86])
 def test_default_configs(tmp_path, cap):
     """Every default config the launchers pick on sm_<cap> at head dim 64 and 128 in bf16 and fp16
     (the presets' shapes), and the README table of that target is this run's."""
@@ -87,8 +88,6 @@ def test_default_configs(tmp_path, cap):
                 assert got == kernels, (case, dtype, d, got)
     assert {r["target"] for r in rows} == {f"sm_{cap}"}
     assert_rule(rows)
-    if cap == 80:  # the sm_80 table also serves sm_86 / sm_89: 99 KB of shared memory per CTA
-        assert all(r["smem_KB"] <= 99 for r in rows), [r for r in rows if r["smem_KB"] > 99]
     # the fake target drove the selection: each attention kernel ran its target's table default
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     with _tuning.compile_target(cap):
@@ -116,7 +115,7 @@ def test_default_configs(tmp_path, cap):
 
 
 @needs_ptxas
-@pytest.mark.parametrize("cap", [90, 80])
+@pytest.mark.parametrize("cap", [90, 80, 86])
 def test_autotune_space(tmp_path, cap):
     """Every config of the autotune spaces at the heaviest tiles (bf16, d=128; causal and
     non-causal) passes on sm_<cap>."""

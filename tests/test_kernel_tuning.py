@@ -78,7 +78,7 @@ def test_target_from_cuda_capability_or_compile_target(monkeypatch):
     selects the same entry for CPU tensors; CPU alone (interpreter) uses the sm_90 table."""
     bf16 = torch.bfloat16
     assert _tuning.target_capability("cpu") is None and _tuning.target_arch("cpu") == 90
-    for cap, arch in ((80, 80), (86, 80), (89, 80), (90, 90), (100, 90)):
+    for cap, arch in ((75, 80), (80, 80), (86, 86), (87, 86), (89, 86), (90, 90), (100, 90)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=cap: divmod(c, 10))
         assert _tuning.target_arch(torch.device("cuda")) == arch
         with _tuning.compile_target(cap):
@@ -98,6 +98,16 @@ def test_target_from_cuda_capability_or_compile_target(monkeypatch):
     from seqpar.kernels.moh.triton_bwd import dkdv_row_tile
 
     assert dkdv_row_tile(moh, 64) == 32 and dkdv_row_tile(moh, 32) == 32 and dkdv_row_tile(h100, 64) == 64
+    # sm_86 / sm_89 (99 KB of shared memory per CTA) have their own entries where sm_80's spill or
+    # leave one CTA of 4 warps per SM there (tests/test_kernel_resources.py measures them)
+    with _tuning.compile_target(86):
+        ada_dkdv = _tuning.attention_tuning("dkdv", 64, 64, bf16, "cpu")
+        ada_dq = _tuning.attention_tuning("dq", 64, 128, bf16, "cpu")
+    with _tuning.compile_target(80):
+        a100_dkdv = _tuning.attention_tuning("dkdv", 64, 64, bf16, "cpu")
+        a100_dq = _tuning.attention_tuning("dq", 64, 128, bf16, "cpu")
+    assert ada_dkdv.default == cfg(8, 1) and a100_dkdv.default == cfg(8, 2)
+    assert ada_dq.default == cfg(8, 2) and a100_dq.default == cfg(4, 2)
     assert light.default == cfg(4, 2) and _tuning.lightning_tuning("chunk", "cpu").default == cfg(8, 3)
 
 

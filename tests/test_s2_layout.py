@@ -128,12 +128,13 @@ def test_plan_csr_csc_match_block_mask():
     lay = lay.with_heads(2)
     plan = build_plan(lay, True, 2, 150, 150, 0, 0, None, 16)
     m = lay.kv_block_mask(2, torch.arange(10), torch.arange(10))
+    csr = plan.csr()
     for g in range(2):
         for t in range(10):
-            cols = plan.col_idx[plan.row_ptr[g, t]:plan.row_ptr[g, t + 1]].tolist()
-            assert cols == m[g, t].nonzero().flatten().tolist()
-            rows = plan.row_idx[plan.col_ptr[g, t]:plan.col_ptr[g, t + 1]].tolist()
-            assert rows == m[g, :, t].nonzero().flatten().tolist()
+            cols = csr.col_idx[csr.row_ptr[g, t]:csr.row_ptr[g, t + 1]].tolist()
+            assert cols == m[g, t].nonzero().flatten().tolist() == plan.kv_tiles(g, t)
+            rows = csr.row_idx[csr.col_ptr[g, t]:csr.col_ptr[g, t + 1]].tolist()
+            assert rows == m[g, :, t].nonzero().flatten().tolist() == plan.q_tiles(g, t)
     assert plan.nnz(6) == 3 * int(m.sum())
     assert build_plan(lay, True, 2, 150, 150, 0, 0, None, 16) is plan  # cached
 
@@ -147,7 +148,7 @@ def test_plan_varlen_restarts_layout_per_document():
     assert plan.nnz(1) == sum(int(m.sum()) for m in per_doc)
     # no tile pair crosses documents
     for t in range(plan.num_q_tiles):
-        for u in plan.col_idx[plan.row_ptr[0, t]:plan.row_ptr[0, t + 1]].tolist():
+        for u in plan.kv_tiles(0, t):
             assert plan.q_end[t] == plan.kv_end[u]
 
 

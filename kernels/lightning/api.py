@@ -101,6 +101,9 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope
     dv = v.shape[-1]
     _check_slope(slope, h, q.device)
     cu_seqlens = check_cu_seqlens(cu_seqlens, b, n)
+    if cu_seqlens is not None and cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens must be on q's device {q.device}, got {cu_seqlens.device}; "
+                         f"move it once per step (every layer then reuses it)")
     num = b if cu_seqlens is None else cu_seqlens.numel() - 1
     if initial_state is not None:
         _check_state("initial_state", initial_state, num, h, dk, dv, q.device)

@@ -27,15 +27,16 @@ import triton.language as tl
 
 from ._plan import ChunkPlan
 from .._tuning import launch, lightning_tuning
-from .triton_fwd import TUNE_KEY, _mm, chunk_states, dot_modes, state_pass, tile
+from .._grid import unfold
+from .triton_fwd import TUNE_KEY, _mm, chunk_states, dot_modes, grids, state_pass, tile
 
 
 @triton.jit
-def _dv_kernel(q_ptr, k_ptr, do_ptr, slope_ptr, dhbuf_ptr, dv_ptr, cu_ptr, chidx_ptr,
+def _dv_kernel(q_ptr, k_ptr, do_ptr, slope_ptr, dhbuf_ptr, dv_ptr, cu_ptr, chidx_ptr, num_chunks,
                H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MODE: tl.constexpr, SMODE: tl.constexpr):
     # dv = (A ⊙ D)ᵀ dO + λ^{L-1-j} K dS for one dv tile of one chunk (per query head)
-    i_v, i_t, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_v, i_t, head = unfold(tl.program_id(0), tl.cdiv(DV, BV), num_chunks)  # 1-D grid (triton_fwd.grids)
     kvh = head // (H // HKV)
     doc = tl.load(chidx_ptr + i_t * 2)
     c = tl.load(chidx_ptr + i_t * 2 + 1)
@@ -81,11 +82,11 @@ def _dv_kernel(q_ptr, k_ptr, do_ptr, slope_ptr, dhbuf_ptr, dv_ptr, cu_ptr, chidx
 
 @triton.jit
 def _dqk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, slope_ptr, hbuf_ptr, dhbuf_ptr, dq_ptr, dk_ptr,
-                cu_ptr, chidx_ptr,
+                cu_ptr, chidx_ptr, num_chunks,
                 H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MODE: tl.constexpr, SMODE: tl.constexpr):
     # dq = (dA ⊙ D) K + λ^{i+1} dO Sᵀ and dk = (dA ⊙ D)ᵀ Q + λ^{L-1-j} V dSᵀ for one dk tile
-    i_k, i_t, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_k, i_t, head = unfold(tl.program_id(0), tl.cdiv(DK, BK), num_chunks)  # 1-D grid (triton_fwd.grids)
     kvh = head // (H // HKV)
     doc = tl.load(chidx_ptr + i_t * 2)
     c = tl.load(chidx_ptr + i_t * 2 + 1)
@@ -155,10 +156,11 @@ def lightning_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torc
     meta = dict(H=h, HKV=hkv, DK=dk, DV=dv, C=plan.chunk_size, BK=bk, BV=bv, MODE=mode, SMODE=smode)
     t = lightning_tuning("chunk", q.device)
     tune = dict(default=t.default, space=t.space, key=TUNE_KEY, device=q.device)
-    launch(_dv_kernel, (triton.cdiv(dv, bv), plan.num_chunks, h),
-           (q, k, do, slope, dhbuf, dv_h, plan.cu, plan.chunk_indices), meta, **tune)
-    launch(_dqk_kernel, (triton.cdiv(dk, bk), plan.num_chunks, h),
-           (q, k, v, do, slope, hbuf, dhbuf, dq, dk_h, plan.cu, plan.chunk_indices), meta, **tune)
+    grid = grids(plan.num_chunks, plan.num_docs, h, dk, dv, q.dtype)
+    launch(_dv_kernel, grid["dv"],
+           (q, k, do, slope, dhbuf, dv_h, plan.cu, plan.chunk_indices, plan.num_chunks), meta, **tune)
+    launch(_dqk_kernel, grid["dqk"],
+           (q, k, v, do, slope, hbuf, dhbuf, dq, dk_h, plan.cu, plan.chunk_indices, plan.num_chunks), meta, **tune)
     g = h // hkv
     dk_out = dk_h.view(T, hkv, g, dk).sum(2).to(k.dtype)
     dv_out = dv_h.view(T, hkv, g, dv).sum(2).to(v.dtype)

@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from .._common import interpret_enabled
-from .._tuning import launch, lightning_tuning
+from .._grid import check_grid, unfold
+from .._tuning import LaunchConfig, launch, lightning_tuning
 from ._plan import ChunkPlan
 
 
@@ -78,7 +79,8 @@ def _chunk_state_kernel(a_ptr, b_ptr, slope_ptr, loc_ptr, cu_ptr, chidx_ptr,
     #   forward  (a, b) = (k, v):  loc = Σ_j λ^{L-1-j} k_jᵀ v_j   (decay to the chunk's end)
     #   backward (a, b) = (q, do): loc = Σ_i λ^{i+1}   q_iᵀ do_i  (decay to the chunk's start)
     # ``a``/``b`` have HA heads (kv heads for k/v, query heads for q/do); the decay is per query head.
-    i_k, i_v, i_th = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # (dk tile, dv tile, chunk x head) folded into axis 0 (see grids)
+    i_k, i_v, i_th = unfold(tl.program_id(0), tl.cdiv(DK, BK), tl.cdiv(DV, BV))
     i_t, head = i_th // H, i_th % H
     ah = head // (H // HA)
     doc = tl.load(chidx_ptr + i_t * 2)
@@ -120,7 +122,8 @@ def _state_scan_kernel(loc_ptr, slope_ptr, s0_ptr, sbuf_ptr, sfin_ptr, cu_ptr, c
     #   backward (REVERSE): dS_{c-1} = λ^{L_c} dS_c + loc_c from the last chunk, storing dS_c.
     # Parallel over (state block, document x head), so the grid is dk*dv/BLOCK times wider than a
     # per-head walk; each step is one fused multiply-add on BLOCK fp32 values.
-    i_b, i_nh = tl.program_id(0), tl.program_id(1)
+    pid = tl.program_id(0)  # (state block, document x head) folded into axis 0
+    i_b, i_nh = pid % tl.cdiv(DKV, BLOCK), pid // tl.cdiv(DKV, BLOCK)
     doc, head = i_nh // H, i_nh % H
     bos = tl.load(cu_ptr + doc)
     eos = tl.load(cu_ptr + doc + 1)
@@ -161,18 +164,41 @@ def state_pass(a: torch.Tensor, b: torch.Tensor, slope: torch.Tensor, s0: Option
     loc = torch.empty(plan.num_chunks, num_heads, dk, dv, dtype=torch.float32, device=a.device)
     bk, bv = state_tile(dk), state_tile(dv)
     st = lightning_tuning("state", a.device)
-    launch(_chunk_state_kernel, (triton.cdiv(dk, bk), triton.cdiv(dv, bv), plan.num_chunks * num_heads),
+    grid = grids(plan.num_chunks, plan.num_docs, num_heads, dk, dv, a.dtype)
+    launch(_chunk_state_kernel, grid["chunk_state"],
            (a, b, slope, loc, plan.cu, plan.chunk_indices),
            dict(H=num_heads, HA=ha, DK=dk, DV=dv, C=plan.chunk_size, BK=bk, BV=bv, Q_DECAY=reverse,
                 MODE=dot_modes(a.dtype)[0]),
            default=st.default, space=st.space, key=("DK", "DV", "Q_DECAY"), device=a.device)
     sbuf = torch.empty(plan.num_chunks, num_heads, dk, dv, dtype=out_dtype, device=a.device)
     fin = torch.empty(plan.num_docs, num_heads, dk, dv, dtype=torch.float32, device=a.device) if store_final else None
-    _state_scan_kernel[(triton.cdiv(dk * dv, SCAN_BLOCK), plan.num_docs * num_heads)](
-        loc, slope, s0 if s0 is not None else loc, sbuf, fin if fin is not None else loc, plan.cu,
-        plan.chunk_offsets, H=num_heads, DKV=dk * dv, C=plan.chunk_size, BLOCK=SCAN_BLOCK,
-        HAS_S0=s0 is not None, STORE_FIN=store_final, REVERSE=reverse, num_warps=2, num_stages=3)
+    launch(_state_scan_kernel, grid["state_scan"],
+           (loc, slope, s0 if s0 is not None else loc, sbuf, fin if fin is not None else loc, plan.cu,
+            plan.chunk_offsets),
+           dict(H=num_heads, DKV=dk * dv, C=plan.chunk_size, BLOCK=SCAN_BLOCK, HAS_S0=s0 is not None,
+                STORE_FIN=store_final, REVERSE=reverse),
+           default=SCAN_CONFIG, space=(SCAN_CONFIG,), key=(), device=a.device, tunable=False)
     return sbuf, fin
+
+
+SCAN_CONFIG = LaunchConfig(2, 3)  # elementwise fp32 FMAs: 2 warps hold a 256-element block
+
+
+def grids(num_chunks: int, num_docs: int, heads: int, dk: int, dv: int, dtype: torch.dtype) -> dict:
+    """Launch grids of the Lightning kernels, 1-D: every program index (head-dim tiles, chunk or
+    document, head) folded into axis 0 (CUDA allows 2^31 - 1 programs there, 65535 on axes 1 and
+    2, which ``chunks x heads`` passes at 4.2M tokens x heads). Checked against CUDA's limits; the
+    launchers use exactly these. ``chunk`` covers the output, dv and dq/dk kernels."""
+    sk, sv = state_tile(dk), state_tile(dv)
+    bk, bv = tile(dk, dtype), tile(dv, dtype)
+    return {
+        "chunk_state": check_grid("lightning chunk-local state",
+                                  (triton.cdiv(dk, sk) * triton.cdiv(dv, sv) * num_chunks * heads,)),
+        "state_scan": check_grid("lightning state scan", (triton.cdiv(dk * dv, SCAN_BLOCK) * num_docs * heads,)),
+        "output": check_grid("lightning output", (triton.cdiv(dv, bv) * num_chunks * heads,)),
+        "dv": check_grid("lightning bwd dv", (triton.cdiv(dv, bv) * num_chunks * heads,)),
+        "dqk": check_grid("lightning bwd dq/dk", (triton.cdiv(dk, bk) * num_chunks * heads,)),
+    }
 
 
 def state_tile(d: int) -> int:
@@ -181,11 +207,11 @@ def state_tile(d: int) -> int:
 
 
 @triton.jit
-def _output_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, hbuf_ptr, o_ptr, cu_ptr, chidx_ptr,
+def _output_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, hbuf_ptr, o_ptr, cu_ptr, chidx_ptr, num_chunks,
                    H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    MODE: tl.constexpr, SMODE: tl.constexpr):
-    i_v, i_t, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_v, i_t, head = unfold(tl.program_id(0), tl.cdiv(DV, BV), num_chunks)  # (dv tile, chunk, head)
     kvh = head // (H // HKV)
     doc = tl.load(chidx_ptr + i_t * 2)
     c = tl.load(chidx_ptr + i_t * 2 + 1)
@@ -242,10 +268,10 @@ def lightning_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torc
     hbuf, ht = chunk_states(k, v, slope, h0, plan, h)
     o = torch.empty(T, h, dv, dtype=q.dtype, device=q.device)
     bk, bv = tile(dk, q.dtype), tile(dv, q.dtype)
-    grid = (triton.cdiv(dv, bv), plan.num_chunks, h)
+    grid = grids(plan.num_chunks, plan.num_docs, h, dk, dv, q.dtype)["output"]
     mode, smode = dot_modes(q.dtype)
     tune = lightning_tuning("chunk", q.device)
-    launch(_output_kernel, grid, (q, k, v, slope, hbuf, o, plan.cu, plan.chunk_indices),
+    launch(_output_kernel, grid, (q, k, v, slope, hbuf, o, plan.cu, plan.chunk_indices, plan.num_chunks),
            dict(H=h, HKV=k.shape[1], DK=dk, DV=dv, C=plan.chunk_size, BK=bk, BV=bv, MODE=mode, SMODE=smode),
            default=tune.default, space=tune.space, key=TUNE_KEY, device=q.device)
     return o, ht

@@ -23,8 +23,8 @@ import triton.language as tl
 
 from .counter import active_counter
 from .rows import ActiveRows
-from .._tuning import attention_tuning, launch
-from .triton_fwd import TUNE_KEY, block_sizes, doc_visible, dot_precision, needs_idx64, upcast_dots
+from .._tuning import W4S3, attention_tuning, launch
+from .triton_fwd import TUNE_KEY, block_sizes, doc_visible, dot_precision, grids, needs_idx64, row_program, upcast_dots
 
 
 @triton.jit
@@ -41,8 +41,7 @@ def _moh_bwd_preprocess_kernel(
     # Active rows only (same grid as the forward): rowdot = rowsum(do * o) = g * rowsum(do * a),
     # dgates = rowdot / g, delta = rowdot - dlse, and the backward's lse (+inf where -inf: a row
     # that saw no key gets p = 0). Inactive rows are never read, so nothing is written for them.
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh = row_program(SQ, BLOCK_M)  # same grid as the forward
     n_act = tl.load(COUNTS + bh)
     if pid_m * BLOCK_M >= n_act:
         return
@@ -84,8 +83,7 @@ def _moh_bwd_dq_kernel(
     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, COUNT: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
     VARLEN: tl.constexpr = False,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh = row_program(SQ, BLOCK_M)  # same grid as the forward
     n_act = tl.load(COUNTS + bh)
     if pid_m * BLOCK_M >= n_act:
         return
@@ -179,8 +177,7 @@ def _moh_bwd_dkdv_kernel(
     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
     VARLEN: tl.constexpr = False,
 ):
-    pid_n = tl.program_id(0)
-    bkh = tl.program_id(1)
+    pid_n, bkh = row_program(SK, BLOCK_N)  # (key block, batch x kv head) folded into axis 0
     off_b = (bkh // HKV).to(tl.int64)
     off_kh = bkh % HKV
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -293,12 +290,14 @@ def moh_bwd(do: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.Tens
     delta = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)
     lse_bwd = torch.empty_like(delta)
     idx64 = needs_idx64(q, do, o, gates)
-    _moh_bwd_preprocess_kernel[(triton.cdiv(sq, block_m), b * h)](
+    grid = grids(b, sq, sk, h, hkv, d, q.dtype)
+    launch(_moh_bwd_preprocess_kernel, grid["preprocess"], (
         o, do, gates, lse, dlse, dgates, delta, lse_bwd, act.rows, act.counts,
         o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
         gates.stride(0), gates.stride(1), gates.stride(2), *dgates.stride(), dlse.stride(0), dlse.stride(1), dlse.stride(2),
-        sq, h, D=d, BLOCK_M=block_m, BLOCK_D=block_d, IDX64=idx64,
-    )
+        sq, h,
+    ), dict(D=d, BLOCK_M=block_m, BLOCK_D=block_d, IDX64=idx64), default=W4S3, space=(W4S3,), key=(),
+        device=q.device, tunable=False)
     dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
@@ -313,14 +312,14 @@ def moh_bwd(do: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.Tens
                gates.stride(0), gates.stride(1), gates.stride(2),
                do.stride(0), do.stride(1), do.stride(2))
     tune = attention_tuning("dq", block_m, d, q.dtype, q.device, op="moh")
-    launch(_moh_bwd_dq_kernel, (triton.cdiv(sq, block_m), b * h), (
+    launch(_moh_bwd_dq_kernel, grid["dq"], (
         q, k, v, gates, do, lse_bwd, delta, dq, act.rows, act.counts, cnt, seg_arg,
         *strides, dq.stride(0), dq.stride(1), dq.stride(2),
         sq, sk, h, h // hkv, sm_scale, q_offset, k_offset,
     ), dict(COUNT=counter is not None, **common), default=tune.default, space=tune.space, key=TUNE_KEY,
         device=q.device, tunable=counter is None)
     tune = attention_tuning("dkdv", block_n, d, q.dtype, q.device, op="moh")
-    launch(_moh_bwd_dkdv_kernel, (triton.cdiv(sk, block_n), b * hkv), (
+    launch(_moh_bwd_dkdv_kernel, grid["dkdv"], (
         q, k, v, gates, do, lse_bwd, delta, dk, dv, act.rows, act.counts, act.prefix, seg_arg,
         *strides, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         sq, sk, h, hkv, h // hkv, sm_scale, q_offset, k_offset,

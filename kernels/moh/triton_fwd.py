@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .._common import interpret_enabled
+from .._grid import check_grid
 from .counter import active_counter
 from .rows import ActiveRows
 from .._tuning import attention_tuning, launch
@@ -51,6 +52,29 @@ def upcast_dots(dtype: torch.dtype) -> bool:
 
 
 @triton.jit
+def row_program(SQ, BLOCK_M: tl.constexpr):
+    """(row tile, batch x head) of this program: the grid is 1-D, ``tiles x (batch * heads)`` folded
+    into axis 0 (CUDA allows 65535 programs on axes 1 and 2), row tiles of one head adjacent."""
+    pid = tl.program_id(0)
+    tiles = tl.cdiv(SQ, BLOCK_M)
+    return pid % tiles, pid // tiles
+
+
+def grids(batch: int, seq_q: int, seq_k: int, heads: int, kv_heads: int, head_dim: int,
+          dtype: torch.dtype) -> dict:
+    """Launch grids of the MoH kernels (forward, backward preprocess, dq, dk/dv), 1-D (see
+    :func:`row_program`), checked against CUDA's limits; the launchers use exactly these."""
+    block_m, block_n, _ = block_sizes(head_dim, dtype)
+    rows = triton.cdiv(seq_q, block_m) * batch * heads
+    return {
+        "fwd": check_grid("moh fwd", (rows,)),
+        "preprocess": check_grid("moh bwd preprocess", (rows,)),
+        "dq": check_grid("moh bwd dq", (rows,)),
+        "dkdv": check_grid("moh bwd dk/dv", (triton.cdiv(seq_k, block_n) * batch * kv_heads,)),
+    }
+
+
+@triton.jit
 def doc_visible(offs_n, nmask, seg_lo, seg_hi, rows, CAUSAL: tl.constexpr):
     """Varlen mask ``[rows, keys]``: the key lies in the row's document ``[seg_lo, seg_hi)`` (and at
     or before the row when causal); offsets are 0 with varlen."""
@@ -73,8 +97,7 @@ def _moh_fwd_kernel(
     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, COUNT: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
     VARLEN: tl.constexpr = False,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh = row_program(SQ, BLOCK_M)
     n_act = tl.load(COUNTS + bh)
     if pid_m * BLOCK_M >= n_act:
         return  # this head has fewer active rows than this tile's start
@@ -172,7 +195,7 @@ def moh_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tens
     block_m, block_n, block_d = block_sizes(d, q.dtype)
     counter = active_counter()
     cnt = torch.zeros(1, dtype=torch.int32, device=q.device)
-    grid = (triton.cdiv(sq, block_m), b * h)
+    grid = grids(b, sq, sk, h, hkv, d, q.dtype)["fwd"]
     tune = attention_tuning("fwd", block_m, d, q.dtype, q.device, op="moh")
     launch(_moh_fwd_kernel, grid, (
         q, k, v, gates, o, lse, act.rows, act.counts, cnt, cnt if seg is None else seg,

@@ -20,8 +20,12 @@ import triton
 import triton.language as tl
 
 from seqpar.kernels.s2.plan import TilePlan
-from seqpar.kernels._tuning import attention_tuning, launch
-from seqpar.kernels.s2.triton_fwd import LOG2E, TUNE_KEY, block_dim, kernel_options, mask_tile
+from seqpar.kernels._grid import unfold
+from seqpar.kernels._tuning import W4S3, attention_tuning, launch
+from seqpar.kernels.s2.triton_fwd import (LOG2E, PREPROCESS_BLOCK, TUNE_KEY, block_dim, grids, kernel_options,
+                                          mask_tile, plan_row)
+
+PREPROCESS_CONFIG = W4S3  # Triton's default launch config (4 warps, 3 stages), as before
 
 
 @triton.jit
@@ -31,13 +35,14 @@ def _s2_bwd_preprocess_kernel(
     stride_dob, stride_dos, stride_doh, stride_dod,
     stride_lb, stride_lh, stride_ls,
     stride_dlb, stride_dlh, stride_dls,
+    num_heads,
     HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # delta = rowsum(do * o) - dlse. The row sum runs in fp64 in registers: dp - delta cancels
     # almost exactly for peaked rows, and fp32 rounding here would dominate the dq error.
-    t = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    t, h, b = unfold(tl.program_id(0), tl.cdiv(seq_q, BLOCK_M), num_heads)
+    b = b.to(tl.int64)
+    h = h.to(tl.int64)
     offs_m = t.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < seq_q
@@ -55,14 +60,14 @@ def _s2_bwd_preprocess_kernel(
 @triton.jit
 def _s2_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CNT,
-    q_start_ptr, q_end_ptr, kv_start_ptr, kv_end_ptr, row_ptr, col_idx,
+    q_start_ptr, q_end_ptr, kv_start_ptr, kv_end_ptr, rows_ptr,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_dob, stride_dos, stride_doh, stride_dod,
     stride_dqb, stride_dqs, stride_dqh, stride_dqd,
     stride_lb, stride_lh,
-    num_q_tiles, group, q_shift, k_shift, scale_log2, sm_scale,
+    num_q_tiles, group, q_shift, k_shift, scale_log2, sm_scale, stride,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, COUNT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -70,6 +75,7 @@ def _s2_bwd_dq_kernel(
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     g = h // group
+    l_base = b * stride_lb + h.to(tl.int64) * stride_lh  # head x seq can pass 2^31 (head x dim cannot)
     q_lo = tl.load(q_start_ptr + t)
     q_hi = tl.load(q_end_ptr + t)
     # 64-bit scalar bases, 32-bit offsets inside a tile (see the forward)
@@ -88,18 +94,17 @@ def _s2_bwd_dq_kernel(
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse = tl.load(LSE + b * stride_lb + h * stride_lh + row0 + ar_m, mask=m_ok, other=0.0)
+    lse = tl.load(LSE + l_base + row0 + ar_m, mask=m_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(DELTA + b * stride_lb + h * stride_lh + row0 + ar_m, mask=m_ok, other=0.0)
+    delta = tl.load(DELTA + l_base + row0 + ar_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_base = K + b * stride_kb + g * stride_kh
     v_base = V + b * stride_vb + g * stride_vh
     k_off = ar_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
     vt_off = ar_n[None, :] * stride_vs + offs_d[:, None] * stride_vd
-    lo = tl.load(row_ptr + g * (num_q_tiles + 1) + t)
-    hi = tl.load(row_ptr + g * (num_q_tiles + 1) + t + 1)
-    for idx in range(lo, hi):
-        u = tl.load(col_idx + idx)
+    s1, n1, s2, n2 = plan_row(rows_ptr, g, t, num_q_tiles)
+    for i in range(0, n1 + n2):
+        u = tl.where(i < n1, s1 + i * stride, s2 + (i - n1))
         k_lo = tl.load(kv_start_ptr + u)
         k_hi = tl.load(kv_end_ptr + u)
         offs_n = k_lo + ar_n
@@ -126,7 +131,7 @@ def _s2_bwd_dq_kernel(
 @triton.jit
 def _s2_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CNT,
-    q_start_ptr, q_end_ptr, kv_start_ptr, kv_end_ptr, col_ptr, row_idx,
+    q_start_ptr, q_end_ptr, kv_start_ptr, kv_end_ptr, cols_ptr, tile_ids,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -162,15 +167,18 @@ def _s2_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     q_off = ar_m[:, None] * stride_qs + offs_d[None, :] * stride_qd
     do_off = ar_m[:, None] * stride_dos + offs_d[None, :] * stride_dod
-    lo = tl.load(col_ptr + g * (num_kv_tiles + 1) + u)
-    hi = tl.load(col_ptr + g * (num_kv_tiles + 1) + u + 1)
+    col = cols_ptr + (g * num_kv_tiles + u) * 2  # plan column: q tiles lo .. hi - 1
+    lo = tl.load(col)
+    hi = lo + tl.load(col + 1)
     for hq in range(group):
         h = g * group + hq
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
-        l_base = b * stride_lb + h * stride_lh
+        l_base = b * stride_lb + h * stride_lh  # heads x seq < 2^31 (the launcher checks it)
+        # q tile t = idx, read through plan.tile_ids (an arange) rather than used as the loop index:
+        # with the induction variable itself ptxas spilled 4-44 B at 255 registers (sm_90, d = 128)
         for idx in range(lo, hi):
-            t = tl.load(row_idx + idx)
+            t = tl.load(tile_ids + idx)
             q_lo = tl.load(q_start_ptr + t)
             q_hi = tl.load(q_end_ptr + t)
             offs_m = q_lo + ar_m
@@ -215,28 +223,29 @@ def s2_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, l
     plan = plan.to(q.device)
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
-    _s2_bwd_preprocess_kernel[(triton.cdiv(sq, 64), h, b)](
+    grid = grids(plan.num_q_tiles, plan.num_kv_tiles, b, h, hkv, sq)
+    launch(_s2_bwd_preprocess_kernel, grid["preprocess"], (
         o, do, dlse if dlse is not None else lse, delta, sq, d,
         *o.stride(), *do.stride(), lse.stride(0), lse.stride(1), lse.stride(2),
-        *(dlse.stride() if dlse is not None else lse.stride()),
-        HAS_DLSE=dlse is not None, BLOCK_M=64, BLOCK_D=block_dim(d),
-    )
+        *(dlse.stride() if dlse is not None else lse.stride()), h,
+    ), dict(HAS_DLSE=dlse is not None, BLOCK_M=PREPROCESS_BLOCK, BLOCK_D=block_dim(d)),
+        default=PREPROCESS_CONFIG, space=(PREPROCESS_CONFIG,), key=(), device=q.device, tunable=False)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     consts = dict(CAUSAL=plan.causal, COUNT=counters is not None, **kernel_options(q, plan.block_size))
     cnt_dq, cnt_kv = counters if counters is not None else (lse, lse)
     tune = attention_tuning("dq", plan.block_size, d, q.dtype, q.device)
-    launch(_s2_bwd_dq_kernel, (plan.num_q_tiles, h, b), (
+    launch(_s2_bwd_dq_kernel, grid["dq"], (
         q, k, v, do, lse, delta, dq, cnt_dq,
-        plan.q_start, plan.q_end, plan.kv_start, plan.kv_end, plan.row_ptr, plan.col_idx,
+        plan.q_start, plan.q_end, plan.kv_start, plan.kv_end, plan.rows,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), lse.stride(0), lse.stride(1),
-        plan.num_q_tiles, h // hkv, plan.q_shift, plan.k_shift, sm_scale * LOG2E, sm_scale,
+        plan.num_q_tiles, h // hkv, plan.q_shift, plan.k_shift, sm_scale * LOG2E, sm_scale, plan.stride,
     ), consts, default=tune.default, space=tune.space, key=TUNE_KEY, device=q.device, tunable=counters is None)
     tune = attention_tuning("dkdv", plan.block_size, d, q.dtype, q.device)
-    launch(_s2_bwd_dkdv_kernel, (plan.num_kv_tiles, hkv, b), (
+    launch(_s2_bwd_dkdv_kernel, grid["dkdv"], (
         q, k, v, do, lse, delta, dk, dv, cnt_kv,
-        plan.q_start, plan.q_end, plan.kv_start, plan.kv_end, plan.col_ptr, plan.row_idx,
+        plan.q_start, plan.q_end, plan.kv_start, plan.kv_end, plan.cols, plan.tile_ids,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         lse.stride(0), lse.stride(1),
         plan.num_kv_tiles, h // hkv, plan.q_shift, plan.k_shift, sm_scale * LOG2E, sm_scale,

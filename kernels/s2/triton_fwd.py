@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from seqpar.kernels._common import interpret_enabled
+from seqpar.kernels._grid import check_grid
 from seqpar.kernels._tuning import attention_tuning, launch
 from seqpar.kernels.s2.plan import TilePlan
 
@@ -37,19 +38,28 @@ def mask_tile(x, fill, offs_m, offs_n, q_lo, k_lo, k_hi, q_shift, k_shift,
 
 
 @triton.jit
+def plan_row(rows_ptr, g, t, num_q_tiles):
+    """Runs of plan row (kv head g, q tile t): ``(s1, n1, s2, n2)``; its ``i``-th kv tile is
+    ``s1 + i * stride`` for ``i < n1`` (the vertical stride), then ``s2 + i - n1`` (the band)."""
+    row = rows_ptr + (g * num_q_tiles + t) * 4
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
+
+
+@triton.jit
 def _s2_fwd_kernel(
     Q, K, V, O, LSE, CNT,
-    q_start_ptr, q_end_ptr, kv_start_ptr, kv_end_ptr, row_ptr, col_idx,
+    q_start_ptr, q_end_ptr, kv_start_ptr, kv_end_ptr, rows_ptr,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ob, stride_os, stride_oh, stride_od,
     stride_lb, stride_lh,
-    num_q_tiles, group, q_shift, k_shift, scale_log2,
+    num_q_tiles, group, q_shift, k_shift, scale_log2, stride,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, COUNT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # last q tiles read the most kv tiles under causality: launch them first (shorter tail)
+    # grid (q tiles, heads, batch) (see grids); last q tiles read the most kv tiles under
+    # causality: launch them first (shorter tail)
     t = num_q_tiles - 1 - tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -76,10 +86,9 @@ def _s2_fwd_kernel(
     v_base = V + b * stride_vb + g * stride_vh
     k_off = ar_n[:, None] * stride_ks + offs_d[None, :] * stride_kd  # loop-invariant tile offsets
     v_off = ar_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
-    lo = tl.load(row_ptr + g * (num_q_tiles + 1) + t)
-    hi = tl.load(row_ptr + g * (num_q_tiles + 1) + t + 1)
-    for idx in range(lo, hi):
-        u = tl.load(col_idx + idx)
+    s1, n1, s2, n2 = plan_row(rows_ptr, g, t, num_q_tiles)
+    for i in range(0, n1 + n2):
+        u = tl.where(i < n1, s1 + i * stride, s2 + (i - n1))
         k_lo = tl.load(kv_start_ptr + u)
         k_hi = tl.load(kv_end_ptr + u)
         offs_n = k_lo + ar_n
@@ -108,7 +117,8 @@ def _s2_fwd_kernel(
     o_base = O + b * stride_ob + h * stride_oh + q_lo.to(tl.int64) * stride_os
     tl.store(o_base + ar_m[:, None] * stride_os + offs_d[None, :] * stride_od,
              o.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + b * stride_lb + h * stride_lh + q_lo.to(tl.int64) + ar_m, lse, mask=m_ok)
+    # head x seq can pass 2^31 (lse is [batch, heads, seq]); head x head dim (q's strides) cannot
+    tl.store(LSE + b * stride_lb + h.to(tl.int64) * stride_lh + q_lo.to(tl.int64) + ar_m, lse, mask=m_ok)
 
 
 def kernel_options(q: torch.Tensor, block_size: int) -> dict:
@@ -125,6 +135,27 @@ def block_dim(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+PREPROCESS_BLOCK = 64  # rows per program of the backward's delta preprocess
+
+
+def grids(num_q_tiles: int, num_kv_tiles: int, batch: int, heads: int, kv_heads: int, seq_q: int) -> dict:
+    """Launch grids of the S2 / flash kernels (forward, backward preprocess, dq, dk/dv): (tiles,
+    heads, batch), tiles on axis 0 (CUDA: up to 2^31 - 1), heads and batch on axes 1 and 2 (up to
+    65535 each: a larger batch is a ValueError; fold it into the sequence with cu_seqlens). The
+    kernels read their indices from ``tl.program_id`` directly: a folded 1-D grid would keep the
+    divided indices in registers and tip the sm_90 dk/dv kernel (255 registers) into spills.
+    Checked against CUDA's limits; the launchers use exactly these."""
+    if heads * seq_q >= 2 ** 31:  # lse / delta [batch, heads, seq]: the dk/dv kernel's head offset is 32-bit
+        raise ValueError(f"s2 / flash attention: heads x seq_q = {heads} x {seq_q} must stay below 2^31 per call; "
+                         f"split the call")
+    return {
+        "fwd": check_grid("s2 fwd", (num_q_tiles, heads, batch)),
+        "preprocess": check_grid("s2 bwd preprocess", (triton.cdiv(seq_q, PREPROCESS_BLOCK) * heads * batch,)),
+        "dq": check_grid("s2 bwd dq", (num_q_tiles, heads, batch)),
+        "dkdv": check_grid("s2 bwd dk/dv", (num_kv_tiles, kv_heads, batch)),
+    }
+
+
 def s2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: TilePlan, sm_scale: float,
            counter: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """o [b, sq, h, d] (q's dtype) and lse [b, h, sq] fp32. ``counter`` (int32 [1], debug): the
@@ -134,14 +165,14 @@ def s2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: TilePlan, sm
     plan = plan.to(q.device)
     o = torch.empty_like(q)
     lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
-    grid = (plan.num_q_tiles, h, b)
+    grid = grids(plan.num_q_tiles, plan.num_kv_tiles, b, h, hkv, sq)["fwd"]
     consts = dict(CAUSAL=plan.causal, COUNT=counter is not None, **kernel_options(q, plan.block_size))
     tune = attention_tuning("fwd", plan.block_size, d, q.dtype, q.device)
     launch(_s2_fwd_kernel, grid, (
         q, k, v, o, lse, counter if counter is not None else lse,
-        plan.q_start, plan.q_end, plan.kv_start, plan.kv_end, plan.row_ptr, plan.col_idx,
+        plan.q_start, plan.q_end, plan.kv_start, plan.kv_end, plan.rows,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), lse.stride(0), lse.stride(1),
-        plan.num_q_tiles, h // hkv, plan.q_shift, plan.k_shift, sm_scale * LOG2E,
+        plan.num_q_tiles, h // hkv, plan.q_shift, plan.k_shift, sm_scale * LOG2E, plan.stride,
     ), consts, default=tune.default, space=tune.space, key=TUNE_KEY, device=q.device, tunable=counter is None)
     return o, lse
 

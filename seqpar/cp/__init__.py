@@ -66,7 +66,8 @@ from seqpar.cp.api import KINDS, SCHEMES, SUPPORTED, attention, recommend, schem
 from seqpar.cp.cost import CostModel
 from seqpar.cp.comm import Comm, CommLedger, CommRecord, comm_ledger
 from seqpar.cp.merge import decayed_state_prefix, merge_partials, merge_two
-from seqpar.cp.validation import SyncCount, count_host_syncs, step_checks
+from seqpar.cp.syncs import SyncCount, count_host_syncs
+from seqpar.cp.validation import step_checks
 from seqpar.cp.partition import (
     BALANCERS,
     Layout,

@@ -222,7 +222,8 @@ class Comm:
     def min_code(self, code: torch.Tensor) -> torch.Tensor:
         """Validation only (not in the ledger, like :meth:`agree`): MIN all-reduce of a small int64
         tensor (``cp.step_checks`` packs the lowest failing rank and its check into it)."""
-        out = code.to(self.collective_device(), torch.int64).contiguous()
+        dev = self.collective_device()
+        out = (code if code.device == dev else code.to(dev)).to(torch.int64).contiguous()
         if self.world > 1:
             dist.all_reduce(out, op=dist.ReduceOp.MIN, group=self.group)
         return out

@@ -32,7 +32,7 @@ def _correction(q: torch.Tensor, prefix: torch.Tensor, slope: torch.Tensor) -> t
     """``λ^{t+1} q_t · prefix`` for t = 0..len-1 of one piece: q ``[b, c, H, dk]``, prefix ``[b, H, dk, dv]``."""
     c = q.shape[1]
     steps = torch.arange(1, c + 1, device=q.device, dtype=torch.float32)
-    decay = torch.exp(-slope.float().to(q.device)[None, :] * steps[:, None])  # [c, H], log space
+    decay = torch.exp(-slope.float()[None, :] * steps[:, None])  # [c, H], log space (slope is on q.device)
     return torch.einsum("bthk,bhkv->bthv", q.float(), prefix) * decay[None, :, :, None]
 
 

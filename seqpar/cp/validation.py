@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -39,7 +37,7 @@ import torch
 
 from seqpar.kernels._common import deferred_data_checks, host_ints
 
-__all__ = ["SyncCount", "count_host_syncs", "debug_enabled", "step_checks"]
+__all__ = ["debug_enabled", "step_checks"]
 
 
 def debug_enabled() -> bool:
@@ -147,94 +145,3 @@ def _check_flags(flags: list, group: Any) -> None:
     msg = flags[idx][1] if idx < len(flags) and flags[idx][1] else \
         "a data check of cp.attention failed (rerun with SEQPAR_DEBUG=1 for the failing layer and value)"
     raise ValueError(f"{msg} (found by cp.step_checks on rank {src_v})")
-
-
-# ---- counting host syncs (tests, benchmarks) ------------------------------------------------------
-_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
-
-
-@dataclass
-class SyncCount:
-    """Host reads of tensors made by seqpar code (device-to-host on GPU), and host data copied to a
-    device (``torch.tensor(..., device=)``), with their call sites."""
-
-    reads: int = 0
-    copies: int = 0
-    sites: list = field(default_factory=list)
-
-    @property
-    def total(self) -> int:
-        return self.reads + self.copies
-
-
-_COUNTING = threading.local()
-
-
-@contextlib.contextmanager
-def count_host_syncs(also: tuple[str, ...] = ()) -> Iterator[SyncCount]:
-    """Count, while active, every host read of a tensor (``.item()``, ``.tolist()``, ``bool()``,
-    ``int()``, ``float()``, ``.cpu()``, ``.numpy()``) and every host-to-device copy of host data
-    (``torch.tensor/as_tensor(..., device=)``) issued
-    *directly* from seqpar code that also runs on a GPU: ``seqpar/cp`` and the kernels' entry,
-    autograd and validation layers (the torch fallback and Triton launchers are excluded; the GPU
-    suite checks those with ``torch.cuda.set_sync_debug_mode``). ``also``: more seqpar subpackages
-    to count (e.g. ``("megatron", "nn")``). On a CPU machine these calls are cheap, on a GPU each
-    is a sync; the count is the same. Debug tool: it patches ``torch.Tensor`` while active.
-    """
-    import seqpar.cp as cp_pkg
-    import seqpar.kernels as k_pkg
-
-    cp_dir = os.path.dirname(cp_pkg.__file__)
-    k_dir = os.path.dirname(k_pkg.__file__)
-    extra = tuple(os.path.join(os.path.dirname(cp_dir), name) + os.sep for name in also)
-
-    def ours(filename: str) -> bool:
-        if filename.startswith(cp_dir):
-            return True
-        if filename.startswith(extra):
-            return True
-        return filename.startswith(k_dir) and os.path.basename(filename) in ("api.py", "function.py", "_common.py")
-
-    count = SyncCount()
-    saved = {name: getattr(torch.Tensor, name) for name in _READS}
-    saved_tensor, saved_as = torch.tensor, torch.as_tensor
-
-    def site(depth: int = 2) -> Optional[str]:
-        f = sys._getframe(depth)
-        return f"{f.f_code.co_filename}:{f.f_lineno}" if ours(f.f_code.co_filename) else None
-
-    def wrap_read(name):
-        orig = saved[name]
-
-        def read(self, *a, **kw):
-            where = site()
-            if where is not None and not getattr(_COUNTING, "inside", False):
-                count.reads += 1
-                count.sites.append(f"{name} {where}")
-            _COUNTING.inside = True
-            try:
-                return orig(self, *a, **kw)
-            finally:
-                _COUNTING.inside = False
-        return read
-
-    def make(orig, label):
-        def f(*a, **kw):
-            if kw.get("device") is not None:
-                where = site()
-                if where is not None:
-                    count.copies += 1
-                    count.sites.append(f"{label} {where}")
-            return orig(*a, **kw)
-        return f
-
-    for name in _READS:
-        setattr(torch.Tensor, name, wrap_read(name))
-    torch.tensor, torch.as_tensor = make(saved_tensor, "torch.tensor"), make(saved_as, "torch.as_tensor")
-    try:
-        yield count
-    finally:
-        for name, fn in saved.items():
-            setattr(torch.Tensor, name, fn)
-        torch.tensor, torch.as_tensor = saved_tensor, saved_as
-

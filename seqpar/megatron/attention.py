@@ -42,6 +42,7 @@ from seqpar import cp
 from seqpar.megatron.layout_check import cp_scheme_for_layer
 from seqpar.kernels import S2Layout, flash_attention, lightning_attention, lightning_slopes, moh_attention, s2_attention
 from seqpar.nn import MoHRouter
+from seqpar.nn.moh import routed_counts
 
 
 def _groups(pg_collection: Optional[ProcessGroupCollection]) -> ProcessGroupCollection:
@@ -237,16 +238,15 @@ def moh_balance_loss(probs: torch.Tensor, topk_index: torch.Tensor, group: Any,
     summing parameter grads over CP gives exactly the single-rank gradient.
     """
     num = probs.shape[-1]
-    picked = F.one_hot(topk_index, num).sum(dim=-2).to(probs.dtype)
     if real is None:
         # a device-side fill: no host-to-device copy on the hot path
         tokens = torch.full((1,), probs.numel() // num, dtype=probs.dtype, device=probs.device)
     else:
         w = real.to(probs.dtype)[None, :, None]
-        probs, picked = probs * w, picked * w
+        probs = probs * w
         tokens = (w.sum() * probs.shape[0]).reshape(1)
     p_sum = probs.reshape(-1, num).sum(dim=0)
-    f_cnt = picked.reshape(-1, num).sum(dim=0)
+    f_cnt = routed_counts(topk_index, num, probs.dtype, None if real is None else real[None, :, None])
     if _size(group) > 1:
         stats = cp.Comm(group).all_reduce(torch.cat([p_sum.detach(), f_cnt, tokens]))
         p_sum = p_sum + (stats[:num] - p_sum.detach())
@@ -487,7 +487,7 @@ class LightningSelfAttention(MegatronModule):
         q = F.silu(q).view(s, b, h, d).transpose(0, 1)
         k = F.silu(k).view(s, b, g, d).transpose(0, 1)
         v = F.silu(v).view(s, b, g, d).transpose(0, 1)
-        slope = self.slopes.to(q.device)
+        slope = self.slopes  # on the model's device (moved with it; a per-call copy would be a host-to-device copy)
         kw = dict(packed)
         if self.scheme == "usp":
             kw["ulysses_degree"] = self.config.usp_ulysses_degree

@@ -11,7 +11,7 @@ from typing import Optional
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -26,6 +26,7 @@ from seqpar.megatron.attention import (
     SoftmaxCoreAttention,
 )
 from seqpar.megatron.config import KIND_OF_LETTER
+from seqpar.megatron.rope import SeqparSelfAttention
 
 
 def check_pattern(pattern: str, name: str = "pattern") -> str:
@@ -57,7 +58,8 @@ def _layer_spec(letter: str, normalization: str, num_moh_layers: int = 1) -> Mod
         params = {"attn_mask_type": AttnMaskType.causal}
         if letter == "H":  # the aux loss is averaged over the model's MoH layers (MoHSelfAttention)
             params["num_moh_layers"] = num_moh_layers
-        attn = ModuleSpec(module=MoHSelfAttention if letter == "H" else SelfAttention, params=params,
+        # A / S: megatron's SelfAttention with packed-sequence RoPE that makes no host sync (rope.py)
+        attn = ModuleSpec(module=MoHSelfAttention if letter == "H" else SeqparSelfAttention, params=params,
                           submodules=SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear, core_attention=core,
                                                              linear_proj=RowParallelLinear,
                                                              q_layernorm=IdentityOp, k_layernorm=IdentityOp))

@@ -52,6 +52,20 @@ class MoHRouting:
     balance_loss: torch.Tensor
 
 
+def routed_counts(topk_index: torch.Tensor, num: int, dtype: torch.dtype,
+                  real: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Tokens that selected each routed head: ``[num]`` in ``dtype`` from ``topk_index [..., top_k]``;
+    ``real`` (bool, broadcastable to ``topk_index``) counts only the tokens where it is set.
+
+    A scatter-add in int64, exact in any ``dtype`` (``F.one_hot`` would read the indices' min and max on
+    the host on CPU, and ``bincount`` sizes its output from the data on every device: both are host
+    syncs)."""
+    ones = torch.ones_like(topk_index, dtype=torch.int64)
+    src = ones if real is None else ones * real.to(torch.int64)
+    return torch.zeros(num, dtype=torch.int64, device=topk_index.device).scatter_add_(
+        0, topk_index.reshape(-1), src.reshape(-1)).to(dtype)
+
+
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -139,7 +153,7 @@ class MoHRouter(nn.Module):
             parts.append(torch.zeros_like(probs).scatter(-1, top_i, kept) * a_routed)
             num = self.num_routed_heads
             p_mean = probs.reshape(-1, num).mean(dim=0)
-            f_frac = F.one_hot(top_i, num).sum(dim=-2).reshape(-1, num).to(probs.dtype).mean(dim=0)
+            f_frac = routed_counts(top_i, num, probs.dtype) / (probs.numel() // num)
             balance = num ** 2 * (p_mean * f_frac).mean()
         else:
             probs = x.new_zeros(*lead, 0)

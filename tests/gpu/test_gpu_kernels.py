@@ -20,6 +20,14 @@ from seqpar.kernels.lightning.reference import lightning_reference
 from seqpar.kernels.moh.reference import moh_attention_ref
 
 DTYPES = [torch.bfloat16, torch.float16]
+D128_BF16 = pytest.mark.kernels_d128_bf16  # `pytest tests/gpu -m kernels_d128_bf16`: make gpu-check's kernel step
+
+
+def params(cases: dict, dim_index: int) -> list:
+    """(case, dtype) parameters; head dim 128 in bf16 carries the kernels_d128_bf16 marker."""
+    return [pytest.param(name, dt, id=f"{name}-{dt}", marks=[D128_BF16] if case[dim_index] == 128
+                         and dt == torch.bfloat16 else [])
+            for name, case in cases.items() for dt in DTYPES]
 
 
 @pytest.fixture(autouse=True)
@@ -48,8 +56,7 @@ S2_CASES = {
 }
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", list(S2_CASES))
+@pytest.mark.parametrize("case, dtype", params(S2_CASES, 4))
 def test_s2_fwd_bwd_vs_fp64(case, dtype):
     b, n, h, hkv, d, lay, bounds = S2_CASES[case]
     layout = S2Layout(block_size=block(64), **lay)
@@ -68,8 +75,7 @@ FLASH_CASES = {
 }
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", list(FLASH_CASES))
+@pytest.mark.parametrize("case, dtype", params(FLASH_CASES, 4))
 def test_flash_fwd_bwd_vs_fp64(case, dtype):
     b, n, h, hkv, d, bounds = FLASH_CASES[case]
     q, k, v = _qkv(b, seq(n), h, hkv, d, dtype)
@@ -97,8 +103,7 @@ def _lightning_run(fn, q, k, v, s0, do, dst, dtype):
     return [o.detach(), fin.detach()] + [x.grad for x in xs] + [st.grad]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", list(LIGHTNING_CASES))
+@pytest.mark.parametrize("case, dtype", params(LIGHTNING_CASES, 4))
 def test_lightning_fwd_bwd_vs_fp64(case, dtype):
     b, n, h, hkv, dk, dv, bounds = LIGHTNING_CASES[case]
     n = seq(n)
@@ -145,8 +150,7 @@ def _moh_run(fn, q, k, v, gates, do, dlse):
     return [o.detach(), lse.detach()] + [x.grad for x in leaves]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", list(MOH_CASES))
+@pytest.mark.parametrize("case, dtype", params(MOH_CASES, 4))
 def test_moh_fwd_bwd_vs_fp64(case, dtype):
     b, n, h, hkv, d, active = MOH_CASES[case]
     n = seq(n)
