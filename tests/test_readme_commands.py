@@ -67,6 +67,9 @@ OWN_DATA = Covered("tests/test_readme_data.py::test_readme_data_commands_run_as_
                    "test_make_demo_data_runs_the_readme_commands")
 BENCH = Covered("tests/test_bench.py::test_smoke_report_is_schema_valid_and_complete",
                 "every suite at --size smoke (timing runs take minutes to hours)")
+QUALITY = Covered("tests/test_quality.py::test_smoke_report_is_schema_valid_and_complete",
+                  "every model x task at --scale smoke on a stand-in corpus (the CPU-scale table takes ~25 min; "
+                  "make quality-data fetches the corpus from the registry)")
 BIG_DRY = ".venv/bin/python -m seqpar.train recipes/7b_lightning_cp8.yaml --dry-run"
 SLURM_PLAN = "launchers/slurm.sh --dry-run --nodes 2 --gpus-per-node 8 recipes/7b_lightning_cp8.yaml"
 SLURM_DEMO_PLAN = "launchers/slurm.sh --dry-run --nodes 1 --gpus-per-node 2 recipes/tiny_hybrid_cp2.yaml"
@@ -157,6 +160,10 @@ COMMANDS: dict[str, object] = {
     "make bench": Covered("tests/test_bench.py::test_make_bench_runs_every_benchmark_and_names_each_failure"),
     ".venv/bin/python -m seqpar.bench": BENCH,
     ".venv/bin/python -m seqpar.bench --suites s2 lightning --seqs 4096 8192 --budget-s 300": BENCH,
+    # README.md: quality (the harness at smoke size)
+    "make quality": QUALITY,
+    'make quality QUALITY_ARGS="--seeds 0"': QUALITY,
+    ".venv/bin/python -m seqpar.quality --tasks mqar passkey": QUALITY,
     # recipes/README.md
     ".venv/bin/python -m seqpar.train recipes/tiny_hybrid_cp2.yaml --set train.steps=2.5 --set optim.lr=.inf --check":
         Run(rc=2),  # and exactly the output shown under it (test below)
