@@ -6,8 +6,11 @@ host-to-device copy, by any code: seqpar, megatron-core, DeepSpeed, autograd) in
 on 2 gloo ranks (tiny hybrid ASLH at CP=2): a steady-state step of the Megatron engine and of the
 DeepSpeed engine (ZeRO-2, 2 micro-batches, its optimizer step included) with 8 layers makes exactly
 the host reads and copies of one with 4 layers (none per layer; the per-step ones are the engines'
-loss / grad-norm reads and the step's one agreed data check). The control: the same DeepSpeed
-forward + backward without the context reads at least once per layer call (every call's handshake).
+loss / grad-norm reads and the step's one agreed data check). The same holds for a step of packed
+documents (document masking: THD ``PackedSeqParams``, ``cp.make_partition``, RoPE from ``cu_seqlens``):
+its boundaries are read on the host before the batch is copied, so they cost no read per layer either.
+The control: the same DeepSpeed forward + backward without the context reads at least once per layer
+call (every call's handshake).
 """
 
 from __future__ import annotations
@@ -25,6 +28,17 @@ OVR = ["model.preset=tiny-hybrid", "parallel.context_parallel=2", "data.dataset=
        "train.steps=4", "optim.warmup_steps=1", "train.progress=false", "parallel.backend=torch",
        "train.time_attention=false"]
 LAYERS = (4, 8)  # ASLH once and twice: every layer is a CP attention layer
+DOCS = ((23, 41), (64,), (7, 30, 27), (40, 24))  # per row of the global batch: packed document lengths
+
+
+def _packed(batch, device):
+    """``batch`` (on the host) with the rows cut into the documents of DOCS (this DP rank holds them all)."""
+    import torch
+
+    from seqpar.train.engine import Batch
+
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in DOCS[:batch.tokens.shape[0]]])
+    return Batch(batch.tokens.cpu(), batch.labels.cpu(), batch.loss_mask.cpu(), pos).to(device)
 
 
 def _job(rank: int, world: int) -> dict:
@@ -63,6 +77,13 @@ def _job(rank: int, world: int) -> dict:
                     res = engine.train_step(Batch(*_batch(data, step, cfg, engine.device)), ctx)
                     assert res.tokens > 0 and res.loss > 0 and res.lr > 0
                 out[(name, layers)] = ctx.count
+                for step in range(2, 4):  # packed documents: step 2 agrees their signatures, step 3 is counted
+                    ctx = Counted(step)
+                    batch = _packed(_batch(data, step, cfg, engine.device), engine.device)
+                    assert len(batch.cu_seqlens()[0]) > batch.tokens.shape[0] + 1  # several documents per row
+                    res = engine.train_step(batch, ctx)
+                    assert res.tokens > 0 and res.loss > 0
+                out[(name, layers, "packed")] = ctx.count
                 if name == "deepspeed" and layers == LAYERS[0]:  # control: the step without the loop's context
                     from seqpar.deepspeed.engine import forward_backward
                     from seqpar.train.runtime import micro_batches
@@ -80,10 +101,10 @@ def _job(rank: int, world: int) -> dict:
 
 def test_steady_state_step_of_both_engines_makes_no_host_sync_per_layer():
     for per_rank in run_ranks(_job, 2, timeout=900):
-        for name in ("megatron", "deepspeed"):
-            short, long = per_rank[(name, LAYERS[0])], per_rank[(name, LAYERS[1])]
-            assert short[:2] == long[:2], (name, short[2], long[2])  # twice the layers, the same syncs
+        for key in [(name, *packed) for name in ("megatron", "deepspeed") for packed in ((), ("packed",))]:
+            short, long = per_rank[(key[0], LAYERS[0], *key[1:])], per_rank[(key[0], LAYERS[1], *key[1:])]
+            assert short[:2] == long[:2], (key, short[2], long[2])  # twice the layers, the same syncs
             checks = [s for s in long[2] if "seqpar/cp/validation.py" in s]
-            assert len(checks) == 1, (name, long[2])  # the step's one deferred data check
+            assert len(checks) == 1, (key, long[2])  # the step's one deferred data check
         # without cp.step_checks every CP layer call handshakes (2 micro-batches x 4 layers)
         assert per_rank["deepspeed_without_context"] >= 2 * LAYERS[0], per_rank["deepspeed_without_context"]

@@ -31,7 +31,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.mappings import scatter_to_tensor_model_parallel_region
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
@@ -40,6 +40,7 @@ from megatron.core.utils import divide
 
 from seqpar import cp
 from seqpar.megatron.layout_check import cp_scheme_for_layer
+from seqpar.megatron.rope import SeqparSelfAttention
 from seqpar.kernels import S2Layout, flash_attention, lightning_attention, lightning_slopes, moh_attention, s2_attention
 from seqpar.nn import MoHRouter
 from seqpar.nn.moh import routed_counts
@@ -316,8 +317,9 @@ class MoHHiddenCoreAttention(MoHCoreAttention):
         super().__init__(config, *args, router_on_query=False, **kwargs)
 
 
-class MoHSelfAttention(SelfAttention):
-    """Megatron ``SelfAttention`` whose heads are routed per token by a router on the hidden states
+class MoHSelfAttention(SeqparSelfAttention):
+    """Megatron ``SelfAttention`` (with seqpar's packed-sequence RoPE, no host sync per layer:
+    ``seqpar.megatron.rope``) whose heads are routed per token by a router on the hidden states
     (MoH). The load-balance loss (over the tokens of the whole CP group) reaches the training loss
     through ``MoEAuxLossAutoScaler``, as megatron-core MoE's aux loss does; its value is kept in
     ``self.last_aux_loss``. Under TP the router (replicated, on the replicated hidden states) picks

@@ -5,7 +5,7 @@ kernel or, without TE (our GPU host, CPU), with ``_apply_rotary_pos_emb_thd``, w
 document lengths on the host (``.tolist()``) and each document's offset (``.item()``) for every
 query and key of every layer: 2 + 2 x documents device-to-host syncs per layer on a GPU.
 
-:class:`SeqparSelfAttention` (the self-attention of every seqpar softmax / S2 layer) applies the
+:class:`SeqparSelfAttention` (the self-attention of every seqpar softmax / S2 / MoH layer) applies the
 same rotation from per-token positions computed on the device from ``cu_seqlens``, once per
 ``cu_seqlens`` tensor (every layer of a step passes the same one): the result is bit-identical to
 megatron's unfused THD path (the same ``freqs`` rows through the same BSHD rotation), for every CP

@@ -58,7 +58,7 @@ def _layer_spec(letter: str, normalization: str, num_moh_layers: int = 1) -> Mod
         params = {"attn_mask_type": AttnMaskType.causal}
         if letter == "H":  # the aux loss is averaged over the model's MoH layers (MoHSelfAttention)
             params["num_moh_layers"] = num_moh_layers
-        # A / S: megatron's SelfAttention with packed-sequence RoPE that makes no host sync (rope.py)
+        # A / S / H: megatron's SelfAttention with packed-sequence RoPE that makes no host sync (rope.py)
         attn = ModuleSpec(module=MoHSelfAttention if letter == "H" else SeqparSelfAttention, params=params,
                           submodules=SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear, core_attention=core,
                                                              linear_proj=RowParallelLinear,
