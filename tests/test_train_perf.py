@@ -97,6 +97,7 @@ def test_sparse_kinds_are_kernels_flops_counts(counted):
     """S2 / Lightning / MoH layers: kernels.flops (no recompute) with the model's layout, heads and
     routing; S2 equals its block mask's visible pairs; per document under document masking."""
     from seqpar.kernels import S2Layout
+    from seqpar.megatron.config import KIND_OF_LETTER
     from seqpar.train.perf import ModelFlops
 
     for variant, kinds in {"s2": "SA", "lightning": "LLLA", "moh": "H"}.items():
@@ -107,7 +108,7 @@ def test_sparse_kinds_are_kernels_flops_counts(counted):
         kw = dict(batch=1, heads=mf.heads, head_dim=mf.head_dim, kv_heads=mf.kv_heads, layout=layout, backward=True,
                   recompute=False, active_fraction=(m.moh_num_shared_heads + m.moh_top_k) / mf.heads)
         for n in (SEQ, 40, 7):
-            want = sum(attention_flops({"S": "s2", "A": "softmax", "L": "lightning", "H": "moh"}[c], seq_len=n, **kw)
+            want = sum(attention_flops(KIND_OF_LETTER[c], seq_len=n, **kw)
                        for c in (kinds * 4)[:4])
             assert mf.document(n) == 6 * mf.n * n + want, (variant, n)
         assert mf.rows([40, 24, 64]) == mf.document(40) + mf.document(24) + mf.document(64)

@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from seqpar.kernels.flops import attention_flops
+from seqpar.megatron.config import KIND_OF_LETTER
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets; matched as
 # substrings of torch.cuda.get_device_name, first match wins (so the PCIe / NVL H100s before "H100")
@@ -37,7 +38,6 @@ PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("A40", 149.7),
     ("4090", 165.2),   # fp32 accumulate (the rate a bf16 GEMM with fp32 accumulation gets)
 )
-KIND_OF_LETTER = {"A": "softmax", "S": "s2", "L": "lightning", "H": "moh"}
 
 
 def device_peak_tflops(device: torch.device | str) -> Optional[float]:
@@ -84,8 +84,9 @@ class ModelFlops:
         self.n = matmul_params(cfg, vocab_size)
         self.heads, self.kv_heads = p.num_attention_heads, p.num_query_groups
         self.head_dim = p.hidden_size // p.num_attention_heads
-        self.layout = S2Layout(block_size=m.s2_block_size, local_blocks=m.s2_local_blocks,
-                               vert_stride=m.s2_vert_stride).with_heads(self.heads)
+        # the model's own layout (seqpar.megatron.attention's S2 layers), only where S2 layers exist
+        self.layout = (S2Layout(block_size=m.s2_block_size, local_blocks=m.s2_local_blocks,
+                                vert_stride=m.s2_vert_stride).with_heads(self.heads) if "S" in self.pattern else None)
         self.moh_active = (m.moh_num_shared_heads + m.moh_top_k) / self.heads
         self.shards = cfg.parallel.tensor_parallel * cfg.parallel.context_parallel * cfg.parallel.pipeline_parallel
         self._cache: dict[int, float] = {}
