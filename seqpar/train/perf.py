@@ -114,7 +114,6 @@ class ModelFlops:
         return self.rows((cu[1:] - cu[:-1]).tolist())
 
 
-
 def peak_memory_bytes(device: torch.device | str) -> tuple[int, str]:
     """(bytes, what was measured): CUDA ``max_memory_allocated`` on a GPU, else the process's peak RSS."""
     device = torch.device(device)
