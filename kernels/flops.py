@@ -12,7 +12,9 @@ Conventions (a multiply-add is 2 FLOPs):
 
 * softmax (dense, S2, MoH), per visible pair and head: forward ``2 (d + dv)`` (``Q Kᵀ`` and
   ``P V``); backward ``2 (3 d + 2 dv)`` (``S`` recomputed, ``dV``, ``dP``, ``dQ``, ``dK``: the
-  FlashAttention-2 count, 2.5x the forward at ``d == dv``).
+  FlashAttention-2 count, 2.5x the forward at ``d == dv``). With ``recompute=False`` (the model-FLOPs
+  / MFU convention of Megatron-LM and PaLM: only the FLOPs the model needs, none a kernel redoes)
+  backward is ``2 (2 d + 2 dv)`` = ``dV``, ``dP``, ``dQ``, ``dK``: 2x the forward.
 * lightning, per token and head with chunk ``C`` (64, the block of the Lightning-2 algorithm):
   forward ``2 (dk + dv) (C + 1) / 2`` (causal pairs inside the chunk) ``+ 4 dk dv`` (``q KV`` and
   the state update ``kᵀ v``); backward 2x the forward (each forward product has two gradient
@@ -70,12 +72,15 @@ def s2_pairs(layout, seq_len: int, num_heads: int, num_kv_heads: int) -> int:
 def attention_flops(kind: str, *, batch: int, seq_len: int, heads: int, head_dim: int,
                     v_head_dim: Optional[int] = None, kv_heads: Optional[int] = None, layout=None,
                     active_fraction: float = 1.0, backward: bool = False,
-                    chunk: int = LIGHTNING_CHUNK) -> float:
+                    chunk: int = LIGHTNING_CHUNK, recompute: bool = True) -> float:
     """FLOPs of one causal attention call ``[batch, seq_len, heads, head_dim]`` that the mask needs.
 
     ``kind``: "softmax" (dense causal), "s2" (needs ``layout`` and ``kv_heads``), "moh"
     (``active_fraction`` of the (token, head) pairs computed), "lightning". ``backward``: forward
-    + backward, else forward only. See the module docstring for the conventions.
+    + backward, else forward only. ``recompute``: the softmax backward recomputes ``S``
+    (FlashAttention-2's count, the kernels' own work); ``False``: the model-FLOPs convention of MFU
+    (backward 2x forward). Lightning's count has no recompute term either way. See the module
+    docstring for the conventions.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -93,4 +98,4 @@ def attention_flops(kind: str, *, batch: int, seq_len: int, heads: int, head_dim
     else:
         pairs = batch * heads * causal_pairs(seq_len) * (active_fraction if kind == "moh" else 1.0)
     fwd = 2 * (d + dv) * pairs
-    return fwd + (2 * (3 * d + 2 * dv) * pairs if backward else 0)
+    return fwd + (2 * ((3 if recompute else 2) * d + 2 * dv) * pairs if backward else 0)

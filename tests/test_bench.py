@@ -64,6 +64,7 @@ def test_smoke_report_is_schema_valid_and_complete(smoke):
     model = next(v for k, v in by["cp"].tables.items() if k.startswith("modelled"))
     assert {r["scheme"] for r in model} >= {"LASP-2", "LASP-1", "ring attention", "s2 exchange", "all-gather K/V"}
     assert all(r.metrics["tokens_per_s"] > 0 for r in by["e2e"].results)
+    assert all(r.tflops > 0 and "mfu" not in r.metrics for r in by["e2e"].results)  # model FLOPs; no CPU peak
     md = (out / "bench.md").read_text()
     assert st.date in md and st.device in md and all(s.title in md for s in rep.suites)
 

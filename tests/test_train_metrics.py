@@ -6,7 +6,10 @@
   gathered full logits with labels chosen so the expected count is known;
 - the start-up line: the model, its parameter count (the closed form, equal to the sum of the built
   shards) and the layout;
-- the end-of-run summary names where the run stopped and why (a signal), not the planned last step.
+- the end-of-run summary names where the run stopped and why (a signal), not the planned last step;
+- perf/* (issue 23, item 6): tokens/s and model TFLOP/s per GPU (their ratio: the model FLOPs per
+  token of seqpar.train.perf), MFU against train.peak_tflops (none without a peak on a CPU), peak
+  memory; the throughput line of the summary.
 """
 
 from __future__ import annotations
@@ -77,7 +80,8 @@ def _one_run(rank: int, world: int, out: str, engine: str, stop_at: int) -> tupl
 
     cfg = load_recipe(MQAR, [f"train.out_dir={out}", "train.steps=5", "train.progress=false", "data.global_batch=4",
                              "parallel.backend=torch",  # (make test sets TRITON_INTERPRET=1)
-                             f"train.engine={engine}", "deepspeed.zero_stage=1"])
+                             f"train.engine={engine}", "deepspeed.zero_stage=1"]
+                      + (["train.peak_tflops=0.001"] if engine == "megatron" else []))
     seen = {"n": 0}
 
     def stop_requested() -> bool:  # as if SIGTERM reached the ranks during step `stop_at`
@@ -101,7 +105,8 @@ def _one_run(rank: int, world: int, out: str, engine: str, stop_at: int) -> tupl
 
     ea = EventAccumulator(str(pathlib.Path(out) / "tb"))
     ea.Reload()
-    return [e.value for e in ea.Scalars("train/accuracy")], buf.getvalue().splitlines() + [f"exit {code}"]
+    perf = {tag: [e.value for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"] if tag.startswith("perf/")}
+    return [e.value for e in ea.Scalars("train/accuracy")], buf.getvalue().splitlines() + [f"exit {code}"], perf
 
 
 @pytest.mark.parametrize("engine", ["megatron", "deepspeed"])
@@ -109,7 +114,7 @@ def test_accuracy_startup_line_and_stop_summary_for_both_engines(engine, tmp_pat
     """README's ``python -m seqpar.train recipes/tiny_mqar.yaml`` (fewer steps) on either engine, stopped by a
     signal after step 3: train/accuracy (MQAR recall) logged, the start-up line, the stop summary."""
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    acc, lines = run_ranks(_one_run, 1, str(tmp_path / engine), engine, 3, timeout=400)[0]
+    acc, lines, perf = run_ranks(_one_run, 1, str(tmp_path / engine), engine, 3, timeout=400)[0]
     text = "\n".join(lines)
     assert len(acc) == 3 and all(0.0 <= a <= 1.0 for a in acc), acc
     # start-up: the model, the closed-form parameter count and the layout, once
@@ -125,3 +130,18 @@ def test_accuracy_startup_line_and_stop_summary_for_both_engines(engine, tmp_pat
     # the summary says where the run stopped and why, not the planned last step
     assert "steps 0->3 of 5 (stopped by SIGTERM after step 3; continue with --resume)" in text, text
     assert "steps 0->5" not in text and lines[-1] == "exit 75"
+    # perf/*: per step, FLOPs per token = the model's (MQAR rows: one document of seq_len each)
+    from seqpar.train.perf import ModelFlops
+
+    cfg = load_recipe(MQAR)
+    per_token = ModelFlops(cfg, 128).document(cfg.data.seq_len) / cfg.data.seq_len
+    want = {"perf/tokens_per_s_per_gpu", "perf/tflops_per_gpu", "perf/peak_memory_gib"}
+    assert set(perf) == want | ({"perf/mfu"} if engine == "megatron" else set()), perf
+    assert all(len(v) == 3 and all(x > 0 for x in v) for v in perf.values()), perf
+    for tok, tfl in zip(perf["perf/tokens_per_s_per_gpu"], perf["perf/tflops_per_gpu"]):
+        assert tfl * 1e12 / tok == pytest.approx(per_token, rel=1e-5)
+    if engine == "megatron":
+        assert perf["perf/mfu"] == pytest.approx([t / 1e-3 for t in perf["perf/tflops_per_gpu"]], rel=1e-5)
+    summary = next(line for line in lines if line.startswith("  throughput:  "))
+    assert "tokens/s per GPU" in summary and "model TFLOP/s per GPU" in summary and "peak RSS" in summary
+    assert ("% of 0.001 TFLOP/s" if engine == "megatron" else "MFU not reported") in summary, summary

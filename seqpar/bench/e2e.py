@@ -44,6 +44,7 @@ def e2e_suite(ctx: Context) -> SuiteResult:
     from seqpar.models.presets import preset as preset_pattern
     from seqpar.train.engine import Batch, StepContext, engine_class
     from seqpar.train.loop import _batch, build_data
+    from seqpar.train.perf import ModelFlops, device_peak_tflops
     from seqpar.train.runtime import param_device
 
     size, variants, seq, batch, dtype = E2E_SHAPES[ctx.size]
@@ -68,16 +69,23 @@ def e2e_suite(ctx: Context) -> SuiteResult:
             device = param_device(engine.model)
             step_batch = Batch(*_batch(data, 0, cfg, device))
             n_params = sum(p.numel() for c in engine.model for p in c.parameters())
+            # the trainer's model FLOPs of the step (perf/tflops_per_gpu): the row's tflops, and MFU
             impls.append(Impl(preset, lambda e=engine, b=step_batch: e.train_step(b, StepContext(0)),
+                              flops=ModelFlops(cfg, vocab).batch(step_batch),
                               params={"pattern": preset_pattern(preset).pattern, "params_M": round(n_params / 1e6, 3)}))
         rows = time_group(ctx, f"train step seq {seq} x {batch}", "step", impls,
                           {"seq": seq, "global_batch": batch, "dtype": dtype})
+        peak = device_peak_tflops(device)
         for r in rows:
             if median_ms(r):
                 r["metrics"]["tokens_per_s"] = seq * batch / (median_ms(r) / 1e3)
+                if peak and r["tflops"]:
+                    r["metrics"]["mfu"] = r["tflops"] / peak
         res.results += rows
-        res.notes.append("MFU: not reported yet; the trainer's MFU metric (6N + attention FLOPs per kind, "
-                         "seqpar.kernels.flops) will be used here once it lands")
+        res.notes.append("TFLOP/s: the trainer's model FLOPs (seqpar.train.perf: 6N + attention per kind, no "
+                         "recompute, as perf/tflops_per_gpu); "
+                         + (f"MFU against the device's {peak:g} TFLOP/s dense bf16 peak" if peak
+                            else "MFU not reported (no peak TFLOP/s known for this device)"))
     finally:
         parallel_state.destroy_model_parallel()
         if started:

@@ -20,6 +20,7 @@ syntax errors and empty files into one line naming the file and line.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import re
@@ -384,6 +385,17 @@ class TrainConfig(Strict):
     every time (the same numbers on every rank and layout; a short split is cycled)."""
     time_attention: bool = False
     """Log forward time per attention kind to tensorboard (attention_fwd_ms/<kind>); synchronises on CUDA."""
+    peak_tflops: Optional[PositiveFloat] = None
+    """Peak TFLOP/s of one GPU for perf/mfu (null = the dense bf16 peak of a known device: H100, H200,
+    A100, L40S, A40, RTX 4090; on a CPU or another GPU MFU is then not reported). TFLOP/s, not FLOP/s."""
+
+    @field_validator("peak_tflops")
+    @classmethod
+    def _peak_in_tflops(cls, v: Optional[float]) -> Optional[float]:
+        _need(v is None or (math.isfinite(v) and v < 1e5),
+              f"train.peak_tflops={v} is not a device's peak in TFLOP/s (an H100 is 989.4); give TFLOP/s "
+              f"(e.g. 312 for an A100), or null for the device table")
+        return v
     # --- h13-deepspeed ---
     engine: Literal["megatron", "deepspeed"] = "megatron"
     """Training engine: "megatron" (megatron-core DDP / distributed optimizer) or "deepspeed" (the DeepSpeed

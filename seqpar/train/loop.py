@@ -31,6 +31,7 @@ from seqpar.megatron import init_parallel
 from seqpar.train import checkpoint, health, signals
 from seqpar.train.config import RunConfig
 from seqpar.train.engine import Batch, Engine, StepContext, StepResult, engine_class
+from seqpar.train.perf import Throughput
 from seqpar.train.runtime import TokenAccuracy
 from seqpar.train.runtime import build_model, model_config  # noqa: F401  re-exported (their former home)
 
@@ -145,8 +146,8 @@ class Logger:
     first words)."""
 
     def __init__(self, cfg: RunConfig, out: pathlib.Path, start: int, *, desc: str = "train",
-                 head: str = "[seqpar.train]") -> None:
-        self.cfg, self.writer, self.bar, self.head = cfg, None, None, head
+                 head: str = "[seqpar.train]", perf: Optional[Throughput] = None) -> None:
+        self.cfg, self.writer, self.bar, self.head, self.perf = cfg, None, None, head, perf
         self.valid: list[tuple[int, float]] = []  # (step, validation loss) of this run
         if dist.get_rank() == 0:
             from torch.utils.tensorboard import SummaryWriter
@@ -157,10 +158,14 @@ class Logger:
                 self.bar = tqdm(total=cfg.train.steps, initial=start, desc=desc, dynamic_ncols=True)
 
     def log(self, step: int, res: StepResult, dt: float, timer: Optional["AttentionTimer"],
-            skipped: Optional[int] = 0) -> None:
+            skipped: Optional[int] = 0, perf: Optional[dict[str, float]] = None) -> None:
         """Scalars of ``step`` every ``train.log_every`` steps; a ``None`` (``res.grad_norm`` when the
-        engine reports none, ``skipped`` where steps are never skipped) is not logged."""
+        engine reports none, ``skipped`` where steps are never skipped) is not logged. ``perf``: the
+        step's ``perf/*`` scalars (``seqpar.train.perf.Throughput.step``), also on the progress line."""
+        perf = perf or {}
         if self.writer is not None and (step + 1) % self.cfg.train.log_every == 0:
+            for k, v in perf.items():
+                self.writer.add_scalar(f"perf/{k}", v, step + 1)
             for k, v in {"loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm, "aux_loss": res.aux_loss,
                          "accuracy": res.accuracy, "tokens_per_s": res.tokens / dt, "skipped_steps": skipped}.items():
                 if v is not None:
@@ -170,6 +175,11 @@ class Logger:
         if self.bar is not None:
             self.bar.update(1)
             acc = {} if res.accuracy is None else {"acc": f"{res.accuracy:.3f}"}
+            if perf:
+                acc["tok/s/gpu"] = f"{perf['tokens_per_s_per_gpu']:.3g}"
+                acc["TFLOP/s"] = f"{perf['tflops_per_gpu']:.3g}"
+                if "mfu" in perf:
+                    acc["mfu"] = f"{100 * perf['mfu']:.1f}%"
             self.bar.set_postfix(loss=f"{res.loss:.3f}", **acc, aux=f"{res.aux_loss:.3g}", lr=f"{res.lr:.2e}")
 
     def log_valid(self, step: int, res: StepResult) -> None:
@@ -201,7 +211,8 @@ class Logger:
                else "" if done == steps else f" (this run ended early, after step {done})")
         valid = (f"  validation:  loss {self.valid[-1][1]:.4f}, ppl {_ppl(self.valid[-1][1]):.2f} "
                  f"(step {self.valid[-1][0]})\n" if self.valid else "")
-        print(f"{self.head} steps {start}->{done} of {steps}{why}, {trend}\n{valid}"
+        perf = f"  throughput:  {self.perf.summary()}\n" if self.perf is not None else ""
+        print(f"{self.head} steps {start}->{done} of {steps}{why}, {trend}\n{valid}{perf}"
               f"  checkpoint:  {checkpoint.latest(ckpt_dir)}\n"
               f"  export (HF): {sys.executable} -m seqpar.export.hf {out} {out / 'hf'}\n"
               f"  tensorboard: {_tensorboard_cmd()} --logdir {out / 'tb'}", flush=True)
@@ -287,8 +298,9 @@ def _train(engine_cls: type[Engine], cfg: RunConfig, resume: bool, stop_after: O
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
     if dist.get_rank() == 0:
         print(f"{engine.log_prefix} {startup_summary(cfg, engine, vocab)}", flush=True)
-    logger = Logger(cfg, out, start, desc=engine.progress_desc, head=engine.summary_head)
     device = engine.device
+    perf = Throughput(cfg, vocab, device) if dist.get_rank() == 0 else None  # rank 0 logs
+    logger = Logger(cfg, out, start, desc=engine.progress_desc, head=engine.summary_head, perf=perf)
     timer = AttentionTimer(engine.modules[0]) if cfg.train.time_attention else None
     # h16: NaN/inf stop or skip (an engine that cannot hold an update back refuses skipping in its check)
     monitor = health.HealthMonitor.from_config(cfg, engine.modules)
@@ -298,9 +310,12 @@ def _train(engine_cls: type[Engine], cfg: RunConfig, resume: bool, stop_after: O
     engine.train()
     for step in range(start, end):
         t0 = time.perf_counter()
-        res = engine.train_step(_batch(data, step, cfg, device), StepContext(step, monitor, accuracy))
+        batch = _batch(data, step, cfg, device)
+        res = engine.train_step(batch, StepContext(step, monitor, accuracy))
+        dt = time.perf_counter() - t0
         losses.append(res.loss)
-        logger.log(step, res, time.perf_counter() - t0, timer, monitor.skipped if engine.skips_steps else None)
+        logger.log(step, res, dt, timer, monitor.skipped if engine.skips_steps else None,
+                   perf.step(batch, dt) if perf is not None else None)  # host only, after the timed step
         if _eval_due(cfg, step):
             logger.log_valid(step, evaluate(engine, data.valid, cfg))
         stop = signals.stop_requested()  # a SIGTERM/SIGUSR1/SIGINT on any rank: save now, then exit (all ranks)

@@ -1,0 +1,167 @@
+"""Throughput you can compare: model FLOPs of a training step, TFLOP/s per GPU, MFU, peak memory.
+
+Model FLOPs of one training step (forward + backward, the Megatron-LM / PaLM convention: what the
+model needs, no activation recompute, no kernel's recomputed ``S``):
+
+* ``6 N`` per token for the dense matmuls, ``N`` = the weights of every matmul (QKV(G), output
+  projection, SwiGLU MLP, MoH router, the LM head; not the embedding lookup, not norm weights);
+* plus each layer's attention FLOPs by kind, per document (document masking: a document attends to
+  itself only) from :mod:`seqpar.kernels.flops` — dense causal pairs, S2 by its mask, Lightning linear
+  in length, MoH by its active heads ``(shared + top_k) / heads`` — with ``recompute=False``.
+
+Every rank of a DP group (TP x CP x PP) works on the same ``[global_batch / DP, seq]`` rows, so one
+GPU's share is the rows' FLOPs over ``TP x CP x PP``. MFU = those FLOPs per second over the device's
+dense bf16 peak (:data:`PEAK_TFLOPS`, or ``train.peak_tflops``); with no known peak (CPU, an unlisted
+GPU) MFU is not reported.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from typing import Any, Optional, Sequence
+
+import torch
+
+from seqpar.kernels.flops import attention_flops
+from seqpar.megatron.config import KIND_OF_LETTER
+
+# Dense (no 2:4 sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets; matched as
+# substrings of torch.cuda.get_device_name, first match wins (so the PCIe / NVL H100s before "H100")
+PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),   # SXM
+    ("H200", 989.4),   # also GH200
+    ("A100", 312.0),
+    ("L40S", 362.05),
+    ("A40", 149.7),
+    ("4090", 165.2),   # fp32 accumulate (the rate a bf16 GEMM with fp32 accumulation gets)
+)
+
+
+def device_peak_tflops(device: torch.device | str) -> Optional[float]:
+    """The dense bf16 peak of ``device`` from :data:`PEAK_TFLOPS`; ``None`` on a CPU or an unlisted GPU."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+
+
+def matmul_params(cfg: Any, vocab_size: int) -> int:
+    """``N`` of ``6 N``: the weights of every matmul of the whole model (all TP / PP shards) — the
+    closed-form parameter count of :mod:`seqpar.train.memory` less the embedding table and the norm
+    weights (vectors, no matmul)."""
+    from seqpar.train.memory import closed_form_params
+
+    p = cfg.model.shape
+    pattern = _pattern(p)
+    total = closed_form_params(p, pattern, vocab_size, 1, first=False, last=True,
+                               moh_num_shared_heads=cfg.model.moh_num_shared_heads)
+    h, heads = p.hidden_size, p.num_attention_heads
+    norms = 2 * h * len(pattern) + h  # input / pre-MLP norms per layer, the final norm
+    norms += pattern.count("L") * heads * (h // heads)  # Lightning's output norm
+    return total - norms
+
+
+def _pattern(p: Any) -> str:
+    from seqpar.megatron.specs import layer_pattern
+
+    return layer_pattern(p.pattern, p.num_layers)
+
+
+class ModelFlops:
+    """Model FLOPs (forward + backward, see the module docstring) of ``[b, s]`` rows of a recipe's
+    model, for the row's documents. Built once per run; the attention count of each (kind,
+    document length) is cached."""
+
+    def __init__(self, cfg: Any, vocab_size: int) -> None:
+        from seqpar.kernels import S2Layout
+
+        m, p = cfg.model, cfg.model.shape
+        self.pattern = _pattern(p)
+        self.n = matmul_params(cfg, vocab_size)
+        self.heads, self.kv_heads = p.num_attention_heads, p.num_query_groups
+        self.head_dim = p.hidden_size // p.num_attention_heads
+        # the model's own layout (seqpar.megatron.attention's S2 layers), only where S2 layers exist
+        self.layout = (S2Layout(block_size=m.s2_block_size, local_blocks=m.s2_local_blocks,
+                                vert_stride=m.s2_vert_stride).with_heads(self.heads) if "S" in self.pattern else None)
+        self.moh_active = (m.moh_num_shared_heads + m.moh_top_k) / self.heads
+        self.shards = cfg.parallel.tensor_parallel * cfg.parallel.context_parallel * cfg.parallel.pipeline_parallel
+        self._cache: dict[int, float] = {}
+
+    def attention(self, kind: str, doc_len: int) -> float:
+        """Forward + backward attention FLOPs of one layer of ``kind`` over one document of ``doc_len`` tokens."""
+        return attention_flops(kind, batch=1, seq_len=doc_len, heads=self.heads, head_dim=self.head_dim,
+                               kv_heads=self.kv_heads, layout=self.layout, active_fraction=self.moh_active,
+                               backward=True, recompute=False)
+
+    def document(self, doc_len: int) -> float:
+        """Model FLOPs of one document of ``doc_len`` tokens (all layers, forward + backward)."""
+        if doc_len not in self._cache:
+            self._cache[doc_len] = 6.0 * self.n * doc_len + sum(
+                self.attention(KIND_OF_LETTER[c], doc_len) for c in self.pattern)
+        return self._cache[doc_len]
+
+    def rows(self, doc_lens: Sequence[int]) -> float:
+        """Model FLOPs of rows packing documents of these lengths (every row's documents, in order)."""
+        return sum(self.document(int(n)) for n in doc_lens)
+
+    def batch(self, batch: Any) -> float:
+        """Model FLOPs of a ``seqpar.data.Batch`` (its documents: ``cu_seqlens()``, host only)."""
+        cu, _ = batch.cu_seqlens()
+        return self.rows((cu[1:] - cu[:-1]).tolist())
+
+
+def peak_memory_bytes(device: torch.device | str) -> tuple[int, str]:
+    """(bytes, what was measured): CUDA ``max_memory_allocated`` on a GPU, else the process's peak RSS."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "max_memory_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss * (1 if sys.platform == "darwin" else 1024), "peak RSS"  # Linux reports KiB
+
+
+class Throughput:
+    """Per-step perf numbers of a run on this rank's device: tokens/s and model TFLOP/s per GPU, MFU
+    (against ``peak_tflops``: the recipe's ``train.peak_tflops`` else the device's table entry, else
+    none) and peak memory; keeps the run's totals for the end-of-run summary."""
+
+    def __init__(self, cfg: Any, vocab_size: int, device: torch.device | str) -> None:
+        self.flops = ModelFlops(cfg, vocab_size)
+        self.device = torch.device(device)
+        self.peak = cfg.train.peak_tflops if cfg.train.peak_tflops is not None else device_peak_tflops(self.device)
+        self.steps: list[tuple[int, float, float]] = []  # (tokens, seconds, FLOPs per GPU) of each step
+
+    def step(self, batch: Any, dt: float) -> dict[str, float]:
+        """The ``perf/*`` scalars of a training step of this DP rank's ``batch`` (a ``seqpar.data.Batch``
+        ``[global_batch / DP, seq]``, host-side document boundaries) that took ``dt`` seconds:
+        tokens_per_s_per_gpu and tflops_per_gpu (one GPU's share, the batch's tokens and model FLOPs
+        over TP x CP x PP), mfu (only with a peak), peak_memory_gib. Host only, no sync."""
+        shards = self.flops.shards
+        tokens, fl = batch.tokens.numel() / shards, self.flops.batch(batch) / shards
+        self.steps.append((tokens, dt, fl))
+        tflops = fl / dt / 1e12
+        out = {"tokens_per_s_per_gpu": tokens / dt, "tflops_per_gpu": tflops}
+        if self.peak:
+            out["mfu"] = tflops / self.peak
+        out["peak_memory_gib"] = peak_memory_bytes(self.device)[0] / 2**30
+        return out
+
+    def summary(self) -> str:
+        """One line for the end-of-run summary: the averages over the run's steps (without the
+        first, warm-up and compilation, when there are others), MFU (or why not) and peak memory."""
+        steps = self.steps[1:] or self.steps
+        if not steps:
+            return "no steps run"
+        tokens, seconds, fl = (sum(col) for col in zip(*steps))
+        tflops = fl / seconds / 1e12
+        mfu = (f"MFU {100 * tflops / self.peak:.1f}% of {self.peak:g} TFLOP/s" if self.peak
+               else "MFU not reported (no peak TFLOP/s known for this device; set train.peak_tflops)")
+        mem, what = peak_memory_bytes(self.device)
+        return (f"{tokens / seconds:,.0f} tokens/s per GPU, {tflops:.3g} model TFLOP/s per GPU, "
+                f"{mfu}, peak memory {mem / 2**30:.2f} GiB ({what})")
+
+
+__all__ = ["PEAK_TFLOPS", "ModelFlops", "Throughput", "device_peak_tflops", "matmul_params", "peak_memory_bytes"]
