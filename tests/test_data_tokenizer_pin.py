@@ -49,7 +49,7 @@ def _import_and_continue(rank: int, world: int, src: str, run: str, sets: list, 
     except ResumeError as e:
         refused = str(e)
     disable_cpu_compat()
-    return losses, batch.tokens, batch.labels, refused
+    return losses, batch.tokens, batch.labels, batch.position_ids, refused
 
 
 def test_hf_import_train_export_keeps_the_tokenizer(tmp_path):
@@ -79,7 +79,7 @@ def test_hf_import_train_export_keeps_the_tokenizer(tmp_path):
     sp = sentencepiece_model(tmp_path, docs)
     from cp_harness import run_ranks
 
-    losses, tokens, labels, refused = run_ranks(_import_and_continue, 1, str(src), str(run), sets, str(sp),
+    losses, tokens, labels, positions, refused = run_ranks(_import_and_continue, 1, str(src), str(run), sets, str(sp),
                                                 str(tmp_path / "rdv"), timeout=600)[0]
     step0 = run / "checkpoints" / "step_0000000"
     for name in ("tokenizer.json", "tokenizer_config.json"):   # pinned in the run folder and the checkpoint
@@ -89,11 +89,14 @@ def test_hf_import_train_export_keeps_the_tokenizer(tmp_path):
     assert recipe.data.tokenizer == str(run / "tokenizer") and recipe.data.vocab_size == 320
     tok = Tokenizer.load(recipe.data.tokenizer, tmp_path / "c")
     assert all(tok.encode(d) == hf_tok.encode(d, add_special_tokens=False) for d in docs)   # ids identical
-    # continued training reads HF ids: the first loss is the imported model's loss on that batch
+    # continued training reads HF ids: the first loss is the imported model's loss on that batch, each
+    # packed document run alone (document masking: position_ids restart at every document)
     hf = LlamaForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
     with torch.no_grad():
-        logits = hf(tokens).logits
-    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)).item()
+        logits = torch.cat([hf(row[None, a:b]).logits[0] for row, pos in zip(tokens, positions)
+                            for starts in [(pos == 0).nonzero().flatten().tolist() + [len(row)]]
+                            for a, b in zip(starts[:-1], starts[1:])])
+    ref = torch.nn.functional.cross_entropy(logits, labels.reshape(-1)).item()
     assert len(losses) == 2 and abs(losses[0] - ref) <= 1e-4 * abs(ref), (losses, ref)
     whole = {tuple(hf_tok.encode(d, add_special_tokens=False) + [hf_tok.eos_token_id]) for d in docs}
     segs = []   # the whole documents inside each packed row (bounded by EOS on both sides)

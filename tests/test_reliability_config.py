@@ -69,7 +69,7 @@ def _bad_values(ann: Any, meta: list, nullable: bool) -> st.SearchStrategy:
         choices += [st.integers(), st.booleans(), st.floats(allow_nan=False)]
     elif get_origin(ann) is Literal:  # integers that are not among the allowed values (Literal[0, 1, 2, 3])
         choices += [st.integers().filter(lambda x: x not in get_args(ann)), st.booleans()]
-    elif get_origin(ann) is list:
+    elif ann is list or get_origin(ann) is list:
         choices += [st.text(max_size=8), st.integers(), st.lists(st.integers(), min_size=1, max_size=1)]
     elif get_origin(ann) is dict:
         choices += [st.sampled_from(["ring", "allgather"]), st.integers(), st.lists(st.text(max_size=3), min_size=1),
