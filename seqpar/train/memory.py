@@ -129,15 +129,17 @@ def bytes_entry(param: float, grad: float, optimizer: float, offloaded: float = 
 
 
 def closed_form_params(p: Any, pattern: str, vocab: int, tp: int, *, first: bool, last: bool,
-                       moh_num_shared_heads: int) -> int:
-    """The module docstring's parameter count of one rank's shard."""
+                       moh_num_shared_heads: int, norms: bool = True) -> int:
+    """The module docstring's parameter count of one rank's shard; ``norms=False`` leaves out the norm
+    weights (vectors, no matmul: the ``N`` of ``6 N`` in ``seqpar.train.perf``)."""
     h, f, H, G = p.hidden_size, p.ffn_hidden_size, p.num_attention_heads, p.num_query_groups
     d = h // H
+    nv = int(norms)  # input / pre-MLP norms per layer, Lightning's output norm, the final norm
     n = 0
     for c in pattern:
-        n += 2 * h + 3 * h * f // tp
+        n += nv * 2 * h + 3 * h * f // tp
         if c == "L":
-            n += h * d * (2 * H + 2 * G) // tp + H * d * h // tp + H * d // tp
+            n += h * d * (2 * H + 2 * G) // tp + H * d * h // tp + nv * H * d // tp
         else:
             n += h * d * (H + 2 * G) // tp + H * d * h // tp
             if c == "H":
@@ -146,7 +148,7 @@ def closed_form_params(p: Any, pattern: str, vocab: int, tp: int, *, first: bool
     if first:
         n += vocab * h // tp
     if last:
-        n += vocab * h // tp + h
+        n += vocab * h // tp + nv * h
     return n
 
 

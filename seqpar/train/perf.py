@@ -56,13 +56,8 @@ def matmul_params(cfg: Any, vocab_size: int) -> int:
     from seqpar.train.memory import closed_form_params
 
     p = cfg.model.shape
-    pattern = _pattern(p)
-    total = closed_form_params(p, pattern, vocab_size, 1, first=False, last=True,
-                               moh_num_shared_heads=cfg.model.moh_num_shared_heads)
-    h, heads = p.hidden_size, p.num_attention_heads
-    norms = 2 * h * len(pattern) + h  # input / pre-MLP norms per layer, the final norm
-    norms += pattern.count("L") * heads * (h // heads)  # Lightning's output norm
-    return total - norms
+    return closed_form_params(p, _pattern(p), vocab_size, 1, first=False, last=True,
+                              moh_num_shared_heads=cfg.model.moh_num_shared_heads, norms=False)
 
 
 def _pattern(p: Any) -> str:
