@@ -37,7 +37,8 @@ def _saved_bytes_per_layer(letter: str, mode: str, seq: int) -> tuple[float, flo
     from seqpar.train.config import load_recipe
     from seqpar.train.loop import _batch, build_data
     from seqpar.train.megatron_engine import build_engine, train_step
-    from seqpar.train.step import micro_batches, param_device
+    from seqpar.train.engine import Batch
+    from seqpar.train.runtime import micro_batches, param_device
 
     cfg = load_recipe(ROOT / "recipes" / "tiny_hybrid_cp2.yaml", [
         "model.preset=tiny", f"model.pattern={letter}", f"model.recompute={mode}", "data.dataset=mqar",
@@ -67,7 +68,7 @@ def _saved_bytes_per_layer(letter: str, mode: str, seq: int) -> tuple[float, flo
         decoder.register_forward_pre_hook(lambda m, a: inside.__setitem__(0, True))
         decoder.register_forward_hook(lambda m, a, o: inside.__setitem__(0, False))
         tokens, labels, mask = _batch(data, 0, cfg, device)
-        batch = micro_batches(tokens, labels, mask, 0)[0]
+        batch = micro_batches(Batch(tokens, labels, mask), 0)[0]  # every row one document
         pos = torch.arange(seq, device=device).expand_as(batch["tokens"])
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = model(batch["tokens"], pos, None, labels=batch["labels"])

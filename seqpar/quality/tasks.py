@@ -130,7 +130,9 @@ def evaluate(task_name: str, task: Any, model_chunks: list[torch.nn.Module], tex
 
 
 def _eval_text(task: TextTask, chunks: list[torch.nn.Module], text_file: pathlib.Path | None) -> dict[str, float]:
-    from seqpar.train.step import forward_backward, micro_batches, param_device
+    from seqpar.train.engine import Batch
+    from seqpar.train.runtime import micro_batches, param_device
+    from seqpar.train.step import forward_backward
 
     ids = torch.load(text_file, weights_only=True)["valid_ids"]
     device = param_device(chunks)
@@ -141,7 +143,7 @@ def _eval_text(task: TextTask, chunks: list[torch.nn.Module], text_file: pathlib
         for i in range(0, n, task.batch):
             x = windows[i:i + task.batch].to(device)
             mask = torch.ones(x.shape[0], s, device=device)
-            res = forward_backward(chunks, micro_batches(x[:, :-1].contiguous(), x[:, 1:].contiguous(), mask, 0),
+            res = forward_backward(chunks, micro_batches(Batch(x[:, :-1].contiguous(), x[:, 1:].contiguous(), mask), 0),
                                    forward_only=True)
             loss_sum += res.loss * res.tokens
             tokens += res.tokens

@@ -23,19 +23,10 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-from seqpar.train.engine import Batch, StepResult
+from seqpar.train.engine import StepResult
 # re-exported: callers of this module's former home of the shared helpers
 from seqpar.train.runtime import global_tokens, local_batch, moh_aux_losses, param_device  # noqa: F401
-from seqpar.train.runtime import forward_micro_batch, micro_batches as runtime_micro_batches
-
-
-def micro_batches(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
-                  micro_batch: int) -> list[dict[str, torch.Tensor]]:
-    """Split this DP rank's ``[b, seq]`` share (every row one document) into ``b / micro_batch``
-    micro-batches (rows in order) and take this CP rank's zigzag share of each. ``micro_batch`` 0 = one
-    micro-batch of all ``b`` rows. The engines pass the loop's ``Batch`` (with its document boundaries)
-    to ``seqpar.train.runtime.micro_batches``."""
-    return runtime_micro_batches(Batch(tokens, labels, loss_mask), micro_batch)
+from seqpar.train.runtime import forward_micro_batch
 
 
 def _loss_func(loss_mask: torch.Tensor, stats: dict[str, torch.Tensor], accuracy: Any, output: torch.Tensor):
