@@ -28,7 +28,8 @@ The model, per layer (forward + backward), for the busiest rank (docs/cp.md, "Au
 - not modelled: per-message latency, kernel efficiency below peak (set ``peak_tflops`` to the
   attention kernels' achieved rate to account for it), the memory each scheme needs. LASP-1
   (lightning ring) is never a candidate: its ``P - 1`` hops are a sequential chain whose
-  latency the byte model does not see, and LASP-2 moves the same states in one all-gather.
+  latency the byte model does not see, and LASP-2 moves the same states in one all-gather
+  (:func:`predict` still prices it, for a recipe that fixes it, with its hops not hidden).
 """
 
 from __future__ import annotations
@@ -226,7 +227,7 @@ def predict(kind: str, scheme: str, *, world: int, seq_len: int, heads: int, kv_
     for side in cost.values():
         for op, rec in side.items():
             nbytes += rec["bytes"]
-            if op == "send_recv":  # the ring's hops (softmax / s2 / moh: LASP-1 is no candidate)
+            if op == "send_recv" and kind != "lightning":  # the ring's hops behind its blocks
                 hidden += rec["bytes"] / ring[1]
             elif scheme == "usp" and op != "all_to_all":  # LASP-2 over usp's ring group
                 serial += rec["bytes"] / ring[1]

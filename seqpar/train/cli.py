@@ -34,15 +34,19 @@ def dry_run(cfg, world_size: Optional[int] = None) -> dict:
     (``train.engine``: Megatron with or without the distributed optimizer, DeepSpeed's ZeRO stage and
     offloads) with its per-rank memory (``seqpar.train.memory``): every distinct (pipeline stage, TP
     rank) shard is built on the meta device in this one process (as that rank of a fake world), which
-    must not have a process group yet. Prints on rank 0 (under torchrun every rank computes the same
-    report); returns the report."""
+    must not have a process group yet. With CP, also the scheme of every layer kind (chosen by
+    ``parallel.cp_schemes: auto`` or given) with its predicted bytes and time per layer
+    (``seqpar.train.cp_plan``; ``rep["cp"]``). Prints on rank 0 (under torchrun every rank computes the
+    same report); returns the report."""
+    from seqpar.train import cp_plan
     from seqpar.train.memory import format_report, report
 
     par = cfg.parallel
     world_size = world_size or par.tensor_parallel * par.context_parallel * par.pipeline_parallel
     rep = report(cfg, world_size, cfg.data.vocab_size)
+    rep["cp"] = cp_plan.report(cfg, cfg.cp_auto)
     if os.environ.get("RANK", "0") == "0":
-        print(format_report(rep), flush=True)
+        print("\n".join([format_report(rep)] + cp_plan.format_lines(rep["cp"])), flush=True)
     return rep
 
 
@@ -99,8 +103,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     if args.check:
         if os.environ.get("RANK", "0") == "0":
+            auto = cfg.cp_auto
+            note = "" if auto is None else (
+                f"# parallel.cp_schemes: auto -> {auto.reason}\n" if auto.plan is None else
+                f"# parallel.cp_schemes: auto -> {auto.plan.schemes}, usp_ulysses_degree "
+                f"{auto.plan.ulysses_degree} (--dry-run prints the predicted bytes and time)\n")
             print(f"# {args.recipe}, resolved (every field, defaults filled); valid for {world} rank(s)\n"
-                  + cfg.to_yaml(), end="", flush=True)
+                  + note + cfg.to_yaml(), end="", flush=True)
         return 0
     if args.dry_run:
         dry_run(cfg, world)
