@@ -192,11 +192,12 @@ def test_recipe_auto_resolves_before_anything_reads_the_schemes():
 
 @pytest.mark.parametrize("parallel, line", [
     ({"gpus_per_node": 0}, "parallel.gpus_per_node: got 0 (int); expected an integer >= 1"),
-    ({"intra_node_gbytes_per_s": -450}, "parallel.intra_node_gbytes_per_s: got -450 (int); expected a finite number > 0"),
+    ({"intra_node_gbytes_per_s": -450},
+     "parallel.intra_node_gbytes_per_s: got -450 (int); expected a finite number > 0"),
     ({"inter_node_gbytes_per_s": "50GB/s"},
      "parallel.inter_node_gbytes_per_s: got '50GB/s' (string); expected a finite number > 0"),
     ({"cp_auto_overlap": "yes"}, "parallel.cp_auto_overlap: got 'yes' (string); expected true or false"),
-    ({"cp_schemes": "fastest"}, "parallel.cp_schemes: got 'fastest'; expected 'auto' or a mapping"),
+    ({"cp_schemes": "fastest"}, "parallel.cp_schemes: got 'fastest' (string); expected 'auto' or a mapping"),
     ({"usp_ulysses_degree": 2}, "parallel.usp_ulysses_degree=2 is chosen by parallel.cp_schemes: auto"),
 ])
 def test_recipe_bad_topology_is_one_clear_error(parallel, line):

@@ -212,7 +212,7 @@ class ParallelConfig(AttentionParallelFields):
         if v == "auto":  # resolved by RunConfig (seqpar.train.cp_plan.resolve_auto) before anything reads it
             return v
         if isinstance(v, str):
-            raise ValueError(f"got {v!r}; expected 'auto' or a mapping kind -> scheme, e.g. {{softmax: ring}}")
+            raise ValueError(f"got {v!r} (string); expected 'auto' or a mapping kind -> scheme, e.g. {{softmax: ring}}")
         return handler(v)
 
     tensor_parallel: PositiveInt = 1
