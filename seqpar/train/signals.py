@@ -410,7 +410,7 @@ def _main(argv: list[str]) -> int:
         print("usage: python -m seqpar.train.signals out-dir RECIPE [--set a.b=v ...] [other seqpar-train args]",
               file=sys.stderr)
         return 2
-    from seqpar.train.known_warnings import filter_known_warnings
+    from seqpar.known_warnings import filter_known_warnings
 
     filter_known_warnings()  # as the CLI
     from seqpar.train.args import parse_args
