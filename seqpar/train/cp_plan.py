@@ -11,8 +11,8 @@ rank and the predicted time per layer (and every candidate when ``auto`` chose).
 The model's inputs from the recipe (docs/cp.md "Automatic schemes" lists every assumption): one
 row of ``data.seq_len`` tokens as one document (the worst case of causal work), heads per TP rank,
 ``model.dtype``'s element size, zigzag placement, the S2 layout and MoH's active heads of the
-model, ``train.peak_tflops`` (else an H100 SXM's dense bf16 peak) and the ``parallel`` topology
-fields.
+model, ``train.peak_tflops`` (else an H100 SXM's dense peak for the model's math mode,
+``seqpar.train.perf.PEAK_TFLOPS``: bf16 989.4) and the ``parallel`` topology fields.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ class AutoChoice:
 def model_inputs(cfg: Any) -> tuple[dict[str, int], dict[str, Any]]:
     """``({kind: layers}, keyword arguments of seqpar.cp.recommend)`` of a recipe (any schemes)."""
     from seqpar.cp import Topology
-    from seqpar.cp.auto import H100_PEAK_TFLOPS
     from seqpar.kernels import S2Layout
     from seqpar.megatron.config import KIND_OF_LETTER
+    from seqpar.train.perf import PEAK_TFLOPS, math_mode
 
     m, par = cfg.model, cfg.parallel
     shape, tp = m.shape, par.tensor_parallel
@@ -53,7 +53,8 @@ def model_inputs(cfg: Any) -> tuple[dict[str, int], dict[str, Any]]:
               moh_active=(m.moh_num_shared_heads + m.moh_top_k) / heads,
               topology=Topology(gpus_per_node=par.gpus_per_node, intra_node_gbytes_per_s=par.intra_node_gbytes_per_s,
                                 inter_node_gbytes_per_s=par.inter_node_gbytes_per_s, tensor_parallel=tp),
-              peak_tflops=cfg.train.peak_tflops or H100_PEAK_TFLOPS, overlap=par.cp_auto_overlap)
+              peak_tflops=cfg.train.peak_tflops or dict(PEAK_TFLOPS)["H100"][math_mode(m.dtype)],
+              overlap=par.cp_auto_overlap)
     layout = S2Layout(block_size=m.s2_block_size, local_blocks=m.s2_local_blocks, vert_stride=m.s2_vert_stride)
     return layers, {**kw, "layouts": {"s2": layout}}
 
@@ -76,10 +77,13 @@ def resolve_auto(cfg: Any) -> AutoChoice:
     if "usp_ulysses_degree" in par.model_fields_set:
         raise ValueError(f"parallel.usp_ulysses_degree={par.usp_ulysses_degree} is chosen by parallel.cp_schemes: "
                          f"auto; remove it, or give parallel.cp_schemes as a mapping kind -> scheme")
-    if par.context_parallel == 1:
-        choice = AutoChoice(None, "parallel.context_parallel=1: no context parallelism, nothing to choose")
+    shape, tp = cfg.model.shape, par.tensor_parallel
+    reason = ("parallel.context_parallel=1: no context parallelism, nothing to choose" if par.context_parallel == 1
+              else "the heads do not split over parallel.tensor_parallel (the layout check says how to fix it)"
+              if shape.num_attention_heads % tp or shape.num_query_groups % tp else "")
+    if reason:
         par.cp_schemes, par.usp_ulysses_degree = dict(DEFAULT_SCHEMES), 1
-        return choice
+        return AutoChoice(None, reason)
     layers, kw = model_inputs(cfg)
     plan = choose_schemes(layers, **kw)
     par.cp_schemes = {**DEFAULT_SCHEMES, **plan.schemes}
