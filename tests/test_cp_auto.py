@@ -131,6 +131,8 @@ def test_topology_rejects_bad_values(kw, msg):
 
 def test_recommend_rejects_bad_input():
     kw = dict(seq_len=1024, heads=8, kv_heads=8, head_dim=64)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        cp.recommend("mamba", world=2, **kw)
     with pytest.raises(ValueError, match="at least 2 ranks"):
         cp.recommend("softmax", world=1, **kw)
     with pytest.raises(ValueError, match="needs layout="):
@@ -233,3 +235,9 @@ def test_check_and_dry_run_print_the_choice(tmp_path, capsys, monkeypatch):
     rep = json.loads(lines[0])["cp"]  # the machine-readable line carries the same
     assert rep["auto"] and rep["kinds"]["lightning"]["scheme"] == "allgather"
     assert [c["scheme"] for c in rep["kinds"]["softmax"]["candidates"]][0] == "ulysses"
+    # launched with another number of processes per node than the choice assumed: refused, before anything
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert cli.main([str(recipe), "--check"]) == 2
+    assert "parallel.gpus_per_node=8, but this launch runs 2 processes per node" in capsys.readouterr().err

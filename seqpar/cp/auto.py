@@ -277,6 +277,10 @@ def recommend(kind: str, *, world: int, seq_len: int, heads: int, kv_heads: int,
     >>> rec.scheme, rec.ulysses_degree
     ('usp', 8)
     """
+    from seqpar.cp.api import KINDS
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if isinstance(world, bool) or not isinstance(world, int) or world < 2:
         raise ValueError(f"recommend needs a CP world of at least 2 ranks, got world={world!r} (one rank: no CP)")
     if kind == "s2" and layout is None:

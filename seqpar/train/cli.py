@@ -74,6 +74,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                              f"launch with torchrun --nproc-per-node {mp} (or launchers/torchrun.sh), or check the "
                              f"recipe with --check / --dry-run")
         dp = cfg.check_world(world)
+        local = os.environ.get("LOCAL_WORLD_SIZE")
+        if launched and local and cfg.cp_auto is not None and cfg.cp_auto.plan is not None \
+                and int(local) != par.gpus_per_node:  # the choice assumed another placement of the CP groups
+            raise ValueError(f"parallel.gpus_per_node={par.gpus_per_node}, but this launch runs {local} processes per "
+                             f"node (LOCAL_WORLD_SIZE), and parallel.cp_schemes: auto chose for "
+                             f"{par.gpus_per_node}; set parallel.gpus_per_node={local}")
         cfg.check_paths()  # every file / folder the recipe names, before any process starts
         if args.check and not cfg.train.overwrite:  # what the run would refuse first
             from seqpar.train.checkpoint import held_run
