@@ -235,6 +235,13 @@ def test_check_and_dry_run_print_the_choice(tmp_path, capsys, monkeypatch):
     rep = json.loads(lines[0])["cp"]  # the machine-readable line carries the same
     assert rep["auto"] and rep["kinds"]["lightning"]["scheme"] == "allgather"
     assert [c["scheme"] for c in rep["kinds"]["softmax"]["candidates"]][0] == "ulysses"
+    # a recipe that fixes its schemes gets the same prediction for them (ring: hops behind the blocks)
+    from seqpar.train.config import from_dict
+
+    fixed = cli.dry_run(from_dict({**_recipe(), "parallel": {"context_parallel": 4, "cp_schemes": {"softmax": "ring"}}}))
+    ring = cp.predict("softmax", "ring", world=4, seq_len=8192, heads=8, kv_heads=8, head_dim=64)
+    assert not fixed["cp"]["auto"] and fixed["cp"]["kinds"]["softmax"]["time_ms"] == pytest.approx(ring.time_s * 1e3)
+    assert "CP schemes (from parallel.cp_schemes; CP=4" in capsys.readouterr().out
     # launched with another number of processes per node than the choice assumed: refused, before anything
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "0")

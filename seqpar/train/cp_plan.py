@@ -133,10 +133,10 @@ def format_lines(rep: Optional[dict[str, Any]]) -> list[str]:
     if rep is None:
         return []
     how = "chosen by parallel.cp_schemes: auto" if rep["auto"] else "from parallel.cp_schemes"
-    rank = "with" if rep["ranked_by"] == "time_ms" else "without"
+    rank = ("; ranked " + ("with" if rep["ranked_by"] == "time_ms" else "without") + " overlap") if rep["auto"] else ""
     out = [f"CP schemes ({how}; CP={rep['context_parallel']}, {rep['gpus_per_node']} GPUs/node, "
            f"{rep['intra_node_gbytes_per_s']:g} GB/s intra-node, {rep['inter_node_gbytes_per_s']:g} GB/s inter-node; "
-           f"predicted per layer, forward + backward, busiest rank; ranked {rank} overlap):",
+           f"predicted per layer, forward + backward, busiest rank{rank}):",
            f"{'kind':>9} {'layers':>6} {'scheme':>12} {'MB/rank':>10} {'compute ms':>10} {'comm ms':>9} "
            f"{'time ms':>9} {'no-overlap':>10}  links"]
     for kind, r in rep["kinds"].items():
