@@ -39,13 +39,15 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from seqpar.kernels.flops import PEAK_TFLOPS
+
 __all__ = ["Candidate", "Recommendation", "SchemePlan", "Topology", "choose_schemes", "predict", "recommend",
            "H100_PEAK_TFLOPS", "NVLINK_GBYTES_PER_S", "INFINIBAND_GBYTES_PER_S"]
 
 # Defaults of the topology and compute model, per direction (what one GPU can receive):
 NVLINK_GBYTES_PER_S = 450.0  # NVLink 4 (H100 / H200 SXM, NVSwitch): 900 GB/s bidirectional per GPU
 INFINIBAND_GBYTES_PER_S = 50.0  # one 400 Gb/s InfiniBand NDR NIC per GPU (DGX H100): 50 GB/s
-H100_PEAK_TFLOPS = 989.4  # dense bf16, H100 SXM (seqpar.train.perf.PEAK_TFLOPS)
+H100_PEAK_TFLOPS = dict(PEAK_TFLOPS)["H100"]["bf16"]  # dense bf16, H100 SXM: 989.4
 
 _ORDER = ("allgather", "ring", "ulysses", "usp")  # tie-break: the simplest scheme first
 

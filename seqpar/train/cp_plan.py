@@ -12,7 +12,7 @@ The model's inputs from the recipe (docs/cp.md "Automatic schemes" lists every a
 row of ``data.seq_len`` tokens as one document (the worst case of causal work), heads per TP rank,
 ``model.dtype``'s element size, zigzag placement, the S2 layout and MoH's active heads of the
 model, ``train.peak_tflops`` (else an H100 SXM's dense peak for the model's math mode,
-``seqpar.train.perf.PEAK_TFLOPS``: bf16 989.4) and the ``parallel`` topology fields.
+``seqpar.kernels.flops.PEAK_TFLOPS``: bf16 989.4) and the ``parallel`` topology fields.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def model_inputs(cfg: Any) -> tuple[dict[str, int], dict[str, Any]]:
     from seqpar.cp import Topology
     from seqpar.kernels import S2Layout
     from seqpar.megatron.config import KIND_OF_LETTER
-    from seqpar.train.perf import PEAK_TFLOPS, math_mode
+    from seqpar.kernels.flops import PEAK_TFLOPS, math_mode
 
     m, par = cfg.model, cfg.parallel
     shape, tp = m.shape, par.tensor_parallel
