@@ -22,6 +22,8 @@ from seqpar.kernels.s2.reference import attention_reference
 from tolerance import GRAD_FACTOR, assert_rel_close
 
 LAYOUT = S2Layout(block_size=16, local_blocks=2, vert_stride=2)
+# two dense kv heads and a stride: the contiguous Ulysses split puts both dense heads on the last rank
+PLACED = S2Layout(block_size=16, local_blocks=1, vert_stride=4, num_dense_heads=2)
 
 
 def _case(name: str, kind: str, scheme: str, balance: str, world: int, *, b: int, n: int, h: int, hkv: int,
@@ -60,6 +62,8 @@ def _case(name: str, kind: str, scheme: str, balance: str, world: int, *, b: int
         kw["causal"] = extra["causal"]
     if "ulysses_degree" in extra:
         kw["ulysses_degree"] = extra["ulysses_degree"]
+    if "head_placement" in extra:
+        kw["head_placement"] = extra["head_placement"]
     # balance="cost": the partition is built from the model's cost model and passed as partition=
     return {"name": name, "kind": kind, "scheme": scheme, "balance": balance, "dtype": dtype,
             "tensors": t, "kw": kw, "cost": extra.get("cost")}
@@ -125,6 +129,14 @@ def _cases(world: int) -> list[dict]:
               backend="triton", layout=S2Layout(block_size=16, local_blocks=1, vert_stride=4, num_dense_heads=1)),
         _case("s2-usp-contig-mqa", "s2", "usp", "contiguous", p, b=1, n=p * 32, h=2, hkv=1, d=16, seed=42,
               ulysses_degree=2, layout=S2Layout(block_size=16, local_blocks=1, vert_stride=2, head_sliding_offset=1)),
+        # S2 head placement (default "balanced"): each rank gets kv heads whose blocks sum to about the
+        # same (the two dense heads on different ranks), heads permuted around the all-to-alls
+        *[_case(f"s2-uly-placed-{name}", "s2", "ulysses", "zigzag", p, b=1, n=2 * p * 8 + 5, h=h, hkv=8, d=16,
+                seed=60 + i, layout=PLACED) for i, (name, h) in enumerate((("mha", 8), ("gqa", 16)))],
+        _case("s2-usp-placed-gqa", "s2", "usp", "contiguous", p, b=1, n=p * 12 + 3, h=8, hkv=4, d=16, seed=62,
+              ulysses_degree=2, layout=PLACED),
+        _case("s2-uly-contiguous-heads", "s2", "ulysses", "zigzag", p, b=1, n=2 * p * 8, h=8, hkv=8, d=16, seed=63,
+              layout=PLACED, head_placement="contiguous"),
         _case("lightning-usp-zz", "lightning", "usp", "zigzag", p, b=2, n=2 * p * 5, h=4, hkv=2, d=16, dv=32,
               with_state=True, seed=39, ulysses_degree=2),
         _case("lightning-usp-contig", "lightning", "usp", "contiguous", p, b=1, n=p * 6, h=2, hkv=1, d=16, seed=40,
