@@ -133,7 +133,7 @@ def _cases(world: int) -> list[dict]:
         # same (the two dense heads on different ranks), heads permuted around the all-to-alls
         *[_case(f"s2-uly-placed-{name}", "s2", "ulysses", "zigzag", p, b=1, n=2 * p * 8 + 5, h=h, hkv=8, d=16,
                 seed=60 + i, layout=PLACED) for i, (name, h) in enumerate((("mha", 8), ("gqa", 16)))],
-        _case("s2-usp-placed-gqa", "s2", "usp", "contiguous", p, b=1, n=p * 12 + 3, h=8, hkv=4, d=16, seed=62,
+        _case("s2-usp-placed-gqa", "s2", "usp", "contiguous", p, b=1, n=2 * p * 8 + 5, h=8, hkv=4, d=16, seed=62,
               ulysses_degree=2, layout=PLACED),
         _case("s2-uly-contiguous-heads", "s2", "ulysses", "zigzag", p, b=1, n=2 * p * 8, h=8, hkv=8, d=16, seed=63,
               layout=PLACED, head_placement="contiguous"),
