@@ -62,8 +62,6 @@ def _case(name: str, kind: str, scheme: str, balance: str, world: int, *, b: int
         kw["causal"] = extra["causal"]
     if "ulysses_degree" in extra:
         kw["ulysses_degree"] = extra["ulysses_degree"]
-    if "head_placement" in extra:
-        kw["head_placement"] = extra["head_placement"]
     # balance="cost": the partition is built from the model's cost model and passed as partition=
     return {"name": name, "kind": kind, "scheme": scheme, "balance": balance, "dtype": dtype,
             "tensors": t, "kw": kw, "cost": extra.get("cost")}
@@ -135,8 +133,6 @@ def _cases(world: int) -> list[dict]:
                 seed=60 + i, layout=PLACED) for i, (name, h) in enumerate((("mha", 8), ("gqa", 16)))],
         _case("s2-usp-placed-gqa", "s2", "usp", "contiguous", p, b=1, n=2 * p * 8 + 5, h=8, hkv=4, d=16, seed=62,
               ulysses_degree=2, layout=PLACED),
-        _case("s2-uly-contiguous-heads", "s2", "ulysses", "zigzag", p, b=1, n=2 * p * 8, h=8, hkv=8, d=16, seed=63,
-              layout=PLACED, head_placement="contiguous"),
         _case("lightning-usp-zz", "lightning", "usp", "zigzag", p, b=2, n=2 * p * 5, h=4, hkv=2, d=16, dv=32,
               with_state=True, seed=39, ulysses_degree=2),
         _case("lightning-usp-contig", "lightning", "usp", "contiguous", p, b=1, n=p * 6, h=2, hkv=1, d=16, seed=40,
