@@ -185,7 +185,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--cache-dir", default=None, help="where the tokenizer's private copy goes "
                                                       "(default $SEQPAR_CACHE or ~/.cache/seqpar)")
     args = ap.parse_args(argv)
-    from seqpar.train.known_warnings import filter_known_warnings
+    from seqpar.known_warnings import filter_known_warnings
 
     filter_known_warnings()  # megatron-core's import-time notices (the tokenizers import it)
     try:

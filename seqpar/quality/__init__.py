@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from seqpar.train.known_warnings import filter_known_warnings
+from seqpar.known_warnings import filter_known_warnings
 
 filter_known_warnings()  # the harness is an application: megatron-core's import-time notices, once (below)
 
