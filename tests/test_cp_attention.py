@@ -22,6 +22,8 @@ from seqpar.kernels.s2.reference import attention_reference
 from tolerance import GRAD_FACTOR, assert_rel_close
 
 LAYOUT = S2Layout(block_size=16, local_blocks=2, vert_stride=2)
+# two dense kv heads and a stride: the contiguous Ulysses split puts both dense heads on the last rank
+PLACED = S2Layout(block_size=16, local_blocks=1, vert_stride=4, num_dense_heads=2)
 
 
 def _case(name: str, kind: str, scheme: str, balance: str, world: int, *, b: int, n: int, h: int, hkv: int,
@@ -125,6 +127,13 @@ def _cases(world: int) -> list[dict]:
               backend="triton", layout=S2Layout(block_size=16, local_blocks=1, vert_stride=4, num_dense_heads=1)),
         _case("s2-usp-contig-mqa", "s2", "usp", "contiguous", p, b=1, n=p * 32, h=2, hkv=1, d=16, seed=42,
               ulysses_degree=2, layout=S2Layout(block_size=16, local_blocks=1, vert_stride=2, head_sliding_offset=1)),
+        # S2 head placement (default "balanced"): each rank gets kv heads whose blocks sum to about the
+        # same (the two dense heads on different ranks), heads permuted around the all-to-alls (GQA: the
+        # usp cases here and in tests/test_cp_varlen.py)
+        _case("s2-uly-placed-mha", "s2", "ulysses", "zigzag", p, b=1, n=2 * p * 8 + 5, h=8, hkv=8, d=16, seed=60,
+              layout=PLACED),
+        _case("s2-usp-placed-gqa", "s2", "usp", "contiguous", p, b=1, n=2 * p * 8 + 5, h=8, hkv=4, d=16, seed=62,
+              ulysses_degree=2, layout=PLACED),
         _case("lightning-usp-zz", "lightning", "usp", "zigzag", p, b=2, n=2 * p * 5, h=4, hkv=2, d=16, dv=32,
               with_state=True, seed=39, ulysses_degree=2),
         _case("lightning-usp-contig", "lightning", "usp", "contiguous", p, b=1, n=p * 6, h=2, hkv=1, d=16, seed=40,

@@ -15,7 +15,7 @@ from cp_harness import run_ranks
 from seqpar import cp
 from seqpar.cp.ring import plan
 from seqpar.kernels import S2Layout
-from test_cp_attention import _case, _cp_job, run_and_check
+from test_cp_attention import PLACED, _case, _cp_job, run_and_check
 from test_cp_cost import cost_cases
 
 S2 = S2Layout(block_size=16, local_blocks=2, vert_stride=3, num_dense_heads=1)
@@ -63,6 +63,11 @@ def _cases(world: int) -> list[dict]:
               doc_lens=s2_docs, layout=S2, seed=112),
         _case("v-s2-usp-docs", "s2", "usp", "zigzag", p, b=1, n=sum(s2_docs), h=4, hkv=2, d=16, doc_lens=s2_docs,
               layout=S2, seed=113, **uly),
+        # S2 head placement with documents: kv heads balanced by their blocks over the documents
+        _case("v-s2-uly-docs-placed", "s2", "ulysses", "zigzag", p, b=1, n=sum(s2_docs), h=8, hkv=8, d=16,
+              doc_lens=s2_docs, layout=PLACED, seed=116),
+        _case("v-s2-usp-docs-placed-gqa", "s2", "usp", "zigzag", p, b=1, n=sum(s2_docs), h=8, hkv=4, d=16,
+              doc_lens=s2_docs, layout=PLACED, seed=117, **uly),
         _case("v-s2-ag-odd", "s2", "allgather", "zigzag", p, b=2, n=2 * p * 16 + 5, h=2, hkv=1, d=16, layout=S2,
               seed=114),
         _case("v-s2-ring-contig-odd", "s2", "ring", "contiguous", p, b=1, n=p * 16 + 3, h=2, hkv=2, d=16, layout=S2,

@@ -303,6 +303,8 @@ _TINY = dict(num_layers=4, num_attention_heads=4, num_query_groups=2)
     (dict(pattern="L", context_parallel=8, cp_schemes={"lightning": "ulysses"}), r"cp_schemes.lightning='ulysses'"),
     (dict(pattern="A", context_parallel=4, cp_schemes={"softmax": "usp"}, usp_ulysses_degree=3), r"must divide"),
     (dict(pattern="AX"), r"model.pattern='AX'"),
+    (dict(pattern="SA", context_parallel=2, seq_len=64, cp_schemes={"softmax": "ulysses"}, s2_head_placement="contiguous"),
+     r"parallel.s2_head_placement='contiguous' is read only by S2 layers under the 'ulysses' / 'usp'"),
 ])
 def test_check_layout_refuses_bad_layouts_naming_the_field(kw, match):
     from seqpar.megatron import check_layout
@@ -321,6 +323,8 @@ def test_check_layout_accepts_runnable_layouts_and_lists_every_problem():
     check_layout(pattern="ASL", tensor_parallel=2, context_parallel=2, seq_len=64, **_TINY)
     # S2 under TP x CP is exact for any stride (kv-head offsets through cp.attention; test_cp_tp_s2.py)
     check_layout(pattern="S", tensor_parallel=2, context_parallel=2, seq_len=64, **_TINY)
+    check_layout(pattern="S", context_parallel=2, seq_len=64, cp_schemes={"s2": "ulysses"},
+                 s2_head_placement="contiguous", **_TINY)
     check_layout(pattern="AL", context_parallel=4, cp_schemes={"softmax": "ulysses", "lightning": "usp"},
                  usp_ulysses_degree=2, seq_len=64, **_TINY)   # 2 kv heads, CP 4: kv heads replicated
     with pytest.raises(ValueError) as e:

@@ -145,8 +145,9 @@ class S2Layout:
         if isinstance(total, bool) or not isinstance(total, int) or total < kv_head_offset + num_kv_heads:
             raise ValueError(f"total_kv_heads ({total_kv_heads!r}) must be an int >= kv_head_offset + local kv heads "
                              f"= {kv_head_offset} + {num_kv_heads}")
-        self.validate_heads(num_kv_heads)
-        self.validate_heads(total)
+        if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1:
+            raise ValueError(f"num_kv_heads must be a positive int, got {num_kv_heads!r}")
+        self.validate_heads(total)  # the dense heads are the last global ones: a slice may hold fewer
         return total
 
     def kv_block_mask(self, num_kv_heads: int, q_blocks: torch.Tensor, k_blocks: torch.Tensor, *,

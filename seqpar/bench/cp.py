@@ -258,6 +258,47 @@ def auto_table() -> list[dict]:
     return rows
 
 
+def _exchange_blocks(part: Any, layout: S2Layout, heads: int, kv_heads: int) -> list[int]:
+    """S2 tiles each rank computes under the all-gather exchange: its query pieces over their
+    documents' keys (the kernel's plans; a block split between ranks is a tile on both)."""
+    from seqpar.kernels.s2.plan import build_plan_uncached
+
+    return [sum(build_plan_uncached(layout, True, kv_heads, p.length, p.end, p.pos, 0, None, layout.block_size)
+                .nnz(heads) for p in ps) for ps in part.pieces]
+
+
+def head_placement_table() -> list[dict]:
+    """S2 head placement under Ulysses (``head_placement``: contiguous split vs balanced) against the
+    all-gather exchange: tiles per rank (max, min, max / mean) and bytes of the busiest rank (fwd +
+    bwd), P = 4 (2 kv heads per rank), 128K tokens, one sequence and mixed packed documents, the
+    stride-only layout and the same with 2 dense kv heads."""
+    from dataclasses import replace
+
+    from seqpar.cp.s2_heads import head_placement
+
+    shape = dict(heads=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16)
+    world, n = 4, 1 << 17
+    rows = []
+    for lname, layout in (("stride", MODEL_LAYOUT), ("stride + 2 dense heads", replace(MODEL_LAYOUT, num_dense_heads=2))):
+        lay = layout.with_heads(shape["heads"])
+        for dname, lens in (("one sequence", None), ("mixed docs", _mixed_docs(n))):
+            cu = None if lens is None else [0, *torch.tensor(lens).cumsum(0).tolist()]
+            cut = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+            part = cp.make_partition(n, (0, world), cu_seqlens=cut)
+            hp = head_placement(part, lay, heads=shape["heads"], kv_heads=shape["kv_heads"], degree=world)
+            ex = _exchange_blocks(part, lay, shape["heads"], shape["kv_heads"])
+            for scheme, label, blocks in (("allgather", "s2 exchange", ex),
+                                          ("ulysses", "ulysses contiguous heads", list(hp.contiguous_blocks)),
+                                          ("ulysses", "ulysses balanced heads", list(hp.blocks))):
+                c = cp.scheme_cost("s2", scheme, world=world, seq_len=n, cu_seqlens=cu, layout=layout, **shape)
+                fwd, bwd, _ = _bytes(c)
+                rows.append({"layout": lname, "documents": dname, "scheme": label,
+                             "blocks_max": max(blocks), "blocks_min": min(blocks),
+                             "max/mean": round(max(blocks) * len(blocks) / sum(blocks), 3),
+                             "MB (fwd+bwd)": (fwd + bwd) / 1e6})
+    return rows
+
+
 def _steps(cost: dict, p: int) -> int:
     """Message steps on the critical path: 1 per point-to-point call, P - 1 per collective (ring algorithm)."""
     return sum(r["calls"] * (1 if op == "send_recv" else p - 1) for side in cost.values() for op, r in side.items())
@@ -402,6 +443,9 @@ def cp_suite(ctx: Context) -> SuiteResult:
         res.tables["automatic schemes (cp.recommend, parallel.cp_schemes: auto): the choice per kind on one node and "
                    "across nodes (8 GPUs / node, 450 GB/s NVLink, 50 GB/s IB; H100 peak; 1b attention; MoH half the "
                    "heads active)"] = auto_table()
+        res.tables["S2 head placement under ulysses vs the all-gather exchange: S2 tiles per rank and bytes of the "
+                   "busiest rank (P = 4, 128K tokens, 32 heads, 8 kv heads, d 128, bf16; s2 block 64, local 4, "
+                   "vert_stride 8)"] = head_placement_table()
     rates = _compute_rates(ctx, res)
     res.tables["measured compute rate (fwd+bwd FLOPs the mask needs / s) per kind on this device"] = [
         {"kind": k, "TFLOP/s": v / 1e12} for k, v in rates.items()]

@@ -27,6 +27,8 @@ per rank, and ``cp.comm_ledger`` measures them):
   ``(P-1)·L·b·(H + H_kv')·(d+dv)·e / P`` with ``H_kv' = max(H_kv, P)``; backward the same.
   S2 patterns, MoH gates and Lightning slopes follow each head's *global* index
   (``s2_attention(kv_head_offset=, total_kv_heads=)``; replicated kv heads map to their source).
+  S2's ``head_placement="balanced"`` (default) gives each rank kv heads of complementary stride
+  residues (equal block counts, dense heads spread; same bytes; ``seqpar/cp/s2_heads.py``).
 - usp (``ulysses_degree=U``), softmax/s2/moh: Ulysses over U ranks, then the ring over the P/U
   groups on the merged buffers; lightning: the all-to-alls, then LASP-2 over the P/U ring;
   ``output_final_state`` adds an all-gather of the states over the heads.

@@ -16,6 +16,7 @@ from seqpar.cp.local import softmax_family_op
 from seqpar.cp.partition import BALANCES, Layout, Partition, resolve, resolve_group
 from seqpar.cp.ring import ring_attention, step_bytes
 from seqpar.cp.s2_exchange import exchange_rows, s2_exchange_attention
+from seqpar.cp.s2_heads import PLACEMENTS, head_placement
 from seqpar.cp.ulysses import kv_head_offset as uly_kv_offset, ulysses_attention
 from seqpar.cp.usp import usp_attention, usp_lightning_attention
 from seqpar.cp.validation import mark_agreed, needs_agreement, signature
@@ -33,7 +34,7 @@ SUPPORTED = {
 _VARLEN = {"cu_seqlens", "cu_seqlens_unpadded", "ulysses_degree"}  # every kind, every scheme
 _KWARGS = {
     "softmax": {"sm_scale", "causal", "backend"} | _VARLEN,
-    "s2": {"layout", "sm_scale", "backend", "kv_head_offset", "total_kv_heads"} | _VARLEN,
+    "s2": {"layout", "sm_scale", "backend", "kv_head_offset", "total_kv_heads", "head_placement"} | _VARLEN,
     "lightning": {"slope", "initial_state", "output_final_state", "backend"} | _VARLEN,
     "moh": {"gates", "sm_scale", "causal", "backend"} | _VARLEN,
 }
@@ -120,6 +121,12 @@ def _validate(q, k, v, kind: str, scheme: str, balance: Optional[str], world: in
         # the rotation step comes from the model's query heads (S2Layout, docs/s2.md)
         total_kv = layout.validate_head_slice(hkv, kw.get("kv_head_offset", 0), kw.get("total_kv_heads"))
         kw["layout"] = layout.with_heads(total_kv * (h // hkv))
+        if "head_placement" in kw:
+            if scheme not in ("ulysses", "usp"):
+                raise ValueError(f"head_placement chooses the heads of each rank under scheme='ulysses' or 'usp'; "
+                                 f"scheme={scheme!r} computes every head on every rank: leave it unset")
+            if kw["head_placement"] not in PLACEMENTS:
+                raise ValueError(f"head_placement must be one of {PLACEMENTS}, got {kw['head_placement']!r}")
     if kind == "lightning":
         from seqpar.kernels.lightning.api import _check_slope
 
@@ -184,7 +191,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, s
             instead of ``balance`` / ``seq_len`` / ``cu_seqlens``.
         kind_kwargs: softmax: ``sm_scale, causal, backend``; s2: ``layout, sm_scale, backend,
             kv_head_offset, total_kv_heads`` (tensor parallelism: the local kv heads are global kv
-            heads ``kv_head_offset ..`` of ``total_kv_heads``, so the pattern is the model's);
+            heads ``kv_head_offset ..`` of ``total_kv_heads``, so the pattern is the model's),
+            with scheme="ulysses" / "usp" ``head_placement``: "balanced" (default: each rank gets kv
+            heads of complementary stride residues, dense heads spread, when that strictly lowers
+            the busiest rank's S2 blocks; :func:`seqpar.cp.s2_heads.head_placement`) or
+            "contiguous" (rank ``u`` holds kv heads ``u·H_kv/P ..``);
             lightning: ``slope, initial_state, output_final_state, backend``; moh: ``gates`` (this
             rank's ``[batch, L, heads]``), ``sm_scale, causal, backend``; any kind: ``cu_seqlens``
             (the *global* int32 ``[num_docs + 1]`` of the packed sequence, batch 1, documents of any
@@ -247,16 +258,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, s
     if scheme == "allgather":
         return allgather_attention(q, k, v, comm, layout=part, op=softmax_family_op(kind, kw, head_off, total),
                                    causal=causal, gates=kw.get("gates"))
+    placement = None
+    if kind == "s2" and scheme in ("ulysses", "usp"):
+        degree = world if scheme == "ulysses" else kw["ulysses_degree"]
+        if kw.get("head_placement", "balanced") == "balanced" and hkv >= 2 * degree:  # else nothing to choose
+            placement = head_placement(part, kw["layout"], heads=q.shape[2], kv_heads=hkv, degree=degree,
+                                       kv_head_offset=head_off, total_kv_heads=total)
     if scheme == "usp":
         ud = kw["ulysses_degree"]
         # member index in the Ulysses group (Comm.split_2d): rank % ulysses_degree
-        op = softmax_family_op(kind, kw, head_off + uly_kv_offset(comm.rank % ud, ud, hkv), total)
+        member = comm.rank % ud
+        op = softmax_family_op(kind, kw, head_off + uly_kv_offset(member, ud, hkv), total,
+                               None if placement is None else placement.runs(member, head_off))
         return usp_attention(q, k, v, comm, layout=part, op=op, causal=causal, ulysses_degree=ud,
-                             gates=kw.get("gates"))
+                             gates=kw.get("gates"), placement=placement)
     if scheme == "ring":
         return ring_attention(q, k, v, comm, layout=part, op=softmax_family_op(kind, kw, head_off, total),
                               causal=causal, gates=kw.get("gates"))
-    return ulysses_attention(q, k, v, comm, kind=kind, layout=part, kw=kw)
+    return ulysses_attention(q, k, v, comm, kind=kind, layout=part, kw=kw, placement=placement)
 
 
 def _elt(dtype: Any) -> int:

@@ -20,15 +20,23 @@ class LocalOp:
 
     ``kv_head_offset`` / ``total_kv_heads``: the local kv heads are a slice of the global ones
     (tensor parallelism, USP after its all-to-all); S2 patterns follow the global index.
+    ``kv_runs`` (s2): the local kv heads are runs ``(local start, global kv head, length)`` of
+    global heads instead (an S2 head placement under USP, ``seqpar.cp.s2_heads``): one kernel call
+    per run.
     """
 
     def __init__(self, kind: str, kw: dict[str, Any], kv_head_offset: int = 0,
-                 total_kv_heads: Optional[int] = None) -> None:
+                 total_kv_heads: Optional[int] = None,
+                 kv_runs: Optional[tuple[tuple[int, int, int], ...]] = None) -> None:
         if kind not in ("softmax", "s2", "moh"):
             raise ValueError(f"kind {kind!r} has no softmax-family local op")
         self.kind, self.kw = kind, kw
         self.kv_head_offset, self.total_kv_heads = kv_head_offset, total_kv_heads
+        self.kv_runs = kv_runs
         self.common = {"sm_scale": kw.get("sm_scale"), "backend": kw.get("backend", "auto")}
+
+    def _runs(self, hkv: int) -> tuple[tuple[int, int, int], ...]:
+        return self.kv_runs or ((0, self.kv_head_offset, hkv),)
 
     def __call__(self, q, k, v, q_off: int, k_off: int, gates: Optional[torch.Tensor]):
         from seqpar import kernels
@@ -38,9 +46,10 @@ class LocalOp:
             return kernels.flash_attention(q, k, v, causal=kw.get("causal", True), return_lse=True,
                                            q_offset=q_off, k_offset=k_off, **self.common)
         if self.kind == "s2":
-            return kernels.s2_attention(q, k, v, kw["layout"], return_lse=True, q_offset=q_off, k_offset=k_off,
-                                        kv_head_offset=self.kv_head_offset, total_kv_heads=self.total_kv_heads,
-                                        **self.common)
+            from seqpar.cp.s2_heads import s2_runs_forward
+
+            return s2_runs_forward(q, k, v, self._runs(k.shape[2]), self.total_kv_heads, layout=kw["layout"],
+                                   return_lse=True, q_offset=q_off, k_offset=k_off, **self.common)
         return kernels.moh_attention(q, k, v, gates, causal=kw.get("causal", True), return_lse=True,
                                      q_offset=q_off, k_offset=k_off, **self.common)
 
@@ -53,11 +62,10 @@ class LocalOp:
             return flash_attention_backward(q, k, v, out, lse, dout, causal=kw.get("causal", True),
                                             q_offset=q_off, k_offset=k_off, **self.common)
         if self.kind == "s2":
-            from seqpar.kernels.s2.api import s2_attention_backward
+            from seqpar.cp.s2_heads import s2_runs_backward
 
-            return s2_attention_backward(q, k, v, out, lse, dout, kw["layout"], q_offset=q_off, k_offset=k_off,
-                                         kv_head_offset=self.kv_head_offset, total_kv_heads=self.total_kv_heads,
-                                         **self.common)
+            return s2_runs_backward(q, k, v, out, lse, dout, self._runs(k.shape[2]), self.total_kv_heads,
+                                    layout=kw["layout"], q_offset=q_off, k_offset=k_off, **self.common)
         from seqpar.kernels.moh.api import moh_attention_backward
 
         return moh_attention_backward(q, k, v, gates, out, lse, dout, causal=kw.get("causal", True),
@@ -65,9 +73,10 @@ class LocalOp:
 
 
 def softmax_family_op(kind: str, kw: dict[str, Any], kv_head_offset: int = 0,
-                      total_kv_heads: Optional[int] = None) -> LocalOp:
+                      total_kv_heads: Optional[int] = None,
+                      kv_runs: Optional[tuple[tuple[int, int, int], ...]] = None) -> LocalOp:
     """Bind ``kind`` ("softmax" | "s2" | "moh") and its keyword arguments to a :class:`LocalOp`."""
-    return LocalOp(kind, kw, kv_head_offset, total_kv_heads)
+    return LocalOp(kind, kw, kv_head_offset, total_kv_heads, kv_runs)
 
 
 def scatter_pieces(outs: Sequence[torch.Tensor], lay: Any, rank: int, *, tail: Sequence[int],

@@ -9,7 +9,10 @@ layout restarts per document, Lightning's state per document, MoH's gates travel
 tokens); padding slots get output 0. GQA: when ``P > H_kv`` the kv heads are replicated
 ``P / H_kv`` times before the exchange so every rank holds the kv head its query heads read
 (gradients of replicas are summed). S2 patterns follow the *global* kv head index
-(:func:`kv_head_offset`), so a rank's heads compute exactly their blocks of the full layout.
+(:func:`kv_head_offset`), so a rank's heads compute exactly their blocks of the full layout; an S2
+head placement (:mod:`seqpar.cp.s2_heads`) reorders the heads before the all-to-all so each rank
+gets kv heads of complementary stride residues (and equal block counts), and restores the order
+of the output after it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from seqpar.cp.allgather import from_real_order, real_order
 from seqpar.cp.comm import Comm, all_gather_autograd, heads_to_seq, seq_to_heads
 from seqpar.cp.partition import Layout, cached_index
+from seqpar.cp.s2_heads import HeadPlacement, permute_heads, s2_runs_forward
 from seqpar.kernels._common import seed_host_ints
 
 
@@ -40,12 +44,17 @@ def doc_cu_seqlens(lay: Layout, device: torch.device) -> Optional[torch.Tensor]:
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: Comm, *, kind: str,
-                      layout: Layout, kw: dict[str, Any]):
-    """Local buffers in, local buffer out. Returns ``o`` (lightning: ``(o, final_state | None)``)."""
+                      layout: Layout, kw: dict[str, Any], placement: Optional[HeadPlacement] = None):
+    """Local buffers in, local buffer out. Returns ``o`` (lightning: ``(o, final_state | None)``).
+    ``placement`` (s2): the kv heads of each rank (None or identity: contiguous)."""
     from seqpar import kernels
 
     p, h, hkv = comm.world, q.shape[2], k.shape[2]
     lay = layout
+    inv = None
+    if placement is not None and not placement.identity:  # heads in the placement's order, member-major
+        qi, ki, inv = placement.indices(q.device)
+        q, k, v = permute_heads(q, qi), permute_heads(k, ki), permute_heads(v, ki)
     if hkv < p:  # replicate kv heads so that each rank owns one whole kv head
         k, v = k.repeat_interleave(p // hkv, dim=2), v.repeat_interleave(p // hkv, dim=2)
     qh, kh, vh = (real_order(seq_to_heads(t, comm), lay) for t in (q, k, v))
@@ -57,9 +66,10 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: C
                                     cu_seqlens=cu, backend=backend)
     elif kind == "s2":
         off = int(kw.get("kv_head_offset", 0))  # tensor parallelism: local kv heads start at global `off`
-        o = kernels.s2_attention(qh, kh, vh, kw["layout"], sm_scale=kw.get("sm_scale"), backend=backend,
-                                 cu_seqlens=cu, kv_head_offset=off + kv_head_offset(comm.rank, p, hkv),
-                                 total_kv_heads=kw.get("total_kv_heads") or off + hkv)
+        runs = (placement.runs(comm.rank, off) if placement is not None
+                else ((0, off + kv_head_offset(comm.rank, p, hkv), kh.shape[2]),))
+        o = s2_runs_forward(qh, kh, vh, runs, kw.get("total_kv_heads") or off + hkv, layout=kw["layout"],
+                            sm_scale=kw.get("sm_scale"), backend=backend, cu_seqlens=cu)
     elif kind == "moh":
         g = real_order(seq_to_heads(kw["gates"].unsqueeze(-1), comm), lay).squeeze(-1)
         o = kernels.moh_attention(qh, kh, vh, g, causal=kw.get("causal", True), sm_scale=kw.get("sm_scale"),
@@ -75,4 +85,5 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: C
         return out, final
     else:
         raise ValueError(f"ulysses does not support kind {kind!r}")
-    return heads_to_seq(from_real_order(o, lay), comm)
+    o = heads_to_seq(from_real_order(o, lay), comm)
+    return o if inv is None else permute_heads(o, inv)

@@ -25,6 +25,7 @@ from seqpar.cp.lasp2 import lasp2_attention
 from seqpar.cp.local import LocalOp
 from seqpar.cp.partition import Layout
 from seqpar.cp.ring import ring_attention
+from seqpar.cp.s2_heads import HeadPlacement, permute_heads
 
 
 def _replicate_kv(k: torch.Tensor, v: torch.Tensor, u: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,15 +36,21 @@ def _replicate_kv(k: torch.Tensor, v: torch.Tensor, u: int) -> tuple[torch.Tenso
 
 
 def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: Comm, *, layout: Layout, op: LocalOp,
-                  ulysses_degree: int, causal: bool = True, gates: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Local buffers in (``[b, L, H, d]``), local output out (0 in padding slots)."""
+                  ulysses_degree: int, causal: bool = True, gates: Optional[torch.Tensor] = None,
+                  placement: Optional[HeadPlacement] = None) -> torch.Tensor:
+    """Local buffers in (``[b, L, H, d]``), local output out (0 in padding slots). ``placement``
+    (s2): the kv heads of each Ulysses member (``op`` runs the member's runs of global heads)."""
     u = ulysses_degree
     uc, rc = comm.split_2d(u)
+    inv = None
+    if placement is not None and not placement.identity:  # heads in the placement's order, member-major
+        qi, ki, inv = placement.indices(q.device)
+        q, k, v = permute_heads(q, qi), permute_heads(k, ki), permute_heads(v, ki)
     k, v = _replicate_kv(k, v, u)
     qh, kh, vh = (seq_to_heads(t, uc) for t in (q, k, v))
     gh = None if gates is None else seq_to_heads(gates.unsqueeze(-1), uc).squeeze(-1)
-    o = ring_attention(qh, kh, vh, rc, layout=layout.merged(u), op=op, causal=causal, gates=gh)
-    return heads_to_seq(o, uc)
+    o = heads_to_seq(ring_attention(qh, kh, vh, rc, layout=layout.merged(u), op=op, causal=causal, gates=gh), uc)
+    return o if inv is None else permute_heads(o, inv)
 
 
 def usp_lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor, comm: Comm, *,

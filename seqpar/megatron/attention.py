@@ -223,6 +223,8 @@ class S2CoreAttention(_SeqparCoreAttention):
                                 backend=self.backend)
         # every CP scheme places this TP rank's kv heads in the global pattern; the layout restarts
         # at every document
+        if self.scheme in ("ulysses", "usp"):  # which kv heads each rank computes (docs/cp.md)
+            packed = {**packed, "head_placement": getattr(self.config, "s2_head_placement", "balanced")}
         return self._cp(q, k, v, layout=self.layout, sm_scale=self.softmax_scale,
                         kv_head_offset=self.kv_head_offset, total_kv_heads=self.total_kv_heads, **packed)
 

@@ -83,6 +83,10 @@ class AttentionParallelFields(Strict):
     allgather. Used when the CP size is > 1."""
     usp_ulysses_degree: PositiveInt = 1
     """Ulysses degree of the "usp" scheme (divides the CP size and the heads; ring over CP / degree groups)."""
+    s2_head_placement: Literal["balanced", "contiguous"] = "balanced"
+    """Which kv heads each rank computes for S2 layers under the "ulysses" / "usp" schemes: "balanced" (kv heads of
+    complementary stride residues per rank, equal S2 blocks, used when it strictly lowers the busiest rank's blocks;
+    the same bytes) or "contiguous" (rank u holds kv heads u x H_kv / degree ..). docs/cp.md, S2 head placement."""
     backend: Literal["auto", "triton", "torch"] = "auto"
     """Kernel backend for every seqpar op: "auto" (Triton on CUDA, torch on CPU), "triton" or "torch"."""
 

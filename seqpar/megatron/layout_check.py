@@ -28,6 +28,7 @@ MEGATRON_CP_COMM = {"p2p": "ring", "all_gather": "allgather", "a2a": "ulysses", 
 RECIPE_NAMES = {
     "tp": "parallel.tensor_parallel", "cp": "parallel.context_parallel", "pp": "parallel.pipeline_parallel",
     "cp_schemes": "parallel.cp_schemes", "ud": "parallel.usp_ulysses_degree", "seq_len": "data.seq_len",
+    "s2_placement": "parallel.s2_head_placement",
     "s2_block_size": "model.s2_block_size",
     "pattern": "model.pattern", "heads": "model.num_attention_heads", "kv_heads": "model.num_kv_heads",
     "num_layers": "model.num_layers", "hidden": "model.hidden_size", "ffn": "model.ffn_hidden_size",
@@ -36,6 +37,7 @@ RECIPE_NAMES = {
 MEGATRON_NAMES = {
     "tp": "tensor_model_parallel_size", "cp": "context_parallel_size", "pp": "pipeline_model_parallel_size",
     "cp_schemes": "cp_schemes", "ud": "usp_ulysses_degree", "seq_len": "seq_length",
+    "s2_placement": "s2_head_placement",
     "s2_block_size": "s2_block_size", "pattern": "pattern",
     "heads": "num_attention_heads", "kv_heads": "num_query_groups", "num_layers": "num_layers",
     "hidden": "hidden_size", "ffn": "ffn_hidden_size", "vocab": "vocab_size", "backend": "seqpar_backend",
@@ -88,7 +90,7 @@ def _heads_fit(what: str, heads: int, kv_heads: int, degree: int, field: str, va
 def check_layout(*, pattern: str, num_layers: int, num_attention_heads: int, num_query_groups: int,
                  tensor_parallel: int = 1, context_parallel: int = 1, pipeline_parallel: int = 1,
                  cp_schemes: Optional[Mapping[str, str]] = None, usp_ulysses_degree: int = 1,
-                 seq_len: Optional[int] = None, s2_block_size: int = 16,
+                 seq_len: Optional[int] = None, s2_block_size: int = 16, s2_head_placement: str = "balanced",
                  names: Mapping[str, str] = RECIPE_NAMES) -> None:
     """Raise a ``ValueError`` (all problems, one per line) unless the layout can run.
 
@@ -100,6 +102,7 @@ def check_layout(*, pattern: str, num_layers: int, num_attention_heads: int, num
         usp_ulysses_degree: Ulysses degree of the "usp" scheme.
         seq_len: training sequence length (global, before the CP split); None skips its checks.
         s2_block_size: the S2 block size (accepted for the recipe's call; no CP limit depends on it).
+        s2_head_placement: S2 heads per rank under ulysses / usp (a non-default value needs such a layer).
         names: field names for the messages (``RECIPE_NAMES`` or ``MEGATRON_NAMES``).
 
     Checks: TP divides the query and kv heads; PP divides the layers (MoH runs at any TP: the
@@ -140,6 +143,11 @@ def check_layout(*, pattern: str, num_layers: int, num_attention_heads: int, num
         errors.append(f"{n['ud']}={ud} is read only by the 'usp' CP scheme, which no layer runs here ("
                       f"{n['cp']}={cp}, schemes {dict(sorted((k, schemes[k]) for k in kinds))}); set it to 1, or "
                       f"'usp' for a kind in {n['cp_schemes']}")
+    s2_heads_sharded = cp > 1 and "s2" in kinds and schemes["s2"] in ("ulysses", "usp")
+    if s2_head_placement != "balanced" and not s2_heads_sharded:  # nothing silently ignored
+        errors.append(f"{n['s2_placement']}={s2_head_placement!r} is read only by S2 layers under the 'ulysses' / "
+                      f"'usp' CP schemes, which no layer runs here ({n['cp']}={cp}, s2 layers: "
+                      f"{'s2' in kinds}, scheme {schemes['s2']!r}); leave it at 'balanced'")
     if cp > 1 and not errors:
         h_loc, hkv_loc = h // tp, hkv // tp
         if seq_len is not None and seq_len % (2 * cp):

@@ -519,7 +519,8 @@ class RunConfig(Strict):
                      tensor_parallel=tp, context_parallel=cp,
                      pipeline_parallel=self.parallel.pipeline_parallel,
                      cp_schemes=self.parallel.cp_schemes, usp_ulysses_degree=self.parallel.usp_ulysses_degree,
-                     seq_len=self.data.seq_len, s2_block_size=self.model.s2_block_size)
+                     seq_len=self.data.seq_len, s2_block_size=self.model.s2_block_size,
+                     s2_head_placement=self.parallel.s2_head_placement)
         # every width rule of megatron's layers and seqpar's kernels (head dim parity for RoPE, kernel head
         # dims, TP splits of the MLP and the vocabulary)
         check_shapes(pattern=self.model.layer_pattern, num_layers=p.num_layers, hidden_size=p.hidden_size,
