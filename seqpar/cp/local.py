@@ -29,6 +29,8 @@ class LocalOp:
         self.kind, self.kw = kind, kw
         self.kv_head_offset, self.total_kv_heads = kv_head_offset, total_kv_heads
         self.common = {"sm_scale": kw.get("sm_scale"), "backend": kw.get("backend", "auto")}
+        # softmax's sliding window (0: none): strategies read it to skip keys outside every window
+        self.window = int(kw.get("window") or 0) if kind == "softmax" else 0
 
     def __call__(self, q, k, v, q_off: int, k_off: int, gates: Optional[torch.Tensor]):
         from seqpar import kernels
@@ -36,7 +38,8 @@ class LocalOp:
         kw = self.kw
         if self.kind == "softmax":
             return kernels.flash_attention(q, k, v, causal=kw.get("causal", True), return_lse=True,
-                                           q_offset=q_off, k_offset=k_off, **self.common)
+                                           q_offset=q_off, k_offset=k_off, window=self.window or None,
+                                           **self.common)
         if self.kind == "s2":
             return kernels.s2_attention(q, k, v, kw["layout"], return_lse=True, q_offset=q_off, k_offset=k_off,
                                         kv_head_offset=self.kv_head_offset, total_kv_heads=self.total_kv_heads,
@@ -51,7 +54,8 @@ class LocalOp:
             from seqpar.kernels.flash.api import flash_attention_backward
 
             return flash_attention_backward(q, k, v, out, lse, dout, causal=kw.get("causal", True),
-                                            q_offset=q_off, k_offset=k_off, **self.common)
+                                            q_offset=q_off, k_offset=k_off, window=self.window or None,
+                                            **self.common)
         if self.kind == "s2":
             from seqpar.kernels.s2.api import s2_attention_backward
 
