@@ -79,6 +79,15 @@ def _cases(world: int) -> list[dict]:
         _case("v-lightning-usp-odd", "lightning", "usp", "zigzag", p, b=2, n=4 * p + 2, h=4, hkv=2, d=16,
               with_state=True, seed=123, **uly),
     ]
+    # sliding-window softmax on the documents, every scheme: a window below the smallest chunk and
+    # one above the longest document's chunk (the ring skips whole hops / key pieces outside it)
+    for i, (scheme, extra) in enumerate((("allgather", {}), ("ring", {}), ("ulysses", {}), ("usp", uly))):
+        for j, win in enumerate((2, 2 * p + 3)):
+            out.append(_case(f"v-softmax-{scheme}-win{win}-docs", "softmax", scheme, "zigzag", p, b=1, n=n, h=4,
+                             hkv=2 if scheme != "usp" else 1, d=16, doc_lens=docs, window=win,
+                             seed=130 + 2 * i + j, **extra))
+    out.append(_case("v-softmax-ring-contig-win-docs", "softmax", "ring", "contiguous", p, b=1, n=n, h=2, hkv=1,
+                     d=16, doc_lens=docs, window=3, seed=140))
     only_p2 = ("-odd",)
     out = [c for c in out if world == 2 or not any(tag in c["name"] for tag in only_p2)]
     return out + cost_cases(world)  # the joint cost balancer's partition (tests/test_cp_cost.py)
