@@ -190,9 +190,15 @@ def test_window_varlen_offsets_low_precision(backend):
 def test_window_skips_tiles_not_only_masks():
     """The plan lists only tiles that meet the window: O(seq x window), and the kernels' block
     counters see exactly those tiles (forward, dq and dk/dv)."""
+    from seqpar.kernels.flops import causal_pairs
+    from seqpar.kernels.s2.reference import token_mask
+
     n, bs = 160, 16  # 10 tiles
     full = build_plan(None, True, 1, n, n, 0, 0, None, bs)
     assert full.nnz(1) == 55
+    for window in (1, 33, 200):  # the FLOPs count (MFU) takes the window's pairs, as the reference mask
+        mask = token_mask(1, 1, n, n, layout=None, causal=True, q_offset=0, k_offset=0, cu_seqlens=None, window=window)
+        assert causal_pairs(n, window) == int(mask.sum())
     for window, want in ((1, 10), (16, 19), (17, 19), (33, 27)):
         plan = build_plan(None, True, 1, n, n, 0, 0, None, bs, window=window)
         # tile t reads kv tiles from the one holding t*bs - window + 1 up to the diagonal
