@@ -17,6 +17,12 @@ recomputed and no autograd graph is built. dQ accumulates locally; the fp32 dK/d
 received at step i goes straight back to their owner, posted right after the step's compute and
 waited for after the next step's (the return overlaps that compute).
 
+Sliding-window softmax (``window=W`` on the local op): a key piece is needed only when its last
+key lies inside some same-document query piece's window (``q.pos - k_last < W``), and then only its
+rows from the earliest reader's window edge on, so a rank receives just the halo before its pieces
+(contiguous: ``W - 1`` rows from rank ``r - 1``) and hops wholly outside every window post nothing;
+each pair's key range starts at its query piece's window edge (the kernel skips the rest by tile).
+
 Bytes (per rank, from the plan): forward, the pieces received; backward, the same pieces again
 plus the fp32 dK/dV of this rank's pieces that others read. Without documents under zigzag, rank
 r receives every chunk of the ranks after it and the early chunk of the ranks before it.
