@@ -141,7 +141,7 @@ def test_import_errors(llama, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     cfg = json.loads((llama / "config.json").read_text())
-    (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "mistral"}))
+    (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen2"}))
     (bad / "model.safetensors").write_bytes((llama / "model.safetensors").read_bytes())
     with pytest.raises(ExportError, match="Llama-architecture"):
         import_hf(bad, tmp_path / "x")
