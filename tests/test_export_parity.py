@@ -130,13 +130,6 @@ def test_windowed_softmax_exports_as_mistral(trained, tmp_path):
     logits, model = _hf_logits(out, tokens)
     assert type(model).__name__ == "MistralForCausalLM" and model.config.sliding_window == 24
     assert (logits - ref["dense-window"]).abs().max().item() <= 1e-4
-    # and back: import reads Mistral's sliding_window into the recipe; re-exporting gives the same model
-    from seqpar.export.from_hf import import_hf
-
-    step = import_hf(out, tmp_path / "run")
-    assert "softmax_window: 24" in (tmp_path / "run" / "recipe.yaml").read_text()
-    again, model = _hf_logits(export(step, tmp_path / "hf2"), tokens)
-    assert model.config.sliding_window == 24 and torch.equal(again, logits)
     with pytest.raises(ExportError, match="softmax_window"):
         spec_from_recipe({"model": {"preset": "tiny-hybrid", "softmax_window": 8}}, 512)
 
