@@ -200,7 +200,7 @@ def _qkv(h: int, hkv: int, d: int, dtype, seq: int = SEQ, b: int = 1):
     return mk(h), mk(hkv), mk(hkv)
 
 
-def case_s2(h, hkv, d, dtype, causal=True, layout=True):
+def case_s2(h, hkv, d, dtype, causal=True, layout=True, window=0):
     from seqpar.kernels.s2.layout import S2Layout
     from seqpar.kernels.s2.plan import build_plan
     from seqpar.kernels.s2.triton_bwd import s2_bwd
@@ -213,7 +213,7 @@ def case_s2(h, hkv, d, dtype, causal=True, layout=True):
     else:
         from seqpar.kernels.flash.api import DEFAULT_BLOCK_SIZE
 
-        plan = build_plan(None, causal, hkv, SEQ, SEQ, 0, 0, None, DEFAULT_BLOCK_SIZE)
+        plan = build_plan(None, causal, hkv, SEQ, SEQ, 0, 0, None, DEFAULT_BLOCK_SIZE, window=window)
     o, lse = s2_fwd(q, k, v, plan, d ** -0.5)
     s2_bwd(q, k, v, o, lse, torch.randn_like(q), torch.zeros_like(lse), plan, d ** -0.5)
 
@@ -250,6 +250,8 @@ CASES: dict[str, Callable] = {
     "s2": case_s2,
     "flash causal": lambda h, hkv, d, dt: case_s2(h, hkv, d, dt, causal=True, layout=False),
     "flash full": lambda h, hkv, d, dt: case_s2(h, hkv, d, dt, causal=False, layout=False),
+    # the sliding-window specialisation (WINDOW constexpr: one more compare in the mask)
+    "flash window": lambda h, hkv, d, dt: case_s2(h, hkv, d, dt, causal=True, layout=False, window=300),
     "moh": case_moh,
     "lightning": case_lightning,
     "lightning states": lambda h, hkv, d, dt: case_lightning(h, hkv, d, dt, states=True),

@@ -151,6 +151,18 @@ def check_int(name: str, value) -> int:
     return value
 
 
+def check_window(window, causal: bool) -> int:
+    """A sliding window (Mistral: query ``i`` sees keys ``j`` with ``i - window < j <= i``) as an
+    int, 0 for none (``None``). ValueError for a non-int, a window < 1 or a non-causal call."""
+    if window is None:
+        return 0
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be None or an int >= 1 (keys i - window < j <= i), got {window!r}")
+    if not causal:
+        raise ValueError("window needs causal=True: the sliding window is causal (Mistral-style)")
+    return window
+
+
 def default_sm_scale(sm_scale: Optional[float], head_dim: int) -> float:
     if sm_scale is None:
         return head_dim ** -0.5

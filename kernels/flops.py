@@ -32,9 +32,12 @@ KINDS = ("softmax", "s2", "lightning", "moh")
 LIGHTNING_CHUNK = 64
 
 
-def causal_pairs(seq_len: int) -> int:
-    """Visible (query, key) pairs of causal attention over ``seq_len`` tokens, one head."""
-    return seq_len * (seq_len + 1) // 2
+def causal_pairs(seq_len: int, window: Optional[int] = None) -> int:
+    """Visible (query, key) pairs of causal attention over ``seq_len`` tokens, one head; with a
+    sliding ``window`` token ``t`` sees ``min(t + 1, window)`` keys."""
+    if window is None or window >= seq_len:
+        return seq_len * (seq_len + 1) // 2
+    return window * (window + 1) // 2 + (seq_len - window) * window
 
 
 def s2_pairs(layout, seq_len: int, num_heads: int, num_kv_heads: int) -> int:
@@ -73,7 +76,7 @@ def s2_pairs(layout, seq_len: int, num_heads: int, num_kv_heads: int) -> int:
 def attention_flops(kind: str, *, batch: int, seq_len: int, heads: int, head_dim: int,
                     v_head_dim: Optional[int] = None, kv_heads: Optional[int] = None, layout=None,
                     active_fraction: float = 1.0, backward: bool = False,
-                    chunk: int = LIGHTNING_CHUNK, recompute: bool = True) -> float:
+                    chunk: int = LIGHTNING_CHUNK, recompute: bool = True, window: Optional[int] = None) -> float:
     """FLOPs of one causal attention call ``[batch, seq_len, heads, head_dim]`` that the mask needs.
 
     ``kind``: "softmax" (dense causal), "s2" (needs ``layout`` and ``kv_heads``), "moh"
@@ -81,7 +84,7 @@ def attention_flops(kind: str, *, batch: int, seq_len: int, heads: int, head_dim
     + backward, else forward only. ``recompute``: the softmax backward recomputes ``S``
     (FlashAttention-2's count, the kernels' own work); ``False``: the model-FLOPs convention of MFU
     (backward 2x forward). Lightning's count has no recompute term either way. See the module
-    docstring for the conventions.
+    docstring for the conventions. ``window``: softmax's sliding window (keys ``t - window < j <= t``).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -97,7 +100,9 @@ def attention_flops(kind: str, *, batch: int, seq_len: int, heads: int, head_dim
             raise ValueError("kind='s2' needs layout= and kv_heads=")
         pairs = batch * s2_pairs(layout, seq_len, heads, kv_heads)
     else:
-        pairs = batch * heads * causal_pairs(seq_len) * (active_fraction if kind == "moh" else 1.0)
+        if window is not None and kind != "softmax":
+            raise ValueError(f"window is softmax's sliding window, got kind={kind!r}")
+        pairs = batch * heads * causal_pairs(seq_len, window) * (active_fraction if kind == "moh" else 1.0)
     fwd = 2 * (d + dv) * pairs
     return fwd + (2 * ((3 if recompute else 2) * d + 2 * dv) * pairs if backward else 0)
 

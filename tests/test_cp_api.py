@@ -219,3 +219,46 @@ def test_s2_exchange_moves_exactly_the_blocks_read(vert_stride):
     assert got > per_rank[0]["fwd"]["all_to_all"]["bytes"]
     with pytest.raises(ValueError, match="needs layout="):
         cp.scheme_cost("s2", "allgather", **kw)
+
+
+def test_ring_window_moves_only_the_halo():
+    """Sliding-window softmax under the ring (host plans, closed forms): a rank receives only the
+    ``window - 1`` halo rows before its own pieces, hops wholly outside every window post nothing,
+    every planned pair starts at its query piece's window edge, and a window covering the sequence
+    plans exactly the full causal ring."""
+    from seqpar.cp.ring import plan, step_bytes
+
+    P, N, Hkv, d, w = 4, 64, 2, 16, 5
+    kw = dict(world=P, heads=4, kv_heads=Hkv, head_dim=d, dtype=torch.float32)
+    row = Hkv * 2 * d * 4
+    part = cp.make_partition(N, (0, P), balance="contiguous")
+    for r in range(P):
+        # contiguous, window below a chunk: only rank r-1's last w-1 rows, nothing from the others
+        assert step_bytes(part, r, True, w) == ([w - 1 if r else 0, 0, 0], [w - 1 if r < P - 1 else 0, 0, 0])
+        c = cp.scheme_cost("softmax", "ring", seq_len=N, rank=r, balance="contiguous", window=w, **kw)
+        assert c["fwd"] == ({"send_recv": {"bytes": (w - 1) * row, "calls": 1}} if r else {})
+        for st in plan(part, r, True, w):
+            for pr in st.pairs:  # no key before the window of the piece's first query is ever computed
+                assert pr.kv_pos >= pr.q_pos - w + 1 and pr.kv_len > 0
+    # zigzag P=2, chunks of 6: rank 1's chunk 1 (positions 6..11) reads rows 3..5 of rank 0's chunk 0,
+    # rank 0's chunk 3 (18..23) rows 15..17 of rank 1's chunk 2; windows of 4
+    z = cp.make_partition(24, (0, 2), balance="zigzag")
+    assert step_bytes(z, 0, True, 4) == ([3], [3]) and step_bytes(z, 1, True, 4) == ([3], [3])
+    # a window at least the sequence: the full causal ring (same rows, same pairs)
+    assert [plan(z, r, True, 24) == plan(z, r, True) for r in range(2)] == [True, True]
+    full = cp.scheme_cost("softmax", "ring", seq_len=N, balance="contiguous", **kw)
+    assert cp.scheme_cost("softmax", "ring", seq_len=N, balance="contiguous", window=N, **kw) == full
+    # allgather: the same all-gather with or without a window (only compute is windowed)
+    assert (cp.scheme_cost("softmax", "allgather", seq_len=N, window=w, **kw)
+            == cp.scheme_cost("softmax", "allgather", seq_len=N, **kw))
+    for bad, match in (({"window": 0}, "window"), ({"window": 3, "causal": False}, "causal=True")):
+        with pytest.raises(ValueError, match=match):
+            cp.scheme_cost("softmax", "ring", seq_len=N, **kw, **bad)
+    with pytest.raises(ValueError, match="kind='softmax'"):
+        cp.scheme_cost("moh", "ring", seq_len=N, window=4, **kw)
+    q = k = v = torch.randn(1, 8, 2, 16)
+    for bad, match in (({"window": 0}, "window"), ({"window": 2, "causal": False}, "causal=True")):
+        with pytest.raises(ValueError, match=match):
+            cp.attention(q, k, v, kind="softmax", scheme="ring", group=(0, 2), **bad)
+    with pytest.raises(ValueError, match="unexpected keyword"):
+        cp.attention(q, k, v, kind="moh", scheme="ring", group=(0, 2), gates=torch.ones(1, 8, 2), window=4)

@@ -60,6 +60,8 @@ def _case(name: str, kind: str, scheme: str, balance: str, world: int, *, b: int
             kw["kv_head_offset"], kw["total_kv_heads"] = extra["kv_head_offset"], extra["total_kv_heads"]
     if "causal" in extra:
         kw["causal"] = extra["causal"]
+    if "window" in extra:  # softmax's sliding window
+        kw["window"] = extra["window"]
     if "ulysses_degree" in extra:
         kw["ulysses_degree"] = extra["ulysses_degree"]
     # balance="cost": the partition is built from the model's cost model and passed as partition=
@@ -163,6 +165,18 @@ def _cases(world: int) -> list[dict]:
         _case("lightning-lasp1-contig", "lightning", "ring", "contiguous", p, b=1, n=p * 6, h=2, hkv=2, d=16, seed=32),
         _case("lightning-uly-zz", "lightning", "ulysses", "zigzag", p, b=1, n=2 * p * 3, h=4, hkv=2, d=16,
               with_state=True, seed=13),
+        # sliding-window softmax: windows below a chunk (zigzag chunks of 6, contiguous of 7-8) and
+        # above it, odd lengths, GQA; the ring moves only the halo (ledger == scheme_cost(window=))
+        _case("softmax-ring-win-below", "softmax", "ring", "zigzag", p, b=1, n=2 * p * 6, h=3, hkv=1, d=16,
+              window=4, seed=60),
+        _case("softmax-ring-win-above", "softmax", "ring", "contiguous", p, b=1, n=7 * p + 3, h=2, hkv=2, d=16,
+              window=11, seed=61),
+        _case("softmax-ag-win", "softmax", "allgather", "zigzag", p, b=1, n=2 * p * 4 + 1, h=4, hkv=2, d=16,
+              window=6, seed=63),
+        _case("softmax-uly-win", "softmax", "ulysses", "zigzag", p, b=1, n=2 * p * 5, h=4, hkv=2, d=16,
+              window=7, seed=64),
+        _case("softmax-usp-win", "softmax", "usp", "zigzag", p, b=1, n=2 * p * 5 + 3, h=4, hkv=1, d=16,
+              window=5, seed=65, ulysses_degree=2),
     ]
 
 
@@ -218,9 +232,9 @@ def _single(c: dict, dtype: torch.dtype, truth: bool):
     cu = kw.get("cu_seqlens")
     final = None
     if c["kind"] == "softmax":
-        causal = kw.get("causal", True)
-        o = (attention_reference(q, k, v, causal=causal, cu_seqlens=cu)[0] if truth
-             else flash_attention(q, k, v, causal=causal, cu_seqlens=cu, backend=kw["backend"]))
+        causal, win = kw.get("causal", True), kw.get("window")
+        o = (attention_reference(q, k, v, causal=causal, cu_seqlens=cu, window=win)[0] if truth
+             else flash_attention(q, k, v, causal=causal, cu_seqlens=cu, window=win, backend=kw["backend"]))
     elif c["kind"] == "s2":
         tp = {n: kw[n] for n in ("kv_head_offset", "total_kv_heads") if n in kw}
         o = (attention_reference(q, k, v, layout=kw["layout"], cu_seqlens=cu, **tp)[0] if truth
@@ -292,7 +306,7 @@ def _check_case(c: dict, per_rank: list[dict], world: int) -> None:
                    output_final_state=bool(c["kw"].get("output_final_state")),
                    **({"partition": part} if c.get("cost") is not None else {"cu_seqlens": cu}),
                    layout=c["kw"].get("layout"), ulysses_degree=c["kw"].get("ulysses_degree"),
-                   causal=c["kw"].get("causal", True))
+                   causal=c["kw"].get("causal", True), window=c["kw"].get("window"))
     for rank, r in enumerate(per_rank):
         cost = cp.scheme_cost(c["kind"], c["scheme"], rank=rank, **cost_kw)
         assert r["fwd"] == cost["fwd"], f"{name}: forward ledger {r['fwd']} != scheme_cost {cost['fwd']}"

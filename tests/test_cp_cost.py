@@ -125,3 +125,19 @@ def cost_cases(world: int) -> list[dict]:
     if world == 4:  # test time: the token-sharded schemes the balancer is for, and usp's ring
         out = [c for c in out if c["name"] in ("cost-s2-allgather", "cost-s2-ring", "cost-softmax-ring", "cost-s2-usp")]
     return out
+
+
+def test_token_costs_of_a_sliding_window():
+    """A windowed softmax token costs the keys its window holds (the reference mask's row count,
+    documents restarting), so the balancer sees the saturated cost, not the causal ramp."""
+    from seqpar.kernels.s2.reference import token_mask
+
+    cu = torch.tensor([0, 9, 50], dtype=torch.int32)
+    mask = token_mask(1, 1, 50, 50, layout=None, causal=True, q_offset=0, k_offset=0, cu_seqlens=cu, window=7)
+    model = cp.CostModel(layers={"softmax": 2, "lightning": 1}, linear_cost=3.0, softmax_window=7)
+    got = torch.cat([model.token_costs(9), model.token_costs(41)])
+    assert torch.equal(got, 2 * mask[0].sum(-1).double() + 3)
+    with pytest.raises(ValueError, match="CostModel.softmax_window"):
+        cp.CostModel(layers={"softmax": 1}, softmax_window=0)
+    with pytest.raises(ValueError, match="causal=True"):
+        cp.CostModel(layers={"softmax": 1}, softmax_window=4, causal=False)

@@ -84,6 +84,15 @@ def _cases(world: int) -> list[dict]:
         _case("v-lightning-usp-odd", "lightning", "usp", "zigzag", p, b=2, n=4 * p + 2, h=4, hkv=2, d=16,
               with_state=True, seed=123, **uly),
     ]
+    # sliding-window softmax on the documents, every scheme: a window below the smallest chunk and
+    # one above the longest document's chunk (the ring skips whole hops / key pieces outside it)
+    for i, (scheme, extra) in enumerate((("allgather", {}), ("ring", {}), ("ulysses", {}), ("usp", uly))):
+        for j, win in enumerate((2, 2 * p + 3)):
+            out.append(_case(f"v-softmax-{scheme}-win{win}-docs", "softmax", scheme, "zigzag", p, b=1, n=n, h=4,
+                             hkv=2 if scheme != "usp" else 1, d=16, doc_lens=docs, window=win,
+                             seed=130 + 2 * i + j, **extra))
+    out.append(_case("v-softmax-ring-contig-win-docs", "softmax", "ring", "contiguous", p, b=1, n=n, h=2, hkv=1,
+                     d=16, doc_lens=docs, window=3, seed=140))
     only_p2 = ("-odd",)
     out = [c for c in out if world == 2 or not any(tag in c["name"] for tag in only_p2)]
     return out + cost_cases(world)  # the joint cost balancer's partition (tests/test_cp_cost.py)
@@ -182,6 +191,7 @@ SCHEME_SETS = [
     {"softmax": "usp", "s2": "ulysses", "lightning": "allgather", "moh": "ring", "usp_ulysses_degree": 2},
 ]
 MEGA_DOCS = [5, 9, 1, 14]  # 29 tokens: 15 slots per rank at CP=2, one padding slot
+MEGA_WINDOW = 4  # below the documents of 5, 9 and 14 tokens and below a rank's 15 slots
 
 
 def _megatron_packed_job(rank: int, world: int) -> dict:
@@ -200,14 +210,17 @@ def _megatron_packed_job(rank: int, world: int) -> dict:
     out = {}
     try:
         single = {kind: "allgather" for kind in ("softmax", "s2", "lightning", "moh")}
-        for name, schemes, cp_size in [("ref", single, 1)] + [(f"cp{i}", s, world) for i, s in enumerate(SCHEME_SETS)]:
+        # the softmax layer runs with a sliding window (on one rank and under CP); "ref-full" without it
+        runs = [("ref", single, 1, MEGA_WINDOW), ("ref-full", single, 1, None)]
+        for name, schemes, cp_size, window in runs + [(f"cp{i}", s, world, MEGA_WINDOW)
+                                                      for i, s in enumerate(SCHEME_SETS)]:
             schemes = dict(schemes)
             degree = schemes.pop("usp_ulysses_degree", 1)
             init_parallel(1, cp_size, seed=7)
             p = replace(preset("tiny"), pattern="ASLH")
             cfg = transformer_config(p, context_parallel_size=cp_size, cp_schemes=schemes, usp_ulysses_degree=degree,
                                      seqpar_backend="torch", s2_block_size=16, s2_local_blocks=1, s2_vert_stride=2,
-                                     moh_aux_loss_coef=0.01, params_dtype=torch.float32)
+                                     moh_aux_loss_coef=0.01, params_dtype=torch.float32, softmax_window=window)
             torch.manual_seed(7)
             model = build_gpt(p, cfg, vocab_size=64, max_sequence_length=64)
             g = torch.Generator().manual_seed(11)
@@ -235,6 +248,11 @@ def _megatron_packed_job(rank: int, world: int) -> dict:
 def test_megatron_layers_take_packed_documents():
     results = run_ranks(_megatron_packed_job, 2, timeout=600)
     ref = results[0]["ref"]
+    # config.softmax_window reaches the softmax (A) layer only: the others equal the full-causal model's
+    full = results[0]["ref-full"]["o"]
+    assert not torch.allclose(ref["o"][0], full[0], rtol=1e-3, atol=1e-4), "softmax_window changed nothing"
+    for layer in range(1, 4):
+        torch.testing.assert_close(ref["o"][layer], full[layer], rtol=0, atol=0)
     for i in range(len(SCHEME_SETS)):
         name = f"cp{i}"
         for layer in range(4):

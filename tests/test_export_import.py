@@ -141,10 +141,14 @@ def test_import_errors(llama, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     cfg = json.loads((llama / "config.json").read_text())
-    (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "mistral"}))
+    (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen2"}))
     (bad / "model.safetensors").write_bytes((llama / "model.safetensors").read_bytes())
     with pytest.raises(ExportError, match="Llama-architecture"):
         import_hf(bad, tmp_path / "x")
+    # Mistral = Llama's weights + a sliding window: imported as the recipe's model.softmax_window
+    (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "mistral", "sliding_window": 24}))
+    import_hf(bad, tmp_path / "mistral")
+    assert "softmax_window: 24" in (tmp_path / "mistral" / "recipe.yaml").read_text()
     (bad / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-6}))
     with pytest.raises(ExportError, match="rms_norm_eps"):
         import_hf(bad, tmp_path / "x")

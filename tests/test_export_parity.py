@@ -90,6 +90,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("export_parity")
     tokens = _tokens()
     runs = [(n, v, p, 1, 1) for n, v, p in VARIANTS]
+    runs.append(("dense-window", "dense", None, 1, 1, ["model.softmax_window=24"]))  # below SEQ: the window matters
     ref = run_ranks(_train_variants, 1, str(root), runs, tokens, timeout=600)[0]
     return root, tokens, ref
 
@@ -114,6 +115,23 @@ def test_variant_logits_match_training(trained, name, tmp_path):
     assert (out / "modeling_seqpar.py").exists() == (name != "dense")
     diff = (logits - ref[name]).abs().max().item()
     assert diff <= 1e-4, (name, diff)
+
+
+def test_windowed_softmax_exports_as_mistral(trained, tmp_path):
+    """model.softmax_window on a pure-softmax model: stock MistralForCausalLM with that
+    sliding_window, logits equal to the training model's (a Llama export would attend past the
+    window and differ); a hybrid pattern with a window is refused, naming the field."""
+    from seqpar.export import ExportError
+    from seqpar.export.convert import spec_from_recipe
+    from seqpar.export.hf import export
+
+    root, tokens, ref = trained
+    out = export(root / "dense-window", tmp_path / "hf")
+    logits, model = _hf_logits(out, tokens)
+    assert type(model).__name__ == "MistralForCausalLM" and model.config.sliding_window == 24
+    assert (logits - ref["dense-window"]).abs().max().item() <= 1e-4
+    with pytest.raises(ExportError, match="softmax_window"):
+        spec_from_recipe({"model": {"preset": "tiny-hybrid", "softmax_window": 8}}, 512)
 
 
 def test_kernel_path_and_sharded_weights(trained, tmp_path):

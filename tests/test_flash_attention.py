@@ -165,3 +165,58 @@ def test_key_chunks_merged_through_lse_equal_full(backend, kind):
 
     ref = {} if kind == "flash" else {"layout": lay}
     check_attention(chunked, q, k, v, **ref)
+
+
+# ---- sliding window (Mistral: query i sees keys i - window < j <= i) --------------------------------
+@pytest.mark.parametrize("backend, window", [  # below, at and above the 16-token tile
+    ("triton", 7), ("triton", 23), ("torch", 1), ("torch", 16), ("torch", 45)])
+def test_window_odd_lengths_gqa(backend, window):
+    q, k, v = make_qkv(1, 53, 53, 4, 2, 16, torch.float32)
+    check_attention(_flash(backend, block_size=16, window=window), q, k, v, window=window)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_window_varlen_offsets_low_precision(backend):
+    cu = torch.tensor([0, 5, 42, 61], dtype=torch.int32, device=DEVICE)
+    q, k, v = make_qkv(1, 61, 61, 2, 1, 16, torch.float32)
+    check_attention(_flash(backend, block_size=16, window=20, cu_seqlens=cu), q, k, v, window=20, cu_seqlens=cu)
+    # a CP ring step: unaligned positions, the key chunk partly outside every query's window
+    check_attention(_flash(backend, block_size=16, window=11, q_offset=41, k_offset=9), q[:, 41:], k[:, 9:45],
+                    v[:, 9:45], q_offset=41, k_offset=9, window=11)
+    q, k, v = make_qkv(1, 37, 37, 2, 1, 16, torch.bfloat16)
+    check_attention(_flash(backend, block_size=16, window=9), q, k, v, window=9)
+
+
+def test_window_skips_tiles_not_only_masks():
+    """The plan lists only tiles that meet the window: O(seq x window), and the kernels' block
+    counters see exactly those tiles (forward, dq and dk/dv)."""
+    from seqpar.kernels.flops import causal_pairs
+    from seqpar.kernels.s2.reference import token_mask
+
+    n, bs = 160, 16  # 10 tiles
+    full = build_plan(None, True, 1, n, n, 0, 0, None, bs)
+    assert full.nnz(1) == 55
+    for window in (1, 33, 200):  # the FLOPs count (MFU) takes the window's pairs, as the reference mask
+        mask = token_mask(1, 1, n, n, layout=None, causal=True, q_offset=0, k_offset=0, cu_seqlens=None, window=window)
+        assert causal_pairs(n, window) == int(mask.sum())
+    for window, want in ((1, 10), (16, 19), (17, 19), (33, 27)):
+        plan = build_plan(None, True, 1, n, n, 0, 0, None, bs, window=window)
+        # tile t reads kv tiles from the one holding t*bs - window + 1 up to the diagonal
+        assert plan.nnz(1) == sum(t - max(0, (t * bs - window + 1) // bs) + 1 for t in range(10)) == want
+        assert plan.csr().col_ptr[0, -1] == want  # the dk/dv columns list the same tiles
+    q, k, v = make_qkv(1, n, n, 2, 1, 16, torch.float32)
+    plan = build_plan(None, True, 1, n, n, 0, 0, None, bs, window=16)
+    fwd, c1, c2 = (torch.zeros(1, dtype=torch.int32, device=DEVICE) for _ in range(3))
+    o, lse = s2_fwd(q, k, v, plan, 0.25, counter=fwd)
+    s2_bwd(q, k, v, o, lse, torch.randn_like(o), torch.randn_like(lse), plan, 0.25, counters=(c1, c2))
+    assert int(fwd) == int(c1) == int(c2) == 2 * 19
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(window=0), "window"), (dict(window=2.0), "window"), (dict(window=True), "window"),
+    (dict(window=4, causal=False), "causal=True"),
+])
+def test_window_bad_input(kwargs, match):
+    q, k, v = make_qkv(1, 64, 64, 4, 2, 16, torch.float32, device="cpu")  # validation only
+    with pytest.raises(ValueError, match=match):
+        flash_attention(q, k, v, **kwargs)

@@ -277,3 +277,21 @@ def test_recipes_readme_has_the_generated_reference():
     text = (ROOT / "recipes" / "README.md").read_text()
     block = text.split("<!-- schema:begin -->\n", 1)[1].split("\n<!-- schema:end -->", 1)[0]
     assert block == schema_markdown().rstrip("\n"), "regenerate: .venv/bin/python -m seqpar.train.config"
+
+
+def test_softmax_window_field():
+    """model.softmax_window reaches the megatron config; a window with no softmax layer to take it, a
+    window < 1 and megatron's own (Transformer Engine) window_size are refused, naming the field."""
+    from seqpar.megatron import SeqparTransformerConfig
+    from seqpar.train.config import load_recipe
+
+    recipe = ROOT / "recipes" / "tiny_hybrid_cp2.yaml"
+    assert load_recipe(recipe, ["model.softmax_window=8"]).model.softmax_window == 8
+    with pytest.raises(ValueError, match=r"model\.softmax_window=8 applies to softmax \(A\) layers"):
+        load_recipe(recipe, ["model.softmax_window=8", "model.pattern=SL"])
+    with pytest.raises(ValueError, match=r"model\.softmax_window"):
+        load_recipe(recipe, ["model.softmax_window=0"])
+    kw = dict(num_layers=1, hidden_size=32, num_attention_heads=4)
+    with pytest.raises(ValueError, match="softmax_window=W instead"):
+        SeqparTransformerConfig(window_size=(8, 0), **kw)
+    assert SeqparTransformerConfig(softmax_window=8, **kw).softmax_window == 8

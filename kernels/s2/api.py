@@ -7,8 +7,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from seqpar.kernels._common import (check_cu_seqlens, check_int, check_qkv, default_sm_scale, select_backend,
-                                    varlen_bounds)
+from seqpar.kernels._common import (check_cu_seqlens, check_int, check_qkv, check_window, default_sm_scale,
+                                    select_backend, varlen_bounds)
 from seqpar.kernels.s2.function import S2AttentionFunction
 from seqpar.kernels.s2.layout import S2Layout
 from seqpar.kernels.s2.plan import TilePlan, build_plan
@@ -17,9 +17,10 @@ from seqpar.kernels.s2.plan import TilePlan, build_plan
 def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: Optional[S2Layout], causal: bool,
             sm_scale: Optional[float], cu_seqlens: Optional[torch.Tensor], q_offset: Optional[int],
             k_offset: int, backend: str, block_size: int, kv_head_offset: int = 0,
-            total_kv_heads: Optional[int] = None) -> tuple[TilePlan, float, str]:
+            total_kv_heads: Optional[int] = None, window: Optional[int] = None) -> tuple[TilePlan, float, str]:
     """Validate everything (before any launch) and return (plan, sm_scale, backend)."""
     b, sq, sk, h, hkv, d = check_qkv(q, k, v)
+    window = check_window(window, causal)
     backend = select_backend(backend, q, k, v)
     sm_scale = default_sm_scale(sm_scale, d)
     k_offset = check_int("k_offset", k_offset)
@@ -37,7 +38,8 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: Option
         total_kv_heads = layout.validate_head_slice(hkv, kv_head_offset, total_kv_heads)
         # the rotation step follows the model's query heads (the GQA group size is slice-invariant)
         layout = layout.with_heads(h // hkv * total_kv_heads)
-    plan = build_plan(layout, causal, hkv, sq, sk, q_offset, k_offset, cu, block_size, kv_head_offset, total_kv_heads)
+    plan = build_plan(layout, causal, hkv, sq, sk, q_offset, k_offset, cu, block_size, kv_head_offset, total_kv_heads,
+                      window)
     return plan, sm_scale, backend
 
 

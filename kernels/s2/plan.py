@@ -61,6 +61,9 @@ class TilePlan:
     ``rows`` int32 ``[Hkv, Tq, 4]``: ``(s1, n1, s2, n2)`` per (kv head, q tile): kv tiles
     ``s1 + i * stride`` for ``i < n1`` then ``s2 + i`` for ``i < n2``. ``cols`` int32
     ``[Hkv, Tk, 2]``: ``(c0, n)`` per (kv head, kv tile): q tiles ``c0 .. c0 + n - 1``.
+
+    ``window`` (dense causal only; 0: none): a query also needs ``q_row + q_shift - (k_row +
+    k_shift) < window`` (Mistral's sliding window); kv tiles wholly outside it are not listed.
     """
 
     block_size: int
@@ -77,6 +80,7 @@ class TilePlan:
     tile_ids: torch.Tensor  # int32 arange(Tq): dk/dv read q tile ids through it (see triton_bwd)
     stride: int
     nnz_per_kv_head: tuple[int, ...]
+    window: int = 0
     _device_cache: dict = field(default_factory=dict, repr=False)  # device -> moved plan
     _key_index_cache: dict = field(default_factory=dict, repr=False)  # (g, t) -> key rows (torch path)
     _csr: Optional[CSR] = field(default=None, repr=False)
@@ -107,7 +111,7 @@ class TilePlan:
         if moved is None:
             moved = TilePlan(self.block_size, self.num_kv_heads, self.causal, self.q_shift, self.k_shift,
                              **{n: getattr(self, n).to(device) for n in _TABLES}, stride=self.stride,
-                             nnz_per_kv_head=self.nnz_per_kv_head)
+                             nnz_per_kv_head=self.nnz_per_kv_head, window=self.window)
             self._device_cache[key] = moved
             _CACHE.resize()
         return moved
@@ -215,26 +219,38 @@ def _runs_s2(layout: S2Layout, num_kv_heads: int, kv_head_offset: int, total_kv_
 
 def _runs_dense(causal: bool, num_kv_heads: int, bs: int, qpos_last: torch.Tensor, kpos0_q: torch.Tensor,
                 nk_q: torch.Tensor, kfirst_q: torch.Tensor, kpos_first: torch.Tensor, qfirst_k: torch.Tensor,
-                nq_k: torch.Tensor):
+                nq_k: torch.Tensor, window: int = 0, qpos_first: Optional[torch.Tensor] = None,
+                kpos_last: Optional[torch.Tensor] = None):
     """Rows / cols of dense attention: a tile pair is listed when one of its (q, k) pairs can be
     visible, ``kpos_first[u] <= qpos_last[t]`` (kv tiles of a segment start every ``bs`` tokens
-    from ``kpos0_q``; ``qpos_last`` ascends over all q tiles)."""
+    from ``kpos0_q``; ``qpos_last`` ascends over all q tiles) and, with a sliding ``window``,
+    ``qpos_first[t] - kpos_last[u] < window``: the band run starts at the first kv tile that ends
+    inside the window of the q tile's first row, so tiles left of it are skipped, not masked."""
     if causal:
         n2 = torch.clamp((qpos_last - kpos0_q) // bs + 1, min=0)
         n2 = torch.minimum(n2, nk_q)
         t_lo = torch.maximum(torch.searchsorted(qpos_last, kpos_first), qfirst_k)
-        cols = _columns(t_lo, torch.clamp(qfirst_k + nq_k - t_lo, min=0))
-    else:
-        n2 = nk_q
-        cols = _columns(qfirst_k, nq_k)
-    rows = _columns(kfirst_q, torch.zeros_like(n2), kfirst_q, n2)
+        t_end = qfirst_k + nq_k
+        u_lo = torch.zeros_like(n2)
+        if window:
+            # kv tile u ends at kpos0 + u*bs + bs - 1 >= qpos_first - window + 1
+            u_lo = torch.minimum(torch.clamp((qpos_first - window + 1 - kpos0_q) // bs, min=0), n2)
+            t_end = torch.minimum(t_end, torch.searchsorted(qpos_first, kpos_last + window - 1, right=True))
+        cols = _columns(t_lo, torch.clamp(t_end - t_lo, min=0))
+        rows = _columns(kfirst_q, torch.zeros_like(n2), kfirst_q + u_lo, n2 - u_lo)
+        return rows, cols, 1
+    cols = _columns(qfirst_k, nq_k)
+    rows = _columns(kfirst_q, torch.zeros_like(nk_q), kfirst_q, nk_q)
     return rows, cols, 1
 
 
 def build_plan_uncached(layout: Optional[S2Layout], causal: bool, num_kv_heads: int, seq_q: int, seq_k: int,
                         q_offset: int, k_offset: int, cu_seqlens: Optional[tuple[int, ...]], block_size: int,
-                        kv_head_offset: int = 0, total_kv_heads: Optional[int] = None) -> TilePlan:
+                        kv_head_offset: int = 0, total_kv_heads: Optional[int] = None,
+                        window: int = 0) -> TilePlan:
     """:func:`build_plan` without the cache (benchmarks)."""
+    if window and (layout is not None or not causal):
+        raise ValueError("a sliding window applies to dense causal attention only")
     bs = block_size
     i64 = lambda x: torch.as_tensor(x, dtype=torch.int64)  # noqa: E731  host tables, never on a device
     if cu_seqlens is not None:
@@ -249,6 +265,7 @@ def build_plan_uncached(layout: Optional[S2Layout], causal: bool, num_kv_heads: 
         kfirst_q = qfirst_k = first
         kb, qb0_k = j, kb0_q
         qpos_last = torch.minimum(qs + bs, qe) - 1
+        qpos_first, kpos_last = qs, torch.minimum(ks + bs, ke) - 1
         kpos0_q, kpos_first = cu[:-1][seg], ks
         q_shift = k_shift = 0
     else:
@@ -268,6 +285,7 @@ def build_plan_uncached(layout: Optional[S2Layout], causal: bool, num_kv_heads: 
         nk_q, nq_k = torch.full((nq,), nk, dtype=torch.int64), torch.full((nk,), nq, dtype=torch.int64)
         kfirst_q, qfirst_k = torch.zeros(nq, dtype=torch.int64), torch.zeros(nk, dtype=torch.int64)
         qpos_last = torch.minimum(qs + bs, qe) - 1 + q_offset
+        qpos_first, kpos_last = qs + q_offset, torch.minimum(ks + bs, ke) - 1 + k_offset
         kpos0_q = torch.full((nq,), k_offset, dtype=torch.int64)
         kpos_first = ks + k_offset
         q_shift, k_shift = q_offset, k_offset
@@ -277,7 +295,7 @@ def build_plan_uncached(layout: Optional[S2Layout], causal: bool, num_kv_heads: 
                                       kb, qb0_k, nq_k, qfirst_k)
     else:
         rows, cols, stride = _runs_dense(causal, num_kv_heads, bs, qpos_last, kpos0_q, nk_q, kfirst_q, kpos_first,
-                                         qfirst_k, nq_k)
+                                         qfirst_k, nq_k, window, qpos_first, kpos_last)
     if rows.dim() == 2:  # dense: one pattern for every kv head
         rows, cols = rows[None].expand(num_kv_heads, -1, -1), cols[None].expand(num_kv_heads, -1, -1)
     nnz = rows[..., 1].sum(-1, dtype=torch.int64) + rows[..., 3].sum(-1, dtype=torch.int64)
@@ -286,7 +304,7 @@ def build_plan_uncached(layout: Optional[S2Layout], causal: bool, num_kv_heads: 
         block_size=bs, num_kv_heads=num_kv_heads, causal=causal, q_shift=q_shift, k_shift=k_shift,
         q_start=i32(qs), q_end=i32(qe), kv_start=i32(ks), kv_end=i32(ke), rows=i32(rows), cols=i32(cols),
         tile_ids=torch.arange(len(qs), dtype=torch.int32),
-        stride=stride, nnz_per_kv_head=tuple(int(x) for x in nnz),
+        stride=stride, nnz_per_kv_head=tuple(int(x) for x in nnz), window=window,
     )
 
 
@@ -297,8 +315,9 @@ _CACHE = BoundedCache(PLAN_CACHE_BYTES, TilePlan.nbytes)
 
 def build_plan(layout: Optional[S2Layout], causal: bool, num_kv_heads: int, seq_q: int, seq_k: int,
                q_offset: int, k_offset: int, cu_seqlens: Optional[tuple[int, ...]], block_size: int,
-               kv_head_offset: int = 0, total_kv_heads: Optional[int] = None) -> TilePlan:
-    """Build (and cache) the plan. ``layout=None`` is dense (causal or not) at ``block_size``.
+               kv_head_offset: int = 0, total_kv_heads: Optional[int] = None, window: int = 0) -> TilePlan:
+    """Build (and cache) the plan. ``layout=None`` is dense (causal or not) at ``block_size``;
+    ``window > 0`` (dense causal): Mistral's sliding window, kv tiles outside it are not listed.
 
     ``kv_head_offset`` / ``total_kv_heads``: the plan's kv heads are global kv heads
     ``kv_head_offset ..`` of ``total_kv_heads`` (S2 patterns follow the global index).
@@ -309,5 +328,5 @@ def build_plan(layout: Optional[S2Layout], causal: bool, num_kv_heads: int, seq_
     the partial block up to the next boundary, so every tile lies in one absolute block.
     """
     key = (layout, causal, num_kv_heads, seq_q, seq_k, q_offset, k_offset, cu_seqlens, block_size,
-           kv_head_offset, total_kv_heads)
+           kv_head_offset, total_kv_heads, window)
     return _CACHE.get_or_build(key, lambda: build_plan_uncached(*key))

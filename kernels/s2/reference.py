@@ -5,6 +5,7 @@ for the truth, in the working dtype for the flash-attn tolerance rule).
 
     token_mask[h, i, j] = same_doc(i, j)
                           and (not causal or q_pos(i) >= k_pos(j))
+                          and (not window or q_pos(i) - k_pos(j) < window)          (dense only)
                           and block_mask[h // group, block(q_pos(i)), block(k_pos(j))]   (S2 only)
     s   = sm_scale * q_i . k_j           over visible j
     lse = log sum_j exp(s)               (-inf when no key is visible)
@@ -26,7 +27,8 @@ from seqpar.kernels.s2.layout import S2Layout
 
 def token_mask(num_heads: int, num_kv_heads: int, seq_q: int, seq_k: int, *, layout: Optional[S2Layout],
                causal: bool, q_offset: int, k_offset: int, cu_seqlens: Optional[torch.Tensor],
-               kv_head_offset: int = 0, total_kv_heads: Optional[int] = None) -> torch.Tensor:
+               kv_head_offset: int = 0, total_kv_heads: Optional[int] = None,
+               window: Optional[int] = None) -> torch.Tensor:
     """bool [num_heads, seq_q, seq_k]: which keys each query sees."""
     if cu_seqlens is not None:
         cu = cu_seqlens.to("cpu", torch.int64)
@@ -41,6 +43,8 @@ def token_mask(num_heads: int, num_kv_heads: int, seq_q: int, seq_k: int, *, lay
     mask = same
     if causal:
         mask = mask & (qpos[:, None] >= kpos[None, :])
+    if window:
+        mask = mask & (qpos[:, None] - kpos[None, :] < window)
     mask = mask[None].expand(num_heads, -1, -1)
     if layout is not None:
         bs = layout.block_size
@@ -57,7 +61,8 @@ def token_mask(num_heads: int, num_kv_heads: int, seq_q: int, seq_k: int, *, lay
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: Optional[S2Layout] = None,
                         causal: bool = True, sm_scale: Optional[float] = None, q_offset: Optional[int] = None,
                         k_offset: int = 0, cu_seqlens: Optional[torch.Tensor] = None, kv_head_offset: int = 0,
-                        total_kv_heads: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        total_kv_heads: Optional[int] = None,
+                        window: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense masked softmax attention in q's dtype. q [b, sq, h, d], k/v [b, sk, hkv, d].
 
     Returns ``o`` [b, sq, h, d] and ``lse`` [b, h, sq] (float32, or float64 for fp64 inputs).
@@ -72,7 +77,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, la
         q_offset = k_offset + sk - sq
     mask = token_mask(h, hkv, sq, sk, layout=layout, causal=causal or layout is not None, q_offset=q_offset,
                       k_offset=k_offset, cu_seqlens=cu_seqlens, kv_head_offset=kv_head_offset,
-                      total_kv_heads=total_kv_heads).to(q.device)
+                      total_kv_heads=total_kv_heads, window=window).to(q.device)
     group = h // hkv
     kk = k.repeat_interleave(group, dim=2)
     vv = v.repeat_interleave(group, dim=2)

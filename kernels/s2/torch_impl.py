@@ -26,7 +26,10 @@ def _tile_scores(plan: TilePlan, q: torch.Tensor, k: torch.Tensor, g: int, t: in
     if plan.causal:
         qpos = torch.arange(qs, qe, device=q.device) + plan.q_shift
         kpos = kidx + plan.k_shift
-        s = s.masked_fill(qpos[:, None] < kpos[None, :], float("-inf"))
+        hidden = qpos[:, None] < kpos[None, :]
+        if plan.window:  # the listed tiles can still hold keys past the window's lower edge
+            hidden |= qpos[:, None] - kpos[None, :] >= plan.window
+        s = s.masked_fill(hidden, float("-inf"))
     return slice(qs, qe), kidx, s
 
 

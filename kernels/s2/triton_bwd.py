@@ -67,8 +67,8 @@ def _s2_bwd_dq_kernel(
     stride_dob, stride_dos, stride_doh, stride_dod,
     stride_dqb, stride_dqs, stride_dqh, stride_dqd,
     stride_lb, stride_lh,
-    num_q_tiles, group, q_shift, k_shift, scale_log2, sm_scale, stride,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, COUNT: tl.constexpr,
+    num_q_tiles, group, q_shift, k_shift, window, scale_log2, sm_scale, stride,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr, COUNT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     t = num_q_tiles - 1 - tl.program_id(0)  # heaviest (last) q tiles first
@@ -117,7 +117,8 @@ def _s2_bwd_dq_kernel(
             vt = vt.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         p = tl.math.exp2(s - lse2[:, None])
-        p = mask_tile(p, 0.0, offs_m, offs_n, q_lo, k_lo, k_hi, q_shift, k_shift, CAUSAL, BLOCK_N)
+        p = mask_tile(p, 0.0, offs_m, offs_n, q_lo, k_lo, k_hi, q_shift, k_shift, window,
+                      CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
         dp = tl.dot(do, vt, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -139,8 +140,8 @@ def _s2_bwd_dkdv_kernel(
     stride_dkb, stride_dks, stride_dkh, stride_dkd,
     stride_dvb, stride_dvs, stride_dvh, stride_dvd,
     stride_lb, stride_lh,
-    num_kv_tiles, group, q_shift, k_shift, scale_log2, sm_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, COUNT: tl.constexpr,
+    num_kv_tiles, group, q_shift, k_shift, window, scale_log2, sm_scale,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr, COUNT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     u = tl.program_id(0)
@@ -196,7 +197,8 @@ def _s2_bwd_dkdv_kernel(
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
             p = tl.math.exp2(s - lse2[:, None])
             # q rows past q_hi loaded q = do = lse = delta = 0, so they add exactly 0 to dk and dv
-            p = mask_tile(p, 0.0, offs_m, offs_n, q_lo, k_lo, k_hi, q_shift, k_shift, CAUSAL, BLOCK_N)
+            p = mask_tile(p, 0.0, offs_m, offs_n, q_lo, k_lo, k_hi, q_shift, k_shift, window,
+                      CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
@@ -233,14 +235,16 @@ def s2_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, l
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    consts = dict(CAUSAL=plan.causal, COUNT=counters is not None, **kernel_options(q, plan.block_size))
+    consts = dict(CAUSAL=plan.causal, WINDOW=plan.window > 0, COUNT=counters is not None,
+                  **kernel_options(q, plan.block_size))
     cnt_dq, cnt_kv = counters if counters is not None else (lse, lse)
     tune = attention_tuning("dq", plan.block_size, d, q.dtype, q.device)
     launch(_s2_bwd_dq_kernel, grid["dq"], (
         q, k, v, do, lse, delta, dq, cnt_dq,
         plan.q_start, plan.q_end, plan.kv_start, plan.kv_end, plan.rows,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), lse.stride(0), lse.stride(1),
-        plan.num_q_tiles, h // hkv, plan.q_shift, plan.k_shift, sm_scale * LOG2E, sm_scale, plan.stride,
+        plan.num_q_tiles, h // hkv, plan.q_shift, plan.k_shift, plan.window, sm_scale * LOG2E, sm_scale,
+        plan.stride,
     ), consts, default=tune.default, space=tune.space, key=TUNE_KEY, device=q.device, tunable=counters is None)
     tune = attention_tuning("dkdv", plan.block_size, d, q.dtype, q.device)
     launch(_s2_bwd_dkdv_kernel, grid["dkdv"], (
@@ -248,6 +252,6 @@ def s2_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, l
         plan.q_start, plan.q_end, plan.kv_start, plan.kv_end, plan.cols, plan.tile_ids,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         lse.stride(0), lse.stride(1),
-        plan.num_kv_tiles, h // hkv, plan.q_shift, plan.k_shift, sm_scale * LOG2E, sm_scale,
+        plan.num_kv_tiles, h // hkv, plan.q_shift, plan.k_shift, plan.window, sm_scale * LOG2E, sm_scale,
     ), consts, default=tune.default, space=tune.space, key=TUNE_KEY, device=q.device, tunable=counters is None)
     return dq, dk, dv

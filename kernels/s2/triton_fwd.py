@@ -22,17 +22,22 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def mask_tile(x, fill, offs_m, offs_n, q_lo, k_lo, k_hi, q_shift, k_shift,
-              CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+def mask_tile(x, fill, offs_m, offs_n, q_lo, k_lo, k_hi, q_shift, k_shift, window,
+              CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Set invisible (q, k) entries of a score/prob tile to ``fill``. Only the kv tail tile and,
-    when causal, tiles that cross the diagonal need it; interior tiles skip the compares."""
+    when causal, tiles that cross the diagonal (with a sliding window: or its lower edge) need it;
+    interior tiles skip the compares."""
     needs = k_lo + BLOCK_N > k_hi
     if CAUSAL:
         needs = needs | (k_lo + k_shift + (BLOCK_N - 1) > q_lo + q_shift)
+    if WINDOW:
+        needs = needs | (q_lo + q_shift + (BLOCK_M - 1) - (k_lo + k_shift) >= window)
     if needs:
         ok = offs_n[None, :] < k_hi
         if CAUSAL:
             ok = ok & ((offs_m[:, None] + q_shift) >= (offs_n[None, :] + k_shift))
+        if WINDOW:
+            ok = ok & ((offs_m[:, None] + q_shift) - (offs_n[None, :] + k_shift) < window)
         x = tl.where(ok, x, fill)
     return x
 
@@ -54,8 +59,8 @@ def _s2_fwd_kernel(
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ob, stride_os, stride_oh, stride_od,
     stride_lb, stride_lh,
-    num_q_tiles, group, q_shift, k_shift, scale_log2, stride,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, COUNT: tl.constexpr,
+    num_q_tiles, group, q_shift, k_shift, window, scale_log2, stride,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, UPCAST: tl.constexpr, COUNT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # grid (q tiles, heads, batch) (see grids); last q tiles read the most kv tiles under
@@ -100,7 +105,8 @@ def _s2_fwd_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        s = mask_tile(s, float("-inf"), offs_m, offs_n, q_lo, k_lo, k_hi, q_shift, k_shift, CAUSAL, BLOCK_N)
+        s = mask_tile(s, float("-inf"), offs_m, offs_n, q_lo, k_lo, k_hi, q_shift, k_shift, window,
+                      CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # rows with nothing visible yet keep m = -inf; shift by 0 so exp2 gives 0, not NaN
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -166,13 +172,14 @@ def s2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: TilePlan, sm
     o = torch.empty_like(q)
     lse = torch.empty(b, h, sq, device=q.device, dtype=torch.float32)
     grid = grids(plan.num_q_tiles, plan.num_kv_tiles, b, h, hkv, sq)["fwd"]
-    consts = dict(CAUSAL=plan.causal, COUNT=counter is not None, **kernel_options(q, plan.block_size))
+    consts = dict(CAUSAL=plan.causal, WINDOW=plan.window > 0, COUNT=counter is not None,
+                  **kernel_options(q, plan.block_size))
     tune = attention_tuning("fwd", plan.block_size, d, q.dtype, q.device)
     launch(_s2_fwd_kernel, grid, (
         q, k, v, o, lse, counter if counter is not None else lse,
         plan.q_start, plan.q_end, plan.kv_start, plan.kv_end, plan.rows,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), lse.stride(0), lse.stride(1),
-        plan.num_q_tiles, h // hkv, plan.q_shift, plan.k_shift, sm_scale * LOG2E, plan.stride,
+        plan.num_q_tiles, h // hkv, plan.q_shift, plan.k_shift, plan.window, sm_scale * LOG2E, plan.stride,
     ), consts, default=tune.default, space=tune.space, key=TUNE_KEY, device=q.device, tunable=counter is None)
     return o, lse
 

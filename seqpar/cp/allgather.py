@@ -6,6 +6,11 @@ its document, to its document's keys up to its own end (causal) or to the whole 
 Backward: the all-gather's adjoint, one reduce-scatter of dK/dV; dQ stays local. Cost per layer
 (``L`` local slots, ``e`` bytes per element): ``(P-1) · L · b · H_kv · (d + dv) · e`` received in
 forward (1 call) and the same in backward (1 call).
+
+Sliding window (softmax ``window=w``): every rank still receives the whole all-gather (the bytes
+above do not shrink with the window: for a window below the sequence use the ring, which receives
+only the halo rows); each query piece attends only to the keys from its first row's window edge
+``pos - w + 1`` on, so compute is O(piece x w) and the keys below get exact zero gradients.
 """
 
 from __future__ import annotations
@@ -45,9 +50,10 @@ def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm:
     kv = real_order(all_gather_autograd(torch.cat([k, v], dim=-1), comm, dim=1), lay)  # [b, R, hkv, d+dv]
     outs = []
     for p in lay.pieces[comm.rank]:
-        lo = lay.doc_start[p.doc]
-        hi = lo + (p.end if causal else lay.doc_real[p.doc])  # causal: later keys are all masked
-        o, _ = op(q[:, p.local:p.local + p.length], kv[:, lo:hi, :, :d], kv[:, lo:hi, :, d:], p.pos, 0,
+        first = max(0, p.pos - op.window + 1) if op.window else 0  # keys below the window's edge: none
+        lo = lay.doc_start[p.doc] + first
+        hi = lay.doc_start[p.doc] + (p.end if causal else lay.doc_real[p.doc])  # causal: later keys are all masked
+        o, _ = op(q[:, p.local:p.local + p.length], kv[:, lo:hi, :, :d], kv[:, lo:hi, :, d:], p.pos, first,
                   None if gates is None else gates[:, p.local:p.local + p.length])
         outs.append(o)
     return scatter_pieces(outs, lay, comm.rank, tail=(q.shape[2], v.shape[-1]), ties=(q, kv))

@@ -33,7 +33,7 @@ SUPPORTED = {
 }
 _VARLEN = {"cu_seqlens", "cu_seqlens_unpadded", "ulysses_degree"}  # every kind, every scheme
 _KWARGS = {
-    "softmax": {"sm_scale", "causal", "backend"} | _VARLEN,
+    "softmax": {"sm_scale", "causal", "window", "backend"} | _VARLEN,
     "s2": {"layout", "sm_scale", "backend", "kv_head_offset", "total_kv_heads", "head_placement"} | _VARLEN,
     "lightning": {"slope", "initial_state", "output_final_state", "backend"} | _VARLEN,
     "moh": {"gates", "sm_scale", "causal", "backend"} | _VARLEN,
@@ -111,6 +111,10 @@ def _validate(q, k, v, kind: str, scheme: str, balance: Optional[str], world: in
         raise ValueError(f"unexpected keyword(s) {sorted(extra)} for kind={kind!r}; accepted: {sorted(_KWARGS[kind])}")
     b, s, _, h, hkv, d = check_qkv(q, k, v, same_dv=kind != "lightning")
     part = _partition(b, s, world, balance, seq_len, part, kw)
+    if kind == "softmax" and "window" in kw:
+        from seqpar.kernels._common import check_window
+
+        kw["window"] = check_window(kw["window"], kw.get("causal", True)) or None
     if kind == "s2":
         layout = kw.get("layout")
         if layout is None:
@@ -189,7 +193,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, s
             Pass it when ``N`` is not a multiple of ``P``, so the padding slots are known.
         partition: a resolved :class:`~seqpar.cp.Partition` (``cp.make_partition``; any balancer's),
             instead of ``balance`` / ``seq_len`` / ``cu_seqlens``.
-        kind_kwargs: softmax: ``sm_scale, causal, backend``; s2: ``layout, sm_scale, backend,
+        kind_kwargs: softmax: ``sm_scale, causal, window, backend`` (``window``: Mistral's sliding
+            window, query ``i`` sees keys ``i - window < j <= i`` of its document; allgather still
+            gathers all K/V and attends to the window only, the ring moves only the window's halo
+            rows and skips hops and key pieces outside it, ulysses / usp pass it to the local
+            kernel); s2: ``layout, sm_scale, backend,
             kv_head_offset, total_kv_heads`` (tensor parallelism: the local kv heads are global kv
             heads ``kv_head_offset ..`` of ``total_kv_heads``, so the pattern is the model's),
             with scheme="ulysses" / "usp" ``head_placement``: "balanced" (default: each rank gets kv
@@ -292,7 +300,8 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
                 layout: Any = None, ulysses_degree: Optional[int] = None, rank: Optional[int] = None,
                 kv_head_offset: int = 0, total_kv_heads: Optional[int] = None, causal: bool = True,
                 cu_seqlens: Any = None, cu_seqlens_unpadded: Any = None,
-                partition: Optional[Partition] = None) -> dict[str, dict[str, dict[str, int]]]:
+                partition: Optional[Partition] = None,
+                window: Optional[int] = None) -> dict[str, dict[str, dict[str, int]]]:
     """Bytes received per rank and calls per layer: ``{"fwd"|"bwd": {op: {"bytes", "calls"}}}``, exactly
     what the ledger records (``cp.comm_ledger``).
 
@@ -313,7 +322,12 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
       fp32 dK/dV of the rank's own pieces that each other rank read (``4`` bytes per element).
       Without documents under zigzag (``c = N / 2P``): rank r receives ``(2P - 2 - r) · c`` rows
       forward and ``(P - 1 + r) · c`` fp32 rows of dK/dV back; contiguous (causal) only from the
-      ranks before it (rank 0: nothing).
+      ranks before it (rank 0: nothing). Softmax ``window=w``: a key piece moves only when some
+      query piece's window reaches it, and only its rows from the earliest reader's window edge
+      on (the halo): without documents, at most ``w - 1`` rows per (reader, key piece) before the
+      reader's own rows; hops wholly outside every window record nothing.
+    - allgather with a softmax ``window``: the bytes above, unchanged (the all-gather moves every
+      row; only the compute is windowed).
     - LASP-2 (lightning allgather): ``(P-1) · S · b · H · dk · dv · 4`` with ``S`` the states the
       busiest rank exports (:func:`seqpar.cp.lasp2.state_slots`: 2 under zigzag, 1 contiguous;
       with ``cu_seqlens`` about 2 per document under zigzag, only the documents that cross a rank
@@ -343,6 +357,11 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
     rows_state = 1 if part.varlen else batch  # a LASP state slot holds b rows (documents: one each)
     state = heads * head_dim * dv * 4
     causal = causal if kind in ("softmax", "moh") else True
+    if window is not None and kind != "softmax":
+        raise ValueError(f"window is a kind='softmax' option (sliding-window softmax), got kind={kind!r}")
+    from seqpar.kernels._common import check_window
+
+    window = check_window(window, causal)
 
     def add(side: dict, op: str, nbytes: int) -> None:
         rec = side.setdefault(op, {"bytes": 0, "calls": 0})
@@ -350,7 +369,7 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
         rec["calls"] += 1
 
     def ring_cost(lay: Layout, r: int, fwd: dict, bwd: dict, row: int) -> None:
-        got, back = step_bytes(lay, r, causal)
+        got, back = step_bytes(lay, r, causal, window)
         for n in got:
             if n:
                 add(fwd, "send_recv", n * row * e)

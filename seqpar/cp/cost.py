@@ -51,6 +51,8 @@ class CostModel:
         linear_cost: Lightning's work per token in (query, key)-pair equivalents per head (its
             intra-block pairs plus the state read and update: about ``block + head_dim``; default 128).
         causal: softmax / MoH layers are causal (else every token sees its whole document).
+        softmax_window: the softmax layers' sliding window (``cp.attention(window=)``): a softmax
+            token at position ``t`` costs ``min(t + 1, softmax_window)``; None: full causal.
         target: the balancer refines its chunks until ``max / mean`` of the modelled per-rank work
             is at most this (default 1.02), or the finest cut is reached.
 
@@ -68,6 +70,7 @@ class CostModel:
     linear_cost: float = 128.0
     causal: bool = True
     target: float = 1.02
+    softmax_window: Optional[int] = None
 
     def __post_init__(self) -> None:
         from seqpar.kernels import S2Layout
@@ -108,6 +111,13 @@ class CostModel:
             raise ValueError(f"CostModel.moh_active is a fraction of the heads (<= 1), got {self.moh_active!r}")
         if not isinstance(self.causal, bool):
             raise ValueError(f"CostModel.causal must be a bool, got {self.causal!r}")
+        if self.softmax_window is not None:
+            from seqpar.kernels._common import check_window
+
+            try:
+                check_window(self.softmax_window, self.causal)
+            except ValueError as e:
+                raise ValueError(f"CostModel.softmax_window: {e}") from None
         if isinstance(self.target, bool) or not isinstance(self.target, (int, float)) or not self.target >= 1:
             raise ValueError(f"CostModel.target is a max / mean ratio, >= 1, got {self.target!r}")
 
@@ -119,8 +129,8 @@ class CostModel:
         seen = t + 1 if self.causal else torch.full_like(t, float(real))
         out = torch.zeros(doc_len, dtype=torch.float64)
         for kind, n in self.layers:
-            if kind == "softmax":
-                out += n * seen
+            if kind == "softmax":  # a sliding window saturates at its width
+                out += n * (seen if self.softmax_window is None else seen.clamp(max=self.softmax_window))
             elif kind == "moh":
                 out += n * self.moh_active * seen
             elif kind == "lightning":

@@ -34,6 +34,8 @@ class LocalOp:
         self.kv_head_offset, self.total_kv_heads = kv_head_offset, total_kv_heads
         self.kv_runs = kv_runs
         self.common = {"sm_scale": kw.get("sm_scale"), "backend": kw.get("backend", "auto")}
+        # softmax's sliding window (0: none): strategies read it to skip keys outside every window
+        self.window = int(kw.get("window") or 0) if kind == "softmax" else 0
 
     def _runs(self, hkv: int) -> tuple[tuple[int, int, int], ...]:
         return self.kv_runs or ((0, self.kv_head_offset, hkv),)
@@ -44,7 +46,8 @@ class LocalOp:
         kw = self.kw
         if self.kind == "softmax":
             return kernels.flash_attention(q, k, v, causal=kw.get("causal", True), return_lse=True,
-                                           q_offset=q_off, k_offset=k_off, **self.common)
+                                           q_offset=q_off, k_offset=k_off, window=self.window or None,
+                                           **self.common)
         if self.kind == "s2":
             from seqpar.cp.s2_heads import s2_runs_forward
 
@@ -60,7 +63,8 @@ class LocalOp:
             from seqpar.kernels.flash.api import flash_attention_backward
 
             return flash_attention_backward(q, k, v, out, lse, dout, causal=kw.get("causal", True),
-                                            q_offset=q_off, k_offset=k_off, **self.common)
+                                            q_offset=q_off, k_offset=k_off, window=self.window or None,
+                                            **self.common)
         if self.kind == "s2":
             from seqpar.cp.s2_heads import s2_runs_backward
 

@@ -17,6 +17,12 @@ recomputed and no autograd graph is built. dQ accumulates locally; the fp32 dK/d
 received at step i goes straight back to their owner, posted right after the step's compute and
 waited for after the next step's (the return overlaps that compute).
 
+Sliding-window softmax (``window=W`` on the local op): a key piece is needed only when its last
+key lies inside some same-document query piece's window (``q.pos - k_last < W``), and then only its
+rows from the earliest reader's window edge on, so a rank receives just the halo before its pieces
+(contiguous: ``W - 1`` rows from rank ``r - 1``) and hops wholly outside every window post nothing;
+each pair's key range starts at its query piece's window edge (the kernel skips the rest by tile).
+
 Bytes (per rank, from the plan): forward, the pieces received; backward, the same pieces again
 plus the fp32 dK/dV of this rank's pieces that others read. Without documents under zigzag, rank
 r receives every chunk of the ranks after it and the early chunk of the ranks before it.
@@ -32,7 +38,7 @@ import torch
 from seqpar.cp.comm import Comm, Pending
 from seqpar.cp.local import LocalOp
 from seqpar.cp.merge import merge_two
-from seqpar.cp.partition import Layout, cached_index
+from seqpar.cp.partition import Layout, Piece, cached_index
 
 
 @dataclass(frozen=True)
@@ -58,77 +64,105 @@ class Step:
     pairs: tuple[Pair, ...]
 
 
-def needed(lay: Layout, receiver: int, src: int, causal: bool) -> tuple[int, ...]:
-    """Indices of ``src``'s pieces that ``receiver``'s queries read (same document; causal: the key
-    piece starts before the receiver's last query of that document)."""
-    def build() -> tuple[int, ...]:
-        last: dict[int, int] = {}
-        for p in lay.pieces[receiver]:
-            last[p.doc] = max(last.get(p.doc, 0), p.end)
-        return tuple(i for i, kp in enumerate(lay.pieces[src])
-                     if kp.doc in last and (not causal or kp.pos < last[kp.doc]))
-    return lay.cached(("ring_needed", receiver, src, causal), build)
+def sees(qp: Piece, kp: Piece, causal: bool, window: int) -> bool:
+    """Whether a query of piece ``qp`` can see a key of piece ``kp`` (same document; causal: some
+    key starts before the queries end; ``window`` > 0: the last key lies inside the first query's
+    window, ``qp.pos - kp_last < window``)."""
+    return (qp.doc == kp.doc and (not causal or kp.pos < qp.end)
+            and (not window or qp.pos - (kp.end - 1) < window))
 
 
-def plan(lay: Layout, rank: int, causal: bool) -> tuple[Step, ...]:
-    """The ``world`` steps of ``rank`` (cached on the layout: built once per partition)."""
+def _first_row(pieces, kp: Piece, causal: bool, window: int) -> Optional[int]:
+    """Row offset inside ``kp`` of the first key any of ``pieces`` reads (None: none reads it).
+    Without a window every read piece is read whole; with one, only the halo from the earliest
+    reader's window edge on."""
+    firsts = [max(0, qp.pos - window + 1 - kp.pos) if window else 0
+              for qp in pieces if sees(qp, kp, causal, window)]
+    return min(firsts) if firsts else None
+
+
+def needed(lay: Layout, receiver: int, src: int, causal: bool, window: int = 0) -> tuple[tuple[int, int], ...]:
+    """``(index, first row)`` of each of ``src``'s pieces that ``receiver``'s queries read: rows
+    ``first ..`` of the piece (same document; causal: the key piece starts before the receiver's
+    last query of that document; a sliding window: only rows inside some query's window)."""
+    def build() -> tuple[tuple[int, int], ...]:
+        out = []
+        for i, kp in enumerate(lay.pieces[src]):
+            first = _first_row(lay.pieces[receiver], kp, causal, window)
+            if first is not None:
+                out.append((i, first))
+        return tuple(out)
+    return lay.cached(("ring_needed", receiver, src, causal, window), build)
+
+
+def plan(lay: Layout, rank: int, causal: bool, window: int = 0) -> tuple[Step, ...]:
+    """The ``world`` steps of ``rank`` (cached on the layout: built once per partition). With a
+    sliding ``window`` a received piece is only its halo rows, and each pair's key range starts at
+    its query piece's window edge (the kernel skips the tiles below that row by row)."""
     def build() -> tuple[Step, ...]:
         steps = []
         for i in range(lay.world):
             src, dst = (rank - i) % lay.world, (rank + i) % lay.world
             mine = lay.pieces[src]
+            held: dict[int, tuple[int, int]] = {}  # piece -> (offset in the step's buffer, first row held)
             if i == 0:
-                offs = {j: kp.local for j, kp in enumerate(mine)}
+                held = {j: (kp.local, 0) for j, kp in enumerate(mine)}
                 recv_rows, send_slots, send_rows = 0, None, 0
             else:
-                offs, pos = {}, 0
-                for j in needed(lay, rank, src, causal):
-                    offs[j] = pos
-                    pos += mine[j].length
+                pos = 0
+                for j, first in needed(lay, rank, src, causal, window):
+                    held[j] = (pos, first)
+                    pos += mine[j].length - first
+                recv_mine = lay.pieces[rank]
                 recv_rows = pos
-                out = [s for j in needed(lay, dst, rank, causal) for s in
-                       range(lay.pieces[rank][j].local, lay.pieces[rank][j].local + lay.pieces[rank][j].length)]
+                out = [s for j, first in needed(lay, dst, rank, causal, window)
+                       for s in range(recv_mine[j].local + first, recv_mine[j].local + recv_mine[j].length)]
                 send_rows = len(out)
                 send_slots = None if out == list(range(lay.local_len)) else tuple(out)
-            by_doc: dict[int, list[int]] = {}  # the held key pieces of each document
-            for j in offs:
-                by_doc.setdefault(mine[j].doc, []).append(j)
             pairs = []
             for qp in lay.pieces[rank]:
-                for j in by_doc.get(qp.doc, ()):
+                for j, (off, first) in held.items():
                     kp = mine[j]
-                    if not causal or kp.pos < qp.end:
-                        pairs.append(Pair(qp.local, qp.length, qp.pos, offs[j], kp.length, kp.pos))
+                    if not sees(qp, kp, causal, window):
+                        continue
+                    start = kp.pos + first  # the first held key, moved up to the window's edge
+                    if window:
+                        start = max(start, qp.pos - window + 1)
+                    pairs.append(Pair(qp.local, qp.length, qp.pos, off + start - kp.pos - first, kp.end - start,
+                                      start))
             steps.append(Step(src, dst, recv_rows, send_slots, send_rows, tuple(pairs)))
         return tuple(steps)
-    return lay.cached(("ring_plan", rank, causal), build)
+    return lay.cached(("ring_plan", rank, causal, window), build)
 
 
-def step_bytes(lay: Layout, rank: int, causal: bool) -> tuple[list[int], list[int]]:
+def step_bytes(lay: Layout, rank: int, causal: bool, window: int = 0) -> tuple[list[int], list[int]]:
     """Rows ``rank`` receives per step (K/V pieces) and rows returned to it per step (its dK/dV)."""
-    steps = plan(lay, rank, causal)
+    steps = plan(lay, rank, causal, window)
     return [s.recv_rows for s in steps[1:]], [s.send_rows for s in steps[1:]]
 
 
-def _send_index(lay: Layout, rank: int, i: int, causal: bool, device: torch.device) -> Optional[torch.Tensor]:
-    slots = plan(lay, rank, causal)[i].send_slots
+def _send_index(lay: Layout, rank: int, i: int, causal: bool, window: int,
+                device: torch.device) -> Optional[torch.Tensor]:
+    slots = plan(lay, rank, causal, window)[i].send_slots
     if slots is None:
         return None
-    return cached_index(("ring_send", lay, rank, i, causal), device, lambda: torch.tensor(slots, dtype=torch.int64))
+    return cached_index(("ring_send", lay, rank, i, causal, window), device,
+                        lambda: torch.tensor(slots, dtype=torch.int64))
 
 
-def _post_kv(kv: torch.Tensor, comm: Comm, lay: Layout, i: int, causal: bool) -> Pending:
-    st = plan(lay, comm.rank, causal)[i]
+def _post_kv(kv: torch.Tensor, comm: Comm, lay: Layout, i: int, causal: bool, window: int) -> Pending:
+    st = plan(lay, comm.rank, causal, window)[i]
     send = None
     if st.send_rows:
-        idx = _send_index(lay, comm.rank, i, causal, kv.device)
+        idx = _send_index(lay, comm.rank, i, causal, window, kv.device)
         send = kv if idx is None else kv.index_select(1, idx)
     shape = (kv.shape[0], st.recv_rows, *kv.shape[2:]) if st.recv_rows else None
     return comm.exchange(send, st.dst, shape, st.src, dtype=kv.dtype, device=kv.device)
 
 
 def ring_forward(q, k, v, gates, comm: Comm, lay: Layout, op: LocalOp, causal: bool):
-    steps = plan(lay, comm.rank, causal)
+    window = op.window
+    steps = plan(lay, comm.rank, causal, window)
     b, n, h, _ = q.shape
     d = k.shape[-1]
     out = torch.zeros((b, n, h, v.shape[-1]), dtype=torch.float32, device=q.device)
@@ -138,7 +172,7 @@ def ring_forward(q, k, v, gates, comm: Comm, lay: Layout, op: LocalOp, causal: b
     for i, st in enumerate(steps):
         buf = kv if i == 0 else pending.pop(i).wait()
         if i + 1 < comm.world:
-            pending[i + 1] = _post_kv(kv, comm, lay, i + 1, causal)
+            pending[i + 1] = _post_kv(kv, comm, lay, i + 1, causal, window)
         for pr in st.pairs:
             qs, ks = slice(pr.q_local, pr.q_local + pr.q_len), slice(pr.kv_off, pr.kv_off + pr.kv_len)
             o_b, l_b = op(q[:, qs], buf[:, ks, :, :d], buf[:, ks, :, d:], pr.q_pos, pr.kv_pos,
@@ -148,7 +182,8 @@ def ring_forward(q, k, v, gates, comm: Comm, lay: Layout, op: LocalOp, causal: b
 
 
 def ring_backward(dout, q, k, v, gates, out, lse, comm: Comm, lay: Layout, op: LocalOp, causal: bool):
-    steps = plan(lay, comm.rank, causal)
+    window = op.window
+    steps = plan(lay, comm.rank, causal, window)
     d = k.shape[-1]
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     kv = torch.cat([k, v], dim=-1)
@@ -160,7 +195,7 @@ def ring_backward(dout, q, k, v, gates, out, lse, comm: Comm, lay: Layout, op: L
     def land(i: int, p: Pending) -> None:  # the dK/dV of this rank's pieces that rank + i used
         got = p.wait()
         if got is not None:
-            idx = _send_index(lay, comm.rank, i, causal, kv.device)
+            idx = _send_index(lay, comm.rank, i, causal, window, kv.device)
             if idx is None:
                 dkv.add_(got)
             else:
@@ -169,7 +204,7 @@ def ring_backward(dout, q, k, v, gates, out, lse, comm: Comm, lay: Layout, op: L
     for i, st in enumerate(steps):
         buf = kv if i == 0 else pending.pop(i).wait()
         if i + 1 < comm.world:
-            pending[i + 1] = _post_kv(kv, comm, lay, i + 1, causal)
+            pending[i + 1] = _post_kv(kv, comm, lay, i + 1, causal, window)
         # this step's dK/dV share, from the kernel's backward with the merged (out, lse): no recompute
         grad = dkv if i == 0 else (torch.zeros((kv.shape[0], st.recv_rows, *kv.shape[2:]), dtype=torch.float32,
                                                device=kv.device) if st.recv_rows else None)

@@ -63,7 +63,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: C
     backend = kw.get("backend", "auto")
     if kind == "softmax":
         o = kernels.flash_attention(qh, kh, vh, causal=kw.get("causal", True), sm_scale=kw.get("sm_scale"),
-                                    cu_seqlens=cu, backend=backend)
+                                    cu_seqlens=cu, window=kw.get("window"), backend=backend)
     elif kind == "s2":
         off = int(kw.get("kv_head_offset", 0))  # tensor parallelism: local kv heads start at global `off`
         runs = (placement.runs(comm.rank, off) if placement is not None

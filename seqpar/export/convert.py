@@ -50,6 +50,7 @@ class ModelSpec:
     s2_vert_stride: int = 4
     moh_num_shared_heads: int = 1
     moh_top_k: int = 1
+    softmax_window: Optional[int] = None  # Mistral's sliding window of the softmax (A) layers
 
     @property
     def s2_head_step(self) -> int:
@@ -94,13 +95,19 @@ def spec_from_recipe(config: dict, vocab_size: int) -> ModelSpec:
     except ValueError as e:
         raise ExportError(f"recipe model.pattern={p.pattern!r}: {e}") from e
     data = config.get("data", {})
+    window = model.get("softmax_window")
+    if window is not None and set(pattern) != {"A"}:
+        raise ExportError(f"recipe model.softmax_window={window} with the hybrid pattern {pattern!r}: the exported "
+                          f"SeqparForCausalLM has no sliding window yet, so its function would change; a windowed "
+                          f"pure-softmax model (pattern A) exports as MistralForCausalLM")
     return ModelSpec(
         num_layers=p.num_layers, hidden_size=p.hidden_size, num_heads=p.num_attention_heads,
         num_kv_heads=p.num_query_groups, ffn_hidden_size=p.ffn_hidden_size, pattern=pattern, vocab_size=vocab_size,
         max_position_embeddings=int(data.get("seq_len", 2048)),
         s2_block_size=int(model.get("s2_block_size", 16)), s2_local_blocks=int(model.get("s2_local_blocks", 2)),
         s2_vert_stride=int(model.get("s2_vert_stride", 4)),
-        moh_num_shared_heads=int(model.get("moh_num_shared_heads", 1)), moh_top_k=int(model.get("moh_top_k", 1)))
+        moh_num_shared_heads=int(model.get("moh_num_shared_heads", 1)), moh_top_k=int(model.get("moh_top_k", 1)),
+        softmax_window=None if window is None else int(window))
 
 
 def lightning_slopes_per_layer(spec: ModelSpec) -> list[Optional[list[float]]]:
@@ -113,14 +120,22 @@ def lightning_slopes_per_layer(spec: ModelSpec) -> list[Optional[list[float]]]:
 
 def hf_config(spec: ModelSpec, *, bos_token_id: Optional[int], eos_token_id: Optional[int],
               pad_token_id: Optional[int], dtype: torch.dtype = torch.float32):
-    """``LlamaConfig`` for pure-softmax models, else ``SeqparConfig`` (with ``auto_map``)."""
+    """``LlamaConfig`` for pure-softmax models (``MistralConfig`` with its ``sliding_window`` when the
+    softmax layers have one: the same weights, keys ``i - W < j <= i``), else ``SeqparConfig`` (with
+    ``auto_map``)."""
     common: dict[str, Any] = dict(
         vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.ffn_hidden_size,
         num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.num_kv_heads, head_dim=spec.head_dim, rms_norm_eps=spec.rms_norm_eps,
         max_position_embeddings=spec.max_position_embeddings, tie_word_embeddings=False,
         bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-    if spec.pure_softmax:
+    if spec.pure_softmax and spec.softmax_window is not None:
+        from transformers import MistralConfig
+
+        cfg = MistralConfig(rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA}, hidden_act="silu",
+                            sliding_window=spec.softmax_window, **common)
+        cfg.architectures = ["MistralForCausalLM"]
+    elif spec.pure_softmax:
         from transformers import LlamaConfig
 
         cfg = LlamaConfig(rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},

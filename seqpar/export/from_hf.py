@@ -49,9 +49,10 @@ def _read_hf(hf_dir: pathlib.Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not cfg_file.is_file():
         raise ExportError(f"{hf_dir} has no config.json; pass a Hugging Face model folder")
     cfg = json.loads(cfg_file.read_text())
-    if cfg.get("model_type") != "llama":
+    if cfg.get("model_type") not in ("llama", "mistral"):
         raise ExportError(f"{hf_dir}: model_type {cfg.get('model_type')!r} is not supported; import takes "
-                          f"Llama-architecture models (model_type 'llama')")
+                          f"Llama-architecture models (model_type 'llama', or 'mistral': Llama's weights with a "
+                          f"sliding window, imported as model.softmax_window)")
     from safetensors.torch import load_file
 
     files = sorted(hf_dir.glob("*.safetensors"))
@@ -192,7 +193,8 @@ def import_hf(hf_dir: str | pathlib.Path, out_run: str | pathlib.Path, *, patter
     """Write a seqpar run folder (checkpoint step 0 + recipe.yaml) for the HF model in ``hf_dir``.
 
     Args:
-        hf_dir: Hugging Face folder of a ``LlamaForCausalLM`` (safetensors weights).
+        hf_dir: Hugging Face folder of a ``LlamaForCausalLM`` or ``MistralForCausalLM`` (safetensors
+            weights; Mistral's ``sliding_window`` becomes the recipe's ``model.softmax_window``).
         out_run: destination run folder (must not exist unless ``force``); written atomically.
         pattern: layer kinds, tiled (A keep softmax, S convert to S2, L convert to Lightning).
         overrides: extra recipe ``section.field=value`` settings (e.g. ``data.seq_len=256``).
@@ -221,6 +223,8 @@ def import_hf(hf_dir: str | pathlib.Path, out_run: str | pathlib.Path, *, patter
                   "data": {"vocab_size": vocab, **({"tokenizer": str(out / "tokenizer")} if tok else {})},
                   "parallel": {"context_parallel": 1},
                   "train": {"out_dir": str(out), "steps": 1}}
+    if cfg_hf.get("model_type") == "mistral" and cfg_hf.get("sliding_window") is not None:
+        tree["model"]["softmax_window"] = int(cfg_hf["sliding_window"])  # keys i - W < j <= i, as Mistral's
     for item in overrides or []:
         if "=" not in item:
             raise ExportError(f"--set expects section.field=value, got {item!r}")

@@ -8,7 +8,8 @@ state read. OUT_DIR gets:
 
 - ``config.json`` + ``model.safetensors`` (sharded with ``model.safetensors.index.json`` above
   ``--max-shard-size``) + ``generation_config.json``;
-- pure-softmax models: stock ``LlamaForCausalLM`` (no custom code); otherwise
+- pure-softmax models: stock ``LlamaForCausalLM`` (no custom code; with ``model.softmax_window``
+  stock ``MistralForCausalLM`` with that ``sliding_window``); otherwise
   ``SeqparForCausalLM`` with ``configuration_seqpar.py`` / ``modeling_seqpar.py`` and ``auto_map``
   (load with ``trust_remote_code=True``);
 - the run's tokenizer (the files pinned in the checkpoint's ``tokenizer/``): a sentencepiece model as a
@@ -140,6 +141,11 @@ def _short(v):
     return f".../{pathlib.PurePath(v).name}" if isinstance(v, str) and os.path.isabs(v) else v
 
 
+def spec_arch(spec: ModelSpec) -> str:
+    """The stock class a pure-softmax model exports as."""
+    return "LlamaForCausalLM" if spec.softmax_window is None else f"MistralForCausalLM (sliding_window {spec.softmax_window})"
+
+
 def _model_card(ck: TrainingCheckpoint, spec: ModelSpec, custom: bool, out: pathlib.Path) -> str:
     """README.md of the export; names no absolute path of this machine (the checkpoint by run / step,
     the folder by its name, recipe paths shortened)."""
@@ -159,7 +165,7 @@ def _model_card(ck: TrainingCheckpoint, spec: ModelSpec, custom: bool, out: path
         "---", "library_name: transformers", "tags: [seqpar, causal-lm]", "---", "",
         f"# {out_name}", "",
         f"Exported by `python -m seqpar.export.hf` from the training checkpoint `{source}`.", "",
-        f"- architecture: {'SeqparForCausalLM (custom code, `trust_remote_code=True`)' if custom else 'LlamaForCausalLM'}",
+        f"- architecture: {'SeqparForCausalLM (custom code, `trust_remote_code=True`)' if custom else spec_arch(spec)}",
         f"- layers: {spec.num_layers} ({', '.join(f'{i}:{kinds[c]}' for i, c in enumerate(spec.pattern))}), "
         f"hidden {spec.hidden_size}, heads {spec.num_heads} / kv heads {spec.num_kv_heads}, vocab {spec.vocab_size}",
         f"- training step: {ck.step}; tokens seen: {tokens:,} (step x global batch x sequence length)",
@@ -219,7 +225,9 @@ def export(checkpoint: str | pathlib.Path, out_dir: str | pathlib.Path, *, force
     target = _DTYPES[dtype] if dtype else train_dtype
     weights = {k: v.to(target) for k, v in weights.items()}
     cfg = hf_config(spec, dtype=target, **ids)
-    if spec.pure_softmax:
+    if spec.pure_softmax and spec.softmax_window is not None:  # Llama's weights, Mistral's sliding window
+        from transformers import MistralForCausalLM as cls
+    elif spec.pure_softmax:
         from transformers import LlamaForCausalLM as cls
     else:
         from seqpar.models.hf.modeling_seqpar import SeqparForCausalLM as cls

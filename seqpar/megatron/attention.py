@@ -189,15 +189,17 @@ class _SeqparCoreAttention(MegatronModule):
 
 class SoftmaxCoreAttention(_SeqparCoreAttention):
     """Causal softmax attention: ``flash_attention`` on one rank, ``cp.attention(kind="softmax")``
-    under CP. Packed THD passes ``cu_seqlens`` through (every kind, every scheme)."""
+    under CP. Packed THD passes ``cu_seqlens`` through (every kind, every scheme);
+    ``config.softmax_window`` (Mistral's sliding window) reaches the kernel and every CP scheme."""
 
     kind = "softmax"
 
     def _attend(self, q, k, v, packed: dict):
+        window = self.config.softmax_window
         if self.cp_size == 1:  # Megatron's per-document pads sit after each document's real tokens: causal
-            return flash_attention(q, k, v, causal=True, sm_scale=self.softmax_scale,
+            return flash_attention(q, k, v, causal=True, sm_scale=self.softmax_scale, window=window,
                                    cu_seqlens=packed.get("cu_seqlens"), backend=self.backend)
-        return self._cp(q, k, v, sm_scale=self.softmax_scale, **packed)
+        return self._cp(q, k, v, sm_scale=self.softmax_scale, window=window, **packed)
 
 
 class S2CoreAttention(_SeqparCoreAttention):

@@ -47,7 +47,7 @@ class Strict(BaseModel):
 
 
 class AttentionModelFields(Strict):
-    """S2 layout and MoH routing knobs (recipe section ``model``)."""
+    """S2 layout, the softmax window and MoH routing knobs (recipe section ``model``)."""
 
     s2_block_size: PositiveInt = 16
     """S2 block size in tokens (DKernel's block_size)."""
@@ -55,6 +55,10 @@ class AttentionModelFields(Strict):
     """S2 local window in blocks."""
     s2_vert_stride: PositiveInt = 4
     """S2 vertical stride in blocks (each kv head reads every vert_stride-th block column)."""
+    softmax_window: Optional[PositiveInt] = None
+    """Sliding window of the softmax (``A``) layers, Mistral-style: token i attends to tokens j of its document
+    with i - softmax_window < j <= i; null = full causal. Under CP every scheme takes it (the ring moves only the
+    window's halo); key blocks outside the window are skipped, not masked."""
     moh_num_shared_heads: NonNegativeInt = 1
     """MoH heads every token uses (always on)."""
     moh_top_k: PositiveInt = 1
@@ -287,6 +291,10 @@ class SeqparTransformerConfig(_SeqparFields):
                                                  for n in AttentionParallelFields.model_fields}, **kw)
         self.cp_schemes = par.cp_schemes
         check_moh_heads(model.moh_num_shared_heads, model.moh_top_k, self.num_attention_heads)
+        if self.window_size is not None:  # TE's knob: seqpar's softmax layers would silently ignore it
+            raise ValueError(f"SeqparTransformerConfig.window_size={self.window_size!r} is Transformer Engine's "
+                             f"sliding window, not read by seqpar's attention; set softmax_window=W instead "
+                             f"(Mistral-style: keys i - W < j <= i)")
         if "usp" in self.cp_schemes.values():
             check_usp_degree(self.usp_ulysses_degree, self.context_parallel_size, self.num_attention_heads)
 

@@ -163,6 +163,9 @@ class ModelConfig(AttentionModelFields):
         _need(s.num_attention_heads % s.num_query_groups == 0,
               f"model.num_kv_heads={s.num_query_groups} must divide model.num_attention_heads={s.num_attention_heads}")
         # the widths (head dim, RoPE, kernel head dims, TP splits): check_shapes, with the other sections
+        _need(self.softmax_window is None or "A" in self.layer_pattern,
+              f"model.softmax_window={self.softmax_window} applies to softmax (A) layers, but the pattern "
+              f"{self.layer_pattern!r} has none; remove it or add A layers")
         if "H" in self.layer_pattern:
             check_moh_heads(self.moh_num_shared_heads, self.moh_top_k, s.num_attention_heads, prefix="model.")
         return self

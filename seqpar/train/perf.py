@@ -70,6 +70,7 @@ class ModelFlops:
         self.layout = (S2Layout(block_size=m.s2_block_size, local_blocks=m.s2_local_blocks,
                                 vert_stride=m.s2_vert_stride).with_heads(self.heads) if "S" in self.pattern else None)
         self.moh_active = (m.moh_num_shared_heads + m.moh_top_k) / self.heads
+        self.softmax_window = m.softmax_window  # A layers count the window's pairs only
         self.shards = cfg.parallel.tensor_parallel * cfg.parallel.context_parallel * cfg.parallel.pipeline_parallel
         self._cache: dict[int, float] = {}
 
@@ -77,7 +78,8 @@ class ModelFlops:
         """Forward + backward attention FLOPs of one layer of ``kind`` over one document of ``doc_len`` tokens."""
         return attention_flops(kind, batch=1, seq_len=doc_len, heads=self.heads, head_dim=self.head_dim,
                                kv_heads=self.kv_heads, layout=self.layout, active_fraction=self.moh_active,
-                               backward=True, recompute=False)
+                               backward=True, recompute=False,
+                               window=self.softmax_window if kind == "softmax" else None)
 
     def document(self, doc_len: int) -> float:
         """Model FLOPs of one document of ``doc_len`` tokens (all layers, forward + backward)."""

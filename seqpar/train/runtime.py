@@ -46,7 +46,7 @@ def model_config(cfg: RunConfig):
         pipeline_model_parallel_size=par.pipeline_parallel, cp_schemes=par.cp_schemes,
         usp_ulysses_degree=par.usp_ulysses_degree,
         seqpar_backend=par.backend, s2_block_size=m.s2_block_size, s2_local_blocks=m.s2_local_blocks,
-        s2_vert_stride=m.s2_vert_stride, moh_num_shared_heads=m.moh_num_shared_heads, moh_top_k=m.moh_top_k,
+        s2_vert_stride=m.s2_vert_stride, softmax_window=m.softmax_window, moh_num_shared_heads=m.moh_num_shared_heads, moh_top_k=m.moh_top_k,
         moh_aux_loss_coef=m.moh_aux_loss_coef, params_dtype=dtype, bf16=dtype == torch.bfloat16,
         pipeline_dtype=dtype, calculate_per_token_loss=True,
         # gloo has no batched isend/irecv and the batched path synchronises CUDA

@@ -72,14 +72,19 @@ FLASH_CASES = {
     "mha-d64-4k-b2": (2, 4096, 8, 8, 64, None),
     "mqa-d64-16k": (1, 16384, 2, 1, 64, None),
     "varlen-gqa-d128-8k": (1, 8192, 8, 2, 128, (0, 1000, 3500, 8192)),
+    # sliding window (last field): not a multiple of the 64-token tile, below a document's length
+    "window-gqa-d128-4k": (1, 4096, 16, 4, 128, None, 1000),
+    "window-varlen-d64-8k": (1, 8192, 8, 2, 64, (0, 1000, 3500, 8192), 700),
 }
 
 
 @pytest.mark.parametrize("case, dtype", params(FLASH_CASES, 4))
 def test_flash_fwd_bwd_vs_fp64(case, dtype):
-    b, n, h, hkv, d, bounds = FLASH_CASES[case]
+    b, n, h, hkv, d, bounds, *window = FLASH_CASES[case]
     q, k, v = _qkv(b, seq(n), h, hkv, d, dtype)
     kw = {} if bounds is None else {"cu_seqlens": cu(*bounds)}
+    if window:
+        kw["window"] = window[0]
     check_attention(lambda a, bb, c: flash_attention(a, bb, c, causal=True, return_lse=True, backend="triton", **kw),
                     q, k, v, causal=True, **kw)
 
