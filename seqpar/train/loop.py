@@ -181,7 +181,10 @@ class Logger:
             skipped: Optional[int] = 0, perf: Optional[dict[str, float]] = None) -> None:
         """Scalars of ``step`` every ``train.log_every`` steps; a ``None`` (``res.grad_norm`` when the
         engine reports none, ``skipped`` where steps are never skipped) is not logged. ``perf``: the
-        step's ``perf/*`` scalars (``seqpar.train.perf.Throughput.step``), also on the progress line."""
+        step's ``perf/*`` scalars (``seqpar.train.perf.Throughput.step``), also on the progress line.
+        Under CP: ``cp/modelled_imbalance`` (``res.cp_imbalance``) and, with ``timer``, the measured
+        ``cp/attention_*`` spread over the CP ranks (:meth:`AttentionTimer.cp_spread`, a collective:
+        every rank calls ``log`` for every step)."""
         perf = perf or {}
         due = (step + 1) % self.cfg.train.log_every == 0
         times = timer.pop() if timer is not None and due else {}
