@@ -96,7 +96,7 @@ def _logits(cfg, tokens: torch.Tensor) -> torch.Tensor:
 
     from seqpar import cp
     from seqpar.deepspeed import checkpoint
-    from seqpar.train.step import local_batch
+    from seqpar.train.runtime import local_batch
 
     engine = _engine(cfg)
     checkpoint.load(engine, checkpoint.latest(pathlib.Path(cfg.train.out_dir) / "checkpoints"))

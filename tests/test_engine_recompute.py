@@ -26,7 +26,7 @@ def _steps(rank: int, world: int, overrides: list[str]):
     from seqpar.train.config import load_recipe
     from seqpar.train.loop import _batch, build_data
     from seqpar.train.megatron_engine import build_engine, train_step
-    from seqpar.train.step import param_device
+    from seqpar.train.runtime import param_device
 
     cfg = load_recipe(ROOT / "recipes" / "tiny_hybrid_cp2.yaml", BASE + overrides)
     init_parallel(1, 1, seed=cfg.train.seed)

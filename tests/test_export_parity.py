@@ -45,7 +45,7 @@ def _logits(cfg, tokens: torch.Tensor) -> torch.Tensor:
     from seqpar.megatron import init_parallel
     from seqpar.train import checkpoint
     from seqpar.train.loop import build_data, build_model
-    from seqpar.train.step import local_batch
+    from seqpar.train.runtime import local_batch
 
     init_parallel(cfg.parallel.tensor_parallel, cfg.parallel.context_parallel, seed=cfg.train.seed)
     _, vocab = build_data(cfg)

@@ -67,7 +67,8 @@ def _run(rank: int, world: int, pattern: str, schemes: dict, runs: tuple):
     from megatron.core import parallel_state
 
     from seqpar.megatron import disable_cpu_compat
-    from seqpar.train.step import forward_backward, local_batch
+    from seqpar.train.runtime import local_batch
+    from seqpar.train.step import forward_backward
 
     tokens, labels, mask = _data()
     full = {"tokens": tokens, "labels": labels, "loss_mask": mask}

@@ -177,3 +177,60 @@ def test_mqar_spread_puts_queries_among_noise():
     assert (tok[:, 12:] != 0).all()  # noise, not padding
     compact = MQARDataset(64, 96, 6, 6, seed=2).batch(0, 8).loss_mask
     assert torch.equal(torch.nonzero(compact[0]).flatten(), torch.arange(12, 24, 2))  # the default is unchanged
+
+
+
+def _alive(pid: int) -> bool:
+    """``pid`` exists and is not a zombie (Linux /proc)."""
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _children(pid: int) -> set[int]:
+    """Live processes whose parent is ``pid`` (Linux /proc)."""
+    out = set()
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.add(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_killing_the_harness_stops_its_workers(tmp_path, sig):
+    """`kill PID` (the pool is terminated on the way out) and `kill -9 PID` (the workers die with their
+    parent: PR_SET_PDEATHSIG) leave no worker behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "seqpar.quality", "--scale", "smoke", "--tasks", "mqar",
+                             "--models", "dense", "s2", "--seeds", "0", "1", "2", "--out", str(tmp_path / "q")],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        # the first finished run: both workers are past their initializer (pdeathsig set) and busy
+        for line in proc.stdout:
+            if line.startswith("[seqpar.quality] mqar"):
+                break
+        # the pool's workers (spawn also starts a resource tracker: it exits when its pipe closes)
+        workers = {c for c in _children(proc.pid)
+                   if b"resource_tracker" not in pathlib.Path(f"/proc/{c}/cmdline").read_bytes()}
+        assert len(workers) == 2 and proc.poll() is None, "the harness did not run its two workers"
+        proc.send_signal(getattr(signal, sig))
+        assert proc.wait(timeout=60) == (128 + signal.SIGTERM if sig == "SIGTERM" else -signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.2)
+        assert not [w for w in workers if _alive(w)], f"workers outlived the harness ({sig})"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

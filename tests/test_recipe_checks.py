@@ -205,7 +205,7 @@ def test_known_warnings_are_filtered_exactly():
     collectives megatron's grad buffers call are filtered once by message; other warnings still show."""
     import warnings
 
-    from seqpar.train.known_warnings import filter_known_warnings
+    from seqpar.known_warnings import filter_known_warnings
 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")

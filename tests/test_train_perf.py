@@ -126,12 +126,19 @@ def test_peak_table_and_recipe_field(monkeypatch):
     from seqpar.train.config import RecipeError, from_dict
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for name, peak in (("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.4),
-                       ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L40S", 362.05), ("NVIDIA A40", 149.7),
-                       ("NVIDIA GeForce RTX 4090", 165.2), ("Tesla T4", None)):
+    # (bf16, fp32 with TF32 matmuls, plain fp32): the data sheets' dense numbers
+    for name, peaks in (("NVIDIA H100 80GB HBM3", (989.4, 494.7, 66.9)), ("NVIDIA H100 PCIe", (756.0, 378.0, 51.2)),
+                        ("NVIDIA H200", (989.4, 494.7, 66.9)), ("NVIDIA A100-SXM4-80GB", (312.0, 156.0, 19.5)),
+                        ("NVIDIA L40S", (362.05, 183.0, 91.6)), ("NVIDIA A40", (149.7, 74.8, 37.4)),
+                        ("NVIDIA GeForce RTX 4090", (165.2, 82.6, 82.6)), ("Tesla T4", (None, None, None))):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None, n=name: n)
-        assert perf.device_peak_tflops("cuda:0") == peak, name
-    assert perf.device_peak_tflops("cpu") is None
+        assert perf.device_peak_tflops("cuda:0") == peaks[0], name
+        assert perf.device_peak_tflops("cuda:0", "bf16") == peaks[0], name
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+        assert perf.device_peak_tflops("cuda:0", "fp32") == peaks[1], name
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+        assert perf.device_peak_tflops("cuda:0", "fp32") == peaks[2], name  # an fp32 model no longer reads 15x low
+    assert perf.device_peak_tflops("cpu") is None and perf.device_peak_tflops("cpu", "fp32") is None
     for bad in (0, -1, 989e12, float("inf")):
         with pytest.raises(RecipeError, match="train.peak_tflops"):
             from_dict({"train": {"peak_tflops": bad}})

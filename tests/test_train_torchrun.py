@@ -41,7 +41,7 @@ def test_torchrun_two_ranks_demo_recipe(tmp_path):
     readme = (ROOT / "README.md").read_text()
     assert not [t for t in tags if t.startswith("train/") and f"`{t}`" not in readme], sorted(tags)
     # megatron's known warnings (non-leaf .grad read of the distributed optimizer, deprecated collectives) are
-    # filtered once (seqpar.train.known_warnings); CP=2 runs the distributed optimizer
+    # filtered once (seqpar.known_warnings); CP=2 runs the distributed optimizer
     assert "not a leaf Tensor" not in first.stderr and "FutureWarning" not in first.stderr, first.stderr[-3000:]
     # the start-up line: model, parameter count (README quotes this one), layout
     assert "model tiny-hybrid, layers ASLH (4), hidden 64" in first.stdout and "218,112 parameters (0.22 M)" in \

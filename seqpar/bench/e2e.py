@@ -44,7 +44,7 @@ def e2e_suite(ctx: Context) -> SuiteResult:
     from seqpar.models.presets import preset as preset_pattern
     from seqpar.train.engine import Batch, StepContext, engine_class
     from seqpar.train.loop import _batch, build_data
-    from seqpar.train.perf import ModelFlops, device_peak_tflops
+    from seqpar.train.perf import ModelFlops, device_peak_tflops, math_mode
     from seqpar.train.runtime import param_device
 
     size, variants, seq, batch, dtype = E2E_SHAPES[ctx.size]
@@ -75,7 +75,7 @@ def e2e_suite(ctx: Context) -> SuiteResult:
                               params={"pattern": preset_pattern(preset).pattern, "params_M": round(n_params / 1e6, 3)}))
         rows = time_group(ctx, f"train step seq {seq} x {batch}", "step", impls,
                           {"seq": seq, "global_batch": batch, "dtype": dtype})
-        peak = device_peak_tflops(device)
+        peak = device_peak_tflops(device, dtype)
         for r in rows:
             if median_ms(r):
                 r["metrics"]["tokens_per_s"] = seq * batch / (median_ms(r) / 1e3)
@@ -84,7 +84,7 @@ def e2e_suite(ctx: Context) -> SuiteResult:
         res.results += rows
         res.notes.append("TFLOP/s: the trainer's model FLOPs (seqpar.train.perf: 6N + attention per kind, no "
                          "recompute, as perf/tflops_per_gpu); "
-                         + (f"MFU against the device's {peak:g} TFLOP/s dense bf16 peak" if peak
+                         + (f"MFU against the device's {peak:g} TFLOP/s dense {math_mode(dtype)} peak" if peak
                             else "MFU not reported (no peak TFLOP/s known for this device)"))
     finally:
         parallel_state.destroy_model_parallel()

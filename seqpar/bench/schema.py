@@ -13,25 +13,32 @@ from pydantic import BaseModel, ConfigDict, Field
 Scalar = Union[int, float, str, bool, None]
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Unknown fields are errors (a report never carries a field the schema does not document)."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class Stamp(_Strict):
+class RunStamp(StrictModel):
+    """What every measured report (bench, quality) is stamped with; each adds its own fields."""
+
     date: str = Field(description="UTC ISO-8601 time the run started")
-    device: str = Field(description="GPU name, or the CPU model and thread count")
+    device: str = Field(description="GPU name, or the CPU model and the threads / cores the run used")
     device_type: Literal["cpu", "cuda"]
-    size: Literal["smoke", "cpu", "gpu"] = Field(description="shape set: smoke (tests), cpu (small), gpu (papers')")
-    threads: int = Field(ge=1, description="torch intra-op threads (set explicitly)")
+    threads: int = Field(ge=1, description="torch intra-op threads (per worker), set explicitly")
     python: str
     torch: str
+    seqpar: str = Field(description="package version and the git commit at the start of the run when known")
+    load_avg: Optional[list[float]] = Field(description="1/5/15-min load average at start and end (6 numbers)")
+
+
+class Stamp(RunStamp):
+    size: Literal["smoke", "cpu", "gpu"] = Field(description="shape set: smoke (tests), cpu (small), gpu (papers')")
     triton: Optional[str]
-    seqpar: str = Field(description="package version and git commit when known")
     fla: Optional[str] = Field(description="flash-linear-attention (fla-core) version, None when not installed")
-    load_avg: Optional[list[float]] = Field(description="1/5/15-min load average at start and end (6 numbers, CPU)")
 
 
-class Timing(_Strict):
+class Timing(StrictModel):
     min: float = Field(ge=0, description="ms per call, best repetition")
     median: float = Field(ge=0)
     max: float = Field(ge=0)
@@ -41,7 +48,7 @@ class Timing(_Strict):
     noisy: bool = Field(description="spread > 1.25: not fit for comparison")
 
 
-class Result(_Strict):
+class Result(StrictModel):
     group: str = Field(description="the compared set this case belongs to (same shape, same mode)")
     impl: str
     mode: Literal["fwd", "fwd+bwd", "step"]
@@ -56,12 +63,12 @@ class Result(_Strict):
     metrics: dict[str, float] = Field(default_factory=dict, description="derived numbers, e.g. tokens_per_s")
 
 
-class Missing(_Strict):
+class Missing(StrictModel):
     impl: str
     reason: str
 
 
-class Suite(_Strict):
+class Suite(StrictModel):
     name: str
     title: str
     status: Literal["ok", "failed", "skipped"]
@@ -75,7 +82,7 @@ class Suite(_Strict):
     plots: list[str] = Field(default_factory=list, description="PNG files next to the JSON")
 
 
-class Report(_Strict):
+class Report(StrictModel):
     schema_version: Literal[1]  # seqpar.bench.report.SCHEMA_VERSION
     stamp: Stamp
     suites: list[Suite]

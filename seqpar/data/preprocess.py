@@ -185,11 +185,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--cache-dir", default=None, help="where the tokenizer's private copy goes "
                                                       "(default $SEQPAR_CACHE or ~/.cache/seqpar)")
     args = ap.parse_args(argv)
-    # megatron-core warns at import that Apex / Transformer Engine are absent (optional fused kernels)
-    import warnings
+    from seqpar.known_warnings import filter_known_warnings
 
-    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* (is|are) not installed",
-                            category=UserWarning)
+    filter_known_warnings()  # megatron-core's import-time notices (the tokenizers import it)
     try:
         summary = preprocess(args.input, args.tokenizer, args.output_prefix, json_key=args.json_key,
                              workers=args.workers, seq_len=args.seq_len, force=args.force, progress=not args.quiet,

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from typing import Optional
 
 _DESCRIPTION = """Train tiny models of equal parameters (dense, S2, S2 hybrid, Lightning, LLLA hybrid, MoH at 75%
 of heads) on the same tokens and seeds, and compare them on held-out text, MQAR recall and passkey
 retrieval. Writes quality.json, quality.md and quality.png to --out.
 
-  python -m seqpar.quality                          the CPU scale (about 25 minutes of 2 idle cores)
+  python -m seqpar.quality                          the CPU scale (two seeds, under 20 minutes of 2 idle cores)
   python -m seqpar.quality --scale gpu              larger models and lengths on one GPU
   python -m seqpar.quality --tasks mqar passkey     without the text corpus
   python -m seqpar.quality --scale smoke --out /tmp/q   the test's minimal size
@@ -43,9 +42,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
-    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* (is|are) not installed",
-                            category=UserWarning)
+    args = parse_args(argv)  # importing seqpar.quality filtered megatron-core's known notices
     import torch
 
     from seqpar.quality import run

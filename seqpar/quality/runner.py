@@ -15,10 +15,11 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pathlib
+import signal
 import tempfile
+import threading
 import time
 import traceback
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
@@ -76,8 +77,11 @@ _RUNS = 0  # runs started in this worker (each gets its own rendezvous file)
 
 def _init_worker(threads: int, rdv_dir: str) -> None:
     global _RDV_DIR
-    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* (is|are) not installed",
-                            category=UserWarning)
+    from seqpar.known_warnings import filter_known_warnings
+    from seqpar.train.signals import die_with_parent
+
+    die_with_parent()  # a harness killed by pid (even SIGKILL) takes its workers with it
+    filter_known_warnings()
     if not torch.cuda.is_available():
         torch.set_num_threads(threads)
     _RDV_DIR = rdv_dir
@@ -138,6 +142,10 @@ def run_jobs(jobs: Iterable[Job], workers: int, threads: int,
     ctx = mp.get_context("spawn")
     env_threads = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(threads)
+    # SIGTERM (kill PID) becomes SystemExit here, so the pool's exit terminates the workers and the
+    # rendezvous folder is removed (the workers also die with this process: _init_worker)
+    main_thread = threading.current_thread() is threading.main_thread()  # handlers live in the main thread
+    prev = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
     try:
         with tempfile.TemporaryDirectory(prefix="seqpar_quality_") as rdv, \
                 ctx.Pool(workers, initializer=_init_worker, initargs=(threads, rdv), maxtasksperchild=None) as pool:
@@ -147,11 +155,17 @@ def run_jobs(jobs: Iterable[Job], workers: int, threads: int,
                 if on_result is not None:
                     on_result(res)
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, prev if prev is not None else signal.SIG_DFL)
         if env_threads is None:
             os.environ.pop("OMP_NUM_THREADS", None)
         else:
             os.environ["OMP_NUM_THREADS"] = env_threads
     return [results[i] for i in range(len(jobs))]
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _indexed(item: tuple[int, Job]) -> tuple[int, dict[str, Any]]:

@@ -17,32 +17,22 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from seqpar.bench.schema import RunStamp, StrictModel
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Stamp(_Strict):
-    date: str = Field(description="UTC ISO-8601 time the run started")
-    device: str = Field(description="GPU name, or the CPU model and the cores the run used")
-    device_type: Literal["cpu", "cuda"]
+class Stamp(RunStamp):
     scale: Literal["smoke", "cpu", "gpu"]
     seeds: list[int] = Field(min_length=1, description="run seeds: model initialisation and training data order")
     eval_seed: int = Field(description="seed of the evaluation sets (the same sequences for every model and seed)")
     workers: int = Field(ge=1, description="processes that ran the runs side by side")
-    threads: int = Field(ge=1, description="torch intra-op threads per worker")
-    python: str
-    torch: str
     megatron_core: Optional[str]
-    seqpar: str = Field(description="package version and the git commit at the start of the run when known")
     wall_s: float = Field(ge=0, description="wall time of the whole harness")
     cpu_s: float = Field(ge=0, description="CPU time (user + sys) of the harness and all its workers")
-    load_avg: Optional[list[float]] = Field(description="1/5/15-min load average at start and end (6 numbers)")
 
 
-class ModelInfo(_Strict):
+class ModelInfo(StrictModel):
     name: str
     pattern: str = Field(description="layer letters, tiled over the layers: A softmax, S S2, L Lightning, H MoH")
     description: str
@@ -57,7 +47,7 @@ class ModelInfo(_Strict):
     params_vs_dense: float = Field(description="(params - dense params) / dense params, the same for every task")
 
 
-class Run(_Strict):
+class Run(StrictModel):
     task: Literal["text", "mqar", "passkey"]
     model: str
     seed: int
@@ -71,7 +61,7 @@ class Run(_Strict):
     wall_s: float = Field(ge=0)
 
 
-class Summary(_Strict):
+class Summary(StrictModel):
     model: str
     metric: str
     mean: float
@@ -80,13 +70,13 @@ class Summary(_Strict):
     n: int = Field(ge=1, description="seeds that finished")
 
 
-class Claim(_Strict):
+class Claim(StrictModel):
     claim: str = Field(description="a paper's finding, as the harness tests its direction")
     holds: Optional[bool] = Field(description="None when a run it needs failed or was not run")
     evidence: str
 
 
-class Report(_Strict):
+class Report(StrictModel):
     schema_version: Literal[1]
     stamp: Stamp
     scale: dict = Field(description="the --scale settings: model shape, per-task length, batch, steps, lr")

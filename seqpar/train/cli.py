@@ -14,7 +14,7 @@ import tempfile
 from typing import Optional
 
 from seqpar.train.args import parse_args
-from seqpar.train.known_warnings import filter_known_warnings
+from seqpar.known_warnings import filter_known_warnings
 
 
 def _exit_codes() -> list[tuple[tuple[type, ...], int]]:

@@ -392,8 +392,8 @@ class TrainConfig(Strict):
     time_attention: bool = False
     """Log forward time per attention kind to tensorboard (attention_fwd_ms/<kind>); synchronises on CUDA."""
     peak_tflops: Optional[PositiveFloat] = None
-    """Peak TFLOP/s of one GPU for perf/mfu (null = the dense bf16 peak of a known device: H100, H200,
-    A100, L40S, A40, RTX 4090; on a CPU or another GPU MFU is then not reported). TFLOP/s, not FLOP/s."""
+    """Peak TFLOP/s of one GPU for perf/mfu (null = the dense peak of a known device in the model's math mode — bf16,
+    or TF32 / plain fp32 for an fp32 model: H100, H200, A100, L40S, A40, RTX 4090; on a CPU or another GPU MFU is then not reported). TFLOP/s, not FLOP/s."""
 
     @field_validator("peak_tflops")
     @classmethod

@@ -11,8 +11,8 @@ model needs, no activation recompute, no kernel's recomputed ``S``):
 
 Every rank of a DP group (TP x CP x PP) works on the same ``[global_batch / DP, seq]`` rows, so one
 GPU's share is the rows' FLOPs over ``TP x CP x PP``. MFU = those FLOPs per second over the device's
-dense bf16 peak (:data:`PEAK_TFLOPS`, or ``train.peak_tflops``); with no known peak (CPU, an unlisted
-GPU) MFU is not reported.
+dense peak in the model's math mode (:data:`PEAK_TFLOPS`: bf16, TF32 or fp32; or ``train.peak_tflops``);
+with no known peak (CPU, an unlisted GPU) MFU is not reported.
 """
 
 from __future__ import annotations
@@ -26,27 +26,38 @@ import torch
 from seqpar.kernels.flops import attention_flops
 from seqpar.megatron.config import KIND_OF_LETTER
 
-# Dense (no 2:4 sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets; matched as
-# substrings of torch.cuda.get_device_name, first match wins (so the PCIe / NVL H100s before "H100")
-PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.4),   # SXM
-    ("H200", 989.4),   # also GH200
-    ("A100", 312.0),
-    ("L40S", 362.05),
-    ("A40", 149.7),
-    ("4090", 165.2),   # fp32 accumulate (the rate a bf16 GEMM with fp32 accumulation gets)
+# Dense (no 2:4 sparsity) peaks, TFLOP/s, from the vendors' data sheets, per math mode: bf16 (and fp16)
+# tensor cores, TF32 tensor cores (an fp32 model with torch's TF32 matmuls on), plain fp32 (TF32 off:
+# torch's default); matched as substrings of torch.cuda.get_device_name, first match wins (so the PCIe /
+# NVL H100s before "H100")
+PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H100 PCIe", {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2}),
+    ("H100 NVL", {"bf16": 835.0, "tf32": 417.5, "fp32": 60.0}),
+    ("H100", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),   # SXM
+    ("H200", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),   # also GH200
+    ("A100", {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}),
+    ("L40S", {"bf16": 362.05, "tf32": 183.0, "fp32": 91.6}),
+    ("A40", {"bf16": 149.7, "tf32": 74.8, "fp32": 37.4}),
+    ("4090", {"bf16": 165.2, "tf32": 82.6, "fp32": 82.6}),   # bf16 with fp32 accumulate (a GEMM's rate)
 )
 
 
-def device_peak_tflops(device: torch.device | str) -> Optional[float]:
-    """The dense bf16 peak of ``device`` from :data:`PEAK_TFLOPS`; ``None`` on a CPU or an unlisted GPU."""
+def math_mode(dtype: str) -> str:
+    """The peak column a model of recipe dtype ``dtype`` ("bf16" / "fp32") runs at: "bf16", or for fp32
+    "tf32" when torch's TF32 matmuls are on (``torch.backends.cuda.matmul.allow_tf32``) else "fp32"."""
+    if dtype in ("bf16", "fp16"):
+        return "bf16"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+
+
+def device_peak_tflops(device: torch.device | str, dtype: str = "bf16") -> Optional[float]:
+    """The dense peak of ``device`` from :data:`PEAK_TFLOPS` for a model of recipe dtype ``dtype``
+    (:func:`math_mode`); ``None`` on a CPU or an unlisted GPU."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+    return next((peaks[math_mode(dtype)] for key, peaks in PEAK_TFLOPS if key in name), None)
 
 
 def matmul_params(cfg: Any, vocab_size: int) -> int:
@@ -126,7 +137,8 @@ class Throughput:
     def __init__(self, cfg: Any, vocab_size: int, device: torch.device | str) -> None:
         self.flops = ModelFlops(cfg, vocab_size)
         self.device = torch.device(device)
-        self.peak = cfg.train.peak_tflops if cfg.train.peak_tflops is not None else device_peak_tflops(self.device)
+        self.peak = (cfg.train.peak_tflops if cfg.train.peak_tflops is not None
+                     else device_peak_tflops(self.device, cfg.model.dtype))
         self.steps: list[tuple[int, float, float]] = []  # (tokens, seconds, FLOPs per GPU) of each step
 
     def step(self, batch: Any, dt: float) -> dict[str, float]:
@@ -159,4 +171,5 @@ class Throughput:
                 f"{mfu}, peak memory {mem / 2**30:.2f} GiB ({what})")
 
 
-__all__ = ["PEAK_TFLOPS", "ModelFlops", "Throughput", "device_peak_tflops", "matmul_params", "peak_memory_bytes"]
+__all__ = ["PEAK_TFLOPS", "ModelFlops", "Throughput", "device_peak_tflops", "math_mode", "matmul_params",
+           "peak_memory_bytes"]

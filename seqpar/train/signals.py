@@ -117,6 +117,17 @@ def _watch_parent(parent: int) -> None:
             _agent_died()
 
 
+def die_with_parent() -> bool:
+    """Ask the kernel to send this process SIGTERM when its parent dies (Linux ``PR_SET_PDEATHSIG``), so a
+    worker never outlives the process that started it, even one killed with SIGKILL. False where the
+    platform has no prctl (the caller then needs its own watchdog)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 def install(cfg: Any) -> None:
     """Signal handlers, parent-death exit (under torchrun) and the recipe's timeout for this process.
 
@@ -131,11 +142,7 @@ def install(cfg: Any) -> None:
         clear_marker(st.out_dir)
     if "TORCHELASTIC_RUN_ID" in os.environ:  # launched by torchrun: exit with the agent
         st.parent = os.getppid()
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        except (OSError, AttributeError):  # not Linux: the watchdog thread alone
-            pass
+        die_with_parent()  # not Linux: the watchdog thread alone
         if os.getppid() != st.parent:  # died before prctl took effect
             _agent_died()
         threading.Thread(target=_watch_parent, args=(st.parent,), name="seqpar-agent-watchdog",
@@ -410,7 +417,7 @@ def _main(argv: list[str]) -> int:
         print("usage: python -m seqpar.train.signals out-dir RECIPE [--set a.b=v ...] [other seqpar-train args]",
               file=sys.stderr)
         return 2
-    from seqpar.train.known_warnings import filter_known_warnings
+    from seqpar.known_warnings import filter_known_warnings
 
     filter_known_warnings()  # as the CLI
     from seqpar.train.args import parse_args

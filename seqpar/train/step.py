@@ -24,9 +24,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from seqpar.train.engine import StepResult
-# re-exported: callers of this module's former home of the shared helpers
-from seqpar.train.runtime import global_tokens, local_batch, moh_aux_losses, param_device  # noqa: F401
-from seqpar.train.runtime import forward_micro_batch
+from seqpar.train.runtime import forward_micro_batch, global_tokens, moh_aux_losses, param_device
 
 
 def _loss_func(loss_mask: torch.Tensor, stats: dict[str, torch.Tensor], accuracy: Any, output: torch.Tensor):

@@ -90,7 +90,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    from seqpar.train.known_warnings import filter_known_warnings
+    from seqpar.known_warnings import filter_known_warnings
 
     filter_known_warnings()  # _out_dir imports megatron-core (through the recipe schema) after a failure
     argv = sys.argv[1:] if argv is None else argv
