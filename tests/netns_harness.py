@@ -177,6 +177,9 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 MpiDefault=none
 SchedulerType=sched/builtin
+# the main scheduling loop every 2 s (default 60): a requeued job (and any job not started at submit)
+# starts as soon as it may, instead of up to a minute later
+SchedulerParameters=sched_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SlurmdParameters=config_overrides

@@ -97,6 +97,9 @@ COMMANDS: dict[str, object] = {
         Run(out=("# recipes/tiny_hybrid_cp2.yaml, resolved", "\nmodel:\n", "  preset: tiny-hybrid\n")),
     ".venv/bin/python -m seqpar.train recipes/7b_lightning_cp8.yaml --check": Run(rc=2, out=NO_CORPUS),
     BIG_DRY: Run(out=('"dry_run": "ok"', '"world": 16', '"heads": 32', '"pattern": "LLLA"', "LLLALLLALLLALLLA")),
+    ".venv/bin/python -m seqpar.train recipes/7b_lightning_cp8.yaml --dry-run --set parallel.cp_schemes=auto":
+        Run(out=("CP schemes (chosen by parallel.cp_schemes: auto; CP=8, 8 GPUs/node",
+                 "lightning     24     usp(U=4)", "  softmax      8     usp(U=4)")),
     ".venv/bin/python -m seqpar.train recipes/7b_lightning_cp8.yaml --dry-run --set parallel.pipeline_parallel=2 "
     "--set data.global_batch=2 --world 64": Run(out=('"dry_run": "ok"', '"world": 64')),
     "NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 NPROC=8 launchers/torchrun.sh recipes/7b_lightning_cp8.yaml": MULTINODE,

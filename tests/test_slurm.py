@@ -115,9 +115,10 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, cache, completed, t
     assert (out / "checkpoints" / "latest").read_text() == f"step_{STEPS:07d}"
 
 
-def test_dry_run_prints_the_plan(cache):
-    """No cluster needed: slurm.sh --dry-run prints the sbatch line and the per-node plan."""
-    env = {k: v for k, v in train_env(cache).items() if not k.startswith("SLURM_")}
+def test_dry_run_prints_the_plan(tmp_path):
+    """No cluster needed: slurm.sh --dry-run prints the sbatch line and the per-node plan. (No module
+    fixture either, so make test's loadgroup runs it on whichever worker is free, not in the cluster's group.)"""
+    env = {k: v for k, v in train_env(tmp_path / "cache").items() if not k.startswith("SLURM_")}
     r = subprocess.run(["bash", str(ROOT / "launchers" / "slurm.sh"), "--dry-run", "--nodes", "4", "--gpus-per-node", "8",
                         "--time", "01:00:00", str(RECIPE), "--set", "train.out_dir=/tmp/seqpar-plan"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)

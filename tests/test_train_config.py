@@ -123,7 +123,7 @@ DEMO = ROOT / "recipes" / "tiny_hybrid_cp2.yaml"
     ("train.steps=[3]", "train.steps: got [3] (list); expected an integer >= 1"),
     ("optim.lr={a: 1}", "optim.lr: got {'a': 1} (mapping); expected a finite number > 0"),
     ("data.text_files=notes.txt", "data.text_files: got 'notes.txt' (string); expected a list of strings"),
-    ("parallel.cp_schemes=ring", "parallel.cp_schemes: got 'ring' (string); expected a mapping"),
+    ("parallel.cp_schemes=ring", "parallel.cp_schemes: got 'ring' (string); expected 'auto' or a mapping"),
     ("optim.lr=.inf", "optim.lr: got inf (float); expected a finite number > 0"),
     ("optim.lr=.nan", "optim.lr: got nan (float); expected a finite number > 0"),
     ("optim.lr=0", "optim.lr: got 0 (int); expected a finite number > 0"),

@@ -238,6 +238,26 @@ def balance_table() -> list[dict]:
     return rows
 
 
+def auto_table() -> list[dict]:
+    """``cp.recommend``'s choice (the model of ``parallel.cp_schemes: auto``: peak-rate compute + exact
+    bytes over the link each group crosses, ranked without overlap) per kind for one node and for CP
+    groups spanning nodes (8 GPUs / node, 450 GB/s NVLink, 50 GB/s IB), with the runner-up."""
+    rows = []
+    for p, n in ((8, 1 << 17), (16, 1 << 17), (64, 1 << 20)):
+        topo = cp.Topology(gpus_per_node=8)
+        for kind in ("softmax", "s2", "lightning", "moh"):
+            if kind == "s2" and n > S2_MAX_N:
+                continue
+            rec = cp.recommend(kind, world=p, seq_len=n, topology=topo, layout=MODEL_LAYOUT if kind == "s2" else None,
+                               moh_active=0.5 if kind == "moh" else 1.0, **MODEL)
+            best, second = rec.candidates[0], rec.candidates[1]
+            rows.append({"kind": kind, "P": p, "N": f"{n >> 10}K", "nodes": -(-p // 8), "choice": best.label,
+                         "MB_per_rank": best.bytes / 1e6, "compute_ms": best.compute_s * 1e3,
+                         "time_ms": best.time_no_overlap_s * 1e3, "overlap_ms": best.time_s * 1e3,
+                         "runner_up": second.label, "runner_up_ms": second.time_no_overlap_s * 1e3})
+    return rows
+
+
 def _steps(cost: dict, p: int) -> int:
     """Message steps on the critical path: 1 per point-to-point call, P - 1 per collective (ring algorithm)."""
     return sum(r["calls"] * (1 if op == "send_recv" else p - 1) for side in cost.values() for op, r in side.items())
@@ -379,6 +399,9 @@ def cp_suite(ctx: Context) -> SuiteResult:
         res.tables["joint cost balancer vs zigzag: modelled per-rank work max / mean (cp.CostModel), pieces per "
                    "rank, host time of the balancer, bytes of the busiest rank (ring softmax, LASP-2; fwd + bwd; "
                    "32 heads, 8 kv heads, d 128, bf16; s2 block 64, local 4, vert_stride 8)"] = balance_table()
+        res.tables["automatic schemes (cp.recommend, parallel.cp_schemes: auto): the choice per kind on one node and "
+                   "across nodes (8 GPUs / node, 450 GB/s NVLink, 50 GB/s IB; H100 peak; 1b attention; MoH half the "
+                   "heads active)"] = auto_table()
     rates = _compute_rates(ctx, res)
     res.tables["measured compute rate (fwd+bwd FLOPs the mask needs / s) per kind on this device"] = [
         {"kind": k, "TFLOP/s": v / 1e12} for k, v in rates.items()]

@@ -31,7 +31,7 @@ per rank, and ``cp.comm_ledger`` measures them):
   groups on the merged buffers; lightning: the all-to-alls, then LASP-2 over the P/U ring;
   ``output_final_state`` adds an all-gather of the states over the heads.
 - ring = LASP-1, lightning: one fp32 state ``b·H·dk·dv·4`` per document carried, per message of a
-  sequential chain of waves (for comparison; ``cp.recommend`` never picks it);
+  sequential chain of waves (for comparison; ``cp.recommend`` never picks it: seqpar/cp/auto.py);
   ``output_final_state`` adds one all-gather of ``(P-1)`` states per document.
 - allgather = LASP-2, lightning: ``(P-1)·S·b·H·dk·dv·4`` (S: states another rank reads, 2 under
   zigzag, 1 contiguous, about 2 per document), independent of N; 1 all-gather, backward 1
@@ -62,7 +62,8 @@ sequence end; Megatron's per-document pads with ``cu_seqlens_unpadded``) output 
 gradient; pass ``seq_len=N`` when N is not a multiple of P.
 """
 
-from seqpar.cp.api import KINDS, SCHEMES, SUPPORTED, attention, recommend, scheme_cost
+from seqpar.cp.api import KINDS, SCHEMES, SUPPORTED, attention, scheme_cost
+from seqpar.cp.auto import Candidate, Recommendation, SchemePlan, Topology, choose_schemes, predict, recommend
 from seqpar.cp.cost import CostModel
 from seqpar.cp.comm import Comm, CommLedger, CommRecord, comm_ledger
 from seqpar.cp.merge import decayed_state_prefix, merge_partials, merge_two
@@ -89,7 +90,7 @@ from seqpar.cp.partition import (
 )
 
 __all__ = [
-    "BALANCERS", "KINDS", "SCHEMES", "SUPPORTED", "Comm", "CostModel", "CommLedger", "CommRecord", "Layout", "Partition", "Piece",
+    "BALANCERS", "Candidate", "KINDS", "Recommendation", "SchemePlan", "Topology", "choose_schemes", "predict", "SCHEMES", "SUPPORTED", "Comm", "CostModel", "CommLedger", "CommRecord", "Layout", "Partition", "Piece",
     "SyncCount", "VarlenPadding", "attention", "make_partition",
     "count_host_syncs", "step_checks",
     "causal_work", "chunk_ids", "comm_ledger", "decayed_state_prefix", "imbalance", "merge_partials",

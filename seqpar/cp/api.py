@@ -411,35 +411,3 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
         return cost(rank)
     per_rank = [cost(r) for r in range(p)]
     return max(per_rank, key=lambda c: sum(x["bytes"] for side in c.values() for x in side.values()))
-
-
-def recommend(kind: str, *, world: int, seq_len: int, heads: int, kv_heads: int, head_dim: int,
-              v_head_dim: Optional[int] = None, batch: int = 1, dtype: Any = torch.bfloat16,
-              link_gbytes_per_s: float = 50.0, balance: str = "zigzag",
-              layout: Any = None) -> tuple[str, dict[str, float]]:
-    """Pick the scheme with the least communication time per layer (fwd + bwd) for ``kind``.
-
-    Returns ``(scheme, {scheme: seconds})`` over the supported schemes whose constraints hold
-    (Ulysses needs ``heads % world == 0``); s2 needs ``layout``. Time is bytes / ``link_gbytes_per_s`` (GB/s, 1e9 bytes)
-    of the busiest rank; compute overlap is not modelled, so the ring (the all-gather's K/V bytes
-    forward, plus fp32 dK/dV returns in backward) never beats the all-gather here. Lightning's ring
-    (LASP-1) is left out: its chain is sequential.
-    """
-    if not link_gbytes_per_s > 0:
-        raise ValueError(f"link_gbytes_per_s must be > 0, got {link_gbytes_per_s!r}")
-    times: dict[str, float] = {}
-    for scheme in ("allgather", "ulysses", "ring"):
-        if (kind, scheme) not in SUPPORTED or (scheme == "ulysses" and heads % world):
-            continue
-        if (kind, scheme) == ("lightning", "ring"):  # LASP-1: few bytes but a P-long sequential chain
-            continue
-        if scheme == "ulysses" and kv_heads % world and world % kv_heads:
-            continue
-        cost = scheme_cost(kind, scheme, world=world, seq_len=seq_len, heads=heads, kv_heads=kv_heads,
-                           head_dim=head_dim, v_head_dim=v_head_dim, batch=batch, dtype=dtype, balance=balance,
-                           layout=layout)
-        total = sum(r["bytes"] for side in cost.values() for r in side.values())
-        times[scheme] = total / (link_gbytes_per_s * 1e9)
-    if not times:
-        raise ValueError(f"no supported scheme for kind={kind!r} at world={world}; supported pairs: {_pairs()}")
-    return min(times, key=lambda s: times[s]), times

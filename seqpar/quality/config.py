@@ -112,7 +112,7 @@ SCALES: dict[str, Scale] = {
         passkey=PasskeyTask(seq_len=32, batch=4, steps=4, lr=3e-3, key_len=2, vocab_size=32, depths=(0.0, 1.0),
                             eval_sequences=8),
         seeds=(0,), warmup_steps=5, description="the smoke test's size: checks the harness, not the models"),
-    # the default on CPU: two seeds within 20 minutes of 2 idle cores (CPU-seconds per seed measured on
+    # the default on CPU: two seeds in about 20 minutes of 2 idle cores (2,367 CPU-s measured on
     # the build machine: README "Quality"); the 256-token passkey and 400 MQAR steps of the first table
     # (1,447 CPU-s per seed) did not fit two seeds
     "cpu": Scale(

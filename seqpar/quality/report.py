@@ -17,7 +17,7 @@ from seqpar.bench.report import _version, load_avg
 from seqpar.bench.report import device_name as bench_device_name
 from seqpar.quality.tasks import mqar_key, passkey_key
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: claims carry a verdict (was holds: true / false / null)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -70,19 +70,40 @@ def _get(summary: Sequence[dict[str, Any]], model: str, metric: str) -> Optional
     return next((s for s in summary if s["model"] == model and s["metric"] == metric), None)
 
 
+HOLDS, FAILS, SPREAD, MISSING = "holds", "does not hold", "within the seeds' spread", "not measured"
+VERDICTS = (HOLDS, FAILS, SPREAD, MISSING)
+
+
+def _ordered(low: Optional[dict[str, Any]], high: Optional[dict[str, Any]]) -> str:
+    """Whether metric summary ``low`` is below ``high`` beyond the seeds: every seed of ``low`` under every
+    seed of ``high`` (holds), the reverse (does not hold), else the ranges overlap (within the spread)."""
+    if low is None or high is None:
+        return MISSING
+    if low["max"] < high["min"]:
+        return HOLDS
+    if low["min"] > high["max"]:
+        return FAILS
+    return SPREAD
+
+
 def claims(summary: Sequence[dict[str, Any]], models: Sequence[str]) -> list[dict[str, Any]]:
-    """The papers' quality findings, each checked for its direction on this run's means.
+    """The papers' quality findings, each checked for its direction on this run's seeds.
 
     "On par" on text means within ``max(1% of the dense loss, the dense seeds' spread)`` (a tie at
-    this scale); recall claims compare MQAR / passkey accuracy means."""
+    this scale); a recall claim (one model's MQAR accuracy above another's) holds only when every seed
+    of one is above every seed of the other, and is "within the seeds' spread" when their ranges overlap."""
     out = []
 
     def mean(model: str, metric: str) -> Optional[float]:
         s = _get(summary, model, metric)
         return None if s is None else s["mean"]
 
-    def add(claim: str, holds: Optional[bool], evidence: str) -> None:
-        out.append({"claim": claim, "holds": holds, "evidence": evidence})
+    def add(claim: str, verdict: str, evidence: str) -> None:
+        out.append({"claim": claim, "verdict": verdict, "evidence": evidence})
+
+    def rng(model: str, metric: str) -> str:
+        s = _get(summary, model, metric)
+        return "" if s is None or s["n"] < 2 else f" ({s['min']:.3f}-{s['max']:.3f})"
 
     dense_loss = _get(summary, "dense", "val_loss")
     tol = None if dense_loss is None else max(0.01 * dense_loss["mean"], dense_loss["max"] - dense_loss["min"])
@@ -91,29 +112,32 @@ def claims(summary: Sequence[dict[str, Any]], models: Sequence[str]) -> list[dic
             continue
         v = mean(m, "val_loss")
         if dense_loss is None or v is None or tol is None:
-            add(f"{m}: text loss on par with (or better than) dense ({paper} paper)", None, "text runs missing")
+            add(f"{m}: text loss on par with (or better than) dense ({paper} paper)", MISSING, "text runs missing")
         else:
             d = v - dense_loss["mean"]
-            add(f"{m}: text loss on par with (or better than) dense ({paper} paper)", d <= tol,
+            add(f"{m}: text loss on par with (or better than) dense ({paper} paper)", HOLDS if d <= tol else FAILS,
                 f"val loss {v:.3f} vs dense {dense_loss['mean']:.3f} ({d:+.3f}; on par = within {tol:.3f})")
     for m in ("s2", "s2-hybrid"):
         if m not in models:
             continue
         v, dv = mean(m, "passkey_acc_mean"), mean("dense", "passkey_acc_mean")
         add(f"{m}: perfect passkey retrieval at every depth (S2 paper)",
-            None if v is None else v >= 0.99,
+            MISSING if v is None else HOLDS if v >= 0.99 else FAILS,
             "passkey runs missing" if v is None else
             f"exact match {v:.2f} (dense {dv:.2f})" if dv is not None else f"exact match {v:.2f}")
-    lin, hyb, den = mean("lightning", "mqar_acc_mean"), mean("hybrid", "mqar_acc_mean"), mean("dense", "mqar_acc_mean")
+    acc = "mqar_acc_mean"
+    lin, hyb, den = mean("lightning", acc), mean("hybrid", acc), mean("dense", acc)
     if "lightning" in models and "dense" in models:
         add("lightning: pure linear attention loses recall against dense (Zoology MQAR)",
-            None if lin is None or den is None else lin < den,
-            "mqar runs missing" if lin is None or den is None else f"MQAR accuracy {lin:.2f} vs dense {den:.2f}")
+            _ordered(_get(summary, "lightning", acc), _get(summary, "dense", acc)),
+            "mqar runs missing" if lin is None or den is None else
+            f"MQAR accuracy {lin:.3f}{rng('lightning', acc)} vs dense {den:.3f}{rng('dense', acc)}")
     if "hybrid" in models and "lightning" in models:
         add("hybrid (LLLA): one softmax layer in four recovers recall that pure linear attention loses",
-            None if lin is None or hyb is None else hyb > lin,
+            _ordered(_get(summary, "lightning", acc), _get(summary, "hybrid", acc)),
             "mqar runs missing" if lin is None or hyb is None else
-            f"MQAR accuracy {hyb:.2f} vs lightning {lin:.2f}" + ("" if den is None else f" (dense {den:.2f})"))
+            f"MQAR accuracy {hyb:.3f}{rng('hybrid', acc)} vs lightning {lin:.3f}{rng('lightning', acc)}"
+            + ("" if den is None else f" (dense {den:.3f})"))
     return out
 
 
@@ -171,8 +195,7 @@ def markdown(report: dict[str, Any], tasks: Sequence[str]) -> str:
     if report["claims"]:
         lines += ["", "| the papers' finding | direction here | evidence |", "|---|---|---|"]
         for c in report["claims"]:
-            verdict = {True: "holds", False: "does not hold", None: "not measured"}[c["holds"]]
-            lines.append(f"| {c['claim']} | {verdict} | {c['evidence']} |")
+            lines.append(f"| {c['claim']} | {c['verdict']} | {c['evidence']} |")
     if report["notes"]:
         lines += [""] + [f"- {n}" for n in report["notes"]]
     if report["plot"]:

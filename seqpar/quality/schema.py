@@ -72,12 +72,14 @@ class Summary(StrictModel):
 
 class Claim(StrictModel):
     claim: str = Field(description="a paper's finding, as the harness tests its direction")
-    holds: Optional[bool] = Field(description="None when a run it needs failed or was not run")
+    verdict: Literal["holds", "does not hold", "within the seeds' spread", "not measured"] = Field(
+        description="the direction on this run's seeds (seqpar.quality.report.claims); not measured when a run "
+                    "it needs failed or was not run")
     evidence: str
 
 
 class Report(StrictModel):
-    schema_version: Literal[1]
+    schema_version: Literal[2]
     stamp: Stamp
     scale: dict = Field(description="the --scale settings: model shape, per-task length, batch, steps, lr")
     data: dict = Field(description="the text corpus: file, checksum, works, tokens, tokenizer (empty without text)")

@@ -34,15 +34,19 @@ def dry_run(cfg, world_size: Optional[int] = None) -> dict:
     (``train.engine``: Megatron with or without the distributed optimizer, DeepSpeed's ZeRO stage and
     offloads) with its per-rank memory (``seqpar.train.memory``): every distinct (pipeline stage, TP
     rank) shard is built on the meta device in this one process (as that rank of a fake world), which
-    must not have a process group yet. Prints on rank 0 (under torchrun every rank computes the same
-    report); returns the report."""
+    must not have a process group yet. With CP, also the scheme of every layer kind (chosen by
+    ``parallel.cp_schemes: auto`` or given) with its predicted bytes and time per layer
+    (``seqpar.train.cp_plan``; ``rep["cp"]``). Prints on rank 0 (under torchrun every rank computes the
+    same report); returns the report."""
+    from seqpar.train import cp_plan
     from seqpar.train.memory import format_report, report
 
     par = cfg.parallel
     world_size = world_size or par.tensor_parallel * par.context_parallel * par.pipeline_parallel
     rep = report(cfg, world_size, cfg.data.vocab_size)
+    rep["cp"] = cp_plan.report(cfg, cfg.cp_auto)
     if os.environ.get("RANK", "0") == "0":
-        print(format_report(rep), flush=True)
+        print("\n".join([format_report(rep)] + cp_plan.format_lines(rep["cp"])), flush=True)
     return rep
 
 
@@ -70,6 +74,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                              f"launch with torchrun --nproc-per-node {mp} (or launchers/torchrun.sh), or check the "
                              f"recipe with --check / --dry-run")
         dp = cfg.check_world(world)
+        local = os.environ.get("LOCAL_WORLD_SIZE")
+        if launched and local and cfg.cp_auto is not None and cfg.cp_auto.plan is not None \
+                and int(local) != par.gpus_per_node:  # the choice assumed another placement of the CP groups
+            raise ValueError(f"parallel.gpus_per_node={par.gpus_per_node}, but this launch runs {local} processes per "
+                             f"node (LOCAL_WORLD_SIZE), and parallel.cp_schemes: auto chose for "
+                             f"{par.gpus_per_node}; set parallel.gpus_per_node={local}")
         cfg.check_paths()  # every file / folder the recipe names, before any process starts
         if args.check and not cfg.train.overwrite:  # what the run would refuse first
             from seqpar.train.checkpoint import held_run
@@ -99,8 +109,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     if args.check:
         if os.environ.get("RANK", "0") == "0":
+            auto = cfg.cp_auto
+            note = "" if auto is None else (
+                f"# parallel.cp_schemes: auto -> {auto.reason}\n" if auto.plan is None else
+                f"# parallel.cp_schemes: auto -> {auto.plan.schemes}, usp_ulysses_degree "
+                f"{auto.plan.ulysses_degree} (--dry-run prints the predicted bytes and time)\n")
             print(f"# {args.recipe}, resolved (every field, defaults filled); valid for {world} rank(s)\n"
-                  + cfg.to_yaml(), end="", flush=True)
+                  + note + cfg.to_yaml(), end="", flush=True)
         return 0
     if args.dry_run:
         dry_run(cfg, world)

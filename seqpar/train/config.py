@@ -28,11 +28,12 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 
-from seqpar.megatron.config import (AttentionModelFields, AttentionParallelFields, FiniteFloat, NonNegativeFloat,
-                                    NonNegativeInt, PositiveFloat, PositiveInt, Strict, check_moh_heads,
-                                    format_errors)
+from seqpar.cp.auto import INFINIBAND_GBYTES_PER_S, NVLINK_GBYTES_PER_S
+from seqpar.megatron.config import (DEFAULT_SCHEMES, AttentionModelFields, AttentionParallelFields, FiniteFloat, Kind,
+                                    NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Scheme, Strict,
+                                    check_moh_heads, format_errors)
 from seqpar.megatron.layout_check import check_layout, check_shapes
 from seqpar.megatron.specs import check_pattern
 from seqpar.models import SIZES, VARIANTS, ModelPreset, preset
@@ -182,7 +183,37 @@ class ModelConfig(AttentionModelFields):
 
 
 class ParallelConfig(AttentionParallelFields):
-    """TP / CP sizes and the CP scheme per attention kind."""
+    """TP / CP sizes, the CP scheme per attention kind and the topology the automatic schemes assume."""
+
+    cp_schemes: dict[Kind, Scheme] = Field(default_factory=lambda: dict(DEFAULT_SCHEMES))
+    """CP scheme per attention kind, e.g. ``{softmax: ring, lightning: allgather}``: kinds softmax / s2 /
+    lightning / moh, schemes allgather / ring / ulysses / usp (seqpar.cp.SUPPORTED); kinds left out use
+    allgather. Or "auto": per kind of the model the scheme (and one usp_ulysses_degree) with the least
+    predicted time for this model, data.seq_len, CP size and topology (gpus_per_node, *_gbytes_per_s;
+    seqpar.cp.choose_schemes), resolved when the recipe is loaded (--check prints it, --dry-run the
+    predicted bytes and time). Used when the CP size is > 1."""
+    gpus_per_node: PositiveInt = 8
+    """GPUs per node (ranks are placed TP fastest, then CP): a CP group, USP's Ulysses or ring group
+    inside one node talks at intra_node_gbytes_per_s, else at inter_node_gbytes_per_s."""
+    intra_node_gbytes_per_s: PositiveFloat = NVLINK_GBYTES_PER_S
+    """Bandwidth between two GPUs of a node, GB/s per direction (default: NVLink 4 of H100/H200 SXM, 900 GB/s
+    bidirectional; PCIe Gen5 x16 is about 64). Read by cp_schemes: auto and --dry-run's CP prediction."""
+    inter_node_gbytes_per_s: PositiveFloat = INFINIBAND_GBYTES_PER_S
+    """Bandwidth between nodes per GPU, GB/s per direction (default: one 400 Gb/s InfiniBand NDR NIC per GPU,
+    50 GB/s; 200 Gb/s HDR: 25). Read by cp_schemes: auto and --dry-run's CP prediction."""
+    cp_auto_overlap: bool = False
+    """cp_schemes: auto ranks the schemes by their predicted time with the ring's transfers hidden behind its
+    compute (true) or by the time without overlap (false: the conservative bound; NCCL's send/recv shares
+    the SMs with attention, so at long sequences the overlapped model would always pick the ring)."""
+
+    @field_validator("cp_schemes", mode="wrap")
+    @classmethod
+    def _auto_or_schemes(cls, v: Any, handler: Any) -> Any:
+        if v == "auto":  # resolved by RunConfig (seqpar.train.cp_plan.resolve_auto) before anything reads it
+            return v
+        if isinstance(v, str):
+            raise ValueError(f"got {v!r} (string); expected 'auto' or a mapping kind -> scheme, e.g. {{softmax: ring}}")
+        return handler(v)
 
     tensor_parallel: PositiveInt = 1
     """TP size; DP = world / (TP x CP x PP)."""
@@ -481,10 +512,14 @@ class RunConfig(Strict):
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     """DeepSpeed engine settings (train.engine: deepspeed)."""
 
+    _cp_auto: Any = PrivateAttr(default=None)  # seqpar.train.cp_plan.AutoChoice when cp_schemes was "auto"
+
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
         p = self.model.shape
         tp, cp = self.parallel.tensor_parallel, self.parallel.context_parallel
+        if self.parallel.cp_schemes == "auto":  # the one place "auto" becomes schemes, before any check reads them
+            self._cp_auto = _resolve_cp_auto(self)
         # every parallel-layout rule lives in one pure function (seqpar.megatron.layout_check)
         check_layout(pattern=self.model.layer_pattern, num_layers=p.num_layers,
                      num_attention_heads=p.num_attention_heads, num_query_groups=p.num_query_groups,
@@ -507,6 +542,12 @@ class RunConfig(Strict):
                   f"data.seq_len={self.data.seq_len} must be >= 2 x (data.mqar_pairs + data.mqar_queries) = "
                   f"{2 * (self.data.mqar_pairs + self.data.mqar_queries)}")
         return self
+
+    @property
+    def cp_auto(self) -> Any:
+        """What ``parallel.cp_schemes: auto`` resolved to (``seqpar.train.cp_plan.AutoChoice``), or None
+        when the recipe gave the schemes."""
+        return self._cp_auto
 
     def check_world(self, world_size: int) -> int:
         """Validate against the launcher's world; returns the DP size."""
@@ -559,6 +600,16 @@ class RunConfig(Strict):
     def to_yaml(self) -> str:
         """The resolved recipe as YAML in the schema's section / field order (``load_recipe`` reads it back)."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+
+def _resolve_cp_auto(cfg: RunConfig) -> Any:
+    from seqpar.train.cp_plan import resolve_auto
+
+    try:
+        return resolve_auto(cfg)
+    except ValueError as e:
+        msg = str(e)
+        raise ValueError(msg if msg.startswith("parallel.") else f"parallel.cp_schemes='auto': {msg}") from None
 
 
 def from_dict(tree: Any, *, check_files: bool = False) -> RunConfig:

@@ -23,32 +23,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from seqpar.kernels.flops import attention_flops
+from seqpar.kernels.flops import PEAK_TFLOPS, attention_flops, math_mode
 from seqpar.megatron.config import KIND_OF_LETTER
-
-# Dense (no 2:4 sparsity) peaks, TFLOP/s, from the vendors' data sheets, per math mode: bf16 (and fp16)
-# tensor cores, TF32 tensor cores (an fp32 model with torch's TF32 matmuls on), plain fp32 (TF32 off:
-# torch's default); matched as substrings of torch.cuda.get_device_name, first match wins (so the PCIe /
-# NVL H100s before "H100")
-PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
-    ("H100 PCIe", {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2}),
-    ("H100 NVL", {"bf16": 835.0, "tf32": 417.5, "fp32": 60.0}),
-    ("H100", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),   # SXM
-    ("H200", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),   # also GH200
-    ("A100", {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}),
-    ("L40S", {"bf16": 362.05, "tf32": 183.0, "fp32": 91.6}),
-    ("A40", {"bf16": 149.7, "tf32": 74.8, "fp32": 37.4}),
-    ("4090", {"bf16": 165.2, "tf32": 82.6, "fp32": 82.6}),   # bf16 with fp32 accumulate (a GEMM's rate)
-)
-
-
-def math_mode(dtype: str) -> str:
-    """The peak column a model of recipe dtype ``dtype`` ("bf16" / "fp32") runs at: "bf16", or for fp32
-    "tf32" when torch's TF32 matmuls are on (``torch.backends.cuda.matmul.allow_tf32``) else "fp32"."""
-    if dtype in ("bf16", "fp16"):
-        return "bf16"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
-
 
 def device_peak_tflops(device: torch.device | str, dtype: str = "bf16") -> Optional[float]:
     """The dense peak of ``device`` from :data:`PEAK_TFLOPS` for a model of recipe dtype ``dtype``
