@@ -16,6 +16,17 @@ none a multiple of 2 x CP, two rows of different document structure):
 
 MoH's load-balance loss is off: it is a statistic of the micro-batch's routing (of all its documents
 together, by design), so it is not a per-document quantity; the MoH attention itself is.
+
+The joint cost balancer (issue 22 item 4, ``parallel.cp_balance: cost``) in the same job:
+
+- both engines' step at CP=2 with ``cp_balance: cost`` equals the reference too (every kind: the
+  partition moves document pieces off zigzag's places, RoPE reads its token index, every layer gets
+  the same ``partition=``), and the step reports its modelled imbalance, which reaches tensorboard
+  (``cp/modelled_imbalance``; with ``train.time_attention`` the measured ``cp/attention_*`` spread
+  over the CP ranks);
+- on an S2 + softmax model (pattern SA) the same packed documents give zigzag a modelled imbalance
+  > 1.2 and the cost balancer <= 1.05, and the cost-balanced CP=2 step's loss and every gradient
+  equal the one-rank run's.
 """
 
 from __future__ import annotations
@@ -133,11 +144,14 @@ def _shared_path(batch) -> dict:
     return {"losses": losses, "grads": grads, "shapes": shapes}
 
 
-def _engine_step(batch, extra: list[str]) -> tuple[float, float]:
+def _engine_step(batch, extra: list[str], log_dir: str = "") -> tuple:
+    """The engine's step: (loss, grad norm, modelled CP imbalance); with ``log_dir`` also the
+    tensorboard scalars the loop's Logger writes for it (rank 0; attention timed)."""
     from megatron.core import parallel_state
 
     from seqpar.megatron import init_parallel
     from seqpar.train.engine import StepContext, engine_class
+    from seqpar.train.loop import AttentionTimer, Logger
 
     cfg = _cfg(extra)
     engine_cls = engine_class(cfg.train.engine)
@@ -147,10 +161,70 @@ def _engine_step(batch, extra: list[str]) -> tuple[float, float]:
     try:
         engine = engine_cls.build(cfg, VOCAB)
         engine.train()
+        timer = AttentionTimer(engine.modules[0]) if log_dir else None
         b = batch.to(engine.device)
         res = engine.train_step(b if cfg.data.document_mask else b.whole_rows(), StepContext(0))
+        scalars = None
+        if log_dir:
+            logger = Logger(cfg, pathlib.Path(log_dir), 0, device=engine.device)
+            logger.log(0, res, 1.0, timer)
+            if logger.writer is not None:
+                logger.writer.close()
+                from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+                acc = EventAccumulator(str(pathlib.Path(log_dir) / "tb"))
+                acc.Reload()
+                scalars = {t: acc.Scalars(t)[-1].value for t in acc.Tags()["scalars"] if t.startswith("cp/")}
         engine.close()
-        return res.loss, res.grad_norm
+        return res.loss, res.grad_norm, res.cp_imbalance, scalars
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+SA = ["model.pattern=SA"]  # S2 + softmax layers (SASA)
+
+
+def _balance_on_s2_softmax(batch) -> dict:
+    """Pattern SA: the one-rank run (packed documents) against CP=2 with the cost balancer (loss sum
+    and every gradient, summed over the CP ranks), and both balancers' modelled imbalance."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from seqpar import cp
+    from seqpar.megatron import init_parallel
+    from seqpar.train.runtime import CPBalance, build_model, forward_micro_batch, micro_batches, modelled_imbalance
+
+    def run(cp_size: int, balance) -> tuple:
+        model = build_model(cfg, VOCAB)[0]
+        model.zero_grad()
+        with cp.step_checks():
+            micro = micro_batches(batch, 0, balance)
+            loss = sum((forward_micro_batch(model, mb) * mb["loss_mask"]).sum() for mb in micro)
+            loss.backward()
+        g = _grads(model)
+        total = loss.detach().clone()
+        if cp_size > 1:
+            group = parallel_state.get_context_parallel_group()
+            dist.all_reduce(total, group=group)
+            for v in g.values():
+                dist.all_reduce(v, group=group)
+        return total.item(), g, micro
+
+    cfg = _cfg(SA)
+    init_parallel(1, 1, 1, seed=cfg.train.seed)
+    ref_loss, ref_grads, _ = run(1, CPBalance.of(cfg))
+    parallel_state.destroy_model_parallel()
+    cfg = _cfg(SA + ["parallel.context_parallel=2", "parallel.cp_balance=cost"])
+    init_parallel(1, 2, 1, seed=cfg.train.seed)
+    try:
+        cost = CPBalance.of(cfg)
+        zigzag = CPBalance("zigzag", cost.cost)
+        loss, grads, micro = run(2, cost)
+        zig_micro = micro_batches(batch, 0, zigzag)
+        return {"ref": (ref_loss, ref_grads), "cost": (loss, grads), "balance": micro[0]["partition"].balance,
+                "imbalance": {"zigzag": modelled_imbalance(zig_micro, zigzag),
+                              "cost": modelled_imbalance(micro, cost)}}
     finally:
         parallel_state.destroy_model_parallel()
 
@@ -160,10 +234,12 @@ LAYOUTS = {
     "megatron-pp2": ["parallel.pipeline_parallel=2", "data.micro_batch=1"],
     "deepspeed-cp2": ["parallel.context_parallel=2", "train.engine=deepspeed"],
     "unmasked-cp2": ["parallel.context_parallel=2", "data.document_mask=false"],
+    "megatron-cp2-cost": ["parallel.context_parallel=2", "parallel.cp_balance=cost"],
+    "deepspeed-cp2-cost": ["parallel.context_parallel=2", "parallel.cp_balance=cost", "train.engine=deepspeed"],
 }
 
 
-def _job(rank: int, world: int) -> dict:
+def _job(rank: int, world: int, log_dir: str) -> dict:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from megatron.core import parallel_state
 
@@ -175,15 +251,16 @@ def _job(rank: int, world: int) -> dict:
         parallel_state.destroy_model_parallel()
         out["shared"] = _shared_path(batch)
         for name, extra in LAYOUTS.items():
-            out[name] = _engine_step(batch, extra)
+            out[name] = _engine_step(batch, extra, log_dir if name == "megatron-cp2-cost" else "")
+        out["sa"] = _balance_on_s2_softmax(batch)
         return out
     finally:
         disable_cpu_compat()
 
 
 @pytest.fixture(scope="module")
-def runs():
-    return run_ranks(_job, 2, timeout=600)
+def runs(tmp_path_factory):
+    return run_ranks(_job, 2, str(tmp_path_factory.mktemp("tb")), timeout=600)
 
 
 def test_packed_documents_equal_documents_alone_at_cp2(runs):
@@ -204,16 +281,48 @@ def test_packed_documents_equal_documents_alone_at_cp2(runs):
                 assert err <= 1e-4 * scale + floor, f"document {d} {k}: max error {err:.3g}, max |grad| {scale:.3g}"
 
 
-@pytest.mark.parametrize("layout", ["megatron-cp2", "megatron-pp2", "deepspeed-cp2"])
+@pytest.mark.parametrize("layout", ["megatron-cp2", "megatron-pp2", "deepspeed-cp2", "megatron-cp2-cost",
+                                    "deepspeed-cp2-cost"])
 def test_engine_step_masks_documents(runs, layout):
     ref = runs[0]["ref"]
     for res in runs:
-        loss, grad_norm = res[layout]
+        loss, grad_norm, _, _ = res[layout]
         assert loss == pytest.approx(ref["loss"], rel=1e-5)
         assert grad_norm == pytest.approx(ref["grad_norm"], rel=1e-4)
 
 
 def test_without_document_mask_documents_see_each_other(runs):
     ref = runs[0]["ref"]
-    loss, _ = runs[0]["unmasked-cp2"]
+    loss, _, _, _ = runs[0]["unmasked-cp2"]
     assert abs(loss - ref["loss"]) > 1e-3 * ref["loss"]
+
+
+def test_cost_balancer_on_s2_softmax_is_balanced_and_exact(runs):
+    import torch
+
+    for res in runs:
+        sa = res["sa"]
+        assert sa["balance"] == "cost"
+        assert sa["imbalance"]["zigzag"] > 1.2, sa["imbalance"]
+        assert sa["imbalance"]["cost"] <= 1.05, sa["imbalance"]
+        (ref_loss, ref_grads), (loss, grads) = sa["ref"], sa["cost"]
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        assert ref_grads.keys() == grads.keys()
+        floor = 1e-6 * max(v.abs().max().item() for v in ref_grads.values())
+        for k, want in ref_grads.items():
+            err = (grads[k] - want).abs().max().item()
+            assert err <= 1e-4 * want.abs().max().item() + floor, f"{k}: max error {err:.3g}"
+        assert torch.isfinite(torch.tensor(loss))
+
+
+def test_step_reports_the_modelled_imbalance_to_tensorboard(runs):
+    _, _, zig, _ = runs[0]["megatron-cp2"]
+    _, _, cost, scalars = runs[0]["megatron-cp2-cost"]
+    _, _, ds_cost, _ = runs[0]["deepspeed-cp2-cost"]
+    assert zig is not None and cost is not None and cost == ds_cost  # both engines, one placement
+    assert cost <= zig and cost <= 1.05
+    assert scalars["cp/modelled_imbalance"] == pytest.approx(cost, rel=1e-6)
+    assert scalars["cp/attention_fwd_ms_max"] >= scalars["cp/attention_fwd_ms_mean"] > 0
+    assert scalars["cp/attention_imbalance"] == pytest.approx(
+        scalars["cp/attention_fwd_ms_max"] / scalars["cp/attention_fwd_ms_mean"], rel=1e-5)
+    assert runs[1]["megatron-cp2-cost"][3] is None  # rank 1 writes no tensorboard

@@ -132,6 +132,8 @@ DEMO = ROOT / "recipes" / "tiny_hybrid_cp2.yaml"
     ("train.on_corrupt_checkpoint=ignore", "train.on_corrupt_checkpoint: got 'ignore' (string)"),
     ("model.num_kv_heads=3", "model.num_kv_heads=3 must divide model.num_attention_heads=4"),
     ("parallel.cp_schemes.mamba=ring", "parallel.cp_schemes.mamba: unknown key 'mamba'"),
+    ("parallel.cp_balance=round_robin",
+     "parallel.cp_balance: got 'round_robin' (string); expected one of 'zigzag', 'cost'"),
     ("train.stepz=3", "train.stepz: unknown field; fields of train: "),
     ("model=null", "model: got null; expected a mapping with fields"),
 ])

@@ -44,8 +44,8 @@ from megatron.core import parallel_state as ps
 
 from seqpar.deepspeed.config import batch_shape, build_ds_config, check_supported, require_cpu_accelerator
 from seqpar.train.engine import Batch, Engine, StepContext, StepResult
-from seqpar.train.runtime import (build_model, build_scheduler, current_device, forward_micro_batch, global_tokens,
-                                  micro_batches, moh_aux_losses, param_device)
+from seqpar.train.runtime import (CPBalance, build_model, build_scheduler, current_device, forward_micro_batch,
+                                  global_tokens, micro_batches, modelled_imbalance, moh_aux_losses, param_device)
 
 
 class MegatronMPU:
@@ -246,6 +246,7 @@ class DeepSpeedEngine(Engine):
 
     def __init__(self, cfg: Any, model: torch.nn.Module, engine: Any, micro: int) -> None:
         self.cfg, self.model, self.engine, self.micro = cfg, model, engine, micro
+        self.balance = CPBalance.of(cfg)  # parallel.cp_balance with the model's cost model, built once
 
     @classmethod
     def check(cls, cfg: Any, dp: Optional[int] = None) -> None:
@@ -299,16 +300,18 @@ class DeepSpeedEngine(Engine):
         """Forward, backward and DeepSpeed's step (which applies the update at the accumulation
         boundary); ``ctx.accept`` sees the loss and grad norm afterwards and can only stop the run."""
         lr = self.engine.get_lr()[0]
+        batches = micro_batches(batch, self.micro, self.balance)
         with ctx.forward_backward():
-            res = forward_backward(self.engine, micro_batches(batch, self.micro), ctx.accuracy)
+            res = forward_backward(self.engine, batches, ctx.accuracy)
         gnorm = self.engine.get_global_grad_norm()
         ctx.accept(res.loss, 0.0 if gnorm is None else float(gnorm))
-        return dataclasses.replace(res, lr=lr, grad_norm=None if gnorm is None else float(gnorm))
+        return dataclasses.replace(res, lr=lr, grad_norm=None if gnorm is None else float(gnorm),
+                                   cp_imbalance=modelled_imbalance(batches, self.balance))
 
     def eval_step(self, batch: Batch) -> StepResult:
         """Forward only of the micro-batches through the DeepSpeed engine (ZeRO-3 gathers the
         parameters as in training); the token-weighted loss over DP x CP."""
-        micro = micro_batches(batch, self.micro)
+        micro = micro_batches(batch, self.micro, self.balance)
         device = param_device(self.engine.module)
         counts = global_tokens(micro, device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)

@@ -55,10 +55,9 @@ class ModelSpec:
     @property
     def s2_head_step(self) -> int:
         """Stride rotation between consecutive kv heads of the training model's S2 layout."""
-        from seqpar.kernels import S2Layout
+        from seqpar.megatron.config import s2_layout
 
-        layout = S2Layout(block_size=self.s2_block_size, local_blocks=self.s2_local_blocks,
-                          vert_stride=self.s2_vert_stride)
+        layout = s2_layout(self)
         if hasattr(layout, "with_heads"):  # layouts resolved against the model's query heads
             return layout.with_heads(self.num_heads).head_step(self.num_heads)
         return layout.head_step(self.num_kv_heads)

@@ -7,13 +7,15 @@ megatron-core's ``MoEAuxLossAutoScaler``).
 
 Contract of the core slot (megatron-core 0.16 ``DotProductAttention``): inputs ``[s, b, h, d]``
 after RoPE (``[t, h, d]`` for packed THD), GQA not expanded, output ``[s, b, h*d]`` (``[t, h*d]``).
-Under CP each rank holds Megatron's zigzag split (``get_batch_on_this_cp_rank``: chunks r and
-2P-1-r of 2P), which is ``seqpar.cp``'s ``balance="zigzag"``. The CP group comes from
+Under CP every layer passes ``cp.attention`` the micro-batch's one ``partition=`` (which global
+tokens each rank holds): the trainer's, attached to ``packed_seq_params`` as
+``seqpar.megatron.packed.SeqparPackedSeqParams`` (``parallel.cp_balance``: Megatron's zigzag or the
+joint cost balancer), else Megatron's zigzag (chunks r and 2P-1-r of 2P per document, or of the
+whole row without packed params: ``get_batch_on_this_cp_rank``'s split). The CP group comes from
 ``pg_collection.cp`` (or parallel_state), the scheme from ``config.cp_schemes[kind]``.
 
 Packed documents (``packed_seq_params``, THD) reach every kind under every scheme: ``cu_seqlens_q``
-are the *global* boundaries of the whole packed sequence (documents of any length; each rank holds
-``cp.make_partition(N, cp_group, cu_seqlens=...)``'s share, ``ceil(N / CP)`` slots), or Megatron's
+are the *global* boundaries of the whole packed sequence (documents of any length), or Megatron's
 padded layout (``cu_seqlens_q_padded``, documents padded to multiples of 2 x CP, with the real
 ``cu_seqlens_q``). docs/cp.md, "Packed documents: the trainer contract".
 """
@@ -39,9 +41,11 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, mak
 from megatron.core.utils import divide
 
 from seqpar import cp
+from seqpar.megatron.config import s2_layout
 from seqpar.megatron.layout_check import cp_scheme_for_layer
+from seqpar.megatron.packed import packed_cu_seqlens, partition_of
 from seqpar.megatron.rope import SeqparSelfAttention
-from seqpar.kernels import S2Layout, flash_attention, lightning_attention, lightning_slopes, moh_attention, s2_attention
+from seqpar.kernels import flash_attention, lightning_attention, lightning_slopes, moh_attention, s2_attention
 from seqpar.nn import MoHRouter
 from seqpar.nn.moh import routed_counts
 
@@ -87,37 +91,34 @@ def _no_attention_mask(layer: str, attention_mask: Optional[torch.Tensor]) -> No
             f"documents with packed_seq_params or mask the pad tokens in the loss")
 
 
-def _packed(packed_seq_params: Optional[PackedSeqParams]) -> dict[str, torch.Tensor]:
-    """``cu_seqlens`` (and ``cu_seqlens_unpadded``) of a packed THD batch, for ``cp.attention`` and the
-    kernels: the *global* boundaries of the whole packed sequence (every CP rank passes the same).
-    With Megatron's padded documents (``cu_seqlens_q_padded`` differs from ``cu_seqlens_q``) the padded
-    ones are the layout and the real ones mark the pads (no real tokens); otherwise ``cu_seqlens_q``
-    are the documents, of any length (docs/cp.md: the trainer contract)."""
-    if packed_seq_params is None:
-        return {}
-    if packed_seq_params.qkv_format != "thd":
-        raise ValueError(f"packed_seq_params.qkv_format must be 'thd', got {packed_seq_params.qkv_format!r}")
-    real, padded = packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_q_padded
-    if real is None:
-        raise ValueError("packed_seq_params.cu_seqlens_q must hold the documents' boundaries (int32 [docs + 1])")
-    from seqpar.kernels._common import host_ints
+def _packed(packed_seq_params: Optional[PackedSeqParams]) -> dict[str, Any]:
+    """What a layer hands the kernels (``cu_seqlens``, ``cu_seqlens_unpadded``: the global boundaries,
+    for the one-rank path) and ``cp.attention`` (the micro-batch's partition, attached by the trainer:
+    ``seqpar.megatron.packed``), from megatron's packed params (docs/cp.md: the trainer contract)."""
+    out: dict[str, Any] = dict(packed_cu_seqlens(packed_seq_params))
+    if packed_seq_params is not None:
+        out["psp"] = packed_seq_params
+    return out
 
-    # host values read once per tensor (cached on it): no sync per layer
-    if padded is None or padded is real or host_ints(padded) == host_ints(real):
-        return {"cu_seqlens": real.to(torch.int32)}
-    return {"cu_seqlens": padded.to(torch.int32), "cu_seqlens_unpadded": real.to(torch.int32)}
+
+def _cp_partition(packed: dict, local_len: int, group: Any) -> cp.Partition:
+    """The one partition of this micro-batch (the trainer's, else Megatron's zigzag): every layer of
+    the step passes the same object to ``cp.attention``."""
+    return partition_of(packed.get("psp"), local_len, group)
+
+
+def _cp_kwargs(packed: dict, local_len: int, group: Any) -> dict[str, Any]:
+    """``cp.attention``'s placement argument: ``partition=`` (no balance string, no boundaries)."""
+    return {"partition": _cp_partition(packed, local_len, group)}
 
 
 def _real_tokens(packed: dict, local_len: int, group: Any) -> Optional[torch.Tensor]:
     """bool ``[local_len]``: this rank's slots that hold real tokens (None: all of them), from the
-    same partition ``cp.attention`` resolves (padding is left out of the MoH balance loss)."""
+    partition ``cp.attention`` gets (padding is left out of the MoH balance loss)."""
     if not packed:
         return None
-    from seqpar.kernels._common import host_ints
-
-    rank, world = (0, 1) if _size(group) == 1 else (group.rank(), group.size())
-    part = cp.make_partition(host_ints(packed["cu_seqlens"])[-1], (rank, world), local_len=local_len,
-                             cu_seqlens=packed["cu_seqlens"], cu_seqlens_unpadded=packed.get("cu_seqlens_unpadded"))
+    rank = 0 if _size(group) == 1 else group.rank()
+    part = _cp_partition(packed, local_len, group)
     if part.padding == 0:
         return None
     from seqpar.cp.partition import cached_index
@@ -177,11 +178,11 @@ class _SeqparCoreAttention(MegatronModule):
         o = self._attend(q, k, v, _packed(packed_seq_params))
         return _from_bshd(o, thd)
 
-    def _cp(self, q, k, v, **kw) -> torch.Tensor:
+    def _cp(self, q, k, v, packed: dict, **kw) -> torch.Tensor:
         if self.scheme == "usp":
             kw["ulysses_degree"] = self.config.usp_ulysses_degree
         return cp.attention(q, k, v, kind=self.kind, scheme=self.scheme, group=self.cp_group,
-                            balance="zigzag", backend=self.backend, **kw)
+                            backend=self.backend, **_cp_kwargs(packed, q.shape[1], self.cp_group), **kw)
 
     def _attend(self, q, k, v, packed: dict):
         raise NotImplementedError
@@ -199,7 +200,7 @@ class SoftmaxCoreAttention(_SeqparCoreAttention):
         if self.cp_size == 1:  # Megatron's per-document pads sit after each document's real tokens: causal
             return flash_attention(q, k, v, causal=True, sm_scale=self.softmax_scale, window=window,
                                    cu_seqlens=packed.get("cu_seqlens"), backend=self.backend)
-        return self._cp(q, k, v, sm_scale=self.softmax_scale, window=window, **packed)
+        return self._cp(q, k, v, packed, sm_scale=self.softmax_scale, window=window)
 
 
 class S2CoreAttention(_SeqparCoreAttention):
@@ -213,8 +214,7 @@ class S2CoreAttention(_SeqparCoreAttention):
         super().__init__(config, *args, **kwargs)
         # resolved with the model's query heads (DKernel's step), so every TP rank and CP scheme
         # reads the same pattern whatever heads it holds
-        self.layout = S2Layout(block_size=config.s2_block_size, local_blocks=config.s2_local_blocks,
-                               vert_stride=config.s2_vert_stride).with_heads(config.num_attention_heads)
+        self.layout = s2_layout(config, config.num_attention_heads)
         self.kv_head_offset = self.tp_rank * self.kv_heads
         self.total_kv_heads = config.num_query_groups
 
@@ -225,10 +225,11 @@ class S2CoreAttention(_SeqparCoreAttention):
                                 backend=self.backend)
         # every CP scheme places this TP rank's kv heads in the global pattern; the layout restarts
         # at every document
-        if self.scheme in ("ulysses", "usp"):  # which kv heads each rank computes (docs/cp.md)
-            packed = {**packed, "head_placement": getattr(self.config, "s2_head_placement", "balanced")}
-        return self._cp(q, k, v, layout=self.layout, sm_scale=self.softmax_scale,
-                        kv_head_offset=self.kv_head_offset, total_kv_heads=self.total_kv_heads, **packed)
+        # which kv heads each rank computes under ulysses / usp (docs/cp.md)
+        kw = ({"head_placement": getattr(self.config, "s2_head_placement", "balanced")}
+              if self.scheme in ("ulysses", "usp") else {})
+        return self._cp(q, k, v, packed, layout=self.layout, sm_scale=self.softmax_scale,
+                        kv_head_offset=self.kv_head_offset, total_kv_heads=self.total_kv_heads, **kw)
 
 
 def moh_balance_loss(probs: torch.Tensor, topk_index: torch.Tensor, group: Any,
@@ -310,7 +311,7 @@ class MoHCoreAttention(_SeqparCoreAttention):
             o = moh_attention(q, k, v, gates, causal=True, sm_scale=self.softmax_scale,
                               cu_seqlens=packed.get("cu_seqlens"), backend=self.backend)
         else:
-            o = self._cp(q, k, v, gates=gates, sm_scale=self.softmax_scale, **packed)
+            o = self._cp(q, k, v, packed, gates=gates, sm_scale=self.softmax_scale)
         return o if aux is None else MoEAuxLossAutoScaler.apply(o, aux)
 
 
@@ -404,7 +405,8 @@ class LightningSelfAttention(MegatronModule):
     ``o = RMSNorm_head(o) * sigmoid(x W_g)``; ``out = o W_o``. Slopes come from
     ``lightning_slopes(heads, layer_idx, num_layers)`` (MiniMax per-layer scaling; the rank's heads
     under TP). The RMSNorm is per head so the layer is the same at any TP size. Under CP the scheme
-    is ``config.cp_schemes["lightning"]`` (allgather = LASP-2); packed THD passes ``cu_seqlens``.
+    is ``config.cp_schemes["lightning"]`` (allgather = LASP-2) on the micro-batch's partition; packed THD
+    passes ``cu_seqlens`` on one rank.
     """
 
     def __init__(self, config, submodules: LightningSubmodules, layer_number: int,
@@ -494,15 +496,13 @@ class LightningSelfAttention(MegatronModule):
         k = F.silu(k).view(s, b, g, d).transpose(0, 1)
         v = F.silu(v).view(s, b, g, d).transpose(0, 1)
         slope = self.slopes  # on the model's device (moved with it; a per-call copy would be a host-to-device copy)
-        kw = dict(packed)
-        if self.scheme == "usp":
-            kw["ulysses_degree"] = self.config.usp_ulysses_degree
         if _size(self.cp_group) == 1:
-            kw.pop("ulysses_degree", None)
-            o, _ = lightning_attention(q, k, v, slope, backend=self.backend, **kw)
+            o, _ = lightning_attention(q, k, v, slope, backend=self.backend, cu_seqlens=packed.get("cu_seqlens"),
+                                       cu_seqlens_unpadded=packed.get("cu_seqlens_unpadded"))
         else:
-            o, _ = cp.attention(q, k, v, kind="lightning", scheme=self.scheme, group=self.cp_group,
-                                balance="zigzag", slope=slope, backend=self.backend, **kw)
+            kw = {"ulysses_degree": self.config.usp_ulysses_degree} if self.scheme == "usp" else {}
+            o, _ = cp.attention(q, k, v, kind="lightning", scheme=self.scheme, group=self.cp_group, slope=slope,
+                                backend=self.backend, **_cp_kwargs(packed, s, self.cp_group), **kw)
         of = o.float()
         of = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_weight.float().view(h, d)
         o = of.to(hidden_states.dtype).transpose(0, 1).reshape(s, b, h * d)

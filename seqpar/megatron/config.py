@@ -105,6 +105,15 @@ class AttentionParallelFields(Strict):
         return v
 
 
+def s2_layout(fields: Any, heads: Optional[int] = None) -> S2Layout:
+    """The model's S2 layout from its ``s2_block_size`` / ``s2_local_blocks`` / ``s2_vert_stride``
+    (a recipe's ``model`` section or a ``SeqparTransformerConfig``), resolved against ``heads`` query
+    heads when given (DKernel's rotation step; what the S2 layers compute with)."""
+    layout = S2Layout(block_size=fields.s2_block_size, local_blocks=fields.s2_local_blocks,
+                      vert_stride=fields.s2_vert_stride)
+    return layout if heads is None else layout.with_heads(heads)
+
+
 def check_moh_heads(num_shared: int, top_k: int, heads: int, prefix: str = "") -> None:
     """MoH needs at least one routed head and ``shared + top_k <= heads`` (the one place of this rule)."""
     if num_shared >= heads:
@@ -304,6 +313,6 @@ def field_docs(model: type[BaseModel]) -> dict[str, str]:
     return {n: (f.description or "").strip() for n, f in model.model_fields.items()}
 
 
-__all__ = ["AttentionModelFields", "AttentionParallelFields", "DEFAULT_SCHEMES", "KIND_OF_LETTER", "Kind", "Scheme",
+__all__ = ["s2_layout", "AttentionModelFields", "AttentionParallelFields", "DEFAULT_SCHEMES", "KIND_OF_LETTER", "Kind", "Scheme",
            "SeqparTransformerConfig", "Strict", "check_moh_heads", "check_usp_degree", "describe", "field_docs",
            "format_errors", "validate"]

@@ -107,7 +107,7 @@ def check_layout(*, pattern: str, num_layers: int, num_attention_heads: int, num
 
     Checks: TP divides the query and kv heads; PP divides the layers (MoH runs at any TP: the
     router picks among all heads on every rank); under CP the sequence splits into Megatron's 2 x CP zigzag
-    chunks (the trainer's ``get_batch_on_this_cp_rank``; ``cp.attention`` itself takes any length,
+    chunks (the trainer's dense zigzag split, ``runtime.local_batch``; ``cp.attention`` itself takes any length,
     and S2 chunks need not be whole blocks), Ulysses / USP degrees divide the heads per TP rank (kv
     heads: or the reverse). (S2 under TP x CP is exact for every stride: each rank passes its
     kv-head offset to ``cp.attention``.)

@@ -6,10 +6,12 @@ document lengths on the host (``.tolist()``) and each document's offset (``.item
 query and key of every layer: 2 + 2 x documents device-to-host syncs per layer on a GPU.
 
 :class:`SeqparSelfAttention` (the self-attention of every seqpar softmax / S2 / MoH layer) applies the
-same rotation from per-token positions computed on the device from ``cu_seqlens``, once per
-``cu_seqlens`` tensor (every layer of a step passes the same one): the result is bit-identical to
-megatron's unfused THD path (the same ``freqs`` rows through the same BSHD rotation), for every CP
-rank of Megatron's zigzag split, and makes no host sync per layer.
+same rotation from per-token positions taken from the micro-batch's CP partition (its token index:
+``seqpar.megatron.packed.rope_positions``, built on the host once per partition, i.e. once per
+micro-batch, and cached on the device; every layer of the step reuses it): the result is
+bit-identical to megatron's unfused THD path (the same ``freqs`` rows through the same BSHD rotation)
+for Megatron's zigzag split, is right for any balancer's placement (``parallel.cp_balance: cost``),
+and makes no host sync per layer.
 """
 
 from __future__ import annotations
@@ -20,40 +22,7 @@ import torch
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.attention import SelfAttention
 
-from seqpar.kernels._common import host_ints, per_tensor_cache
-
-
-def thd_positions(cu_seqlens: torch.Tensor, cp_size: int, cp_rank: int, table_len: int) -> torch.Tensor:
-    """int64 ``[tokens on this rank]``: the row of the rotary table each packed token uses, as
-    megatron-core's ``_apply_rotary_pos_emb_thd`` picks it (``cu_seqlens`` are the global
-    boundaries; this rank holds ``len / cp_size`` tokens of each document, Megatron's zigzag halves
-    under CP). A table of exactly ``cu_seqlens[-1]`` rows is indexed by global offset (megatron's
-    "exact mapping" case), any other from each document's start.
-
-    Computed on the device and cached on the tensor (one host read of ``cu_seqlens`` per tensor)."""
-    key = (cp_size, cp_rank, table_len)
-    cache = per_tensor_cache(cu_seqlens, "_seqpar_rope_positions")
-    pos = cache.get(key)
-    if pos is None:
-        offs = host_ints(cu_seqlens)
-        exact = table_len == offs[-1]
-        cu = cu_seqlens.to(torch.int64)
-        local_len = (cu[1:] - cu[:-1]) // cp_size
-        local_cu = torch.zeros_like(cu)
-        local_cu[1:] = torch.cumsum(local_len, 0)
-        n_local = sum((b - a) // cp_size for a, b in zip(offs[:-1], offs[1:]))
-        tok = torch.arange(n_local, device=cu.device)
-        doc = torch.searchsorted(local_cu[1:], tok, right=True)
-        j = tok - local_cu[doc]
-        start = cu[doc] if exact else torch.zeros_like(j)
-        if cp_size == 1:
-            pos = start + j
-        else:
-            seg = local_len[doc] // 2
-            full = cp_size * local_len[doc]
-            pos = start + torch.where(j < seg, cp_rank * seg + j, full - (cp_rank + 1) * seg + (j - seg))
-        cache[key] = pos
-    return pos
+from seqpar.megatron.packed import partition_of, rope_positions
 
 
 class SeqparSelfAttention(SelfAttention):
@@ -70,11 +39,7 @@ class SeqparSelfAttention(SelfAttention):
         if (rotary_pos_emb is not None and not no_rope and packed_seq_params is not None
                 and packed_seq_params.qkv_format == "thd" and inference_context is None and inference_params is None):
             freqs = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
-            cu_q = packed_seq_params.cu_seqlens_q_padded
-            cu_q = packed_seq_params.cu_seqlens_q if cu_q is None else cu_q
-            cu_k = packed_seq_params.cu_seqlens_kv_padded
-            cu_k = packed_seq_params.cu_seqlens_kv if cu_k is None else cu_k
-            self._packed_rope = (freqs, cu_q, cu_k)
+            self._packed_rope = (freqs, packed_seq_params)
             rotary_pos_emb = None  # applied in get_query_key_value_tensors instead
         try:
             return super().forward(hidden_states, attention_mask, key_value_states=key_value_states,
@@ -92,18 +57,20 @@ class SeqparSelfAttention(SelfAttention):
                                                   split_qkv=split_qkv)
         if self._packed_rope is None:
             return out
-        (fq, fk), cu_q, cu_k = self._packed_rope
+        (fq, fk), packed_seq_params = self._packed_rope
         from megatron.core.transformer.attention import _yarn_get_concentration_factor_from_config
 
         cp_group = self.pg_collection.cp
-        size, rank = (1, 0) if cp_group is None else (cp_group.size(), cp_group.rank())
+        rank = 0 if cp_group is None else cp_group.rank()
         mscale = _yarn_get_concentration_factor_from_config(self.config)
+        # queries and keys are the same tokens (self-attention): one partition, one position table
+        part = partition_of(packed_seq_params, out[0].shape[0], cp_group)
         rotated = []
-        for x, freqs, cu in ((out[0], fq, cu_q), (out[1], fk, cu_k)):
+        for x, freqs in ((out[0], fq), (out[1], fk)):
             if freqs is None:
                 rotated.append(x)
                 continue
-            pos = thd_positions(cu, size, rank, freqs.size(0))
+            pos = rope_positions(part, rank, freqs.size(0), x.device)
             # x [t, 1, heads, dim] with one rotary row per token: megatron's BSHD rotation
             rotated.append(apply_rotary_pos_emb(x, freqs.index_select(0, pos), config=self.config, cu_seqlens=None,
                                                 mscale=mscale, cp_group=cp_group))

@@ -221,7 +221,14 @@ class ParallelConfig(AttentionParallelFields):
     tensor_parallel: PositiveInt = 1
     """TP size; DP = world / (TP x CP x PP)."""
     context_parallel: PositiveInt = 1
-    """CP size (Megatron's zigzag split of every sequence over 2 x CP chunks)."""
+    """CP size: every sequence (every packed document) is split over the CP ranks by parallel.cp_balance."""
+    cp_balance: Literal["zigzag", "cost"] = "zigzag"
+    """How each step's tokens are placed on the CP ranks: "zigzag" (Megatron's: every document cut in
+    2 x CP chunks, rank r holds chunks r and 2 x CP - 1 - r; balances causal softmax inside each
+    document) or "cost" (the joint balancer, seqpar.cp.CostModel: chunks of the step's documents placed
+    so that the whole model's modelled attention work - softmax, S2 blocks, Lightning, MoH heads - is
+    equal per rank). Both are exact; tensorboard cp/modelled_imbalance shows the balance reached. Used
+    when the CP size is > 1."""
     pipeline_parallel: PositiveInt = 1
     """PP size: the layers are split evenly over this many stages (megatron's 1F1B schedule; divides
     model.num_layers)."""

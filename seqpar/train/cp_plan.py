@@ -37,7 +37,7 @@ class AutoChoice:
 def model_inputs(cfg: Any) -> tuple[dict[str, int], dict[str, Any]]:
     """``({kind: layers}, keyword arguments of seqpar.cp.recommend)`` of a recipe (any schemes)."""
     from seqpar.cp import Topology
-    from seqpar.kernels import S2Layout
+    from seqpar.megatron.config import s2_layout
     from seqpar.megatron.config import KIND_OF_LETTER
     from seqpar.kernels.flops import PEAK_TFLOPS, math_mode
 
@@ -55,7 +55,7 @@ def model_inputs(cfg: Any) -> tuple[dict[str, int], dict[str, Any]]:
                                 inter_node_gbytes_per_s=par.inter_node_gbytes_per_s, tensor_parallel=tp),
               peak_tflops=cfg.train.peak_tflops or dict(PEAK_TFLOPS)["H100"][math_mode(m.dtype)],
               overlap=par.cp_auto_overlap)
-    layout = S2Layout(block_size=m.s2_block_size, local_blocks=m.s2_local_blocks, vert_stride=m.s2_vert_stride)
+    layout = s2_layout(m)
     return layers, {**kw, "layouts": {"s2": layout}}
 
 

@@ -55,6 +55,10 @@ class StepResult:
     accuracy: Optional[float] = None
     """Fraction of the global batch's loss-masked tokens whose greedy prediction is the label (the
     ``StepContext.accuracy`` counter's); None when the engine was given none."""
+    cp_imbalance: Optional[float] = None
+    """Modelled attention work of the step's CP placement, ``max / mean`` over the CP ranks
+    (``seqpar.train.runtime.modelled_imbalance``: the model's ``cp.CostModel`` over this rank's
+    micro-batches' partitions; 1.0 = balanced); None without CP."""
 
 
 class StepContext:

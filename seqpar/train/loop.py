@@ -50,7 +50,8 @@ def build_data(cfg: RunConfig):
 
 class AttentionTimer:
     """Forward wall time per attention kind (hooks on the seqpar attention modules; on CUDA each
-    measurement synchronises, so it is off unless train.time_attention is set)."""
+    measurement synchronises, so it is off unless train.time_attention is set), and its spread over
+    the CP ranks (:meth:`cp_spread`: how well the CP placement balances the measured work)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         from seqpar.megatron.attention import (LightningSelfAttention, MoHCoreAttention, S2CoreAttention,
@@ -82,6 +83,23 @@ class AttentionTimer:
     def pop(self) -> dict[str, float]:
         out, self.totals = self.totals, {}
         return out
+
+    @staticmethod
+    def cp_spread(totals: dict[str, float], device: torch.device) -> dict[str, float]:
+        """This rank's attention time (``totals``, seconds per kind) against the other CP ranks': one
+        all-gather of a float over the CP group (every CP rank must call it; ``{}`` without CP).
+        Returns ``attention_fwd_ms_max`` / ``attention_fwd_ms_mean`` over the CP ranks and their ratio
+        ``attention_imbalance`` (1.0 = every rank spent the same time)."""
+        if parallel_state.get_context_parallel_world_size() == 1:
+            return {}
+        group = parallel_state.get_context_parallel_group()
+        mine = torch.tensor([1e3 * sum(totals.values())], dtype=torch.float64, device=device)
+        every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(every, mine, group=group)
+        ms = torch.cat(every).tolist()
+        mean = sum(ms) / len(ms)
+        return {"attention_fwd_ms_max": max(ms), "attention_fwd_ms_mean": mean,
+                "attention_imbalance": max(ms) / mean if mean else 1.0}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -146,8 +164,10 @@ class Logger:
     first words)."""
 
     def __init__(self, cfg: RunConfig, out: pathlib.Path, start: int, *, desc: str = "train",
-                 head: str = "[seqpar.train]", perf: Optional[Throughput] = None) -> None:
+                 head: str = "[seqpar.train]", perf: Optional[Throughput] = None,
+                 device: Optional[torch.device] = None) -> None:
         self.cfg, self.writer, self.bar, self.head, self.perf = cfg, None, None, head, perf
+        self.device = torch.device("cpu") if device is None else device  # the CP gather's tensors live there
         self.valid: list[tuple[int, float]] = []  # (step, validation loss) of this run
         if dist.get_rank() == 0:
             from torch.utils.tensorboard import SummaryWriter
@@ -161,17 +181,28 @@ class Logger:
             skipped: Optional[int] = 0, perf: Optional[dict[str, float]] = None) -> None:
         """Scalars of ``step`` every ``train.log_every`` steps; a ``None`` (``res.grad_norm`` when the
         engine reports none, ``skipped`` where steps are never skipped) is not logged. ``perf``: the
-        step's ``perf/*`` scalars (``seqpar.train.perf.Throughput.step``), also on the progress line."""
+        step's ``perf/*`` scalars (``seqpar.train.perf.Throughput.step``), also on the progress line.
+        Under CP: ``cp/modelled_imbalance`` (``res.cp_imbalance``) and, with ``timer``, the measured
+        ``cp/attention_*`` spread over the CP ranks (:meth:`AttentionTimer.cp_spread`, a collective:
+        every rank calls ``log`` for every step)."""
         perf = perf or {}
-        if self.writer is not None and (step + 1) % self.cfg.train.log_every == 0:
+        due = (step + 1) % self.cfg.train.log_every == 0
+        times = timer.pop() if timer is not None and due else {}
+        # every CP rank joins the measured spread's gather (a logged step, with train.time_attention)
+        spread = AttentionTimer.cp_spread(times, self.device) if timer is not None and due else {}
+        if self.writer is not None and due:
             for k, v in perf.items():
                 self.writer.add_scalar(f"perf/{k}", v, step + 1)
             for k, v in {"loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm, "aux_loss": res.aux_loss,
                          "accuracy": res.accuracy, "tokens_per_s": res.tokens / dt, "skipped_steps": skipped}.items():
                 if v is not None:
                     self.writer.add_scalar(f"train/{k}", v, step + 1)
-            for kind, sec in (timer.pop() if timer else {}).items():
+            for kind, sec in times.items():
                 self.writer.add_scalar(f"attention_fwd_ms/{kind}", 1e3 * sec, step + 1)
+            cp_scalars = {"modelled_imbalance": res.cp_imbalance, **spread}
+            for k, v in cp_scalars.items():
+                if v is not None:
+                    self.writer.add_scalar(f"cp/{k}", v, step + 1)
         if self.bar is not None:
             self.bar.update(1)
             acc = {} if res.accuracy is None else {"acc": f"{res.accuracy:.3f}"}
@@ -300,7 +331,7 @@ def _train(engine_cls: type[Engine], cfg: RunConfig, resume: bool, stop_after: O
         print(f"{engine.log_prefix} {startup_summary(cfg, engine, vocab)}", flush=True)
     device = engine.device
     perf = Throughput(cfg, vocab, device) if dist.get_rank() == 0 else None  # rank 0 logs
-    logger = Logger(cfg, out, start, desc=engine.progress_desc, head=engine.summary_head, perf=perf)
+    logger = Logger(cfg, out, start, desc=engine.progress_desc, head=engine.summary_head, perf=perf, device=device)
     timer = AttentionTimer(engine.modules[0]) if cfg.train.time_attention else None
     # h16: NaN/inf stop or skip (an engine that cannot hold an update back refuses skipping in its check)
     monitor = health.HealthMonitor.from_config(cfg, engine.modules)

@@ -26,7 +26,8 @@ from seqpar.megatron.optimizer import get_optimizer
 from seqpar.train import checkpoint, health
 from seqpar.train.config import RunConfig
 from seqpar.train.engine import Batch, Engine, StepContext, StepResult
-from seqpar.train.runtime import build_model, build_scheduler, micro_batches, param_device
+from seqpar.train.runtime import (ZIGZAG, CPBalance, build_model, build_scheduler, micro_batches, modelled_imbalance,
+                                  param_device)
 from seqpar.train.step import forward_backward, optimizer_step
 
 
@@ -99,6 +100,9 @@ class MegatronEngine(Engine):
     """LR / weight-decay schedule."""
     micro_batch: int
     """Sequences per micro-batch (data.micro_batch, 0 = whole DP share)."""
+    balance: CPBalance = ZIGZAG
+    """How each micro-batch's tokens are placed on the CP ranks (parallel.cp_balance, with the model's
+    cost model)."""
 
     @classmethod
     def memory_plan(cls, cfg: RunConfig, dp: int) -> dict[str, Any]:
@@ -115,7 +119,7 @@ class MegatronEngine(Engine):
         """Model stage + DDP + optimizer + schedule for the current process groups."""
         model = wrap_ddp(cfg, build_model(cfg, vocab_size))
         opt, sched = build_optimizer(cfg, model)
-        return cls(model, opt, sched, cfg.data.micro_batch)
+        return cls(model, opt, sched, cfg.data.micro_batch, CPBalance.of(cfg))
 
     @property
     def modules(self) -> list[torch.nn.Module]:
@@ -137,16 +141,17 @@ class MegatronEngine(Engine):
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        batches = micro_batches(batch, self.micro_batch)
+        batches = micro_batches(batch, self.micro_batch, self.balance)
         with ctx.forward_backward():
             res = forward_backward(self.model, batches, accuracy=ctx.accuracy)
+        res.cp_imbalance = modelled_imbalance(batches, self.balance)
         res.grad_norm, res.lr, res.updated = optimizer_step(self.optimizer, self.scheduler,
                                                             lambda grad_norm: ctx.accept(res.loss, grad_norm))
         return res
 
     def eval_step(self, batch: Batch) -> StepResult:
         """Forward only through megatron's schedule (1F1B's forward-only path under PP)."""
-        return forward_backward(self.model, micro_batches(batch, self.micro_batch), forward_only=True)
+        return forward_backward(self.model, micro_batches(batch, self.micro_batch, self.balance), forward_only=True)
 
     def save(self, ckpt_dir: pathlib.Path, step: int, *, rng: Any, config: dict[str, Any],
              tokenizer: Any = None) -> pathlib.Path:

@@ -59,7 +59,7 @@ class ModelFlops:
     document length) is cached."""
 
     def __init__(self, cfg: Any, vocab_size: int) -> None:
-        from seqpar.kernels import S2Layout
+        from seqpar.megatron.config import s2_layout
 
         m, p = cfg.model, cfg.model.shape
         self.pattern = _pattern(p)
@@ -67,8 +67,7 @@ class ModelFlops:
         self.heads, self.kv_heads = p.num_attention_heads, p.num_query_groups
         self.head_dim = p.hidden_size // p.num_attention_heads
         # the model's own layout (seqpar.megatron.attention's S2 layers), only where S2 layers exist
-        self.layout = (S2Layout(block_size=m.s2_block_size, local_blocks=m.s2_local_blocks,
-                                vert_stride=m.s2_vert_stride).with_heads(self.heads) if "S" in self.pattern else None)
+        self.layout = s2_layout(m, self.heads) if "S" in self.pattern else None
         self.moh_active = (m.moh_num_shared_heads + m.moh_top_k) / self.heads
         self.softmax_window = m.softmax_window  # A layers count the window's pairs only
         self.shards = cfg.parallel.tensor_parallel * cfg.parallel.context_parallel * cfg.parallel.pipeline_parallel

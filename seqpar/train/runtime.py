@@ -3,7 +3,8 @@
 the device; ``model_config``), the LR / weight-decay schedule (``build_scheduler``: megatron-core's
 ``OptimizerParamScheduler``, stepped by both engines), a step's micro-batches with their document
 boundaries (``micro_batches``: packed THD with ``PackedSeqParams`` per micro-batch) and this CP rank's
-share of them (``local_batch``; ``cp.make_partition`` for packed documents), the global batch's
+share of them (one ``cp.Partition`` per micro-batch, placed by ``parallel.cp_balance``: ``CPBalance``,
+``local_batch``; the model's cost model ``cost_model`` and the step's ``modelled_imbalance``), the global batch's
 valid-token count (``global_tokens``), the MoH aux losses, the greedy-prediction accuracy
 (``TokenAccuracy``), and devices (``param_device``, ``current_device``).
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import zlib
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
@@ -22,12 +24,13 @@ from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu
 from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
-from megatron.core.utils import get_batch_on_this_cp_rank
 
 from seqpar import cp
 from seqpar.data.batch import Batch
 from seqpar.kernels._common import seed_host_ints
 from seqpar.megatron.attention import MoHCoreAttention, MoHSelfAttention
+from seqpar.megatron.config import KIND_OF_LETTER
+from seqpar.megatron.packed import SeqparPackedSeqParams
 from seqpar.megatron.specs import layer_specs_for_stage
 from seqpar.models import build_gpt, transformer_config
 from seqpar.train.config import RunConfig
@@ -178,10 +181,93 @@ def current_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def local_batch(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """This CP rank's share of a ``[batch, seq]`` batch: Megatron's ``get_batch_on_this_cp_rank``
-    (zigzag: chunks r and 2P-1-r of 2P)."""
-    return get_batch_on_this_cp_rank({"tokens": tokens, "labels": labels, "loss_mask": loss_mask})
+def cost_model(cfg: RunConfig) -> cp.CostModel:
+    """The recipe model's per-token attention work (``cp.CostModel``), the one description of it the
+    trainer uses: the cost balancer's objective (``parallel.cp_balance: cost``) and the modelled
+    imbalance of every step (either balance). Layer kinds counted over the whole model (the pattern
+    tiled over ``num_layers``, every pipeline stage: the CP ranks of a stage hold the same tokens in
+    every stage), query / kv heads, the S2 layout, MoH's active share of the heads
+    (``(shared + top_k) / heads``) and Lightning's work per token in softmax (query, key)-pair
+    equivalents from the FLOP conventions of ``seqpar.kernels.flops`` (``(C + 1) / 2 + head_dim``
+    for chunk C)."""
+    from seqpar.megatron.config import s2_layout
+    from seqpar.kernels.flops import attention_flops
+    from seqpar.megatron.specs import layer_pattern
+
+    m, p = cfg.model, _preset(cfg)
+    pattern = layer_pattern(p.pattern, p.num_layers)
+    d = p.hidden_size // p.num_attention_heads
+    counts: dict[str, int] = {}
+    for letter in pattern:
+        counts[KIND_OF_LETTER[letter]] = counts.get(KIND_OF_LETTER[letter], 0) + 1
+    # one softmax (query, key) pair of one head costs 2 (d + dv) forward FLOPs; Lightning's token, in pairs
+    linear = attention_flops("lightning", batch=1, seq_len=1, heads=1, head_dim=d) / (4 * d)
+    layout = s2_layout(m) if "s2" in counts else None
+    return cp.CostModel(layers=counts, heads=p.num_attention_heads, kv_heads=p.num_query_groups, s2_layout=layout,
+                        moh_active=(m.moh_num_shared_heads + m.moh_top_k) / p.num_attention_heads,
+                        linear_cost=linear, softmax_window=m.softmax_window if "softmax" in counts else None)
+
+
+@dataclass(frozen=True)
+class CPBalance:
+    """How the trainer places each micro-batch's tokens on the CP ranks (``parallel.cp_balance``),
+    resolved once per run (:meth:`of`).
+
+    ``balance``: ``"zigzag"`` or ``"cost"`` (a ``cp.BALANCERS`` name); ``cost``: the model's
+    :func:`cost_model` when CP > 1 (the cost balancer's objective, and the modelled imbalance either
+    way), else None."""
+
+    balance: str = "zigzag"
+    cost: Optional[cp.CostModel] = None
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> "CPBalance":
+        """The recipe's balance with its cost model (built here, once)."""
+        par = cfg.parallel
+        return cls(par.cp_balance, cost_model(cfg) if par.context_parallel > 1 else None)
+
+    def partition(self, seq_len: int, **kw: Any) -> cp.Partition:
+        """This CP group's partition of ``seq_len`` global tokens (``cu_seqlens`` etc. in ``kw``), host only."""
+        if self.balance == "cost" and self.cost is None:
+            raise ValueError("cp_balance='cost' needs the model's cost model: CPBalance.of(cfg)")
+        group = (parallel_state.get_context_parallel_rank(), parallel_state.get_context_parallel_world_size())
+        return cp.make_partition(seq_len, group, balance=self.balance,
+                                 cost=self.cost if self.balance == "cost" else None, **kw)
+
+
+ZIGZAG = CPBalance()
+
+
+def local_batch(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
+                position_ids: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    """This CP rank's share of a ``[batch, seq]`` batch whose rows are single sequences, by Megatron's
+    zigzag (chunks r and 2P-1-r of 2P of every row; ``get_batch_on_this_cp_rank``'s split, through the
+    resolved ``cp.Partition``: ``part.shard``), with the partition under ``"partition"`` (CP > 1).
+    ``position_ids`` (default: ``arange(seq)``) are sharded with the tokens."""
+    if position_ids is None:
+        position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    out = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
+    if parallel_state.get_context_parallel_world_size() == 1:
+        return out
+    part = ZIGZAG.partition(tokens.shape[1])
+    rank = parallel_state.get_context_parallel_rank()
+    out = {k: part.shard(t, rank) for k, t in out.items()}
+    out["partition"] = part
+    return out
+
+
+def modelled_imbalance(batches: Sequence[dict[str, Any]], balance: CPBalance) -> Optional[float]:
+    """``max / mean`` over the CP ranks of the modelled attention work (``balance.cost``) of this
+    rank's micro-batches of a step (their partitions, host only): 1.0 = balanced. None without CP."""
+    if balance.cost is None or not batches or "partition" not in batches[0]:
+        return None
+    work: list[float] = []
+    for mb in batches:
+        rows = 1 if "packed_seq_params" in mb else mb["tokens"].shape[0]  # dense: every row the same split
+        costs = balance.cost.rank_costs(mb["partition"])
+        work = [w + rows * c for w, c in zip(work, costs)] if work else [rows * c for c in costs]
+    mean = sum(work) / len(work)
+    return max(work) / mean if mean else 1.0
 
 
 def global_tokens(batches: Sequence[dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
@@ -192,36 +278,40 @@ def global_tokens(batches: Sequence[dict[str, torch.Tensor]], device: torch.devi
     return n
 
 
-def micro_batches(batch: Batch, micro_batch: int) -> list[dict[str, Any]]:
+def micro_batches(batch: Batch, micro_batch: int, balance: CPBalance = ZIGZAG) -> list[dict[str, Any]]:
     """This DP rank's ``[b, s]`` share of a step as ``b / micro_batch`` micro-batches (rows in order;
     0 = one micro-batch of all rows), each this CP rank's share, as the engines' forward steps take
-    them: ``tokens`` / ``labels`` / ``loss_mask`` (and, for packed documents, ``position_ids`` and
-    ``packed_seq_params``).
+    them: ``tokens`` / ``labels`` / ``loss_mask`` / ``position_ids`` (and, for packed documents,
+    ``packed_seq_params``), and under CP the micro-batch's ``partition`` (``cp.Partition``).
+
+    ``balance`` (the engine's ``CPBalance.of(cfg)``, ``parallel.cp_balance``) places the tokens on the
+    CP ranks: one partition per micro-batch, resolved once on the host from the host boundaries, which
+    shards every per-token tensor (``part.shard``) and travels to every attention layer with the
+    packed params (``seqpar.megatron.packed.SeqparPackedSeqParams``; RoPE reads its token index).
 
     Document masking: when a row of the step holds more than one document (``batch.starts()``, host
     ints: no sync), every micro-batch is flattened to one packed THD sequence ``[1, T]`` and gets
     megatron-core ``PackedSeqParams`` with the documents' ``cu_seqlens`` (each row starts a document),
     so no document attends to another in any layer kind and RoPE restarts per document. Under CP each
     document is padded at its end to a multiple of 2 x CP (Megatron's padded THD:
-    ``cu_seqlens_q_padded``, the layout megatron's THD RoPE reads) and every per-token tensor is
-    sharded with ``cp.make_partition`` (per-document zigzag); pads carry loss mask 0, so they count
-    neither in the loss nor in the token count. Every micro-batch of the step gets the same ``T`` (the
-    last document's padding is extended): megatron's pipeline schedule sends one activation shape.
-    A step whose rows are single documents runs the dense ``[mb, s]`` layout (the same math).
+    ``cu_seqlens_q_padded``) and every per-token tensor is sharded with the partition; pads carry loss
+    mask 0, so they count neither in the loss nor in the token count. Every micro-batch of the step
+    gets the same ``T`` (the last document's padding is extended): megatron's pipeline schedule sends
+    one activation shape. A step whose rows are single documents runs the dense ``[mb, s]`` layout
+    under zigzag (``local_batch``: the same math); the cost balancer always takes the packed layout
+    (each row a document), since it places pieces of each row differently.
     """
     b = batch.tokens.shape[0]
     mb = micro_batch or b
     if b % mb:
         raise ValueError(f"data.micro_batch={mb} must divide the {b} sequences of this DP rank")
     parts = [batch.rows(i, i + mb) for i in range(0, b, mb)]
-    if all(len(row) == 1 for row in batch.starts()):
-        return [local_batch(p.tokens, p.labels, p.loss_mask) for p in parts]
-    return _packed_micro_batches(parts)
+    if balance.balance == "zigzag" and all(len(row) == 1 for row in batch.starts()):
+        return [local_batch(p.tokens, p.labels, p.loss_mask, p.position_ids) for p in parts]
+    return _packed_micro_batches(parts, balance)
 
 
-def _packed_micro_batches(parts: list[Batch]) -> list[dict[str, Any]]:
-    from megatron.core.packed_seq_params import PackedSeqParams
-
+def _packed_micro_batches(parts: list[Batch], balance: CPBalance) -> list[dict[str, Any]]:
     cp_size = parallel_state.get_context_parallel_world_size()
     multiple = 2 * cp_size if cp_size > 1 else 1
     real = [p.cu_seqlens()[0].tolist() for p in parts]  # host tensors from the host boundaries
@@ -247,16 +337,17 @@ def _packed_micro_batches(parts: list[Batch]) -> list[dict[str, Any]]:
         cu_t = seed_host_ints(torch.tensor(cu, dtype=torch.int32, device=device), cu)
         pad_t = seed_host_ints(torch.tensor(cu_pad, dtype=torch.int32, device=device), cu_pad) \
             if cp_size > 1 else None
+        partition = None
         if cp_size > 1:
-            group = parallel_state.get_context_parallel_group()
+            partition = balance.partition(total, cu_seqlens=cu_pad, cu_seqlens_unpadded=cu)
             rank = parallel_state.get_context_parallel_rank()
-            partition = cp.make_partition(total, group, cu_seqlens=pad_t, cu_seqlens_unpadded=cu_t)
             flat = {k: partition.shard(t, rank) for k, t in flat.items()}
             flat["loss_mask"] = flat["loss_mask"] * partition.valid(rank).to(device)
+            flat["partition"] = partition
         longest = max(ps if cp_size > 1 else ls)
-        flat["packed_seq_params"] = PackedSeqParams(
+        flat["packed_seq_params"] = SeqparPackedSeqParams(
             qkv_format="thd", cu_seqlens_q=cu_t, cu_seqlens_kv=cu_t, cu_seqlens_q_padded=pad_t,
-            cu_seqlens_kv_padded=pad_t, max_seqlen_q=longest, max_seqlen_kv=longest)
+            cu_seqlens_kv_padded=pad_t, max_seqlen_q=longest, max_seqlen_kv=longest, partition=partition)
         out.append(flat)
     return out
 
