@@ -134,6 +134,7 @@ def _write_checkpoint(cfg, weights: dict[str, torch.Tensor], tokenizer, ckpt_dir
     from megatron.core import parallel_state
 
     from seqpar.megatron import init_parallel
+    from seqpar.megatron.cpu_compat import cpu_compat_enabled, disable_cpu_compat
     from seqpar.megatron.parallel import destroy_parallel
     from seqpar.train import checkpoint
     from seqpar.train.loop import _rng_state
@@ -144,6 +145,7 @@ def _write_checkpoint(cfg, weights: dict[str, torch.Tensor], tokenizer, ckpt_dir
         raise ExportError("import writes its checkpoint from a one-process group of its own; run it in a process "
                           "without megatron process groups (python -m seqpar.export.from_hf)")
     rdv = tempfile.mkdtemp(prefix="seqpar_import_")
+    compat_before = cpu_compat_enabled()
     try:
         init_parallel(1, 1, seed=cfg.train.seed, init_method=f"file://{rdv}/rdv", rank=0, world_size=1)
         chunks = build_model(cfg, cfg.data.vocab_size)
@@ -165,6 +167,8 @@ def _write_checkpoint(cfg, weights: dict[str, torch.Tensor], tokenizer, ckpt_dir
         return path
     finally:
         destroy_parallel()
+        if not compat_before:  # leave the process as it was (import_hf is also called in-process)
+            disable_cpu_compat()
         shutil.rmtree(rdv, ignore_errors=True)
 
 
