@@ -37,8 +37,7 @@ class AutoChoice:
 def model_inputs(cfg: Any) -> tuple[dict[str, int], dict[str, Any]]:
     """``({kind: layers}, keyword arguments of seqpar.cp.recommend)`` of a recipe (any schemes)."""
     from seqpar.cp import Topology
-    from seqpar.megatron.config import s2_layout
-    from seqpar.megatron.config import KIND_OF_LETTER
+    from seqpar.megatron.config import KIND_OF_LETTER, s2_layout
     from seqpar.kernels.flops import PEAK_TFLOPS, math_mode
 
     m, par = cfg.model, cfg.parallel
