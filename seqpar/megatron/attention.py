@@ -107,11 +107,6 @@ def _cp_partition(packed: dict, local_len: int, group: Any) -> cp.Partition:
     return partition_of(packed.get("psp"), local_len, group)
 
 
-def _cp_kwargs(packed: dict, local_len: int, group: Any) -> dict[str, Any]:
-    """``cp.attention``'s placement argument: ``partition=`` (no balance string, no boundaries)."""
-    return {"partition": _cp_partition(packed, local_len, group)}
-
-
 def _real_tokens(packed: dict, local_len: int, group: Any) -> Optional[torch.Tensor]:
     """bool ``[local_len]``: this rank's slots that hold real tokens (None: all of them), from the
     partition ``cp.attention`` gets (padding is left out of the MoH balance loss)."""
@@ -182,7 +177,7 @@ class _SeqparCoreAttention(MegatronModule):
         if self.scheme == "usp":
             kw["ulysses_degree"] = self.config.usp_ulysses_degree
         return cp.attention(q, k, v, kind=self.kind, scheme=self.scheme, group=self.cp_group,
-                            backend=self.backend, **_cp_kwargs(packed, q.shape[1], self.cp_group), **kw)
+                            backend=self.backend, partition=_cp_partition(packed, q.shape[1], self.cp_group), **kw)
 
     def _attend(self, q, k, v, packed: dict):
         raise NotImplementedError
@@ -502,7 +497,7 @@ class LightningSelfAttention(MegatronModule):
         else:
             kw = {"ulysses_degree": self.config.usp_ulysses_degree} if self.scheme == "usp" else {}
             o, _ = cp.attention(q, k, v, kind="lightning", scheme=self.scheme, group=self.cp_group, slope=slope,
-                                backend=self.backend, **_cp_kwargs(packed, s, self.cp_group), **kw)
+                                backend=self.backend, partition=_cp_partition(packed, s, self.cp_group), **kw)
         of = o.float()
         of = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_weight.float().view(h, d)
         o = of.to(hidden_states.dtype).transpose(0, 1).reshape(s, b, h * d)
