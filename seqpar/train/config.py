@@ -184,6 +184,29 @@ class ModelConfig(AttentionModelFields):
     def layer_pattern(self) -> str:
         return self.shape.pattern
 
+    @property
+    def layers(self) -> str:
+        """One letter per layer of the whole model: the pattern tiled over ``num_layers``."""
+        from seqpar.megatron.specs import layer_pattern
+
+        s = self.shape
+        return layer_pattern(s.pattern, s.num_layers)
+
+    @property
+    def layer_kinds(self) -> dict[str, int]:
+        """``{attention kind: layers}`` of the whole model (every pipeline stage), in first-use order."""
+        from seqpar.megatron.config import KIND_OF_LETTER
+
+        counts: dict[str, int] = {}
+        for c in self.layers:
+            counts[KIND_OF_LETTER[c]] = counts.get(KIND_OF_LETTER[c], 0) + 1
+        return counts
+
+    @property
+    def moh_active(self) -> float:
+        """MoH's share of (token, head) pairs computed: ``(shared + top_k) / heads``."""
+        return (self.moh_num_shared_heads + self.moh_top_k) / self.shape.num_attention_heads
+
 
 class ParallelConfig(AttentionParallelFields):
     """TP / CP sizes, the CP scheme per attention kind and the topology the automatic schemes assume."""

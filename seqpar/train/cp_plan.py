@@ -37,31 +37,23 @@ class AutoChoice:
 def model_inputs(cfg: Any) -> tuple[dict[str, int], dict[str, Any]]:
     """``({kind: layers}, keyword arguments of seqpar.cp.recommend)`` of a recipe (any schemes)."""
     from seqpar.cp import Topology
-    from seqpar.megatron.config import KIND_OF_LETTER, s2_layout
+    from seqpar.megatron.config import s2_layout
     from seqpar.kernels.flops import PEAK_TFLOPS, math_mode
 
     m, par = cfg.model, cfg.parallel
     shape, tp = m.shape, par.tensor_parallel
-    layers: dict[str, int] = {}
-    for c in _tiled(m):
-        layers[KIND_OF_LETTER[c]] = layers.get(KIND_OF_LETTER[c], 0) + 1
+    layers = m.layer_kinds
     heads = shape.num_attention_heads
     kw = dict(world=par.context_parallel, seq_len=cfg.data.seq_len, heads=heads // tp,
               kv_heads=shape.num_query_groups // tp, head_dim=shape.hidden_size // heads,
               dtype=torch.bfloat16 if m.dtype == "bf16" else torch.float32,
-              moh_active=(m.moh_num_shared_heads + m.moh_top_k) / heads,
+              moh_active=m.moh_active,
               topology=Topology(gpus_per_node=par.gpus_per_node, intra_node_gbytes_per_s=par.intra_node_gbytes_per_s,
                                 inter_node_gbytes_per_s=par.inter_node_gbytes_per_s, tensor_parallel=tp),
               peak_tflops=cfg.train.peak_tflops or dict(PEAK_TFLOPS)["H100"][math_mode(m.dtype)],
               overlap=par.cp_auto_overlap)
     layout = s2_layout(m)
     return layers, {**kw, "layouts": {"s2": layout}}
-
-
-def _tiled(m: Any) -> str:
-    from seqpar.megatron.specs import layer_pattern
-
-    return layer_pattern(m.layer_pattern, m.shape.num_layers)
 
 
 def resolve_auto(cfg: Any) -> AutoChoice:

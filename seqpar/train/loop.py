@@ -253,11 +253,9 @@ def startup_summary(cfg: RunConfig, engine: Engine, vocab_size: int) -> str:
     """The model, its parameter count and the parallel layout, for the start-up log: the total is the
     closed form of ``seqpar.train.memory`` (what ``--dry-run`` reports, tested equal to the built shards),
     this rank's count is read from its modules (ZeRO-3: the full size of its partitioned parameters)."""
-    from seqpar.megatron.specs import layer_pattern
     from seqpar.train.memory import closed_form_params
 
-    p = cfg.model.shape
-    full = layer_pattern(p.pattern, p.num_layers)
+    p, full = cfg.model.shape, cfg.model.layers
     total = closed_form_params(p, full, vocab_size, 1, first=True, last=True,
                                moh_num_shared_heads=cfg.model.moh_num_shared_heads)
     here = sum(int(getattr(t, "ds_numel", t.numel())) for m in engine.modules for t in m.parameters())

@@ -190,7 +190,6 @@ def layout_memory(cfg: Any, world_size: int, vocab_size: int) -> list[ShardMemor
     first. Needs a process without a default process group (``seqpar-train --dry-run`` is one)."""
     from megatron.core import parallel_state
 
-    from seqpar.megatron.specs import layer_pattern
     from seqpar.train import runtime
 
     if dist.is_initialized():
@@ -199,7 +198,7 @@ def layout_memory(cfg: Any, world_size: int, vocab_size: int) -> list[ShardMemor
     par = cfg.parallel
     tp, pp, cp = par.tensor_parallel, par.pipeline_parallel, par.context_parallel
     p = runtime._preset(cfg)
-    letters = layer_pattern(p.pattern, p.num_layers)
+    letters = cfg.model.layers
     per_stage = p.num_layers // pp
     b = engine_bytes_per_param(cfg, dp)["bytes_per_param"]
     out = []

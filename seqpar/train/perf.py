@@ -24,7 +24,6 @@ from typing import Any, Optional, Sequence
 import torch
 
 from seqpar.kernels.flops import PEAK_TFLOPS, attention_flops, math_mode
-from seqpar.megatron.config import KIND_OF_LETTER
 
 def device_peak_tflops(device: torch.device | str, dtype: str = "bf16") -> Optional[float]:
     """The dense peak of ``device`` from :data:`PEAK_TFLOPS` for a model of recipe dtype ``dtype``
@@ -42,15 +41,8 @@ def matmul_params(cfg: Any, vocab_size: int) -> int:
     weights (vectors, no matmul)."""
     from seqpar.train.memory import closed_form_params
 
-    p = cfg.model.shape
-    return closed_form_params(p, _pattern(p), vocab_size, 1, first=False, last=True,
+    return closed_form_params(cfg.model.shape, cfg.model.layers, vocab_size, 1, first=False, last=True,
                               moh_num_shared_heads=cfg.model.moh_num_shared_heads, norms=False)
-
-
-def _pattern(p: Any) -> str:
-    from seqpar.megatron.specs import layer_pattern
-
-    return layer_pattern(p.pattern, p.num_layers)
 
 
 class ModelFlops:
@@ -62,13 +54,13 @@ class ModelFlops:
         from seqpar.megatron.config import s2_layout
 
         m, p = cfg.model, cfg.model.shape
-        self.pattern = _pattern(p)
+        self.kinds = m.layer_kinds
         self.n = matmul_params(cfg, vocab_size)
         self.heads, self.kv_heads = p.num_attention_heads, p.num_query_groups
         self.head_dim = p.hidden_size // p.num_attention_heads
         # the model's own layout (seqpar.megatron.attention's S2 layers), only where S2 layers exist
-        self.layout = s2_layout(m, self.heads) if "S" in self.pattern else None
-        self.moh_active = (m.moh_num_shared_heads + m.moh_top_k) / self.heads
+        self.layout = s2_layout(m, self.heads) if "s2" in self.kinds else None
+        self.moh_active = m.moh_active
         self.softmax_window = m.softmax_window  # A layers count the window's pairs only
         self.shards = cfg.parallel.tensor_parallel * cfg.parallel.context_parallel * cfg.parallel.pipeline_parallel
         self._cache: dict[int, float] = {}
@@ -84,7 +76,7 @@ class ModelFlops:
         """Model FLOPs of one document of ``doc_len`` tokens (all layers, forward + backward)."""
         if doc_len not in self._cache:
             self._cache[doc_len] = 6.0 * self.n * doc_len + sum(
-                self.attention(KIND_OF_LETTER[c], doc_len) for c in self.pattern)
+                layers * self.attention(kind, doc_len) for kind, layers in self.kinds.items())
         return self._cache[doc_len]
 
     def rows(self, doc_lens: Sequence[int]) -> float:

@@ -29,7 +29,7 @@ from seqpar import cp
 from seqpar.data.batch import Batch
 from seqpar.kernels._common import seed_host_ints
 from seqpar.megatron.attention import MoHCoreAttention, MoHSelfAttention
-from seqpar.megatron.config import KIND_OF_LETTER
+from seqpar.megatron.config import s2_layout
 from seqpar.megatron.packed import SeqparPackedSeqParams
 from seqpar.megatron.specs import layer_specs_for_stage
 from seqpar.models import build_gpt, transformer_config
@@ -190,21 +190,16 @@ def cost_model(cfg: RunConfig) -> cp.CostModel:
     (``(shared + top_k) / heads``) and Lightning's work per token in softmax (query, key)-pair
     equivalents from the FLOP conventions of ``seqpar.kernels.flops`` (``(C + 1) / 2 + head_dim``
     for chunk C)."""
-    from seqpar.megatron.config import s2_layout
     from seqpar.kernels.flops import attention_flops
-    from seqpar.megatron.specs import layer_pattern
 
     m, p = cfg.model, _preset(cfg)
-    pattern = layer_pattern(p.pattern, p.num_layers)
     d = p.hidden_size // p.num_attention_heads
-    counts: dict[str, int] = {}
-    for letter in pattern:
-        counts[KIND_OF_LETTER[letter]] = counts.get(KIND_OF_LETTER[letter], 0) + 1
+    counts = m.layer_kinds
     # one softmax (query, key) pair of one head costs 2 (d + dv) forward FLOPs; Lightning's token, in pairs
     linear = attention_flops("lightning", batch=1, seq_len=1, heads=1, head_dim=d) / (4 * d)
     layout = s2_layout(m) if "s2" in counts else None
     return cp.CostModel(layers=counts, heads=p.num_attention_heads, kv_heads=p.num_query_groups, s2_layout=layout,
-                        moh_active=(m.moh_num_shared_heads + m.moh_top_k) / p.num_attention_heads,
+                        moh_active=m.moh_active,
                         linear_cost=linear, softmax_window=m.softmax_window if "softmax" in counts else None)
 
 
