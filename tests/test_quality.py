@@ -234,3 +234,25 @@ def test_killing_the_harness_stops_its_workers(tmp_path, sig):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_recall_claims_need_separated_seed_ranges():
+    """A recall claim holds only when every seed of one model is beyond every seed of the other; overlapping
+    ranges are 'within the seeds' spread' (a mean difference inside the seed noise is no evidence)."""
+    from seqpar.quality.report import claims
+
+    def summ(**acc):  # model -> (min, max) of mqar_acc_mean over 2 seeds
+        return [{"model": m.replace("_", "-"), "metric": "mqar_acc_mean", "mean": (lo + hi) / 2, "min": lo, "max": hi,
+                 "n": 2} for m, (lo, hi) in acc.items()]
+
+    def verdicts(summary):
+        return {c["claim"].split(":")[0]: c["verdict"] for c in claims(summary, ["dense", "lightning", "hybrid"])}
+
+    got = verdicts(summ(dense=(0.40, 0.42), lightning=(0.10, 0.20), hybrid=(0.25, 0.30)))
+    assert got == {"lightning": "holds", "hybrid (LLLA)": "holds"}
+    # the hybrid's mean is higher, but its seeds overlap Lightning's: no evidence either way
+    got = verdicts(summ(dense=(0.40, 0.42), lightning=(0.015, 0.034), hybrid=(0.015, 0.040)))
+    assert got == {"lightning": "holds", "hybrid (LLLA)": "within the seeds' spread"}
+    got = verdicts(summ(dense=(0.05, 0.06), lightning=(0.10, 0.20), hybrid=(0.01, 0.02)))
+    assert got == {"lightning": "does not hold", "hybrid (LLLA)": "does not hold"}
+    assert verdicts(summ(dense=(0.4, 0.4)))["lightning"] == "not measured"
