@@ -5,10 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from seqpar.megatron.config import SeqparTransformerConfig
-from seqpar.megatron.specs import check_pattern, layer_specs_for_stage
+from seqpar.megatron.config import check_pattern
+
+if TYPE_CHECKING:  # megatron-core is imported where a model is built: the presets alone stay light
+    from seqpar.megatron.transformer_config import SeqparTransformerConfig
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,8 @@ def transformer_config(p: ModelPreset, **overrides: Any) -> SeqparTransformerCon
     rank's slice, so a model is the same at every TP size and on every device (the GPU draws of
     megatron's CUDA path are per TP rank). The modules are created on the CPU; whoever builds
     them moves them to the device (``seqpar.train.runtime.build_model`` does, layer by layer)."""
+    from seqpar.megatron.transformer_config import SeqparTransformerConfig
+
     check_pattern(p.pattern, "model.pattern")
     kw: dict[str, Any] = dict(
         num_layers=p.num_layers, hidden_size=p.hidden_size, num_attention_heads=p.num_attention_heads,
@@ -82,6 +88,8 @@ def build_gpt(p: ModelPreset, config: SeqparTransformerConfig, *, vocab_size: in
     ``spec`` overrides ``layer_specs_for_stage``). ``pre_process`` / ``post_process``: whether this
     stage holds the embedding / the final norm and output layer (first / last pipeline stage)."""
     from megatron.core.models.gpt import GPTModel
+
+    from seqpar.megatron.specs import layer_specs_for_stage
 
     return GPTModel(config, spec if spec is not None else layer_specs_for_stage(p.pattern, config),
                     vocab_size=vocab_size, max_sequence_length=max_sequence_length, position_embedding_type="rope",

@@ -75,7 +75,7 @@ def spec_from_recipe(config: dict, vocab_size: int) -> ModelSpec:
     """``ModelSpec`` from a checkpoint's resolved recipe (its ``model`` and ``data`` sections)."""
     from dataclasses import replace
 
-    from seqpar.megatron.specs import layer_pattern
+    from seqpar.megatron.config import layer_pattern
     from seqpar.models import preset
 
     model = config.get("model")

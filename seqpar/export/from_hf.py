@@ -207,7 +207,7 @@ def import_hf(hf_dir: str | pathlib.Path, out_run: str | pathlib.Path, *, patter
     """
     import yaml
 
-    from seqpar.megatron.specs import layer_pattern
+    from seqpar.megatron.config import layer_pattern
     from seqpar.train.config import from_dict
 
     hf_dir, out = pathlib.Path(hf_dir), pathlib.Path(out_run).absolute()

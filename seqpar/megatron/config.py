@@ -10,7 +10,12 @@ Every seqpar attention knob is a field of one strict pydantic v2 model here:
 generated from those two models (``backend`` is called ``seqpar_backend`` there, next to Megatron's
 own fields), validated by the same models, so a field, its default, its type and its range exist
 once. ``Strict`` and ``format_errors`` are the shared base and error formatter of the schema: one
-line per bad value naming the field, the value and what is allowed.
+line per bad value naming the field, the value and what is allowed. ``check_pattern`` /
+``layer_pattern``: the layer pattern's letters (``KIND_OF_LETTER``) and its tiling over the layers.
+
+This module does not import megatron-core (~6 s of CPU): the recipe schema, ``--check``, the Slurm
+helpers and the CLIs import it. ``SeqparTransformerConfig`` lives in
+``seqpar.megatron.transformer_config`` and is imported from there on first use of the name here.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ import dataclasses
 from typing import Annotated, Any, Iterable, Literal, Optional, get_args, get_origin
 
 import annotated_types as at
-from megatron.core.transformer.transformer_config import TransformerConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from seqpar.cp import SUPPORTED
@@ -265,47 +269,21 @@ def validate(model: type[BaseModel], data: dict[str, Any], prefix: str = "", **k
         raise ValueError("\n".join(format_errors(e, model, prefix, **kw))) from None
 
 
-# ---------------------------------------------------------------------------------------------------
-# megatron-core's config with the same fields
-
-_MEGATRON_NAME = {"backend": "seqpar_backend"}  # Megatron has no seqpar knobs; the prefix says whose it is
-
-
-def _dataclass_fields(*models: type[BaseModel]) -> list[tuple[str, Any, Any]]:
-    out = []
-    for m in models:
-        for name, info in m.model_fields.items():
-            default = (dataclasses.field(default_factory=info.default_factory) if info.default_factory is not None
-                       else dataclasses.field(default=info.default))
-            out.append((_MEGATRON_NAME.get(name, name), info.annotation, default))
-    return out
+def check_pattern(pattern: str, name: str = "pattern") -> str:
+    """Validate a pattern string; returns it. ValueError names ``name`` and the allowed letters."""
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError(f"{name} must be a non-empty string over {sorted(KIND_OF_LETTER)}, got {pattern!r}")
+    bad = sorted(set(pattern) - set(KIND_OF_LETTER))
+    if bad:
+        raise ValueError(f"{name}={pattern!r} has unknown kind letter(s) {bad}; use A (softmax), S (s2), "
+                         f"L (lightning), H (moh)")
+    return pattern
 
 
-_SeqparFields = dataclasses.make_dataclass("_SeqparFields", _dataclass_fields(AttentionModelFields,
-                                                                             AttentionParallelFields),
-                                           bases=(TransformerConfig,))
-
-
-@dataclasses.dataclass
-class SeqparTransformerConfig(_SeqparFields):
-    """TransformerConfig with the knobs seqpar's attention layers read: the fields of
-    ``AttentionModelFields`` and ``AttentionParallelFields`` (``backend`` as ``seqpar_backend``),
-    validated by those models; ``cp_schemes`` is completed with the defaults."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        kw = {"prefix": "SeqparTransformerConfig.", "rename": _MEGATRON_NAME, "python": True}
-        model = validate(AttentionModelFields, {n: getattr(self, n) for n in AttentionModelFields.model_fields}, **kw)
-        par = validate(AttentionParallelFields, {n: getattr(self, _MEGATRON_NAME.get(n, n))
-                                                 for n in AttentionParallelFields.model_fields}, **kw)
-        self.cp_schemes = par.cp_schemes
-        check_moh_heads(model.moh_num_shared_heads, model.moh_top_k, self.num_attention_heads)
-        if self.window_size is not None:  # TE's knob: seqpar's softmax layers would silently ignore it
-            raise ValueError(f"SeqparTransformerConfig.window_size={self.window_size!r} is Transformer Engine's "
-                             f"sliding window, not read by seqpar's attention; set softmax_window=W instead "
-                             f"(Mistral-style: keys i - W < j <= i)")
-        if "usp" in self.cp_schemes.values():
-            check_usp_degree(self.usp_ulysses_degree, self.context_parallel_size, self.num_attention_heads)
+def layer_pattern(pattern: str, num_layers: int) -> str:
+    """The pattern tiled to ``num_layers`` letters."""
+    check_pattern(pattern)
+    return (pattern * (num_layers // len(pattern) + 1))[:num_layers]
 
 
 def field_docs(model: type[BaseModel]) -> dict[str, str]:
@@ -313,6 +291,15 @@ def field_docs(model: type[BaseModel]) -> dict[str, str]:
     return {n: (f.description or "").strip() for n, f in model.model_fields.items()}
 
 
+def __getattr__(name: str) -> Any:
+    # megatron-core is imported where a megatron config is really built, not by the recipe schema
+    if name == "SeqparTransformerConfig":
+        from seqpar.megatron.transformer_config import SeqparTransformerConfig
+
+        return SeqparTransformerConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = ["s2_layout", "AttentionModelFields", "AttentionParallelFields", "DEFAULT_SCHEMES", "KIND_OF_LETTER", "Kind", "Scheme",
-           "SeqparTransformerConfig", "Strict", "check_moh_heads", "check_usp_degree", "describe", "field_docs",
-           "format_errors", "validate"]
+           "SeqparTransformerConfig", "Strict", "check_moh_heads", "check_pattern", "check_usp_degree", "describe", "field_docs",
+           "format_errors", "layer_pattern", "validate"]

@@ -25,25 +25,8 @@ from seqpar.megatron.attention import (
     S2CoreAttention,
     SoftmaxCoreAttention,
 )
-from seqpar.megatron.config import KIND_OF_LETTER
+from seqpar.megatron.config import check_pattern, layer_pattern  # noqa: F401  public here too (seqpar.megatron)
 from seqpar.megatron.rope import SeqparSelfAttention
-
-
-def check_pattern(pattern: str, name: str = "pattern") -> str:
-    """Validate a pattern string; returns it. ValueError names ``name`` and the allowed letters."""
-    if not isinstance(pattern, str) or not pattern:
-        raise ValueError(f"{name} must be a non-empty string over {sorted(KIND_OF_LETTER)}, got {pattern!r}")
-    bad = sorted(set(pattern) - set(KIND_OF_LETTER))
-    if bad:
-        raise ValueError(f"{name}={pattern!r} has unknown kind letter(s) {bad}; use A (softmax), S (s2), "
-                         f"L (lightning), H (moh)")
-    return pattern
-
-
-def layer_pattern(pattern: str, num_layers: int) -> str:
-    """The pattern tiled to ``num_layers`` letters."""
-    check_pattern(pattern)
-    return (pattern * (num_layers // len(pattern) + 1))[:num_layers]
 
 
 def _layer_spec(letter: str, normalization: str, num_moh_layers: int = 1) -> ModuleSpec:

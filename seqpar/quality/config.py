@@ -171,7 +171,7 @@ def model_knobs(name: str, scale: Scale) -> dict[str, Any]:
 def param_count(shape: ModelPreset, pattern: str, vocab: int, knobs: dict[str, Any]) -> int:
     """Parameters of the whole model (one rank, no parallelism), by the closed form of
     ``seqpar.train.memory`` (the built model is checked against it by the harness)."""
-    from seqpar.megatron.specs import layer_pattern
+    from seqpar.megatron.config import layer_pattern
     from seqpar.train.memory import closed_form_params
 
     return closed_form_params(shape, layer_pattern(pattern, shape.num_layers), vocab, 1, first=True, last=True,

@@ -33,9 +33,8 @@ from pydantic import Field, PrivateAttr, ValidationError, ValidationInfo, field_
 from seqpar.cp.auto import INFINIBAND_GBYTES_PER_S, NVLINK_GBYTES_PER_S
 from seqpar.megatron.config import (DEFAULT_SCHEMES, AttentionModelFields, AttentionParallelFields, FiniteFloat, Kind,
                                     NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Scheme, Strict,
-                                    check_moh_heads, format_errors)
+                                    check_moh_heads, check_pattern, format_errors, layer_pattern)
 from seqpar.megatron.layout_check import check_layout, check_shapes
-from seqpar.megatron.specs import check_pattern
 from seqpar.models import SIZES, VARIANTS, ModelPreset, preset
 
 
@@ -187,8 +186,6 @@ class ModelConfig(AttentionModelFields):
     @property
     def layers(self) -> str:
         """One letter per layer of the whole model: the pattern tiled over ``num_layers``."""
-        from seqpar.megatron.specs import layer_pattern
-
         s = self.shape
         return layer_pattern(s.pattern, s.num_layers)
 
