@@ -187,3 +187,55 @@ def test_engine_registry_matches_the_recipe_schema():
         assert issubclass(cls, Engine) and cls.name == name and not cls.__abstractmethods__, (name, cls)
     with pytest.raises(ValueError, match="train.engine='torch'"):
         engine_class("torch")
+
+
+# Modules and commands that never build a megatron object, so must not import megatron-core (~6 s of CPU,
+# most of a light command): the recipe schema with everything its validators reach (seqpar.train.config:
+# every rank's --check / --dry-run / torchrun.sh pre-flight), the Slurm batch script's
+# `python -m seqpar.train.signals out-dir RECIPE` (every job start and requeue), the CLI modules before
+# they train, preprocessing, the model presets, and the seqpar.megatron package with its schema / layout
+# modules (the public names are imported on first use).
+LIGHT_MODULES = ("seqpar.train.config", "seqpar.train.signals", "seqpar.train.args", "seqpar.train.cli",
+                 "seqpar.train.engine", "seqpar.train.cp_plan", "seqpar.train.memory", "seqpar.data.preprocess",
+                 "seqpar.models", "seqpar.megatron", "seqpar.megatron.config", "seqpar.megatron.layout_check",
+                 "seqpar.quality.__main__")
+_LIGHT_PROBE = """
+import contextlib, io, sys
+for m in {modules!r}:
+    __import__(m)
+import seqpar.megatron as sm
+from seqpar.train import signals
+from seqpar.train.config import load_recipe
+cfg = load_recipe({recipe!r}, ["parallel.cp_schemes=auto"])  # every validator, auto CP schemes included
+assert cfg.model.layers and sm.check_pattern("ASLH") == "ASLH" and sm.KIND_OF_LETTER["L"] == "lightning"
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    assert signals._main(["out-dir", {recipe!r}]) == 0
+assert out.getvalue().strip() == cfg.train.out_dir, out.getvalue()
+heavy = sorted(m for m in sys.modules if m == "megatron.core" or m.startswith("megatron.core."))
+assert not heavy, "megatron-core imported on a light path: " + ", ".join(heavy[:5])
+# the lazy names are the real objects, and megatron-core comes with them
+from seqpar.megatron.attention import SoftmaxCoreAttention
+from seqpar.megatron.specs import layer_specs
+from seqpar.megatron.transformer_config import SeqparTransformerConfig
+from seqpar.megatron import config as smc
+assert sm.SeqparTransformerConfig is smc.SeqparTransformerConfig is SeqparTransformerConfig
+assert sm.layer_specs is layer_specs and sm.SoftmaxCoreAttention is SoftmaxCoreAttention and "megatron.core" in sys.modules
+assert set(sm.__all__) <= set(dir(sm)) and all(getattr(sm, n) is not None for n in sm.__all__)
+for mod in (sm, smc):
+    try:
+        mod.no_such_name
+    except AttributeError as e:
+        assert "no_such_name" in str(e)
+    else:
+        raise AssertionError(mod)
+print("ok")
+"""
+
+
+def test_light_paths_do_not_import_megatron_core():
+    import subprocess
+    import sys
+
+    code = _LIGHT_PROBE.format(modules=LIGHT_MODULES, recipe=str(ROOT / "recipes" / "tiny_hybrid_cp2.yaml"))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
