@@ -178,7 +178,7 @@ def test_engine_registry_matches_the_recipe_schema():
     import typing
 
     from seqpar.train.config import TrainConfig
-    from seqpar.train.engine import ENGINES, Engine, engine_class
+    from seqpar.train.engine import ENGINE_CHECKS, ENGINES, Engine, engine_class
 
     assert set(typing.get_args(TrainConfig.model_fields["engine"].annotation)) == set(ENGINES)
     for name, target in ENGINES.items():
@@ -187,14 +187,20 @@ def test_engine_registry_matches_the_recipe_schema():
         assert issubclass(cls, Engine) and cls.name == name and not cls.__abstractmethods__, (name, cls)
     with pytest.raises(ValueError, match="train.engine='torch'"):
         engine_class("torch")
+    # --check runs an engine's check without importing the engine: ENGINE_CHECKS names it exactly for the
+    # engines that have one (an engine class overriding Engine.check unregistered would go unchecked there)
+    assert set(ENGINE_CHECKS) == set(ENGINES)
+    for name, target in ENGINE_CHECKS.items():
+        overrides = engine_class(name).check.__func__ is not Engine.check.__func__
+        assert overrides == (target is not None), (name, target)
 
 
 # Modules and commands that never build a megatron object, so must not import megatron-core (~6 s of CPU,
-# most of a light command): the recipe schema with everything its validators reach (seqpar.train.config:
-# every rank's --check / --dry-run / torchrun.sh pre-flight), the Slurm batch script's
-# `python -m seqpar.train.signals out-dir RECIPE` (every job start and requeue), the CLI modules before
-# they train, preprocessing, the model presets, and the seqpar.megatron package with its schema / layout
-# modules (the public names are imported on first use).
+# most of a light command): the recipe schema with everything its validators reach (seqpar.train.config),
+# `--check` of a Megatron-engine recipe (every launcher's pre-flight: torchrun.sh, deepspeed.sh, and
+# slurm.sbatch at every job start and requeue, with `python -m seqpar.train.signals out-dir RECIPE`), the
+# CLI modules before they train, preprocessing, the model presets, and the seqpar.megatron package with
+# its schema / layout modules (the public names are imported on first use).
 LIGHT_MODULES = ("seqpar.train.config", "seqpar.train.signals", "seqpar.train.args", "seqpar.train.cli",
                  "seqpar.train.engine", "seqpar.train.cp_plan", "seqpar.train.memory", "seqpar.data.preprocess",
                  "seqpar.models", "seqpar.megatron", "seqpar.megatron.config", "seqpar.megatron.layout_check",
@@ -211,6 +217,10 @@ assert cfg.model.layers and sm.check_pattern("ASLH") == "ASLH" and sm.KIND_OF_LE
 with contextlib.redirect_stdout(io.StringIO()) as out:
     assert signals._main(["out-dir", {recipe!r}]) == 0
 assert out.getvalue().strip() == cfg.train.out_dir, out.getvalue()
+from seqpar.train.cli import main
+with contextlib.redirect_stdout(io.StringIO()) as out:  # with the held-run and data checks (an empty out_dir)
+    assert main([{recipe!r}, "--check", "--set", "train.out_dir=" + {tmp!r}]) == 0
+assert "valid for 2 rank(s)" in out.getvalue(), out.getvalue()
 heavy = sorted(m for m in sys.modules if m == "megatron.core" or m.startswith("megatron.core."))
 assert not heavy, "megatron-core imported on a light path: " + ", ".join(heavy[:5])
 # the lazy names are the real objects, and megatron-core comes with them
@@ -232,10 +242,11 @@ print("ok")
 """
 
 
-def test_light_paths_do_not_import_megatron_core():
+def test_light_paths_do_not_import_megatron_core(tmp_path):
     import subprocess
     import sys
 
-    code = _LIGHT_PROBE.format(modules=LIGHT_MODULES, recipe=str(ROOT / "recipes" / "tiny_hybrid_cp2.yaml"))
+    code = _LIGHT_PROBE.format(modules=LIGHT_MODULES, recipe=str(ROOT / "recipes" / "tiny_hybrid_cp2.yaml"),
+                               tmp=str(tmp_path / "run"))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]

@@ -34,7 +34,7 @@ import copy
 import json
 import os
 import pathlib
-from typing import Any
+from typing import Any, Optional
 
 from seqpar.errors import ConfigError
 
@@ -188,6 +188,15 @@ def check_supported(cfg: Any) -> None:
         raise ConfigError(f"train.skip_nonfinite_steps={cfg.train.skip_nonfinite_steps} is not supported with "
                           f"train.engine='deepspeed' (DeepSpeed applies the update inside engine.step(), before the "
                           f"loss is known to be finite); set it to 0 (stop at the first non-finite step)")
+
+
+def check_engine(cfg: Any, dp: Optional[int] = None) -> None:
+    """``DeepSpeedEngine.check`` (``seqpar.train.engine.ENGINE_CHECKS``): the refused combinations; with
+    ``dp`` (the world is known) also the whole ds_config, validated by DeepSpeed."""
+    if dp is None:
+        check_supported(cfg)
+    else:
+        build_ds_config(cfg, dp)
 
 
 def build_ds_config(cfg: Any, dp: int) -> dict[str, Any]:

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from seqpar.deepspeed.config import batch_shape, build_ds_config, check_supported, require_cpu_accelerator
+from seqpar.deepspeed.config import batch_shape, build_ds_config, check_engine, require_cpu_accelerator
 from seqpar.train.engine import Batch, Engine, StepContext, StepResult
 from seqpar.train.runtime import (CPBalance, build_model, build_scheduler, current_device, forward_micro_batch,
                                   global_tokens, micro_batches, modelled_imbalance, moh_aux_losses, param_device)
@@ -252,10 +252,7 @@ class DeepSpeedEngine(Engine):
     def check(cls, cfg: Any, dp: Optional[int] = None) -> None:
         """Refused combinations (pipeline parallelism, skipping non-finite steps); with ``dp`` also the
         whole ds_config (the recipe's merged with the user's JSON, validated by DeepSpeed)."""
-        if dp is None:
-            check_supported(cfg)
-        else:
-            build_ds_config(cfg, dp)
+        check_engine(cfg, dp)
 
     @classmethod
     def memory_plan(cls, cfg: Any, dp: int) -> dict[str, Any]:

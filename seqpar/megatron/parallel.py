@@ -1,4 +1,7 @@
-"""Process groups for a megatron-core run: torch.distributed + ``parallel_state`` (TP x CP x DP x PP)."""
+"""Process groups for a megatron-core run: torch.distributed + ``parallel_state`` (TP x CP x DP x PP).
+
+megatron-core is imported by the functions that make or tear down its groups, so that
+``has_process_group`` / ``raise_if_any_rank_failed`` (the data preparation of ``--check``) stay light."""
 
 from __future__ import annotations
 
@@ -10,7 +13,6 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from seqpar.megatron.cpu_compat import enable_cpu_compat, model_parallel_seed
 
@@ -27,6 +29,8 @@ def init_parallel(tp: int = 1, cp: int = 1, pp: int = 1, *, vp: int | None = Non
     ``timeout_s`` (the recipe's ``parallel.distributed_timeout_s``) is the timeout of the default group
     (when started here) and of megatron's groups; None keeps torch's / megatron's 30 min defaults.
     """
+    from megatron.core import parallel_state
+
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
         rank = int(os.environ.get("RANK", 0)) if rank is None else rank
@@ -57,6 +61,8 @@ def init_parallel(tp: int = 1, cp: int = 1, pp: int = 1, *, vp: int | None = Non
 
 def destroy_parallel() -> None:
     """Tear down megatron's groups and the default process group."""
+    from megatron.core import parallel_state
+
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

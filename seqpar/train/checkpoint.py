@@ -41,7 +41,6 @@ import math
 import os
 import pathlib
 import queue
-import re
 import shutil
 import sys
 from functools import partial
@@ -57,6 +56,7 @@ from torch.distributed.checkpoint.filesystem import SerializationFormat, _write_
 from seqpar.megatron.cpu_compat import cpu_checkpoint_request
 from seqpar.train import integrity
 from seqpar.train.integrity import CorruptCheckpointError, verify  # noqa: F401  verify: for readers (export)
+from seqpar.train.outdir import STEP_DIR, checkpoints, held_run  # noqa: F401  held_run: part of this module's API
 
 CONFIG_FILE = "config.json"  # the resolved recipe of the run that wrote the checkpoint
 TOKENIZER_DIR = "tokenizer"  # the run's tokenizer files, inside each step folder (seqpar.data.Tokenizer.save)
@@ -239,18 +239,6 @@ def gathered_digests(folder: pathlib.Path, names: list[str]) -> dict[str, dict[s
     every: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
     return {k: v for d in every for k, v in d.items()}
-
-
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def checkpoints(ckpt_dir: str | pathlib.Path) -> list[pathlib.Path]:
-    """Complete checkpoint folders ``step_N`` of ``ckpt_dir``, oldest first (temp folders excluded)."""
-    root = pathlib.Path(ckpt_dir)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-    return [p for _, p in sorted(found)]
 
 
 def _prune(root: pathlib.Path, keep_last: int, keep: pathlib.Path) -> list[pathlib.Path]:
@@ -557,7 +545,7 @@ def _rank_world() -> tuple[int, int]:
 
 
 def _step_of(path: pathlib.Path) -> int:
-    m = _STEP_DIR.match(path.name)
+    m = STEP_DIR.match(path.name)
     return int(m.group(1)) if m else -1
 
 
@@ -579,19 +567,6 @@ def _verify_collective(folder: pathlib.Path) -> Optional[CorruptCheckpointError]
     dist.all_gather_object(every, None if err is None else (str(err.folder), err.file, err.reason))
     first = next((e for e in every if e is not None), None)
     return None if first is None else CorruptCheckpointError(pathlib.Path(first[0]), first[1], first[2])
-
-
-def held_run(out_dir: str | pathlib.Path) -> Optional[str]:
-    """Why a run without ``--resume`` may not start in ``out_dir`` (it holds checkpoints of a run), with
-    the three ways on; None when it holds none. No side effects: ``--check`` asks it before anything starts."""
-    out = pathlib.Path(out_dir)
-    found = [str(p) for p in checkpoints(out / "checkpoints")]
-    if not found:
-        return None
-    found += [str(p) for p in (out / "tb").glob("events.out.tfevents.*")] if (out / "tb").is_dir() else []
-    return (f"train.out_dir={str(out)!r} already holds a run ({len(found)} checkpoint / tensorboard item(s), "
-            f"e.g. {found[-1]}): pass --resume to continue it, pick another train.out_dir, or set "
-            f"train.overwrite=true to delete it")
 
 
 def prepare_out_dir(out_dir: str | pathlib.Path, *, resume: bool, overwrite: bool) -> None:

@@ -54,7 +54,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     filter_known_warnings()  # megatron-core's Apex / TE notices, non-leaf .grad read, deprecated collectives
     from seqpar.train.config import load_recipe
-    from seqpar.train.engine import engine_class
+    from seqpar.train.engine import check_engine
 
     launched = "WORLD_SIZE" in os.environ
     try:
@@ -82,7 +82,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                              f"{par.gpus_per_node}; set parallel.gpus_per_node={local}")
         cfg.check_paths()  # every file / folder the recipe names, before any process starts
         if args.check and not cfg.train.overwrite:  # what the run would refuse first
-            from seqpar.train.checkpoint import held_run
+            from seqpar.train.outdir import held_run
             from seqpar.train.signals import resume_mode
 
             # (a Slurm requeue or torchrun restart resumes by itself: resume_mode)
@@ -92,7 +92,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not no_launch:
             cfg.check_environment()
         # the engine's own checks (DeepSpeed: the whole ds_config) before any process group
-        engine_class(cfg.train.engine).check(cfg, dp)
+        check_engine(cfg, dp)
         if not args.dry_run:
             from seqpar.data import prepare
 
