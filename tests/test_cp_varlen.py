@@ -19,6 +19,7 @@ from test_cp_attention import PLACED, _case, _cp_job, run_and_check
 from test_cp_cost import cost_cases
 
 S2 = S2Layout(block_size=16, local_blocks=2, vert_stride=3, num_dense_heads=1)
+S2_STRIDE = S2Layout(block_size=16, local_blocks=2, vert_stride=4, num_dense_heads=1)  # P | vert_stride
 
 
 def _docs(world: int) -> list[int]:
@@ -93,6 +94,20 @@ def _cases(world: int) -> list[dict]:
                              seed=130 + 2 * i + j, **extra))
     out.append(_case("v-softmax-ring-contig-win-docs", "softmax", "ring", "contiguous", p, b=1, n=n, h=2, hkv=1,
                      d=16, doc_lens=docs, window=3, seed=140))
+    # balance="stride" with documents: blocks restart in every document (the round robin continues
+    # across them); S2 takes the block from its layout, the others get the partition
+    out += [
+        _case("v-s2-ag-stride-docs", "s2", "allgather", "stride", p, b=1, n=sum(s2_docs), h=4, hkv=2, d=16,
+              doc_lens=s2_docs, layout=S2_STRIDE, seed=150),
+        _case("v-s2-ring-stride-docs", "s2", "ring", "stride", p, b=1, n=sum(s2_docs), h=4, hkv=2, d=16,
+              doc_lens=s2_docs, layout=S2_STRIDE, seed=151),
+        _case("v-s2-usp-stride-docs", "s2", "usp", "stride", p, b=1, n=sum(s2_docs), h=4, hkv=2, d=16,
+              doc_lens=s2_docs, layout=S2_STRIDE, seed=152, **uly),
+        _case("v-lightning-ring-stride-docs", "lightning", "ring", "stride", p, b=1, n=n, h=2, hkv=2, d=16,
+              doc_lens=docs, with_state=True, block_size=2, seed=153),
+        _case("v-softmax-uly-stride-docs", "softmax", "ulysses", "stride", p, b=1, n=n, h=4, hkv=2, d=16,
+              doc_lens=docs, block_size=2, seed=154),
+    ]
     only_p2 = ("-odd",)
     out = [c for c in out if world == 2 or not any(tag in c["name"] for tag in only_p2)]
     return out + cost_cases(world)  # the joint cost balancer's partition (tests/test_cp_cost.py)
