@@ -160,6 +160,9 @@ def test_stride_exchange_rows_follow_the_closed_form_and_exceed_zigzag(world):
     assert rows == [_closed_form_rows(world, nb, 16, 3, residues, 1, r) for r in range(world)]
     zigzag = [sum(x) for x in exchange_rows(cp.make_partition(nb * 16, (0, world)), lay, hkv)]
     assert max(rows) > max(zigzag)
+    # cp.predict (parallel.cp_schemes: auto's model) prices the placement from the layout's block too
+    shape = dict(world=world, seq_len=nb * 16, heads=8, kv_heads=hkv, head_dim=16, layout=STRIDE8)
+    assert cp.predict("s2", "allgather", balance="stride", **shape).bytes > cp.predict("s2", "allgather", **shape).bytes
 
 
 def test_stride_balance_needs_its_block_size_and_names_it():
