@@ -353,6 +353,7 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
       LASP-2 (lightning) over the P/U ring group on the merged buffers (heads ``max(H_kv, U) / U``).
 
     Ring, LASP-1 and the S2 exchange differ per rank: pass ``rank`` (default: the busiest rank).
+    ``balance="stride"`` takes its block from ``layout`` (kind s2; other kinds: ``partition=``).
     """
     if (kind, scheme) not in SUPPORTED:
         raise ValueError(f"kind={kind!r} with scheme={scheme!r} is not supported; supported pairs: {_pairs()}")
