@@ -175,6 +175,9 @@ def test_stride_balance_needs_its_block_size_and_names_it():
     # 33 tokens in blocks of 16: rank 0 holds blocks 0 and 2 (17 tokens), more than ceil(33 / 2)
     part = cp.make_partition(33, (0, 2), balance="stride", block_size=16)
     assert part.local_len == 17 and part.pad_per_rank == (0, 1)
+    x = torch.arange(33.0)[None, :]
+    assert torch.equal(cp.shard(x, (0, 2), balance="stride", block_size=16), torch.cat([x[:, :16], x[:, 32:]], 1))
+    assert torch.equal(cp.shard(x, (1, 2), balance="stride", block_size=16), torch.cat([x[:, 16:32], x[:, :1] * 0], 1))
     with pytest.raises(ValueError, match=r"at least 17 \(balance='stride'"):
         cp.make_partition(33, (0, 2), balance="stride", block_size=16, local_len=16)
     # a kind without blocks cannot take the block from a layout: partition= or an error naming it
