@@ -333,8 +333,9 @@ def stride_table(world: int = 8, n: int = 1 << 17) -> list[dict]:
     shape = dict(heads=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16)
     row_b = (shape["head_dim"] * 2) * 2  # one (kv head, token) row of K and V, bf16
     rows = []
-    for lname, layout in (("local 4", MODEL_LAYOUT), ("local 4 + 2 dense heads", replace(MODEL_LAYOUT, num_dense_heads=2)),
-                          ("local 1", replace(MODEL_LAYOUT, local_blocks=1))):
+    layouts = (("local 4", MODEL_LAYOUT), ("local 4 + 2 dense heads", replace(MODEL_LAYOUT, num_dense_heads=2)),
+               ("local 1", replace(MODEL_LAYOUT, local_blocks=1)))
+    for lname, layout in layouts:
         lay = layout.with_heads(shape["heads"])
         for dname, lens in (("one sequence", None), ("mixed docs", _mixed_docs(n))):
             cu = None if lens is None else [0, *torch.tensor(lens).cumsum(0).tolist()]
