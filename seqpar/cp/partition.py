@@ -437,14 +437,17 @@ def _stride(world: int, lens: Sequence[int], local_len: int, *, real_lens: Seque
         if n > real:
             fill.append((start + real, n - real, d, real))
         start += n
+    i = 0
     for r in range(world):
         need = local_len - sum(x[1] for x in runs[r])
         while need > 0:
-            s, n, d, pos = fill.pop(0)
+            s, n, d, pos = fill[i]
             take = min(n, need)
             runs[r].append((s, take, d, pos))
             if take < n:
-                fill.insert(0, (s + take, n - take, d, pos + take))
+                fill[i] = (s + take, n - take, d, pos + take)
+            else:
+                i += 1
             need -= take
     return runs
 
