@@ -14,7 +14,7 @@ The configuration (warps, pipeline stages) comes from one of:
 * the deterministic default of the kernel at its tile shape, used on CPU (the interpreter, tests),
   when ``SEQPAR_AUTOTUNE=0``, and whenever the kernel carries a debug counter;
 * ``triton.autotune`` over the kernel's pruned space on CUDA (default), keyed on the head dim, the
-  tile shape, causality, the GQA ratio (``group``) and the tensors' dtypes.
+  tile shape, causality, the sliding window (S2 / flash), the GQA ratio (``group``) and the tensors' dtypes.
 
 Every default (d 64 / 128, bf16 / fp16) and every config of a space at the heaviest tiles
 compiles for its target without spills, within its shared memory and with >= 2 CTAs or >= 8 warps
