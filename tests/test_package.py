@@ -212,7 +212,9 @@ for m in {modules!r}:
 import seqpar.megatron as sm
 from seqpar.train import signals
 from seqpar.train.config import load_recipe
-cfg = load_recipe({recipe!r}, ["parallel.cp_schemes=auto"])  # every validator, auto CP schemes included
+# every validator, auto CP schemes priced with the cost balancer's model included
+cfg = load_recipe({recipe!r}, ["parallel.cp_schemes=auto", "parallel.cp_balance=cost"])
+assert cfg.cp_auto.plan is not None
 assert cfg.model.layers and sm.check_pattern("ASLH") == "ASLH" and sm.KIND_OF_LETTER["L"] == "lightning"
 with contextlib.redirect_stdout(io.StringIO()) as out:
     assert signals._main(["out-dir", {recipe!r}]) == 0

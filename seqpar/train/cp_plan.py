@@ -19,11 +19,14 @@ active heads of the model, ``train.peak_tflops`` (else an H100 SXM's dense peak 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
-__all__ = ["AutoChoice", "format_lines", "model_inputs", "report", "resolve_auto"]
+if TYPE_CHECKING:
+    from seqpar.cp import CostModel
+
+__all__ = ["AutoChoice", "cost_model", "format_lines", "model_inputs", "report", "resolve_auto"]
 
 
 @dataclass(frozen=True)
@@ -54,10 +57,33 @@ def model_inputs(cfg: Any) -> tuple[dict[str, int], dict[str, Any]]:
               peak_tflops=cfg.train.peak_tflops or dict(PEAK_TFLOPS)["H100"][math_mode(m.dtype)],
               overlap=par.cp_auto_overlap)
     if par.cp_balance == "cost":  # the partition every layer shares is balanced on the whole model
-        from seqpar.train.runtime import cost_model
-
         kw.update(balance="cost", cost=cost_model(cfg))
     return layers, {**kw, "layouts": {"s2": s2_layout(m)}, "softmax_window": m.softmax_window}
+
+
+def cost_model(cfg: Any) -> CostModel:
+    """The recipe model's per-token attention work (``cp.CostModel``), the one description of it the
+    trainer and ``resolve_auto`` use (here, not in ``seqpar.train.runtime``, so validating a recipe imports no
+    megatron-core): the cost balancer's objective (``parallel.cp_balance: cost``) and the modelled
+    imbalance of every step (either balance). Layer kinds counted over the whole model (the pattern
+    tiled over ``num_layers``, every pipeline stage: the CP ranks of a stage hold the same tokens in
+    every stage), query / kv heads, the S2 layout, MoH's active share of the heads
+    (``(shared + top_k) / heads``) and Lightning's work per token in softmax (query, key)-pair
+    equivalents from the FLOP conventions of ``seqpar.kernels.flops`` (``(C + 1) / 2 + head_dim``
+    for chunk C)."""
+    from seqpar.cp import CostModel  # noqa: F811  (the annotation's name, at run time)
+    from seqpar.kernels.flops import attention_flops
+    from seqpar.megatron.config import s2_layout
+
+    m, p = cfg.model, cfg.model.shape
+    d = p.hidden_size // p.num_attention_heads
+    counts = m.layer_kinds
+    # one softmax (query, key) pair of one head costs 2 (d + dv) forward FLOPs; Lightning's token, in pairs
+    linear = attention_flops("lightning", batch=1, seq_len=1, heads=1, head_dim=d) / (4 * d)
+    layout = s2_layout(m) if "s2" in counts else None
+    return CostModel(layers=counts, heads=p.num_attention_heads, kv_heads=p.num_query_groups, s2_layout=layout,
+                     moh_active=m.moh_active,
+                     linear_cost=linear, softmax_window=m.softmax_window if "softmax" in counts else None)
 
 
 def resolve_auto(cfg: Any) -> AutoChoice:

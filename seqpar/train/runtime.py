@@ -34,6 +34,7 @@ from seqpar.megatron.packed import SeqparPackedSeqParams
 from seqpar.megatron.specs import layer_specs_for_stage
 from seqpar.models import build_gpt, transformer_config
 from seqpar.train.config import RunConfig
+from seqpar.train.cp_plan import cost_model  # noqa: F401  public here too (CPBalance's objective)
 
 
 def model_config(cfg: RunConfig):
@@ -179,28 +180,6 @@ def build_scheduler(cfg: RunConfig, opt) -> OptimizerParamScheduler:
 def current_device() -> torch.device:
     """The current CUDA device, else the CPU."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def cost_model(cfg: RunConfig) -> cp.CostModel:
-    """The recipe model's per-token attention work (``cp.CostModel``), the one description of it the
-    trainer uses: the cost balancer's objective (``parallel.cp_balance: cost``) and the modelled
-    imbalance of every step (either balance). Layer kinds counted over the whole model (the pattern
-    tiled over ``num_layers``, every pipeline stage: the CP ranks of a stage hold the same tokens in
-    every stage), query / kv heads, the S2 layout, MoH's active share of the heads
-    (``(shared + top_k) / heads``) and Lightning's work per token in softmax (query, key)-pair
-    equivalents from the FLOP conventions of ``seqpar.kernels.flops`` (``(C + 1) / 2 + head_dim``
-    for chunk C)."""
-    from seqpar.kernels.flops import attention_flops
-
-    m, p = cfg.model, _preset(cfg)
-    d = p.hidden_size // p.num_attention_heads
-    counts = m.layer_kinds
-    # one softmax (query, key) pair of one head costs 2 (d + dv) forward FLOPs; Lightning's token, in pairs
-    linear = attention_flops("lightning", batch=1, seq_len=1, heads=1, head_dim=d) / (4 * d)
-    layout = s2_layout(m) if "s2" in counts else None
-    return cp.CostModel(layers=counts, heads=p.num_attention_heads, kv_heads=p.num_query_groups, s2_layout=layout,
-                        moh_active=m.moh_active,
-                        linear_cost=linear, softmax_window=m.softmax_window if "softmax" in counts else None)
 
 
 @dataclass(frozen=True)
