@@ -197,7 +197,7 @@ def test_engine_registry_matches_the_recipe_schema():
 
 # Modules and commands that never build a megatron object, so must not import megatron-core (~6 s of CPU,
 # most of a light command): the recipe schema with everything its validators reach (seqpar.train.config),
-# `--check` of a Megatron-engine recipe (every launcher's pre-flight: torchrun.sh, deepspeed.sh, and
+# `--check` of a Megatron or DeepSpeed recipe (every launcher's pre-flight: torchrun.sh, deepspeed.sh, and
 # slurm.sbatch at every job start and requeue, with `python -m seqpar.train.signals out-dir RECIPE`), the
 # CLI modules before they train, preprocessing, the model presets, and the seqpar.megatron package with
 # its schema / layout modules (the public names are imported on first use).
@@ -223,6 +223,9 @@ from seqpar.train.cli import main
 with contextlib.redirect_stdout(io.StringIO()) as out:  # with the held-run and data checks (an empty out_dir)
     assert main([{recipe!r}, "--check", "--set", "train.out_dir=" + {tmp!r}]) == 0
 assert "valid for 2 rank(s)" in out.getvalue(), out.getvalue()
+with contextlib.redirect_stdout(io.StringIO()) as out:  # DeepSpeed's check: its ds_config, parsed by DeepSpeed
+    assert main([{ds_recipe!r}, "--check", "--set", "train.out_dir=" + {tmp!r}]) == 0
+assert "deepspeed.runtime.config" in sys.modules, "the DeepSpeed engine's check did not run"
 heavy = sorted(m for m in sys.modules if m == "megatron.core" or m.startswith("megatron.core."))
 assert not heavy, "megatron-core imported on a light path: " + ", ".join(heavy[:5])
 print("ok")
@@ -234,7 +237,7 @@ def test_light_paths_do_not_import_megatron_core(tmp_path):
     import sys
 
     code = _LIGHT_PROBE.format(modules=LIGHT_MODULES, recipe=str(ROOT / "recipes" / "tiny_hybrid_cp2.yaml"),
-                               tmp=str(tmp_path / "run"))
+                               ds_recipe=str(ROOT / "recipes" / "tiny_hybrid_zero2_cp2.yaml"), tmp=str(tmp_path / "run"))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
