@@ -193,6 +193,7 @@ def test_engine_registry_matches_the_recipe_schema():
     for name, target in ENGINE_CHECKS.items():
         overrides = engine_class(name).check.__func__ is not Engine.check.__func__
         assert overrides == (target is not None), (name, target)
+        assert target is None or _within(target.partition(":")[0], ENGINE_MODULES[name]), (name, target)
 
 
 # Modules and commands that never build a megatron object, so must not import megatron-core (~6 s of CPU,
