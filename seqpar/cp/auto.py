@@ -155,26 +155,27 @@ def _fits(heads: int, kv_heads: int, degree: int) -> bool:
 
 
 def _flops(kind: str, docs: Sequence[int], *, batch: int, heads: int, kv_heads: int, head_dim: int,
-           v_head_dim: Optional[int], layout: Any, moh_active: float) -> float:
+           v_head_dim: Optional[int], layout: Any, moh_active: float, window: Optional[int] = None) -> float:
     from seqpar.kernels.flops import attention_flops
 
     return sum(attention_flops(kind, batch=batch, seq_len=n, heads=heads, head_dim=head_dim, v_head_dim=v_head_dim,
                                kv_heads=kv_heads, layout=layout, active_fraction=moh_active, backward=True,
-                               recompute=True) for n in docs if n)
+                               recompute=True, window=window) for n in docs if n)
 
 
 def predict(kind: str, scheme: str, *, world: int, seq_len: int, heads: int, kv_heads: int, head_dim: int,
             v_head_dim: Optional[int] = None, batch: int = 1, dtype: Any = torch.bfloat16, balance: str = "zigzag",
             layout: Any = None, ulysses_degree: Optional[int] = None, moh_active: float = 1.0,
             topology: Optional[Topology] = None, peak_tflops: float = H100_PEAK_TFLOPS,
-            cu_seqlens: Any = None) -> Candidate:
+            cu_seqlens: Any = None, window: Optional[int] = None) -> Candidate:
     """The predicted time of one ``kind`` layer under ``scheme`` (module docstring: the model).
 
     Shapes are per TP rank: ``heads`` / ``kv_heads`` the heads one rank of the CP group holds,
     ``seq_len`` N the global length, ``batch`` rows of N tokens (or ``cu_seqlens``, host values:
     packed documents, ``batch=1``); ``layout`` the S2 layout (kind ``s2``); ``moh_active`` MoH's
     ``(shared + top_k) / heads``; ``topology`` (default :class:`Topology`); ``peak_tflops`` the
-    rate the attention kernels run at (default H100 SXM dense bf16).
+    rate the attention kernels run at (default H100 SXM dense bf16); ``window`` softmax's sliding
+    window (its FLOPs, its balance and its bytes: the ring's and allgather's halo).
     """
     from seqpar.cp.api import SUPPORTED, scheme_cost
     from seqpar.cp.cost import CostModel
@@ -200,16 +201,16 @@ def predict(kind: str, scheme: str, *, world: int, seq_len: int, heads: int, kv_
     part = resolve(p, seq_len, balance=balance, cu_seqlens=cu_seqlens)
     cost = scheme_cost(kind, scheme, world=p, seq_len=seq_len, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                        v_head_dim=v_head_dim, batch=batch, dtype=dtype, layout=layout, ulysses_degree=ulysses_degree,
-                       partition=part)
+                       partition=part, window=window)
     # compute: the FLOPs of the whole layer x the busiest rank's share
     docs = list(part.doc_real) if part.varlen else [seq_len]
     total = _flops(kind, docs, batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim, v_head_dim=v_head_dim,
-                   layout=layout, moh_active=moh_active)
+                   layout=layout, moh_active=moh_active, window=window)
     if scheme == "ulysses":
         share = 1.0 / p
     else:
         work = CostModel(layers={kind: 1}, heads=heads, kv_heads=kv_heads, s2_layout=layout,
-                         moh_active=moh_active if kind == "moh" else 1.0)
+                         moh_active=moh_active if kind == "moh" else 1.0, softmax_window=window)
         share = work.imbalance(part.merged(ulysses_degree) if scheme == "usp" else part) / p
     compute = total * share / (peak_tflops * 1e12)
     # communication: each collective over the link of its group
@@ -264,7 +265,7 @@ def recommend(kind: str, *, world: int, seq_len: int, heads: int, kv_heads: int,
               balance: str = "zigzag", layout: Any = None, moh_active: float = 1.0,
               topology: Optional[Topology] = None, peak_tflops: float = H100_PEAK_TFLOPS,
               cu_seqlens: Any = None, ulysses_degrees: Optional[Sequence[int]] = None,
-              overlap: bool = False) -> Recommendation:
+              overlap: bool = False, window: Optional[int] = None) -> Recommendation:
     """The fastest CP scheme for one ``kind`` layer: every candidate of :func:`candidates`
     (allgather / LASP-2, ring, ulysses, usp at every valid Ulysses degree, which with
     ``U = gpus_per_node`` is the hierarchical layout: Ulysses inside a node x ring or LASP-2
@@ -292,7 +293,7 @@ def recommend(kind: str, *, world: int, seq_len: int, heads: int, kv_heads: int,
     cands = [predict(kind, s, world=world, seq_len=seq_len, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                      v_head_dim=v_head_dim, batch=batch, dtype=dtype, balance=balance, layout=layout,
                      ulysses_degree=u, moh_active=moh_active, topology=topology, peak_tflops=peak_tflops,
-                     cu_seqlens=cu_seqlens)
+                     cu_seqlens=cu_seqlens, window=window)
              for s, u in candidates(kind, world, heads, kv_heads, ulysses_degrees)]
     cands.sort(key=lambda c: (c.predicted(overlap), c.bytes, _ORDER.index(c.scheme), c.ulysses_degree or 0))
     return Recommendation(kind, cands[0].scheme, cands[0].ulysses_degree, tuple(cands), overlap)
