@@ -319,13 +319,15 @@ README_LABELS = {
     ("s2", "s2_bwd_dq"): "s2 / flash causal bwd dq", ("s2", "s2_bwd_dkdv"): "s2 / flash causal bwd dk/dv",
     ("flash full", "s2_fwd"): "flash non-causal fwd", ("flash full", "s2_bwd_dq"): "flash non-causal bwd dq",
     ("flash full", "s2_bwd_dkdv"): "flash non-causal bwd dk/dv",
+    ("flash window", "s2_fwd"): "flash sliding-window fwd", ("flash window", "s2_bwd_dq"): "flash sliding-window bwd dq",
+    ("flash window", "s2_bwd_dkdv"): "flash sliding-window bwd dk/dv",
     ("moh", "moh_fwd"): "moh fwd", ("moh", "moh_bwd_preprocess"): "moh bwd preprocess (active rows)",
     ("moh", "moh_bwd_dq"): "moh bwd dq", ("moh", "moh_bwd_dkdv"): "moh bwd dk/dv",
     ("lightning", "chunk_state"): "lightning chunk-local state (fwd, bwd)",
     ("lightning", "state_scan"): "lightning state scan (fwd, bwd)", ("lightning", "output"): "lightning output",
     ("lightning", "dv"): "lightning bwd dv", ("lightning", "dqk"): "lightning bwd dq/dk",
 }
-README_CASES = ["s2", "flash full", "moh", "lightning"]
+README_CASES = ["s2", "flash full", "flash window", "moh", "lightning"]
 
 
 def readme_table(rows: list[dict], cap: int) -> str:

@@ -14,7 +14,7 @@ The configuration (warps, pipeline stages) comes from one of:
 * the deterministic default of the kernel at its tile shape, used on CPU (the interpreter, tests),
   when ``SEQPAR_AUTOTUNE=0``, and whenever the kernel carries a debug counter;
 * ``triton.autotune`` over the kernel's pruned space on CUDA (default), keyed on the head dim, the
-  tile shape, causality, the GQA ratio (``group``) and the tensors' dtypes.
+  tile shape, causality, the sliding window (S2 / flash), the GQA ratio (``group``) and the tensors' dtypes.
 
 Every default (d 64 / 128, bf16 / fp16) and every config of a space at the heaviest tiles
 compiles for its target without spills, within its shared memory and with >= 2 CTAs or >= 8 warps
@@ -128,6 +128,20 @@ _ATTENTION.update({
     (86, "m", "moh", "dq"): _t(W8S2),
     (86, "s", "moh", "dkdv"): _t(W4S3, W4S1, W8S2, W8S3, block_m=32),
 })
+# Sliding-window flash (op "window": the WINDOW specialisation adds a lower-edge compare to each
+# masked tile, a few registers more than causal). It uses S2 / flash's entry of its target except
+# where a config of that entry breaks the rule under the window (benchmarks/kernel_resources.py
+# --cases "flash window" --space, every config at d = 64 and 128, bf16 and fp16): sm_90 dk/dv at
+# d = 128 spills 4 B at 8 warps / 2 stages (255 registers; 4 warps: 96-296 B) and is clean at 8 warps
+# / 3 stages (254 registers, 105.5 KB) and 1 stage (231, 73 KB); sm_80 dq at d = 64 spills 8 B at
+# 4 warps / 2-3 stages, dk/dv at d = 64 4 B at 4 warps / 1 stage. sm_86's entries are clean under the
+# window. A default replaced here is the best clean config by the harness's occupancy proxy: most
+# resident warps per SM, then most pipeline stages, then fewest registers.
+_ATTENTION.update({
+    (90, "m", "window", "dkdv"): _t(W8S3, W8S1),
+    (80, "s", "window", "dq"): _t(W8S3, W8S2, W4S1),
+    (80, "s", "window", "dkdv"): _t(W8S2, W8S1),
+})
 
 # Lightning: "chunk" = the chunk-parallel output / dv / dq-dk kernels (two [C, C] / [C, 64] fp32
 # accumulators), "state" = the chunk-local state product. sm_90: 8 warps / 3 stages keep every
@@ -191,8 +205,8 @@ def tile_class(block: int, head_dim: int, dtype: torch.dtype) -> str:
 
 def attention_tuning(kind: str, block: int, head_dim: int, dtype: torch.dtype, device, op: str = "s2") -> Tuning:
     """:class:`Tuning` of attention kernel ``kind`` ("fwd", "dq", "dkdv") of ``op`` ("s2", which
-    includes flash, or "moh") at ``block``-token tiles, for the target of ``device``. MoH uses
-    S2's entry where it has none of its own."""
+    includes flash; "window", flash with a sliding window; or "moh") at ``block``-token tiles, for
+    the target of ``device``. "window" and "moh" use S2's entry where they have none of their own."""
     key = (target_arch(device), tile_class(block, head_dim, dtype))
     return _ATTENTION.get((*key, op, kind)) or _ATTENTION[(*key, "s2", kind)]
 

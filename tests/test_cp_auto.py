@@ -69,6 +69,16 @@ def _cases():
     out.append(("heads % P != 0 -> no ulysses", dict(kind="softmax", world=p, seq_len=n, heads=h, kv_heads=hkv,
                                                      head_dim=d), "allgather", b,
                 softmax_flops(n, h, d) / p / PEAK + b / INTRA))
+    # 6. sliding window w <= a zigzag chunk c = N/2P, overlap, 100 TFLOP/s: the ring moves only the w - 1 rows
+    #    before each chunk (a middle rank: from both neighbours, forward; backward again + its own rows' fp32
+    #    dK/dV) and hides them; the busiest rank computes 2c tokens x w keys (rank 0's first chunk fewer)
+    p, n, h, w = 4, 8192, 8, 256
+    c, row = n // (2 * p), h * 2 * d
+    pair = 2 * (d + d) + 2 * (3 * d + 2 * d)
+    out.append(("softmax window, overlap -> ring moves the halo",
+                dict(kind="softmax", world=p, seq_len=n, heads=h, kv_heads=h, head_dim=d, overlap=True,
+                     peak_tflops=100.0, window=w), "ring", 2 * (w - 1) * row * (2 * E + 4),
+                pair * h * 2 * c * w / 100e12))
     return out
 
 
@@ -176,6 +186,36 @@ def test_choose_schemes_shares_one_usp_degree():
         assert c.scheme != "usp" or c.ulysses_degree == plan.ulysses_degree
 
 
+def test_predict_prices_the_cost_partition_and_the_window():
+    """balance='cost' prices every kind on the *model's* cost partition (not zigzag's); a window changes
+    the softmax FLOPs and per-rank work; a window on another kind is refused."""
+    from seqpar.kernels import S2Layout
+    from seqpar.kernels.flops import attention_flops
+
+    # two documents of 19 and 13 tokens, 16-token S2 blocks: zigzag leaves this S2 + softmax model 3.3 %
+    # off balance, the cost balancer 1.1 % (each kind's own share differs from zigzag's either way)
+    lay = S2Layout(block_size=16, local_blocks=1, vert_stride=2)
+    kw = dict(world=2, seq_len=32, heads=4, kv_heads=4, head_dim=64, cu_seqlens=[0, 19, 32])
+    model = cp.CostModel(layers={"s2": 1, "softmax": 1}, heads=4, kv_heads=4, s2_layout=lay)
+    part = cp.make_partition(32, (0, 2), balance="cost", cost=model, cu_seqlens=kw["cu_seqlens"])
+    assert model.imbalance(part) < model.imbalance(cp.make_partition(32, (0, 2), cu_seqlens=kw["cu_seqlens"]))
+    for kind, extra in (("softmax", {}), ("s2", {"layout": lay})):
+        got = cp.predict(kind, "allgather", balance="cost", cost=model, **extra, **kw)
+        work = cp.CostModel(layers={kind: 1}, heads=4, kv_heads=4, s2_layout=lay)
+        flops = sum(attention_flops(kind, batch=1, seq_len=n, heads=4, head_dim=64, kv_heads=4, backward=True,
+                                    layout=lay if kind == "s2" else None) for n in (19, 13))
+        assert got.compute_s == pytest.approx(flops * work.imbalance(part) / 2 / PEAK, rel=1e-12)
+        zig = cp.predict(kind, "allgather", **extra, **kw)
+        assert got.compute_s != pytest.approx(zig.compute_s, rel=1e-6)  # the partition is the cost balancer's
+    kw = dict(world=4, seq_len=4096, heads=8, kv_heads=8, head_dim=64)
+    win = cp.predict("softmax", "ring", window=64, **kw)
+    assert win.compute_s < cp.predict("softmax", "ring", **kw).compute_s / 10
+    with pytest.raises(ValueError, match="window is the softmax layers' sliding window, got it for kind='s2'"):
+        cp.predict("s2", "ring", window=64, layout=lay, **kw)
+    with pytest.raises(ValueError, match="balance"):  # the cost balancer needs the model
+        cp.predict("softmax", "ring", balance="cost", **kw)
+
+
 # ---------------------------------------------------------------------------------------------------
 # the recipe: parallel.cp_schemes: auto
 
@@ -205,6 +245,28 @@ def test_recipe_auto_resolves_before_anything_reads_the_schemes():
 
     mc = model_config(cfg)
     assert mc.cp_schemes == cfg.parallel.cp_schemes and mc.usp_ulysses_degree == 2
+
+
+def test_recipe_auto_sees_cp_balance_and_the_window():
+    """The recipe's placement (parallel.cp_balance: cost: the whole model's cost partition) and
+    model.softmax_window reach the prediction --dry-run prints and the choice."""
+    from seqpar.train.config import from_dict
+    from seqpar.train.cp_plan import model_inputs, report
+    from seqpar.train.runtime import cost_model
+
+    rec = _recipe(cp_balance="cost")
+    rec["model"].update(softmax_window=512)
+    cfg = from_dict(rec)
+    layers, kw = model_inputs(cfg)
+    assert kw["balance"] == "cost" and kw["cost"] == cost_model(cfg) and kw["softmax_window"] == 512
+    rep = report(cfg, cfg.cp_auto)
+    want = cp.predict("softmax", cfg.parallel.cp_schemes["softmax"], world=4, seq_len=8192, heads=8, kv_heads=8,
+                      head_dim=64, balance="cost", cost=cost_model(cfg), window=512,
+                      **({"ulysses_degree": cfg.parallel.usp_ulysses_degree}
+                         if cfg.parallel.cp_schemes["softmax"] == "usp" else {}))
+    assert rep["kinds"]["softmax"]["time_ms"] == pytest.approx(want.time_s * 1e3, rel=1e-12)
+    full = report(from_dict(_recipe()), None)["kinds"]["softmax"]  # no window: 16x the softmax work
+    assert rep["kinds"]["softmax"]["compute_ms"] < full["compute_ms"] / 8
 
 
 @pytest.mark.parametrize("parallel, line", [

@@ -26,7 +26,9 @@ The joint cost balancer (issue 22 item 4, ``parallel.cp_balance: cost``) in the 
   over the CP ranks);
 - on an S2 + softmax model (pattern SA) the same packed documents give zigzag a modelled imbalance
   > 1.2 and the cost balancer <= 1.05, and the cost-balanced CP=2 step's loss and every gradient
-  equal the one-rank run's.
+  equal the one-rank run's;
+- with DP > 1 the logged ``cp/*`` values are the worst DP replica's (``loop.worst_over_dp`` on the
+  same two ranks as 2 DP replicas).
 """
 
 from __future__ import annotations
@@ -239,6 +241,27 @@ LAYOUTS = {
 }
 
 
+def _worst_over_dp(rank: int) -> tuple:
+    """``loop.worst_over_dp`` on 2 DP replicas (CP = 1 here: the function only reduces over DP):
+    replica-dependent values -> the worst replica's on both ranks; None stays None."""
+    import torch
+    from megatron.core import parallel_state
+
+    from seqpar.megatron import init_parallel
+    from seqpar.train.loop import worst_over_dp
+
+    init_parallel(1, 1, 1, seed=0)
+    try:
+        assert parallel_state.get_data_parallel_world_size() == 2
+        mine = {"modelled_imbalance": [1.3, 1.05][rank], "attention_fwd_ms_max": [2.0, 5.0][rank],
+                "attention_fwd_ms_mean": [1.0, 4.0][rank], "attention_imbalance": [2.0, 1.25][rank]}
+        return (worst_over_dp(mine, torch.device("cpu")),
+                worst_over_dp({"modelled_imbalance": 1.1 + rank}, torch.device("cpu")),
+                worst_over_dp({"modelled_imbalance": None}, torch.device("cpu")))
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
 def _job(rank: int, world: int, log_dir: str) -> dict:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from megatron.core import parallel_state
@@ -253,6 +276,7 @@ def _job(rank: int, world: int, log_dir: str) -> dict:
         for name, extra in LAYOUTS.items():
             out[name] = _engine_step(batch, extra, log_dir if name == "megatron-cp2-cost" else "")
         out["sa"] = _balance_on_s2_softmax(batch)
+        out["dp"] = _worst_over_dp(rank)
         return out
     finally:
         disable_cpu_compat()
@@ -326,3 +350,12 @@ def test_step_reports_the_modelled_imbalance_to_tensorboard(runs):
     assert scalars["cp/attention_imbalance"] == pytest.approx(
         scalars["cp/attention_fwd_ms_max"] / scalars["cp/attention_fwd_ms_mean"], rel=1e-5)
     assert runs[1]["megatron-cp2-cost"][3] is None  # rank 1 writes no tensorboard
+
+
+def test_cp_scalars_are_the_worst_dp_replicas(runs):
+    for res in runs:
+        full, only_modelled, none = res["dp"]
+        assert full == {"modelled_imbalance": 1.3, "attention_fwd_ms_max": 5.0, "attention_fwd_ms_mean": 2.5,
+                        "attention_imbalance": 2.0}
+        assert only_modelled == {"modelled_imbalance": 2.1}
+        assert none == {"modelled_imbalance": None}

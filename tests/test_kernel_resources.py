@@ -27,6 +27,7 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "kernel_resources.py")
 EXPECTED = {
     "s2": {"s2_fwd", "s2_bwd_preprocess", "s2_bwd_dq", "s2_bwd_dkdv"},
     "flash full": {"s2_fwd", "s2_bwd_preprocess", "s2_bwd_dq", "s2_bwd_dkdv"},
+    "flash window": {"s2_fwd", "s2_bwd_preprocess", "s2_bwd_dq", "s2_bwd_dkdv"},  # its own WINDOW specialisation
     "moh": {"moh_fwd", "moh_bwd_preprocess", "moh_bwd_dq", "moh_bwd_dkdv"},
     "lightning": {"chunk_state", "state_scan", "output", "dv", "dqk"},
     "lightning states": {"chunk_state", "state_scan", "output", "dv", "dqk"},  # initial / final states
@@ -94,6 +95,8 @@ def test_default_configs(tmp_path, cap):
         for r in rows:
             if r["kernel"] in TUNED:
                 op, kind = TUNED[r["kernel"]]
+                if r["case"] == "flash window":  # the windowed specialisation has its own table entries
+                    op = "window"
                 t = _tuning.attention_tuning(kind, 64, r["d"], dtypes[r["dtype"]], "cpu", op=op)
                 assert (r["warps"], r["stages"]) == (t.default.num_warps, t.default.num_stages), r
     # tensor-core MMA for every matmul kernel, fp16 Lightning included
@@ -117,10 +120,10 @@ def test_default_configs(tmp_path, cap):
 @needs_ptxas
 @pytest.mark.parametrize("cap", [90, 80, 86])
 def test_autotune_space(tmp_path, cap):
-    """Every config of the autotune spaces at the heaviest tiles (bf16, d=128; causal and
-    non-causal) passes on sm_<cap>."""
+    """Every config of the autotune spaces at the heaviest tiles (bf16, d=128; causal, non-causal
+    and sliding-window) passes on sm_<cap>."""
     rows = run_harness(tmp_path, "--targets", str(cap), "--dtypes", "bf16", "--head-dims", "128", "--space",
-                       "--cases", "s2", "flash full", "moh", "lightning")
+                       "--cases", "s2", "flash full", "flash window", "moh", "lightning")
     configs = {r["config"] for r in rows}
     assert configs > {"default"} and len(configs) >= 4, configs
     assert_rule(rows)

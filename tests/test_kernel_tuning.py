@@ -111,6 +111,31 @@ def test_target_from_cuda_capability_or_compile_target(monkeypatch):
     assert light.default == cfg(4, 2) and _tuning.lightning_tuning("chunk", "cpu").default == cfg(8, 3)
 
 
+def test_window_tuning_falls_back_to_causal():
+    """flash_attention(window=) compiles its own specialisation and tunes it as op "window": its own
+    entry where a causal config spills under the window (measured in test_kernel_resources.py),
+    the causal entry everywhere else (sm_86 has no window entry at all)."""
+    from seqpar.kernels.s2.plan import build_plan
+    from seqpar.kernels.s2.triton_fwd import plan_tuning
+
+    q128 = torch.empty(1, 64, 1, 128, dtype=torch.bfloat16)
+    q64 = torch.empty(1, 64, 1, 64, dtype=torch.float16)
+    causal, window = (build_plan(None, True, 1, 64, 64, 0, 0, None, 64, window=w) for w in (0, 16))
+    with _tuning.compile_target(90):
+        assert plan_tuning("dkdv", window, q128).space == (cfg(8, 3), cfg(8, 1))
+        assert plan_tuning("dkdv", causal, q128).default == cfg(8, 2)  # spills 4 B under the window
+        assert plan_tuning("fwd", window, q128) == plan_tuning("fwd", causal, q128)
+    with _tuning.compile_target(80):
+        assert plan_tuning("dq", window, q64).default == cfg(8, 3)
+        assert plan_tuning("dq", causal, q64).default == cfg(4, 3)  # spills 8 B under the window
+        assert cfg(4, 1) in plan_tuning("dkdv", causal, q64).space
+        assert cfg(4, 1) not in plan_tuning("dkdv", window, q64).space
+    with _tuning.compile_target(86):
+        for kind in ("fwd", "dq", "dkdv"):
+            for q in (q64, q128):
+                assert plan_tuning(kind, window, q) == plan_tuning(kind, causal, q)
+
+
 def test_tables_are_consistent():
     """Every table entry's default heads its space, and every config is one the harness can force."""
     for t in (*_tuning._ATTENTION.values(), *_tuning._LIGHTNING.values()):

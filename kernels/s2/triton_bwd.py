@@ -21,9 +21,9 @@ import triton.language as tl
 
 from seqpar.kernels.s2.plan import TilePlan
 from seqpar.kernels._grid import unfold
-from seqpar.kernels._tuning import W4S3, attention_tuning, launch
+from seqpar.kernels._tuning import W4S3, launch
 from seqpar.kernels.s2.triton_fwd import (LOG2E, PREPROCESS_BLOCK, TUNE_KEY, block_dim, grids, kernel_options,
-                                          mask_tile, plan_row)
+                                          mask_tile, plan_row, plan_tuning)
 
 PREPROCESS_CONFIG = W4S3  # Triton's default launch config (4 warps, 3 stages), as before
 
@@ -238,7 +238,7 @@ def s2_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, l
     consts = dict(CAUSAL=plan.causal, WINDOW=plan.window > 0, COUNT=counters is not None,
                   **kernel_options(q, plan.block_size))
     cnt_dq, cnt_kv = counters if counters is not None else (lse, lse)
-    tune = attention_tuning("dq", plan.block_size, d, q.dtype, q.device)
+    tune = plan_tuning("dq", plan, q)
     launch(_s2_bwd_dq_kernel, grid["dq"], (
         q, k, v, do, lse, delta, dq, cnt_dq,
         plan.q_start, plan.q_end, plan.kv_start, plan.kv_end, plan.rows,
@@ -246,7 +246,7 @@ def s2_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, l
         plan.num_q_tiles, h // hkv, plan.q_shift, plan.k_shift, plan.window, sm_scale * LOG2E, sm_scale,
         plan.stride,
     ), consts, default=tune.default, space=tune.space, key=TUNE_KEY, device=q.device, tunable=counters is None)
-    tune = attention_tuning("dkdv", plan.block_size, d, q.dtype, q.device)
+    tune = plan_tuning("dkdv", plan, q)
     launch(_s2_bwd_dkdv_kernel, grid["dkdv"], (
         q, k, v, do, lse, delta, dk, dv, cnt_kv,
         plan.q_start, plan.q_end, plan.kv_start, plan.kv_end, plan.cols, plan.tile_ids,

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from seqpar.kernels._common import interpret_enabled
 from seqpar.kernels._grid import check_grid
-from seqpar.kernels._tuning import attention_tuning, launch
+from seqpar.kernels._tuning import Tuning, attention_tuning, launch
 from seqpar.kernels.s2.plan import TilePlan
 
 LOG2E = 1.4426950408889634
@@ -137,6 +137,14 @@ def kernel_options(q: torch.Tensor, block_size: int) -> dict:
     )
 
 
+def plan_tuning(kind: str, plan: TilePlan, q: torch.Tensor) -> Tuning:
+    """Launch config of kernel ``kind`` ("fwd", "dq", "dkdv") for ``plan`` on ``q``'s target: a
+    sliding window compiles its own specialisation (one more compare per masked tile), tuned as op
+    "window" (which falls back to S2 / flash's entry where that does not spill)."""
+    return attention_tuning(kind, plan.block_size, q.shape[-1], q.dtype, q.device,
+                            op="window" if plan.window > 0 else "s2")
+
+
 def block_dim(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
@@ -174,7 +182,7 @@ def s2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: TilePlan, sm
     grid = grids(plan.num_q_tiles, plan.num_kv_tiles, b, h, hkv, sq)["fwd"]
     consts = dict(CAUSAL=plan.causal, WINDOW=plan.window > 0, COUNT=counter is not None,
                   **kernel_options(q, plan.block_size))
-    tune = attention_tuning("fwd", plan.block_size, d, q.dtype, q.device)
+    tune = plan_tuning("fwd", plan, q)
     launch(_s2_fwd_kernel, grid, (
         q, k, v, o, lse, counter if counter is not None else lse,
         plan.q_start, plan.q_end, plan.kv_start, plan.kv_end, plan.rows,
@@ -185,4 +193,4 @@ def s2_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: TilePlan, sm
 
 
 # what decides the best config (dtypes are added by triton.autotune)
-TUNE_KEY = ("HEAD_DIM", "BLOCK_M", "CAUSAL", "group")
+TUNE_KEY = ("HEAD_DIM", "BLOCK_M", "CAUSAL", "WINDOW", "group")

@@ -155,7 +155,7 @@ def _fits(heads: int, kv_heads: int, degree: int) -> bool:
 
 
 def _flops(kind: str, docs: Sequence[int], *, batch: int, heads: int, kv_heads: int, head_dim: int,
-           v_head_dim: Optional[int], layout: Any, moh_active: float, window: Optional[int] = None) -> float:
+           v_head_dim: Optional[int], layout: Any, moh_active: float, window: Optional[int]) -> float:
     from seqpar.kernels.flops import attention_flops
 
     return sum(attention_flops(kind, batch=batch, seq_len=n, heads=heads, head_dim=head_dim, v_head_dim=v_head_dim,
@@ -167,15 +167,17 @@ def predict(kind: str, scheme: str, *, world: int, seq_len: int, heads: int, kv_
             v_head_dim: Optional[int] = None, batch: int = 1, dtype: Any = torch.bfloat16, balance: str = "zigzag",
             layout: Any = None, ulysses_degree: Optional[int] = None, moh_active: float = 1.0,
             topology: Optional[Topology] = None, peak_tflops: float = H100_PEAK_TFLOPS,
-            cu_seqlens: Any = None, window: Optional[int] = None) -> Candidate:
+            cu_seqlens: Any = None, cost: Any = None, window: Optional[int] = None) -> Candidate:
     """The predicted time of one ``kind`` layer under ``scheme`` (module docstring: the model).
 
     Shapes are per TP rank: ``heads`` / ``kv_heads`` the heads one rank of the CP group holds,
     ``seq_len`` N the global length, ``batch`` rows of N tokens (or ``cu_seqlens``, host values:
     packed documents, ``batch=1``); ``layout`` the S2 layout (kind ``s2``); ``moh_active`` MoH's
     ``(shared + top_k) / heads``; ``topology`` (default :class:`Topology`); ``peak_tflops`` the
-    rate the attention kernels run at (default H100 SXM dense bf16); ``window`` softmax's sliding
-    window (its FLOPs, its balance and its bytes: the ring's and allgather's halo).
+    rate the attention kernels run at (default H100 SXM dense bf16). ``balance`` the partition
+    (a ``cp.BALANCERS`` name; ``"cost"`` needs ``cost``, the *whole model's* ``cp.CostModel``: the
+    one partition every layer shares); ``window``: softmax's sliding window (its bytes, FLOPs and
+    per-rank work).
     """
     from seqpar.cp.api import SUPPORTED, scheme_cost
     from seqpar.cp.cost import CostModel
@@ -198,8 +200,10 @@ def predict(kind: str, scheme: str, *, world: int, seq_len: int, heads: int, kv_
     if scheme == "ulysses" and not _fits(heads, kv_heads, p):
         raise ValueError(f"ulysses needs the {heads} query heads divisible by world={p} and the {kv_heads} kv heads "
                          f"divisible by it (or dividing it)")
-    part = resolve(p, seq_len, balance=balance, cu_seqlens=cu_seqlens)
-    cost = scheme_cost(kind, scheme, world=p, seq_len=seq_len, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+    if window is not None and kind != "softmax":
+        raise ValueError(f"window is the softmax layers' sliding window, got it for kind={kind!r}")
+    part = resolve(p, seq_len, balance=balance, cu_seqlens=cu_seqlens, cost=cost)
+    comm = scheme_cost(kind, scheme, world=p, seq_len=seq_len, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                        v_head_dim=v_head_dim, batch=batch, dtype=dtype, layout=layout, ulysses_degree=ulysses_degree,
                        partition=part, window=window)
     # compute: the FLOPs of the whole layer x the busiest rank's share
@@ -227,7 +231,7 @@ def predict(kind: str, scheme: str, *, world: int, seq_len: int, heads: int, kv_
         steps = p
     serial = hidden = 0.0
     nbytes = 0
-    for side in cost.values():
+    for side in comm.values():
         for op, rec in side.items():
             nbytes += rec["bytes"]
             if op == "send_recv" and kind != "lightning":  # the ring's hops behind its blocks
@@ -265,7 +269,7 @@ def recommend(kind: str, *, world: int, seq_len: int, heads: int, kv_heads: int,
               balance: str = "zigzag", layout: Any = None, moh_active: float = 1.0,
               topology: Optional[Topology] = None, peak_tflops: float = H100_PEAK_TFLOPS,
               cu_seqlens: Any = None, ulysses_degrees: Optional[Sequence[int]] = None,
-              overlap: bool = False, window: Optional[int] = None) -> Recommendation:
+              overlap: bool = False, cost: Any = None, window: Optional[int] = None) -> Recommendation:
     """The fastest CP scheme for one ``kind`` layer: every candidate of :func:`candidates`
     (allgather / LASP-2, ring, ulysses, usp at every valid Ulysses degree, which with
     ``U = gpus_per_node`` is the hierarchical layout: Ulysses inside a node x ring or LASP-2
@@ -293,7 +297,7 @@ def recommend(kind: str, *, world: int, seq_len: int, heads: int, kv_heads: int,
     cands = [predict(kind, s, world=world, seq_len=seq_len, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                      v_head_dim=v_head_dim, batch=batch, dtype=dtype, balance=balance, layout=layout,
                      ulysses_degree=u, moh_active=moh_active, topology=topology, peak_tflops=peak_tflops,
-                     cu_seqlens=cu_seqlens, window=window)
+                     cu_seqlens=cu_seqlens, cost=cost, window=window)
              for s, u in candidates(kind, world, heads, kv_heads, ulysses_degrees)]
     cands.sort(key=lambda c: (c.predicted(overlap), c.bytes, _ORDER.index(c.scheme), c.ulysses_degree or 0))
     return Recommendation(kind, cands[0].scheme, cands[0].ulysses_degree, tuple(cands), overlap)
@@ -322,16 +326,19 @@ class SchemePlan:
 
 
 def choose_schemes(layers: Mapping[str, int], *, world: int, layouts: Optional[Mapping[str, Any]] = None,
-                   **kw: Any) -> SchemePlan:
+                   softmax_window: Optional[int] = None, **kw: Any) -> SchemePlan:
     """Schemes for a whole model: per kind of ``layers`` (``{kind: number of layers}``) the fastest
     candidate, with *one* Ulysses degree shared by every kind that runs usp (a model has one USP
     degree: ``usp_ulysses_degree``). Every degree is tried; the plan with the least summed time
     (layers x predicted time) wins (ties: no usp, then the smaller degree). ``layouts`` maps
-    ``"s2"`` to its layout; ``kw`` as :func:`recommend` (``layout`` is taken from ``layouts``)."""
+    ``"s2"`` to its layout, ``softmax_window`` is the softmax layers' sliding window; ``kw`` as
+    :func:`recommend` (``layout`` and ``window`` are taken from these two; with ``balance="cost"``,
+    ``cost`` is the whole model's ``cp.CostModel``)."""
     if not layers or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in layers.values()):
         raise ValueError(f"layers must map attention kinds to layer counts >= 0, got {dict(layers)!r}")
     layers = {k: n for k, n in layers.items() if n}
-    per = {k: recommend(k, world=world, layout=(layouts or {}).get(k), **kw) for k in sorted(layers)}
+    per = {k: recommend(k, world=world, layout=(layouts or {}).get(k),
+                        window=softmax_window if k == "softmax" else None, **kw) for k in sorted(layers)}
     degrees = sorted({c.ulysses_degree for r in per.values() for c in r.candidates if c.scheme == "usp"})
     best: Optional[tuple[float, int, dict[str, str]]] = None
     for u in [1] + degrees:

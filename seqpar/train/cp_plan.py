@@ -10,8 +10,9 @@ rank and the predicted time per layer (and every candidate when ``auto`` chose).
 
 The model's inputs from the recipe (docs/cp.md "Automatic schemes" lists every assumption): one
 row of ``data.seq_len`` tokens as one document (the worst case of causal work), heads per TP rank,
-``model.dtype``'s element size, zigzag placement, the S2 layout and MoH's active heads of the
-model, ``train.peak_tflops`` (else an H100 SXM's dense peak for the model's math mode,
+``model.dtype``'s element size, the placement of ``parallel.cp_balance`` (zigzag, or the cost
+balancer's partition of the whole model), the S2 layout, the softmax layers' sliding window and MoH's
+active heads of the model, ``train.peak_tflops`` (else an H100 SXM's dense peak for the model's math mode,
 ``seqpar.kernels.flops.PEAK_TFLOPS``: bf16 989.4) and the ``parallel`` topology fields.
 """
 
@@ -35,7 +36,7 @@ class AutoChoice:
 
 
 def model_inputs(cfg: Any) -> tuple[dict[str, int], dict[str, Any]]:
-    """``({kind: layers}, keyword arguments of seqpar.cp.recommend)`` of a recipe (any schemes)."""
+    """``({kind: layers}, keyword arguments of seqpar.cp.choose_schemes)`` of a recipe (any schemes)."""
     from seqpar.cp import Topology
     from seqpar.megatron.config import s2_layout
     from seqpar.kernels.flops import PEAK_TFLOPS, math_mode
@@ -52,8 +53,11 @@ def model_inputs(cfg: Any) -> tuple[dict[str, int], dict[str, Any]]:
                                 inter_node_gbytes_per_s=par.inter_node_gbytes_per_s, tensor_parallel=tp),
               peak_tflops=cfg.train.peak_tflops or dict(PEAK_TFLOPS)["H100"][math_mode(m.dtype)],
               overlap=par.cp_auto_overlap)
-    layout = s2_layout(m)
-    return layers, {**kw, "layouts": {"s2": layout}}
+    if par.cp_balance == "cost":  # the partition every layer shares is balanced on the whole model
+        from seqpar.train.runtime import cost_model
+
+        kw.update(balance="cost", cost=cost_model(cfg))
+    return layers, {**kw, "layouts": {"s2": s2_layout(m)}, "softmax_window": m.softmax_window}
 
 
 def resolve_auto(cfg: Any) -> AutoChoice:
@@ -98,7 +102,7 @@ def report(cfg: Any, auto: Optional[AutoChoice] = None) -> Optional[dict[str, An
     if par.context_parallel == 1:
         return None
     layers, kw = model_inputs(cfg)
-    layouts, overlap = kw.pop("layouts"), kw.pop("overlap")
+    layouts, overlap, window = kw.pop("layouts"), kw.pop("overlap"), kw.pop("softmax_window")
     plan = auto.plan if auto is not None else None
     kinds = {}
     for kind, n in sorted(layers.items()):
@@ -107,7 +111,8 @@ def report(cfg: Any, auto: Optional[AutoChoice] = None) -> Optional[dict[str, An
         if plan is not None:
             chosen, cands = plan.chosen(kind), [_row(c) for c in plan.per_kind[kind].candidates]
         else:
-            chosen, cands = predict(kind, scheme, ulysses_degree=u, layout=layouts.get(kind), **kw), None
+            chosen, cands = predict(kind, scheme, ulysses_degree=u, layout=layouts.get(kind),
+                                    window=window if kind == "softmax" else None, **kw), None
         kinds[kind] = {"layers": n, **_row(chosen), **({"candidates": cands} if cands is not None else {})}
     return {"auto": plan is not None, "ranked_by": "time_ms" if overlap else "time_no_overlap_ms",
             "context_parallel": par.context_parallel, "usp_ulysses_degree": par.usp_ulysses_degree,

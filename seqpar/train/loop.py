@@ -102,6 +102,29 @@ class AttentionTimer:
                 "attention_imbalance": max(ms) / mean if mean else 1.0}
 
 
+def worst_over_dp(scalars: dict[str, Optional[float]], device: torch.device) -> dict[str, Optional[float]]:
+    """The CP balance scalars of this DP replica (``cp/*``: ``modelled_imbalance`` and the measured
+    ``attention_fwd_ms_max`` / ``_mean`` / ``attention_imbalance``) over every DP replica: one
+    all-gather of four floats over the DP group (every DP rank must call it; unchanged without DP).
+    Each replica places its own documents, and the step waits for the slowest: the maxima and the
+    imbalances are the worst replica's, ``attention_fwd_ms_mean`` the mean over replicas. A None
+    (not measured here) stays None."""
+    if parallel_state.get_data_parallel_world_size() == 1:
+        return dict(scalars)
+    keys = ("modelled_imbalance", "attention_fwd_ms_max", "attention_fwd_ms_mean", "attention_imbalance")
+    mine = torch.tensor([math.nan if scalars.get(k) is None else float(scalars[k]) for k in keys],
+                        dtype=torch.float64, device=device)
+    group = parallel_state.get_data_parallel_group()
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    cols = torch.stack(every).t().tolist()  # [key][replica]
+    out = dict(scalars)
+    for k, vals in zip(keys, cols):
+        if k in scalars and scalars[k] is not None:
+            out[k] = sum(vals) / len(vals) if k == "attention_fwd_ms_mean" else max(vals)
+    return out
+
+
 def _rng_state() -> dict[str, Any]:
     return {"cpu": torch.get_rng_state(), "tracker": tp_random.get_cuda_rng_tracker().get_states(),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
@@ -183,13 +206,16 @@ class Logger:
         engine reports none, ``skipped`` where steps are never skipped) is not logged. ``perf``: the
         step's ``perf/*`` scalars (``seqpar.train.perf.Throughput.step``), also on the progress line.
         Under CP: ``cp/modelled_imbalance`` (``res.cp_imbalance``) and, with ``timer``, the measured
-        ``cp/attention_*`` spread over the CP ranks (:meth:`AttentionTimer.cp_spread`, a collective:
-        every rank calls ``log`` for every step)."""
+        ``cp/attention_*`` spread over the CP ranks (:meth:`AttentionTimer.cp_spread`), both the worst
+        DP replica's (:func:`worst_over_dp`); collectives: every rank calls ``log`` for every step."""
         perf = perf or {}
         due = (step + 1) % self.cfg.train.log_every == 0
         times = timer.pop() if timer is not None and due else {}
         # every CP rank joins the measured spread's gather (a logged step, with train.time_attention)
         spread = AttentionTimer.cp_spread(times, self.device) if timer is not None and due else {}
+        # ... and every DP rank the worst replica's (each places its own documents)
+        cp_scalars = (worst_over_dp({"modelled_imbalance": res.cp_imbalance, **spread}, self.device)
+                      if due and (res.cp_imbalance is not None or spread) else {})
         if self.writer is not None and due:
             for k, v in perf.items():
                 self.writer.add_scalar(f"perf/{k}", v, step + 1)
@@ -199,7 +225,6 @@ class Logger:
                     self.writer.add_scalar(f"train/{k}", v, step + 1)
             for kind, sec in times.items():
                 self.writer.add_scalar(f"attention_fwd_ms/{kind}", 1e3 * sec, step + 1)
-            cp_scalars = {"modelled_imbalance": res.cp_imbalance, **spread}
             for k, v in cp_scalars.items():
                 if v is not None:
                     self.writer.add_scalar(f"cp/{k}", v, step + 1)
