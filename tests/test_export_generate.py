@@ -48,6 +48,12 @@ def test_greedy_with_cache_equals_without(pattern, window):
     with_cache = _greedy(model, ids, new=60)  # 71 tokens: 5 S2 blocks, so the S2 cache evicts
     without = _greedy(model, ids, new=60, use_cache=False)
     assert torch.equal(with_cache.sequences, without.sequences)
+    if window is not None:  # the A layer's cache keeps window - 1 tokens, and the window changes the function
+        assert with_cache.past_key_values.layers[0].keys.shape[2] == window - 1
+        full = _model(pattern, softmax_window=None)
+        with torch.no_grad():
+            seq = with_cache.sequences
+            assert (model(seq).logits - full(seq).logits).abs().max() > 1e-3
     assert len(set(with_cache.sequences[0, 11:].tolist())) > 3  # not a degenerate constant output
 
 

@@ -18,7 +18,8 @@ Attention kinds (``config.layer_pattern``, one letter per layer):
   (shared heads always on, top-k routed heads).
 
 Caches (transformers ``Cache`` API; pass any ``DynamicCache``, or let ``generate`` make one): softmax
-and MoH layers keep K/V (``DynamicLayer``); a Lightning layer keeps only its recurrent state
+and MoH layers keep K/V (``DynamicLayer``; a windowed softmax layer only its last ``W - 1`` tokens,
+``DynamicSlidingWindowLayer``); a Lightning layer keeps only its recurrent state
 ``[batch, heads, dk, dv]`` (``LightningStateLayer``: memory constant in the generated length); an S2
 layer keeps, per kv head, only the tokens whose block that head can still read — the local window
 plus the head's stride columns (``S2BlockCacheLayer``). These layers take the place of the
