@@ -16,10 +16,11 @@ the machinery of the S2 exchange; backward: the reverse all-to-all of dK/dV). Co
 halo rows ``x b · H_kv · (d + dv) · e`` forward (1 call), the rows other ranks read from it
 backward (1 call); :func:`halo_rows` gives the exact ``[receiver][sender]`` counts that
 ``cp.scheme_cost`` and the ledger share. When the halo saves nothing on the busiest rank (the
-window covers the documents: e.g. ``w >= N`` under zigzag or contiguous, where rank 0 resp. the
-last rank reads every other row) the plain all-gather runs instead (one collective, the same
-bytes or fewer): :func:`uses_halo`. Either way compute is O(piece x w) and keys outside every
-window get exact zero gradients.
+window covers the documents: e.g. ``w >= N`` without padding slots under zigzag or contiguous,
+where rank 0 resp. the last rank reads every other row) the plain all-gather runs instead (one
+collective, the same bytes or fewer): :func:`uses_halo`; when no rank reads another's rows
+(``w = 1``, documents ending at the rank cuts) nothing runs at all. Either way compute is
+O(piece x w) and keys outside every window get exact zero gradients.
 """
 
 from __future__ import annotations
