@@ -24,6 +24,8 @@ from tolerance import GRAD_FACTOR, assert_rel_close
 LAYOUT = S2Layout(block_size=16, local_blocks=2, vert_stride=2)
 # two dense kv heads and a stride: the contiguous Ulysses split puts both dense heads on the last rank
 PLACED = S2Layout(block_size=16, local_blocks=1, vert_stride=4, num_dense_heads=2)
+# balance="stride" at P = 2 and 4 (P | vert_stride: each sparse kv head's columns on one rank), a dense head
+STRIDE = S2Layout(block_size=16, local_blocks=2, vert_stride=4, num_dense_heads=1)
 
 
 def _case(name: str, kind: str, scheme: str, balance: str, world: int, *, b: int, n: int, h: int, hkv: int,
@@ -64,9 +66,16 @@ def _case(name: str, kind: str, scheme: str, balance: str, world: int, *, b: int
         kw["window"] = extra["window"]
     if "ulysses_degree" in extra:
         kw["ulysses_degree"] = extra["ulysses_degree"]
-    # balance="cost": the partition is built from the model's cost model and passed as partition=
+    # balance="cost": the partition is built from the model's cost model and passed as partition=;
+    # balance="stride": kind s2 takes the block from its layout, other kinds get partition=
+    block = (kw["layout"].block_size if kind == "s2" else extra["block_size"]) if balance == "stride" else None
     return {"name": name, "kind": kind, "scheme": scheme, "balance": balance, "dtype": dtype,
-            "tensors": t, "kw": kw, "cost": extra.get("cost")}
+            "tensors": t, "kw": kw, "cost": extra.get("cost"), "block_size": block}
+
+
+def _as_partition(c: dict) -> bool:
+    """The case passes its partition object (cost model, or a stride partition of a kind without blocks)."""
+    return c.get("cost") is not None or (c.get("block_size") is not None and c["kind"] != "s2")
 
 
 def _cases(world: int) -> list[dict]:
@@ -184,6 +193,23 @@ def _cases(world: int) -> list[dict]:
               window=7, seed=64),
         _case("softmax-usp-win", "softmax", "usp", "zigzag", p, b=1, n=2 * p * 5 + 3, h=4, hkv=1, d=16,
               window=5, seed=65, ulysses_degree=2),
+        # balance="stride": S2 blocks round robin (block b on rank b mod P), odd lengths (a partial last
+        # block, a rank holding a block more), GQA, a dense head; other kinds on the same kind of
+        # partition (partition=, block_size given)
+        _case("s2-ag-stride-dense", "s2", "allgather", "stride", p, b=2, n=3 * p * 16 + 5, h=6, hkv=3, d=16,
+              seed=70, layout=STRIDE),
+        _case("s2-ring-stride-gqa", "s2", "ring", "stride", p, b=1, n=2 * p * 16 + 7, h=4, hkv=2, d=16, seed=71,
+              layout=STRIDE),
+        _case("s2-uly-stride", "s2", "ulysses", "stride", p, b=1, n=2 * p * 16 + 3, h=4, hkv=4, d=16, seed=72,
+              layout=STRIDE),
+        _case("s2-usp-stride-gqa", "s2", "usp", "stride", p, b=1, n=2 * p * 16 + 9, h=4, hkv=2, d=16, seed=73,
+              layout=STRIDE, ulysses_degree=2),
+        _case("softmax-ring-stride", "softmax", "ring", "stride", p, b=1, n=5 * p * 4 + 1, h=3, hkv=1, d=16,
+              seed=74, block_size=4),
+        _case("lightning-lasp2-stride", "lightning", "allgather", "stride", p, b=2, n=5 * p * 4 + 2, h=2, hkv=2,
+              d=16, with_state=True, seed=75, block_size=4),
+        _case("moh-ag-stride", "moh", "allgather", "stride", p, b=1, n=5 * p * 4 + 3, h=4, hkv=2, d=16, seed=76,
+              block_size=4),
     ]
 
 
@@ -193,7 +219,7 @@ GRADS = ("q", "k", "v", "gates", "initial_state")
 
 def _partition(c: dict, world: int) -> cp.Partition:
     return cp.make_partition(c["tensors"]["q"].shape[1], (0, world), balance=c["balance"],
-                             cu_seqlens=c["kw"].get("cu_seqlens"), cost=c.get("cost"))
+                             cu_seqlens=c["kw"].get("cu_seqlens"), cost=c.get("cost"), block_size=c.get("block_size"))
 
 
 def _cp_job(rank: int, world: int, cases: list[dict]) -> dict:
@@ -205,7 +231,7 @@ def _cp_job(rank: int, world: int, cases: list[dict]) -> dict:
                for name, x in t.items() if name in SHARDED}
         leaves = {n: loc[n].requires_grad_() for n in ("q", "k", "v")}
         kw = dict(c["kw"])
-        if c.get("cost") is not None:  # a cost-balanced partition travels as the object itself
+        if _as_partition(c):  # a cost-balanced (or non-S2 stride) partition travels as the object itself
             kw = {n: x for n, x in kw.items() if n not in ("cu_seqlens", "seq_len")}
             kw["partition"], bal = part, None
         if "gates" in loc:
@@ -311,7 +337,7 @@ def _check_case(c: dict, per_rank: list[dict], world: int) -> None:
                    world=world, seq_len=n, batch=b, heads=h, kv_heads=t["k"].shape[2], head_dim=d,
                    v_head_dim=t["v"].shape[-1], dtype=c["dtype"], balance=bal, gates_dtype=torch.float32,
                    output_final_state=bool(c["kw"].get("output_final_state")),
-                   **({"partition": part} if c.get("cost") is not None else {"cu_seqlens": cu}),
+                   **({"partition": part} if _as_partition(c) else {"cu_seqlens": cu}),
                    layout=c["kw"].get("layout"), ulysses_degree=c["kw"].get("ulysses_degree"),
                    causal=c["kw"].get("causal", True), window=c["kw"].get("window"))
     for rank, r in enumerate(per_rank):

@@ -97,3 +97,94 @@ def test_head_placement_option_is_validated(scheme, value, match):
         cp.attention(q, k, k, kind="s2", scheme=scheme, group=(0, 2), layout=PLACED, head_placement=value)
     with pytest.raises(ValueError, match="unexpected keyword"):
         cp.attention(q, k, k, kind="softmax", scheme="ulysses", group=(0, 2), head_placement="balanced")
+
+
+# ---- key-block ownership by stride residue (balance="stride") ------------------------------------
+STRIDE8 = S2Layout(block_size=16, local_blocks=3, vert_stride=8, num_dense_heads=1)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_stride_ownership_puts_each_heads_columns_on_one_rank(world):
+    """Whole blocks round robin inside every document (continuing across documents), so with
+    P | vert_stride every sparse kv head's stride columns of a document sit on one rank."""
+    docs = [100, 37, 260, 16]
+    lay = STRIDE8.with_heads(8)
+    part = cp.make_partition(sum(docs), (0, world), balance="stride", block_size=16,
+                             cu_seqlens=[0, *torch.tensor(docs).cumsum(0).tolist()])
+    owner: dict[tuple[int, int], int] = {}
+    for r, ps in enumerate(part.pieces):
+        for p in ps:
+            assert p.pos % 16 == 0 and (p.length == 16 or p.end == docs[p.doc]), p  # whole blocks
+            owner[(p.doc, p.pos // 16)] = r
+    first = 0
+    for d, n in enumerate(docs):
+        nb = -(-n // 16)
+        assert [owner[(d, j)] for j in range(nb)] == [(first + j) % world for j in range(nb)]
+        first += nb
+        column = lay.kv_block_mask(4, torch.tensor([nb + 8]), torch.arange(nb))[:, 0, :]
+        for g in range(3):  # the sparse kv heads
+            assert len({owner[(d, j)] for j in column[g].nonzero().flatten().tolist()}) <= 1
+    blocks = [len(ps) for ps in part.pieces]  # the round robin: block counts differ by at most one
+    assert max(blocks) - min(blocks) <= 1 and sum(blocks) == first
+
+
+def _closed_form_rows(world: int, nb: int, bs: int, band: int, residues: list, dense: int, r: int) -> int:
+    """docs/cp.md's count for one sequence of ``nb = m·P`` whole blocks: rank r's query blocks are
+    ``i ≡ r (mod P)``, the last one ``r + (m-1)P``; of the remote blocks before it (``j mod P != r``)
+    it receives, per sparse kv head, those whose distance ``(r - j) mod P`` to the next query block
+    is within the window (``< local_blocks``) and the stride columns of the head when its column
+    residue's owner is no such rank; a dense head, every remote block."""
+    last = r + (nb // world - 1) * world
+    near = {(r - k) % world for k in range(1, band)} - {r}
+    remote = [j for j in range(last) if j % world != r]
+    window = sum(1 for j in remote if j % world in near)
+    rows = 0
+    for a in residues:  # column residue mod vert_stride of each sparse kv head
+        rows += window + sum(1 for j in remote if j % STRIDE8.vert_stride == a and j % world not in near)
+    return (rows + dense * len(remote)) * bs
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_stride_exchange_rows_follow_the_closed_form_and_exceed_zigzag(world):
+    """The exchange's exact per-rank rows under stride ownership equal the closed form of docs/cp.md,
+    every rank receives about the same, and the busiest rank receives more than under zigzag (the
+    window halo of every query block is remote): the honest finding of the bench."""
+    from seqpar.cp.s2_exchange import exchange_rows
+
+    nb, hkv = 8 * world, 4
+    lay = STRIDE8.with_heads(8)
+    stride = cp.make_partition(nb * 16, (0, world), balance="stride", block_size=16)
+    rows = [sum(x) for x in exchange_rows(stride, lay, hkv)]
+    column = lay.kv_block_mask(hkv, torch.tensor([nb + 8]), torch.arange(8))[:, 0, :]
+    residues = [int(column[g].nonzero()[0]) for g in range(hkv - 1)]
+    assert rows == [_closed_form_rows(world, nb, 16, 3, residues, 1, r) for r in range(world)]
+    zigzag = [sum(x) for x in exchange_rows(cp.make_partition(nb * 16, (0, world)), lay, hkv)]
+    assert max(rows) > max(zigzag)
+    # cp.predict (parallel.cp_schemes: auto's model) prices the placement from the layout's block too
+    shape = dict(world=world, seq_len=nb * 16, heads=8, kv_heads=hkv, head_dim=16, layout=STRIDE8)
+    assert cp.predict("s2", "allgather", balance="stride", **shape).bytes > cp.predict("s2", "allgather", **shape).bytes
+
+
+def test_stride_balance_needs_its_block_size_and_names_it():
+    with pytest.raises(ValueError, match="block_size"):
+        cp.make_partition(40, (0, 2), balance="stride")
+    with pytest.raises(ValueError, match="block_size= is the block of balance='stride'"):
+        cp.make_partition(40, (0, 2), block_size=16)
+    with pytest.raises(ValueError, match="block_size must be a positive int"):
+        cp.make_partition(40, (0, 2), balance="stride", block_size=0)
+    # 33 tokens in blocks of 16: rank 0 holds blocks 0 and 2 (17 tokens), more than ceil(33 / 2)
+    part = cp.make_partition(33, (0, 2), balance="stride", block_size=16)
+    assert part.local_len == 17 and part.pad_per_rank == (0, 1)
+    x = torch.arange(33.0)[None, :]
+    assert torch.equal(cp.shard(x, (0, 2), balance="stride", block_size=16), torch.cat([x[:, :16], x[:, 32:]], 1))
+    assert torch.equal(cp.shard(x, (1, 2), balance="stride", block_size=16), torch.cat([x[:, 16:32], x[:, :1] * 0], 1))
+    with pytest.raises(ValueError, match=r"at least 17 \(balance='stride'"):
+        cp.make_partition(33, (0, 2), balance="stride", block_size=16, local_len=16)
+    # a kind without blocks cannot take the block from a layout: partition= or an error naming it
+    q = torch.zeros(1, 20, 2, 16)
+    with pytest.raises(ValueError, match="block_size"):
+        cp.attention(q, q, q, kind="softmax", group=(0, 2), balance="stride")
+    # kind='s2' takes the block from its layout: 34 tokens in blocks of 16 put 18 on rank 0 (> 17)
+    with pytest.raises(ValueError, match=r"at least 18 \(balance='stride'"):
+        cp.attention(q[:, :17], q[:, :17], q[:, :17], kind="s2", group=(0, 2), balance="stride", seq_len=34,
+                     layout=STRIDE8)

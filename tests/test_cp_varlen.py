@@ -20,6 +20,7 @@ from test_cp_cost import DOCS as COST_DOCS
 from test_cp_cost import cost_cases
 
 S2 = S2Layout(block_size=16, local_blocks=2, vert_stride=3, num_dense_heads=1)
+S2_STRIDE = S2Layout(block_size=16, local_blocks=2, vert_stride=4, num_dense_heads=1)  # P | vert_stride
 
 
 def _docs(world: int) -> list[int]:
@@ -100,6 +101,23 @@ def _cases(world: int) -> list[dict]:
     out.append(_case("cost-softmax-allgather-win", "softmax", "allgather", "cost", p, b=1, n=sum(COST_DOCS[p]), h=4,
                      hkv=2, d=16, doc_lens=COST_DOCS[p], window=4, seed=142,
                      cost=cp.CostModel(layers={"softmax": 1, "lightning": 1}, softmax_window=4)))
+    # balance="stride" with documents: blocks restart in every document (the round robin continues
+    # across them); S2 takes the block from its layout, the others get the partition
+    out += [
+        _case("v-s2-ag-stride-docs", "s2", "allgather", "stride", p, b=1, n=sum(s2_docs), h=4, hkv=2, d=16,
+              doc_lens=s2_docs, layout=S2_STRIDE, seed=150),
+        _case("v-s2-ring-stride-docs", "s2", "ring", "stride", p, b=1, n=sum(s2_docs), h=4, hkv=2, d=16,
+              doc_lens=s2_docs, layout=S2_STRIDE, seed=151),
+        _case("v-s2-usp-stride-docs", "s2", "usp", "stride", p, b=1, n=sum(s2_docs), h=4, hkv=2, d=16,
+              doc_lens=s2_docs, layout=S2_STRIDE, seed=152, **uly),
+        _case("v-lightning-ring-stride-docs", "lightning", "ring", "stride", p, b=1, n=n, h=2, hkv=2, d=16,
+              doc_lens=docs, with_state=True, block_size=2, seed=153),
+        _case("v-softmax-uly-stride-docs", "softmax", "ulysses", "stride", p, b=1, n=n, h=4, hkv=2, d=16,
+              doc_lens=docs, block_size=2, seed=154),
+        # allgather's window halo on the round robin of blocks (every block's halo is another rank's)
+        _case("v-softmax-ag-stride-win-docs", "softmax", "allgather", "stride", p, b=1, n=n, h=4, hkv=2, d=16,
+              doc_lens=docs, block_size=2, window=3, seed=155),
+    ]
     only_p2 = ("-odd",)
     out = [c for c in out if world == 2 or not any(tag in c["name"] for tag in only_p2)]
     return out + cost_cases(world)  # the joint cost balancer's partition (tests/test_cp_cost.py)
@@ -146,6 +164,38 @@ def _custom_balancer_job(rank: int, world: int) -> list[str]:
         ref = refs["softmax-win" if kw.get("window") else kind]
         if not torch.allclose(o, part.shard(ref, rank), rtol=1e-5, atol=1e-6):
             bad.append(f"{kind} x {scheme}{' window' if kw.get('window') else ''}")
+    return bad + _stride_padded_docs(rank)
+
+
+def _stride_padded_docs(rank: int) -> list[str]:
+    """balance="stride" on Megatron's padded documents (cu_seqlens padded, cu_seqlens_unpadded real):
+    the pads fill the ranks with fewer real blocks; outputs at real tokens equal the op on the real
+    tokens alone, pads output 0 and pass no gradient to k / v."""
+    from seqpar.kernels import flash_attention, s2_attention
+
+    real, padded = [0, 37, 40, 75], [0, 48, 56, 96]  # documents of 37, 3 and 35 real tokens
+    cu, cu_real = (torch.tensor(c, dtype=torch.int32) for c in (padded, real))
+    keep = torch.cat([torch.arange(a, a + n) for a, n in zip(padded[:-1], [37, 3, 35])])
+    g = torch.Generator().manual_seed(11)
+    full = [torch.randn(1, 96, 2, 16, generator=g) for _ in range(3)]
+    layout = S2Layout(block_size=16, local_blocks=1, vert_stride=2)
+    part = cp.make_partition(96, (rank, 2), balance="stride", block_size=16, cu_seqlens=cu, cu_seqlens_unpadded=cu_real)
+    dense = [t[:, keep] for t in full]
+    refs = {"s2": s2_attention(*dense, layout, cu_seqlens=cu_real, backend="torch"),
+            "softmax": flash_attention(*dense, cu_seqlens=cu_real, backend="torch"),
+            "softmax-win": flash_attention(*dense, cu_seqlens=cu_real, window=6, backend="torch")}
+    bad = []
+    for kind, scheme in (("s2", "allgather"), ("s2", "ring"), ("softmax", "ulysses"), ("softmax-win", "allgather")):
+        q, k, v = (part.shard(t, rank).requires_grad_() for t in full)
+        kw = {"layout": layout} if kind == "s2" else {"window": 6} if kind == "softmax-win" else {}
+        o = cp.attention(q, k, v, kind=kind.split("-")[0], scheme=scheme, partition=part, backend="torch", **kw)
+        want = torch.zeros(1, 96, 2, 16)
+        want[:, keep] = refs[kind]
+        valid = part.valid(rank)
+        o.sum().backward()
+        if not (torch.allclose(o, part.shard(want, rank), rtol=1e-5, atol=1e-6) and not o[:, ~valid].any()
+                and not q.grad[:, ~valid].any()):
+            bad.append(f"stride padded docs: {kind} x {scheme}")
     return bad
 
 

@@ -319,6 +319,50 @@ def head_placement_table() -> list[dict]:
     return rows
 
 
+def stride_table(world: int = 8, n: int = 1 << 17) -> list[dict]:
+    """Key-block ownership by stride residue (``balance="stride"``: S2 block b of a document on rank
+    b mod P) vs zigzag, under the all-gather exchange (token-sharded queries): bytes of the busiest
+    rank and the mean (fwd + bwd), the exchanged rows as a share of a plain K/V all-gather, S2 tiles
+    per rank (max, max / mean) and slots per rank. Layouts: the model's (local 4), with 2 dense kv
+    heads, and local 1 (no window halo). The last row per layout and documents is a *model*, not
+    built: queries sharded by head too (rank r computes the heads whose columns it owns, for every
+    query) moves q and o like Ulysses and, since every key block is the diagonal block of a query
+    block, its heads' whole K/V too: exactly Ulysses' all-to-alls (``cp.scheme_cost(scheme=
+    "ulysses")``)."""
+    from dataclasses import replace
+
+    from seqpar.cp.s2_exchange import exchange_rows
+
+    shape = dict(heads=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16)
+    row_b = (shape["head_dim"] * 2) * 2  # one (kv head, token) row of K and V, bf16
+    rows = []
+    layouts = (("local 4", MODEL_LAYOUT), ("local 4 + 2 dense heads", replace(MODEL_LAYOUT, num_dense_heads=2)),
+               ("local 1", replace(MODEL_LAYOUT, local_blocks=1)))
+    for lname, layout in layouts:
+        lay = layout.with_heads(shape["heads"])
+        for dname, lens in (("one sequence", None), ("mixed docs", _mixed_docs(n))):
+            cu = None if lens is None else [0, *torch.tensor(lens).cumsum(0).tolist()]
+            for balance in ("zigzag", "stride"):
+                part = cp.make_partition(n, (0, world), balance=balance, cu_seqlens=cu,
+                                         block_size=layout.block_size if balance == "stride" else None)
+                counts = exchange_rows(part, lay, shape["kv_heads"])
+                per = [(sum(counts[r]) + sum(counts[q][r] for q in range(world))) * row_b for r in range(world)]
+                tiles = _exchange_blocks(part, lay, shape["heads"], shape["kv_heads"])
+                rows.append({"layout": lname, "documents": dname, "ownership": balance,
+                             "MB busiest": max(per) / 1e6, "MB mean": sum(per) / world / 1e6,
+                             "share of all-gather": round(max(sum(c) for c in counts)
+                                                          / ((world - 1) * part.local_len * shape["kv_heads"]), 3),
+                             "tiles max": max(tiles), "tiles max/mean": round(max(tiles) * world / sum(tiles), 3),
+                             "slots per rank": part.local_len})
+            uly = cp.scheme_cost("s2", "ulysses", world=world, seq_len=n, cu_seqlens=cu, layout=layout, **shape)
+            fwd, bwd, _ = _bytes(uly)
+            mb = (fwd + bwd) / 1e6
+            rows.append({"layout": lname, "documents": dname, "ownership": "stride + head-sharded queries (model)",
+                         "MB busiest": mb, "MB mean": mb, "share of all-gather": "", "tiles max": "",
+                         "tiles max/mean": "", "slots per rank": -(-n // world)})
+    return rows
+
+
 def _steps(cost: dict, p: int) -> int:
     """Message steps on the critical path: 1 per point-to-point call, P - 1 per collective (ring algorithm)."""
     return sum(r["calls"] * (1 if op == "send_recv" else p - 1) for side in cost.values() for op, r in side.items())
@@ -468,6 +512,10 @@ def cp_suite(ctx: Context) -> SuiteResult:
         res.tables["S2 head placement under ulysses vs the all-gather exchange: S2 tiles per rank and bytes of the "
                    "busiest rank (P = 4, 128K tokens, 32 heads, 8 kv heads, d 128, bf16; s2 block 64, local 4, "
                    "vert_stride 8)"] = head_placement_table()
+        res.tables["stride ownership (balance='stride': S2 block b on rank b mod P) vs zigzag under the all-gather "
+                   "exchange: bytes (busiest rank, mean; fwd + bwd), rows as a share of a K/V all-gather, S2 tiles per "
+                   "rank, slots per rank (P = 8, 128K tokens, 32 heads, 8 kv heads, d 128, bf16; s2 block 64, "
+                   "vert_stride 8)"] = stride_table()
     rates = _compute_rates(ctx, res)
     res.tables["measured compute rate (fwd+bwd FLOPs the mask needs / s) per kind on this device"] = [
         {"kind": k, "TFLOP/s": v / 1e12} for k, v in rates.items()]

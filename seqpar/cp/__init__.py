@@ -8,7 +8,8 @@ outputs and gradients, for sequences of any length and packed documents of any l
 (``cu_seqlens``) under every kind x scheme. The placement is resolved once into a
 :class:`Partition` (pieces of real tokens per rank, documents, padding; ``cp.BALANCERS`` produce
 it) that every strategy receives; ``balance="cost"`` (:class:`CostModel`, ``seqpar/cp/cost.py``)
-balances a hybrid model's modelled work over packed documents. Bytes each rank *receives* per layer (N global tokens, L =
+balances a hybrid model's modelled work over packed documents; ``balance="stride"`` (``block_size=``)
+deals S2 blocks round robin (exact everywhere, but it moves more than zigzag: docs/cp.md). Bytes each rank *receives* per layer (N global tokens, L =
 ceil(N/P) local slots, P ranks, e bytes/element, batch b; ``cp.scheme_cost`` returns them exactly,
 per rank, and ``cp.comm_ledger`` measures them):
 

@@ -87,7 +87,14 @@ def _partition(b: int, s: int, world: int, balance: Optional[str], seq_len: Opti
         raise ValueError(f"the global length {n} does not fit {world} ranks x {s} local tokens (q.shape[1]); "
                          f"shard with cp.shard / cp.partition, which give ceil({n} / {world}) = "
                          f"{-(-n // world)} per rank")
-    return resolve(world, n, balance=balance, local_len=s, cu_seqlens=cu, cu_seqlens_unpadded=real)
+    return resolve(world, n, balance=balance, local_len=s, cu_seqlens=cu, cu_seqlens_unpadded=real,
+                   block_size=_stride_block(balance, kw.get("layout")))
+
+
+def _stride_block(balance: str, layout: Any) -> Optional[int]:
+    """``balance="stride"`` cuts at S2 blocks: the block size of the call's S2 layout (None otherwise;
+    the partition then names what is missing)."""
+    return getattr(layout, "block_size", None) if balance == "stride" else None
 
 
 def _last(cu: torch.Tensor) -> int:
@@ -188,7 +195,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, s
             pair; lightning "ring" is LASP-1 state passing, lightning "usp" is Ulysses x LASP-2).
         group: the CP process group (None = default group).
         balance: "zigzag" (default; every document cut in 2P chunks, rank r holds chunks r and
-            2P-1-r) or "contiguous"; the joint cost balancer ("cost") needs the whole model's
+            2P-1-r), "contiguous", or for kind="s2" "stride" (S2 blocks of each document round robin,
+            block b on rank b mod P; the block size is the layout's; other kinds take that
+            partition as ``partition=cp.make_partition(..., balance="stride", block_size=...)``);
+            the joint cost balancer ("cost") needs the whole model's
             cost model, so it comes as ``partition=cp.make_partition(..., balance="cost", cost=...)``.
         seq_len: the global length N before padding (default: ``cu_seqlens[-1]``, else ``P · L``).
             Pass it when ``N`` is not a multiple of ``P``, so the padding slots are known.
@@ -349,12 +359,14 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
       LASP-2 (lightning) over the P/U ring group on the merged buffers (heads ``max(H_kv, U) / U``).
 
     Ring, LASP-1 and the S2 exchange differ per rank: pass ``rank`` (default: the busiest rank).
+    ``balance="stride"`` takes its block from ``layout`` (kind s2; other kinds: ``partition=``).
     """
     if (kind, scheme) not in SUPPORTED:
         raise ValueError(f"kind={kind!r} with scheme={scheme!r} is not supported; supported pairs: {_pairs()}")
     p, e = world, _elt(dtype)
     part = partition if partition is not None else resolve(
-        p, seq_len, balance=balance, cu_seqlens=cu_seqlens, cu_seqlens_unpadded=cu_seqlens_unpadded)
+        p, seq_len, balance=balance, cu_seqlens=cu_seqlens, cu_seqlens_unpadded=cu_seqlens_unpadded,
+        block_size=_stride_block(balance, layout))
     if part.world != p:
         raise ValueError(f"the partition is for {part.world} ranks, world={p}")
     n_loc = part.local_len

@@ -179,7 +179,7 @@ def predict(kind: str, scheme: str, *, world: int, seq_len: int, heads: int, kv_
     one partition every layer shares); ``window``: softmax's sliding window (its bytes, FLOPs and
     per-rank work).
     """
-    from seqpar.cp.api import SUPPORTED, scheme_cost
+    from seqpar.cp.api import SUPPORTED, _stride_block, scheme_cost
     from seqpar.cp.cost import CostModel
     from seqpar.cp.partition import resolve
 
@@ -202,7 +202,8 @@ def predict(kind: str, scheme: str, *, world: int, seq_len: int, heads: int, kv_
                          f"divisible by it (or dividing it)")
     if window is not None and kind != "softmax":
         raise ValueError(f"window is the softmax layers' sliding window, got it for kind={kind!r}")
-    part = resolve(p, seq_len, balance=balance, cu_seqlens=cu_seqlens, cost=cost)
+    part = resolve(p, seq_len, balance=balance, cu_seqlens=cu_seqlens, cost=cost,
+                   block_size=_stride_block(balance, layout))
     comm = scheme_cost(kind, scheme, world=p, seq_len=seq_len, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                        v_head_dim=v_head_dim, batch=batch, dtype=dtype, layout=layout, ulysses_degree=ulysses_degree,
                        partition=part, window=window)

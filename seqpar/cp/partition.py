@@ -3,8 +3,9 @@
 A :class:`Partition` is resolved **once** per call signature (``cp.make_partition`` / inside
 ``cp.attention``; cached) and every strategy receives it: the pieces of real tokens each rank
 holds, their documents and positions, the padding. Balancers only produce a different object
-(:data:`BALANCERS`: ``zigzag``, ``contiguous`` and ``cost``, the joint balancer of
-:mod:`seqpar.cp.cost` that equalises a model's modelled work over packed documents).
+(:data:`BALANCERS`: ``zigzag``, ``contiguous``, ``cost``, the joint balancer of
+:mod:`seqpar.cp.cost` that equalises a model's modelled work over packed documents, and
+``stride``, S2 key blocks round robin so each kv head's stride columns sit on one rank).
 
 ``balance="zigzag"`` (Megatron's order): *every document* (the whole sequence without
 ``cu_seqlens``) is cut into ``2P`` chunks and rank r holds chunks ``r`` and ``2P-1-r`` of each,
@@ -402,13 +403,68 @@ def _contiguous(world: int, lens: Sequence[int], local_len: int, **_: Any) -> li
     return runs
 
 
+def stride_counts(world: int, real_lens: Sequence[int], block_size: int) -> list[int]:
+    """Real tokens per rank under ``balance="stride"`` (see :func:`_stride`)."""
+    counts, nxt = [0] * world, 0
+    for n in real_lens:
+        full, tail = divmod(n, block_size)
+        for i in range(full + (tail > 0)):
+            counts[(nxt + i) % world] += block_size if i < full else tail
+        nxt = (nxt + full + (tail > 0)) % world
+    return counts
+
+
+def _stride(world: int, lens: Sequence[int], local_len: int, *, real_lens: Sequence[int],
+            block_size: Optional[int] = None, **_: Any) -> list[list[Run]]:
+    """``balance="stride"``: key-block ownership by stride residue. Block ``b`` (``block_size``
+    tokens, counted inside its document as S2's layout counts them) of a document goes to rank
+    ``(o + b) mod P``; ``o`` continues the round robin where the previous document ended, so short
+    documents do not all start on rank 0. Within a document every rank's blocks are one residue
+    class mod P: with ``P | vert_stride`` each S2 kv head's stride columns sit on one rank. Slots
+    that hold no real token (per-document pads, internal padding) fill the ranks with fewer real
+    tokens, at the end of their buffers."""
+    if block_size is None:
+        raise ValueError(_STRIDE_NEEDS)
+    runs: list[list[Run]] = [[] for _ in range(world)]
+    fill: list[Run] = []
+    start, nxt = 0, 0
+    for d, (n, real) in enumerate(zip(lens, list(real_lens) + [0] * (len(lens) - len(real_lens)))):
+        nblocks = -(-real // block_size)
+        for i in range(nblocks):
+            pos = i * block_size
+            runs[(nxt + i) % world].append((start + pos, min(block_size, real - pos), d, pos))
+        nxt = (nxt + nblocks) % world
+        if n > real:
+            fill.append((start + real, n - real, d, real))
+        start += n
+    i = 0
+    for r in range(world):
+        need = local_len - sum(x[1] for x in runs[r])
+        while need > 0:
+            s, n, d, pos = fill[i]
+            take = min(n, need)
+            runs[r].append((s, take, d, pos))
+            if take < n:
+                fill[i] = (s + take, n - take, d, pos + take)
+            else:
+                i += 1
+            need -= take
+    return runs
+
+
+_STRIDE_NEEDS = ("balance='stride' places blocks of block_size tokens round robin (block b of a document on rank "
+                 "b mod P): pass block_size= (the S2 layout's block_size) to cp.make_partition / cp.shard and "
+                 "partition= to cp.attention; kind='s2' takes it from its layout")
+
+
 #: name -> balancer ``(world, layout lengths of the documents, slots per rank, *, real_lens, cost)
 #: -> runs per rank`` (global start, length, document, position), in local order; every rank's runs
 #: must fill exactly ``local_len`` slots. ``real_lens``: real tokens of each document (a prefix; the
 #: rest is padding), ``cost``: the :class:`~seqpar.cp.cost.CostModel` given to
-#: :func:`make_partition` (None otherwise). A new balancer registers here and every strategy runs on it.
+#: :func:`make_partition` (None otherwise); ``"stride"`` also gets ``block_size`` (the S2 block).
+#: A new balancer registers here and every strategy runs on it.
 BALANCERS: dict[str, Callable[..., list[list[Run]]]] = {
-    "zigzag": _zigzag, "contiguous": _contiguous, "cost": cost_balance,
+    "zigzag": _zigzag, "contiguous": _contiguous, "cost": cost_balance, "stride": _stride,
 }
 BALANCES = tuple(BALANCERS)
 _CHUNKED = ("zigzag", "contiguous")  # balancers with a fixed chunk order (num_chunks / chunk_ids)
@@ -440,31 +496,37 @@ _RESOLVED: dict = {}
 def resolve(world: int, seq_len: int, *, balance: str = "zigzag", local_len: Optional[int] = None,
             cu_seqlens: Union[torch.Tensor, Sequence[int], None] = None,
             cu_seqlens_unpadded: Union[torch.Tensor, Sequence[int], None] = None,
-            cost: Optional[CostModel] = None) -> Partition:
+            cost: Optional[CostModel] = None, block_size: Optional[int] = None) -> Partition:
     """The :class:`Partition` of ``seq_len`` global tokens over ``world`` ranks (cached: the same
     arguments give the same object, with its plans). ``local_len`` defaults to ``ceil(seq_len /
-    world)``; ``cu_seqlens`` (host values are read once per tensor) are the documents,
+    world)`` (``"stride"``: the most real tokens its round robin gives one rank, at least that);
+    ``cu_seqlens`` (host values are read once per tensor) are the documents,
     ``cu_seqlens_unpadded`` their real boundaries when each document is padded at its end
     (Megatron's ``cu_seqlens_q`` next to ``cu_seqlens_q_padded``); ``cost``: the model's
-    :class:`~seqpar.cp.cost.CostModel`, for (and only for) ``balance="cost"``."""
+    :class:`~seqpar.cp.cost.CostModel`, for (and only for) ``balance="cost"``; ``block_size``: the
+    S2 block, for (and only for) ``balance="stride"``."""
     _check_balance(balance)
     if cost is not None and not isinstance(cost, CostModel):
         raise ValueError(f"cost must be a seqpar.cp.CostModel, got {type(cost).__name__}")
     if cost is not None and balance != "cost":
         raise ValueError(f"cost= is the cost model of balance='cost'; got balance={balance!r} (drop cost= or "
                          f"use balance='cost')")
+    if block_size is not None and balance != "stride":
+        raise ValueError(f"block_size= is the block of balance='stride'; got balance={balance!r} (drop block_size= "
+                         f"or use balance='stride')")
+    if balance == "stride" and block_size is None:
+        raise ValueError(_STRIDE_NEEDS)
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"block_size must be a positive int (the S2 layout's block_size), got {block_size!r}")
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
         raise ValueError(f"world must be a positive int, got {world!r}")
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
-    if local_len is None:
-        local_len = -(-seq_len // world)
-    if isinstance(local_len, bool) or not isinstance(local_len, int) or local_len * world < seq_len:
-        raise ValueError(f"{world} ranks x {local_len} local tokens cannot hold seq_len {seq_len}: the local length "
-                         f"must be at least ceil({seq_len} / {world}) = {-(-seq_len // world)}")
+    if local_len is not None and (isinstance(local_len, bool) or not isinstance(local_len, int)):
+        raise ValueError(f"local_len must be an int, got {local_len!r}")
     bounds = _bounds(cu_seqlens, "cu_seqlens")
     real = _bounds(cu_seqlens_unpadded, "cu_seqlens_unpadded")
-    key = (world, seq_len, balance, local_len, bounds, real, cost)
+    key = (world, seq_len, balance, local_len, bounds, real, cost, block_size)
     hit = _RESOLVED.get(key)
     if hit is not None:
         return hit
@@ -482,9 +544,21 @@ def resolve(world: int, seq_len: int, *, balance: str = "zigzag", local_len: Opt
     bad = [i for i, (r_, n) in enumerate(zip(real_lens, layout_lens)) if r_ > n]
     if bad:
         raise ValueError(f"cu_seqlens_unpadded: document(s) {bad} have more real tokens than their padded length")
+    need = -(-seq_len // world)
+    if balance == "stride":  # whole blocks round robin: a rank may hold up to a block more than N / P
+        need = max(need, max(stride_counts(world, real_lens, block_size)))
+    if local_len is None:
+        local_len = need
+    if local_len < need:
+        why = (f"balance='stride' (blocks of {block_size} round robin) puts {need} real tokens on the busiest rank"
+               if balance == "stride" and need * world > seq_len else
+               f"ceil({seq_len} / {world}) = {need}")
+        raise ValueError(f"{world} ranks x {local_len} local tokens cannot hold seq_len {seq_len}: the local length "
+                         f"must be at least {need} ({why}); shard with cp.make_partition(...).shard")
     extended = list(layout_lens)
     extended[-1] += world * local_len - seq_len  # internal padding: the last document's tail
-    runs = BALANCERS[balance](world, extended, local_len, real_lens=real_lens, cost=cost)
+    kw = {"block_size": block_size} if balance == "stride" else {}
+    runs = BALANCERS[balance](world, extended, local_len, real_lens=real_lens, cost=cost, **kw)
     part = Partition.from_runs(world, seq_len, local_len, runs, docs, real_lens, balance=balance,
                                varlen=bounds is not None)
     if len(_RESOLVED) > 128:
@@ -496,11 +570,15 @@ def resolve(world: int, seq_len: int, *, balance: str = "zigzag", local_len: Opt
 def make_partition(seq_len: int, group: GroupLike = None, *, balance: str = "zigzag",
               cu_seqlens: Union[torch.Tensor, Sequence[int], None] = None,
               cu_seqlens_unpadded: Union[torch.Tensor, Sequence[int], None] = None,
-              local_len: Optional[int] = None, cost: Optional[CostModel] = None) -> Partition:
+              local_len: Optional[int] = None, cost: Optional[CostModel] = None,
+              block_size: Optional[int] = None) -> Partition:
     """Resolve how ``seq_len`` global tokens (packed documents with ``cu_seqlens``) are placed on the
     ranks of ``group`` (a process group, ``None`` = default, or ``(rank, world)``); host-only.
     ``balance``: a :data:`BALANCERS` name; ``"cost"`` needs ``cost=cp.CostModel(...)`` (the whole
-    model's layers: build the partition once and pass ``partition=`` to every layer's call).
+    model's layers: build the partition once and pass ``partition=`` to every layer's call);
+    ``"stride"`` needs ``block_size=`` (the S2 layout's: block b of each document on rank
+    ``b mod P``, up to a rotation per document; its ``local_len`` may exceed ``ceil(N / P)`` by up to
+    a block).
 
     >>> part = cp.make_partition(10, (0, 4))           # 10 tokens on 4 ranks: 3 slots each, 2 padding
     >>> part.padding, part.local_len
@@ -511,7 +589,7 @@ def make_partition(seq_len: int, group: GroupLike = None, *, balance: str = "zig
     """
     _, world = resolve_group(group)
     return resolve(world, seq_len, balance=balance, local_len=local_len, cu_seqlens=cu_seqlens,
-                   cu_seqlens_unpadded=cu_seqlens_unpadded, cost=cost)
+                   cu_seqlens_unpadded=cu_seqlens_unpadded, cost=cost, block_size=block_size)
 
 
 # ---- the classic entry points -------------------------------------------------------------------
@@ -534,20 +612,23 @@ def token_index(rank: int, world: int, seq_len: int, balance: str = "zigzag") ->
 
 
 def shard(x: torch.Tensor, group: GroupLike, dim: int = 1, balance: str = "zigzag", *,
-          cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+          cu_seqlens: Optional[torch.Tensor] = None, block_size: Optional[int] = None) -> torch.Tensor:
     """This rank's part of the full tensor ``x`` along ``dim`` (default the seq dim of
     ``[batch, seq, heads, dim]``). ``group`` is a process group (``None`` = default) or an explicit
     ``(rank, world)`` tuple. Any length: ``ceil(N / P)`` slots per rank, padding slots (zeros) at the
     sequence end (:func:`make_partition` reports them; pass ``seq_len=N`` to ``cp.attention``).
-    ``cu_seqlens``: packed documents (each split by ``balance``). Returns a contiguous copy.
+    ``cu_seqlens``: packed documents (each split by ``balance``); ``block_size``: the S2 block of
+    ``balance="stride"``. Returns a contiguous copy.
     """
     rank, world = resolve_group(group)
     dim = dim % x.dim()
-    return resolve(world, x.shape[dim], balance=balance, cu_seqlens=cu_seqlens).shard(x, rank, dim)
+    return resolve(world, x.shape[dim], balance=balance, cu_seqlens=cu_seqlens, block_size=block_size).shard(
+        x, rank, dim)
 
 
 def unshard(x_local: torch.Tensor, group=None, dim: int = 1, balance: str = "zigzag", *,
-            seq_len: Optional[int] = None, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+            seq_len: Optional[int] = None, cu_seqlens: Optional[torch.Tensor] = None,
+            block_size: Optional[int] = None) -> torch.Tensor:
     """Inverse of :func:`shard`: all-gather every rank's part and restore sequence order (``seq_len``
     tokens, default ``P`` times the local length; padding dropped). Differentiable: every rank gets
     the full tensor as its own copy, so the gradient of ``x_local`` is this rank's :func:`shard` of the
@@ -559,8 +640,8 @@ def unshard(x_local: torch.Tensor, group=None, dim: int = 1, balance: str = "zig
     dim = dim % x_local.dim()
     n = int(host_ints(cu_seqlens)[-1]) if cu_seqlens is not None else seq_len
     n = world * x_local.shape[dim] if n is None else n
-    return resolve(world, n, balance=balance, local_len=x_local.shape[dim], cu_seqlens=cu_seqlens).unshard(
-        x_local, group, dim)
+    return resolve(world, n, balance=balance, local_len=x_local.shape[dim], cu_seqlens=cu_seqlens,
+                   block_size=block_size).unshard(x_local, group, dim)
 
 
 # ---- varlen (THD) -------------------------------------------------------------------------------
