@@ -105,7 +105,8 @@ class SeqparConfig(PreTrainedConfig):
             raise ValueError("moh_num_shared_heads must be in [0, heads) and moh_top_k in [1, heads - shared]")
         w = self.softmax_window
         if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
-            raise ValueError(f"softmax_window must be an int >= 1 (keys i - softmax_window < j <= i) or None, got {w!r}")
+            raise ValueError(f"softmax_window must be an int >= 1 (keys i - softmax_window < j <= i) or None, "
+                             f"got {w!r}")
         if self.kernel_backend not in ("auto", "torch", "seqpar"):
             raise ValueError(f"kernel_backend must be 'auto', 'torch' or 'seqpar', got {self.kernel_backend!r}")
 
