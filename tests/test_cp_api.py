@@ -221,8 +221,8 @@ def test_s2_exchange_moves_exactly_the_blocks_read(vert_stride):
         cp.scheme_cost("s2", "allgather", **kw)
 
 
-def test_ring_window_moves_only_the_halo():
-    """Sliding-window softmax under the ring (host plans, closed forms): a rank receives only the
+def test_ring_and_allgather_window_move_only_the_halo():
+    """Sliding-window softmax under the ring and allgather (host plans, closed forms): a rank receives only the
     ``window - 1`` halo rows before its own pieces, hops wholly outside every window post nothing,
     every planned pair starts at its query piece's window edge, and a window covering the sequence
     plans exactly the full causal ring."""
@@ -248,8 +248,11 @@ def test_ring_window_moves_only_the_halo():
     assert [plan(z, r, True, 24) == plan(z, r, True) for r in range(2)] == [True, True]
     full = cp.scheme_cost("softmax", "ring", seq_len=N, balance="contiguous", **kw)
     assert cp.scheme_cost("softmax", "ring", seq_len=N, balance="contiguous", window=N, **kw) == full
-    # allgather: the same all-gather with or without a window (only compute is windowed)
-    assert (cp.scheme_cost("softmax", "allgather", seq_len=N, window=w, **kw)
+    # allgather: only the halo, w - 1 rows before each of the busiest rank's two zigzag chunks, one
+    # all-to-all each way; a window covering the sequence: the plain all-gather (the halo saves nothing)
+    halo = {"all_to_all": {"bytes": 2 * (w - 1) * row, "calls": 1}}
+    assert cp.scheme_cost("softmax", "allgather", seq_len=N, window=w, **kw) == {"fwd": halo, "bwd": halo}
+    assert (cp.scheme_cost("softmax", "allgather", seq_len=N, window=N, **kw)
             == cp.scheme_cost("softmax", "allgather", seq_len=N, **kw))
     for bad, match in (({"window": 0}, "window"), ({"window": 3, "causal": False}, "causal=True")):
         with pytest.raises(ValueError, match=match):

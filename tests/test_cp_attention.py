@@ -182,6 +182,13 @@ def _cases(world: int) -> list[dict]:
               window=11, seed=61),
         _case("softmax-ag-win", "softmax", "allgather", "zigzag", p, b=1, n=2 * p * 4 + 1, h=4, hkv=2, d=16,
               window=6, seed=63),
+        # allgather moves only the halo: a window below a chunk (contiguous, batch 2, GQA, odd length)
+        # and one covering the sequence (rank 0 reads every row of the others, no padding: the plain
+        # all-gather, see HALO below)
+        _case("softmax-ag-win-below", "softmax", "allgather", "contiguous", p, b=2, n=7 * p + 3, h=4, hkv=2, d=16,
+              window=3, seed=66),
+        _case("softmax-ag-win-covers", "softmax", "allgather", "zigzag", p, b=1, n=2 * p * 3, h=2, hkv=1, d=16,
+              window=2 * p * 3 + 1, seed=67),
         _case("softmax-uly-win", "softmax", "ulysses", "zigzag", p, b=1, n=2 * p * 5, h=4, hkv=2, d=16,
               window=7, seed=64),
         _case("softmax-usp-win", "softmax", "usp", "zigzag", p, b=1, n=2 * p * 5 + 3, h=4, hkv=1, d=16,
@@ -353,9 +360,18 @@ def run_and_check(cases: list[dict], world: int, timeout: float, job=None) -> li
     return results
 
 
+# allgather + window: the collectives (forward, backward) each case must issue
+HALO = {"softmax-ag-win": ("all_to_all", "all_to_all"), "softmax-ag-win-below": ("all_to_all", "all_to_all"),
+        "softmax-ag-win-covers": ("all_gather", "reduce_scatter")}
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_cp_attention_matches_single_rank(world):
     results = run_and_check(_cases(world), world, timeout=300)
+    # allgather + window: only the halo moves (one all-to-all), unless the window covers every row
+    for r in results:
+        for name, (fwd, bwd) in HALO.items():
+            assert list(r[name]["fwd"]) == [fwd] and list(r[name]["bwd"]) == [bwd], (name, r[name])
     # LASP-2 moves the same bytes when the sequence doubles
     for r in results:
         assert r["lightning-lasp2-contig"]["fwd"] == r["lightning-lasp2-contig-2x"]["fwd"]

@@ -119,6 +119,21 @@ def test_overlap_model_and_links():
     assert set(links) == {"allgather", "ring", "ulysses", "usp(U=8)"}  # ulysses_degrees restricts usp only
 
 
+def test_recommend_sees_the_window_halo():
+    """A sliding window reaches the chooser through scheme_cost: allgather moves only the halo (one
+    all-to-all each way), fewer bytes than the ring, and wins where full causal softmax picks Ulysses;
+    the FLOPs are the window's."""
+    kw = dict(world=8, seq_len=1 << 17, heads=32, kv_heads=8, head_dim=128, balance="contiguous")
+    full, win = cp.recommend("softmax", **kw), cp.recommend("softmax", window=4096, **kw)
+    assert full.scheme == "ulysses" and win.scheme == "allgather"
+    by = {c.label: c for c in win.candidates}
+    halo = cp.scheme_cost("softmax", "allgather", window=4096, **kw)
+    assert set(halo["fwd"]) == set(halo["bwd"]) == {"all_to_all"}
+    assert by["allgather"].bytes == sum(x["bytes"] for side in halo.values() for x in side.values())
+    assert by["allgather"].bytes < by["ring"].bytes
+    assert by["allgather"].compute_s < {c.label: c for c in full.candidates}["allgather"].compute_s / 10
+
+
 @pytest.mark.parametrize("tp, world, gpus, inter", [
     (1, 8, 8, False), (2, 4, 8, False), (2, 8, 8, True), (1, 3, 8, True),  # 3 ranks: some replica straddles
     (1, 16, 16, False), (4, 2, 8, False)])

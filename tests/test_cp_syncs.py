@@ -31,6 +31,9 @@ def _cases(world: int) -> list[tuple[str, str, dict]]:
         out.append((kind, scheme, {"doc_lens": doc_lens}))
     out.append(("lightning", "allgather", {"state": True}))
     out.append(("lightning", "ring", {"state": True}))
+    # allgather + sliding window: the halo exchange's plan is host data built once per partition
+    out.append(("softmax", "allgather", {"window": 5}))
+    out.append(("softmax", "allgather", {"window": 5, "doc_lens": doc_lens}))
     return out
 
 
@@ -55,6 +58,8 @@ def _inputs(kind: str, scheme: str, extra: dict, world: int, rank: int) -> tuple
             kw["output_final_state"] = True
     if kind == "s2":
         kw["layout"] = LAYOUT
+    if "window" in extra:
+        kw["window"] = extra["window"]
     if kind == "moh":
         kw["gates"] = cp.shard(torch.rand(1, n, h, generator=g), (rank, world)).requires_grad_()
     if scheme == "usp":

@@ -16,6 +16,7 @@ from seqpar import cp
 from seqpar.cp.ring import plan
 from seqpar.kernels import S2Layout
 from test_cp_attention import PLACED, _case, _cp_job, run_and_check
+from test_cp_cost import DOCS as COST_DOCS
 from test_cp_cost import cost_cases
 
 S2 = S2Layout(block_size=16, local_blocks=2, vert_stride=3, num_dense_heads=1)
@@ -94,6 +95,12 @@ def _cases(world: int) -> list[dict]:
                              seed=130 + 2 * i + j, **extra))
     out.append(_case("v-softmax-ring-contig-win-docs", "softmax", "ring", "contiguous", p, b=1, n=n, h=2, hkv=1,
                      d=16, doc_lens=docs, window=3, seed=140))
+    # allgather moves only the halo, also on contiguous documents and on the cost balancer's partition
+    out.append(_case("v-softmax-allgather-contig-win-docs", "softmax", "allgather", "contiguous", p, b=1, n=n, h=2,
+                     hkv=1, d=16, doc_lens=docs, window=3, seed=141))
+    out.append(_case("cost-softmax-allgather-win", "softmax", "allgather", "cost", p, b=1, n=sum(COST_DOCS[p]), h=4,
+                     hkv=2, d=16, doc_lens=COST_DOCS[p], window=4, seed=142,
+                     cost=cp.CostModel(layers={"softmax": 1, "lightning": 1}, softmax_window=4)))
     # balance="stride" with documents: blocks restart in every document (the round robin continues
     # across them); S2 takes the block from its layout, the others get the partition
     out += [
@@ -107,6 +114,9 @@ def _cases(world: int) -> list[dict]:
               doc_lens=docs, with_state=True, block_size=2, seed=153),
         _case("v-softmax-uly-stride-docs", "softmax", "ulysses", "stride", p, b=1, n=n, h=4, hkv=2, d=16,
               doc_lens=docs, block_size=2, seed=154),
+        # allgather's window halo on the round robin of blocks (every block's halo is another rank's)
+        _case("v-softmax-ag-stride-win-docs", "softmax", "allgather", "stride", p, b=1, n=n, h=4, hkv=2, d=16,
+              doc_lens=docs, block_size=2, window=3, seed=155),
     ]
     only_p2 = ("-odd",)
     out = [c for c in out if world == 2 or not any(tag in c["name"] for tag in only_p2)]
@@ -137,18 +147,23 @@ def _custom_balancer_job(rank: int, world: int) -> list[str]:
     slope, layout = torch.tensor([0.2, 0.9]), S2Layout(block_size=16, local_blocks=1, vert_stride=2)
     refs = {"softmax": flash_attention(*full, cu_seqlens=cu, backend="torch"),
             "s2": s2_attention(*full, layout, cu_seqlens=cu, backend="torch"),
-            "lightning": lightning_attention(*full, slope, cu_seqlens=cu, backend="torch")[0]}
+            "lightning": lightning_attention(*full, slope, cu_seqlens=cu, backend="torch")[0],
+            "softmax-win": flash_attention(*full, cu_seqlens=cu, window=5, backend="torch")}
     bad = []
     for kind, scheme in (("softmax", "ring"), ("softmax", "ulysses"), ("s2", "allgather"), ("s2", "ring"),
-                         ("lightning", "allgather"), ("lightning", "ring"), ("lightning", "usp")):
+                         ("lightning", "allgather"), ("lightning", "ring"), ("lightning", "usp"),
+                         ("softmax-win", "allgather"), ("softmax-win", "ring")):
         kw = {"slope": slope} if kind == "lightning" else {"layout": layout} if kind == "s2" else {}
+        if kind == "softmax-win":  # the halo of a window across the swapped halves
+            kind, kw = "softmax", {"window": 5}
         if scheme == "usp":
             kw["ulysses_degree"] = 2
         o = cp.attention(*(part.shard(t, rank) for t in full), kind=kind, scheme=scheme, partition=part,
                          backend="torch", **kw)
         o = o[0] if kind == "lightning" else o
-        if not torch.allclose(o, part.shard(refs[kind], rank), rtol=1e-5, atol=1e-6):
-            bad.append(f"{kind} x {scheme}")
+        ref = refs["softmax-win" if kw.get("window") else kind]
+        if not torch.allclose(o, part.shard(ref, rank), rtol=1e-5, atol=1e-6):
+            bad.append(f"{kind} x {scheme}{' window' if kw.get('window') else ''}")
     return bad + _stride_padded_docs(rank)
 
 
@@ -167,12 +182,13 @@ def _stride_padded_docs(rank: int) -> list[str]:
     part = cp.make_partition(96, (rank, 2), balance="stride", block_size=16, cu_seqlens=cu, cu_seqlens_unpadded=cu_real)
     dense = [t[:, keep] for t in full]
     refs = {"s2": s2_attention(*dense, layout, cu_seqlens=cu_real, backend="torch"),
-            "softmax": flash_attention(*dense, cu_seqlens=cu_real, backend="torch")}
+            "softmax": flash_attention(*dense, cu_seqlens=cu_real, backend="torch"),
+            "softmax-win": flash_attention(*dense, cu_seqlens=cu_real, window=6, backend="torch")}
     bad = []
-    for kind, scheme in (("s2", "allgather"), ("s2", "ring"), ("softmax", "ulysses")):
+    for kind, scheme in (("s2", "allgather"), ("s2", "ring"), ("softmax", "ulysses"), ("softmax-win", "allgather")):
         q, k, v = (part.shard(t, rank).requires_grad_() for t in full)
-        kw = {"layout": layout} if kind == "s2" else {}
-        o = cp.attention(q, k, v, kind=kind, scheme=scheme, partition=part, backend="torch", **kw)
+        kw = {"layout": layout} if kind == "s2" else {"window": 6} if kind == "softmax-win" else {}
+        o = cp.attention(q, k, v, kind=kind.split("-")[0], scheme=scheme, partition=part, backend="torch", **kw)
         want = torch.zeros(1, 96, 2, 16)
         want[:, keep] = refs[kind]
         valid = part.valid(rank)
@@ -318,3 +334,31 @@ def test_megatron_layers_take_packed_documents():
             got = sum(r[name]["grads"][key] for r in results)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * (want.abs().max().item() + 1e-12),
                                        msg=f"{name} {key}")
+
+
+@pytest.mark.parametrize("balance", ["zigzag", "contiguous"])
+def test_allgather_window_moves_exactly_the_rows_its_queries_read(balance):
+    """allgather + window: rank q receives token j of another rank iff one of q's queries attends to it
+    (the reference's token mask: same document, inside the window), at P = 2, 3, 4 with documents,
+    padding and windows below / above a chunk; a window of 1 moves nothing (no collective)."""
+    from seqpar.cp.allgather import halo_rows, uses_halo, window_rows
+    from seqpar.kernels.s2.reference import token_mask
+
+    for world, docs, window in ((2, [3, 9, 1, 12], 4), (3, [40], 6), (4, [5, 2, 30, 6], 9), (4, [17, 20], 1)):
+        cu = torch.tensor([0, *torch.tensor(docs).cumsum(0).tolist()])
+        part = cp.make_partition(int(cu[-1]), (0, world), balance=balance, cu_seqlens=cu)
+        mask = token_mask(1, 1, part.real_len, part.real_len, layout=None, causal=True, q_offset=0, k_offset=0,
+                          cu_seqlens=cu, window=window)[0]
+        own = part.real_slots // part.local_len
+        for q in range(world):
+            reads = mask[own == q].any(0) & (own != q)
+            assert torch.equal(window_rows(part, window, q), reads.nonzero()[:, 0]), (world, docs, window, q)
+            assert list(halo_rows(part, window)[q]) == torch.bincount(own[reads], minlength=world).tolist()
+        assert uses_halo(part, window)
+        cost = cp.scheme_cost("softmax", "allgather", world=world, seq_len=part.real_len, heads=2, kv_heads=1,
+                              head_dim=8, partition=part, window=window, rank=world - 1)
+        moved = any(map(any, halo_rows(part, window)))
+        assert moved == (window > 1 and not (balance == "contiguous" and world == 2))  # there: docs end at the cut
+        row = 1 * (8 + 8) * 2  # kv heads x (d + dv) x bf16 bytes
+        want = {"bytes": sum(halo_rows(part, window)[world - 1]) * row, "calls": 1}
+        assert cost == ({"fwd": {"all_to_all": want}, "bwd": cost["bwd"]} if moved else {"fwd": {}, "bwd": {}})

@@ -39,19 +39,27 @@ def _greedy(model, ids, mask=None, new=40, use_cache=True):
                               use_cache=use_cache, pad_token_id=0, return_dict_in_generate=True)
 
 
-@pytest.mark.parametrize("pattern", ["A", "S", "L", "H", "ASLH"])
-def test_greedy_with_cache_equals_without(pattern):
-    model = _model(pattern * (1 if len(pattern) > 1 else 2))
+@pytest.mark.parametrize("pattern, window", [("A", None), ("S", None), ("L", None), ("H", None), ("ASLH", None),
+                                             ("ASLH", 9)])
+def test_greedy_with_cache_equals_without(pattern, window):
+    # window: the softmax layers' sliding window; their cache keeps only the last window - 1 tokens
+    model = _model(pattern * (1 if len(pattern) > 1 else 2), softmax_window=window)
     ids = torch.randint(1, VOCAB, (1, 11), generator=torch.Generator().manual_seed(1))
     with_cache = _greedy(model, ids, new=60)  # 71 tokens: 5 S2 blocks, so the S2 cache evicts
     without = _greedy(model, ids, new=60, use_cache=False)
     assert torch.equal(with_cache.sequences, without.sequences)
+    if window is not None:  # the A layer's cache keeps window - 1 tokens, and the window changes the function
+        assert with_cache.past_key_values.layers[0].keys.shape[2] == window - 1
+        full = _model(pattern, softmax_window=None)
+        with torch.no_grad():
+            seq = with_cache.sequences
+            assert (model(seq).logits - full(seq).logits).abs().max() > 1e-3
     assert len(set(with_cache.sequences[0, 11:].tolist())) > 3  # not a degenerate constant output
 
 
-@pytest.mark.parametrize("pattern", ["AS", "LH", "ASLH"])
-def test_batched_left_padding_equals_single(pattern):
-    model = _model(pattern)
+@pytest.mark.parametrize("pattern, window", [("AS", None), ("LH", None), ("ASLH", None), ("ASLH", 5)])
+def test_batched_left_padding_equals_single(pattern, window):
+    model = _model(pattern, softmax_window=window)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(1, VOCAB, (n,), generator=g) for n in (19, 7, 12)]
     width = max(len(p) for p in prompts)
@@ -121,3 +129,9 @@ def test_beam_search_reorders_every_cache_kind():
         with_cache = model.generate(ids, use_cache=True, **kw)
         without = model.generate(ids, use_cache=False, **kw)
     assert torch.equal(with_cache, without)
+
+
+@pytest.mark.parametrize("window", [0, -3, 2.5, True, "8"])
+def test_bad_softmax_window_is_one_clear_error(window):
+    with pytest.raises(ValueError, match="softmax_window must be an int >= 1"):
+        _model("AL", softmax_window=window)

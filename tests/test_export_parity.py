@@ -91,6 +91,7 @@ def trained(tmp_path_factory):
     tokens = _tokens()
     runs = [(n, v, p, 1, 1) for n, v, p in VARIANTS]
     runs.append(("dense-window", "dense", None, 1, 1, ["model.softmax_window=24"]))  # below SEQ: the window matters
+    runs.append(("hybrid-window", "hybrid", None, 1, 1, ["model.softmax_window=24"]))
     ref = run_ranks(_train_variants, 1, str(root), runs, tokens, timeout=600)[0]
     return root, tokens, ref
 
@@ -120,9 +121,7 @@ def test_variant_logits_match_training(trained, name, tmp_path):
 def test_windowed_softmax_exports_as_mistral(trained, tmp_path):
     """model.softmax_window on a pure-softmax model: stock MistralForCausalLM with that
     sliding_window, logits equal to the training model's (a Llama export would attend past the
-    window and differ); a hybrid pattern with a window is refused, naming the field."""
-    from seqpar.export import ExportError
-    from seqpar.export.convert import spec_from_recipe
+    window and differ)."""
     from seqpar.export.hf import export
 
     root, tokens, ref = trained
@@ -130,8 +129,35 @@ def test_windowed_softmax_exports_as_mistral(trained, tmp_path):
     logits, model = _hf_logits(out, tokens)
     assert type(model).__name__ == "MistralForCausalLM" and model.config.sliding_window == 24
     assert (logits - ref["dense-window"]).abs().max().item() <= 1e-4
-    with pytest.raises(ExportError, match="softmax_window"):
-        spec_from_recipe({"model": {"preset": "tiny-hybrid", "softmax_window": 8}}, 512)
+
+
+def test_windowed_hybrid_exports_as_seqpar_with_the_window(trained, tmp_path):
+    """model.softmax_window on a hybrid model: SeqparForCausalLM with config.softmax_window; logits
+    equal the training model's in the torch path and the seqpar-kernel path (the window matters:
+    the hybrid model without it differs), and cached generation equals the full pass while the
+    softmax layer's cache holds only the last W - 1 tokens; the window survives save / load."""
+    from transformers import DynamicCache
+
+    from seqpar.export.hf import export
+
+    root, tokens, ref = trained
+    out = export(root / "hybrid-window", tmp_path / "hf")
+    logits, model = _hf_logits(out, tokens)
+    assert type(model).__name__ == "SeqparForCausalLM" and model.config.softmax_window == 24
+    assert (logits - ref["hybrid-window"]).abs().max().item() <= 1e-4
+    assert (logits - _hf_logits(out, tokens, kernel_backend="seqpar")[0]).abs().max().item() <= 1e-4
+    assert (logits - _hf_logits(out, tokens, softmax_window=None)[0]).abs().max().item() > 1e-3
+    # a prefill of 40 tokens, then one token at a time past the window: the logits of the full pass
+    cache, steps = DynamicCache(config=model.config), []
+    with torch.no_grad():
+        steps.append(model(tokens[:, :40], past_key_values=cache, use_cache=True).logits)
+        for i in range(40, 70):
+            steps.append(model(tokens[:, i:i + 1], past_key_values=cache, use_cache=True).logits)
+    assert (torch.cat(steps, dim=1) - logits[:, :70]).abs().max().item() <= 1e-4
+    a = model.config.layer_pattern.index("A")
+    assert cache.layers[a].keys.shape[2] == 23 and cache.get_seq_length(a) == 70
+    model.save_pretrained(tmp_path / "again")
+    assert _hf_logits(tmp_path / "again", tokens)[1].config.softmax_window == 24
 
 
 def test_kernel_path_and_sharded_weights(trained, tmp_path):

@@ -28,6 +28,11 @@ class SeqparConfig(PreTrainedConfig):
     - ``lightning_slopes``: per layer, the decay slope of each query head (``None`` for other kinds);
       the decay is ``exp(-slope)`` per token.
     - ``lightning_norm_eps``: epsilon of the Lightning output's per-head RMSNorm.
+    - ``softmax_window``: Mistral-style sliding window of the softmax (A) layers, or ``None`` (full
+      causal): query ``i`` sees keys ``i - softmax_window < j <= i`` (token indices; S2, MoH and
+      Lightning layers are not windowed). Their generation cache keeps only the last
+      ``softmax_window - 1`` tokens. (Named apart from transformers' ``sliding_window``, which would
+      make ``DynamicCache(config=)`` window every layer.)
     - ``kernel_backend``: "auto" (seqpar's Triton kernels when importable and on CUDA, else plain
       torch), "torch" (always plain torch), "seqpar" (always ``seqpar.kernels``, any device).
     """
@@ -62,6 +67,7 @@ class SeqparConfig(PreTrainedConfig):
     lightning_slopes: list | None = None
     lightning_norm_eps: float = 1e-5
     kernel_backend: str = "auto"
+    softmax_window: int | None = None
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
@@ -97,6 +103,10 @@ class SeqparConfig(PreTrainedConfig):
                 0 <= self.moh_num_shared_heads < self.num_attention_heads
                 and 1 <= self.moh_top_k <= self.num_attention_heads - self.moh_num_shared_heads):
             raise ValueError("moh_num_shared_heads must be in [0, heads) and moh_top_k in [1, heads - shared]")
+        w = self.softmax_window
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+            raise ValueError(f"softmax_window must be an int >= 1 (keys i - softmax_window < j <= i) or None, "
+                             f"got {w!r}")
         if self.kernel_backend not in ("auto", "torch", "seqpar"):
             raise ValueError(f"kernel_backend must be 'auto', 'torch' or 'seqpar', got {self.kernel_backend!r}")
 

@@ -8,7 +8,9 @@ untied LM head.
 
 Attention kinds (``config.layer_pattern``, one letter per layer):
 
-- ``A`` softmax: causal GQA attention with RoPE.
+- ``A`` softmax: causal GQA attention with RoPE; with ``config.softmax_window`` W Mistral's sliding
+  window (query ``i`` sees keys ``i - W < j <= i``) in every path: the kernel, plain torch, and
+  generation with a cache (a ``DynamicSlidingWindowLayer`` keeping the last ``W - 1`` tokens).
 - ``S`` S2: softmax over the blocks of the S2 layout only (see ``SeqparConfig``); RoPE.
 - ``L`` Lightning: ``q, k, v = silu(x W)``; ``S_t = exp(-slope) S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t``;
   ``o = rmsnorm_head(o) * w * sigmoid(x W_g)``; no RoPE, no softmax.
@@ -16,7 +18,8 @@ Attention kinds (``config.layer_pattern``, one letter per layer):
   (shared heads always on, top-k routed heads).
 
 Caches (transformers ``Cache`` API; pass any ``DynamicCache``, or let ``generate`` make one): softmax
-and MoH layers keep K/V (``DynamicLayer``); a Lightning layer keeps only its recurrent state
+and MoH layers keep K/V (``DynamicLayer``; a windowed softmax layer only its last ``W - 1`` tokens,
+``DynamicSlidingWindowLayer``); a Lightning layer keeps only its recurrent state
 ``[batch, heads, dk, dv]`` (``LightningStateLayer``: memory constant in the generated length); an S2
 layer keeps, per kv head, only the tokens whose block that head can still read — the local window
 plus the head's stride columns (``S2BlockCacheLayer``). These layers take the place of the
@@ -31,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_seqpar import SeqparConfig
@@ -210,8 +213,8 @@ class S2BlockCacheLayer(CacheLayerMixin):
         raise RuntimeError("an S2 block cache drops tokens as it goes and cannot be cropped")
 
 
-def _layer_cache(cache: Cache, idx: int, cls: type) -> CacheLayerMixin:
-    """Layer ``idx`` of ``cache`` as a ``cls`` (an empty stock layer is replaced on first use)."""
+def _layer_cache(cache: Cache, idx: int, cls: type, **kwargs) -> CacheLayerMixin:
+    """Layer ``idx`` of ``cache`` as a ``cls(**kwargs)`` (an empty stock layer is replaced on first use)."""
     layers = cache.layers
     while len(layers) <= idx:  # DynamicCache() without a config grows its layer list lazily
         layers.append(DynamicLayer())
@@ -220,7 +223,7 @@ def _layer_cache(cache: Cache, idx: int, cls: type) -> CacheLayerMixin:
         if layer.get_seq_length() != 0:
             raise ValueError(f"cache layer {idx} is a {type(layer).__name__} with content; layer {idx} needs a "
                              f"{cls.__name__}: pass a fresh DynamicCache (or none)")
-        layer = layers[idx] = cls()
+        layer = layers[idx] = cls(**kwargs)
     return layer
 
 
@@ -346,6 +349,18 @@ class SeqparAttention(nn.Module):
             self.router = SeqparMoHRouter(config)
         if self.kind == "S":
             self.s2 = S2Visibility(config)
+        self.window = config.softmax_window if self.kind == "A" else None
+
+    def _kv_update(self, cache: Cache, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``k, v`` ``[b, s, hkv, d]`` to this layer's cache; returns the keys and values to
+        attend to (``[b, hkv, n, d]``). Under a window the layer is a ``DynamicSlidingWindowLayer``
+        that keeps the last ``W - 1`` tokens (transformers' slice needs ``W >= 2``: a window of 1
+        keeps one token more, masked)."""
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        if self.window is None:
+            return cache.update(k, v, self.layer_idx)
+        return _layer_cache(cache, self.layer_idx, DynamicSlidingWindowLayer,
+                            sliding_window=max(self.window, 2)).update(k, v)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor,
                 cache: Optional[Cache], past: int) -> torch.Tensor:
@@ -365,13 +380,16 @@ class SeqparAttention(nn.Module):
             if self.kind == "S":
                 o = self._s2(cache, q, k, v, position_ids, new_valid)
             else:
-                if cache is not None:
-                    kc, vc = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+                if cache is not None:  # keys: the cached ones (a window's last W - 1 at most) + the new
+                    kc, vc = self._kv_update(cache, k, v)
                     k, v = kc.transpose(1, 2), vc.transpose(1, 2)
                 sk = k.shape[1]
                 qi = torch.arange(sk - s, sk, device=x.device)
                 kj = torch.arange(sk, device=x.device)
-                vis = (kj[None, :] <= qi[:, None])[None] & valid[:, None, -sk:]  # [b, sq, sk]
+                causal = kj[None, :] <= qi[:, None]
+                if self.window is not None:
+                    causal = causal & (kj[None, :] > qi[:, None] - self.window)
+                vis = causal[None] & valid[:, None, -sk:]  # [b, sq, sk]
                 o = masked_attention(q, k, v, vis[:, None, None], self.scale)
             if gates is not None:
                 o = (o.float() * gates[..., None]).to(q.dtype)
@@ -380,7 +398,7 @@ class SeqparAttention(nn.Module):
     def _kernel(self, q, k, v, gates):
         kn = _seqpar_kernels
         if self.kind == "A":
-            return kn.flash_attention(q, k, v, causal=True, sm_scale=self.scale)
+            return kn.flash_attention(q, k, v, causal=True, sm_scale=self.scale, window=self.window)
         if self.kind == "S":
             return kn.s2_attention(q, k, v, _seqpar_layout(self.config), sm_scale=self.scale)
         return kn.moh_attention(q, k, v, gates.float(), causal=True, sm_scale=self.scale)
@@ -390,7 +408,7 @@ class SeqparAttention(nn.Module):
             pos = torch.where(new_valid, position_ids, torch.full_like(position_ids, -1))
             _layer_cache(cache, self.layer_idx, S2BlockCacheLayer).append(k, v, pos, self.s2)
         else:
-            cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+            self._kv_update(cache, k, v)
 
     def _s2(self, cache, q, k, v, position_ids, new_valid):
         """S2 over the cached tokens of each kv head plus the new ones (visibility from positions)."""

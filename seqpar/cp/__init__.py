@@ -14,7 +14,9 @@ ceil(N/P) local slots, P ranks, e bytes/element, batch b; ``cp.scheme_cost`` ret
 per rank, and ``cp.comm_ledger`` measures them):
 
 - allgather, softmax/moh: ``(P-1)·L·b·H_kv·(d+dv)·e``, 1 all-gather; backward the same as
-  1 reduce-scatter.
+  1 reduce-scatter. Softmax ``window=W``: only the window's halo (the tokens of other ranks inside
+  the windows of this rank's query pieces, ``≤ W-1`` per piece), 1 variable-size all-to-all
+  (backward 1); the plain all-gather when that saves nothing on the busiest rank.
 - allgather, s2 (stride-aware exchange): exactly the (kv head, token) rows of other ranks that
   this rank's queries read (per sparse head ``≈ 1/vert_stride`` of the causally needed blocks,
   plus the window blocks before each query block; blocks counted inside each document; per rank,

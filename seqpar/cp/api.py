@@ -8,13 +8,14 @@ from typing import Any, Optional
 
 import torch
 
-from seqpar.cp.allgather import allgather_attention
+from seqpar.cp.allgather import allgather_attention, halo_rows, uses_halo
 from seqpar.cp.comm import Comm
 from seqpar.cp.lasp1 import hops, lasp1_attention
 from seqpar.cp.lasp2 import lasp2_attention, state_slots
 from seqpar.cp.local import softmax_family_op
 from seqpar.cp.partition import BALANCES, Layout, Partition, resolve, resolve_group
 from seqpar.cp.ring import ring_attention, step_bytes
+from seqpar.cp.row_exchange import exchange_cost
 from seqpar.cp.s2_exchange import exchange_rows, s2_exchange_attention
 from seqpar.cp.s2_heads import PLACEMENTS, head_placement
 from seqpar.cp.ulysses import kv_head_offset as uly_kv_offset, ulysses_attention
@@ -204,8 +205,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, s
         partition: a resolved :class:`~seqpar.cp.Partition` (``cp.make_partition``; any balancer's),
             instead of ``balance`` / ``seq_len`` / ``cu_seqlens``.
         kind_kwargs: softmax: ``sm_scale, causal, window, backend`` (``window``: Mistral's sliding
-            window, query ``i`` sees keys ``i - window < j <= i`` of its document; allgather still
-            gathers all K/V and attends to the window only, the ring moves only the window's halo
+            window, query ``i`` sees keys ``i - window < j <= i`` of its document; allgather moves
+            only the window's halo rows (one all-to-all; the plain all-gather when the halo would
+            save nothing, see ``scheme_cost``), the ring moves only the window's halo
             rows and skips hops and key pieces outside it, ulysses / usp pass it to the local
             kernel); s2: ``layout, sm_scale, backend,
             kv_head_offset, total_kv_heads`` (tensor parallelism: the local kv heads are global kv
@@ -336,8 +338,12 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
       query piece's window reaches it, and only its rows from the earliest reader's window edge
       on (the halo): without documents, at most ``w - 1`` rows per (reader, key piece) before the
       reader's own rows; hops wholly outside every window record nothing.
-    - allgather with a softmax ``window``: the bytes above, unchanged (the all-gather moves every
-      row; only the compute is windowed).
+    - allgather with a softmax ``window=w`` (causal): one variable-size all-to-all of exactly the
+      tokens of other ranks inside the windows of the rank's query pieces (per piece its document's
+      ``[max(0, pos - w + 1), pos)``: at most ``w - 1`` rows per piece), ``b · H_kv · (d + dv) · e``
+      bytes each, and backward the rows other ranks read from it
+      (:func:`seqpar.cp.allgather.halo_rows`); when that saves nothing on the busiest rank
+      (:func:`seqpar.cp.allgather.uses_halo`, e.g. ``w >= N``) the plain all-gather above.
     - LASP-2 (lightning allgather): ``(P-1) · S · b · H · dk · dv · 4`` with ``S`` the states the
       busiest rank exports (:func:`seqpar.cp.lasp2.state_slots`: 2 under zigzag, 1 contiguous;
       with ``cu_seqlens`` about 2 per document under zigzag, only the documents that cross a rank
@@ -391,6 +397,12 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
             if m:
                 add(bwd, "send_recv", m * row * 4)  # the fp32 dK/dV of this rank's pieces comes back
 
+    def exchanged(counts: tuple, r: int, row: int, fwd: dict, bwd: dict) -> None:
+        nbytes = exchange_cost(counts, r, row * e)
+        if nbytes is not None:  # else nothing moves anywhere: no all-to-all
+            add(fwd, "all_to_all", nbytes[0])
+            add(bwd, "all_to_all", nbytes[1])
+
     def a2a(fwd: dict, bwd: dict, u: int, extra_final: bool) -> int:
         hk = max(kv_heads, u)
 
@@ -418,10 +430,10 @@ def scheme_cost(kind: str, scheme: str, *, world: int, seq_len: int, heads: int,
                 add(bwd, "reduce_scatter", (p - 1) * slots * rows_state * state)
         elif scheme == "allgather" and kind == "s2":
             lay = layout.with_heads((total_kv_heads or kv_head_offset + kv_heads) * (heads // kv_heads))
-            counts = exchange_rows(part, lay, kv_heads, kv_head_offset, total_kv_heads)
-            row = batch * (head_dim + dv) * e
-            add(fwd, "all_to_all", sum(counts[r]) * row)
-            add(bwd, "all_to_all", sum(counts[q][r] for q in range(p)) * row)
+            exchanged(exchange_rows(part, lay, kv_heads, kv_head_offset, total_kv_heads), r, batch * (head_dim + dv),
+                      fwd, bwd)
+        elif scheme == "allgather" and uses_halo(part, window):  # softmax window: the halo exchange
+            exchanged(halo_rows(part, window), r, batch * kv_heads * (head_dim + dv), fwd, bwd)
         elif scheme == "allgather":
             x = (p - 1) * n_loc * batch * kv_heads * (head_dim + dv) * e
             add(fwd, "all_gather", x)

@@ -20,7 +20,8 @@ those, with **one variable-size all-to-all**:
 The receiver scatters what arrives, plus its own rows, into **one** zero-filled K/V buffer in the
 real order that ends at its last piece (not at N) with two in-place ``index_copy_`` and runs the
 local S2 op per query piece at its position in its document. Backward is the adjoint: one
-all-to-all with the splits reversed.
+all-to-all with the splits reversed. The plan and the exchange are :mod:`seqpar.cp.row_exchange`'s
+(shared with the all-gather's sliding-window halo); this module only says which rows S2 reads.
 
 Peak extra memory: send rows + received rows + the buffer, at most about one full-length K/V,
 versus a gathered copy plus its reordered copy (two) for the plain all-gather; see
@@ -34,19 +35,14 @@ roughly, per sparse kv head, ``1/vert_stride`` of the causally needed blocks plu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
-from seqpar.cp.comm import Comm, all_to_all_v_autograd
+from seqpar.cp.comm import Comm
 from seqpar.cp.local import LocalOp, scatter_pieces
-from seqpar.cp.partition import Layout, cached_index
-
-
-def _owner(lay: Layout) -> torch.Tensor:
-    """int64 ``[real_len]``: the rank holding each real token."""
-    return lay.cached("owner", lambda: lay.real_slots // lay.local_len)
+from seqpar.cp.partition import Layout
+from seqpar.cp.row_exchange import exchange, extent, owner, row_counts, row_plan
 
 
 def needed_rows(lay: Layout, layout: Any, hkv: int, off: int, total: int, receiver: int) -> torch.Tensor:
@@ -83,7 +79,7 @@ def needed_rows(lay: Layout, layout: Any, hkv: int, off: int, total: int, receiv
             real = lay.doc_start[doc] + tok
             rows.append((real * hkv + jg[:, 1:])[keep])
         rows_t = torch.cat(rows)
-        return rows_t[_owner(lay)[rows_t // hkv] != receiver]
+        return rows_t[owner(lay)[rows_t // hkv] != receiver]
     return lay.cached(("s2_needed", layout, hkv, off, total, receiver), build)
 
 
@@ -93,16 +89,8 @@ def exchange_rows(lay: Layout, layout: Any, hkv: int, off: int = 0,
     total = off + hkv if total is None else total
 
     def build():
-        own = _owner(lay)
-        return tuple(tuple(int(c) for c in torch.bincount(own[needed_rows(lay, layout, hkv, off, total, q) // hkv],
-                                                          minlength=lay.world))
-                     for q in range(lay.world))
+        return row_counts(lay, lambda q: needed_rows(lay, layout, hkv, off, total, q), hkv)
     return lay.cached(("s2_counts", layout, hkv, off, total), build)
-
-
-def _extent(lay: Layout, rank: int) -> int:
-    """Buffer tokens (real order) the rank's pieces need: up to the end of its last piece."""
-    return max((p.real + p.length for p in lay.pieces[rank]), default=0)
 
 
 def exchange_buffer_elements(lay: Layout, layout: Any, *, kv_heads: int, width: int, batch: int = 1, rank: int = 0,
@@ -113,49 +101,9 @@ def exchange_buffer_elements(lay: Layout, layout: Any, *, kv_heads: int, width: 
     row = batch * width
     send = sum(counts[q][rank] for q in range(lay.world)) * row
     recv = sum(counts[rank]) * row
-    buffer = _extent(lay, rank) * kv_heads * row
+    buffer = extent(lay, rank) * kv_heads * row
     return {"send": send, "recv": recv, "buffer": buffer, "total": send + recv + buffer,
             "allgather": 2 * lay.world * lay.local_len * kv_heads * row}
-
-
-@dataclass(frozen=True)
-class _Plan:
-    send_idx: torch.Tensor   # local rows (slot * hkv + g) to send, grouped by destination rank
-    send_splits: tuple[int, ...]
-    recv_splits: tuple[int, ...]
-    recv_rows: torch.Tensor  # buffer rows (real token * hkv + g) of the received rows, by source rank
-    own_local: Optional[torch.Tensor]  # local rows of this rank's real tokens (None: every row)
-    own_rows: torch.Tensor   # their buffer rows
-    length: int              # buffer tokens
-
-
-def _plan(lay: Layout, layout: Any, hkv: int, off: int, total: int, rank: int, device: torch.device) -> _Plan:
-    def build() -> _Plan:
-        own = _owner(lay)
-        slot = lay.real_slots % lay.local_len
-        send, splits = [], []
-        for q in range(lay.world):
-            rows = needed_rows(lay, layout, hkv, off, total, q) if q != rank else torch.zeros(0, dtype=torch.int64)
-            rows = rows[own[rows // hkv] == rank]
-            send.append(slot[rows // hkv] * hkv + rows % hkv)
-            splits.append(rows.numel())
-        mine = needed_rows(lay, layout, hkv, off, total, rank)
-        recv = [mine[own[mine // hkv] == r] for r in range(lay.world)]
-        real = torch.cat([torch.arange(p.real, p.real + p.length) for p in lay.pieces[rank]]
-                         or [torch.zeros(0, dtype=torch.int64)])
-        g = torch.arange(hkv)[None, :]
-        own_rows = (real[:, None] * hkv + g).reshape(-1)
-        own_local = None if lay.dense(rank) else (lay.local_slots(rank)[:, None] * hkv + g).reshape(-1)
-        return _Plan(torch.cat(send), tuple(splits), tuple(r.numel() for r in recv), torch.cat(recv), own_local,
-                     own_rows, _extent(lay, rank))
-    host = lay.cached(("s2_plan", layout, hkv, off, total, rank), build)
-
-    def move() -> tuple:
-        return tuple(t for t in (host.send_idx, host.recv_rows, host.own_rows, host.own_local) if t is not None)
-    moved = cached_index(("s2_plan", lay, layout, hkv, off, total, rank), device, move)
-    send_idx, recv_rows, own_rows = moved[:3]
-    return _Plan(send_idx, host.send_splits, host.recv_splits, recv_rows, moved[3] if len(moved) > 3 else None,
-                 own_rows, host.length)
 
 
 def s2_exchange_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: Comm, *, layout: Layout,
@@ -165,18 +113,11 @@ def s2_exchange_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, com
     padding slots; autograd-exact through the exchange). Local kv head ``g`` is global
     ``kv_head_offset + g``."""
     lay, rank = layout, comm.rank
-    b, n, hkv, d = k.shape
+    hkv, d = k.shape[2], k.shape[3]
     total = kv_head_offset + hkv if total_kv_heads is None else total_kv_heads
-    plan = _plan(lay, s2_layout, hkv, kv_head_offset, total, rank, q.device)
-    kv = torch.cat([k, v], dim=-1)  # [b, L, hkv, w]
-    w = kv.shape[-1]
-    rows = kv.reshape(b, n * hkv, w)
-    send = rows.transpose(0, 1).index_select(0, plan.send_idx)  # [R_send, b, w], one copy
-    recv = all_to_all_v_autograd(send, comm, plan.send_splits, plan.recv_splits)  # [R_recv, b, w]
-    full = kv.new_zeros((b, plan.length * hkv, w))
-    full.index_copy_(1, plan.recv_rows, recv.transpose(0, 1))
-    full.index_copy_(1, plan.own_rows, rows if plan.own_local is None else rows.index_select(1, plan.own_local))
-    full = full.view(b, plan.length, hkv, w)
+    plan = row_plan(lay, ("s2_plan", s2_layout, hkv, kv_head_offset, total),
+                    lambda q: needed_rows(lay, s2_layout, hkv, kv_head_offset, total, q), hkv, rank, q.device)
+    full = exchange(torch.cat([k, v], dim=-1), comm, plan)  # [b, extent, hkv, d + dv], real order
     outs = []
     for p in lay.pieces[rank]:
         lo = lay.doc_start[p.doc]

@@ -50,7 +50,7 @@ class ModelSpec:
     s2_vert_stride: int = 4
     moh_num_shared_heads: int = 1
     moh_top_k: int = 1
-    softmax_window: Optional[int] = None  # Mistral's sliding window of the softmax (A) layers
+    softmax_window: Optional[int] = None  # Mistral's sliding window of the softmax (A) layers (any pattern)
 
     @property
     def s2_head_step(self) -> int:
@@ -95,10 +95,6 @@ def spec_from_recipe(config: dict, vocab_size: int) -> ModelSpec:
         raise ExportError(f"recipe model.pattern={p.pattern!r}: {e}") from e
     data = config.get("data", {})
     window = model.get("softmax_window")
-    if window is not None and set(pattern) != {"A"}:
-        raise ExportError(f"recipe model.softmax_window={window} with the hybrid pattern {pattern!r}: the exported "
-                          f"SeqparForCausalLM has no sliding window yet, so its function would change; a windowed "
-                          f"pure-softmax model (pattern A) exports as MistralForCausalLM")
     return ModelSpec(
         num_layers=p.num_layers, hidden_size=p.hidden_size, num_heads=p.num_attention_heads,
         num_kv_heads=p.num_query_groups, ffn_hidden_size=p.ffn_hidden_size, pattern=pattern, vocab_size=vocab_size,
@@ -121,7 +117,7 @@ def hf_config(spec: ModelSpec, *, bos_token_id: Optional[int], eos_token_id: Opt
               pad_token_id: Optional[int], dtype: torch.dtype = torch.float32):
     """``LlamaConfig`` for pure-softmax models (``MistralConfig`` with its ``sliding_window`` when the
     softmax layers have one: the same weights, keys ``i - W < j <= i``), else ``SeqparConfig`` (with
-    ``auto_map``)."""
+    ``auto_map``; its ``softmax_window`` windows the A layers the same way)."""
     common: dict[str, Any] = dict(
         vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.ffn_hidden_size,
         num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
@@ -148,7 +144,7 @@ def hf_config(spec: ModelSpec, *, bos_token_id: Optional[int], eos_token_id: Opt
                            s2_head_step=spec.s2_head_step, moh_num_shared_heads=spec.moh_num_shared_heads,
                            moh_top_k=spec.moh_top_k,
                            lightning_slopes=lightning_slopes_per_layer(spec), lightning_norm_eps=spec.rms_norm_eps,
-                           **common)
+                           softmax_window=spec.softmax_window, **common)
         cfg.architectures = ["SeqparForCausalLM"]
         cfg.auto_map = {"AutoConfig": "configuration_seqpar.SeqparConfig",
                         "AutoModelForCausalLM": "modeling_seqpar.SeqparForCausalLM"}

@@ -11,7 +11,8 @@ state read. OUT_DIR gets:
 - pure-softmax models: stock ``LlamaForCausalLM`` (no custom code; with ``model.softmax_window``
   stock ``MistralForCausalLM`` with that ``sliding_window``); otherwise
   ``SeqparForCausalLM`` with ``configuration_seqpar.py`` / ``modeling_seqpar.py`` and ``auto_map``
-  (load with ``trust_remote_code=True``);
+  (load with ``trust_remote_code=True``; ``model.softmax_window`` becomes its ``softmax_window``, the
+  same sliding window on the softmax layers in every attention path and in the generation cache);
 - the run's tokenizer (the files pinned in the checkpoint's ``tokenizer/``): a sentencepiece model as a
   ``LlamaTokenizer`` (``tokenizer.json``, ``tokenizer_config.json``, ``tokenizer.model``), a Hugging Face
   tokenizer as its own ``tokenizer.json`` + config files; either checked to encode exactly as training

@@ -61,8 +61,9 @@ class AttentionModelFields(Strict):
     """S2 vertical stride in blocks (each kv head reads every vert_stride-th block column)."""
     softmax_window: Optional[PositiveInt] = None
     """Sliding window of the softmax (``A``) layers, Mistral-style: token i attends to tokens j of its document
-    with i - softmax_window < j <= i; null = full causal. Under CP every scheme takes it (the ring moves only the
-    window's halo); key blocks outside the window are skipped, not masked."""
+    with i - softmax_window < j <= i; null = full causal. Under CP every scheme takes it (the ring and allgather
+    move only the window's halo); key blocks outside the window are skipped, not masked. Export: a pure-softmax
+    model becomes MistralForCausalLM, any other SeqparForCausalLM with softmax_window."""
     moh_num_shared_heads: NonNegativeInt = 1
     """MoH heads every token uses (always on)."""
     moh_top_k: PositiveInt = 1
