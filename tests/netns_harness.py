@@ -168,8 +168,9 @@ SlurmdUser=root
 AuthType=auth/none
 CredType=cred/none
 # a requeued job waits cred_expire seconds (default 120) for its revoked credential to lapse;
-# starting it earlier fails it ("Job credential revoked")
-AuthInfo=cred_expire=10
+# starting it earlier fails it ("Job credential revoked"). 5 s: Slurm accepts it (requeue -> restart
+# measured 5.7 s; 10 gave 11 s); a value it rejects logs "AuthInfo=cred_expire=N invalid" and means 120
+AuthInfo=cred_expire=5
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -212,8 +213,10 @@ class SlurmCluster:
         self.conf = d / "slurm.conf"
         self.daemons: list[subprocess.Popen] = []
 
-    def env(self, **extra: str) -> dict[str, str]:
-        env = dict(os.environ, SLURM_CONF=str(self.conf), **extra)
+    def env(self, base: Optional[dict[str, str]] = None, **extra: str) -> dict[str, str]:
+        """``base`` (default os.environ) + the cluster's SLURM_CONF + ``extra``, no outer SLURM_* variable.
+        sbatch exports this environment to the job: pass ``base=train_env(...)`` for a training job."""
+        env = dict(os.environ if base is None else base, SLURM_CONF=str(self.conf), **extra)
         for k in list(env):
             if k.startswith("SLURM_") and k != "SLURM_CONF":
                 env.pop(k)  # never inherit an outer allocation
@@ -239,8 +242,9 @@ class SlurmCluster:
         wait_for(self._nodes_idle, 60, "both slurmd to register idle", self.daemons[0])
         return self
 
-    def run(self, *argv: str, check: bool = True, timeout: float = 30, **extra: str) -> subprocess.CompletedProcess:
-        r = subprocess.run(self.hosts.cmd(0, list(argv)), env=self.env(**extra), cwd=ROOT, capture_output=True,
+    def run(self, *argv: str, check: bool = True, timeout: float = 30, base: Optional[dict[str, str]] = None,
+            **extra: str) -> subprocess.CompletedProcess:
+        r = subprocess.run(self.hosts.cmd(0, list(argv)), env=self.env(base, **extra), cwd=ROOT, capture_output=True,
                            text=True, timeout=timeout)
         if check and r.returncode != 0:
             raise AssertionError(f"{' '.join(argv)} -> {r.returncode}\n{r.stdout}\n{r.stderr}\n{self.logs()}")

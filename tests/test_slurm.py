@@ -19,7 +19,9 @@ import pytest
 
 from netns_harness import RECIPE, ROOT, SHRINK, SlurmCluster, TwoHosts, require_root_and, tb_losses, train_env, wait_for
 
-STEPS = 6
+# the preempted job must still be training when scancel's USR1 reaches it: on the torch paths a step is
+# ~0.15 s, so 12 steps leave ~10 steps (~3 s with its saves) after the first checkpoint; 6 left ~1 s
+STEPS = 12
 pytestmark = pytest.mark.slow
 
 
@@ -45,8 +47,10 @@ def _submit(cluster: SlurmCluster, out: pathlib.Path, cache: pathlib.Path, *args
     r = cluster.run("sbatch", "--parsable", "--nodes=2", "-o", str(out.parent / f"{out.name}-%j.out"),
                     "launchers/slurm.sbatch", str(RECIPE), *SHRINK, "--set", f"train.out_dir={out}",
                     "--set", f"train.steps={STEPS}", "--set", "parallel.distributed_timeout_s=30", *args,
-                    **{k: v for k, v in train_env(cache).items() if k in ("PYTHON", "SEQPAR_CACHE", "OMP_NUM_THREADS")},
-                    **env)
+                    # sbatch exports this environment to the job: train_env's (no TRITON_INTERPRET from
+                    # conftest: the job trains on the torch paths, as a CPU user's would), but CHECK=1: the
+                    # batch script's pre-flight check runs in the real allocation (its world from Slurm)
+                    base=train_env(cache, CHECK="1", **env))
     return r.stdout.strip().split(";")[0]
 
 
@@ -97,7 +101,7 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, cache, completed, t
     job = _submit(cluster, out, cache, "--set", "train.save_every=2", REQUEUE="1")
     wait_for(lambda: (out / "checkpoints" / "latest").exists(), 300, "the first checkpoint")
     cluster.run("scancel", "--signal=USR1", job)
-    # the requeued job starts once its revoked credential lapses (cred_expire=10 in the test's slurm.conf;
+    # the requeued job starts once its revoked credential lapses (cred_expire=5 in the test's slurm.conf;
     # forcing StartTime=now before that fails it with "Job credential revoked")
     info = _wait_done(cluster, job, 500)
     text = _job_output(out, job)
