@@ -29,7 +29,6 @@ from seqpar import cp
 from seqpar.data.batch import Batch
 from seqpar.kernels._common import seed_host_ints
 from seqpar.megatron.attention import MoHCoreAttention, MoHSelfAttention
-from seqpar.megatron.config import s2_layout
 from seqpar.megatron.packed import SeqparPackedSeqParams
 from seqpar.megatron.specs import layer_specs_for_stage
 from seqpar.models import build_gpt, transformer_config
