@@ -331,6 +331,7 @@ def stride_table(world: int = 8, n: int = 1 << 17) -> list[dict]:
     "ulysses")``)."""
     from dataclasses import replace
 
+    from seqpar.cp.row_exchange import exchange_cost
     from seqpar.cp.s2_exchange import exchange_rows
 
     shape = dict(heads=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16)
@@ -346,7 +347,7 @@ def stride_table(world: int = 8, n: int = 1 << 17) -> list[dict]:
                 part = cp.make_partition(n, (0, world), balance=balance, cu_seqlens=cu,
                                          block_size=layout.block_size if balance == "stride" else None)
                 counts = exchange_rows(part, lay, shape["kv_heads"])
-                per = [(sum(counts[r]) + sum(counts[q][r] for q in range(world))) * row_b for r in range(world)]
+                per = [sum(exchange_cost(counts, r, row_b) or (0, 0)) for r in range(world)]  # fwd + bwd
                 tiles = _exchange_blocks(part, lay, shape["heads"], shape["kv_heads"])
                 rows.append({"layout": lname, "documents": dname, "ownership": balance,
                              "MB busiest": max(per) / 1e6, "MB mean": sum(per) / world / 1e6,
